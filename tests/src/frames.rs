@@ -1,0 +1,113 @@
+//! Hand-built frames, byte by byte, independent of the parser under test.
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+
+pub const ETH_HEADER_LEN: usize = 14;
+pub const IPV4_HEADER_LEN: usize = 20;
+pub const UDP_HEADER_LEN: usize = 8;
+pub const VXLAN_HEADER_LEN: usize = 8;
+
+pub const HOST1_IP: [u8; 4] = [172, 20, 62, 104];
+pub const HOST2_IP: [u8; 4] = [172, 20, 62, 105];
+pub const BBOX1_IP: [u8; 4] = [10, 2, 41, 2];
+pub const BBOX2_IP: [u8; 4] = [10, 2, 54, 2];
+pub const HOST1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x04];
+pub const HOST2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x05];
+pub const HOST1_VTEP_MAC: [u8; 6] = [0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x88];
+pub const HOST2_VTEP_MAC: [u8; 6] = [0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x89];
+
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    [&dst[..], &src[..], &ether_type.to_be_bytes(), payload].concat()
+}
+
+/// An IPv4 packet with a correct header checksum. `options` must be a multiple of 4 bytes.
+pub fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options must be 4-byte words"
+    );
+    let header_len = IPV4_HEADER_LEN + options.len();
+    let total_len = u16::try_from(header_len + payload.len()).expect("packet fits in 64 KiB");
+    let mut header = [
+        &[0x40 | (header_len / 4) as u8, 0][..],
+        &total_len.to_be_bytes(),
+        &[0, 0, 0x40, 0], // id 0, don't fragment
+        &[64, protocol, 0, 0],
+        &src,
+        &dst,
+        options,
+    ]
+    .concat();
+    let checksum = internet_checksum(&header);
+    header[10..12].copy_from_slice(&checksum.to_be_bytes());
+    [header, payload.to_vec()].concat()
+}
+
+/// A UDP datagram with checksum 0, as VXLAN senders emit it.
+pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(UDP_HEADER_LEN + payload.len()).expect("datagram fits in 64 KiB");
+    [
+        &src_port.to_be_bytes()[..],
+        &dst_port.to_be_bytes(),
+        &len.to_be_bytes(),
+        &[0, 0],
+        payload,
+    ]
+    .concat()
+}
+
+/// A VXLAN header (flags 0x08: VNI valid) followed by the inner frame.
+pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let vni = vni.to_be_bytes();
+    [&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0][..], inner].concat()
+}
+
+/// An ICMP echo request with a correct checksum.
+pub fn icmp_echo_request(id: u16, sequence: u16, payload: &[u8]) -> Vec<u8> {
+    let mut message = [
+        &[8, 0, 0, 0][..],
+        &id.to_be_bytes(),
+        &sequence.to_be_bytes(),
+        payload,
+    ]
+    .concat();
+    let checksum = internet_checksum(&message);
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    message
+}
+
+/// bbox1 pinging bbox2, as it crosses the wire from host1 to host2: VXLAN with `vni` to `port`.
+pub fn seed_vxlan_frame(vni: u32, port: u16) -> Vec<u8> {
+    let ping = ipv4(
+        BBOX1_IP,
+        BBOX2_IP,
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"overlay!"),
+    );
+    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
+    outer_udp_frame(&[], 49152, port, &vxlan(vni, &inner))
+}
+
+/// host1 to host2 on the underlay: Ethernet, IPv4 with `ip_options`, UDP.
+pub fn outer_udp_frame(ip_options: &[u8], src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let datagram = udp(src_port, dst_port, payload);
+    let packet = ipv4(HOST1_IP, HOST2_IP, IPPROTO_UDP, ip_options, &datagram);
+    ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV4, &packet)
+}
+
+/// RFC 1071 one's-complement sum.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -1,0 +1,137 @@
+//! Network namespaces owned by one test: unique names, removed on drop (also when the test
+//! fails), and stale ones from crashed runs removed before new ones are made.
+use std::{
+    fs::{self, File},
+    os::fd::AsRawFd,
+    path::Path,
+    process::{Command, Output},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Every namespace the harness makes is named `ovt<pid>-<n>-<tag>`.
+const NAME_PREFIX: &str = "ovt";
+const NETNS_DIR: &str = "/run/netns";
+
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up and IPv6 off, so tests see only the traffic they
+    /// send.
+    pub fn new(tag: &str) -> Result<Self> {
+        static STALE_REMOVED: Once = Once::new();
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+        STALE_REMOVED.call_once(remove_stale_namespaces);
+        let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{NAME_PREFIX}{}-{sequence}-{tag}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        netns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        Ok(netns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> args...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Runs `args` inside the namespace and fails unless it exits 0.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        run(&mut self.command(args))
+    }
+
+    /// Runs `args` inside the namespace and returns its output whatever its exit status.
+    pub fn exec_unchecked(&self, args: &[&str]) -> Result<Output> {
+        let mut command = self.command(args);
+        command
+            .output()
+            .with_context(|| format!("cannot run {args:?} in {}", self.name))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).args(args);
+        command
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, e.g. to attach a program to one
+    /// of its interfaces. The caller's thread stays where it is.
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let handle = File::open(Path::new(NETNS_DIR).join(&self.name))
+            .with_context(|| format!("cannot open namespace {}", self.name))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on a valid namespace fd affects only this thread, which ends
+                    // when `f` returns.
+                    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!(
+                            "cannot enter namespace {}: {}",
+                            self.name,
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                    f()
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread inside {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(error) = run(Command::new("ip").args(["netns", "del", &self.name])) {
+            eprintln!("warning: cannot remove namespace {}: {error:#}", self.name);
+        }
+    }
+}
+
+/// Removes harness namespaces whose creating process no longer exists.
+fn remove_stale_namespaces() {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for name in entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok()) {
+        let Some(pid) = name
+            .strip_prefix(NAME_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = run(Command::new("ip").args(["netns", "del", &name]));
+        }
+    }
+}
+
+/// Runs `command`, failing with its stderr unless it exits 0; returns stdout.
+pub fn run(command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

@@ -1,0 +1,54 @@
+//! `cargo xtask`: everything from a fresh Debian machine to a tested build.
+mod build;
+mod cmd;
+mod setup;
+mod test;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and run the overlay project")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check and install every prerequisite (Debian packages, rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Build the eBPF object, then the agent that embeds it.
+    Build {
+        /// Build the agent with the release profile (the eBPF object is always optimised).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build, formatting and lint checks, then every test in the workspace.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let root = workspace_root();
+    let outcome = match Cli::parse().task {
+        Task::Setup => setup::run(&root),
+        Task::Build { release } => build::run(&root, release),
+        Task::Test => test::run(&root),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
