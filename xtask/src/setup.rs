@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use crate::cmd;
 
 /// Debian packages the project uses: etcd for the control plane, the tools the tests and the
-/// demo run, and protoc for etcd-client's generated gRPC code.
+/// demo run, and protoc with the protobuf well-known types for etcd-client's generated gRPC code.
 const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
@@ -28,6 +28,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,230 @@
+//! Command-line flags, named and defaulted as flanneld's. Each flag can also come from
+//! `FLANNELD_<FLAG>` (dashes as underscores), so an existing flanneld env file works.
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser};
+
+use crate::subnet::registry::EtcdOptions;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "overlay-agent",
+    version,
+    about = "flannel-compatible VXLAN overlay with an eBPF dataplane"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub agent: AgentOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentOptions {
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd prefix under which the config and the subnet records live.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+
+    /// TLS key file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<String>,
+
+    /// TLS certificate file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<String>,
+
+    /// TLS CA file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<String>,
+
+    /// etcd user name.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// etcd password.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// Interface (name or IP address) for inter-host traffic; repeatable, first match wins.
+    /// Without it, the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+
+    /// Regex matched against interface IPs, then names; repeatable, first match wins.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+
+    /// IP other hosts reach this one at (defaults to the interface's address).
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// Where to write the subnet environment for docker and the CNI plugin.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+
+    /// Minutes before the lease expires at which it is renewed.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(1..=1439)
+    )]
+    pub subnet_lease_renew_margin: u32,
+
+    /// Lifetime of the subnet lease, e.g. 24h, 30m or 5s (short values are for tests).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub subnet_lease_ttl: Duration,
+
+    /// Masquerade traffic leaving the overlay network.
+    #[arg(long, env = "FLANNELD_IP_MASQ")]
+    pub ip_masq: bool,
+
+    /// Add forward-accept rules for the overlay network.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub iptables_forward_rules: bool,
+
+    /// Address the health endpoints listen on.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: Ipv4Addr,
+
+    /// Port of /healthz and /readyz; 0 disables them.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    /// Log verbosity: 0 info, 1 debug, 2 and up trace.
+    #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
+    pub verbosity: u8,
+}
+
+impl AgentOptions {
+    pub fn etcd(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            keyfile: self.etcd_keyfile.clone(),
+            certfile: self.etcd_certfile.clone(),
+            cafile: self.etcd_cafile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+
+    pub fn renew_margin(&self) -> Duration {
+        Duration::from_secs(u64::from(self.subnet_lease_renew_margin) * 60)
+    }
+}
+
+/// A duration such as "24h", "30m", "5s" or "1500ms"; a bare number means seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 24h, 30m or 5s"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "" | "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?} has unknown unit {unit:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if duration < Duration::from_secs(1) {
+        return Err(format!(
+            "{text:?} is shorter than etcd's smallest lease, one second"
+        ));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_flanneld_s() {
+        let cli = Cli::try_parse_from(["overlay-agent"]).unwrap();
+        let agent = cli.agent;
+        assert_eq!(
+            agent.etcd_endpoints,
+            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
+        assert_eq!(agent.etcd_prefix, "/coreos.com/network");
+        assert_eq!(agent.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(agent.subnet_lease_renew_margin, 60);
+        assert_eq!(agent.subnet_lease_ttl, Duration::from_secs(86400));
+        assert!(!agent.ip_masq);
+        assert!(agent.iptables_forward_rules);
+        assert_eq!(agent.healthz_port, 0);
+    }
+
+    #[test]
+    fn flags_parse_and_bad_ones_are_named() {
+        let cli = Cli::try_parse_from([
+            "overlay-agent",
+            "--etcd-endpoints=http://172.20.62.1:2379",
+            "--iface=eth1",
+            "--iface=172.20.62.104",
+            "--subnet-lease-ttl=5s",
+            "--ip-masq",
+            "--iptables-forward-rules=false",
+            "-v",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(cli.agent.iface, ["eth1", "172.20.62.104"]);
+        assert_eq!(cli.agent.subnet_lease_ttl, Duration::from_secs(5));
+        assert!(cli.agent.ip_masq);
+        assert!(!cli.agent.iptables_forward_rules);
+        assert_eq!(cli.agent.verbosity, 2);
+
+        for (flag, complaint) in [
+            (
+                "--subnet-lease-renew-margin=0",
+                "--subnet-lease-renew-margin",
+            ),
+            (
+                "--subnet-lease-renew-margin=1440",
+                "--subnet-lease-renew-margin",
+            ),
+            ("--subnet-lease-ttl=5y", "unknown unit"),
+            ("--public-ip=172.20.62", "--public-ip"),
+            ("--no-such-flag", "--no-such-flag"),
+        ] {
+            let error = Cli::try_parse_from(["overlay-agent", flag])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(complaint), "{flag}: {error}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("500ms").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}
