@@ -28,7 +28,7 @@ use crate::{
     subnet::{
         LeaseEvent,
         file::{SubnetEnv, previous_subnet},
-        manager::LeaseManager,
+        manager::{LeaseManager, LeaseTiming},
         registry::{ConfigReadError, Registry},
         watch::LeaseWatcher,
     },
@@ -66,8 +66,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         registry: registry.clone(),
         config: config.clone(),
         public_ip,
-        ttl: options.subnet_lease_ttl,
-        renew_margin: options.renew_margin(),
+        timing: LeaseTiming {
+            ttl: options.subnet_lease_ttl,
+            renew_margin: options.renew_margin(),
+        },
     };
     let lease = manager
         .acquire(None, previous_subnet(&options.subnet_file))

@@ -1,7 +1,14 @@
-//! Test harness: hand-built frames, network namespaces that clean up after themselves, and
-//! the checks every privileged test makes first.
+//! Test harness: hand-built frames, network namespaces that clean up after themselves, a real
+//! etcd, agent processes, and the checks every privileged test makes first.
+pub mod agent;
+pub mod cluster;
+pub mod etcd;
 pub mod frames;
 pub mod netns;
+pub mod process;
+pub mod scratch;
+pub mod tls;
+pub mod wait;
 
 use anyhow::{Result, bail};
 

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "openssl",
+    "curl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

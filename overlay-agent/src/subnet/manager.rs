@@ -39,8 +39,33 @@ pub struct LeaseManager {
     pub registry: Registry,
     pub config: NetworkConfig,
     pub public_ip: Ipv4Addr,
+    pub timing: LeaseTiming,
+}
+
+/// How long a lease lives and when it is renewed.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseTiming {
     pub ttl: Duration,
     pub renew_margin: Duration,
+}
+
+impl LeaseTiming {
+    /// `renew_margin` before expiry, as flannel does; a margin as long as the TTL itself
+    /// (short test TTLs) renews halfway instead of continuously.
+    fn renewal_time(&self, expiry: Instant) -> Instant {
+        let margin = if self.renew_margin < self.ttl {
+            self.renew_margin
+        } else {
+            self.ttl / 2
+        };
+        expiry.checked_sub(margin).unwrap_or(expiry)
+    }
+
+    fn retry_delay(&self) -> Duration {
+        RENEW_RETRY
+            .min(self.ttl / 5)
+            .max(Duration::from_millis(200))
+    }
 }
 
 impl LeaseManager {
@@ -99,7 +124,11 @@ impl LeaseManager {
                     Some(subnet) => subnet,
                     None => self.random_free_subnet(&taken)?,
                 };
-            if let Some(etcd_lease) = self.registry.create(candidate, &attrs, self.ttl).await? {
+            if let Some(etcd_lease) = self
+                .registry
+                .create(candidate, &attrs, self.timing.ttl)
+                .await?
+            {
                 log::info!("acquired lease {candidate}");
                 return Ok(Lease {
                     subnet: candidate,
@@ -116,7 +145,7 @@ impl LeaseManager {
     /// anything else gets a fresh one. `None` when the record vanished meanwhile.
     async fn reuse(&self, own: &Lease, vtep_mac: MacAddr) -> Result<Option<Lease>> {
         let attrs = LeaseAttrs::vxlan(self.public_ip, self.config.backend.vni, vtep_mac);
-        let ttl = (!own.is_reservation()).then_some(self.ttl);
+        let ttl = (!own.is_reservation()).then_some(self.timing.ttl);
         let Some(etcd_lease) = self
             .registry
             .update(own.subnet, &attrs, self.public_ip, ttl)
@@ -170,22 +199,27 @@ impl LeaseManager {
         if lease.is_reservation() {
             return std::future::pending().await;
         }
-        let mut expiry = Instant::now() + self.ttl;
+        let mut expiry = Instant::now() + self.timing.ttl;
         loop {
-            sleep_until(self.renewal_time(expiry)).await;
+            sleep_until(self.timing.renewal_time(expiry)).await;
             match self
                 .registry
-                .update(lease.subnet, &lease.attrs, self.public_ip, Some(self.ttl))
+                .update(
+                    lease.subnet,
+                    &lease.attrs,
+                    self.public_ip,
+                    Some(self.timing.ttl),
+                )
                 .await
             {
                 Ok(Some(etcd_lease)) => {
                     lease.etcd_lease = etcd_lease;
-                    expiry = Instant::now() + self.ttl;
+                    expiry = Instant::now() + self.timing.ttl;
                     log::debug!("renewed lease {}", lease.subnet);
                 }
                 Ok(None) => return Err(LeaseRevoked(lease.subnet).into()),
                 Err(error) => {
-                    let retry = self.retry_delay();
+                    let retry = self.timing.retry_delay();
                     log::warn!(
                         "cannot renew lease {}: {error:#}; retrying in {retry:?}",
                         lease.subnet
@@ -195,21 +229,32 @@ impl LeaseManager {
             }
         }
     }
+}
 
-    /// `renew_margin` before expiry, as flannel does; a margin as long as the TTL itself
-    /// (short test TTLs) renews halfway instead of continuously.
-    fn renewal_time(&self, expiry: Instant) -> Instant {
-        let margin = if self.renew_margin < self.ttl {
-            self.renew_margin
-        } else {
-            self.ttl / 2
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renewal_offset(ttl: u64, margin: u64) -> Duration {
+        let expiry = Instant::now() + Duration::from_secs(ttl);
+        let timing = LeaseTiming {
+            ttl: Duration::from_secs(ttl),
+            renew_margin: Duration::from_secs(margin),
         };
-        expiry.checked_sub(margin).unwrap_or(expiry)
+        expiry - timing.renewal_time(expiry)
     }
 
-    fn retry_delay(&self) -> Duration {
-        RENEW_RETRY
-            .min(self.ttl / 5)
-            .max(Duration::from_millis(200))
+    #[test]
+    fn renewal_starts_a_margin_before_expiry_or_halfway_for_short_leases() {
+        assert_eq!(
+            renewal_offset(86400, 3600),
+            Duration::from_secs(3600),
+            "flannel's default: 1 h before"
+        );
+        assert_eq!(
+            renewal_offset(5, 3600),
+            Duration::from_millis(2500),
+            "a 5 s test lease renews halfway"
+        );
     }
 }

@@ -43,7 +43,7 @@ impl std::fmt::Display for ConfigReadError {
         match self {
             Self::Missing(key) => write!(f, "no network config at {key}"),
             Self::Invalid(error) => write!(f, "{error}"),
-            Self::Etcd(error) => write!(f, "cannot read the network config: {error}"),
+            Self::Etcd(error) => write!(f, "cannot read the network config from etcd: {error}"),
         }
     }
 }

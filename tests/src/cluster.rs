@@ -1,0 +1,117 @@
+//! The seed's world in namespaces: an underlay bridge, etcd on it, and hosts hanging off it.
+//!
+//! ```text
+//!   underlay ns: br0 172.20.62.1/24, etcd on 172.20.62.1:2379
+//!      |-- host1 ns: eth0 172.20.62.104/24, default via 172.20.62.1
+//!      |-- host2 ns: eth0 172.20.62.105/24, default via 172.20.62.1
+//! ```
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::{etcd::Etcd, netns::Netns, require_root, scratch::ScratchDir, tls};
+
+pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
+pub const PREFIX: &str = "/docker-test/network";
+pub const SEED_NETWORK_CONFIG: &str = r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+
+pub struct Host {
+    pub name: String,
+    pub address: String,
+    pub netns: Netns,
+    /// Survives agent restarts on this host: the subnet file lives here.
+    pub dir: PathBuf,
+}
+
+impl Host {
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+}
+
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub underlay: Netns,
+    hosts: u32,
+    pub scratch: ScratchDir,
+}
+
+impl Cluster {
+    /// The underlay and a plain-HTTP etcd holding the seed's network config.
+    pub fn new(tag: &str) -> Result<Self> {
+        Self::with_etcd(tag, false, Some(SEED_NETWORK_CONFIG))
+    }
+
+    /// The underlay and an etcd that requires TLS client certificates.
+    pub fn with_tls(tag: &str) -> Result<Self> {
+        Self::with_etcd(tag, true, Some(SEED_NETWORK_CONFIG))
+    }
+
+    /// `config`: the network config to store, or none.
+    pub fn with_etcd(tag: &str, tls: bool, config: Option<&str>) -> Result<Self> {
+        require_root()?;
+        let scratch = ScratchDir::new(tag)?;
+        let underlay = Netns::new("underlay")?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&[
+            "addr",
+            "add",
+            &format!("{UNDERLAY_GATEWAY}/24"),
+            "dev",
+            "br0",
+        ])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let tls = if tls {
+            Some(tls::generate(scratch.path(), UNDERLAY_GATEWAY)?)
+        } else {
+            None
+        };
+        let etcd = Etcd::start(underlay.name(), UNDERLAY_GATEWAY, scratch.path(), tls)?;
+        if let Some(config) = config {
+            etcd.put(&format!("{PREFIX}/config"), config)?;
+        }
+        Ok(Self {
+            etcd,
+            underlay,
+            hosts: 0,
+            scratch,
+        })
+    }
+
+    /// A host namespace whose eth0 hangs off the underlay bridge with `address`/24 and a
+    /// default route through the underlay.
+    pub fn add_host(&mut self, name: &str, address: &str) -> Result<Host> {
+        self.hosts += 1;
+        let netns = Netns::new(name)?;
+        let port = format!("port{}", self.hosts);
+        self.underlay.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        self.underlay
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", UNDERLAY_GATEWAY])?;
+        let dir = self.scratch.path().join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Host {
+            name: name.to_string(),
+            address: address.to_string(),
+            netns,
+            dir,
+        })
+    }
+
+    pub fn subnet_key(&self, subnet: &str) -> String {
+        format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
+    }
+}

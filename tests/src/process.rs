@@ -1,0 +1,114 @@
+//! Long-running processes of a test (etcd, agents): started inside a namespace with nsenter,
+//! output kept in a log file, killed when dropped.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::wait::wait_for;
+
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args...` in namespace `netns` (keeping the machine's mount namespace,
+    /// so bpffs stays visible), with stdout and stderr appended to `log`.
+    pub fn spawn(
+        netns: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Self> {
+        let output = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {} in {netns}", program.display()))?;
+        Ok(Self {
+            name: format!("{} in {netns}", program.display()),
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Sends `signal` (e.g. libc::SIGTERM) without waiting.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = i32::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill has no memory effects; the pid is our own child, not yet reaped.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            bail!(
+                "cannot signal {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        self.child
+            .try_wait()
+            .with_context(|| format!("cannot check on {}", self.name))
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut status = None;
+        wait_for(&format!("{} to exit", self.name), timeout, || {
+            status = self.child.try_wait()?;
+            Ok(status.is_some())
+        })
+        .with_context(|| format!("log of {}:\n{}", self.name, self.log()))?;
+        status.context("exit status vanished")
+    }
+
+    /// SIGKILL and reap, as a crash would end it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.signal(libc::SIGTERM)?;
+        self.wait_exit(timeout)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,566 @@
+//! The control plane against a real etcd: agents in host namespaces lease subnets in flannel's
+//! records, keep them, follow every other host's lease, and fail loudly when they must.
+use std::{thread::sleep, time::Duration};
+
+use anyhow::{Context, Result};
+use overlay_tests::{
+    agent::{Agent, subnet_from_file},
+    cluster::{Cluster, Host, PREFIX},
+};
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// flannel's record for `address` with `mac`, as stock flannel writes it today.
+fn flannel_record(address: &str, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+/// Asserts `value` is exactly the record our agent on `host` writes, and returns its MAC.
+fn assert_record_shape(value: &str, host: &Host) -> String {
+    let head = format!(
+        r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":""#,
+        host.address
+    );
+    let mac = value
+        .strip_prefix(&head)
+        .and_then(|rest| rest.strip_suffix(r#""}}"#))
+        .unwrap_or_else(|| panic!("record of {} is not flannel's shape: {value}", host.name));
+    let octets: Vec<_> = mac.split(':').collect();
+    assert!(
+        octets.len() == 6
+            && octets
+                .iter()
+                .all(|octet| u8::from_str_radix(octet, 16).is_ok() && octet.len() == 2),
+        "VtepMAC {mac} is not a MAC"
+    );
+    let first = u8::from_str_radix(octets[0], 16).unwrap_or(1);
+    assert_eq!(
+        first & 0x03,
+        0x02,
+        "VtepMAC {mac} must be locally administered unicast"
+    );
+    mac.to_string()
+}
+
+fn record_of(cluster: &Cluster, subnet: &str) -> Result<String> {
+    cluster
+        .etcd
+        .get(&cluster.subnet_key(subnet))?
+        .with_context(|| format!("no record for {subnet}"))
+}
+
+#[test]
+fn two_agents_lease_different_subnets_in_flannels_format() -> Result<()> {
+    let mut cluster = Cluster::new("two-agents")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let host2 = cluster.add_host("host2", "172.20.62.105")?;
+    let mut agent1 = Agent::start(&cluster, &host1, &[])?;
+    let mut agent2 = Agent::start(&cluster, &host2, &[])?;
+    let subnet1 = agent1.wait_ready()?;
+    let subnet2 = agent2.wait_ready()?;
+    assert_ne!(subnet1, subnet2);
+
+    let listing = cluster
+        .etcd
+        .etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets")])?;
+    for (subnet, host, agent) in [(&subnet1, &host1, &agent1), (&subnet2, &host2, &agent2)] {
+        assert!(listing.contains(&cluster.subnet_key(subnet)), "{listing}");
+        assert_record_shape(&record_of(&cluster, subnet)?, host);
+        assert_ne!(
+            cluster.etcd.lease_of(&cluster.subnet_key(subnet))?,
+            0,
+            "a lease, not a reservation"
+        );
+        let gateway = subnet.replace(".0/", ".1/");
+        let contents = std::fs::read_to_string(&agent.subnet_file)?;
+        assert_eq!(
+            contents,
+            format!(
+                "FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET={gateway}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+            )
+        );
+    }
+    agent1.wait_for_log(
+        &format!("lease added: {subnet2} via 172.20.62.105"),
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    agent2.wait_for_log(
+        &format!("lease added: {subnet1} via 172.20.62.104"),
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    assert_eq!(
+        agent1.count_in_log(&format!("lease added: {subnet1}")),
+        0,
+        "own lease is ignored"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_subnet_by_public_ip_and_by_subnet_file() -> Result<()> {
+    let mut cluster = Cluster::new("restart")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    let subnet = agent.wait_ready()?;
+    let mac = assert_record_shape(&record_of(&cluster, &subnet)?, &host1);
+    let status = agent.process.terminate(EXIT_TIMEOUT)?;
+    assert!(
+        status.success(),
+        "SIGTERM is a clean shutdown: {status}\n{}",
+        agent.log()
+    );
+    assert!(
+        record_of(&cluster, &subnet).is_ok(),
+        "the lease is kept on shutdown"
+    );
+
+    let mut restarted = Agent::start(&cluster, &host1, &[])?;
+    assert_eq!(restarted.wait_ready()?, subnet);
+    restarted.wait_for_log(
+        &format!("reusing lease {subnet} of 172.20.62.104"),
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    assert_eq!(
+        assert_record_shape(&record_of(&cluster, &subnet)?, &host1),
+        mac,
+        "the VTEP MAC is kept"
+    );
+    restarted.process.terminate(EXIT_TIMEOUT)?;
+
+    cluster
+        .etcd
+        .etcdctl(&["del", &cluster.subnet_key(&subnet)])?;
+    assert_eq!(
+        subnet_from_file(&host1.subnet_file()).as_deref(),
+        Some(subnet.as_str())
+    );
+    let mut from_file = Agent::start(&cluster, &host1, &[])?;
+    assert_eq!(
+        from_file.wait_ready()?,
+        subnet,
+        "the previous subnet file's subnet is taken again"
+    );
+    assert_record_shape(&record_of(&cluster, &subnet)?, &host1);
+    Ok(())
+}
+
+#[test]
+fn a_reservation_is_honoured_and_stays_a_reservation() -> Result<()> {
+    let mut cluster = Cluster::new("reservation")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let key = cluster.subnet_key("10.2.41.0/24");
+    cluster.etcd.put(&key, r#"{"PublicIP":"172.20.62.104"}"#)?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    assert_eq!(agent.wait_ready()?, "10.2.41.0/24");
+    agent.wait_for_log(
+        "reusing reservation 10.2.41.0/24 of 172.20.62.104",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    assert_record_shape(&record_of(&cluster, "10.2.41.0/24")?, &host1);
+    assert_eq!(
+        cluster.etcd.lease_of(&key)?,
+        0,
+        "a reservation carries no etcd lease"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_public_ip_flag_overrides_the_interface_address() -> Result<()> {
+    let mut cluster = Cluster::new("public-ip")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host1,
+        &["--iface=172.20.62.104", "--public-ip=198.51.100.7"],
+    )?;
+    let subnet = agent.wait_ready()?;
+    assert!(record_of(&cluster, &subnet)?.starts_with(r#"{"PublicIP":"198.51.100.7","#));
+    Ok(())
+}
+
+#[test]
+fn an_exhausted_network_is_a_clear_error() -> Result<()> {
+    let config = r#"{"Network": "10.3.0.0/28", "Backend": {"Type": "vxlan"}}"#;
+    let mut cluster = Cluster::with_etcd("exhausted", false, Some(config))?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    for (index, subnet) in ["10.3.0.4-30", "10.3.0.8-30", "10.3.0.12-30"]
+        .iter()
+        .enumerate()
+    {
+        let value = flannel_record(&format!("172.20.62.{}", 110 + index), "1a:4b:d7:f7:16:89");
+        cluster
+            .etcd
+            .put(&format!("{PREFIX}/subnets/{subnet}"), &value)?;
+    }
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    let status = agent.process.wait_exit(EXIT_TIMEOUT)?;
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("no free subnet: all 3 /30 subnets of 10.3.0.0/28 between SubnetMin 10.3.0.4 and SubnetMax 10.3.0.12 are leased"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_invalid_network_config_names_the_field() -> Result<()> {
+    let config = r#"{"Network": "10.2.0.0/16", "SubnetLen": 31, "Backend": {"Type": "vxlan"}}"#;
+    let mut cluster = Cluster::with_etcd("bad-config", false, Some(config))?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    assert!(!agent.process.wait_exit(EXIT_TIMEOUT)?.success());
+    assert!(
+        agent
+            .log()
+            .contains("network config: SubnetLen: /31 is too long"),
+        "{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn renewal_keeps_a_short_lease_alive_and_a_killed_agent_s_lease_expires() -> Result<()> {
+    let mut cluster = Cluster::new("renewal")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host1, &["--subnet-lease-ttl=5s"])?;
+    let subnet = agent.wait_ready()?;
+    let key = cluster.subnet_key(&subnet);
+    let first_lease = cluster.etcd.lease_of(&key)?;
+    sleep(Duration::from_secs(13));
+    assert!(
+        record_of(&cluster, &subnet).is_ok(),
+        "the record outlived more than two TTLs:\n{}",
+        agent.log()
+    );
+    assert_ne!(
+        cluster.etcd.lease_of(&key)?,
+        first_lease,
+        "renewal moves the record to a fresh etcd lease"
+    );
+
+    agent.process.kill();
+    overlay_tests::wait::wait_for(
+        "the killed agent's record to expire",
+        Duration::from_secs(6),
+        || Ok(cluster.etcd.get(&key)?.is_none()),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
+    let mut cluster = Cluster::new("events")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+
+    let key = cluster.subnet_key("10.2.54.0/24");
+    let lease = cluster.etcd.grant(4)?;
+    // The seed's record, as an older flannel wrote it: no VNI.
+    let seed = r#"{"PublicIP":"172.20.62.105","BackendType":"vxlan","BackendData":{"VtepMAC":"1a:4b:d7:f7:16:89"}}"#;
+    cluster
+        .etcd
+        .etcdctl(&["put", &format!("--lease={lease}"), &key, seed])?;
+    agent.wait_for_log(
+        "lease added: 10.2.54.0/24 via 172.20.62.105 (VTEP 1a:4b:d7:f7:16:89)",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+
+    let changed = r#"{"PublicIP":"172.20.62.105","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
+    cluster
+        .etcd
+        .etcdctl(&["put", &format!("--lease={lease}"), &key, changed])?;
+    agent.wait_for_log(
+        "lease changed: 10.2.54.0/24 via 172.20.62.105 (VTEP 1a:4b:d7:f7:16:8a)",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+
+    agent.wait_for_log(
+        "lease removed: 10.2.54.0/24 via 172.20.62.105",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    for event in [
+        "lease added: 10.2.54.0/24",
+        "lease changed: 10.2.54.0/24",
+        "lease removed: 10.2.54.0/24",
+    ] {
+        assert_eq!(
+            agent.count_in_log(event),
+            1,
+            "{event} exactly once:\n{}",
+            agent.log()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn malformed_records_are_skipped_and_valid_ones_still_processed() -> Result<()> {
+    let mut cluster = Cluster::new("malformed")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let malformed = |round: u8| {
+        [
+            (format!("{PREFIX}/subnets/10.2.{round}0.0-24"), "{not json".to_string()),
+            (format!("{PREFIX}/subnets/garbage{round}"), flannel_record("172.20.62.110", "1a:4b:d7:f7:16:89")),
+            (
+                format!("{PREFIX}/subnets/10.2.{round}1.0-24"),
+                r#"{"PublicIP":"172.20.62.111","BackendType":"udp"}"#.to_string(),
+            ),
+            (
+                format!("{PREFIX}/subnets/10.2.{round}2.0-24"),
+                r#"{"PublicIP":"172.20.62.112","BackendType":"vxlan","BackendData":{"VtepMAC":"not-a-mac"}}"#.to_string(),
+            ),
+            (format!("{PREFIX}/subnets/10.9.{round}3.0-24"), flannel_record("172.20.62.113", "1a:4b:d7:f7:16:89")),
+        ]
+    };
+    // Round 1 exists before the agent starts (the listing); round 2 arrives through the watch.
+    for (key, value) in malformed(1) {
+        cluster.etcd.put(&key, &value)?;
+    }
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.19.0/24"),
+        &flannel_record("172.20.62.119", "1a:4b:d7:f7:16:19"),
+    )?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+    agent.wait_for_log(
+        "lease added: 10.2.19.0/24 via 172.20.62.119",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    for (key, value) in malformed(2) {
+        cluster.etcd.put(&key, &value)?;
+    }
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.29.0/24"),
+        &flannel_record("172.20.62.129", "1a:4b:d7:f7:16:29"),
+    )?;
+    agent.wait_for_log(
+        "lease added: 10.2.29.0/24 via 172.20.62.129",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+
+    for (key, _) in malformed(1).into_iter().chain(malformed(2)) {
+        assert!(
+            agent.log().contains(&format!("skipping record {key}: ")),
+            "no warning for {key}:\n{}",
+            agent.log()
+        );
+    }
+    assert!(agent.log().contains("BackendType \"udp\" is not \"vxlan\""));
+    assert!(agent.log().contains("\"not-a-mac\" is not a MAC address"));
+    assert!(
+        agent
+            .log()
+            .contains("the subnet lies outside the Network 10.2.0.0/16")
+    );
+    assert!(
+        agent.process.try_exit_status()?.is_none(),
+        "the agent keeps running"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_watch_survives_an_etcd_restart_and_a_compaction_while_disconnected() -> Result<()> {
+    let mut cluster = Cluster::new("watch-resync")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+    for (subnet, address) in [
+        ("10.2.50.0/24", "172.20.62.150"),
+        ("10.2.51.0/24", "172.20.62.151"),
+        ("10.2.52.0/24", "172.20.62.152"),
+    ] {
+        cluster.etcd.put(
+            &cluster.subnet_key(subnet),
+            &flannel_record(address, "1a:4b:d7:f7:16:50"),
+        )?;
+        agent.wait_for_log(
+            &format!("lease added: {subnet} via {address}"),
+            1,
+            EVENT_TIMEOUT,
+        )?;
+    }
+
+    // Keep the agent from reconnecting while etcd restarts and the history is compacted.
+    let nft = |rules: &str| host1.netns.exec(&["nft", rules]);
+    nft(
+        "add table inet cut; add chain inet cut out { type filter hook output priority 0; }; add rule inet cut out tcp dport 2379 drop",
+    )?;
+    cluster.etcd.restart()?;
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.53.0/24"),
+        &flannel_record("172.20.62.153", "1a:4b:d7:f7:16:53"),
+    )?;
+    cluster
+        .etcd
+        .etcdctl(&["del", &cluster.subnet_key("10.2.50.0/24")])?;
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.51.0/24"),
+        &flannel_record("172.20.62.151", "1a:4b:d7:f7:16:51"),
+    )?;
+    cluster.etcd.compact()?;
+    nft("delete table inet cut")?;
+
+    agent.wait_for_log("etcd compacted past revision", 1, Duration::from_secs(30))?;
+    agent.wait_for_log(
+        "lease added: 10.2.53.0/24 via 172.20.62.153",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    agent.wait_for_log("lease removed: 10.2.50.0/24", 1, EVENT_TIMEOUT)?;
+    agent.wait_for_log(
+        "lease changed: 10.2.51.0/24 via 172.20.62.151 (VTEP 1a:4b:d7:f7:16:51)",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.54.0/24"),
+        &flannel_record("172.20.62.154", "1a:4b:d7:f7:16:54"),
+    )?;
+    agent.wait_for_log(
+        "lease added: 10.2.54.0/24 via 172.20.62.154",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+
+    let log = agent.log();
+    for (event, times) in [
+        ("lease added: 10.2.50.0/24", 1),
+        ("lease added: 10.2.51.0/24", 1),
+        ("lease added: 10.2.52.0/24", 1),
+        ("lease added: 10.2.53.0/24", 1),
+        ("lease removed: 10.2.50.0/24", 1),
+        ("lease changed: 10.2.51.0/24", 1),
+        ("lease removed: 10.2.52.0/24", 0),
+        ("lease changed: 10.2.52.0/24", 0),
+    ] {
+        assert_eq!(log.matches(event).count(), times, "{event}:\n{log}");
+    }
+    Ok(())
+}
+
+#[test]
+fn deleting_the_own_record_makes_the_agent_exit_with_lease_revoked() -> Result<()> {
+    let mut cluster = Cluster::new("revoked")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    let subnet = agent.wait_ready()?;
+    cluster
+        .etcd
+        .etcdctl(&["del", &cluster.subnet_key(&subnet)])?;
+    let status = agent.process.wait_exit(EXIT_TIMEOUT)?;
+    assert!(!status.success(), "{status}");
+    assert!(
+        agent
+            .log()
+            .contains(&format!("lease revoked: the record of {subnet}")),
+        "{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_talks_to_an_etcd_that_requires_client_certificates() -> Result<()> {
+    let mut cluster = Cluster::with_tls("tls")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let tls = cluster.scratch.path().to_path_buf();
+    let flag = |name: &str, file: &str| format!("--etcd-{name}={}", tls.join(file).display());
+    let (ca, cert, key) = (
+        flag("cafile", "ca.pem"),
+        flag("certfile", "client.pem"),
+        flag("keyfile", "client-key.pem"),
+    );
+    let mut agent = Agent::start(&cluster, &host1, &[&ca, &cert, &key])?;
+    let subnet = agent.wait_ready()?;
+    assert_record_shape(&record_of(&cluster, &subnet)?, &host1);
+
+    let host2 = cluster.add_host("host2", "172.20.62.105")?;
+    let without_certificate = Agent::start(&cluster, &host2, &[&ca])?;
+    without_certificate.wait_for_log(
+        "cannot read the network config from etcd",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    // The server refuses the handshake; the client sees that in some of its attempts.
+    without_certificate.wait_for_log("BadCertificate", 1, EVENT_TIMEOUT)?;
+    assert!(
+        !host2.subnet_file().exists(),
+        "no lease without a client certificate"
+    );
+    Ok(())
+}
+
+#[test]
+fn flags_can_come_from_flanneld_environment_variables() -> Result<()> {
+    let mut cluster = Cluster::new("env")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let subnet_file = host1.subnet_file().display().to_string();
+    let endpoint = cluster.etcd.endpoint();
+    let mut agent = Agent::start_with(
+        &host1,
+        &[],
+        &[
+            ("FLANNELD_ETCD_ENDPOINTS", &endpoint),
+            ("FLANNELD_ETCD_PREFIX", PREFIX),
+            ("FLANNELD_SUBNET_FILE", &subnet_file),
+            ("FLANNELD_IFACE", "eth0"),
+            ("FLANNELD_IP_MASQ", "true"),
+        ],
+    )?;
+    agent.wait_ready()?;
+    assert!(std::fs::read_to_string(host1.subnet_file())?.contains("FLANNEL_IPMASQ=true\n"));
+    Ok(())
+}
+
+#[test]
+fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
+    let mut cluster = Cluster::with_etcd("healthz", false, None)?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host1,
+        &["--healthz-port=8471", "--healthz-ip=127.0.0.1"],
+    )?;
+    let status = |path: &str| -> Result<String> {
+        let url = format!("http://127.0.0.1:8471{path}");
+        host1
+            .netns
+            .exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+    };
+    agent.wait_for_log(
+        "no network config at /docker-test/network/config",
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    assert_eq!(status("/healthz")?, "200");
+    assert_eq!(
+        status("/readyz")?,
+        "503",
+        "not ready before the subnet file exists"
+    );
+    cluster.etcd.put(
+        &format!("{PREFIX}/config"),
+        overlay_tests::cluster::SEED_NETWORK_CONFIG,
+    )?;
+    agent.wait_ready()?;
+    assert_eq!(status("/readyz")?, "200");
+    assert_eq!(status("/nonsense")?, "404");
+    Ok(())
+}
