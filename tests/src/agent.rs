@@ -1,5 +1,6 @@
 //! overlay-agent processes on test hosts.
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -100,7 +101,11 @@ pub fn subnet_from_file(path: &Path) -> Option<String> {
         .lines()
         .find_map(|line| line.strip_prefix("FLANNEL_SUBNET="))?;
     let (address, len) = value.split_once('/')?;
-    let mut octets: Vec<&str> = address.split('.').collect();
-    *octets.last_mut()? = "0";
-    Some(format!("{}/{len}", octets.join(".")))
+    let address: Ipv4Addr = address.parse().ok()?;
+    let len: u32 = len.parse().ok()?;
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    Some(format!(
+        "{}/{len}",
+        Ipv4Addr::from(u32::from(address) & mask)
+    ))
 }

@@ -18,6 +18,8 @@ pub struct Etcd {
     address: String,
     data_dir: PathBuf,
     tls: Option<TlsFiles>,
+    /// "user:password" once authentication is on.
+    credentials: Option<String>,
     process: Option<Process>,
 }
 
@@ -30,6 +32,7 @@ impl Etcd {
             address: address.to_string(),
             data_dir: dir.join("etcd-data"),
             tls,
+            credentials: None,
             process: None,
         };
         etcd.restart()?;
@@ -95,6 +98,9 @@ impl Etcd {
             .args(["netns", "exec", &self.netns, "etcdctl", "--dial-timeout=2s"])
             .arg(format!("--endpoints={}", self.endpoint()))
             .env("ETCDCTL_API", "3");
+        if let Some(credentials) = &self.credentials {
+            command.arg(format!("--user={credentials}"));
+        }
         if let Some(tls) = &self.tls {
             command
                 .arg(format!("--cacert={}", tls.ca.display()))
@@ -102,6 +108,14 @@ impl Etcd {
                 .arg(format!("--key={}", tls.client_key.display()));
         }
         run(command.args(args))
+    }
+
+    /// Turns on authentication with `root` as the only user; etcdctl logs in from then on.
+    pub fn enable_auth(&mut self, password: &str) -> Result<()> {
+        self.etcdctl(&["user", "add", &format!("root:{password}")])?;
+        self.etcdctl(&["auth", "enable"])?;
+        self.credentials = Some(format!("root:{password}"));
+        Ok(())
     }
 
     pub fn put(&self, key: &str, value: &str) -> Result<()> {

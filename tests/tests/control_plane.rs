@@ -564,3 +564,98 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
     assert_eq!(status("/nonsense")?, "404");
     Ok(())
 }
+
+#[test]
+fn agents_racing_for_the_last_subnets_all_get_one() -> Result<()> {
+    // A /28 holds three /30 subnets: three agents starting at once collide on create often.
+    let config = r#"{"Network": "10.3.0.0/28", "Backend": {"Type": "vxlan"}}"#;
+    let mut cluster = Cluster::with_etcd("race", false, Some(config))?;
+    let hosts = [
+        cluster.add_host("host1", "172.20.62.104")?,
+        cluster.add_host("host2", "172.20.62.105")?,
+        cluster.add_host("host3", "172.20.62.106")?,
+    ];
+    let mut agents = hosts
+        .iter()
+        .map(|host| Agent::start(&cluster, host, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    let mut subnets = agents
+        .iter_mut()
+        .map(Agent::wait_ready)
+        .collect::<Result<Vec<_>>>()?;
+    subnets.sort();
+    assert_eq!(subnets, ["10.3.0.12/30", "10.3.0.4/30", "10.3.0.8/30"]);
+    Ok(())
+}
+
+#[test]
+fn the_uplink_is_chosen_by_iface_name_or_regex_on_a_multi_homed_host() -> Result<()> {
+    let mut cluster = Cluster::new("multi-homed")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A second interface; the default route stays on eth0.
+    host1.netns.ip(&[
+        "link", "add", "storage0", "type", "veth", "peer", "name", "storage1",
+    ])?;
+    host1
+        .netns
+        .ip(&["addr", "add", "192.0.2.4/24", "dev", "storage0"])?;
+    host1.netns.ip(&["link", "set", "storage0", "up"])?;
+
+    for (flag, public_ip) in [
+        ("--iface=storage0", "192.0.2.4"),
+        ("--iface-regex=^192\\.0\\.2\\.", "192.0.2.4"),
+        ("--iface-regex=^eth", "172.20.62.104"),
+        ("--iface=172.20.62.104", "172.20.62.104"),
+    ] {
+        let mut agent = Agent::start(&cluster, &host1, &[flag])?;
+        let subnet = agent.wait_ready()?;
+        let record = record_of(&cluster, &subnet)?;
+        assert!(
+            record.starts_with(&format!(r#"{{"PublicIP":"{public_ip}","#)),
+            "{flag}: {record}"
+        );
+        agent.process.terminate(EXIT_TIMEOUT)?;
+        cluster
+            .etcd
+            .etcdctl(&["del", &cluster.subnet_key(&subnet)])?;
+        std::fs::remove_file(host1.subnet_file())?;
+    }
+
+    let mut missing = Agent::start(&cluster, &host1, &["--iface=wlan9"])?;
+    assert!(!missing.process.wait_exit(EXIT_TIMEOUT)?.success());
+    assert!(
+        missing
+            .log()
+            .contains("none of --iface wlan9 names an interface with an IPv4 address"),
+        "{}",
+        missing.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_logs_in_to_an_etcd_with_authentication() -> Result<()> {
+    let mut cluster = Cluster::new("auth")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    cluster.etcd.enable_auth("s3cret")?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host1,
+        &["--etcd-username=root", "--etcd-password=s3cret"],
+    )?;
+    let subnet = agent.wait_ready()?;
+    assert_record_shape(&record_of(&cluster, &subnet)?, &host1);
+
+    let host2 = cluster.add_host("host2", "172.20.62.105")?;
+    let wrong = Agent::start(
+        &cluster,
+        &host2,
+        &["--etcd-username=root", "--etcd-password=guess"],
+    )?;
+    wrong.wait_for_log("authentication failed", 1, EVENT_TIMEOUT)?;
+    assert!(
+        !host2.subnet_file().exists(),
+        "no lease with a wrong password"
+    );
+    Ok(())
+}
