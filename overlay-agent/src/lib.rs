@@ -1,12 +1,14 @@
-//! The overlay node daemon, as a library: the binary is a thin wrapper around [`run`].
+//! The overlay node daemon, as a library: the binary is a thin wrapper around [`run`] and
+//! [`teardown`].
 //!
 //! One module per concern, in the spirit of flannel's packages: `config` (the network config),
-//! `subnet` (leases and the etcd registry), `node` (the host's network devices), `dataplane`
-//! (the eBPF programs and maps), `health`, and `options` (the command line).
+//! `subnet` (leases and the etcd registry), `node` (the host's network devices), `masquerade`,
+//! `dataplane` (the eBPF programs and maps), `health`, and `options` (the command line).
 pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod mac;
+pub mod masquerade;
 pub mod node;
 pub mod options;
 pub mod subnet;
@@ -14,17 +16,20 @@ pub mod subnet;
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
+use ipnetwork::Ipv4Network;
+use rtnetlink::Handle;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
-    time::sleep,
+    time::{MissedTickBehavior, interval, sleep},
 };
 
 use crate::{
     config::{NetworkConfig, VXLAN_OVERHEAD},
     health::Readiness,
-    node::uplink::Uplink,
-    options::AgentOptions,
+    masquerade::{Masquerade, Rules},
+    node::{NodeNetwork, NodeSettings, uplink::Uplink, vtep},
+    options::{AgentOptions, Dataplane},
     subnet::{
         LeaseEvent,
         file::{SubnetEnv, previous_subnet},
@@ -36,13 +41,16 @@ use crate::{
 
 const CONFIG_RETRY: Duration = Duration::from_secs(1);
 const EVENT_QUEUE: usize = 1024;
+/// How often the node network is checked against the desired state: anything deleted by hand
+/// comes back within this long.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the nftables table is checked, as flannel re-checks its rules.
+const MASQUERADE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Runs the agent until a signal asks it to stop (returns `Ok`, keeping the lease) or it can
-/// no longer do its job (returns the reason, e.g. a revoked lease).
+/// Runs the agent until a signal asks it to stop (returns `Ok`, keeping the lease and the
+/// devices) or it can no longer do its job (returns the reason, e.g. a revoked lease).
 pub async fn run(options: AgentOptions) -> Result<()> {
-    let (connection, netlink, _) =
-        rtnetlink::new_connection().context("cannot open a netlink socket")?;
-    tokio::spawn(connection);
+    let netlink = netlink_handle()?;
     let uplink = node::uplink::find(&netlink, &options.iface, &options.iface_regex).await?;
     let public_ip = options.public_ip.unwrap_or(uplink.address);
     log::info!(
@@ -62,6 +70,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let registry = Registry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
+    let vtep_name = vtep::device_name(config.backend.vni);
     let manager = LeaseManager {
         registry: registry.clone(),
         config: config.clone(),
@@ -71,10 +80,51 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             renew_margin: options.renew_margin(),
         },
     };
+    let existing_mac = vtep::existing_mac(&netlink, &vtep_name).await?;
     let lease = manager
-        .acquire(None, previous_subnet(&options.subnet_file))
+        .acquire(existing_mac, previous_subnet(&options.subnet_file))
         .await?;
-    subnet_env(&config, &uplink, &options, lease.subnet)?.write_atomically(&options.subnet_file)?;
+    let vtep_mac = lease
+        .attrs
+        .vtep_mac()
+        .context("our own lease has no VTEP MAC")?;
+    let mtu = overlay_mtu(&config, &uplink)?;
+
+    let mut node = NodeNetwork::new(
+        netlink,
+        NodeSettings {
+            bridge: options.bridge.clone(),
+            vtep: vtep::VtepSpec {
+                name: vtep_name,
+                vni: config.backend.vni,
+                local: public_ip,
+                uplink_index: uplink.index,
+                port: config.backend.port,
+                mtu,
+                mac: vtep_mac,
+            },
+            subnet: lease.subnet,
+            network: config.network,
+            install_fdb: options.dataplane == Dataplane::Kernel,
+            direct_routing: config.backend.direct_routing,
+        },
+    );
+    node.reconcile().await?;
+    let mut masquerade = Masquerade::new(Rules {
+        network: config.network,
+        subnet: lease.subnet,
+        masquerade: options.ip_masq,
+        forward: options.iptables_forward_rules,
+    });
+    masquerade.ensure()?;
+
+    SubnetEnv {
+        network: config.network,
+        subnet: lease.subnet,
+        mtu,
+        ip_masq: options.ip_masq,
+    }
+    .write_atomically(&options.subnet_file)?;
     readiness.set_ready();
     log::info!(
         "ready: subnet {} written to {}",
@@ -87,12 +137,108 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
-        () = log_events(received) => Err(anyhow!("the lease event stream ended")),
+        () = maintain(&mut node, &mut masquerade, received) => Err(anyhow!("the lease event stream ended")),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnet);
             Ok(())
         }
     }
+}
+
+/// Applies lease events as they come and repairs the node network and the nftables table on
+/// their timers. Failures are logged and retried on the next round, never fatal.
+async fn maintain(
+    node: &mut NodeNetwork,
+    masquerade: &mut Masquerade,
+    mut received: mpsc::Receiver<LeaseEvent>,
+) {
+    let mut reconcile_timer = interval(RECONCILE_INTERVAL);
+    let mut masquerade_timer = interval(MASQUERADE_INTERVAL);
+    reconcile_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    masquerade_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = received.recv() => {
+                let Some(event) = event else { return };
+                apply_logged(node, event);
+                // A burst (the initial listing, a re-list) is applied in one reconcile.
+                while let Ok(event) = received.try_recv() {
+                    apply_logged(node, event);
+                }
+            }
+            _ = reconcile_timer.tick() => {}
+            _ = masquerade_timer.tick() => {
+                if let Err(error) = masquerade.ensure() {
+                    log::warn!("cannot restore the nftables rules: {error:#}");
+                }
+                continue;
+            }
+        }
+        if let Err(error) = node.reconcile().await {
+            log::warn!("cannot bring the node network in line: {error:#}; retrying");
+        }
+    }
+}
+
+fn apply_logged(node: &mut NodeNetwork, event: LeaseEvent) {
+    let (what, lease) = match &event {
+        LeaseEvent::Added(lease) => ("added", lease),
+        LeaseEvent::Changed(lease) => ("changed", lease),
+        LeaseEvent::Removed(lease) => ("removed", lease),
+    };
+    let vtep = lease
+        .attrs
+        .vtep_mac()
+        .map(|mac| mac.to_string())
+        .unwrap_or_default();
+    log::info!(
+        "lease {what}: {} via {} (VTEP {vtep})",
+        lease.subnet,
+        lease.attrs.public_ip
+    );
+    node.apply(event);
+}
+
+/// Removes what the agent created on this host; with `release_lease`, also this host's
+/// record in etcd.
+pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()> {
+    let netlink = netlink_handle()?;
+    let previous = previous_subnet(&options.subnet_file);
+    let network = subnet_file_network(&options.subnet_file);
+    node::teardown(&netlink, &options.bridge, network).await?;
+    masquerade::remove()?;
+    log::info!("removed the overlay devices, routes and nftables table");
+    if release_lease {
+        let subnet = previous.with_context(|| {
+            format!(
+                "--release-lease needs the subnet file {} to know the lease",
+                options.subnet_file.display()
+            )
+        })?;
+        let uplink = node::uplink::find(&netlink, &options.iface, &options.iface_regex).await?;
+        let public_ip = options.public_ip.unwrap_or(uplink.address);
+        let registry = Registry::connect(&options.etcd()).await?;
+        registry.delete_if_owned(subnet, public_ip).await?;
+        log::info!("released lease {subnet}");
+    }
+    Ok(())
+}
+
+fn subnet_file_network(path: &std::path::Path) -> Option<Ipv4Network> {
+    let contents = std::fs::read_to_string(path).ok()?;
+    contents
+        .lines()
+        .find_map(|line| line.strip_prefix("FLANNEL_NETWORK="))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn netlink_handle() -> Result<Handle> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("cannot open a netlink socket")?;
+    tokio::spawn(connection);
+    Ok(handle)
 }
 
 /// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config
@@ -110,42 +256,13 @@ async fn wait_for_network_config(registry: &Registry) -> Result<NetworkConfig> {
     }
 }
 
-fn subnet_env(
-    config: &NetworkConfig,
-    uplink: &Uplink,
-    options: &AgentOptions,
-    subnet: ipnetwork::Ipv4Network,
-) -> Result<SubnetEnv> {
+/// The MTU inside the overlay: the underlay's (Backend MTU, else the uplink's) less VXLAN's
+/// overhead.
+fn overlay_mtu(config: &NetworkConfig, uplink: &Uplink) -> Result<u32> {
     let underlay_mtu = config.backend.mtu.unwrap_or(uplink.mtu);
-    let mtu = underlay_mtu.checked_sub(VXLAN_OVERHEAD).with_context(|| {
+    underlay_mtu.checked_sub(VXLAN_OVERHEAD).with_context(|| {
         format!("the underlay MTU {underlay_mtu} leaves no room for VXLAN's {VXLAN_OVERHEAD} bytes")
-    })?;
-    Ok(SubnetEnv {
-        network: config.network,
-        subnet,
-        mtu,
-        ip_masq: options.ip_masq,
     })
-}
-
-async fn log_events(mut received: mpsc::Receiver<LeaseEvent>) {
-    while let Some(event) = received.recv().await {
-        let (what, lease) = match &event {
-            LeaseEvent::Added(lease) => ("added", lease),
-            LeaseEvent::Changed(lease) => ("changed", lease),
-            LeaseEvent::Removed(lease) => ("removed", lease),
-        };
-        let vtep = lease
-            .attrs
-            .vtep_mac()
-            .map(|mac| mac.to_string())
-            .unwrap_or_default();
-        log::info!(
-            "lease {what}: {} via {} (VTEP {vtep})",
-            lease.subnet,
-            lease.attrs.public_ip
-        );
-    }
 }
 
 async fn shutdown_signal() -> Result<&'static str> {

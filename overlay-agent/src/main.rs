@@ -2,13 +2,25 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use overlay_agent::options::Cli;
+use overlay_agent::options::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.agent.verbosity);
-    match overlay_agent::run(cli.agent).await {
+    let outcome = match cli.command {
+        None => {
+            init_logging(cli.agent.verbosity);
+            overlay_agent::run(cli.agent).await
+        }
+        Some(Command::Teardown {
+            release_lease,
+            agent,
+        }) => {
+            init_logging(agent.verbosity);
+            overlay_agent::teardown(&agent, release_lease).await
+        }
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             log::error!("{error:#}");

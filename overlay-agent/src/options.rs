@@ -2,7 +2,7 @@
 //! `FLANNELD_<FLAG>` (dashes as underscores), so an existing flanneld env file works.
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::subnet::registry::EtcdOptions;
 
@@ -12,9 +12,32 @@ use crate::subnet::registry::EtcdOptions;
     version,
     about = "flannel-compatible VXLAN overlay with an eBPF dataplane"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub agent: AgentOptions,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Remove everything the agent created on this host: devices, routes, neighbour and FDB
+    /// entries, the nftables table. The etcd lease stays unless --release-lease is given.
+    Teardown {
+        /// Also delete this host's subnet record from etcd.
+        #[arg(long)]
+        release_lease: bool,
+        #[command(flatten)]
+        agent: AgentOptions,
+    },
+}
+
+/// Who carries packets between hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dataplane {
+    /// The kernel's vxlan device, configured exactly as stock flannel configures it.
+    Kernel,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,6 +129,14 @@ pub struct AgentOptions {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
+    /// Name of the container bridge, which carries the first address of the lease.
+    #[arg(long, env = "FLANNELD_BRIDGE", default_value = "docker0")]
+    pub bridge: String,
+
+    /// Who carries packets between hosts.
+    #[arg(long, env = "FLANNELD_DATAPLANE", value_enum, default_value = "kernel")]
+    pub dataplane: Dataplane,
+
     /// Log verbosity: 0 info, 1 debug, 2 and up trace.
     #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
@@ -176,6 +207,28 @@ mod tests {
         assert!(!agent.ip_masq);
         assert!(agent.iptables_forward_rules);
         assert_eq!(agent.healthz_port, 0);
+        assert_eq!(agent.bridge, "docker0");
+        assert_eq!(agent.dataplane, Dataplane::Kernel);
+    }
+
+    #[test]
+    fn teardown_takes_the_agent_flags_after_it() {
+        let cli = Cli::try_parse_from([
+            "overlay-agent",
+            "teardown",
+            "--release-lease",
+            "--bridge=cbr0",
+        ])
+        .unwrap();
+        let Some(Command::Teardown {
+            release_lease,
+            agent,
+        }) = cli.command
+        else {
+            panic!("teardown was not parsed");
+        };
+        assert!(release_lease);
+        assert_eq!(agent.bridge, "cbr0");
     }
 
     #[test]

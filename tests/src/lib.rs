@@ -7,6 +7,7 @@ pub mod frames;
 pub mod netns;
 pub mod process;
 pub mod scratch;
+pub mod seed;
 pub mod tls;
 pub mod wait;
 

@@ -173,21 +173,9 @@ impl Registry {
         ttl: Option<Duration>,
     ) -> Result<Option<i64>> {
         let key = subnet_key(&self.prefix, subnet);
-        let current = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .with_context(|| format!("cannot read {key}"))?;
-        let Some(kv) = current.kvs().first() else {
+        let Some((old_lease, mod_revision)) = self.owned_record(&key, public_ip).await? else {
             return Ok(None);
         };
-        let still_ours = serde_json::from_slice::<LeaseAttrs>(kv.value())
-            .is_ok_and(|current| current.public_ip == public_ip);
-        if !still_ours {
-            return Ok(None);
-        }
-        let (old_lease, mod_revision) = (kv.lease(), kv.mod_revision());
         let etcd_lease = match ttl {
             Some(ttl) => self.grant(ttl).await?,
             None => 0,
@@ -220,6 +208,43 @@ impl Registry {
             self.revoke(old_lease).await;
         }
         Ok(Some(etcd_lease))
+    }
+
+    /// Deletes the record of `subnet` if it still names `public_ip`; does nothing otherwise.
+    pub async fn delete_if_owned(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Result<()> {
+        let key = subnet_key(&self.prefix, subnet);
+        let Some((_, mod_revision)) = self.owned_record(&key, public_ip).await? else {
+            log::warn!("{key} is not held by {public_ip}; leaving it");
+            return Ok(());
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .with_context(|| format!("cannot delete {key}"))?;
+        Ok(())
+    }
+
+    /// The etcd lease and revision of the record at `key` if it names `public_ip`.
+    async fn owned_record(&self, key: &str, public_ip: Ipv4Addr) -> Result<Option<(i64, i64)>> {
+        let current = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .with_context(|| format!("cannot read {key}"))?;
+        Ok(current.kvs().first().and_then(|kv| {
+            serde_json::from_slice::<LeaseAttrs>(kv.value())
+                .is_ok_and(|attrs| attrs.public_ip == public_ip)
+                .then(|| (kv.lease(), kv.mod_revision()))
+        }))
     }
 
     pub async fn delete(&self, subnet: Ipv4Network) -> Result<()> {

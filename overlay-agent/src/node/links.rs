@@ -1,0 +1,157 @@
+//! Small netlink helpers shared by the device modules: finding links, reading their
+//! attributes, bringing them up, and giving them addresses.
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle, LinkUnspec,
+    packet_route::{
+        AddressFamily,
+        address::{AddressAttribute, AddressMessage},
+        link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    },
+};
+
+use crate::mac::MacAddr;
+
+/// The link called `name`, if it exists.
+pub async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link),
+        // The kernel answers ENODEV for a name it does not know.
+        Err(rtnetlink::Error::NetlinkError(error)) if error.raw_code() == -libc::ENODEV => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("cannot look up interface {name}")),
+    }
+}
+
+/// Every link of the namespace.
+pub async fn all(handle: &Handle) -> Result<Vec<LinkMessage>> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list network interfaces")
+}
+
+pub fn name(link: &LinkMessage) -> Option<&str> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::IfName(name) => Some(name.as_str()),
+            _ => None,
+        })
+}
+
+pub fn mac(link: &LinkMessage) -> Option<MacAddr> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Address(bytes) => Some(MacAddr(bytes.as_slice().try_into().ok()?)),
+            _ => None,
+        })
+}
+
+pub fn mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        })
+}
+
+pub fn kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link_info(link).find_map(|info| match info {
+        LinkInfo::Kind(kind) => Some(kind),
+        _ => None,
+    })
+}
+
+pub fn info_data(link: &LinkMessage) -> Option<&InfoData> {
+    link_info(link).find_map(|info| match info {
+        LinkInfo::Data(data) => Some(data),
+        _ => None,
+    })
+}
+
+fn link_info(link: &LinkMessage) -> impl Iterator<Item = &LinkInfo> {
+    link.attributes
+        .iter()
+        .filter_map(|attribute| match attribute {
+            LinkAttribute::LinkInfo(infos) => Some(infos.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+/// Sets the link up and its MTU, unless both already are as wanted.
+pub async fn set_up_with_mtu(
+    handle: &Handle,
+    link: &LinkMessage,
+    wanted_mtu: Option<u32>,
+) -> Result<()> {
+    let up = link.header.flags.contains(LinkFlags::Up);
+    let mtu_right = wanted_mtu.is_none() || mtu(link) == wanted_mtu;
+    if up && mtu_right {
+        return Ok(());
+    }
+    let mut change = LinkUnspec::new_with_index(link.header.index).up();
+    if let Some(wanted) = wanted_mtu {
+        change = change.mtu(wanted);
+    }
+    handle
+        .link()
+        .set(change.build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot bring up {}", name(link).unwrap_or("?")))
+}
+
+/// Adds `address/prefix_len` to the link unless it already carries it. Other addresses stay:
+/// the agent never removes what it did not put there.
+pub async fn ensure_ipv4_address(
+    handle: &Handle,
+    index: u32,
+    address: Ipv4Addr,
+    prefix_len: u8,
+) -> Result<()> {
+    let present: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list addresses")?;
+    let has_it = present.iter().any(|message| {
+        message.header.family == AddressFamily::Inet
+            && message.header.prefix_len == prefix_len
+            && message
+                .attributes
+                .iter()
+                .any(|attribute| matches!(attribute, AddressAttribute::Local(IpAddr::V4(local)) if *local == address))
+    });
+    if has_it {
+        return Ok(());
+    }
+    handle
+        .address()
+        .add(index, IpAddr::V4(address), prefix_len)
+        .execute()
+        .await
+        .with_context(|| format!("cannot add {address}/{prefix_len}"))
+}
+
+/// Sets a sysctl of this namespace unless it already has `value`; `key` is its path below
+/// /proc/sys.
+pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{key}");
+    if std::fs::read_to_string(&path).is_ok_and(|current| current.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&path, value).with_context(|| format!("cannot set {key} to {value}"))
+}

@@ -1,0 +1,396 @@
+//! What every remote lease needs on this host, in flannel's order: a permanent neighbour
+//! entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
+//! then the route `<subnet> via <subnet>.0 dev flannel.1 onlink`.
+//!
+//! [`reconcile`] compares that desired state with what netlink reports and fixes the
+//! difference, so entries deleted by hand come back and entries no lease justifies go.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
+        route::{
+            RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+        },
+    },
+};
+
+use crate::{mac::MacAddr, subnet::Lease};
+
+/// Where this host's overlay entries live.
+#[derive(Clone, Debug)]
+pub struct PeerLayout {
+    pub vtep_index: u32,
+    pub uplink_index: u32,
+    pub network: Ipv4Network,
+    /// Kernel mode: the vxlan device forwards by its FDB. Our dataplane needs none.
+    pub install_fdb: bool,
+    /// Route peers on our L2 segment directly via their PublicIP, without VXLAN.
+    pub direct_routing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub destination: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub interface: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FdbEntry {
+    mac: MacAddr,
+    destination: Ipv4Addr,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Desired {
+    neighbours: HashMap<Ipv4Addr, MacAddr>,
+    fdb: HashSet<FdbEntry>,
+    routes: HashSet<Route>,
+}
+
+/// The remote gateway flannel routes a subnet through: the subnet's network address.
+pub fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// Brings the neighbour, FDB and route entries of the overlay in line with `leases`.
+pub async fn reconcile(
+    handle: &Handle,
+    layout: &PeerLayout,
+    leases: impl Iterator<Item = &Lease>,
+) -> Result<()> {
+    let desired = desired(handle, layout, leases).await?;
+    let neighbours = owned_neighbours(handle, layout).await?;
+    let fdb = owned_fdb(handle, layout).await?;
+    let routes = owned_routes(handle, layout).await?;
+
+    for (route, message) in &routes {
+        if !desired.routes.contains(route) {
+            log::info!("removing route {} via {}", route.destination, route.gateway);
+            delete_route(handle, message.clone()).await?;
+        }
+    }
+    for (&address, &mac) in &desired.neighbours {
+        if neighbours.get(&address).map(|(current, _)| *current) != Some(mac) {
+            add_neighbour(handle, layout.vtep_index, address, mac).await?;
+        }
+    }
+    for entry in &desired.fdb {
+        if !fdb.iter().any(|(current, _)| current == entry) {
+            add_fdb(handle, layout.vtep_index, *entry).await?;
+        }
+    }
+    let present: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
+    for route in desired.routes.difference(&present) {
+        // flannel's VXLAN routes go via a gateway no interface is on; direct routes need not.
+        add_route(handle, route, route.interface == layout.vtep_index).await?;
+    }
+    for (entry, message) in fdb {
+        if !desired.fdb.contains(&entry) {
+            log::info!("removing FDB entry {} dst {}", entry.mac, entry.destination);
+            delete_neighbour(handle, message).await?;
+        }
+    }
+    for (address, (_, message)) in neighbours {
+        if !desired.neighbours.contains_key(&address) {
+            log::info!("removing neighbour {address}");
+            delete_neighbour(handle, message).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn desired(
+    handle: &Handle,
+    layout: &PeerLayout,
+    leases: impl Iterator<Item = &Lease>,
+) -> Result<Desired> {
+    let mut desired = Desired::default();
+    for lease in leases {
+        let Some(mac) = lease.attrs.vtep_mac() else {
+            continue;
+        };
+        let public_ip = lease.attrs.public_ip;
+        if layout.direct_routing && is_on_link(handle, public_ip).await? {
+            desired.routes.insert(Route {
+                destination: lease.subnet,
+                gateway: public_ip,
+                interface: layout.uplink_index,
+            });
+            continue;
+        }
+        let gateway = remote_gateway(lease.subnet);
+        desired.neighbours.insert(gateway, mac);
+        if layout.install_fdb {
+            desired.fdb.insert(FdbEntry {
+                mac,
+                destination: public_ip,
+            });
+        }
+        desired.routes.insert(Route {
+            destination: lease.subnet,
+            gateway,
+            interface: layout.vtep_index,
+        });
+    }
+    Ok(desired)
+}
+
+/// Whether `address` is reached without a gateway, i.e. shares our L2 segment.
+async fn is_on_link(handle: &Handle, address: Ipv4Addr) -> Result<bool> {
+    let query = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(address, 32)
+        .build();
+    let answers: Vec<RouteMessage> = handle
+        .route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("cannot look up the route to {address}"))?;
+    Ok(answers.iter().all(|route| {
+        !route
+            .attributes
+            .iter()
+            .any(|attribute| matches!(attribute, RouteAttribute::Gateway(_)))
+    }))
+}
+
+/// Permanent IPv4 neighbours on the VXLAN device: only the agent puts those there.
+async fn owned_neighbours(
+    handle: &Handle,
+    layout: &PeerLayout,
+) -> Result<HashMap<Ipv4Addr, (MacAddr, NeighbourMessage)>> {
+    let messages: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list neighbours")?;
+    Ok(messages
+        .into_iter()
+        .filter(|message| {
+            message.header.ifindex == layout.vtep_index
+                && message.header.state == NeighbourState::Permanent
+        })
+        .filter_map(|message| {
+            let address = neighbour_destination(&message)?;
+            let mac = neighbour_mac(&message)?;
+            Some((address, (mac, message)))
+        })
+        .collect())
+}
+
+/// FDB entries of the VXLAN device that send a MAC to a remote VTEP.
+async fn owned_fdb(
+    handle: &Handle,
+    layout: &PeerLayout,
+) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
+    let messages: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list FDB entries")?;
+    Ok(messages
+        .into_iter()
+        .filter(|message| message.header.ifindex == layout.vtep_index)
+        .filter_map(|message| {
+            let entry = FdbEntry {
+                mac: neighbour_mac(&message)?,
+                destination: neighbour_destination(&message)?,
+            };
+            Some((entry, message))
+        })
+        .collect())
+}
+
+/// Main-table routes the agent owns: every non-kernel route through the VXLAN device, and
+/// direct routes to overlay subnets through the uplink.
+async fn owned_routes(handle: &Handle, layout: &PeerLayout) -> Result<Vec<(Route, RouteMessage)>> {
+    Ok(main_routes(handle)
+        .await?
+        .into_iter()
+        .filter(|(route, _)| {
+            route.interface == layout.vtep_index
+                || (route.interface == layout.uplink_index
+                    && layout.network.contains(route.destination.network()))
+        })
+        .collect())
+}
+
+/// Main-table IPv4 routes via a gateway that the kernel did not add itself.
+async fn main_routes(handle: &Handle) -> Result<Vec<(Route, RouteMessage)>> {
+    let messages: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list routes")?;
+    Ok(messages
+        .into_iter()
+        .filter(|message| {
+            message.header.table == RouteHeader::RT_TABLE_MAIN
+                && message.header.protocol != RouteProtocol::Kernel
+        })
+        .filter_map(|message| Some((route_of(&message)?, message)))
+        .collect())
+}
+
+/// Deletes every non-kernel main-table route into `network` that goes via a gateway: the
+/// direct routes the agent adds (routes through the VXLAN device vanish with the device).
+pub async fn remove_routes_into(handle: &Handle, network: Ipv4Network) -> Result<()> {
+    for (route, message) in main_routes(handle).await? {
+        if network.contains(route.destination.network()) {
+            log::info!("removing route {} via {}", route.destination, route.gateway);
+            delete_route(handle, message).await?;
+        }
+    }
+    Ok(())
+}
+
+fn route_of(message: &RouteMessage) -> Option<Route> {
+    let mut destination = None;
+    let mut gateway = None;
+    let mut interface = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(address)) => {
+                destination = Some(*address)
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(address)) => gateway = Some(*address),
+            RouteAttribute::Oif(index) => interface = Some(*index),
+            _ => {}
+        }
+    }
+    Some(Route {
+        destination: Ipv4Network::new(destination?, message.header.destination_prefix_length)
+            .ok()?,
+        gateway: gateway?,
+        interface: interface?,
+    })
+}
+
+fn neighbour_destination(message: &NeighbourMessage) -> Option<Ipv4Addr> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(address)) => Some(*address),
+            // FDB entries are AF_BRIDGE messages, whose NDA_DST the parser leaves as raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(Ipv4Addr::from)
+            }
+            _ => None,
+        })
+}
+
+fn neighbour_mac(message: &NeighbourMessage) -> Option<MacAddr> {
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            NeighbourAttribute::LinkLayerAddress(bytes) => {
+                Some(MacAddr(bytes.as_slice().try_into().ok()?))
+            }
+            _ => None,
+        })
+}
+
+async fn add_neighbour(
+    handle: &Handle,
+    vtep_index: u32,
+    address: Ipv4Addr,
+    mac: MacAddr,
+) -> Result<()> {
+    log::info!("setting neighbour {address} lladdr {mac}");
+    handle
+        .neighbours()
+        .add(vtep_index, IpAddr::V4(address))
+        .link_layer_address(&mac.0)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("cannot set neighbour {address} lladdr {mac}"))
+}
+
+async fn add_fdb(handle: &Handle, vtep_index: u32, entry: FdbEntry) -> Result<()> {
+    log::info!("setting FDB entry {} dst {}", entry.mac, entry.destination);
+    handle
+        .neighbours()
+        .add_bridge(vtep_index, &entry.mac.0)
+        .destination(IpAddr::V4(entry.destination))
+        .flags(NeighbourFlags::Own)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot set FDB entry {} dst {}",
+                entry.mac, entry.destination
+            )
+        })
+}
+
+async fn add_route(handle: &Handle, route: &Route, onlink: bool) -> Result<()> {
+    log::info!("adding route {} via {}", route.destination, route.gateway);
+    let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.destination.network(), route.destination.prefix())
+        .gateway(route.gateway)
+        .output_interface(route.interface)
+        .protocol(RouteProtocol::Boot)
+        .build();
+    if onlink {
+        message.header.flags |= RouteFlags::Onlink;
+    }
+    handle
+        .route()
+        .add(message)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot add route {} via {}",
+                route.destination, route.gateway
+            )
+        })
+}
+
+async fn delete_route(handle: &Handle, message: RouteMessage) -> Result<()> {
+    handle
+        .route()
+        .del(message)
+        .execute()
+        .await
+        .context("cannot delete route")
+}
+
+async fn delete_neighbour(handle: &Handle, message: NeighbourMessage) -> Result<()> {
+    handle
+        .neighbours()
+        .del(message)
+        .execute()
+        .await
+        .context("cannot delete neighbour entry")
+}

@@ -1,0 +1,151 @@
+//! The seed document's two hosts, each running an agent, with one container on each.
+//!
+//! ```text
+//!   host1 172.20.62.104, lease 10.2.41.0/24: bbox1 10.2.41.2
+//!   host2 172.20.62.105, lease 10.2.54.0/24: bbox2 10.2.54.2
+//! ```
+//! Both subnets come from reservations, as the seed's records do.
+use anyhow::{Result, ensure};
+
+use crate::{
+    agent::{Agent, READY_TIMEOUT},
+    cluster::{Cluster, Host},
+    netns::Netns,
+    wait::wait_for,
+};
+
+pub const HOST1: &str = "172.20.62.104";
+pub const HOST2: &str = "172.20.62.105";
+pub const SUBNET1: &str = "10.2.41.0/24";
+pub const SUBNET2: &str = "10.2.54.0/24";
+pub const BBOX1: &str = "10.2.41.2";
+pub const BBOX2: &str = "10.2.54.2";
+
+/// A container: a namespace whose eth0 is a veth into its host's bridge.
+pub struct Container {
+    pub address: String,
+    pub netns: Netns,
+}
+
+impl Container {
+    /// Attaches a container with `address` (in the host's /24) to the host's docker0.
+    pub fn attach(host: &Host, name: &str, address: &str) -> Result<Self> {
+        let netns = Netns::new(name)?;
+        let host_side = format!("veth-{name}");
+        host.netns.ip(&[
+            "link",
+            "add",
+            &host_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        host.netns
+            .ip(&["link", "set", &host_side, "master", "docker0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        let gateway = format!(
+            "{}.1",
+            address
+                .rsplit_once('.')
+                .map_or(address, |(network, _)| network)
+        );
+        netns.ip(&["route", "add", "default", "via", &gateway])?;
+        Ok(Self {
+            address: address.to_string(),
+            netns,
+        })
+    }
+
+    /// `ping -c count` to `destination`; returns ping's output, failing unless every reply came.
+    pub fn ping(&self, destination: &str, count: u32) -> Result<String> {
+        let output = self.netns.exec_unchecked(&[
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            destination,
+        ])?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        ensure!(
+            output.status.success(),
+            "ping {destination} from {} failed:\n{text}",
+            self.address
+        );
+        Ok(text)
+    }
+
+    /// The hops `traceroute -n` reports, one address per hop.
+    pub fn traceroute(&self, destination: &str) -> Result<Vec<String>> {
+        let output = self
+            .netns
+            .exec(&["traceroute", "-n", "-q", "1", "-w", "2", destination])?;
+        Ok(output
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
+            .collect())
+    }
+}
+
+/// Field order is drop order: containers and agents go before the hosts and the cluster.
+pub struct Seed {
+    pub bbox1: Container,
+    pub bbox2: Container,
+    pub agent1: Agent,
+    pub agent2: Agent,
+    pub host1: Host,
+    pub host2: Host,
+    pub cluster: Cluster,
+}
+
+impl Seed {
+    /// Starts the seed with `agent_flags` given to both agents.
+    pub fn start(tag: &str, agent_flags: &[&str]) -> Result<Self> {
+        let mut cluster = Cluster::new(tag)?;
+        for (subnet, host) in [(SUBNET1, HOST1), (SUBNET2, HOST2)] {
+            cluster.etcd.put(
+                &cluster.subnet_key(subnet),
+                &format!(r#"{{"PublicIP":"{host}"}}"#),
+            )?;
+        }
+        let host1 = cluster.add_host("host1", HOST1)?;
+        let host2 = cluster.add_host("host2", HOST2)?;
+        let mut agent1 = Agent::start(&cluster, &host1, agent_flags)?;
+        let mut agent2 = Agent::start(&cluster, &host2, agent_flags)?;
+        ensure!(
+            agent1.wait_ready()? == SUBNET1,
+            "host1 did not get its reservation"
+        );
+        ensure!(
+            agent2.wait_ready()? == SUBNET2,
+            "host2 did not get its reservation"
+        );
+        for (host, remote) in [(&host1, SUBNET2), (&host2, SUBNET1)] {
+            wait_for(
+                &format!("{}'s route to {remote}", host.name),
+                READY_TIMEOUT,
+                || Ok(!host.netns.ip(&["route", "show", remote])?.trim().is_empty()),
+            )?;
+        }
+        let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;
+        let bbox2 = Container::attach(&host2, "bbox2", BBOX2)?;
+        Ok(Self {
+            bbox1,
+            bbox2,
+            agent1,
+            agent2,
+            host1,
+            host2,
+            cluster,
+        })
+    }
+}

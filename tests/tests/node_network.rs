@@ -1,0 +1,577 @@
+//! The node network in kernel mode: the agent builds docker0, flannel.1 and the per-lease
+//! entries exactly as stock flannel does, keeps them right, and removes them on teardown.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use overlay_tests::{
+    agent::Agent,
+    cluster::{Cluster, Host, PREFIX},
+    process::Process,
+    seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
+    wait::wait_for,
+};
+
+const KERNEL: &[&str] = &["--dataplane=kernel"];
+const HEAL_TIMEOUT: Duration = Duration::from_secs(5);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn tx_packets(host: &Host, device: &str) -> Result<u64> {
+    let counter = host.netns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{device}/statistics/tx_packets"),
+    ])?;
+    counter.trim().parse().context("tx_packets is not a number")
+}
+
+fn vtep_mac(host: &Host) -> Result<String> {
+    let link = host.netns.ip(&["-o", "link", "show", "flannel.1"])?;
+    link.split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .map(str::to_string)
+        .context("flannel.1 has no MAC")
+}
+
+#[test]
+fn the_seed_topology_behaves_as_the_document_shows() -> Result<()> {
+    let seed = Seed::start("seed-kernel", KERNEL)?;
+    let ping = seed.bbox1.ping(BBOX2, 2)?;
+    assert_eq!(ping.matches("ttl=62").count(), 2, "{ping}");
+    assert_eq!(
+        seed.bbox1.traceroute(BBOX2)?,
+        ["10.2.41.1", "10.2.54.0", "10.2.54.2"]
+    );
+
+    let routes = seed.host1.netns.ip(&["route"])?;
+    assert!(
+        routes.contains("10.2.41.0/24 dev docker0 proto kernel scope link src 10.2.41.1"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.2.54.0/24 via 10.2.54.0 dev flannel.1 onlink"),
+        "{routes}"
+    );
+    let routes2 = seed.host2.netns.ip(&["route"])?;
+    assert!(
+        routes2.contains("10.2.41.0/24 via 10.2.41.0 dev flannel.1 onlink"),
+        "{routes2}"
+    );
+    assert!(
+        routes2.contains("10.2.54.0/24 dev docker0 proto kernel scope link src 10.2.54.1"),
+        "{routes2}"
+    );
+
+    let device = seed.host1.netns.ip(&["-d", "link", "show", "flannel.1"])?;
+    for attribute in [
+        "mtu 1450",
+        "vxlan id 1 local 172.20.62.104 dev eth0",
+        "dstport 8472",
+        "nolearning",
+    ] {
+        assert!(
+            device.contains(attribute),
+            "flannel.1 lacks {attribute:?}:\n{device}"
+        );
+    }
+    let mac = vtep_mac(&seed.host1)?;
+    let first_octet = u8::from_str_radix(&mac[..2], 16)?;
+    assert_eq!(
+        first_octet & 0x03,
+        0x02,
+        "{mac} is locally administered unicast"
+    );
+    let record = seed
+        .cluster
+        .etcd
+        .get(&seed.cluster.subnet_key(SUBNET1))?
+        .context("no record")?;
+    assert!(
+        record.contains(&format!(r#""VtepMAC":"{mac}""#)),
+        "{record}"
+    );
+    assert!(
+        seed.host1
+            .netns
+            .ip(&["addr", "show", "flannel.1"])?
+            .contains("inet 10.2.41.0/32")
+    );
+    let neighbours = seed
+        .host1
+        .netns
+        .ip(&["neigh", "show", "dev", "flannel.1"])?;
+    assert!(
+        neighbours.contains(&format!(
+            "10.2.54.0 lladdr {} PERMANENT",
+            vtep_mac(&seed.host2)?
+        )),
+        "{neighbours}"
+    );
+    let fdb = seed
+        .host1
+        .netns
+        .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])?;
+    assert!(
+        fdb.contains(&format!(
+            "{} dst {HOST2} self permanent",
+            vtep_mac(&seed.host2)?
+        )),
+        "{fdb}"
+    );
+    Ok(())
+}
+
+#[test]
+fn containers_on_one_host_talk_through_docker0_alone() -> Result<()> {
+    let seed = Seed::start("same-host", KERNEL)?;
+    let bbox3 = Container::attach(&seed.host1, "bbox3", "10.2.41.3")?;
+    let before = tx_packets(&seed.host1, "flannel.1")?;
+    let ping = seed.bbox1.ping(&bbox3.address, 3)?;
+    assert_eq!(
+        ping.matches("ttl=64").count(),
+        3,
+        "one L2 hop, no routing: {ping}"
+    );
+    assert_eq!(
+        tx_packets(&seed.host1, "flannel.1")?,
+        before,
+        "nothing went through flannel.1"
+    );
+    Ok(())
+}
+
+#[test]
+fn deleted_devices_and_entries_come_back() -> Result<()> {
+    let seed = Seed::start("self-heal", KERNEL)?;
+    let mac = vtep_mac(&seed.host1)?;
+
+    seed.host1.netns.ip(&["link", "del", "flannel.1"])?;
+    wait_for("flannel.1 to come back", HEAL_TIMEOUT, || {
+        Ok(seed
+            .host1
+            .netns
+            .ip(&["route", "show", SUBNET2])
+            .is_ok_and(|route| route.contains("flannel.1")))
+    })?;
+    assert_eq!(
+        vtep_mac(&seed.host1)?,
+        mac,
+        "the VTEP MAC survives the device"
+    );
+    seed.bbox1.ping(BBOX2, 1)?;
+
+    seed.host2.netns.ip(&["route", "del", SUBNET1])?;
+    wait_for("the route to come back", HEAL_TIMEOUT, || {
+        Ok(!seed
+            .host2
+            .netns
+            .ip(&["route", "show", SUBNET1])?
+            .trim()
+            .is_empty())
+    })?;
+    seed.bbox1.ping(BBOX2, 1)?;
+
+    let fdb_entry = format!("{mac} dst {HOST1}");
+    let fdb = |host: &Host| {
+        host.netns
+            .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])
+    };
+    seed.host2.netns.exec(&[
+        "bridge",
+        "fdb",
+        "del",
+        &mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        HOST1,
+    ])?;
+    assert!(!fdb(&seed.host2)?.contains(&fdb_entry));
+    wait_for("the FDB entry to come back", HEAL_TIMEOUT, || {
+        Ok(fdb(&seed.host2)?.contains(&fdb_entry))
+    })?;
+    seed.bbox1.ping(BBOX2, 1)?;
+
+    seed.host1.netns.ip(&["link", "del", "docker0"])?;
+    wait_for("docker0 to come back", HEAL_TIMEOUT, || {
+        Ok(seed
+            .host1
+            .netns
+            .ip(&["addr", "show", "docker0"])
+            .is_ok_and(|addr| addr.contains("10.2.41.1/24")))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_removed_lease_takes_its_entries_along() -> Result<()> {
+    let mut seed = Seed::start("lease-removed", KERNEL)?;
+    let mac2 = vtep_mac(&seed.host2)?;
+    seed.agent2.process.kill();
+    seed.cluster
+        .etcd
+        .etcdctl(&["del", &seed.cluster.subnet_key(SUBNET2)])?;
+    seed.agent1
+        .wait_for_log(&format!("lease removed: {SUBNET2}"), 1, EVENT_TIMEOUT)?;
+    wait_for("host1 to drop host2's entries", HEAL_TIMEOUT, || {
+        let route = seed.host1.netns.ip(&["route", "show", SUBNET2])?;
+        let neighbours = seed
+            .host1
+            .netns
+            .ip(&["neigh", "show", "dev", "flannel.1"])?;
+        let fdb = seed
+            .host1
+            .netns
+            .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])?;
+        Ok(route.trim().is_empty() && !neighbours.contains("10.2.54.0") && !fdb.contains(&mac2))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_changed_vtep_mac_leaves_no_stale_entry() -> Result<()> {
+    let mut seed = Seed::start("mac-change", KERNEL)?;
+    let old_mac = vtep_mac(&seed.host2)?;
+    // host2 comes back with a new VTEP: its device is gone and its record names a new MAC,
+    // which the restarted agent adopts.
+    seed.agent2.process.kill();
+    seed.host2.netns.ip(&["link", "del", "flannel.1"])?;
+    let new_mac = "1a:4b:d7:f7:16:89";
+    let record = format!(
+        r#"{{"PublicIP":"{HOST2}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{new_mac}"}}}}"#
+    );
+    seed.cluster
+        .etcd
+        .put(&seed.cluster.subnet_key(SUBNET2), &record)?;
+    seed.agent1
+        .wait_for_log(&format!("lease changed: {SUBNET2}"), 1, EVENT_TIMEOUT)?;
+    wait_for("host1 to switch to the new MAC", HEAL_TIMEOUT, || {
+        let neighbours = seed
+            .host1
+            .netns
+            .ip(&["neigh", "show", "dev", "flannel.1"])?;
+        let fdb = seed
+            .host1
+            .netns
+            .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])?;
+        Ok(
+            neighbours.contains(&format!("10.2.54.0 lladdr {new_mac} PERMANENT"))
+                && fdb.contains(&format!("{new_mac} dst {HOST2}"))
+                && !fdb.contains(&old_mac)
+                && !neighbours.contains(&old_mac),
+        )
+    })?;
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, KERNEL)?;
+    assert_eq!(seed.agent2.wait_ready()?, SUBNET2);
+    assert_eq!(
+        vtep_mac(&seed.host2)?,
+        new_mac,
+        "the agent takes the MAC its record names"
+    );
+    wait_for("host2's route back", HEAL_TIMEOUT, || {
+        Ok(!seed
+            .host2
+            .netns
+            .ip(&["route", "show", SUBNET1])?
+            .trim()
+            .is_empty())
+    })?;
+    seed.bbox1.ping(BBOX2, 2)?;
+    Ok(())
+}
+
+#[test]
+fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
+    let config =
+        r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#;
+    let mut cluster = Cluster::with_etcd("direct", false, Some(config))?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let mut agent1 = Agent::start(&cluster, &host1, KERNEL)?;
+    let mut agent2 = Agent::start(&cluster, &host2, KERNEL)?;
+    let subnet1 = agent1.wait_ready()?;
+    let subnet2 = agent2.wait_ready()?;
+    wait_for("host1's direct route", EVENT_TIMEOUT, || {
+        Ok(host1
+            .netns
+            .ip(&["route", "show", &subnet2])?
+            .contains(&format!("via {HOST2} dev eth0")))
+    })?;
+    wait_for("host2's direct route", EVENT_TIMEOUT, || {
+        Ok(!host2
+            .netns
+            .ip(&["route", "show", &subnet1])?
+            .trim()
+            .is_empty())
+    })?;
+    let address = |subnet: &str| subnet.replace(".0/24", ".2");
+    let bbox1 = Container::attach(&host1, "bbox1", &address(&subnet1))?;
+    let _bbox2 = Container::attach(&host2, "bbox2", &address(&subnet2))?;
+    let before = tx_packets(&host1, "flannel.1")?;
+    assert!(bbox1.ping(&address(&subnet2), 2)?.contains("ttl=62"));
+    assert_eq!(
+        tx_packets(&host1, "flannel.1")?,
+        before,
+        "no VXLAN on a shared segment"
+    );
+    Ok(())
+}
+
+/// Configures `host` exactly as stock flannel's vxlan backend would for `subnet`, with
+/// `remote` as its one peer, and writes its lease in flannel's format. No agent involved.
+fn configure_like_stock_flannel(
+    cluster: &Cluster,
+    host: &Host,
+    subnet_prefix: &str,
+    mac: &str,
+    remote: (&str, &str, &str),
+) -> Result<()> {
+    let (remote_subnet, remote_ip, remote_mac) = remote;
+    let ns = &host.netns;
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        mac,
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &host.address,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])?;
+    ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{subnet_prefix}.0/32"),
+        "dev",
+        "flannel.1",
+    ])?;
+    ns.ip(&["link", "add", "docker0", "type", "bridge"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{subnet_prefix}.1/24"),
+        "dev",
+        "docker0",
+    ])?;
+    ns.ip(&["link", "set", "docker0", "up"])?;
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    let gateway = remote_subnet.trim_end_matches("/24");
+    ns.ip(&[
+        "neigh",
+        "add",
+        gateway,
+        "lladdr",
+        remote_mac,
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ])?;
+    ns.exec(&[
+        "bridge",
+        "fdb",
+        "append",
+        remote_mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        remote_ip,
+    ])?;
+    ns.ip(&[
+        "route",
+        "add",
+        remote_subnet,
+        "via",
+        gateway,
+        "dev",
+        "flannel.1",
+        "onlink",
+    ])?;
+    let record = format!(
+        r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
+        host.address
+    );
+    cluster.etcd.put(
+        &cluster.subnet_key(&format!("{subnet_prefix}.0/24")),
+        &record,
+    )
+}
+
+#[test]
+fn a_kernel_mode_agent_and_a_stock_flannel_host_interoperate() -> Result<()> {
+    let mut cluster = Cluster::new("interop-kernel")?;
+    cluster.etcd.put(
+        &cluster.subnet_key(SUBNET1),
+        &format!(r#"{{"PublicIP":"{HOST1}"}}"#),
+    )?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let mut agent1 = Agent::start(&cluster, &host1, KERNEL)?;
+    assert_eq!(agent1.wait_ready()?, SUBNET1);
+    let agent_mac = vtep_mac(&host1)?;
+    configure_like_stock_flannel(
+        &cluster,
+        &host2,
+        "10.2.54",
+        "1a:4b:d7:f7:16:89",
+        (SUBNET1, HOST1, &agent_mac),
+    )?;
+    agent1.wait_for_log(
+        &format!("lease added: {SUBNET2} via {HOST2} (VTEP 1a:4b:d7:f7:16:89)"),
+        1,
+        EVENT_TIMEOUT,
+    )?;
+    let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;
+    let bbox2 = Container::attach(&host2, "bbox2", BBOX2)?;
+    wait_for("host1's route to the flannel host", HEAL_TIMEOUT, || {
+        Ok(!host1
+            .netns
+            .ip(&["route", "show", SUBNET2])?
+            .trim()
+            .is_empty())
+    })?;
+    assert!(bbox1.ping(BBOX2, 2)?.contains("ttl=62"));
+    assert!(bbox2.ping(BBOX1, 2)?.contains("ttl=62"));
+    Ok(())
+}
+
+#[test]
+fn ip_masq_lets_containers_out_and_port_mappings_in() -> Result<()> {
+    let mut seed = Seed::start("masq", &["--dataplane=kernel", "--ip-masq"])?;
+    // A host outside the overlay: no agent, no route to 10.2.0.0/16.
+    let outside = seed.cluster.add_host("outside", "172.20.62.200")?;
+    let outside = &outside.netns;
+    let nat = seed
+        .host1
+        .netns
+        .exec(&["nft", "list", "table", "ip", "overlay"])?;
+    assert!(nat.contains("masquerade"), "{nat}");
+
+    // A container reaches the outside host, which sees host1's public IP.
+    let log = seed.cluster.scratch.path().join("iperf-outside.log");
+    let mut server = Process::spawn(
+        outside.name(),
+        "iperf3".as_ref(),
+        &["-s".into(), "-1".into()],
+        &[],
+        &log,
+    )?;
+    wait_for("iperf3 on the outside host", EVENT_TIMEOUT, || {
+        Ok(outside.exec(&["ss", "-ltn"])?.contains(":5201"))
+    })?;
+    seed.bbox1
+        .netns
+        .exec(&["iperf3", "-c", "172.20.62.200", "-t", "1"])?;
+    server.wait_exit(EVENT_TIMEOUT)?;
+    assert!(
+        server
+            .log()
+            .contains(&format!("Accepted connection from {HOST1}")),
+        "{}",
+        server.log()
+    );
+
+    // A port mapping on host2, as Docker sets one up, reaches bbox2 from the outside host.
+    seed.host2.netns.exec(&[
+        "nft",
+        "add table ip portmap; add chain ip portmap prerouting { type nat hook prerouting priority dstnat; }; \
+         add rule ip portmap prerouting tcp dport 8080 dnat to 10.2.54.2:5201",
+    ])?;
+    let log = seed.cluster.scratch.path().join("iperf-bbox2.log");
+    let mut mapped = Process::spawn(
+        seed.bbox2.netns.name(),
+        "iperf3".as_ref(),
+        &["-s".into(), "-1".into()],
+        &[],
+        &log,
+    )?;
+    wait_for("iperf3 in bbox2", EVENT_TIMEOUT, || {
+        Ok(seed.bbox2.netns.exec(&["ss", "-ltn"])?.contains(":5201"))
+    })?;
+    outside.exec(&["iperf3", "-c", HOST2, "-p", "8080", "-t", "1"])?;
+    mapped.wait_exit(EVENT_TIMEOUT)?;
+    assert!(
+        mapped
+            .log()
+            .contains("Accepted connection from 172.20.62.200"),
+        "{}",
+        mapped.log()
+    );
+    Ok(())
+}
+
+/// What a host namespace looks like, in the terms the teardown test compares.
+fn snapshot(host: &Host) -> Result<Vec<String>> {
+    Ok(vec![
+        host.netns.ip(&["-d", "link", "show"])?,
+        host.netns.ip(&["addr", "show"])?,
+        host.netns.ip(&["route", "show", "table", "all"])?,
+        host.netns.ip(&["neigh", "show", "nud", "permanent"])?,
+        host.netns.exec(&["bridge", "fdb", "show"])?,
+        host.netns.exec(&["nft", "list", "ruleset"])?,
+    ])
+}
+
+#[test]
+fn teardown_leaves_the_host_as_it_found_it() -> Result<()> {
+    let mut cluster = Cluster::new("teardown")?;
+    cluster.etcd.put(&cluster.subnet_key(SUBNET2), &format!(r#"{{"PublicIP":"{HOST2}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:89"}}}}"#))?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let before = snapshot(&host1)?;
+    let mut agent = Agent::start(&cluster, &host1, &["--dataplane=kernel", "--ip-masq"])?;
+    let subnet = agent.wait_ready()?;
+    wait_for("the route to host2's subnet", EVENT_TIMEOUT, || {
+        Ok(!host1
+            .netns
+            .ip(&["route", "show", SUBNET2])?
+            .trim()
+            .is_empty())
+    })?;
+    agent.process.terminate(EVENT_TIMEOUT)?;
+
+    let flags = [
+        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host1.subnet_file().display()),
+    ];
+    let mut keep = Agent::start_with(
+        &host1,
+        &[&["teardown".to_string()][..], &flags].concat(),
+        &[],
+    )?;
+    assert!(
+        keep.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "{}",
+        keep.log()
+    );
+    assert_eq!(snapshot(&host1)?, before);
+    assert!(
+        cluster.etcd.get(&cluster.subnet_key(&subnet))?.is_some(),
+        "the lease is kept by default"
+    );
+
+    let release = [
+        &["teardown".to_string(), "--release-lease".to_string()][..],
+        &flags,
+    ]
+    .concat();
+    let mut released = Agent::start_with(&host1, &release, &[])?;
+    assert!(
+        released.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "{}",
+        released.log()
+    );
+    assert!(
+        cluster.etcd.get(&cluster.subnet_key(&subnet))?.is_none(),
+        "--release-lease deletes the record"
+    );
+    Ok(())
+}
