@@ -84,23 +84,13 @@ impl Cluster {
         self.hosts += 1;
         let netns = Netns::new(name)?;
         let port = format!("port{}", self.hosts);
-        self.underlay.ip(&[
-            "link",
-            "add",
+        self.underlay.plug(
+            "br0",
             &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
-        self.underlay
-            .ip(&["link", "set", &port, "master", "br0", "up"])?;
-        netns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
-        netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&["route", "add", "default", "via", UNDERLAY_GATEWAY])?;
+            &netns,
+            &format!("{address}/24"),
+            UNDERLAY_GATEWAY,
+        )?;
         let dir = self.scratch.path().join(name);
         std::fs::create_dir_all(&dir)?;
         Ok(Host {

@@ -70,6 +70,41 @@ impl Netns {
         command
     }
 
+    /// Plugs `inner` into `bridge` of this namespace: a veth whose end here is `port` (a
+    /// bridge port) and whose end in `inner` is `eth0` with `address` (CIDR) and a default
+    /// route via `gateway`.
+    pub fn plug(
+        &self,
+        bridge: &str,
+        port: &str,
+        inner: &Netns,
+        address: &str,
+        gateway: &str,
+    ) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            inner.name(),
+        ])?;
+        self.ip(&["link", "set", port, "master", bridge, "up"])?;
+        inner.ip(&["addr", "add", address, "dev", "eth0"])?;
+        inner.ip(&["link", "set", "eth0", "up"])?;
+        inner.ip(&["route", "add", "default", "via", gateway])?;
+        Ok(())
+    }
+
+    /// Whether the main table has a route to exactly `destination`.
+    pub fn has_route(&self, destination: &str) -> Result<bool> {
+        Ok(!self.ip(&["route", "show", destination])?.trim().is_empty())
+    }
+
     /// Runs `f` on a thread that has entered this namespace, e.g. to attach a program to one
     /// of its interfaces. The caller's thread stays where it is.
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

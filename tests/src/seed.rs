@@ -31,30 +31,19 @@ impl Container {
     /// Attaches a container with `address` (in the host's /24) to the host's docker0.
     pub fn attach(host: &Host, name: &str, address: &str) -> Result<Self> {
         let netns = Netns::new(name)?;
-        let host_side = format!("veth-{name}");
-        host.netns.ip(&[
-            "link",
-            "add",
-            &host_side,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
-        host.netns
-            .ip(&["link", "set", &host_side, "master", "docker0", "up"])?;
-        netns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
-        netns.ip(&["link", "set", "eth0", "up"])?;
         let gateway = format!(
             "{}.1",
             address
                 .rsplit_once('.')
                 .map_or(address, |(network, _)| network)
         );
-        netns.ip(&["route", "add", "default", "via", &gateway])?;
+        host.netns.plug(
+            "docker0",
+            &format!("veth-{name}"),
+            &netns,
+            &format!("{address}/24"),
+            &gateway,
+        )?;
         Ok(Self {
             address: address.to_string(),
             netns,
@@ -133,7 +122,7 @@ impl Seed {
             wait_for(
                 &format!("{}'s route to {remote}", host.name),
                 READY_TIMEOUT,
-                || Ok(!host.netns.ip(&["route", "show", remote])?.trim().is_empty()),
+                || host.netns.has_route(remote),
             )?;
         }
         let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;

@@ -161,12 +161,7 @@ fn deleted_devices_and_entries_come_back() -> Result<()> {
 
     seed.host2.netns.ip(&["route", "del", SUBNET1])?;
     wait_for("the route to come back", HEAL_TIMEOUT, || {
-        Ok(!seed
-            .host2
-            .netns
-            .ip(&["route", "show", SUBNET1])?
-            .trim()
-            .is_empty())
+        seed.host2.netns.has_route(SUBNET1)
     })?;
     seed.bbox1.ping(BBOX2, 1)?;
 
@@ -268,12 +263,7 @@ fn a_changed_vtep_mac_leaves_no_stale_entry() -> Result<()> {
         "the agent takes the MAC its record names"
     );
     wait_for("host2's route back", HEAL_TIMEOUT, || {
-        Ok(!seed
-            .host2
-            .netns
-            .ip(&["route", "show", SUBNET1])?
-            .trim()
-            .is_empty())
+        seed.host2.netns.has_route(SUBNET1)
     })?;
     seed.bbox1.ping(BBOX2, 2)?;
     Ok(())
@@ -297,11 +287,7 @@ fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
             .contains(&format!("via {HOST2} dev eth0")))
     })?;
     wait_for("host2's direct route", EVENT_TIMEOUT, || {
-        Ok(!host2
-            .netns
-            .ip(&["route", "show", &subnet1])?
-            .trim()
-            .is_empty())
+        host2.netns.has_route(&subnet1)
     })?;
     let address = |subnet: &str| subnet.replace(".0/24", ".2");
     let bbox1 = Container::attach(&host1, "bbox1", &address(&subnet1))?;
@@ -432,11 +418,7 @@ fn a_kernel_mode_agent_and_a_stock_flannel_host_interoperate() -> Result<()> {
     let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;
     let bbox2 = Container::attach(&host2, "bbox2", BBOX2)?;
     wait_for("host1's route to the flannel host", HEAL_TIMEOUT, || {
-        Ok(!host1
-            .netns
-            .ip(&["route", "show", SUBNET2])?
-            .trim()
-            .is_empty())
+        host1.netns.has_route(SUBNET2)
     })?;
     assert!(bbox1.ping(BBOX2, 2)?.contains("ttl=62"));
     assert!(bbox2.ping(BBOX1, 2)?.contains("ttl=62"));
@@ -529,11 +511,7 @@ fn teardown_leaves_the_host_as_it_found_it() -> Result<()> {
     let mut agent = Agent::start(&cluster, &host1, &["--dataplane=kernel", "--ip-masq"])?;
     let subnet = agent.wait_ready()?;
     wait_for("the route to host2's subnet", EVENT_TIMEOUT, || {
-        Ok(!host1
-            .netns
-            .ip(&["route", "show", SUBNET2])?
-            .trim()
-            .is_empty())
+        host1.netns.has_route(SUBNET2)
     })?;
     agent.process.terminate(EVENT_TIMEOUT)?;
 

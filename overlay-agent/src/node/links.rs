@@ -5,11 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkUnspec,
+    Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressMessage},
         link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        route::RouteMessage,
     },
 };
 
@@ -144,6 +145,17 @@ pub async fn ensure_ipv4_address(
         .execute()
         .await
         .with_context(|| format!("cannot add {address}/{prefix_len}"))
+}
+
+/// Every IPv4 route of the namespace, all tables.
+pub async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list routes")
 }
 
 /// Sets a sysctl of this namespace unless it already has `value`; `key` is its path below

@@ -236,14 +236,8 @@ async fn owned_routes(handle: &Handle, layout: &PeerLayout) -> Result<Vec<(Route
 
 /// Main-table IPv4 routes via a gateway that the kernel did not add itself.
 async fn main_routes(handle: &Handle) -> Result<Vec<(Route, RouteMessage)>> {
-    let messages: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list routes")?;
-    Ok(messages
+    Ok(super::links::ipv4_routes(handle)
+        .await?
         .into_iter()
         .filter(|message| {
             message.header.table == RouteHeader::RT_TABLE_MAIN

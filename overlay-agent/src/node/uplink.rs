@@ -6,10 +6,9 @@ use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
 use regex::Regex;
 use rtnetlink::{
-    Handle, RouteMessageBuilder,
+    Handle,
     packet_route::{
         address::AddressAttribute,
-        link::LinkAttribute,
         route::{RouteAttribute, RouteHeader},
     },
 };
@@ -112,29 +111,13 @@ pub async fn find(handle: &Handle, ifaces: &[String], regexes: &[String]) -> Res
 }
 
 async fn links(handle: &Handle) -> Result<Vec<Link>> {
-    let messages: Vec<_> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list network interfaces")?;
-    Ok(messages
-        .into_iter()
-        .map(|message| {
-            let mut link = Link {
-                index: message.header.index,
-                name: String::new(),
-                mtu: 0,
-            };
-            for attribute in message.attributes {
-                match attribute {
-                    LinkAttribute::IfName(name) => link.name = name,
-                    LinkAttribute::Mtu(mtu) => link.mtu = mtu,
-                    _ => {}
-                }
-            }
-            link
+    Ok(super::links::all(handle)
+        .await?
+        .iter()
+        .map(|message| Link {
+            index: message.header.index,
+            name: super::links::name(message).unwrap_or_default().to_string(),
+            mtu: super::links::mtu(message).unwrap_or_default(),
         })
         .collect())
 }
@@ -164,14 +147,8 @@ async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr)>> {
 }
 
 async fn default_route_interface(handle: &Handle) -> Result<Option<u32>> {
-    let routes: Vec<_> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list routes")?;
-    Ok(routes
+    Ok(super::links::ipv4_routes(handle)
+        .await?
         .into_iter()
         .filter(|route| {
             route.header.destination_prefix_length == 0
