@@ -194,6 +194,94 @@ fn deleted_devices_and_entries_come_back() -> Result<()> {
             .ip(&["addr", "show", "docker0"])
             .is_ok_and(|addr| addr.contains("10.2.41.1/24")))
     })?;
+
+    let neighbours = |host: &Host| host.netns.ip(&["neigh", "show", "dev", "flannel.1"]);
+    seed.host1
+        .netns
+        .ip(&["neigh", "del", "10.2.54.0", "dev", "flannel.1"])?;
+    wait_for("the neighbour entry to come back", HEAL_TIMEOUT, || {
+        Ok(neighbours(&seed.host1)?.contains("10.2.54.0 lladdr"))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn entries_no_lease_justifies_go_and_foreign_routes_stay() -> Result<()> {
+    let seed = Seed::start("unjustified", KERNEL)?;
+    let host1 = &seed.host1.netns;
+    host1.ip(&[
+        "neigh",
+        "add",
+        "10.2.99.0",
+        "lladdr",
+        "1a:4b:d7:f7:16:99",
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ])?;
+    host1.exec(&[
+        "bridge",
+        "fdb",
+        "append",
+        "1a:4b:d7:f7:16:99",
+        "dev",
+        "flannel.1",
+        "dst",
+        "172.20.62.199",
+    ])?;
+    host1.ip(&[
+        "route",
+        "add",
+        "10.2.99.0/24",
+        "via",
+        "10.2.99.0",
+        "dev",
+        "flannel.1",
+        "onlink",
+    ])?;
+    host1.ip(&["route", "add", "192.0.2.0/24", "via", "172.20.62.1"])?;
+    wait_for("the unjustified entries to go", HEAL_TIMEOUT, || {
+        let neighbours = host1.ip(&["neigh", "show", "dev", "flannel.1"])?;
+        let fdb = host1.exec(&["bridge", "fdb", "show", "dev", "flannel.1"])?;
+        Ok(!host1.has_route("10.2.99.0/24")?
+            && !neighbours.contains("10.2.99.0")
+            && !fdb.contains("1a:4b:d7:f7:16:99"))
+    })?;
+    assert!(
+        host1.has_route("192.0.2.0/24")?,
+        "a route the agent did not create stays"
+    );
+    assert!(host1.has_route(SUBNET2)?);
+    Ok(())
+}
+
+#[test]
+fn an_incompatible_vxlan_device_is_recreated() -> Result<()> {
+    let mut cluster = Cluster::new("incompatible")?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    host1.netns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "4789",
+        "dev",
+        "eth0",
+    ])?;
+    let mut agent = Agent::start(&cluster, &host1, KERNEL)?;
+    agent.wait_ready()?;
+    let device = host1.netns.ip(&["-d", "link", "show", "flannel.1"])?;
+    assert!(
+        device.contains("vxlan id 1 local 172.20.62.104 dev eth0")
+            && device.contains("dstport 8472"),
+        "{device}"
+    );
+    assert!(device.contains("nolearning"), "{device}");
     Ok(())
 }
 
@@ -436,6 +524,20 @@ fn ip_masq_lets_containers_out_and_port_mappings_in() -> Result<()> {
         .netns
         .exec(&["nft", "list", "table", "ip", "overlay"])?;
     assert!(nat.contains("masquerade"), "{nat}");
+    seed.host1
+        .netns
+        .exec(&["nft", "delete", "table", "ip", "overlay"])?;
+    wait_for(
+        "the nftables table to come back",
+        Duration::from_secs(10),
+        || {
+            Ok(seed
+                .host1
+                .netns
+                .exec(&["nft", "list", "table", "ip", "overlay"])
+                .is_ok())
+        },
+    )?;
 
     // A container reaches the outside host, which sees host1's public IP.
     let log = seed.cluster.scratch.path().join("iperf-outside.log");
