@@ -186,6 +186,26 @@ fn deleted_devices_and_entries_come_back() -> Result<()> {
     })?;
     seed.bbox1.ping(BBOX2, 1)?;
 
+    let neighbours = |host: &Host| host.netns.ip(&["neigh", "show", "dev", "flannel.1"]);
+    seed.host1
+        .netns
+        .ip(&["neigh", "del", "10.2.54.0", "dev", "flannel.1"])?;
+    wait_for("the neighbour entry to come back", HEAL_TIMEOUT, || {
+        Ok(neighbours(&seed.host1)?.contains("10.2.54.0 lladdr"))
+    })?;
+
+    // An uplink flap takes routes with it in flannel; here they come back.
+    seed.host1.netns.ip(&["link", "set", "eth0", "down"])?;
+    seed.host1.netns.ip(&["link", "set", "flannel.1", "down"])?;
+    seed.host1.netns.ip(&["link", "set", "eth0", "up"])?;
+    seed.host1
+        .netns
+        .ip(&["route", "replace", "default", "via", "172.20.62.1"])?;
+    wait_for("the overlay to recover from the flap", HEAL_TIMEOUT, || {
+        Ok(seed.host1.netns.has_route(SUBNET2)? && seed.bbox1.ping(BBOX2, 1).is_ok())
+    })?;
+
+    // Last, as deleting a bridge also detaches the containers plugged into it.
     seed.host1.netns.ip(&["link", "del", "docker0"])?;
     wait_for("docker0 to come back", HEAL_TIMEOUT, || {
         Ok(seed
@@ -193,14 +213,6 @@ fn deleted_devices_and_entries_come_back() -> Result<()> {
             .netns
             .ip(&["addr", "show", "docker0"])
             .is_ok_and(|addr| addr.contains("10.2.41.1/24")))
-    })?;
-
-    let neighbours = |host: &Host| host.netns.ip(&["neigh", "show", "dev", "flannel.1"]);
-    seed.host1
-        .netns
-        .ip(&["neigh", "del", "10.2.54.0", "dev", "flannel.1"])?;
-    wait_for("the neighbour entry to come back", HEAL_TIMEOUT, || {
-        Ok(neighbours(&seed.host1)?.contains("10.2.54.0 lladdr"))
     })?;
     Ok(())
 }
