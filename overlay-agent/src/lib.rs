@@ -11,12 +11,14 @@ pub mod mac;
 pub mod masquerade;
 pub mod node;
 pub mod options;
+pub mod status;
 pub mod subnet;
 
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use ipnetwork::Ipv4Network;
+use overlay_common::OverlayConfig;
 use rtnetlink::Handle;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -26,10 +28,11 @@ use tokio::{
 
 use crate::{
     config::{NetworkConfig, VXLAN_OVERHEAD},
+    dataplane::Dataplane,
     health::Readiness,
     masquerade::{Masquerade, Rules},
-    node::{NodeNetwork, NodeSettings, uplink::Uplink, vtep},
-    options::{AgentOptions, Dataplane},
+    node::{EbpfForwarding, NodeNetwork, NodeSettings, uplink::Uplink, vtep},
+    options::{AgentOptions, Dataplane as DataplaneChoice},
     subnet::{
         LeaseEvent,
         file::{SubnetEnv, previous_subnet},
@@ -90,6 +93,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .context("our own lease has no VTEP MAC")?;
     let mtu = overlay_mtu(&config, &uplink)?;
 
+    let forwarding = match options.dataplane {
+        DataplaneChoice::Kernel => None,
+        DataplaneChoice::Ebpf => {
+            Some(ebpf_forwarding(&netlink, &options, &config, &uplink, public_ip, vtep_mac).await?)
+        }
+    };
     let mut node = NodeNetwork::new(
         netlink,
         NodeSettings {
@@ -103,11 +112,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 mtu,
                 mac: vtep_mac,
             },
+            uplink: uplink.clone(),
             subnet: lease.subnet,
             network: config.network,
-            install_fdb: options.dataplane == Dataplane::Kernel,
             direct_routing: config.backend.direct_routing,
         },
+        forwarding,
     );
     node.reconcile().await?;
     let mut masquerade = Masquerade::new(Rules {
@@ -143,6 +153,36 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Loads the eBPF dataplane (adopting maps pinned by an earlier run) and writes its config.
+async fn ebpf_forwarding(
+    netlink: &Handle,
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    uplink: &Uplink,
+    public_ip: std::net::Ipv4Addr,
+    vtep_mac: mac::MacAddr,
+) -> Result<EbpfForwarding> {
+    let uplink_link = node::links::find(netlink, &uplink.name)
+        .await?
+        .with_context(|| format!("the uplink {} vanished", uplink.name))?;
+    let uplink_mac =
+        node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
+    let mut dataplane = Dataplane::load(Some(&options.bpf_pin_dir))?;
+    dataplane.set_config(&OverlayConfig {
+        vni: config.backend.vni,
+        vxlan_port: config.backend.port,
+        reserved: 0,
+        public_ip: public_ip.octets(),
+        vtep_mac: vtep_mac.0,
+        uplink_mac: uplink_mac.0,
+        uplink_ifindex: uplink.index,
+    })?;
+    Ok(EbpfForwarding {
+        dataplane,
+        xdp_mode: options.xdp_mode,
+    })
 }
 
 /// Applies lease events as they come and repairs the node network and the nftables table on
@@ -205,9 +245,12 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
     let netlink = netlink_handle()?;
     let previous = previous_subnet(&options.subnet_file);
     let network = subnet_file_network(&options.subnet_file);
+    dataplane::pins::remove(&options.bpf_pin_dir)?;
     node::teardown(&netlink, &options.bridge, network).await?;
     masquerade::remove()?;
-    log::info!("removed the overlay devices, routes and nftables table");
+    log::info!(
+        "removed the eBPF programs and pins, the overlay devices, routes and nftables table"
+    );
     if release_lease {
         let subnet = previous.with_context(|| {
             format!(

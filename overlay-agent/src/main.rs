@@ -12,6 +12,12 @@ async fn main() -> ExitCode {
             init_logging(cli.agent.verbosity);
             overlay_agent::run(cli.agent).await
         }
+        Some(Command::Status { agent }) => {
+            init_logging(agent.verbosity);
+            overlay_agent::status::report(&agent)
+                .await
+                .map(|report| print!("{report}"))
+        }
         Some(Command::Teardown {
             release_lease,
             agent,

@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::subnet::registry::EtcdOptions;
+use crate::{dataplane::XdpModeChoice, subnet::registry::EtcdOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +24,12 @@ pub struct Cli {
 pub enum Command {
     /// Remove everything the agent created on this host: devices, routes, neighbour and FDB
     /// entries, the nftables table. The etcd lease stays unless --release-lease is given.
+    /// Print this host's lease, every remote lease with its map entry, the attached programs
+    /// and the dataplane counters.
+    Status {
+        #[command(flatten)]
+        agent: AgentOptions,
+    },
     Teardown {
         /// Also delete this host's subnet record from etcd.
         #[arg(long)]
@@ -36,6 +42,8 @@ pub enum Command {
 /// Who carries packets between hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dataplane {
+    /// Our eBPF programs: tc encapsulation on flannel.1, XDP decapsulation on the uplink.
+    Ebpf,
     /// The kernel's vxlan device, configured exactly as stock flannel configures it.
     Kernel,
 }
@@ -134,8 +142,21 @@ pub struct AgentOptions {
     pub bridge: String,
 
     /// Who carries packets between hosts.
-    #[arg(long, env = "FLANNELD_DATAPLANE", value_enum, default_value = "kernel")]
+    #[arg(long, env = "FLANNELD_DATAPLANE", value_enum, default_value = "ebpf")]
     pub dataplane: Dataplane,
+
+    /// bpffs directory where the eBPF maps and links are pinned, so forwarding survives the
+    /// agent.
+    #[arg(
+        long,
+        env = "FLANNELD_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/overlay"
+    )]
+    pub bpf_pin_dir: PathBuf,
+
+    /// How the XDP program attaches to the uplink.
+    #[arg(long, env = "FLANNELD_XDP_MODE", value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeChoice,
 
     /// Log verbosity: 0 info, 1 debug, 2 and up trace.
     #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
@@ -208,7 +229,9 @@ mod tests {
         assert!(agent.iptables_forward_rules);
         assert_eq!(agent.healthz_port, 0);
         assert_eq!(agent.bridge, "docker0");
-        assert_eq!(agent.dataplane, Dataplane::Kernel);
+        assert_eq!(agent.dataplane, Dataplane::Ebpf);
+        assert_eq!(agent.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay"));
+        assert_eq!(agent.xdp_mode, XdpModeChoice::Auto);
     }
 
     #[test]

@@ -9,9 +9,16 @@
 /// flannel uses too (not IANA's 4789).
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
+/// First UDP source port of encapsulated traffic: the kernel's default ephemeral range, which
+/// the kernel's vxlan device hashes flows into as well.
+pub const VXLAN_SOURCE_PORT_MIN: u16 = 32768;
+/// Upper bound of the UDP source port range; a flow's port is
+/// `MIN + hash · (MAX − MIN) / 2³²`, the kernel's own formula.
+pub const VXLAN_SOURCE_PORT_MAX: u16 = 60999;
+
 /// Runtime settings of the dataplane, written by the agent into the one-entry config map.
 ///
-/// Numbers are in host byte order; the programs convert packet fields before comparing.
+/// Numbers are in host byte order; addresses are in network order, as they sit in packets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OverlayConfig {
@@ -21,6 +28,47 @@ pub struct OverlayConfig {
     pub vxlan_port: u16,
     /// Keeps the layout free of implicit padding.
     pub reserved: u16,
+    /// This host's public IP: the outer source of what it encapsulates.
+    pub public_ip: [u8; 4],
+    /// MAC of this host's VXLAN device, the inner source of what it encapsulates.
+    pub vtep_mac: [u8; 6],
+    /// MAC of the uplink: decapsulated frames are addressed to it, so the stack takes them.
+    pub uplink_mac: [u8; 6],
+    /// Interface encapsulated packets leave through.
+    pub uplink_ifindex: u32,
+}
+
+/// Value of the subnet map (an LPM trie keyed by remote subnet): where that subnet's host is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteVtep {
+    /// The remote host's PublicIP: the outer destination.
+    pub public_ip: [u8; 4],
+    /// The remote host's VtepMAC: the inner destination.
+    pub mac: [u8; 6],
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u16,
+}
+
+/// Value of the VTEP map (keyed by a remote host's PublicIP): the subnet that host leases,
+/// the only inner sources it may send.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtepSubnet {
+    /// The subnet's network address.
+    pub subnet: [u8; 4],
+    pub prefix_len: u32,
+}
+
+impl VtepSubnet {
+    /// Whether `address` (network order) lies inside the subnet.
+    #[inline(always)]
+    pub fn contains(&self, address: [u8; 4]) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - self.prefix_len.min(32))
+            .unwrap_or(0);
+        u32::from_be_bytes(address) & mask == u32::from_be_bytes(self.subnet) & mask
+    }
 }
 
 macro_rules! define_counters {
@@ -74,20 +122,38 @@ macro_rules! define_counters {
 }
 
 define_counters! {
-    /// Uplink frame that is not IPv4 (ARP, IPv6, VLAN-tagged, ...).
+    /// Uplink frame that is not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed.
     rx_not_ipv4 => RxNotIpv4,
-    /// Uplink IPv4 packet that is not UDP.
+    /// Uplink IPv4 packet that is not UDP: passed.
     rx_not_udp => RxNotUdp,
-    /// Uplink IPv4 fragment: only the stack can reassemble it.
+    /// Uplink IPv4 fragment: passed, only the stack can reassemble it.
     rx_ipv4_fragment => RxIpv4Fragment,
-    /// Uplink UDP datagram to a port other than the VXLAN port.
+    /// Uplink UDP datagram to a port other than the VXLAN port: passed.
     rx_other_port => RxOtherPort,
-    /// Uplink VXLAN frame carrying our VNI.
-    rx_vxlan => RxVxlan,
-    /// Uplink VXLAN frame carrying another VNI.
+    /// Uplink VXLAN frame carrying another VNI: passed.
     rx_vxlan_foreign_vni => RxVxlanForeignVni,
-    /// Uplink frame cut short or with inconsistent header fields.
+    /// Uplink VXLAN frame decapsulated and handed to the stack.
+    rx_decapsulated => RxDecapsulated,
+    /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
+    rx_unknown_vtep => RxUnknownVtep,
+    /// Uplink VXLAN frame whose inner source lies outside the sender's subnet: dropped.
+    rx_spoofed_source => RxSpoofedSource,
+    /// Uplink VXLAN frame carrying something other than IPv4: dropped.
+    rx_inner_not_ipv4 => RxInnerNotIpv4,
+    /// Uplink frame cut short or with inconsistent header fields: dropped.
     rx_malformed => RxMalformed,
+    /// Uplink VXLAN frame the kernel would not let us strip: dropped.
+    rx_error => RxError,
+    /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
+    tx_encapsulated => TxEncapsulated,
+    /// Packet to an address no remote lease covers: dropped.
+    tx_no_route => TxNoRoute,
+    /// Packet through the VXLAN device that is not IPv4: dropped.
+    tx_not_ipv4 => TxNotIpv4,
+    /// Packet through the VXLAN device cut short: dropped.
+    tx_malformed => TxMalformed,
+    /// Packet the kernel would not let us encapsulate or redirect: dropped.
+    tx_error => TxError,
 }
 
 impl Counters {
@@ -105,6 +171,8 @@ mod pod {
     // bit pattern.
     unsafe impl aya::Pod for super::OverlayConfig {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::RemoteVtep {}
+    unsafe impl aya::Pod for super::VtepSubnet {}
 }
 
 #[cfg(test)]
@@ -134,21 +202,39 @@ mod tests {
     }
 
     #[test]
+    fn subnet_membership() {
+        let subnet = VtepSubnet {
+            subnet: [10, 2, 54, 0],
+            prefix_len: 24,
+        };
+        assert!(subnet.contains([10, 2, 54, 2]));
+        assert!(subnet.contains([10, 2, 54, 0]));
+        assert!(!subnet.contains([10, 2, 41, 2]));
+        assert!(
+            VtepSubnet {
+                subnet: [0; 4],
+                prefix_len: 0
+            }
+            .contains([192, 0, 2, 1])
+        );
+    }
+
+    #[test]
     fn accumulate_adds_field_by_field() {
         let mut total = Counters {
-            rx_vxlan: 2,
+            rx_decapsulated: 2,
             rx_malformed: 1,
             ..Counters::default()
         };
         total.accumulate(&Counters {
-            rx_vxlan: 3,
+            rx_decapsulated: 3,
             rx_not_udp: 4,
             ..Counters::default()
         });
         assert_eq!(
             total,
             Counters {
-                rx_vxlan: 5,
+                rx_decapsulated: 5,
                 rx_malformed: 1,
                 rx_not_udp: 4,
                 ..Counters::default()

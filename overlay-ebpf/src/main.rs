@@ -1,8 +1,10 @@
-//! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`.
+//! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
+//! `encap` (tc, VXLAN device egress) and `decap` (XDP, uplink), over `parse` and `maps`.
 #![no_std]
 #![no_main]
 
 mod decap;
+mod encap;
 mod maps;
 mod parse;
 

@@ -1,9 +1,12 @@
-//! The maps shared with the agent. Their value types live in `overlay-common`.
+//! The maps shared with the agent. Their key and value types live in `overlay-common`.
 use aya_ebpf::{
-    btf_maps::{Array, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
-use overlay_common::{Counter, Counters, OverlayConfig};
+use overlay_common::{Counter, Counters, OverlayConfig, RemoteVtep, VtepSubnet};
+
+/// Room for every /24 of a /8 network.
+const MAX_REMOTE_HOSTS: usize = 65536;
 
 /// One entry, filled by the agent before it attaches any program.
 #[btf_map(name = "config")]
@@ -13,9 +16,30 @@ static CONFIG: Array<OverlayConfig, 1> = Array::new();
 #[btf_map(name = "counters")]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
+/// Remote subnet (network order) → the host that leases it.
+#[btf_map(name = "subnets")]
+static SUBNETS: LpmTrie<[u8; 4], RemoteVtep, MAX_REMOTE_HOSTS> = LpmTrie::new();
+
+/// Remote host's PublicIP (network order) → the subnet it leases.
+#[btf_map(name = "vteps")]
+static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
+
 #[inline(always)]
 pub fn config() -> Option<&'static OverlayConfig> {
     CONFIG.get(0)
+}
+
+/// The host whose lease covers `destination`.
+#[inline(always)]
+pub fn remote_vtep(destination: [u8; 4]) -> Option<RemoteVtep> {
+    SUBNETS.get(&Key::new(32, destination)).copied()
+}
+
+/// The subnet leased by the host at `public_ip`, if it holds a lease.
+#[inline(always)]
+pub fn vtep_subnet(public_ip: [u8; 4]) -> Option<VtepSubnet> {
+    // SAFETY: the value is copied out at once, before any update could reuse the slot.
+    unsafe { VTEPS.get(public_ip) }.copied()
 }
 
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! Bounds-checked header access and the VXLAN classifier.
+//! Packet headers, bounds-checked access, and the VXLAN classifier.
 //!
 //! Every read goes through [`Frame::header`], which proves to the verifier that the whole
 //! header lies inside the packet before handing out a reference.
@@ -12,6 +12,7 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const VXLAN_FLAG_VNI: u8 = 0x08;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -19,6 +20,7 @@ pub struct EthHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -33,6 +35,7 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct UdpHdr {
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
@@ -41,6 +44,7 @@ pub struct UdpHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct VxlanHdr {
     pub flags: u8,
     pub reserved: [u8; 3],
@@ -48,9 +52,41 @@ pub struct VxlanHdr {
     pub reserved2: u8,
 }
 
+pub const ETH_HEADER_LEN: usize = size_of::<EthHdr>();
 const IPV4_MIN_HEADER_LEN: usize = size_of::<Ipv4Hdr>();
 /// More-fragments flag and fragment offset, in the host-order `flags_frag_offset` word.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+
+impl EthHdr {
+    pub fn is_ipv4(&self) -> bool {
+        u16::from_be_bytes(self.ether_type) == ETH_P_IPV4
+    }
+}
+
+impl Ipv4Hdr {
+    /// RFC 1071 checksum of a 20-byte header, computed with its checksum field taken as zero.
+    #[inline(always)]
+    pub fn checksum(&self) -> [u8; 2] {
+        let word = |high: u8, low: u8| u32::from(u16::from_be_bytes([high, low]));
+        let [length_hi, length_lo] = self.total_len;
+        let [id_hi, id_lo] = self.id;
+        let [frag_hi, frag_lo] = self.flags_frag_offset;
+        let [s0, s1, s2, s3] = self.src;
+        let [d0, d1, d2, d3] = self.dst;
+        let mut sum = word(self.version_ihl, self.tos)
+            + word(length_hi, length_lo)
+            + word(id_hi, id_lo)
+            + word(frag_hi, frag_lo)
+            + word(self.ttl, self.protocol)
+            + word(s0, s1)
+            + word(s2, s3)
+            + word(d0, d1)
+            + word(d2, d3);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        (!(sum as u16)).to_be_bytes()
+    }
+}
 
 /// The packet bytes a program may read: `[start, end)` as the kernel's context gives them.
 pub struct Frame {
@@ -72,25 +108,59 @@ impl Frame {
     /// The header `T` at `offset`, or `None` when the frame ends before the header does.
     #[inline(always)]
     pub fn header<T>(&self, offset: usize) -> Option<&T> {
+        self.header_ptr(offset)
+            // SAFETY: the header lies inside the packet (header_ptr checked), and every header
+            // type is repr(C) of bytes, so any alignment and bit pattern is valid.
+            .map(|header| unsafe { &*header })
+    }
+
+    /// Like [`Frame::header`], for rewriting the header in place.
+    #[inline(always)]
+    pub fn header_mut<T>(&mut self, offset: usize) -> Option<&mut T> {
+        self.header_ptr(offset)
+            // SAFETY: as in `header`; `&mut self` keeps other references to the frame out.
+            .map(|header| unsafe { &mut *header })
+    }
+
+    #[inline(always)]
+    fn header_ptr<T>(&self, offset: usize) -> Option<*mut T> {
         let header_start = self.start + offset;
         if header_start + size_of::<T>() > self.end {
             return None;
         }
-        // SAFETY: the header lies inside [start, end), the packet the kernel handed us, and every
-        // header type is repr(C) of byte arrays, so any alignment and bit pattern is valid.
-        Some(unsafe { &*(header_start as *const T) })
+        Some(header_start as *mut T)
     }
 }
 
-/// Classifies an uplink frame. `Ok` means a well-formed VXLAN frame for our port and VNI; `Err`
+/// The inner frame's Ethernet and IPv4 headers, read as one so a single bounds check covers
+/// both (the verifier loses the bounds of a variable offset across helper calls).
+#[repr(C)]
+pub struct InnerHeaders {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+}
+
+/// What decapsulation needs from a VXLAN frame for our port and VNI.
+pub struct VxlanFrame {
+    /// The outer source address: the sending host's PublicIP.
+    pub outer_src: [u8; 4],
+    /// Offset of the inner Ethernet header: how much to strip.
+    pub inner_offset: usize,
+    /// Whether the inner frame carries IPv4.
+    pub inner_is_ipv4: bool,
+    /// The inner IPv4 source (meaningless unless `inner_is_ipv4`).
+    pub inner_src: [u8; 4],
+}
+
+/// Classifies an uplink frame. `Ok` is a well-formed VXLAN frame for our port and VNI; `Err`
 /// names the counter that describes why it is not.
 #[inline(always)]
-pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<(), Counter> {
+pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
     let eth: &EthHdr = frame.header(0).ok_or(Counter::RxMalformed)?;
-    if u16::from_be_bytes(eth.ether_type) != ETH_P_IPV4 {
+    if !eth.is_ipv4() {
         return Err(Counter::RxNotIpv4);
     }
-    let ip_offset = size_of::<EthHdr>();
+    let ip_offset = ETH_HEADER_LEN;
     let ip: &Ipv4Hdr = frame.header(ip_offset).ok_or(Counter::RxMalformed)?;
     let ip_header_len = usize::from(ip.version_ihl & 0x0f) * 4;
     let ip_total_len = usize::from(u16::from_be_bytes(ip.total_len));
@@ -121,8 +191,8 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<(), Count
     let vxlan_offset = udp_offset + size_of::<UdpHdr>();
     let inner_offset = vxlan_offset + size_of::<VxlanHdr>();
     let vxlan: &VxlanHdr = frame.header(vxlan_offset).ok_or(Counter::RxMalformed)?;
-    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthHdr>()
-        || frame.header::<EthHdr>(inner_offset).is_none()
+    let inner: &InnerHeaders = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
+    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<InnerHeaders>()
         || vxlan.flags & VXLAN_FLAG_VNI == 0
     {
         return Err(Counter::RxMalformed);
@@ -131,5 +201,10 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<(), Count
     if u32::from_be_bytes([0, vni_hi, vni_mid, vni_lo]) != config.vni {
         return Err(Counter::RxVxlanForeignVni);
     }
-    Ok(())
+    Ok(VxlanFrame {
+        outer_src: ip.src,
+        inner_offset,
+        inner_is_ipv4: inner.eth.is_ipv4(),
+        inner_src: inner.ip.src,
+    })
 }

@@ -44,6 +44,7 @@ impl Agent {
             format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
             format!("--etcd-prefix={PREFIX}"),
             format!("--subnet-file={}", host.subnet_file().display()),
+            format!("--bpf-pin-dir={}", host.pin_dir().display()),
         ];
         args.extend(extra.iter().map(|arg| arg.to_string()));
         Self::start_with(host, &args, &[])

@@ -5,13 +5,14 @@
 //!      |-- host1 ns: eth0 172.20.62.104/24, default via 172.20.62.1
 //!      |-- host2 ns: eth0 172.20.62.105/24, default via 172.20.62.1
 //! ```
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
 use crate::{etcd::Etcd, netns::Netns, require_root, scratch::ScratchDir, tls};
 
 pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
+pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PREFIX: &str = "/docker-test/network";
 pub const SEED_NETWORK_CONFIG: &str = r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#;
 
@@ -26,6 +27,19 @@ pub struct Host {
 impl Host {
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
+    }
+
+    /// Where this host's agent pins its maps and links: bpffs is shared by every namespace,
+    /// so each host gets its own directory.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(BPFFS).join(self.netns.name())
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Unpinning the links detaches the programs; the maps go with their last reference.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
     }
 }
 

@@ -2,6 +2,7 @@
 //! etcd, agent processes, and the checks every privileged test makes first.
 pub mod agent;
 pub mod cluster;
+pub mod dataplane;
 pub mod etcd;
 pub mod frames;
 pub mod netns;

@@ -138,22 +138,32 @@ impl Drop for Netns {
     }
 }
 
-/// Removes harness namespaces whose creating process no longer exists.
+/// Removes harness namespaces, and the bpffs pin directories named after them, whose creating
+/// process no longer exists.
 fn remove_stale_namespaces() {
-    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for name in entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok()) {
-        let Some(pid) = name
-            .strip_prefix(NAME_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-        else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = run(Command::new("ip").args(["netns", "del", &name]));
-        }
+    for name in stale_names(NETNS_DIR) {
+        let _ = run(Command::new("ip").args(["netns", "del", &name]));
     }
+    for name in stale_names(crate::cluster::BPFFS) {
+        let _ = fs::remove_dir_all(Path::new(crate::cluster::BPFFS).join(name));
+    }
+}
+
+/// Entries of `dir` named by the harness for a process that is gone.
+fn stale_names(dir: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            let pid = name
+                .strip_prefix(NAME_PREFIX)
+                .and_then(|rest| rest.split('-').next())
+                .unwrap_or_default();
+            pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()
+        })
+        .collect()
 }
 
 /// Runs `command`, failing with its stderr unless it exits 0; returns stdout.

@@ -1,11 +1,15 @@
 //! The uplink XDP program attached to a real interface, seeing real traffic: host1 sends
 //! through kernel VXLAN devices (flannel's own wire format) and plain sockets, and host2's
-//! counters must account for every frame.
+//! counters must account for every frame. host2 knows no peer, so its program must refuse
+//! host1's VXLAN while the rest passes.
 use anyhow::Result;
-use aya::programs::XdpMode;
-use overlay_agent::dataplane::Dataplane;
-use overlay_common::{Counter, DEFAULT_VXLAN_PORT, OverlayConfig};
-use overlay_tests::{netns::Netns, require_root};
+use overlay_agent::dataplane::XdpModeChoice;
+use overlay_common::Counter;
+use overlay_tests::{
+    dataplane::{HOST2, dataplane_of},
+    netns::Netns,
+    require_root,
+};
 
 /// Two hosts joined by a veth pair, with the seed's underlay addresses.
 struct TwoHosts {
@@ -122,14 +126,16 @@ fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
     hosts.add_vxlan_route("1", "10.2.54.0/24", "10.2.54.0")?;
     hosts.add_vxlan_route("7", "10.7.54.0/24", "10.7.54.0")?;
 
-    let mut dataplane = Dataplane::load(&OverlayConfig {
-        vni: 1,
-        vxlan_port: DEFAULT_VXLAN_PORT,
-        reserved: 0,
-    })?;
+    // host2 knows no peer: VXLAN for our VNI from host1 is an unknown VTEP's.
+    let mut dataplane = dataplane_of(&HOST2, &[])?;
+    let ifindex: u32 = hosts
+        .host2
+        .exec(&["cat", "/sys/class/net/eth0/ifindex"])?
+        .trim()
+        .parse()?;
     hosts
         .host2
-        .run_inside(|| dataplane.attach_uplink("eth0", XdpMode::default()))?;
+        .run_inside(|| dataplane.ensure_uplink_attached("eth0", ifindex, XdpModeChoice::Auto))?;
 
     hosts.ping("172.20.62.105", 2)?;
     hosts.ping("10.2.54.2", 3)?;
@@ -149,9 +155,9 @@ fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
         "direct pings: {counters:?}"
     );
     assert_eq!(
-        counters.get(Counter::RxVxlan),
+        counters.get(Counter::RxUnknownVtep),
         3,
-        "pings through VNI 1: {counters:?}"
+        "pings through VNI 1, from a host with no lease: {counters:?}"
     );
     assert_eq!(
         counters.get(Counter::RxVxlanForeignVni),

@@ -1,5 +1,6 @@
-//! The host's overlay devices, owned through netlink: the container bridge, the VXLAN device
-//! and one set of neighbour, FDB and route entries per remote lease.
+//! The host's overlay devices, owned through netlink: the container bridge, the VXLAN device,
+//! one set of neighbour, FDB and route entries per remote lease, and, in ebpf mode, the
+//! programs attached to them and the lease maps they read.
 //!
 //! [`NodeNetwork::reconcile`] computes the desired state from the leases and repairs whatever
 //! differs, so it is safe to call as often as wanted: after every lease event and on a timer.
@@ -15,18 +16,18 @@ use anyhow::{Context, Result};
 use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
-use crate::subnet::{Lease, LeaseEvent};
+use crate::{
+    dataplane::{Dataplane, XdpModeChoice},
+    subnet::{Lease, LeaseEvent},
+};
 use peers::PeerLayout;
+use uplink::Uplink;
 use vtep::VtepSpec;
 
 pub struct NodeNetwork {
     handle: Handle,
-    bridge: String,
-    vtep: VtepSpec,
-    subnet: Ipv4Network,
-    network: Ipv4Network,
-    install_fdb: bool,
-    direct_routing: bool,
+    settings: NodeSettings,
+    forwarding: Option<EbpfForwarding>,
     remote: HashMap<Ipv4Network, Lease>,
 }
 
@@ -34,24 +35,26 @@ pub struct NodeNetwork {
 pub struct NodeSettings {
     pub bridge: String,
     pub vtep: VtepSpec,
+    pub uplink: Uplink,
     /// This host's lease.
     pub subnet: Ipv4Network,
     /// The whole overlay network.
     pub network: Ipv4Network,
-    pub install_fdb: bool,
     pub direct_routing: bool,
 }
 
+/// The eBPF dataplane and how to attach it; without it the kernel's vxlan device forwards.
+pub struct EbpfForwarding {
+    pub dataplane: Dataplane,
+    pub xdp_mode: XdpModeChoice,
+}
+
 impl NodeNetwork {
-    pub fn new(handle: Handle, settings: NodeSettings) -> Self {
+    pub fn new(handle: Handle, settings: NodeSettings, forwarding: Option<EbpfForwarding>) -> Self {
         Self {
             handle,
-            bridge: settings.bridge,
-            vtep: settings.vtep,
-            subnet: settings.subnet,
-            network: settings.network,
-            install_fdb: settings.install_fdb,
-            direct_routing: settings.direct_routing,
+            settings,
+            forwarding,
             remote: HashMap::new(),
         }
     }
@@ -68,19 +71,35 @@ impl NodeNetwork {
     }
 
     /// Makes the host match the desired state: forwarding on, the bridge, the VXLAN device,
-    /// and every remote lease's entries.
-    pub async fn reconcile(&self) -> Result<()> {
+    /// the eBPF programs, and every remote lease's map entries, neighbour, FDB entry (kernel
+    /// mode only) and route. Map entries go in before their routes and out after them.
+    pub async fn reconcile(&mut self) -> Result<()> {
+        let settings = &self.settings;
         links::write_sysctl("net/ipv4/ip_forward", "1")?;
-        bridge::ensure(&self.handle, &self.bridge, self.subnet).await?;
-        let vtep_index = vtep::ensure(&self.handle, &self.vtep, self.subnet).await?;
+        bridge::ensure(&self.handle, &settings.bridge, settings.subnet).await?;
+        let vtep_index = vtep::ensure(&self.handle, &settings.vtep, settings.subnet).await?;
+        if let Some(forwarding) = &mut self.forwarding {
+            let dataplane = &mut forwarding.dataplane;
+            dataplane.ensure_vtep_attached(&settings.vtep.name, vtep_index)?;
+            dataplane.ensure_uplink_attached(
+                &settings.uplink.name,
+                settings.uplink.index,
+                forwarding.xdp_mode,
+            )?;
+            dataplane.upsert_leases(self.remote.values())?;
+        }
         let layout = PeerLayout {
             vtep_index,
-            uplink_index: self.vtep.uplink_index,
-            network: self.network,
-            install_fdb: self.install_fdb,
-            direct_routing: self.direct_routing,
+            uplink_index: settings.uplink.index,
+            network: settings.network,
+            install_fdb: self.forwarding.is_none(),
+            direct_routing: settings.direct_routing,
         };
-        peers::reconcile(&self.handle, &layout, self.remote.values()).await
+        peers::reconcile(&self.handle, &layout, self.remote.values()).await?;
+        if let Some(forwarding) = &mut self.forwarding {
+            forwarding.dataplane.remove_stale(self.remote.values())?;
+        }
+        Ok(())
     }
 }
 

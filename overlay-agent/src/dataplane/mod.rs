@@ -1,0 +1,130 @@
+//! The eBPF dataplane: loading the embedded object with its maps pinned, attaching the
+//! programs through pinned links (so forwarding survives the agent), mirroring leases into the
+//! maps, and reading the counters.
+mod attach;
+pub mod pins;
+mod sync;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{SchedClassifier, Xdp},
+};
+use overlay_common::{Counters, OverlayConfig};
+
+pub use attach::XdpModeChoice;
+
+/// The eBPF object built by `cargo xtask build`, embedded so the agent needs no file at run time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
+
+pub const UPLINK_PROGRAM: &str = "xdp_uplink";
+pub const VTEP_PROGRAM: &str = "tc_vtep_egress";
+const CONFIG_MAP: &str = "config";
+const COUNTERS_MAP: &str = "counters";
+const SUBNETS_MAP: &str = "subnets";
+const VTEPS_MAP: &str = "vteps";
+/// Every map, each pinned under the pin directory by its own name.
+const MAPS: [&str; 4] = [CONFIG_MAP, COUNTERS_MAP, SUBNETS_MAP, VTEPS_MAP];
+
+/// The loaded programs and maps. Links it attached stay pinned when it is dropped.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    attached: attach::Attachments,
+}
+
+impl Dataplane {
+    /// Loads the object into the kernel and loads (but does not attach) its programs. With
+    /// `pin_dir`, every map is pinned there, and maps already pinned there by an earlier run are
+    /// reused with their contents.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!(
+                        "cannot create the pin directory {}: is bpffs mounted?",
+                        dir.display()
+                    )
+                })?;
+                MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context(
+            "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN, BTF support, and \
+             pinned maps, if any, from a compatible version)",
+        )?;
+        let uplink: &mut Xdp = program_mut(&mut ebpf, UPLINK_PROGRAM)?.try_into()?;
+        uplink
+            .load()
+            .context("the kernel rejected the uplink XDP program")?;
+        let vtep: &mut SchedClassifier = program_mut(&mut ebpf, VTEP_PROGRAM)?.try_into()?;
+        vtep.load()
+            .context("the kernel rejected the VXLAN device's tc program")?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            attached: attach::Attachments::default(),
+        })
+    }
+
+    /// Writes the settings the programs read on every packet.
+    pub fn set_config(&mut self, config: &OverlayConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, OverlayConfig> =
+            Array::try_from(map_mut(&mut self.ebpf, CONFIG_MAP)?)?;
+        map.set(0, config, 0)
+            .context("cannot write the dataplane config map")
+    }
+
+    /// The uplink XDP program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn uplink_program(&self) -> Result<&Xdp> {
+        Ok(program(&self.ebpf, UPLINK_PROGRAM)?.try_into()?)
+    }
+
+    /// The VXLAN device's tc program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn vtep_program(&self) -> Result<&SchedClassifier> {
+        Ok(program(&self.ebpf, VTEP_PROGRAM)?.try_into()?)
+    }
+
+    /// The counters summed over all CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let map: PerCpuArray<&MapData, Counters> = PerCpuArray::try_from(
+            self.ebpf
+                .map(COUNTERS_MAP)
+                .context("object has no counters map")?,
+        )?;
+        sum_per_cpu(&map)
+    }
+}
+
+/// Sums the per-CPU copies of the counters.
+pub fn sum_per_cpu(map: &PerCpuArray<&MapData, Counters>) -> Result<Counters> {
+    let per_cpu = map.get(&0, 0).context("cannot read the counters map")?;
+    let mut total = Counters::default();
+    for counters in per_cpu.iter() {
+        total.accumulate(counters);
+    }
+    Ok(total)
+}
+
+fn program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a aya::programs::Program> {
+    ebpf.program(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))
+}

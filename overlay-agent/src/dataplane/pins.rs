@@ -1,0 +1,87 @@
+//! The dataplane as it stands pinned in bpffs, read or removed without loading anything:
+//! for `overlay-agent status` and `overlay-agent teardown`.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
+use ipnetwork::Ipv4Network;
+use overlay_common::{Counters, RemoteVtep};
+
+use super::{COUNTERS_MAP, MAPS, SUBNETS_MAP, UPLINK_PROGRAM, VTEP_PROGRAM, sum_per_cpu};
+
+pub struct PinnedDataplane {
+    dir: PathBuf,
+}
+
+impl PinnedDataplane {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.join(COUNTERS_MAP).exists() {
+            anyhow::bail!("no dataplane is pinned under {}", dir.display());
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn map(&self, name: &str) -> Result<Map> {
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
+        Ok(Map::from_map_data(data)?)
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        sum_per_cpu(&PerCpuArray::try_from(&self.map(COUNTERS_MAP)?)?)
+    }
+
+    pub fn subnet_entries(&self) -> Result<HashMap<Ipv4Network, RemoteVtep>> {
+        let map = self.map(SUBNETS_MAP)?;
+        let trie: LpmTrie<&MapData, [u8; 4], RemoteVtep> = LpmTrie::try_from(&map)?;
+        trie.iter()
+            .map(|entry| {
+                let (key, remote) = entry.context("cannot read the subnet map")?;
+                let subnet = Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
+                    .context("the subnet map holds a bad prefix")?;
+                Ok((subnet, remote))
+            })
+            .collect()
+    }
+
+    /// "program on ifindex N" for every pinned link.
+    pub fn links(&self) -> Result<Vec<String>> {
+        let mut links = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?
+        {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            for program in [UPLINK_PROGRAM, VTEP_PROGRAM] {
+                if let Some(ifindex) = name.strip_prefix(&format!("link_{program}_")) {
+                    links.push(format!("{program} on ifindex {ifindex}"));
+                }
+            }
+        }
+        links.sort();
+        Ok(links)
+    }
+}
+
+/// Unpins every link (detaching its program) and map under `dir`, then removes `dir`.
+pub fn remove(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for program in [UPLINK_PROGRAM, VTEP_PROGRAM] {
+        super::attach::remove_link_pins(dir, program, None)?;
+    }
+    for map in MAPS {
+        let path = dir.join(map);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot unpin {}", path.display()))?;
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))
+}

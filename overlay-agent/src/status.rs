@@ -1,0 +1,111 @@
+//! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
+//! attached programs and the counters, read from the subnet file, etcd and the pins.
+use std::{fmt::Write as _, time::Duration};
+
+use anyhow::{Context, Result};
+use overlay_common::{Counter, RemoteVtep};
+
+use crate::{
+    dataplane::pins::PinnedDataplane,
+    mac::MacAddr,
+    options::AgentOptions,
+    subnet::{Lease, file::previous_subnet, registry::Registry},
+};
+
+const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn report(options: &AgentOptions) -> Result<String> {
+    let mut out = String::new();
+    match previous_subnet(&options.subnet_file) {
+        Some(subnet) => writeln!(
+            out,
+            "lease: {subnet} (from {})",
+            options.subnet_file.display()
+        )?,
+        None => writeln!(
+            out,
+            "lease: none ({} is missing)",
+            options.subnet_file.display()
+        )?,
+    }
+    let pinned = PinnedDataplane::open(&options.bpf_pin_dir)?;
+    let mut entries = pinned.subnet_entries()?;
+    match tokio::time::timeout(ETCD_TIMEOUT, remote_leases(options)).await {
+        Ok(Ok(leases)) => {
+            writeln!(out, "remote leases ({}):", leases.len())?;
+            for lease in &leases {
+                let entry = entries.remove(&lease.subnet);
+                writeln!(out, "  {}", describe(lease, entry))?;
+            }
+        }
+        Ok(Err(error)) => writeln!(out, "remote leases: unknown ({error:#})")?,
+        Err(_) => writeln!(
+            out,
+            "remote leases: unknown (etcd did not answer within {ETCD_TIMEOUT:?})"
+        )?,
+    }
+    let mut stale: Vec<_> = entries.into_iter().collect();
+    stale.sort_by_key(|(subnet, _)| *subnet);
+    for (subnet, remote) in stale {
+        writeln!(
+            out,
+            "  {subnet}: map entry {} with no lease",
+            show_entry(&remote)
+        )?;
+    }
+    writeln!(out, "programs:")?;
+    for link in pinned.links()? {
+        writeln!(out, "  {link}")?;
+    }
+    writeln!(out, "counters:")?;
+    let counters = pinned.counters()?;
+    for &counter in Counter::ALL {
+        writeln!(out, "  {:<22} {}", counter.name(), counters.get(counter))?;
+    }
+    Ok(out)
+}
+
+async fn remote_leases(options: &AgentOptions) -> Result<Vec<Lease>> {
+    let registry = Registry::connect(&options.etcd()).await?;
+    let config = registry.network_config().await?;
+    let own = previous_subnet(&options.subnet_file);
+    let listing = registry.list().await.context("cannot list the leases")?;
+    let mut leases: Vec<Lease> = listing
+        .records
+        .iter()
+        .filter_map(|record| record.parse_remote(registry.prefix(), &config).ok())
+        .filter(|lease| Some(lease.subnet) != own)
+        .collect();
+    leases.sort_by_key(|lease| lease.subnet);
+    Ok(leases)
+}
+
+fn describe(lease: &Lease, entry: Option<RemoteVtep>) -> String {
+    let vtep = lease
+        .attrs
+        .vtep_mac()
+        .map(|mac| mac.to_string())
+        .unwrap_or_default();
+    let state = match entry {
+        None => "MISSING from the map".to_string(),
+        Some(remote)
+            if remote.public_ip == lease.attrs.public_ip.octets()
+                && Some(MacAddr(remote.mac)) == lease.attrs.vtep_mac() =>
+        {
+            format!("map {}", show_entry(&remote))
+        }
+        Some(remote) => format!("map {} DIFFERS", show_entry(&remote)),
+    };
+    format!(
+        "{} via {} (VTEP {vtep}): {state}",
+        lease.subnet, lease.attrs.public_ip
+    )
+}
+
+fn show_entry(remote: &RemoteVtep) -> String {
+    format!(
+        "{} {}",
+        std::net::Ipv4Addr::from(remote.public_ip),
+        MacAddr(remote.mac)
+    )
+}

@@ -1,0 +1,259 @@
+//! The uplink XDP program on hand-built frames through BPF_PROG_TEST_RUN: VXLAN from a known
+//! peer is stripped and readdressed to the uplink; everything not ours passes untouched; every
+//! bad or hostile frame is dropped; each outcome moves exactly its counter.
+use anyhow::Result;
+use overlay_common::Counter;
+use overlay_tests::{
+    dataplane::{HOST1, HOST2, Outcome, XDP_DROP, XDP_PASS, dataplane_of, dataplane_with, run_xdp},
+    frames::*,
+};
+
+/// host2 receiving `frame` from host1, its only peer.
+fn receive(frame: &[u8]) -> Result<Outcome> {
+    run_xdp(&dataplane_of(&HOST2, &[&HOST1])?, frame)
+}
+
+fn assert_passed_untouched(frame: &[u8], expected: Counter) -> Result<()> {
+    let outcome = receive(frame)?;
+    assert_eq!(outcome.verdict, XDP_PASS, "{}", expected.name());
+    assert_eq!(
+        outcome.frame, frame,
+        "a frame that is not ours passes unchanged"
+    );
+    outcome.assert_only(expected);
+    Ok(())
+}
+
+fn assert_dropped(frame: &[u8], expected: Counter) -> Result<()> {
+    let outcome = receive(frame)?;
+    assert_eq!(outcome.verdict, XDP_DROP, "{}", expected.name());
+    outcome.assert_only(expected);
+    Ok(())
+}
+
+/// The inner frame of `seed_vxlan_frame`, as the stack must receive it on host2's uplink.
+fn delivered_inner(vxlan_frame: &[u8]) -> Vec<u8> {
+    let mut inner = vxlan_frame
+        [ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + VXLAN_HEADER_LEN..]
+        .to_vec();
+    inner[..6].copy_from_slice(&HOST2_MAC);
+    inner
+}
+
+#[test]
+fn vxlan_from_a_known_peer_is_decapsulated_for_the_stack() -> Result<()> {
+    let frame = seed_vxlan_frame(1, 8472);
+    let outcome = receive(&frame)?;
+    assert_eq!(outcome.verdict, XDP_PASS);
+    assert_eq!(outcome.frame, delivered_inner(&frame));
+    outcome.assert_only(Counter::RxDecapsulated);
+    Ok(())
+}
+
+#[test]
+fn ipv4_options_on_the_outer_header_are_skipped() -> Result<()> {
+    let inner = seed_vxlan_frame(1, 8472)[50..].to_vec();
+    // Router alert, then end-of-options padding: two 4-byte words, so IHL 7.
+    let frame = outer_udp_frame(
+        &[0x94, 0x04, 0, 0, 0, 0, 0, 0],
+        49152,
+        8472,
+        &vxlan(1, &inner),
+    );
+    assert_eq!(
+        frame[ETH_HEADER_LEN] & 0x0f,
+        7,
+        "the frame carries IPv4 options"
+    );
+    let outcome = receive(&frame)?;
+    assert_eq!(outcome.verdict, XDP_PASS);
+    let mut expected = inner;
+    expected[..6].copy_from_slice(&HOST2_MAC);
+    assert_eq!(outcome.frame, expected);
+    outcome.assert_only(Counter::RxDecapsulated);
+    Ok(())
+}
+
+#[test]
+fn vxlan_with_another_vni_passes_to_the_stack() -> Result<()> {
+    assert_passed_untouched(&seed_vxlan_frame(7, 8472), Counter::RxVxlanForeignVni)
+}
+
+#[test]
+fn port_and_vni_come_from_the_config_map() -> Result<()> {
+    let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
+    run_xdp(&iana, &seed_vxlan_frame(7, 4789))?.assert_only(Counter::RxDecapsulated);
+    let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
+    run_xdp(&iana, &seed_vxlan_frame(1, 4789))?.assert_only(Counter::RxVxlanForeignVni);
+    let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
+    run_xdp(&iana, &seed_vxlan_frame(7, 8472))?.assert_only(Counter::RxOtherPort);
+    Ok(())
+}
+
+#[test]
+fn traffic_that_is_not_vxlan_passes_untouched() -> Result<()> {
+    assert_passed_untouched(
+        &outer_udp_frame(&[], 40000, 53, b"a dns query"),
+        Counter::RxOtherPort,
+    )?;
+    let segment = [&[0xc3, 0x50, 0x00, 0x50][..], &[0; 16]].concat();
+    let tcp = ipv4(HOST1_IP, HOST2_IP, IPPROTO_TCP, &[], &segment);
+    assert_passed_untouched(
+        &ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV4, &tcp),
+        Counter::RxNotUdp,
+    )?;
+    let request = [
+        &[0, 1, 8, 0, 6, 4, 0, 1][..],
+        &HOST1_MAC,
+        &HOST1_IP,
+        &[0; 6],
+        &HOST2_IP,
+    ]
+    .concat();
+    assert_passed_untouched(
+        &ethernet([0xff; 6], HOST1_MAC, ETH_P_ARP, &request),
+        Counter::RxNotIpv4,
+    )
+}
+
+#[test]
+fn ipv4_fragments_are_left_to_the_stack() -> Result<()> {
+    let mut frame = seed_vxlan_frame(1, 8472);
+    // More-fragments set, offset 0: the first fragment of a larger datagram.
+    frame[ETH_HEADER_LEN + 6] = 0x20;
+    assert_passed_untouched(&frame, Counter::RxIpv4Fragment)
+}
+
+#[test]
+fn vxlan_from_an_unknown_host_is_dropped() -> Result<()> {
+    let mut frame = seed_vxlan_frame(1, 8472);
+    frame[ETH_HEADER_LEN + 12..][..4].copy_from_slice(&[172, 20, 62, 99]);
+    assert_dropped(&frame, Counter::RxUnknownVtep)?;
+    // A peer that holds no lease any more is unknown too.
+    assert_eq!(
+        run_xdp(&dataplane_of(&HOST2, &[])?, &seed_vxlan_frame(1, 8472))?.verdict,
+        XDP_DROP
+    );
+    Ok(())
+}
+
+#[test]
+fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
+    // host1 (10.2.41.0/24) claiming to send from host2's own subnet.
+    let ping = ipv4(
+        [10, 2, 54, 7],
+        BBOX2_IP,
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"spoof"),
+    );
+    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
+    assert_dropped(
+        &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
+        Counter::RxSpoofedSource,
+    )
+}
+
+#[test]
+fn inner_frames_other_than_ipv4_are_dropped() -> Result<()> {
+    let arp = [
+        &[0, 1, 8, 0, 6, 4, 0, 1][..],
+        &HOST1_VTEP_MAC,
+        &BBOX1_IP,
+        &[0; 6],
+        &BBOX2_IP,
+    ]
+    .concat();
+    let inner = ethernet([0xff; 6], HOST1_VTEP_MAC, ETH_P_ARP, &arp);
+    assert_dropped(
+        &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
+        Counter::RxInnerNotIpv4,
+    )
+}
+
+#[test]
+fn vxlan_without_the_vni_flag_is_dropped() -> Result<()> {
+    let mut frame = seed_vxlan_frame(1, 8472);
+    frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN] = 0;
+    assert_dropped(&frame, Counter::RxMalformed)
+}
+
+#[test]
+fn inconsistent_lengths_are_dropped() -> Result<()> {
+    type Corruption = fn(&mut Vec<u8>);
+    let cases: [(&str, Corruption); 5] = [
+        ("IP version 6 in an IPv4 ethertype", |frame| {
+            frame[ETH_HEADER_LEN] = 0x65
+        }),
+        ("IHL below 5", |frame| frame[ETH_HEADER_LEN] = 0x44),
+        ("IP total length beyond the frame", |frame| {
+            frame[ETH_HEADER_LEN + 2] = 0xff
+        }),
+        ("UDP length beyond the IP payload", |frame| {
+            frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + 4] = 0xff
+        }),
+        ("UDP length below its header", |frame| {
+            frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + 4..][..2].copy_from_slice(&[0, 4])
+        }),
+    ];
+    for (what, corrupt) in cases {
+        let mut frame = seed_vxlan_frame(1, 8472);
+        corrupt(&mut frame);
+        let outcome = receive(&frame)?;
+        assert_eq!(
+            (outcome.verdict, outcome.counters.get(Counter::RxMalformed)),
+            (XDP_DROP, 1),
+            "{what}"
+        );
+    }
+    Ok(())
+}
+
+/// Cuts the seed frame at every header boundary (and inside each header), through the inner
+/// IPv4 header: each cut is dropped as malformed. The kernel refuses test frames shorter than
+/// an Ethernet header, so cuts start there.
+#[test]
+fn frames_cut_short_are_dropped() -> Result<()> {
+    let frame = seed_vxlan_frame(1, 8472);
+    let udp = ETH_HEADER_LEN + IPV4_HEADER_LEN;
+    let vxlan = udp + UDP_HEADER_LEN;
+    let inner = vxlan + VXLAN_HEADER_LEN;
+    let boundaries = [
+        ETH_HEADER_LEN,
+        udp - 1,
+        udp,
+        vxlan - 1,
+        vxlan,
+        inner - 1,
+        inner,
+        inner + ETH_HEADER_LEN - 1,
+        inner + ETH_HEADER_LEN,
+        inner + ETH_HEADER_LEN + IPV4_HEADER_LEN - 1,
+    ];
+    for cut in boundaries {
+        assert_dropped(&frame[..cut], Counter::RxMalformed)?;
+    }
+    Ok(())
+}
+
+/// The same cuts, but with the IP and UDP lengths rewritten to match the shorter frame, so
+/// only the header checks can catch them.
+#[test]
+fn consistent_but_short_datagrams_are_dropped() -> Result<()> {
+    let full = seed_vxlan_frame(1, 8472);
+    let vxlan_start = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN;
+    let inner_headers = ETH_HEADER_LEN + IPV4_HEADER_LEN;
+    for payload_len in [
+        0,
+        VXLAN_HEADER_LEN - 1,
+        VXLAN_HEADER_LEN,
+        VXLAN_HEADER_LEN + inner_headers - 1,
+    ] {
+        let payload = &full[vxlan_start..][..payload_len];
+        assert_dropped(
+            &outer_udp_frame(&[], 49152, 8472, payload),
+            Counter::RxMalformed,
+        )?;
+    }
+    Ok(())
+}
