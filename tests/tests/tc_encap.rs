@@ -1,0 +1,199 @@
+//! The VXLAN device's tc program on hand-built frames through BPF_PROG_TEST_RUN: a packet for
+//! a remote subnet leaves in flannel's wire format, redirected to the uplink; anything else is
+//! dropped and counted.
+use anyhow::Result;
+use overlay_common::{Counter, VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN};
+use overlay_tests::{
+    dataplane::{HOST1, HOST2, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, dataplane_of, run_tc},
+    frames::*,
+};
+
+const OUTER_IP: usize = ETH_HEADER_LEN;
+const OUTER_UDP: usize = OUTER_IP + IPV4_HEADER_LEN;
+const VXLAN: usize = OUTER_UDP + UDP_HEADER_LEN;
+const INNER: usize = VXLAN + VXLAN_HEADER_LEN;
+
+/// bbox1's ping to bbox2 as it reaches flannel.1 on host1: routed (TTL 63), addressed from
+/// our VTEP to host2's by the permanent neighbour entry.
+fn routed_ping(tos: u8) -> Vec<u8> {
+    let mut ping = ipv4(
+        BBOX1_IP,
+        BBOX2_IP,
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"overlay!"),
+    );
+    ping[1] = tos;
+    ping[8] = 63;
+    ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping)
+}
+
+/// host1 sending `frame` out of flannel.1, with host2 as its only peer.
+fn send(frame: &[u8]) -> Result<Outcome> {
+    run_tc(&dataplane_of(&HOST1, &[&HOST2])?, frame)
+}
+
+fn source_port(encapsulated: &[u8]) -> u16 {
+    u16::from_be_bytes([encapsulated[OUTER_UDP], encapsulated[OUTER_UDP + 1]])
+}
+
+#[test]
+fn a_packet_for_a_remote_subnet_leaves_in_flannels_wire_format() -> Result<()> {
+    let inner = routed_ping(0);
+    let outcome = send(&inner)?;
+    assert_eq!(outcome.verdict, TC_ACT_REDIRECT, "redirected to the uplink");
+    outcome.assert_only(Counter::TxEncapsulated);
+    let out = &outcome.frame;
+    assert_eq!(out.len(), inner.len() + 50);
+
+    let ip = &out[OUTER_IP..OUTER_UDP];
+    let total_len = (inner.len() + 36) as u16;
+    assert_eq!(
+        ip[..4],
+        [0x45, 0x00, (total_len >> 8) as u8, total_len as u8],
+        "version, IHL, TOS, length"
+    );
+    assert_eq!(
+        ip[4..10],
+        [0, 0, 0, 0, 64, IPPROTO_UDP],
+        "ID, no DF, TTL 64, UDP"
+    );
+    assert_eq!(
+        internet_checksum(ip),
+        0,
+        "the outer header checksum is valid"
+    );
+    assert_eq!(ip[12..16], HOST1_IP);
+    assert_eq!(ip[16..20], HOST2_IP);
+
+    let port = source_port(out);
+    assert!(
+        (VXLAN_SOURCE_PORT_MIN..VXLAN_SOURCE_PORT_MAX).contains(&port),
+        "source port {port}"
+    );
+    let udp_len = (inner.len() + 16) as u16;
+    assert_eq!(
+        out[OUTER_UDP + 2..VXLAN],
+        [0x21, 0x18, (udp_len >> 8) as u8, udp_len as u8, 0, 0],
+        "to 8472, checksum 0"
+    );
+    assert_eq!(
+        out[VXLAN..INNER],
+        [0x08, 0, 0, 0, 0, 0, 1, 0],
+        "flags 0x08, VNI 1"
+    );
+    assert_eq!(
+        out[INNER..],
+        inner[..],
+        "the inner frame goes from our VTEP MAC to host2's"
+    );
+    assert_eq!(
+        out[..ETH_HEADER_LEN],
+        inner[..ETH_HEADER_LEN],
+        "the outer Ethernet header is the neighbour table's to fill"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_congestion_mark_becomes_ect0_outside() -> Result<()> {
+    for (inner_tos, outer_tos) in [
+        (0x00, 0x00),
+        (0x01, 0x01),
+        (0x02, 0x02),
+        (0x03, 0x02),
+        (0xb8, 0x00),
+        (0xbb, 0x02),
+    ] {
+        let outcome = send(&routed_ping(inner_tos))?;
+        assert_eq!(
+            outcome.frame[OUTER_IP + 1],
+            outer_tos,
+            "inner TOS {inner_tos:#x}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn each_flow_keeps_its_own_source_port() -> Result<()> {
+    let datagram = |port: u16| {
+        let packet = ipv4(
+            BBOX1_IP,
+            BBOX2_IP,
+            IPPROTO_UDP,
+            &[],
+            &udp(port, 9000, b"flow"),
+        );
+        ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &packet)
+    };
+    let ports: Vec<u16> = (40000..40032)
+        .map(|port| send(&datagram(port)).map(|outcome| source_port(&outcome.frame)))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        source_port(&send(&datagram(40000))?.frame),
+        ports[0],
+        "a flow keeps its port"
+    );
+    let mut distinct = ports.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() > 16,
+        "32 flows spread over the range: {ports:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_destination_no_lease_covers_is_dropped() -> Result<()> {
+    let packet = ipv4(
+        BBOX1_IP,
+        [10, 2, 99, 2],
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"nowhere"),
+    );
+    let outcome = send(&ethernet(
+        HOST2_VTEP_MAC,
+        HOST1_VTEP_MAC,
+        ETH_P_IPV4,
+        &packet,
+    ))?;
+    assert_eq!(outcome.verdict, TC_ACT_SHOT);
+    outcome.assert_only(Counter::TxNoRoute);
+    Ok(())
+}
+
+#[test]
+fn anything_but_ipv4_is_dropped() -> Result<()> {
+    let arp = [
+        &[0, 1, 8, 0, 6, 4, 0, 1][..],
+        &HOST1_VTEP_MAC,
+        &[10, 2, 41, 0],
+        &[0; 6],
+        &[10, 2, 54, 0],
+    ]
+    .concat();
+    let outcome = send(&ethernet([0xff; 6], HOST1_VTEP_MAC, ETH_P_ARP, &arp))?;
+    assert_eq!(outcome.verdict, TC_ACT_SHOT);
+    outcome.assert_only(Counter::TxNotIpv4);
+    Ok(())
+}
+
+#[test]
+fn a_full_sized_packet_is_encapsulated_whole() -> Result<()> {
+    let payload = vec![0x5a; 1400];
+    let packet = ipv4(
+        BBOX1_IP,
+        BBOX2_IP,
+        IPPROTO_UDP,
+        &[],
+        &udp(40000, 9000, &payload),
+    );
+    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &packet);
+    let outcome = send(&inner)?;
+    assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
+    assert_eq!(outcome.frame[INNER..], inner[..]);
+    Ok(())
+}
