@@ -119,6 +119,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         },
         forwarding,
     );
+    let mut watcher = LeaseWatcher::new(registry, config.clone(), lease.clone());
+    for remote in watcher.initial_leases().await? {
+        apply_logged(&mut node, LeaseEvent::Added(remote));
+    }
     node.reconcile().await?;
     let mut masquerade = Masquerade::new(Rules {
         network: config.network,
@@ -143,7 +147,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     );
 
     let (events, received) = mpsc::channel(EVENT_QUEUE);
-    let watcher = LeaseWatcher::new(registry, config, lease.clone());
     tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),

@@ -35,8 +35,11 @@ struct Encapsulation {
 }
 
 const ENCAP_LEN: usize = size_of::<Encapsulation>();
-/// The inner L2 as bpf_skb_adjust_room counts it: VXLAN header plus inner Ethernet.
-const INNER_L2_LEN: u64 = (size_of::<VxlanHdr>() + ETH_HEADER_LEN) as u64;
+/// The inner MAC header length bpf_skb_adjust_room records. GSO takes everything between the
+/// outer UDP header and the inner MAC header (the VXLAN header) as tunnel header, so this is
+/// the inner Ethernet header alone; counting the VXLAN header too makes segmentation read it
+/// as Ethernet and drop every large TCP packet.
+const INNER_L2_LEN: u64 = ETH_HEADER_LEN as u64;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`, which the bindings lack: the length sits in the top byte.
 const ENCAP_L2_FLAG: u64 = (INNER_L2_LEN & 0xff) << 56;
 /// Marks the new headers as a UDP tunnel over IPv4 carrying Ethernet, so GSO can still

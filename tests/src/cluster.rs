@@ -7,7 +7,7 @@
 //! ```
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{etcd::Etcd, netns::Netns, require_root, scratch::ScratchDir, tls};
 
@@ -27,6 +27,16 @@ pub struct Host {
 impl Host {
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
+    }
+
+    /// The MAC of the host's flannel.1.
+    pub fn vtep_mac(&self) -> Result<String> {
+        let link = self.netns.ip(&["-o", "link", "show", "flannel.1"])?;
+        link.split_whitespace()
+            .skip_while(|word| *word != "link/ether")
+            .nth(1)
+            .map(str::to_string)
+            .context("flannel.1 has no MAC")
     }
 
     /// Where this host's agent pins its maps and links: bpffs is shared by every namespace,

@@ -1,6 +1,7 @@
 //! Test harness: hand-built frames, network namespaces that clean up after themselves, a real
 //! etcd, agent processes, and the checks every privileged test makes first.
 pub mod agent;
+pub mod capture;
 pub mod cluster;
 pub mod dataplane;
 pub mod etcd;
@@ -9,6 +10,7 @@ pub mod netns;
 pub mod process;
 pub mod scratch;
 pub mod seed;
+pub mod stock_flannel;
 pub mod tls;
 pub mod wait;
 

@@ -20,6 +20,8 @@ pub const SUBNET1: &str = "10.2.41.0/24";
 pub const SUBNET2: &str = "10.2.54.0/24";
 pub const BBOX1: &str = "10.2.41.2";
 pub const BBOX2: &str = "10.2.54.2";
+/// FLANNEL_MTU for a 1500-byte underlay.
+const CONTAINER_MTU: &str = "1450";
 
 /// A container: a namespace whose eth0 is a veth into its host's bridge.
 pub struct Container {
@@ -44,6 +46,10 @@ impl Container {
             &format!("{address}/24"),
             &gateway,
         )?;
+        // As `dockerd --mtu=${FLANNEL_MTU}` sets it: the overlay's MTU.
+        host.netns
+            .ip(&["link", "set", &format!("veth-{name}"), "mtu", CONTAINER_MTU])?;
+        netns.ip(&["link", "set", "eth0", "mtu", CONTAINER_MTU])?;
         Ok(Self {
             address: address.to_string(),
             netns,

@@ -261,6 +261,11 @@ fn renewal_keeps_a_short_lease_alive_and_a_killed_agent_s_lease_expires() -> Res
 fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
     let mut cluster = Cluster::new("events")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A reservation keeps the agent off the subnets this test writes.
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.41.0/24"),
+        r#"{"PublicIP":"172.20.62.104"}"#,
+    )?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     agent.wait_ready()?;
 
@@ -311,6 +316,11 @@ fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
 fn malformed_records_are_skipped_and_valid_ones_still_processed() -> Result<()> {
     let mut cluster = Cluster::new("malformed")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A reservation keeps the agent off the subnets the malformed records use.
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.41.0/24"),
+        r#"{"PublicIP":"172.20.62.104"}"#,
+    )?;
     let malformed = |round: u8| {
         [
             (format!("{PREFIX}/subnets/10.2.{round}0.0-24"), "{not json".to_string()),
@@ -379,6 +389,11 @@ fn malformed_records_are_skipped_and_valid_ones_still_processed() -> Result<()> 
 fn the_watch_survives_an_etcd_restart_and_a_compaction_while_disconnected() -> Result<()> {
     let mut cluster = Cluster::new("watch-resync")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A reservation keeps the agent off the subnets this test writes.
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.41.0/24"),
+        r#"{"PublicIP":"172.20.62.104"}"#,
+    )?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     agent.wait_ready()?;
     for (subnet, address) in [

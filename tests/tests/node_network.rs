@@ -8,6 +8,7 @@ use overlay_tests::{
     cluster::{Cluster, Host, PREFIX},
     process::Process,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
+    stock_flannel::{self, Peer},
     wait::wait_for,
 };
 
@@ -21,15 +22,6 @@ fn tx_packets(host: &Host, device: &str) -> Result<u64> {
         &format!("/sys/class/net/{device}/statistics/tx_packets"),
     ])?;
     counter.trim().parse().context("tx_packets is not a number")
-}
-
-fn vtep_mac(host: &Host) -> Result<String> {
-    let link = host.netns.ip(&["-o", "link", "show", "flannel.1"])?;
-    link.split_whitespace()
-        .skip_while(|word| *word != "link/ether")
-        .nth(1)
-        .map(str::to_string)
-        .context("flannel.1 has no MAC")
 }
 
 #[test]
@@ -67,13 +59,14 @@ fn the_seed_topology_behaves_as_the_document_shows() -> Result<()> {
         "vxlan id 1 local 172.20.62.104 dev eth0",
         "dstport 8472",
         "nolearning",
+        "noudpcsum",
     ] {
         assert!(
             device.contains(attribute),
             "flannel.1 lacks {attribute:?}:\n{device}"
         );
     }
-    let mac = vtep_mac(&seed.host1)?;
+    let mac = seed.host1.vtep_mac()?;
     let first_octet = u8::from_str_radix(&mac[..2], 16)?;
     assert_eq!(
         first_octet & 0x03,
@@ -102,7 +95,7 @@ fn the_seed_topology_behaves_as_the_document_shows() -> Result<()> {
     assert!(
         neighbours.contains(&format!(
             "10.2.54.0 lladdr {} PERMANENT",
-            vtep_mac(&seed.host2)?
+            seed.host2.vtep_mac()?
         )),
         "{neighbours}"
     );
@@ -113,7 +106,7 @@ fn the_seed_topology_behaves_as_the_document_shows() -> Result<()> {
     assert!(
         fdb.contains(&format!(
             "{} dst {HOST2} self permanent",
-            vtep_mac(&seed.host2)?
+            seed.host2.vtep_mac()?
         )),
         "{fdb}"
     );
@@ -142,7 +135,7 @@ fn containers_on_one_host_talk_through_docker0_alone() -> Result<()> {
 #[test]
 fn deleted_devices_and_entries_come_back() -> Result<()> {
     let seed = Seed::start("self-heal", KERNEL)?;
-    let mac = vtep_mac(&seed.host1)?;
+    let mac = seed.host1.vtep_mac()?;
 
     seed.host1.netns.ip(&["link", "del", "flannel.1"])?;
     wait_for("flannel.1 to come back", HEAL_TIMEOUT, || {
@@ -153,7 +146,7 @@ fn deleted_devices_and_entries_come_back() -> Result<()> {
             .is_ok_and(|route| route.contains("flannel.1")))
     })?;
     assert_eq!(
-        vtep_mac(&seed.host1)?,
+        seed.host1.vtep_mac()?,
         mac,
         "the VTEP MAC survives the device"
     );
@@ -300,7 +293,7 @@ fn an_incompatible_vxlan_device_is_recreated() -> Result<()> {
 #[test]
 fn a_removed_lease_takes_its_entries_along() -> Result<()> {
     let mut seed = Seed::start("lease-removed", KERNEL)?;
-    let mac2 = vtep_mac(&seed.host2)?;
+    let mac2 = seed.host2.vtep_mac()?;
     seed.agent2.process.kill();
     seed.cluster
         .etcd
@@ -325,7 +318,7 @@ fn a_removed_lease_takes_its_entries_along() -> Result<()> {
 #[test]
 fn a_changed_vtep_mac_leaves_no_stale_entry() -> Result<()> {
     let mut seed = Seed::start("mac-change", KERNEL)?;
-    let old_mac = vtep_mac(&seed.host2)?;
+    let old_mac = seed.host2.vtep_mac()?;
     // host2 comes back with a new VTEP: its device is gone and its record names a new MAC,
     // which the restarted agent adopts.
     seed.agent2.process.kill();
@@ -358,7 +351,7 @@ fn a_changed_vtep_mac_leaves_no_stale_entry() -> Result<()> {
     seed.agent2 = Agent::start(&seed.cluster, &seed.host2, KERNEL)?;
     assert_eq!(seed.agent2.wait_ready()?, SUBNET2);
     assert_eq!(
-        vtep_mac(&seed.host2)?,
+        seed.host2.vtep_mac()?,
         new_mac,
         "the agent takes the MAC its record names"
     );
@@ -402,95 +395,6 @@ fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
     Ok(())
 }
 
-/// Configures `host` exactly as stock flannel's vxlan backend would for `subnet`, with
-/// `remote` as its one peer, and writes its lease in flannel's format. No agent involved.
-fn configure_like_stock_flannel(
-    cluster: &Cluster,
-    host: &Host,
-    subnet_prefix: &str,
-    mac: &str,
-    remote: (&str, &str, &str),
-) -> Result<()> {
-    let (remote_subnet, remote_ip, remote_mac) = remote;
-    let ns = &host.netns;
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "address",
-        mac,
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &host.address,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450", "up"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{subnet_prefix}.0/32"),
-        "dev",
-        "flannel.1",
-    ])?;
-    ns.ip(&["link", "add", "docker0", "type", "bridge"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{subnet_prefix}.1/24"),
-        "dev",
-        "docker0",
-    ])?;
-    ns.ip(&["link", "set", "docker0", "up"])?;
-    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    let gateway = remote_subnet.trim_end_matches("/24");
-    ns.ip(&[
-        "neigh",
-        "add",
-        gateway,
-        "lladdr",
-        remote_mac,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ])?;
-    ns.exec(&[
-        "bridge",
-        "fdb",
-        "append",
-        remote_mac,
-        "dev",
-        "flannel.1",
-        "dst",
-        remote_ip,
-    ])?;
-    ns.ip(&[
-        "route",
-        "add",
-        remote_subnet,
-        "via",
-        gateway,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ])?;
-    let record = format!(
-        r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
-        host.address
-    );
-    cluster.etcd.put(
-        &cluster.subnet_key(&format!("{subnet_prefix}.0/24")),
-        &record,
-    )
-}
-
 #[test]
 fn a_kernel_mode_agent_and_a_stock_flannel_host_interoperate() -> Result<()> {
     let mut cluster = Cluster::new("interop-kernel")?;
@@ -502,14 +406,13 @@ fn a_kernel_mode_agent_and_a_stock_flannel_host_interoperate() -> Result<()> {
     let host2 = cluster.add_host("host2", HOST2)?;
     let mut agent1 = Agent::start(&cluster, &host1, KERNEL)?;
     assert_eq!(agent1.wait_ready()?, SUBNET1);
-    let agent_mac = vtep_mac(&host1)?;
-    configure_like_stock_flannel(
-        &cluster,
-        &host2,
-        "10.2.54",
-        "1a:4b:d7:f7:16:89",
-        (SUBNET1, HOST1, &agent_mac),
-    )?;
+    let agent_mac = host1.vtep_mac()?;
+    let peer = Peer {
+        subnet: SUBNET1,
+        public_ip: HOST1,
+        vtep_mac: &agent_mac,
+    };
+    stock_flannel::configure(&cluster, &host2, SUBNET2, "1a:4b:d7:f7:16:89", &[peer])?;
     agent1.wait_for_log(
         &format!("lease added: {SUBNET2} via {HOST2} (VTEP 1a:4b:d7:f7:16:89)"),
         1,

@@ -74,6 +74,8 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
         .local(spec.local)
         .port(spec.port)
         .learning(false)
+        // flannel's wire format carries a zero outer UDP checksum.
+        .udp_csum(false)
         .mtu(spec.mtu)
         .append_extra_attribute(LinkAttribute::Address(spec.mac.0.to_vec()))
         .build();
@@ -101,6 +103,7 @@ fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
         && has(&InfoVxlan::Link(spec.uplink_index))
         && has(&InfoVxlan::Port(spec.port))
         && has(&InfoVxlan::Learning(false))
+        && has(&InfoVxlan::UDPCsum(false))
 }
 
 /// flannel sets accept_ra to 0 on the device; without IPv6 in the namespace there is nothing

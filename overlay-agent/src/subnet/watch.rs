@@ -25,6 +25,8 @@ pub struct LeaseWatcher {
     own: Lease,
     known: HashMap<Ipv4Network, Lease>,
     next_revision: i64,
+    /// Whether `known` reflects a listing the watch can continue from.
+    listed: bool,
 }
 
 /// Why following the watch stream stopped without an error of its own.
@@ -43,22 +45,36 @@ impl LeaseWatcher {
             own,
             known: HashMap::new(),
             next_revision: 0,
+            listed: false,
         }
     }
 
-    /// Reports every other host's lease as added, then every change, until the receiver is
-    /// dropped. Returns an error only when this host's own lease is revoked.
+    /// Lists every other host's lease once, before the watch runs, so the agent can build the
+    /// node network from the whole picture and never removes what is still leased.
+    pub async fn initial_leases(&mut self) -> Result<Vec<Lease>> {
+        let events = self.resync().await?;
+        Ok(events
+            .into_iter()
+            .filter_map(|event| match event {
+                LeaseEvent::Added(lease) | LeaseEvent::Changed(lease) => Some(lease),
+                LeaseEvent::Removed(_) => None,
+            })
+            .collect())
+    }
+
+    /// Reports every change after the initial listing (every lease as added, if nobody took
+    /// that), until the receiver is dropped. Returns an error only when this host's own lease
+    /// is revoked.
     pub async fn run(mut self, events: mpsc::Sender<LeaseEvent>) -> Result<()> {
         let mut backoff = BACKOFF_FIRST;
-        let mut listed = false;
         loop {
-            let outcome = if listed {
+            let outcome = if self.listed {
                 self.follow(&events).await
             } else {
-                self.resync(&events).await.map(|()| {
-                    listed = true;
-                    None
-                })
+                match self.resync().await {
+                    Ok(changes) => send_all(&events, changes).await.map(|()| None),
+                    Err(error) => Err(error),
+                }
             };
             match outcome {
                 Ok(None) => backoff = BACKOFF_FIRST,
@@ -67,7 +83,7 @@ impl LeaseWatcher {
                         "etcd compacted past revision {}; re-listing",
                         self.next_revision
                     );
-                    listed = false;
+                    self.listed = false;
                 }
                 Ok(Some(Interruption::Closed)) => return Ok(()),
                 Err(error) if error.is::<LeaseRevoked>() => return Err(error),
@@ -81,8 +97,8 @@ impl LeaseWatcher {
         }
     }
 
-    /// Lists every record and reports the difference to what was reported before.
-    async fn resync(&mut self, events: &mpsc::Sender<LeaseEvent>) -> Result<()> {
+    /// Lists every record; returns the difference to what was known before.
+    async fn resync(&mut self) -> Result<Vec<LeaseEvent>> {
         let listing = self.registry.list().await?;
         let own_key_present = listing
             .records
@@ -104,16 +120,18 @@ impl LeaseWatcher {
             .filter(|subnet| !current.contains_key(subnet))
             .copied()
             .collect();
-        for subnet in gone {
-            if let Some(lease) = self.known.remove(&subnet) {
-                send(events, LeaseEvent::Removed(lease)).await?;
-            }
-        }
-        for lease in current.into_values() {
-            self.remember(lease, events).await?;
-        }
+        let mut changes: Vec<LeaseEvent> = gone
+            .into_iter()
+            .filter_map(|subnet| self.forget(subnet))
+            .collect();
+        changes.extend(
+            current
+                .into_values()
+                .filter_map(|lease| self.remember(lease)),
+        );
         self.next_revision = listing.revision + 1;
-        Ok(())
+        self.listed = true;
+        Ok(changes)
     }
 
     /// Applies watch events until the stream breaks. `Ok(None)` means a response arrived and
@@ -138,7 +156,9 @@ impl LeaseWatcher {
             }
             for event in response.events() {
                 if let Some(revision) = event.kv().map(|kv| kv.mod_revision()) {
-                    self.apply(event, events).await?;
+                    if let Some(change) = self.apply(event)? {
+                        send_all(events, [change]).await?;
+                    }
                     self.next_revision = revision + 1;
                 }
             }
@@ -148,9 +168,10 @@ impl LeaseWatcher {
         }
     }
 
-    async fn apply(&mut self, event: &Event, events: &mpsc::Sender<LeaseEvent>) -> Result<()> {
+    /// Updates what is known from one watch event; returns the change to report, if any.
+    fn apply(&mut self, event: &Event) -> Result<Option<LeaseEvent>> {
         let Some(kv) = event.kv() else {
-            return Ok(());
+            return Ok(None);
         };
         let record = Record {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -162,7 +183,7 @@ impl LeaseWatcher {
             return if revoked {
                 Err(LeaseRevoked(self.own.subnet).into())
             } else {
-                Ok(())
+                Ok(None)
             };
         }
         let Some(subnet) = subnet_from_key(self.registry.prefix(), &record.key) else {
@@ -170,41 +191,31 @@ impl LeaseWatcher {
                 "skipping record {}: the key does not end in a subnet such as 10.2.54.0-24",
                 record.key
             );
-            return Ok(());
+            return Ok(None);
         };
-        match event.event_type() {
+        Ok(match event.event_type() {
             EventType::Put => match self.parse_remote_logged(&record) {
-                Some(lease) => self.remember(lease, events).await,
-                None => self.forget(subnet, events).await,
+                Some(lease) => self.remember(lease),
+                None => self.forget(subnet),
             },
-            EventType::Delete => self.forget(subnet, events).await,
-        }
+            EventType::Delete => self.forget(subnet),
+        })
     }
 
-    /// Records `lease` and reports it if it is new or its attributes changed (a renewal only
-    /// moves it to another etcd lease, which nobody downstream cares about).
-    async fn remember(&mut self, lease: Lease, events: &mpsc::Sender<LeaseEvent>) -> Result<()> {
-        let event = match self.known.get(&lease.subnet) {
+    /// Records `lease`; returns the change if it is new or its attributes changed (a renewal
+    /// only moves it to another etcd lease, which nobody downstream cares about).
+    fn remember(&mut self, lease: Lease) -> Option<LeaseEvent> {
+        let change = match self.known.get(&lease.subnet) {
             None => Some(LeaseEvent::Added(lease.clone())),
             Some(known) if known.attrs != lease.attrs => Some(LeaseEvent::Changed(lease.clone())),
             Some(_) => None,
         };
         self.known.insert(lease.subnet, lease);
-        match event {
-            Some(event) => send(events, event).await,
-            None => Ok(()),
-        }
+        change
     }
 
-    async fn forget(
-        &mut self,
-        subnet: Ipv4Network,
-        events: &mpsc::Sender<LeaseEvent>,
-    ) -> Result<()> {
-        match self.known.remove(&subnet) {
-            Some(lease) => send(events, LeaseEvent::Removed(lease)).await,
-            None => Ok(()),
-        }
+    fn forget(&mut self, subnet: Ipv4Network) -> Option<LeaseEvent> {
+        self.known.remove(&subnet).map(LeaseEvent::Removed)
     }
 
     fn is_own(&self, record: &Record) -> bool {
@@ -229,9 +240,15 @@ impl LeaseWatcher {
     }
 }
 
-async fn send(events: &mpsc::Sender<LeaseEvent>, event: LeaseEvent) -> Result<()> {
-    events
-        .send(event)
-        .await
-        .map_err(|_| anyhow!("lease event receiver is gone"))
+async fn send_all(
+    events: &mpsc::Sender<LeaseEvent>,
+    changes: impl IntoIterator<Item = LeaseEvent>,
+) -> Result<()> {
+    for change in changes {
+        events
+            .send(change)
+            .await
+            .map_err(|_| anyhow!("lease event receiver is gone"))?;
+    }
+    Ok(())
 }

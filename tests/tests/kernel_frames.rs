@@ -1,15 +1,23 @@
-//! The uplink XDP program attached to a real interface, seeing real traffic: host1 sends
-//! through kernel VXLAN devices (flannel's own wire format) and plain sockets, and host2's
-//! counters must account for every frame. host2 knows no peer, so its program must refuse
-//! host1's VXLAN while the rest passes.
+//! Our programs against frames the kernel's own vxlan device makes, on real interfaces: host1
+//! sends through flannel-style kernel VXLAN devices and plain sockets.
+//! - The uplink XDP program on host2 accounts for every frame, and, knowing no peer, refuses
+//!   host1's VXLAN while the rest passes.
+//! - The frame our tc program builds is the kernel's, byte for byte, but for the outer UDP
+//!   source port, IP ID and IP checksum; our XDP program turns it back into the inner frame.
 use anyhow::Result;
 use overlay_agent::dataplane::XdpModeChoice;
 use overlay_common::Counter;
 use overlay_tests::{
-    dataplane::{HOST2, dataplane_of},
+    capture::capture_one,
+    dataplane::{HOST1, HOST2, TC_ACT_REDIRECT, XDP_PASS, dataplane_of, run_tc, run_xdp},
+    frames::*,
     netns::Netns,
     require_root,
 };
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|octet| format!("{octet:02x}")).join(":")
+}
 
 /// Two hosts joined by a veth pair, with the seed's underlay addresses.
 struct TwoHosts {
@@ -49,7 +57,7 @@ impl TwoHosts {
     fn add_vxlan_route(&self, vni: &str, remote_subnet: &str, remote_gateway: &str) -> Result<()> {
         let host1 = &self.host1;
         let device = format!("vx{vni}");
-        let vtep_mac = "1a:4b:d7:f7:16:89";
+        let vtep_mac = &mac_text(HOST2_VTEP_MAC);
         host1.ip(&[
             "link",
             "add",
@@ -65,8 +73,16 @@ impl TwoHosts {
             "dstport",
             "8472",
             "nolearning",
+            "noudpcsum",
         ])?;
-        host1.ip(&["link", "set", &device, "up"])?;
+        host1.ip(&[
+            "link",
+            "set",
+            &device,
+            "address",
+            &mac_text(HOST1_VTEP_MAC),
+            "up",
+        ])?;
         host1.ip(&[
             "neigh",
             "add",
@@ -179,6 +195,66 @@ fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
     assert!(
         replies.status.success(),
         "XDP_PASS must leave host2 reachable"
+    );
+    Ok(())
+}
+
+#[test]
+fn our_frames_are_the_kernel_s_frames() -> Result<()> {
+    require_root()?;
+    let hosts = TwoHosts::new()?;
+    hosts.add_vxlan_route("1", "10.2.54.0/24", "10.2.54.0")?;
+    hosts
+        .host1
+        .ip(&["addr", "add", "10.2.41.0/32", "dev", "vx1"])?;
+    let kernel = capture_one(&hosts.host2, "eth0", "udp port 8472", || {
+        hosts.host1.exec_unchecked(&[
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-p",
+            "6f7665726c6179",
+            "10.2.54.2",
+        ])?;
+        Ok(())
+    })?;
+    let inner = &kernel[50..];
+    assert_eq!(
+        inner[..12],
+        [HOST2_VTEP_MAC, HOST1_VTEP_MAC].concat(),
+        "the kernel's inner Ethernet header"
+    );
+
+    let ours = run_tc(&dataplane_of(&HOST1, &[&HOST2])?, inner)?;
+    assert_eq!(ours.verdict, TC_ACT_REDIRECT);
+    assert_eq!(ours.frame.len(), kernel.len());
+    // IP ID (18..20), IP checksum (24..26), UDP source port (34..36) may differ; the outer
+    // Ethernet header (0..14) is filled by bpf_redirect_neigh when the packet leaves.
+    let masked = |frame: &[u8]| {
+        let mut frame = frame[14..].to_vec();
+        for byte in [4, 5, 10, 11, 20, 21] {
+            frame[byte] = 0;
+        }
+        frame
+    };
+    assert_eq!(
+        masked(&ours.frame),
+        masked(&kernel),
+        "\nours:   {:02x?}\nkernel: {:02x?}",
+        &ours.frame[14..50],
+        &kernel[14..50]
+    );
+
+    let delivered = run_xdp(&dataplane_of(&HOST2, &[&HOST1])?, &kernel)?;
+    assert_eq!(delivered.verdict, XDP_PASS);
+    let mut expected = inner.to_vec();
+    expected[..6].copy_from_slice(&HOST2_MAC);
+    assert_eq!(
+        delivered.frame, expected,
+        "the inner frame, addressed to host2's uplink"
     );
     Ok(())
 }

@@ -1,0 +1,78 @@
+//! Capturing a real frame off an interface with tcpdump, as bytes.
+use std::{
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::netns::Netns;
+
+const PCAP_HEADER_LEN: usize = 24;
+const RECORD_HEADER_LEN: usize = 16;
+const TIMEOUT: Duration = Duration::from_secs(15);
+const TRAFFIC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The first frame matching the tcpdump `filter` on `interface` of `netns`; `traffic` is
+/// called repeatedly until one is caught (tcpdump may not be listening at the first call).
+pub fn capture_one(
+    netns: &Netns,
+    interface: &str,
+    filter: &str,
+    mut traffic: impl FnMut() -> Result<()>,
+) -> Result<Vec<u8>> {
+    let mut tcpdump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns.name(),
+            "tcpdump",
+            "-i",
+            interface,
+            "-c",
+            "1",
+            "-U",
+            "-w",
+            "-",
+            filter,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start tcpdump")?;
+    let deadline = Instant::now() + TIMEOUT;
+    while tcpdump.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = tcpdump.kill();
+            bail!("tcpdump caught nothing matching {filter:?} on {interface} within {TIMEOUT:?}");
+        }
+        traffic()?;
+        sleep(TRAFFIC_INTERVAL);
+    }
+    let output = tcpdump.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "tcpdump failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    first_record(&output.stdout)
+}
+
+/// The first packet of a little-endian pcap file.
+fn first_record(pcap: &[u8]) -> Result<Vec<u8>> {
+    ensure!(
+        pcap.len() >= PCAP_HEADER_LEN + RECORD_HEADER_LEN,
+        "the capture is empty"
+    );
+    ensure!(
+        pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1],
+        "not a little-endian pcap file"
+    );
+    let length_at = PCAP_HEADER_LEN + 8;
+    let length = u32::from_le_bytes(pcap[length_at..length_at + 4].try_into()?) as usize;
+    let start = PCAP_HEADER_LEN + RECORD_HEADER_LEN;
+    pcap.get(start..start + length)
+        .map(<[u8]>::to_vec)
+        .context("the capture ends inside its first packet")
+}
