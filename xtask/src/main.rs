@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything from a fresh Debian machine to a tested build.
 mod build;
 mod cmd;
+mod demo;
 mod setup;
 mod test;
 
@@ -27,6 +28,12 @@ enum Task {
     },
     /// Setup, build, formatting and lint checks, then every test in the workspace.
     Test,
+    /// The seed document, live: two hosts, three containers, etcd, our dataplane.
+    Demo {
+        /// Run the checks, tear down and exit with their status instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +42,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(&root),
         Task::Build { release } => build::run(&root, release),
         Task::Test => test::run(&root),
+        Task::Demo { once } => demo::run(&root, once),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

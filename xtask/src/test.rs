@@ -1,4 +1,4 @@
-//! `cargo xtask test`: setup, build, format and lint checks, then every test.
+//! `cargo xtask test`: setup, build, format and lint checks, every test, then the demo once.
 use std::path::Path;
 
 use anyhow::Result;
@@ -29,8 +29,21 @@ pub fn run(root: &Path) -> Result<()> {
             .arg("test")
             .args(package_args())
             .arg("--all-features"),
-    )
+    )?;
+    println!("\nThe demo, once, as a user would run it:");
+    cmd::run(cmd::cargo().current_dir(root).args(DEMO_ONCE))
 }
+
+const DEMO_ONCE: &[&str] = &[
+    "run",
+    "--quiet",
+    "--package",
+    "overlay-tests",
+    "--bin",
+    "overlay-demo",
+    "--",
+    "--once",
+];
 
 fn package_args() -> Vec<&'static str> {
     USERSPACE_CRATES
