@@ -1,0 +1,320 @@
+//! The network under trouble, in namespaces with a real etcd: hosts joining and dying, etcd
+//! going away, agents restarting under load, hostile input.
+use std::{
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use overlay_agent::dataplane::pins::PinnedDataplane;
+use overlay_common::Counter;
+use overlay_tests::{
+    agent::Agent,
+    cluster::{Cluster, Host, PREFIX},
+    process::Process,
+    seed::{BBOX2, Container, HOST2, SUBNET2, Seed},
+    wait::wait_for,
+};
+
+const HOST3: &str = "172.20.62.106";
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Whether `host` has a route, a neighbour entry and a map entry for `subnet`.
+fn knows(host: &Host, subnet: &str) -> Result<bool> {
+    let gateway = subnet.trim_end_matches("/24");
+    let neighbours = host.netns.ip(&["neigh", "show", "dev", "flannel.1"])?;
+    let mapped = PinnedDataplane::open(&host.pin_dir())?
+        .subnet_entries()?
+        .contains_key(&subnet.parse()?);
+    Ok(
+        host.netns.has_route(subnet)?
+            && neighbours.contains(&format!("{gateway} lladdr"))
+            && mapped,
+    )
+}
+
+/// Whether `host` has none of the entries for `subnet`.
+fn forgot(host: &Host, subnet: &str) -> Result<bool> {
+    let gateway = subnet.trim_end_matches("/24");
+    let neighbours = host.netns.ip(&["neigh", "show", "dev", "flannel.1"])?;
+    let mapped = PinnedDataplane::open(&host.pin_dir())?
+        .subnet_entries()?
+        .contains_key(&subnet.parse()?);
+    Ok(!host.netns.has_route(subnet)?
+        && !neighbours.contains(&format!("{gateway} lladdr"))
+        && !mapped)
+}
+
+/// A background `ping -i 0.01` (100 packets a second) from `from` to `to`, `count` packets.
+fn steady_ping(cluster: &Cluster, from: &Container, to: &str, count: u32) -> Result<Process> {
+    let log = cluster
+        .scratch
+        .path()
+        .join(format!("ping-{}-{to}.log", from.address));
+    let args = ["-n", "-q", "-i", "0.01", "-c", &count.to_string(), to].map(String::from);
+    Process::spawn(from.netns.name(), "ping".as_ref(), &args, &[], &log)
+}
+
+fn assert_no_loss(mut ping: Process, count: u32) -> Result<()> {
+    ping.wait_exit(Duration::from_secs(u64::from(count) / 50 + 30))?;
+    let summary = format!("{count} packets transmitted, {count} received, 0% packet loss");
+    assert!(ping.log().contains(&summary), "{}", ping.log());
+    Ok(())
+}
+
+fn flannel_record(address: &str, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+#[test]
+fn three_hosts_form_one_network_without_name_resolution() -> Result<()> {
+    let mut seed = Seed::start("mesh", &[])?;
+    let host3 = seed.cluster.add_host("host3", HOST3)?;
+    let mut agent3 = Agent::start(&seed.cluster, &host3, &[])?;
+    let subnet3 = agent3.wait_ready()?;
+    for host in [&seed.host1, &seed.host2] {
+        wait_for("the new host's route", EVENT_TIMEOUT, || {
+            host.netns.has_route(&subnet3)
+        })?;
+    }
+    let bbox3 = Container::attach(&host3, "bbox3", &subnet3.replace(".0/24", ".2"))?;
+    let containers = [&seed.bbox1, &seed.bbox2, &bbox3];
+    for from in containers {
+        for to in containers {
+            if from.address != to.address {
+                assert!(
+                    from.ping(&to.address, 1)?.contains("ttl=62"),
+                    "{} to {}",
+                    from.address,
+                    to.address
+                );
+            }
+        }
+    }
+    // No DNS: another container's name resolves to nothing.
+    let lookup = seed
+        .bbox1
+        .netns
+        .exec_unchecked(&["getent", "hosts", "bbox2"])?;
+    assert!(
+        !lookup.status.success() && lookup.stdout.is_empty(),
+        "bbox2 must not resolve"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_joining_host_is_reachable_within_two_seconds_of_its_lease() -> Result<()> {
+    let mut seed = Seed::start("join", &[])?;
+    let host3 = seed.cluster.add_host("host3", HOST3)?;
+    let key = seed.cluster.subnet_key("10.2.63.0/24");
+    seed.cluster
+        .etcd
+        .put(&key, &format!(r#"{{"PublicIP":"{HOST3}"}}"#))?;
+    let mut agent3 = Agent::start(&seed.cluster, &host3, &[])?;
+    assert_eq!(agent3.wait_ready()?, "10.2.63.0/24");
+    let leased = Instant::now();
+    let bbox3 = Container::attach(&host3, "bbox3", "10.2.63.2")?;
+    wait_for(
+        "bbox1 and bbox2 to reach the new host",
+        Duration::from_secs(2),
+        || {
+            Ok(seed.bbox1.ping(&bbox3.address, 1).is_ok()
+                && seed.bbox2.ping(&bbox3.address, 1).is_ok())
+        },
+    )
+    .with_context(|| format!("{:?} after the lease", leased.elapsed()))?;
+    Ok(())
+}
+
+#[test]
+fn a_dead_host_s_entries_vanish_within_its_ttl_and_two_seconds() -> Result<()> {
+    let ttl = ["--subnet-lease-ttl=5s"];
+    let mut seed = Seed::start("death", &ttl)?;
+    let host3 = seed.cluster.add_host("host3", HOST3)?;
+    let mut agent3 = Agent::start(&seed.cluster, &host3, &ttl)?;
+    let subnet3 = agent3.wait_ready()?;
+    for host in [&seed.host1, &seed.host2] {
+        wait_for("the new host's entries", EVENT_TIMEOUT, || {
+            knows(host, &subnet3)
+        })?;
+    }
+    agent3.process.kill();
+    let killed = Instant::now();
+    for host in [&seed.host1, &seed.host2] {
+        let left = Duration::from_secs(7).saturating_sub(killed.elapsed());
+        wait_for(
+            &format!("{} to forget the dead host", host.name),
+            left,
+            || forgot(host, &subnet3),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn forwarding_outlives_an_etcd_outage_and_the_agents_catch_up() -> Result<()> {
+    let mut seed = Seed::start("etcd-down", &[])?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 3600)?;
+    sleep(Duration::from_secs(1));
+    seed.cluster.etcd.stop();
+    sleep(Duration::from_secs(30));
+    seed.cluster.etcd.restart()?;
+    seed.cluster.etcd.put(
+        &seed.cluster.subnet_key("10.2.77.0/24"),
+        &flannel_record("172.20.62.177", "1a:4b:d7:f7:16:77"),
+    )?;
+    let added = Instant::now();
+    for host in [&seed.host1, &seed.host2] {
+        let left = Duration::from_secs(2).saturating_sub(added.elapsed());
+        wait_for(
+            &format!("{} to learn the new lease", host.name),
+            left,
+            || knows(host, "10.2.77.0/24"),
+        )?;
+    }
+    assert_no_loss(ping, 3600)
+}
+
+#[test]
+fn restarting_every_agent_under_load_loses_no_ping() -> Result<()> {
+    let mut seed = Seed::start("upgrade", &[])?;
+    let log = seed.cluster.scratch.path().join("iperf3-server.log");
+    let _server = Process::spawn(
+        seed.bbox2.netns.name(),
+        "iperf3".as_ref(),
+        &["-s".into()],
+        &[],
+        &log,
+    )?;
+    wait_for("iperf3 in bbox2", EVENT_TIMEOUT, || {
+        Ok(seed.bbox2.netns.exec(&["ss", "-ltn"])?.contains(":5201"))
+    })?;
+    let log = seed.cluster.scratch.path().join("iperf3-client.log");
+    // Steady load below what saturates the veths here, so a lost ping means a restart lost it.
+    let client_args = ["-c", BBOX2, "-t", "12", "-b", "200M"].map(String::from);
+    let mut client = Process::spawn(
+        seed.bbox1.netns.name(),
+        "iperf3".as_ref(),
+        &client_args,
+        &[],
+        &log,
+    )?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 1000)?;
+    sleep(Duration::from_secs(2));
+    for host in 1..=2 {
+        let (agent, node) = if host == 1 {
+            (&mut seed.agent1, &seed.host1)
+        } else {
+            (&mut seed.agent2, &seed.host2)
+        };
+        assert!(agent.process.terminate(EVENT_TIMEOUT)?.success());
+        *agent = Agent::start(&seed.cluster, node, &[])?;
+        agent.wait_ready()?;
+    }
+    assert_no_loss(ping, 1000)?;
+    assert!(
+        client.wait_exit(Duration::from_secs(30))?.success(),
+        "{}",
+        client.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
+    let mut seed = Seed::start("hostile", &[])?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 800)?;
+    seed.cluster.etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network": 5, "Backend": "udp"}"#,
+    )?;
+    seed.cluster
+        .etcd
+        .put(&seed.cluster.subnet_key("10.2.99.0/24"), "{not json")?;
+
+    // A non-member floods host2 with VXLAN for our port and VNI, through a kernel vxlan device.
+    let intruder = seed.cluster.add_host("intruder", "172.20.62.66")?;
+    let ns = &intruder.netns;
+    ns.ip(&[
+        "link",
+        "add",
+        "vx",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        "172.20.62.66",
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])?;
+    ns.ip(&["link", "set", "vx", "address", "1a:4b:d7:f7:16:66", "up"])?;
+    ns.ip(&["addr", "add", "10.2.41.9/32", "dev", "vx"])?;
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.2.54.0",
+        "lladdr",
+        &seed.host2.vtep_mac()?,
+        "dev",
+        "vx",
+        "nud",
+        "permanent",
+    ])?;
+    ns.exec(&[
+        "bridge",
+        "fdb",
+        "append",
+        &seed.host2.vtep_mac()?,
+        "dev",
+        "vx",
+        "dst",
+        HOST2,
+    ])?;
+    ns.ip(&[
+        "route",
+        "add",
+        SUBNET2,
+        "via",
+        "10.2.54.0",
+        "dev",
+        "vx",
+        "onlink",
+    ])?;
+    let before = PinnedDataplane::open(&seed.host2.pin_dir())?.counters()?;
+    let flood = "for i in $(seq 5000); do echo flood > /dev/udp/10.2.54.2/5201; done; \
+                 ping -n -c 3 -W 1 10.2.54.2";
+    let flood = ns.exec_unchecked(&["bash", "-c", flood])?;
+    let after = PinnedDataplane::open(&seed.host2.pin_dir())?.counters()?;
+
+    assert!(
+        after.get(Counter::RxUnknownVtep) - before.get(Counter::RxUnknownVtep) >= 5003,
+        "every injected frame was dropped as from an unknown VTEP: {after:?}"
+    );
+    let answered = String::from_utf8_lossy(&flood.stdout);
+    assert!(
+        answered.contains("3 packets transmitted, 0 received"),
+        "no injected ping was answered: {answered}"
+    );
+    assert_no_loss(ping, 800)?;
+    for agent in [&mut seed.agent1, &mut seed.agent2] {
+        assert!(
+            agent.process.try_exit_status()?.is_none(),
+            "the agents keep running:\n{}",
+            agent.log()
+        );
+    }
+    assert!(
+        seed.agent1
+            .log()
+            .contains(&format!("skipping record {PREFIX}/subnets/10.2.99.0-24"))
+    );
+    seed.bbox1.ping(BBOX2, 1)?;
+    Ok(())
+}
