@@ -41,7 +41,7 @@ impl Agent {
     /// host's subnet file, and `extra` flags.
     pub fn start(cluster: &Cluster, host: &Host, extra: &[&str]) -> Result<Self> {
         let mut args = vec![
-            format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+            format!("--etcd-endpoints={}", cluster.endpoints()),
             format!("--etcd-prefix={PREFIX}"),
             format!("--subnet-file={}", host.subnet_file().display()),
             format!("--bpf-pin-dir={}", host.pin_dir().display()),

@@ -55,6 +55,8 @@ impl Drop for Host {
 
 pub struct Cluster {
     pub etcd: Etcd,
+    /// Further members, when etcd runs as a cluster.
+    pub members: Vec<Etcd>,
     pub underlay: Netns,
     hosts: u32,
     pub scratch: ScratchDir,
@@ -75,16 +77,7 @@ impl Cluster {
     pub fn with_etcd(tag: &str, tls: bool, config: Option<&str>) -> Result<Self> {
         require_root()?;
         let scratch = ScratchDir::new(tag)?;
-        let underlay = Netns::new("underlay")?;
-        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
-        underlay.ip(&[
-            "addr",
-            "add",
-            &format!("{UNDERLAY_GATEWAY}/24"),
-            "dev",
-            "br0",
-        ])?;
-        underlay.ip(&["link", "set", "br0", "up"])?;
+        let underlay = underlay()?;
         let tls = if tls {
             Some(tls::generate(scratch.path(), UNDERLAY_GATEWAY)?)
         } else {
@@ -96,10 +89,42 @@ impl Cluster {
         }
         Ok(Self {
             etcd,
+            members: Vec::new(),
             underlay,
             hosts: 0,
             scratch,
         })
+    }
+
+    /// The underlay and a three-member etcd cluster (172.20.62.1, .2 and .3) holding the
+    /// seed's network config.
+    pub fn with_etcd_cluster(tag: &str) -> Result<Self> {
+        require_root()?;
+        let scratch = ScratchDir::new(tag)?;
+        let underlay = underlay()?;
+        let addresses = [UNDERLAY_GATEWAY, "172.20.62.2", "172.20.62.3"];
+        for address in &addresses[1..] {
+            underlay.ip(&["addr", "add", &format!("{address}/24"), "dev", "br0"])?;
+        }
+        let mut members = Etcd::start_cluster(underlay.name(), &addresses, scratch.path())?;
+        let etcd = members.remove(0);
+        etcd.put(&format!("{PREFIX}/config"), SEED_NETWORK_CONFIG)?;
+        Ok(Self {
+            etcd,
+            members,
+            underlay,
+            hosts: 0,
+            scratch,
+        })
+    }
+
+    /// Every etcd member's client URL, comma separated, as `--etcd-endpoints` takes them.
+    pub fn endpoints(&self) -> String {
+        std::iter::once(&self.etcd)
+            .chain(&self.members)
+            .map(Etcd::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// A host namespace whose eth0 hangs off the underlay bridge with `address`/24 and a
@@ -128,4 +153,19 @@ impl Cluster {
     pub fn subnet_key(&self, subnet: &str) -> String {
         format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
     }
+}
+
+/// The underlay namespace: a bridge carrying the underlay's gateway address.
+fn underlay() -> Result<Netns> {
+    let underlay = Netns::new("underlay")?;
+    underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+    underlay.ip(&[
+        "addr",
+        "add",
+        &format!("{UNDERLAY_GATEWAY}/24"),
+        "dev",
+        "br0",
+    ])?;
+    underlay.ip(&["link", "set", "br0", "up"])?;
+    Ok(underlay)
 }

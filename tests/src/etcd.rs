@@ -11,11 +11,20 @@ use anyhow::{Context, Result};
 use crate::{netns::run, process::Process, tls::TlsFiles, wait::wait_for};
 
 pub const ETCD_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
+
+/// `name=http://address:2380`, one entry of `--initial-cluster`.
+fn peer((name, address): (&str, &str)) -> String {
+    format!("{name}=http://{address}:{PEER_PORT}")
+}
 const STARTUP: Duration = Duration::from_secs(30);
 
 pub struct Etcd {
     netns: String,
+    name: String,
     address: String,
+    /// `--initial-cluster`: every member's name and peer URL.
+    initial_cluster: String,
     data_dir: PathBuf,
     tls: Option<TlsFiles>,
     /// "user:password" once authentication is on.
@@ -24,19 +33,71 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd listening on `address` inside `netns`, keeping its data in `dir`, and waits
-    /// until it answers.
+    /// Starts a one-member etcd listening on `address` inside `netns`, keeping its data in
+    /// `dir`, and waits until it answers.
     pub fn start(netns: &str, address: &str, dir: &Path, tls: Option<TlsFiles>) -> Result<Self> {
-        let mut etcd = Self {
+        let mut etcd = Self::member(netns, "test", address, &peer(("test", address)), dir, tls);
+        etcd.restart()?;
+        Ok(etcd)
+    }
+
+    /// Starts an etcd cluster with one member on each of `addresses` and waits until every
+    /// member answers.
+    pub fn start_cluster(netns: &str, addresses: &[&str], dir: &Path) -> Result<Vec<Self>> {
+        let names: Vec<String> = (1..=addresses.len())
+            .map(|index| format!("member{index}"))
+            .collect();
+        let initial_cluster = names
+            .iter()
+            .zip(addresses)
+            .map(|(name, address)| peer((name, address)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Self> = names
+            .iter()
+            .zip(addresses)
+            .map(|(name, address)| {
+                Self::member(
+                    netns,
+                    name,
+                    address,
+                    &initial_cluster,
+                    &dir.join(name),
+                    None,
+                )
+            })
+            .collect();
+        for member in &mut members {
+            member.spawn()?;
+        }
+        for member in &members {
+            member.wait_healthy()?;
+        }
+        Ok(members)
+    }
+
+    fn member(
+        netns: &str,
+        name: &str,
+        address: &str,
+        initial_cluster: &str,
+        dir: &Path,
+        tls: Option<TlsFiles>,
+    ) -> Self {
+        Self {
             netns: netns.to_string(),
+            name: name.to_string(),
             address: address.to_string(),
+            initial_cluster: initial_cluster.to_string(),
             data_dir: dir.join("etcd-data"),
             tls,
             credentials: None,
             process: None,
-        };
-        etcd.restart()?;
-        Ok(etcd)
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
     }
 
     pub fn endpoint(&self) -> String {
@@ -53,16 +114,22 @@ impl Etcd {
 
     /// (Re)starts etcd on the same data directory and waits until it answers.
     pub fn restart(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_healthy()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
         self.stop();
         let endpoint = self.endpoint();
+        let peer_url = format!("http://{}:{PEER_PORT}", self.address);
         let mut args = vec![
-            "--name=test".to_string(),
+            format!("--name={}", self.name),
             format!("--data-dir={}", self.data_dir.display()),
             format!("--listen-client-urls={endpoint}"),
             format!("--advertise-client-urls={endpoint}"),
-            "--listen-peer-urls=http://127.0.0.1:2380".to_string(),
-            "--initial-advertise-peer-urls=http://127.0.0.1:2380".to_string(),
-            "--initial-cluster=test=http://127.0.0.1:2380".to_string(),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={}", self.initial_cluster),
         ];
         if let Some(tls) = &self.tls {
             args.extend([
@@ -72,23 +139,31 @@ impl Etcd {
                 "--client-cert-auth".to_string(),
             ]);
         }
-        let log = self.data_dir.with_file_name("etcd.log");
+        std::fs::create_dir_all(self.log_path().parent().unwrap_or(Path::new("/tmp")))?;
         self.process = Some(Process::spawn(
             &self.netns,
             Path::new("etcd"),
             &args,
             &[],
-            &log,
+            &self.log_path(),
         )?);
+        Ok(())
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
         wait_for("etcd to answer", STARTUP, || {
             Ok(self.etcdctl(&["endpoint", "health"]).is_ok())
         })
         .with_context(|| {
             format!(
                 "etcd log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
             )
         })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.with_file_name("etcd.log")
     }
 
     /// Runs etcdctl (v3 API) against this server; returns its stdout.

@@ -105,7 +105,11 @@ pub struct Seed {
 impl Seed {
     /// Starts the seed with `agent_flags` given to both agents.
     pub fn start(tag: &str, agent_flags: &[&str]) -> Result<Self> {
-        let mut cluster = Cluster::new(tag)?;
+        Self::start_on(Cluster::new(tag)?, agent_flags)
+    }
+
+    /// Starts the seed on `cluster`, whose etcd holds the seed's network config.
+    pub fn start_on(mut cluster: Cluster, agent_flags: &[&str]) -> Result<Self> {
         for (subnet, host) in [(SUBNET1, HOST1), (SUBNET2, HOST2)] {
             cluster.etcd.put(
                 &cluster.subnet_key(subnet),

@@ -318,3 +318,52 @@ fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
     seed.bbox1.ping(BBOX2, 1)?;
     Ok(())
 }
+
+#[test]
+fn killing_the_etcd_member_an_agent_talks_to_loses_nothing() -> Result<()> {
+    let mut seed = Seed::start_on(Cluster::with_etcd_cluster("etcd-cluster")?, &[])?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 1500)?;
+    let connections =
+        seed.host1
+            .netns
+            .exec(&["ss", "-Htn", "state", "established", "( dport = :2379 )"])?;
+    let talked_to = connections
+        .lines()
+        .filter_map(|line| line.split_whitespace().last())
+        .filter_map(|peer| {
+            peer.rsplit_once(':')
+                .map(|(address, _)| address.to_string())
+        })
+        .next()
+        .context("host1's agent holds no connection to etcd")?;
+    let cluster = &mut seed.cluster;
+    let victim = std::iter::once(&mut cluster.etcd)
+        .chain(&mut cluster.members)
+        .find(|member| member.address() == talked_to)
+        .with_context(|| format!("no member at {talked_to}"))?;
+    victim.stop();
+
+    let survivor = std::iter::once(&cluster.etcd)
+        .chain(&cluster.members)
+        .find(|member| member.address() != talked_to)
+        .context("no surviving member")?;
+    survivor.put(
+        &cluster.subnet_key("10.2.77.0/24"),
+        &flannel_record("172.20.62.177", "1a:4b:d7:f7:16:77"),
+    )?;
+    for agent in [&seed.agent1, &seed.agent2] {
+        agent.wait_for_log(
+            "lease added: 10.2.77.0/24 via 172.20.62.177",
+            1,
+            EVENT_TIMEOUT,
+        )?;
+    }
+    for host in [&seed.host1, &seed.host2] {
+        wait_for(
+            &format!("{} to map the new lease", host.name),
+            EVENT_TIMEOUT,
+            || knows(host, "10.2.77.0/24"),
+        )?;
+    }
+    assert_no_loss(ping, 1500)
+}
