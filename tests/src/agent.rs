@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::{
     cluster::{Cluster, Host, PREFIX},
@@ -78,6 +78,22 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// Waits for the agent to exit and asserts it failed, saying `message`.
+    pub fn expect_failure(&mut self, message: &str) -> Result<()> {
+        let status = self.process.wait_exit(READY_TIMEOUT)?;
+        ensure!(
+            !status.success(),
+            "the agent exited successfully:\n{}",
+            self.log()
+        );
+        ensure!(
+            self.log().contains(message),
+            "the agent did not say {message:?}:\n{}",
+            self.log()
+        );
+        Ok(())
     }
 
     /// Waits until the agent's log contains `needle` at least `count` times.

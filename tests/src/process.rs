@@ -112,3 +112,16 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// An iperf3 server in `netns` (one test only with `once`), started and listening.
+pub fn iperf3_server(netns: &crate::netns::Netns, log: &Path, once: bool) -> Result<Process> {
+    let mut args = vec!["-s".to_string()];
+    if once {
+        args.push("-1".to_string());
+    }
+    let server = Process::spawn(netns.name(), Path::new("iperf3"), &args, &[], log)?;
+    wait_for("iperf3 to listen", Duration::from_secs(20), || {
+        Ok(netns.exec(&["ss", "-ltn"])?.contains(":5201"))
+    })?;
+    Ok(server)
+}

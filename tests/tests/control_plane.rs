@@ -201,13 +201,9 @@ fn an_exhausted_network_is_a_clear_error() -> Result<()> {
             .put(&format!("{PREFIX}/subnets/{subnet}"), &value)?;
     }
     let mut agent = Agent::start(&cluster, &host1, &[])?;
-    let status = agent.process.wait_exit(EXIT_TIMEOUT)?;
-    assert!(!status.success());
-    let log = agent.log();
-    assert!(
-        log.contains("no free subnet: all 3 /30 subnets of 10.3.0.0/28 between SubnetMin 10.3.0.4 and SubnetMax 10.3.0.12 are leased"),
-        "{log}"
-    );
+    agent.expect_failure(
+        "no free subnet: all 3 /30 subnets of 10.3.0.0/28 between SubnetMin 10.3.0.4 and SubnetMax 10.3.0.12 are leased",
+    )?;
     Ok(())
 }
 
@@ -217,14 +213,7 @@ fn an_invalid_network_config_names_the_field() -> Result<()> {
     let mut cluster = Cluster::with_etcd("bad-config", false, Some(config))?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
-    assert!(!agent.process.wait_exit(EXIT_TIMEOUT)?.success());
-    assert!(
-        agent
-            .log()
-            .contains("network config: SubnetLen: /31 is too long"),
-        "{}",
-        agent.log()
-    );
+    agent.expect_failure("network config: SubnetLen: /31 is too long")?;
     Ok(())
 }
 
@@ -479,15 +468,7 @@ fn deleting_the_own_record_makes_the_agent_exit_with_lease_revoked() -> Result<(
     cluster
         .etcd
         .etcdctl(&["del", &cluster.subnet_key(&subnet)])?;
-    let status = agent.process.wait_exit(EXIT_TIMEOUT)?;
-    assert!(!status.success(), "{status}");
-    assert!(
-        agent
-            .log()
-            .contains(&format!("lease revoked: the record of {subnet}")),
-        "{}",
-        agent.log()
-    );
+    agent.expect_failure(&format!("lease revoked: the record of {subnet}"))?;
     Ok(())
 }
 
@@ -637,14 +618,7 @@ fn the_uplink_is_chosen_by_iface_name_or_regex_on_a_multi_homed_host() -> Result
     }
 
     let mut missing = Agent::start(&cluster, &host1, &["--iface=wlan9"])?;
-    assert!(!missing.process.wait_exit(EXIT_TIMEOUT)?.success());
-    assert!(
-        missing
-            .log()
-            .contains("none of --iface wlan9 names an interface with an IPv4 address"),
-        "{}",
-        missing.log()
-    );
+    missing.expect_failure("none of --iface wlan9 names an interface with an IPv4 address")?;
     Ok(())
 }
 

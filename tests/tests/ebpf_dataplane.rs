@@ -9,7 +9,7 @@ use overlay_common::{Counter, Counters};
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
-    process::Process,
+    process::{Process, iperf3_server},
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
     stock_flannel::{self, Peer},
     wait::wait_for,
@@ -131,16 +131,7 @@ fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
 fn a_ten_second_tcp_transfer_goes_through_without_a_retransmission_storm() -> Result<()> {
     let seed = Seed::start("iperf", &[])?;
     let log = seed.cluster.scratch.path().join("iperf3-server.log");
-    let mut server = Process::spawn(
-        seed.bbox2.netns.name(),
-        "iperf3".as_ref(),
-        &["-s".into(), "-1".into()],
-        &[],
-        &log,
-    )?;
-    wait_for("iperf3 in bbox2", EVENT_TIMEOUT, || {
-        Ok(seed.bbox2.netns.exec(&["ss", "-ltn"])?.contains(":5201"))
-    })?;
+    let mut server = iperf3_server(&seed.bbox2.netns, &log, true)?;
     let report = seed
         .bbox1
         .netns

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
-    process::Process,
+    process::iperf3_server,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
     stock_flannel::{self, Peer},
     wait::wait_for,
@@ -456,16 +456,7 @@ fn ip_masq_lets_containers_out_and_port_mappings_in() -> Result<()> {
 
     // A container reaches the outside host, which sees host1's public IP.
     let log = seed.cluster.scratch.path().join("iperf-outside.log");
-    let mut server = Process::spawn(
-        outside.name(),
-        "iperf3".as_ref(),
-        &["-s".into(), "-1".into()],
-        &[],
-        &log,
-    )?;
-    wait_for("iperf3 on the outside host", EVENT_TIMEOUT, || {
-        Ok(outside.exec(&["ss", "-ltn"])?.contains(":5201"))
-    })?;
+    let mut server = iperf3_server(outside, &log, true)?;
     seed.bbox1
         .netns
         .exec(&["iperf3", "-c", "172.20.62.200", "-t", "1"])?;
@@ -485,16 +476,7 @@ fn ip_masq_lets_containers_out_and_port_mappings_in() -> Result<()> {
          add rule ip portmap prerouting tcp dport 8080 dnat to 10.2.54.2:5201",
     ])?;
     let log = seed.cluster.scratch.path().join("iperf-bbox2.log");
-    let mut mapped = Process::spawn(
-        seed.bbox2.netns.name(),
-        "iperf3".as_ref(),
-        &["-s".into(), "-1".into()],
-        &[],
-        &log,
-    )?;
-    wait_for("iperf3 in bbox2", EVENT_TIMEOUT, || {
-        Ok(seed.bbox2.netns.exec(&["ss", "-ltn"])?.contains(":5201"))
-    })?;
+    let mut mapped = iperf3_server(&seed.bbox2.netns, &log, true)?;
     outside.exec(&["iperf3", "-c", HOST2, "-p", "8080", "-t", "1"])?;
     mapped.wait_exit(EVENT_TIMEOUT)?;
     assert!(

@@ -11,7 +11,7 @@ use overlay_common::Counter;
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
-    process::Process,
+    process::{Process, iperf3_server},
     seed::{BBOX2, Container, HOST2, SUBNET2, Seed},
     wait::wait_for,
 };
@@ -182,16 +182,7 @@ fn forwarding_outlives_an_etcd_outage_and_the_agents_catch_up() -> Result<()> {
 fn restarting_every_agent_under_load_loses_no_ping() -> Result<()> {
     let mut seed = Seed::start("upgrade", &[])?;
     let log = seed.cluster.scratch.path().join("iperf3-server.log");
-    let _server = Process::spawn(
-        seed.bbox2.netns.name(),
-        "iperf3".as_ref(),
-        &["-s".into()],
-        &[],
-        &log,
-    )?;
-    wait_for("iperf3 in bbox2", EVENT_TIMEOUT, || {
-        Ok(seed.bbox2.netns.exec(&["ss", "-ltn"])?.contains(":5201"))
-    })?;
+    let _server = iperf3_server(&seed.bbox2.netns, &log, false)?;
     let log = seed.cluster.scratch.path().join("iperf3-client.log");
     // Steady load below what saturates the veths here, so a lost ping means a restart lost it.
     let client_args = ["-c", BBOX2, "-t", "12", "-b", "200M"].map(String::from);
