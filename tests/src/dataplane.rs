@@ -126,3 +126,18 @@ where
         counters: dataplane.counters()?,
     })
 }
+
+/// The kernel's average run time of `program` on `frame` over `repeat` runs, in nanoseconds.
+pub fn nanoseconds_per_packet<P>(program: &P, frame: &[u8], repeat: u32) -> Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0; frame.len() + OUTPUT_SLACK];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::new()
+    })?;
+    Ok(result.duration.as_secs_f64() * 1e9)
+}

@@ -1,4 +1,5 @@
 //! `cargo xtask`: everything from a fresh Debian machine to a tested build.
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -28,6 +29,12 @@ enum Task {
     },
     /// Setup, build, formatting and lint checks, then every test in the workspace.
     Test,
+    /// Measure ebpf, kernel and host-gw side by side; the report goes to target/bench/.
+    Bench {
+        /// One short run of each measurement: proves the benchmark works, measures little.
+        #[arg(long)]
+        quick: bool,
+    },
     /// The seed document, live: two hosts, three containers, etcd, our dataplane.
     Demo {
         /// Run the checks, tear down and exit with their status instead of waiting for Ctrl-C.
@@ -43,6 +50,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::run(&root, release),
         Task::Test => test::run(&root),
         Task::Demo { once } => demo::run(&root, once),
+        Task::Bench { quick } => bench::run(&root, quick),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

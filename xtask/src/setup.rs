@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "traceroute",
     "iperf3",
+    "sockperf",
     "nftables",
     "tcpdump",
     "ethtool",

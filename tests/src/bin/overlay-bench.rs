@@ -1,0 +1,547 @@
+//! `cargo xtask bench`: the seed topology three times in one run, measured the same way:
+//! `ebpf` (our dataplane), `kernel` (flannel's kernel vxlan) and `host-gw` (plain routing
+//! between the hosts, the ceiling for any overlay). Writes a table to the terminal and
+//! Markdown, JSON and an SVG chart to the output directory (default `target/bench`).
+//!
+//! Each figure is the median of its repetitions. Figures are reported, never judged.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use overlay_tests::{
+    agent::Agent,
+    cluster::Cluster,
+    dataplane::{HOST1, HOST2, dataplane_of, nanoseconds_per_packet},
+    frames::*,
+    netns::Netns,
+    process::{Process, iperf3_server},
+    seed::{BBOX2, Seed},
+};
+
+const MODES: [Mode; 3] = [Mode::Ebpf, Mode::Kernel, Mode::HostGw];
+const SOCKPERF_PORT: &str = "11111";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Ebpf,
+    Kernel,
+    HostGw,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Kernel => "kernel",
+            Mode::HostGw => "host-gw",
+        }
+    }
+
+    fn agent_flags(self) -> &'static [&'static str] {
+        match self {
+            Mode::Ebpf => &["--dataplane=ebpf"],
+            Mode::Kernel | Mode::HostGw => &["--dataplane=kernel"],
+        }
+    }
+
+    /// host-gw is flannel's vxlan with DirectRouting between hosts on one segment: plain
+    /// routes via the peers' addresses, no encapsulation.
+    fn network_config(self, network: &str) -> String {
+        let direct = self == Mode::HostGw;
+        format!(
+            r#"{{"Network": "{network}", "Backend": {{"Type": "vxlan", "DirectRouting": {direct}}}}}"#
+        )
+    }
+}
+
+/// How long and how often to measure.
+struct Plan {
+    repetitions: usize,
+    seconds: u32,
+    leases_added: usize,
+    leases_existing: usize,
+    test_run_repeat: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                repetitions: 1,
+                seconds: 1,
+                leases_added: 20,
+                leases_existing: 100,
+                test_run_repeat: 10_000,
+            }
+        } else {
+            Self {
+                repetitions: 3,
+                seconds: 5,
+                leases_added: 200,
+                leases_existing: 1000,
+                test_run_repeat: 1_000_000,
+            }
+        }
+    }
+}
+
+/// One figure: its name, unit, whether more is better, and a value per mode.
+struct Figure {
+    name: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+    values: BTreeMap<&'static str, f64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    let out_dir = std::env::args()
+        .skip_while(|arg| arg != "--out")
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
+    match run(&Plan::new(quick), &out_dir) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut record = |name, unit, higher_is_better, mode: Mode, value: f64| match figures
+        .iter_mut()
+        .find(|figure| figure.name == name)
+    {
+        Some(figure) => {
+            figure.values.insert(mode.name(), value);
+        }
+        None => figures.push(Figure {
+            name,
+            unit,
+            higher_is_better,
+            values: [(mode.name(), value)].into(),
+        }),
+    };
+    for mode in MODES {
+        println!("== {}: data path", mode.name());
+        let cluster = Cluster::with_etcd(
+            &format!("bench-{}", mode.name()),
+            false,
+            Some(&mode.network_config("10.2.0.0/16")),
+        )?;
+        let seed = Seed::start_on(cluster, mode.agent_flags())?;
+        let scratch = seed.cluster.scratch.path().to_path_buf();
+        let _iperf = iperf3_server(&seed.bbox2.netns, &scratch.join("iperf3.log"), false)?;
+        let _sockperf = Process::spawn(
+            seed.bbox2.netns.name(),
+            Path::new("sockperf"),
+            &["server", "-i", BBOX2, "-p", SOCKPERF_PORT].map(String::from),
+            &[],
+            &scratch.join("sockperf.log"),
+        )?;
+        let client = &seed.bbox1.netns;
+        let (gbit, cpu) = median_pair(plan, || tcp_with_cpu(client, plan.seconds))?;
+        record("TCP throughput, 1 stream", "Gbit/s", true, mode, gbit);
+        record("CPU cost", "CPU s/GB", false, mode, cpu);
+        record(
+            "TCP throughput, 4 streams",
+            "Gbit/s",
+            true,
+            mode,
+            median(plan, || tcp(client, plan.seconds, 4))?,
+        );
+        let (received, sent) = median_pair(plan, || small_udp(client, plan.seconds))?;
+        record("64-byte UDP received", "kpps", true, mode, received);
+        record("64-byte UDP sent", "kpps", true, mode, sent);
+        let (p50, p99) = median_pair(plan, || latency(client, plan.seconds))?;
+        record("Latency p50 (sockperf, RTT/2)", "µs", false, mode, p50);
+        record("Latency p99 (sockperf, RTT/2)", "µs", false, mode, p99);
+        drop(seed);
+
+        println!("== {}: control plane", mode.name());
+        let (p50, p99, ready, rss) = control_plane(mode, plan)?;
+        record(
+            "Lease to route on another host, p50",
+            "ms",
+            false,
+            mode,
+            p50,
+        );
+        record(
+            "Lease to route on another host, p99",
+            "ms",
+            false,
+            mode,
+            p99,
+        );
+        record("Start to ready, existing leases", "ms", false, mode, ready);
+        record(
+            "Agent resident memory, existing leases",
+            "MiB",
+            false,
+            mode,
+            rss,
+        );
+    }
+    let (encap, decap) = per_packet_cost(plan)?;
+    record(
+        "Per-packet cost, encapsulation",
+        "ns",
+        false,
+        Mode::Ebpf,
+        encap,
+    );
+    record(
+        "Per-packet cost, decapsulation",
+        "ns",
+        false,
+        Mode::Ebpf,
+        decap,
+    );
+    report(&figures, plan, out_dir)
+}
+
+fn median(plan: &Plan, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut values = (0..plan.repetitions)
+        .map(|_| measure())
+        .collect::<Result<Vec<f64>>>()?;
+    values.sort_by(f64::total_cmp);
+    Ok(values[values.len() / 2])
+}
+
+fn median_pair(plan: &Plan, mut measure: impl FnMut() -> Result<(f64, f64)>) -> Result<(f64, f64)> {
+    let pairs = (0..plan.repetitions)
+        .map(|_| measure())
+        .collect::<Result<Vec<_>>>()?;
+    let pick = |index: fn(&(f64, f64)) -> f64| {
+        let mut values: Vec<f64> = pairs.iter().map(index).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Ok((pick(|pair| pair.0), pick(|pair| pair.1)))
+}
+
+fn iperf3_json(client: &Netns, args: &[&str]) -> Result<serde_json::Value> {
+    let mut full = vec!["iperf3", "-c", BBOX2, "-J"];
+    full.extend_from_slice(args);
+    let output = client.exec(&full)?;
+    serde_json::from_str(&output).context("iperf3 printed no JSON")
+}
+
+fn tcp(client: &Netns, seconds: u32, streams: u32) -> Result<f64> {
+    let json = iperf3_json(
+        client,
+        &["-t", &seconds.to_string(), "-P", &streams.to_string()],
+    )?;
+    let bits = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no TCP rate")?;
+    Ok(bits / 1e9)
+}
+
+/// One TCP stream: Gbit/s, and the CPU seconds the whole machine spent per GB moved.
+fn tcp_with_cpu(client: &Netns, seconds: u32) -> Result<(f64, f64)> {
+    let before = busy_cpu_seconds()?;
+    let json = iperf3_json(client, &["-t", &seconds.to_string()])?;
+    let cpu = busy_cpu_seconds()? - before;
+    let received = &json["end"]["sum_received"];
+    let gigabytes = received["bytes"].as_f64().context("no TCP bytes")? / 1e9;
+    let bits = received["bits_per_second"]
+        .as_f64()
+        .context("no TCP rate")?;
+    Ok((bits / 1e9, cpu / gigabytes))
+}
+
+/// CPU time spent outside idle since boot, over all CPUs, from /proc/stat.
+fn busy_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .context("/proc/stat is empty")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let total: f64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    Ok((total - idle) / 100.0)
+}
+
+/// 64-byte UDP datagrams from four unthrottled senders: (received, sent) in thousands per s.
+fn small_udp(client: &Netns, seconds: u32) -> Result<(f64, f64)> {
+    let json = iperf3_json(
+        client,
+        &[
+            "-u",
+            "-l",
+            "64",
+            "-b",
+            "0",
+            "-P",
+            "4",
+            "-t",
+            &seconds.to_string(),
+        ],
+    )?;
+    let sum = &json["end"]["sum"];
+    let packets = sum["packets"].as_f64().context("no UDP packet count")?;
+    let lost = sum["lost_packets"].as_f64().context("no UDP loss count")?;
+    let span = sum["seconds"].as_f64().context("no UDP duration")?;
+    Ok(((packets - lost) / span / 1e3, packets / span / 1e3))
+}
+
+/// sockperf ping-pong: (p50, p99) of its latency figure, in µs.
+fn latency(client: &Netns, seconds: u32) -> Result<(f64, f64)> {
+    let output = client.exec(&[
+        "sockperf",
+        "ping-pong",
+        "-i",
+        BBOX2,
+        "-p",
+        SOCKPERF_PORT,
+        "-t",
+        &seconds.to_string(),
+    ])?;
+    let percentile = |which: &str| -> Result<f64> {
+        output
+            .lines()
+            .find_map(|line| line.split(&format!("percentile {which} =")).nth(1))
+            .and_then(|value| value.trim().parse().ok())
+            .with_context(|| format!("sockperf printed no percentile {which}:\n{output}"))
+    };
+    Ok((percentile("50.000")?, percentile("99.000")?))
+}
+
+/// In a /8 network: (p50, p99) of lease-to-route latency in ms over `leases_added` new leases,
+/// then start-to-ready in ms and resident MiB of an agent facing `leases_existing` leases.
+fn control_plane(mode: Mode, plan: &Plan) -> Result<(f64, f64, f64, f64)> {
+    let config = mode.network_config("10.0.0.0/8");
+    let mut cluster =
+        Cluster::with_etcd(&format!("bench-cp-{}", mode.name()), false, Some(&config))?;
+    let host = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
+    agent.wait_ready()?;
+    let mut latencies = Vec::new();
+    for index in 0..plan.leases_added {
+        let subnet = remote_subnet(index);
+        let appeared = Instant::now();
+        cluster
+            .etcd
+            .put(&cluster.subnet_key(&subnet), &remote_record(index))?;
+        while !host.netns.has_route(&subnet)? {
+            if appeared.elapsed() > Duration::from_secs(10) {
+                bail!("{subnet} never got a route");
+            }
+            sleep(Duration::from_millis(1));
+        }
+        latencies.push(appeared.elapsed().as_secs_f64() * 1e3);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let percentile =
+        |share: f64| latencies[((latencies.len() - 1) as f64 * share).round() as usize];
+    let (p50, p99) = (percentile(0.5), percentile(0.99));
+    agent.process.terminate(Duration::from_secs(20))?;
+
+    for index in plan.leases_added..plan.leases_existing {
+        cluster.etcd.put(
+            &cluster.subnet_key(&remote_subnet(index)),
+            &remote_record(index),
+        )?;
+    }
+    let started = Instant::now();
+    let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
+    agent.wait_ready()?;
+    let ready = started.elapsed().as_secs_f64() * 1e3;
+    let rss = resident_mib(agent.process.id())?;
+    Ok((p50, p99, ready, rss))
+}
+
+/// The `index`th remote /24 of the /8 network, clear of the seed's subnets.
+fn remote_subnet(index: usize) -> String {
+    format!("10.{}.{}.0/24", 100 + index / 256, index % 256)
+}
+
+fn remote_record(index: usize) -> String {
+    let address = format!("172.21.{}.{}", index / 250, index % 250 + 1);
+    format!(
+        r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:{:02x}:{:02x}:01"}}}}"#,
+        index / 256,
+        index % 256
+    )
+}
+
+fn resident_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+/// BPF_PROG_TEST_RUN over many repetitions: (encapsulation, decapsulation) in ns per packet.
+fn per_packet_cost(plan: &Plan) -> Result<(f64, f64)> {
+    let vxlan_frame = seed_vxlan_frame(1, 8472);
+    let inner =
+        &vxlan_frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + VXLAN_HEADER_LEN..];
+    let sender = dataplane_of(&HOST1, &[&HOST2])?;
+    let receiver = dataplane_of(&HOST2, &[&HOST1])?;
+    Ok((
+        nanoseconds_per_packet(sender.vtep_program()?, inner, plan.test_run_repeat)?,
+        nanoseconds_per_packet(
+            receiver.uplink_program()?,
+            &vxlan_frame,
+            plan.test_run_repeat,
+        )?,
+    ))
+}
+
+fn ratio(figure: &Figure, other: &str) -> Option<f64> {
+    let ours = figure.values.get("ebpf")?;
+    let theirs = figure.values.get(other)?;
+    (*theirs != 0.0).then(|| ours / theirs)
+}
+
+fn cell(value: Option<f64>) -> String {
+    value.map_or_else(|| "—".to_string(), |value| format!("{value:.2}"))
+}
+
+fn report(figures: &[Figure], plan: &Plan, out_dir: &Path) -> Result<()> {
+    let mut table = String::from(
+        "| figure | unit | ebpf | kernel | host-gw | ebpf/kernel | ebpf/host-gw |\n|---|---|---|---|---|---|---|\n",
+    );
+    for figure in figures {
+        let value = |mode: &str| figure.values.get(mode).copied();
+        writeln!(
+            table,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            figure.name,
+            figure.unit,
+            cell(value("ebpf")),
+            cell(value("kernel")),
+            cell(value("host-gw")),
+            cell(ratio(figure, "kernel")),
+            cell(ratio(figure, "host-gw")),
+        )?;
+    }
+    let machine = machine_description()?;
+    let markdown = format!(
+        "# overlay benchmark\n\n{machine}\n\nMedian of {} run(s) of {} s each; control plane over {} added and {} existing leases.\n\n{table}",
+        plan.repetitions, plan.seconds, plan.leases_added, plan.leases_existing
+    );
+    println!("\n{markdown}");
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::write(out_dir.join("report.md"), &markdown)?;
+    let json: Vec<serde_json::Value> = figures
+        .iter()
+        .map(|figure| {
+            serde_json::json!({
+                "figure": figure.name,
+                "unit": figure.unit,
+                "higher_is_better": figure.higher_is_better,
+                "values": figure.values,
+                "ebpf_over_kernel": ratio(figure, "kernel"),
+                "ebpf_over_host_gw": ratio(figure, "host-gw"),
+            })
+        })
+        .collect();
+    let document = serde_json::json!({ "machine": machine, "figures": json });
+    std::fs::write(
+        out_dir.join("report.json"),
+        serde_json::to_string_pretty(&document)?,
+    )?;
+    std::fs::write(out_dir.join("chart.svg"), chart(figures))?;
+    println!(
+        "Wrote report.md, report.json and chart.svg to {}",
+        out_dir.display()
+    );
+    Ok(())
+}
+
+fn machine_description() -> Result<String> {
+    let kernel = String::from_utf8(Command::new("uname").arg("-r").output()?.stdout)?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .map(|name| name.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
+    Ok(format!(
+        "Machine: {cpu}, {cores} cores, Linux {}; all hosts are network namespaces joined by veth.",
+        kernel.trim()
+    ))
+}
+
+/// One group of bars per figure, each bar scaled to the group's largest value.
+fn chart(figures: &[Figure]) -> String {
+    const WIDTH: usize = 900;
+    const ROW: usize = 60;
+    const BAR: usize = 16;
+    const LEFT: usize = 330;
+    let colors = [
+        ("ebpf", "#2a9d8f"),
+        ("kernel", "#e76f51"),
+        ("host-gw", "#8d99ae"),
+    ];
+    let height = 40 + figures.len() * ROW;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    for (index, (mode, color)) in colors.iter().enumerate() {
+        let x = LEFT + index * 110;
+        let _ = write!(
+            svg,
+            r#"<rect x="{x}" y="8" width="12" height="12" fill="{color}"/><text x="{}" y="18">{mode}</text>"#,
+            x + 16
+        );
+    }
+    for (row, figure) in figures.iter().enumerate() {
+        let top = 34 + row * ROW;
+        let direction = if figure.higher_is_better {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let _ = write!(
+            svg,
+            r#"<text x="4" y="{}">{} ({}, {direction})</text>"#,
+            top + 20,
+            figure.name,
+            figure.unit
+        );
+        let largest = figure
+            .values
+            .values()
+            .copied()
+            .fold(f64::MIN_POSITIVE, f64::max);
+        for (index, (mode, color)) in colors.iter().enumerate() {
+            let Some(value) = figure.values.get(mode) else {
+                continue;
+            };
+            let length = ((value / largest) * (WIDTH - LEFT - 80) as f64).max(1.0);
+            let y = top + index * BAR;
+            let _ = write!(
+                svg,
+                r#"<rect x="{LEFT}" y="{y}" width="{length:.0}" height="{}" fill="{color}"/><text x="{:.0}" y="{}">{value:.2}</text>"#,
+                BAR - 2,
+                LEFT as f64 + length + 4.0,
+                y + BAR - 5
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

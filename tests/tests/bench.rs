@@ -1,0 +1,44 @@
+//! `overlay-bench --quick` runs every measurement once and writes its report; this checks that
+//! every figure was produced for every mode it applies to, never how large it is.
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use overlay_tests::{require_root, scratch::ScratchDir};
+
+#[test]
+fn the_quick_benchmark_produces_every_figure() -> Result<()> {
+    require_root()?;
+    let out = ScratchDir::new("bench")?;
+    let status = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(["--quick", "--out"])
+        .arg(out.path())
+        .status()?;
+    assert!(status.success(), "overlay-bench --quick failed: {status}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
+    let figures = report["figures"].as_array().context("no figures")?;
+    assert_eq!(figures.len(), 13, "{report:#}");
+    for figure in figures {
+        let name = figure["figure"].as_str().context("unnamed figure")?;
+        let modes: &[&str] = if name.starts_with("Per-packet cost") {
+            &["ebpf"]
+        } else {
+            &["ebpf", "kernel", "host-gw"]
+        };
+        for mode in modes {
+            let value = figure["values"][mode].as_f64();
+            assert!(
+                value.is_some_and(f64::is_finite),
+                "{name} has no {mode} figure: {figure}"
+            );
+        }
+    }
+    let markdown = std::fs::read_to_string(out.path().join("report.md"))?;
+    assert!(
+        markdown
+            .contains("| figure | unit | ebpf | kernel | host-gw | ebpf/kernel | ebpf/host-gw |")
+    );
+    assert!(std::fs::read_to_string(out.path().join("chart.svg"))?.starts_with("<svg"));
+    Ok(())
+}
