@@ -73,8 +73,12 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn encapsulate(ctx: &TcContext, config: &OverlayConfig) -> Result<i32, Counter> {
-    // Headers of a GSO packet may sit outside the linear area; the result is checked below.
-    let _ = ctx.pull_data((ETH_HEADER_LEN + size_of::<Ipv4Hdr>()) as u32);
+    const HEADERS: usize = ETH_HEADER_LEN + size_of::<Ipv4Hdr>();
+    // Headers of a GSO packet may sit outside the linear area: pull them in only then, as the
+    // helper is not free. The frame's own bounds checks below decide.
+    if ctx.data() + HEADERS > ctx.data_end() {
+        let _ = ctx.pull_data(HEADERS as u32);
+    }
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let eth: &EthHdr = frame.header(0).ok_or(Counter::TxMalformed)?;
     if !eth.is_ipv4() {

@@ -28,6 +28,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "util-linux",
+    "procps",
     "protobuf-compiler",
     "libprotobuf-dev",
     "openssl",
