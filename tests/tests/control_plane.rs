@@ -52,6 +52,18 @@ fn record_of(cluster: &Cluster, subnet: &str) -> Result<String> {
         .with_context(|| format!("no record for {subnet}"))
 }
 
+/// A cluster with host1 and a reservation of 10.2.41.0/24 for it, which keeps its agent off
+/// the subnets a test writes records for.
+fn host_with_reservation(tag: &str) -> Result<(Cluster, Host)> {
+    let mut cluster = Cluster::new(tag)?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.41.0/24"),
+        r#"{"PublicIP":"172.20.62.104"}"#,
+    )?;
+    Ok((cluster, host1))
+}
+
 #[test]
 fn two_agents_lease_different_subnets_in_flannels_format() -> Result<()> {
     let mut cluster = Cluster::new("two-agents")?;
@@ -248,13 +260,7 @@ fn renewal_keeps_a_short_lease_alive_and_a_killed_agent_s_lease_expires() -> Res
 
 #[test]
 fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
-    let mut cluster = Cluster::new("events")?;
-    let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    // A reservation keeps the agent off the subnets this test writes.
-    cluster.etcd.put(
-        &cluster.subnet_key("10.2.41.0/24"),
-        r#"{"PublicIP":"172.20.62.104"}"#,
-    )?;
+    let (cluster, host1) = host_with_reservation("events")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     agent.wait_ready()?;
 
@@ -303,13 +309,7 @@ fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
 
 #[test]
 fn malformed_records_are_skipped_and_valid_ones_still_processed() -> Result<()> {
-    let mut cluster = Cluster::new("malformed")?;
-    let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    // A reservation keeps the agent off the subnets the malformed records use.
-    cluster.etcd.put(
-        &cluster.subnet_key("10.2.41.0/24"),
-        r#"{"PublicIP":"172.20.62.104"}"#,
-    )?;
+    let (cluster, host1) = host_with_reservation("malformed")?;
     let malformed = |round: u8| {
         [
             (format!("{PREFIX}/subnets/10.2.{round}0.0-24"), "{not json".to_string()),
@@ -376,13 +376,7 @@ fn malformed_records_are_skipped_and_valid_ones_still_processed() -> Result<()> 
 
 #[test]
 fn the_watch_survives_an_etcd_restart_and_a_compaction_while_disconnected() -> Result<()> {
-    let mut cluster = Cluster::new("watch-resync")?;
-    let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    // A reservation keeps the agent off the subnets this test writes.
-    cluster.etcd.put(
-        &cluster.subnet_key("10.2.41.0/24"),
-        r#"{"PublicIP":"172.20.62.104"}"#,
-    )?;
+    let (mut cluster, host1) = host_with_reservation("watch-resync")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     agent.wait_ready()?;
     for (subnet, address) in [
