@@ -34,7 +34,7 @@ use crate::{
     node::{EbpfForwarding, NodeNetwork, NodeSettings, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
     subnet::{
-        LeaseEvent,
+        Lease, LeaseEvent,
         file::{SubnetEnv, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
         registry::{ConfigReadError, Registry},
@@ -61,7 +61,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         uplink.name,
         uplink.address
     );
-
     let readiness = Readiness::default();
     if options.healthz_port != 0 {
         health::serve(
@@ -73,7 +72,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let registry = Registry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
-    let vtep_name = vtep::device_name(config.backend.vni);
     let manager = LeaseManager {
         registry: registry.clone(),
         config: config.clone(),
@@ -83,42 +81,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             renew_margin: options.renew_margin(),
         },
     };
-    let existing_mac = vtep::existing_mac(&netlink, &vtep_name).await?;
+    // A VTEP MAC already on the device is kept, so peers never hold a stale one.
+    let existing_mac = vtep::existing_mac(&netlink, &vtep::device_name(config.backend.vni)).await?;
     let lease = manager
         .acquire(existing_mac, previous_subnet(&options.subnet_file))
         .await?;
-    let vtep_mac = lease
-        .attrs
-        .vtep_mac()
-        .context("our own lease has no VTEP MAC")?;
-    let mtu = overlay_mtu(&config, &uplink)?;
 
-    let forwarding = match options.dataplane {
-        DataplaneChoice::Kernel => None,
-        DataplaneChoice::Ebpf => {
-            Some(ebpf_forwarding(&netlink, &options, &config, &uplink, public_ip, vtep_mac).await?)
-        }
-    };
-    let mut node = NodeNetwork::new(
-        netlink,
-        NodeSettings {
-            bridge: options.bridge.clone(),
-            vtep: vtep::VtepSpec {
-                name: vtep_name,
-                vni: config.backend.vni,
-                local: public_ip,
-                uplink_index: uplink.index,
-                port: config.backend.port,
-                mtu,
-                mac: vtep_mac,
-            },
-            uplink: uplink.clone(),
-            subnet: lease.subnet,
-            network: config.network,
-            direct_routing: config.backend.direct_routing,
-        },
-        forwarding,
-    );
+    let mut node = node_network(netlink, &options, &config, &uplink, &lease).await?;
     let mut watcher = LeaseWatcher::new(registry, config.clone(), lease.clone());
     for remote in watcher.initial_leases().await? {
         apply_logged(&mut node, LeaseEvent::Added(remote));
@@ -131,11 +100,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         forward: options.iptables_forward_rules,
     });
     masquerade.ensure()?;
-
     SubnetEnv {
         network: config.network,
         subnet: lease.subnet,
-        mtu,
+        mtu: overlay_mtu(&config, &uplink)?,
         ip_masq: options.ip_masq,
     }
     .write_atomically(&options.subnet_file)?;
@@ -156,6 +124,44 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The node network for our `lease`, with the eBPF dataplane loaded in ebpf mode.
+async fn node_network(
+    netlink: Handle,
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    uplink: &Uplink,
+    lease: &Lease,
+) -> Result<NodeNetwork> {
+    let public_ip = lease.attrs.public_ip;
+    let vtep_mac = lease
+        .attrs
+        .vtep_mac()
+        .context("our own lease has no VTEP MAC")?;
+    let forwarding = match options.dataplane {
+        DataplaneChoice::Kernel => None,
+        DataplaneChoice::Ebpf => {
+            Some(ebpf_forwarding(&netlink, options, config, uplink, public_ip, vtep_mac).await?)
+        }
+    };
+    let settings = NodeSettings {
+        bridge: options.bridge.clone(),
+        vtep: vtep::VtepSpec {
+            name: vtep::device_name(config.backend.vni),
+            vni: config.backend.vni,
+            local: public_ip,
+            uplink_index: uplink.index,
+            port: config.backend.port,
+            mtu: overlay_mtu(config, uplink)?,
+            mac: vtep_mac,
+        },
+        uplink: uplink.clone(),
+        subnet: lease.subnet,
+        network: config.network,
+        direct_routing: config.backend.direct_routing,
+    };
+    Ok(NodeNetwork::new(netlink, settings, forwarding))
 }
 
 /// Loads the eBPF dataplane (adopting maps pinned by an earlier run) and writes its config.
