@@ -175,6 +175,9 @@ fn ensure_lint_components() -> Result<Outcome> {
     Ok(Outcome::Installed)
 }
 
+/// Adds rust-src to the nightly the machine has; installs a nightly only when there is none.
+/// `rustup toolchain install` on an existing nightly would upgrade it to today's, with a new
+/// LLVM major, behind the user's back.
 fn ensure_nightly_rust_src() -> Result<Outcome> {
     let components = cmd::stdout(Command::new("rustup").args([
         "component",
@@ -183,20 +186,22 @@ fn ensure_nightly_rust_src() -> Result<Outcome> {
         "--toolchain",
         "nightly",
     ]));
-    if let Ok(components) = &components {
-        if components.lines().any(|line| line.starts_with("rust-src")) {
+    let args: &[&str] = match &components {
+        Ok(components) if components.lines().any(|line| line.starts_with("rust-src")) => {
             return Ok(Outcome::Present);
         }
-    }
-    cmd::output(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        "nightly",
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))?;
+        Ok(_) => &["component", "add", "rust-src", "--toolchain", "nightly"],
+        Err(_) => &[
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ],
+    };
+    cmd::output(Command::new("rustup").args(args))?;
     Ok(Outcome::Installed)
 }
 
