@@ -338,9 +338,15 @@ fn killing_the_etcd_member_an_agent_talks_to_loses_nothing() -> Result<()> {
         .chain(&cluster.members)
         .find(|member| member.address() != talked_to)
         .context("no surviving member")?;
-    survivor.put(
-        &cluster.subnet_key("10.2.77.0/24"),
-        &flannel_record("172.20.62.177", "1a:4b:d7:f7:16:77"),
+    // If the victim led the cluster, writes wait for a new leader to be elected.
+    let (key, record) = (
+        cluster.subnet_key("10.2.77.0/24"),
+        flannel_record("172.20.62.177", "1a:4b:d7:f7:16:77"),
+    );
+    wait_for(
+        "the surviving members to accept a write",
+        EVENT_TIMEOUT,
+        || Ok(survivor.put(&key, &record).is_ok()),
     )?;
     for agent in [&seed.agent1, &seed.agent2] {
         agent.wait_for_log(
