@@ -13,6 +13,7 @@ use overlay_tests::{
     frames::*,
     netns::Netns,
     require_root,
+    stock_flannel::{Peer, add_peer, add_vtep},
 };
 
 fn mac_text(mac: [u8; 6]) -> String {
@@ -54,67 +55,21 @@ impl TwoHosts {
     }
 
     /// A flannel-style VXLAN device on host1 whose `remote_subnet` lies behind host2.
-    fn add_vxlan_route(&self, vni: &str, remote_subnet: &str, remote_gateway: &str) -> Result<()> {
-        let host1 = &self.host1;
+    fn add_vxlan_route(&self, vni: u32, remote_subnet: &str) -> Result<()> {
         let device = format!("vx{vni}");
-        let vtep_mac = &mac_text(HOST2_VTEP_MAC);
-        host1.ip(&[
-            "link",
-            "add",
+        add_vtep(
+            &self.host1,
             &device,
-            "type",
-            "vxlan",
-            "id",
             vni,
-            "local",
             "172.20.62.104",
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-            "noudpcsum",
-        ])?;
-        host1.ip(&[
-            "link",
-            "set",
-            &device,
-            "address",
             &mac_text(HOST1_VTEP_MAC),
-            "up",
-        ])?;
-        host1.ip(&[
-            "neigh",
-            "add",
-            remote_gateway,
-            "lladdr",
-            vtep_mac,
-            "dev",
-            &device,
-            "nud",
-            "permanent",
-        ])?;
-        host1.exec(&[
-            "bridge",
-            "fdb",
-            "append",
-            vtep_mac,
-            "dev",
-            &device,
-            "dst",
-            "172.20.62.105",
-        ])?;
-        host1.ip(&[
-            "route",
-            "add",
-            remote_subnet,
-            "via",
-            remote_gateway,
-            "dev",
-            &device,
-            "onlink",
-        ])?;
-        Ok(())
+        )?;
+        let peer = Peer {
+            subnet: remote_subnet,
+            public_ip: "172.20.62.105",
+            vtep_mac: &mac_text(HOST2_VTEP_MAC),
+        };
+        add_peer(&self.host1, &device, &peer)
     }
 
     /// Sends `count` pings from host1 to `destination`; replies do not matter here.
@@ -139,8 +94,8 @@ impl TwoHosts {
 fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
     require_root()?;
     let hosts = TwoHosts::new()?;
-    hosts.add_vxlan_route("1", "10.2.54.0/24", "10.2.54.0")?;
-    hosts.add_vxlan_route("7", "10.7.54.0/24", "10.7.54.0")?;
+    hosts.add_vxlan_route(1, "10.2.54.0/24")?;
+    hosts.add_vxlan_route(7, "10.7.54.0/24")?;
 
     // host2 knows no peer: VXLAN for our VNI from host1 is an unknown VTEP's.
     let mut dataplane = dataplane_of(&HOST2, &[])?;
@@ -203,7 +158,7 @@ fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
 fn our_frames_are_the_kernel_s_frames() -> Result<()> {
     require_root()?;
     let hosts = TwoHosts::new()?;
-    hosts.add_vxlan_route("1", "10.2.54.0/24", "10.2.54.0")?;
+    hosts.add_vxlan_route(1, "10.2.54.0/24")?;
     hosts
         .host1
         .ip(&["addr", "add", "10.2.41.0/32", "dev", "vx1"])?;

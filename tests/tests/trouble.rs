@@ -13,6 +13,7 @@ use overlay_tests::{
     cluster::{Cluster, Host, PREFIX},
     process::{Process, iperf3_server},
     seed::{BBOX2, Container, HOST2, SUBNET2, Seed},
+    stock_flannel::{Peer, add_peer, add_vtep},
     wait::wait_for,
 };
 
@@ -229,55 +230,15 @@ fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
     // A non-member floods host2 with VXLAN for our port and VNI, through a kernel vxlan device.
     let intruder = seed.cluster.add_host("intruder", "172.20.62.66")?;
     let ns = &intruder.netns;
-    ns.ip(&[
-        "link",
-        "add",
-        "vx",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        "172.20.62.66",
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
-    ns.ip(&["link", "set", "vx", "address", "1a:4b:d7:f7:16:66", "up"])?;
+    add_vtep(ns, "vx", 1, "172.20.62.66", "1a:4b:d7:f7:16:66")?;
     ns.ip(&["addr", "add", "10.2.41.9/32", "dev", "vx"])?;
-    ns.ip(&[
-        "neigh",
-        "add",
-        "10.2.54.0",
-        "lladdr",
-        &seed.host2.vtep_mac()?,
-        "dev",
-        "vx",
-        "nud",
-        "permanent",
-    ])?;
-    ns.exec(&[
-        "bridge",
-        "fdb",
-        "append",
-        &seed.host2.vtep_mac()?,
-        "dev",
-        "vx",
-        "dst",
-        HOST2,
-    ])?;
-    ns.ip(&[
-        "route",
-        "add",
-        SUBNET2,
-        "via",
-        "10.2.54.0",
-        "dev",
-        "vx",
-        "onlink",
-    ])?;
+    let host2_mac = seed.host2.vtep_mac()?;
+    let host2 = Peer {
+        subnet: SUBNET2,
+        public_ip: HOST2,
+        vtep_mac: &host2_mac,
+    };
+    add_peer(ns, "vx", &host2)?;
     let before = PinnedDataplane::open(&seed.host2.pin_dir())?.counters()?;
     let flood = "for i in $(seq 5000); do echo flood > /dev/udp/10.2.54.2/5201; done; \
                  ping -n -c 3 -W 1 10.2.54.2";
