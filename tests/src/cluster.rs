@@ -150,6 +150,15 @@ impl Cluster {
         })
     }
 
+    /// Reserves `subnet` for the host at `public_ip`: a record with no etcd lease, as an
+    /// operator writes it.
+    pub fn reserve(&self, subnet: &str, public_ip: &str) -> Result<()> {
+        self.etcd.put(
+            &self.subnet_key(subnet),
+            &format!(r#"{{"PublicIP":"{public_ip}"}}"#),
+        )
+    }
+
     pub fn subnet_key(&self, subnet: &str) -> String {
         format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
     }

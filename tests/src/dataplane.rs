@@ -113,22 +113,25 @@ fn run<P>(program: &P, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
-    let mut out = vec![0; frame.len() + OUTPUT_SLACK];
-    let result = program.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ..TestRunOptions::new()
-    })?;
-    out.truncate(result.data_size_out as usize);
+    let (result, frame) = test_run(program, frame, 1)?;
     Ok(Outcome {
         verdict: result.return_value,
-        frame: out,
+        frame,
         counters: dataplane.counters()?,
     })
 }
 
 /// The kernel's average run time of `program` on `frame` over `repeat` runs, in nanoseconds.
 pub fn nanoseconds_per_packet<P>(program: &P, frame: &[u8], repeat: u32) -> Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let (result, _) = test_run(program, frame, repeat)?;
+    Ok(result.duration.as_secs_f64() * 1e9)
+}
+
+/// BPF_PROG_TEST_RUN of `program` on `frame`, `repeat` times; the result and the frame out.
+fn test_run<P>(program: &P, frame: &[u8], repeat: u32) -> Result<(TestRunResult, Vec<u8>)>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
@@ -139,5 +142,6 @@ where
         repeat,
         ..TestRunOptions::new()
     })?;
-    Ok(result.duration.as_secs_f64() * 1e9)
+    out.truncate(result.data_size_out as usize);
+    Ok((result, out))
 }

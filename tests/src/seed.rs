@@ -110,12 +110,8 @@ impl Seed {
 
     /// Starts the seed on `cluster`, whose etcd holds the seed's network config.
     pub fn start_on(mut cluster: Cluster, agent_flags: &[&str]) -> Result<Self> {
-        for (subnet, host) in [(SUBNET1, HOST1), (SUBNET2, HOST2)] {
-            cluster.etcd.put(
-                &cluster.subnet_key(subnet),
-                &format!(r#"{{"PublicIP":"{host}"}}"#),
-            )?;
-        }
+        cluster.reserve(SUBNET1, HOST1)?;
+        cluster.reserve(SUBNET2, HOST2)?;
         let host1 = cluster.add_host("host1", HOST1)?;
         let host2 = cluster.add_host("host2", HOST2)?;
         let mut agent1 = Agent::start(&cluster, &host1, agent_flags)?;

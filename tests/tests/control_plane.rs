@@ -57,10 +57,7 @@ fn record_of(cluster: &Cluster, subnet: &str) -> Result<String> {
 fn host_with_reservation(tag: &str) -> Result<(Cluster, Host)> {
     let mut cluster = Cluster::new(tag)?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    cluster.etcd.put(
-        &cluster.subnet_key("10.2.41.0/24"),
-        r#"{"PublicIP":"172.20.62.104"}"#,
-    )?;
+    cluster.reserve("10.2.41.0/24", "172.20.62.104")?;
     Ok((cluster, host1))
 }
 
@@ -167,7 +164,7 @@ fn a_reservation_is_honoured_and_stays_a_reservation() -> Result<()> {
     let mut cluster = Cluster::new("reservation")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     let key = cluster.subnet_key("10.2.41.0/24");
-    cluster.etcd.put(&key, r#"{"PublicIP":"172.20.62.104"}"#)?;
+    cluster.reserve("10.2.41.0/24", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     assert_eq!(agent.wait_ready()?, "10.2.41.0/24");
     agent.wait_for_log(

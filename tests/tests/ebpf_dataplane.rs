@@ -212,12 +212,8 @@ fn killing_and_restarting_an_agent_loses_no_packet() -> Result<()> {
 fn ebpf_kernel_and_stock_flannel_hosts_all_reach_each_other() -> Result<()> {
     let mut cluster = Cluster::new("interop")?;
     let subnet3 = "10.2.63.0/24";
-    for (subnet, host) in [(SUBNET1, HOST1), (SUBNET2, HOST2)] {
-        cluster.etcd.put(
-            &cluster.subnet_key(subnet),
-            &format!(r#"{{"PublicIP":"{host}"}}"#),
-        )?;
-    }
+    cluster.reserve(SUBNET1, HOST1)?;
+    cluster.reserve(SUBNET2, HOST2)?;
     let host1 = cluster.add_host("host1", HOST1)?;
     let host2 = cluster.add_host("host2", HOST2)?;
     let host3 = cluster.add_host("host3", "172.20.62.106")?;

@@ -398,10 +398,7 @@ fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
 #[test]
 fn a_kernel_mode_agent_and_a_stock_flannel_host_interoperate() -> Result<()> {
     let mut cluster = Cluster::new("interop-kernel")?;
-    cluster.etcd.put(
-        &cluster.subnet_key(SUBNET1),
-        &format!(r#"{{"PublicIP":"{HOST1}"}}"#),
-    )?;
+    cluster.reserve(SUBNET1, HOST1)?;
     let host1 = cluster.add_host("host1", HOST1)?;
     let host2 = cluster.add_host("host2", HOST2)?;
     let mut agent1 = Agent::start(&cluster, &host1, KERNEL)?;

@@ -110,10 +110,7 @@ fn three_hosts_form_one_network_without_name_resolution() -> Result<()> {
 fn a_joining_host_is_reachable_within_two_seconds_of_its_lease() -> Result<()> {
     let mut seed = Seed::start("join", &[])?;
     let host3 = seed.cluster.add_host("host3", HOST3)?;
-    let key = seed.cluster.subnet_key("10.2.63.0/24");
-    seed.cluster
-        .etcd
-        .put(&key, &format!(r#"{{"PublicIP":"{HOST3}"}}"#))?;
+    seed.cluster.reserve("10.2.63.0/24", HOST3)?;
     let mut agent3 = Agent::start(&seed.cluster, &host3, &[])?;
     assert_eq!(agent3.wait_ready()?, "10.2.63.0/24");
     let leased = Instant::now();

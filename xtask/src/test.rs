@@ -3,7 +3,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{build, cmd, setup};
+use crate::{build, cmd, demo, setup};
 
 /// The crates that run in user space; overlay-ebpf only builds for the BPF target.
 const USERSPACE_CRATES: &[&str] = &["overlay-common", "overlay-agent", "xtask", "overlay-tests"];
@@ -31,19 +31,8 @@ pub fn run(root: &Path) -> Result<()> {
             .arg("--all-features"),
     )?;
     println!("\nThe demo, once, as a user would run it:");
-    cmd::run(cmd::cargo().current_dir(root).args(DEMO_ONCE))
+    cmd::run(&mut demo::command(root, true))
 }
-
-const DEMO_ONCE: &[&str] = &[
-    "run",
-    "--quiet",
-    "--package",
-    "overlay-tests",
-    "--bin",
-    "overlay-demo",
-    "--",
-    "--once",
-];
 
 fn package_args() -> Vec<&'static str> {
     USERSPACE_CRATES
