@@ -178,19 +178,21 @@ async fn ebpf_forwarding(
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
     let uplink_mac =
         node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
-    let mut dataplane = Dataplane::load(Some(&options.bpf_pin_dir))?;
-    dataplane.set_config(&OverlayConfig {
-        vni: config.backend.vni,
-        vxlan_port: config.backend.port,
-        reserved: 0,
-        public_ip: public_ip.octets(),
-        vtep_mac: vtep_mac.0,
-        uplink_mac: uplink_mac.0,
-        uplink_ifindex: uplink.index,
-    })?;
+    let dataplane = Dataplane::load(Some(&options.bpf_pin_dir))?;
     Ok(EbpfForwarding {
         dataplane,
+        config: OverlayConfig {
+            vni: config.backend.vni,
+            vxlan_port: config.backend.port,
+            public_ip: public_ip.octets(),
+            vtep_mac: vtep_mac.0,
+            uplink_mac: uplink_mac.0,
+            uplink_ifindex: uplink.index,
+            ..OverlayConfig::default()
+        },
+        decap_hook: options.decap_hook,
         xdp_mode: options.xdp_mode,
+        learner: Default::default(),
     })
 }
 

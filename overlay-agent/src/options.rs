@@ -4,7 +4,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{dataplane::XdpModeChoice, subnet::registry::EtcdOptions};
+use crate::{
+    dataplane::{DecapHook, XdpModeChoice},
+    subnet::registry::EtcdOptions,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,7 +45,8 @@ pub enum Command {
 /// Who carries packets between hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dataplane {
-    /// Our eBPF programs: tc encapsulation on flannel.1, XDP decapsulation on the uplink.
+    /// Our eBPF programs: encapsulation at the containers' veths (and on flannel.1 for
+    /// routed traffic), decapsulation on the uplink.
     Ebpf,
     /// The kernel's vxlan device, configured exactly as stock flannel configures it.
     Kernel,
@@ -154,7 +158,13 @@ pub struct AgentOptions {
     )]
     pub bpf_pin_dir: PathBuf,
 
-    /// How the XDP program attaches to the uplink.
+    /// Where the uplink decapsulates in ebpf mode: tc keeps GSO superpackets whole and puts
+    /// packets straight into containers; xdp acts before the stack allocates anything, but on
+    /// a veth uplink it costs the peer its GSO.
+    #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "tc")]
+    pub decap_hook: DecapHook,
+
+    /// How the XDP program attaches to the uplink, with --decap-hook xdp.
     #[arg(long, env = "FLANNELD_XDP_MODE", value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
 
@@ -232,6 +242,7 @@ mod tests {
         assert_eq!(agent.dataplane, Dataplane::Ebpf);
         assert_eq!(agent.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay"));
         assert_eq!(agent.xdp_mode, XdpModeChoice::Auto);
+        assert_eq!(agent.decap_hook, DecapHook::Tc);
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub struct OverlayConfig {
     pub uplink_mac: [u8; 6],
     /// Interface encapsulated packets leave through.
     pub uplink_ifindex: u32,
+    /// The VXLAN device: a container's packet too big for its MTU takes the routed path,
+    /// where the kernel fragments it or answers "fragmentation needed".
+    pub vtep_ifindex: u32,
+    /// MAC of the container bridge: containers address remote traffic to it, and packets
+    /// delivered straight into a container come from it.
+    pub bridge_mac: [u8; 6],
+    /// Keeps the layout free of implicit padding.
+    pub reserved2: u16,
 }
 
 /// Value of the subnet map (an LPM trie keyed by remote subnet): where that subnet's host is.
@@ -69,6 +77,19 @@ impl VtepSubnet {
             .unwrap_or(0);
         u32::from_be_bytes(address) & mask == u32::from_be_bytes(self.subnet) & mask
     }
+}
+
+/// Value of the endpoint map (keyed by a local container's IPv4 address): where to deliver
+/// a decapsulated packet without routing it through docker0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// The host-side veth of the container, a port of the container bridge.
+    pub ifindex: u32,
+    /// The container's own MAC, on the far end of that veth.
+    pub mac: [u8; 6],
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u16,
 }
 
 macro_rules! define_counters {
@@ -132,8 +153,11 @@ define_counters! {
     rx_other_port => RxOtherPort,
     /// Uplink VXLAN frame carrying another VNI: passed.
     rx_vxlan_foreign_vni => RxVxlanForeignVni,
-    /// Uplink VXLAN frame decapsulated and handed to the stack.
+    /// Uplink VXLAN frame decapsulated and handed to the stack, which routes it (TTL about
+    /// to expire, destination not a known local container, or the XDP decapsulator).
     rx_decapsulated => RxDecapsulated,
+    /// Uplink VXLAN frame decapsulated and put straight into the destination container.
+    rx_delivered => RxDelivered,
     /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
     rx_unknown_vtep => RxUnknownVtep,
     /// Uplink VXLAN frame whose inner source lies outside the sender's subnet: dropped.
@@ -146,6 +170,12 @@ define_counters! {
     rx_error => RxError,
     /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
     tx_encapsulated => TxEncapsulated,
+    /// Packet from a local container for a remote subnet, encapsulated at the container's
+    /// veth and sent out of the uplink, past docker0, routing and the VXLAN device.
+    tx_direct => TxDirect,
+    /// Packet from a local container for a remote subnet left to the routed path: its TTL
+    /// runs out here, it is too big for the VXLAN device, or its IPv4 header has options.
+    tx_slow_path => TxSlowPath,
     /// Packet to an address no remote lease covers: dropped.
     tx_no_route => TxNoRoute,
     /// Packet through the VXLAN device that is not IPv4: dropped.
@@ -173,6 +203,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::RemoteVtep {}
     unsafe impl aya::Pod for super::VtepSubnet {}
+    unsafe impl aya::Pod for super::LocalEndpoint {}
 }
 
 #[cfg(test)]

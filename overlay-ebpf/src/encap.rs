@@ -1,15 +1,22 @@
-//! The tc program on the VXLAN device's egress: wraps every IPv4 packet for a remote subnet
-//! in flannel's VXLAN and sends it out of the uplink, to the neighbour the kernel resolves.
+//! Encapsulation into flannel's VXLAN, at two hooks:
 //!
-//! The kernel has already routed the packet to flannel.1 and given it its Ethernet header
-//! (our VTEP MAC to the remote VTEP MAC, from the permanent neighbour entry), which becomes
-//! the inner header.
+//! - `tc_container_ingress`, on the host side of every container's veth: the fast path. A
+//!   packet a container sends to its gateway for a remote subnet is routed here as docker0
+//!   would (TTL − 1), wrapped and sent straight out of the uplink, past docker0, routing and
+//!   flannel.1. What a router must answer itself (TTL running out, a packet too big for the
+//!   overlay) and everything not for a remote subnet goes on to the bridge untouched.
+//! - `tc_vtep_egress`, on flannel.1's egress: the routed path, for whatever the kernel routes
+//!   into the overlay (the host's own traffic, the fast path's leftovers). The kernel has
+//!   already routed the packet and given it its Ethernet header.
+//!
+//! Both send the frame to the neighbour the kernel resolves on the uplink.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
     },
-    helpers::{bpf_get_hash_recalc, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -21,7 +28,8 @@ use overlay_common::{
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, EthHdr, Frame, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VXLAN_FLAG_VNI, VxlanHdr,
+        ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, IPPROTO_UDP, Ipv4Hdr, UdpHdr,
+        VXLAN_FLAG_VNI, VxlanHdr, linear_frame,
     },
 };
 
@@ -43,8 +51,10 @@ const INNER_L2_LEN: u64 = ETH_HEADER_LEN as u64;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`, which the bindings lack: the length sits in the top byte.
 const ENCAP_L2_FLAG: u64 = (INNER_L2_LEN & 0xff) << 56;
 /// Marks the new headers as a UDP tunnel over IPv4 carrying Ethernet, so GSO can still
-/// segment large TCP packets after encapsulation.
-const ADJUST_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+/// segment large TCP packets after encapsulation. The segment size stays: it is the inner
+/// packets', which already fit the overlay's MTU (the kernel's vxlan device keeps it too).
+const ADJUST_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_FLAG;
@@ -52,6 +62,31 @@ const ECN_MASK: u8 = 0x03;
 const ECN_CE: u8 = 0x03;
 const ECN_ECT0: u8 = 0x02;
 const OUTER_TTL: u8 = 64;
+/// The IPv4 header byte of a header without options.
+const IPV4_NO_OPTIONS: u8 = 0x45;
+
+#[classifier]
+pub fn tc_container_ingress(ctx: TcContext) -> i32 {
+    // An array lookup of index 0 always succeeds; the check only satisfies the verifier.
+    let Some(config) = maps::config() else {
+        return TC_ACT_OK as i32;
+    };
+    match encapsulate_from_container(&ctx, config) {
+        Ok(Some(verdict)) => {
+            maps::count(Counter::TxDirect);
+            verdict
+        }
+        Ok(None) => TC_ACT_OK as i32,
+        Err(Counter::TxSlowPath) => {
+            maps::count(Counter::TxSlowPath);
+            TC_ACT_OK as i32
+        }
+        Err(counter) => {
+            maps::count(counter);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
 
 #[classifier]
 pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
@@ -59,7 +94,7 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_SHOT as i32;
     };
-    match encapsulate(&ctx, config) {
+    match encapsulate_routed(&ctx, config) {
         Ok(verdict) => {
             maps::count(Counter::TxEncapsulated);
             verdict
@@ -71,29 +106,83 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// The fast path. `Ok(None)`: not ours, the bridge takes it; `Err(TxSlowPath)`: ours, but
+/// the routed path must take it.
 #[inline(always)]
-fn encapsulate(ctx: &TcContext, config: &OverlayConfig) -> Result<i32, Counter> {
-    const HEADERS: usize = ETH_HEADER_LEN + size_of::<Ipv4Hdr>();
-    // Headers of a GSO packet may sit outside the linear area: pull them in only then, as the
-    // helper is not free. The frame's own bounds checks below decide.
-    if ctx.data() + HEADERS > ctx.data_end() {
-        let _ = ctx.pull_data(HEADERS as u32);
+fn encapsulate_from_container(
+    ctx: &TcContext,
+    config: &OverlayConfig,
+) -> Result<Option<i32>, Counter> {
+    let mut frame = linear_frame(ctx, size_of::<EthIpv4Headers>());
+    let Some(headers) = frame.header_mut::<EthIpv4Headers>(0) else {
+        return Ok(None);
+    };
+    // Only what the container sends to its gateway is routed; frames for a neighbour on the
+    // bridge (another container acting as router, say) stay on the bridge.
+    if !headers.eth.is_ipv4() || headers.eth.dst != config.bridge_mac {
+        return Ok(None);
     }
-    let frame = Frame::new(ctx.data(), ctx.data_end());
+    let Some(remote) = maps::remote_vtep(headers.ip.dst) else {
+        return Ok(None);
+    };
+    if headers.ip.ttl <= 1
+        || headers.ip.version_ihl != IPV4_NO_OPTIONS
+        || !fits_overlay(ctx, config)
+    {
+        return Err(Counter::TxSlowPath);
+    }
+    headers.ip.decrement_ttl();
+    let inner_tos = headers.ip.tos;
+    encapsulate(ctx, config, &remote, inner_tos).map(Some)
+}
+
+/// The routed path: everything flannel.1 sends must be for a remote subnet.
+#[inline(always)]
+fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<i32, Counter> {
+    let frame = linear_frame(ctx, size_of::<EthIpv4Headers>());
     let eth: &EthHdr = frame.header(0).ok_or(Counter::TxMalformed)?;
     if !eth.is_ipv4() {
         return Err(Counter::TxNotIpv4);
     }
-    let inner_eth = *eth;
     let ip: &Ipv4Hdr = frame.header(ETH_HEADER_LEN).ok_or(Counter::TxMalformed)?;
     let inner_tos = ip.tos;
     let remote = maps::remote_vtep(ip.dst).ok_or(Counter::TxNoRoute)?;
+    encapsulate(ctx, config, &remote, inner_tos)
+}
+
+/// Whether the packet (each of its segments, for a GSO packet) fits the VXLAN device's MTU,
+/// the check the kernel makes when it forwards into flannel.1.
+#[inline(always)]
+fn fits_overlay(ctx: &TcContext, config: &OverlayConfig) -> bool {
+    // Zero: measure the packet itself.
+    let mut mtu_len = 0u32;
+    // SAFETY: the context's skb is valid for the whole program run; mtu_len outlives the call.
+    let verdict = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb.cast(),
+            config.vtep_ifindex,
+            &mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    verdict == 0
+}
+
+/// Wraps the packet, whose Ethernet header becomes the inner one, for `remote` and redirects
+/// it to the uplink.
+#[inline(always)]
+fn encapsulate(
+    ctx: &TcContext,
+    config: &OverlayConfig,
+    remote: &RemoteVtep,
+    inner_tos: u8,
+) -> Result<i32, Counter> {
     // SAFETY: the context's skb is valid for the whole program run.
     let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJUST_ROOM_FLAGS)
         .map_err(|_| Counter::TxError)?;
-    let headers = encapsulation(config, &remote, inner_eth, inner_tos, ctx.len(), flow_hash);
+    let headers = encapsulation(config, remote, inner_tos, ctx.len(), flow_hash);
     ctx.store(ETH_HEADER_LEN, &headers, 0)
         .map_err(|_| Counter::TxError)?;
 
@@ -111,7 +200,6 @@ fn encapsulate(ctx: &TcContext, config: &OverlayConfig) -> Result<i32, Counter> 
 fn encapsulation(
     config: &OverlayConfig,
     remote: &RemoteVtep,
-    inner_eth: EthHdr,
     inner_tos: u8,
     skb_len: u32,
     flow_hash: u32,
@@ -149,7 +237,7 @@ fn encapsulation(
         inner_eth: EthHdr {
             dst: remote.mac,
             src: config.vtep_mac,
-            ether_type: inner_eth.ether_type,
+            ether_type: ETH_P_IPV4.to_be_bytes(),
         },
     }
 }

@@ -1,5 +1,6 @@
 //! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
-//! `encap` (tc, VXLAN device egress) and `decap` (XDP, uplink), over `parse` and `maps`.
+//! `encap` (tc, container veths and VXLAN device egress) and `decap` (tc or XDP, uplink), over
+//! `parse` and `maps`.
 #![no_std]
 #![no_main]
 

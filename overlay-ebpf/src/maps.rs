@@ -3,10 +3,12 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
-use overlay_common::{Counter, Counters, OverlayConfig, RemoteVtep, VtepSubnet};
+use overlay_common::{Counter, Counters, LocalEndpoint, OverlayConfig, RemoteVtep, VtepSubnet};
 
 /// Room for every /24 of a /8 network.
 const MAX_REMOTE_HOSTS: usize = 65536;
+/// Room for every address of a /18 lease.
+const MAX_LOCAL_ENDPOINTS: usize = 16384;
 
 /// One entry, filled by the agent before it attaches any program.
 #[btf_map(name = "config")]
@@ -24,6 +26,11 @@ static SUBNETS: LpmTrie<[u8; 4], RemoteVtep, MAX_REMOTE_HOSTS> = LpmTrie::new();
 #[btf_map(name = "vteps")]
 static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 
+/// Local container's IPv4 address (network order) → its veth and MAC, learned by the agent
+/// from docker0's neighbours and forwarding database.
+#[btf_map(name = "endpoints")]
+static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
 #[inline(always)]
 pub fn config() -> Option<&'static OverlayConfig> {
     CONFIG.get(0)
@@ -40,6 +47,13 @@ pub fn remote_vtep(destination: [u8; 4]) -> Option<RemoteVtep> {
 pub fn vtep_subnet(public_ip: [u8; 4]) -> Option<VtepSubnet> {
     // SAFETY: the value is copied out at once, before any update could reuse the slot.
     unsafe { VTEPS.get(public_ip) }.copied()
+}
+
+/// The local container at `address`, if the agent knows where it is.
+#[inline(always)]
+pub fn local_endpoint(address: [u8; 4]) -> Option<LocalEndpoint> {
+    // SAFETY: the value is copied out at once, before any update could reuse the slot.
+    unsafe { ENDPOINTS.get(address) }.copied()
 }
 
 #[inline(always)]

@@ -4,6 +4,7 @@
 //! header lies inside the packet before handing out a reference.
 use core::mem::size_of;
 
+use aya_ebpf::programs::TcContext;
 use overlay_common::{Counter, OverlayConfig};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
@@ -86,23 +87,42 @@ impl Ipv4Hdr {
         sum = (sum & 0xffff) + (sum >> 16);
         (!(sum as u16)).to_be_bytes()
     }
+
+    /// What a router does to a packet it forwards: TTL − 1, with the checksum patched
+    /// incrementally (RFC 1624) the way the kernel's `ip_decrease_ttl` does, so the bytes
+    /// match the routed path's. The caller makes sure the TTL is above 1.
+    #[inline(always)]
+    pub fn decrement_ttl(&mut self) {
+        self.ttl = self.ttl.wrapping_sub(1);
+        let sum = u32::from(u16::from_be_bytes(self.checksum)) + 0x0100;
+        self.checksum = ((sum + u32::from(sum >= 0xffff)) as u16).to_be_bytes();
+    }
 }
 
-/// The packet bytes a program may read: `[start, end)` as the kernel's context gives them.
+/// The packet bytes a program may read, `[start, end)` as the kernel's context gives them,
+/// and the packet's whole length, which for an skb may go on beyond them (paged data).
 pub struct Frame {
     start: usize,
     end: usize,
+    len: usize,
 }
 
 impl Frame {
+    /// A packet that is all readable, as XDP sees it.
     #[inline(always)]
     pub fn new(start: usize, end: usize) -> Self {
-        Self { start, end }
+        Self::with_len(start, end, end - start)
     }
 
     #[inline(always)]
+    pub fn with_len(start: usize, end: usize, len: usize) -> Self {
+        Self { start, end, len }
+    }
+
+    /// The whole packet's length, readable or not: what header length fields must agree with.
+    #[inline(always)]
     pub fn len(&self) -> usize {
-        self.end - self.start
+        self.len
     }
 
     /// The header `T` at `offset`, or `None` when the frame ends before the header does.
@@ -132,10 +152,23 @@ impl Frame {
     }
 }
 
-/// The inner frame's Ethernet and IPv4 headers, read as one so a single bounds check covers
-/// both (the verifier loses the bounds of a variable offset across helper calls).
+/// The packet of `ctx` as a frame whose first `wanted` bytes (or all of it, if shorter) are
+/// readable. Headers of a GSO packet may sit outside the linear area; they are pulled in only
+/// then, as the helper is not free. The frame's own bounds checks decide what is there.
+#[inline(always)]
+pub fn linear_frame(ctx: &TcContext, wanted: usize) -> Frame {
+    let len = ctx.len() as usize;
+    let wanted = wanted.min(len);
+    if ctx.data() + wanted > ctx.data_end() {
+        let _ = ctx.pull_data(wanted as u32);
+    }
+    Frame::with_len(ctx.data(), ctx.data_end(), len)
+}
+
+/// An Ethernet and an IPv4 header, read as one so a single bounds check covers both (the
+/// verifier loses the bounds of a variable offset across helper calls).
 #[repr(C)]
-pub struct InnerHeaders {
+pub struct EthIpv4Headers {
     pub eth: EthHdr,
     pub ip: Ipv4Hdr,
 }
@@ -191,8 +224,8 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     let vxlan_offset = udp_offset + size_of::<UdpHdr>();
     let inner_offset = vxlan_offset + size_of::<VxlanHdr>();
     let vxlan: &VxlanHdr = frame.header(vxlan_offset).ok_or(Counter::RxMalformed)?;
-    let inner: &InnerHeaders = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
-    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<InnerHeaders>()
+    let inner: &EthIpv4Headers = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
+    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthIpv4Headers>()
         || vxlan.flags & VXLAN_FLAG_VNI == 0
     {
         return Err(Counter::RxMalformed);

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use overlay_agent::{
-    dataplane::Dataplane,
+    dataplane::{CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_PROGRAM},
     mac::MacAddr,
     subnet::{Lease, LeaseAttrs},
 };
@@ -15,8 +15,12 @@ use crate::{frames::*, require_root};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+/// The interface the programs' config names as uplink and VXLAN device under
+/// BPF_PROG_TEST_RUN: loopback, which every namespace has.
+const LOOPBACK: u32 = 1;
 /// Room for the 50 bytes encapsulation adds.
 const OUTPUT_SLACK: usize = 256;
 
@@ -25,6 +29,7 @@ pub struct SeedHost {
     pub public_ip: [u8; 4],
     pub vtep_mac: [u8; 6],
     pub uplink_mac: [u8; 6],
+    pub bridge_mac: [u8; 6],
     pub subnet: &'static str,
 }
 
@@ -32,6 +37,7 @@ pub const HOST1: SeedHost = SeedHost {
     public_ip: HOST1_IP,
     vtep_mac: HOST1_VTEP_MAC,
     uplink_mac: HOST1_MAC,
+    bridge_mac: HOST1_BRIDGE_MAC,
     subnet: "10.2.41.0/24",
 };
 
@@ -39,6 +45,7 @@ pub const HOST2: SeedHost = SeedHost {
     public_ip: HOST2_IP,
     vtep_mac: HOST2_VTEP_MAC,
     uplink_mac: HOST2_MAC,
+    bridge_mac: HOST2_BRIDGE_MAC,
     subnet: "10.2.54.0/24",
 };
 
@@ -51,7 +58,10 @@ impl SeedHost {
             public_ip: self.public_ip,
             vtep_mac: self.vtep_mac,
             uplink_mac: self.uplink_mac,
-            uplink_ifindex: 1,
+            uplink_ifindex: LOOPBACK,
+            vtep_ifindex: LOOPBACK,
+            bridge_mac: self.bridge_mac,
+            reserved2: 0,
         }
     }
 
@@ -87,6 +97,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Asserts no counter moved.
+    pub fn assert_uncounted(&self) {
+        assert_eq!(self.counters, Counters::default(), "no counter moves");
+    }
+
     /// Asserts `expected` is the only counter that moved, by one.
     pub fn assert_only(&self, expected: Counter) {
         for &counter in Counter::ALL {
@@ -101,19 +116,75 @@ impl Outcome {
     }
 }
 
-pub fn run_xdp(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
-    run(dataplane.uplink_program()?, dataplane, frame)
+/// The uplink's two decapsulators, which must agree on everything but how they hand a
+/// packet on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UplinkHook {
+    Tc,
+    Xdp,
 }
 
-pub fn run_tc(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
-    run(dataplane.vtep_program()?, dataplane, frame)
+impl UplinkHook {
+    pub const ALL: [UplinkHook; 2] = [UplinkHook::Tc, UplinkHook::Xdp];
+
+    /// The verdict that hands a frame to the stack.
+    pub fn pass(self) -> u32 {
+        match self {
+            UplinkHook::Tc => TC_ACT_OK,
+            UplinkHook::Xdp => XDP_PASS,
+        }
+    }
+
+    pub fn drop(self) -> u32 {
+        match self {
+            UplinkHook::Tc => TC_ACT_SHOT,
+            UplinkHook::Xdp => XDP_DROP,
+        }
+    }
+
+    /// The frame the stack receives for a decapsulated `vxlan_frame` whose inner Ethernet
+    /// header starts at `inner_offset`: tc keeps the outer Ethernet header, XDP readdresses
+    /// the inner one to the uplink (`uplink_mac`).
+    pub fn decapsulated(
+        self,
+        vxlan_frame: &[u8],
+        inner_offset: usize,
+        uplink_mac: [u8; 6],
+    ) -> Vec<u8> {
+        match self {
+            UplinkHook::Tc => [
+                &vxlan_frame[..ETH_HEADER_LEN],
+                &vxlan_frame[inner_offset + ETH_HEADER_LEN..],
+            ]
+            .concat(),
+            UplinkHook::Xdp => [&uplink_mac[..], &vxlan_frame[inner_offset + 6..]].concat(),
+        }
+    }
+}
+
+/// The uplink's program at `hook` on `frame`.
+pub fn run_uplink(hook: UplinkHook, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
+    match hook {
+        UplinkHook::Tc => run(dataplane.tc_program(UPLINK_TC_PROGRAM)?, dataplane, frame),
+        UplinkHook::Xdp => run(dataplane.uplink_xdp_program()?, dataplane, frame),
+    }
+}
+
+/// flannel.1's egress program on `frame`.
+pub fn run_vtep(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
+    run(dataplane.tc_program(VTEP_PROGRAM)?, dataplane, frame)
+}
+
+/// A container veth's ingress program on `frame`.
+pub fn run_container(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
+    run(dataplane.tc_program(CONTAINER_PROGRAM)?, dataplane, frame)
 }
 
 fn run<P>(program: &P, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
-    let (result, frame) = test_run(program, frame, 1)?;
+    let (result, frame) = test_run(program, frame)?;
     Ok(Outcome {
         verdict: result.return_value,
         frame,
@@ -121,17 +192,8 @@ where
     })
 }
 
-/// The kernel's average run time of `program` on `frame` over `repeat` runs, in nanoseconds.
-pub fn nanoseconds_per_packet<P>(program: &P, frame: &[u8], repeat: u32) -> Result<f64>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
-    let (result, _) = test_run(program, frame, repeat)?;
-    Ok(result.duration.as_secs_f64() * 1e9)
-}
-
-/// BPF_PROG_TEST_RUN of `program` on `frame`, `repeat` times; the result and the frame out.
-fn test_run<P>(program: &P, frame: &[u8], repeat: u32) -> Result<(TestRunResult, Vec<u8>)>
+/// BPF_PROG_TEST_RUN of `program` on `frame`; the result and the frame out.
+fn test_run<P>(program: &P, frame: &[u8]) -> Result<(TestRunResult, Vec<u8>)>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
@@ -139,7 +201,6 @@ where
     let result = program.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
-        repeat,
         ..TestRunOptions::new()
     })?;
     out.truncate(result.data_size_out as usize);

@@ -25,34 +25,63 @@ fn delta(before: &Counters, after: &Counters, counter: Counter) -> u64 {
     after.get(counter) - before.get(counter)
 }
 
+/// Pings until both hosts deliver straight into the containers: the first packet to a
+/// container the host has not yet talked to goes through docker0, which learns its address.
+fn warm_up_fast_path(seed: &Seed) -> Result<()> {
+    let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    wait_for("the fast path on both hosts", EVENT_TIMEOUT, || {
+        seed.bbox1.ping(BBOX2, 1)?;
+        let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+        Ok(delta(&before1, &after1, Counter::RxDelivered) > 0
+            && delta(&before2, &after2, Counter::RxDelivered) > 0)
+    })
+}
+
 #[test]
 fn the_seed_runs_on_our_programs_with_flannels_semantics() -> Result<()> {
     let seed = Seed::start("seed-ebpf", &[])?;
+    warm_up_fast_path(&seed)?;
     let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
     let ping = seed.bbox1.ping(BBOX2, 5)?;
     assert_eq!(ping.matches("ttl=62").count(), 5, "{ping}");
     let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
-    assert_eq!(
-        delta(&before1, &after1, Counter::TxEncapsulated),
-        5,
-        "host1 encapsulated the requests"
-    );
-    assert_eq!(
-        delta(&before2, &after2, Counter::RxDecapsulated),
-        5,
-        "host2 decapsulated them"
-    );
-    assert_eq!(
-        delta(&before2, &after2, Counter::TxEncapsulated),
-        5,
-        "host2 encapsulated the replies"
-    );
-    assert_eq!(
-        delta(&before1, &after1, Counter::RxDecapsulated),
-        5,
-        "host1 decapsulated them"
-    );
+    for (host, before, after, what) in [
+        (&seed.host1, &before1, &after1, "requests"),
+        (&seed.host2, &before2, &after2, "replies"),
+    ] {
+        assert_eq!(
+            delta(before, after, Counter::TxDirect),
+            5,
+            "{} encapsulated the {what} at the container's veth",
+            host.name
+        );
+        for routed in [
+            Counter::TxEncapsulated,
+            Counter::TxSlowPath,
+            Counter::RxDecapsulated,
+        ] {
+            assert_eq!(
+                delta(before, after, routed),
+                0,
+                "{}: {}",
+                host.name,
+                routed.name()
+            );
+        }
+    }
+    for (host, before, after, what) in [
+        (&seed.host2, &before2, &after2, "requests"),
+        (&seed.host1, &before1, &after1, "replies"),
+    ] {
+        assert_eq!(
+            delta(before, after, Counter::RxDelivered),
+            5,
+            "{} put the {what} straight into the container",
+            host.name
+        );
+    }
 
+    // TTL 1 and 2 run out on host1 and on host2: the stack answers, from docker0 and flannel.1.
     assert_eq!(
         seed.bbox1.traceroute(BBOX2)?,
         ["10.2.41.1", "10.2.54.0", "10.2.54.2"]
@@ -66,6 +95,10 @@ fn the_seed_runs_on_our_programs_with_flannels_semantics() -> Result<()> {
             "no FDB entry on {}'s flannel.1:\n{fdb}",
             host.name
         );
+        let counters = counters(host)?;
+        for dropped in [Counter::RxMalformed, Counter::RxError, Counter::TxError] {
+            assert_eq!(counters.get(dropped), 0, "{}: {counters:?}", host.name);
+        }
     }
     let routes = seed.host1.netns.ip(&["route"])?;
     assert!(
@@ -76,8 +109,69 @@ fn the_seed_runs_on_our_programs_with_flannels_semantics() -> Result<()> {
 }
 
 #[test]
+fn the_xdp_decapsulator_carries_the_seed_through_the_stack() -> Result<()> {
+    let seed = Seed::start("seed-xdp", &["--decap-hook=xdp"])?;
+    let before2 = counters(&seed.host2)?;
+    let ping = seed.bbox1.ping(BBOX2, 5)?;
+    assert_eq!(ping.matches("ttl=62").count(), 5, "{ping}");
+    let after2 = counters(&seed.host2)?;
+    assert_eq!(delta(&before2, &after2, Counter::RxDecapsulated), 5);
+    assert_eq!(delta(&before2, &after2, Counter::RxDelivered), 0);
+    assert_eq!(
+        seed.bbox1.traceroute(BBOX2)?,
+        ["10.2.41.1", "10.2.54.0", "10.2.54.2"]
+    );
+    assert!(
+        seed.host2
+            .netns
+            .ip(&["link", "show", "eth0"])?
+            .contains("xdp"),
+        "XDP is attached"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_packet_too_big_for_the_overlay_gets_fragmentation_needed_from_docker0() -> Result<()> {
+    let seed = Seed::start("pmtu", &[])?;
+    warm_up_fast_path(&seed)?;
+    // A container left at Docker's default MTU, larger than the overlay's.
+    seed.bbox1
+        .netns
+        .ip(&["link", "set", "eth0", "mtu", "1500"])?;
+    seed.host1
+        .netns
+        .ip(&["link", "set", "veth-bbox1", "mtu", "1500"])?;
+    let before1 = counters(&seed.host1)?;
+    let output = seed.bbox1.netns.exec_unchecked(&[
+        "ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", "1472", BBOX2,
+    ])?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("Frag needed") && text.contains("mtu = 1450"),
+        "ping -M do -s 1472:\n{text}"
+    );
+    assert_eq!(
+        delta(&before1, &counters(&seed.host1)?, Counter::TxSlowPath),
+        1,
+        "handed to the stack, which answered"
+    );
+    // What fits still takes the fast path.
+    let before1 = counters(&seed.host1)?;
+    seed.bbox1
+        .netns
+        .exec(&["ping", "-n", "-c", "1", "-M", "do", "-s", "1422", BBOX2])?;
+    assert_eq!(
+        delta(&before1, &counters(&seed.host1)?, Counter::TxDirect),
+        1
+    );
+    Ok(())
+}
+
+#[test]
 fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
     let seed = Seed::start("status", &[])?;
+    warm_up_fast_path(&seed)?;
     let subnets = seed.host1.pin_dir().join("subnets");
     let dump = overlay_tests::netns::run(
         std::process::Command::new("bpftool")
@@ -119,8 +213,10 @@ fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
         format!("lease: {SUBNET1}"),
         format!("{SUBNET2} via {HOST2} (VTEP {mac2}): map {HOST2} {mac2}"),
         "tc_vtep_egress on ifindex".to_string(),
-        "xdp_uplink on ifindex".to_string(),
-        "rx_decapsulated".to_string(),
+        "tc_uplink_ingress on ifindex".to_string(),
+        "tc_container_ingress on ifindex".to_string(),
+        "rx_delivered".to_string(),
+        "tx_direct".to_string(),
     ] {
         assert!(report.contains(&line), "status lacks {line:?}:\n{report}");
     }
@@ -271,6 +367,37 @@ fn ebpf_kernel_and_stock_flannel_hosts_all_reach_each_other() -> Result<()> {
     Ok(())
 }
 
+/// The ids of the links pinned under `dir`, by pin name.
+fn pinned_links(dir: &std::path::Path) -> Result<Vec<(String, u64)>> {
+    let mut links = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if !name.starts_with("link_") {
+            continue;
+        }
+        let json = overlay_tests::netns::run(
+            std::process::Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&path),
+        )?;
+        let link: serde_json::Value = serde_json::from_str(&json)?;
+        links.push((name, link["id"].as_u64().context("a link without id")?));
+    }
+    Ok(links)
+}
+
+fn link_exists(id: u64) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["link", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
 #[test]
 fn teardown_removes_programs_and_pins() -> Result<()> {
     let mut cluster = Cluster::new("teardown-ebpf")?;
@@ -278,14 +405,17 @@ fn teardown_removes_programs_and_pins() -> Result<()> {
     let links_before = host1.netns.ip(&["-d", "link", "show"])?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     agent.wait_ready()?;
-    assert!(
-        host1.netns.ip(&["link", "show", "eth0"])?.contains("xdp"),
-        "XDP is attached"
-    );
+    let links = pinned_links(&host1.pin_dir())?;
+    for program in ["tc_uplink_ingress", "tc_vtep_egress"] {
+        assert!(
+            links.iter().any(|(name, _)| name.contains(program)),
+            "{program} is attached: {links:?}"
+        );
+    }
     agent.process.terminate(EVENT_TIMEOUT)?;
     assert!(
-        host1.netns.ip(&["link", "show", "eth0"])?.contains("xdp"),
-        "the pinned link outlives the agent"
+        links.iter().all(|(_, id)| link_exists(*id)),
+        "the pinned links outlive the agent"
     );
 
     let flags = [
@@ -300,10 +430,14 @@ fn teardown_removes_programs_and_pins() -> Result<()> {
         teardown.log()
     );
     assert!(!host1.pin_dir().exists(), "the pins are gone");
+    assert!(
+        links.iter().all(|(_, id)| !link_exists(*id)),
+        "every link is gone with its program"
+    );
     assert_eq!(
         host1.netns.ip(&["-d", "link", "show"])?,
         links_before,
-        "no device, no XDP left"
+        "no device left"
     );
     Ok(())
 }

@@ -3,13 +3,14 @@
 //! - The uplink XDP program on host2 accounts for every frame, and, knowing no peer, refuses
 //!   host1's VXLAN while the rest passes.
 //! - The frame our tc program builds is the kernel's, byte for byte, but for the outer UDP
-//!   source port, IP ID and IP checksum; our XDP program turns it back into the inner frame.
+//!   source port, IP ID and IP checksum; both our decapsulators turn it back into the inner
+//!   packet.
 use anyhow::Result;
-use overlay_agent::dataplane::XdpModeChoice;
+use overlay_agent::dataplane::{DecapHook, XdpModeChoice};
 use overlay_common::Counter;
 use overlay_tests::{
     capture::capture_one,
-    dataplane::{HOST1, HOST2, TC_ACT_REDIRECT, XDP_PASS, dataplane_of, run_tc, run_xdp},
+    dataplane::{HOST1, HOST2, TC_ACT_REDIRECT, UplinkHook, dataplane_of, run_uplink, run_vtep},
     frames::*,
     netns::Netns,
     require_root,
@@ -104,9 +105,9 @@ fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
         .exec(&["cat", "/sys/class/net/eth0/ifindex"])?
         .trim()
         .parse()?;
-    hosts
-        .host2
-        .run_inside(|| dataplane.ensure_uplink_attached("eth0", ifindex, XdpModeChoice::Auto))?;
+    hosts.host2.run_inside(|| {
+        dataplane.ensure_uplink_attached("eth0", ifindex, DecapHook::Xdp, XdpModeChoice::Auto)
+    })?;
 
     hosts.ping("172.20.62.105", 2)?;
     hosts.ping("10.2.54.2", 3)?;
@@ -183,7 +184,7 @@ fn our_frames_are_the_kernel_s_frames() -> Result<()> {
         "the kernel's inner Ethernet header"
     );
 
-    let ours = run_tc(&dataplane_of(&HOST1, &[&HOST2])?, inner)?;
+    let ours = run_vtep(&dataplane_of(&HOST1, &[&HOST2])?, inner)?;
     assert_eq!(ours.verdict, TC_ACT_REDIRECT);
     assert_eq!(ours.frame.len(), kernel.len());
     // IP ID (18..20), IP checksum (24..26), UDP source port (34..36) may differ; the outer
@@ -203,13 +204,14 @@ fn our_frames_are_the_kernel_s_frames() -> Result<()> {
         &kernel[14..50]
     );
 
-    let delivered = run_xdp(&dataplane_of(&HOST2, &[&HOST1])?, &kernel)?;
-    assert_eq!(delivered.verdict, XDP_PASS);
-    let mut expected = inner.to_vec();
-    expected[..6].copy_from_slice(&HOST2_MAC);
-    assert_eq!(
-        delivered.frame, expected,
-        "the inner frame, addressed to host2's uplink"
-    );
+    for hook in UplinkHook::ALL {
+        let delivered = run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, &kernel)?;
+        assert_eq!(delivered.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(
+            delivered.frame,
+            hook.decapsulated(&kernel, 50, HOST2_MAC),
+            "{hook:?}: the inner packet, addressed to host2's uplink"
+        );
+    }
     Ok(())
 }

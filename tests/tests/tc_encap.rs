@@ -1,11 +1,18 @@
-//! The VXLAN device's tc program on hand-built frames through BPF_PROG_TEST_RUN: a packet for
-//! a remote subnet leaves in flannel's wire format, redirected to the uplink; anything else is
-//! dropped and counted.
+//! The encapsulating tc programs on hand-built frames through BPF_PROG_TEST_RUN.
+//! - flannel.1's egress: a packet for a remote subnet leaves in flannel's wire format,
+//!   redirected to the uplink; anything else is dropped and counted.
+//! - A container veth's ingress (the fast path): a container's packet for a remote subnet
+//!   leaves exactly as the routed path would have sent it; what a router must handle itself
+//!   goes to the stack, and everything else to the bridge, untouched.
 use anyhow::Result;
 use overlay_common::{Counter, VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN};
 use overlay_tests::{
-    dataplane::{HOST1, HOST2, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, dataplane_of, run_tc},
+    dataplane::{
+        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, dataplane_of,
+        dataplane_with, run_container, run_vtep,
+    },
     frames::*,
+    netns::Netns,
 };
 
 const OUTER_IP: usize = ETH_HEADER_LEN;
@@ -30,7 +37,40 @@ fn routed_ping(tos: u8) -> Vec<u8> {
 
 /// host1 sending `frame` out of flannel.1, with host2 as its only peer.
 fn send(frame: &[u8]) -> Result<Outcome> {
-    run_tc(&dataplane_of(&HOST1, &[&HOST2])?, frame)
+    run_vtep(&dataplane_of(&HOST1, &[&HOST2])?, frame)
+}
+
+/// `packet` as bbox1 puts it on its veth: to its gateway, docker0.
+fn from_bbox1(packet: &[u8]) -> Vec<u8> {
+    ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ETH_P_IPV4, packet)
+}
+
+fn bbox1_ping(destination: [u8; 4], ttl: u8) -> Vec<u8> {
+    let mut ping = ipv4(
+        BBOX1_IP,
+        destination,
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"overlay!"),
+    );
+    ping[8] = ttl;
+    ping[10..12].fill(0);
+    let checksum = internet_checksum(&ping[..IPV4_HEADER_LEN]);
+    ping[10..12].copy_from_slice(&checksum.to_be_bytes());
+    ping
+}
+
+/// host1's container veth receiving `frame` from bbox1, with host2 as its only peer.
+fn from_container(frame: &[u8]) -> Result<Outcome> {
+    run_container(&dataplane_of(&HOST1, &[&HOST2])?, frame)
+}
+
+fn assert_left_to_the_bridge(frame: &[u8]) -> Result<()> {
+    let outcome = from_container(frame)?;
+    assert_eq!(outcome.verdict, TC_ACT_OK);
+    assert_eq!(outcome.frame, frame, "untouched");
+    outcome.assert_uncounted();
+    Ok(())
 }
 
 fn source_port(encapsulated: &[u8]) -> u16 {
@@ -196,4 +236,104 @@ fn a_full_sized_packet_is_encapsulated_whole() -> Result<()> {
     assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
     assert_eq!(outcome.frame[INNER..], inner[..]);
     Ok(())
+}
+
+#[test]
+fn a_container_s_packet_leaves_its_veth_as_the_routed_path_sends_it() -> Result<()> {
+    let fast = from_container(&from_bbox1(&bbox1_ping(BBOX2_IP, 64)))?;
+    assert_eq!(fast.verdict, TC_ACT_REDIRECT, "redirected to the uplink");
+    fast.assert_only(Counter::TxDirect);
+    // The routed path: docker0 forwards (TTL 63), flannel.1 addresses it VTEP to VTEP.
+    let routed = send(&ethernet(
+        HOST2_VTEP_MAC,
+        HOST1_VTEP_MAC,
+        ETH_P_IPV4,
+        &bbox1_ping(BBOX2_IP, 63),
+    ))?;
+    // The outer Ethernet header is the neighbour's, filled in when the frame leaves.
+    assert_eq!(
+        fast.frame[ETH_HEADER_LEN..],
+        routed.frame[ETH_HEADER_LEN..],
+        "the same frame, source port included"
+    );
+    Ok(())
+}
+
+#[test]
+fn what_a_router_must_answer_goes_to_the_stack() -> Result<()> {
+    let cases = [
+        ("TTL 1: time exceeded", bbox1_ping(BBOX2_IP, 1)),
+        ("IPv4 options", {
+            let payload = icmp_echo_request(1, 1, b"options");
+            ipv4(BBOX1_IP, BBOX2_IP, IPPROTO_ICMP, &[0x94, 4, 0, 0], &payload)
+        }),
+    ];
+    for (what, packet) in cases {
+        let frame = from_bbox1(&packet);
+        let outcome = from_container(&frame)?;
+        assert_eq!(outcome.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(outcome.frame, frame, "{what}: untouched");
+        outcome.assert_only(Counter::TxSlowPath);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_packet_too_big_for_the_overlay_goes_to_the_stack() -> Result<()> {
+    // The VXLAN device's MTU, as flannel sets it on a 1500-byte underlay.
+    let netns = Netns::new("mtu")?;
+    netns.ip(&[
+        "link", "add", "vtep0", "mtu", "1450", "type", "veth", "peer", "name", "vtep1",
+    ])?;
+    let vtep_ifindex: u32 = netns
+        .exec(&["cat", "/sys/class/net/vtep0/ifindex"])?
+        .trim()
+        .parse()?;
+    let packet_of = |ip_len: usize| {
+        let payload = vec![0x5a; ip_len - IPV4_HEADER_LEN - UDP_HEADER_LEN];
+        from_bbox1(&ipv4(
+            BBOX1_IP,
+            BBOX2_IP,
+            IPPROTO_UDP,
+            &[],
+            &udp(40000, 9000, &payload),
+        ))
+    };
+    netns.run_inside(|| {
+        let config = overlay_common::OverlayConfig {
+            vtep_ifindex,
+            ..HOST1.config(1, 8472)
+        };
+        let fits = run_container(&dataplane_with(config, &[&HOST2])?, &packet_of(1450))?;
+        assert_eq!(fits.verdict, TC_ACT_REDIRECT);
+        fits.assert_only(Counter::TxDirect);
+        let too_big = packet_of(1451);
+        let outcome = run_container(&dataplane_with(config, &[&HOST2])?, &too_big)?;
+        assert_eq!(outcome.verdict, TC_ACT_OK);
+        assert_eq!(outcome.frame, too_big, "untouched");
+        outcome.assert_only(Counter::TxSlowPath);
+        Ok(())
+    })
+}
+
+#[test]
+fn everything_else_goes_on_to_the_bridge_untouched() -> Result<()> {
+    // Local, outside the overlay, to another container's MAC (a router on the bridge), ARP.
+    assert_left_to_the_bridge(&from_bbox1(&bbox1_ping([10, 2, 41, 3], 64)))?;
+    assert_left_to_the_bridge(&from_bbox1(&bbox1_ping([192, 0, 2, 1], 64)))?;
+    assert_left_to_the_bridge(&ethernet(
+        [0x02, 0x42, 0x0a, 0x02, 0x29, 0x03],
+        BBOX1_MAC,
+        ETH_P_IPV4,
+        &bbox1_ping(BBOX2_IP, 64),
+    ))?;
+    let arp = [
+        &[0, 1, 8, 0, 6, 4, 0, 1][..],
+        &BBOX1_MAC,
+        &BBOX1_IP,
+        &[0; 6],
+        &[10, 2, 41, 1],
+    ]
+    .concat();
+    assert_left_to_the_bridge(&ethernet([0xff; 6], BBOX1_MAC, ETH_P_ARP, &arp))
 }

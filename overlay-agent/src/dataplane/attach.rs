@@ -4,7 +4,10 @@
 //!
 //! A link pin is named after the program and the interface index it is attached to, so a
 //! link of a device that was since recreated is recognised as stale and replaced.
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{
@@ -14,7 +17,18 @@ use aya::programs::{
     xdp::XdpLink,
 };
 
-use super::{Dataplane, UPLINK_PROGRAM, VTEP_PROGRAM, program_mut};
+use super::{
+    CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM, VTEP_PROGRAM, program_mut,
+};
+
+/// Where the uplink decapsulates, as `--decap-hook` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapHook {
+    /// tc ingress: keeps GSO superpackets whole and delivers straight into containers.
+    Tc,
+    /// XDP: decapsulates before the stack allocates anything, then the stack routes.
+    Xdp,
+}
 
 /// How the uplink program attaches, as `--xdp-mode` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -25,39 +39,51 @@ pub enum XdpModeChoice {
     Generic,
 }
 
+/// A container's veth as the bridge sees it: its host-side end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    pub index: u32,
+}
+
 /// The interface index each program is attached to, once it is.
 #[derive(Debug, Default)]
 pub struct Attachments {
-    uplink: Option<u32>,
+    uplink: Option<(u32, DecapHook)>,
     vtep: Option<u32>,
-    /// Links made without a pin directory; dropping them detaches the programs.
-    unpinned: Vec<FdLink>,
+    containers: HashSet<u32>,
+    /// Container ports that refused the program, warned about once.
+    refused: HashSet<u32>,
+    /// Links made without a pin directory, by program and interface; dropping one detaches
+    /// its program.
+    unpinned: HashMap<(&'static str, u32), FdLink>,
 }
 
 impl Dataplane {
-    /// Makes sure the uplink XDP program is attached to `interface` (index `ifindex`).
+    /// Makes sure the uplink's decapsulator is attached to `interface` (index `ifindex`) at
+    /// `hook`, and the other one is not.
     pub fn ensure_uplink_attached(
         &mut self,
         interface: &str,
         ifindex: u32,
-        mode: XdpModeChoice,
+        hook: DecapHook,
+        xdp_mode: XdpModeChoice,
     ) -> Result<()> {
-        if self.attached.uplink == Some(ifindex) {
+        if self.attached.uplink == Some((ifindex, hook)) {
             return Ok(());
         }
-        let pin = self.link_pin(UPLINK_PROGRAM, ifindex)?;
-        let program: &mut Xdp = program_mut(&mut self.ebpf, UPLINK_PROGRAM)?.try_into()?;
-        let adopted = adopt(&pin, |link| {
-            program.attach_to_link(XdpLink::try_from(link)?)?;
-            Ok(())
-        });
-        if !adopted {
-            let link_id = attach_xdp(program, interface, mode)?;
-            let link = FdLink::try_from(program.take_link(link_id)?)?;
-            self.attached.keep(link, &pin)?;
+        let (program, other) = match hook {
+            DecapHook::Tc => (UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM),
+            DecapHook::Xdp => (UPLINK_XDP_PROGRAM, UPLINK_TC_PROGRAM),
+        };
+        self.detach_all_but(other, &HashSet::new())?;
+        self.detach_all_but(program, &HashSet::from([ifindex]))?;
+        match hook {
+            DecapHook::Tc => self.attach_tc(program, interface, ifindex, TcAttachType::Ingress)?,
+            DecapHook::Xdp => self.attach_xdp(interface, ifindex, xdp_mode)?,
         }
-        log::info!("{UPLINK_PROGRAM} attached to {interface}");
-        self.attached.uplink = Some(ifindex);
+        log::info!("{program} attached to {interface}");
+        self.attached.uplink = Some((ifindex, hook));
         Ok(())
     }
 
@@ -66,9 +92,54 @@ impl Dataplane {
         if self.attached.vtep == Some(ifindex) {
             return Ok(());
         }
-        let pin = self.link_pin(VTEP_PROGRAM, ifindex)?;
-        let program: &mut SchedClassifier =
-            program_mut(&mut self.ebpf, VTEP_PROGRAM)?.try_into()?;
+        self.detach_all_but(VTEP_PROGRAM, &HashSet::from([ifindex]))?;
+        self.attach_tc(VTEP_PROGRAM, interface, ifindex, TcAttachType::Egress)?;
+        log::info!("{VTEP_PROGRAM} attached to {interface} egress");
+        self.attached.vtep = Some(ifindex);
+        Ok(())
+    }
+
+    /// Makes sure the fast-path program sits on the ingress of every container port in
+    /// `ports`, and on no other interface. A port that cannot take it keeps the routed path.
+    pub fn ensure_container_ports(&mut self, ports: &[Port]) -> Result<()> {
+        let current: HashSet<u32> = ports.iter().map(|port| port.index).collect();
+        self.attached
+            .containers
+            .retain(|index| current.contains(index));
+        self.detach_all_but(CONTAINER_PROGRAM, &current)?;
+        for port in ports {
+            if self.attached.containers.contains(&port.index) {
+                continue;
+            }
+            match self.attach_tc(
+                CONTAINER_PROGRAM,
+                &port.name,
+                port.index,
+                TcAttachType::Ingress,
+            ) {
+                Ok(()) => {
+                    log::info!("{CONTAINER_PROGRAM} attached to {}", port.name);
+                    self.attached.containers.insert(port.index);
+                    self.attached.refused.remove(&port.index);
+                }
+                Err(error) if self.attached.refused.insert(port.index) => {
+                    log::warn!("{error:#}; {} keeps the routed path", port.name)
+                }
+                Err(error) => log::debug!("{error:#}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        ifindex: u32,
+        direction: TcAttachType,
+    ) -> Result<()> {
+        let pin = self.link_pin(name, ifindex);
+        let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?.try_into()?;
         let adopted = adopt(&pin, |link| {
             program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
             Ok(())
@@ -79,24 +150,45 @@ impl Dataplane {
                 log::debug!("clsact on {interface}: {error}");
             }
             let link_id = program
-                .attach(interface, TcAttachType::Egress)
-                .with_context(|| format!("cannot attach {VTEP_PROGRAM} to {interface}"))?;
+                .attach(interface, direction)
+                .with_context(|| format!("cannot attach {name} to {interface}"))?;
             let link = FdLink::try_from(program.take_link(link_id)?)?;
-            self.attached.keep(link, &pin)?;
+            self.attached.keep(name, ifindex, link, &pin)?;
         }
-        log::info!("{VTEP_PROGRAM} attached to {interface} egress");
-        self.attached.vtep = Some(ifindex);
         Ok(())
     }
 
-    /// Where the link of `program` on interface `ifindex` is pinned; stale pins of the same
-    /// program (other interfaces) are removed, which detaches their links.
-    fn link_pin(&self, program: &str, ifindex: u32) -> Result<Option<PathBuf>> {
-        let Some(dir) = &self.pin_dir else {
-            return Ok(None);
-        };
-        remove_link_pins(dir, program, Some(ifindex))?;
-        Ok(Some(dir.join(format!("link_{program}_{ifindex}"))))
+    fn attach_xdp(&mut self, interface: &str, ifindex: u32, mode: XdpModeChoice) -> Result<()> {
+        let pin = self.link_pin(UPLINK_XDP_PROGRAM, ifindex);
+        let program: &mut Xdp = program_mut(&mut self.ebpf, UPLINK_XDP_PROGRAM)?.try_into()?;
+        let adopted = adopt(&pin, |link| {
+            program.attach_to_link(XdpLink::try_from(link)?)?;
+            Ok(())
+        });
+        if !adopted {
+            let link_id = attach_xdp(program, interface, mode)?;
+            let link = FdLink::try_from(program.take_link(link_id)?)?;
+            self.attached
+                .keep(UPLINK_XDP_PROGRAM, ifindex, link, &pin)?;
+        }
+        Ok(())
+    }
+
+    /// Where the link of `program` on interface `ifindex` is pinned, if links are pinned.
+    fn link_pin(&self, program: &str, ifindex: u32) -> Option<PathBuf> {
+        let dir = self.pin_dir.as_ref()?;
+        Some(dir.join(format!("link_{program}_{ifindex}")))
+    }
+
+    /// Detaches `program` from every interface but those in `keep`.
+    fn detach_all_but(&mut self, program: &'static str, keep: &HashSet<u32>) -> Result<()> {
+        self.attached
+            .unpinned
+            .retain(|(name, ifindex), _| *name != program || keep.contains(ifindex));
+        match &self.pin_dir {
+            Some(dir) => remove_link_pins(dir, program, keep),
+            None => Ok(()),
+        }
     }
 }
 
@@ -116,7 +208,7 @@ fn attach_xdp(
             }
         },
     };
-    result.with_context(|| format!("cannot attach {UPLINK_PROGRAM} to {interface}"))
+    result.with_context(|| format!("cannot attach {UPLINK_XDP_PROGRAM} to {interface}"))
 }
 
 /// Swaps our program into the link pinned at `pin`, if there is one. A link that cannot take
@@ -150,21 +242,31 @@ fn adopt(pin: &Option<PathBuf>, replace: impl FnOnce(FdLink) -> Result<()>) -> b
 }
 
 impl Attachments {
-    /// Pins `link` at `pin`; without a pin directory the link lives as long as the dataplane.
-    fn keep(&mut self, link: FdLink, pin: &Option<PathBuf>) -> Result<()> {
+    /// Pins `link` at `pin`; without a pin directory the link lives as long as the dataplane,
+    /// or until its program is detached from the interface.
+    fn keep(
+        &mut self,
+        program: &'static str,
+        ifindex: u32,
+        link: FdLink,
+        pin: &Option<PathBuf>,
+    ) -> Result<()> {
         match pin {
             Some(pin) => {
                 link.pin(pin)
                     .with_context(|| format!("cannot pin the link at {}", pin.display()))?;
             }
-            None => self.unpinned.push(link),
+            None => {
+                self.unpinned.insert((program, ifindex), link);
+            }
         }
         Ok(())
     }
 }
 
-/// Removes the link pins of `program` under `dir`, except the one for `keep`.
-pub fn remove_link_pins(dir: &Path, program: &str, keep: Option<u32>) -> Result<()> {
+/// Removes the link pins of `program` under `dir` (which detaches their links), except those
+/// for the interfaces in `keep`.
+pub fn remove_link_pins(dir: &Path, program: &str, keep: &HashSet<u32>) -> Result<()> {
     let prefix = format!("link_{program}_");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
@@ -174,7 +276,10 @@ pub fn remove_link_pins(dir: &Path, program: &str, keep: Option<u32>) -> Result<
         let Some(ifindex) = name.strip_prefix(&prefix) else {
             continue;
         };
-        if keep.is_some_and(|keep| ifindex == keep.to_string()) {
+        if ifindex
+            .parse::<u32>()
+            .is_ok_and(|ifindex| keep.contains(&ifindex))
+        {
             continue;
         }
         if let Err(error) = std::fs::remove_file(entry.path()) {

@@ -15,19 +15,35 @@ use aya::{
 };
 use overlay_common::{Counters, OverlayConfig};
 
-pub use attach::XdpModeChoice;
+pub use attach::{DecapHook, Port, XdpModeChoice};
 
 /// The eBPF object built by `cargo xtask build`, embedded so the agent needs no file at run time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
 
-pub const UPLINK_PROGRAM: &str = "xdp_uplink";
+pub const UPLINK_TC_PROGRAM: &str = "tc_uplink_ingress";
+pub const UPLINK_XDP_PROGRAM: &str = "xdp_uplink";
 pub const VTEP_PROGRAM: &str = "tc_vtep_egress";
+pub const CONTAINER_PROGRAM: &str = "tc_container_ingress";
+/// Every program, each attached through links pinned as `link_<program>_<ifindex>`.
+const PROGRAMS: [&str; 4] = [
+    UPLINK_TC_PROGRAM,
+    UPLINK_XDP_PROGRAM,
+    VTEP_PROGRAM,
+    CONTAINER_PROGRAM,
+];
 const CONFIG_MAP: &str = "config";
 const COUNTERS_MAP: &str = "counters";
 const SUBNETS_MAP: &str = "subnets";
 const VTEPS_MAP: &str = "vteps";
+const ENDPOINTS_MAP: &str = "endpoints";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 4] = [CONFIG_MAP, COUNTERS_MAP, SUBNETS_MAP, VTEPS_MAP];
+const MAPS: [&str; 5] = [
+    CONFIG_MAP,
+    COUNTERS_MAP,
+    SUBNETS_MAP,
+    VTEPS_MAP,
+    ENDPOINTS_MAP,
+];
 
 /// The loaded programs and maps. Links it attached stay pinned when it is dropped.
 pub struct Dataplane {
@@ -61,13 +77,16 @@ impl Dataplane {
             "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN, BTF support, and \
              pinned maps, if any, from a compatible version)",
         )?;
-        let uplink: &mut Xdp = program_mut(&mut ebpf, UPLINK_PROGRAM)?.try_into()?;
+        let uplink: &mut Xdp = program_mut(&mut ebpf, UPLINK_XDP_PROGRAM)?.try_into()?;
         uplink
             .load()
-            .context("the kernel rejected the uplink XDP program")?;
-        let vtep: &mut SchedClassifier = program_mut(&mut ebpf, VTEP_PROGRAM)?.try_into()?;
-        vtep.load()
-            .context("the kernel rejected the VXLAN device's tc program")?;
+            .with_context(|| format!("the kernel rejected {UPLINK_XDP_PROGRAM}"))?;
+        for name in [UPLINK_TC_PROGRAM, VTEP_PROGRAM, CONTAINER_PROGRAM] {
+            let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
@@ -75,22 +94,26 @@ impl Dataplane {
         })
     }
 
-    /// Writes the settings the programs read on every packet.
+    /// Writes the settings the programs read on every packet, unless they already are.
     pub fn set_config(&mut self, config: &OverlayConfig) -> Result<()> {
         let mut map: Array<&mut MapData, OverlayConfig> =
             Array::try_from(map_mut(&mut self.ebpf, CONFIG_MAP)?)?;
+        if map.get(&0, 0).ok().as_ref() == Some(config) {
+            return Ok(());
+        }
         map.set(0, config, 0)
             .context("cannot write the dataplane config map")
     }
 
-    /// The uplink XDP program, e.g. for BPF_PROG_TEST_RUN.
-    pub fn uplink_program(&self) -> Result<&Xdp> {
-        Ok(program(&self.ebpf, UPLINK_PROGRAM)?.try_into()?)
+    /// The uplink's XDP program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn uplink_xdp_program(&self) -> Result<&Xdp> {
+        Ok(program(&self.ebpf, UPLINK_XDP_PROGRAM)?.try_into()?)
     }
 
-    /// The VXLAN device's tc program, e.g. for BPF_PROG_TEST_RUN.
-    pub fn vtep_program(&self) -> Result<&SchedClassifier> {
-        Ok(program(&self.ebpf, VTEP_PROGRAM)?.try_into()?)
+    /// A tc program by name (`UPLINK_TC_PROGRAM`, `VTEP_PROGRAM`, `CONTAINER_PROGRAM`), e.g.
+    /// for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&self, name: &str) -> Result<&SchedClassifier> {
+        Ok(program(&self.ebpf, name)?.try_into()?)
     }
 
     /// The counters summed over all CPUs.

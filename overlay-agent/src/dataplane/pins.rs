@@ -10,7 +10,7 @@ use aya::maps::{Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
 use ipnetwork::Ipv4Network;
 use overlay_common::{Counters, RemoteVtep};
 
-use super::{COUNTERS_MAP, MAPS, SUBNETS_MAP, UPLINK_PROGRAM, VTEP_PROGRAM, sum_per_cpu};
+use super::{COUNTERS_MAP, MAPS, PROGRAMS, SUBNETS_MAP, sum_per_cpu};
 
 pub struct PinnedDataplane {
     dir: PathBuf,
@@ -57,7 +57,7 @@ impl PinnedDataplane {
             .with_context(|| format!("cannot list {}", self.dir.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            for program in [UPLINK_PROGRAM, VTEP_PROGRAM] {
+            for program in PROGRAMS {
                 if let Some(ifindex) = name.strip_prefix(&format!("link_{program}_")) {
                     links.push(format!("{program} on ifindex {ifindex}"));
                 }
@@ -73,8 +73,8 @@ pub fn remove(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    for program in [UPLINK_PROGRAM, VTEP_PROGRAM] {
-        super::attach::remove_link_pins(dir, program, None)?;
+    for program in PROGRAMS {
+        super::attach::remove_link_pins(dir, program, &Default::default())?;
     }
     for map in MAPS {
         let path = dir.join(map);

@@ -1,19 +1,21 @@
-//! Mirroring remote leases into the subnet and VTEP maps. Entries are written only when they
-//! differ, so a steady state costs lookups, not updates.
-use std::collections::HashSet;
+//! Mirroring remote leases into the subnet and VTEP maps, and local containers into the
+//! endpoint map. Entries are written only when they differ, so a steady state costs lookups,
+//! not updates.
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use aya::maps::{
     HashMap as BpfHashMap, MapData,
     lpm_trie::{Key, LpmTrie},
 };
-use overlay_common::{RemoteVtep, VtepSubnet};
+use overlay_common::{LocalEndpoint, RemoteVtep, VtepSubnet};
 
-use super::{Dataplane, SUBNETS_MAP, VTEPS_MAP, map_mut};
+use super::{Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, VTEPS_MAP, map_mut};
 use crate::subnet::Lease;
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type VtepMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], VtepSubnet>;
+type EndpointMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], LocalEndpoint>;
 
 /// The map entries one remote lease calls for.
 struct Entries {
@@ -97,6 +99,27 @@ impl Dataplane {
             vteps
                 .remove(key)
                 .context("cannot delete from the VTEP map")?;
+        }
+        Ok(())
+    }
+
+    /// Makes the endpoint map hold exactly `endpoints` (container address → where it is).
+    pub fn sync_endpoints(&mut self, endpoints: &HashMap<[u8; 4], LocalEndpoint>) -> Result<()> {
+        let mut map: EndpointMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, ENDPOINTS_MAP)?)?;
+        for (address, endpoint) in endpoints {
+            if map.get(address, 0).ok().as_ref() != Some(endpoint) {
+                map.insert(address, endpoint, 0)
+                    .context("cannot write the endpoint map")?;
+            }
+        }
+        let stale: Vec<[u8; 4]> = map
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| !endpoints.contains_key(key))
+            .collect();
+        for key in &stale {
+            map.remove(key)
+                .context("cannot delete from the endpoint map")?;
         }
         Ok(())
     }

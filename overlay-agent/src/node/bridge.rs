@@ -4,20 +4,34 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
 use ipnetwork::Ipv4Network;
-use rtnetlink::{Handle, LinkBridge, packet_route::link::InfoKind};
+use rtnetlink::{
+    Handle, LinkBridge,
+    packet_route::link::{InfoKind, LinkAttribute},
+};
 
 use super::links;
+use crate::mac::MacAddr;
 
-/// Makes sure the bridge `name` exists, is up and carries the lease's first address; returns
-/// its index.
-pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<u32> {
+pub struct Bridge {
+    pub index: u32,
+    pub mac: MacAddr,
+}
+
+/// Makes sure the bridge `name` exists, is up and carries the lease's first address.
+pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<Bridge> {
     let link = match links::find(handle, name).await? {
         Some(link) => link,
         None => {
             log::info!("creating bridge {name}");
+            // A bridge whose MAC was never set takes the lowest of its ports' MACs, so it
+            // would change as containers come and go; a set one stays, as docker0's does.
+            let message = LinkBridge::new(name)
+                .up()
+                .append_extra_attribute(LinkAttribute::Address(MacAddr::random_local().0.to_vec()))
+                .build();
             handle
                 .link()
-                .add(LinkBridge::new(name).up().build())
+                .add(message)
                 .execute()
                 .await
                 .with_context(|| format!("cannot create bridge {name}"))?;
@@ -31,7 +45,11 @@ pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<
     }
     links::set_up_with_mtu(handle, &link, None).await?;
     links::ensure_ipv4_address(handle, link.header.index, gateway(subnet), subnet.prefix()).await?;
-    Ok(link.header.index)
+    let mac = links::mac(&link).with_context(|| format!("bridge {name} has no MAC"))?;
+    Ok(Bridge {
+        index: link.header.index,
+        mac,
+    })
 }
 
 /// The subnet's first host address: the containers' default gateway, FLANNEL_SUBNET's address.

@@ -10,6 +10,7 @@ use rtnetlink::{
         AddressFamily,
         address::{AddressAttribute, AddressMessage},
         link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        neighbour::NeighbourMessage,
         route::RouteMessage,
     },
 };
@@ -36,6 +37,19 @@ pub async fn all(handle: &Handle) -> Result<Vec<LinkMessage>> {
         .try_collect()
         .await
         .context("cannot list network interfaces")
+}
+
+/// Every neighbour entry of `family` in the namespace: `Inet` for ARP entries, `Bridge` for
+/// forwarding database entries.
+pub async fn neighbours(handle: &Handle, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
+    handle
+        .neighbours()
+        .get()
+        .set_address_family(family)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("cannot list {family:?} neighbour entries"))
 }
 
 pub fn name(link: &LinkMessage) -> Option<&str> {

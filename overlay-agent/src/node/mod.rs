@@ -5,6 +5,7 @@
 //! [`NodeNetwork::reconcile`] computes the desired state from the leases and repairs whatever
 //! differs, so it is safe to call as often as wanted: after every lease event and on a timer.
 pub mod bridge;
+pub mod endpoints;
 pub mod links;
 pub mod peers;
 pub mod uplink;
@@ -16,10 +17,14 @@ use anyhow::{Context, Result};
 use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
+use overlay_common::OverlayConfig;
+
 use crate::{
-    dataplane::{Dataplane, XdpModeChoice},
+    dataplane::{Dataplane, DecapHook, XdpModeChoice},
     subnet::{Lease, LeaseEvent},
 };
+use bridge::Bridge;
+use endpoints::EndpointLearner;
 use peers::PeerLayout;
 use uplink::Uplink;
 use vtep::VtepSpec;
@@ -46,7 +51,41 @@ pub struct NodeSettings {
 /// The eBPF dataplane and how to attach it; without it the kernel's vxlan device forwards.
 pub struct EbpfForwarding {
     pub dataplane: Dataplane,
+    /// The dataplane's settings but for the device indexes and MACs reconcile fills in.
+    pub config: OverlayConfig,
+    pub decap_hook: DecapHook,
     pub xdp_mode: XdpModeChoice,
+    pub learner: EndpointLearner,
+}
+
+impl EbpfForwarding {
+    /// Points the programs at the current devices and attaches them: the VXLAN device's,
+    /// the uplink's, and one per container port, whose endpoints go into the map.
+    async fn attach(
+        &mut self,
+        handle: &Handle,
+        settings: &NodeSettings,
+        bridge: &Bridge,
+        vtep_index: u32,
+    ) -> Result<()> {
+        self.config.vtep_ifindex = vtep_index;
+        self.config.bridge_mac = bridge.mac.0;
+        let dataplane = &mut self.dataplane;
+        dataplane.set_config(&self.config)?;
+        dataplane.ensure_vtep_attached(&settings.vtep.name, vtep_index)?;
+        dataplane.ensure_uplink_attached(
+            &settings.uplink.name,
+            settings.uplink.index,
+            self.decap_hook,
+            self.xdp_mode,
+        )?;
+        let containers = self
+            .learner
+            .scan(handle, bridge.index, settings.subnet)
+            .await?;
+        dataplane.ensure_container_ports(&containers.ports)?;
+        dataplane.sync_endpoints(&containers.endpoints)
+    }
 }
 
 impl NodeNetwork {
@@ -71,22 +110,19 @@ impl NodeNetwork {
     }
 
     /// Makes the host match the desired state: forwarding on, the bridge, the VXLAN device,
-    /// the eBPF programs, and every remote lease's map entries, neighbour, FDB entry (kernel
-    /// mode only) and route. Map entries go in before their routes and out after them.
+    /// the eBPF programs and local endpoints, and every remote lease's map entries,
+    /// neighbour, FDB entry (kernel mode only) and route. Map entries go in before their
+    /// routes and out after them.
     pub async fn reconcile(&mut self) -> Result<()> {
         let settings = &self.settings;
         links::write_sysctl("net/ipv4/ip_forward", "1")?;
-        bridge::ensure(&self.handle, &settings.bridge, settings.subnet).await?;
+        let bridge = bridge::ensure(&self.handle, &settings.bridge, settings.subnet).await?;
         let vtep_index = vtep::ensure(&self.handle, &settings.vtep, settings.subnet).await?;
         if let Some(forwarding) = &mut self.forwarding {
-            let dataplane = &mut forwarding.dataplane;
-            dataplane.ensure_vtep_attached(&settings.vtep.name, vtep_index)?;
-            dataplane.ensure_uplink_attached(
-                &settings.uplink.name,
-                settings.uplink.index,
-                forwarding.xdp_mode,
-            )?;
-            dataplane.upsert_leases(self.remote.values())?;
+            forwarding
+                .attach(&self.handle, settings, &bridge, vtep_index)
+                .await?;
+            forwarding.dataplane.upsert_leases(self.remote.values())?;
         }
         let layout = PeerLayout {
             vtep_index,

@@ -172,15 +172,8 @@ async fn owned_neighbours(
     handle: &Handle,
     layout: &PeerLayout,
 ) -> Result<HashMap<Ipv4Addr, (MacAddr, NeighbourMessage)>> {
-    let messages: Vec<NeighbourMessage> = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list neighbours")?;
-    Ok(messages
+    Ok(super::links::neighbours(handle, AddressFamily::Inet)
+        .await?
         .into_iter()
         .filter(|message| {
             message.header.ifindex == layout.vtep_index
@@ -199,15 +192,8 @@ async fn owned_fdb(
     handle: &Handle,
     layout: &PeerLayout,
 ) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
-    let messages: Vec<NeighbourMessage> = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Bridge)
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list FDB entries")?;
-    Ok(messages
+    Ok(super::links::neighbours(handle, AddressFamily::Bridge)
+        .await?
         .into_iter()
         .filter(|message| message.header.ifindex == layout.vtep_index)
         .filter_map(|message| {
@@ -281,7 +267,7 @@ fn route_of(message: &RouteMessage) -> Option<Route> {
     })
 }
 
-fn neighbour_destination(message: &NeighbourMessage) -> Option<Ipv4Addr> {
+pub fn neighbour_destination(message: &NeighbourMessage) -> Option<Ipv4Addr> {
     message
         .attributes
         .iter()
@@ -297,7 +283,7 @@ fn neighbour_destination(message: &NeighbourMessage) -> Option<Ipv4Addr> {
         })
 }
 
-fn neighbour_mac(message: &NeighbourMessage) -> Option<MacAddr> {
+pub fn neighbour_mac(message: &NeighbourMessage) -> Option<MacAddr> {
     message
         .attributes
         .iter()

@@ -187,7 +187,7 @@ fn show(demo: &Demo) -> Result<()> {
     );
 
     step(
-        "host1's subnet map, which the tc program reads to encapsulate (bpftool map dump pinned .../subnets):",
+        "host1's subnet map, which the tc programs read to encapsulate (bpftool map dump pinned .../subnets):",
     );
     let subnets = seed.host1.pin_dir().join("subnets");
     print!(
@@ -201,8 +201,8 @@ fn show(demo: &Demo) -> Result<()> {
     let status = agent_status(seed)?;
     print!("{status}");
     check(
-        "host1 encapsulated and decapsulated the pings",
-        counter(&status, "tx_encapsulated") > 0 && counter(&status, "rx_decapsulated") > 0,
+        "host1's fast path encapsulated the pings at bbox1's veth and put the replies straight into bbox1",
+        counter(&status, "tx_direct") > 0 && counter(&status, "rx_delivered") > 0,
     );
 
     if failures.is_empty() {

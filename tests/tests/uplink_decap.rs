@@ -1,58 +1,138 @@
-//! The uplink XDP program on hand-built frames through BPF_PROG_TEST_RUN: VXLAN from a known
-//! peer is stripped and readdressed to the uplink; everything not ours passes untouched; every
-//! bad or hostile frame is dropped; each outcome moves exactly its counter.
+//! The uplink's decapsulators, tc and XDP, on hand-built frames through BPF_PROG_TEST_RUN:
+//! VXLAN from a known peer is stripped (tc also delivers straight into a known local
+//! container); everything not ours passes untouched; every bad or hostile frame is dropped;
+//! each outcome moves exactly its counter. Both hooks must agree on all of it.
 use anyhow::Result;
-use overlay_common::Counter;
+use overlay_common::{Counter, LocalEndpoint};
 use overlay_tests::{
-    dataplane::{HOST1, HOST2, Outcome, XDP_DROP, XDP_PASS, dataplane_of, dataplane_with, run_xdp},
+    dataplane::{
+        HOST1, HOST2, Outcome, TC_ACT_REDIRECT, UplinkHook, dataplane_of, dataplane_with,
+        run_uplink,
+    },
     frames::*,
 };
 
-/// host2 receiving `frame` from host1, its only peer.
-fn receive(frame: &[u8]) -> Result<Outcome> {
-    run_xdp(&dataplane_of(&HOST2, &[&HOST1])?, frame)
+/// The kernel refuses tc test frames that claim IPv4 but are shorter than its header.
+const TC_MIN_FRAME: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN;
+/// Where the seed frame's inner Ethernet header starts.
+const SEED_INNER: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + VXLAN_HEADER_LEN;
+
+/// host2 receiving `frame` from host1, its only peer, at `hook`.
+fn receive(hook: UplinkHook, frame: &[u8]) -> Result<Outcome> {
+    run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, frame)
 }
 
 fn assert_passed_untouched(frame: &[u8], expected: Counter) -> Result<()> {
-    let outcome = receive(frame)?;
-    assert_eq!(outcome.verdict, XDP_PASS, "{}", expected.name());
-    assert_eq!(
-        outcome.frame, frame,
-        "a frame that is not ours passes unchanged"
-    );
-    outcome.assert_only(expected);
+    for hook in UplinkHook::ALL {
+        let outcome = receive(hook, frame)?;
+        assert_eq!(
+            outcome.verdict,
+            hook.pass(),
+            "{hook:?}: {}",
+            expected.name()
+        );
+        assert_eq!(
+            outcome.frame, frame,
+            "{hook:?}: a frame that is not ours passes unchanged"
+        );
+        outcome.assert_only(expected);
+    }
     Ok(())
 }
 
 fn assert_dropped(frame: &[u8], expected: Counter) -> Result<()> {
-    let outcome = receive(frame)?;
-    assert_eq!(outcome.verdict, XDP_DROP, "{}", expected.name());
-    outcome.assert_only(expected);
+    for hook in UplinkHook::ALL {
+        if hook == UplinkHook::Tc && frame.len() < TC_MIN_FRAME {
+            continue;
+        }
+        let outcome = receive(hook, frame)?;
+        assert_eq!(
+            outcome.verdict,
+            hook.drop(),
+            "{hook:?}: {}",
+            expected.name()
+        );
+        outcome.assert_only(expected);
+    }
     Ok(())
 }
 
-/// The inner frame of `seed_vxlan_frame`, as the stack must receive it on host2's uplink.
-fn delivered_inner(vxlan_frame: &[u8]) -> Vec<u8> {
-    let mut inner = vxlan_frame
-        [ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + VXLAN_HEADER_LEN..]
-        .to_vec();
-    inner[..6].copy_from_slice(&HOST2_MAC);
-    inner
+/// Asserts both hooks hand `frame` decapsulated to the stack.
+fn assert_decapsulated_for_the_stack(frame: &[u8], inner_offset: usize) -> Result<()> {
+    for hook in UplinkHook::ALL {
+        let outcome = receive(hook, frame)?;
+        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(
+            outcome.frame,
+            hook.decapsulated(frame, inner_offset, HOST2_MAC),
+            "{hook:?}"
+        );
+        outcome.assert_only(Counter::RxDecapsulated);
+    }
+    Ok(())
+}
+
+/// host2's dataplane knowing host1 and bbox2 behind the veth with index 42.
+fn host2_with_bbox2() -> Result<overlay_agent::dataplane::Dataplane> {
+    let mut dataplane = dataplane_of(&HOST2, &[&HOST1])?;
+    dataplane.sync_endpoints(
+        &[(
+            BBOX2_IP,
+            LocalEndpoint {
+                ifindex: 42,
+                mac: BBOX2_MAC,
+                reserved: 0,
+            },
+        )]
+        .into(),
+    )?;
+    Ok(dataplane)
 }
 
 #[test]
 fn vxlan_from_a_known_peer_is_decapsulated_for_the_stack() -> Result<()> {
+    assert_decapsulated_for_the_stack(&seed_vxlan_frame(1, 8472), SEED_INNER)
+}
+
+#[test]
+fn tc_delivers_to_a_known_container_routed_as_docker0_would() -> Result<()> {
     let frame = seed_vxlan_frame(1, 8472);
-    let outcome = receive(&frame)?;
-    assert_eq!(outcome.verdict, XDP_PASS);
-    assert_eq!(outcome.frame, delivered_inner(&frame));
+    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
+    assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
+    outcome.assert_only(Counter::RxDelivered);
+
+    // What docker0 would put on bbox2's wire: TTL − 1, checksum patched, from the bridge.
+    let mut inner_ip = frame[SEED_INNER + ETH_HEADER_LEN..].to_vec();
+    inner_ip[8] -= 1;
+    inner_ip[10..12].fill(0);
+    let checksum = internet_checksum(&inner_ip[..IPV4_HEADER_LEN]);
+    inner_ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    assert_eq!(
+        outcome.frame,
+        ethernet(BBOX2_MAC, HOST2_BRIDGE_MAC, ETH_P_IPV4, &inner_ip)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_packet_whose_ttl_runs_out_here_goes_to_the_stack() -> Result<()> {
+    let mut frame = seed_vxlan_frame(1, 8472);
+    let ttl = SEED_INNER + ETH_HEADER_LEN + 8;
+    frame[ttl] = 1;
+    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
+    assert_eq!(outcome.verdict, UplinkHook::Tc.pass());
+    assert_eq!(
+        outcome.frame,
+        UplinkHook::Tc.decapsulated(&frame, SEED_INNER, HOST2_MAC),
+        "decapsulated, TTL untouched: the stack answers with time exceeded"
+    );
     outcome.assert_only(Counter::RxDecapsulated);
     Ok(())
 }
 
 #[test]
 fn ipv4_options_on_the_outer_header_are_skipped() -> Result<()> {
-    let inner = seed_vxlan_frame(1, 8472)[50..].to_vec();
+    let inner = seed_vxlan_frame(1, 8472)[SEED_INNER..].to_vec();
     // Router alert, then end-of-options padding: two 4-byte words, so IHL 7.
     let frame = outer_udp_frame(
         &[0x94, 0x04, 0, 0, 0, 0, 0, 0],
@@ -65,13 +145,7 @@ fn ipv4_options_on_the_outer_header_are_skipped() -> Result<()> {
         7,
         "the frame carries IPv4 options"
     );
-    let outcome = receive(&frame)?;
-    assert_eq!(outcome.verdict, XDP_PASS);
-    let mut expected = inner;
-    expected[..6].copy_from_slice(&HOST2_MAC);
-    assert_eq!(outcome.frame, expected);
-    outcome.assert_only(Counter::RxDecapsulated);
-    Ok(())
+    assert_decapsulated_for_the_stack(&frame, SEED_INNER + 8)
 }
 
 #[test]
@@ -81,12 +155,17 @@ fn vxlan_with_another_vni_passes_to_the_stack() -> Result<()> {
 
 #[test]
 fn port_and_vni_come_from_the_config_map() -> Result<()> {
-    let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
-    run_xdp(&iana, &seed_vxlan_frame(7, 4789))?.assert_only(Counter::RxDecapsulated);
-    let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
-    run_xdp(&iana, &seed_vxlan_frame(1, 4789))?.assert_only(Counter::RxVxlanForeignVni);
-    let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
-    run_xdp(&iana, &seed_vxlan_frame(7, 8472))?.assert_only(Counter::RxOtherPort);
+    let cases = [
+        (seed_vxlan_frame(7, 4789), Counter::RxDecapsulated),
+        (seed_vxlan_frame(1, 4789), Counter::RxVxlanForeignVni),
+        (seed_vxlan_frame(7, 8472), Counter::RxOtherPort),
+    ];
+    for hook in UplinkHook::ALL {
+        for (frame, expected) in &cases {
+            let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
+            run_uplink(hook, &iana, frame)?.assert_only(*expected);
+        }
+    }
     Ok(())
 }
 
@@ -130,10 +209,14 @@ fn vxlan_from_an_unknown_host_is_dropped() -> Result<()> {
     frame[ETH_HEADER_LEN + 12..][..4].copy_from_slice(&[172, 20, 62, 99]);
     assert_dropped(&frame, Counter::RxUnknownVtep)?;
     // A peer that holds no lease any more is unknown too.
-    assert_eq!(
-        run_xdp(&dataplane_of(&HOST2, &[])?, &seed_vxlan_frame(1, 8472))?.verdict,
-        XDP_DROP
-    );
+    for hook in UplinkHook::ALL {
+        let outcome = run_uplink(
+            hook,
+            &dataplane_of(&HOST2, &[])?,
+            &seed_vxlan_frame(1, 8472),
+        )?;
+        assert_eq!(outcome.verdict, hook.drop(), "{hook:?}");
+    }
     Ok(())
 }
 
@@ -196,22 +279,24 @@ fn inconsistent_lengths_are_dropped() -> Result<()> {
             frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + 4..][..2].copy_from_slice(&[0, 4])
         }),
     ];
-    for (what, corrupt) in cases {
-        let mut frame = seed_vxlan_frame(1, 8472);
-        corrupt(&mut frame);
-        let outcome = receive(&frame)?;
-        assert_eq!(
-            (outcome.verdict, outcome.counters.get(Counter::RxMalformed)),
-            (XDP_DROP, 1),
-            "{what}"
-        );
+    for hook in UplinkHook::ALL {
+        for (what, corrupt) in cases {
+            let mut frame = seed_vxlan_frame(1, 8472);
+            corrupt(&mut frame);
+            let outcome = receive(hook, &frame)?;
+            assert_eq!(
+                (outcome.verdict, outcome.counters.get(Counter::RxMalformed)),
+                (hook.drop(), 1),
+                "{hook:?}: {what}"
+            );
+        }
     }
     Ok(())
 }
 
 /// Cuts the seed frame at every header boundary (and inside each header), through the inner
 /// IPv4 header: each cut is dropped as malformed. The kernel refuses test frames shorter than
-/// an Ethernet header, so cuts start there.
+/// an Ethernet header (for tc, than an IPv4 header), so cuts start there.
 #[test]
 fn frames_cut_short_are_dropped() -> Result<()> {
     let frame = seed_vxlan_frame(1, 8472);
