@@ -190,6 +190,7 @@ async fn ebpf_forwarding(
             uplink_ifindex: uplink.index,
             ..OverlayConfig::default()
         },
+        fast_path: options.fast_path,
         decap_hook: options.decap_hook,
         xdp_mode: options.xdp_mode,
         learner: Default::default(),

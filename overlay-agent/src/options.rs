@@ -158,6 +158,11 @@ pub struct AgentOptions {
     )]
     pub bpf_pin_dir: PathBuf,
 
+    /// In ebpf mode, carry container traffic past docker0, routing and flannel.1 (and so past
+    /// netfilter's FORWARD hook). Off, every packet is routed by the stack, as in flannel.
+    #[arg(long, env = "FLANNELD_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
+
     /// Where the uplink decapsulates in ebpf mode: tc keeps GSO superpackets whole and puts
     /// packets straight into containers; xdp acts before the stack allocates anything, but on
     /// a veth uplink it costs the peer its GSO.
@@ -243,6 +248,7 @@ mod tests {
         assert_eq!(agent.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay"));
         assert_eq!(agent.xdp_mode, XdpModeChoice::Auto);
         assert_eq!(agent.decap_hook, DecapHook::Tc);
+        assert!(agent.fast_path);
     }
 
     #[test]

@@ -132,6 +132,41 @@ fn the_xdp_decapsulator_carries_the_seed_through_the_stack() -> Result<()> {
 }
 
 #[test]
+fn without_the_fast_path_every_packet_is_routed_through_the_stack() -> Result<()> {
+    let seed = Seed::start("routed", &["--fast-path=false"])?;
+    seed.bbox1.ping(BBOX2, 1)?;
+    let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    let ping = seed.bbox1.ping(BBOX2, 5)?;
+    assert_eq!(ping.matches("ttl=62").count(), 5, "{ping}");
+    let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    for (host, before, after) in [
+        (&seed.host1, &before1, &after1),
+        (&seed.host2, &before2, &after2),
+    ] {
+        assert_eq!(
+            delta(before, after, Counter::TxEncapsulated),
+            5,
+            "{}",
+            host.name
+        );
+        assert_eq!(
+            delta(before, after, Counter::RxDecapsulated),
+            5,
+            "{}",
+            host.name
+        );
+        assert_eq!(delta(before, after, Counter::TxDirect), 0, "{}", host.name);
+        assert_eq!(
+            delta(before, after, Counter::RxDelivered),
+            0,
+            "{}",
+            host.name
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn a_packet_too_big_for_the_overlay_gets_fragmentation_needed_from_docker0() -> Result<()> {
     let seed = Seed::start("pmtu", &[])?;
     warm_up_fast_path(&seed)?;

@@ -26,6 +26,7 @@ use super::{
 use crate::{dataplane::Port, mac::MacAddr};
 
 /// What one look at the bridge found.
+#[derive(Debug, Default)]
 pub struct Containers {
     pub ports: Vec<Port>,
     /// Container address (network order) → its port and MAC.

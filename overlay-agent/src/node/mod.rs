@@ -24,7 +24,7 @@ use crate::{
     subnet::{Lease, LeaseEvent},
 };
 use bridge::Bridge;
-use endpoints::EndpointLearner;
+use endpoints::{Containers, EndpointLearner};
 use peers::PeerLayout;
 use uplink::Uplink;
 use vtep::VtepSpec;
@@ -53,6 +53,8 @@ pub struct EbpfForwarding {
     pub dataplane: Dataplane,
     /// The dataplane's settings but for the device indexes and MACs reconcile fills in.
     pub config: OverlayConfig,
+    /// Whether container traffic bypasses the stack (`--fast-path`).
+    pub fast_path: bool,
     pub decap_hook: DecapHook,
     pub xdp_mode: XdpModeChoice,
     pub learner: EndpointLearner,
@@ -60,7 +62,8 @@ pub struct EbpfForwarding {
 
 impl EbpfForwarding {
     /// Points the programs at the current devices and attaches them: the VXLAN device's,
-    /// the uplink's, and one per container port, whose endpoints go into the map.
+    /// the uplink's, and with the fast path one per container port, whose endpoints go into
+    /// the map.
     async fn attach(
         &mut self,
         handle: &Handle,
@@ -79,10 +82,13 @@ impl EbpfForwarding {
             self.decap_hook,
             self.xdp_mode,
         )?;
-        let containers = self
-            .learner
-            .scan(handle, bridge.index, settings.subnet)
-            .await?;
+        let containers = if self.fast_path {
+            self.learner
+                .scan(handle, bridge.index, settings.subnet)
+                .await?
+        } else {
+            Containers::default()
+        };
         dataplane.ensure_container_ports(&containers.ports)?;
         dataplane.sync_endpoints(&containers.endpoints)
     }
