@@ -31,7 +31,7 @@ use crate::{
     dataplane::Dataplane,
     health::Readiness,
     masquerade::{Masquerade, Rules},
-    node::{EbpfForwarding, NodeNetwork, NodeSettings, uplink::Uplink, vtep},
+    node::{EbpfForwarding, NodeNetwork, NodeSettings, Scope, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
     subnet::{
         Lease, LeaseEvent,
@@ -92,7 +92,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     for remote in watcher.initial_leases().await? {
         apply_logged(&mut node, LeaseEvent::Added(remote));
     }
-    node.reconcile().await?;
+    node.reconcile(Scope::Everything).await?;
     let mut masquerade = Masquerade::new(Rules {
         network: config.network,
         subnet: lease.subnet,
@@ -209,7 +209,7 @@ async fn maintain(
     reconcile_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     masquerade_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let scope = tokio::select! {
             event = received.recv() => {
                 let Some(event) = event else { return };
                 apply_logged(node, event);
@@ -217,16 +217,17 @@ async fn maintain(
                 while let Ok(event) = received.try_recv() {
                     apply_logged(node, event);
                 }
+                Scope::Leases
             }
-            _ = reconcile_timer.tick() => {}
+            _ = reconcile_timer.tick() => Scope::Everything,
             _ = masquerade_timer.tick() => {
                 if let Err(error) = masquerade.ensure() {
                     log::warn!("cannot restore the nftables rules: {error:#}");
                 }
                 continue;
             }
-        }
-        if let Err(error) = node.reconcile().await {
+        };
+        if let Err(error) = node.reconcile(scope).await {
             log::warn!("cannot bring the node network in line: {error:#}; retrying");
         }
     }

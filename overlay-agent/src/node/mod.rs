@@ -48,6 +48,16 @@ pub struct NodeSettings {
     pub direct_routing: bool,
 }
 
+/// How much a reconcile looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// After lease events: everything but the local containers, so a new lease reaches its
+    /// route as fast as possible.
+    Leases,
+    /// On the timer: the local containers too.
+    Everything,
+}
+
 /// The eBPF dataplane and how to attach it; without it the kernel's vxlan device forwards.
 pub struct EbpfForwarding {
     pub dataplane: Dataplane,
@@ -61,16 +71,9 @@ pub struct EbpfForwarding {
 }
 
 impl EbpfForwarding {
-    /// Points the programs at the current devices and attaches them: the VXLAN device's,
-    /// the uplink's, and with the fast path one per container port, whose endpoints go into
-    /// the map.
-    async fn attach(
-        &mut self,
-        handle: &Handle,
-        settings: &NodeSettings,
-        bridge: &Bridge,
-        vtep_index: u32,
-    ) -> Result<()> {
+    /// Points the programs at the current devices and attaches them: the VXLAN device's and
+    /// the uplink's.
+    fn attach(&mut self, settings: &NodeSettings, bridge: &Bridge, vtep_index: u32) -> Result<()> {
         self.config.vtep_ifindex = vtep_index;
         self.config.bridge_mac = bridge.mac.0;
         let dataplane = &mut self.dataplane;
@@ -81,7 +84,17 @@ impl EbpfForwarding {
             settings.uplink.index,
             self.decap_hook,
             self.xdp_mode,
-        )?;
+        )
+    }
+
+    /// With the fast path, attaches the program to every container port and puts the
+    /// containers' addresses into the endpoint map; without, makes sure neither is there.
+    async fn sync_containers(
+        &mut self,
+        handle: &Handle,
+        settings: &NodeSettings,
+        bridge: &Bridge,
+    ) -> Result<()> {
         let containers = if self.fast_path {
             self.learner
                 .scan(handle, bridge.index, settings.subnet)
@@ -89,8 +102,8 @@ impl EbpfForwarding {
         } else {
             Containers::default()
         };
-        dataplane.ensure_container_ports(&containers.ports)?;
-        dataplane.sync_endpoints(&containers.endpoints)
+        self.dataplane.ensure_container_ports(&containers.ports)?;
+        self.dataplane.sync_endpoints(&containers.endpoints)
     }
 }
 
@@ -116,18 +129,21 @@ impl NodeNetwork {
     }
 
     /// Makes the host match the desired state: forwarding on, the bridge, the VXLAN device,
-    /// the eBPF programs and local endpoints, and every remote lease's map entries,
-    /// neighbour, FDB entry (kernel mode only) and route. Map entries go in before their
-    /// routes and out after them.
-    pub async fn reconcile(&mut self) -> Result<()> {
+    /// the eBPF programs, the local containers (with `Scope::Everything`), and every remote
+    /// lease's map entries, neighbour, FDB entry (kernel mode only) and route. Map entries go
+    /// in before their routes and out after them.
+    pub async fn reconcile(&mut self, scope: Scope) -> Result<()> {
         let settings = &self.settings;
         links::write_sysctl("net/ipv4/ip_forward", "1")?;
         let bridge = bridge::ensure(&self.handle, &settings.bridge, settings.subnet).await?;
         let vtep_index = vtep::ensure(&self.handle, &settings.vtep, settings.subnet).await?;
         if let Some(forwarding) = &mut self.forwarding {
-            forwarding
-                .attach(&self.handle, settings, &bridge, vtep_index)
-                .await?;
+            forwarding.attach(settings, &bridge, vtep_index)?;
+            if scope == Scope::Everything {
+                forwarding
+                    .sync_containers(&self.handle, settings, &bridge)
+                    .await?;
+            }
             forwarding.dataplane.upsert_leases(self.remote.values())?;
         }
         let layout = PeerLayout {
