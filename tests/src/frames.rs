@@ -84,16 +84,30 @@ pub fn icmp_echo_request(id: u16, sequence: u16, payload: &[u8]) -> Vec<u8> {
     message
 }
 
-/// bbox1 pinging bbox2, as it crosses the wire from host1 to host2: VXLAN with `vni` to `port`.
-pub fn seed_vxlan_frame(vni: u32, port: u16) -> Vec<u8> {
-    let ping = ipv4(
+/// bbox1's ping to `destination` with `ttl`, header checksum correct.
+pub fn bbox1_ping(destination: [u8; 4], ttl: u8) -> Vec<u8> {
+    let mut ping = ipv4(
         BBOX1_IP,
-        BBOX2_IP,
+        destination,
         IPPROTO_ICMP,
         &[],
         &icmp_echo_request(1, 1, b"overlay!"),
     );
-    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
+    ping[8] = ttl;
+    ping[10..12].fill(0);
+    let checksum = internet_checksum(&ping[..IPV4_HEADER_LEN]);
+    ping[10..12].copy_from_slice(&checksum.to_be_bytes());
+    ping
+}
+
+/// bbox1 pinging bbox2, as it crosses the wire from host1 to host2: VXLAN with `vni` to `port`.
+pub fn seed_vxlan_frame(vni: u32, port: u16) -> Vec<u8> {
+    let inner = ethernet(
+        HOST2_VTEP_MAC,
+        HOST1_VTEP_MAC,
+        ETH_P_IPV4,
+        &bbox1_ping(BBOX2_IP, 64),
+    );
     outer_udp_frame(&[], 49152, port, &vxlan(vni, &inner))
 }
 

@@ -127,13 +127,7 @@ fn the_vtep_program_survives_garbage() -> Result<()> {
         "one counter per frame: {counters:?}"
     );
 
-    let ping = ipv4(
-        BBOX1_IP,
-        BBOX2_IP,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"overlay!"),
-    );
+    let ping = bbox1_ping(BBOX2_IP, 64);
     let seed = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
     for _ in 0..FRAMES_PER_KIND {
         let outcome = run_vtep(&dataplane, &random.mutate(&seed, min_len))?;
@@ -166,13 +160,7 @@ fn the_container_program_survives_garbage() -> Result<()> {
         "nothing random is addressed to the bridge's MAC"
     );
 
-    let ping = ipv4(
-        BBOX1_IP,
-        BBOX2_IP,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"overlay!"),
-    );
+    let ping = bbox1_ping(BBOX2_IP, 64);
     let seed = ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ETH_P_IPV4, &ping);
     let mut redirected = 0;
     for _ in 0..FRAMES_PER_KIND {

@@ -23,15 +23,8 @@ const INNER: usize = VXLAN + VXLAN_HEADER_LEN;
 /// bbox1's ping to bbox2 as it reaches flannel.1 on host1: routed (TTL 63), addressed from
 /// our VTEP to host2's by the permanent neighbour entry.
 fn routed_ping(tos: u8) -> Vec<u8> {
-    let mut ping = ipv4(
-        BBOX1_IP,
-        BBOX2_IP,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"overlay!"),
-    );
+    let mut ping = bbox1_ping(BBOX2_IP, 63);
     ping[1] = tos;
-    ping[8] = 63;
     ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping)
 }
 
@@ -43,21 +36,6 @@ fn send(frame: &[u8]) -> Result<Outcome> {
 /// `packet` as bbox1 puts it on its veth: to its gateway, docker0.
 fn from_bbox1(packet: &[u8]) -> Vec<u8> {
     ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ETH_P_IPV4, packet)
-}
-
-fn bbox1_ping(destination: [u8; 4], ttl: u8) -> Vec<u8> {
-    let mut ping = ipv4(
-        BBOX1_IP,
-        destination,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"overlay!"),
-    );
-    ping[8] = ttl;
-    ping[10..12].fill(0);
-    let checksum = internet_checksum(&ping[..IPV4_HEADER_LEN]);
-    ping[10..12].copy_from_slice(&checksum.to_be_bytes());
-    ping
 }
 
 /// host1's container veth receiving `frame` from bbox1, with host2 as its only peer.

@@ -29,15 +29,7 @@ pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<
                 .up()
                 .append_extra_attribute(LinkAttribute::Address(MacAddr::random_local().0.to_vec()))
                 .build();
-            handle
-                .link()
-                .add(message)
-                .execute()
-                .await
-                .with_context(|| format!("cannot create bridge {name}"))?;
-            links::find(handle, name)
-                .await?
-                .with_context(|| format!("bridge {name} vanished right after creation"))?
+            links::create(handle, name, message).await?
         }
     };
     if links::kind(&link) != Some(&InfoKind::Bridge) {

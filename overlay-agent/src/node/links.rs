@@ -28,6 +28,19 @@ pub async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     }
 }
 
+/// Creates the link `message` describes and returns it as the kernel reports it.
+pub async fn create(handle: &Handle, name: &str, message: LinkMessage) -> Result<LinkMessage> {
+    handle
+        .link()
+        .add(message)
+        .execute()
+        .await
+        .with_context(|| format!("cannot create {name}"))?;
+    find(handle, name)
+        .await?
+        .with_context(|| format!("{name} vanished right after creation"))
+}
+
 /// Every link of the namespace.
 pub async fn all(handle: &Handle) -> Result<Vec<LinkMessage>> {
     handle

@@ -79,15 +79,7 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
         .mtu(spec.mtu)
         .append_extra_attribute(LinkAttribute::Address(spec.mac.0.to_vec()))
         .build();
-    handle
-        .link()
-        .add(message)
-        .execute()
-        .await
-        .with_context(|| format!("cannot create {}", spec.name))?;
-    links::find(handle, &spec.name)
-        .await?
-        .with_context(|| format!("{} vanished right after creation", spec.name))
+    links::create(handle, &spec.name, message).await
 }
 
 /// Whether the device is the vxlan device `spec` describes; the MTU is fixed in place instead.
