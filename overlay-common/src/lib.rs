@@ -186,6 +186,25 @@ define_counters! {
     tx_error => TxError,
 }
 
+impl Counter {
+    /// Whether the counter counts packets a program threw away: a legitimate packet must
+    /// never move one of these.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::RxUnknownVtep
+                | Counter::RxSpoofedSource
+                | Counter::RxInnerNotIpv4
+                | Counter::RxMalformed
+                | Counter::RxError
+                | Counter::TxNoRoute
+                | Counter::TxNotIpv4
+                | Counter::TxMalformed
+                | Counter::TxError
+        )
+    }
+}
+
 impl Counters {
     /// Adds `other` field by field, e.g. to sum the per-CPU copies.
     pub fn accumulate(&mut self, other: &Counters) {

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod etcd;
 pub mod frames;
+pub mod loss;
 pub mod netns;
 pub mod process;
 pub mod scratch;

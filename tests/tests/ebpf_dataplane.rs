@@ -9,7 +9,8 @@ use overlay_common::{Counter, Counters};
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
-    process::{Process, iperf3_server},
+    loss::{LossWindow, steady_ping},
+    process::iperf3_server,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
     stock_flannel::{self, Peer},
     wait::wait_for,
@@ -300,28 +301,15 @@ fn a_ten_second_tcp_transfer_goes_through_without_a_retransmission_storm() -> Re
 #[test]
 fn killing_and_restarting_an_agent_loses_no_packet() -> Result<()> {
     let mut seed = Seed::start("restart", &[])?;
-    let log = seed.cluster.scratch.path().join("ping.log");
-    // 100 packets a second for 8 s, across a SIGKILL and a restart of host1's agent.
-    let ping_args = ["-n", "-q", "-i", "0.01", "-c", "800", BBOX2].map(String::from);
-    let mut ping = Process::spawn(
-        seed.bbox1.netns.name(),
-        "ping".as_ref(),
-        &ping_args,
-        &[],
-        &log,
-    )?;
+    // 100 packets a second for 10 s, across a SIGKILL and a restart of host1's agent.
+    let window = LossWindow::over_seed(&seed)?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 1000)?;
     std::thread::sleep(Duration::from_secs(2));
     seed.agent1.process.kill();
     std::thread::sleep(Duration::from_millis(500));
     seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &[])?;
     assert_eq!(seed.agent1.wait_ready()?, SUBNET1);
-    ping.wait_exit(Duration::from_secs(30))?;
-    assert!(
-        ping.log()
-            .contains("800 packets transmitted, 800 received, 0% packet loss"),
-        "{}",
-        ping.log()
-    );
+    window.assert_no_loss(ping, 1000, &[])?;
     assert!(
         seed.agent1.log().contains("adopted the pinned link"),
         "{}",

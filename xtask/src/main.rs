@@ -27,7 +27,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, build, formatting and lint checks, then every test in the workspace.
+    /// Setup and build, then formatting and lint checks, every test in the workspace and the
+    /// demo once; every failure is shown, and the last line counts them.
     Test,
     /// Measure ebpf, kernel and host-gw side by side; the report goes to target/bench/.
     Bench {
@@ -45,15 +46,16 @@ enum Task {
 
 fn main() -> ExitCode {
     let root = workspace_root();
+    let succeeded = |outcome: anyhow::Result<()>| outcome.map(|()| ExitCode::SUCCESS);
     let outcome = match Cli::parse().task {
-        Task::Setup => setup::run(&root),
-        Task::Build { release } => build::run(&root, release),
+        Task::Setup => succeeded(setup::run(&root)),
+        Task::Build { release } => succeeded(build::run(&root, release)),
         Task::Test => test::run(&root),
-        Task::Demo { once } => demo::run(&root, once),
-        Task::Bench { quick } => bench::run(&root, quick),
+        Task::Demo { once } => succeeded(demo::run(&root, once)),
+        Task::Bench { quick } => succeeded(bench::run(&root, quick)),
     };
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
