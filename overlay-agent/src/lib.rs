@@ -2,8 +2,10 @@
 //! [`teardown`].
 //!
 //! One module per concern, in the spirit of flannel's packages: `config` (the network config),
-//! `subnet` (leases and the etcd registry), `node` (the host's network devices), `masquerade`,
-//! `dataplane` (the eBPF programs and maps), `health`, and `options` (the command line).
+//! `subnet` (leases and the etcd registry), `reconcile` (from leases and netlink notifications
+//! to the desired state, applied through two sinks), `node` (the host's network devices, the
+//! netlink sink), `dataplane` (the eBPF programs and maps, the other sink), `masquerade`,
+//! `health`, and `options` (the command line).
 pub mod config;
 pub mod dataplane;
 pub mod health;
@@ -11,6 +13,7 @@ pub mod mac;
 pub mod masquerade;
 pub mod node;
 pub mod options;
+pub mod reconcile;
 pub mod status;
 pub mod subnet;
 
@@ -23,7 +26,7 @@ use rtnetlink::Handle;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
-    time::{MissedTickBehavior, interval, sleep},
+    time::sleep,
 };
 
 use crate::{
@@ -31,10 +34,12 @@ use crate::{
     dataplane::Dataplane,
     health::Readiness,
     masquerade::{Masquerade, Rules},
-    node::{EbpfForwarding, NodeNetwork, NodeSettings, Scope, uplink::Uplink, vtep},
+    node::{NodeNetwork, NodeSettings, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
+    reconcile::{EbpfSink, Reconciler, Scope, desired::RoutingRules},
     subnet::{
         Lease, LeaseEvent,
+        etcd::EtcdRegistry,
         file::{SubnetEnv, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
         registry::{ConfigReadError, Registry},
@@ -44,11 +49,6 @@ use crate::{
 
 const CONFIG_RETRY: Duration = Duration::from_secs(1);
 const EVENT_QUEUE: usize = 1024;
-/// How often the node network is checked against the desired state: anything deleted by hand
-/// comes back within this long.
-const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the nftables table is checked, as flannel re-checks its rules.
-const MASQUERADE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the agent until a signal asks it to stop (returns `Ok`, keeping the lease and the
 /// devices) or it can no longer do its job (returns the reason, e.g. a revoked lease).
@@ -70,7 +70,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .await?;
     }
 
-    let registry = Registry::connect(&options.etcd()).await?;
+    let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
     let manager = LeaseManager {
         registry: registry.clone(),
@@ -87,12 +87,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .acquire(existing_mac, previous_subnet(&options.subnet_file))
         .await?;
 
-    let mut node = node_network(netlink, &options, &config, &uplink, &lease).await?;
+    let notifications = reconcile::subscribe()?;
+    let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease).await?;
     let mut watcher = LeaseWatcher::new(registry, config.clone(), lease.clone());
     for remote in watcher.initial_leases().await? {
-        apply_logged(&mut node, LeaseEvent::Added(remote));
+        reconciler.apply(LeaseEvent::Added(remote));
     }
-    node.reconcile(Scope::Everything).await?;
+    reconciler.reconcile(Scope::Everything).await?;
     let mut masquerade = Masquerade::new(Rules {
         network: config.network,
         subnet: lease.subnet,
@@ -118,7 +119,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
-        () = maintain(&mut node, &mut masquerade, received) => Err(anyhow!("the lease event stream ended")),
+        () = reconciler.run(received, notifications, &mut masquerade) => Err(anyhow!("the lease event stream ended")),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnet);
             Ok(())
@@ -126,23 +127,23 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
 }
 
-/// The node network for our `lease`, with the eBPF dataplane loaded in ebpf mode.
-async fn node_network(
+/// The reconciler for our `lease`, with the eBPF dataplane loaded in ebpf mode.
+async fn reconciler(
     netlink: Handle,
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
     lease: &Lease,
-) -> Result<NodeNetwork> {
+) -> Result<Reconciler> {
     let public_ip = lease.attrs.public_ip;
     let vtep_mac = lease
         .attrs
         .vtep_mac()
         .context("our own lease has no VTEP MAC")?;
-    let forwarding = match options.dataplane {
+    let ebpf = match options.dataplane {
         DataplaneChoice::Kernel => None,
         DataplaneChoice::Ebpf => {
-            Some(ebpf_forwarding(&netlink, options, config, uplink, public_ip, vtep_mac).await?)
+            Some(ebpf_sink(&netlink, options, config, uplink, public_ip, vtep_mac).await?)
         }
     };
     let settings = NodeSettings {
@@ -158,28 +159,36 @@ async fn node_network(
         },
         uplink: uplink.clone(),
         subnet: lease.subnet,
+    };
+    let rules = RoutingRules {
         network: config.network,
+        install_fdb: ebpf.is_none(),
         direct_routing: config.backend.direct_routing,
     };
-    Ok(NodeNetwork::new(netlink, settings, forwarding))
+    Ok(Reconciler::new(
+        NodeNetwork::new(netlink, settings),
+        ebpf,
+        rules,
+        lease.subnet,
+    ))
 }
 
-/// Loads the eBPF dataplane (adopting maps pinned by an earlier run) and writes its config.
-async fn ebpf_forwarding(
+/// Loads the eBPF dataplane, adopting maps pinned by an earlier run.
+async fn ebpf_sink(
     netlink: &Handle,
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
     public_ip: std::net::Ipv4Addr,
     vtep_mac: mac::MacAddr,
-) -> Result<EbpfForwarding> {
+) -> Result<EbpfSink> {
     let uplink_link = node::links::find(netlink, &uplink.name)
         .await?
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
     let uplink_mac =
         node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
     let dataplane = Dataplane::load(Some(&options.bpf_pin_dir))?;
-    Ok(EbpfForwarding {
+    Ok(EbpfSink {
         dataplane,
         config: OverlayConfig {
             vni: config.backend.vni,
@@ -193,63 +202,7 @@ async fn ebpf_forwarding(
         fast_path: options.fast_path,
         decap_hook: options.decap_hook,
         xdp_mode: options.xdp_mode,
-        learner: Default::default(),
     })
-}
-
-/// Applies lease events as they come and repairs the node network and the nftables table on
-/// their timers. Failures are logged and retried on the next round, never fatal.
-async fn maintain(
-    node: &mut NodeNetwork,
-    masquerade: &mut Masquerade,
-    mut received: mpsc::Receiver<LeaseEvent>,
-) {
-    let mut reconcile_timer = interval(RECONCILE_INTERVAL);
-    let mut masquerade_timer = interval(MASQUERADE_INTERVAL);
-    reconcile_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    masquerade_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        let scope = tokio::select! {
-            event = received.recv() => {
-                let Some(event) = event else { return };
-                apply_logged(node, event);
-                // A burst (the initial listing, a re-list) is applied in one reconcile.
-                while let Ok(event) = received.try_recv() {
-                    apply_logged(node, event);
-                }
-                Scope::Leases
-            }
-            _ = reconcile_timer.tick() => Scope::Everything,
-            _ = masquerade_timer.tick() => {
-                if let Err(error) = masquerade.ensure() {
-                    log::warn!("cannot restore the nftables rules: {error:#}");
-                }
-                continue;
-            }
-        };
-        if let Err(error) = node.reconcile(scope).await {
-            log::warn!("cannot bring the node network in line: {error:#}; retrying");
-        }
-    }
-}
-
-fn apply_logged(node: &mut NodeNetwork, event: LeaseEvent) {
-    let (what, lease) = match &event {
-        LeaseEvent::Added(lease) => ("added", lease),
-        LeaseEvent::Changed(lease) => ("changed", lease),
-        LeaseEvent::Removed(lease) => ("removed", lease),
-    };
-    let vtep = lease
-        .attrs
-        .vtep_mac()
-        .map(|mac| mac.to_string())
-        .unwrap_or_default();
-    log::info!(
-        "lease {what}: {} via {} (VTEP {vtep})",
-        lease.subnet,
-        lease.attrs.public_ip
-    );
-    node.apply(event);
 }
 
 /// Removes what the agent created on this host; with `release_lease`, also this host's
@@ -273,7 +226,7 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
         })?;
         let uplink = node::uplink::find(&netlink, &options.iface, &options.iface_regex).await?;
         let public_ip = options.public_ip.unwrap_or(uplink.address);
-        let registry = Registry::connect(&options.etcd()).await?;
+        let registry = EtcdRegistry::connect(&options.etcd()).await?;
         registry.delete_if_owned(subnet, public_ip).await?;
         log::info!("released lease {subnet}");
     }
@@ -299,7 +252,7 @@ fn netlink_handle() -> Result<Handle> {
 
 /// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config
 /// is an error the operator must fix.
-async fn wait_for_network_config(registry: &Registry) -> Result<NetworkConfig> {
+async fn wait_for_network_config(registry: &impl Registry) -> Result<NetworkConfig> {
     loop {
         match registry.network_config().await {
             Ok(config) => return Ok(config),

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     dataplane::{DecapHook, XdpModeChoice},
-    subnet::registry::EtcdOptions,
+    subnet::etcd::EtcdOptions,
 };
 
 #[derive(Parser, Debug)]

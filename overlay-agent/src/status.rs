@@ -9,7 +9,7 @@ use crate::{
     dataplane::pins::PinnedDataplane,
     mac::MacAddr,
     options::AgentOptions,
-    subnet::{Lease, file::previous_subnet, registry::Registry},
+    subnet::{Lease, etcd::EtcdRegistry, file::previous_subnet, registry::Registry},
 };
 
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,7 +66,7 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
 }
 
 async fn remote_leases(options: &AgentOptions) -> Result<Vec<Lease>> {
-    let registry = Registry::connect(&options.etcd()).await?;
+    let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = registry.network_config().await?;
     let own = previous_subnet(&options.subnet_file);
     let listing = registry.list().await.context("cannot list the leases")?;

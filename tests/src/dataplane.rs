@@ -7,6 +7,7 @@ use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use overlay_agent::{
     dataplane::{CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_PROGRAM},
     mac::MacAddr,
+    reconcile::desired::lease_entries,
     subnet::{Lease, LeaseAttrs},
 };
 use overlay_common::{Counter, Counters, DEFAULT_VXLAN_PORT, OverlayConfig};
@@ -85,7 +86,7 @@ pub fn dataplane_with(config: OverlayConfig, peers: &[&SeedHost]) -> Result<Data
     let mut dataplane = Dataplane::load(None)?;
     dataplane.set_config(&config)?;
     let leases: Vec<Lease> = peers.iter().map(|peer| peer.lease()).collect();
-    dataplane.upsert_leases(leases.iter())?;
+    dataplane.write_lease_entries(&lease_entries(leases.iter()))?;
     Ok(dataplane)
 }
 

@@ -20,6 +20,7 @@ use aya::programs::{
 use super::{
     CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM, VTEP_PROGRAM, program_mut,
 };
+use crate::reconcile::desired::{Device, Placement};
 
 /// Where the uplink decapsulates, as `--decap-hook` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -39,13 +40,6 @@ pub enum XdpModeChoice {
     Generic,
 }
 
-/// A container's veth as the bridge sees it: its host-side end.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Port {
-    pub name: String,
-    pub index: u32,
-}
-
 /// The interface index each program is attached to, once it is.
 #[derive(Debug, Default)]
 pub struct Attachments {
@@ -60,6 +54,26 @@ pub struct Attachments {
 }
 
 impl Dataplane {
+    /// Writes the programs' settings and attaches each where `placement` says: the uplink's
+    /// decapsulator at `hook` (in `xdp_mode` for XDP), the VXLAN device's encapsulator, and
+    /// the fast path on the container ports.
+    pub fn place(
+        &mut self,
+        placement: &Placement,
+        hook: DecapHook,
+        xdp_mode: XdpModeChoice,
+    ) -> Result<()> {
+        self.set_config(&placement.config)?;
+        self.ensure_vtep_attached(&placement.vtep.name, placement.vtep.index)?;
+        self.ensure_uplink_attached(
+            &placement.uplink.name,
+            placement.uplink.index,
+            hook,
+            xdp_mode,
+        )?;
+        self.ensure_container_ports(&placement.containers)
+    }
+
     /// Makes sure the uplink's decapsulator is attached to `interface` (index `ifindex`) at
     /// `hook`, and the other one is not.
     pub fn ensure_uplink_attached(
@@ -88,7 +102,7 @@ impl Dataplane {
     }
 
     /// Makes sure the tc program is attached to the egress of `interface` (index `ifindex`).
-    pub fn ensure_vtep_attached(&mut self, interface: &str, ifindex: u32) -> Result<()> {
+    fn ensure_vtep_attached(&mut self, interface: &str, ifindex: u32) -> Result<()> {
         if self.attached.vtep == Some(ifindex) {
             return Ok(());
         }
@@ -101,7 +115,7 @@ impl Dataplane {
 
     /// Makes sure the fast-path program sits on the ingress of every container port in
     /// `ports`, and on no other interface. A port that cannot take it keeps the routed path.
-    pub fn ensure_container_ports(&mut self, ports: &[Port]) -> Result<()> {
+    pub fn ensure_container_ports(&mut self, ports: &[Device]) -> Result<()> {
         let current: HashSet<u32> = ports.iter().map(|port| port.index).collect();
         self.attached
             .containers

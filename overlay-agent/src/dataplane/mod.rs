@@ -1,6 +1,7 @@
 //! The eBPF dataplane: loading the embedded object with its maps pinned, attaching the
-//! programs through pinned links (so forwarding survives the agent), mirroring leases into the
-//! maps, and reading the counters.
+//! programs through pinned links (so forwarding survives the agent), writing the map entries
+//! the reconciler asks for, and reading the counters. This is the reconciler's sink for maps
+//! and links: it never looks at netlink.
 mod attach;
 pub mod pins;
 mod sync;
@@ -15,7 +16,7 @@ use aya::{
 };
 use overlay_common::{Counters, OverlayConfig};
 
-pub use attach::{DecapHook, Port, XdpModeChoice};
+pub use attach::{DecapHook, XdpModeChoice};
 
 /// The eBPF object built by `cargo xtask build`, embedded so the agent needs no file at run time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));

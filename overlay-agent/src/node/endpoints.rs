@@ -1,19 +1,14 @@
-//! The containers on the bridge, as the fast paths need them: every container port (the
-//! host-side end of a container's veth, where the encapsulating program sits) and every
-//! container address with the port and MAC behind it (where a decapsulated packet goes).
-//!
-//! Addresses come from the bridge's neighbour table, ports from its forwarding database. An
-//! address the bridge has no neighbour entry for yet is routed through docker0, which ARPs
-//! for it and so makes the entry.
-use std::collections::{HashMap, HashSet};
+//! The containers on the bridge, read from netlink: every container port (a veth enslaved to
+//! the bridge), every address the bridge resolved, and the port each container MAC was learned
+//! behind. [`list`] reads them whole; [`observe`] follows one notification, so a container's
+//! address reaches the fast path as soon as the bridge resolves it.
+use std::collections::HashSet;
 
 use anyhow::Result;
-use ipnetwork::Ipv4Network;
-use overlay_common::LocalEndpoint;
 use rtnetlink::{
     Handle,
     packet_route::{
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
         link::{InfoKind, LinkAttribute, LinkMessage},
         neighbour::{NeighbourMessage, NeighbourState},
     },
@@ -23,72 +18,119 @@ use super::{
     links,
     peers::{neighbour_destination, neighbour_mac},
 };
-use crate::{dataplane::Port, mac::MacAddr};
+use crate::reconcile::desired::{Containers, Device};
 
-/// What one look at the bridge found.
-#[derive(Debug, Default)]
-pub struct Containers {
-    pub ports: Vec<Port>,
-    /// Container address (network order) → its port and MAC.
-    pub endpoints: HashMap<[u8; 4], LocalEndpoint>,
-}
-
-/// Which port each container MAC sits behind, remembered across looks: the bridge forgets a
-/// MAC after five minutes without a frame from it, and the fast path takes most frames past
-/// the bridge. An entry goes when its port goes.
-#[derive(Debug, Default)]
-pub struct EndpointLearner {
-    port_of_mac: HashMap<MacAddr, u32>,
-}
-
-impl EndpointLearner {
-    /// Looks at the bridge `bridge_index`, whose containers hold addresses in `subnet`.
-    pub async fn scan(
-        &mut self,
-        handle: &Handle,
-        bridge_index: u32,
-        subnet: Ipv4Network,
-    ) -> Result<Containers> {
-        let ports: Vec<Port> = links::all(handle)
-            .await?
-            .iter()
-            .filter_map(|link| container_port(link, bridge_index))
-            .collect();
-        let port_indexes: HashSet<u32> = ports.iter().map(|port| port.index).collect();
-        self.port_of_mac
-            .retain(|_, port| port_indexes.contains(port));
-        self.port_of_mac
-            .extend(learned_macs(handle, &port_indexes).await?);
-
-        let endpoints = bridge_neighbours(handle, bridge_index)
-            .await?
-            .into_iter()
-            .filter(|message| is_usable(message.header.state))
-            .filter_map(|message| {
-                let address = neighbour_destination(&message)?;
-                let mac = neighbour_mac(&message)?;
-                let port = self.port_of_mac.get(&mac)?;
-                subnet.contains(address).then_some((
-                    address.octets(),
-                    LocalEndpoint {
-                        ifindex: *port,
-                        mac: mac.0,
-                        reserved: 0,
-                    },
-                ))
-            })
-            .collect();
-        Ok(Containers { ports, endpoints })
+/// Reads the containers of the bridge `bridge_index` whole. MACs `previous` learned stay
+/// while their port does: the bridge forgets a MAC after five minutes without a frame from it,
+/// and the fast path takes most frames past the bridge.
+pub async fn list(handle: &Handle, bridge_index: u32, previous: &Containers) -> Result<Containers> {
+    let ports = links::all(handle)
+        .await?
+        .iter()
+        .filter_map(|link| container_port(link, bridge_index))
+        .map(|port| (port.index, port))
+        .collect();
+    let mut containers = Containers {
+        ports,
+        ..Containers::default()
+    };
+    let live: HashSet<u32> = containers.ports.keys().copied().collect();
+    containers.port_of_mac = previous
+        .port_of_mac
+        .iter()
+        .filter(|(_, port)| live.contains(port))
+        .map(|(mac, port)| (*mac, *port))
+        .collect();
+    for fdb_entry in links::neighbours(handle, AddressFamily::Bridge).await? {
+        learn_mac(&mut containers, &fdb_entry);
     }
+    for neighbour in links::neighbours(handle, AddressFamily::Inet).await? {
+        if neighbour.header.ifindex == bridge_index {
+            resolve_address(&mut containers, &neighbour);
+        }
+    }
+    Ok(containers)
+}
+
+/// Follows one notification into `containers`; returns whether it was about them (a port of
+/// the bridge `bridge_index`, a MAC learned behind one, an address on the bridge).
+pub fn observe(
+    containers: &mut Containers,
+    message: &RouteNetlinkMessage,
+    bridge_index: u32,
+) -> bool {
+    match message {
+        RouteNetlinkMessage::NewLink(link) => match container_port(link, bridge_index) {
+            Some(port) => {
+                containers.ports.insert(port.index, port);
+                true
+            }
+            // A port that left the bridge.
+            None => forget_port(containers, link.header.index),
+        },
+        RouteNetlinkMessage::DelLink(link) => forget_port(containers, link.header.index),
+        RouteNetlinkMessage::NewNeighbour(message) => match message.header.family {
+            AddressFamily::Bridge => learn_mac(containers, message),
+            AddressFamily::Inet if message.header.ifindex == bridge_index => {
+                resolve_address(containers, message);
+                true
+            }
+            _ => false,
+        },
+        RouteNetlinkMessage::DelNeighbour(message)
+            if message.header.family == AddressFamily::Inet
+                && message.header.ifindex == bridge_index =>
+        {
+            if let Some(address) = neighbour_destination(message) {
+                containers.addresses.remove(&address);
+            }
+            true
+        }
+        // A MAC the bridge aged out keeps its port (see `list`).
+        _ => false,
+    }
+}
+
+fn forget_port(containers: &mut Containers, index: u32) -> bool {
+    if containers.ports.remove(&index).is_none() {
+        return false;
+    }
+    containers.port_of_mac.retain(|_, port| *port != index);
+    true
+}
+
+/// Records the port an FDB entry learned a MAC behind, if that port is a container's; the
+/// bridge's own permanent entries for its ports' addresses are left out.
+fn learn_mac(containers: &mut Containers, fdb_entry: &NeighbourMessage) -> bool {
+    let port = fdb_entry.header.ifindex;
+    if !containers.ports.contains_key(&port) || fdb_entry.header.state == NeighbourState::Permanent
+    {
+        return false;
+    }
+    let Some(mac) = neighbour_mac(fdb_entry) else {
+        return false;
+    };
+    containers.port_of_mac.insert(mac, port) != Some(port)
+}
+
+/// Records or forgets a bridge neighbour's MAC, by whether its state can be trusted.
+fn resolve_address(containers: &mut Containers, neighbour: &NeighbourMessage) {
+    let Some(address) = neighbour_destination(neighbour) else {
+        return;
+    };
+    match neighbour_mac(neighbour).filter(|_| is_usable(neighbour.header.state)) {
+        Some(mac) => containers.addresses.insert(address, mac),
+        None => containers.addresses.remove(&address),
+    };
 }
 
 /// A veth enslaved to the bridge: the only kind of port `bpf_redirect_peer` can deliver
 /// through.
-fn container_port(link: &LinkMessage, bridge_index: u32) -> Option<Port> {
+fn container_port(link: &LinkMessage, bridge_index: u32) -> Option<Device> {
     let enslaved = link.attributes.iter().any(
         |attribute| matches!(attribute, LinkAttribute::Controller(index) if *index == bridge_index),
     );
-    (enslaved && links::kind(link) == Some(&InfoKind::Veth)).then(|| Port {
+    (enslaved && links::kind(link) == Some(&InfoKind::Veth)).then(|| Device {
         name: links::name(link).unwrap_or_default().to_string(),
         index: link.header.index,
     })
@@ -107,24 +149,114 @@ fn is_usable(state: NeighbourState) -> bool {
     )
 }
 
-/// MACs the bridge learned behind the ports in `ports` (its own permanent entries for the
-/// ports' addresses left out).
-async fn learned_macs(handle: &Handle, ports: &HashSet<u32>) -> Result<Vec<(MacAddr, u32)>> {
-    Ok(links::neighbours(handle, AddressFamily::Bridge)
-        .await?
-        .into_iter()
-        .filter(|message| {
-            ports.contains(&message.header.ifindex)
-                && message.header.state != NeighbourState::Permanent
-        })
-        .filter_map(|message| Some((neighbour_mac(&message)?, message.header.ifindex)))
-        .collect())
-}
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
 
-async fn bridge_neighbours(handle: &Handle, bridge_index: u32) -> Result<Vec<NeighbourMessage>> {
-    Ok(links::neighbours(handle, AddressFamily::Inet)
-        .await?
-        .into_iter()
-        .filter(|message| message.header.ifindex == bridge_index)
-        .collect())
+    use rtnetlink::packet_route::{
+        link::LinkInfo,
+        neighbour::{NeighbourAddress, NeighbourAttribute},
+    };
+
+    use super::*;
+    use crate::mac::MacAddr;
+
+    const BRIDGE: u32 = 3;
+    const PORT: u32 = 9;
+    const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x22]);
+
+    fn port_link(controller: Option<u32>) -> LinkMessage {
+        let mut link = LinkMessage::default();
+        link.header.index = PORT;
+        link.attributes = vec![
+            LinkAttribute::IfName("veth-bbox1".into()),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+        ];
+        link.attributes
+            .extend(controller.map(LinkAttribute::Controller));
+        link
+    }
+
+    fn neighbour(family: AddressFamily, ifindex: u32, state: NeighbourState) -> NeighbourMessage {
+        let mut message = NeighbourMessage::default();
+        message.header.family = family;
+        message.header.ifindex = ifindex;
+        message.header.state = state;
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(MAC.0.to_vec()));
+        if family == AddressFamily::Inet {
+            message
+                .attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                    Ipv4Addr::new(10, 2, 41, 2),
+                )));
+        }
+        message
+    }
+
+    #[test]
+    fn a_container_is_known_from_its_port_fdb_and_arp_notifications() {
+        let mut containers = Containers::default();
+        let events = [
+            RouteNetlinkMessage::NewLink(port_link(Some(BRIDGE))),
+            RouteNetlinkMessage::NewNeighbour(neighbour(
+                AddressFamily::Bridge,
+                PORT,
+                NeighbourState::Reachable,
+            )),
+            RouteNetlinkMessage::NewNeighbour(neighbour(
+                AddressFamily::Inet,
+                BRIDGE,
+                NeighbourState::Reachable,
+            )),
+        ];
+        for event in &events {
+            assert!(observe(&mut containers, event, BRIDGE), "{event:?}");
+        }
+        assert_eq!(containers.ports.keys().copied().collect::<Vec<_>>(), [PORT]);
+        assert_eq!(containers.port_of_mac.get(&MAC), Some(&PORT));
+        assert_eq!(
+            containers.addresses.get(&Ipv4Addr::new(10, 2, 41, 2)),
+            Some(&MAC)
+        );
+
+        let failed = neighbour(AddressFamily::Inet, BRIDGE, NeighbourState::Failed);
+        observe(
+            &mut containers,
+            &RouteNetlinkMessage::NewNeighbour(failed),
+            BRIDGE,
+        );
+        assert!(
+            containers.addresses.is_empty(),
+            "a failed entry is not trusted"
+        );
+
+        let unplugged = RouteNetlinkMessage::NewLink(port_link(None));
+        assert!(observe(&mut containers, &unplugged, BRIDGE));
+        assert!(containers.ports.is_empty() && containers.port_of_mac.is_empty());
+    }
+
+    #[test]
+    fn notifications_about_other_devices_are_not_about_containers() {
+        let mut containers = Containers::default();
+        let elsewhere = [
+            RouteNetlinkMessage::NewLink(port_link(Some(BRIDGE + 1))),
+            RouteNetlinkMessage::NewNeighbour(neighbour(
+                AddressFamily::Inet,
+                BRIDGE + 1,
+                NeighbourState::Reachable,
+            )),
+            // An FDB entry behind a port that is not a container's (the VXLAN device's, say).
+            RouteNetlinkMessage::NewNeighbour(neighbour(
+                AddressFamily::Bridge,
+                PORT,
+                NeighbourState::Reachable,
+            )),
+        ];
+        for event in &elsewhere {
+            assert!(!observe(&mut containers, event, BRIDGE), "{event:?}");
+        }
+        assert_eq!(containers, Containers::default());
+    }
 }

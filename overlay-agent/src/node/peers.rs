@@ -1,8 +1,7 @@
-//! What every remote lease needs on this host, in flannel's order: a permanent neighbour
-//! entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
-//! then the route `<subnet> via <subnet>.0 dev flannel.1 onlink`.
+//! The neighbour, FDB and route entries of the remote leases (see
+//! [`PeerEntries`]), written in flannel's order.
 //!
-//! [`reconcile`] compares that desired state with what netlink reports and fixes the
+//! [`reconcile`] compares the desired entries with what netlink reports and fixes the
 //! difference, so entries deleted by hand come back and entries no lease justifies go.
 use std::{
     collections::{HashMap, HashSet},
@@ -25,55 +24,23 @@ use rtnetlink::{
     },
 };
 
-use crate::{mac::MacAddr, subnet::Lease};
+use crate::{
+    mac::MacAddr,
+    reconcile::desired::{Devices, FdbEntry, PeerEntries, Route},
+};
 
-/// Where this host's overlay entries live.
-#[derive(Clone, Debug)]
-pub struct PeerLayout {
-    pub vtep_index: u32,
-    pub uplink_index: u32,
-    pub network: Ipv4Network,
-    /// Kernel mode: the vxlan device forwards by its FDB. Our dataplane needs none.
-    pub install_fdb: bool,
-    /// Route peers on our L2 segment directly via their PublicIP, without VXLAN.
-    pub direct_routing: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Route {
-    pub destination: Ipv4Network,
-    pub gateway: Ipv4Addr,
-    pub interface: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FdbEntry {
-    mac: MacAddr,
-    destination: Ipv4Addr,
-}
-
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Desired {
-    neighbours: HashMap<Ipv4Addr, MacAddr>,
-    fdb: HashSet<FdbEntry>,
-    routes: HashSet<Route>,
-}
-
-/// The remote gateway flannel routes a subnet through: the subnet's network address.
-pub fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
-    subnet.network()
-}
-
-/// Brings the neighbour, FDB and route entries of the overlay in line with `leases`.
+/// Brings the neighbour, FDB and route entries the agent owns on `devices` in line with
+/// `desired`; `network` is the overlay, direct routes into which are ours too.
 pub async fn reconcile(
     handle: &Handle,
-    layout: &PeerLayout,
-    leases: impl Iterator<Item = &Lease>,
+    devices: &Devices,
+    network: Ipv4Network,
+    desired: &PeerEntries,
 ) -> Result<()> {
-    let desired = desired(handle, layout, leases).await?;
-    let neighbours = owned_neighbours(handle, layout).await?;
-    let fdb = owned_fdb(handle, layout).await?;
-    let routes = owned_routes(handle, layout).await?;
+    let vtep_index = devices.vtep.index;
+    let neighbours = owned_neighbours(handle, vtep_index).await?;
+    let fdb = owned_fdb(handle, vtep_index).await?;
+    let routes = owned_routes(handle, devices, network).await?;
 
     for (route, message) in &routes {
         if !desired.routes.contains(route) {
@@ -83,18 +50,18 @@ pub async fn reconcile(
     }
     for (&address, &mac) in &desired.neighbours {
         if neighbours.get(&address).map(|(current, _)| *current) != Some(mac) {
-            add_neighbour(handle, layout.vtep_index, address, mac).await?;
+            add_neighbour(handle, vtep_index, address, mac).await?;
         }
     }
     for entry in &desired.fdb {
         if !fdb.iter().any(|(current, _)| current == entry) {
-            add_fdb(handle, layout.vtep_index, *entry).await?;
+            add_fdb(handle, vtep_index, *entry).await?;
         }
     }
     let present: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
     for route in desired.routes.difference(&present) {
         // flannel's VXLAN routes go via a gateway no interface is on; direct routes need not.
-        add_route(handle, route, route.interface == layout.vtep_index).await?;
+        add_route(handle, route, route.interface == vtep_index).await?;
     }
     for (entry, message) in fdb {
         if !desired.fdb.contains(&entry) {
@@ -111,44 +78,8 @@ pub async fn reconcile(
     Ok(())
 }
 
-async fn desired(
-    handle: &Handle,
-    layout: &PeerLayout,
-    leases: impl Iterator<Item = &Lease>,
-) -> Result<Desired> {
-    let mut desired = Desired::default();
-    for lease in leases {
-        let Some(mac) = lease.attrs.vtep_mac() else {
-            continue;
-        };
-        let public_ip = lease.attrs.public_ip;
-        if layout.direct_routing && is_on_link(handle, public_ip).await? {
-            desired.routes.insert(Route {
-                destination: lease.subnet,
-                gateway: public_ip,
-                interface: layout.uplink_index,
-            });
-            continue;
-        }
-        let gateway = remote_gateway(lease.subnet);
-        desired.neighbours.insert(gateway, mac);
-        if layout.install_fdb {
-            desired.fdb.insert(FdbEntry {
-                mac,
-                destination: public_ip,
-            });
-        }
-        desired.routes.insert(Route {
-            destination: lease.subnet,
-            gateway,
-            interface: layout.vtep_index,
-        });
-    }
-    Ok(desired)
-}
-
 /// Whether `address` is reached without a gateway, i.e. shares our L2 segment.
-async fn is_on_link(handle: &Handle, address: Ipv4Addr) -> Result<bool> {
+pub async fn is_on_link(handle: &Handle, address: Ipv4Addr) -> Result<bool> {
     let query = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(address, 32)
         .build();
@@ -170,13 +101,13 @@ async fn is_on_link(handle: &Handle, address: Ipv4Addr) -> Result<bool> {
 /// Permanent IPv4 neighbours on the VXLAN device: only the agent puts those there.
 async fn owned_neighbours(
     handle: &Handle,
-    layout: &PeerLayout,
+    vtep_index: u32,
 ) -> Result<HashMap<Ipv4Addr, (MacAddr, NeighbourMessage)>> {
     Ok(super::links::neighbours(handle, AddressFamily::Inet)
         .await?
         .into_iter()
         .filter(|message| {
-            message.header.ifindex == layout.vtep_index
+            message.header.ifindex == vtep_index
                 && message.header.state == NeighbourState::Permanent
         })
         .filter_map(|message| {
@@ -188,14 +119,11 @@ async fn owned_neighbours(
 }
 
 /// FDB entries of the VXLAN device that send a MAC to a remote VTEP.
-async fn owned_fdb(
-    handle: &Handle,
-    layout: &PeerLayout,
-) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
+async fn owned_fdb(handle: &Handle, vtep_index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
     Ok(super::links::neighbours(handle, AddressFamily::Bridge)
         .await?
         .into_iter()
-        .filter(|message| message.header.ifindex == layout.vtep_index)
+        .filter(|message| message.header.ifindex == vtep_index)
         .filter_map(|message| {
             let entry = FdbEntry {
                 mac: neighbour_mac(&message)?,
@@ -208,14 +136,18 @@ async fn owned_fdb(
 
 /// Main-table routes the agent owns: every non-kernel route through the VXLAN device, and
 /// direct routes to overlay subnets through the uplink.
-async fn owned_routes(handle: &Handle, layout: &PeerLayout) -> Result<Vec<(Route, RouteMessage)>> {
+async fn owned_routes(
+    handle: &Handle,
+    devices: &Devices,
+    network: Ipv4Network,
+) -> Result<Vec<(Route, RouteMessage)>> {
     Ok(main_routes(handle)
         .await?
         .into_iter()
         .filter(|(route, _)| {
-            route.interface == layout.vtep_index
-                || (route.interface == layout.uplink_index
-                    && layout.network.contains(route.destination.network()))
+            route.interface == devices.vtep.index
+                || (route.interface == devices.uplink.index
+                    && network.contains(route.destination.network()))
         })
         .collect())
 }

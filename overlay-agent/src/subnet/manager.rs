@@ -35,8 +35,8 @@ impl std::fmt::Display for LeaseRevoked {
 
 impl std::error::Error for LeaseRevoked {}
 
-pub struct LeaseManager {
-    pub registry: Registry,
+pub struct LeaseManager<R> {
+    pub registry: R,
     pub config: NetworkConfig,
     pub public_ip: Ipv4Addr,
     pub timing: LeaseTiming,
@@ -68,7 +68,7 @@ impl LeaseTiming {
     }
 }
 
-impl LeaseManager {
+impl<R: Registry> LeaseManager<R> {
     /// Acquires a subnet, in flannel's order: this host's own record, if it fits the config
     /// (a reservation stays a reservation); the subnet of the previous subnet file, if free
     /// and fitting; a random free subnet. `vtep_mac`, when known, goes into the record;
@@ -234,6 +234,137 @@ impl LeaseManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::subnet::memory::MemoryRegistry;
+
+    const PREFIX: &str = "/docker-test/network";
+    const HOST1: Ipv4Addr = Ipv4Addr::new(172, 20, 62, 104);
+    const HOST2: Ipv4Addr = Ipv4Addr::new(172, 20, 62, 105);
+
+    fn subnet(text: &str) -> Ipv4Network {
+        text.parse().expect("test subnet")
+    }
+
+    fn manager(registry: &MemoryRegistry, ttl: Duration) -> LeaseManager<MemoryRegistry> {
+        LeaseManager {
+            registry: registry.clone(),
+            config: seed_config(),
+            public_ip: HOST1,
+            timing: LeaseTiming {
+                ttl,
+                renew_margin: ttl,
+            },
+        }
+    }
+
+    fn seed_config() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .expect("the seed's config parses")
+    }
+
+    fn registry() -> MemoryRegistry {
+        MemoryRegistry::new(PREFIX, seed_config())
+    }
+
+    const DAY: Duration = Duration::from_secs(86400);
+
+    #[tokio::test]
+    async fn a_new_host_leases_a_free_subnet_in_flannels_record_format() -> Result<()> {
+        let registry = registry();
+        registry.put(
+            subnet("10.2.54.0/24"),
+            &LeaseAttrs::vxlan(HOST2, 1, MacAddr::random_local()).to_json(),
+            1,
+        );
+        let lease = manager(&registry, DAY).acquire(None, None).await?;
+        assert!(seed_config().fits(lease.subnet));
+        assert_ne!(lease.subnet, subnet("10.2.54.0/24"), "never a held subnet");
+        assert_ne!(lease.etcd_lease, 0, "a lease, not a reservation");
+        let record = registry
+            .record(lease.subnet)
+            .expect("the record is written");
+        assert_eq!(record.value, lease.attrs.to_json().into_bytes());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_kept_and_stays_a_reservation() -> Result<()> {
+        let registry = registry();
+        let reserved = subnet("10.2.41.0/24");
+        registry.put(reserved, r#"{"PublicIP":"172.20.62.104"}"#, 0);
+        let mac = MacAddr::random_local();
+        let lease = manager(&registry, DAY).acquire(Some(mac), None).await?;
+        assert_eq!((lease.subnet, lease.etcd_lease), (reserved, 0));
+        assert_eq!(lease.attrs.vtep_mac(), Some(mac));
+        let record = registry.record(reserved).expect("still there");
+        assert_eq!(record.etcd_lease, 0);
+        assert_eq!(
+            record.value,
+            LeaseAttrs::vxlan(HOST1, 1, mac).to_json().into_bytes()
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_previous_subnet_is_taken_again_only_while_free() -> Result<()> {
+        let registry = registry();
+        let previous = subnet("10.2.41.0/24");
+        let manager = manager(&registry, DAY);
+        assert_eq!(
+            manager.acquire(None, Some(previous)).await?.subnet,
+            previous
+        );
+
+        let registry = self::registry();
+        registry.put(
+            previous,
+            &LeaseAttrs::vxlan(HOST2, 1, MacAddr::random_local()).to_json(),
+            1,
+        );
+        let manager = self::manager(&registry, DAY);
+        let lease = manager.acquire(None, Some(previous)).await?;
+        assert!(!lease.subnet.overlaps(previous), "{} is held", previous);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_own_record_that_no_longer_fits_the_network_is_replaced() -> Result<()> {
+        let registry = registry();
+        let outside = subnet("10.9.41.0/24");
+        registry.put(
+            outside,
+            &LeaseAttrs::vxlan(HOST1, 1, MacAddr::random_local()).to_json(),
+            1,
+        );
+        let lease = manager(&registry, DAY).acquire(None, None).await?;
+        assert!(seed_config().fits(lease.subnet));
+        assert!(registry.record(outside).is_none(), "the misfit is deleted");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn keep_alive_renews_and_stops_when_the_record_is_gone() -> Result<()> {
+        let registry = registry();
+        let manager = manager(&registry, Duration::from_millis(400));
+        let lease = manager.acquire(None, None).await?;
+        let keep_alive = manager.keep_alive(lease.clone());
+        tokio::pin!(keep_alive);
+        // Renewals happen halfway through a TTL this short: after 600 ms, at least two.
+        let still_running = tokio::time::timeout(Duration::from_millis(600), &mut keep_alive).await;
+        assert!(still_running.is_err(), "keep_alive returned early");
+        let renewed = registry.record(lease.subnet).expect("the record stays");
+        assert!(
+            renewed.etcd_lease > lease.etcd_lease,
+            "renewed onto a new etcd lease"
+        );
+
+        registry.remove(lease.subnet);
+        let ended = tokio::time::timeout(Duration::from_secs(2), keep_alive)
+            .await
+            .expect("keep_alive notices within a TTL");
+        let error = ended.expect_err("a revoked lease is an error");
+        assert!(error.is::<LeaseRevoked>(), "{error:#}");
+        Ok(())
+    }
 
     fn renewal_offset(ttl: u64, margin: u64) -> Duration {
         let expiry = Instant::now() + Duration::from_secs(ttl);

@@ -3,8 +3,11 @@
 //!
 //! A record lives at `<prefix>/subnets/<a.b.c.d>-<len>` and holds the JSON of
 //! [`LeaseAttrs`], byte for byte as flannel writes it.
+pub mod etcd;
 pub mod file;
 pub mod manager;
+#[cfg(test)]
+mod memory;
 pub mod registry;
 pub mod watch;
 

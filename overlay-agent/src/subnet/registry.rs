@@ -1,28 +1,13 @@
-//! flannel's records on the etcd v3 API: the network config, the subnet records, and a watch
-//! over them.
-use std::{fs, net::Ipv4Addr, time::Duration};
+//! Where the leases live, as the lease manager and the watch see it: flannel's network config,
+//! the subnet records, conditional writes on them, and a watch. [`super::etcd`] keeps them in
+//! etcd; the unit tests keep them in memory.
+use std::{future::Future, net::Ipv4Addr, time::Duration};
 
-use anyhow::{Context, Result, bail};
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
-};
+use anyhow::Result;
 use ipnetwork::Ipv4Network;
 
-use super::{LeaseAttrs, Record, subnet_key, subnets_prefix};
+use super::{LeaseAttrs, Record};
 use crate::config::NetworkConfig;
-
-/// How to reach etcd, as flanneld's `--etcd-*` flags describe it.
-#[derive(Clone, Debug, Default)]
-pub struct EtcdOptions {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub keyfile: Option<String>,
-    pub certfile: Option<String>,
-    pub cafile: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-}
 
 /// All subnet records at one revision.
 pub struct Listing {
@@ -50,266 +35,72 @@ impl std::fmt::Display for ConfigReadError {
 
 impl std::error::Error for ConfigReadError {}
 
-#[derive(Clone)]
-pub struct Registry {
-    client: Client,
-    prefix: String,
+/// One change to a subnet record, as a watch reports it.
+#[derive(Clone, Debug)]
+pub struct RecordChange {
+    /// The record after a put; for a delete, its key (and nothing else that matters).
+    pub record: Record,
+    pub deleted: bool,
+    /// The revision of the change: a watch resumed from `revision + 1` misses nothing after.
+    pub revision: i64,
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// What one watch response brought.
+#[derive(Clone, Debug)]
+pub enum WatchUpdate {
+    /// Changes in revision order (possibly none: a progress notification).
+    Changes(Vec<RecordChange>),
+    /// The revisions asked for were compacted away: list again.
+    Compacted,
+}
 
-impl Registry {
-    pub async fn connect(options: &EtcdOptions) -> Result<Self> {
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = tls_options(options)? {
-            connect = connect.with_tls(tls);
-        }
-        match (&options.username, &options.password) {
-            (Some(user), Some(password)) => connect = connect.with_user(user, password),
-            (Some(_), None) | (None, Some(_)) => {
-                bail!("--etcd-username and --etcd-password go together: give both or neither")
-            }
-            (None, None) => {}
-        }
-        let client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .with_context(|| {
-                format!("cannot connect to etcd at {}", options.endpoints.join(","))
-            })?;
-        Ok(Self {
-            client,
-            prefix: options.prefix.clone(),
-        })
-    }
+/// A watch over every subnet record from some revision on.
+pub trait Watch: Send {
+    /// The next response; `None` when the registry closed the watch.
+    fn next(&mut self) -> impl Future<Output = Result<Option<WatchUpdate>>> + Send;
+}
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
+pub trait Registry: Clone + Send + Sync {
+    type Watch: Watch;
 
-    pub async fn network_config(&self) -> Result<NetworkConfig, ConfigReadError> {
-        let key = format!("{}/config", self.prefix.trim_end_matches('/'));
-        let response = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(ConfigReadError::Etcd)?;
-        let kv = response
-            .kvs()
-            .first()
-            .ok_or(ConfigReadError::Missing(key))?;
-        let json = String::from_utf8_lossy(kv.value());
-        NetworkConfig::parse(&json).map_err(ConfigReadError::Invalid)
-    }
+    /// The key prefix, flannel's `--etcd-prefix`.
+    fn prefix(&self) -> &str;
 
-    pub async fn list(&self) -> Result<Listing> {
-        let response = self
-            .client
-            .clone()
-            .get(
-                subnets_prefix(&self.prefix),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .context("cannot list the subnet records in etcd")?;
-        let revision = response.header().map_or(0, |header| header.revision());
-        let records = response
-            .kvs()
-            .iter()
-            .map(|kv| Record {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                etcd_lease: kv.lease(),
-            })
-            .collect();
-        Ok(Listing { records, revision })
-    }
+    fn network_config(&self)
+    -> impl Future<Output = Result<NetworkConfig, ConfigReadError>> + Send;
+
+    fn list(&self) -> impl Future<Output = Result<Listing>> + Send;
 
     /// Creates the record for `subnet` only if no record exists, attached to a fresh etcd lease
     /// of `ttl`. Returns the etcd lease, or `None` when another host holds the subnet.
-    pub async fn create(
+    fn create(
         &self,
         subnet: Ipv4Network,
         attrs: &LeaseAttrs,
         ttl: Duration,
-    ) -> Result<Option<i64>> {
-        let key = subnet_key(&self.prefix, subnet);
-        let etcd_lease = self.grant(ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(etcd_lease)),
-            )]);
-        let created = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot create {key}"))?
-            .succeeded();
-        if created {
-            return Ok(Some(etcd_lease));
-        }
-        self.revoke(etcd_lease).await;
-        Ok(None)
-    }
+    ) -> impl Future<Output = Result<Option<i64>>> + Send;
 
     /// Rewrites an existing record with `attrs`: attached to a fresh etcd lease of `ttl`, or to
     /// none for a reservation (`ttl` of `None`). Returns the new etcd lease (0 for none), or
     /// `None` when the record no longer exists or no longer names `public_ip`: the lease was
     /// revoked.
-    pub async fn update(
+    fn update(
         &self,
         subnet: Ipv4Network,
         attrs: &LeaseAttrs,
         public_ip: Ipv4Addr,
         ttl: Option<Duration>,
-    ) -> Result<Option<i64>> {
-        let key = subnet_key(&self.prefix, subnet);
-        let Some((old_lease, mod_revision)) = self.owned_record(&key, public_ip).await? else {
-            return Ok(None);
-        };
-        let etcd_lease = match ttl {
-            Some(ttl) => self.grant(ttl).await?,
-            None => 0,
-        };
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(etcd_lease)),
-            )]);
-        let updated = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot update {key}"))?
-            .succeeded();
-        if !updated {
-            if etcd_lease != 0 {
-                self.revoke(etcd_lease).await;
-            }
-            bail!("{key} changed while it was being updated");
-        }
-        if old_lease != 0 && old_lease != etcd_lease {
-            self.revoke(old_lease).await;
-        }
-        Ok(Some(etcd_lease))
-    }
+    ) -> impl Future<Output = Result<Option<i64>>> + Send;
 
     /// Deletes the record of `subnet` if it still names `public_ip`; does nothing otherwise.
-    pub async fn delete_if_owned(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Result<()> {
-        let key = subnet_key(&self.prefix, subnet);
-        let Some((_, mod_revision)) = self.owned_record(&key, public_ip).await? else {
-            log::warn!("{key} is not held by {public_ip}; leaving it");
-            return Ok(());
-        };
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        self.client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot delete {key}"))?;
-        Ok(())
-    }
+    fn delete_if_owned(
+        &self,
+        subnet: Ipv4Network,
+        public_ip: Ipv4Addr,
+    ) -> impl Future<Output = Result<()>> + Send;
 
-    /// The etcd lease and revision of the record at `key` if it names `public_ip`.
-    async fn owned_record(&self, key: &str, public_ip: Ipv4Addr) -> Result<Option<(i64, i64)>> {
-        let current = self
-            .client
-            .clone()
-            .get(key, None)
-            .await
-            .with_context(|| format!("cannot read {key}"))?;
-        Ok(current.kvs().first().and_then(|kv| {
-            serde_json::from_slice::<LeaseAttrs>(kv.value())
-                .is_ok_and(|attrs| attrs.public_ip == public_ip)
-                .then(|| (kv.lease(), kv.mod_revision()))
-        }))
-    }
-
-    pub async fn delete(&self, subnet: Ipv4Network) -> Result<()> {
-        let key = subnet_key(&self.prefix, subnet);
-        self.client
-            .clone()
-            .delete(key.as_str(), None)
-            .await
-            .with_context(|| format!("cannot delete {key}"))?;
-        Ok(())
-    }
+    fn delete(&self, subnet: Ipv4Network) -> impl Future<Output = Result<()>> + Send;
 
     /// Watches every subnet record from `revision` on.
-    pub async fn watch(&self, revision: i64) -> Result<WatchStream> {
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision);
-        self.client
-            .clone()
-            .watch(subnets_prefix(&self.prefix), Some(options))
-            .await
-            .context("cannot watch the subnet records in etcd")
-    }
-
-    async fn grant(&self, ttl: Duration) -> Result<i64> {
-        let seconds = i64::try_from(ttl.as_secs().max(1)).context("lease TTL is too long")?;
-        let response = self
-            .client
-            .clone()
-            .lease_grant(seconds, None)
-            .await
-            .context("cannot grant an etcd lease")?;
-        Ok(response.id())
-    }
-
-    /// Best effort: an etcd lease nobody uses any more expires on its own anyway.
-    async fn revoke(&self, etcd_lease: i64) {
-        if let Err(error) = self.client.clone().lease_revoke(etcd_lease).await {
-            log::debug!("cannot revoke unused etcd lease {etcd_lease:x}: {error}");
-        }
-    }
-}
-
-fn tls_options(options: &EtcdOptions) -> Result<Option<TlsOptions>> {
-    let read = |path: &str, what: &str| {
-        fs::read(path).with_context(|| format!("cannot read the etcd {what} {path}"))
-    };
-    let mut tls = TlsOptions::new();
-    let mut enabled = false;
-    if let Some(cafile) = &options.cafile {
-        tls = tls.ca_certificate(Certificate::from_pem(read(cafile, "CA file")?));
-        enabled = true;
-    }
-    match (&options.certfile, &options.keyfile) {
-        (Some(certfile), Some(keyfile)) => {
-            tls = tls.identity(Identity::from_pem(
-                read(certfile, "certificate file")?,
-                read(keyfile, "key file")?,
-            ));
-            enabled = true;
-        }
-        (Some(_), None) | (None, Some(_)) => {
-            bail!("--etcd-certfile and --etcd-keyfile go together: give both or neither")
-        }
-        (None, None) => {}
-    }
-    Ok(enabled.then_some(tls))
+    fn watch(&self, revision: i64) -> impl Future<Output = Result<Self::Watch>> + Send;
 }

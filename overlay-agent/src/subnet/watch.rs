@@ -5,13 +5,14 @@
 //! event is lost across a disconnect and none is reported twice.
 use std::{collections::HashMap, time::Duration};
 
-use anyhow::{Result, anyhow, bail};
-use etcd_client::{Event, EventType};
+use anyhow::{Result, anyhow};
 use ipnetwork::Ipv4Network;
 use tokio::{sync::mpsc, time::sleep};
 
 use super::{
-    Lease, LeaseEvent, Record, RecordError, manager::LeaseRevoked, registry::Registry,
+    Lease, LeaseEvent, Record, RecordError,
+    manager::LeaseRevoked,
+    registry::{RecordChange, Registry, Watch, WatchUpdate},
     subnet_from_key,
 };
 use crate::config::NetworkConfig;
@@ -19,8 +20,8 @@ use crate::config::NetworkConfig;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-pub struct LeaseWatcher {
-    registry: Registry,
+pub struct LeaseWatcher<R> {
+    registry: R,
     config: NetworkConfig,
     own: Lease,
     known: HashMap<Ipv4Network, Lease>,
@@ -37,8 +38,8 @@ enum Interruption {
     Closed,
 }
 
-impl LeaseWatcher {
-    pub fn new(registry: Registry, config: NetworkConfig, own: Lease) -> Self {
+impl<R: Registry> LeaseWatcher<R> {
+    pub fn new(registry: R, config: NetworkConfig, own: Lease) -> Self {
         Self {
             registry,
             config,
@@ -137,10 +138,10 @@ impl LeaseWatcher {
     /// Applies watch events until the stream breaks. `Ok(None)` means a response arrived and
     /// the stream then ended normally.
     async fn follow(&mut self, events: &mpsc::Sender<LeaseEvent>) -> Result<Option<Interruption>> {
-        let mut stream = self.registry.watch(self.next_revision).await?;
+        let mut watch = self.registry.watch(self.next_revision).await?;
         let mut progressed = false;
         loop {
-            let Some(response) = stream.message().await? else {
+            let Some(update) = watch.next().await? else {
                 return if progressed {
                     Ok(None)
                 } else {
@@ -148,19 +149,15 @@ impl LeaseWatcher {
                 };
             };
             progressed = true;
-            if response.canceled() {
-                if response.compact_revision() > 0 {
-                    return Ok(Some(Interruption::Compacted));
+            let changes = match update {
+                WatchUpdate::Changes(changes) => changes,
+                WatchUpdate::Compacted => return Ok(Some(Interruption::Compacted)),
+            };
+            for change in changes {
+                if let Some(event) = self.apply(&change)? {
+                    send_all(events, [event]).await?;
                 }
-                bail!("etcd canceled the watch: {}", response.cancel_reason());
-            }
-            for event in response.events() {
-                if let Some(revision) = event.kv().map(|kv| kv.mod_revision()) {
-                    if let Some(change) = self.apply(event)? {
-                        send_all(events, [change]).await?;
-                    }
-                    self.next_revision = revision + 1;
-                }
+                self.next_revision = change.revision + 1;
             }
             if events.is_closed() {
                 return Ok(Some(Interruption::Closed));
@@ -168,18 +165,11 @@ impl LeaseWatcher {
         }
     }
 
-    /// Updates what is known from one watch event; returns the change to report, if any.
-    fn apply(&mut self, event: &Event) -> Result<Option<LeaseEvent>> {
-        let Some(kv) = event.kv() else {
-            return Ok(None);
-        };
-        let record = Record {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            value: kv.value().to_vec(),
-            etcd_lease: kv.lease(),
-        };
-        if self.is_own(&record) {
-            let revoked = event.event_type() == EventType::Delete || !self.still_ours(&record);
+    /// Updates what is known from one record change; returns the event to report, if any.
+    fn apply(&mut self, change: &RecordChange) -> Result<Option<LeaseEvent>> {
+        let record = &change.record;
+        if self.is_own(record) {
+            let revoked = change.deleted || !self.still_ours(record);
             return if revoked {
                 Err(LeaseRevoked(self.own.subnet).into())
             } else {
@@ -193,12 +183,13 @@ impl LeaseWatcher {
             );
             return Ok(None);
         };
-        Ok(match event.event_type() {
-            EventType::Put => match self.parse_remote_logged(&record) {
+        Ok(if change.deleted {
+            self.forget(subnet)
+        } else {
+            match self.parse_remote_logged(record) {
                 Some(lease) => self.remember(lease),
                 None => self.forget(subnet),
-            },
-            EventType::Delete => self.forget(subnet),
+            }
         })
     }
 
@@ -251,4 +242,148 @@ async fn send_all(
             .map_err(|_| anyhow!("lease event receiver is gone"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        mac::MacAddr,
+        subnet::{LeaseAttrs, memory::MemoryRegistry},
+    };
+
+    const PREFIX: &str = "/docker-test/network";
+    const WAIT: Duration = Duration::from_secs(2);
+
+    fn subnet(text: &str) -> Ipv4Network {
+        text.parse().expect("test subnet")
+    }
+
+    fn config() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .expect("the seed's config parses")
+    }
+
+    fn record_of(host: u8, mac: MacAddr) -> String {
+        LeaseAttrs::vxlan(Ipv4Addr::new(172, 20, 62, host), 1, mac).to_json()
+    }
+
+    /// A registry holding this host's lease (10.2.41.0/24), and a watcher for it.
+    fn watched() -> (MemoryRegistry, LeaseWatcher<MemoryRegistry>) {
+        let registry = MemoryRegistry::new(PREFIX, config());
+        let own = Lease {
+            subnet: subnet("10.2.41.0/24"),
+            attrs: LeaseAttrs::vxlan(Ipv4Addr::new(172, 20, 62, 104), 1, MacAddr::random_local()),
+            etcd_lease: 1,
+        };
+        registry.put(own.subnet, &own.attrs.to_json(), 1);
+        let watcher = LeaseWatcher::new(registry.clone(), config(), own);
+        (registry, watcher)
+    }
+
+    async fn next_event(events: &mut mpsc::Receiver<LeaseEvent>) -> LeaseEvent {
+        tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("an event within 2 s")
+            .expect("the watcher is running")
+    }
+
+    fn subnet_of(event: &LeaseEvent) -> (&'static str, Ipv4Network) {
+        match event {
+            LeaseEvent::Added(lease) => ("added", lease.subnet),
+            LeaseEvent::Changed(lease) => ("changed", lease.subnet),
+            LeaseEvent::Removed(lease) => ("removed", lease.subnet),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_listing_has_every_usable_remote_lease_and_not_our_own() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        registry.put(
+            subnet("10.2.54.0/24"),
+            &record_of(105, MacAddr::random_local()),
+            2,
+        );
+        registry.put(subnet("10.2.99.0/24"), "{not json", 3);
+        registry.put(subnet("10.2.77.0/24"), r#"{"PublicIP":"172.20.62.177"}"#, 0);
+        let leases = watcher.initial_leases().await?;
+        let subnets: Vec<_> = leases.iter().map(|lease| lease.subnet).collect();
+        assert_eq!(subnets, [subnet("10.2.54.0/24")]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn puts_and_deletes_become_added_changed_and_removed_once_each() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        watcher.initial_leases().await?;
+        let (sender, mut events) = mpsc::channel(16);
+        let running = tokio::spawn(watcher.run(sender));
+
+        let remote = subnet("10.2.54.0/24");
+        let mac = MacAddr::random_local();
+        registry.put(remote, &record_of(105, mac), 2);
+        assert_eq!(subnet_of(&next_event(&mut events).await), ("added", remote));
+        // A renewal moves the record to another etcd lease only: nothing to report.
+        registry.put(remote, &record_of(105, mac), 3);
+        registry.put(remote, &record_of(105, MacAddr::random_local()), 4);
+        assert_eq!(
+            subnet_of(&next_event(&mut events).await),
+            ("changed", remote)
+        );
+        registry.remove(remote);
+        assert_eq!(
+            subnet_of(&next_event(&mut events).await),
+            ("removed", remote)
+        );
+        assert!(events.try_recv().is_err(), "nothing more");
+        running.abort();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn losing_our_own_record_stops_the_watch_with_lease_revoked() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        watcher.initial_leases().await?;
+        let (sender, _events) = mpsc::channel(16);
+        let running = tokio::spawn(watcher.run(sender));
+        registry.remove(subnet("10.2.41.0/24"));
+        let outcome = tokio::time::timeout(WAIT, running).await??;
+        let error = outcome.expect_err("the watch stops");
+        assert!(error.is::<LeaseRevoked>(), "{error:#}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn after_a_compaction_the_relisting_reports_only_the_difference() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        let (kept, gone, new) = (
+            subnet("10.2.54.0/24"),
+            subnet("10.2.55.0/24"),
+            subnet("10.2.56.0/24"),
+        );
+        registry.put(kept, &record_of(105, MacAddr::random_local()), 2);
+        registry.put(gone, &record_of(106, MacAddr::random_local()), 3);
+        assert_eq!(watcher.initial_leases().await?.len(), 2);
+        // Missed while disconnected, and compacted away before the watch resumes.
+        registry.remove(gone);
+        registry.put(new, &record_of(107, MacAddr::random_local()), 4);
+        registry.compact();
+
+        let (sender, mut events) = mpsc::channel(16);
+        let running = tokio::spawn(watcher.run(sender));
+        let mut seen = vec![
+            subnet_of(&next_event(&mut events).await),
+            subnet_of(&next_event(&mut events).await),
+        ];
+        seen.sort();
+        assert_eq!(seen, [("added", new), ("removed", gone)]);
+        assert!(
+            events.try_recv().is_err(),
+            "{kept} is reported no second time"
+        );
+        running.abort();
+        Ok(())
+    }
 }

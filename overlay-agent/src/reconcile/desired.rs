@@ -1,0 +1,416 @@
+//! The state the host should be in, computed from the remote leases, the devices and the local
+//! containers alone: no netlink, no maps, so every rule here is tested without root.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use ipnetwork::Ipv4Network;
+use overlay_common::{LocalEndpoint, OverlayConfig, RemoteVtep, VtepSubnet};
+
+use crate::{mac::MacAddr, subnet::Lease};
+
+/// Where this host's overlay devices are, as the node sink last made sure of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Devices {
+    pub bridge: Device,
+    pub bridge_mac: MacAddr,
+    pub vtep: Device,
+    pub uplink: Device,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Device {
+    pub name: String,
+    pub index: u32,
+}
+
+/// What the host's routing needs from the agent besides the leases.
+#[derive(Clone, Copy, Debug)]
+pub struct RoutingRules {
+    /// The whole overlay network: direct routes into it through the uplink are ours.
+    pub network: Ipv4Network,
+    /// Kernel mode: the vxlan device forwards by its FDB. Our dataplane needs none.
+    pub install_fdb: bool,
+    /// Route peers on our L2 segment directly via their PublicIP, without VXLAN.
+    pub direct_routing: bool,
+}
+
+/// The containers on the bridge, as netlink last reported them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Containers {
+    /// Container ports (the host-side veths on the bridge), by interface index.
+    pub ports: BTreeMap<u32, Device>,
+    /// Addresses the bridge has resolved, with the MAC behind each.
+    pub addresses: HashMap<Ipv4Addr, MacAddr>,
+    /// Which port each container MAC was learned behind.
+    pub port_of_mac: HashMap<MacAddr, u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub destination: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub interface: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FdbEntry {
+    pub mac: MacAddr,
+    pub destination: Ipv4Addr,
+}
+
+/// What every remote lease needs in the kernel, in flannel's form: a permanent neighbour
+/// entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
+/// and the route `<subnet> via <subnet>.0 dev flannel.1 onlink`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PeerEntries {
+    pub neighbours: HashMap<Ipv4Addr, MacAddr>,
+    pub fdb: HashSet<FdbEntry>,
+    pub routes: HashSet<Route>,
+}
+
+/// The subnet and VTEP map entries of the remote leases.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LeaseEntries {
+    /// Remote subnet → where its host is (the encapsulators' lookup).
+    pub subnets: HashMap<Ipv4Network, RemoteVtep>,
+    /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
+    pub vteps: HashMap<[u8; 4], VtepSubnet>,
+}
+
+/// Container address (network order) → its port and MAC: where the decapsulator delivers.
+pub type Endpoints = HashMap<[u8; 4], LocalEndpoint>;
+
+/// Which interface each program sits on, and the settings they read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub config: OverlayConfig,
+    pub uplink: Device,
+    pub vtep: Device,
+    /// Every container port with the fast path; none without.
+    pub containers: Vec<Device>,
+}
+
+/// The remote gateway flannel routes a subnet through: the subnet's network address.
+pub fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// The kernel entries for `leases`. A lease whose PublicIP is in `on_link` (reached without a
+/// gateway) gets a direct route when the rules ask for direct routing.
+pub fn peer_entries<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+    devices: &Devices,
+    rules: &RoutingRules,
+    on_link: &HashSet<Ipv4Addr>,
+) -> PeerEntries {
+    let mut entries = PeerEntries::default();
+    for lease in leases {
+        let Some(mac) = lease.attrs.vtep_mac() else {
+            continue;
+        };
+        let public_ip = lease.attrs.public_ip;
+        if rules.direct_routing && on_link.contains(&public_ip) {
+            entries.routes.insert(Route {
+                destination: lease.subnet,
+                gateway: public_ip,
+                interface: devices.uplink.index,
+            });
+            continue;
+        }
+        let gateway = remote_gateway(lease.subnet);
+        entries.neighbours.insert(gateway, mac);
+        if rules.install_fdb {
+            entries.fdb.insert(FdbEntry {
+                mac,
+                destination: public_ip,
+            });
+        }
+        entries.routes.insert(Route {
+            destination: lease.subnet,
+            gateway,
+            interface: devices.vtep.index,
+        });
+    }
+    entries
+}
+
+/// The map entries for `leases`; a lease without a VTEP MAC has none.
+pub fn lease_entries<'a>(leases: impl Iterator<Item = &'a Lease>) -> LeaseEntries {
+    let mut entries = LeaseEntries::default();
+    for lease in leases {
+        let Some(mac) = lease.attrs.vtep_mac() else {
+            continue;
+        };
+        let public_ip = lease.attrs.public_ip.octets();
+        entries.subnets.insert(
+            lease.subnet,
+            RemoteVtep {
+                public_ip,
+                mac: mac.0,
+                reserved: 0,
+            },
+        );
+        entries.vteps.insert(
+            public_ip,
+            VtepSubnet {
+                subnet: lease.subnet.network().octets(),
+                prefix_len: u32::from(lease.subnet.prefix()),
+            },
+        );
+    }
+    entries
+}
+
+/// Every container address in our `subnet` whose MAC sits behind a known port.
+pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
+    containers
+        .addresses
+        .iter()
+        .filter(|(address, _)| subnet.contains(**address))
+        .filter_map(|(address, mac)| {
+            let port = containers.port_of_mac.get(mac)?;
+            containers.ports.contains_key(port).then_some((
+                address.octets(),
+                LocalEndpoint {
+                    ifindex: *port,
+                    mac: mac.0,
+                    reserved: 0,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The programs' places: the uplink's decapsulator, the VXLAN device's encapsulator and, with
+/// the fast path, one encapsulator per container port. `base` is the config but for the
+/// device facts filled in here.
+pub fn placement(
+    base: &OverlayConfig,
+    devices: &Devices,
+    containers: &Containers,
+    fast_path: bool,
+) -> Placement {
+    let config = OverlayConfig {
+        vtep_ifindex: devices.vtep.index,
+        bridge_mac: devices.bridge_mac.0,
+        uplink_ifindex: devices.uplink.index,
+        ..*base
+    };
+    let containers = if fast_path {
+        containers.ports.values().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    Placement {
+        config,
+        uplink: devices.uplink.clone(),
+        vtep: devices.vtep.clone(),
+        containers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subnet::LeaseAttrs;
+
+    const VTEP_MAC: MacAddr = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x89]);
+
+    fn devices() -> Devices {
+        let device = |name: &str, index| Device {
+            name: name.into(),
+            index,
+        };
+        Devices {
+            bridge: device("docker0", 3),
+            bridge_mac: MacAddr([2, 0, 0, 0, 0, 3]),
+            vtep: device("flannel.1", 4),
+            uplink: device("eth0", 2),
+        }
+    }
+
+    fn lease(subnet: &str, public_ip: &str, mac: Option<MacAddr>) -> Lease {
+        let public_ip = public_ip.parse().expect("test address");
+        let attrs = LeaseAttrs {
+            backend_data: None,
+            ..LeaseAttrs::vxlan(public_ip, 1, VTEP_MAC)
+        };
+        Lease {
+            subnet: subnet.parse().expect("test subnet"),
+            attrs: match mac {
+                Some(mac) => LeaseAttrs::vxlan(public_ip, 1, mac),
+                None => attrs,
+            },
+            etcd_lease: 7,
+        }
+    }
+
+    fn rules(install_fdb: bool, direct_routing: bool) -> RoutingRules {
+        RoutingRules {
+            network: "10.2.0.0/16".parse().expect("test network"),
+            install_fdb,
+            direct_routing,
+        }
+    }
+
+    #[test]
+    fn a_lease_gets_flannels_neighbour_fdb_and_onlink_route() {
+        let leases = [lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC))];
+        let entries = peer_entries(
+            leases.iter(),
+            &devices(),
+            &rules(true, false),
+            &HashSet::new(),
+        );
+        let gateway: Ipv4Addr = "10.2.54.0".parse().expect("address");
+        assert_eq!(entries.neighbours, HashMap::from([(gateway, VTEP_MAC)]));
+        assert_eq!(
+            entries.fdb,
+            HashSet::from([FdbEntry {
+                mac: VTEP_MAC,
+                destination: "172.20.62.105".parse().expect("address"),
+            }])
+        );
+        assert_eq!(
+            entries.routes,
+            HashSet::from([Route {
+                destination: "10.2.54.0/24".parse().expect("subnet"),
+                gateway,
+                interface: 4,
+            }])
+        );
+    }
+
+    #[test]
+    fn our_dataplane_needs_no_fdb_and_a_lease_without_mac_needs_nothing() {
+        let leases = [
+            lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
+            lease("10.2.77.0/24", "172.20.62.177", None),
+        ];
+        let entries = peer_entries(
+            leases.iter(),
+            &devices(),
+            &rules(false, false),
+            &HashSet::new(),
+        );
+        assert!(entries.fdb.is_empty());
+        assert_eq!(entries.routes.len(), 1);
+        assert_eq!(lease_entries(leases.iter()).subnets.len(), 1);
+    }
+
+    #[test]
+    fn direct_routing_takes_the_uplink_only_for_peers_on_link() {
+        let leases = [
+            lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
+            lease("10.2.77.0/24", "192.0.2.77", Some(VTEP_MAC)),
+        ];
+        let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
+        let entries = peer_entries(leases.iter(), &devices(), &rules(true, true), &on_link);
+        let direct = Route {
+            destination: "10.2.54.0/24".parse().expect("subnet"),
+            gateway: "172.20.62.105".parse().expect("address"),
+            interface: 2,
+        };
+        assert!(entries.routes.contains(&direct));
+        assert_eq!(
+            entries.neighbours.len(),
+            1,
+            "only the far peer goes by VXLAN"
+        );
+        assert_eq!(entries.routes.len(), 2);
+    }
+
+    #[test]
+    fn lease_entries_map_subnet_to_vtep_and_vtep_to_subnet() {
+        let leases = [lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC))];
+        let entries = lease_entries(leases.iter());
+        assert_eq!(
+            entries.subnets,
+            HashMap::from([(
+                "10.2.54.0/24".parse().expect("subnet"),
+                RemoteVtep {
+                    public_ip: [172, 20, 62, 105],
+                    mac: VTEP_MAC.0,
+                    reserved: 0
+                }
+            )])
+        );
+        assert_eq!(
+            entries.vteps,
+            HashMap::from([(
+                [172, 20, 62, 105],
+                VtepSubnet {
+                    subnet: [10, 2, 54, 0],
+                    prefix_len: 24
+                }
+            )])
+        );
+    }
+
+    #[test]
+    fn an_endpoint_needs_an_address_in_our_subnet_a_learned_mac_and_a_live_port() {
+        let mac = MacAddr([2, 0, 0, 0, 0, 0x22]);
+        let stranger = MacAddr([2, 0, 0, 0, 0, 0x33]);
+        let containers = Containers {
+            ports: BTreeMap::from([(
+                9,
+                Device {
+                    name: "veth-bbox1".into(),
+                    index: 9,
+                },
+            )]),
+            addresses: HashMap::from([
+                ("10.2.41.2".parse().expect("address"), mac),
+                ("10.2.41.3".parse().expect("address"), stranger),
+                ("192.0.2.2".parse().expect("address"), mac),
+            ]),
+            port_of_mac: HashMap::from([(mac, 9), (stranger, 12)]),
+        };
+        let subnet = "10.2.41.0/24".parse().expect("subnet");
+        assert_eq!(
+            endpoints(&containers, subnet),
+            HashMap::from([(
+                [10, 2, 41, 2],
+                LocalEndpoint {
+                    ifindex: 9,
+                    mac: mac.0,
+                    reserved: 0
+                }
+            )])
+        );
+    }
+
+    #[test]
+    fn placement_fills_in_the_devices_and_follows_the_fast_path_switch() {
+        let port = Device {
+            name: "veth-bbox1".into(),
+            index: 9,
+        };
+        let containers = Containers {
+            ports: BTreeMap::from([(9, port.clone())]),
+            ..Containers::default()
+        };
+        let base = OverlayConfig {
+            vni: 1,
+            ..OverlayConfig::default()
+        };
+        let with = placement(&base, &devices(), &containers, true);
+        assert_eq!(with.containers, vec![port]);
+        assert_eq!(
+            (
+                with.config.vni,
+                with.config.vtep_ifindex,
+                with.config.uplink_ifindex
+            ),
+            (1, 4, 2)
+        );
+        assert_eq!(with.config.bridge_mac, [2, 0, 0, 0, 0, 3]);
+        assert!(
+            placement(&base, &devices(), &containers, false)
+                .containers
+                .is_empty()
+        );
+    }
+}

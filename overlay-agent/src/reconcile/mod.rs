@@ -1,0 +1,251 @@
+//! The reconciler: one loop fed by lease events, netlink notifications and a slow safety-net
+//! tick. From the leases, the devices and the local containers it computes the desired state
+//! ([`desired`], pure), then applies it through two sinks in the one order that never lets a
+//! packet reach a route without its map entry: programs and map entries in ([`Dataplane`]),
+//! the kernel's routes, neighbours and FDB entries ([`NodeNetwork`]), stale map entries out.
+pub mod desired;
+mod notifications;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use anyhow::Result;
+use ipnetwork::Ipv4Network;
+use overlay_common::OverlayConfig;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, MissedTickBehavior, interval_at, sleep_until},
+};
+
+use crate::{
+    dataplane::{Dataplane, DecapHook, XdpModeChoice},
+    masquerade::Masquerade,
+    node::{self, NodeNetwork, endpoints},
+    subnet::{Lease, LeaseEvent},
+};
+use desired::{Containers, Devices, Endpoints, RoutingRules};
+pub use notifications::{Notifications, subscribe};
+
+/// The safety net: a full re-list this often, whatever the notifications said.
+const SAFETY_NET_INTERVAL: Duration = Duration::from_secs(30);
+/// How soon a reconcile that failed is tried again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How often the nftables table is checked, as flannel re-checks its rules.
+const MASQUERADE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How much of the host one round looks at, from least to most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// A container port or address changed: programs and endpoints, from what the
+    /// notifications already told.
+    Containers,
+    /// A lease, a device or an owned entry changed: the devices, the lease entries and the
+    /// kernel's entries too.
+    Node,
+    /// Start, the safety net, lost notifications: the containers re-listed as well.
+    Everything,
+}
+
+/// The eBPF dataplane and how it is placed; without it the kernel's vxlan device forwards.
+pub struct EbpfSink {
+    pub dataplane: Dataplane,
+    /// The programs' settings but for the device facts each round fills in.
+    pub config: OverlayConfig,
+    /// Whether container traffic bypasses the stack (`--fast-path`).
+    pub fast_path: bool,
+    pub decap_hook: DecapHook,
+    pub xdp_mode: XdpModeChoice,
+}
+
+pub struct Reconciler {
+    node: NodeNetwork,
+    ebpf: Option<EbpfSink>,
+    rules: RoutingRules,
+    /// This host's lease: container addresses lie inside it.
+    subnet: Ipv4Network,
+    leases: HashMap<Ipv4Network, Lease>,
+    containers: Containers,
+    /// Where the devices were at the last round; none before the first.
+    devices: Option<Devices>,
+}
+
+impl Reconciler {
+    pub fn new(
+        node: NodeNetwork,
+        ebpf: Option<EbpfSink>,
+        rules: RoutingRules,
+        subnet: Ipv4Network,
+    ) -> Self {
+        Self {
+            node,
+            ebpf,
+            rules,
+            subnet,
+            leases: HashMap::new(),
+            containers: Containers::default(),
+            devices: None,
+        }
+    }
+
+    /// Takes a lease event into the desired state; the next round applies it.
+    pub fn apply(&mut self, event: LeaseEvent) {
+        let (what, lease) = match &event {
+            LeaseEvent::Added(lease) => ("added", lease),
+            LeaseEvent::Changed(lease) => ("changed", lease),
+            LeaseEvent::Removed(lease) => ("removed", lease),
+        };
+        let vtep = lease
+            .attrs
+            .vtep_mac()
+            .map(|mac| mac.to_string())
+            .unwrap_or_default();
+        log::info!(
+            "lease {what}: {} via {} (VTEP {vtep})",
+            lease.subnet,
+            lease.attrs.public_ip
+        );
+        match event {
+            LeaseEvent::Added(lease) | LeaseEvent::Changed(lease) => {
+                self.leases.insert(lease.subnet, lease);
+            }
+            LeaseEvent::Removed(lease) => {
+                self.leases.remove(&lease.subnet);
+            }
+        }
+    }
+
+    /// One round: makes the host match the desired state for `scope`.
+    pub async fn reconcile(&mut self, scope: Scope) -> Result<()> {
+        let devices = match (&self.devices, scope) {
+            (Some(devices), Scope::Containers) => devices.clone(),
+            _ => self.node.ensure_devices().await?,
+        };
+        self.devices = Some(devices.clone());
+        if scope == Scope::Everything {
+            self.containers = self
+                .node
+                .list_containers(devices.bridge.index, &self.containers)
+                .await?;
+        }
+        if let Some(ebpf) = &mut self.ebpf {
+            place_programs(ebpf, &devices, &self.containers, self.subnet)?;
+        }
+        if scope == Scope::Containers {
+            return Ok(());
+        }
+
+        let on_link = if self.rules.direct_routing {
+            self.node.on_link(self.leases.values()).await?
+        } else {
+            HashSet::new()
+        };
+        let peers = desired::peer_entries(self.leases.values(), &devices, &self.rules, &on_link);
+        let lease_entries = desired::lease_entries(self.leases.values());
+        if let Some(ebpf) = &mut self.ebpf {
+            ebpf.dataplane.write_lease_entries(&lease_entries)?;
+        }
+        self.node
+            .converge_peers(&devices, &self.rules, &peers)
+            .await?;
+        if let Some(ebpf) = &mut self.ebpf {
+            ebpf.dataplane.remove_stale_lease_entries(&lease_entries)?;
+        }
+        Ok(())
+    }
+
+    /// After a first `reconcile(Scope::Everything)` and `masquerade.ensure()`: applies lease
+    /// events and notifications as they come, batching whatever is queued into one round, and
+    /// keeps the nftables table on its timer. Failures are logged and retried,
+    /// never fatal. Returns when the lease events end.
+    pub async fn run(
+        &mut self,
+        mut leases: mpsc::Receiver<LeaseEvent>,
+        mut notifications: Notifications,
+        masquerade: &mut Masquerade,
+    ) {
+        // The caller has just done both: the first ticks are one interval away.
+        let mut safety_net = interval_at(Instant::now() + SAFETY_NET_INTERVAL, SAFETY_NET_INTERVAL);
+        let mut masquerade_timer =
+            interval_at(Instant::now() + MASQUERADE_INTERVAL, MASQUERADE_INTERVAL);
+        safety_net.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        masquerade_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut retry: Option<(Instant, Scope)> = None;
+        loop {
+            let retry_at = retry.map_or_else(Instant::now, |(at, _)| at);
+            let mut scope = tokio::select! {
+                event = leases.recv() => {
+                    let Some(event) = event else { return };
+                    self.apply(event);
+                    Some(Scope::Node)
+                }
+                notification = notifications.recv() => self.classify(notification),
+                _ = safety_net.tick() => Some(Scope::Everything),
+                () = sleep_until(retry_at), if retry.is_some() => retry.take().map(|(_, scope)| scope),
+                _ = masquerade_timer.tick() => {
+                    if let Err(error) = masquerade.ensure() {
+                        log::warn!("cannot restore the nftables rules: {error:#}");
+                    }
+                    None
+                }
+            };
+            // Whatever else is queued goes into the same round: a burst costs one reconcile.
+            while let Ok(event) = leases.try_recv() {
+                self.apply(event);
+                scope = scope.max(Some(Scope::Node));
+            }
+            while let Some(notification) = notifications.try_recv() {
+                scope = scope.max(self.classify(notification));
+            }
+            let Some(scope) = scope.max(retry.take().map(|(_, scope)| scope)) else {
+                continue;
+            };
+            if let Err(error) = self.reconcile(scope).await {
+                log::warn!("cannot bring the node in line: {error:#}; retrying");
+                retry = Some((Instant::now() + RETRY_DELAY, scope));
+            }
+        }
+    }
+
+    /// What a netlink notification calls for: containers it tells about are taken in at once.
+    fn classify(&mut self, notification: NetlinkMessage<RouteNetlinkMessage>) -> Option<Scope> {
+        let message = match notification.payload {
+            NetlinkPayload::InnerMessage(message) => message,
+            NetlinkPayload::Overrun(_) => {
+                log::warn!("netlink notifications were lost; re-listing");
+                return Some(Scope::Everything);
+            }
+            _ => return None,
+        };
+        let devices = self.devices.as_ref()?;
+        if endpoints::observe(&mut self.containers, &message, devices.bridge.index) {
+            Some(Scope::Containers)
+        } else if node::touches_devices(&message, devices) {
+            Some(Scope::Node)
+        } else {
+            None
+        }
+    }
+}
+
+/// Points the programs at the current devices and containers, and with the fast path puts
+/// every container's address into the endpoint map (without it, makes sure none is there).
+fn place_programs(
+    ebpf: &mut EbpfSink,
+    devices: &Devices,
+    containers: &Containers,
+    subnet: Ipv4Network,
+) -> Result<()> {
+    let placement = desired::placement(&ebpf.config, devices, containers, ebpf.fast_path);
+    let endpoints = if ebpf.fast_path {
+        desired::endpoints(containers, subnet)
+    } else {
+        Endpoints::default()
+    };
+    ebpf.dataplane
+        .place(&placement, ebpf.decap_hook, ebpf.xdp_mode)?;
+    ebpf.dataplane.sync_endpoints(&endpoints)
+}

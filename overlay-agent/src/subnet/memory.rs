@@ -1,0 +1,217 @@
+//! A registry in memory for the unit tests of the lease manager and the watch: etcd's
+//! semantics for what they use (revisions, conditional writes, watches from a revision,
+//! compaction), and nothing else.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use anyhow::Result;
+use ipnetwork::Ipv4Network;
+use tokio::sync::watch;
+
+use super::{
+    LeaseAttrs, Record,
+    registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
+    subnet_key,
+};
+use crate::config::NetworkConfig;
+
+#[derive(Clone)]
+pub struct MemoryRegistry {
+    prefix: String,
+    config: NetworkConfig,
+    state: Arc<Mutex<State>>,
+    /// The newest revision, for watches waiting on a change.
+    revision: watch::Sender<i64>,
+}
+
+#[derive(Default)]
+struct State {
+    records: BTreeMap<String, Record>,
+    /// Every change, oldest first; changes before `compacted` are gone.
+    history: Vec<RecordChange>,
+    compacted: i64,
+    next_etcd_lease: i64,
+}
+
+impl MemoryRegistry {
+    pub fn new(prefix: &str, config: NetworkConfig) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            config,
+            state: Arc::default(),
+            revision: watch::Sender::new(0),
+        }
+    }
+
+    /// Writes a record as another writer would (another host, an operator).
+    pub fn put(&self, subnet: Ipv4Network, value: &str, etcd_lease: i64) {
+        let record = Record {
+            key: subnet_key(&self.prefix, subnet),
+            value: value.as_bytes().to_vec(),
+            etcd_lease,
+        };
+        self.commit(record, false);
+    }
+
+    /// Deletes a record as another writer would, or as etcd does when its lease expires.
+    pub fn remove(&self, subnet: Ipv4Network) {
+        let key = subnet_key(&self.prefix, subnet);
+        let removed = self.state().records.remove(&key);
+        if let Some(record) = removed {
+            self.commit(record, true);
+        }
+    }
+
+    /// Forgets every change up to the newest revision, as etcd's compaction does.
+    pub fn compact(&self) {
+        let newest = *self.revision.borrow();
+        let mut state = self.state();
+        state.compacted = newest + 1;
+        state.history.clear();
+    }
+
+    pub fn record(&self, subnet: Ipv4Network) -> Option<Record> {
+        self.state()
+            .records
+            .get(&subnet_key(&self.prefix, subnet))
+            .cloned()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn commit(&self, record: Record, deleted: bool) {
+        let revision = *self.revision.borrow() + 1;
+        {
+            let mut state = self.state();
+            if !deleted {
+                state.records.insert(record.key.clone(), record.clone());
+            }
+            state.history.push(RecordChange {
+                record,
+                deleted,
+                revision,
+            });
+        }
+        self.revision.send_replace(revision);
+    }
+
+    fn grant(&self) -> i64 {
+        let mut state = self.state();
+        state.next_etcd_lease += 1;
+        state.next_etcd_lease
+    }
+
+    fn held_by(&self, key: &str, public_ip: Ipv4Addr) -> bool {
+        self.state().records.get(key).is_some_and(|record| {
+            serde_json::from_slice::<LeaseAttrs>(&record.value)
+                .is_ok_and(|attrs| attrs.public_ip == public_ip)
+        })
+    }
+}
+
+impl Registry for MemoryRegistry {
+    type Watch = MemoryWatch;
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn network_config(&self) -> Result<NetworkConfig, ConfigReadError> {
+        Ok(self.config.clone())
+    }
+
+    async fn list(&self) -> Result<Listing> {
+        let revision = *self.revision.borrow();
+        let records = self.state().records.values().cloned().collect();
+        Ok(Listing { records, revision })
+    }
+
+    async fn create(
+        &self,
+        subnet: Ipv4Network,
+        attrs: &LeaseAttrs,
+        _ttl: Duration,
+    ) -> Result<Option<i64>> {
+        if self.record(subnet).is_some() {
+            return Ok(None);
+        }
+        let etcd_lease = self.grant();
+        self.put(subnet, &attrs.to_json(), etcd_lease);
+        Ok(Some(etcd_lease))
+    }
+
+    async fn update(
+        &self,
+        subnet: Ipv4Network,
+        attrs: &LeaseAttrs,
+        public_ip: Ipv4Addr,
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>> {
+        if !self.held_by(&subnet_key(&self.prefix, subnet), public_ip) {
+            return Ok(None);
+        }
+        let etcd_lease = ttl.map_or(0, |_| self.grant());
+        self.put(subnet, &attrs.to_json(), etcd_lease);
+        Ok(Some(etcd_lease))
+    }
+
+    async fn delete_if_owned(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Result<()> {
+        if self.held_by(&subnet_key(&self.prefix, subnet), public_ip) {
+            self.remove(subnet);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, subnet: Ipv4Network) -> Result<()> {
+        self.remove(subnet);
+        Ok(())
+    }
+
+    async fn watch(&self, revision: i64) -> Result<MemoryWatch> {
+        Ok(MemoryWatch {
+            registry: self.clone(),
+            newest: self.revision.subscribe(),
+            next: revision,
+        })
+    }
+}
+
+pub struct MemoryWatch {
+    registry: MemoryRegistry,
+    newest: watch::Receiver<i64>,
+    next: i64,
+}
+
+impl Watch for MemoryWatch {
+    async fn next(&mut self) -> Result<Option<WatchUpdate>> {
+        loop {
+            {
+                let state = self.registry.state();
+                if self.next < state.compacted {
+                    return Ok(Some(WatchUpdate::Compacted));
+                }
+                let changes: Vec<RecordChange> = state
+                    .history
+                    .iter()
+                    .filter(|change| change.revision >= self.next)
+                    .cloned()
+                    .collect();
+                if let Some(last) = changes.last() {
+                    self.next = last.revision + 1;
+                    return Ok(Some(WatchUpdate::Changes(changes)));
+                }
+            }
+            if self.newest.changed().await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+}
