@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod health;
 pub mod mac;
 pub mod masquerade;
+pub mod metrics;
 pub mod node;
 pub mod options;
 pub mod reconcile;
@@ -34,6 +35,7 @@ use crate::{
     dataplane::Dataplane,
     health::Readiness,
     masquerade::{Masquerade, Rules},
+    metrics::Metrics,
     node::{NodeNetwork, NodeSettings, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
     reconcile::{EbpfSink, Reconciler, Scope, desired::RoutingRules},
@@ -62,10 +64,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         uplink.address
     );
     let readiness = Readiness::default();
+    let pinned = (options.dataplane == DataplaneChoice::Ebpf).then(|| options.bpf_pin_dir.clone());
+    let metrics = Metrics::new(pinned);
     if options.healthz_port != 0 {
         health::serve(
             SocketAddr::from((options.healthz_ip, options.healthz_port)),
             readiness.clone(),
+            metrics.clone(),
         )
         .await?;
     }
@@ -80,6 +85,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             ttl: options.subnet_lease_ttl,
             renew_margin: options.renew_margin(),
         },
+        metrics: metrics.leases.clone(),
     };
     // A VTEP MAC already on the device is kept, so peers never hold a stale one.
     let existing_mac = vtep::existing_mac(&netlink, &vtep::device_name(config.backend.vni)).await?;
@@ -88,8 +94,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .await?;
 
     let notifications = reconcile::subscribe()?;
-    let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease).await?;
-    let mut watcher = LeaseWatcher::new(registry, config.clone(), lease.clone());
+    let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease)
+        .await?
+        .with_metrics(metrics.reconcile.clone());
+    let mut watcher = LeaseWatcher::new(
+        registry,
+        config.clone(),
+        lease.clone(),
+        metrics.leases.clone(),
+    );
     for remote in watcher.initial_leases().await? {
         reconciler.apply(LeaseEvent::Added(remote));
     }

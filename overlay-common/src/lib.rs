@@ -187,6 +187,16 @@ define_counters! {
 }
 
 impl Counter {
+    /// What the program did with the packets it counts: `drop`, `redirect` (sent on by the
+    /// program itself) or `pass` (left to the stack).
+    pub const fn verdict(self) -> &'static str {
+        match self {
+            _ if self.is_drop() => "drop",
+            Counter::RxDelivered | Counter::TxDirect | Counter::TxEncapsulated => "redirect",
+            _ => "pass",
+        }
+    }
+
     /// Whether the counter counts packets a program threw away: a legitimate packet must
     /// never move one of these.
     pub const fn is_drop(self) -> bool {

@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod etcd;
 pub mod frames;
 pub mod loss;
+pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod scratch;

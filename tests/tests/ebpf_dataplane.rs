@@ -10,6 +10,7 @@ use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
     loss::{LossWindow, steady_ping},
+    metrics::{scrape, value_of},
     process::iperf3_server,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
     stock_flannel::{self, Peer},
@@ -467,6 +468,71 @@ fn teardown_removes_programs_and_pins() -> Result<()> {
         host1.netns.ip(&["-d", "link", "show"])?,
         links_before,
         "no device left"
+    );
+    Ok(())
+}
+
+#[test]
+fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Result<()> {
+    let seed = Seed::start(
+        "metrics",
+        &["--healthz-port=8471", "--healthz-ip=127.0.0.1"],
+    )?;
+    seed.cluster
+        .etcd
+        .put(&seed.cluster.subnet_key("10.2.99.0/24"), "{not json")?;
+    warm_up_fast_path(&seed)?;
+    let mut samples = Vec::new();
+    wait_for(
+        "the malformed record to count as skipped",
+        EVENT_TIMEOUT,
+        || {
+            samples = scrape(&seed.host1.netns, 8471)?;
+            Ok(value_of(&samples, "overlay_leases_skipped", &[]) == Some(1.0))
+        },
+    )?;
+    let pinned = counters(&seed.host1)?;
+
+    for &counter in Counter::ALL {
+        let labels = [("reason", counter.name()), ("verdict", counter.verdict())];
+        let exported = value_of(&samples, "overlay_dataplane_packets_total", &labels)
+            .with_context(|| format!("{} is exported", counter.name()))?;
+        assert!(
+            exported <= pinned.get(counter) as f64,
+            "{}: {exported} exported, {} in the map since",
+            counter.name(),
+            pinned.get(counter)
+        );
+    }
+    let direct = [("reason", "tx_direct"), ("verdict", "redirect")];
+    assert!(value_of(&samples, "overlay_dataplane_packets_total", &direct) > Some(0.0));
+    let dropped = [("reason", "rx_unknown_vtep"), ("verdict", "drop")];
+    assert!(value_of(&samples, "overlay_dataplane_packets_total", &dropped).is_some());
+
+    for (map, entries) in [("subnets", 1.0), ("vteps", 1.0), ("endpoints", 1.0)] {
+        let labels = [("map", map)];
+        assert_eq!(
+            value_of(&samples, "overlay_map_entries", &labels),
+            Some(entries),
+            "{map}"
+        );
+        assert!(value_of(&samples, "overlay_map_capacity", &labels) > Some(entries));
+    }
+    assert_eq!(value_of(&samples, "overlay_leases_known", &[]), Some(1.0));
+    assert_eq!(
+        value_of(&samples, "overlay_lease_expiry_timestamp_seconds", &[]),
+        Some(f64::INFINITY),
+        "the seed's subnets are reservations"
+    );
+    let start = [("scope", "everything")];
+    assert!(value_of(&samples, "overlay_reconcile_duration_seconds_count", &start) >= Some(1.0));
+    assert_eq!(
+        value_of(&samples, "overlay_reconcile_errors_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value_of(&samples, "overlay_etcd_watch_reconnects_total", &[]),
+        Some(0.0)
     );
     Ok(())
 }

@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "openssl",
     "curl",
+    // The official Prometheus client's OpenMetrics parser reads /metrics in the tests.
+    "python3-prometheus-client",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

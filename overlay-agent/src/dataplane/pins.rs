@@ -6,11 +6,18 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
 use ipnetwork::Ipv4Network;
-use overlay_common::{Counters, RemoteVtep};
+use overlay_common::{Counters, LocalEndpoint, RemoteVtep, VtepSubnet};
 
-use super::{COUNTERS_MAP, MAPS, PROGRAMS, SUBNETS_MAP, sum_per_cpu};
+use super::{COUNTERS_MAP, ENDPOINTS_MAP, MAPS, PROGRAMS, SUBNETS_MAP, VTEPS_MAP, sum_per_cpu};
+
+/// How many entries one map holds, of how many it can.
+pub struct MapOccupancy {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
 
 pub struct PinnedDataplane {
     dir: PathBuf,
@@ -26,11 +33,14 @@ impl PinnedDataplane {
         })
     }
 
-    fn map(&self, name: &str) -> Result<Map> {
+    fn map_data(&self, name: &str) -> Result<MapData> {
         let path = self.dir.join(name);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
-        Ok(Map::from_map_data(data)?)
+        MapData::from_pin(&path)
+            .with_context(|| format!("cannot open the pinned map {}", path.display()))
+    }
+
+    fn map(&self, name: &str) -> Result<Map> {
+        Ok(Map::from_map_data(self.map_data(name)?)?)
     }
 
     pub fn counters(&self) -> Result<Counters> {
@@ -46,6 +56,50 @@ impl PinnedDataplane {
                 let subnet = Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
                     .context("the subnet map holds a bad prefix")?;
                 Ok((subnet, remote))
+            })
+            .collect()
+    }
+
+    /// How full each lease and endpoint map is.
+    pub fn occupancy(&self) -> Result<Vec<MapOccupancy>> {
+        let (subnets, vteps, endpoints) = (
+            self.map(SUBNETS_MAP)?,
+            self.map(VTEPS_MAP)?,
+            self.map(ENDPOINTS_MAP)?,
+        );
+        let counts = [
+            (
+                SUBNETS_MAP,
+                LpmTrie::<_, [u8; 4], RemoteVtep>::try_from(&subnets)?
+                    .keys()
+                    .count(),
+            ),
+            (
+                VTEPS_MAP,
+                BpfHashMap::<_, [u8; 4], VtepSubnet>::try_from(&vteps)?
+                    .keys()
+                    .count(),
+            ),
+            (
+                ENDPOINTS_MAP,
+                BpfHashMap::<_, [u8; 4], LocalEndpoint>::try_from(&endpoints)?
+                    .keys()
+                    .count(),
+            ),
+        ];
+        counts
+            .into_iter()
+            .map(|(name, entries)| {
+                let capacity = self
+                    .map_data(name)?
+                    .info()
+                    .with_context(|| format!("cannot read the {name} map's info"))?
+                    .max_entries();
+                Ok(MapOccupancy {
+                    name,
+                    entries,
+                    capacity,
+                })
             })
             .collect()
     }

@@ -24,6 +24,7 @@ use tokio::{
 use crate::{
     dataplane::{Dataplane, DecapHook, XdpModeChoice},
     masquerade::Masquerade,
+    metrics::{ReconcileMetrics, RoundLabels},
     node::{self, NodeNetwork, endpoints},
     subnet::{Lease, LeaseEvent},
 };
@@ -50,6 +51,16 @@ pub enum Scope {
     Everything,
 }
 
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Containers => "containers",
+            Scope::Node => "node",
+            Scope::Everything => "everything",
+        }
+    }
+}
+
 /// The eBPF dataplane and how it is placed; without it the kernel's vxlan device forwards.
 pub struct EbpfSink {
     pub dataplane: Dataplane,
@@ -71,6 +82,7 @@ pub struct Reconciler {
     containers: Containers,
     /// Where the devices were at the last round; none before the first.
     devices: Option<Devices>,
+    metrics: ReconcileMetrics,
 }
 
 impl Reconciler {
@@ -88,7 +100,13 @@ impl Reconciler {
             leases: HashMap::new(),
             containers: Containers::default(),
             devices: None,
+            metrics: ReconcileMetrics::default(),
         }
+    }
+
+    /// Reports each round's duration and failures into `metrics`.
+    pub fn with_metrics(self, metrics: ReconcileMetrics) -> Self {
+        Self { metrics, ..self }
     }
 
     /// Takes a lease event into the desired state; the next round applies it.
@@ -118,8 +136,24 @@ impl Reconciler {
         }
     }
 
-    /// One round: makes the host match the desired state for `scope`.
+    /// One round: makes the host match the desired state for `scope`. Its duration and
+    /// failure go into the metrics.
     pub async fn reconcile(&mut self, scope: Scope) -> Result<()> {
+        let started = Instant::now();
+        let outcome = self.converge(scope).await;
+        self.metrics
+            .duration
+            .get_or_create(&RoundLabels {
+                scope: scope.name(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        if outcome.is_err() {
+            self.metrics.errors.inc();
+        }
+        outcome
+    }
+
+    async fn converge(&mut self, scope: Scope) -> Result<()> {
         let devices = match (&self.devices, scope) {
             (Some(devices), Scope::Containers) => devices.clone(),
             _ => self.node.ensure_devices().await?,

@@ -9,6 +9,7 @@ use super::{Lease, LeaseAttrs, Record, registry::Registry, subnet_from_key};
 use crate::{
     config::NetworkConfig,
     mac::{MacAddr, random_u64},
+    metrics::LeaseMetrics,
 };
 
 /// How many times a subnet lost to another host's create is retried with a fresh listing.
@@ -40,6 +41,7 @@ pub struct LeaseManager<R> {
     pub config: NetworkConfig,
     pub public_ip: Ipv4Addr,
     pub timing: LeaseTiming,
+    pub metrics: LeaseMetrics,
 }
 
 /// How long a lease lives and when it is renewed.
@@ -193,13 +195,24 @@ impl<R: Registry> LeaseManager<R> {
             .ok()
     }
 
+    /// Publishes when a lease granted just now expires.
+    fn report_expiry(&self) {
+        let expiry = std::time::SystemTime::now() + self.timing.ttl;
+        let since_epoch = expiry
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics.expiry.set(since_epoch.as_secs_f64());
+    }
+
     /// Renews the lease before it expires, for as long as the agent runs; returns only with
     /// an error: [`LeaseRevoked`] when the record is gone. A reservation needs no renewal.
     pub async fn keep_alive(&self, mut lease: Lease) -> Result<()> {
         if lease.is_reservation() {
+            self.metrics.expiry.set(f64::INFINITY);
             return std::future::pending().await;
         }
         let mut expiry = Instant::now() + self.timing.ttl;
+        self.report_expiry();
         loop {
             sleep_until(self.timing.renewal_time(expiry)).await;
             match self
@@ -215,6 +228,7 @@ impl<R: Registry> LeaseManager<R> {
                 Ok(Some(etcd_lease)) => {
                     lease.etcd_lease = etcd_lease;
                     expiry = Instant::now() + self.timing.ttl;
+                    self.report_expiry();
                     log::debug!("renewed lease {}", lease.subnet);
                 }
                 Ok(None) => return Err(LeaseRevoked(lease.subnet).into()),
@@ -253,6 +267,7 @@ mod tests {
                 ttl,
                 renew_margin: ttl,
             },
+            metrics: LeaseMetrics::default(),
         }
     }
 

@@ -3,7 +3,10 @@
 //!
 //! The watcher keeps the leases it has reported, so a re-list emits only the difference: no
 //! event is lost across a disconnect and none is reported twice.
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use anyhow::{Result, anyhow};
 use ipnetwork::Ipv4Network;
@@ -15,7 +18,7 @@ use super::{
     registry::{RecordChange, Registry, Watch, WatchUpdate},
     subnet_from_key,
 };
-use crate::config::NetworkConfig;
+use crate::{config::NetworkConfig, metrics::LeaseMetrics};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -25,6 +28,9 @@ pub struct LeaseWatcher<R> {
     config: NetworkConfig,
     own: Lease,
     known: HashMap<Ipv4Network, Lease>,
+    /// Keys of the records that cannot be used.
+    skipped: HashSet<String>,
+    metrics: LeaseMetrics,
     next_revision: i64,
     /// Whether `known` reflects a listing the watch can continue from.
     listed: bool,
@@ -39,12 +45,14 @@ enum Interruption {
 }
 
 impl<R: Registry> LeaseWatcher<R> {
-    pub fn new(registry: R, config: NetworkConfig, own: Lease) -> Self {
+    pub fn new(registry: R, config: NetworkConfig, own: Lease, metrics: LeaseMetrics) -> Self {
         Self {
             registry,
             config,
             own,
             known: HashMap::new(),
+            skipped: HashSet::new(),
+            metrics,
             next_revision: 0,
             listed: false,
         }
@@ -80,6 +88,7 @@ impl<R: Registry> LeaseWatcher<R> {
             match outcome {
                 Ok(None) => backoff = BACKOFF_FIRST,
                 Ok(Some(Interruption::Compacted)) => {
+                    self.metrics.watch_reconnects.inc();
                     log::info!(
                         "etcd compacted past revision {}; re-listing",
                         self.next_revision
@@ -90,6 +99,7 @@ impl<R: Registry> LeaseWatcher<R> {
                 Err(error) if error.is::<LeaseRevoked>() => return Err(error),
                 Err(_) if events.is_closed() => return Ok(()),
                 Err(error) => {
+                    self.metrics.watch_reconnects.inc();
                     log::warn!("lease watch interrupted: {error:#}; reconnecting in {backoff:?}");
                     sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -108,13 +118,16 @@ impl<R: Registry> LeaseWatcher<R> {
         if !own_key_present {
             return Err(LeaseRevoked(self.own.subnet).into());
         }
-        let current: HashMap<Ipv4Network, Lease> = listing
-            .records
-            .iter()
-            .filter(|record| !self.is_own(record))
-            .filter_map(|record| self.parse_remote_logged(record))
-            .map(|lease| (lease.subnet, lease))
-            .collect();
+        self.skipped.clear();
+        let mut current: HashMap<Ipv4Network, Lease> = HashMap::new();
+        for record in &listing.records {
+            if self.is_own(record) {
+                continue;
+            }
+            if let Some(lease) = self.parse_remote_logged(record) {
+                current.insert(lease.subnet, lease);
+            }
+        }
         let gone: Vec<Ipv4Network> = self
             .known
             .keys()
@@ -132,6 +145,7 @@ impl<R: Registry> LeaseWatcher<R> {
         );
         self.next_revision = listing.revision + 1;
         self.listed = true;
+        self.report_counts();
         Ok(changes)
     }
 
@@ -183,14 +197,22 @@ impl<R: Registry> LeaseWatcher<R> {
             );
             return Ok(None);
         };
-        Ok(if change.deleted {
+        self.skipped.remove(&record.key);
+        let event = if change.deleted {
             self.forget(subnet)
         } else {
             match self.parse_remote_logged(record) {
                 Some(lease) => self.remember(lease),
                 None => self.forget(subnet),
             }
-        })
+        };
+        self.report_counts();
+        Ok(event)
+    }
+
+    fn report_counts(&self) {
+        self.metrics.known.set(self.known.len() as i64);
+        self.metrics.skipped.set(self.skipped.len() as i64);
     }
 
     /// Records `lease`; returns the change if it is new or its attributes changed (a renewal
@@ -219,15 +241,20 @@ impl<R: Registry> LeaseWatcher<R> {
             .is_ok_and(|lease| lease.attrs.public_ip == self.own.attrs.public_ip)
     }
 
-    fn parse_remote_logged(&self, record: &Record) -> Option<Lease> {
-        record
-            .parse_remote(self.registry.prefix(), &self.config)
-            .inspect_err(|error| match error {
-                // A reservation whose host has not come up yet: normal, not a fault.
-                RecordError::NoVtep => log::info!("waiting for {}: {error}", record.key),
-                _ => log::warn!("skipping record {}: {error}", record.key),
-            })
-            .ok()
+    /// The lease a remote record holds, or `None` (logged, and counted as skipped).
+    fn parse_remote_logged(&mut self, record: &Record) -> Option<Lease> {
+        match record.parse_remote(self.registry.prefix(), &self.config) {
+            Ok(lease) => Some(lease),
+            Err(error) => {
+                match error {
+                    // A reservation whose host has not come up yet: normal, not a fault.
+                    RecordError::NoVtep => log::info!("waiting for {}: {error}", record.key),
+                    _ => log::warn!("skipping record {}: {error}", record.key),
+                }
+                self.skipped.insert(record.key.clone());
+                None
+            }
+        }
     }
 }
 
@@ -279,7 +306,7 @@ mod tests {
             etcd_lease: 1,
         };
         registry.put(own.subnet, &own.attrs.to_json(), 1);
-        let watcher = LeaseWatcher::new(registry.clone(), config(), own);
+        let watcher = LeaseWatcher::new(registry.clone(), config(), own, LeaseMetrics::default());
         (registry, watcher)
     }
 

@@ -1,0 +1,188 @@
+//! `/metrics` in Prometheus' text format, served beside `/healthz`: the dataplane's counters
+//! and map occupancy (read from the pinned maps at each scrape), the leases, the reconciler's
+//! rounds, the etcd watch's reconnects and this host's lease expiry.
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicU64},
+};
+
+use anyhow::Result;
+use overlay_common::Counter as DataplaneCounter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::dataplane::pins::PinnedDataplane;
+
+/// What the lease watch and the lease manager report.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseMetrics {
+    /// Other hosts' leases in use.
+    pub known: Gauge,
+    /// Records that cannot be used (malformed, another backend, no VTEP yet).
+    pub skipped: Gauge,
+    pub watch_reconnects: Counter,
+    /// When this host's lease expires, in seconds since the epoch; +Inf for a reservation.
+    pub expiry: Gauge<f64, AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoundLabels {
+    /// The round's scope: containers, node or everything.
+    pub scope: &'static str,
+}
+
+type Rounds = Family<RoundLabels, Histogram, fn() -> Histogram>;
+
+/// What the reconciler reports.
+#[derive(Clone, Debug)]
+pub struct ReconcileMetrics {
+    pub duration: Rounds,
+    pub errors: Counter,
+}
+
+impl Default for ReconcileMetrics {
+    fn default() -> Self {
+        Self {
+            // From 100 µs to about 3 s.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1e-4, 2.0, 16))
+            }),
+            errors: Counter::default(),
+        }
+    }
+}
+
+/// Every metric of the agent, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub leases: LeaseMetrics,
+    pub reconcile: ReconcileMetrics,
+}
+
+impl Metrics {
+    /// The agent's metrics; with `pin_dir`, the dataplane pinned there is read at each scrape.
+    pub fn new(pin_dir: Option<PathBuf>) -> Arc<Self> {
+        let leases = LeaseMetrics::default();
+        let reconcile = ReconcileMetrics::default();
+        let mut registry = Registry::with_prefix("overlay");
+        registry.register(
+            "leases_known",
+            "Other hosts' leases the agent routes to",
+            leases.known.clone(),
+        );
+        registry.register(
+            "leases_skipped",
+            "Subnet records the agent cannot use (malformed, another backend, no VTEP yet)",
+            leases.skipped.clone(),
+        );
+        registry.register(
+            "etcd_watch_reconnects",
+            "Times the etcd watch was re-established",
+            leases.watch_reconnects.clone(),
+        );
+        registry.register(
+            "lease_expiry_timestamp_seconds",
+            "When this host's lease expires unless renewed; +Inf for a reservation",
+            leases.expiry.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconciler round took, by scope",
+            reconcile.duration.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciler rounds that failed and were retried",
+            reconcile.errors.clone(),
+        );
+        if let Some(dir) = pin_dir {
+            registry.register_collector(Box::new(DataplaneCollector { dir }));
+        }
+        Arc::new(Self {
+            registry,
+            leases,
+            reconcile,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Result<String> {
+        let mut text = String::new();
+        text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    reason: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+/// Reads the pinned dataplane at each scrape; without one (kernel mode, not loaded yet) it
+/// exports nothing.
+#[derive(Debug)]
+struct DataplaneCollector {
+    dir: PathBuf,
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(pinned) = PinnedDataplane::open(&self.dir) else {
+            return Ok(());
+        };
+        if let Ok(counters) = pinned.counters() {
+            let mut packets = encoder.encode_descriptor(
+                "dataplane_packets",
+                "Packets the eBPF programs handled, by outcome",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for &counter in DataplaneCounter::ALL {
+                let labels = PacketLabels {
+                    reason: counter.name(),
+                    verdict: counter.verdict(),
+                };
+                ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
+            }
+        }
+        if let Ok(occupancy) = pinned.occupancy() {
+            let mut entries = encoder.encode_descriptor(
+                "map_entries",
+                "Entries in each lease and endpoint map",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for map in &occupancy {
+                let labels = MapLabels { map: map.name };
+                ConstGauge::new(map.entries as i64).encode(entries.encode_family(&labels)?)?;
+            }
+            let mut capacity = encoder.encode_descriptor(
+                "map_capacity",
+                "Entries each lease and endpoint map can hold",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for map in &occupancy {
+                let labels = MapLabels { map: map.name };
+                ConstGauge::new(i64::from(map.capacity))
+                    .encode(capacity.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
