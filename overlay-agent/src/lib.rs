@@ -55,7 +55,7 @@ const EVENT_QUEUE: usize = 1024;
 /// Runs the agent until a signal asks it to stop (returns `Ok`, keeping the lease and the
 /// devices) or it can no longer do its job (returns the reason, e.g. a revoked lease).
 pub async fn run(options: AgentOptions) -> Result<()> {
-    let netlink = netlink_handle()?;
+    let netlink = node::links::connect()?;
     let uplink = node::uplink::find(&netlink, &options.iface, &options.iface_regex).await?;
     let public_ip = options.public_ip.unwrap_or(uplink.address);
     log::info!(
@@ -221,7 +221,7 @@ async fn ebpf_sink(
 /// Removes what the agent created on this host; with `release_lease`, also this host's
 /// record in etcd.
 pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()> {
-    let netlink = netlink_handle()?;
+    let netlink = node::links::connect()?;
     let previous = previous_subnet(&options.subnet_file);
     let network = subnet_file_network(&options.subnet_file);
     dataplane::pins::remove(&options.bpf_pin_dir)?;
@@ -254,13 +254,6 @@ fn subnet_file_network(path: &std::path::Path) -> Option<Ipv4Network> {
         .trim()
         .parse()
         .ok()
-}
-
-fn netlink_handle() -> Result<Handle> {
-    let (connection, handle, _) =
-        rtnetlink::new_connection().context("cannot open a netlink socket")?;
-    tokio::spawn(connection);
-    Ok(handle)
 }
 
 /// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config

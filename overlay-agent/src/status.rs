@@ -1,6 +1,6 @@
 //! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
 //! attached programs and the counters, read from the subnet file, etcd and the pins.
-use std::{fmt::Write as _, time::Duration};
+use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use anyhow::{Context, Result};
 use overlay_common::{Counter, RemoteVtep};
@@ -8,6 +8,7 @@ use overlay_common::{Counter, RemoteVtep};
 use crate::{
     dataplane::pins::PinnedDataplane,
     mac::MacAddr,
+    node::links,
     options::AgentOptions,
     subnet::{Lease, etcd::EtcdRegistry, file::previous_subnet, registry::Registry},
 };
@@ -54,8 +55,10 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         )?;
     }
     writeln!(out, "programs:")?;
-    for link in pinned.links()? {
-        writeln!(out, "  {link}")?;
+    let names = interface_names().await?;
+    for (program, ifindex) in pinned.links()? {
+        let interface = names.get(&ifindex).map_or("gone", String::as_str);
+        writeln!(out, "  {program} on {interface} (ifindex {ifindex})")?;
     }
     writeln!(out, "counters:")?;
     let counters = pinned.counters()?;
@@ -63,6 +66,15 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         writeln!(out, "  {:<22} {}", counter.name(), counters.get(counter))?;
     }
     Ok(out)
+}
+
+/// Interface index → name, for this namespace.
+async fn interface_names() -> Result<HashMap<u32, String>> {
+    Ok(links::all(&links::connect()?)
+        .await?
+        .iter()
+        .filter_map(|link| Some((link.header.index, links::name(link)?.to_string())))
+        .collect())
 }
 
 async fn remote_leases(options: &AgentOptions) -> Result<Vec<Lease>> {

@@ -255,9 +255,9 @@ fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
     for line in [
         format!("lease: {SUBNET1}"),
         format!("{SUBNET2} via {HOST2} (VTEP {mac2}): map {HOST2} {mac2}"),
-        "tc_vtep_egress on ifindex".to_string(),
-        "tc_uplink_ingress on ifindex".to_string(),
-        "tc_container_ingress on ifindex".to_string(),
+        "tc_vtep_egress on flannel.1 (ifindex".to_string(),
+        "tc_uplink_ingress on eth0 (ifindex".to_string(),
+        "tc_container_ingress on veth-bbox1 (ifindex".to_string(),
         "rx_delivered".to_string(),
         "tx_direct".to_string(),
     ] {

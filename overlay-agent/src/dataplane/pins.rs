@@ -104,16 +104,19 @@ impl PinnedDataplane {
             .collect()
     }
 
-    /// "program on ifindex N" for every pinned link.
-    pub fn links(&self) -> Result<Vec<String>> {
+    /// (program, interface index) of every pinned link, sorted.
+    pub fn links(&self) -> Result<Vec<(&'static str, u32)>> {
         let mut links = Vec::new();
         for entry in std::fs::read_dir(&self.dir)
             .with_context(|| format!("cannot list {}", self.dir.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
             for program in PROGRAMS {
-                if let Some(ifindex) = name.strip_prefix(&format!("link_{program}_")) {
-                    links.push(format!("{program} on ifindex {ifindex}"));
+                let ifindex = name
+                    .strip_prefix(&format!("link_{program}_"))
+                    .and_then(|ifindex| ifindex.parse().ok());
+                if let Some(ifindex) = ifindex {
+                    links.push((program, ifindex));
                 }
             }
         }

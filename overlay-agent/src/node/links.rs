@@ -17,6 +17,14 @@ use rtnetlink::{
 
 use crate::mac::MacAddr;
 
+/// A netlink handle for this namespace, its connection running on the tokio runtime.
+pub fn connect() -> Result<Handle> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("cannot open a netlink socket")?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
 /// The link called `name`, if it exists.
 pub async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
