@@ -8,7 +8,7 @@ mod sync;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray},
@@ -58,6 +58,12 @@ impl Dataplane {
     /// `pin_dir`, every map is pinned there, and maps already pinned there by an earlier run are
     /// reused with their contents.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!(
+                "this overlay-agent was built without its eBPF object (a check build of a fresh \
+                 clone embeds an empty stub): build it with `cargo xtask build`"
+            );
+        }
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
