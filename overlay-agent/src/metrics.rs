@@ -155,7 +155,7 @@ impl Collector for DataplaneCollector {
             for &counter in DataplaneCounter::ALL {
                 let labels = PacketLabels {
                     reason: counter.name(),
-                    verdict: counter.verdict(),
+                    verdict: counter.verdict().name(),
                 };
                 ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
             }

@@ -92,8 +92,29 @@ pub struct LocalEndpoint {
     pub reserved: u16,
 }
 
+/// What a program does with a packet, once it has counted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// On to the stack, as it is now (untouched, or decapsulated).
+    Pass,
+    /// Thrown away.
+    Drop,
+    /// Sent on by the program itself, to another interface or straight into a container.
+    Redirect,
+}
+
+impl Verdict {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+            Verdict::Redirect => "redirect",
+        }
+    }
+}
+
 macro_rules! define_counters {
-    ($($(#[doc = $doc:literal])+ $field:ident => $variant:ident,)+) => {
+    ($($(#[doc = $doc:literal])+ $field:ident => $variant:ident: $verdict:ident,)+) => {
         /// The dataplane's named counters, one `u64` per outcome.
         ///
         /// The stats map is a per-CPU array holding one `Counters`, so `bpftool map dump`
@@ -121,6 +142,14 @@ macro_rules! define_counters {
                     $(Counter::$variant => stringify!($field),)+
                 }
             }
+
+            /// What the program does with the packets it counts. Every counter declares its
+            /// own, so a new one cannot fall into a default.
+            pub const fn verdict(self) -> Verdict {
+                match self {
+                    $(Counter::$variant => Verdict::$verdict,)+
+                }
+            }
         }
 
         impl Counters {
@@ -144,74 +173,53 @@ macro_rules! define_counters {
 
 define_counters! {
     /// Uplink frame that is not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed.
-    rx_not_ipv4 => RxNotIpv4,
+    rx_not_ipv4 => RxNotIpv4: Pass,
     /// Uplink IPv4 packet that is not UDP: passed.
-    rx_not_udp => RxNotUdp,
+    rx_not_udp => RxNotUdp: Pass,
     /// Uplink IPv4 fragment: passed, only the stack can reassemble it.
-    rx_ipv4_fragment => RxIpv4Fragment,
+    rx_ipv4_fragment => RxIpv4Fragment: Pass,
     /// Uplink UDP datagram to a port other than the VXLAN port: passed.
-    rx_other_port => RxOtherPort,
+    rx_other_port => RxOtherPort: Pass,
     /// Uplink VXLAN frame carrying another VNI: passed.
-    rx_vxlan_foreign_vni => RxVxlanForeignVni,
+    rx_vxlan_foreign_vni => RxVxlanForeignVni: Pass,
     /// Uplink VXLAN frame decapsulated and handed to the stack, which routes it (TTL about
     /// to expire, destination not a known local container, or the XDP decapsulator).
-    rx_decapsulated => RxDecapsulated,
+    rx_decapsulated => RxDecapsulated: Pass,
     /// Uplink VXLAN frame decapsulated and put straight into the destination container.
-    rx_delivered => RxDelivered,
+    rx_delivered => RxDelivered: Redirect,
     /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
-    rx_unknown_vtep => RxUnknownVtep,
+    rx_unknown_vtep => RxUnknownVtep: Drop,
     /// Uplink VXLAN frame whose inner source lies outside the sender's subnet: dropped.
-    rx_spoofed_source => RxSpoofedSource,
+    rx_spoofed_source => RxSpoofedSource: Drop,
     /// Uplink VXLAN frame carrying something other than IPv4: dropped.
-    rx_inner_not_ipv4 => RxInnerNotIpv4,
+    rx_inner_not_ipv4 => RxInnerNotIpv4: Drop,
     /// Uplink frame cut short or with inconsistent header fields: dropped.
-    rx_malformed => RxMalformed,
+    rx_malformed => RxMalformed: Drop,
     /// Uplink VXLAN frame the kernel would not let us strip: dropped.
-    rx_error => RxError,
+    rx_error => RxError: Drop,
     /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
-    tx_encapsulated => TxEncapsulated,
+    tx_encapsulated => TxEncapsulated: Redirect,
     /// Packet from a local container for a remote subnet, encapsulated at the container's
     /// veth and sent out of the uplink, past docker0, routing and the VXLAN device.
-    tx_direct => TxDirect,
+    tx_direct => TxDirect: Redirect,
     /// Packet from a local container for a remote subnet left to the routed path: its TTL
     /// runs out here, it is too big for the VXLAN device, or its IPv4 header has options.
-    tx_slow_path => TxSlowPath,
+    tx_slow_path => TxSlowPath: Pass,
     /// Packet to an address no remote lease covers: dropped.
-    tx_no_route => TxNoRoute,
+    tx_no_route => TxNoRoute: Drop,
     /// Packet through the VXLAN device that is not IPv4: dropped.
-    tx_not_ipv4 => TxNotIpv4,
+    tx_not_ipv4 => TxNotIpv4: Drop,
     /// Packet through the VXLAN device cut short: dropped.
-    tx_malformed => TxMalformed,
+    tx_malformed => TxMalformed: Drop,
     /// Packet the kernel would not let us encapsulate or redirect: dropped.
-    tx_error => TxError,
+    tx_error => TxError: Drop,
 }
 
 impl Counter {
-    /// What the program did with the packets it counts: `drop`, `redirect` (sent on by the
-    /// program itself) or `pass` (left to the stack).
-    pub const fn verdict(self) -> &'static str {
-        match self {
-            _ if self.is_drop() => "drop",
-            Counter::RxDelivered | Counter::TxDirect | Counter::TxEncapsulated => "redirect",
-            _ => "pass",
-        }
-    }
-
     /// Whether the counter counts packets a program threw away: a legitimate packet must
     /// never move one of these.
     pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Counter::RxUnknownVtep
-                | Counter::RxSpoofedSource
-                | Counter::RxInnerNotIpv4
-                | Counter::RxMalformed
-                | Counter::RxError
-                | Counter::TxNoRoute
-                | Counter::TxNotIpv4
-                | Counter::TxMalformed
-                | Counter::TxError
-        )
+        matches!(self.verdict(), Verdict::Drop)
     }
 }
 

@@ -9,12 +9,12 @@
 //!   packet to the stack. On veth uplinks an XDP program costs the peer its GSO, which is why it
 //!   is not the default.
 //!
-//! Both check the sender against the leases first. Everything that is not ours passes
-//! untouched; ours that fails a check is dropped.
+//! Both check the sender against the leases first. Each outcome is a counter whose declared
+//! verdict decides the action: what is not ours passes untouched, ours that fails a check is
+//! dropped.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode,
-        xdp_action,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, bpf_adj_room_mode, xdp_action,
     },
     helpers::{bpf_redirect_peer, bpf_xdp_adjust_head},
     macros::{classifier, xdp},
@@ -27,14 +27,15 @@ use crate::{
     maps,
     parse::{
         ETH_HEADER_LEN, EthHdr, EthIpv4Headers, Frame, Ipv4Hdr, UdpHdr, VxlanFrame, VxlanHdr,
-        classify_vxlan, linear_frame,
+        IPV4_MAX_HEADER_LEN, classify_vxlan, linear_frame,
     },
+    verdict::{tc_act, xdp_act},
 };
 
 /// The most a VXLAN frame's headers can take up: outer Ethernet, IPv4 with options, UDP,
 /// VXLAN, inner Ethernet and IPv4.
 const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN
-    + 60
+    + IPV4_MAX_HEADER_LEN
     + size_of::<UdpHdr>()
     + size_of::<VxlanHdr>()
     + ETH_HEADER_LEN
@@ -46,14 +47,7 @@ pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_OK as i32;
     };
-    let (counter, verdict) = match decapsulate_skb(&ctx, config) {
-        Ok(Some(verdict)) => (Counter::RxDelivered, verdict),
-        Ok(None) => (Counter::RxDecapsulated, TC_ACT_OK as i32),
-        Err(counter) if is_not_ours(counter) => (counter, TC_ACT_OK as i32),
-        Err(counter) => (counter, TC_ACT_SHOT as i32),
-    };
-    maps::count(counter);
-    verdict
+    tc_act(decapsulate_skb(&ctx, config).unwrap_or_else(|outcome| outcome))
 }
 
 #[xdp]
@@ -62,29 +56,7 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     let Some(config) = maps::config() else {
         return xdp_action::XDP_PASS;
     };
-    let counter = match decapsulate_xdp(&ctx, config) {
-        Ok(()) => Counter::RxDecapsulated,
-        Err(counter) => counter,
-    };
-    maps::count(counter);
-    match counter {
-        Counter::RxDecapsulated => xdp_action::XDP_PASS,
-        counter if is_not_ours(counter) => xdp_action::XDP_PASS,
-        _ => xdp_action::XDP_DROP,
-    }
-}
-
-/// Frames that are not our VXLAN: they go on to the stack as they came.
-#[inline(always)]
-fn is_not_ours(counter: Counter) -> bool {
-    matches!(
-        counter,
-        Counter::RxNotIpv4
-            | Counter::RxNotUdp
-            | Counter::RxIpv4Fragment
-            | Counter::RxOtherPort
-            | Counter::RxVxlanForeignVni
-    )
+    xdp_act(decapsulate_xdp(&ctx, config).unwrap_or_else(|outcome| outcome))
 }
 
 /// A well-formed VXLAN frame for us, from a host holding a lease, carrying IPv4 from inside
@@ -102,9 +74,10 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame
     Ok(vxlan)
 }
 
-/// `Ok(Some(verdict))`: redirected into a local container; `Ok(None)`: left to the stack.
+/// Decapsulates, then puts a packet for a known local container straight into it
+/// (`RxDelivered`) or leaves it to the stack (`RxDecapsulated`); `Err` is why it did neither.
 #[inline(always)]
-fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<i32>, Counter> {
+fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let vxlan = vxlan_from_a_peer(&linear_frame(ctx, MAX_HEADERS_LEN), config)?;
     // Removes the outer IPv4, UDP and VXLAN headers and the inner Ethernet header, keeping
     // the outer Ethernet header (addressed to the uplink). The segment size of a GSO packet is
@@ -119,11 +92,11 @@ fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<i32
     let mut frame = Frame::new(ctx.data(), ctx.data_end());
     let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::RxError)?;
     let Some(endpoint) = maps::local_endpoint(headers.ip.dst) else {
-        return Ok(None);
+        return Ok(Counter::RxDecapsulated);
     };
     // The stack answers a packet whose TTL runs out here with ICMP time exceeded.
     if headers.ip.ttl <= 1 {
-        return Ok(None);
+        return Ok(Counter::RxDecapsulated);
     }
     headers.ip.decrement_ttl();
     headers.eth.src = config.bridge_mac;
@@ -133,11 +106,12 @@ fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<i32
     if verdict != i64::from(TC_ACT_REDIRECT) {
         return Err(Counter::RxError);
     }
-    Ok(Some(TC_ACT_REDIRECT as i32))
+    Ok(Counter::RxDelivered)
 }
 
+/// Decapsulates for the stack (`RxDecapsulated`); `Err` is why it did not.
 #[inline(always)]
-fn decapsulate_xdp(ctx: &XdpContext, config: &OverlayConfig) -> Result<(), Counter> {
+fn decapsulate_xdp(ctx: &XdpContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let vxlan = vxlan_from_a_peer(&Frame::new(ctx.data(), ctx.data_end()), config)?;
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in; the offset lies inside the frame.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, vxlan.inner_offset as i32) } != 0 {
@@ -148,5 +122,5 @@ fn decapsulate_xdp(ctx: &XdpContext, config: &OverlayConfig) -> Result<(), Count
     let mut inner = Frame::new(ctx.data(), ctx.data_end());
     let eth: &mut EthHdr = inner.header_mut(0).ok_or(Counter::RxError)?;
     eth.dst = config.uplink_mac;
-    Ok(())
+    Ok(Counter::RxDecapsulated)
 }

@@ -31,6 +31,7 @@ use crate::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, IPPROTO_UDP, Ipv4Hdr, UdpHdr,
         VXLAN_FLAG_VNI, VxlanHdr, linear_frame,
     },
+    verdict::tc_act,
 };
 
 /// What goes between the outer Ethernet header and the inner IP header.
@@ -72,19 +73,9 @@ pub fn tc_container_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     };
     match encapsulate_from_container(&ctx, config) {
-        Ok(Some(verdict)) => {
-            maps::count(Counter::TxDirect);
-            verdict
-        }
+        // Not for a remote subnet: the bridge takes it, uncounted.
         Ok(None) => TC_ACT_OK as i32,
-        Err(Counter::TxSlowPath) => {
-            maps::count(Counter::TxSlowPath);
-            TC_ACT_OK as i32
-        }
-        Err(counter) => {
-            maps::count(counter);
-            TC_ACT_SHOT as i32
-        }
+        Ok(Some(outcome)) | Err(outcome) => tc_act(outcome),
     }
 }
 
@@ -94,25 +85,16 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_SHOT as i32;
     };
-    match encapsulate_routed(&ctx, config) {
-        Ok(verdict) => {
-            maps::count(Counter::TxEncapsulated);
-            verdict
-        }
-        Err(counter) => {
-            maps::count(counter);
-            TC_ACT_SHOT as i32
-        }
-    }
+    tc_act(encapsulate_routed(&ctx, config).unwrap_or_else(|outcome| outcome))
 }
 
-/// The fast path. `Ok(None)`: not ours, the bridge takes it; `Err(TxSlowPath)`: ours, but
-/// the routed path must take it.
+/// The fast path. `Ok(Some(TxDirect))`: encapsulated and sent; `Ok(None)`: not ours, the
+/// bridge takes it; `Err(TxSlowPath)`: ours, but the routed path must take it.
 #[inline(always)]
 fn encapsulate_from_container(
     ctx: &TcContext,
     config: &OverlayConfig,
-) -> Result<Option<i32>, Counter> {
+) -> Result<Option<Counter>, Counter> {
     let mut frame = linear_frame(ctx, size_of::<EthIpv4Headers>());
     let Some(headers) = frame.header_mut::<EthIpv4Headers>(0) else {
         return Ok(None);
@@ -133,12 +115,14 @@ fn encapsulate_from_container(
     }
     headers.ip.decrement_ttl();
     let inner_tos = headers.ip.tos;
-    encapsulate(ctx, config, &remote, inner_tos).map(Some)
+    encapsulate(ctx, config, &remote, inner_tos)?;
+    Ok(Some(Counter::TxDirect))
 }
 
 /// The routed path: everything flannel.1 sends must be for a remote subnet.
+/// `Ok(TxEncapsulated)`: encapsulated and sent.
 #[inline(always)]
-fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<i32, Counter> {
+fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let frame = linear_frame(ctx, size_of::<EthIpv4Headers>());
     let eth: &EthHdr = frame.header(0).ok_or(Counter::TxMalformed)?;
     if !eth.is_ipv4() {
@@ -147,7 +131,8 @@ fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<i32, Co
     let ip: &Ipv4Hdr = frame.header(ETH_HEADER_LEN).ok_or(Counter::TxMalformed)?;
     let inner_tos = ip.tos;
     let remote = maps::remote_vtep(ip.dst).ok_or(Counter::TxNoRoute)?;
-    encapsulate(ctx, config, &remote, inner_tos)
+    encapsulate(ctx, config, &remote, inner_tos)?;
+    Ok(Counter::TxEncapsulated)
 }
 
 /// Whether the packet (each of its segments, for a GSO packet) fits the VXLAN device's MTU,
@@ -177,7 +162,7 @@ fn encapsulate(
     config: &OverlayConfig,
     remote: &RemoteVtep,
     inner_tos: u8,
-) -> Result<i32, Counter> {
+) -> Result<(), Counter> {
     // SAFETY: the context's skb is valid for the whole program run.
     let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJUST_ROOM_FLAGS)
@@ -191,7 +176,7 @@ fn encapsulate(
     if verdict != i64::from(TC_ACT_REDIRECT) {
         return Err(Counter::TxError);
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(())
 }
 
 /// The outer IPv4, UDP and VXLAN headers for a packet that is `skb_len` bytes long once they
@@ -207,7 +192,7 @@ fn encapsulation(
     let ip_len = skb_len as u16 - ETH_HEADER_LEN as u16;
     let udp_len = ip_len - size_of::<Ipv4Hdr>() as u16;
     let mut ip = Ipv4Hdr {
-        version_ihl: 0x45,
+        version_ihl: IPV4_NO_OPTIONS,
         tos: outer_ecn(inner_tos),
         total_len: ip_len.to_be_bytes(),
         id: [0; 2],

@@ -1,6 +1,6 @@
 //! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
 //! `encap` (tc, container veths and VXLAN device egress) and `decap` (tc or XDP, uplink), over
-//! `parse` and `maps`.
+//! `parse`, `maps` and `verdict`.
 #![no_std]
 #![no_main]
 
@@ -8,6 +8,7 @@ mod decap;
 mod encap;
 mod maps;
 mod parse;
+mod verdict;
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -55,6 +55,11 @@ pub struct VxlanHdr {
 
 pub const ETH_HEADER_LEN: usize = size_of::<EthHdr>();
 const IPV4_MIN_HEADER_LEN: usize = size_of::<Ipv4Hdr>();
+/// The IHL field counts 4-byte words, up to 15 of them.
+pub const IPV4_MAX_HEADER_LEN: usize = 15 * IPV4_IHL_UNIT;
+const IPV4_IHL_UNIT: usize = 4;
+const IPV4_IHL_MASK: u8 = 0x0f;
+const IPV4_VERSION: u8 = 4;
 /// More-fragments flag and fragment offset, in the host-order `flags_frag_offset` word.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 
@@ -195,9 +200,9 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     }
     let ip_offset = ETH_HEADER_LEN;
     let ip: &Ipv4Hdr = frame.header(ip_offset).ok_or(Counter::RxMalformed)?;
-    let ip_header_len = usize::from(ip.version_ihl & 0x0f) * 4;
+    let ip_header_len = usize::from(ip.version_ihl & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
     let ip_total_len = usize::from(u16::from_be_bytes(ip.total_len));
-    if ip.version_ihl >> 4 != 4
+    if ip.version_ihl >> 4 != IPV4_VERSION
         || ip_header_len < IPV4_MIN_HEADER_LEN
         || ip_total_len < ip_header_len
         || ip_offset + ip_total_len > frame.len()
