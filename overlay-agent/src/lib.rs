@@ -94,9 +94,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .await?;
 
     let notifications = reconcile::subscribe()?;
-    let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease)
-        .await?
-        .with_metrics(metrics.reconcile.clone());
+    let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease, &metrics).await?;
     let mut watcher = LeaseWatcher::new(
         registry,
         config.clone(),
@@ -147,6 +145,7 @@ async fn reconciler(
     config: &NetworkConfig,
     uplink: &Uplink,
     lease: &Lease,
+    metrics: &Metrics,
 ) -> Result<Reconciler> {
     let public_ip = lease.attrs.public_ip;
     let vtep_mac = lease
@@ -183,6 +182,7 @@ async fn reconciler(
         ebpf,
         rules,
         lease.subnet,
+        metrics.reconcile.clone(),
     ))
 }
 

@@ -26,8 +26,8 @@ use overlay_common::{Counter, OverlayConfig};
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, Frame, Ipv4Hdr, UdpHdr, VxlanFrame, VxlanHdr,
-        IPV4_MAX_HEADER_LEN, classify_vxlan, linear_frame,
+        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, Frame, IPV4_MAX_HEADER_LEN, Ipv4Hdr, UdpHdr,
+        VxlanFrame, VxlanHdr, classify_vxlan, linear_frame,
     },
     verdict::{tc_act, xdp_act},
 };

@@ -108,26 +108,31 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace, e.g. to attach a program to one
     /// of its interfaces. The caller's thread stays where it is.
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let handle = File::open(Path::new(NETNS_DIR).join(&self.name))
-            .with_context(|| format!("cannot open namespace {}", self.name))?;
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    // SAFETY: setns on a valid namespace fd affects only this thread, which ends
-                    // when `f` returns.
-                    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        bail!(
-                            "cannot enter namespace {}: {}",
-                            self.name,
-                            std::io::Error::last_os_error()
-                        );
-                    }
+                    enter(&self.name)?;
                     f()
                 })
                 .join()
                 .map_err(|_| anyhow::anyhow!("thread inside {} panicked", self.name))?
         })
     }
+}
+
+/// Moves the calling thread, and only it, into the namespace `name`: for a thread of its own
+/// whose sockets must live there.
+pub fn enter(name: &str) -> Result<()> {
+    let handle = File::open(Path::new(NETNS_DIR).join(name))
+        .with_context(|| format!("cannot open namespace {name}"))?;
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "cannot enter namespace {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

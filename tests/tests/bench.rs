@@ -18,7 +18,7 @@ fn the_quick_benchmark_produces_every_figure() -> Result<()> {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
     let figures = report["figures"].as_array().context("no figures")?;
-    assert_eq!(figures.len(), 16, "{report:#}");
+    assert_eq!(figures.len(), 17, "{report:#}");
     for figure in figures {
         let name = figure["figure"].as_str().context("unnamed figure")?;
         let modes: &[&str] = if name.starts_with("eBPF ") {

@@ -494,7 +494,10 @@ fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Resu
     let pinned = counters(&seed.host1)?;
 
     for &counter in Counter::ALL {
-        let labels = [("reason", counter.name()), ("verdict", counter.verdict().name())];
+        let labels = [
+            ("reason", counter.name()),
+            ("verdict", counter.verdict().name()),
+        ];
         let exported = value_of(&samples, "overlay_dataplane_packets_total", &labels)
             .with_context(|| format!("{} is exported", counter.name()))?;
         assert!(

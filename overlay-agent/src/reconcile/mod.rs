@@ -91,6 +91,7 @@ impl Reconciler {
         ebpf: Option<EbpfSink>,
         rules: RoutingRules,
         subnet: Ipv4Network,
+        metrics: ReconcileMetrics,
     ) -> Self {
         Self {
             node,
@@ -100,13 +101,8 @@ impl Reconciler {
             leases: HashMap::new(),
             containers: Containers::default(),
             devices: None,
-            metrics: ReconcileMetrics::default(),
+            metrics,
         }
-    }
-
-    /// Reports each round's duration and failures into `metrics`.
-    pub fn with_metrics(self, metrics: ReconcileMetrics) -> Self {
-        Self { metrics, ..self }
     }
 
     /// Takes a lease event into the desired state; the next round applies it.
@@ -165,6 +161,8 @@ impl Reconciler {
                 .list_containers(devices.bridge.index, &self.containers)
                 .await?;
         }
+        // The order that keeps a packet from meeting a route without its map entry: programs
+        // and entries in, then the kernel's routes, neighbours and FDB, then stale entries out.
         if let Some(ebpf) = &mut self.ebpf {
             place_programs(ebpf, &devices, &self.containers, self.subnet)?;
         }

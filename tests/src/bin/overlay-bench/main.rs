@@ -10,18 +10,19 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     thread::sleep,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use overlay_agent::dataplane::{CONTAINER_PROGRAM, UPLINK_TC_PROGRAM};
 use overlay_tests::{
-    agent::Agent,
     cluster::Cluster,
     netns::Netns,
     process::{Process, iperf3_server},
     seed::{BBOX2, Seed},
 };
+
+mod control_plane;
 
 const MODES: [Mode; 3] = [Mode::Ebpf, Mode::Kernel, Mode::HostGw];
 const SOCKPERF_PORT: &str = "11111";
@@ -29,14 +30,14 @@ const SOCKPERF_PORT: &str = "11111";
 const SOCKPERF_PINNED_PORT: &str = "11112";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub enum Mode {
     Ebpf,
     Kernel,
     HostGw,
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Mode::Ebpf => "ebpf",
             Mode::Kernel => "kernel",
@@ -44,7 +45,7 @@ impl Mode {
         }
     }
 
-    fn agent_flags(self) -> &'static [&'static str] {
+    pub fn agent_flags(self) -> &'static [&'static str] {
         match self {
             Mode::Ebpf => &["--dataplane=ebpf"],
             Mode::Kernel | Mode::HostGw => &["--dataplane=kernel"],
@@ -53,7 +54,7 @@ impl Mode {
 
     /// host-gw is flannel's vxlan with DirectRouting between hosts on one segment: plain
     /// routes via the peers' addresses, no encapsulation.
-    fn network_config(self, network: &str) -> String {
+    pub fn network_config(self, network: &str) -> String {
         let direct = self == Mode::HostGw;
         format!(
             r#"{{"Network": "{network}", "Backend": {{"Type": "vxlan", "DirectRouting": {direct}}}}}"#
@@ -62,11 +63,18 @@ impl Mode {
 }
 
 /// How long and how often to measure.
-struct Plan {
+pub struct Plan {
     repetitions: usize,
     seconds: u32,
+    /// New leases timed from etcd to route, one at a time.
     leases_added: usize,
-    leases_existing: usize,
+    /// Lease counts the agent is started against, in increasing order.
+    lease_counts: Vec<usize>,
+    /// Containers on the agent's bridge during the idle window.
+    containers: usize,
+    /// Time for the agent to settle after start before the idle window.
+    settle: Duration,
+    idle: Duration,
 }
 
 impl Plan {
@@ -76,14 +84,20 @@ impl Plan {
                 repetitions: 1,
                 seconds: 1,
                 leases_added: 20,
-                leases_existing: 100,
+                lease_counts: vec![100],
+                containers: 3,
+                settle: Duration::from_secs(1),
+                idle: Duration::from_secs(1),
             }
         } else {
             Self {
                 repetitions: 5,
                 seconds: 5,
                 leases_added: 200,
-                leases_existing: 1000,
+                lease_counts: vec![1_000, 10_000],
+                containers: 50,
+                settle: Duration::from_secs(5),
+                idle: Duration::from_secs(60),
             }
         }
     }
@@ -91,7 +105,7 @@ impl Plan {
 
 /// One figure: its name, unit, whether more is better, and a value per mode.
 struct Figure {
-    name: &'static str,
+    name: String,
     unit: &'static str,
     higher_is_better: bool,
     values: BTreeMap<&'static str, f64>,
@@ -115,7 +129,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
     let mut figures: Vec<Figure> = Vec::new();
-    let mut record = |name, unit, higher_is_better, mode: Mode, value: f64| match figures
+    let mut record = |name: &str, unit, higher_is_better, mode: Mode, value: f64| match figures
         .iter_mut()
         .find(|figure| figure.name == name)
     {
@@ -123,7 +137,7 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
             figure.values.insert(mode.name(), value);
         }
         None => figures.push(Figure {
-            name,
+            name: name.to_string(),
             unit,
             higher_is_better,
             values: [(mode.name(), value)].into(),
@@ -215,29 +229,48 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
         drop(seed);
 
         println!("== {}: control plane", mode.name());
-        let (p50, p99, ready, rss) = control_plane(mode, plan)?;
+        let control = control_plane::measure(mode, plan)?;
         record(
             "Lease to route on another host, p50",
             "ms",
             false,
             mode,
-            p50,
+            control.route_p50_ms,
         );
         record(
             "Lease to route on another host, p99",
             "ms",
             false,
             mode,
-            p99,
+            control.route_p99_ms,
         );
-        record("Start to ready, existing leases", "ms", false, mode, ready);
-        record(
-            "Agent resident memory, existing leases",
-            "MiB",
-            false,
-            mode,
-            rss,
-        );
+        for scale in &control.scales {
+            let leases = scale.leases;
+            record(
+                &format!("Start to ready, {leases} leases"),
+                "ms",
+                false,
+                mode,
+                scale.ready_ms,
+            );
+            record(
+                &format!("Agent resident memory, {leases} leases"),
+                "MiB",
+                false,
+                mode,
+                scale.resident_mib,
+            );
+            record(
+                &format!(
+                    "Idle agent CPU, {leases} leases and {} containers",
+                    plan.containers
+                ),
+                "% of a core",
+                false,
+                mode,
+                scale.idle_cpu_percent,
+            );
+        }
     }
     report(&figures, plan, out_dir)
 }
@@ -364,74 +397,6 @@ fn latency(client: &Netns, seconds: u32, pinned: bool) -> Result<(f64, f64)> {
     Ok((percentile("50.000")?, percentile("99.000")?))
 }
 
-/// In a /8 network: (p50, p99) of lease-to-route latency in ms over `leases_added` new leases,
-/// then start-to-ready in ms and resident MiB of an agent facing `leases_existing` leases.
-fn control_plane(mode: Mode, plan: &Plan) -> Result<(f64, f64, f64, f64)> {
-    let config = mode.network_config("10.0.0.0/8");
-    let mut cluster =
-        Cluster::with_etcd(&format!("bench-cp-{}", mode.name()), false, Some(&config))?;
-    let host = cluster.add_host("host1", "172.20.62.104")?;
-    let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
-    agent.wait_ready()?;
-    let mut latencies = Vec::new();
-    for index in 0..plan.leases_added {
-        let subnet = remote_subnet(index);
-        let appeared = Instant::now();
-        cluster
-            .etcd
-            .put(&cluster.subnet_key(&subnet), &remote_record(index))?;
-        while !host.netns.has_route(&subnet)? {
-            if appeared.elapsed() > Duration::from_secs(10) {
-                bail!("{subnet} never got a route");
-            }
-            sleep(Duration::from_millis(1));
-        }
-        latencies.push(appeared.elapsed().as_secs_f64() * 1e3);
-    }
-    latencies.sort_by(f64::total_cmp);
-    let percentile =
-        |share: f64| latencies[((latencies.len() - 1) as f64 * share).round() as usize];
-    let (p50, p99) = (percentile(0.5), percentile(0.99));
-    agent.process.terminate(Duration::from_secs(20))?;
-
-    for index in plan.leases_added..plan.leases_existing {
-        cluster.etcd.put(
-            &cluster.subnet_key(&remote_subnet(index)),
-            &remote_record(index),
-        )?;
-    }
-    let started = Instant::now();
-    let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
-    agent.wait_ready()?;
-    let ready = started.elapsed().as_secs_f64() * 1e3;
-    let rss = resident_mib(agent.process.id())?;
-    Ok((p50, p99, ready, rss))
-}
-
-/// The `index`th remote /24 of the /8 network, clear of the seed's subnets.
-fn remote_subnet(index: usize) -> String {
-    format!("10.{}.{}.0/24", 100 + index / 256, index % 256)
-}
-
-fn remote_record(index: usize) -> String {
-    let address = format!("172.21.{}.{}", index / 250, index % 250 + 1);
-    format!(
-        r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:{:02x}:{:02x}:01"}}}}"#,
-        index / 256,
-        index % 256
-    )
-}
-
-fn resident_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")?;
-    Ok(kib / 1024.0)
-}
-
 /// BPF_PROG_TEST_RUN over many repetitions: (encapsulation, decapsulation) in ns per packet.
 /// What the fast path's programs cost in real traffic, from the kernel's per-program run
 /// time accounting (`kernel.bpf_stats_enabled`, what `bpftool prog` shows as run_time_ns).
@@ -553,8 +518,12 @@ fn report(figures: &[Figure], plan: &Plan, out_dir: &Path) -> Result<()> {
     }
     let machine = machine_description()?;
     let markdown = format!(
-        "# overlay benchmark\n\n{machine}\n\nMedian of {} run(s) of {} s each; control plane over {} added and {} existing leases.\n\n{table}",
-        plan.repetitions, plan.seconds, plan.leases_added, plan.leases_existing
+        "# overlay benchmark\n\n{machine}\n\nMedian of {} run(s) of {} s each; lease to route over {} added leases, timed by a netlink listener; idle CPU over {} s with {} containers.\n\n{table}",
+        plan.repetitions,
+        plan.seconds,
+        plan.leases_added,
+        plan.idle.as_secs(),
+        plan.containers
     );
     println!("\n{markdown}");
     std::fs::create_dir_all(out_dir)

@@ -1,0 +1,364 @@
+//! The control plane at scale, in a /8 network with one agent: how fast a new lease becomes a
+//! route (timed by a netlink listener on the host, not by polling), then at each lease count
+//! how long the agent takes to be ready, how much memory it holds, and how much CPU it burns
+//! while nothing changes, with containers on its bridge.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::{JoinHandle, sleep},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use overlay_tests::{agent::Agent, cluster::Cluster, netns, seed::Container};
+use rtnetlink::{
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        RouteNetlinkMessage,
+        route::{RouteAddress, RouteAttribute},
+    },
+    sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+};
+
+use crate::{Mode, Plan};
+
+/// RTMGRP_IPV4_ROUTE: the legacy group bit for IPv4 route notifications.
+const IPV4_ROUTE_GROUP: u32 = 0x40;
+/// Time between two new leases, so each one's latency is its own.
+const LEASE_SPACING: Duration = Duration::from_millis(20);
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ControlPlane {
+    pub route_p50_ms: f64,
+    pub route_p99_ms: f64,
+    pub scales: Vec<Scale>,
+}
+
+/// One agent facing `leases` leases.
+pub struct Scale {
+    pub leases: usize,
+    pub ready_ms: f64,
+    pub resident_mib: f64,
+    /// Percent of one core, averaged over the idle window.
+    pub idle_cpu_percent: f64,
+}
+
+pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
+    let config = mode.network_config("10.0.0.0/8");
+    let mut cluster =
+        Cluster::with_etcd(&format!("bench-cp-{}", mode.name()), false, Some(&config))?;
+    let host = cluster.add_host("host1", "172.20.62.104")?;
+    let etcd = EtcdWriter::connect(cluster.underlay.name(), &cluster.etcd.endpoint())?;
+
+    let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
+    let subnet = agent.wait_ready()?;
+    let routes = RouteListener::start(host.netns.name())?;
+    let mut latencies = Vec::new();
+    for index in 0..plan.leases_added {
+        let written = Instant::now();
+        etcd.put(
+            &cluster.subnet_key(&remote_subnet(index)),
+            &remote_record(index),
+        )?;
+        let routed = routes.wait_for(&remote_subnet(index), ROUTE_TIMEOUT)?;
+        latencies.push(routed.duration_since(written).as_secs_f64() * 1e3);
+        sleep(LEASE_SPACING);
+    }
+    drop(routes);
+    latencies.sort_by(f64::total_cmp);
+    let percentile =
+        |share: f64| latencies[((latencies.len() - 1) as f64 * share).round() as usize];
+    let (route_p50_ms, route_p99_ms) = (percentile(0.5), percentile(0.99));
+    agent.process.terminate(Duration::from_secs(20))?;
+
+    let containers = attach_containers(&host, &subnet, plan.containers)?;
+    let mut written = plan.leases_added;
+    let mut scales = Vec::new();
+    for &leases in &plan.lease_counts {
+        let records: Vec<(String, String)> = (written..leases)
+            .map(|index| {
+                (
+                    cluster.subnet_key(&remote_subnet(index)),
+                    remote_record(index),
+                )
+            })
+            .collect();
+        etcd.put_all(&records)?;
+        written = written.max(leases);
+        let started = Instant::now();
+        let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
+        agent.wait_ready()?;
+        let ready_ms = started.elapsed().as_secs_f64() * 1e3;
+        // The bridge learns every container, and the agent its endpoints, before the window.
+        for container in &containers {
+            host.netns
+                .exec_unchecked(&["ping", "-n", "-c", "1", "-W", "1", &container.address])?;
+        }
+        sleep(plan.settle);
+        let idle_cpu_percent = cpu_percent(agent.process.id(), plan.idle)?;
+        scales.push(Scale {
+            leases,
+            ready_ms,
+            resident_mib: resident_mib(agent.process.id())?,
+            idle_cpu_percent,
+        });
+        agent.process.terminate(Duration::from_secs(20))?;
+    }
+    drop(containers);
+    Ok(ControlPlane {
+        route_p50_ms,
+        route_p99_ms,
+        scales,
+    })
+}
+
+/// `count` containers on the host's bridge, at the start of its lease `subnet`.
+fn attach_containers(
+    host: &overlay_tests::cluster::Host,
+    subnet: &str,
+    count: usize,
+) -> Result<Vec<Container>> {
+    let network: ipnetwork::Ipv4Network = subnet.parse().context("the agent's subnet")?;
+    (0..count)
+        .map(|index| {
+            let address = network
+                .nth(2 + index as u32)
+                .with_context(|| format!("{subnet} has no room for {count} containers"))?;
+            Container::attach(host, &format!("c{index}"), &address.to_string())
+        })
+        .collect()
+}
+
+/// The `index`th remote /24 of the /8 network, clear of the seed's subnets.
+fn remote_subnet(index: usize) -> String {
+    format!("10.{}.{}.0/24", 100 + index / 256, index % 256)
+}
+
+fn remote_record(index: usize) -> String {
+    let address = format!("172.21.{}.{}", index / 250, index % 250 + 1);
+    format!(
+        r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:{:02x}:{:02x}:01"}}}}"#,
+        index / 256,
+        index % 256
+    )
+}
+
+fn resident_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+/// The CPU `pid` used over `window`, in percent of one core.
+fn cpu_percent(pid: u32, window: Duration) -> Result<f64> {
+    let ticks_per_second: f64 =
+        overlay_tests::netns::run(std::process::Command::new("getconf").arg("CLK_TCK"))?
+            .trim()
+            .parse()
+            .context("getconf CLK_TCK printed no number")?;
+    let before = cpu_ticks(pid)?;
+    sleep(window);
+    let used = (cpu_ticks(pid)? - before) as f64 / ticks_per_second;
+    Ok(used / window.as_secs_f64() * 100.0)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it are plain.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("bad /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let field = |index: usize| -> Result<u64> {
+        fields
+            .get(index)
+            .context("short /proc stat")?
+            .parse()
+            .context("bad /proc stat field")
+    };
+    // utime and stime are fields 14 and 15 of stat(5); 12 and 13 after the command name.
+    Ok(field(11)? + field(12)?)
+}
+
+/// Writes records to etcd from this process (spawning etcdctl per record would take longer
+/// than what it measures), from a thread inside the underlay, where etcd is.
+struct EtcdWriter {
+    requests: mpsc::Sender<(String, String, mpsc::Sender<Result<()>>)>,
+}
+
+impl EtcdWriter {
+    fn connect(netns: &str, endpoint: &str) -> Result<Self> {
+        let (requests, received) = mpsc::channel::<(String, String, mpsc::Sender<Result<()>>)>();
+        let (connected_sender, connected) = mpsc::channel();
+        let (netns, endpoint) = (netns.to_string(), endpoint.to_string());
+        std::thread::spawn(move || {
+            let client = (|| -> Result<_> {
+                netns::enter(&netns)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let client = runtime
+                    .block_on(etcd_client::Client::connect([endpoint.as_str()], None))
+                    .with_context(|| format!("cannot connect to etcd at {endpoint}"))?;
+                Ok((runtime, client))
+            })();
+            let (runtime, client) = match client {
+                Ok(connected) => {
+                    let _ = connected_sender.send(Ok(()));
+                    connected
+                }
+                Err(error) => {
+                    let _ = connected_sender.send(Err(error));
+                    return;
+                }
+            };
+            for (key, value, reply) in received {
+                let mut client = client.clone();
+                let outcome = runtime
+                    .block_on(client.put(key.as_str(), value, None))
+                    .map(drop)
+                    .with_context(|| format!("cannot put {key}"));
+                let _ = reply.send(outcome);
+            }
+        });
+        connected.recv().context("the etcd writer thread died")??;
+        Ok(Self { requests })
+    }
+
+    fn put(&self, key: &str, value: &str) -> Result<()> {
+        let (reply, outcome) = mpsc::channel();
+        self.requests
+            .send((key.to_string(), value.to_string(), reply))
+            .context("the etcd writer thread is gone")?;
+        outcome.recv().context("the etcd writer thread is gone")?
+    }
+
+    fn put_all(&self, records: &[(String, String)]) -> Result<()> {
+        records
+            .iter()
+            .try_for_each(|(key, value)| self.put(key, value))
+    }
+}
+
+/// The moment each IPv4 route appears in a namespace, as its netlink notification arrives.
+struct RouteListener {
+    added: mpsc::Receiver<(String, Instant)>,
+    seen: std::cell::RefCell<HashMap<String, Instant>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl RouteListener {
+    fn start(netns: &str) -> Result<Self> {
+        let namespace = netns.to_string();
+        let (sender, added) = mpsc::channel();
+        let (ready_sender, ready) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            netns::enter(&namespace)?;
+            let mut socket = Socket::new(NETLINK_ROUTE)?;
+            socket.bind(&SocketAddr::new(0, IPV4_ROUTE_GROUP))?;
+            socket.set_non_blocking(true)?;
+            let _ = ready_sender.send(());
+            let mut buffer = Vec::with_capacity(1 << 16);
+            while !stopped.load(Ordering::Relaxed) {
+                buffer.clear();
+                match socket.recv(&mut buffer, 0) {
+                    Ok(_) => {
+                        let now = Instant::now();
+                        for destination in new_routes(&buffer) {
+                            let _ = sender.send((destination, now));
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        sleep(Duration::from_micros(200));
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            Ok(())
+        });
+        ready
+            .recv_timeout(Duration::from_secs(5))
+            .context("the route listener did not start")?;
+        Ok(Self {
+            added,
+            seen: Default::default(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// When the route to `destination` appeared, waiting up to `timeout` for it.
+    fn wait_for(&self, destination: &str, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self.seen.borrow().get(destination) {
+                return Ok(*at);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.added.recv_timeout(left) {
+                Ok((route, at)) => {
+                    self.seen.borrow_mut().entry(route).or_insert(at);
+                }
+                Err(_) => bail!("{destination} got no route within {timeout:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for RouteListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// "a.b.c.d/len" of every route added in one netlink datagram.
+fn new_routes(datagram: &[u8]) -> Vec<String> {
+    let mut routes = Vec::new();
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[offset..])
+        else {
+            break;
+        };
+        let length = message.header.length as usize;
+        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) = message.payload
+        {
+            let destination = route
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+                    _ => None,
+                });
+            if let Some(address) = destination {
+                routes.push(format!(
+                    "{address}/{}",
+                    route.header.destination_prefix_length
+                ));
+            }
+        }
+        if length == 0 {
+            break;
+        }
+        // Messages in a datagram start on 4-byte boundaries.
+        offset += (length + 3) & !3;
+    }
+    routes
+}
