@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnetwork::Ipv4Network;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
@@ -42,40 +42,74 @@ pub async fn reconcile(
     let fdb = owned_fdb(handle, vtep_index).await?;
     let routes = owned_routes(handle, devices, network).await?;
 
-    for (route, message) in &routes {
-        if !desired.routes.contains(route) {
-            log::info!("removing route {} via {}", route.destination, route.gateway);
-            delete_route(handle, message.clone()).await?;
-        }
-    }
-    for (&address, &mac) in &desired.neighbours {
-        if neighbours.get(&address).map(|(current, _)| *current) != Some(mac) {
-            add_neighbour(handle, vtep_index, address, mac).await?;
-        }
-    }
-    for entry in &desired.fdb {
-        if !fdb.iter().any(|(current, _)| current == entry) {
-            add_fdb(handle, vtep_index, *entry).await?;
-        }
-    }
-    let present: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
-    for route in desired.routes.difference(&present) {
-        // flannel's VXLAN routes go via a gateway no interface is on; direct routes need not.
-        add_route(handle, route, route.interface == vtep_index).await?;
-    }
-    for (entry, message) in fdb {
-        if !desired.fdb.contains(&entry) {
-            log::info!("removing FDB entry {} dst {}", entry.mac, entry.destination);
-            delete_neighbour(handle, message).await?;
-        }
-    }
-    for (address, (_, message)) in neighbours {
-        if !desired.neighbours.contains_key(&address) {
-            log::info!("removing neighbour {address}");
-            delete_neighbour(handle, message).await?;
-        }
-    }
-    Ok(())
+    pipelined(
+        routes
+            .iter()
+            .filter(|(route, _)| !desired.routes.contains(route))
+            .map(|(route, message)| {
+                log::info!("removing route {} via {}", route.destination, route.gateway);
+                delete_route(handle, message.clone())
+            }),
+    )
+    .await?;
+    pipelined(
+        desired
+            .neighbours
+            .iter()
+            .filter(|(address, mac)| {
+                neighbours.get(*address).map(|(current, _)| current) != Some(*mac)
+            })
+            .map(|(&address, &mac)| add_neighbour(handle, vtep_index, address, mac)),
+    )
+    .await?;
+    let present_fdb: HashSet<FdbEntry> = fdb.iter().map(|(entry, _)| *entry).collect();
+    pipelined(
+        desired
+            .fdb
+            .difference(&present_fdb)
+            .map(|entry| add_fdb(handle, vtep_index, *entry)),
+    )
+    .await?;
+    let present_routes: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
+    // flannel's VXLAN routes go via a gateway no interface is on; direct routes need not.
+    pipelined(
+        desired
+            .routes
+            .difference(&present_routes)
+            .map(|route| add_route(handle, route, route.interface == vtep_index)),
+    )
+    .await?;
+    pipelined(
+        fdb.into_iter()
+            .filter(|(entry, _)| !desired.fdb.contains(entry))
+            .map(|(entry, message)| {
+                log::info!("removing FDB entry {} dst {}", entry.mac, entry.destination);
+                delete_neighbour(handle, message)
+            }),
+    )
+    .await?;
+    pipelined(
+        neighbours
+            .into_iter()
+            .filter(|(address, _)| !desired.neighbours.contains_key(address))
+            .map(|(address, (_, message))| {
+                log::info!("removing neighbour {address}");
+                delete_neighbour(handle, message)
+            }),
+    )
+    .await
+}
+
+/// How many netlink requests are in flight at once. The kernel answers each in turn; one round
+/// trip at a time, thousands of entries take seconds.
+const PIPELINE_DEPTH: usize = 64;
+
+/// Runs `requests` with up to [`PIPELINE_DEPTH`] in flight; the first error wins.
+async fn pipelined(requests: impl Iterator<Item = impl Future<Output = Result<()>>>) -> Result<()> {
+    futures::stream::iter(requests)
+        .buffer_unordered(PIPELINE_DEPTH)
+        .try_collect()
+        .await
 }
 
 /// Whether `address` is reached without a gateway, i.e. shares our L2 segment.
