@@ -12,6 +12,7 @@ pub mod health;
 pub mod mac;
 pub mod masquerade;
 pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod options;
 pub mod reconcile;
@@ -280,7 +281,8 @@ fn overlay_mtu(config: &NetworkConfig, uplink: &Uplink) -> Result<u32> {
     })
 }
 
-async fn shutdown_signal() -> Result<&'static str> {
+/// Waits for SIGTERM or SIGINT; returns its name.
+pub(crate) async fn shutdown_signal() -> Result<&'static str> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     Ok(tokio::select! {

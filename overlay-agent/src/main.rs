@@ -18,6 +18,10 @@ async fn main() -> ExitCode {
                 .await
                 .map(|report| print!("{report}"))
         }
+        Some(Command::Monitor { agent }) => {
+            init_logging(agent.verbosity);
+            overlay_agent::monitor::run(&agent).await
+        }
         Some(Command::Teardown {
             release_lease,
             agent,

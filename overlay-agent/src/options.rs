@@ -25,14 +25,21 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Remove everything the agent created on this host: devices, routes, neighbour and FDB
-    /// entries, the nftables table. The etcd lease stays unless --release-lease is given.
     /// Print this host's lease, every remote lease with its map entry, the attached programs
     /// and the dataplane counters.
     Status {
         #[command(flatten)]
         agent: AgentOptions,
     },
+    /// Print one line per packet the programs drop, with the reason, the interface and the
+    /// outer and inner addresses and ports, until Ctrl-C. Drops are reported only while a
+    /// monitor runs.
+    Monitor {
+        #[command(flatten)]
+        agent: AgentOptions,
+    },
+    /// Remove everything the agent created on this host: devices, routes, neighbour and FDB
+    /// entries, the nftables table. The etcd lease stays unless --release-lease is given.
     Teardown {
         /// Also delete this host's subnet record from etcd.
         #[arg(long)]

@@ -1,6 +1,6 @@
 //! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
 //! attached programs and the counters, read from the subnet file, etcd and the pins.
-use std::{collections::HashMap, fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::{Context, Result};
 use overlay_common::{Counter, RemoteVtep};
@@ -55,7 +55,7 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         )?;
     }
     writeln!(out, "programs:")?;
-    let names = interface_names().await?;
+    let names = links::names(&links::connect()?).await?;
     for (program, ifindex) in pinned.links()? {
         let interface = names.get(&ifindex).map_or("gone", String::as_str);
         writeln!(out, "  {program} on {interface} (ifindex {ifindex})")?;
@@ -66,15 +66,6 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         writeln!(out, "  {:<22} {}", counter.name(), counters.get(counter))?;
     }
     Ok(out)
-}
-
-/// Interface index → name, for this namespace.
-async fn interface_names() -> Result<HashMap<u32, String>> {
-    Ok(links::all(&links::connect()?)
-        .await?
-        .iter()
-        .filter_map(|link| Some((link.header.index, links::name(link)?.to_string())))
-        .collect())
 }
 
 async fn remote_leases(options: &AgentOptions) -> Result<Vec<Lease>> {

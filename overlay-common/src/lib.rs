@@ -113,6 +113,27 @@ impl Verdict {
     }
 }
 
+/// How many bytes of a dropped packet a drop event carries: enough for the outer headers and
+/// the inner ones up to the ports (14 + 20 + 8 + 8 + 14 + 20 + 4 = 88, with room for IPv4
+/// options).
+pub const DROP_HEAD_LEN: usize = 128;
+
+/// One dropped packet, as the programs report it to `overlay-agent monitor` through the
+/// `drop_events` ring buffer while a monitor is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    /// Why: the drop counter the packet moved, as `Counter as u32`.
+    pub reason: u32,
+    /// The interface the program saw the packet on.
+    pub ifindex: u32,
+    /// The packet's whole length.
+    pub len: u32,
+    /// How many bytes at the start of `head` hold the packet's first bytes.
+    pub captured: u32,
+    pub head: [u8; DROP_HEAD_LEN],
+}
+
 macro_rules! define_counters {
     ($($(#[doc = $doc:literal])+ $field:ident => $variant:ident: $verdict:ident,)+) => {
         /// The dataplane's named counters, one `u64` per outcome.
@@ -216,6 +237,11 @@ define_counters! {
 }
 
 impl Counter {
+    /// The counter whose `Counter as u32` is `index`.
+    pub fn from_index(index: u32) -> Option<Counter> {
+        Counter::ALL.get(usize::try_from(index).ok()?).copied()
+    }
+
     /// Whether the counter counts packets a program threw away: a legitimate packet must
     /// never move one of these.
     pub const fn is_drop(self) -> bool {
@@ -241,6 +267,7 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteVtep {}
     unsafe impl aya::Pod for super::VtepSubnet {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::DropEvent {}
 }
 
 #[cfg(test)]
@@ -267,6 +294,14 @@ mod tests {
             );
         }
         assert_eq!(size_of::<Counters>(), Counter::ALL.len() * size_of::<u64>());
+    }
+
+    #[test]
+    fn a_counter_comes_back_from_its_index() {
+        for &counter in Counter::ALL {
+            assert_eq!(Counter::from_index(counter as u32), Some(counter));
+        }
+        assert_eq!(Counter::from_index(Counter::ALL.len() as u32), None);
     }
 
     #[test]

@@ -47,7 +47,10 @@ pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_OK as i32;
     };
-    tc_act(decapsulate_skb(&ctx, config).unwrap_or_else(|outcome| outcome))
+    tc_act(
+        &ctx,
+        decapsulate_skb(&ctx, config).unwrap_or_else(|outcome| outcome),
+    )
 }
 
 #[xdp]
@@ -56,7 +59,10 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     let Some(config) = maps::config() else {
         return xdp_action::XDP_PASS;
     };
-    xdp_act(decapsulate_xdp(&ctx, config).unwrap_or_else(|outcome| outcome))
+    xdp_act(
+        &ctx,
+        decapsulate_xdp(&ctx, config).unwrap_or_else(|outcome| outcome),
+    )
 }
 
 /// A well-formed VXLAN frame for us, from a host holding a lease, carrying IPv4 from inside

@@ -75,7 +75,7 @@ pub fn tc_container_ingress(ctx: TcContext) -> i32 {
     match encapsulate_from_container(&ctx, config) {
         // Not for a remote subnet: the bridge takes it, uncounted.
         Ok(None) => TC_ACT_OK as i32,
-        Ok(Some(outcome)) | Err(outcome) => tc_act(outcome),
+        Ok(Some(outcome)) | Err(outcome) => tc_act(&ctx, outcome),
     }
 }
 
@@ -85,7 +85,10 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_SHOT as i32;
     };
-    tc_act(encapsulate_routed(&ctx, config).unwrap_or_else(|outcome| outcome))
+    tc_act(
+        &ctx,
+        encapsulate_routed(&ctx, config).unwrap_or_else(|outcome| outcome),
+    )
 }
 
 /// The fast path. `Ok(Some(TxDirect))`: encapsulated and sent; `Ok(None)`: not ours, the

@@ -1,14 +1,19 @@
 //! The maps shared with the agent. Their key and value types live in `overlay-common`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
-use overlay_common::{Counter, Counters, LocalEndpoint, OverlayConfig, RemoteVtep, VtepSubnet};
+use overlay_common::{
+    Counter, Counters, DROP_HEAD_LEN, DropEvent, LocalEndpoint, OverlayConfig, RemoteVtep,
+    VtepSubnet,
+};
 
 /// Room for every /24 of a /8 network.
 const MAX_REMOTE_HOSTS: usize = 65536;
 /// Room for every address of a /18 lease.
 const MAX_LOCAL_ENDPOINTS: usize = 16384;
+/// Bytes of drop events in flight between the programs and a monitor: about 1,700 events.
+const DROP_EVENTS_BYTES: usize = 256 * 1024;
 
 /// One entry, filled by the agent before it attaches any program.
 #[btf_map(name = "config")]
@@ -30,6 +35,15 @@ static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 /// from docker0's neighbours and forwarding database.
 #[btf_map(name = "endpoints")]
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
+/// Non-zero while `overlay-agent monitor` reads `drop_events`: the programs report drops only
+/// then, and look here only when they drop.
+#[btf_map(name = "monitor")]
+static MONITOR: Array<u32, 1> = Array::new();
+
+/// The heads of dropped packets, for `overlay-agent monitor`.
+#[btf_map(name = "drop_events")]
+static DROP_EVENTS: RingBuf<DropEvent, DROP_EVENTS_BYTES> = RingBuf::new();
 
 #[inline(always)]
 pub fn config() -> Option<&'static OverlayConfig> {
@@ -63,4 +77,36 @@ pub fn count(counter: Counter) {
         // while this program runs.
         unsafe { *(*counters).slot_mut(counter) += 1 };
     }
+}
+
+/// Whether a monitor is reading drop events.
+#[inline(always)]
+pub fn monitoring() -> bool {
+    MONITOR.get(0).is_some_and(|attached| *attached != 0)
+}
+
+/// Reports a packet dropped for `reason` on `ifindex`, `len` bytes long; `copy_head` fills
+/// the event's head with the packet's first bytes and returns how many. A full ring buffer
+/// loses the event, never the verdict.
+#[inline(always)]
+pub fn report_drop(
+    reason: Counter,
+    ifindex: u32,
+    len: u32,
+    copy_head: impl FnOnce(&mut [u8; DROP_HEAD_LEN]) -> u32,
+) {
+    let Some(mut entry) = DROP_EVENTS.reserve(0) else {
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the entry is a reserved, exclusively owned slot the size of a DropEvent; every
+    // field is written before it is submitted.
+    unsafe {
+        (*event).reason = reason as u32;
+        (*event).ifindex = ifindex;
+        (*event).len = len;
+        (*event).head = [0; DROP_HEAD_LEN];
+        (*event).captured = copy_head(&mut (*event).head);
+    }
+    entry.submit(0);
 }

@@ -1,19 +1,27 @@
 //! From an outcome to the kernel's action code. Every program ends here: it names the counter
 //! that describes what happened, the counter is incremented, and its declared verdict (see
-//! `overlay_common::Counter::verdict`) picks the action.
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
-use overlay_common::{Counter, Verdict};
+//! `overlay_common::Counter::verdict`) picks the action. A drop is also reported to a
+//! monitor, if one is attached.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    programs::{TcContext, XdpContext},
+};
+use overlay_common::{Counter, DROP_HEAD_LEN, Verdict};
 
 use crate::maps;
 
 /// Counts `outcome` and returns its tc action. A redirect verdict means the program already
 /// asked for the redirect and the helper accepted it.
 #[inline(always)]
-pub fn tc_act(outcome: Counter) -> i32 {
+pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
     maps::count(outcome);
     let action = match outcome.verdict() {
         Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Drop => {
+            report_skb_drop(ctx, outcome);
+            TC_ACT_SHOT
+        }
         Verdict::Redirect => TC_ACT_REDIRECT,
     };
     action as i32
@@ -22,10 +30,56 @@ pub fn tc_act(outcome: Counter) -> i32 {
 /// Counts `outcome` and returns its XDP action. The XDP decapsulator never redirects; were it
 /// to name such an outcome, the packet would go on to the stack.
 #[inline(always)]
-pub fn xdp_act(outcome: Counter) -> u32 {
+pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
     maps::count(outcome);
     match outcome.verdict() {
-        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Drop => {
+            report_xdp_drop(ctx, outcome);
+            xdp_action::XDP_DROP
+        }
         Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
     }
+}
+
+#[inline(always)]
+fn report_skb_drop(ctx: &TcContext, reason: Counter) {
+    if !maps::monitoring() {
+        return;
+    }
+    let len = ctx.len();
+    // SAFETY: the context's skb is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    maps::report_drop(reason, ifindex, len, |head| {
+        let wanted = head_len(len);
+        // SAFETY: `head` holds DROP_HEAD_LEN bytes and `wanted` is at most that.
+        let loaded =
+            unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, head.as_mut_ptr().cast(), wanted) };
+        if loaded == 0 { wanted } else { 0 }
+    });
+}
+
+#[inline(always)]
+fn report_xdp_drop(ctx: &XdpContext, reason: Counter) {
+    if !maps::monitoring() {
+        return;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    maps::report_drop(reason, ifindex, len, |head| {
+        let wanted = head_len(len);
+        // SAFETY: `head` holds DROP_HEAD_LEN bytes and `wanted` is at most that.
+        let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, 0, head.as_mut_ptr().cast(), wanted) };
+        if loaded == 0 { wanted } else { 0 }
+    });
+}
+
+/// How many bytes of a `len`-byte packet to copy: `len` up to the head's size. Written so the
+/// verifier sees 1..=DROP_HEAD_LEN, which the helpers require; with `clamp` the compiler's
+/// rewrite loses the lower bound. (A 0-byte packet, which cannot occur, would ask for the
+/// whole head and the helper would refuse.)
+#[inline(always)]
+fn head_len(len: u32) -> u32 {
+    const MASK: u32 = DROP_HEAD_LEN as u32 - 1;
+    (len.min(DROP_HEAD_LEN as u32).wrapping_sub(1) & MASK) + 1
 }

@@ -223,6 +223,12 @@ fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
         vtep_mac: &host2_mac,
     };
     add_peer(ns, "vx", &host2)?;
+    let monitor_flags = [
+        "monitor".to_string(),
+        format!("--bpf-pin-dir={}", seed.host2.pin_dir().display()),
+    ];
+    let mut monitor = Agent::start_with(&seed.host2, &monitor_flags, &[])?;
+    monitor.wait_for_log("monitoring drops", 1, EVENT_TIMEOUT)?;
     // 5,000 frames in bursts of 100 at most every 10 ms: as fast as the shell sends them
     // would overflow the input backlog of the CPU the pings share.
     let flood = "for burst in $(seq 50); do \
@@ -232,6 +238,23 @@ fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
                  ping -n -c 3 -W 1 10.2.54.2";
     let flood = ns.exec_unchecked(&["bash", "-c", flood])?;
 
+    // The monitor names each injected frame's reason and both of its flows.
+    let injected = "rx_unknown_vtep on eth0: 172.20.62.66:";
+    let inner = "-> 172.20.62.105:8472 udp | 10.2.41.9:";
+    monitor.wait_for_log(inner, 1, EVENT_TIMEOUT)?;
+    assert!(monitor.process.terminate(EVENT_TIMEOUT)?.success());
+    let reported = monitor.log();
+    let lines = reported
+        .lines()
+        .filter(|line| line.contains(injected) && line.contains("-> 10.2.54.2:5201 udp"))
+        .count();
+    assert_eq!(lines, 5000, "every injected frame is reported");
+    assert!(
+        !reported
+            .lines()
+            .any(|line| line.starts_with("rx_") && !line.contains(injected)),
+        "only the injected frames were dropped:\n{reported}"
+    );
     let answered = String::from_utf8_lossy(&flood.stdout);
     assert!(
         answered.contains("3 packets transmitted, 0 received"),

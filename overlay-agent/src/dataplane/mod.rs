@@ -37,13 +37,17 @@ const COUNTERS_MAP: &str = "counters";
 const SUBNETS_MAP: &str = "subnets";
 const VTEPS_MAP: &str = "vteps";
 const ENDPOINTS_MAP: &str = "endpoints";
+const MONITOR_MAP: &str = "monitor";
+const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 5] = [
+const MAPS: [&str; 7] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
     VTEPS_MAP,
     ENDPOINTS_MAP,
+    MONITOR_MAP,
+    DROP_EVENTS_MAP,
 ];
 
 /// The loaded programs and maps. Links it attached stay pinned when it is dropped.

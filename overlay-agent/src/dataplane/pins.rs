@@ -1,16 +1,32 @@
 //! The dataplane as it stands pinned in bpffs, read or removed without loading anything:
-//! for `overlay-agent status` and `overlay-agent teardown`.
+//! for `overlay-agent status`, `monitor`, `teardown` and the metrics.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie,
+};
 use ipnetwork::Ipv4Network;
-use overlay_common::{Counters, LocalEndpoint, RemoteVtep, VtepSubnet};
+use overlay_common::{Counters, LocalEndpoint, OverlayConfig, RemoteVtep, VtepSubnet};
 
-use super::{COUNTERS_MAP, ENDPOINTS_MAP, MAPS, PROGRAMS, SUBNETS_MAP, VTEPS_MAP, sum_per_cpu};
+use super::{
+    CONFIG_MAP, COUNTERS_MAP, DROP_EVENTS_MAP, ENDPOINTS_MAP, MAPS, MONITOR_MAP, PROGRAMS,
+    SUBNETS_MAP, VTEPS_MAP, sum_per_cpu,
+};
+
+/// While alive, the programs report every drop to the `drop_events` ring buffer.
+pub struct MonitorSwitch(Array<MapData, u32>);
+
+impl Drop for MonitorSwitch {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.set(0, 0, 0) {
+            log::warn!("cannot turn the drop reports off: {error}");
+        }
+    }
+}
 
 /// How many entries one map holds, of how many it can.
 pub struct MapOccupancy {
@@ -58,6 +74,25 @@ impl PinnedDataplane {
                 Ok((subnet, remote))
             })
             .collect()
+    }
+
+    /// The settings the programs read.
+    pub fn config(&self) -> Result<OverlayConfig> {
+        let map = self.map(CONFIG_MAP)?;
+        let config: Array<&MapData, OverlayConfig> = Array::try_from(&map)?;
+        config.get(&0, 0).context("cannot read the config map")
+    }
+
+    /// Turns the programs' drop reports on and returns the ring buffer they arrive in; the
+    /// reports stop when the returned switch is dropped. One monitor at a time: the first to
+    /// stop turns the reports off for all.
+    pub fn monitor(&self) -> Result<(RingBuf<MapData>, MonitorSwitch)> {
+        let events = RingBuf::try_from(self.map(DROP_EVENTS_MAP)?)?;
+        let mut switch: Array<MapData, u32> = Array::try_from(self.map(MONITOR_MAP)?)?;
+        switch
+            .set(0, 1, 0)
+            .context("cannot turn the drop reports on")?;
+        Ok((events, MonitorSwitch(switch)))
     }
 
     /// How full each lease and endpoint map is.

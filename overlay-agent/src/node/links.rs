@@ -1,6 +1,9 @@
 //! Small netlink helpers shared by the device modules: finding links, reading their
 //! attributes, bringing them up, and giving them addresses.
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
@@ -71,6 +74,15 @@ pub async fn neighbours(handle: &Handle, family: AddressFamily) -> Result<Vec<Ne
         .try_collect()
         .await
         .with_context(|| format!("cannot list {family:?} neighbour entries"))
+}
+
+/// Interface index → name, for every link of the namespace.
+pub async fn names(handle: &Handle) -> Result<HashMap<u32, String>> {
+    Ok(all(handle)
+        .await?
+        .iter()
+        .filter_map(|link| Some((link.header.index, name(link)?.to_string())))
+        .collect())
 }
 
 pub fn name(link: &LinkMessage) -> Option<&str> {

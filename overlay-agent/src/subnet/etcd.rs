@@ -144,8 +144,6 @@ impl Registry for EtcdRegistry {
         Ok(Listing { records, revision })
     }
 
-    /// Creates the record for `subnet` only if no record exists, attached to a fresh etcd lease
-    /// of `ttl`. Returns the etcd lease, or `None` when another host holds the subnet.
     async fn create(
         &self,
         subnet: Ipv4Network,
@@ -175,10 +173,6 @@ impl Registry for EtcdRegistry {
         Ok(None)
     }
 
-    /// Rewrites an existing record with `attrs`: attached to a fresh etcd lease of `ttl`, or to
-    /// none for a reservation (`ttl` of `None`). Returns the new etcd lease (0 for none), or
-    /// `None` when the record no longer exists or no longer names `public_ip`: the lease was
-    /// revoked.
     async fn update(
         &self,
         subnet: Ipv4Network,
@@ -224,7 +218,6 @@ impl Registry for EtcdRegistry {
         Ok(Some(etcd_lease))
     }
 
-    /// Deletes the record of `subnet` if it still names `public_ip`; does nothing otherwise.
     async fn delete_if_owned(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Result<()> {
         let key = subnet_key(&self.prefix, subnet);
         let Some((_, mod_revision)) = self.owned_record(&key, public_ip).await? else {

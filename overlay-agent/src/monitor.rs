@@ -1,0 +1,261 @@
+//! `overlay-agent monitor`: one line per packet the programs drop, with the reason, the
+//! interface, and the outer and inner addresses, ports and protocols, as `cilium monitor
+//! --type drop` shows them. The programs report drops only while a monitor runs.
+use std::{collections::HashMap, io::Write as _, net::Ipv4Addr};
+
+use anyhow::{Context, Result};
+use overlay_common::{Counter, DROP_HEAD_LEN, DropEvent};
+use tokio::io::unix::AsyncFd;
+
+use crate::{dataplane::pins::PinnedDataplane, node::links, options::AgentOptions};
+
+const ETH_HEADER_LEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const UDP_HEADER_LEN: usize = 8;
+const VXLAN_HEADER_LEN: usize = 8;
+
+pub async fn run(options: &AgentOptions) -> Result<()> {
+    let pinned = PinnedDataplane::open(&options.bpf_pin_dir)?;
+    let vxlan_port = pinned.config()?.vxlan_port;
+    let names = links::names(&links::connect()?).await?;
+    let (events, _reporting) = pinned.monitor()?;
+    // SAFETY: the ring buffer owns its map's fd and keeps it open, unchanged, for as long as
+    // the AsyncFd holds it.
+    let mut events = unsafe { AsyncFd::register(events) }
+        .map_err(std::io::Error::from)
+        .context("cannot poll the drop events")?;
+    println!(
+        "monitoring drops of the dataplane under {}; Ctrl-C stops",
+        options.bpf_pin_dir.display()
+    );
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            signal = &mut shutdown => {
+                log::info!("{}; no more drop reports", signal?);
+                return Ok(());
+            }
+            ready = events.readable_mut() => {
+                let mut ready = ready.context("cannot wait for drop events")?;
+                let mut out = std::io::stdout().lock();
+                while let Some(record) = ready.get_inner_mut().next() {
+                    if let Some(event) = event_from(&record) {
+                        writeln!(out, "{}", describe(&event, vxlan_port, &names))?;
+                    }
+                }
+                out.flush()?;
+                ready.clear_ready();
+            }
+        }
+    }
+}
+
+/// The event a ring buffer record holds, read field by field as the programs laid it out.
+fn event_from(record: &[u8]) -> Option<DropEvent> {
+    let word = |offset: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(
+            record.get(offset..offset + 4)?.try_into().ok()?,
+        ))
+    };
+    Some(DropEvent {
+        reason: word(0)?,
+        ifindex: word(4)?,
+        len: word(8)?,
+        captured: word(12)?,
+        head: record.get(16..16 + DROP_HEAD_LEN)?.try_into().ok()?,
+    })
+}
+
+/// One line for a dropped packet: `reason on interface: outer [| inner] (N bytes)`.
+fn describe(event: &DropEvent, vxlan_port: u16, names: &HashMap<u32, String>) -> String {
+    let reason = Counter::from_index(event.reason).map_or("unknown reason", Counter::name);
+    let interface = names
+        .get(&event.ifindex)
+        .cloned()
+        .unwrap_or_else(|| format!("ifindex {}", event.ifindex));
+    let captured = &event.head[..(event.captured as usize).min(DROP_HEAD_LEN)];
+    let packet = match Flow::of_frame(captured) {
+        Some(outer) => match outer.vxlan_payload(captured, vxlan_port) {
+            Some(inner) => match Flow::of_frame(inner) {
+                Some(inner) => format!("{outer} | {inner}"),
+                None => format!("{outer} | inner: no whole IPv4 header"),
+            },
+            None => outer.to_string(),
+        },
+        None => "no whole IPv4 header".to_string(),
+    };
+    format!("{reason} on {interface}: {packet} ({} bytes)", event.len)
+}
+
+/// An IPv4 packet's addresses, protocol and, for TCP and UDP, ports.
+struct Flow {
+    source: Ipv4Addr,
+    destination: Ipv4Addr,
+    protocol: u8,
+    ports: Option<(u16, u16)>,
+    /// Where the transport header starts in the frame.
+    transport: usize,
+}
+
+impl Flow {
+    /// The flow of an Ethernet frame carrying IPv4, as far as `frame` holds it.
+    fn of_frame(frame: &[u8]) -> Option<Flow> {
+        let ether_type = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
+        if ether_type != ETH_P_IPV4 {
+            return None;
+        }
+        let ip = frame.get(ETH_HEADER_LEN..)?;
+        let header_len = usize::from(ip.first()? & 0x0f) * 4;
+        let address = |offset: usize| -> Option<Ipv4Addr> {
+            Some(Ipv4Addr::from(
+                <[u8; 4]>::try_from(ip.get(offset..offset + 4)?).ok()?,
+            ))
+        };
+        let protocol = *ip.get(9)?;
+        let transport = ETH_HEADER_LEN + header_len;
+        let ports = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP)
+            .then(|| {
+                let port = |offset: usize| -> Option<u16> {
+                    Some(u16::from_be_bytes(
+                        frame
+                            .get(transport + offset..transport + offset + 2)?
+                            .try_into()
+                            .ok()?,
+                    ))
+                };
+                Some((port(0)?, port(2)?))
+            })
+            .flatten();
+        Some(Flow {
+            source: address(12)?,
+            destination: address(16)?,
+            protocol,
+            ports,
+            transport,
+        })
+    }
+
+    /// The inner frame, if this is VXLAN to `vxlan_port`.
+    fn vxlan_payload<'a>(&self, frame: &'a [u8], vxlan_port: u16) -> Option<&'a [u8]> {
+        let (_, destination_port) = self.ports?;
+        (self.protocol == IPPROTO_UDP && destination_port == vxlan_port)
+            .then(|| frame.get(self.transport + UDP_HEADER_LEN + VXLAN_HEADER_LEN..))
+            .flatten()
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.protocol {
+            IPPROTO_TCP => "tcp".to_string(),
+            IPPROTO_UDP => "udp".to_string(),
+            1 => "icmp".to_string(),
+            other => format!("proto {other}"),
+        };
+        match self.ports {
+            Some((source_port, destination_port)) => write!(
+                f,
+                "{}:{source_port} -> {}:{destination_port} {protocol}",
+                self.source, self.destination
+            ),
+            None => write!(f, "{} -> {} {protocol}", self.source, self.destination),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ethernet + IPv4 (no options) + the first bytes of `transport`.
+    fn frame(source: [u8; 4], destination: [u8; 4], protocol: u8, transport: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0; 12];
+        frame.extend(ETH_P_IPV4.to_be_bytes());
+        frame.extend([0x45, 0, 0, 0, 0, 0, 0, 0, 64, protocol, 0, 0]);
+        frame.extend(source);
+        frame.extend(destination);
+        frame.extend(transport);
+        frame
+    }
+
+    fn event(reason: Counter, packet: &[u8]) -> DropEvent {
+        let mut head = [0; DROP_HEAD_LEN];
+        let captured = packet.len().min(DROP_HEAD_LEN);
+        head[..captured].copy_from_slice(&packet[..captured]);
+        DropEvent {
+            reason: reason as u32,
+            ifindex: 2,
+            len: packet.len() as u32,
+            captured: captured as u32,
+            head,
+        }
+    }
+
+    fn names() -> HashMap<u32, String> {
+        HashMap::from([(2, "eth0".to_string())])
+    }
+
+    #[test]
+    fn a_dropped_vxlan_frame_shows_its_outer_and_inner_flows() {
+        let inner = frame(
+            [10, 2, 41, 9],
+            [10, 2, 54, 2],
+            IPPROTO_UDP,
+            &[0x8c, 0xa0, 0x14, 0x51],
+        );
+        let mut udp_and_vxlan = vec![0xa0, 0x00, 0x21, 0x18, 0, 0, 0, 0];
+        udp_and_vxlan.extend([0x08, 0, 0, 0, 0, 0, 1, 0]);
+        udp_and_vxlan.extend(&inner);
+        let outer = frame(
+            [172, 20, 62, 66],
+            [172, 20, 62, 105],
+            IPPROTO_UDP,
+            &udp_and_vxlan,
+        );
+        assert_eq!(
+            describe(&event(Counter::RxUnknownVtep, &outer), 8472, &names()),
+            format!(
+                "rx_unknown_vtep on eth0: 172.20.62.66:40960 -> 172.20.62.105:8472 udp | \
+                 10.2.41.9:36000 -> 10.2.54.2:5201 udp ({} bytes)",
+                outer.len()
+            )
+        );
+    }
+
+    #[test]
+    fn a_plain_packet_a_short_head_and_an_unknown_interface_still_read() {
+        let ping = frame([10, 2, 41, 2], [10, 9, 0, 1], 1, &[8, 0]);
+        assert_eq!(
+            describe(&event(Counter::TxNoRoute, &ping), 8472, &HashMap::new()),
+            format!(
+                "tx_no_route on ifindex 2: 10.2.41.2 -> 10.9.0.1 icmp ({} bytes)",
+                ping.len()
+            )
+        );
+        let cut = event(Counter::RxMalformed, &ping[..20]);
+        assert_eq!(
+            describe(&cut, 8472, &names()),
+            "rx_malformed on eth0: no whole IPv4 header (20 bytes)"
+        );
+    }
+
+    #[test]
+    fn records_are_read_field_by_field() {
+        let original = event(Counter::RxSpoofedSource, &[1, 2, 3]);
+        let mut record = Vec::new();
+        for word in [
+            original.reason,
+            original.ifindex,
+            original.len,
+            original.captured,
+        ] {
+            record.extend(word.to_ne_bytes());
+        }
+        record.extend(original.head);
+        assert_eq!(event_from(&record), Some(original));
+        assert_eq!(event_from(&record[..20]), None);
+    }
+}
