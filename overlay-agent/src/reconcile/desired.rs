@@ -93,7 +93,7 @@ pub struct Placement {
 }
 
 /// The remote gateway flannel routes a subnet through: the subnet's network address.
-pub fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
+fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
     subnet.network()
 }
 
