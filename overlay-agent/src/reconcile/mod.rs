@@ -232,9 +232,14 @@ impl Reconciler {
             while let Some(notification) = notifications.try_recv() {
                 scope = scope.max(self.classify(notification));
             }
-            let Some(scope) = scope.max(retry.take().map(|(_, scope)| scope)) else {
+            // A pending retry joins a round that runs anyway; a wake-up that calls for none
+            // leaves it waiting for its delay.
+            let Some(mut scope) = scope else {
                 continue;
             };
+            if let Some((_, pending)) = retry.take() {
+                scope = scope.max(pending);
+            }
             if let Err(error) = self.reconcile(scope).await {
                 log::warn!("cannot bring the node in line: {error:#}; retrying");
                 retry = Some((Instant::now() + RETRY_DELAY, scope));
