@@ -20,7 +20,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::pins::PinnedDataplane;
+use crate::dataplane::pins::{MapOccupancy, PinnedDataplane};
 
 /// What the lease watch and the lease manager report.
 #[derive(Clone, Debug, Default)]
@@ -161,28 +161,42 @@ impl Collector for DataplaneCollector {
             }
         }
         if let Ok(occupancy) = pinned.occupancy() {
-            let mut entries = encoder.encode_descriptor(
+            encode_per_map(
+                &mut encoder,
                 "map_entries",
                 "Entries in each lease and endpoint map",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                &occupancy,
+                |map| map.entries as i64,
             )?;
-            for map in &occupancy {
-                let labels = MapLabels { map: map.name };
-                ConstGauge::new(map.entries as i64).encode(entries.encode_family(&labels)?)?;
-            }
-            let mut capacity = encoder.encode_descriptor(
+            encode_per_map(
+                &mut encoder,
                 "map_capacity",
                 "Entries each lease and endpoint map can hold",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                &occupancy,
+                |map| i64::from(map.capacity),
             )?;
-            for map in &occupancy {
-                let labels = MapLabels { map: map.name };
-                ConstGauge::new(i64::from(map.capacity))
-                    .encode(capacity.encode_family(&labels)?)?;
-            }
         }
         Ok(())
     }
+}
+
+/// One gauge family with a sample per map, labelled by the map's name.
+fn encode_per_map(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    occupancy: &[MapOccupancy],
+    value: impl Fn(&MapOccupancy) -> i64,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for map in occupancy {
+        let labels = MapLabels { map: map.name };
+        ConstGauge::new(value(map)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
