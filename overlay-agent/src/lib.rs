@@ -201,7 +201,7 @@ async fn ebpf_sink(
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
     let uplink_mac =
         node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
-    let dataplane = Dataplane::load(Some(&options.bpf_pin_dir))?;
+    let dataplane = Dataplane::load(Some(&options.bpf_pin_dir), options.bpf_log)?;
     Ok(EbpfSink {
         dataplane,
         config: OverlayConfig {

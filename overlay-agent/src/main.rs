@@ -39,7 +39,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `-v` sets the level, as flanneld's glog verbosity does; RUST_LOG, when set, wins.
+/// `-v` sets the level, as flanneld's glog verbosity does; RUST_LOG, when set, wins. The eBPF
+/// programs' lines (`overlay_ebpf`) only exist with `--bpf-log`, which asks for all of them.
 fn init_logging(verbosity: u8) {
     let level = match verbosity {
         0 => "info",
@@ -47,7 +48,8 @@ fn init_logging(verbosity: u8) {
         _ => "trace",
     };
     env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or(format!("overlay_agent={level},warn")),
+        env_logger::Env::default()
+            .default_filter_or(format!("overlay_agent={level},overlay_ebpf=trace,warn")),
     )
     .format_timestamp_millis()
     .init();

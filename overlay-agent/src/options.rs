@@ -180,6 +180,12 @@ pub struct AgentOptions {
     #[arg(long, env = "FLANNELD_XDP_MODE", value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeChoice,
 
+    /// Log every packet's outcome from the eBPF programs (aya-log, target `overlay_ebpf`), e.g.
+    /// "rx_unknown_vtep on ifindex 2 (92 bytes)". For debugging only: off, the kernel removes the
+    /// logging code when it loads the programs.
+    #[arg(long, env = "FLANNELD_BPF_LOG")]
+    pub bpf_log: bool,
+
     /// Log verbosity: 0 info, 1 debug, 2 and up trace.
     #[arg(short = 'v', env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
@@ -255,6 +261,7 @@ mod tests {
         assert_eq!(agent.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay"));
         assert_eq!(agent.xdp_mode, XdpModeChoice::Auto);
         assert_eq!(agent.decap_hook, DecapHook::Tc);
+        assert!(!agent.bpf_log);
         assert!(agent.fast_path);
     }
 

@@ -1,12 +1,14 @@
 //! From an outcome to the kernel's action code. Every program ends here: it names the counter
 //! that describes what happened, the counter is incremented, and its declared verdict (see
 //! `overlay_common::Counter::verdict`) picks the action. A drop is also reported to a
-//! monitor, if one is attached.
+//! monitor, if one is attached, and every outcome is logged with aya-log under `--bpf-log`.
 use aya_ebpf::{
+    EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
     helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::info;
 use overlay_common::{Counter, DROP_HEAD_LEN, Verdict};
 
 use crate::maps;
@@ -16,6 +18,13 @@ use crate::maps;
 #[inline(always)]
 pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
     maps::count(outcome);
+    // SAFETY: the context's skb is valid for the whole program run.
+    log_outcome(
+        ctx,
+        outcome,
+        || unsafe { (*ctx.skb.skb).ifindex },
+        || ctx.len(),
+    );
     let action = match outcome.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => {
@@ -32,6 +41,13 @@ pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
 #[inline(always)]
 pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
     maps::count(outcome);
+    // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
+    log_outcome(
+        ctx,
+        outcome,
+        || unsafe { (*ctx.ctx).ingress_ifindex },
+        || (ctx.data_end() - ctx.data()) as u32,
+    );
     match outcome.verdict() {
         Verdict::Drop => {
             report_xdp_drop(ctx, outcome);
@@ -39,6 +55,27 @@ pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
         }
         Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
     }
+}
+
+/// One aya-log line per packet, naming its outcome. Without `--bpf-log` the agent loads the
+/// programs with aya-log's level global at 0, a read-only constant, so the verifier removes
+/// this code; the arguments are evaluated inside the macro's level check so that they go with
+/// it. A single string argument: each one is copied byte by byte on every path to here, and two
+/// exceed the verifier's budget of a million instructions.
+#[inline(always)]
+fn log_outcome<C: EbpfContext>(
+    ctx: &C,
+    outcome: Counter,
+    ifindex: impl Fn() -> u32,
+    len: impl Fn() -> u32,
+) {
+    info!(
+        ctx,
+        "{} on ifindex {} ({} bytes)",
+        outcome.name(),
+        ifindex(),
+        len()
+    );
 }
 
 #[inline(always)]

@@ -1,11 +1,12 @@
 //! overlay-agent processes on test hosts.
 use std::{
-    net::Ipv4Addr,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::{
     cluster::{Cluster, Host, PREFIX},
@@ -14,6 +15,9 @@ use crate::{
 };
 
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The port of /healthz, /readyz and /metrics of every agent `Agent::start` starts, on the
+/// host namespace's loopback.
+pub const HEALTH_PORT: u16 = 8471;
 
 /// The agent binary `cargo xtask build` produced (OVERLAY_AGENT_BIN overrides it).
 pub fn agent_binary() -> Result<PathBuf> {
@@ -34,6 +38,9 @@ pub fn agent_binary() -> Result<PathBuf> {
 pub struct Agent {
     pub process: Process,
     pub subnet_file: PathBuf,
+    netns: String,
+    /// The health port, if the agent serves one.
+    health_port: Option<u16>,
 }
 
 impl Agent {
@@ -45,6 +52,8 @@ impl Agent {
             format!("--etcd-prefix={PREFIX}"),
             format!("--subnet-file={}", host.subnet_file().display()),
             format!("--bpf-pin-dir={}", host.pin_dir().display()),
+            "--healthz-ip=127.0.0.1".to_string(),
+            format!("--healthz-port={HEALTH_PORT}"),
         ];
         args.extend(extra.iter().map(|arg| arg.to_string()));
         Self::start_with(host, &args, &[])
@@ -59,17 +68,22 @@ impl Agent {
         Ok(Self {
             process,
             subnet_file: host.subnet_file(),
+            netns: host.netns.name().to_string(),
+            health_port: health_port(args, envs),
         })
     }
 
-    /// Waits until this agent reports it has written its subnet file (a file left by an
-    /// earlier run does not count); returns the lease's subnet as "a.b.c.0/len".
+    /// Waits until this agent's /readyz says it has written its subnet file (a file left by
+    /// an earlier run does not count); returns the lease's subnet as "a.b.c.0/len".
     pub fn wait_ready(&mut self) -> Result<String> {
-        wait_for("the agent to be ready", READY_TIMEOUT, || {
+        let port = self
+            .health_port
+            .context("waiting for readiness needs an agent that serves /readyz")?;
+        wait_for("the agent's /readyz to answer 200", READY_TIMEOUT, || {
             if let Some(status) = self.process.try_exit_status()? {
                 bail!("the agent exited ({status}) before it was ready");
             }
-            Ok(self.log().contains("ready: subnet"))
+            Ok(readyz_status(&self.netns, port)? == Some(200))
         })
         .with_context(|| format!("agent log:\n{}", self.log()))?;
         subnet_from_file(&self.subnet_file)
@@ -109,6 +123,56 @@ impl Agent {
     pub fn count_in_log(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
     }
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health port an agent started with `args` and `envs` serves on, if any.
+fn health_port(args: &[String], envs: &[(&str, &str)]) -> Option<u16> {
+    let from_flag = args
+        .iter()
+        .rev()
+        .find_map(|arg| arg.strip_prefix("--healthz-port="));
+    let from_env = || {
+        envs.iter()
+            .find(|(name, _)| *name == "FLANNELD_HEALTHZ_PORT")
+            .map(|(_, value)| *value)
+    };
+    from_flag
+        .or_else(from_env)?
+        .parse()
+        .ok()
+        .filter(|port| *port != 0)
+}
+
+/// The status code of GET /readyz on `port` in `netns`, or `None` while nothing answers.
+fn readyz_status(netns: &str, port: u16) -> Result<Option<u16>> {
+    let answer = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<Option<String>> {
+                crate::netns::enter(netns)?;
+                let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                let Ok(mut stream) = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT) else {
+                    return Ok(None);
+                };
+                stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: agent\r\n\r\n")?;
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer)?;
+                Ok(Some(answer))
+            })
+            .join()
+            .map_err(|_| anyhow!("the /readyz request panicked"))?
+    })?;
+    let Some(answer) = answer else {
+        return Ok(None);
+    };
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("/readyz answered no status line: {answer:?}"))?;
+    Ok(Some(code))
 }
 
 /// The subnet named by FLANNEL_SUBNET ("10.2.41.1/24" gives "10.2.41.0/24").

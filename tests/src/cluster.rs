@@ -5,11 +5,17 @@
 //!      |-- host1 ns: eth0 172.20.62.104/24, default via 172.20.62.1
 //!      |-- host2 ns: eth0 172.20.62.105/24, default via 172.20.62.1
 //! ```
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
+use ipnetwork::Ipv4Network;
+use overlay_agent::dataplane::pins::PinnedDataplane;
 
-use crate::{etcd::Etcd, netns::Netns, require_root, scratch::ScratchDir, tls};
+use crate::{etcd::Etcd, netns::Netns, require_root, scratch::ScratchDir, tls, wait::wait_for};
 
 pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -32,11 +38,85 @@ impl Host {
     /// The MAC of the host's flannel.1.
     pub fn vtep_mac(&self) -> Result<String> {
         let link = self.netns.ip(&["-o", "link", "show", "flannel.1"])?;
-        link.split_whitespace()
-            .skip_while(|word| *word != "link/ether")
-            .nth(1)
-            .map(str::to_string)
-            .context("flannel.1 has no MAC")
+        word_after(&link, "link/ether").context("flannel.1 has no MAC")
+    }
+
+    /// Where this host sends traffic for the overlay `subnet` ("10.2.54.0/24"): the remote
+    /// PublicIP and VTEP MAC, once the route, the gateway's neighbour entry and the forwarding
+    /// entry (the pinned `subnets` map in ebpf mode, flannel.1's FDB in kernel mode) all exist.
+    pub fn overlay_peer(&self, subnet: &str) -> Result<Option<OverlayPeer>> {
+        let network: Ipv4Network = subnet.parse().context("an overlay subnet")?;
+        let gateway = network.network().to_string();
+        if !self.netns.has_route(subnet)? {
+            return Ok(None);
+        }
+        let neighbour = self
+            .netns
+            .ip(&["neigh", "show", &gateway, "dev", "flannel.1"])?;
+        let Some(vtep_mac) = word_after(&neighbour, "lladdr") else {
+            return Ok(None);
+        };
+        let public_ip = match PinnedDataplane::open(&self.pin_dir()) {
+            Ok(pinned) => pinned
+                .subnet_entries()?
+                .get(&network)
+                .map(|remote| Ipv4Addr::from(remote.public_ip).to_string()),
+            Err(_) => {
+                let fdb = self
+                    .netns
+                    .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])?;
+                fdb.lines()
+                    .filter(|line| line.starts_with(&vtep_mac))
+                    .find_map(|line| word_after(line, "dst"))
+            }
+        };
+        Ok(public_ip.map(|public_ip| OverlayPeer {
+            public_ip,
+            vtep_mac,
+        }))
+    }
+
+    /// Waits until this host sends `subnet` to `public_ip`'s VTEP `vtep_mac`.
+    pub fn wait_for_peer(&self, subnet: &str, public_ip: &str, vtep_mac: &str) -> Result<()> {
+        let expected = OverlayPeer {
+            public_ip: public_ip.to_string(),
+            vtep_mac: vtep_mac.to_string(),
+        };
+        let mut seen = None;
+        wait_for(
+            &format!("{} to send {subnet} to {expected:?}", self.name),
+            PEER_TIMEOUT,
+            || {
+                seen = self.overlay_peer(subnet)?;
+                Ok(seen.as_ref() == Some(&expected))
+            },
+        )
+        .with_context(|| format!("last seen: {seen:?}"))
+    }
+
+    /// Waits until this host holds no route, no gateway neighbour and (in ebpf mode) no map
+    /// entry for `subnet`.
+    pub fn wait_for_no_peer(&self, subnet: &str) -> Result<()> {
+        wait_for(
+            &format!("{} to forget {subnet}", self.name),
+            PEER_TIMEOUT,
+            || self.holds_no_peer(subnet),
+        )
+    }
+
+    /// Whether this host holds no route, no gateway neighbour and (in ebpf mode) no map entry
+    /// for `subnet`.
+    pub fn holds_no_peer(&self, subnet: &str) -> Result<bool> {
+        let network: Ipv4Network = subnet.parse().context("an overlay subnet")?;
+        let gateway = network.network().to_string();
+        let neighbour = self
+            .netns
+            .ip(&["neigh", "show", &gateway, "dev", "flannel.1"])?;
+        let mapped = match PinnedDataplane::open(&self.pin_dir()) {
+            Ok(pinned) => pinned.subnet_entries()?.contains_key(&network),
+            Err(_) => false,
+        };
+        Ok(!self.netns.has_route(subnet)? && neighbour.trim().is_empty() && !mapped)
     }
 
     /// Where this host's agent pins its maps and links: bpffs is shared by every namespace,
@@ -44,6 +124,24 @@ impl Host {
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join(self.netns.name())
     }
+}
+
+/// A remote host as this host's forwarding state names it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OverlayPeer {
+    pub public_ip: String,
+    pub vtep_mac: String,
+}
+
+/// How long a lease event may take to reach a host's forwarding state.
+const PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The word after `label` in `text` ("lladdr" in `ip neigh` output, say).
+fn word_after(text: &str, label: &str) -> Option<String> {
+    text.split_whitespace()
+        .skip_while(|word| *word != label)
+        .nth(1)
+        .map(str::to_string)
 }
 
 impl Drop for Host {

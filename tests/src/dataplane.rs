@@ -83,7 +83,7 @@ pub fn dataplane_of(host: &SeedHost, peers: &[&SeedHost]) -> Result<Dataplane> {
 
 pub fn dataplane_with(config: OverlayConfig, peers: &[&SeedHost]) -> Result<Dataplane> {
     require_root()?;
-    let mut dataplane = Dataplane::load(None)?;
+    let mut dataplane = Dataplane::load(None, false)?;
     dataplane.set_config(&config)?;
     let leases: Vec<Lease> = peers.iter().map(|peer| peer.lease()).collect();
     dataplane.write_lease_entries(&lease_entries(leases.iter()))?;

@@ -105,6 +105,16 @@ impl Netns {
         Ok(!self.ip(&["route", "show", destination])?.trim().is_empty())
     }
 
+    /// The index of interface `name` in this namespace.
+    pub fn ifindex(&self, name: &str) -> Result<u32> {
+        let link = self.ip(&["-o", "link", "show", "dev", name])?;
+        let index = link.split_once(':').map(|(index, _)| index.parse());
+        match index {
+            Some(Ok(index)) => Ok(index),
+            _ => bail!("no ifindex in {link:?}"),
+        }
+    }
+
     /// Runs `f` on a thread that has entered this namespace, e.g. to attach a program to one
     /// of its interfaces. The caller's thread stays where it is.
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_common::{Counter, Counters};
 use overlay_tests::{
-    agent::Agent,
+    agent::{Agent, HEALTH_PORT},
     cluster::{Cluster, Host, PREFIX},
     loss::{LossWindow, steady_ping},
     metrics::{scrape, value_of},
@@ -362,12 +362,8 @@ fn ebpf_kernel_and_stock_flannel_hosts_all_reach_each_other() -> Result<()> {
         },
     ];
     stock_flannel::configure(&cluster, &host3, subnet3, flannel_mac, &peers)?;
-    for agent in [&ebpf, &kernel] {
-        agent.wait_for_log(
-            &format!("lease added: {subnet3} via 172.20.62.106 (VTEP {flannel_mac})"),
-            1,
-            EVENT_TIMEOUT,
-        )?;
+    for host in [&host1, &host2] {
+        host.wait_for_peer(subnet3, "172.20.62.106", flannel_mac)?;
     }
     for host in [&host1, &host2] {
         wait_for(
@@ -474,10 +470,7 @@ fn teardown_removes_programs_and_pins() -> Result<()> {
 
 #[test]
 fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Result<()> {
-    let seed = Seed::start(
-        "metrics",
-        &["--healthz-port=8471", "--healthz-ip=127.0.0.1"],
-    )?;
+    let seed = Seed::start("metrics", &[])?;
     seed.cluster
         .etcd
         .put(&seed.cluster.subnet_key("10.2.99.0/24"), "{not json")?;
@@ -487,7 +480,7 @@ fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Resu
         "the malformed record to count as skipped",
         EVENT_TIMEOUT,
         || {
-            samples = scrape(&seed.host1.netns, 8471)?;
+            samples = scrape(&seed.host1.netns, HEALTH_PORT)?;
             Ok(value_of(&samples, "overlay_leases_skipped", &[]) == Some(1.0))
         },
     )?;

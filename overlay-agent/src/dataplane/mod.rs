@@ -4,6 +4,7 @@
 //! and links: it never looks at netlink.
 mod attach;
 pub mod pins;
+mod program_log;
 mod sync;
 
 use std::path::{Path, PathBuf};
@@ -60,8 +61,9 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the object into the kernel and loads (but does not attach) its programs. With
     /// `pin_dir`, every map is pinned there, and maps already pinned there by an earlier run are
-    /// reused with their contents.
-    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+    /// reused with their contents. With `bpf_log`, the programs log every verdict into the
+    /// agent's log (see `--bpf-log`); this needs a tokio runtime.
+    pub fn load(pin_dir: Option<&Path>, bpf_log: bool) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!(
                 "this overlay-agent was built without its eBPF object (a check build of a fresh \
@@ -69,6 +71,7 @@ impl Dataplane {
             );
         }
         let mut loader = EbpfLoader::new();
+        program_log::set_level(&mut loader, bpf_log);
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| {
@@ -97,6 +100,9 @@ impl Dataplane {
             program
                 .load()
                 .with_context(|| format!("the kernel rejected {name}"))?;
+        }
+        if bpf_log {
+            program_log::forward(&mut ebpf)?;
         }
         Ok(Self {
             ebpf,
