@@ -41,7 +41,7 @@ use crate::{
     options::{AgentOptions, Dataplane as DataplaneChoice},
     reconcile::{EbpfSink, Reconciler, Scope, desired::RoutingRules},
     subnet::{
-        Lease, LeaseEvent,
+        Lease,
         etcd::EtcdRegistry,
         file::{SubnetEnv, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
@@ -102,9 +102,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         lease.clone(),
         metrics.leases.clone(),
     );
-    for remote in watcher.initial_leases().await? {
-        reconciler.apply(LeaseEvent::Added(remote));
-    }
+    reconciler.apply_initial(watcher.initial_leases().await?);
     reconciler.reconcile(Scope::Everything).await?;
     let mut masquerade = Masquerade::new(Rules {
         network: config.network,

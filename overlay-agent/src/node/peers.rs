@@ -43,16 +43,18 @@ pub async fn reconcile(
     let routes = owned_routes(handle, devices, network).await?;
 
     pipelined(
+        "routes removed",
         routes
             .iter()
             .filter(|(route, _)| !desired.routes.contains(route))
             .map(|(route, message)| {
-                log::info!("removing route {} via {}", route.destination, route.gateway);
+                log::debug!("removing route {} via {}", route.destination, route.gateway);
                 delete_route(handle, message.clone())
             }),
     )
     .await?;
     pipelined(
+        "neighbours set",
         desired
             .neighbours
             .iter()
@@ -64,6 +66,7 @@ pub async fn reconcile(
     .await?;
     let present_fdb: HashSet<FdbEntry> = fdb.iter().map(|(entry, _)| *entry).collect();
     pipelined(
+        "FDB entries set",
         desired
             .fdb
             .difference(&present_fdb)
@@ -73,6 +76,7 @@ pub async fn reconcile(
     let present_routes: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
     // flannel's VXLAN routes go via a gateway no interface is on; direct routes need not.
     pipelined(
+        "routes added",
         desired
             .routes
             .difference(&present_routes)
@@ -80,20 +84,22 @@ pub async fn reconcile(
     )
     .await?;
     pipelined(
+        "FDB entries removed",
         fdb.into_iter()
             .filter(|(entry, _)| !desired.fdb.contains(entry))
             .map(|(entry, message)| {
-                log::info!("removing FDB entry {} dst {}", entry.mac, entry.destination);
+                log::debug!("removing FDB entry {} dst {}", entry.mac, entry.destination);
                 delete_neighbour(handle, message)
             }),
     )
     .await?;
     pipelined(
+        "neighbours removed",
         neighbours
             .into_iter()
             .filter(|(address, _)| !desired.neighbours.contains_key(address))
             .map(|(address, (_, message))| {
-                log::info!("removing neighbour {address}");
+                log::debug!("removing neighbour {address}");
                 delete_neighbour(handle, message)
             }),
     )
@@ -104,12 +110,22 @@ pub async fn reconcile(
 /// trip at a time, thousands of entries take seconds.
 const PIPELINE_DEPTH: usize = 64;
 
-/// Runs `requests` with up to [`PIPELINE_DEPTH`] in flight; the first error wins.
-async fn pipelined(requests: impl Iterator<Item = impl Future<Output = Result<()>>>) -> Result<()> {
-    futures::stream::iter(requests)
+/// Runs `requests` with up to [`PIPELINE_DEPTH`] in flight; the first error wins. Each entry
+/// is logged at debug level and the round's count of `what` at info, so that thousands of
+/// leases do not mean thousands of lines.
+async fn pipelined(
+    what: &str,
+    requests: impl Iterator<Item = impl Future<Output = Result<()>>>,
+) -> Result<()> {
+    let mut count = 0;
+    let outcome = futures::stream::iter(requests.inspect(|_| count += 1))
         .buffer_unordered(PIPELINE_DEPTH)
         .try_collect()
-        .await
+        .await;
+    if count > 0 {
+        log::info!("{what}: {count}");
+    }
+    outcome
 }
 
 /// Whether `address` is reached without a gateway, i.e. shares our L2 segment.
@@ -267,7 +283,7 @@ async fn add_neighbour(
     address: Ipv4Addr,
     mac: MacAddr,
 ) -> Result<()> {
-    log::info!("setting neighbour {address} lladdr {mac}");
+    log::debug!("setting neighbour {address} lladdr {mac}");
     handle
         .neighbours()
         .add(vtep_index, IpAddr::V4(address))
@@ -280,7 +296,7 @@ async fn add_neighbour(
 }
 
 async fn add_fdb(handle: &Handle, vtep_index: u32, entry: FdbEntry) -> Result<()> {
-    log::info!("setting FDB entry {} dst {}", entry.mac, entry.destination);
+    log::debug!("setting FDB entry {} dst {}", entry.mac, entry.destination);
     handle
         .neighbours()
         .add_bridge(vtep_index, &entry.mac.0)
@@ -299,7 +315,7 @@ async fn add_fdb(handle: &Handle, vtep_index: u32, entry: FdbEntry) -> Result<()
 }
 
 async fn add_route(handle: &Handle, route: &Route, onlink: bool) -> Result<()> {
-    log::info!("adding route {} via {}", route.destination, route.gateway);
+    log::debug!("adding route {} via {}", route.destination, route.gateway);
     let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(route.destination.network(), route.destination.prefix())
         .gateway(route.gateway)

@@ -107,21 +107,22 @@ impl Reconciler {
 
     /// Takes a lease event into the desired state; the next round applies it.
     pub fn apply(&mut self, event: LeaseEvent) {
-        let (what, lease) = match &event {
-            LeaseEvent::Added(lease) => ("added", lease),
-            LeaseEvent::Changed(lease) => ("changed", lease),
-            LeaseEvent::Removed(lease) => ("removed", lease),
-        };
-        let vtep = lease
-            .attrs
-            .vtep_mac()
-            .map(|mac| mac.to_string())
-            .unwrap_or_default();
-        log::info!(
-            "lease {what}: {} via {} (VTEP {vtep})",
-            lease.subnet,
-            lease.attrs.public_ip
-        );
+        log::info!("{}", describe(&event));
+        self.remember(event);
+    }
+
+    /// Takes the leases the first listing found, logging each at debug level and their count
+    /// at info: at thousands of hosts, one line each would slow the start.
+    pub fn apply_initial(&mut self, leases: Vec<Lease>) {
+        log::info!("{} leases of other hosts", leases.len());
+        for lease in leases {
+            let event = LeaseEvent::Added(lease);
+            log::debug!("{}", describe(&event));
+            self.remember(event);
+        }
+    }
+
+    fn remember(&mut self, event: LeaseEvent) {
         match event {
             LeaseEvent::Added(lease) | LeaseEvent::Changed(lease) => {
                 self.leases.insert(lease.subnet, lease);
@@ -285,4 +286,22 @@ fn place_programs(
     ebpf.dataplane
         .place(&placement, ebpf.decap_hook, ebpf.xdp_mode)?;
     ebpf.dataplane.sync_endpoints(&endpoints)
+}
+
+/// "lease added: 10.2.54.0/24 via 172.20.62.105 (VTEP 1a:4b:d7:f7:16:89)"
+fn describe(event: &LeaseEvent) -> String {
+    let (what, lease) = match event {
+        LeaseEvent::Added(lease) => ("added", lease),
+        LeaseEvent::Changed(lease) => ("changed", lease),
+        LeaseEvent::Removed(lease) => ("removed", lease),
+    };
+    let vtep = lease
+        .attrs
+        .vtep_mac()
+        .map(|mac| mac.to_string())
+        .unwrap_or_default();
+    format!(
+        "lease {what}: {} via {} (VTEP {vtep})",
+        lease.subnet, lease.attrs.public_ip
+    )
 }
