@@ -23,6 +23,8 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     pub backend: VxlanBackend,
+    /// `EnableNFTables`: the forward and masquerade rules go into nftables, not iptables.
+    pub enable_nftables: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +133,7 @@ impl NetworkConfig {
             subnet_min,
             subnet_max,
             backend: VxlanBackend::parse(root.object("Backend", "Backend.")?)?,
+            enable_nftables: root.bool("EnableNFTables")?.unwrap_or(false),
         })
     }
 

@@ -21,7 +21,7 @@ pub mod subnet;
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::Ipv4Network;
 use overlay_common::OverlayConfig;
 use rtnetlink::Handle;
@@ -57,7 +57,7 @@ const EVENT_QUEUE: usize = 1024;
 /// devices) or it can no longer do its job (returns the reason, e.g. a revoked lease).
 pub async fn run(options: AgentOptions) -> Result<()> {
     let netlink = node::links::connect()?;
-    let uplink = node::uplink::find(&netlink, &options.iface, &options.iface_regex).await?;
+    let uplink = node::uplink::find(&netlink, uplink_choice(&options)).await?;
     let public_ip = options.public_ip.unwrap_or(uplink.address);
     log::info!(
         "uplink {} ({}), public IP {public_ip}",
@@ -104,12 +104,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     );
     reconciler.apply_initial(watcher.initial_leases().await?);
     reconciler.reconcile(Scope::Everything).await?;
-    let mut masquerade = Masquerade::new(Rules {
+    let backend = if config.enable_nftables {
+        masquerade::Backend::Nftables
+    } else {
+        masquerade::Backend::Iptables
+    };
+    let rules = Rules {
         network: config.network,
         subnet: lease.subnet,
         masquerade: options.ip_masq,
         forward: options.iptables_forward_rules,
-    });
+        fully_random: !options.ip_masq_fully_random_disable,
+    };
+    let mut masquerade = Masquerade::new(rules, backend);
     masquerade.ensure()?;
     SubnetEnv {
         network: config.network,
@@ -119,6 +126,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     .write_atomically(&options.subnet_file)?;
     readiness.set_ready();
+    notify_systemd_ready();
     log::info!(
         "ready: subnet {} written to {}",
         lease.subnet,
@@ -126,14 +134,32 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     );
 
     let (events, received) = mpsc::channel(EVENT_QUEUE);
+    let resync = Duration::from_secs(options.iptables_resync);
     tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
-        () = reconciler.run(received, notifications, &mut masquerade) => Err(anyhow!("the lease event stream ended")),
+        () = reconciler.run(received, notifications, &mut masquerade, resync) => Err(anyhow!("the lease event stream ended")),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnet);
             Ok(())
         }
+    }
+}
+
+fn uplink_choice(options: &AgentOptions) -> node::uplink::Choice<'_> {
+    node::uplink::Choice {
+        ifaces: &options.iface,
+        regexes: &options.iface_regex,
+        can_reach: options.iface_can_reach,
+        public_ip: options.public_ip,
+    }
+}
+
+/// Tells systemd, when it started us as a `Type=notify` unit, that the subnet file is written,
+/// as flanneld does. Outside systemd there is no NOTIFY_SOCKET and nothing is sent.
+fn notify_systemd_ready() {
+    if let Err(error) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        log::warn!("cannot tell systemd we are ready: {error}");
     }
 }
 
@@ -146,7 +172,6 @@ async fn reconciler(
     lease: &Lease,
     metrics: &Metrics,
 ) -> Result<Reconciler> {
-    let public_ip = lease.attrs.public_ip;
     let vtep_mac = lease
         .attrs
         .vtep_mac()
@@ -154,7 +179,7 @@ async fn reconciler(
     let ebpf = match options.dataplane {
         DataplaneChoice::Kernel => None,
         DataplaneChoice::Ebpf => {
-            Some(ebpf_sink(&netlink, options, config, uplink, public_ip, vtep_mac).await?)
+            Some(ebpf_sink(&netlink, options, config, uplink, vtep_mac).await?)
         }
     };
     let settings = NodeSettings {
@@ -162,14 +187,18 @@ async fn reconciler(
         vtep: vtep::VtepSpec {
             name: vtep::device_name(config.backend.vni),
             vni: config.backend.vni,
-            local: public_ip,
+            // flannel's tunnel source: the uplink's address, whatever --public-ip says.
+            local: uplink.address,
             uplink_index: uplink.index,
             port: config.backend.port,
             mtu: overlay_mtu(config, uplink)?,
             mac: vtep_mac,
+            gbp: config.backend.gbp,
+            learning: config.backend.learning,
         },
         uplink: uplink.clone(),
         subnet: lease.subnet,
+        blackhole_route: options.ip_blackhole_route,
     };
     let rules = RoutingRules {
         network: config.network,
@@ -191,9 +220,14 @@ async fn ebpf_sink(
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
-    public_ip: std::net::Ipv4Addr,
     vtep_mac: mac::MacAddr,
 ) -> Result<EbpfSink> {
+    if config.backend.gbp || config.backend.learning {
+        bail!(
+            "network config: Backend.GBP and Backend.Learning are not supported by the ebpf \
+             dataplane, which encapsulates itself: run with --dataplane=kernel"
+        );
+    }
     let uplink_link = node::links::find(netlink, &uplink.name)
         .await?
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
@@ -205,7 +239,8 @@ async fn ebpf_sink(
         config: OverlayConfig {
             vni: config.backend.vni,
             vxlan_port: config.backend.port,
-            public_ip: public_ip.octets(),
+            // The outer source, as the kernel's vxlan device would send it.
+            public_ip: uplink.address.octets(),
             vtep_mac: vtep_mac.0,
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,
@@ -227,7 +262,7 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
     node::teardown(&netlink, &options.bridge, network).await?;
     masquerade::remove()?;
     log::info!(
-        "removed the eBPF programs and pins, the overlay devices, routes and nftables table"
+        "removed the eBPF programs and pins, the overlay devices and routes, and the forward and masquerade rules"
     );
     if release_lease {
         let subnet = previous.with_context(|| {
@@ -236,7 +271,7 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
                 options.subnet_file.display()
             )
         })?;
-        let uplink = node::uplink::find(&netlink, &options.iface, &options.iface_regex).await?;
+        let uplink = node::uplink::find(&netlink, uplink_choice(options)).await?;
         let public_ip = options.public_ip.unwrap_or(uplink.address);
         let registry = EtcdRegistry::connect(&options.etcd()).await?;
         registry.delete_if_owned(subnet, public_ip).await?;

@@ -1,12 +1,11 @@
 //! `overlay-agent`: the node daemon. All logic lives in the library.
 use std::process::ExitCode;
 
-use clap::Parser;
 use overlay_agent::options::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_flanneld_style(std::env::args_os()).unwrap_or_else(|error| error.exit());
     let outcome = match cli.command {
         None => {
             init_logging(cli.agent.verbosity);

@@ -1,8 +1,14 @@
 //! Command-line flags, named and defaulted as flanneld's. Each flag can also come from
-//! `FLANNELD_<FLAG>` (dashes as underscores), so an existing flanneld env file works.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+//! `FLANNELD_<FLAG>` (dashes as underscores), so an existing flanneld env file works, and
+//! flanneld's Go flag syntax is read as well as clap's: `-flag`, `-flag=value`,
+//! `--flag value`, `-bool=false`. flanneld's Kubernetes flags are refused by name.
+use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum,
+    builder::BoolishValueParser,
+    error::{ContextKind, ContextValue, ErrorKind},
+};
 
 use crate::{
     dataplane::{DecapHook, XdpModeChoice},
@@ -21,6 +27,148 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub agent: AgentOptions,
+}
+
+/// flanneld flags overlay-agent refuses, each with the reason its refusal gives.
+const REFUSED: &[(&str, &str)] = &[
+    ("kube-subnet-mgr", KUBERNETES),
+    ("kube-api-url", KUBERNETES),
+    ("kube-annotation-prefix", KUBERNETES),
+    ("kubeconfig-file", KUBERNETES),
+    ("net-config-path", KUBERNETES),
+    ("set-node-network-unavailable", KUBERNETES),
+    ("public-ipv6", "overlay runs IPv4 networks only"),
+    ("vmodule", "set per-module log levels with RUST_LOG"),
+    ("log_backtrace_at", "overlay-agent logs no backtraces"),
+];
+const KUBERNETES: &str =
+    "overlay-agent runs in flanneld's etcd mode only, not with the Kubernetes subnet manager";
+/// Flags that take no value.
+const VALUELESS: &[&str] = &["help", "h", "version", "V", "release-lease"];
+/// Boolean flags, which Go's syntax writes as `-flag` or `-flag=false`.
+const BOOLEAN: &[&str] = &[
+    "ip-masq",
+    "ip-masq-fully-random-disable",
+    "iptables-forward-rules",
+    "ip-blackhole-route",
+    "fast-path",
+    "bpf-log",
+];
+
+impl Cli {
+    /// Parses a command line in flanneld's syntax or clap's; unknown flags are refused in
+    /// flanneld's words, flanneld's Kubernetes flags (on the command line or in `FLANNELD_*`)
+    /// by name and reason.
+    pub fn parse_flanneld_style(
+        args: impl IntoIterator<Item = OsString>,
+    ) -> Result<Self, clap::Error> {
+        let args = go_style(args.into_iter().collect());
+        refuse_unsupported(&args, |name| std::env::var(name).ok())?;
+        Self::try_parse_from(args).map_err(in_flanneld_words)
+    }
+}
+
+/// Rewrites Go's flag syntax into clap's: a single dash before a long name becomes two, a
+/// boolean flag without a value gets `=true`, and a flag's value in the next argument is joined
+/// to it with `=`, so that a value starting with a dash stays a value, as in Go. Everything
+/// after `--` is left alone.
+fn go_style(args: Vec<OsString>) -> Vec<OsString> {
+    let mut rewritten = Vec::with_capacity(args.len());
+    let mut args = args.into_iter();
+    rewritten.extend(args.next());
+    // The flag, dashes and all, whose value is the next argument.
+    let mut awaiting_value: Option<String> = None;
+    for arg in args.by_ref() {
+        if let Some(flag) = awaiting_value.take() {
+            let mut joined = OsString::from(format!("{flag}="));
+            joined.push(&arg);
+            rewritten.push(joined);
+            continue;
+        }
+        let Some(text) = arg.to_str() else {
+            rewritten.push(arg);
+            continue;
+        };
+        if text == "--" {
+            rewritten.push(arg);
+            break;
+        }
+        let Some(flag) = text.strip_prefix("--").or_else(|| text.strip_prefix('-')) else {
+            rewritten.push(arg);
+            continue;
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (flag, None),
+        };
+        // A short flag such as -v keeps its single dash.
+        let dashes = if name.len() == 1 { "-" } else { "--" };
+        let rewritten_flag = match value {
+            Some(value) => format!("{dashes}{name}={value}"),
+            None if BOOLEAN.contains(&name) => format!("--{name}=true"),
+            None if name.is_empty() => text.to_string(),
+            None if VALUELESS.contains(&name) => format!("{dashes}{name}"),
+            None => {
+                awaiting_value = Some(format!("{dashes}{name}"));
+                continue;
+            }
+        };
+        rewritten.push(rewritten_flag.into());
+    }
+    // A flag left without its value: clap names the problem.
+    rewritten.extend(awaiting_value.map(OsString::from));
+    rewritten.extend(args);
+    rewritten
+}
+
+/// Refuses flanneld's flags that overlay-agent does not implement, from the command line or
+/// from their `FLANNELD_*` variables (`env` looks one up).
+fn refuse_unsupported(
+    args: &[OsString],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), clap::Error> {
+    let on_command_line = |name: &str| {
+        args.iter().any(|arg| {
+            arg.to_str()
+                .and_then(|text| text.strip_prefix("--"))
+                .is_some_and(|flag| flag.split('=').next() == Some(name))
+        })
+    };
+    for (name, reason) in REFUSED {
+        let variable = format!("FLANNELD_{}", name.to_uppercase().replace('-', "_"));
+        let from_env = env(&variable).filter(|value| !matches!(value.as_str(), "" | "false" | "0"));
+        let source = if on_command_line(name) {
+            format!("flag -{name}")
+        } else if from_env.is_some() {
+            format!("{variable} (flag -{name})")
+        } else {
+            continue;
+        };
+        return Err(Cli::command().error(
+            ErrorKind::ArgumentConflict,
+            format!("{source} is not supported: {reason}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An unknown flag, reported as flanneld's Go flag package reports it.
+fn in_flanneld_words(error: clap::Error) -> clap::Error {
+    if error.kind() != ErrorKind::UnknownArgument {
+        return error;
+    }
+    let Some(ContextValue::String(flag)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let name = flag
+        .trim_start_matches('-')
+        .split('=')
+        .next()
+        .unwrap_or_default();
+    Cli::command().error(
+        ErrorKind::UnknownArgument,
+        format!("flag provided but not defined: -{name}"),
+    )
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,15 +247,23 @@ pub struct AgentOptions {
     pub etcd_password: Option<String>,
 
     /// Interface (name or IP address) for inter-host traffic; repeatable, first match wins.
-    /// Without it, the interface of the default route.
-    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    /// Without it, --iface-regex or --iface-can-reach: the interface holding --public-ip, else
+    /// the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE")]
     pub iface: Vec<String>,
 
-    /// Regex matched against interface IPs, then names; repeatable, first match wins.
-    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    /// Regex matched against interface IPs, then names, after every --iface; repeatable,
+    /// first match wins. Taken whole: a comma is part of the regex.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX")]
     pub iface_regex: Vec<String>,
 
-    /// IP other hosts reach this one at (defaults to the interface's address).
+    /// Use the interface, and its source address, of the route to this IP (`ip route get`),
+    /// after every --iface and --iface-regex.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
+
+    /// IP other hosts reach this one at (defaults to the interface's address). The tunnel's
+    /// source stays the interface's address, as in flannel.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
@@ -133,12 +289,25 @@ pub struct AgentOptions {
     pub subnet_lease_ttl: Duration,
 
     /// Masquerade traffic leaving the overlay network.
-    #[arg(long, env = "FLANNELD_IP_MASQ")]
+    #[arg(long, env = "FLANNELD_IP_MASQ", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub ip_masq: bool,
 
+    /// Disable fully-random port mapping for MASQUERADE.
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub ip_masq_fully_random_disable: bool,
+
     /// Add forward-accept rules for the overlay network.
-    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub iptables_forward_rules: bool,
+
+    /// Add a blackhole route for our own subnet, so that traffic to its unused addresses is
+    /// dropped here instead of following the default route.
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub ip_blackhole_route: bool,
+
+    /// How often the forward and masquerade rules are checked and restored, in seconds.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iptables_resync: u64,
 
     /// Address the health endpoints listen on.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
@@ -167,7 +336,7 @@ pub struct AgentOptions {
 
     /// In ebpf mode, carry container traffic past docker0, routing and flannel.1 (and so past
     /// netfilter's FORWARD hook). Off, every packet is routed by the stack, as in flannel.
-    #[arg(long, env = "FLANNELD_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "FLANNELD_FAST_PATH", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub fast_path: bool,
 
     /// Where the uplink decapsulates in ebpf mode: tc keeps GSO superpackets whole and puts
@@ -183,7 +352,7 @@ pub struct AgentOptions {
     /// Log every packet's outcome from the eBPF programs (aya-log, target `overlay_ebpf`), e.g.
     /// "rx_unknown_vtep on ifindex 2 (92 bytes)". For debugging only: off, the kernel removes the
     /// logging code when it loads the programs.
-    #[arg(long, env = "FLANNELD_BPF_LOG")]
+    #[arg(long, env = "FLANNELD_BPF_LOG", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub bpf_log: bool,
 
     /// Log verbosity: 0 info, 1 debug, 2 and up trace.
@@ -255,6 +424,8 @@ mod tests {
         assert_eq!(agent.subnet_lease_ttl, Duration::from_secs(86400));
         assert!(!agent.ip_masq);
         assert!(agent.iptables_forward_rules);
+        assert!(!agent.ip_masq_fully_random_disable);
+        assert_eq!(agent.iptables_resync, 5);
         assert_eq!(agent.healthz_port, 0);
         assert_eq!(agent.bridge, "docker0");
         assert_eq!(agent.dataplane, Dataplane::Ebpf);
@@ -285,10 +456,96 @@ mod tests {
         assert_eq!(agent.bridge, "cbr0");
     }
 
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let args = std::iter::once("overlay-agent").chain(args.iter().copied());
+        Cli::parse_flanneld_style(args.map(OsString::from))
+    }
+
+    #[test]
+    fn go_flag_syntax_reads_as_flanneld_s() {
+        let cli = parse(&[
+            "-etcd-endpoints=http://172.20.62.1:2379",
+            "-etcd-prefix",
+            "/docker-test/network",
+            "-ip-masq",
+            "--iptables-forward-rules=false",
+            "-ip-blackhole-route=true",
+            "-iface",
+            "eth1",
+            "--iface-regex=eth[0-9],br.*",
+            "-iface-can-reach=172.20.62.1",
+            "-etcd-password",
+            "-starts-with-a-dash",
+            "-v=2",
+        ])
+        .unwrap();
+        assert!(parse(&["-version"]).is_err_and(|shown| shown.kind() == ErrorKind::DisplayVersion));
+        let agent = cli.agent;
+        assert_eq!(agent.etcd_endpoints, ["http://172.20.62.1:2379"]);
+        assert_eq!(agent.etcd_prefix, "/docker-test/network");
+        assert!(agent.ip_masq);
+        assert!(!agent.iptables_forward_rules);
+        assert!(agent.ip_blackhole_route);
+        assert_eq!(agent.iface, ["eth1"]);
+        assert_eq!(agent.iface_regex, ["eth[0-9],br.*"], "taken whole");
+        assert_eq!(agent.iface_can_reach, Some(Ipv4Addr::new(172, 20, 62, 1)));
+        assert_eq!(agent.etcd_password.as_deref(), Some("-starts-with-a-dash"));
+        assert_eq!(agent.verbosity, 2);
+    }
+
+    #[test]
+    fn every_boolean_flag_takes_go_s_forms() {
+        for flag in BOOLEAN {
+            for form in [
+                format!("-{flag}"),
+                format!("--{flag}"),
+                format!("-{flag}=false"),
+                format!("--{flag}=1"),
+            ] {
+                parse(&[&form]).unwrap_or_else(|error| panic!("{form}: {error}"));
+            }
+        }
+        assert!(!parse(&["-ip-masq=false"]).unwrap().agent.ip_masq);
+    }
+
+    #[test]
+    fn unknown_and_unsupported_flags_are_refused_by_name() {
+        for (args, complaint) in [
+            (
+                &["-no-such-flag"][..],
+                "flag provided but not defined: -no-such-flag",
+            ),
+            (
+                &["--no-such-flag=3"][..],
+                "flag provided but not defined: -no-such-flag",
+            ),
+            (
+                &["-kube-subnet-mgr"][..],
+                "flag -kube-subnet-mgr is not supported",
+            ),
+            (
+                &["--public-ipv6=fd00::1"][..],
+                "flag -public-ipv6 is not supported",
+            ),
+        ] {
+            let error = parse(args).unwrap_err().to_string();
+            assert!(error.contains(complaint), "{args:?}: {error}");
+        }
+        let from_env =
+            |name: &str| (name == "FLANNELD_KUBE_SUBNET_MGR").then(|| "true".to_string());
+        let error = refuse_unsupported(&[], from_env).unwrap_err().to_string();
+        assert!(
+            error.contains("FLANNELD_KUBE_SUBNET_MGR (flag -kube-subnet-mgr) is not supported"),
+            "{error}"
+        );
+        let disabled =
+            |name: &str| (name == "FLANNELD_KUBE_SUBNET_MGR").then(|| "false".to_string());
+        assert!(refuse_unsupported(&[], disabled).is_ok());
+    }
+
     #[test]
     fn flags_parse_and_bad_ones_are_named() {
-        let cli = Cli::try_parse_from([
-            "overlay-agent",
+        let cli = parse(&[
             "--etcd-endpoints=http://172.20.62.1:2379",
             "--iface=eth1",
             "--iface=172.20.62.104",

@@ -28,7 +28,8 @@ pub struct OverlayConfig {
     pub vxlan_port: u16,
     /// Keeps the layout free of implicit padding.
     pub reserved: u16,
-    /// This host's public IP: the outer source of what it encapsulates.
+    /// The outer source of what this host encapsulates: the uplink's address, which is also
+    /// the public IP unless `--public-ip` names another (flannel's tunnel source).
     pub public_ip: [u8; 4],
     /// MAC of this host's VXLAN device, the inner source of what it encapsulates.
     pub vtep_mac: [u8; 6],

@@ -47,6 +47,12 @@ impl Agent {
     /// Starts the agent on `host` against the cluster's etcd with the seed's prefix, the
     /// host's subnet file, and `extra` flags.
     pub fn start(cluster: &Cluster, host: &Host, extra: &[&str]) -> Result<Self> {
+        Self::start_with(host, &Self::flags(cluster, host, extra), &[])
+    }
+
+    /// The flags [`Agent::start`] gives: the cluster's etcd, the seed's prefix, the host's
+    /// subnet file, pin directory and health port, then `extra`.
+    pub fn flags(cluster: &Cluster, host: &Host, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             format!("--etcd-endpoints={}", cluster.endpoints()),
             format!("--etcd-prefix={PREFIX}"),
@@ -56,7 +62,7 @@ impl Agent {
             format!("--healthz-port={HEALTH_PORT}"),
         ];
         args.extend(extra.iter().map(|arg| arg.to_string()));
-        Self::start_with(host, &args, &[])
+        args
     }
 
     /// Starts the agent on `host` with exactly `args` and environment `envs`.

@@ -4,7 +4,7 @@ use std::{thread::sleep, time::Duration};
 
 use anyhow::{Context, Result};
 use overlay_tests::{
-    agent::{Agent, HEALTH_PORT, subnet_from_file},
+    agent::{Agent, HEALTH_PORT, READY_TIMEOUT, subnet_from_file},
     cluster::{Cluster, Host, PREFIX},
 };
 
@@ -511,6 +511,49 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
 }
 
 #[test]
+fn a_flanneld_unit_s_command_line_runs_and_systemd_hears_ready() -> Result<()> {
+    let (cluster, host1) = host_with_reservation("notify")?;
+    // What systemd does for a Type=notify unit: a datagram socket named in NOTIFY_SOCKET.
+    let socket = cluster.scratch.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&socket)?;
+    systemd.set_read_timeout(Some(READY_TIMEOUT))?;
+    // A unit as flannel's documentation writes one: Go-style flags, an env file's variables.
+    let flags = [
+        format!("-etcd-endpoints={}", cluster.endpoints()),
+        format!("-etcd-prefix={PREFIX}"),
+        format!("-subnet-file={}", host1.subnet_file().display()),
+        "-iface=eth0".to_string(),
+        "-ip-masq=true".to_string(),
+    ];
+    let socket_path = socket.display().to_string();
+    let pin_dir = host1.pin_dir().display().to_string();
+    let _agent = Agent::start_with(
+        &host1,
+        &flags,
+        &[
+            ("NOTIFY_SOCKET", &socket_path),
+            ("FLANNELD_IPTABLES_RESYNC", "10"),
+            ("FLANNELD_BPF_PIN_DIR", &pin_dir),
+        ],
+    )?;
+    let mut message = [0u8; 64];
+    let length = systemd
+        .recv(&mut message)
+        .context("no notification from the agent")?;
+    assert_eq!(
+        String::from_utf8_lossy(&message[..length]).trim(),
+        "READY=1"
+    );
+    assert_eq!(
+        subnet_from_file(&host1.subnet_file()).as_deref(),
+        Some("10.2.41.0/24"),
+        "the subnet file is written before READY=1"
+    );
+    assert!(std::fs::read_to_string(host1.subnet_file())?.contains("FLANNEL_IPMASQ=true\n"));
+    Ok(())
+}
+
+#[test]
 fn agents_racing_for_the_last_subnets_all_get_one() -> Result<()> {
     // A /28 holds three /30 subnets: three agents starting at once collide on create often.
     let config = r#"{"Network": "10.3.0.0/28", "Backend": {"Type": "vxlan"}}"#;
@@ -567,7 +610,9 @@ fn the_uplink_is_chosen_by_iface_name_or_regex_on_a_multi_homed_host() -> Result
     }
 
     let mut missing = Agent::start(&cluster, &host1, &["--iface=wlan9"])?;
-    missing.expect_failure("none of --iface wlan9 names an interface with an IPv4 address")?;
+    missing.expect_failure(
+        "no interface matches the --iface, --iface-regex and --iface-can-reach given",
+    )?;
     Ok(())
 }
 
@@ -595,5 +640,75 @@ fn the_agent_logs_in_to_an_etcd_with_authentication() -> Result<()> {
         !host2.subnet_file().exists(),
         "no lease with a wrong password"
     );
+    Ok(())
+}
+
+#[test]
+fn flags_flanneld_does_not_know_or_overlay_does_not_support_are_refused_by_name() -> Result<()> {
+    let mut cluster = Cluster::new("refused-flags")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    for (flag, complaint) in [
+        (
+            "-no-such-flag",
+            "flag provided but not defined: -no-such-flag",
+        ),
+        ("-kube-subnet-mgr", "flag -kube-subnet-mgr is not supported"),
+    ] {
+        let flags = Agent::flags(&cluster, &host1, &[flag]);
+        Agent::start_with(&host1, &flags, &[])?.expect_failure(complaint)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Result<()> {
+    let mut cluster = Cluster::new("uplink-choice")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A second interface; flanneld takes it when --public-ip names its address.
+    host1.netns.ip(&[
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1-peer",
+    ])?;
+    host1
+        .netns
+        .ip(&["addr", "add", "192.168.77.4/24", "dev", "eth1"])?;
+    for device in ["eth1", "eth1-peer"] {
+        host1.netns.ip(&["link", "set", device, "up"])?;
+    }
+    let kernel = ["--dataplane=kernel"];
+    let uplink_of = |extra: &[&str]| -> Result<String> {
+        let mut agent = Agent::start(&cluster, &host1, &[&kernel[..], extra].concat())?;
+        agent.wait_ready()?;
+        let device = host1.netns.ip(&["-d", "link", "show", "flannel.1"])?;
+        agent.process.terminate(EVENT_TIMEOUT)?;
+        Ok(device)
+    };
+
+    let device = uplink_of(&["--public-ip=192.168.77.4"])?;
+    assert!(device.contains("local 192.168.77.4 dev eth1"), "{device}");
+    // A public IP no interface holds (a NAT's) keeps the interface's address as the source.
+    let device = uplink_of(&["--iface=eth0", "--public-ip=203.0.113.9"])?;
+    assert!(device.contains("local 172.20.62.104 dev eth0"), "{device}");
+    let record = cluster.etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "--print-value-only",
+        &format!("{PREFIX}/subnets"),
+    ])?;
+    assert!(record.contains(r#""PublicIP":"203.0.113.9""#), "{record}");
+    let device = uplink_of(&["--iface-can-reach=192.168.77.1"])?;
+    assert!(device.contains("local 192.168.77.4 dev eth1"), "{device}");
+    let device = uplink_of(&["--iface=nope", "--iface-regex=^eth1$"])?;
+    assert!(device.contains("local 192.168.77.4 dev eth1"), "{device}");
+
+    let flags = Agent::flags(&cluster, &host1, &["--public-ip=203.0.113.9"]);
+    Agent::start_with(&host1, &flags, &[])?
+        .expect_failure("no interface holds --public-ip 203.0.113.9")?;
     Ok(())
 }

@@ -427,22 +427,8 @@ fn ip_masq_lets_containers_out_and_port_mappings_in() -> Result<()> {
     let nat = seed
         .host1
         .netns
-        .exec(&["nft", "list", "table", "ip", "overlay"])?;
-    assert!(nat.contains("masquerade"), "{nat}");
-    seed.host1
-        .netns
-        .exec(&["nft", "delete", "table", "ip", "overlay"])?;
-    wait_for(
-        "the nftables table to come back",
-        Duration::from_secs(10),
-        || {
-            Ok(seed
-                .host1
-                .netns
-                .exec(&["nft", "list", "table", "ip", "overlay"])
-                .is_ok())
-        },
-    )?;
+        .exec(&["iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    assert!(nat.contains("-j MASQUERADE"), "{nat}");
 
     // A container reaches the outside host, which sees host1's public IP.
     let log = seed.cluster.scratch.path().join("iperf-outside.log");
@@ -540,5 +526,27 @@ fn teardown_leaves_the_host_as_it_found_it() -> Result<()> {
         cluster.etcd.get(&cluster.subnet_key(&subnet))?.is_none(),
         "--release-lease deletes the record"
     );
+    Ok(())
+}
+
+#[test]
+fn ip_blackhole_route_backs_the_subnet_when_the_bridge_route_is_gone() -> Result<()> {
+    let seed = Seed::start("blackhole", &["--dataplane=kernel", "--ip-blackhole-route"])?;
+    let host = &seed.host1;
+    // docker0's own route covers the subnet; the kernel allows no second one for it.
+    assert!(
+        !host
+            .netns
+            .ip(&["route", "show", "type", "blackhole"])?
+            .contains(SUBNET1)
+    );
+    host.netns
+        .ip(&["route", "del", SUBNET1, "dev", "docker0"])?;
+    wait_for("the blackhole route", HEAL_TIMEOUT, || {
+        Ok(host
+            .netns
+            .ip(&["route", "show", "type", "blackhole"])?
+            .contains(&format!("blackhole {SUBNET1}")))
+    })?;
     Ok(())
 }

@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "sockperf",
     "nftables",
+    // flannel's default firewall backend: FLANNEL-FWD and FLANNEL-POSTRTG (iptables-nft).
+    "iptables",
     "tcpdump",
     "ethtool",
     "util-linux",

@@ -5,8 +5,11 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, bail};
 use ipnetwork::Ipv4Network;
 use rtnetlink::{
-    Handle, LinkBridge,
-    packet_route::link::{InfoKind, LinkAttribute},
+    Handle, LinkBridge, RouteMessageBuilder,
+    packet_route::{
+        link::{InfoKind, LinkAttribute},
+        route::{RouteAddress, RouteAttribute, RouteType},
+    },
 };
 
 use super::links;
@@ -47,4 +50,50 @@ pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<
 /// The subnet's first host address: the containers' default gateway, FLANNEL_SUBNET's address.
 pub fn gateway(subnet: Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+/// `--ip-blackhole-route`: a blackhole route for our subnet, as flanneld adds one, so that
+/// traffic to addresses no container holds ends here instead of following the default route.
+/// While the bridge's own route for the subnet exists the kernel refuses a second one (EEXIST)
+/// and there is nothing to do.
+pub async fn ensure_blackhole_route(handle: &Handle, subnet: Ipv4Network) -> Result<()> {
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(subnet.network(), subnet.prefix())
+        .kind(RouteType::BlackHole)
+        .build();
+    match handle.route().add(route).execute().await {
+        Ok(()) => {
+            log::info!("added blackhole route {subnet}");
+            Ok(())
+        }
+        Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::EEXIST => {
+            Ok(())
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot add blackhole route {subnet}")),
+    }
+}
+
+/// Deletes the blackhole routes into `network`: the one `--ip-blackhole-route` added.
+pub async fn remove_blackhole_routes(handle: &Handle, network: Ipv4Network) -> Result<()> {
+    for route in links::ipv4_routes(handle).await? {
+        let destination = route
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+                _ => None,
+            });
+        let ours = route.header.kind == RouteType::BlackHole
+            && destination.is_some_and(|address| network.contains(address));
+        if ours {
+            log::info!("removing a blackhole route into {network}");
+            handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .context("cannot delete a blackhole route")?;
+        }
+    }
+    Ok(())
 }

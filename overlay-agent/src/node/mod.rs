@@ -38,6 +38,8 @@ pub struct NodeSettings {
     pub uplink: Uplink,
     /// This host's lease.
     pub subnet: Ipv4Network,
+    /// `--ip-blackhole-route`.
+    pub blackhole_route: bool,
 }
 
 impl NodeNetwork {
@@ -52,6 +54,9 @@ impl NodeNetwork {
         links::write_sysctl("net/ipv4/ip_forward", "1")?;
         let bridge = bridge::ensure(&self.handle, &settings.bridge, settings.subnet).await?;
         let vtep_index = vtep::ensure(&self.handle, &settings.vtep, settings.subnet).await?;
+        if settings.blackhole_route {
+            bridge::ensure_blackhole_route(&self.handle, settings.subnet).await?;
+        }
         Ok(Devices {
             bridge: Device {
                 name: settings.bridge.clone(),
@@ -157,6 +162,7 @@ pub async fn teardown(handle: &Handle, bridge: &str, network: Option<Ipv4Network
     }
     if let Some(network) = network {
         peers::remove_routes_into(handle, network).await?;
+        bridge::remove_blackhole_routes(handle, network).await?;
     }
     Ok(())
 }

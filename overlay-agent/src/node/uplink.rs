@@ -1,15 +1,18 @@
 //! Choosing the uplink: the interface other hosts reach this one through, found as flanneld
-//! finds it (`--iface`, then `--iface-regex`, then the default route's interface).
+//! finds it. With none of `--iface`, `--iface-regex` and `--iface-can-reach`: the interface
+//! holding `--public-ip`, else the default route's. Otherwise each `--iface` (name or address)
+//! in turn, then each `--iface-regex` (addresses first, then names), then the interface of the
+//! route to `--iface-can-reach`.
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
 use regex::Regex;
 use rtnetlink::{
-    Handle,
+    Handle, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        route::{RouteAttribute, RouteHeader},
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
     },
 };
 
@@ -17,9 +20,18 @@ use rtnetlink::{
 pub struct Uplink {
     pub name: String,
     pub index: u32,
-    /// The interface's address that other hosts reach; the public IP unless overridden.
+    /// The interface's address: the tunnel's source, and the public IP unless `--public-ip`.
     pub address: Ipv4Addr,
     pub mtu: u32,
+}
+
+/// How the operator asked for the uplink: flanneld's flags of the same names.
+#[derive(Clone, Copy, Debug)]
+pub struct Choice<'a> {
+    pub ifaces: &'a [String],
+    pub regexes: &'a [String],
+    pub can_reach: Option<Ipv4Addr>,
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 struct Link {
@@ -28,86 +40,163 @@ struct Link {
     mtu: u32,
 }
 
-/// Finds the uplink: the first `--iface` (name or address) that exists, else the first
-/// `--iface-regex` matching an address or a name, else the default route's interface.
-pub async fn find(handle: &Handle, ifaces: &[String], regexes: &[String]) -> Result<Uplink> {
-    let links = links(handle).await?;
-    let addresses = ipv4_addresses(handle).await?;
-    let uplink_of = |link: &Link, address: Option<Ipv4Addr>| -> Option<Uplink> {
+/// The interfaces and their IPv4 addresses, listed once per search.
+struct Interfaces {
+    links: Vec<Link>,
+    /// (interface index, address), in the kernel's order.
+    addresses: Vec<(u32, Ipv4Addr)>,
+}
+
+impl Interfaces {
+    async fn list(handle: &Handle) -> Result<Self> {
+        Ok(Self {
+            links: links(handle).await?,
+            addresses: ipv4_addresses(handle).await?,
+        })
+    }
+
+    /// The uplink on the interface `index`, with `address` or else its first IPv4 address.
+    fn uplink(&self, index: u32, address: Option<Ipv4Addr>) -> Option<Uplink> {
+        let link = self.links.iter().find(|link| link.index == index)?;
         let address = address.or_else(|| {
-            addresses
+            self.addresses
                 .iter()
-                .find(|(index, _)| *index == link.index)
+                .find(|(owner, _)| *owner == index)
                 .map(|(_, address)| *address)
         })?;
         Some(Uplink {
             name: link.name.clone(),
-            index: link.index,
+            index,
             address,
             mtu: link.mtu,
         })
-    };
-    let link_with_index = |index: u32| links.iter().find(|link| link.index == index);
-
-    if !ifaces.is_empty() {
-        for spec in ifaces {
-            let found = match spec.parse::<Ipv4Addr>() {
-                Ok(wanted) => addresses
-                    .iter()
-                    .find(|(_, address)| *address == wanted)
-                    .and_then(|(index, address)| {
-                        uplink_of(link_with_index(*index)?, Some(*address))
-                    }),
-                Err(_) => links
-                    .iter()
-                    .find(|link| &link.name == spec)
-                    .and_then(|link| uplink_of(link, None)),
-            };
-            match found {
-                Some(uplink) => return Ok(uplink),
-                None => log::warn!("--iface {spec}: no interface with that name or IPv4 address"),
-            }
-        }
-        bail!(
-            "none of --iface {} names an interface with an IPv4 address",
-            ifaces.join(", ")
-        );
     }
 
-    if !regexes.is_empty() {
-        for pattern in regexes {
-            let regex = Regex::new(pattern)
-                .with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
-            let by_address = addresses
+    /// The interface holding `wanted`.
+    fn holding(&self, wanted: Ipv4Addr) -> Option<Uplink> {
+        let (index, _) = self
+            .addresses
+            .iter()
+            .find(|(_, address)| *address == wanted)?;
+        self.uplink(*index, Some(wanted))
+    }
+
+    /// `--iface`: an interface by address or by name.
+    fn by_spec(&self, spec: &str) -> Option<Uplink> {
+        match spec.parse::<Ipv4Addr>() {
+            Ok(wanted) => self.holding(wanted),
+            Err(_) => self
+                .links
                 .iter()
-                .find(|(_, address)| regex.is_match(&address.to_string()))
-                .and_then(|(index, address)| uplink_of(link_with_index(*index)?, Some(*address)));
-            let found = by_address.or_else(|| {
-                links
-                    .iter()
-                    .filter(|link| regex.is_match(&link.name))
-                    .find_map(|link| uplink_of(link, None))
-            });
-            if let Some(uplink) = found {
-                return Ok(uplink);
-            }
+                .find(|link| link.name == spec)
+                .and_then(|link| self.uplink(link.index, None)),
         }
-        bail!(
-            "no interface address or name matches --iface-regex {}",
-            regexes.join(", ")
-        );
     }
 
+    /// `--iface-regex`: the first address that matches, else the first name.
+    fn by_regex(&self, regex: &Regex) -> Option<Uplink> {
+        let by_address = self
+            .addresses
+            .iter()
+            .find(|(_, address)| regex.is_match(&address.to_string()))
+            .and_then(|(index, address)| self.uplink(*index, Some(*address)));
+        by_address.or_else(|| {
+            self.links
+                .iter()
+                .filter(|link| regex.is_match(&link.name))
+                .find_map(|link| self.uplink(link.index, None))
+        })
+    }
+}
+
+/// Finds the uplink as [`Choice`] asks, in flanneld's order.
+pub async fn find(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
+    let interfaces = Interfaces::list(handle).await?;
+    if choice.ifaces.is_empty() && choice.regexes.is_empty() && choice.can_reach.is_none() {
+        return match choice.public_ip {
+            Some(public_ip) => interfaces.holding(public_ip).with_context(|| {
+                format!(
+                    "no interface holds --public-ip {public_ip}: name the uplink with --iface \
+                     (the public IP may then be an address of another host, e.g. a NAT)"
+                )
+            }),
+            None => default_uplink(handle, &interfaces).await,
+        };
+    }
+    for spec in choice.ifaces {
+        match interfaces.by_spec(spec) {
+            Some(uplink) => return Ok(uplink),
+            None => log::warn!("--iface {spec}: no interface with that name or IPv4 address"),
+        }
+    }
+    for pattern in choice.regexes {
+        let regex = Regex::new(pattern)
+            .with_context(|| format!("--iface-regex {pattern:?} is not a valid regex"))?;
+        match interfaces.by_regex(&regex) {
+            Some(uplink) => return Ok(uplink),
+            None => log::warn!("--iface-regex {pattern}: no interface address or name matches"),
+        }
+    }
+    if let Some(destination) = choice.can_reach {
+        match route_to(handle, destination).await? {
+            Some((index, source)) => {
+                if let Some(uplink) = interfaces.uplink(index, source) {
+                    return Ok(uplink);
+                }
+                log::warn!(
+                    "--iface-can-reach {destination}: the route's interface has no IPv4 address"
+                );
+            }
+            None => log::warn!("--iface-can-reach {destination}: no route to it"),
+        }
+    }
+    bail!("no interface matches the --iface, --iface-regex and --iface-can-reach given")
+}
+
+async fn default_uplink(handle: &Handle, interfaces: &Interfaces) -> Result<Uplink> {
     let index = default_route_interface(handle)
         .await?
         .context("there is no IPv4 default route: name the uplink with --iface")?;
-    let link = link_with_index(index).context("the default route's interface vanished")?;
-    uplink_of(link, None).with_context(|| {
+    interfaces.uplink(index, None).with_context(|| {
         format!(
-            "{}, the default route's interface, has no IPv4 address: name the uplink with --iface",
-            link.name
+            "the default route's interface (index {index}) has no IPv4 address: name the uplink \
+             with --iface"
         )
     })
+}
+
+/// The interface and source address `ip route get <destination>` reports.
+async fn route_to(
+    handle: &Handle,
+    destination: Ipv4Addr,
+) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
+    let query = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(destination, 32)
+        .build();
+    let answers: Vec<RouteMessage> = match handle.route().get(query).execute().try_collect().await {
+        Ok(answers) => answers,
+        Err(rtnetlink::Error::NetlinkError(message))
+            if message.raw_code() == -libc::ENETUNREACH =>
+        {
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("cannot look up the route to {destination}"));
+        }
+    };
+    Ok(answers.into_iter().find_map(|route| {
+        let mut index = None;
+        let mut source = None;
+        for attribute in route.attributes {
+            match attribute {
+                RouteAttribute::Oif(oif) => index = Some(oif),
+                RouteAttribute::PrefSource(RouteAddress::Inet(address)) => source = Some(address),
+                _ => {}
+            }
+        }
+        Some((index?, source))
+    }))
 }
 
 async fn links(handle: &Handle) -> Result<Vec<Link>> {

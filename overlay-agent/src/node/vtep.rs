@@ -20,6 +20,10 @@ pub struct VtepSpec {
     pub port: u16,
     pub mtu: u32,
     pub mac: MacAddr,
+    /// The network config's `GBP`: VXLAN Group Based Policy extension.
+    pub gbp: bool,
+    /// The network config's `Learning`: the device learns remote MACs from received frames.
+    pub learning: bool,
 }
 
 /// flannel's name for the device of `vni`.
@@ -69,16 +73,16 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
         spec.vni,
         spec.mac
     );
-    let message = LinkVxlan::new(&spec.name, spec.vni)
+    let device = LinkVxlan::new(&spec.name, spec.vni)
         .dev(spec.uplink_index)
         .local(spec.local)
         .port(spec.port)
-        .learning(false)
+        .learning(spec.learning)
         // flannel's wire format carries a zero outer UDP checksum.
         .udp_csum(false)
         .mtu(spec.mtu)
-        .append_extra_attribute(LinkAttribute::Address(spec.mac.0.to_vec()))
-        .build();
+        .append_extra_attribute(LinkAttribute::Address(spec.mac.0.to_vec()));
+    let message = if spec.gbp { device.gbp() } else { device }.build();
     links::create(handle, &spec.name, message).await
 }
 
@@ -94,7 +98,8 @@ fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
         && has(&InfoVxlan::Local(spec.local))
         && has(&InfoVxlan::Link(spec.uplink_index))
         && has(&InfoVxlan::Port(spec.port))
-        && has(&InfoVxlan::Learning(false))
+        && has(&InfoVxlan::Learning(spec.learning))
+        && has(&InfoVxlan::Gbp) == spec.gbp
         && has(&InfoVxlan::UDPCsum(false))
 }
 

@@ -35,8 +35,6 @@ pub use notifications::{Notifications, subscribe};
 const SAFETY_NET_INTERVAL: Duration = Duration::from_secs(30);
 /// How soon a reconcile that failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// How often the nftables table is checked, as flannel re-checks its rules.
-const MASQUERADE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How much of the host one round looks at, from least to most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -192,18 +190,18 @@ impl Reconciler {
 
     /// After a first `reconcile(Scope::Everything)` and `masquerade.ensure()`: applies lease
     /// events and notifications as they come, batching whatever is queued into one round, and
-    /// keeps the nftables table on its timer. Failures are logged and retried,
+    /// checks the forward and masquerade rules every `resync`. Failures are logged and retried,
     /// never fatal. Returns when the lease events end.
     pub async fn run(
         &mut self,
         mut leases: mpsc::Receiver<LeaseEvent>,
         mut notifications: Notifications,
         masquerade: &mut Masquerade,
+        resync: Duration,
     ) {
         // The caller has just done both: the first ticks are one interval away.
         let mut safety_net = interval_at(Instant::now() + SAFETY_NET_INTERVAL, SAFETY_NET_INTERVAL);
-        let mut masquerade_timer =
-            interval_at(Instant::now() + MASQUERADE_INTERVAL, MASQUERADE_INTERVAL);
+        let mut masquerade_timer = interval_at(Instant::now() + resync, resync);
         safety_net.set_missed_tick_behavior(MissedTickBehavior::Delay);
         masquerade_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut retry: Option<(Instant, Scope)> = None;
@@ -219,8 +217,9 @@ impl Reconciler {
                 _ = safety_net.tick() => Some(Scope::Everything),
                 () = sleep_until(retry_at), if retry.is_some() => retry.take().map(|(_, scope)| scope),
                 _ = masquerade_timer.tick() => {
-                    if let Err(error) = masquerade.ensure() {
-                        log::warn!("cannot restore the nftables rules: {error:#}");
+                    // iptables and nft are programs: run them off the async workers' clock.
+                    if let Err(error) = tokio::task::block_in_place(|| masquerade.ensure()) {
+                        log::warn!("cannot restore the forward and masquerade rules: {error:#}");
                     }
                     None
                 }

@@ -1,0 +1,293 @@
+//! flannel's default: the chains `FLANNEL-FWD` and `FLANNEL-POSTRTG`, each jumped to from the
+//! built-in chain it belongs to, with flannel's exact rules and comments, through the `iptables`
+//! crate (the counterpart of the go-iptables package flannel uses).
+use std::{error::Error, process::Command};
+
+use anyhow::{Result, anyhow};
+use iptables::IPTables;
+
+use super::{FORWARD_COMMENT, KUBE_PROXY_MARK, MASQUERADE_COMMENT, MULTICAST, Rules};
+
+const FORWARD_CHAIN: &str = "FLANNEL-FWD";
+const MASQUERADE_CHAIN: &str = "FLANNEL-POSTRTG";
+/// The first iptables release with `--random-fully`, the version flannel checks for.
+const RANDOM_FULLY_SINCE: (u32, u32, u32) = (1, 6, 2);
+
+/// One of our chains: where it lives and the comment on its rules.
+struct Chain {
+    table: &'static str,
+    /// The built-in chain that jumps to ours.
+    hook: &'static str,
+    name: &'static str,
+    comment: &'static str,
+}
+
+const FORWARD: Chain = Chain {
+    table: "filter",
+    hook: "FORWARD",
+    name: FORWARD_CHAIN,
+    comment: FORWARD_COMMENT,
+};
+
+const MASQUERADE: Chain = Chain {
+    table: "nat",
+    hook: "POSTROUTING",
+    name: MASQUERADE_CHAIN,
+    comment: MASQUERADE_COMMENT,
+};
+
+impl Chain {
+    fn comment(&self) -> String {
+        format!("-m comment --comment \"{}\"", self.comment)
+    }
+
+    /// The rule in the built-in chain that sends packets to ours.
+    fn jump(&self) -> String {
+        format!("{} -j {}", self.comment(), self.name)
+    }
+}
+
+fn forward_rules(rules: &Rules) -> Vec<String> {
+    let (network, comment) = (rules.network, FORWARD.comment());
+    vec![
+        format!("-s {network} {comment} -j ACCEPT"),
+        format!("-d {network} {comment} -j ACCEPT"),
+    ]
+}
+
+fn masquerade_rules(rules: &Rules) -> Vec<String> {
+    let (network, subnet, comment) = (rules.network, rules.subnet, MASQUERADE.comment());
+    let masquerade = if rules.fully_random {
+        "MASQUERADE --random-fully"
+    } else {
+        "MASQUERADE"
+    };
+    vec![
+        format!("-m mark --mark {KUBE_PROXY_MARK}/{KUBE_PROXY_MARK} {comment} -j RETURN"),
+        format!("-s {subnet} -d {network} {comment} -j RETURN"),
+        format!("-s {network} -d {subnet} {comment} -j RETURN"),
+        format!("! -s {network} -d {subnet} {comment} -j RETURN"),
+        format!("-s {network} ! -d {MULTICAST} {comment} -j {masquerade}"),
+        format!("! -s {network} -d {network} {comment} -j {masquerade}"),
+    ]
+}
+
+/// Makes our chains and jumps what `rules` call for, and removes the ones they do not.
+pub fn write(rules: &Rules) -> Result<()> {
+    let iptables = open()?;
+    for (chain, wanted) in wanted_chains(rules) {
+        match wanted {
+            Some(wanted) => install(&iptables, &chain, &wanted),
+            None => uninstall(&iptables, &chain),
+        }
+        .map_err(|error| anyhow!("cannot set up the iptables chain {}: {error}", chain.name))?;
+    }
+    Ok(())
+}
+
+/// Whether our chains, their rules in order and the jumps into them are exactly what `rules`
+/// call for, as `iptables -S` lists them (our rule texts are written in that form).
+pub fn in_place(rules: &Rules) -> Result<bool> {
+    let iptables = open()?;
+    for (chain, wanted) in wanted_chains(rules) {
+        let listed = iptables
+            .list_table(chain.table)
+            .map_err(|error| anyhow!("cannot list the iptables {} table: {error}", chain.table))?;
+        let ours: Vec<String> = listed
+            .into_iter()
+            .filter(|line| line.contains(chain.name))
+            .collect();
+        let expected: Vec<String> = match wanted {
+            Some(chain_rules) => [
+                format!("-N {}", chain.name),
+                format!("-A {} {}", chain.hook, chain.jump()),
+            ]
+            .into_iter()
+            .chain(
+                chain_rules
+                    .iter()
+                    .map(|rule| format!("-A {} {rule}", chain.name)),
+            )
+            .collect(),
+            None => Vec::new(),
+        };
+        if !same_lines(ours, expected) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The same lines, with the rules of our chain in the same order.
+fn same_lines(mut listed: Vec<String>, mut expected: Vec<String>) -> bool {
+    let in_order = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|line| line.starts_with("-A FLANNEL-"))
+            .cloned()
+            .collect()
+    };
+    if in_order(&listed) != in_order(&expected) {
+        return false;
+    }
+    listed.sort_unstable();
+    expected.sort_unstable();
+    listed == expected
+}
+
+/// Each chain with its rules, or `None` where `rules` do not want it.
+fn wanted_chains(rules: &Rules) -> [(Chain, Option<Vec<String>>); 2] {
+    [
+        (FORWARD, rules.forward.then(|| forward_rules(rules))),
+        (
+            MASQUERADE,
+            rules.masquerade.then(|| masquerade_rules(rules)),
+        ),
+    ]
+}
+
+/// Removes our chains and the jumps into them, wherever they are.
+pub fn remove() -> Result<()> {
+    let Ok(iptables) = open() else {
+        // No iptables on this host: nothing of ours can be there.
+        return Ok(());
+    };
+    for chain in [FORWARD, MASQUERADE] {
+        uninstall(&iptables, &chain)
+            .map_err(|error| anyhow!("cannot remove the iptables chain {}: {error}", chain.name))?;
+        if holds_nothing(&iptables, chain.table) {
+            super::nftables::delete_iptables_table(chain.table);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `table` holds only built-in chains with no rules and policy ACCEPT: what iptables-nft
+/// creates on first use, and what has no effect on any packet.
+fn holds_nothing(iptables: &IPTables, table: &str) -> bool {
+    iptables.list_table(table).is_ok_and(|lines| {
+        lines
+            .iter()
+            .all(|line| line.starts_with("-P ") && line.ends_with(" ACCEPT"))
+    })
+}
+
+/// Whether the host's iptables knows `--random-fully`.
+pub fn supports_random_fully() -> bool {
+    Command::new("iptables")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|output| version(&String::from_utf8_lossy(&output.stdout)))
+        .is_some_and(|version| version >= RANDOM_FULLY_SINCE)
+}
+
+/// The version in `iptables --version` output, "iptables v1.8.9 (nf_tables)".
+fn version(output: &str) -> Option<(u32, u32, u32)> {
+    let version = output
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix('v'))?;
+    let mut numbers = version.split('.').map(|number| number.parse().ok());
+    Some((numbers.next()??, numbers.next()??, numbers.next()??))
+}
+
+fn open() -> Result<IPTables> {
+    iptables::new(false).map_err(|error| {
+        anyhow!(
+            "cannot run iptables ({error}): install it, or set EnableNFTables in the network \
+             config to use nftables"
+        )
+    })
+}
+
+/// Whether `chain` exists, from `iptables -S`: the crate's own check lists the chain with
+/// `-L`, which looks every address up in DNS (seconds per rule where no resolver answers).
+fn chain_exists(iptables: &IPTables, chain: &Chain) -> Result<bool, Box<dyn Error>> {
+    Ok(iptables
+        .list_chains(chain.table)?
+        .iter()
+        .any(|name| name == chain.name))
+}
+
+fn install(iptables: &IPTables, chain: &Chain, rules: &[String]) -> Result<(), Box<dyn Error>> {
+    if chain_exists(iptables, chain)? {
+        iptables.flush_chain(chain.table, chain.name)?;
+    } else {
+        iptables.new_chain(chain.table, chain.name)?;
+    }
+    for rule in rules {
+        iptables.append(chain.table, chain.name, rule)?;
+    }
+    if iptables.exists(chain.table, chain.hook, &chain.jump())? {
+        return Ok(());
+    }
+    iptables.append(chain.table, chain.hook, &chain.jump())
+}
+
+fn uninstall(iptables: &IPTables, chain: &Chain) -> Result<(), Box<dyn Error>> {
+    if !chain_exists(iptables, chain)? {
+        return Ok(());
+    }
+    iptables.delete_all(chain.table, chain.hook, &chain.jump())?;
+    iptables.flush_chain(chain.table, chain.name)?;
+    iptables.delete_chain(chain.table, chain.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed(fully_random: bool) -> Rules {
+        Rules {
+            network: "10.2.0.0/16".parse().unwrap(),
+            subnet: "10.2.41.0/24".parse().unwrap(),
+            masquerade: true,
+            forward: true,
+            fully_random,
+        }
+    }
+
+    #[test]
+    fn flannels_forward_chain() {
+        assert_eq!((FORWARD.table, FORWARD.hook), ("filter", "FORWARD"));
+        assert_eq!(
+            FORWARD.jump(),
+            "-m comment --comment \"flanneld forward\" -j FLANNEL-FWD"
+        );
+        assert_eq!(
+            forward_rules(&seed(true)),
+            [
+                "-s 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
+                "-d 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
+            ]
+        );
+    }
+
+    #[test]
+    fn flannels_masquerade_chain() {
+        assert_eq!((MASQUERADE.table, MASQUERADE.hook), ("nat", "POSTROUTING"));
+        let masq = "-m comment --comment \"flanneld masq\"";
+        assert_eq!(MASQUERADE.jump(), format!("{masq} -j FLANNEL-POSTRTG"));
+        assert_eq!(
+            masquerade_rules(&seed(true)),
+            [
+                format!("-m mark --mark 0x4000/0x4000 {masq} -j RETURN"),
+                format!("-s 10.2.41.0/24 -d 10.2.0.0/16 {masq} -j RETURN"),
+                format!("-s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
+                format!("! -s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
+                format!("-s 10.2.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully"),
+                format!("! -s 10.2.0.0/16 -d 10.2.0.0/16 {masq} -j MASQUERADE --random-fully"),
+            ]
+        );
+        assert!(masquerade_rules(&seed(false))[4].ends_with("-j MASQUERADE"));
+    }
+
+    #[test]
+    fn random_fully_from_the_version() {
+        assert_eq!(version("iptables v1.8.9 (nf_tables)\n"), Some((1, 8, 9)));
+        assert_eq!(version("iptables v1.6.1\n"), Some((1, 6, 1)));
+        assert_eq!(version("command not found"), None);
+        assert!(version("iptables v1.6.2").unwrap() >= RANDOM_FULLY_SINCE);
+        assert!(version("iptables v1.4.21").unwrap() < RANDOM_FULLY_SINCE);
+    }
+}

@@ -1,0 +1,120 @@
+//! flannel's forward-accept and masquerade rules, made as flannel's traffic manager makes them:
+//! by default iptables chains `FLANNEL-FWD` (jumped to from filter `FORWARD`) and
+//! `FLANNEL-POSTRTG` (from nat `POSTROUTING`); with the network config's `EnableNFTables`, the
+//! nftables table `ip flannel-ipv4`. Either way the rules are re-checked every
+//! `--iptables-resync` seconds and restored when someone changed or removed them.
+//!
+//! iptables rules go into the filter table's own `FORWARD` chain, the one Docker sets to policy
+//! DROP: an accept in a table of our own would end only our own chain, and the packet would
+//! still meet Docker's drop.
+mod iptables;
+mod nftables;
+
+use anyhow::Result;
+use ipnetwork::Ipv4Network;
+
+/// The comment on every forward rule, as flannel writes it.
+const FORWARD_COMMENT: &str = "flanneld forward";
+/// The comment on every masquerade rule, as flannel writes it.
+const MASQUERADE_COMMENT: &str = "flanneld masq";
+/// Outside every masquerade: kube-proxy's mark for traffic it has already translated.
+const KUBE_PROXY_MARK: &str = "0x4000";
+/// Multicast is never masqueraded.
+const MULTICAST: &str = "224.0.0.0/4";
+
+/// Which of flannel's rules the host wants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rules {
+    pub network: Ipv4Network,
+    pub subnet: Ipv4Network,
+    /// `--ip-masq`: NAT for traffic leaving the overlay.
+    pub masquerade: bool,
+    /// `--iptables-forward-rules`: accept forwarding to and from the overlay.
+    pub forward: bool,
+    /// Masquerade with fully random source ports, unless `--ip-masq-fully-random-disable`;
+    /// [`Masquerade::new`] turns it off where the host's iptables cannot, as flannel does.
+    pub fully_random: bool,
+}
+
+/// Where the rules live: the network config's `EnableNFTables` picks, as in flannel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Iptables,
+    Nftables,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Iptables => "iptables",
+            Backend::Nftables => "nftables",
+        }
+    }
+}
+
+/// Keeps the rules as [`Rules`] describe them, in the chosen backend.
+pub struct Masquerade {
+    rules: Rules,
+    backend: Backend,
+    /// Whether we wrote the rules once: a later difference means someone else changed them.
+    written: bool,
+    /// nftables: what `nft list table` printed right after our last write.
+    nft_listing: Option<String>,
+}
+
+impl Masquerade {
+    pub fn new(mut rules: Rules, backend: Backend) -> Self {
+        if backend == Backend::Iptables && !iptables::supports_random_fully() {
+            rules.fully_random = false;
+        }
+        Self {
+            rules,
+            backend,
+            written: false,
+            nft_listing: None,
+        }
+    }
+
+    /// Writes the rules if they are missing or differ from what flannel would have. The first
+    /// write also removes what the other backend, or an older version of the agent, left.
+    pub fn ensure(&mut self) -> Result<()> {
+        if self.written && self.in_place()? {
+            return Ok(());
+        }
+        match self.backend {
+            _ if self.written => {
+                log::warn!(
+                    "our {} rules were changed or removed; restoring them",
+                    self.backend.name()
+                );
+            }
+            Backend::Iptables => nftables::remove()?,
+            Backend::Nftables => {
+                iptables::remove()?;
+                nftables::remove_legacy()?;
+            }
+        }
+        match self.backend {
+            Backend::Iptables => iptables::write(&self.rules)?,
+            Backend::Nftables => {
+                nftables::write(&self.rules)?;
+                self.nft_listing = nftables::listing()?;
+            }
+        }
+        self.written = true;
+        Ok(())
+    }
+
+    fn in_place(&self) -> Result<bool> {
+        match self.backend {
+            Backend::Iptables => iptables::in_place(&self.rules),
+            Backend::Nftables => Ok(nftables::listing()? == self.nft_listing),
+        }
+    }
+}
+
+/// Removes the rules of both backends, and the table earlier versions of the agent made.
+pub fn remove() -> Result<()> {
+    iptables::remove()?;
+    nftables::remove()
+}

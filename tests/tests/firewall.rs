@@ -1,0 +1,205 @@
+//! flannel's forward and masquerade rules on hosts with a firewall of their own: the iptables
+//! chains flannel makes by default, the nftables table of `EnableNFTables`, and a FORWARD
+//! policy of DROP, as Docker sets it.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use overlay_tests::{
+    cluster::{Cluster, Host},
+    process::iperf3_server,
+    seed::{BBOX2, Container, Seed},
+    wait::wait_for,
+};
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+const NFTABLES_CONFIG: &str =
+    r#"{"Network": "10.2.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}"#;
+
+fn iptables(host: &Host, args: &[&str]) -> Result<String> {
+    host.netns.exec(&[&["iptables"][..], args].concat())
+}
+
+/// The seed's checks on a seed whose hosts drop what their FORWARD chain does not accept, with
+/// a container that starts after the agents: the first packets to it take the stack's path.
+fn seed_works_with_forward_policy_drop(tag: &str, flags: &[&str]) -> Result<()> {
+    let seed = Seed::start(tag, flags)?;
+    for host in [&seed.host1, &seed.host2] {
+        iptables(host, &["-P", "FORWARD", "DROP"])?;
+    }
+    let ping = seed.bbox1.ping(BBOX2, 2)?;
+    assert_eq!(ping.matches("ttl=62").count(), 2, "{ping}");
+    assert_eq!(
+        seed.bbox1.traceroute(BBOX2)?,
+        ["10.2.41.1", "10.2.54.0", "10.2.54.2"]
+    );
+    let late = Container::attach(&seed.host2, "late", "10.2.54.3")?;
+    let first = seed.bbox1.ping(&late.address, 1)?;
+    assert!(first.contains("ttl=62"), "{first}");
+    let log = seed.cluster.scratch.path().join("iperf-late.log");
+    let mut server = iperf3_server(&late.netns, &log, true)?;
+    seed.bbox1
+        .netns
+        .exec(&["iperf3", "-c", &late.address, "-t", "1"])?;
+    assert!(
+        server.wait_exit(EVENT_TIMEOUT)?.success(),
+        "{}",
+        server.log()
+    );
+    for host in [&seed.host1, &seed.host2] {
+        let forward = iptables(host, &["-S", "FORWARD"])?;
+        assert!(
+            forward.contains("-P FORWARD DROP")
+                && forward.contains(
+                    "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"
+                ),
+            "{forward}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn kernel_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
+    seed_works_with_forward_policy_drop("drop-kernel", &["--dataplane=kernel"])
+}
+
+#[test]
+fn ebpf_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
+    seed_works_with_forward_policy_drop("drop-ebpf", &["--dataplane=ebpf"])
+}
+
+#[test]
+fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
+    let seed = Seed::start(
+        "iptables",
+        &["--dataplane=kernel", "--ip-masq", "--iptables-resync=1"],
+    )?;
+    let host = &seed.host1;
+    let masq = "-m comment --comment \"flanneld masq\"";
+    let forward = "-m comment --comment \"flanneld forward\"";
+    assert_eq!(
+        iptables(host, &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?.trim(),
+        [
+            "-N FLANNEL-POSTRTG".to_string(),
+            format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG -s 10.2.41.0/24 -d 10.2.0.0/16 {masq} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG -s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG ! -s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
+            format!(
+                "-A FLANNEL-POSTRTG -s 10.2.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully"
+            ),
+            format!(
+                "-A FLANNEL-POSTRTG ! -s 10.2.0.0/16 -d 10.2.0.0/16 {masq} -j MASQUERADE --random-fully"
+            ),
+        ]
+        .join("\n")
+    );
+    assert_eq!(
+        iptables(host, &["-S", "FLANNEL-FWD"])?.trim(),
+        [
+            "-N FLANNEL-FWD".to_string(),
+            format!("-A FLANNEL-FWD -s 10.2.0.0/16 {forward} -j ACCEPT"),
+            format!("-A FLANNEL-FWD -d 10.2.0.0/16 {forward} -j ACCEPT"),
+        ]
+        .join("\n")
+    );
+    assert!(
+        iptables(host, &["-t", "nat", "-S", "POSTROUTING"])?
+            .contains(&format!("-A POSTROUTING {masq} -j FLANNEL-POSTRTG"))
+    );
+    assert!(
+        host.netns
+            .exec_unchecked(&["nft", "list", "table", "ip", "flannel-ipv4"])?
+            .status
+            .code()
+            != Some(0),
+        "no nftables table in iptables mode"
+    );
+
+    // Someone flushes our chain and removes our jump: both come back within the resync period.
+    iptables(host, &["-F", "FLANNEL-FWD"])?;
+    iptables(
+        host,
+        &[
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "flanneld masq",
+            "-j",
+            "FLANNEL-POSTRTG",
+        ],
+    )?;
+    wait_for("the rules to come back", Duration::from_secs(5), || {
+        Ok(iptables(host, &["-S", "FLANNEL-FWD"])?.lines().count() == 3
+            && iptables(host, &["-t", "nat", "-S", "POSTROUTING"])?.contains("FLANNEL-POSTRTG"))
+    })
+    .with_context(|| {
+        format!(
+            "agent log:\n{}\nrules now:\n{}",
+            seed.agent1.log(),
+            host.netns.exec(&["iptables-save"]).unwrap_or_default()
+        )
+    })?;
+    // Restored, and then left alone: rules in place are not rewritten on every check.
+    let restorations = || {
+        seed.agent1
+            .count_in_log("rules were changed or removed; restoring them")
+    };
+    let restored = restorations();
+    assert!((1..=2).contains(&restored), "{}", seed.agent1.log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(restorations(), restored, "{}", seed.agent1.log());
+    Ok(())
+}
+
+#[test]
+fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
+    let seed = Seed::start(
+        "no-random",
+        &[
+            "--dataplane=kernel",
+            "--ip-masq",
+            "--ip-masq-fully-random-disable",
+        ],
+    )?;
+    let rules = iptables(&seed.host1, &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    assert!(rules.contains("-j MASQUERADE"), "{rules}");
+    assert!(!rules.contains("--random-fully"), "{rules}");
+    Ok(())
+}
+
+#[test]
+fn enable_nftables_makes_flannels_table_instead() -> Result<()> {
+    let cluster = Cluster::with_etcd("nftables", false, Some(NFTABLES_CONFIG))?;
+    let seed = Seed::start_on(cluster, &["--dataplane=kernel", "--ip-masq"])?;
+    let table = seed
+        .host1
+        .netns
+        .exec(&["nft", "list", "table", "ip", "flannel-ipv4"])?;
+    for rule in [
+        "type filter hook forward priority filter; policy accept;",
+        "ip saddr 10.2.0.0/16 accept",
+        "ip daddr 10.2.0.0/16 accept",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        "meta mark 0x00004000 return",
+        "ip saddr 10.2.41.0/24 ip daddr 10.2.0.0/16 return",
+        "ip saddr 10.2.0.0/16 ip daddr 10.2.41.0/24 return",
+        "ip saddr != 10.2.41.0/24 ip daddr 10.2.0.0/16 return",
+        "ip saddr 10.2.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random",
+        "ip saddr != 10.2.0.0/16 ip daddr 10.2.0.0/16 masquerade fully-random",
+    ] {
+        assert!(table.contains(rule), "no {rule:?} in\n{table}");
+    }
+    let iptables_rules = seed.host1.netns.exec(&["nft", "list", "ruleset"])?;
+    assert!(
+        !iptables_rules.contains("FLANNEL-"),
+        "no iptables chains in nftables mode:\n{iptables_rules}"
+    );
+    let ping = seed.bbox1.ping(BBOX2, 2)?;
+    assert_eq!(ping.matches("ttl=62").count(), 2, "{ping}");
+    Ok(())
+}
