@@ -78,6 +78,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
+    refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
     let manager = LeaseManager {
         registry: registry.clone(),
         config: config.clone(),
@@ -104,19 +105,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     );
     reconciler.apply_initial(watcher.initial_leases().await?);
     reconciler.reconcile(Scope::Everything).await?;
-    let backend = if config.enable_nftables {
-        masquerade::Backend::Nftables
-    } else {
-        masquerade::Backend::Iptables
-    };
-    let rules = Rules {
-        network: config.network,
-        subnet: lease.subnet,
-        masquerade: options.ip_masq,
-        forward: options.iptables_forward_rules,
-        fully_random: !options.ip_masq_fully_random_disable,
-    };
-    let mut masquerade = Masquerade::new(rules, backend);
+    let mut masquerade = masquerade_for(&options, &config, lease.subnet);
     masquerade.ensure()?;
     SubnetEnv {
         network: config.network,
@@ -144,6 +133,41 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Refuses, before any lease is taken, a network config the chosen dataplane cannot carry.
+fn refuse_what_the_dataplane_lacks(
+    config: &NetworkConfig,
+    dataplane: DataplaneChoice,
+) -> Result<()> {
+    if dataplane == DataplaneChoice::Ebpf && (config.backend.gbp || config.backend.learning) {
+        bail!(
+            "network config: Backend.GBP and Backend.Learning are not supported by the ebpf \
+             dataplane, which encapsulates itself: run with --dataplane=kernel"
+        );
+    }
+    Ok(())
+}
+
+/// flannel's forward and masquerade rules for our `subnet`, where `EnableNFTables` says.
+fn masquerade_for(
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    subnet: Ipv4Network,
+) -> Masquerade {
+    let backend = if config.enable_nftables {
+        masquerade::Backend::Nftables
+    } else {
+        masquerade::Backend::Iptables
+    };
+    let rules = Rules {
+        network: config.network,
+        subnet,
+        masquerade: options.ip_masq,
+        forward: options.iptables_forward_rules,
+        fully_random: !options.ip_masq_fully_random_disable,
+    };
+    Masquerade::new(rules, backend)
 }
 
 fn uplink_choice(options: &AgentOptions) -> node::uplink::Choice<'_> {
@@ -222,12 +246,6 @@ async fn ebpf_sink(
     uplink: &Uplink,
     vtep_mac: mac::MacAddr,
 ) -> Result<EbpfSink> {
-    if config.backend.gbp || config.backend.learning {
-        bail!(
-            "network config: Backend.GBP and Backend.Learning are not supported by the ebpf \
-             dataplane, which encapsulates itself: run with --dataplane=kernel"
-        );
-    }
     let uplink_link = node::links::find(netlink, &uplink.name)
         .await?
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;

@@ -187,7 +187,8 @@ pub enum Command {
         agent: AgentOptions,
     },
     /// Remove everything the agent created on this host: devices, routes, neighbour and FDB
-    /// entries, the nftables table. The etcd lease stays unless --release-lease is given.
+    /// entries, the forward and masquerade rules. The etcd lease stays unless --release-lease
+    /// is given.
     Teardown {
         /// Also delete this host's subnet record from etcd.
         #[arg(long)]

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod capture;
 pub mod cluster;
+pub mod cni;
 pub mod dataplane;
 pub mod etcd;
 pub mod frames;

@@ -64,7 +64,9 @@ impl Netns {
             .with_context(|| format!("cannot run {args:?} in {}", self.name))
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    /// A command that runs `args` inside the namespace, for callers that set its environment
+    /// or stdin.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).args(args);
         command

@@ -550,3 +550,20 @@ fn ip_blackhole_route_backs_the_subnet_when_the_bridge_route_is_gone() -> Result
     })?;
     Ok(())
 }
+
+#[test]
+fn gbp_and_learning_reach_flannel_1_in_kernel_mode_and_are_refused_in_ebpf_mode() -> Result<()> {
+    let config = r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "GBP": true, "Learning": true}}"#;
+    let mut cluster = Cluster::with_etcd("gbp", false, Some(config))?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut kernel = Agent::start(&cluster, &host1, KERNEL)?;
+    kernel.wait_ready()?;
+    let device = host1.netns.ip(&["-d", "link", "show", "flannel.1"])?;
+    assert!(device.contains(" gbp"), "{device}");
+    assert!(!device.contains("nolearning"), "{device}");
+    kernel.process.terminate(EVENT_TIMEOUT)?;
+
+    let host2 = cluster.add_host("host2", HOST2)?;
+    Agent::start(&cluster, &host2, &["--dataplane=ebpf"])?
+        .expect_failure("Backend.GBP and Backend.Learning are not supported by the ebpf dataplane")
+}

@@ -27,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     // flannel's default firewall backend: FLANNEL-FWD and FLANNEL-POSTRTG (iptables-nft).
     "iptables",
+    // The CNI plugins (bridge, host-local, portmap) a Kubernetes node attaches pods with.
+    "containernetworking-plugins",
     "tcpdump",
     "ethtool",
     "util-linux",
