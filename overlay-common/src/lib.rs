@@ -55,8 +55,18 @@ pub struct RemoteVtep {
     pub public_ip: [u8; 4],
     /// The remote host's VtepMAC: the inner destination.
     pub mac: [u8; 6],
-    /// Keeps the layout free of implicit padding.
-    pub reserved: u16,
+    /// `REMOTE_*` bits; the field also keeps the layout free of implicit padding.
+    pub flags: u16,
+}
+
+/// [`RemoteVtep::flags`]: the host shares our segment and `DirectRouting` is on, so its
+/// containers' packets go to its PublicIP as they are, without VXLAN, as flannel routes them.
+pub const REMOTE_ROUTE_DIRECTLY: u16 = 1;
+
+impl RemoteVtep {
+    pub const fn routes_directly(&self) -> bool {
+        self.flags & REMOTE_ROUTE_DIRECTLY != 0
+    }
 }
 
 /// Value of the VTEP map (keyed by a remote host's PublicIP): the subnet that host leases,
@@ -222,7 +232,8 @@ define_counters! {
     /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
     tx_encapsulated => TxEncapsulated: Redirect,
     /// Packet from a local container for a remote subnet, encapsulated at the container's
-    /// veth and sent out of the uplink, past docker0, routing and the VXLAN device.
+    /// veth and sent out of the uplink, past docker0, routing and the VXLAN device (with
+    /// DirectRouting, to a host on our segment: sent there as it is, without VXLAN).
     tx_direct => TxDirect: Redirect,
     /// Packet from a local container for a remote subnet left to the routed path: its TTL
     /// runs out here, it is too big for the VXLAN device, or its IPv4 header has options.

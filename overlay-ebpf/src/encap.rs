@@ -15,6 +15,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
     helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_redirect_neigh},
     macros::classifier,
@@ -63,6 +64,8 @@ const ECN_MASK: u8 = 0x03;
 const ECN_CE: u8 = 0x03;
 const ECN_ECT0: u8 = 0x02;
 const OUTER_TTL: u8 = 64;
+/// `bpf_redir_neigh::nh_family` for an IPv4 next hop.
+const AF_INET: u32 = 2;
 /// The IPv4 header byte of a header without options.
 const IPV4_NO_OPTIONS: u8 = 0x45;
 
@@ -91,7 +94,8 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
     )
 }
 
-/// The fast path. `Ok(Some(TxDirect))`: encapsulated and sent; `Ok(None)`: not ours, the
+/// The fast path. `Ok(Some(TxDirect))`: encapsulated (or, with DirectRouting, routed as it is)
+/// and sent; `Ok(None)`: not ours, the
 /// bridge takes it; `Err(TxSlowPath)`: ours, but the routed path must take it.
 #[inline(always)]
 fn encapsulate_from_container(
@@ -117,6 +121,11 @@ fn encapsulate_from_container(
         return Err(Counter::TxSlowPath);
     }
     headers.ip.decrement_ttl();
+    if remote.routes_directly() {
+        // DirectRouting: the host shares our segment; its PublicIP is the next hop.
+        redirect_to_uplink(config, Some(remote.public_ip))?;
+        return Ok(Some(Counter::TxDirect));
+    }
     let inner_tos = headers.ip.tos;
     encapsulate(ctx, config, &remote, inner_tos)?;
     Ok(Some(Counter::TxDirect))
@@ -174,8 +183,35 @@ fn encapsulate(
     ctx.store(ETH_HEADER_LEN, &headers, 0)
         .map_err(|_| Counter::TxError)?;
 
-    // SAFETY: a null neighbour parameter asks the kernel to resolve the next hop itself.
-    let verdict = unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    redirect_to_uplink(config, None)
+}
+
+/// Sends the packet out of the uplink to `next_hop`, or, without one, to the next hop the
+/// routing table gives for its destination; the kernel fills the Ethernet header in.
+#[inline(always)]
+fn redirect_to_uplink(config: &OverlayConfig, next_hop: Option<[u8; 4]>) -> Result<(), Counter> {
+    let verdict = match next_hop {
+        Some(address) => {
+            let mut neighbour = bpf_redir_neigh {
+                nh_family: AF_INET,
+                __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                    // Network order in memory, as the helper reads it.
+                    ipv4_nh: u32::from_ne_bytes(address),
+                },
+            };
+            // SAFETY: `neighbour` is a valid bpf_redir_neigh of the size given, alive for the call.
+            unsafe {
+                bpf_redirect_neigh(
+                    config.uplink_ifindex,
+                    &mut neighbour,
+                    size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            }
+        }
+        // SAFETY: a null neighbour parameter asks the kernel to resolve the next hop itself.
+        None => unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) },
+    };
     if verdict != i64::from(TC_ACT_REDIRECT) {
         return Err(Counter::TxError);
     }

@@ -86,7 +86,7 @@ pub fn dataplane_with(config: OverlayConfig, peers: &[&SeedHost]) -> Result<Data
     let mut dataplane = Dataplane::load(None, false)?;
     dataplane.set_config(&config)?;
     let leases: Vec<Lease> = peers.iter().map(|peer| peer.lease()).collect();
-    dataplane.write_lease_entries(&lease_entries(leases.iter()))?;
+    dataplane.write_lease_entries(&lease_entries(leases.iter(), &Default::default()))?;
     Ok(dataplane)
 }
 

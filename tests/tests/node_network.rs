@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use overlay_agent::dataplane::pins::PinnedDataplane;
+use overlay_common::Counter;
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
@@ -359,15 +361,25 @@ fn a_changed_vtep_mac_leaves_no_stale_entry() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
+/// Two hosts on one segment under DirectRouting, in the mode `flags` choose, with a container
+/// each. Field order is drop order.
+struct DirectPair {
+    bbox1: Container,
+    bbox2: Container,
+    _agents: [Agent; 2],
+    host1: Host,
+    host2: Host,
+    _cluster: Cluster,
+}
+
+fn direct_routing_pair(tag: &str, flags: &[&str]) -> Result<DirectPair> {
     let config =
         r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#;
-    let mut cluster = Cluster::with_etcd("direct", false, Some(config))?;
+    let mut cluster = Cluster::with_etcd(tag, false, Some(config))?;
     let host1 = cluster.add_host("host1", HOST1)?;
     let host2 = cluster.add_host("host2", HOST2)?;
-    let mut agent1 = Agent::start(&cluster, &host1, KERNEL)?;
-    let mut agent2 = Agent::start(&cluster, &host2, KERNEL)?;
+    let mut agent1 = Agent::start(&cluster, &host1, flags)?;
+    let mut agent2 = Agent::start(&cluster, &host2, flags)?;
     let subnet1 = agent1.wait_ready()?;
     let subnet2 = agent2.wait_ready()?;
     wait_for("host1's direct route", EVENT_TIMEOUT, || {
@@ -380,15 +392,53 @@ fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
         host2.netns.has_route(&subnet1)
     })?;
     let address = |subnet: &str| subnet.replace(".0/24", ".2");
-    let bbox1 = Container::attach(&host1, "bbox1", &address(&subnet1))?;
-    let _bbox2 = Container::attach(&host2, "bbox2", &address(&subnet2))?;
-    let before = tx_packets(&host1, "flannel.1")?;
-    assert!(bbox1.ping(&address(&subnet2), 2)?.contains("ttl=62"));
+    Ok(DirectPair {
+        bbox1: Container::attach(&host1, "bbox1", &address(&subnet1))?,
+        bbox2: Container::attach(&host2, "bbox2", &address(&subnet2))?,
+        _agents: [agent1, agent2],
+        host1,
+        host2,
+        _cluster: cluster,
+    })
+}
+
+#[test]
+fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
+    let pair = direct_routing_pair("direct", KERNEL)?;
+    let before = tx_packets(&pair.host1, "flannel.1")?;
+    assert!(pair.bbox1.ping(&pair.bbox2.address, 2)?.contains("ttl=62"));
     assert_eq!(
-        tx_packets(&host1, "flannel.1")?,
+        tx_packets(&pair.host1, "flannel.1")?,
         before,
         "no VXLAN on a shared segment"
     );
+    Ok(())
+}
+
+#[test]
+fn direct_routing_holds_on_the_fast_path_too() -> Result<()> {
+    let pair = direct_routing_pair("direct-ebpf", &["--dataplane=ebpf"])?;
+    let counters = |host: &Host| PinnedDataplane::open(&host.pin_dir())?.counters();
+    // The first echoes teach host2 where bbox2 is; the rest take the fast path.
+    pair.bbox1.ping(&pair.bbox2.address, 2)?;
+    let (sent, received) = (counters(&pair.host1)?, counters(&pair.host2)?);
+    let replies = pair.bbox1.ping(&pair.bbox2.address, 5)?;
+    assert_eq!(replies.matches("ttl=62").count(), 5, "{replies}");
+    let (sent_after, received_after) = (counters(&pair.host1)?, counters(&pair.host2)?);
+    assert!(
+        sent_after.get(Counter::TxDirect) >= sent.get(Counter::TxDirect) + 5,
+        "host1's programs sent the echoes"
+    );
+    // They reached host2 as plain IPv4, not as VXLAN: nothing was decapsulated there.
+    for counter in [Counter::RxDelivered, Counter::RxDecapsulated] {
+        assert_eq!(
+            received_after.get(counter),
+            received.get(counter),
+            "{} moved: VXLAN on a shared segment",
+            counter.name()
+        );
+    }
+    assert!(received_after.get(Counter::RxNotUdp) >= received.get(Counter::RxNotUdp) + 5);
     Ok(())
 }
 

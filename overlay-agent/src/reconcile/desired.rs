@@ -6,7 +6,7 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{LocalEndpoint, OverlayConfig, RemoteVtep, VtepSubnet};
+use overlay_common::{LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, VtepSubnet};
 
 use crate::{mac::MacAddr, subnet::Lease};
 
@@ -136,8 +136,12 @@ pub fn peer_entries<'a>(
     entries
 }
 
-/// The map entries for `leases`; a lease without a VTEP MAC has none.
-pub fn lease_entries<'a>(leases: impl Iterator<Item = &'a Lease>) -> LeaseEntries {
+/// The map entries for `leases`; a lease without a VTEP MAC has none. Hosts whose PublicIP is
+/// `on_link` (DirectRouting only) are marked to be routed to without VXLAN.
+pub fn lease_entries<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+    on_link: &HashSet<Ipv4Addr>,
+) -> LeaseEntries {
     let mut entries = LeaseEntries::default();
     for lease in leases {
         let Some(mac) = lease.attrs.vtep_mac() else {
@@ -149,7 +153,11 @@ pub fn lease_entries<'a>(leases: impl Iterator<Item = &'a Lease>) -> LeaseEntrie
             RemoteVtep {
                 public_ip,
                 mac: mac.0,
-                reserved: 0,
+                flags: if on_link.contains(&lease.attrs.public_ip) {
+                    REMOTE_ROUTE_DIRECTLY
+                } else {
+                    0
+                },
             },
         );
         entries.vteps.insert(
@@ -297,7 +305,10 @@ mod tests {
         );
         assert!(entries.fdb.is_empty());
         assert_eq!(entries.routes.len(), 1);
-        assert_eq!(lease_entries(leases.iter()).subnets.len(), 1);
+        assert_eq!(
+            lease_entries(leases.iter(), &HashSet::new()).subnets.len(),
+            1
+        );
     }
 
     #[test]
@@ -325,7 +336,7 @@ mod tests {
     #[test]
     fn lease_entries_map_subnet_to_vtep_and_vtep_to_subnet() {
         let leases = [lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC))];
-        let entries = lease_entries(leases.iter());
+        let entries = lease_entries(leases.iter(), &HashSet::new());
         assert_eq!(
             entries.subnets,
             HashMap::from([(
@@ -333,10 +344,13 @@ mod tests {
                 RemoteVtep {
                     public_ip: [172, 20, 62, 105],
                     mac: VTEP_MAC.0,
-                    reserved: 0
+                    flags: 0
                 }
             )])
         );
+        let on_link = HashSet::from([Ipv4Addr::new(172, 20, 62, 105)]);
+        let direct = lease_entries(leases.iter(), &on_link);
+        assert!(direct.subnets.values().all(RemoteVtep::routes_directly));
         assert_eq!(
             entries.vteps,
             HashMap::from([(

@@ -175,7 +175,7 @@ impl Reconciler {
             HashSet::new()
         };
         let peers = desired::peer_entries(self.leases.values(), &devices, &self.rules, &on_link);
-        let lease_entries = desired::lease_entries(self.leases.values());
+        let lease_entries = desired::lease_entries(self.leases.values(), &on_link);
         if let Some(ebpf) = &mut self.ebpf {
             ebpf.dataplane.write_lease_entries(&lease_entries)?;
         }
