@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// Every namespace the harness makes is named `ovt<pid>-<n>-<tag>`.
 const NAME_PREFIX: &str = "ovt";
@@ -105,6 +105,28 @@ impl Netns {
     /// Whether the main table has a route to exactly `destination`.
     pub fn has_route(&self, destination: &str) -> Result<bool> {
         Ok(!self.ip(&["route", "show", destination])?.trim().is_empty())
+    }
+
+    /// `ping -c count` to `destination`; returns ping's output, failing unless every reply came.
+    pub fn ping(&self, destination: &str, count: u32) -> Result<String> {
+        let output = self.exec_unchecked(&[
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            destination,
+        ])?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        ensure!(
+            output.status.success(),
+            "ping {destination} from {} failed:\n{text}",
+            self.name
+        );
+        Ok(text)
     }
 
     /// The index of interface `name` in this namespace.

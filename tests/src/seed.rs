@@ -5,7 +5,7 @@
 //!   host2 172.20.62.105, lease 10.2.54.0/24: bbox2 10.2.54.2
 //! ```
 //! Both subnets come from reservations, as the seed's records do.
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 use crate::{
     agent::{Agent, READY_TIMEOUT},
@@ -58,24 +58,9 @@ impl Container {
 
     /// `ping -c count` to `destination`; returns ping's output, failing unless every reply came.
     pub fn ping(&self, destination: &str, count: u32) -> Result<String> {
-        let output = self.netns.exec_unchecked(&[
-            "ping",
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            destination,
-        ])?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        ensure!(
-            output.status.success(),
-            "ping {destination} from {} failed:\n{text}",
-            self.address
-        );
-        Ok(text)
+        self.netns
+            .ping(destination, count)
+            .with_context(|| format!("from container {}", self.address))
     }
 
     /// The hops `traceroute -n` reports, one address per hop.

@@ -18,17 +18,7 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `ping -c count` from `from` to `to`; fails unless every reply came, returns the output.
 fn ping(from: &Pod, to: &Pod, count: u32) -> Result<String> {
-    from.netns.exec(&[
-        "ping",
-        "-n",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &to.address,
-    ])
+    from.netns.ping(&to.address, count)
 }
 
 /// The bridge's IPv4 addresses, as `ip` prints them.

@@ -235,17 +235,7 @@ fn uninstall(iptables: &IPTables, chain: &Chain) -> Result<(), Box<dyn Error>> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn seed(fully_random: bool) -> Rules {
-        Rules {
-            network: "10.2.0.0/16".parse().unwrap(),
-            subnet: "10.2.41.0/24".parse().unwrap(),
-            masquerade: true,
-            forward: true,
-            fully_random,
-        }
-    }
+    use super::{super::tests::seed, *};
 
     #[test]
     fn flannels_forward_chain() {

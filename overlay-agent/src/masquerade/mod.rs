@@ -118,3 +118,19 @@ pub fn remove() -> Result<()> {
     iptables::remove()?;
     nftables::remove()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rules;
+
+    /// The seed's host1, with every rule wanted.
+    pub fn seed(fully_random: bool) -> Rules {
+        Rules {
+            network: "10.2.0.0/16".parse().unwrap(),
+            subnet: "10.2.41.0/24".parse().unwrap(),
+            masquerade: true,
+            forward: true,
+            fully_random,
+        }
+    }
+}

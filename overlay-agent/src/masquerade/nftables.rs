@@ -125,17 +125,7 @@ fn nft_script(script: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn seed(fully_random: bool) -> Rules {
-        Rules {
-            network: "10.2.0.0/16".parse().unwrap(),
-            subnet: "10.2.41.0/24".parse().unwrap(),
-            masquerade: true,
-            forward: true,
-            fully_random,
-        }
-    }
+    use super::{super::tests::seed, *};
 
     #[test]
     fn flannels_nftables_rules_for_the_seed() {
