@@ -103,6 +103,49 @@ pub struct LocalEndpoint {
     pub reserved: u16,
 }
 
+/// Key of the routed-flows map: one direction of a flow, as the programs see its packets.
+/// Ports are those of TCP, UDP, SCTP, DCCP and UDP-Lite; an ICMP echo flow carries its
+/// identifier in both, so a request's key reversed is its reply's; other protocols leave them
+/// zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    /// Addresses in network order, as they sit in packets.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Ports in network order, as they sit in packets.
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    /// The IP protocol number.
+    pub protocol: u8,
+    /// Keeps the layout free of implicit padding; always zero.
+    pub reserved: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of the packets that travel the other way.
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            ..*self
+        }
+    }
+}
+
+/// Value of the routed-flows map: a flow the kernel's stack forwarded on this host, whose
+/// packets the fast path must leave to the stack too, so that conntrack sees all of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutedFlow {
+    /// The interface the stack sent the flow's other direction out of: the VXLAN device or
+    /// the container bridge.
+    pub ifindex: u32,
+}
+
 /// What a program does with a packet, once it has counted it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -214,20 +257,29 @@ define_counters! {
     rx_other_port => RxOtherPort: Pass,
     /// Uplink VXLAN frame carrying another VNI: passed.
     rx_vxlan_foreign_vni => RxVxlanForeignVni: Pass,
-    /// Uplink VXLAN frame decapsulated and handed to the stack, which routes it (TTL about
-    /// to expire, destination not a known local container, or the XDP decapsulator).
-    rx_decapsulated => RxDecapsulated: Pass,
+    /// Uplink VXLAN frame decapsulated and put into the VXLAN device, as if the kernel had
+    /// decapsulated it there, for the stack to route: its TTL runs out here, or its
+    /// destination is not a known local container (the host itself, say).
+    rx_decapsulated => RxDecapsulated: Redirect,
+    /// Uplink VXLAN frame decapsulated and put into the VXLAN device because conntrack must
+    /// see it: its flow takes the routed path on this host (see `routed_flows`), or it is an
+    /// IPv4 fragment, an ICMP error or has IPv4 options.
+    rx_routed_flow => RxRoutedFlow: Redirect,
     /// Uplink VXLAN frame decapsulated and put straight into the destination container.
     rx_delivered => RxDelivered: Redirect,
+    /// Uplink VXLAN frame from a peer that passed every check, handed on still encapsulated
+    /// to the VXLAN device's own socket, which decapsulates it (the XDP hook).
+    rx_checked => RxChecked: Pass,
     /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
     rx_unknown_vtep => RxUnknownVtep: Drop,
-    /// Uplink VXLAN frame whose inner source lies outside the sender's subnet: dropped.
+    /// Uplink VXLAN frame whose inner source lies outside the sender's subnet and is not the
+    /// sender's PublicIP: dropped.
     rx_spoofed_source => RxSpoofedSource: Drop,
     /// Uplink VXLAN frame carrying something other than IPv4: dropped.
     rx_inner_not_ipv4 => RxInnerNotIpv4: Drop,
     /// Uplink frame cut short or with inconsistent header fields: dropped.
     rx_malformed => RxMalformed: Drop,
-    /// Uplink VXLAN frame the kernel would not let us strip: dropped.
+    /// Uplink VXLAN frame the kernel would not let us strip or pass on: dropped.
     rx_error => RxError: Drop,
     /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
     tx_encapsulated => TxEncapsulated: Redirect,
@@ -238,6 +290,10 @@ define_counters! {
     /// Packet from a local container for a remote subnet left to the routed path: its TTL
     /// runs out here, it is too big for the VXLAN device, or its IPv4 header has options.
     tx_slow_path => TxSlowPath: Pass,
+    /// Packet from a local container for a remote subnet left to the routed path because
+    /// conntrack must see it: its flow takes the routed path on this host (see
+    /// `routed_flows`), or it is an IPv4 fragment or an ICMP error.
+    tx_routed_flow => TxRoutedFlow: Pass,
     /// Packet to an address no remote lease covers: dropped.
     tx_no_route => TxNoRoute: Drop,
     /// Packet through the VXLAN device that is not IPv4: dropped.
@@ -280,6 +336,8 @@ mod pod {
     unsafe impl aya::Pod for super::VtepSubnet {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::RoutedFlow {}
 }
 
 #[cfg(test)]

@@ -1,45 +1,49 @@
-//! Decapsulation of flannel's VXLAN arriving on the uplink, at one of two hooks (the agent's
-//! `--decap-hook`):
+//! What arrives on the uplink as flannel's VXLAN, at one of two hooks (the agent's
+//! `--decap-hook`). Either way, what the stack gets to route arrives on flannel.1, as it does
+//! with flannel: host firewall rules on `-i flannel.1` and strict reverse-path filtering see
+//! the same packets.
 //!
 //! - `tc_uplink_ingress` (the default): strips the outer headers of a GSO packet as a whole, so
 //!   superpackets stay large, and puts a packet for a known local container straight into it
-//!   with `bpf_redirect_peer`, routed as docker0 would (TTL − 1). Anything else it hands to the
-//!   stack decapsulated, which routes it.
-//! - `xdp_uplink`: decapsulates before the stack allocates anything and hands every inner
-//!   packet to the stack. On veth uplinks an XDP program costs the peer its GSO, which is why it
-//!   is not the default.
+//!   with `bpf_redirect_peer`, routed as docker0 would (TTL − 1). Anything else (the host's own
+//!   traffic, TTL running out, a container not yet learned, a flow conntrack must see) it puts
+//!   into flannel.1 decapsulated, as if the kernel had decapsulated it there.
+//! - `xdp_uplink`: checks, before the stack allocates anything, and passes what is from a peer
+//!   still encapsulated to flannel.1's own VXLAN socket, which decapsulates it (XDP cannot put a
+//!   packet into another device's receive path).
 //!
 //! Both check the sender against the leases first. Each outcome is a counter whose declared
 //! verdict decides the action: what is not ours passes untouched, ours that fails a check is
 //! dropped.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, bpf_adj_room_mode, xdp_action,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, bpf_adj_room_mode,
+        xdp_action,
     },
-    helpers::{bpf_redirect_peer, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use core::mem::size_of;
-use overlay_common::{Counter, OverlayConfig};
+use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
 
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, Frame, IPV4_MAX_HEADER_LEN, Ipv4Hdr, UdpHdr,
-        VxlanFrame, VxlanHdr, classify_vxlan, linear_frame,
+        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, Frame, IPV4_MAX_HEADER_LEN, TransportHead, UdpHdr,
+        VxlanFrame, VxlanHdr, classify_vxlan, flow_of, linear_frame,
     },
     verdict::{tc_act, xdp_act},
 };
 
 /// The most a VXLAN frame's headers can take up: outer Ethernet, IPv4 with options, UDP,
-/// VXLAN, inner Ethernet and IPv4.
+/// VXLAN, inner Ethernet and IPv4, and the start of the inner transport header.
 const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN
     + IPV4_MAX_HEADER_LEN
     + size_of::<UdpHdr>()
     + size_of::<VxlanHdr>()
-    + ETH_HEADER_LEN
-    + size_of::<Ipv4Hdr>();
+    + size_of::<EthIpv4Headers>()
+    + size_of::<TransportHead>();
 
 #[classifier]
 pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
@@ -61,12 +65,14 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     };
     xdp_act(
         &ctx,
-        decapsulate_xdp(&ctx, config).unwrap_or_else(|outcome| outcome),
+        check_xdp(&ctx, config).unwrap_or_else(|outcome| outcome),
     )
 }
 
 /// A well-formed VXLAN frame for us, from a host holding a lease, carrying IPv4 from inside
-/// that host's subnet.
+/// that host's subnet or from the host's own PublicIP. The latter is what a reply looks like
+/// once that host's conntrack has undone a DNAT to its PublicIP (a published port); the host
+/// could send from that address without VXLAN anyway.
 #[inline(always)]
 fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
     let vxlan = classify_vxlan(frame, config)?;
@@ -74,14 +80,15 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame
     if !vxlan.inner_is_ipv4 {
         return Err(Counter::RxInnerNotIpv4);
     }
-    if !sender.contains(vxlan.inner_src) {
+    if !sender.contains(vxlan.inner_src) && vxlan.inner_src != vxlan.outer_src {
         return Err(Counter::RxSpoofedSource);
     }
     Ok(vxlan)
 }
 
 /// Decapsulates, then puts a packet for a known local container straight into it
-/// (`RxDelivered`) or leaves it to the stack (`RxDecapsulated`); `Err` is why it did neither.
+/// (`RxDelivered`) or into flannel.1 for the stack (`RxDecapsulated`, `RxRoutedFlow`); `Err`
+/// is why it did neither.
 #[inline(always)]
 fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let vxlan = vxlan_from_a_peer(&linear_frame(ctx, MAX_HEADERS_LEN), config)?;
@@ -96,14 +103,38 @@ fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, C
     .map_err(|_| Counter::RxError)?;
 
     let mut frame = Frame::new(ctx.data(), ctx.data_end());
-    let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::RxError)?;
-    let Some(endpoint) = maps::local_endpoint(headers.ip.dst) else {
-        return Ok(Counter::RxDecapsulated);
-    };
+    match deliverable_to(&frame) {
+        Ok(endpoint) => deliver(&mut frame, config, endpoint),
+        Err(reason) => hand_to_vtep(&mut frame, config, reason),
+    }
+}
+
+/// The local container a decapsulated packet can go straight into; `Err` names why the
+/// stack must route it instead.
+#[inline(always)]
+fn deliverable_to(frame: &Frame) -> Result<LocalEndpoint, Counter> {
+    let headers: &EthIpv4Headers = frame.header(0).ok_or(Counter::RxError)?;
+    let endpoint = maps::local_endpoint(headers.ip.dst).ok_or(Counter::RxDecapsulated)?;
     // The stack answers a packet whose TTL runs out here with ICMP time exceeded.
     if headers.ip.ttl <= 1 {
-        return Ok(Counter::RxDecapsulated);
+        return Err(Counter::RxDecapsulated);
     }
+    let transport = frame.header::<TransportHead>(size_of::<EthIpv4Headers>());
+    let flow = flow_of(&headers.ip, transport).ok_or(Counter::RxRoutedFlow)?;
+    if maps::takes_routed_path(&flow) {
+        return Err(Counter::RxRoutedFlow);
+    }
+    Ok(endpoint)
+}
+
+/// Routes the decapsulated packet as docker0 would and puts it into `endpoint`.
+#[inline(always)]
+fn deliver(
+    frame: &mut Frame,
+    config: &OverlayConfig,
+    endpoint: LocalEndpoint,
+) -> Result<Counter, Counter> {
+    let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::RxError)?;
     headers.ip.decrement_ttl();
     headers.eth.src = config.bridge_mac;
     headers.eth.dst = endpoint.mac;
@@ -115,18 +146,28 @@ fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, C
     Ok(Counter::RxDelivered)
 }
 
-/// Decapsulates for the stack (`RxDecapsulated`); `Err` is why it did not.
+/// Puts the decapsulated packet into flannel.1's receive path, addressed to flannel.1, as the
+/// kernel's own decapsulation would: the stack routes it from there, counted as `reason`.
 #[inline(always)]
-fn decapsulate_xdp(ctx: &XdpContext, config: &OverlayConfig) -> Result<Counter, Counter> {
-    let vxlan = vxlan_from_a_peer(&Frame::new(ctx.data(), ctx.data_end()), config)?;
-    // SAFETY: ctx.ctx is the xdp_md the kernel passed in; the offset lies inside the frame.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, vxlan.inner_offset as i32) } != 0 {
+fn hand_to_vtep(
+    frame: &mut Frame,
+    config: &OverlayConfig,
+    reason: Counter,
+) -> Result<Counter, Counter> {
+    let eth: &mut EthHdr = frame.header_mut(0).ok_or(Counter::RxError)?;
+    eth.dst = config.vtep_mac;
+    // SAFETY: a plain helper call; the kernel checks the index when it redirects.
+    let verdict = unsafe { bpf_redirect(config.vtep_ifindex, u64::from(BPF_F_INGRESS)) };
+    if verdict != i64::from(TC_ACT_REDIRECT) {
         return Err(Counter::RxError);
     }
-    // The inner frame is addressed to our VTEP; readdress it to the uplink, or the stack would
-    // take it for another host's frame and drop it.
-    let mut inner = Frame::new(ctx.data(), ctx.data_end());
-    let eth: &mut EthHdr = inner.header_mut(0).ok_or(Counter::RxError)?;
-    eth.dst = config.uplink_mac;
-    Ok(Counter::RxDecapsulated)
+    Ok(reason)
+}
+
+/// Checks what XDP sees; a frame from a peer goes on encapsulated (`RxChecked`), to flannel.1's
+/// socket. `Err` is why it does not.
+#[inline(always)]
+fn check_xdp(ctx: &XdpContext, config: &OverlayConfig) -> Result<Counter, Counter> {
+    vxlan_from_a_peer(&Frame::new(ctx.data(), ctx.data_end()), config)?;
+    Ok(Counter::RxChecked)
 }

@@ -29,9 +29,11 @@ use overlay_common::{
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, IPPROTO_UDP, Ipv4Hdr, UdpHdr,
-        VXLAN_FLAG_VNI, VxlanHdr, linear_frame,
+        ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN, IPPROTO_UDP,
+        IPV4_NO_OPTIONS, Ipv4Hdr, TransportHead, UdpHdr, VXLAN_FLAG_VNI, VxlanHdr, flow_of,
+        linear_frame,
     },
+    routed::remember_replies,
     verdict::tc_act,
 };
 
@@ -66,8 +68,6 @@ const ECN_ECT0: u8 = 0x02;
 const OUTER_TTL: u8 = 64;
 /// `bpf_redir_neigh::nh_family` for an IPv4 next hop.
 const AF_INET: u32 = 2;
-/// The IPv4 header byte of a header without options.
-const IPV4_NO_OPTIONS: u8 = 0x45;
 
 #[classifier]
 pub fn tc_container_ingress(ctx: TcContext) -> i32 {
@@ -95,15 +95,15 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
 }
 
 /// The fast path. `Ok(Some(TxDirect))`: encapsulated (or, with DirectRouting, routed as it is)
-/// and sent; `Ok(None)`: not ours, the
-/// bridge takes it; `Err(TxSlowPath)`: ours, but the routed path must take it.
+/// and sent; `Ok(None)`: not ours, the bridge takes it; `Err(TxSlowPath)` or
+/// `Err(TxRoutedFlow)`: ours, but the routed path must take it.
 #[inline(always)]
 fn encapsulate_from_container(
     ctx: &TcContext,
     config: &OverlayConfig,
 ) -> Result<Option<Counter>, Counter> {
-    let mut frame = linear_frame(ctx, size_of::<EthIpv4Headers>());
-    let Some(headers) = frame.header_mut::<EthIpv4Headers>(0) else {
+    let mut frame = linear_frame(ctx, FLOW_HEADERS_LEN);
+    let Some(headers) = frame.header::<EthIpv4Headers>(0) else {
         return Ok(None);
     };
     // Only what the container sends to its gateway is routed; frames for a neighbour on the
@@ -120,6 +120,12 @@ fn encapsulate_from_container(
     {
         return Err(Counter::TxSlowPath);
     }
+    let transport = frame.header::<TransportHead>(size_of::<EthIpv4Headers>());
+    let flow = flow_of(&headers.ip, transport).ok_or(Counter::TxRoutedFlow)?;
+    if maps::takes_routed_path(&flow) {
+        return Err(Counter::TxRoutedFlow);
+    }
+    let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::TxError)?;
     headers.ip.decrement_ttl();
     if remote.routes_directly() {
         // DirectRouting: the host shares our segment; its PublicIP is the next hop.
@@ -131,11 +137,12 @@ fn encapsulate_from_container(
     Ok(Some(Counter::TxDirect))
 }
 
-/// The routed path: everything flannel.1 sends must be for a remote subnet.
+/// The routed path: everything flannel.1 sends must be for a remote subnet. Its flow is
+/// remembered, so that the fast path leaves the replies to the stack as well.
 /// `Ok(TxEncapsulated)`: encapsulated and sent.
 #[inline(always)]
 fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
-    let frame = linear_frame(ctx, size_of::<EthIpv4Headers>());
+    let frame = linear_frame(ctx, FLOW_HEADERS_LEN);
     let eth: &EthHdr = frame.header(0).ok_or(Counter::TxMalformed)?;
     if !eth.is_ipv4() {
         return Err(Counter::TxNotIpv4);
@@ -143,6 +150,7 @@ fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter
     let ip: &Ipv4Hdr = frame.header(ETH_HEADER_LEN).ok_or(Counter::TxMalformed)?;
     let inner_tos = ip.tos;
     let remote = maps::remote_vtep(ip.dst).ok_or(Counter::TxNoRoute)?;
+    remember_replies(&frame, config.vtep_ifindex);
     encapsulate(ctx, config, &remote, inner_tos)?;
     Ok(Counter::TxEncapsulated)
 }

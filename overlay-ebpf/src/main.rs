@@ -1,6 +1,6 @@
 //! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
-//! `encap` (tc, container veths and VXLAN device egress) and `decap` (tc or XDP, uplink), over
-//! `parse`, `maps` and `verdict`.
+//! `encap` (tc, container veths and VXLAN device egress), `decap` (tc or XDP, uplink) and
+//! `routed` (tc, container bridge egress), over `parse`, `maps` and `verdict`.
 #![no_std]
 #![no_main]
 
@@ -8,6 +8,7 @@ mod decap;
 mod encap;
 mod maps;
 mod parse;
+mod routed;
 mod verdict;
 
 #[panic_handler]

@@ -1,17 +1,20 @@
 //! The maps shared with the agent. Their key and value types live in `overlay-common`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
 use overlay_common::{
-    Counter, Counters, DROP_HEAD_LEN, DropEvent, LocalEndpoint, OverlayConfig, RemoteVtep,
-    VtepSubnet,
+    Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep,
+    RoutedFlow, VtepSubnet,
 };
 
 /// Room for every /24 of a /8 network.
 const MAX_REMOTE_HOSTS: usize = 65536;
 /// Room for every address of a /18 lease.
 const MAX_LOCAL_ENDPOINTS: usize = 16384;
+/// Flows the stack forwards at once between containers and remote subnets, or to and from
+/// service addresses; the least recently seen give way.
+const MAX_ROUTED_FLOWS: usize = 65536;
 /// Bytes of drop events in flight between the programs and a monitor: about 1,700 events.
 const DROP_EVENTS_BYTES: usize = 256 * 1024;
 
@@ -35,6 +38,13 @@ static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 /// from docker0's neighbours and forwarding database.
 #[btf_map(name = "endpoints")]
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
+/// Flows the kernel's stack forwarded here, each under the key of the packets that travel the
+/// other way: those must take the routed path too, for conntrack to translate them (NAT) and
+/// to see the whole flow. Written by the programs on the stack's exits to the overlay and to
+/// the containers; read by the fast path at both ends.
+#[btf_map(name = "routed_flows")]
+static ROUTED_FLOWS: LruHashMap<FlowKey, RoutedFlow, MAX_ROUTED_FLOWS> = LruHashMap::new();
 
 /// Non-zero while `overlay-agent monitor` reads `drop_events`: the programs report drops only
 /// then, and look here only when they drop.
@@ -68,6 +78,23 @@ pub fn vtep_subnet(public_ip: [u8; 4]) -> Option<VtepSubnet> {
 pub fn local_endpoint(address: [u8; 4]) -> Option<LocalEndpoint> {
     // SAFETY: the value is copied out at once, before any update could reuse the slot.
     unsafe { ENDPOINTS.get(address) }.copied()
+}
+
+/// Whether the stack forwarded the other direction of `flow`, so it must carry `flow` too.
+#[inline(always)]
+pub fn takes_routed_path(flow: &FlowKey) -> bool {
+    ROUTED_FLOWS.get_ptr(flow).is_some()
+}
+
+/// Notes that the stack sent a packet out of `ifindex` whose replies have the key `reply`.
+/// A flow already known is left alone: rewriting an LRU entry costs a new element per packet.
+#[inline(always)]
+pub fn remember_routed(reply: &FlowKey, ifindex: u32) {
+    if takes_routed_path(reply) {
+        return;
+    }
+    // An LRU map makes room by evicting its least recently used flow: no failure to handle.
+    let _ = ROUTED_FLOWS.insert(reply, RoutedFlow { ifindex }, 0);
 }
 
 #[inline(always)]

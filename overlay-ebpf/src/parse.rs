@@ -5,10 +5,17 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use overlay_common::{Counter, OverlayConfig};
+use overlay_common::{Counter, FlowKey, OverlayConfig};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+const IPPROTO_DCCP: u8 = 33;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
 /// The "valid VNI" flag, the only flag RFC 7348 defines.
 pub const VXLAN_FLAG_VNI: u8 = 0x08;
 
@@ -60,6 +67,8 @@ pub const IPV4_MAX_HEADER_LEN: usize = 15 * IPV4_IHL_UNIT;
 const IPV4_IHL_UNIT: usize = 4;
 const IPV4_IHL_MASK: u8 = 0x0f;
 const IPV4_VERSION: u8 = 4;
+/// The IPv4 header byte of a header without options.
+pub const IPV4_NO_OPTIONS: u8 = 0x45;
 /// More-fragments flag and fragment offset, in the host-order `flags_frag_offset` word.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 
@@ -176,6 +185,49 @@ pub fn linear_frame(ctx: &TcContext, wanted: usize) -> Frame {
 pub struct EthIpv4Headers {
     pub eth: EthHdr,
     pub ip: Ipv4Hdr,
+}
+
+/// The first bytes of a transport header: the ports of TCP, UDP and the like (source, then
+/// destination); type, code, checksum and identifier of an ICMP echo.
+pub type TransportHead = [u8; 8];
+/// The bytes a flow's key comes from: Ethernet, IPv4 without options, the transport head.
+pub const FLOW_HEADERS_LEN: usize = size_of::<EthIpv4Headers>() + size_of::<TransportHead>();
+
+/// The flow `ip` belongs to, given the first bytes of its transport header; `None` for a
+/// packet conntrack must see whatever its flow: one with IPv4 options, a fragment (only the
+/// first carries ports), or an ICMP error (it is about another flow, whose translation the
+/// stack must undo inside it).
+#[inline(always)]
+pub fn flow_of(ip: &Ipv4Hdr, transport: Option<&TransportHead>) -> Option<FlowKey> {
+    let transport = transport?;
+    if ip.version_ihl != IPV4_NO_OPTIONS
+        || u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0
+    {
+        return None;
+    }
+    let (src_port, dst_port) = match ip.protocol {
+        IPPROTO_ICMP => {
+            let [kind, _code, _sum_hi, _sum_lo, id_hi, id_lo, _, _] = *transport;
+            if kind != ICMP_ECHO_REQUEST && kind != ICMP_ECHO_REPLY {
+                return None;
+            }
+            ([id_hi, id_lo], [id_hi, id_lo])
+        }
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_DCCP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
+            let [src_hi, src_lo, dst_hi, dst_lo, ..] = *transport;
+            ([src_hi, src_lo], [dst_hi, dst_lo])
+        }
+        // conntrack tells other protocols' flows apart by their addresses alone.
+        _ => ([0; 2], [0; 2]),
+    };
+    Some(FlowKey {
+        src: ip.src,
+        dst: ip.dst,
+        src_port,
+        dst_port,
+        protocol: ip.protocol,
+        reserved: [0; 3],
+    })
 }
 
 /// What decapsulation needs from a VXLAN frame for our port and VNI.

@@ -5,12 +5,12 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use overlay_agent::{
-    dataplane::{CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_PROGRAM},
+    dataplane::{BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_PROGRAM},
     mac::MacAddr,
     reconcile::desired::lease_entries,
     subnet::{Lease, LeaseAttrs},
 };
-use overlay_common::{Counter, Counters, DEFAULT_VXLAN_PORT, OverlayConfig};
+use overlay_common::{Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint, OverlayConfig};
 
 use crate::{frames::*, require_root};
 
@@ -90,6 +90,23 @@ pub fn dataplane_with(config: OverlayConfig, peers: &[&SeedHost]) -> Result<Data
     Ok(dataplane)
 }
 
+/// host2's dataplane knowing host1 and bbox2 behind the veth with index 42.
+pub fn host2_with_bbox2() -> Result<Dataplane> {
+    let mut dataplane = dataplane_of(&HOST2, &[&HOST1])?;
+    dataplane.sync_endpoints(
+        &[(
+            BBOX2_IP,
+            LocalEndpoint {
+                ifindex: 42,
+                mac: BBOX2_MAC,
+                reserved: 0,
+            },
+        )]
+        .into(),
+    )?;
+    Ok(dataplane)
+}
+
 /// What one program run gave.
 pub struct Outcome {
     pub verdict: u32,
@@ -105,9 +122,14 @@ impl Outcome {
 
     /// Asserts `expected` is the only counter that moved, by one.
     pub fn assert_only(&self, expected: Counter) {
+        self.assert_only_since(&Counters::default(), expected);
+    }
+
+    /// Asserts `expected` is the only counter that moved since `before`, by one.
+    pub fn assert_only_since(&self, before: &Counters, expected: Counter) {
         for &counter in Counter::ALL {
             assert_eq!(
-                self.counters.get(counter),
+                self.counters.get(counter) - before.get(counter),
                 u64::from(counter == expected),
                 "counter {} after a frame that should count as {}",
                 counter.name(),
@@ -128,7 +150,7 @@ pub enum UplinkHook {
 impl UplinkHook {
     pub const ALL: [UplinkHook; 2] = [UplinkHook::Tc, UplinkHook::Xdp];
 
-    /// The verdict that hands a frame to the stack.
+    /// The verdict that lets a frame that is not ours go on to the stack.
     pub fn pass(self) -> u32 {
         match self {
             UplinkHook::Tc => TC_ACT_OK,
@@ -143,22 +165,40 @@ impl UplinkHook {
         }
     }
 
-    /// The frame the stack receives for a decapsulated `vxlan_frame` whose inner Ethernet
-    /// header starts at `inner_offset`: tc keeps the outer Ethernet header, XDP readdresses
-    /// the inner one to the uplink (`uplink_mac`).
-    pub fn decapsulated(
+    /// The verdict that hands a frame from a peer to flannel.1 for the stack: tc redirects it
+    /// into flannel.1's receive path, XDP passes it on to flannel.1's socket.
+    pub fn to_vtep(self) -> u32 {
+        match self {
+            UplinkHook::Tc => TC_ACT_REDIRECT,
+            UplinkHook::Xdp => XDP_PASS,
+        }
+    }
+
+    /// The counter of a frame from a peer handed to flannel.1, where tc would count `tc_reason`.
+    pub fn to_vtep_counter(self, tc_reason: Counter) -> Counter {
+        match self {
+            UplinkHook::Tc => tc_reason,
+            UplinkHook::Xdp => Counter::RxChecked,
+        }
+    }
+
+    /// The frame flannel.1 gets for `vxlan_frame`, whose inner Ethernet header starts at
+    /// `inner_offset`: tc decapsulates it and keeps the outer Ethernet header, readdressed to
+    /// the VXLAN device (`vtep_mac`); XDP leaves it whole, for flannel.1's socket.
+    pub fn handed_to_vtep(
         self,
         vxlan_frame: &[u8],
         inner_offset: usize,
-        uplink_mac: [u8; 6],
+        vtep_mac: [u8; 6],
     ) -> Vec<u8> {
         match self {
             UplinkHook::Tc => [
-                &vxlan_frame[..ETH_HEADER_LEN],
+                &vtep_mac[..],
+                &vxlan_frame[6..ETH_HEADER_LEN],
                 &vxlan_frame[inner_offset + ETH_HEADER_LEN..],
             ]
             .concat(),
-            UplinkHook::Xdp => [&uplink_mac[..], &vxlan_frame[inner_offset + 6..]].concat(),
+            UplinkHook::Xdp => vxlan_frame.to_vec(),
         }
     }
 }
@@ -179,6 +219,11 @@ pub fn run_vtep(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
 /// A container veth's ingress program on `frame`.
 pub fn run_container(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     run(dataplane.tc_program(CONTAINER_PROGRAM)?, dataplane, frame)
+}
+
+/// The container bridge's egress program on `frame`.
+pub fn run_bridge(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
+    run(dataplane.tc_program(BRIDGE_PROGRAM)?, dataplane, frame)
 }
 
 fn run<P>(program: &P, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome>

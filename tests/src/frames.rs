@@ -70,6 +70,18 @@ pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     [&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0][..], inner].concat()
 }
 
+/// A TCP header without options, flags SYN and ACK, checksum left zero (the programs never
+/// check it).
+pub fn tcp_segment(src_port: u16, dst_port: u16) -> Vec<u8> {
+    [
+        &src_port.to_be_bytes()[..],
+        &dst_port.to_be_bytes(),
+        &[0, 0, 0, 1, 0, 0, 0, 1],
+        &[0x50, 0x12, 0xff, 0xff, 0, 0, 0, 0],
+    ]
+    .concat()
+}
+
 /// An ICMP echo request with a correct checksum.
 pub fn icmp_echo_request(id: u16, sequence: u16, payload: &[u8]) -> Vec<u8> {
     let mut message = [

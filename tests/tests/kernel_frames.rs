@@ -206,11 +206,11 @@ fn our_frames_are_the_kernel_s_frames() -> Result<()> {
 
     for hook in UplinkHook::ALL {
         let delivered = run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, &kernel)?;
-        assert_eq!(delivered.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(delivered.verdict, hook.to_vtep(), "{hook:?}");
         assert_eq!(
             delivered.frame,
-            hook.decapsulated(&kernel, 50, HOST2_MAC),
-            "{hook:?}: the inner packet, addressed to host2's uplink"
+            hook.handed_to_vtep(&kernel, 50, HOST2_VTEP_MAC),
+            "{hook:?}: flannel.1 gets the frame, tc's decapsulated and addressed to it"
         );
     }
     Ok(())

@@ -1,13 +1,14 @@
-//! The uplink's decapsulators, tc and XDP, on hand-built frames through BPF_PROG_TEST_RUN:
-//! VXLAN from a known peer is stripped (tc also delivers straight into a known local
-//! container); everything not ours passes untouched; every bad or hostile frame is dropped;
-//! each outcome moves exactly its counter. Both hooks must agree on all of it.
+//! The uplink's programs, tc and XDP, on hand-built frames through BPF_PROG_TEST_RUN: VXLAN
+//! from a known peer goes to flannel.1 (tc decapsulates it and puts it into flannel.1, or
+//! straight into a known local container; XDP passes it on to flannel.1's socket); everything
+//! not ours passes untouched; every bad or hostile frame is dropped; each outcome moves exactly
+//! its counter. Both hooks must agree on all of it.
 use anyhow::Result;
-use overlay_common::{Counter, LocalEndpoint};
+use overlay_common::Counter;
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_REDIRECT, UplinkHook, dataplane_of, dataplane_with,
-        run_uplink,
+        host2_with_bbox2, run_uplink,
     },
     frames::*,
 };
@@ -57,41 +58,24 @@ fn assert_dropped(frame: &[u8], expected: Counter) -> Result<()> {
     Ok(())
 }
 
-/// Asserts both hooks hand `frame` decapsulated to the stack.
-fn assert_decapsulated_for_the_stack(frame: &[u8], inner_offset: usize) -> Result<()> {
+/// Asserts both hooks hand `frame` to flannel.1 for the stack.
+fn assert_handed_to_the_vtep(frame: &[u8], inner_offset: usize) -> Result<()> {
     for hook in UplinkHook::ALL {
         let outcome = receive(hook, frame)?;
-        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(outcome.verdict, hook.to_vtep(), "{hook:?}");
         assert_eq!(
             outcome.frame,
-            hook.decapsulated(frame, inner_offset, HOST2_MAC),
+            hook.handed_to_vtep(frame, inner_offset, HOST2_VTEP_MAC),
             "{hook:?}"
         );
-        outcome.assert_only(Counter::RxDecapsulated);
+        outcome.assert_only(hook.to_vtep_counter(Counter::RxDecapsulated));
     }
     Ok(())
 }
 
-/// host2's dataplane knowing host1 and bbox2 behind the veth with index 42.
-fn host2_with_bbox2() -> Result<overlay_agent::dataplane::Dataplane> {
-    let mut dataplane = dataplane_of(&HOST2, &[&HOST1])?;
-    dataplane.sync_endpoints(
-        &[(
-            BBOX2_IP,
-            LocalEndpoint {
-                ifindex: 42,
-                mac: BBOX2_MAC,
-                reserved: 0,
-            },
-        )]
-        .into(),
-    )?;
-    Ok(dataplane)
-}
-
 #[test]
-fn vxlan_from_a_known_peer_is_decapsulated_for_the_stack() -> Result<()> {
-    assert_decapsulated_for_the_stack(&seed_vxlan_frame(1, 8472), SEED_INNER)
+fn vxlan_from_a_known_peer_goes_to_flannel_1() -> Result<()> {
+    assert_handed_to_the_vtep(&seed_vxlan_frame(1, 8472), SEED_INNER)
 }
 
 #[test]
@@ -120,11 +104,11 @@ fn a_packet_whose_ttl_runs_out_here_goes_to_the_stack() -> Result<()> {
     let ttl = SEED_INNER + ETH_HEADER_LEN + 8;
     frame[ttl] = 1;
     let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
-    assert_eq!(outcome.verdict, UplinkHook::Tc.pass());
+    assert_eq!(outcome.verdict, UplinkHook::Tc.to_vtep());
     assert_eq!(
         outcome.frame,
-        UplinkHook::Tc.decapsulated(&frame, SEED_INNER, HOST2_MAC),
-        "decapsulated, TTL untouched: the stack answers with time exceeded"
+        UplinkHook::Tc.handed_to_vtep(&frame, SEED_INNER, HOST2_VTEP_MAC),
+        "decapsulated into flannel.1, TTL untouched: the stack answers with time exceeded"
     );
     outcome.assert_only(Counter::RxDecapsulated);
     Ok(())
@@ -145,7 +129,7 @@ fn ipv4_options_on_the_outer_header_are_skipped() -> Result<()> {
         7,
         "the frame carries IPv4 options"
     );
-    assert_decapsulated_for_the_stack(&frame, SEED_INNER + 8)
+    assert_handed_to_the_vtep(&frame, SEED_INNER + 8)
 }
 
 #[test]
@@ -155,12 +139,15 @@ fn vxlan_with_another_vni_passes_to_the_stack() -> Result<()> {
 
 #[test]
 fn port_and_vni_come_from_the_config_map() -> Result<()> {
-    let cases = [
-        (seed_vxlan_frame(7, 4789), Counter::RxDecapsulated),
-        (seed_vxlan_frame(1, 4789), Counter::RxVxlanForeignVni),
-        (seed_vxlan_frame(7, 8472), Counter::RxOtherPort),
-    ];
     for hook in UplinkHook::ALL {
+        let cases = [
+            (
+                seed_vxlan_frame(7, 4789),
+                hook.to_vtep_counter(Counter::RxDecapsulated),
+            ),
+            (seed_vxlan_frame(1, 4789), Counter::RxVxlanForeignVni),
+            (seed_vxlan_frame(7, 8472), Counter::RxOtherPort),
+        ];
         for (frame, expected) in &cases {
             let iana = dataplane_with(HOST2.config(7, 4789), &[&HOST1])?;
             run_uplink(hook, &iana, frame)?.assert_only(*expected);
@@ -235,6 +222,25 @@ fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
         &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
         Counter::RxSpoofedSource,
     )
+}
+
+/// A reply whose DNAT the sender's conntrack has undone comes from the sender's PublicIP (a
+/// published port on host1, reached from bbox2): not a spoof.
+#[test]
+fn an_inner_source_that_is_the_sender_s_own_public_ip_is_accepted() -> Result<()> {
+    let reply = ipv4(
+        HOST1_IP,
+        BBOX2_IP,
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"published"),
+    );
+    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &reply);
+    let frame = outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner));
+    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
+    assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
+    outcome.assert_only(Counter::RxDelivered);
+    Ok(())
 }
 
 #[test]

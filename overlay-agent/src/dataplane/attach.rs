@@ -18,7 +18,8 @@ use aya::programs::{
 };
 
 use super::{
-    CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM, VTEP_PROGRAM, program_mut,
+    BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM,
+    VTEP_PROGRAM, program_mut,
 };
 use crate::reconcile::desired::{Device, Placement};
 
@@ -45,6 +46,7 @@ pub enum XdpModeChoice {
 pub struct Attachments {
     uplink: Option<(u32, DecapHook)>,
     vtep: Option<u32>,
+    bridge: Option<u32>,
     containers: HashSet<u32>,
     /// Container ports that refused the program, warned about once.
     refused: HashSet<u32>,
@@ -56,7 +58,7 @@ pub struct Attachments {
 impl Dataplane {
     /// Writes the programs' settings and attaches each where `placement` says: the uplink's
     /// decapsulator at `hook` (in `xdp_mode` for XDP), the VXLAN device's encapsulator, and
-    /// the fast path on the container ports.
+    /// the fast path on the container ports and the bridge.
     pub fn place(
         &mut self,
         placement: &Placement,
@@ -71,7 +73,8 @@ impl Dataplane {
             hook,
             xdp_mode,
         )?;
-        self.ensure_container_ports(&placement.containers)
+        self.ensure_container_ports(&placement.containers)?;
+        self.ensure_bridge_attached(placement.bridge.as_ref())
     }
 
     /// Makes sure the uplink's decapsulator is attached to `interface` (index `ifindex`) at
@@ -110,6 +113,26 @@ impl Dataplane {
         self.attach_tc(VTEP_PROGRAM, interface, ifindex, TcAttachType::Egress)?;
         log::info!("{VTEP_PROGRAM} attached to {interface} egress");
         self.attached.vtep = Some(ifindex);
+        Ok(())
+    }
+
+    /// Makes sure the flow watcher sits on the egress of `bridge`, and nowhere without one.
+    fn ensure_bridge_attached(&mut self, bridge: Option<&Device>) -> Result<()> {
+        let wanted = bridge.map(|bridge| bridge.index);
+        if self.attached.bridge == wanted {
+            return Ok(());
+        }
+        self.detach_all_but(BRIDGE_PROGRAM, &wanted.into_iter().collect())?;
+        if let Some(bridge) = bridge {
+            self.attach_tc(
+                BRIDGE_PROGRAM,
+                &bridge.name,
+                bridge.index,
+                TcAttachType::Egress,
+            )?;
+            log::info!("{BRIDGE_PROGRAM} attached to {} egress", bridge.name);
+        }
+        self.attached.bridge = wanted;
         Ok(())
     }
 

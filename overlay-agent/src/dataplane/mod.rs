@@ -26,27 +26,31 @@ pub const UPLINK_TC_PROGRAM: &str = "tc_uplink_ingress";
 pub const UPLINK_XDP_PROGRAM: &str = "xdp_uplink";
 pub const VTEP_PROGRAM: &str = "tc_vtep_egress";
 pub const CONTAINER_PROGRAM: &str = "tc_container_ingress";
+pub const BRIDGE_PROGRAM: &str = "tc_bridge_egress";
 /// Every program, each attached through links pinned as `link_<program>_<ifindex>`.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 5] = [
     UPLINK_TC_PROGRAM,
     UPLINK_XDP_PROGRAM,
     VTEP_PROGRAM,
     CONTAINER_PROGRAM,
+    BRIDGE_PROGRAM,
 ];
 const CONFIG_MAP: &str = "config";
 const COUNTERS_MAP: &str = "counters";
 const SUBNETS_MAP: &str = "subnets";
 const VTEPS_MAP: &str = "vteps";
 const ENDPOINTS_MAP: &str = "endpoints";
+const ROUTED_FLOWS_MAP: &str = "routed_flows";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
     VTEPS_MAP,
     ENDPOINTS_MAP,
+    ROUTED_FLOWS_MAP,
     MONITOR_MAP,
     DROP_EVENTS_MAP,
 ];
@@ -95,7 +99,12 @@ impl Dataplane {
         uplink
             .load()
             .with_context(|| format!("the kernel rejected {UPLINK_XDP_PROGRAM}"))?;
-        for name in [UPLINK_TC_PROGRAM, VTEP_PROGRAM, CONTAINER_PROGRAM] {
+        for name in [
+            UPLINK_TC_PROGRAM,
+            VTEP_PROGRAM,
+            CONTAINER_PROGRAM,
+            BRIDGE_PROGRAM,
+        ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
             program
                 .load()

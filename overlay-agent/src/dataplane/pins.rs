@@ -10,11 +10,13 @@ use aya::maps::{
     Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie,
 };
 use ipnetwork::Ipv4Network;
-use overlay_common::{Counters, LocalEndpoint, OverlayConfig, RemoteVtep, VtepSubnet};
+use overlay_common::{
+    Counters, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep, RoutedFlow, VtepSubnet,
+};
 
 use super::{
     CONFIG_MAP, COUNTERS_MAP, DROP_EVENTS_MAP, ENDPOINTS_MAP, MAPS, MONITOR_MAP, PROGRAMS,
-    SUBNETS_MAP, VTEPS_MAP, sum_per_cpu,
+    ROUTED_FLOWS_MAP, SUBNETS_MAP, VTEPS_MAP, sum_per_cpu,
 };
 
 /// While alive, the programs report every drop to the `drop_events` ring buffer.
@@ -95,12 +97,13 @@ impl PinnedDataplane {
         Ok((events, MonitorSwitch(switch)))
     }
 
-    /// How full each lease and endpoint map is.
+    /// How full each lease, endpoint and flow map is.
     pub fn occupancy(&self) -> Result<Vec<MapOccupancy>> {
-        let (subnets, vteps, endpoints) = (
+        let (subnets, vteps, endpoints, routed_flows) = (
             self.map(SUBNETS_MAP)?,
             self.map(VTEPS_MAP)?,
             self.map(ENDPOINTS_MAP)?,
+            self.map(ROUTED_FLOWS_MAP)?,
         );
         let counts = [
             (
@@ -118,6 +121,12 @@ impl PinnedDataplane {
             (
                 ENDPOINTS_MAP,
                 BpfHashMap::<_, [u8; 4], LocalEndpoint>::try_from(&endpoints)?
+                    .keys()
+                    .count(),
+            ),
+            (
+                ROUTED_FLOWS_MAP,
+                BpfHashMap::<_, FlowKey, RoutedFlow>::try_from(&routed_flows)?
                     .keys()
                     .count(),
             ),

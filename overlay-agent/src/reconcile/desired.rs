@@ -90,6 +90,9 @@ pub struct Placement {
     pub vtep: Device,
     /// Every container port with the fast path; none without.
     pub containers: Vec<Device>,
+    /// The container bridge, whose egress notes the flows the stack carries, with the fast
+    /// path; none without.
+    pub bridge: Option<Device>,
 }
 
 /// The remote gateway flannel routes a subnet through: the subnet's network address.
@@ -192,7 +195,7 @@ pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
 }
 
 /// The programs' places: the uplink's decapsulator, the VXLAN device's encapsulator and, with
-/// the fast path, one encapsulator per container port. `base` is the config but for the
+/// the fast path, one encapsulator per container port and the bridge's flow watcher. `base` is the config but for the
 /// device facts filled in here.
 pub fn placement(
     base: &OverlayConfig,
@@ -206,16 +209,20 @@ pub fn placement(
         uplink_ifindex: devices.uplink.index,
         ..*base
     };
-    let containers = if fast_path {
-        containers.ports.values().cloned().collect()
+    let (containers, bridge) = if fast_path {
+        (
+            containers.ports.values().cloned().collect(),
+            Some(devices.bridge.clone()),
+        )
     } else {
-        Vec::new()
+        (Vec::new(), None)
     };
     Placement {
         config,
         uplink: devices.uplink.clone(),
         vtep: devices.vtep.clone(),
         containers,
+        bridge,
     }
 }
 
@@ -412,6 +419,7 @@ mod tests {
         };
         let with = placement(&base, &devices(), &containers, true);
         assert_eq!(with.containers, vec![port]);
+        assert_eq!(with.bridge, Some(devices().bridge));
         assert_eq!(
             (
                 with.config.vni,
@@ -421,10 +429,7 @@ mod tests {
             (1, 4, 2)
         );
         assert_eq!(with.config.bridge_mac, [2, 0, 0, 0, 0, 3]);
-        assert!(
-            placement(&base, &devices(), &containers, false)
-                .containers
-                .is_empty()
-        );
+        let without = placement(&base, &devices(), &containers, false);
+        assert!(without.containers.is_empty() && without.bridge.is_none());
     }
 }
