@@ -23,7 +23,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::Ipv4Network;
-use overlay_common::OverlayConfig;
+use overlay_common::{CONFIG_DIRECT_ROUTING, OverlayConfig};
 use rtnetlink::Handle;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -262,6 +262,11 @@ async fn ebpf_sink(
             vtep_mac: vtep_mac.0,
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,
+            flags: if config.backend.direct_routing {
+                CONFIG_DIRECT_ROUTING
+            } else {
+                0
+            },
             ..OverlayConfig::default()
         },
         fast_path: options.fast_path,

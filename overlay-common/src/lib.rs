@@ -26,8 +26,8 @@ pub struct OverlayConfig {
     pub vni: u32,
     /// UDP destination port of VXLAN traffic.
     pub vxlan_port: u16,
-    /// Keeps the layout free of implicit padding.
-    pub reserved: u16,
+    /// `CONFIG_*` bits; the field also keeps the layout free of implicit padding.
+    pub flags: u16,
     /// The outer source of what this host encapsulates: the uplink's address, which is also
     /// the public IP unless `--public-ip` names another (flannel's tunnel source).
     pub public_ip: [u8; 4],
@@ -45,6 +45,16 @@ pub struct OverlayConfig {
     pub bridge_mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved2: u16,
+}
+
+/// [`OverlayConfig::flags`]: the network config's `DirectRouting` is on, so peers on our
+/// segment send their containers' packets to us as they are, without VXLAN.
+pub const CONFIG_DIRECT_ROUTING: u16 = 1;
+
+impl OverlayConfig {
+    pub const fn direct_routing(&self) -> bool {
+        self.flags & CONFIG_DIRECT_ROUTING != 0
+    }
 }
 
 /// Value of the subnet map (an LPM trie keyed by remote subnet): where that subnet's host is.

@@ -30,9 +30,10 @@ use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, Frame, IPV4_MAX_HEADER_LEN, TransportHead, UdpHdr,
-        VxlanFrame, VxlanHdr, classify_vxlan, flow_of, linear_frame,
+        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN, Frame, IPV4_MAX_HEADER_LEN,
+        TransportHead, UdpHdr, VxlanFrame, VxlanHdr, classify_vxlan, flow_of, linear_frame,
     },
+    routed::note_handed,
     verdict::{tc_act, xdp_act},
 };
 
@@ -51,10 +52,26 @@ pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_OK as i32;
     };
-    tc_act(
-        &ctx,
-        decapsulate_skb(&ctx, config).unwrap_or_else(|outcome| outcome),
-    )
+    let outcome = decapsulate_skb(&ctx, config).unwrap_or_else(|outcome| outcome);
+    if config.direct_routing() && matches!(outcome, Counter::RxNotUdp | Counter::RxOtherPort) {
+        note_direct_arrival(&ctx);
+    }
+    tc_act(&ctx, outcome)
+}
+
+/// A packet a DirectRouting peer's container sent us as it is goes to the stack, which routes
+/// it into the bridge: noted, so that the bridge does not take its flow for a translated one.
+#[inline(always)]
+fn note_direct_arrival(ctx: &TcContext) {
+    let frame = linear_frame(ctx, FLOW_HEADERS_LEN);
+    let from_direct_peer = frame
+        .header::<EthIpv4Headers>(0)
+        .and_then(|headers| maps::remote_vtep(headers.ip.src))
+        .is_some_and(|remote| remote.routes_directly());
+    if from_direct_peer {
+        // SAFETY: the context's skb is valid for the whole program run.
+        note_handed(&frame, unsafe { (*ctx.skb.skb).ifindex });
+    }
 }
 
 #[xdp]
@@ -148,12 +165,16 @@ fn deliver(
 
 /// Puts the decapsulated packet into flannel.1's receive path, addressed to flannel.1, as the
 /// kernel's own decapsulation would: the stack routes it from there, counted as `reason`.
+/// What goes there only for want of a known container is noted (see `routed`).
 #[inline(always)]
 fn hand_to_vtep(
     frame: &mut Frame,
     config: &OverlayConfig,
     reason: Counter,
 ) -> Result<Counter, Counter> {
+    if reason == Counter::RxDecapsulated {
+        note_handed(frame, config.vtep_ifindex);
+    }
     let eth: &mut EthHdr = frame.header_mut(0).ok_or(Counter::RxError)?;
     eth.dst = config.vtep_mac;
     // SAFETY: a plain helper call; the kernel checks the index when it redirects.

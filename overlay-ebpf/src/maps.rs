@@ -15,6 +15,9 @@ const MAX_LOCAL_ENDPOINTS: usize = 16384;
 /// Flows the stack forwards at once between containers and remote subnets, or to and from
 /// service addresses; the least recently seen give way.
 const MAX_ROUTED_FLOWS: usize = 65536;
+/// Flows handed to the stack as they were, at once: only while a container is being learned
+/// or, with DirectRouting, per flow from a peer on our segment.
+const MAX_HANDED_FLOWS: usize = 16384;
 /// Bytes of drop events in flight between the programs and a monitor: about 1,700 events.
 const DROP_EVENTS_BYTES: usize = 256 * 1024;
 
@@ -45,6 +48,13 @@ static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap
 /// the containers; read by the fast path at both ends.
 #[btf_map(name = "routed_flows")]
 static ROUTED_FLOWS: LruHashMap<FlowKey, RoutedFlow, MAX_ROUTED_FLOWS> = LruHashMap::new();
+
+/// Flows the programs handed to the stack as they arrived (for a container not yet learned,
+/// or from a DirectRouting peer), keyed as handed over → the interface they arrived on. One
+/// that reaches the bridge under the same key was not translated on the way, so the stack
+/// need not keep it.
+#[btf_map(name = "handed_flows")]
+static HANDED_FLOWS: LruHashMap<FlowKey, u32, MAX_HANDED_FLOWS> = LruHashMap::new();
 
 /// Non-zero while `overlay-agent monitor` reads `drop_events`: the programs report drops only
 /// then, and look here only when they drop.
@@ -93,8 +103,23 @@ pub fn remember_routed(reply: &FlowKey, ifindex: u32) {
     if takes_routed_path(reply) {
         return;
     }
-    // An LRU map makes room by evicting its least recently used flow: no failure to handle.
+    // An LRU map makes room by evicting its least recently used flow.
     let _ = ROUTED_FLOWS.insert(reply, RoutedFlow { ifindex }, 0);
+}
+
+/// Notes that `flow` was handed to the stack as it is, arriving on `ifindex`.
+#[inline(always)]
+pub fn note_handed(flow: &FlowKey, ifindex: u32) {
+    if !was_handed(flow) {
+        // An LRU map makes room by evicting its least recently used flow.
+        let _ = HANDED_FLOWS.insert(flow, ifindex, 0);
+    }
+}
+
+/// Whether `flow` was handed to the stack under this very key.
+#[inline(always)]
+pub fn was_handed(flow: &FlowKey) -> bool {
+    HANDED_FLOWS.get_ptr(flow).is_some()
 }
 
 #[inline(always)]

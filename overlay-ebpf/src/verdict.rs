@@ -18,13 +18,6 @@ use crate::maps;
 #[inline(always)]
 pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
     maps::count(outcome);
-    // SAFETY: the context's skb is valid for the whole program run.
-    log_outcome(
-        ctx,
-        outcome,
-        || unsafe { (*ctx.skb.skb).ifindex },
-        || ctx.len(),
-    );
     let action = match outcome.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => {
@@ -33,6 +26,13 @@ pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
         }
         Verdict::Redirect => TC_ACT_REDIRECT,
     };
+    // SAFETY: the context's skb is valid for the whole program run.
+    log_outcome(
+        ctx,
+        outcome,
+        || unsafe { (*ctx.skb.skb).ifindex },
+        || ctx.len(),
+    );
     action as i32
 }
 
@@ -41,6 +41,13 @@ pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
 #[inline(always)]
 pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
     maps::count(outcome);
+    let action = match outcome.verdict() {
+        Verdict::Drop => {
+            report_xdp_drop(ctx, outcome);
+            xdp_action::XDP_DROP
+        }
+        Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
+    };
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
     log_outcome(
         ctx,
@@ -48,20 +55,16 @@ pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
         || unsafe { (*ctx.ctx).ingress_ifindex },
         || (ctx.data_end() - ctx.data()) as u32,
     );
-    match outcome.verdict() {
-        Verdict::Drop => {
-            report_xdp_drop(ctx, outcome);
-            xdp_action::XDP_DROP
-        }
-        Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
-    }
+    action
 }
 
 /// One aya-log line per packet, naming its outcome. Without `--bpf-log` the agent loads the
 /// programs with aya-log's level global at 0, a read-only constant, so the verifier removes
 /// this code; the arguments are evaluated inside the macro's level check so that they go with
-/// it. A single string argument: each one is copied byte by byte on every path to here, and two
-/// exceed the verifier's budget of a million instructions.
+/// it. It comes last, after everything that needs `outcome` itself, and names a copy of it the
+/// verifier cannot see through (see `opaque`): then every path to here is one state per
+/// action, and the byte-by-byte copy of the name is verified once per name, not once per path
+/// (which exceeds the verifier's budget of a million instructions).
 #[inline(always)]
 fn log_outcome<C: EbpfContext>(
     ctx: &C,
@@ -72,10 +75,22 @@ fn log_outcome<C: EbpfContext>(
     info!(
         ctx,
         "{} on ifindex {} ({} bytes)",
-        outcome.name(),
+        Counter::from_index(opaque(outcome as u8).into()).map_or("unknown", Counter::name),
         ifindex(),
         len()
     );
+}
+
+/// `value`, through a stack byte: the verifier keeps track of constants in registers but not of
+/// a byte stored to the stack, so what comes back is any `u8` to it.
+#[inline(always)]
+fn opaque(value: u8) -> u8 {
+    let mut slot = value;
+    // SAFETY: `slot` is a local this function owns, valid for both accesses.
+    unsafe {
+        core::ptr::write_volatile(&mut slot, value);
+        core::ptr::read_volatile(&slot)
+    }
 }
 
 #[inline(always)]

@@ -55,7 +55,7 @@ impl SeedHost {
         OverlayConfig {
             vni,
             vxlan_port: port,
-            reserved: 0,
+            flags: 0,
             public_ip: self.public_ip,
             vtep_mac: self.vtep_mac,
             uplink_mac: self.uplink_mac,

@@ -419,24 +419,17 @@ fn direct_routing_skips_vxlan_for_peers_on_the_same_segment() -> Result<()> {
 fn direct_routing_holds_on_the_fast_path_too() -> Result<()> {
     let pair = direct_routing_pair("direct-ebpf", &["--dataplane=ebpf"])?;
     let counters = |host: &Host| PinnedDataplane::open(&host.pin_dir())?.counters();
-    // The first echoes teach host2 where bbox2 is.
+    // The first echoes teach host2 where bbox2 is; the rest take the fast path. The replies
+    // arrive through host1's stack (nothing to decapsulate), untranslated: the flow stays
+    // on the fast path.
     pair.bbox1.ping(&pair.bbox2.address, 2)?;
     let (sent, received) = (counters(&pair.host1)?, counters(&pair.host2)?);
     let replies = pair.bbox1.ping(&pair.bbox2.address, 5)?;
     assert_eq!(replies.matches("ttl=62").count(), 5, "{replies}");
     let (sent_after, received_after) = (counters(&pair.host1)?, counters(&pair.host2)?);
-    // A new flow's first echo leaves from bbox1's veth as it is. The replies arrive through
-    // host1's stack (nothing to decapsulate), so the flow is the stack's from then on and the
-    // other echoes take the routed path, which routes them directly too.
-    assert_eq!(
-        sent_after.get(Counter::TxDirect),
-        sent.get(Counter::TxDirect) + 1,
-        "host1's program sent the first echo"
-    );
-    assert_eq!(
-        sent_after.get(Counter::TxRoutedFlow),
-        sent.get(Counter::TxRoutedFlow) + 4,
-        "host1's program left the flow's other echoes to the stack"
+    assert!(
+        sent_after.get(Counter::TxDirect) >= sent.get(Counter::TxDirect) + 5,
+        "host1's programs sent the echoes"
     );
     // They reached host2 as plain IPv4, not as VXLAN: nothing was decapsulated there.
     for counter in [Counter::RxDelivered, Counter::RxDecapsulated] {

@@ -9,8 +9,8 @@ use overlay_agent::dataplane::Dataplane;
 use overlay_common::Counter;
 use overlay_tests::{
     dataplane::{
-        Outcome, TC_ACT_OK, TC_ACT_REDIRECT, UplinkHook, host2_with_bbox2, run_bridge,
-        run_container, run_uplink, run_vtep,
+        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, UplinkHook, dataplane_of,
+        host2_with_bbox2, run_bridge, run_container, run_uplink, run_vtep,
     },
     frames::*,
 };
@@ -100,6 +100,36 @@ fn the_reply_to_what_the_stack_put_into_the_bridge_takes_the_routed_path() -> Re
     let other = from_bbox2(&tcp(BBOX2_IP, BBOX1_IP, SERVICE_PORT, CLIENT_PORT + 1));
     container_sends(&host2, &other, Counter::TxDirect)?;
     Ok(())
+}
+
+/// A packet for a container host2 has not learned yet goes to the stack, which puts it into
+/// the bridge unchanged: its flow keeps the fast path once the container is known. One the
+/// stack translated on the way (to a service address in host2's subnet, DNATed to bbox2) does
+/// not.
+#[test]
+fn only_flows_the_stack_translated_leave_the_fast_path() -> Result<()> {
+    let host2 = dataplane_of(&HOST2, &[&HOST1])?;
+    let request = tcp(BBOX1_IP, BBOX2_IP, CLIENT_PORT, SERVICE_PORT);
+    let before = host2.counters()?;
+    run_uplink(UplinkHook::Tc, &host2, &from_host1(&request))?
+        .assert_only_since(&before, Counter::RxDecapsulated);
+    run_bridge(
+        &host2,
+        &ethernet(BBOX2_MAC, HOST2_BRIDGE_MAC, ETH_P_IPV4, &request),
+    )?;
+    let reply = from_bbox2(&tcp(BBOX2_IP, BBOX1_IP, SERVICE_PORT, CLIENT_PORT));
+    container_sends(&host2, &reply, Counter::TxDirect)?;
+
+    let service = [10, 2, 54, 100];
+    let to_service = tcp(BBOX1_IP, service, CLIENT_PORT + 1, SERVICE_PORT);
+    run_uplink(UplinkHook::Tc, &host2, &from_host1(&to_service))?;
+    let translated = tcp(BBOX1_IP, BBOX2_IP, CLIENT_PORT + 1, SERVICE_PORT);
+    run_bridge(
+        &host2,
+        &ethernet(BBOX2_MAC, HOST2_BRIDGE_MAC, ETH_P_IPV4, &translated),
+    )?;
+    let reply = from_bbox2(&tcp(BBOX2_IP, BBOX1_IP, SERVICE_PORT, CLIENT_PORT + 1));
+    assert_left_to_the_stack(&host2, &reply, Counter::TxRoutedFlow)
 }
 
 #[test]

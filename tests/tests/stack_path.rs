@@ -247,6 +247,22 @@ fn untranslated_flows_keep_the_fast_path_beside_translated_ones() -> Result<()> 
         translated.get(Counter::RxRoutedFlow) > before.get(Counter::RxRoutedFlow),
         "host1 left the service's replies to its conntrack: {translated:?}"
     );
+    // bpftool names the flow's fields: the replies' key, from bbox2's iperf3 port.
+    let flows = overlay_tests::netns::run(
+        std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(seed.host1.pin_dir().join("routed_flows")),
+    )?
+    .replace([' ', '\n'], "");
+    for field in [
+        "\"src\":[10,2,54,2]",
+        "\"dst\":[10,2,41,2]",
+        "\"src_port\":[20,81]",
+        "\"protocol\":6",
+        "\"ifindex\":",
+    ] {
+        assert!(flows.contains(field), "{field} in {flows}");
+    }
     iperf3_through(&seed, &seed.bbox1, &seed.bbox2, BBOX2, IPERF3_PORT)?;
     let direct = counters(&seed.host1)?;
     assert!(

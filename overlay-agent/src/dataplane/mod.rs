@@ -41,16 +41,18 @@ const SUBNETS_MAP: &str = "subnets";
 const VTEPS_MAP: &str = "vteps";
 const ENDPOINTS_MAP: &str = "endpoints";
 const ROUTED_FLOWS_MAP: &str = "routed_flows";
+const HANDED_FLOWS_MAP: &str = "handed_flows";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 9] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
     VTEPS_MAP,
     ENDPOINTS_MAP,
     ROUTED_FLOWS_MAP,
+    HANDED_FLOWS_MAP,
     MONITOR_MAP,
     DROP_EVENTS_MAP,
 ];
