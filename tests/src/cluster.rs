@@ -21,6 +21,9 @@ pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PREFIX: &str = "/docker-test/network";
 pub const SEED_NETWORK_CONFIG: &str = r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+/// The seed's network config with flannel's nftables rules instead of its iptables chains.
+pub const NFTABLES_NETWORK_CONFIG: &str =
+    r#"{"Network": "10.2.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}"#;
 
 pub struct Host {
     pub name: String,

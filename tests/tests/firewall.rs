@@ -5,15 +5,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use overlay_tests::{
-    cluster::{Cluster, Host},
+    cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG},
     process::iperf3_server,
-    seed::{BBOX2, Container, Seed},
+    seed::{BBOX2, Container, Seed, check_seed_path},
     wait::wait_for,
 };
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
-const NFTABLES_CONFIG: &str =
-    r#"{"Network": "10.2.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}"#;
 
 fn iptables(host: &Host, args: &[&str]) -> Result<String> {
     host.netns.exec(&[&["iptables"][..], args].concat())
@@ -26,12 +24,7 @@ fn seed_works_with_forward_policy_drop(tag: &str, flags: &[&str]) -> Result<()> 
     for host in [&seed.host1, &seed.host2] {
         iptables(host, &["-P", "FORWARD", "DROP"])?;
     }
-    let ping = seed.bbox1.ping(BBOX2, 2)?;
-    assert_eq!(ping.matches("ttl=62").count(), 2, "{ping}");
-    assert_eq!(
-        seed.bbox1.traceroute(BBOX2)?,
-        ["10.2.41.1", "10.2.54.0", "10.2.54.2"]
-    );
+    check_seed_path(&seed.bbox1, BBOX2)?;
     let late = Container::attach(&seed.host2, "late", "10.2.54.3")?;
     let first = seed.bbox1.ping(&late.address, 1)?;
     assert!(first.contains("ttl=62"), "{first}");
@@ -174,7 +167,7 @@ fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
 
 #[test]
 fn enable_nftables_makes_flannels_table_instead() -> Result<()> {
-    let cluster = Cluster::with_etcd("nftables", false, Some(NFTABLES_CONFIG))?;
+    let cluster = Cluster::with_etcd("nftables", false, Some(NFTABLES_NETWORK_CONFIG))?;
     let seed = Seed::start_on(cluster, &["--dataplane=kernel", "--ip-masq"])?;
     let table = seed
         .host1
