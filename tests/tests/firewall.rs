@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use overlay_tests::{
+    agent::Agent,
     cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG},
     process::iperf3_server,
     seed::{BBOX2, Container, Seed, check_seed_path},
@@ -12,6 +13,13 @@ use overlay_tests::{
 };
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// nftables mode checks iptables' FORWARD policy at every resync: once a second here.
+const RESYNC_FLAG: &str = "--iptables-resync=1";
+const TWO_RESYNCS: Duration = Duration::from_secs(2);
+/// One resync, and time for iptables on a busy machine.
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(5);
+/// The jump into flannel's forward chain, as `iptables -S FORWARD` lists it.
+const FORWARD_JUMP: &str = "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD";
 
 fn iptables(host: &Host, args: &[&str]) -> Result<String> {
     host.netns.exec(&[&["iptables"][..], args].concat())
@@ -19,10 +27,13 @@ fn iptables(host: &Host, args: &[&str]) -> Result<String> {
 
 /// The seed's checks on a seed whose hosts drop what their FORWARD chain does not accept, with
 /// a container that starts after the agents: the first packets to it take the stack's path.
-fn seed_works_with_forward_policy_drop(tag: &str, flags: &[&str]) -> Result<()> {
-    let seed = Seed::start(tag, flags)?;
+fn seed_works_with_forward_policy_drop(cluster: Cluster, flags: &[&str]) -> Result<()> {
+    let seed = Seed::start_on(cluster, flags)?;
     for host in [&seed.host1, &seed.host2] {
         iptables(host, &["-P", "FORWARD", "DROP"])?;
+    }
+    for (host, agent) in [(&seed.host1, &seed.agent1), (&seed.host2, &seed.agent2)] {
+        wait_for_forward_jump(host, agent)?;
     }
     check_seed_path(&seed.bbox1, BBOX2)?;
     let late = Container::attach(&seed.host2, "late", "10.2.54.3")?;
@@ -38,27 +49,91 @@ fn seed_works_with_forward_policy_drop(tag: &str, flags: &[&str]) -> Result<()> 
         "{}",
         server.log()
     );
-    for host in [&seed.host1, &seed.host2] {
-        let forward = iptables(host, &["-S", "FORWARD"])?;
-        assert!(
-            forward.contains("-P FORWARD DROP")
-                && forward.contains(
-                    "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"
-                ),
-            "{forward}"
-        );
-    }
     Ok(())
+}
+
+/// Waits until `host`'s FORWARD chain jumps to flannel's forward chain: from the start with
+/// iptables, within one resync of a DROP policy with nftables.
+fn wait_for_forward_jump(host: &Host, agent: &Agent) -> Result<()> {
+    wait_for(
+        &format!("{}'s FORWARD chain to jump to FLANNEL-FWD", host.name),
+        RESYNC_TIMEOUT,
+        || Ok(iptables(host, &["-S", "FORWARD"])?.contains(FORWARD_JUMP)),
+    )
+    .with_context(|| format!("agent log:\n{}", agent.log()))
 }
 
 #[test]
 fn kernel_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
-    seed_works_with_forward_policy_drop("drop-kernel", &["--dataplane=kernel"])
+    seed_works_with_forward_policy_drop(Cluster::new("drop-kernel")?, &["--dataplane=kernel"])
 }
 
 #[test]
 fn ebpf_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
-    seed_works_with_forward_policy_drop("drop-ebpf", &["--dataplane=ebpf"])
+    seed_works_with_forward_policy_drop(Cluster::new("drop-ebpf")?, &["--dataplane=ebpf"])
+}
+
+#[test]
+fn nftables_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
+    let cluster = Cluster::with_etcd("drop-nft", false, Some(NFTABLES_NETWORK_CONFIG))?;
+    seed_works_with_forward_policy_drop(cluster, &["--dataplane=kernel", RESYNC_FLAG])
+}
+
+/// With `EnableNFTables` flannel's forward chain is in iptables exactly while iptables' FORWARD
+/// policy is DROP: added within a resync of the policy change, announced once, removed when the
+/// policy is ACCEPT again, and by teardown.
+#[test]
+fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Result<()> {
+    let cluster = Cluster::with_etcd("nft-policy", false, Some(NFTABLES_NETWORK_CONFIG))?;
+    let mut seed = Seed::start_on(cluster, &["--dataplane=kernel", RESYNC_FLAG])?;
+    let (host, agent) = (&seed.host1, &seed.agent1);
+    let in_iptables = || -> Result<bool> { Ok(iptables(host, &["-S"])?.contains("FLANNEL-FWD")) };
+    std::thread::sleep(TWO_RESYNCS);
+    let ruleset = host.netns.exec(&["nft", "list", "ruleset"])?;
+    assert!(
+        !ruleset.contains("FLANNEL-"),
+        "nothing in iptables behind a policy of ACCEPT:\n{ruleset}"
+    );
+
+    iptables(host, &["-P", "FORWARD", "DROP"])?;
+    wait_for_forward_jump(host, agent)?;
+    std::thread::sleep(TWO_RESYNCS);
+    let announced = agent.count_in_log("iptables' FORWARD policy is DROP");
+    assert_eq!(announced, 1, "{}", agent.log());
+    assert_eq!(
+        iptables(host, &["-S", "FLANNEL-FWD"])?.trim(),
+        [
+            "-N FLANNEL-FWD",
+            "-A FLANNEL-FWD -s 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
+            "-A FLANNEL-FWD -d 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
+        ]
+        .join("\n")
+    );
+
+    iptables(host, &["-P", "FORWARD", "ACCEPT"])?;
+    wait_for("FLANNEL-FWD to go", RESYNC_TIMEOUT, || Ok(!in_iptables()?))?;
+
+    iptables(host, &["-P", "FORWARD", "DROP"])?;
+    wait_for_forward_jump(host, agent)?;
+    seed.agent1.process.terminate(EVENT_TIMEOUT)?;
+    let host = &seed.host1;
+    let flags = [
+        "teardown".to_string(),
+        format!("--subnet-file={}", host.subnet_file().display()),
+        format!("--bpf-pin-dir={}", host.pin_dir().display()),
+    ];
+    let mut teardown = Agent::start_with(host, &flags, &[])?;
+    assert!(
+        teardown.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "{}",
+        teardown.log()
+    );
+    let forward = iptables(host, &["-S"])?;
+    assert!(
+        !forward.contains("FLANNEL-FWD") && forward.contains("-P FORWARD DROP"),
+        "teardown removes our chain and leaves the policy:\n{forward}"
+    );
+    Ok(())
 }
 
 #[test]
