@@ -18,19 +18,13 @@ const RESYNC_FLAG: &str = "--iptables-resync=1";
 const TWO_RESYNCS: Duration = Duration::from_secs(2);
 /// One resync, and time for iptables on a busy machine.
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(5);
-/// The jump into flannel's forward chain, as `iptables -S FORWARD` lists it.
-const FORWARD_JUMP: &str = "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD";
-
-fn iptables(host: &Host, args: &[&str]) -> Result<String> {
-    host.netns.exec(&[&["iptables"][..], args].concat())
-}
 
 /// The seed's checks on a seed whose hosts drop what their FORWARD chain does not accept, with
 /// a container that starts after the agents: the first packets to it take the stack's path.
 fn seed_works_with_forward_policy_drop(cluster: Cluster, flags: &[&str]) -> Result<()> {
     let seed = Seed::start_on(cluster, flags)?;
     for host in [&seed.host1, &seed.host2] {
-        iptables(host, &["-P", "FORWARD", "DROP"])?;
+        host.iptables(&["-P", "FORWARD", "DROP"])?;
     }
     for (host, agent) in [(&seed.host1, &seed.agent1), (&seed.host2, &seed.agent2)] {
         wait_for_forward_jump(host, agent)?;
@@ -55,12 +49,8 @@ fn seed_works_with_forward_policy_drop(cluster: Cluster, flags: &[&str]) -> Resu
 /// Waits until `host`'s FORWARD chain jumps to flannel's forward chain: from the start with
 /// iptables, within one resync of a DROP policy with nftables.
 fn wait_for_forward_jump(host: &Host, agent: &Agent) -> Result<()> {
-    wait_for(
-        &format!("{}'s FORWARD chain to jump to FLANNEL-FWD", host.name),
-        RESYNC_TIMEOUT,
-        || Ok(iptables(host, &["-S", "FORWARD"])?.contains(FORWARD_JUMP)),
-    )
-    .with_context(|| format!("agent log:\n{}", agent.log()))
+    host.wait_for_forward_jump(RESYNC_TIMEOUT)
+        .with_context(|| format!("agent log:\n{}", agent.log()))
 }
 
 #[test]
@@ -87,7 +77,7 @@ fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Res
     let cluster = Cluster::with_etcd("nft-policy", false, Some(NFTABLES_NETWORK_CONFIG))?;
     let mut seed = Seed::start_on(cluster, &["--dataplane=kernel", RESYNC_FLAG])?;
     let (host, agent) = (&seed.host1, &seed.agent1);
-    let in_iptables = || -> Result<bool> { Ok(iptables(host, &["-S"])?.contains("FLANNEL-FWD")) };
+    let in_iptables = || -> Result<bool> { Ok(host.iptables(&["-S"])?.contains("FLANNEL-FWD")) };
     std::thread::sleep(TWO_RESYNCS);
     let ruleset = host.netns.exec(&["nft", "list", "ruleset"])?;
     assert!(
@@ -95,13 +85,13 @@ fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Res
         "nothing in iptables behind a policy of ACCEPT:\n{ruleset}"
     );
 
-    iptables(host, &["-P", "FORWARD", "DROP"])?;
+    host.iptables(&["-P", "FORWARD", "DROP"])?;
     wait_for_forward_jump(host, agent)?;
     std::thread::sleep(TWO_RESYNCS);
     let announced = agent.count_in_log("iptables' FORWARD policy is DROP");
     assert_eq!(announced, 1, "{}", agent.log());
     assert_eq!(
-        iptables(host, &["-S", "FLANNEL-FWD"])?.trim(),
+        host.iptables(&["-S", "FLANNEL-FWD"])?.trim(),
         [
             "-N FLANNEL-FWD",
             "-A FLANNEL-FWD -s 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
@@ -110,10 +100,10 @@ fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Res
         .join("\n")
     );
 
-    iptables(host, &["-P", "FORWARD", "ACCEPT"])?;
+    host.iptables(&["-P", "FORWARD", "ACCEPT"])?;
     wait_for("FLANNEL-FWD to go", RESYNC_TIMEOUT, || Ok(!in_iptables()?))?;
 
-    iptables(host, &["-P", "FORWARD", "DROP"])?;
+    host.iptables(&["-P", "FORWARD", "DROP"])?;
     wait_for_forward_jump(host, agent)?;
     seed.agent1.process.terminate(EVENT_TIMEOUT)?;
     let host = &seed.host1;
@@ -128,7 +118,7 @@ fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Res
         "{}",
         teardown.log()
     );
-    let forward = iptables(host, &["-S"])?;
+    let forward = host.iptables(&["-S"])?;
     assert!(
         !forward.contains("FLANNEL-FWD") && forward.contains("-P FORWARD DROP"),
         "teardown removes our chain and leaves the policy:\n{forward}"
@@ -146,7 +136,7 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
     let masq = "-m comment --comment \"flanneld masq\"";
     let forward = "-m comment --comment \"flanneld forward\"";
     assert_eq!(
-        iptables(host, &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?.trim(),
+        host.iptables(&["-t", "nat", "-S", "FLANNEL-POSTRTG"])?.trim(),
         [
             "-N FLANNEL-POSTRTG".to_string(),
             format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN"),
@@ -163,7 +153,7 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
         .join("\n")
     );
     assert_eq!(
-        iptables(host, &["-S", "FLANNEL-FWD"])?.trim(),
+        host.iptables(&["-S", "FLANNEL-FWD"])?.trim(),
         [
             "-N FLANNEL-FWD".to_string(),
             format!("-A FLANNEL-FWD -s 10.2.0.0/16 {forward} -j ACCEPT"),
@@ -172,7 +162,7 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
         .join("\n")
     );
     assert!(
-        iptables(host, &["-t", "nat", "-S", "POSTROUTING"])?
+        host.iptables(&["-t", "nat", "-S", "POSTROUTING"])?
             .contains(&format!("-A POSTROUTING {masq} -j FLANNEL-POSTRTG"))
     );
     assert!(
@@ -185,25 +175,24 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
     );
 
     // Someone flushes our chain and removes our jump: both come back within the resync period.
-    iptables(host, &["-F", "FLANNEL-FWD"])?;
-    iptables(
-        host,
-        &[
-            "-t",
-            "nat",
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "flanneld masq",
-            "-j",
-            "FLANNEL-POSTRTG",
-        ],
-    )?;
+    host.iptables(&["-F", "FLANNEL-FWD"])?;
+    host.iptables(&[
+        "-t",
+        "nat",
+        "-D",
+        "POSTROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "flanneld masq",
+        "-j",
+        "FLANNEL-POSTRTG",
+    ])?;
     wait_for("the rules to come back", Duration::from_secs(5), || {
-        Ok(iptables(host, &["-S", "FLANNEL-FWD"])?.lines().count() == 3
-            && iptables(host, &["-t", "nat", "-S", "POSTROUTING"])?.contains("FLANNEL-POSTRTG"))
+        Ok(host.iptables(&["-S", "FLANNEL-FWD"])?.lines().count() == 3
+            && host
+                .iptables(&["-t", "nat", "-S", "POSTROUTING"])?
+                .contains("FLANNEL-POSTRTG"))
     })
     .with_context(|| {
         format!(
@@ -234,7 +223,9 @@ fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
             "--ip-masq-fully-random-disable",
         ],
     )?;
-    let rules = iptables(&seed.host1, &["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    let rules = seed
+        .host1
+        .iptables(&["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
     assert!(rules.contains("-j MASQUERADE"), "{rules}");
     assert!(!rules.contains("--random-fully"), "{rules}");
     Ok(())
