@@ -21,6 +21,9 @@ pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PREFIX: &str = "/docker-test/network";
 pub const SEED_NETWORK_CONFIG: &str = r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+/// The seed's network config with flannel's nftables rules instead of its iptables chains.
+pub const NFTABLES_NETWORK_CONFIG: &str =
+    r#"{"Network": "10.2.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}"#;
 
 pub struct Host {
     pub name: String,
@@ -124,6 +127,21 @@ impl Host {
         Ok(!self.netns.has_route(subnet)? && neighbour.trim().is_empty() && !mapped)
     }
 
+    /// `iptables args...` in the host's namespace; returns its output.
+    pub fn iptables(&self, args: &[&str]) -> Result<String> {
+        self.netns.exec(&[&["iptables"], args].concat())
+    }
+
+    /// Waits until the filter table's FORWARD chain jumps to flannel's forward chain, as
+    /// flannel writes the jump.
+    pub fn wait_for_forward_jump(&self, timeout: Duration) -> Result<()> {
+        wait_for(
+            &format!("{}'s FORWARD chain to jump to FLANNEL-FWD", self.name),
+            timeout,
+            || Ok(self.iptables(&["-S", "FORWARD"])?.contains(FORWARD_JUMP)),
+        )
+    }
+
     /// Where this host's agent pins its maps and links: bpffs is shared by every namespace,
     /// so each host gets its own directory.
     pub fn pin_dir(&self) -> PathBuf {
@@ -137,6 +155,9 @@ pub struct OverlayPeer {
     pub public_ip: String,
     pub vtep_mac: String,
 }
+
+/// The jump into flannel's forward chain, as `iptables -S FORWARD` lists it.
+const FORWARD_JUMP: &str = "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD";
 
 /// How long a lease event may take to reach a host's forwarding state.
 const PEER_TIMEOUT: Duration = Duration::from_secs(20);

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod cluster;
 pub mod cni;
 pub mod dataplane;
+pub mod docker;
 pub mod etcd;
 pub mod frames;
 pub mod loss;

@@ -189,7 +189,7 @@ fn remove_stale_namespaces() {
 }
 
 /// Entries of `dir` named by the harness for a process that is gone.
-fn stale_names(dir: &str) -> Vec<String> {
+pub(crate) fn stale_names(dir: &str) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };

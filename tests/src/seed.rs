@@ -65,15 +65,60 @@ impl Container {
 
     /// The hops `traceroute -n` reports, one address per hop.
     pub fn traceroute(&self, destination: &str) -> Result<Vec<String>> {
-        let output = self
-            .netns
-            .exec(&["traceroute", "-n", "-q", "1", "-w", "2", destination])?;
-        Ok(output
-            .lines()
-            .skip(1)
-            .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
-            .collect())
+        let output = self.netns.exec(&traceroute_args(destination))?;
+        Ok(traceroute_hops(&output))
     }
+}
+
+/// `traceroute -n` to `destination`, one probe per hop. iputils' and busybox's traceroute take
+/// the same flags and print the same lines.
+pub fn traceroute_args(destination: &str) -> [&str; 7] {
+    ["traceroute", "-n", "-q", "1", "-w", "2", destination]
+}
+
+/// One address per hop, from the output of `traceroute -n -q 1`.
+pub fn traceroute_hops(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// A container the seed's checks can run from, however it was made.
+pub trait Probe {
+    /// `ping -c count` to `destination`; returns ping's output, failing unless every reply
+    /// came.
+    fn ping(&self, destination: &str, count: u32) -> Result<String>;
+    /// The hops `traceroute -n` reports, one address per hop.
+    fn traceroute(&self, destination: &str) -> Result<Vec<String>>;
+}
+
+impl Probe for Container {
+    fn ping(&self, destination: &str, count: u32) -> Result<String> {
+        Container::ping(self, destination, count)
+    }
+
+    fn traceroute(&self, destination: &str) -> Result<Vec<String>> {
+        Container::traceroute(self, destination)
+    }
+}
+
+/// The seed document's walk-through from a container on host1 to `destination` on host2:
+/// two pings answered with ttl=62, and traceroute through docker0 on host1 (10.2.41.1) and
+/// flannel.1 on host2 (10.2.54.0) to `destination`.
+pub fn check_seed_path(from: &impl Probe, destination: &str) -> Result<()> {
+    let ping = from.ping(destination, 2)?;
+    ensure!(
+        ping.matches("ttl=62").count() == 2,
+        "not two ttl=62 replies:\n{ping}"
+    );
+    let hops = from.traceroute(destination)?;
+    ensure!(
+        hops == ["10.2.41.1", "10.2.54.0", destination],
+        "traceroute to {destination} went through {hops:?}"
+    );
+    Ok(())
 }
 
 /// Field order is drop order: containers and agents go before the hosts and the cluster.
@@ -95,27 +140,7 @@ impl Seed {
 
     /// Starts the seed on `cluster`, whose etcd holds the seed's network config.
     pub fn start_on(mut cluster: Cluster, agent_flags: &[&str]) -> Result<Self> {
-        cluster.reserve(SUBNET1, HOST1)?;
-        cluster.reserve(SUBNET2, HOST2)?;
-        let host1 = cluster.add_host("host1", HOST1)?;
-        let host2 = cluster.add_host("host2", HOST2)?;
-        let mut agent1 = Agent::start(&cluster, &host1, agent_flags)?;
-        let mut agent2 = Agent::start(&cluster, &host2, agent_flags)?;
-        ensure!(
-            agent1.wait_ready()? == SUBNET1,
-            "host1 did not get its reservation"
-        );
-        ensure!(
-            agent2.wait_ready()? == SUBNET2,
-            "host2 did not get its reservation"
-        );
-        for (host, remote) in [(&host1, SUBNET2), (&host2, SUBNET1)] {
-            wait_for(
-                &format!("{}'s route to {remote}", host.name),
-                READY_TIMEOUT,
-                || host.netns.has_route(remote),
-            )?;
-        }
+        let [(host1, agent1), (host2, agent2)] = start_hosts(&mut cluster, agent_flags)?;
         let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;
         let bbox2 = Container::attach(&host2, "bbox2", BBOX2)?;
         Ok(Self {
@@ -128,4 +153,31 @@ impl Seed {
             cluster,
         })
     }
+}
+
+/// The seed's two hosts on `cluster`, each with its agent (given `agent_flags`) ready on its
+/// reserved subnet and holding the route to the other's: the seed before any container.
+pub fn start_hosts(cluster: &mut Cluster, agent_flags: &[&str]) -> Result<[(Host, Agent); 2]> {
+    cluster.reserve(SUBNET1, HOST1)?;
+    cluster.reserve(SUBNET2, HOST2)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let mut agent1 = Agent::start(cluster, &host1, agent_flags)?;
+    let mut agent2 = Agent::start(cluster, &host2, agent_flags)?;
+    ensure!(
+        agent1.wait_ready()? == SUBNET1,
+        "host1 did not get its reservation"
+    );
+    ensure!(
+        agent2.wait_ready()? == SUBNET2,
+        "host2 did not get its reservation"
+    );
+    for (host, remote) in [(&host1, SUBNET2), (&host2, SUBNET1)] {
+        wait_for(
+            &format!("{}'s route to {remote}", host.name),
+            READY_TIMEOUT,
+            || host.netns.has_route(remote),
+        )?;
+    }
+    Ok([(host1, agent1), (host2, agent2)])
 }

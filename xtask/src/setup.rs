@@ -4,7 +4,7 @@
 //! a machine that has everything installs nothing.
 use std::{
     fs,
-    os::unix::fs::symlink,
+    os::unix::fs::{PermissionsExt, symlink},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -39,6 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     // The official Prometheus client's OpenMetrics parser reads /metrics in the tests.
     "python3-prometheus-client",
+    // Real Docker engines, one per test host, as flannel's documentation runs them.
+    "docker.io",
+    // The containers' image: a static busybox imported into each test dockerd.
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -109,6 +113,10 @@ fn ensure_apt_packages() -> Vec<(&'static str, Result<Outcome>)> {
         if let Err(error) = apt_get(&["update"]) {
             return all_failed(&error);
         }
+        let _no_services = match ServicesHeld::new() {
+            Ok(held) => held,
+            Err(error) => return all_failed(&error),
+        };
         if apt_install(&missing).is_err() {
             for package in &missing {
                 let _ = apt_install(&[package]);
@@ -131,6 +139,35 @@ fn ensure_apt_packages() -> Vec<(&'static str, Result<Outcome>)> {
             (package, outcome)
         })
         .collect()
+}
+
+/// Keeps package scripts from starting services (dockerd, etcd) in the machine's own network
+/// namespace while apt installs: a `policy-rc.d` that refuses every start, removed afterwards
+/// unless the machine already had one.
+struct ServicesHeld {
+    created: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl ServicesHeld {
+    fn new() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { created: false });
+        }
+        fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n")
+            .and_then(|()| fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755)))
+            .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for ServicesHeld {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = fs::remove_file(POLICY_RC_D);
+        }
+    }
 }
 
 fn all_failed(error: &anyhow::Error) -> Vec<(&'static str, Result<Outcome>)> {

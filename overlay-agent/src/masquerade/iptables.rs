@@ -172,6 +172,18 @@ fn holds_nothing(iptables: &IPTables, table: &str) -> bool {
     })
 }
 
+/// Whether iptables' filter `FORWARD` chain has policy DROP, as Docker sets it. A host without
+/// iptables has no such chain.
+pub fn forward_policy_drops() -> Result<bool> {
+    let Ok(iptables) = open() else {
+        return Ok(false);
+    };
+    let listed = iptables
+        .list(FORWARD.table, FORWARD.hook)
+        .map_err(|error| anyhow!("cannot list iptables' {} chain: {error}", FORWARD.hook))?;
+    Ok(listed.contains(&format!("-P {} DROP", FORWARD.hook)))
+}
+
 /// Whether the host's iptables knows `--random-fully`.
 pub fn supports_random_fully() -> bool {
     Command::new("iptables")

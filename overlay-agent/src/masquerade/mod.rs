@@ -6,7 +6,8 @@
 //!
 //! iptables rules go into the filter table's own `FORWARD` chain, the one Docker sets to policy
 //! DROP: an accept in a table of our own would end only our own chain, and the packet would
-//! still meet Docker's drop.
+//! still meet Docker's drop. That is why, unlike flannel, the nftables backend also keeps the
+//! iptables backend's forward chain and its jump while that policy is DROP (and only then).
 mod iptables;
 mod nftables;
 
@@ -60,6 +61,8 @@ pub struct Masquerade {
     written: bool,
     /// nftables: what `nft list table` printed right after our last write.
     nft_listing: Option<String>,
+    /// nftables: whether we also keep `FLANNEL-FWD` in iptables, for a FORWARD policy of DROP.
+    iptables_forward: bool,
 }
 
 impl Masquerade {
@@ -72,12 +75,22 @@ impl Masquerade {
             backend,
             written: false,
             nft_listing: None,
+            iptables_forward: false,
         }
     }
 
     /// Writes the rules if they are missing or differ from what flannel would have. The first
-    /// write also removes what the other backend, or an older version of the agent, left.
+    /// write also removes what the other backend, or an older version of the agent, left. In
+    /// nftables mode, follows iptables' FORWARD policy as well.
     pub fn ensure(&mut self) -> Result<()> {
+        self.ensure_backend()?;
+        if self.backend == Backend::Nftables && self.rules.forward {
+            self.ensure_forward_behind_drop()?;
+        }
+        Ok(())
+    }
+
+    fn ensure_backend(&mut self) -> Result<()> {
         if self.written && self.in_place()? {
             return Ok(());
         }
@@ -102,6 +115,35 @@ impl Masquerade {
             }
         }
         self.written = true;
+        Ok(())
+    }
+
+    /// nftables mode: the accept in our table ends only our own chain, so a FORWARD policy of
+    /// DROP in iptables' filter table still drops the packet. While that policy is DROP, keep
+    /// the iptables backend's forward chain and its jump as well; otherwise nothing in iptables.
+    fn ensure_forward_behind_drop(&mut self) -> Result<()> {
+        let drops = iptables::forward_policy_drops()?;
+        let wanted = Rules {
+            forward: drops,
+            masquerade: false,
+            ..self.rules.clone()
+        };
+        if drops == self.iptables_forward {
+            if !drops || iptables::in_place(&wanted)? {
+                return Ok(());
+            }
+            log::warn!("our iptables forward rules were changed or removed; restoring them");
+        } else if drops {
+            log::info!(
+                "iptables' FORWARD policy is DROP, which the accept in our nftables table cannot \
+                 override: also keeping flannel's FLANNEL-FWD chain, jumped to from iptables' \
+                 FORWARD chain"
+            );
+        } else {
+            log::info!("iptables' FORWARD policy is no longer DROP: removing FLANNEL-FWD");
+        }
+        iptables::write(&wanted)?;
+        self.iptables_forward = drops;
         Ok(())
     }
 
