@@ -38,11 +38,6 @@ impl Host {
         self.dir.join("subnet.env")
     }
 
-    /// `iptables args` in the host's namespace; its output.
-    pub fn iptables(&self, args: &[&str]) -> Result<String> {
-        self.netns.exec(&[&["iptables"][..], args].concat())
-    }
-
     /// The MAC of the host's flannel.1.
     pub fn vtep_mac(&self) -> Result<String> {
         let link = self.netns.ip(&["-o", "link", "show", "flannel.1"])?;
