@@ -86,6 +86,9 @@ impl Dataplane {
                         dir.display()
                     )
                 })?;
+                for replaced in pins::unpin_incompatible_maps(dir, EBPF_OBJECT)? {
+                    log::warn!("replacing a map an older version pinned: {replaced}");
+                }
                 MAPS.iter().map(|name| (*name, dir.join(name))).collect()
             }
             None => Vec::new(),

@@ -169,6 +169,78 @@ impl PinnedDataplane {
     }
 }
 
+/// Unpins every map under `dir` whose shape (type, key size, value size, capacity) differs from
+/// the one `object` defines: a pin an older version left. Adopted as it is, such a map makes
+/// the verifier reject the programs (a smaller value) or lookups overrun their buffer (a larger
+/// one). Programs still attached keep the old map until their links take the new programs; the
+/// new map starts empty and is filled as at a first start (a replaced `counters` map counts
+/// from zero). Returns a description of each map replaced.
+pub fn unpin_incompatible_maps(dir: &Path, object: &[u8]) -> Result<Vec<String>> {
+    let object = aya_obj::Object::parse(object).context("cannot parse the eBPF object")?;
+    let mut replaced = Vec::new();
+    for name in MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let wanted = object
+            .maps
+            .get(name)
+            .with_context(|| format!("the eBPF object has no map {name}"))?;
+        let pinned = MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .with_context(|| format!("cannot read the pinned map {}", path.display()))?;
+        let pinned_shape = Shape {
+            map_type: pinned.map_type().map_or(u32::MAX, |kind| kind as u32),
+            key_size: pinned.key_size(),
+            value_size: pinned.value_size(),
+            max_entries: pinned.max_entries(),
+        };
+        let wanted_shape = Shape {
+            map_type: wanted.map_type(),
+            key_size: wanted.key_size(),
+            value_size: wanted.value_size(),
+            max_entries: wanted.max_entries(),
+        };
+        if pinned_shape == wanted_shape {
+            continue;
+        }
+        remove_map_pin(&path)?;
+        replaced.push(format!(
+            "{}: pinned {pinned_shape}, this version's {wanted_shape}",
+            path.display()
+        ));
+    }
+    Ok(replaced)
+}
+
+/// Unpins the map pinned at `path`, if any; the map lives on while a program holds it.
+pub fn remove_map_pin(path: &Path) -> Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("cannot unpin {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What must agree between a pinned map and the object's definition of it.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries",
+            self.map_type, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
 /// Unpins every link (detaching its program) and map under `dir`, then removes `dir`.
 pub fn remove(dir: &Path) -> Result<()> {
     if !dir.exists() {
@@ -178,11 +250,7 @@ pub fn remove(dir: &Path) -> Result<()> {
         super::attach::remove_link_pins(dir, program, &Default::default())?;
     }
     for map in MAPS {
-        let path = dir.join(map);
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot unpin {}", path.display()))?;
-        }
+        remove_map_pin(&dir.join(map))?;
     }
     std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
