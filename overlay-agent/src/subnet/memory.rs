@@ -49,21 +49,30 @@ impl MemoryRegistry {
 
     /// Writes a record as another writer would (another host, an operator).
     pub fn put(&self, subnet: Ipv4Network, value: &str, etcd_lease: i64) {
+        self.put_key(&subnet_key(&self.prefix, subnet), value, etcd_lease);
+    }
+
+    /// Writes a record under `key`, whatever it says: a dual-stack key, or a hostile one.
+    pub fn put_key(&self, key: &str, value: &str, etcd_lease: i64) {
         let record = Record {
-            key: subnet_key(&self.prefix, subnet),
+            key: key.to_string(),
             value: value.as_bytes().to_vec(),
             etcd_lease,
         };
         self.commit(record, false);
     }
 
-    /// Deletes a record as another writer would, or as etcd does when its lease expires.
-    pub fn remove(&self, subnet: Ipv4Network) {
-        let key = subnet_key(&self.prefix, subnet);
-        let removed = self.state().records.remove(&key);
+    /// Deletes the record under `key`, if there is one.
+    pub fn remove_key(&self, key: &str) {
+        let removed = self.state().records.remove(key);
         if let Some(record) = removed {
             self.commit(record, true);
         }
+    }
+
+    /// Deletes a record as another writer would, or as etcd does when its lease expires.
+    pub fn remove(&self, subnet: Ipv4Network) {
+        self.remove_key(&subnet_key(&self.prefix, subnet));
     }
 
     /// Forgets every change up to the newest revision, as etcd's compaction does.

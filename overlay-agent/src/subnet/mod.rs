@@ -13,10 +13,10 @@ pub mod watch;
 
 use std::{
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::NetworkConfig, mac::MacAddr};
@@ -119,6 +119,12 @@ pub enum RecordError {
     NotVxlan(String),
     NoVtep,
     OutsideNetwork(Ipv4Network),
+    /// The subnet's prefix length is not the network's SubnetLen.
+    WrongLength(u8),
+    /// The subnet overlaps this host's own lease, under another key.
+    OverlapsOwn(Ipv4Network),
+    /// The subnet is already leased under the key given (kept: it was there first).
+    Taken(String),
 }
 
 impl fmt::Display for RecordError {
@@ -131,6 +137,14 @@ impl fmt::Display for RecordError {
             Self::OutsideNetwork(network) => {
                 write!(f, "the subnet lies outside the Network {network}")
             }
+            Self::WrongLength(subnet_len) => {
+                write!(
+                    f,
+                    "the subnet's length is not the network's SubnetLen /{subnet_len}"
+                )
+            }
+            Self::OverlapsOwn(own) => write!(f, "the subnet overlaps this host's lease {own}"),
+            Self::Taken(key) => write!(f, "the subnet is already leased by {key}"),
         }
     }
 }
@@ -156,6 +170,11 @@ impl Record {
             || lease.subnet.prefix() < config.network.prefix()
         {
             return Err(RecordError::OutsideNetwork(config.network));
+        }
+        // Every lease has the network's length, so two leases either are one subnet or do not
+        // overlap: a longer record could steal part of a lease, a shorter one cover several.
+        if lease.subnet.prefix() != config.subnet_len {
+            return Err(RecordError::WrongLength(config.subnet_len));
         }
         if lease.attrs.backend_type.is_empty() {
             return Err(RecordError::NoVtep);
@@ -186,15 +205,29 @@ pub fn subnet_key(prefix: &str, subnet: Ipv4Network) -> String {
 }
 
 /// The IPv4 subnet a record key names; dual-stack keys (`10.5.52.0-24&fc00::-64`) give their
-/// IPv4 half. Keys whose address has host bits set are rejected.
+/// IPv4 half. The key must parse exactly: each half a network in flannel's form
+/// (`address-length`, no host bits), IPv4 first, IPv6 after the `&`.
 pub fn subnet_from_key(prefix: &str, key: &str) -> Option<Ipv4Network> {
     let name = key.strip_prefix(&subnets_prefix(prefix))?;
-    let ipv4 = name.split('&').next()?;
-    let (address, len) = ipv4.split_once('-')?;
-    let address: Ipv4Addr = address.parse().ok()?;
-    let len: u8 = len.parse().ok()?;
-    let subnet = Ipv4Network::new(address, len).ok()?;
-    (subnet.network() == address).then_some(subnet)
+    let (ipv4, ipv6) = match name.split_once('&') {
+        Some((ipv4, ipv6)) => (ipv4, Some(ipv6)),
+        None => (name, None),
+    };
+    if ipv6.is_some_and(|ipv6| !matches!(network_of(ipv6), Some(IpNetwork::V6(_)))) {
+        return None;
+    }
+    match network_of(ipv4)? {
+        IpNetwork::V4(subnet) => Some(subnet),
+        IpNetwork::V6(_) => None,
+    }
+}
+
+/// `address-length` as flannel writes a network in a key, with no host bits set.
+fn network_of(text: &str) -> Option<IpNetwork> {
+    let (address, len) = text.split_once('-')?;
+    let address: IpAddr = address.parse().ok()?;
+    let network = IpNetwork::new(address, len.parse().ok()?).ok()?;
+    (network.network() == address).then_some(network)
 }
 
 #[cfg(test)]
@@ -298,6 +331,32 @@ mod tests {
         );
         assert_eq!(errors[6], RecordError::NoVtep);
         assert_eq!(errors[7], RecordError::OutsideNetwork(config.network));
+    }
+
+    #[test]
+    fn keys_parse_exactly_and_leases_have_the_networks_length() {
+        let config = seed_config();
+        let good = r#"{"PublicIP":"172.20.62.105","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:89"}}"#;
+        for name in [
+            "10.2.41.0-24&anything",
+            "10.2.41.0-24&",
+            "10.2.41.0-24&fc00::1-64",
+            "10.2.41.0-24&10.2.41.0-24",
+            "10.2.41.0-24-24",
+        ] {
+            assert_eq!(
+                record(name, good).parse_remote(PREFIX, &config),
+                Err(RecordError::BadKey),
+                "{name}"
+            );
+        }
+        for name in ["10.2.41.128-25", "10.2.0.0-16", "10.2.40.0-23"] {
+            assert_eq!(
+                record(name, good).parse_remote(PREFIX, &config),
+                Err(RecordError::WrongLength(24)),
+                "{name}"
+            );
+        }
     }
 
     #[test]

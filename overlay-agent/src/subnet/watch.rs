@@ -16,7 +16,7 @@ use super::{
     Lease, LeaseEvent, Record, RecordError,
     manager::LeaseRevoked,
     registry::{RecordChange, Registry, Watch, WatchUpdate},
-    subnet_from_key,
+    subnet_from_key, subnet_key,
 };
 use crate::{config::NetworkConfig, metrics::LeaseMetrics};
 
@@ -28,6 +28,9 @@ pub struct LeaseWatcher<R> {
     config: NetworkConfig,
     own: Lease,
     known: HashMap<Ipv4Network, Lease>,
+    /// The key of the record each known subnet came from: another record naming the same
+    /// subnet (a dual-stack key, say) is skipped while this one stands.
+    holders: HashMap<Ipv4Network, String>,
     /// Keys of the records that cannot be used.
     skipped: HashSet<String>,
     metrics: LeaseMetrics,
@@ -51,6 +54,7 @@ impl<R: Registry> LeaseWatcher<R> {
             config,
             own,
             known: HashMap::new(),
+            holders: HashMap::new(),
             skipped: HashSet::new(),
             metrics,
             next_revision: 0,
@@ -119,15 +123,23 @@ impl<R: Registry> LeaseWatcher<R> {
             return Err(LeaseRevoked(self.own.subnet).into());
         }
         self.skipped.clear();
+        // Records that already hold their subnet go first: a newcomer naming it is the one
+        // skipped. Otherwise etcd's key order decides.
+        let mut records: Vec<&Record> = listing
+            .records
+            .iter()
+            .filter(|record| !self.is_own(record))
+            .collect();
+        records.sort_by_key(|record| !self.holds(record));
         let mut current: HashMap<Ipv4Network, Lease> = HashMap::new();
-        for record in &listing.records {
-            if self.is_own(record) {
-                continue;
-            }
-            if let Some(lease) = self.parse_remote_logged(record) {
+        let mut holders: HashMap<Ipv4Network, String> = HashMap::new();
+        for record in records {
+            if let Some(lease) = self.usable_lease(record, &holders) {
+                holders.insert(lease.subnet, record.key.clone());
                 current.insert(lease.subnet, lease);
             }
         }
+        self.holders = holders;
         let gone: Vec<Ipv4Network> = self
             .known
             .keys()
@@ -198,13 +210,26 @@ impl<R: Registry> LeaseWatcher<R> {
             return Ok(None);
         };
         self.skipped.remove(&record.key);
-        let event = if change.deleted {
-            self.forget(subnet)
+        let held = self.holds(record);
+        let usable = if change.deleted {
+            None
         } else {
-            match self.parse_remote_logged(record) {
-                Some(lease) => self.remember(lease),
-                None => self.forget(subnet),
+            let holders = std::mem::take(&mut self.holders);
+            let usable = self.usable_lease(record, &holders);
+            self.holders = holders;
+            usable
+        };
+        let event = match usable {
+            Some(lease) => {
+                self.holders.insert(lease.subnet, record.key.clone());
+                self.remember(lease)
             }
+            // Only the record holding the subnet can take its lease away.
+            None if held => {
+                self.holders.remove(&subnet);
+                self.forget(subnet)
+            }
+            None => None,
         };
         self.report_counts();
         Ok(event)
@@ -231,8 +256,42 @@ impl<R: Registry> LeaseWatcher<R> {
         self.known.remove(&subnet).map(LeaseEvent::Removed)
     }
 
+    /// Whether `record` is this host's own: its key exactly, not merely its subnet.
     fn is_own(&self, record: &Record) -> bool {
-        subnet_from_key(self.registry.prefix(), &record.key) == Some(self.own.subnet)
+        record.key == subnet_key(self.registry.prefix(), self.own.subnet)
+    }
+
+    /// Whether `record` is the one the lease of its subnet came from.
+    fn holds(&self, record: &Record) -> bool {
+        subnet_from_key(self.registry.prefix(), &record.key)
+            .and_then(|subnet| self.holders.get(&subnet))
+            .is_some_and(|key| *key == record.key)
+    }
+
+    /// The lease `record` holds if it may be used beside our own lease and the subnets other
+    /// records hold (`holders`), or `None` (logged, and counted as skipped).
+    fn usable_lease(
+        &mut self,
+        record: &Record,
+        holders: &HashMap<Ipv4Network, String>,
+    ) -> Option<Lease> {
+        let lease = self.parse_remote_logged(record)?;
+        let conflict = if lease.subnet == self.own.subnet {
+            Some(RecordError::OverlapsOwn(self.own.subnet))
+        } else {
+            holders
+                .get(&lease.subnet)
+                .filter(|holder| **holder != record.key)
+                .map(|holder| RecordError::Taken(holder.clone()))
+        };
+        match conflict {
+            Some(error) => {
+                log::warn!("skipping record {}: {error}", record.key);
+                self.skipped.insert(record.key.clone());
+                None
+            }
+            None => Some(lease),
+        }
     }
 
     fn still_ours(&self, record: &Record) -> bool {
@@ -338,6 +397,84 @@ mod tests {
         let leases = watcher.initial_leases().await?;
         let subnets: Vec<_> = leases.iter().map(|lease| lease.subnet).collect();
         assert_eq!(subnets, [subnet("10.2.54.0/24")]);
+        Ok(())
+    }
+
+    fn key(name: &str) -> String {
+        format!("{PREFIX}/subnets/{name}")
+    }
+
+    /// Records any member of the cluster can write that would stop, hijack or blind this host
+    /// (10.2.41.0/24): one naming our subnet under another key, more specific ones, one
+    /// covering the whole network, keys that do not parse exactly.
+    const HOSTILE_KEYS: [&str; 5] = [
+        "10.2.41.0-24&fc00::-64",
+        "10.2.41.0-24&anything",
+        "10.2.41.128-25",
+        "10.2.0.0-16",
+        "10.2.60.0-24&fc00::1-64",
+    ];
+
+    #[tokio::test]
+    async fn hostile_records_are_skipped_and_never_revoke_our_lease() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        let hostile = record_of(66, MacAddr::random_local());
+        for name in HOSTILE_KEYS {
+            registry.put_key(&key(name), &hostile, 5);
+        }
+        let remote = subnet("10.2.54.0/24");
+        registry.put(remote, &record_of(105, MacAddr::random_local()), 2);
+        let leases = watcher.initial_leases().await?;
+        let subnets: Vec<_> = leases.iter().map(|lease| lease.subnet).collect();
+        assert_eq!(subnets, [remote], "only the real lease is used");
+
+        let (sender, mut events) = mpsc::channel(16);
+        let running = tokio::spawn(watcher.run(sender));
+        for name in HOSTILE_KEYS {
+            registry.put_key(&key(name), &record_of(67, MacAddr::random_local()), 6);
+        }
+        // A lease written after them arrives as usual, and nothing else does.
+        let later = subnet("10.2.60.0/24");
+        registry.put(later, &record_of(106, MacAddr::random_local()), 7);
+        assert_eq!(subnet_of(&next_event(&mut events).await), ("added", later));
+        for name in HOSTILE_KEYS {
+            registry.remove_key(&key(name));
+        }
+        registry.remove(later);
+        assert_eq!(
+            subnet_of(&next_event(&mut events).await),
+            ("removed", later)
+        );
+        assert!(
+            !running.is_finished(),
+            "the watch goes on: our lease stands"
+        );
+        running.abort();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_second_record_for_a_leased_subnet_is_skipped_while_the_first_stands() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        let remote = subnet("10.2.54.0/24");
+        let first = record_of(105, MacAddr::random_local());
+        registry.put(remote, &first, 2);
+        watcher.initial_leases().await?;
+        let (sender, mut events) = mpsc::channel(16);
+        let running = tokio::spawn(watcher.run(sender));
+
+        let second = key("10.2.54.0-24&fc00::-64");
+        registry.put_key(&second, &record_of(66, MacAddr::random_local()), 3);
+        registry.remove_key(&second);
+        // Only the record holding the lease takes it away.
+        registry.remove(remote);
+        let event = next_event(&mut events).await;
+        assert_eq!(subnet_of(&event), ("removed", remote));
+        let LeaseEvent::Removed(lease) = event else {
+            unreachable!("checked above");
+        };
+        assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(172, 20, 62, 105));
+        running.abort();
         Ok(())
     }
 
