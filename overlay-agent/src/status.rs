@@ -1,6 +1,6 @@
 //! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
 //! attached programs and the counters, read from the subnet file, etcd and the pins.
-use std::{fmt::Write as _, time::Duration};
+use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use anyhow::{Context, Result};
 use overlay_common::{Counter, RemoteVtep};
@@ -10,7 +10,10 @@ use crate::{
     mac::MacAddr,
     node::links,
     options::AgentOptions,
-    subnet::{Lease, etcd::EtcdRegistry, file::previous_subnet, registry::Registry},
+    subnet::{
+        Lease, RecordError, etcd::EtcdRegistry, file::previous_subnet, registry::Registry,
+        select_remote,
+    },
 };
 
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,11 +35,15 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     let pinned = PinnedDataplane::open(&options.bpf_pin_dir)?;
     let mut entries = pinned.subnet_entries()?;
     match tokio::time::timeout(ETCD_TIMEOUT, remote_leases(options)).await {
-        Ok(Ok(leases)) => {
+        Ok(Ok((leases, skipped))) => {
             writeln!(out, "remote leases ({}):", leases.len())?;
             for lease in &leases {
                 let entry = entries.remove(&lease.subnet);
                 writeln!(out, "  {}", describe(lease, entry))?;
+            }
+            writeln!(out, "skipped records ({}):", skipped.len())?;
+            for (key, error) in &skipped {
+                writeln!(out, "  {key}: {error}")?;
             }
         }
         Ok(Err(error)) => writeln!(out, "remote leases: unknown ({error:#})")?,
@@ -68,19 +75,27 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     Ok(out)
 }
 
-async fn remote_leases(options: &AgentOptions) -> Result<Vec<Lease>> {
+/// The other hosts' leases, as the agent selects them from etcd, and the records it skips.
+async fn remote_leases(options: &AgentOptions) -> Result<(Vec<Lease>, Vec<(String, RecordError)>)> {
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = registry.network_config().await?;
-    let own = previous_subnet(&options.subnet_file);
+    let own = previous_subnet(&options.subnet_file)
+        .context("no lease of our own to tell the others from")?;
     let listing = registry.list().await.context("cannot list the leases")?;
-    let mut leases: Vec<Lease> = listing
-        .records
-        .iter()
-        .filter_map(|record| record.parse_remote(registry.prefix(), &config).ok())
-        .filter(|lease| Some(lease.subnet) != own)
+    let selection = select_remote(
+        &listing.records,
+        registry.prefix(),
+        own,
+        &config,
+        &HashMap::new(),
+    );
+    let mut leases: Vec<Lease> = selection
+        .leases
+        .into_iter()
+        .map(|(_, lease)| lease)
         .collect();
     leases.sort_by_key(|lease| lease.subnet);
-    Ok(leases)
+    Ok((leases, selection.skipped))
 }
 
 fn describe(lease: &Lease, entry: Option<RemoteVtep>) -> String {

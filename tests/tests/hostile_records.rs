@@ -74,6 +74,31 @@ fn hostile_records_leave_the_agent_up_and_routing() -> Result<()> {
         "a hostile record was routed:\n{routes}"
     );
 
+    let status_flags = [
+        "status".to_string(),
+        format!("--etcd-endpoints={}", cluster.endpoints()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host1.subnet_file().display()),
+        format!("--bpf-pin-dir={}", host1.pin_dir().display()),
+    ];
+    let mut status = Agent::start_with(&host1, &status_flags, &[])?;
+    ensure!(
+        status.process.wait_exit(Duration::from_secs(20))?.success(),
+        "{}",
+        status.log()
+    );
+    let report = status.log();
+    ensure!(
+        report.contains(&format!("skipped records ({}):", HOSTILE_KEYS.len())),
+        "{report}"
+    );
+    for name in HOSTILE_KEYS {
+        ensure!(
+            report.contains(&format!("{PREFIX}/subnets/{name}: ")),
+            "status names {name}:\n{report}"
+        );
+    }
+
     agent.process.terminate(Duration::from_secs(10))?;
     let mut restarted = Agent::start(&cluster, &host1, &[])?;
     ensure!(

@@ -12,6 +12,7 @@ pub mod registry;
 pub mod watch;
 
 use std::{
+    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -187,6 +188,70 @@ impl Record {
             _ => Err(RecordError::NoVtep),
         }
     }
+}
+
+/// Whether `record`, beside this host's lease on `own` and the subnets other records already
+/// hold (`holders`, subnet → key), gives a lease this host may route to. Its own key aside,
+/// a record naming `own` overlaps it; a record naming a subnet another key holds comes later,
+/// and the one there first keeps it.
+pub fn check_remote(
+    record: &Record,
+    prefix: &str,
+    config: &NetworkConfig,
+    own: Ipv4Network,
+    holders: &HashMap<Ipv4Network, String>,
+) -> Result<Lease, RecordError> {
+    let lease = record.parse_remote(prefix, config)?;
+    if lease.subnet == own {
+        return Err(RecordError::OverlapsOwn(own));
+    }
+    match holders.get(&lease.subnet) {
+        Some(holder) if *holder != record.key => Err(RecordError::Taken(holder.clone())),
+        _ => Ok(lease),
+    }
+}
+
+/// The remote leases of a listing, by [`check_remote`], and every record skipped with why.
+/// Records holding their subnet in `holders` go first, the others in the listing's order.
+pub struct Selection {
+    /// Each lease with the key of the record it came from.
+    pub leases: Vec<(String, Lease)>,
+    pub skipped: Vec<(String, RecordError)>,
+}
+
+pub fn select_remote<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    prefix: &str,
+    own: Ipv4Network,
+    config: &NetworkConfig,
+    holders: &HashMap<Ipv4Network, String>,
+) -> Selection {
+    let own_key = subnet_key(prefix, own);
+    let holds = |record: &Record| {
+        subnet_from_key(prefix, &record.key)
+            .and_then(|subnet| holders.get(&subnet))
+            .is_some_and(|holder| *holder == record.key)
+    };
+    let mut records: Vec<&Record> = records
+        .into_iter()
+        .filter(|record| record.key != own_key)
+        .collect();
+    records.sort_by_key(|record| !holds(record));
+    let mut selection = Selection {
+        leases: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let mut taken: HashMap<Ipv4Network, String> = HashMap::new();
+    for record in records {
+        match check_remote(record, prefix, config, own, &taken) {
+            Ok(lease) => {
+                taken.insert(lease.subnet, record.key.clone());
+                selection.leases.push((record.key.clone(), lease));
+            }
+            Err(error) => selection.skipped.push((record.key.clone(), error)),
+        }
+    }
+    selection
 }
 
 /// `<prefix>/subnets/`: where every record lives.

@@ -13,10 +13,10 @@ use ipnetwork::Ipv4Network;
 use tokio::{sync::mpsc, time::sleep};
 
 use super::{
-    Lease, LeaseEvent, Record, RecordError,
+    Lease, LeaseEvent, Record, RecordError, check_remote,
     manager::LeaseRevoked,
     registry::{RecordChange, Registry, Watch, WatchUpdate},
-    subnet_from_key, subnet_key,
+    select_remote, subnet_from_key, subnet_key,
 };
 use crate::{config::NetworkConfig, metrics::LeaseMetrics};
 
@@ -123,23 +123,22 @@ impl<R: Registry> LeaseWatcher<R> {
             return Err(LeaseRevoked(self.own.subnet).into());
         }
         self.skipped.clear();
-        // Records that already hold their subnet go first: a newcomer naming it is the one
-        // skipped. Otherwise etcd's key order decides.
-        let mut records: Vec<&Record> = listing
-            .records
-            .iter()
-            .filter(|record| !self.is_own(record))
-            .collect();
-        records.sort_by_key(|record| !self.holds(record));
-        let mut current: HashMap<Ipv4Network, Lease> = HashMap::new();
-        let mut holders: HashMap<Ipv4Network, String> = HashMap::new();
-        for record in records {
-            if let Some(lease) = self.usable_lease(record, &holders) {
-                holders.insert(lease.subnet, record.key.clone());
-                current.insert(lease.subnet, lease);
-            }
+        let selection = select_remote(
+            &listing.records,
+            self.registry.prefix(),
+            self.own.subnet,
+            &self.config,
+            &self.holders,
+        );
+        for (key, error) in &selection.skipped {
+            self.skip(key, error);
         }
-        self.holders = holders;
+        let mut current: HashMap<Ipv4Network, Lease> = HashMap::new();
+        self.holders.clear();
+        for (key, lease) in selection.leases {
+            self.holders.insert(lease.subnet, key);
+            current.insert(lease.subnet, lease);
+        }
         let gone: Vec<Ipv4Network> = self
             .known
             .keys()
@@ -214,10 +213,20 @@ impl<R: Registry> LeaseWatcher<R> {
         let usable = if change.deleted {
             None
         } else {
-            let holders = std::mem::take(&mut self.holders);
-            let usable = self.usable_lease(record, &holders);
-            self.holders = holders;
-            usable
+            let checked = check_remote(
+                record,
+                self.registry.prefix(),
+                &self.config,
+                self.own.subnet,
+                &self.holders,
+            );
+            match checked {
+                Ok(lease) => Some(lease),
+                Err(error) => {
+                    self.skip(&record.key, &error);
+                    None
+                }
+            }
         };
         let event = match usable {
             Some(lease) => {
@@ -268,52 +277,20 @@ impl<R: Registry> LeaseWatcher<R> {
             .is_some_and(|key| *key == record.key)
     }
 
-    /// The lease `record` holds if it may be used beside our own lease and the subnets other
-    /// records hold (`holders`), or `None` (logged, and counted as skipped).
-    fn usable_lease(
-        &mut self,
-        record: &Record,
-        holders: &HashMap<Ipv4Network, String>,
-    ) -> Option<Lease> {
-        let lease = self.parse_remote_logged(record)?;
-        let conflict = if lease.subnet == self.own.subnet {
-            Some(RecordError::OverlapsOwn(self.own.subnet))
-        } else {
-            holders
-                .get(&lease.subnet)
-                .filter(|holder| **holder != record.key)
-                .map(|holder| RecordError::Taken(holder.clone()))
-        };
-        match conflict {
-            Some(error) => {
-                log::warn!("skipping record {}: {error}", record.key);
-                self.skipped.insert(record.key.clone());
-                None
-            }
-            None => Some(lease),
-        }
-    }
-
     fn still_ours(&self, record: &Record) -> bool {
         record
             .parse(self.registry.prefix())
             .is_ok_and(|lease| lease.attrs.public_ip == self.own.attrs.public_ip)
     }
 
-    /// The lease a remote record holds, or `None` (logged, and counted as skipped).
-    fn parse_remote_logged(&mut self, record: &Record) -> Option<Lease> {
-        match record.parse_remote(self.registry.prefix(), &self.config) {
-            Ok(lease) => Some(lease),
-            Err(error) => {
-                match error {
-                    // A reservation whose host has not come up yet: normal, not a fault.
-                    RecordError::NoVtep => log::info!("waiting for {}: {error}", record.key),
-                    _ => log::warn!("skipping record {}: {error}", record.key),
-                }
-                self.skipped.insert(record.key.clone());
-                None
-            }
+    /// Logs why the record under `key` cannot be used, and counts it as skipped.
+    fn skip(&mut self, key: &str, error: &RecordError) {
+        match error {
+            // A reservation whose host has not come up yet: normal, not a fault.
+            RecordError::NoVtep => log::info!("waiting for {key}: {error}"),
+            _ => log::warn!("skipping record {key}: {error}"),
         }
+        self.skipped.insert(key.to_string());
     }
 }
 
