@@ -79,25 +79,15 @@ impl RemoteVtep {
     }
 }
 
-/// Value of the VTEP map (keyed by a remote host's PublicIP): the subnet that host leases,
-/// the only inner sources it may send.
+/// Value of the VTEP map (keyed by a remote host's PublicIP): a subnet that host leases. The
+/// programs only ask whether a host holds a lease; which inner sources it may send, the subnet
+/// map says (a host may lease more than one subnet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VtepSubnet {
     /// The subnet's network address.
     pub subnet: [u8; 4],
     pub prefix_len: u32,
-}
-
-impl VtepSubnet {
-    /// Whether `address` (network order) lies inside the subnet.
-    #[inline(always)]
-    pub fn contains(&self, address: [u8; 4]) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - self.prefix_len.min(32))
-            .unwrap_or(0);
-        u32::from_be_bytes(address) & mask == u32::from_be_bytes(self.subnet) & mask
-    }
 }
 
 /// Value of the endpoint map (keyed by a local container's IPv4 address): where to deliver
@@ -382,24 +372,6 @@ mod tests {
             assert_eq!(Counter::from_index(counter as u32), Some(counter));
         }
         assert_eq!(Counter::from_index(Counter::ALL.len() as u32), None);
-    }
-
-    #[test]
-    fn subnet_membership() {
-        let subnet = VtepSubnet {
-            subnet: [10, 2, 54, 0],
-            prefix_len: 24,
-        };
-        assert!(subnet.contains([10, 2, 54, 2]));
-        assert!(subnet.contains([10, 2, 54, 0]));
-        assert!(!subnet.contains([10, 2, 41, 2]));
-        assert!(
-            VtepSubnet {
-                subnet: [0; 4],
-                prefix_len: 0
-            }
-            .contains([192, 0, 2, 1])
-        );
     }
 
     #[test]

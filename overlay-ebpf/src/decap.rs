@@ -87,17 +87,22 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
 }
 
 /// A well-formed VXLAN frame for us, from a host holding a lease, carrying IPv4 from inside
-/// that host's subnet or from the host's own PublicIP. The latter is what a reply looks like
-/// once that host's conntrack has undone a DNAT to its PublicIP (a published port); the host
-/// could send from that address without VXLAN anyway.
+/// a subnet that host leases (it may hold more than one, re-leased or in two networks) or from
+/// the host's own PublicIP. The latter is what a reply looks like once that host's conntrack
+/// has undone a DNAT to its PublicIP (a published port); the host could send from that
+/// address without VXLAN anyway.
 #[inline(always)]
 fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
     let vxlan = classify_vxlan(frame, config)?;
-    let sender = maps::vtep_subnet(vxlan.outer_src).ok_or(Counter::RxUnknownVtep)?;
+    if !maps::holds_a_lease(vxlan.outer_src) {
+        return Err(Counter::RxUnknownVtep);
+    }
     if !vxlan.inner_is_ipv4 {
         return Err(Counter::RxInnerNotIpv4);
     }
-    if !sender.contains(vxlan.inner_src) && vxlan.inner_src != vxlan.outer_src {
+    let leased_by_sender =
+        maps::remote_vtep(vxlan.inner_src).is_some_and(|lease| lease.public_ip == vxlan.outer_src);
+    if !leased_by_sender && vxlan.inner_src != vxlan.outer_src {
         return Err(Counter::RxSpoofedSource);
     }
     Ok(vxlan)

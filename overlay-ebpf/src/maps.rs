@@ -33,7 +33,7 @@ static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 #[btf_map(name = "subnets")]
 static SUBNETS: LpmTrie<[u8; 4], RemoteVtep, MAX_REMOTE_HOSTS> = LpmTrie::new();
 
-/// Remote host's PublicIP (network order) → the subnet it leases.
+/// Remote host's PublicIP (network order) → a subnet it leases: who may send us VXLAN.
 #[btf_map(name = "vteps")]
 static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 
@@ -76,11 +76,10 @@ pub fn remote_vtep(destination: [u8; 4]) -> Option<RemoteVtep> {
     SUBNETS.get(&Key::new(32, destination)).copied()
 }
 
-/// The subnet leased by the host at `public_ip`, if it holds a lease.
+/// Whether the host at `public_ip` holds a lease.
 #[inline(always)]
-pub fn vtep_subnet(public_ip: [u8; 4]) -> Option<VtepSubnet> {
-    // SAFETY: the value is copied out at once, before any update could reuse the slot.
-    unsafe { VTEPS.get(public_ip) }.copied()
+pub fn holds_a_lease(public_ip: [u8; 4]) -> bool {
+    VTEPS.get_ptr(public_ip).is_some()
 }
 
 /// The local container at `address`, if the agent knows where it is.

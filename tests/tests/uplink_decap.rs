@@ -4,6 +4,7 @@
 //! not ours passes untouched; every bad or hostile frame is dropped; each outcome moves exactly
 //! its counter. Both hooks must agree on all of it.
 use anyhow::Result;
+use overlay_agent::reconcile::desired::lease_entries;
 use overlay_common::Counter;
 use overlay_tests::{
     dataplane::{
@@ -240,6 +241,40 @@ fn an_inner_source_that_is_the_sender_s_own_public_ip_is_accepted() -> Result<()
     let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
     assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
     outcome.assert_only(Counter::RxDelivered);
+    Ok(())
+}
+
+/// A host may hold more than one lease (re-leased while its old record lives on, say): it
+/// may send from either subnet.
+#[test]
+fn a_host_holding_two_leases_may_send_from_both() -> Result<()> {
+    let mut second = HOST1.lease();
+    second.subnet = "10.2.42.0/24".parse()?;
+    for hook in UplinkHook::ALL {
+        let mut host2 = dataplane_of(&HOST2, &[])?;
+        host2.write_lease_entries(&lease_entries(
+            [HOST1.lease(), second.clone()].iter(),
+            &Default::default(),
+        ))?;
+        for source in [BBOX1_IP, [10, 2, 42, 7]] {
+            let ping = ipv4(
+                source,
+                BBOX2_IP,
+                IPPROTO_ICMP,
+                &[],
+                &icmp_echo_request(1, 1, b"two"),
+            );
+            let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
+            let before = host2.counters()?;
+            let outcome = run_uplink(
+                hook,
+                &host2,
+                &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
+            )?;
+            assert_eq!(outcome.verdict, hook.to_vtep(), "{hook:?} from {source:?}");
+            outcome.assert_only_since(&before, hook.to_vtep_counter(Counter::RxDecapsulated));
+        }
+    }
     Ok(())
 }
 
