@@ -29,6 +29,17 @@ fn sysctl(host: &Host, setting: &str) -> Result<()> {
     host.netns.exec(&["sysctl", "-qw", setting]).map(drop)
 }
 
+/// Has `host` DNAT TCP to `address`:`port` (any port without one) to `to`, in nat PREROUTING,
+/// as kube-proxy translates a service address or Docker a published port.
+fn dnat(host: &Host, address: &str, port: Option<&str>, to: &str) -> Result<()> {
+    let mut rule = vec!["-t", "nat", "-A", "PREROUTING", "-d", address, "-p", "tcp"];
+    if let Some(port) = port {
+        rule.extend(["--dport", port]);
+    }
+    rule.extend(["-j", "DNAT", "--to-destination", to]);
+    host.iptables(&rule).map(drop)
+}
+
 /// The packets the first rule of `chain` (filter table) whose text contains `needle` counted.
 fn rule_packets(host: &Host, chain: &str, needle: &str) -> Result<u64> {
     let listing = host.iptables(&["-L", chain, "-v", "-x", "-n"])?;
@@ -159,22 +170,12 @@ fn with_the_xdp_hook_the_stack_gets_its_packets_on_flannel_1() -> Result<()> {
 /// come back through host1's conntrack.
 fn a_service_address_reaches_a_remote_container(tag: &str, dataplane: &str) -> Result<()> {
     let seed = Seed::start(tag, &[&format!("--dataplane={dataplane}")])?;
-    seed.host1.iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
+    dnat(
+        &seed.host1,
         SERVICE_VIP,
-        "-p",
-        "tcp",
-        "--dport",
-        SERVICE_PORT,
-        "-j",
-        "DNAT",
-        "--to-destination",
+        Some(SERVICE_PORT),
         &format!("{BBOX2}:{IPERF3_PORT}"),
-    ])?;
+    )?;
     iperf3_through(&seed, &seed.bbox1, &seed.bbox2, SERVICE_VIP, SERVICE_PORT)
 }
 
@@ -182,22 +183,12 @@ fn a_service_address_reaches_a_remote_container(tag: &str, dataplane: &str) -> R
 /// publishes one): bbox2's replies must go back through host2's conntrack.
 fn a_published_port_reaches_its_container(tag: &str, dataplane: &str) -> Result<()> {
     let seed = Seed::start(tag, &[&format!("--dataplane={dataplane}")])?;
-    seed.host2.iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
+    dnat(
+        &seed.host2,
         HOST2,
-        "-p",
-        "tcp",
-        "--dport",
-        PUBLISHED_PORT,
-        "-j",
-        "DNAT",
-        "--to-destination",
+        Some(PUBLISHED_PORT),
         &format!("{BBOX2}:{IPERF3_PORT}"),
-    ])?;
+    )?;
     iperf3_through(&seed, &seed.bbox1, &seed.bbox2, HOST2, PUBLISHED_PORT)
 }
 
@@ -225,18 +216,7 @@ fn a_port_dnated_on_the_server_s_host_works_in_kernel_mode() -> Result<()> {
 #[test]
 fn untranslated_flows_keep_the_fast_path_beside_translated_ones() -> Result<()> {
     let seed = Seed::start("vip-beside", &[])?;
-    seed.host1.iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        SERVICE_VIP,
-        "-j",
-        "DNAT",
-        "--to-destination",
-        BBOX2,
-    ])?;
+    dnat(&seed.host1, SERVICE_VIP, None, BBOX2)?;
     let counters = |host: &Host| -> Result<_> {
         overlay_agent::dataplane::pins::PinnedDataplane::open(&host.pin_dir())?.counters()
     };
