@@ -201,14 +201,14 @@ impl<R: Registry> LeaseWatcher<R> {
                 Ok(None)
             };
         }
+        self.skipped.remove(&record.key);
         let Some(subnet) = subnet_from_key(self.registry.prefix(), &record.key) else {
-            log::warn!(
-                "skipping record {}: the key does not end in a subnet such as 10.2.54.0-24",
-                record.key
-            );
+            if !change.deleted {
+                self.skip(&record.key, &RecordError::BadKey);
+            }
+            self.report_counts();
             return Ok(None);
         };
-        self.skipped.remove(&record.key);
         let held = self.holds(record);
         let usable = if change.deleted {
             None
