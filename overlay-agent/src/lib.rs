@@ -33,7 +33,7 @@ use tokio::{
 
 use crate::{
     config::{NetworkConfig, VXLAN_OVERHEAD},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, refusals::RefusalWatch},
     health::Readiness,
     masquerade::{Masquerade, Rules},
     metrics::Metrics,
@@ -272,6 +272,7 @@ async fn ebpf_sink(
         fast_path: options.fast_path,
         decap_hook: options.decap_hook,
         xdp_mode: options.xdp_mode,
+        refusals: RefusalWatch::default(),
     })
 }
 

@@ -45,15 +45,37 @@ pub struct OverlayConfig {
     pub bridge_mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved2: u16,
+    /// This host's lease (network order): the addresses its containers may send from.
+    pub local_subnet: [u8; 4],
+    pub local_netmask: [u8; 4],
+    /// The bridge's own address in the lease, the containers' gateway: no container may
+    /// claim it.
+    pub bridge_ip: [u8; 4],
 }
 
 /// [`OverlayConfig::flags`]: the network config's `DirectRouting` is on, so peers on our
 /// segment send their containers' packets to us as they are, without VXLAN.
 pub const CONFIG_DIRECT_ROUTING: u16 = 1;
+/// [`OverlayConfig::flags`]: container traffic for remote subnets is encapsulated at the
+/// container's veth (`--fast-path`); without it, the container program only checks what
+/// containers send.
+pub const CONFIG_FAST_PATH: u16 = 2;
+
+/// The `skb->mark` bit the uplink program sets on VXLAN it checked and hands to the VXLAN
+/// device, decapsulated or for its socket. The VXLAN device's ingress program lets through
+/// only what carries it, and clears it: what the device's socket decapsulated without our
+/// checks (VXLAN from another interface or a local sender, reassembled from unchecked
+/// fragments) has no way to carry it. Bit 20 is used by neither kube-proxy (14, 15) nor
+/// Weave (17, 18) nor Docker.
+pub const CHECKED_MARK: u32 = 1 << 20;
 
 impl OverlayConfig {
     pub const fn direct_routing(&self) -> bool {
         self.flags & CONFIG_DIRECT_ROUTING != 0
+    }
+
+    pub const fn fast_path(&self) -> bool {
+        self.flags & CONFIG_FAST_PATH != 0
     }
 }
 
@@ -251,12 +273,17 @@ define_counters! {
     rx_not_ipv4 => RxNotIpv4: Pass,
     /// Uplink IPv4 packet that is not UDP: passed.
     rx_not_udp => RxNotUdp: Pass,
-    /// Uplink IPv4 fragment: passed, only the stack can reassemble it.
+    /// Uplink IPv4 fragment after the first: passed, only the stack can reassemble it (the
+    /// reassembled packet carries the first fragment's mark, see `rx_checked`).
     rx_ipv4_fragment => RxIpv4Fragment: Pass,
     /// Uplink UDP datagram to a port other than the VXLAN port: passed.
     rx_other_port => RxOtherPort: Pass,
     /// Uplink VXLAN frame carrying another VNI: passed.
     rx_vxlan_foreign_vni => RxVxlanForeignVni: Pass,
+    /// Uplink VXLAN frame for our port and VNI whose outer destination is not this host's
+    /// tunnel address: passed, to be routed on (or, for another local address, refused with
+    /// `rx_unchecked_vxlan`).
+    rx_other_destination => RxOtherDestination: Pass,
     /// Uplink VXLAN frame decapsulated and put into the VXLAN device, as if the kernel had
     /// decapsulated it there, for the stack to route: its TTL runs out here, or its
     /// destination is not a known local container (the host itself, say).
@@ -267,8 +294,10 @@ define_counters! {
     rx_routed_flow => RxRoutedFlow: Redirect,
     /// Uplink VXLAN frame decapsulated and put straight into the destination container.
     rx_delivered => RxDelivered: Redirect,
-    /// Uplink VXLAN frame from a peer that passed every check, handed on still encapsulated
-    /// to the VXLAN device's own socket, which decapsulates it (the XDP hook).
+    /// Uplink VXLAN frame from a peer that passed every check, handed on still encapsulated:
+    /// at the XDP hook, to the tc program behind it; at tc, a first fragment or a frame with
+    /// a UDP checksum, marked for the VXLAN device's own socket (the kernel reassembles and
+    /// verifies the checksum before it decapsulates).
     rx_checked => RxChecked: Pass,
     /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
     rx_unknown_vtep => RxUnknownVtep: Drop,
@@ -277,10 +306,18 @@ define_counters! {
     rx_spoofed_source => RxSpoofedSource: Drop,
     /// Uplink VXLAN frame carrying something other than IPv4: dropped.
     rx_inner_not_ipv4 => RxInnerNotIpv4: Drop,
-    /// Uplink frame cut short or with inconsistent header fields: dropped.
+    /// Uplink VXLAN frame whose outer header says congestion (ECN CE) for an inner packet
+    /// that is not ECN-capable: dropped, as RFC 6040 and the kernel do.
+    rx_ce_not_ect => RxCeNotEct: Drop,
+    /// Uplink frame cut short, with inconsistent header fields, or with VXLAN flags or
+    /// reserved bits the kernel does not accept: dropped.
     rx_malformed => RxMalformed: Drop,
     /// Uplink VXLAN frame the kernel would not let us strip or pass on: dropped.
     rx_error => RxError: Drop,
+    /// Packet the VXLAN device's own socket decapsulated that no uplink program checked:
+    /// VXLAN that arrived on another interface, from a local sender or a container, or
+    /// reassembled from fragments whose first one was not checked: dropped.
+    rx_unchecked_vxlan => RxUncheckedVxlan: Drop,
     /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
     tx_encapsulated => TxEncapsulated: Redirect,
     /// Packet from a local container for a remote subnet, encapsulated at the container's
@@ -302,6 +339,19 @@ define_counters! {
     tx_malformed => TxMalformed: Drop,
     /// Packet the kernel would not let us encapsulate or redirect: dropped.
     tx_error => TxError: Drop,
+    /// Packet whose encapsulation would exceed IPv4's 65,535 bytes (a BIG TCP superpacket):
+    /// dropped, never truncated.
+    tx_too_big => TxTooBig: Drop,
+    /// UDP from a container to the VXLAN port: dropped, so that no workload can send VXLAN
+    /// that masquerade would make look like this host's.
+    tx_vxlan_from_container => TxVxlanFromContainer: Drop,
+    /// Frame from a container whose IPv4 source or ARP sender address is outside this host's
+    /// lease, is the host's own (the bridge's, the lease's network or broadcast address), or
+    /// is bound to another container port: dropped.
+    tx_spoofed_source => TxSpoofedSource: Drop,
+    /// Frame from a container whose source MAC is bound to another container port, is the
+    /// bridge's or a group address, or differs from its ARP sender's: dropped.
+    tx_spoofed_mac => TxSpoofedMac: Drop,
 }
 
 impl Counter {

@@ -8,13 +8,19 @@
 //!   with `bpf_redirect_peer`, routed as docker0 would (TTL − 1). Anything else (the host's own
 //!   traffic, TTL running out, a container not yet learned, a flow conntrack must see) it puts
 //!   into flannel.1 decapsulated, as if the kernel had decapsulated it there.
-//! - `xdp_uplink`: checks, before the stack allocates anything, and passes what is from a peer
-//!   still encapsulated to flannel.1's own VXLAN socket, which decapsulates it (XDP cannot put a
-//!   packet into another device's receive path).
+//! - `xdp_uplink`: an early filter in front of `tc_uplink_ingress`, which still decapsulates:
+//!   what fails a check is dropped before the stack allocates anything (XDP cannot put a packet
+//!   into another device's receive path, so it does not decapsulate itself).
 //!
 //! Both check the sender against the leases first. Each outcome is a counter whose declared
 //! verdict decides the action: what is not ours passes untouched, ours that fails a check is
 //! dropped.
+//!
+//! flannel.1 keeps its own VXLAN socket, which decapsulates whatever reaches UDP 8472 on any
+//! address: VXLAN from another interface or a local sender, and datagrams the stack reassembled
+//! from fragments. `tc_vtep_ingress`, on flannel.1's ingress, lets through only what carries
+//! `CHECKED_MARK`: what the uplink program checked and handed to flannel.1, decapsulated or (a
+//! first fragment, a frame with a UDP checksum to verify) for the socket.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, bpf_adj_room_mode,
@@ -25,13 +31,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use core::mem::size_of;
-use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
+use overlay_common::{CHECKED_MARK, Counter, LocalEndpoint, OverlayConfig};
 
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN, Frame, IPV4_MAX_HEADER_LEN,
-        TransportHead, UdpHdr, VxlanFrame, VxlanHdr, classify_vxlan, flow_of, linear_frame,
+        ECN_CE, ECN_NOT_ECT, ETH_HEADER_LEN, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN, Frame,
+        IPV4_MAX_HEADER_LEN, TransportHead, UdpHdr, VxlanFrame, VxlanHdr, classify_vxlan, flow_of,
+        linear_frame,
     },
     routed::note_handed,
     verdict::{tc_act, xdp_act},
@@ -74,6 +81,27 @@ fn note_direct_arrival(ctx: &TcContext) {
     }
 }
 
+/// flannel.1's ingress: what its socket decapsulated without our checks goes no further.
+#[classifier]
+pub fn tc_vtep_ingress(ctx: TcContext) -> i32 {
+    // SAFETY: the context's skb is valid for the whole program run, and tc programs may
+    // write its mark.
+    let skb = unsafe { &mut *ctx.skb.skb };
+    if skb.mark & CHECKED_MARK == 0 {
+        return tc_act(&ctx, Counter::RxUncheckedVxlan);
+    }
+    skb.mark &= !CHECKED_MARK;
+    TC_ACT_OK as i32
+}
+
+/// Marks a checked packet for `tc_vtep_ingress`: the mark survives decapsulation, a redirect
+/// within the namespace, and reassembly (the datagram keeps its first fragment's).
+#[inline(always)]
+fn mark_checked(ctx: &TcContext) {
+    // SAFETY: as in `tc_vtep_ingress`.
+    unsafe { (*ctx.skb.skb).mark |= CHECKED_MARK };
+}
+
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     // An array lookup of index 0 always succeeds; the check only satisfies the verifier.
@@ -105,15 +133,23 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame
     if !leased_by_sender && vxlan.inner_src != vxlan.outer_src {
         return Err(Counter::RxSpoofedSource);
     }
+    if vxlan.outer_ecn == ECN_CE && vxlan.inner_ecn == ECN_NOT_ECT {
+        return Err(Counter::RxCeNotEct);
+    }
     Ok(vxlan)
 }
 
 /// Decapsulates, then puts a packet for a known local container straight into it
-/// (`RxDelivered`) or into flannel.1 for the stack (`RxDecapsulated`, `RxRoutedFlow`); `Err`
-/// is why it did neither.
+/// (`RxDelivered`) or into flannel.1 for the stack (`RxDecapsulated`, `RxRoutedFlow`). What
+/// only the stack can finish (a first fragment, a UDP checksum) goes on marked, still
+/// encapsulated (`RxChecked`). `Err` is why it did none of these.
 #[inline(always)]
 fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let vxlan = vxlan_from_a_peer(&linear_frame(ctx, MAX_HEADERS_LEN), config)?;
+    if vxlan.first_fragment || vxlan.has_udp_checksum {
+        mark_checked(ctx);
+        return Ok(Counter::RxChecked);
+    }
     // Removes the outer IPv4, UDP and VXLAN headers and the inner Ethernet header, keeping
     // the outer Ethernet header (addressed to the uplink). The segment size of a GSO packet is
     // the inner packets' and stays.
@@ -125,10 +161,25 @@ fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, C
     .map_err(|_| Counter::RxError)?;
 
     let mut frame = Frame::new(ctx.data(), ctx.data_end());
+    if vxlan.outer_ecn == ECN_CE {
+        propagate_congestion(&mut frame)?;
+    }
     match deliverable_to(&frame) {
         Ok(endpoint) => deliver(&mut frame, config, endpoint),
-        Err(reason) => hand_to_vtep(&mut frame, config, reason),
+        Err(reason) => {
+            mark_checked(ctx);
+            hand_to_vtep(&mut frame, config, reason)
+        }
     }
+}
+
+/// RFC 6040 decapsulation: congestion the outer header met is marked on the inner packet
+/// (which `vxlan_from_a_peer` made sure is ECN-capable).
+#[inline(always)]
+fn propagate_congestion(frame: &mut Frame) -> Result<(), Counter> {
+    let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::RxError)?;
+    headers.ip.set_ce();
+    Ok(())
 }
 
 /// The local container a decapsulated packet can go straight into; `Err` names why the
@@ -190,8 +241,8 @@ fn hand_to_vtep(
     Ok(reason)
 }
 
-/// Checks what XDP sees; a frame from a peer goes on encapsulated (`RxChecked`), to flannel.1's
-/// socket. `Err` is why it does not.
+/// Checks what XDP sees; a frame from a peer goes on encapsulated (`RxChecked`), to the tc
+/// program behind. `Err` is why it does not.
 #[inline(always)]
 fn check_xdp(ctx: &XdpContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     vxlan_from_a_peer(&Frame::new(ctx.data(), ctx.data_end()), config)?;

@@ -1,6 +1,7 @@
 //! Encapsulation into flannel's VXLAN, at two hooks:
 //!
-//! - `tc_container_ingress`, on the host side of every container's veth: the fast path. A
+//! - `tc_container_ingress`, on the host side of every container's veth: first the checks of
+//!   what a container may send (see `claims`), then, with `--fast-path`, the fast path. A
 //!   packet a container sends to its gateway for a remote subnet is routed here as docker0
 //!   would (TTL − 1), wrapped and sent straight out of the uplink, past docker0, routing and
 //!   flannel.1. What a router must answer itself (TTL running out, a packet too big for the
@@ -17,7 +18,7 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
-    helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -27,11 +28,12 @@ use overlay_common::{
 };
 
 use crate::{
+    claims::check_container_frame,
     maps,
     parse::{
-        ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN, IPPROTO_UDP,
-        IPV4_NO_OPTIONS, Ipv4Hdr, TransportHead, UdpHdr, VXLAN_FLAG_VNI, VxlanHdr, flow_of,
-        linear_frame,
+        ECN_CE, ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN,
+        Frame, IPPROTO_UDP, IPV4_NO_OPTIONS, Ipv4Hdr, TransportHead, UdpHdr, VXLAN_FLAG_VNI,
+        VxlanHdr, flow_of, linear_frame,
     },
     routed::remember_replies,
     verdict::tc_act,
@@ -62,9 +64,9 @@ const ADJUST_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_FLAG;
-const ECN_MASK: u8 = 0x03;
-const ECN_CE: u8 = 0x03;
 const ECN_ECT0: u8 = 0x02;
+/// IPv4's total length field holds at most this.
+const IPV4_MAX_LEN: usize = u16::MAX as usize;
 const OUTER_TTL: u8 = 64;
 /// `bpf_redir_neigh::nh_family` for an IPv4 next hop.
 const AF_INET: u32 = 2;
@@ -75,7 +77,14 @@ pub fn tc_container_ingress(ctx: TcContext) -> i32 {
     let Some(config) = maps::config() else {
         return TC_ACT_OK as i32;
     };
-    match encapsulate_from_container(&ctx, config) {
+    let mut frame = linear_frame(&ctx, FLOW_HEADERS_LEN);
+    if let Err(refused) = check_container_frame(&ctx, &frame, config) {
+        return tc_act(&ctx, refused);
+    }
+    if !config.fast_path() {
+        return TC_ACT_OK as i32;
+    }
+    match encapsulate_from_container(&ctx, &mut frame, config) {
         // Not for a remote subnet: the bridge takes it, uncounted.
         Ok(None) => TC_ACT_OK as i32,
         Ok(Some(outcome)) | Err(outcome) => tc_act(&ctx, outcome),
@@ -100,9 +109,9 @@ pub fn tc_vtep_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn encapsulate_from_container(
     ctx: &TcContext,
+    frame: &mut Frame,
     config: &OverlayConfig,
 ) -> Result<Option<Counter>, Counter> {
-    let mut frame = linear_frame(ctx, FLOW_HEADERS_LEN);
     let Some(headers) = frame.header::<EthIpv4Headers>(0) else {
         return Ok(None);
     };
@@ -183,11 +192,20 @@ fn encapsulate(
     remote: &RemoteVtep,
     inner_tos: u8,
 ) -> Result<(), Counter> {
+    // A superpacket above 64 KiB (BIG TCP) cannot say its length in the outer header; the
+    // stack could not split it for us either, as tc runs before segmentation.
+    if ctx.len() as usize - ETH_HEADER_LEN + ENCAP_LEN > IPV4_MAX_LEN {
+        return Err(Counter::TxTooBig);
+    }
     // SAFETY: the context's skb is valid for the whole program run.
     let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    // RFC 6864: a datagram that may be fragmented (DF clear, as the kernel's vxlan device
+    // sends it) needs an ID no other recent one between the same hosts has.
+    // SAFETY: a plain helper call without arguments.
+    let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJUST_ROOM_FLAGS)
         .map_err(|_| Counter::TxError)?;
-    let headers = encapsulation(config, remote, inner_tos, ctx.len(), flow_hash);
+    let headers = encapsulation(config, remote, inner_tos, ctx.len(), flow_hash, ip_id);
     ctx.store(ETH_HEADER_LEN, &headers, 0)
         .map_err(|_| Counter::TxError)?;
 
@@ -235,6 +253,7 @@ fn encapsulation(
     inner_tos: u8,
     skb_len: u32,
     flow_hash: u32,
+    ip_id: u16,
 ) -> Encapsulation {
     let ip_len = skb_len as u16 - ETH_HEADER_LEN as u16;
     let udp_len = ip_len - size_of::<Ipv4Hdr>() as u16;
@@ -242,7 +261,7 @@ fn encapsulation(
         version_ihl: IPV4_NO_OPTIONS,
         tos: outer_ecn(inner_tos),
         total_len: ip_len.to_be_bytes(),
-        id: [0; 2],
+        id: ip_id.to_be_bytes(),
         flags_frag_offset: [0; 2],
         ttl: OUTER_TTL,
         protocol: IPPROTO_UDP,

@@ -1,9 +1,11 @@
 //! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
-//! `encap` (tc, container veths and VXLAN device egress), `decap` (tc or XDP, uplink) and
+//! `encap` (tc, container veths and VXLAN device egress), `claims` (what containers may send,
+//! checked at their veths), `decap` (tc or XDP, uplink; tc, VXLAN device ingress) and
 //! `routed` (tc, container bridge egress), over `parse`, `maps` and `verdict`.
 #![no_std]
 #![no_main]
 
+mod claims;
 mod decap;
 mod encap;
 mod maps;

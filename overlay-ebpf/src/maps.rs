@@ -1,5 +1,6 @@
 //! The maps shared with the agent. Their key and value types live in `overlay-common`.
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
@@ -41,6 +42,17 @@ static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 /// from docker0's neighbours and forwarding database.
 #[btf_map(name = "endpoints")]
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
+/// Local container's IPv4 address (network order) → the container port (the host side of its
+/// veth) that first sent from it, as ARP sender or IPv4 source. Written by the container
+/// program, first come first bound; the agent deletes a port's bindings when the port goes.
+#[btf_map(name = "bound_addresses")]
+static BOUND_ADDRESSES: HashMap<[u8; 4], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
+/// Source MAC of a local container → the container port that first sent from it, bound as
+/// addresses are.
+#[btf_map(name = "bound_macs")]
+static BOUND_MACS: HashMap<[u8; 6], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
 
 /// Flows the kernel's stack forwarded here, each under the key of the packets that travel the
 /// other way: those must take the routed path too, for conntrack to translate them (NAT) and
@@ -87,6 +99,34 @@ pub fn holds_a_lease(public_ip: [u8; 4]) -> bool {
 pub fn local_endpoint(address: [u8; 4]) -> Option<LocalEndpoint> {
     // SAFETY: the value is copied out at once, before any update could reuse the slot.
     unsafe { ENDPOINTS.get(address) }.copied()
+}
+
+/// Binds `address` to `port` unless it is bound already; whether it is bound to `port` now.
+#[inline(always)]
+pub fn bind_address(address: &[u8; 4], port: u32) -> bool {
+    bind(&BOUND_ADDRESSES, address, port)
+}
+
+/// Binds `mac` to `port` unless it is bound already; whether it is bound to `port` now.
+#[inline(always)]
+pub fn bind_mac(mac: &[u8; 6], port: u32) -> bool {
+    bind(&BOUND_MACS, mac, port)
+}
+
+/// A full map binds nothing more: the claim fails, so a flood of made-up sources cannot
+/// open a way around the check.
+#[inline(always)]
+fn bind<K, const N: usize>(bindings: &HashMap<K, u32, N>, key: &K, port: u32) -> bool {
+    if let Some(bound) = bindings.get_ptr(key) {
+        // SAFETY: the pointer is to a live map value, read at once.
+        return unsafe { *bound } == port;
+    }
+    // Another CPU may bind the same key first; the lookup after says who won.
+    let _ = bindings.insert(key, port, u64::from(BPF_NOEXIST));
+    // SAFETY: as above.
+    bindings
+        .get_ptr(key)
+        .is_some_and(|bound| unsafe { *bound } == port)
 }
 
 /// Whether the stack forwarded the other direction of `flow`, so it must carry `flow` too.

@@ -71,6 +71,11 @@ const IPV4_VERSION: u8 = 4;
 pub const IPV4_NO_OPTIONS: u8 = 0x45;
 /// More-fragments flag and fragment offset, in the host-order `flags_frag_offset` word.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+/// The fragment offset alone: non-zero for every fragment but the first.
+pub const IPV4_OFFSET: u16 = 0x1fff;
+pub const ECN_MASK: u8 = 0x03;
+pub const ECN_NOT_ECT: u8 = 0x00;
+pub const ECN_CE: u8 = 0x03;
 
 impl EthHdr {
     pub fn is_ipv4(&self) -> bool {
@@ -110,6 +115,26 @@ impl Ipv4Hdr {
         self.ttl = self.ttl.wrapping_sub(1);
         let sum = u32::from(u16::from_be_bytes(self.checksum)) + 0x0100;
         self.checksum = ((sum + u32::from(sum >= 0xffff)) as u16).to_be_bytes();
+    }
+
+    /// Marks the packet as having met congestion (ECN CE), with the checksum patched
+    /// incrementally (RFC 1624, eqn. 3).
+    #[inline(always)]
+    pub fn set_ce(&mut self) {
+        let old = u16::from_be_bytes([self.version_ihl, self.tos]);
+        self.tos |= ECN_CE;
+        let new = u16::from_be_bytes([self.version_ihl, self.tos]);
+        let mut sum =
+            u32::from(!u16::from_be_bytes(self.checksum)) + u32::from(!old) + u32::from(new);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        self.checksum = (!(sum as u16)).to_be_bytes();
+    }
+
+    /// Whether this is a fragment, and not the first one.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        u16::from_be_bytes(self.flags_frag_offset) & IPV4_OFFSET != 0
     }
 }
 
@@ -240,6 +265,13 @@ pub struct VxlanFrame {
     pub inner_is_ipv4: bool,
     /// The inner IPv4 source (meaningless unless `inner_is_ipv4`).
     pub inner_src: [u8; 4],
+    /// The ECN fields of the outer and (if `inner_is_ipv4`) the inner IPv4 header.
+    pub outer_ecn: u8,
+    pub inner_ecn: u8,
+    /// The first fragment of a fragmented datagram: only the stack can reassemble it.
+    pub first_fragment: bool,
+    /// The sender set the outer UDP checksum, which only the stack verifies.
+    pub has_udp_checksum: bool,
 }
 
 /// Classifies an uplink frame. `Ok` is a well-formed VXLAN frame for our port and VNI; `Err`
@@ -264,14 +296,17 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     if ip.protocol != IPPROTO_UDP {
         return Err(Counter::RxNotUdp);
     }
-    if u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0 {
+    if ip.is_later_fragment() {
         return Err(Counter::RxIpv4Fragment);
     }
+    // A first fragment carries the headers, but its UDP length is the whole datagram's.
+    let first_fragment = u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0;
 
     let udp_offset = ip_offset + ip_header_len;
     let udp: &UdpHdr = frame.header(udp_offset).ok_or(Counter::RxMalformed)?;
     let udp_len = usize::from(u16::from_be_bytes(udp.len));
-    if udp_len < size_of::<UdpHdr>() || udp_len > ip_total_len - ip_header_len {
+    if udp_len < size_of::<UdpHdr>() || (!first_fragment && udp_len > ip_total_len - ip_header_len)
+    {
         return Err(Counter::RxMalformed);
     }
     if u16::from_be_bytes(udp.dst_port) != config.vxlan_port {
@@ -282,8 +317,12 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     let inner_offset = vxlan_offset + size_of::<VxlanHdr>();
     let vxlan: &VxlanHdr = frame.header(vxlan_offset).ok_or(Counter::RxMalformed)?;
     let inner: &EthIpv4Headers = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
+    // The kernel's vxlan device, without extensions, drops a frame with any other flag or
+    // a reserved bit set.
     if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthIpv4Headers>()
-        || vxlan.flags & VXLAN_FLAG_VNI == 0
+        || vxlan.flags != VXLAN_FLAG_VNI
+        || vxlan.reserved != [0; 3]
+        || vxlan.reserved2 != 0
     {
         return Err(Counter::RxMalformed);
     }
@@ -291,10 +330,17 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     if u32::from_be_bytes([0, vni_hi, vni_mid, vni_lo]) != config.vni {
         return Err(Counter::RxVxlanForeignVni);
     }
+    if ip.dst != config.public_ip {
+        return Err(Counter::RxOtherDestination);
+    }
     Ok(VxlanFrame {
         outer_src: ip.src,
         inner_offset,
         inner_is_ipv4: inner.eth.is_ipv4(),
         inner_src: inner.ip.src,
+        outer_ecn: ip.tos & ECN_MASK,
+        inner_ecn: inner.ip.tos & ECN_MASK,
+        first_fragment,
+        has_udp_checksum: udp.checksum != [0; 2],
     })
 }

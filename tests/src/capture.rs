@@ -1,6 +1,8 @@
-//! Capturing a real frame off an interface with tcpdump, as bytes.
+//! Capturing real frames off an interface with tcpdump: one, as bytes, or a count of what
+//! matches while something happens.
 use std::{
-    process::{Command, Stdio},
+    io::{BufRead, BufReader, Read},
+    process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -75,4 +77,62 @@ fn first_record(pcap: &[u8]) -> Result<Vec<u8>> {
     pcap.get(start..start + length)
         .map(<[u8]>::to_vec)
         .context("the capture ends inside its first packet")
+}
+
+/// A tcpdump on one interface of a namespace, counting what matches its filter until it is
+/// stopped; killed if dropped first.
+pub struct Sniffer {
+    tcpdump: Child,
+    what: String,
+}
+
+impl Sniffer {
+    /// Starts tcpdump for `filter` on `interface` of `netns`, once it is listening.
+    pub fn start(netns: &Netns, interface: &str, filter: &str) -> Result<Self> {
+        let mut tcpdump = Command::new("ip")
+            .args(["netns", "exec", netns.name(), "tcpdump", "-n", "-l", "-i"])
+            .args([interface, filter])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start tcpdump")?;
+        let what = format!("{filter:?} on {interface} of {}", netns.name());
+        let stderr = tcpdump.stderr.take().context("tcpdump's stderr")?;
+        let sniffer = Self { tcpdump, what };
+        // "verbose output suppressed ...", then "listening on ...", or an error.
+        let mut said = String::new();
+        let mut lines = BufReader::new(stderr).lines();
+        while !said.contains("listening on") {
+            match lines.next() {
+                Some(line) => said.push_str(&line?),
+                None => bail!("tcpdump for {} did not start: {said}", sniffer.what),
+            }
+        }
+        Ok(sniffer)
+    }
+
+    /// Stops tcpdump; the packets it saw, one line each.
+    pub fn stop(mut self) -> Result<Vec<String>> {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        unsafe { libc::kill(self.tcpdump.id() as i32, libc::SIGINT) };
+        let mut seen = String::new();
+        self.tcpdump
+            .stdout
+            .take()
+            .context("tcpdump's stdout")?
+            .read_to_string(&mut seen)?;
+        self.tcpdump.wait()?;
+        Ok(seen
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        let _ = self.tcpdump.kill();
+        let _ = self.tcpdump.wait();
+    }
 }

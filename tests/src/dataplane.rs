@@ -3,14 +3,20 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use aya::programs::{TestRun, TestRunOptions, TestRunResult};
+use aya::programs::{TestRun, TestRunOptions};
+use ipnetwork::Ipv4Network;
 use overlay_agent::{
-    dataplane::{BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_PROGRAM},
+    dataplane::{
+        BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_INGRESS_PROGRAM,
+        VTEP_PROGRAM,
+    },
     mac::MacAddr,
     reconcile::desired::lease_entries,
     subnet::{Lease, LeaseAttrs},
 };
-use overlay_common::{Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint, OverlayConfig};
+use overlay_common::{
+    CONFIG_FAST_PATH, Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint, OverlayConfig,
+};
 
 use crate::{frames::*, require_root};
 
@@ -52,10 +58,11 @@ pub const HOST2: SeedHost = SeedHost {
 
 impl SeedHost {
     pub fn config(&self, vni: u32, port: u16) -> OverlayConfig {
+        let subnet: Ipv4Network = self.subnet.parse().expect("seed subnets parse");
         OverlayConfig {
             vni,
             vxlan_port: port,
-            flags: 0,
+            flags: CONFIG_FAST_PATH,
             public_ip: self.public_ip,
             vtep_mac: self.vtep_mac,
             uplink_mac: self.uplink_mac,
@@ -63,6 +70,9 @@ impl SeedHost {
             vtep_ifindex: LOOPBACK,
             bridge_mac: self.bridge_mac,
             reserved2: 0,
+            local_subnet: subnet.network().octets(),
+            local_netmask: subnet.mask().octets(),
+            bridge_ip: (Ipv4Addr::from(subnet.network().to_bits() + 1)).octets(),
         }
     }
 
@@ -112,6 +122,8 @@ pub struct Outcome {
     pub verdict: u32,
     pub frame: Vec<u8>,
     pub counters: Counters,
+    /// The packet's `skb->mark` afterwards (0 for XDP, which has none).
+    pub mark: u32,
 }
 
 impl Outcome {
@@ -206,49 +218,73 @@ impl UplinkHook {
 /// The uplink's program at `hook` on `frame`.
 pub fn run_uplink(hook: UplinkHook, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     match hook {
-        UplinkHook::Tc => run(dataplane.tc_program(UPLINK_TC_PROGRAM)?, dataplane, frame),
-        UplinkHook::Xdp => run(dataplane.uplink_xdp_program()?, dataplane, frame),
+        UplinkHook::Tc => run_tc(UPLINK_TC_PROGRAM, dataplane, frame, 0),
+        UplinkHook::Xdp => run_xdp(dataplane, frame),
     }
 }
 
 /// flannel.1's egress program on `frame`.
 pub fn run_vtep(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
-    run(dataplane.tc_program(VTEP_PROGRAM)?, dataplane, frame)
+    run_tc(VTEP_PROGRAM, dataplane, frame, 0)
+}
+
+/// flannel.1's ingress program on `frame`, arriving with `mark`.
+pub fn run_vtep_ingress(dataplane: &Dataplane, frame: &[u8], mark: u32) -> Result<Outcome> {
+    run_tc(VTEP_INGRESS_PROGRAM, dataplane, frame, mark)
 }
 
 /// A container veth's ingress program on `frame`.
 pub fn run_container(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
-    run(dataplane.tc_program(CONTAINER_PROGRAM)?, dataplane, frame)
+    run_tc(CONTAINER_PROGRAM, dataplane, frame, 0)
 }
 
 /// The container bridge's egress program on `frame`.
 pub fn run_bridge(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
-    run(dataplane.tc_program(BRIDGE_PROGRAM)?, dataplane, frame)
+    run_tc(BRIDGE_PROGRAM, dataplane, frame, 0)
 }
 
-fn run<P>(program: &P, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
-    let (result, frame) = test_run(program, frame)?;
+/// The tc program `name` on `frame`, whose skb starts out with `mark`.
+fn run_tc(name: &str, dataplane: &Dataplane, frame: &[u8], mark: u32) -> Result<Outcome> {
+    // The start of a `struct __sk_buff`: len and pkt_type, which must be zero, then mark.
+    let mut ctx_in = [0u8; SKB_CTX_LEN];
+    ctx_in[SKB_MARK_OFFSET..].copy_from_slice(&mark.to_ne_bytes());
+    let mut ctx_out = [0u8; SKB_CTX_OUT_LEN];
+    let mut out = vec![0; frame.len() + OUTPUT_SLACK];
+    let result = dataplane.tc_program(name)?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        ..TestRunOptions::new()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    let mut mark = [0u8; 4];
+    mark.copy_from_slice(&ctx_out[SKB_MARK_OFFSET..SKB_CTX_LEN]);
     Ok(Outcome {
         verdict: result.return_value,
-        frame,
+        frame: out,
         counters: dataplane.counters()?,
+        mark: u32::from_ne_bytes(mark),
     })
 }
 
-/// BPF_PROG_TEST_RUN of `program` on `frame`; the result and the frame out.
-fn test_run<P>(program: &P, frame: &[u8]) -> Result<(TestRunResult, Vec<u8>)>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
+const SKB_MARK_OFFSET: usize = 8;
+const SKB_CTX_LEN: usize = SKB_MARK_OFFSET + 4;
+/// Room for the whole `struct __sk_buff` the kernel hands back (it refuses less).
+const SKB_CTX_OUT_LEN: usize = 256;
+
+fn run_xdp(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     let mut out = vec![0; frame.len() + OUTPUT_SLACK];
-    let result = program.test_run(TestRunOptions {
+    let result = dataplane.uplink_xdp_program()?.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
         ..TestRunOptions::new()
     })?;
     out.truncate(result.data_size_out as usize);
-    Ok((result, out))
+    Ok(Outcome {
+        verdict: result.return_value,
+        frame: out,
+        counters: dataplane.counters()?,
+        mark: 0,
+    })
 }

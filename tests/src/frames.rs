@@ -24,6 +24,11 @@ pub const HOST2_BRIDGE_MAC: [u8; 6] = [0x02, 0x42, 0, 0, 0x54, 0x01];
 pub const BBOX1_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x02, 0x29, 0x02];
 pub const BBOX2_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x02, 0x36, 0x02];
 
+/// `mac` as `ip` and bridge print it: aa:bb:cc:dd:ee:ff.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|octet| format!("{octet:02x}")).join(":")
+}
+
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
     [&dst[..], &src[..], &ether_type.to_be_bytes(), payload].concat()
 }
@@ -49,6 +54,33 @@ pub fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, options: &[u8], payload: &
     let checksum = internet_checksum(&header);
     header[10..12].copy_from_slice(&checksum.to_be_bytes());
     [header, payload.to_vec()].concat()
+}
+
+/// An IPv4 `packet` (without options) cut in two fragments with IP ID `id`, the first
+/// carrying `first_len` bytes of its payload (a multiple of 8).
+pub fn ipv4_fragments(packet: &[u8], first_len: usize, id: u16) -> [Vec<u8>; 2] {
+    assert!(
+        first_len.is_multiple_of(8),
+        "fragments split at 8-byte units"
+    );
+    let (header, payload) = packet.split_at(IPV4_HEADER_LEN);
+    let (first, rest) = payload.split_at(first_len);
+    let fragment = |part: &[u8], flags_offset: u16| {
+        let mut header = header.to_vec();
+        let total_len = (IPV4_HEADER_LEN + part.len()) as u16;
+        header[2..4].copy_from_slice(&total_len.to_be_bytes());
+        header[4..6].copy_from_slice(&id.to_be_bytes());
+        header[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+        header[10..12].fill(0);
+        let checksum = internet_checksum(&header);
+        header[10..12].copy_from_slice(&checksum.to_be_bytes());
+        [header, part.to_vec()].concat()
+    };
+    const MORE_FRAGMENTS: u16 = 0x2000;
+    [
+        fragment(first, MORE_FRAGMENTS),
+        fragment(rest, (first_len / 8) as u16),
+    ]
 }
 
 /// A UDP datagram with checksum 0, as VXLAN senders emit it.

@@ -75,6 +75,23 @@ impl Netns {
     /// Plugs `inner` into `bridge` of this namespace: a veth whose end here is `port` (a
     /// bridge port) and whose end in `inner` is `eth0` with `address` (CIDR) and a default
     /// route via `gateway`.
+    /// A veth pair: `name` here, `peer_name` in `peer`; both down.
+    pub fn add_veth(&self, name: &str, peer: &Netns, peer_name: &str) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_name,
+            "netns",
+            peer.name(),
+        ])?;
+        Ok(())
+    }
+
     pub fn plug(
         &self,
         bridge: &str,
@@ -83,18 +100,7 @@ impl Netns {
         address: &str,
         gateway: &str,
     ) -> Result<()> {
-        self.ip(&[
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            inner.name(),
-        ])?;
+        self.add_veth(port, inner, "eth0")?;
         self.ip(&["link", "set", port, "master", bridge, "up"])?;
         inner.ip(&["addr", "add", address, "dev", "eth0"])?;
         inner.ip(&["link", "set", "eth0", "up"])?;
@@ -127,6 +133,20 @@ impl Netns {
             self.name
         );
         Ok(text)
+    }
+
+    /// The MAC of interface `name` in this namespace.
+    pub fn mac(&self, name: &str) -> Result<[u8; 6]> {
+        let text = self.exec(&["cat", &format!("/sys/class/net/{name}/address")])?;
+        let octets: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|octet| u8::from_str_radix(octet, 16))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{name}'s MAC {text:?}"))?;
+        octets
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{name}'s MAC {text:?} is not six octets"))
     }
 
     /// The index of interface `name` in this namespace.

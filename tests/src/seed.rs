@@ -10,6 +10,7 @@ use anyhow::{Context, Result, ensure};
 use crate::{
     agent::{Agent, READY_TIMEOUT},
     cluster::{Cluster, Host},
+    frames::{BBOX2_IP, ETH_P_IPV4, HOST1_VTEP_MAC, bbox1_ping, ethernet, vxlan},
     netns::Netns,
     wait::wait_for,
 };
@@ -133,6 +134,18 @@ pub struct Seed {
 }
 
 impl Seed {
+    /// bbox1's ping to bbox2 as host1 would wrap it for host2's flannel.1: the payload of a
+    /// forged VXLAN datagram.
+    pub fn forged_vxlan_ping(&self) -> Result<Vec<u8>> {
+        let inner = ethernet(
+            self.host2.netns.mac("flannel.1")?,
+            HOST1_VTEP_MAC,
+            ETH_P_IPV4,
+            &bbox1_ping(BBOX2_IP, 64),
+        );
+        Ok(vxlan(1, &inner))
+    }
+
     /// Starts the seed with `agent_flags` given to both agents.
     pub fn start(tag: &str, agent_flags: &[&str]) -> Result<Self> {
         Self::start_on(Cluster::new(tag)?, agent_flags)

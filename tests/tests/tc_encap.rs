@@ -3,9 +3,13 @@
 //!   redirected to the uplink; anything else is dropped and counted.
 //! - A container veth's ingress (the fast path): a container's packet for a remote subnet
 //!   leaves exactly as the routed path would have sent it; what a router must handle itself
-//!   goes to the stack, and everything else to the bridge, untouched.
+//!   goes to the stack, and everything else to the bridge, untouched. What a container may not
+//!   send (a source outside its lease or the host's own, a MAC that is not one, VXLAN) is
+//!   dropped and counted, with or without the fast path.
+use std::collections::HashSet;
+
 use anyhow::Result;
-use overlay_common::{Counter, VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN};
+use overlay_common::{CONFIG_FAST_PATH, Counter, VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN};
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, dataplane_of,
@@ -71,11 +75,7 @@ fn a_packet_for_a_remote_subnet_leaves_in_flannels_wire_format() -> Result<()> {
         [0x45, 0x00, (total_len >> 8) as u8, total_len as u8],
         "version, IHL, TOS, length"
     );
-    assert_eq!(
-        ip[4..10],
-        [0, 0, 0, 0, 64, IPPROTO_UDP],
-        "ID, no DF, TTL 64, UDP"
-    );
+    assert_eq!(ip[6..10], [0, 0, 64, IPPROTO_UDP], "no DF, TTL 64, UDP");
     assert_eq!(
         internet_checksum(ip),
         0,
@@ -228,12 +228,34 @@ fn a_container_s_packet_leaves_its_veth_as_the_routed_path_sends_it() -> Result<
         ETH_P_IPV4,
         &bbox1_ping(BBOX2_IP, 63),
     ))?;
-    // The outer Ethernet header is the neighbour's, filled in when the frame leaves.
+    // The outer Ethernet header is the neighbour's, filled in when the frame leaves; each
+    // datagram has its own IP ID, and so its own header checksum.
+    let without_id = |frame: &[u8]| {
+        assert_eq!(internet_checksum(&frame[OUTER_IP..OUTER_UDP]), 0);
+        let mut frame = frame[ETH_HEADER_LEN..].to_vec();
+        frame[4..6].fill(0);
+        frame[10..12].fill(0);
+        frame
+    };
     assert_eq!(
-        fast.frame[ETH_HEADER_LEN..],
-        routed.frame[ETH_HEADER_LEN..],
+        without_id(&fast.frame),
+        without_id(&routed.frame),
         "the same frame, source port included"
     );
+    Ok(())
+}
+
+#[test]
+fn each_outer_datagram_has_its_own_ip_id() -> Result<()> {
+    // RFC 6864: DF is clear, as the kernel's vxlan device sends it, so the ID must tell
+    // datagrams apart. Three equal random IDs would be a one in four billion chance.
+    let ids: HashSet<[u8; 2]> = (0..3)
+        .map(|_| {
+            let outcome = send(&routed_ping(0))?;
+            Ok([outcome.frame[OUTER_IP + 4], outcome.frame[OUTER_IP + 5]])
+        })
+        .collect::<Result<_>>()?;
+    assert!(ids.len() > 1, "IDs {ids:?}");
     Ok(())
 }
 
@@ -314,4 +336,97 @@ fn everything_else_goes_on_to_the_bridge_untouched() -> Result<()> {
     ]
     .concat();
     assert_left_to_the_bridge(&ethernet([0xff; 6], BBOX1_MAC, ETH_P_ARP, &arp))
+}
+
+/// Asserts the container program drops `frame`, counting it as `expected`.
+fn assert_refused(frame: &[u8], expected: Counter) -> Result<()> {
+    let outcome = from_container(frame)?;
+    assert_eq!(outcome.verdict, TC_ACT_SHOT, "{}", expected.name());
+    outcome.assert_only(expected);
+    Ok(())
+}
+
+/// bbox1's ARP message with `sender_mac` and `sender_ip`, framed from `source`.
+fn arp_from(source: [u8; 6], sender_mac: [u8; 6], sender_ip: [u8; 4]) -> Vec<u8> {
+    let reply = [
+        &[0, 1, 8, 0, 6, 4, 0, 2][..],
+        &sender_mac,
+        &sender_ip,
+        &HOST1_BRIDGE_MAC,
+        &[10, 2, 41, 1],
+    ]
+    .concat();
+    ethernet(HOST1_BRIDGE_MAC, source, ETH_P_ARP, &reply)
+}
+
+#[test]
+fn a_container_sends_only_from_its_own_lease_and_never_the_host_s_addresses() -> Result<()> {
+    // Another host's subnet, the bridge's address, the lease's network and broadcast address.
+    for source in [
+        [10, 2, 54, 7],
+        [10, 2, 41, 1],
+        [10, 2, 41, 0],
+        [10, 2, 41, 255],
+    ] {
+        let mut ping = bbox1_ping(BBOX2_IP, 64);
+        ping[12..16].copy_from_slice(&source);
+        assert_refused(&from_bbox1(&ping), Counter::TxSpoofedSource)?;
+        assert_refused(
+            &arp_from(BBOX1_MAC, BBOX1_MAC, source),
+            Counter::TxSpoofedSource,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_container_s_frames_name_one_mac() -> Result<()> {
+    // An ARP sender other than the frame's source, a group address, the bridge's own MAC.
+    assert_refused(
+        &arp_from(BBOX1_MAC, BBOX2_MAC, BBOX1_IP),
+        Counter::TxSpoofedMac,
+    )?;
+    let group = [0x03, 0, 0, 0, 0, 1];
+    let ping = bbox1_ping(BBOX2_IP, 64);
+    for source in [group, HOST1_BRIDGE_MAC] {
+        assert_refused(
+            &ethernet(HOST1_BRIDGE_MAC, source, ETH_P_IPV4, &ping),
+            Counter::TxSpoofedMac,
+        )?;
+    }
+    // An address probe claims no address.
+    let probe = from_container(&arp_from(BBOX1_MAC, BBOX1_MAC, [0; 4]))?;
+    assert_eq!(probe.verdict, TC_ACT_OK);
+    probe.assert_uncounted();
+    Ok(())
+}
+
+#[test]
+fn a_container_cannot_send_to_the_vxlan_port() -> Result<()> {
+    let forged = vxlan(1, &routed_ping(0));
+    let datagram = udp(40000, 8472, &forged);
+    let plain = ipv4(BBOX1_IP, HOST2_IP, IPPROTO_UDP, &[], &datagram);
+    // Behind IPv4 options the port sits at a variable offset.
+    let with_options = ipv4(BBOX1_IP, HOST2_IP, IPPROTO_UDP, &[1, 1, 1, 0], &datagram);
+    for packet in [plain, with_options] {
+        assert_refused(&from_bbox1(&packet), Counter::TxVxlanFromContainer)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn without_the_fast_path_the_container_program_only_checks() -> Result<()> {
+    let mut config = HOST1.config(1, 8472);
+    config.flags &= !CONFIG_FAST_PATH;
+    let dataplane = dataplane_with(config, &[&HOST2])?;
+    let ping = from_bbox1(&bbox1_ping(BBOX2_IP, 64));
+    let outcome = run_container(&dataplane, &ping)?;
+    assert_eq!(outcome.verdict, TC_ACT_OK, "on to the bridge");
+    assert_eq!(outcome.frame, ping, "untouched");
+    outcome.assert_uncounted();
+    let mut spoofed = bbox1_ping(BBOX2_IP, 64);
+    spoofed[12..16].copy_from_slice(&[10, 2, 54, 7]);
+    let refused = run_container(&dataplane, &from_bbox1(&spoofed))?;
+    assert_eq!(refused.verdict, TC_ACT_SHOT);
+    Ok(())
 }

@@ -10,6 +10,8 @@ use overlay_common::Counter;
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
+    frames::{HOST2_IP, IPPROTO_UDP, ipv4, ipv4_fragments, udp},
+    inject::{send_ipv4, send_udp},
     loss::{LossWindow, steady_ping},
     process::{Process, iperf3_server},
     seed::{BBOX2, Container, HOST2, SUBNET2, Seed},
@@ -271,8 +273,32 @@ fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
         answered.contains("3 packets transmitted, 0 received"),
         "no injected ping was answered: {answered}"
     );
-    // Every injected frame, and nothing else, is dropped as from an unknown VTEP.
-    window.assert_no_loss(ping, 1000, &[(Counter::RxUnknownVtep, 5003)])?;
+
+    // The ways around the uplink's checks: VXLAN from a container, VXLAN to host2's own
+    // socket from host2 itself, and fragments, whose first one the intruder sends.
+    let forged = seed.forged_vxlan_ping()?;
+    send_udp(&seed.bbox1.netns, &format!("{HOST2}:8472"), &forged, 100)?;
+    send_udp(&seed.host2.netns, &format!("{HOST2}:8472"), &forged, 100)?;
+    let datagram = udp(49152, 8472, &forged);
+    let packet = ipv4([172, 20, 62, 66], HOST2_IP, IPPROTO_UDP, &[], &datagram);
+    ns.run_inside(|| {
+        for id in 0..100 {
+            for fragment in ipv4_fragments(&packet, 56, id) {
+                send_ipv4(&fragment, HOST2.parse()?)?;
+            }
+        }
+        Ok(())
+    })?;
+    // Every injected frame, and nothing else, is dropped where it is counted.
+    window.assert_no_loss(
+        ping,
+        1000,
+        &[
+            (Counter::RxUnknownVtep, 5003 + 100),
+            (Counter::TxVxlanFromContainer, 100),
+            (Counter::RxUncheckedVxlan, 100),
+        ],
+    )?;
     for agent in [&mut seed.agent1, &mut seed.agent2] {
         assert!(
             agent.process.try_exit_status()?.is_none(),

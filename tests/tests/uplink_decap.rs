@@ -1,15 +1,16 @@
 //! The uplink's programs, tc and XDP, on hand-built frames through BPF_PROG_TEST_RUN: VXLAN
 //! from a known peer goes to flannel.1 (tc decapsulates it and puts it into flannel.1, or
-//! straight into a known local container; XDP passes it on to flannel.1's socket); everything
-//! not ours passes untouched; every bad or hostile frame is dropped; each outcome moves exactly
-//! its counter. Both hooks must agree on all of it.
+//! straight into a known local container; XDP passes it on to the tc program behind it);
+//! everything not ours passes untouched; every bad or hostile frame is dropped; each outcome
+//! moves exactly its counter. Both hooks must agree on all of it. flannel.1's ingress lets
+//! through only what tc marked.
 use anyhow::Result;
 use overlay_agent::reconcile::desired::lease_entries;
-use overlay_common::Counter;
+use overlay_common::{CHECKED_MARK, Counter};
 use overlay_tests::{
     dataplane::{
-        HOST1, HOST2, Outcome, TC_ACT_REDIRECT, UplinkHook, dataplane_of, dataplane_with,
-        host2_with_bbox2, run_uplink,
+        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UplinkHook, dataplane_of,
+        dataplane_with, host2_with_bbox2, run_uplink, run_vtep_ingress,
     },
     frames::*,
 };
@@ -70,8 +71,37 @@ fn assert_handed_to_the_vtep(frame: &[u8], inner_offset: usize) -> Result<()> {
             "{hook:?}"
         );
         outcome.assert_only(hook.to_vtep_counter(Counter::RxDecapsulated));
+        if hook == UplinkHook::Tc {
+            assert_eq!(outcome.mark, CHECKED_MARK, "flannel.1 lets it through");
+        }
     }
     Ok(())
+}
+
+/// Asserts both hooks pass `frame` on, checked but still encapsulated, for the stack to
+/// finish; tc marks it for flannel.1's socket.
+fn assert_checked_for_the_socket(frame: &[u8]) -> Result<()> {
+    for hook in UplinkHook::ALL {
+        let outcome = receive(hook, frame)?;
+        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(outcome.frame, frame, "{hook:?}: still encapsulated");
+        outcome.assert_only(Counter::RxChecked);
+        if hook == UplinkHook::Tc {
+            assert_eq!(outcome.mark, CHECKED_MARK, "flannel.1 lets it through");
+        }
+    }
+    Ok(())
+}
+
+/// `frame` with byte `at` of the IPv4 header at `ip_offset` set to `value`, the header
+/// checksum recomputed.
+fn with_ipv4_byte(mut frame: Vec<u8>, ip_offset: usize, at: usize, value: u8) -> Vec<u8> {
+    let header = &mut frame[ip_offset..ip_offset + IPV4_HEADER_LEN];
+    header[at] = value;
+    header[10..12].fill(0);
+    let checksum = internet_checksum(header);
+    header[10..12].copy_from_slice(&checksum.to_be_bytes());
+    frame
 }
 
 #[test]
@@ -184,11 +214,84 @@ fn traffic_that_is_not_vxlan_passes_untouched() -> Result<()> {
 }
 
 #[test]
-fn ipv4_fragments_are_left_to_the_stack() -> Result<()> {
-    let mut frame = seed_vxlan_frame(1, 8472);
+fn a_first_fragment_is_checked_and_left_to_the_stack_to_reassemble() -> Result<()> {
     // More-fragments set, offset 0: the first fragment of a larger datagram.
-    frame[ETH_HEADER_LEN + 6] = 0x20;
+    let frame = with_ipv4_byte(seed_vxlan_frame(1, 8472), ETH_HEADER_LEN, 6, 0x20);
+    assert_checked_for_the_socket(&frame)?;
+    // From a host with no lease, it is dropped like any of its frames.
+    let mut stranger = frame;
+    stranger[ETH_HEADER_LEN + 12..][..4].copy_from_slice(&[172, 20, 62, 99]);
+    assert_dropped(&stranger, Counter::RxUnknownVtep)
+}
+
+#[test]
+fn later_fragments_are_left_to_the_stack() -> Result<()> {
+    // Offset 185 (× 8 bytes): no headers to check. The reassembled datagram carries its first
+    // fragment's mark, or none.
+    let frame = with_ipv4_byte(seed_vxlan_frame(1, 8472), ETH_HEADER_LEN, 7, 185);
     assert_passed_untouched(&frame, Counter::RxIpv4Fragment)
+}
+
+#[test]
+fn a_udp_checksum_is_left_to_the_stack_to_verify() -> Result<()> {
+    let mut frame = seed_vxlan_frame(1, 8472);
+    frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + 6..][..2].copy_from_slice(&[0x12, 0x34]);
+    assert_checked_for_the_socket(&frame)
+}
+
+#[test]
+fn vxlan_for_another_address_passes_to_the_stack() -> Result<()> {
+    let mut frame = seed_vxlan_frame(1, 8472);
+    frame[ETH_HEADER_LEN + 16..][..4].copy_from_slice(&[172, 20, 62, 200]);
+    assert_passed_untouched(&frame, Counter::RxOtherDestination)
+}
+
+#[test]
+fn vxlan_flags_and_reserved_bits_the_kernel_refuses_are_dropped() -> Result<()> {
+    let vxlan_header = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN;
+    // Another flag next to "VNI valid"; a bit in each reserved field.
+    for (at, value) in [(0, 0x0c), (1, 0x01), (3, 0x80), (7, 0x01)] {
+        let mut frame = seed_vxlan_frame(1, 8472);
+        frame[vxlan_header + at] = value;
+        assert_dropped(&frame, Counter::RxMalformed)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn congestion_the_outer_header_met_is_marked_on_the_inner_packet() -> Result<()> {
+    let inner_ip = SEED_INNER + ETH_HEADER_LEN;
+    // RFC 6040: outer CE onto an ECT(0) inner packet.
+    let ect = with_ipv4_byte(seed_vxlan_frame(1, 8472), inner_ip, 1, 0x02);
+    let frame = with_ipv4_byte(ect, ETH_HEADER_LEN, 1, 0x03);
+    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
+    outcome.assert_only(Counter::RxDelivered);
+    let delivered = &outcome.frame[ETH_HEADER_LEN..ETH_HEADER_LEN + IPV4_HEADER_LEN];
+    assert_eq!(delivered[1], 0x03, "CE on the inner packet");
+    assert_eq!(internet_checksum(delivered), 0, "a valid header checksum");
+    Ok(())
+}
+
+#[test]
+fn congestion_on_a_packet_that_is_not_ecn_capable_drops_it() -> Result<()> {
+    let frame = with_ipv4_byte(seed_vxlan_frame(1, 8472), ETH_HEADER_LEN, 1, 0x03);
+    assert_dropped(&frame, Counter::RxCeNotEct)
+}
+
+#[test]
+fn flannel_1_lets_through_only_what_the_uplink_checked() -> Result<()> {
+    let dataplane = dataplane_of(&HOST2, &[&HOST1])?;
+    let decapsulated = &seed_vxlan_frame(1, 8472)[SEED_INNER..];
+    // Another program's mark bit stays; ours is cleared.
+    let other_mark = 0x4000;
+    let checked = run_vtep_ingress(&dataplane, decapsulated, CHECKED_MARK | other_mark)?;
+    assert_eq!(checked.verdict, TC_ACT_OK);
+    assert_eq!(checked.mark, other_mark);
+    checked.assert_uncounted();
+    let unchecked = run_vtep_ingress(&dataplane, decapsulated, other_mark)?;
+    assert_eq!(unchecked.verdict, TC_ACT_SHOT);
+    unchecked.assert_only(Counter::RxUncheckedVxlan);
+    Ok(())
 }
 
 #[test]

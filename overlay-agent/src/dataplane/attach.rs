@@ -19,7 +19,7 @@ use aya::programs::{
 
 use super::{
     BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM,
-    VTEP_PROGRAM, program_mut,
+    VTEP_INGRESS_PROGRAM, VTEP_PROGRAM, program_mut,
 };
 use crate::reconcile::desired::{Device, Placement};
 
@@ -28,7 +28,7 @@ use crate::reconcile::desired::{Device, Placement};
 pub enum DecapHook {
     /// tc ingress: keeps GSO superpackets whole and delivers straight into containers.
     Tc,
-    /// XDP: decapsulates before the stack allocates anything, then the stack routes.
+    /// XDP in front of tc: drops what fails a check before the stack allocates anything.
     Xdp,
 }
 
@@ -77,8 +77,8 @@ impl Dataplane {
         self.ensure_bridge_attached(placement.bridge.as_ref())
     }
 
-    /// Makes sure the uplink's decapsulator is attached to `interface` (index `ifindex`) at
-    /// `hook`, and the other one is not.
+    /// Makes sure the uplink's decapsulator is attached to `interface` (index `ifindex`), with
+    /// the XDP filter in front of it if `hook` asks for it, and neither anywhere else.
     pub fn ensure_uplink_attached(
         &mut self,
         interface: &str,
@@ -89,29 +89,37 @@ impl Dataplane {
         if self.attached.uplink == Some((ifindex, hook)) {
             return Ok(());
         }
-        let (program, other) = match hook {
-            DecapHook::Tc => (UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM),
-            DecapHook::Xdp => (UPLINK_XDP_PROGRAM, UPLINK_TC_PROGRAM),
+        let here = HashSet::from([ifindex]);
+        let xdp_here = match hook {
+            DecapHook::Tc => HashSet::new(),
+            DecapHook::Xdp => here.clone(),
         };
-        self.detach_all_but(other, &HashSet::new())?;
-        self.detach_all_but(program, &HashSet::from([ifindex]))?;
-        match hook {
-            DecapHook::Tc => self.attach_tc(program, interface, ifindex, TcAttachType::Ingress)?,
-            DecapHook::Xdp => self.attach_xdp(interface, ifindex, xdp_mode)?,
+        self.detach_all_but(UPLINK_XDP_PROGRAM, &xdp_here)?;
+        self.detach_all_but(UPLINK_TC_PROGRAM, &here)?;
+        self.attach_tc(UPLINK_TC_PROGRAM, interface, ifindex, TcAttachType::Ingress)?;
+        log::info!("{UPLINK_TC_PROGRAM} attached to {interface}");
+        if hook == DecapHook::Xdp {
+            self.attach_xdp(interface, ifindex, xdp_mode)?;
+            log::info!("{UPLINK_XDP_PROGRAM} attached to {interface}");
         }
-        log::info!("{program} attached to {interface}");
         self.attached.uplink = Some((ifindex, hook));
         Ok(())
     }
 
-    /// Makes sure the tc program is attached to the egress of `interface` (index `ifindex`).
+    /// Makes sure the encapsulator sits on the egress of `interface` (index `ifindex`), the
+    /// VXLAN device, and the guard of its socket on its ingress.
     fn ensure_vtep_attached(&mut self, interface: &str, ifindex: u32) -> Result<()> {
         if self.attached.vtep == Some(ifindex) {
             return Ok(());
         }
-        self.detach_all_but(VTEP_PROGRAM, &HashSet::from([ifindex]))?;
-        self.attach_tc(VTEP_PROGRAM, interface, ifindex, TcAttachType::Egress)?;
-        log::info!("{VTEP_PROGRAM} attached to {interface} egress");
+        for (program, direction) in [
+            (VTEP_PROGRAM, TcAttachType::Egress),
+            (VTEP_INGRESS_PROGRAM, TcAttachType::Ingress),
+        ] {
+            self.detach_all_but(program, &HashSet::from([ifindex]))?;
+            self.attach_tc(program, interface, ifindex, direction)?;
+            log::info!("{program} attached to {interface} {direction:?}");
+        }
         self.attached.vtep = Some(ifindex);
         Ok(())
     }

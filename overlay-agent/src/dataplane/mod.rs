@@ -5,6 +5,7 @@
 mod attach;
 pub mod pins;
 mod program_log;
+pub mod refusals;
 mod sync;
 
 use std::path::{Path, PathBuf};
@@ -25,13 +26,15 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_O
 pub const UPLINK_TC_PROGRAM: &str = "tc_uplink_ingress";
 pub const UPLINK_XDP_PROGRAM: &str = "xdp_uplink";
 pub const VTEP_PROGRAM: &str = "tc_vtep_egress";
+pub const VTEP_INGRESS_PROGRAM: &str = "tc_vtep_ingress";
 pub const CONTAINER_PROGRAM: &str = "tc_container_ingress";
 pub const BRIDGE_PROGRAM: &str = "tc_bridge_egress";
 /// Every program, each attached through links pinned as `link_<program>_<ifindex>`.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     UPLINK_TC_PROGRAM,
     UPLINK_XDP_PROGRAM,
     VTEP_PROGRAM,
+    VTEP_INGRESS_PROGRAM,
     CONTAINER_PROGRAM,
     BRIDGE_PROGRAM,
 ];
@@ -40,17 +43,21 @@ const COUNTERS_MAP: &str = "counters";
 const SUBNETS_MAP: &str = "subnets";
 const VTEPS_MAP: &str = "vteps";
 const ENDPOINTS_MAP: &str = "endpoints";
+const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
+const BOUND_MACS_MAP: &str = "bound_macs";
 const ROUTED_FLOWS_MAP: &str = "routed_flows";
 const HANDED_FLOWS_MAP: &str = "handed_flows";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 11] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
     VTEPS_MAP,
     ENDPOINTS_MAP,
+    BOUND_ADDRESSES_MAP,
+    BOUND_MACS_MAP,
     ROUTED_FLOWS_MAP,
     HANDED_FLOWS_MAP,
     MONITOR_MAP,
@@ -107,6 +114,7 @@ impl Dataplane {
         for name in [
             UPLINK_TC_PROGRAM,
             VTEP_PROGRAM,
+            VTEP_INGRESS_PROGRAM,
             CONTAINER_PROGRAM,
             BRIDGE_PROGRAM,
         ] {

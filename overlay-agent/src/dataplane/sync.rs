@@ -1,6 +1,9 @@
 //! Mirroring remote leases into the subnet and VTEP maps, and local containers into the
 //! endpoint map. Entries are written only when they differ, so a steady state costs lookups,
-//! not updates.
+//! not updates. The programs bind container addresses and MACs themselves; the agent frees
+//! the bindings of ports that are gone.
+use std::{collections::HashSet, hash::Hash};
+
 use anyhow::{Context, Result};
 use aya::maps::{
     HashMap as BpfHashMap, MapData,
@@ -9,7 +12,9 @@ use aya::maps::{
 use ipnetwork::Ipv4Network;
 use overlay_common::{LocalEndpoint, RemoteVtep, VtepSubnet};
 
-use super::{Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, VTEPS_MAP, map_mut};
+use super::{
+    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, VTEPS_MAP, map_mut,
+};
 use crate::reconcile::desired::{Endpoints, LeaseEntries};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
@@ -91,6 +96,34 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+impl Dataplane {
+    /// Deletes every address and MAC binding of a port not in `live_ports`, so that a new
+    /// container can take an address or MAC a removed one held.
+    pub fn release_claims_of_gone_ports(&mut self, live_ports: &HashSet<u32>) -> Result<()> {
+        release_gone::<[u8; 4]>(map_mut(&mut self.ebpf, BOUND_ADDRESSES_MAP)?, live_ports)?;
+        release_gone::<[u8; 6]>(map_mut(&mut self.ebpf, BOUND_MACS_MAP)?, live_ports)
+    }
+}
+
+fn release_gone<K: aya::Pod + Eq + Hash>(
+    map: &mut aya::maps::Map,
+    live_ports: &HashSet<u32>,
+) -> Result<()> {
+    let mut bindings: BpfHashMap<&mut MapData, K, u32> = BpfHashMap::try_from(map)?;
+    let gone: Vec<K> = bindings
+        .iter()
+        .filter_map(|entry| entry.ok())
+        .filter(|(_, port)| !live_ports.contains(port))
+        .map(|(key, _)| key)
+        .collect();
+    for key in &gone {
+        bindings
+            .remove(key)
+            .context("cannot release a gone port's binding")?;
+    }
+    Ok(())
 }
 
 fn subnet_key(subnet: &Ipv4Network) -> Key<[u8; 4]> {

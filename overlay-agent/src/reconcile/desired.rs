@@ -6,9 +6,11 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, VtepSubnet};
+use overlay_common::{
+    CONFIG_FAST_PATH, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, VtepSubnet,
+};
 
-use crate::{mac::MacAddr, subnet::Lease};
+use crate::{mac::MacAddr, node::bridge::gateway, subnet::Lease};
 
 /// Where this host's overlay devices are, as the node sink last made sure of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,7 +90,7 @@ pub struct Placement {
     pub config: OverlayConfig,
     pub uplink: Device,
     pub vtep: Device,
-    /// Every container port with the fast path; none without.
+    /// Every container port.
     pub containers: Vec<Device>,
     /// The container bridge, whose egress notes the flows the stack carries, with the fast
     /// path; none without.
@@ -194,35 +196,37 @@ pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
         .collect()
 }
 
-/// The programs' places: the uplink's decapsulator, the VXLAN device's encapsulator and, with
-/// the fast path, one encapsulator per container port and the bridge's flow watcher. `base` is the config but for the
+/// The programs' places: the uplink's decapsulator, the VXLAN device's encapsulator and
+/// socket guard, one checker (with the fast path, also encapsulator) per container port and,
+/// with the fast path, the bridge's flow watcher. `base` is the config but for the lease and
 /// device facts filled in here.
 pub fn placement(
     base: &OverlayConfig,
     devices: &Devices,
     containers: &Containers,
+    subnet: Ipv4Network,
     fast_path: bool,
 ) -> Placement {
     let config = OverlayConfig {
         vtep_ifindex: devices.vtep.index,
         bridge_mac: devices.bridge_mac.0,
         uplink_ifindex: devices.uplink.index,
+        flags: if fast_path {
+            base.flags | CONFIG_FAST_PATH
+        } else {
+            base.flags & !CONFIG_FAST_PATH
+        },
+        local_subnet: subnet.network().octets(),
+        local_netmask: subnet.mask().octets(),
+        bridge_ip: gateway(subnet).octets(),
         ..*base
-    };
-    let (containers, bridge) = if fast_path {
-        (
-            containers.ports.values().cloned().collect(),
-            Some(devices.bridge.clone()),
-        )
-    } else {
-        (Vec::new(), None)
     };
     Placement {
         config,
         uplink: devices.uplink.clone(),
         vtep: devices.vtep.clone(),
-        containers,
-        bridge,
+        containers: containers.ports.values().cloned().collect(),
+        bridge: fast_path.then(|| devices.bridge.clone()),
     }
 }
 
@@ -417,8 +421,9 @@ mod tests {
             vni: 1,
             ..OverlayConfig::default()
         };
-        let with = placement(&base, &devices(), &containers, true);
-        assert_eq!(with.containers, vec![port]);
+        let subnet = "10.2.41.0/24".parse().expect("subnet");
+        let with = placement(&base, &devices(), &containers, subnet, true);
+        assert_eq!(with.containers, vec![port.clone()]);
         assert_eq!(with.bridge, Some(devices().bridge));
         assert_eq!(
             (
@@ -429,7 +434,18 @@ mod tests {
             (1, 4, 2)
         );
         assert_eq!(with.config.bridge_mac, [2, 0, 0, 0, 0, 3]);
-        let without = placement(&base, &devices(), &containers, false);
-        assert!(without.containers.is_empty() && without.bridge.is_none());
+        assert!(with.config.fast_path());
+        assert_eq!(
+            (
+                with.config.local_subnet,
+                with.config.local_netmask,
+                with.config.bridge_ip
+            ),
+            ([10, 2, 41, 0], [255, 255, 255, 0], [10, 2, 41, 1])
+        );
+        // Without the fast path the ports are still checked, and nothing watches the bridge.
+        let without = placement(&with.config, &devices(), &containers, subnet, false);
+        assert_eq!(without.containers, vec![port]);
+        assert!(without.bridge.is_none() && !without.config.fast_path());
     }
 }

@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use crate::{
-    dataplane::{Dataplane, DecapHook, XdpModeChoice},
+    dataplane::{Dataplane, DecapHook, XdpModeChoice, refusals::RefusalWatch},
     masquerade::Masquerade,
     metrics::{ReconcileMetrics, RoundLabels},
     node::{self, NodeNetwork, endpoints},
@@ -33,6 +33,8 @@ pub use notifications::{Notifications, subscribe};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
 const SAFETY_NET_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the agent looks for refused frames to name in its log.
+const REFUSALS_INTERVAL: Duration = Duration::from_secs(2);
 /// How soon a reconcile that failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -68,6 +70,20 @@ pub struct EbpfSink {
     pub fast_path: bool,
     pub decap_hook: DecapHook,
     pub xdp_mode: XdpModeChoice,
+    pub refusals: RefusalWatch,
+}
+
+impl EbpfSink {
+    fn warn_about_refusals(&mut self) {
+        match self.dataplane.counters() {
+            Ok(counters) => {
+                for warning in self.refusals.warnings(&counters) {
+                    log::warn!("{warning}");
+                }
+            }
+            Err(error) => log::debug!("cannot read the counters: {error:#}"),
+        }
+    }
 }
 
 pub struct Reconciler {
@@ -202,6 +218,7 @@ impl Reconciler {
         // The caller has just done both: the first ticks are one interval away.
         let mut safety_net = interval_at(Instant::now() + SAFETY_NET_INTERVAL, SAFETY_NET_INTERVAL);
         let mut masquerade_timer = interval_at(Instant::now() + resync, resync);
+        let mut refusals_timer = interval_at(Instant::now(), REFUSALS_INTERVAL);
         safety_net.set_missed_tick_behavior(MissedTickBehavior::Delay);
         masquerade_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut retry: Option<(Instant, Scope)> = None;
@@ -220,6 +237,12 @@ impl Reconciler {
                     // iptables and nft are programs: run them off the async workers' clock.
                     if let Err(error) = tokio::task::block_in_place(|| masquerade.ensure()) {
                         log::warn!("cannot restore the forward and masquerade rules: {error:#}");
+                    }
+                    None
+                }
+                _ = refusals_timer.tick() => {
+                    if let Some(ebpf) = &mut self.ebpf {
+                        ebpf.warn_about_refusals();
                     }
                     None
                 }
@@ -270,13 +293,14 @@ impl Reconciler {
 
 /// Points the programs at the current devices and containers, and with the fast path puts
 /// every container's address into the endpoint map (without it, makes sure none is there).
+/// Addresses and MACs claimed by ports that are gone are free again.
 fn place_programs(
     ebpf: &mut EbpfSink,
     devices: &Devices,
     containers: &Containers,
     subnet: Ipv4Network,
 ) -> Result<()> {
-    let placement = desired::placement(&ebpf.config, devices, containers, ebpf.fast_path);
+    let placement = desired::placement(&ebpf.config, devices, containers, subnet, ebpf.fast_path);
     let endpoints = if ebpf.fast_path {
         desired::endpoints(containers, subnet)
     } else {
@@ -284,7 +308,9 @@ fn place_programs(
     };
     ebpf.dataplane
         .place(&placement, ebpf.decap_hook, ebpf.xdp_mode)?;
-    ebpf.dataplane.sync_endpoints(&endpoints)
+    ebpf.dataplane.sync_endpoints(&endpoints)?;
+    ebpf.dataplane
+        .release_claims_of_gone_ports(&containers.ports.keys().copied().collect())
 }
 
 /// "lease added: 10.2.54.0/24 via 172.20.62.105 (VTEP 1a:4b:d7:f7:16:89)"

@@ -1,0 +1,146 @@
+//! What a container may send. Every frame's source MAC, IPv4 source and ARP sender address is
+//! a claim, bound to the container port (the host side of the veth) that first made it, for
+//! as long as that port lives: a neighbour cannot take over an address or a MAC by ARP or by
+//! sending from it, so the bridge's forwarding database, the host's neighbour table and the
+//! agent's endpoint map, all learned from these frames, stay right. A container cannot send
+//! from outside this host's lease either, nor from the host's own addresses, nor to the VXLAN
+//! port, where masquerade would make its VXLAN look like this host's.
+use aya_ebpf::programs::TcContext;
+use core::mem::size_of;
+use overlay_common::{Counter, OverlayConfig};
+
+use crate::{
+    maps,
+    parse::{
+        ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, Frame, IPPROTO_UDP, IPV4_NO_OPTIONS,
+        Ipv4Hdr, UdpHdr,
+    },
+};
+
+const ETH_P_ARP: u16 = 0x0806;
+const ARP_HARDWARE_ETHERNET: u16 = 1;
+const ARP_IPV4_LENGTHS: [u8; 2] = [6, 4];
+/// The IHL field counts 4-byte words.
+const IPV4_IHL_UNIT: usize = 4;
+const IPV4_IHL_MASK: u8 = 0x0f;
+
+/// An Ethernet header and the start of an ARP message for IPv4 over Ethernet, up to the
+/// sender's addresses (the target's are of no concern here).
+#[repr(C)]
+struct EthArpHeaders {
+    eth: EthHdr,
+    hardware: [u8; 2],
+    protocol: [u8; 2],
+    lengths: [u8; 2],
+    _operation: [u8; 2],
+    sender_mac: [u8; 6],
+    sender_ip: [u8; 4],
+}
+
+/// Checks a frame a container sent; `Err` names the counter of why it is refused.
+#[inline(always)]
+pub fn check_container_frame(
+    ctx: &TcContext,
+    frame: &Frame,
+    config: &OverlayConfig,
+) -> Result<(), Counter> {
+    // A frame too short for an Ethernet header the bridge throws away itself.
+    let Some(eth) = frame.header::<EthHdr>(0) else {
+        return Ok(());
+    };
+    // SAFETY: the context's skb is valid for the whole program run.
+    let port = unsafe { (*ctx.skb.skb).ifindex };
+    claim_mac(&eth.src, port, config)?;
+    match u16::from_be_bytes(eth.ether_type) {
+        ETH_P_IPV4 => check_ipv4(ctx, frame, config, port),
+        ETH_P_ARP => check_arp(frame, config, port),
+        _ => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn check_ipv4(
+    ctx: &TcContext,
+    frame: &Frame,
+    config: &OverlayConfig,
+    port: u32,
+) -> Result<(), Counter> {
+    // A truncated header the stack throws away itself.
+    let Some(headers) = frame.header::<EthIpv4Headers>(0) else {
+        return Ok(());
+    };
+    claim_address(&headers.ip.src, port, config)?;
+    if udp_destination(ctx, frame, &headers.ip) == Some(config.vxlan_port) {
+        return Err(Counter::TxVxlanFromContainer);
+    }
+    Ok(())
+}
+
+/// The UDP destination port of a datagram's first (or only) fragment.
+#[inline(always)]
+fn udp_destination(ctx: &TcContext, frame: &Frame, ip: &Ipv4Hdr) -> Option<u16> {
+    if ip.protocol != IPPROTO_UDP || ip.is_later_fragment() {
+        return None;
+    }
+    let udp: UdpHdr = if ip.version_ihl == IPV4_NO_OPTIONS {
+        *frame.header::<UdpHdr>(size_of::<EthIpv4Headers>())?
+    } else {
+        // Past IPv4 options: a variable offset, which only the helper reads safely.
+        let offset = ETH_HEADER_LEN + usize::from(ip.version_ihl & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+        ctx.load(offset).ok()?
+    };
+    Some(u16::from_be_bytes(udp.dst_port))
+}
+
+#[inline(always)]
+fn check_arp(frame: &Frame, config: &OverlayConfig, port: u32) -> Result<(), Counter> {
+    // Not ARP for IPv4 over Ethernet: the host's ARP ignores it.
+    let Some(arp) = frame.header::<EthArpHeaders>(0) else {
+        return Ok(());
+    };
+    if u16::from_be_bytes(arp.hardware) != ARP_HARDWARE_ETHERNET
+        || u16::from_be_bytes(arp.protocol) != ETH_P_IPV4
+        || arp.lengths != ARP_IPV4_LENGTHS
+    {
+        return Ok(());
+    }
+    // The bridge learns the Ethernet source, its neighbours the ARP sender: they must agree.
+    if arp.sender_mac != arp.eth.src {
+        return Err(Counter::TxSpoofedMac);
+    }
+    // An address probe (RFC 5227) claims nothing.
+    if arp.sender_ip == [0; 4] {
+        return Ok(());
+    }
+    claim_address(&arp.sender_ip, port, config)
+}
+
+#[inline(always)]
+fn claim_mac(mac: &[u8; 6], port: u32, config: &OverlayConfig) -> Result<(), Counter> {
+    let group_address = mac[0] & 1 != 0;
+    if group_address || *mac == config.bridge_mac || !maps::bind_mac(mac, port) {
+        return Err(Counter::TxSpoofedMac);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn claim_address(address: &[u8; 4], port: u32, config: &OverlayConfig) -> Result<(), Counter> {
+    if !is_container_address(address, config) || !maps::bind_address(address, port) {
+        return Err(Counter::TxSpoofedSource);
+    }
+    Ok(())
+}
+
+/// An address of this host's lease that is not the host's own: not the bridge's, nor the
+/// lease's network or broadcast address.
+#[inline(always)]
+fn is_container_address(address: &[u8; 4], config: &OverlayConfig) -> bool {
+    let address_bits = u32::from_be_bytes(*address);
+    let network = u32::from_be_bytes(config.local_subnet);
+    let mask = u32::from_be_bytes(config.local_netmask);
+    address_bits & mask == network
+        && address_bits != network
+        && address_bits != network | !mask
+        && *address != config.bridge_ip
+}

@@ -1,0 +1,290 @@
+//! Hostile senders against the isolation the README claims, with real agents in namespaces:
+//! VXLAN that goes around the uplink's program (a second NIC, a local sender, fragments),
+//! VXLAN from a container, and containers sending from addresses or MACs that are not theirs.
+//! `tcpdump` in the target container shows nothing arrives; the counters say where each
+//! frame went.
+use std::{thread::sleep, time::Duration};
+
+use anyhow::{Result, ensure};
+use overlay_agent::dataplane::pins::PinnedDataplane;
+use overlay_common::{Counter, Counters};
+use overlay_tests::{
+    agent::Agent,
+    capture::Sniffer,
+    cluster::Host,
+    frames::*,
+    inject::{send_frame, send_ipv4, send_udp},
+    netns::Netns,
+    seed::{BBOX1, BBOX2, Container, HOST2, Seed},
+};
+
+const FRAMES: u64 = 5;
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Long enough for a frame on its way to reach tcpdump.
+const SETTLE: Duration = Duration::from_millis(500);
+
+fn counters(host: &Host) -> Result<Counters> {
+    PinnedDataplane::open(&host.pin_dir())?.counters()
+}
+
+fn moved(before: &Counters, after: &Counters, counter: Counter) -> u64 {
+    after.get(counter) - before.get(counter)
+}
+
+/// A tcpdump in bbox2 for the echo requests the hostile frames carry.
+fn watch_bbox2(seed: &Seed) -> Result<Sniffer> {
+    Sniffer::start(&seed.bbox2.netns, "eth0", "icmp[icmptype] == icmp-echo")
+}
+
+fn assert_saw_nothing(sniffer: Sniffer) -> Result<()> {
+    sleep(SETTLE);
+    let seen = sniffer.stop()?;
+    ensure!(seen.is_empty(), "bbox2 received {seen:#?}");
+    Ok(())
+}
+
+/// The agent names `counter` in its log, and the seed's own traffic still flows.
+fn assert_refusal_logged(seed: &Seed, agent: &Agent, counter: Counter) -> Result<()> {
+    agent.wait_for_log(&format!("as {}", counter.name()), 1, EVENT_TIMEOUT)?;
+    seed.bbox1.ping(BBOX2, 1)?;
+    Ok(())
+}
+
+fn flannel_rx_packets(host: &Host) -> Result<u64> {
+    let text = host
+        .netns
+        .exec(&["cat", "/sys/class/net/flannel.1/statistics/rx_packets"])?;
+    Ok(text.trim().parse()?)
+}
+
+#[test]
+fn vxlan_that_goes_around_the_uplink_program_stops_at_flannel_1() -> Result<()> {
+    let seed = Seed::start("around", &[])?;
+    let payload = seed.forged_vxlan_ping()?;
+    // A second NIC, whose traffic no program of ours sees.
+    let nic2 = Netns::new("nic2")?;
+    seed.host2.netns.add_veth("eth1", &nic2, "eth0")?;
+    seed.host2
+        .netns
+        .ip(&["addr", "add", "192.168.77.1/24", "dev", "eth1"])?;
+    seed.host2.netns.ip(&["link", "set", "eth1", "up"])?;
+    nic2.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"])?;
+    nic2.ip(&["link", "set", "eth0", "up"])?;
+
+    let before = counters(&seed.host2)?;
+    let rx_before = flannel_rx_packets(&seed.host2)?;
+    let sniffer = watch_bbox2(&seed)?;
+    send_udp(&nic2, "192.168.77.1:8472", &payload, FRAMES)?;
+    // A local sender, to the host's own PublicIP.
+    send_udp(
+        &seed.host2.netns,
+        &format!("{HOST2}:8472"),
+        &payload,
+        FRAMES,
+    )?;
+    assert_saw_nothing(sniffer)?;
+
+    let after = counters(&seed.host2)?;
+    // flannel.1's socket decapsulated every frame; its ingress program dropped each.
+    assert_eq!(flannel_rx_packets(&seed.host2)? - rx_before, 2 * FRAMES);
+    assert_eq!(
+        moved(&before, &after, Counter::RxUncheckedVxlan),
+        2 * FRAMES,
+        "{after:?}"
+    );
+    assert_refusal_logged(&seed, &seed.agent2, Counter::RxUncheckedVxlan)
+}
+
+#[test]
+fn fragments_are_checked_before_the_stack_reassembles_them() -> Result<()> {
+    let mut seed = Seed::start("fragments", &[])?;
+    let payload = seed.forged_vxlan_ping()?;
+    // The first fragment carries every header our checks read: UDP, VXLAN, inner Ethernet
+    // and IPv4 (50 bytes), rounded up to the 8-byte unit.
+    let from = |source: [u8; 4]| {
+        let packet = ipv4(
+            source,
+            HOST2_IP,
+            IPPROTO_UDP,
+            &[],
+            &udp(49152, 8472, &payload),
+        );
+        ipv4_fragments(&packet, 56, 0x4242)
+    };
+    let send = |netns: &Netns, fragments: &[Vec<u8>]| {
+        netns.run_inside(|| {
+            for fragment in fragments {
+                send_ipv4(fragment, HOST2.parse()?)?;
+            }
+            Ok(())
+        })
+    };
+
+    // From a peer: checked, reassembled with the first fragment's mark, decapsulated by
+    // flannel.1's socket, delivered.
+    let before = counters(&seed.host2)?;
+    let sniffer = watch_bbox2(&seed)?;
+    send(&seed.host1.netns, &from(HOST1_IP))?;
+    sleep(SETTLE);
+    let seen = sniffer.stop()?;
+    ensure!(
+        seen.len() == 1 && seen[0].contains(&format!("{BBOX1} > {BBOX2}")),
+        "bbox2 received the reassembled ping: {seen:#?}"
+    );
+    let after = counters(&seed.host2)?;
+    assert_eq!(moved(&before, &after, Counter::RxChecked), 1, "{after:?}");
+    assert_eq!(moved(&before, &after, Counter::RxIpv4Fragment), 1);
+    assert_eq!(moved(&before, &after, Counter::RxUncheckedVxlan), 0);
+
+    // From a host with no lease: the first fragment is dropped, the rest never completes.
+    // Then a first fragment too short to check, from a peer's address.
+    let intruder = seed.cluster.add_host("intruder", "172.20.62.66")?;
+    let before = counters(&seed.host2)?;
+    let sniffer = watch_bbox2(&seed)?;
+    send(&intruder.netns, &from([172, 20, 62, 66]))?;
+    let packet = ipv4(
+        HOST1_IP,
+        HOST2_IP,
+        IPPROTO_UDP,
+        &[],
+        &udp(49152, 8472, &payload),
+    );
+    send(&intruder.netns, &ipv4_fragments(&packet, 8, 0x4343))?;
+    assert_saw_nothing(sniffer)?;
+    let after = counters(&seed.host2)?;
+    assert_eq!(
+        moved(&before, &after, Counter::RxUnknownVtep),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(moved(&before, &after, Counter::RxMalformed), 1, "{after:?}");
+    assert_eq!(moved(&before, &after, Counter::RxIpv4Fragment), 2);
+    Ok(())
+}
+
+#[test]
+fn a_container_cannot_send_vxlan() -> Result<()> {
+    // With masquerade, a container's datagram to a peer leaves from this host's PublicIP.
+    let seed = Seed::start("container-vxlan", &["--ip-masq"])?;
+    let payload = seed.forged_vxlan_ping()?;
+    let before = counters(&seed.host1)?;
+    let sniffer = watch_bbox2(&seed)?;
+    send_udp(
+        &seed.bbox1.netns,
+        &format!("{HOST2}:8472"),
+        &payload,
+        FRAMES,
+    )?;
+    send_udp(&seed.bbox1.netns, "10.2.41.1:8472", &payload, FRAMES)?;
+    assert_saw_nothing(sniffer)?;
+    let after = counters(&seed.host1)?;
+    assert_eq!(
+        moved(&before, &after, Counter::TxVxlanFromContainer),
+        2 * FRAMES,
+        "{after:?}"
+    );
+    assert_refusal_logged(&seed, &seed.agent1, Counter::TxVxlanFromContainer)
+}
+
+/// The seed with a third container on host1, bbox3 (10.2.41.3), after bbox1 and bbox3 have
+/// each sent from their own address.
+fn seed_with_bbox3(tag: &str) -> Result<(Seed, Container)> {
+    let seed = Seed::start(tag, &[])?;
+    let bbox3 = Container::attach(&seed.host1, "bbox3", "10.2.41.3")?;
+    seed.bbox1.ping(BBOX2, 1)?;
+    bbox3.ping(BBOX2, 1)?;
+    Ok((seed, bbox3))
+}
+
+#[test]
+fn a_container_cannot_send_from_an_address_not_its_own() -> Result<()> {
+    let (seed, bbox3) = seed_with_bbox3("spoofed-source")?;
+    let before = counters(&seed.host1)?;
+    let sniffer = watch_bbox2(&seed)?;
+    // A neighbour's address, and one of another host's subnet.
+    for address in [BBOX1, "10.2.54.9"] {
+        bbox3
+            .netns
+            .ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"])?;
+        let ping = bbox3.netns.exec_unchecked(&[
+            "ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-I", address, BBOX2,
+        ])?;
+        ensure!(!ping.status.success(), "no reply to a ping from {address}");
+    }
+    assert_saw_nothing(sniffer)?;
+    let after = counters(&seed.host1)?;
+    ensure!(
+        moved(&before, &after, Counter::TxSpoofedSource) >= 6,
+        "every spoofed ping was dropped: {after:?}"
+    );
+    assert_refusal_logged(&seed, &seed.agent1, Counter::TxSpoofedSource)
+}
+
+#[test]
+fn arp_or_mac_spoofing_does_not_move_a_neighbour_s_traffic() -> Result<()> {
+    let (seed, bbox3) = seed_with_bbox3("arp-spoof")?;
+    seed.bbox2.ping(BBOX1, 1)?;
+    let bbox1_mac = seed.bbox1.netns.mac("eth0")?;
+    let bbox3_mac = bbox3.netns.mac("eth0")?;
+    // bbox3 would answer for bbox1's address, were its traffic sent there.
+    bbox3
+        .netns
+        .ip(&["addr", "add", &format!("{BBOX1}/32"), "dev", "eth0"])?;
+    let before = counters(&seed.host1)?;
+
+    // Unsolicited ARP replies: "10.2.41.2 is at bbox3's MAC".
+    let claim = [
+        &[0, 1, 8, 0, 6, 4, 0, 2][..],
+        &bbox3_mac,
+        &BBOX1_IP,
+        &[0xff; 6],
+        &[10, 2, 41, 1],
+    ]
+    .concat();
+    let frame = ethernet([0xff; 6], bbox3_mac, ETH_P_ARP, &claim);
+    bbox3.netns.run_inside(|| {
+        for _ in 0..FRAMES {
+            send_frame("eth0", &frame)?;
+        }
+        Ok(())
+    })?;
+    // Then bbox1's MAC as its own.
+    bbox3
+        .netns
+        .ip(&["link", "set", "eth0", "address", &mac_text(bbox1_mac)])?;
+    let _ = bbox3
+        .netns
+        .exec_unchecked(&["ping", "-n", "-c", "2", "-W", "1", "10.2.41.1"])?;
+
+    let sniffer = Sniffer::start(&bbox3.netns, "eth0", &format!("icmp and dst {BBOX1}"))?;
+    seed.bbox2.ping(BBOX1, 3)?;
+    sleep(SETTLE);
+    let seen = sniffer.stop()?;
+    ensure!(seen.is_empty(), "bbox3 received bbox1's traffic: {seen:#?}");
+
+    let neighbour = seed
+        .host1
+        .netns
+        .ip(&["neigh", "show", BBOX1, "dev", "docker0"])?;
+    ensure!(
+        neighbour.contains(&mac_text(bbox1_mac)),
+        "host1 still resolves bbox1 to its MAC: {neighbour}"
+    );
+    let fdb = seed
+        .host1
+        .netns
+        .exec(&["bridge", "fdb", "show", "br", "docker0"])?;
+    ensure!(
+        fdb.lines()
+            .filter(|line| line.starts_with(&mac_text(bbox1_mac)))
+            .all(|line| line.contains("dev veth-bbox1")),
+        "docker0 keeps bbox1's MAC behind bbox1's port:\n{fdb}"
+    );
+    let after = counters(&seed.host1)?;
+    ensure!(
+        moved(&before, &after, Counter::TxSpoofedSource) >= FRAMES
+            && moved(&before, &after, Counter::TxSpoofedMac) >= 1,
+        "the claims were refused: {after:?}"
+    );
+    Ok(())
+}
