@@ -276,6 +276,34 @@ fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
 }
 
 #[test]
+fn big_tcp_superpackets_are_refused_and_counted_never_truncated() -> Result<()> {
+    let seed = Seed::start("big-tcp", &[])?;
+    // BIG TCP on bbox1: its TCP may build superpackets of up to 128 KiB, whose length no
+    // outer IPv4 header can state.
+    seed.bbox1.netns.set_gso_max_size("eth0", 131_072)?;
+    let log = seed.cluster.scratch.path().join("iperf3-server.log");
+    let mut server = iperf3_server(&seed.bbox2.netns, &log, true)?;
+    let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    let _ = seed
+        .bbox1
+        .netns
+        .exec_unchecked(&["iperf3", "-c", BBOX2, "-t", "3"])?;
+    let _ = server.wait_exit(EVENT_TIMEOUT);
+    let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    assert!(
+        delta(&before1, &after1, Counter::TxTooBig) > 0,
+        "host1 refused superpackets above 64 KiB: {after1:?}"
+    );
+    // Nothing arrived cut short or with a length that disagrees with the packet.
+    assert_eq!(
+        delta(&before2, &after2, Counter::RxMalformed),
+        0,
+        "{after2:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_ten_second_tcp_transfer_goes_through_without_a_retransmission_storm() -> Result<()> {
     let seed = Seed::start("iperf", &[])?;
     let log = seed.cluster.scratch.path().join("iperf3-server.log");
