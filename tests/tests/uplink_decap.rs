@@ -4,12 +4,11 @@
 //! not ours passes untouched; every bad or hostile frame is dropped; each outcome moves exactly
 //! its counter. Both hooks must agree on all of it.
 use anyhow::Result;
-use overlay_agent::reconcile::desired::lease_entries;
 use overlay_common::Counter;
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_REDIRECT, UplinkHook, dataplane_of, dataplane_with,
-        host2_with_bbox2, run_uplink,
+        host2_with_bbox2, run_uplink, write_leases,
     },
     frames::*,
 };
@@ -252,10 +251,7 @@ fn a_host_holding_two_leases_may_send_from_both() -> Result<()> {
     second.subnet = "10.2.42.0/24".parse()?;
     for hook in UplinkHook::ALL {
         let mut host2 = dataplane_of(&HOST2, &[])?;
-        host2.write_lease_entries(&lease_entries(
-            [HOST1.lease(), second.clone()].iter(),
-            &Default::default(),
-        ))?;
+        write_leases(&mut host2, &[HOST1.lease(), second.clone()])?;
         for source in [BBOX1_IP, [10, 2, 42, 7]] {
             let ping = ipv4(
                 source,
