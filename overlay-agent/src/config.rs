@@ -144,6 +144,14 @@ impl NetworkConfig {
             && (self.subnet_min..=self.subnet_max).contains(&subnet.network())
     }
 
+    /// How many subnets lie between SubnetMin and SubnetMax: at most the 2^(SubnetLen −
+    /// the Network's length) the Network holds.
+    pub fn subnet_count(&self) -> u64 {
+        let size = 1u64 << (32 - self.subnet_len);
+        let span = u64::from(u32::from(self.subnet_max)) - u64::from(u32::from(self.subnet_min));
+        span / size + 1
+    }
+
     /// Every subnet between SubnetMin and SubnetMax, in order.
     pub fn subnets(&self) -> impl Iterator<Item = Ipv4Network> + '_ {
         let size = 1u32 << (32 - self.subnet_len);
@@ -331,6 +339,7 @@ mod tests {
         };
         assert_eq!(config.backend, backend);
         assert_eq!(config.subnets().count(), 255);
+        assert_eq!(config.subnet_count(), 255);
         assert!(config.fits("10.2.41.0/24".parse().unwrap()));
         assert!(
             !config.fits("10.2.0.0/24".parse().unwrap()),
@@ -350,6 +359,11 @@ mod tests {
         assert_eq!(config.subnet_len, 26);
         assert_eq!(config.subnet_min, Ipv4Addr::new(10, 5, 0, 64));
         assert_eq!(config.subnet_max, Ipv4Addr::new(10, 5, 1, 0));
+        assert_eq!(
+            config.subnet_count(),
+            4,
+            "SubnetMin and SubnetMax narrow the network"
+        );
         let backend = VxlanBackend {
             vni: 42,
             port: 4789,

@@ -33,7 +33,7 @@ use tokio::{
 
 use crate::{
     config::{NetworkConfig, VXLAN_OVERHEAD},
-    dataplane::{Dataplane, refusals::RefusalWatch},
+    dataplane::{Dataplane, LeaseCapacity, refusals::RefusalWatch},
     health::Readiness,
     masquerade::{Masquerade, Rules},
     metrics::Metrics,
@@ -251,7 +251,8 @@ async fn ebpf_sink(
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
     let uplink_mac =
         node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
-    let dataplane = Dataplane::load(Some(&options.bpf_pin_dir), options.bpf_log)?;
+    let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
+    let dataplane = Dataplane::load(Some(&options.bpf_pin_dir), options.bpf_log, lease_capacity)?;
     Ok(EbpfSink {
         dataplane,
         config: OverlayConfig {

@@ -47,6 +47,8 @@ type Rounds = Family<RoundLabels, Histogram, fn() -> Histogram>;
 pub struct ReconcileMetrics {
     pub duration: Rounds,
     pub errors: Counter,
+    /// Times a lease map was found full, once per change in what it left out.
+    pub full_maps: Family<MapLabels, Counter>,
 }
 
 impl Default for ReconcileMetrics {
@@ -57,6 +59,7 @@ impl Default for ReconcileMetrics {
                 Histogram::new(exponential_buckets(1e-4, 2.0, 16))
             }),
             errors: Counter::default(),
+            full_maps: Family::default(),
         }
     }
 }
@@ -104,6 +107,11 @@ impl Metrics {
             "Reconciler rounds that failed and were retried",
             reconcile.errors.clone(),
         );
+        registry.register(
+            "lease_map_full",
+            "Times a lease map was found full with leases left out, once per change in how many",
+            reconcile.full_maps.clone(),
+        );
         if let Some(dir) = pin_dir {
             registry.register_collector(Box::new(DataplaneCollector { dir }));
         }
@@ -129,8 +137,8 @@ struct PacketLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MapLabels {
-    map: &'static str,
+pub struct MapLabels {
+    pub map: &'static str,
 }
 
 /// Reads the pinned dataplane at each scrape; without one (kernel mode, not loaded yet) it

@@ -3,10 +3,11 @@
 use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use anyhow::{Context, Result};
+use ipnetwork::Ipv4Network;
 use overlay_common::{Counter, RemoteVtep};
 
 use crate::{
-    dataplane::pins::PinnedDataplane,
+    dataplane::{SUBNETS_MAP, VTEPS_MAP, pins::PinnedDataplane},
     mac::MacAddr,
     node::links,
     options::AgentOptions,
@@ -34,24 +35,7 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     }
     let pinned = PinnedDataplane::open(&options.bpf_pin_dir)?;
     let mut entries = pinned.subnet_entries()?;
-    match tokio::time::timeout(ETCD_TIMEOUT, remote_leases(options)).await {
-        Ok(Ok((leases, skipped))) => {
-            writeln!(out, "remote leases ({}):", leases.len())?;
-            for lease in &leases {
-                let entry = entries.remove(&lease.subnet);
-                writeln!(out, "  {}", describe(lease, entry))?;
-            }
-            writeln!(out, "skipped records ({}):", skipped.len())?;
-            for (key, error) in &skipped {
-                writeln!(out, "  {key}: {error}")?;
-            }
-        }
-        Ok(Err(error)) => writeln!(out, "remote leases: unknown ({error:#})")?,
-        Err(_) => writeln!(
-            out,
-            "remote leases: unknown (etcd did not answer within {ETCD_TIMEOUT:?})"
-        )?,
-    }
+    let leases = write_remote_leases(&mut out, options, &mut entries).await?;
     let mut stale: Vec<_> = entries.into_iter().collect();
     stale.sort_by_key(|(subnet, _)| *subnet);
     for (subnet, remote) in stale {
@@ -60,6 +44,9 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
             "  {subnet}: map entry {} with no lease",
             show_entry(&remote)
         )?;
+    }
+    if let Some(leases) = &leases {
+        write_full_maps(&mut out, &pinned, leases)?;
     }
     writeln!(out, "programs:")?;
     let names = links::names(&links::connect()?).await?;
@@ -73,6 +60,39 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         writeln!(out, "  {:<22} {}", counter.name(), counters.get(counter))?;
     }
     Ok(out)
+}
+
+/// Every remote lease next to its map entry (taken out of `entries`), and every record
+/// skipped with why; returns the leases, unless etcd could not tell them.
+async fn write_remote_leases(
+    out: &mut String,
+    options: &AgentOptions,
+    entries: &mut HashMap<Ipv4Network, RemoteVtep>,
+) -> Result<Option<Vec<Lease>>> {
+    let (leases, skipped) = match tokio::time::timeout(ETCD_TIMEOUT, remote_leases(options)).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(error)) => {
+            writeln!(out, "remote leases: unknown ({error:#})")?;
+            return Ok(None);
+        }
+        Err(_) => {
+            writeln!(
+                out,
+                "remote leases: unknown (etcd did not answer within {ETCD_TIMEOUT:?})"
+            )?;
+            return Ok(None);
+        }
+    };
+    writeln!(out, "remote leases ({}):", leases.len())?;
+    for lease in &leases {
+        let entry = entries.remove(&lease.subnet);
+        writeln!(out, "  {}", describe(lease, entry))?;
+    }
+    writeln!(out, "skipped records ({}):", skipped.len())?;
+    for (key, error) in &skipped {
+        writeln!(out, "  {key}: {error}")?;
+    }
+    Ok(Some(leases))
 }
 
 /// The other hosts' leases, as the agent selects them from etcd, and the records it skips.
@@ -96,6 +116,40 @@ async fn remote_leases(options: &AgentOptions) -> Result<(Vec<Lease>, Vec<(Strin
         .collect();
     leases.sort_by_key(|lease| lease.subnet);
     Ok((leases, selection.skipped))
+}
+
+/// "full maps:", then each lease map with every entry taken and how many of `leases` it
+/// lacks.
+fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease]) -> Result<()> {
+    let subnets = pinned.subnet_entries()?;
+    let vteps = pinned.vtep_addresses()?;
+    let full: Vec<_> = pinned
+        .occupancy()?
+        .into_iter()
+        .filter(|map| map.entries >= map.capacity as usize)
+        .filter_map(|map| {
+            let lacks = |lease: &&Lease| match map.name {
+                SUBNETS_MAP => !subnets.contains_key(&lease.subnet),
+                VTEPS_MAP => !vteps.contains(&lease.attrs.public_ip),
+                _ => false,
+            };
+            let missing = leases.iter().filter(lacks).count();
+            (missing > 0).then_some((map, missing))
+        })
+        .collect();
+    if full.is_empty() {
+        writeln!(out, "full maps: none")?;
+        return Ok(());
+    }
+    writeln!(out, "full maps:")?;
+    for (map, missing) in full {
+        writeln!(
+            out,
+            "  {}: all {} entries taken, {missing} leases missing",
+            map.name, map.capacity
+        )?;
+    }
+    Ok(())
 }
 
 fn describe(lease: &Lease, entry: Option<RemoteVtep>) -> String {

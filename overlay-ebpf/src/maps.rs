@@ -9,7 +9,8 @@ use overlay_common::{
     RoutedFlow, VtepSubnet,
 };
 
-/// Room for every /24 of a /8 network.
+/// The object's size for the lease maps; the agent sizes both at load time to the subnets
+/// its network config holds (`LeaseCapacity`).
 const MAX_REMOTE_HOSTS: usize = 65536;
 /// Room for every address of a /18 lease.
 const MAX_LOCAL_ENDPOINTS: usize = 16384;

@@ -2,13 +2,13 @@
 //! BPF_PROG_TEST_RUN: hand-built frames in, exact bytes, verdicts and counters out.
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use ipnetwork::Ipv4Network;
 use overlay_agent::{
     dataplane::{
-        BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, VTEP_INGRESS_PROGRAM,
-        VTEP_PROGRAM,
+        BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, LeaseCapacity, UPLINK_TC_PROGRAM,
+        VTEP_INGRESS_PROGRAM, VTEP_PROGRAM,
     },
     mac::MacAddr,
     reconcile::desired::lease_entries,
@@ -93,11 +93,19 @@ pub fn dataplane_of(host: &SeedHost, peers: &[&SeedHost]) -> Result<Dataplane> {
 
 pub fn dataplane_with(config: OverlayConfig, peers: &[&SeedHost]) -> Result<Dataplane> {
     require_root()?;
-    let mut dataplane = Dataplane::load(None, false)?;
+    let mut dataplane = Dataplane::load(None, false, LeaseCapacity::MIN)?;
     dataplane.set_config(&config)?;
     let leases: Vec<Lease> = peers.iter().map(|peer| peer.lease()).collect();
-    dataplane.write_lease_entries(&lease_entries(leases.iter(), &Default::default()))?;
+    write_leases(&mut dataplane, &leases)?;
     Ok(dataplane)
+}
+
+/// Writes the map entries of `leases`, every one of which must fit.
+pub fn write_leases(dataplane: &mut Dataplane, leases: &[Lease]) -> Result<()> {
+    let unwritten =
+        dataplane.write_lease_entries(&lease_entries(leases.iter(), &Default::default()))?;
+    ensure!(unwritten.is_empty(), "leases left out: {unwritten:?}");
+    Ok(())
 }
 
 /// host2's dataplane knowing host1 and bbox2 behind the veth with index 42.

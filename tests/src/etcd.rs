@@ -6,12 +6,36 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
+use etcd_client::{Txn, TxnOp};
 
 use crate::{netns::run, process::Process, tls::TlsFiles, wait::wait_for};
 
 pub const ETCD_PORT: u16 = 2379;
 const PEER_PORT: u16 = 2380;
+
+/// etcd's defaults: at most 128 operations in a transaction and 1.5 MiB in a request.
+const TXN_OPS: usize = 128;
+const TXN_BYTES: usize = 1024 * 1024;
+
+/// `records` cut into runs that fit in one transaction each (a record larger than
+/// `TXN_BYTES` alone).
+fn batches(records: &[(String, String)]) -> Vec<&[(String, String)]> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, (key, value)) in records.iter().enumerate() {
+        let size = key.len() + value.len();
+        if index > start && (index - start == TXN_OPS || bytes + size > TXN_BYTES) {
+            batches.push(&records[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < records.len() {
+        batches.push(&records[start..]);
+    }
+    batches
+}
 
 /// `name=http://address:2380`, one entry of `--initial-cluster`.
 fn peer((name, address): (&str, &str)) -> String {
@@ -197,6 +221,38 @@ impl Etcd {
         self.etcdctl(&["put", key, value]).map(drop)
     }
 
+    /// Writes every record, many to a transaction, from a client of this process: etcdctl
+    /// would take a process per record and an argument per value, which Linux caps at
+    /// 128 KiB. Plain-HTTP etcd without authentication only.
+    pub fn put_many(&self, records: &[(String, String)]) -> Result<()> {
+        ensure!(
+            self.tls.is_none() && self.credentials.is_none(),
+            "put_many speaks plain HTTP without authentication"
+        );
+        let endpoint = self.endpoint();
+        crate::netns::run_in(&self.netns, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
+                    .await
+                    .with_context(|| format!("cannot connect to etcd at {endpoint}"))?;
+                for batch in batches(records) {
+                    let puts: Vec<TxnOp> = batch
+                        .iter()
+                        .map(|(key, value)| TxnOp::put(key.as_str(), value.as_str(), None))
+                        .collect();
+                    client
+                        .txn(Txn::new().and_then(puts))
+                        .await
+                        .with_context(|| format!("cannot write {} records", batch.len()))?;
+                }
+                Ok(())
+            })
+        })
+    }
+
     /// The value at `key`, if any.
     pub fn get(&self, key: &str) -> Result<Option<String>> {
         let output = self.etcdctl(&["get", "--print-value-only", key])?;
@@ -235,5 +291,26 @@ impl Etcd {
             .trim()
             .to_string();
         self.etcdctl(&["compaction", &revision]).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_keep_to_etcds_limits_on_operations_and_bytes() {
+        let small = |count: usize| -> Vec<(String, String)> {
+            (0..count)
+                .map(|index| (index.to_string(), "v".to_string()))
+                .collect()
+        };
+        let lengths = |records: &[(String, String)]| -> Vec<usize> {
+            batches(records).iter().map(|batch| batch.len()).collect()
+        };
+        assert_eq!(lengths(&small(300)), [128, 128, 44]);
+        assert!(lengths(&small(0)).is_empty());
+        let large = vec![("k".to_string(), "x".repeat(TXN_BYTES)); 3];
+        assert_eq!(lengths(&large), [1, 1, 1]);
     }
 }

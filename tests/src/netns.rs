@@ -189,16 +189,21 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace, e.g. to attach a program to one
     /// of its interfaces. The caller's thread stays where it is.
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    enter(&self.name)?;
-                    f()
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("thread inside {} panicked", self.name))?
-        })
+        run_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread that has entered the namespace `name`.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter(name)?;
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread inside {name} panicked"))?
+    })
 }
 
 /// Moves the calling thread, and only it, into the namespace `name`: for a thread of its own

@@ -1,14 +1,22 @@
 //! Records any member of the cluster can write under `subnets/` cannot stop, hijack or blind a
 //! node: with each of them in etcd before the agent starts and written again while it runs,
 //! the agent becomes ready, stays up, routes a lease added afterwards within 2 s, and becomes
-//! ready again after a restart.
-use std::time::{Duration, Instant};
+//! ready again after a restart. Nor can records too large for one etcd response, or more
+//! leases than the dataplane's maps hold.
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Result, ensure};
+use ipnetwork::Ipv4Network;
+use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_tests::{
-    agent::Agent,
-    cluster::{Cluster, PREFIX},
-    seed::{HOST1, SUBNET1},
+    agent::{Agent, HEALTH_PORT},
+    cluster::{Cluster, Host, PREFIX},
+    metrics,
+    netns::run,
+    seed::{BBOX2, HOST1, SUBNET1, SUBNET2, Seed},
 };
 
 /// Each a record of a host that holds no lease: our subnet under a dual-stack key and under a
@@ -24,6 +32,24 @@ const HOSTILE_VALUE: &str = r#"{"PublicIP":"172.20.62.66","BackendType":"vxlan",
 const LATER_SUBNET: &str = "10.2.60.0/24";
 const LATER_VALUE: &str = r#"{"PublicIP":"172.20.62.106","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
 const ROUTED_WITHIN: Duration = Duration::from_secs(2);
+
+/// What `overlay-agent status` prints on `host`.
+fn status_report(cluster: &Cluster, host: &Host) -> Result<String> {
+    let flags = [
+        "status".to_string(),
+        format!("--etcd-endpoints={}", cluster.endpoints()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host.subnet_file().display()),
+        format!("--bpf-pin-dir={}", host.pin_dir().display()),
+    ];
+    let mut status = Agent::start_with(host, &flags, &[])?;
+    ensure!(
+        status.process.wait_exit(Duration::from_secs(20))?.success(),
+        "{}",
+        status.log()
+    );
+    Ok(status.log())
+}
 
 fn write_hostile_records(cluster: &Cluster) -> Result<()> {
     for name in HOSTILE_KEYS {
@@ -74,20 +100,7 @@ fn hostile_records_leave_the_agent_up_and_routing() -> Result<()> {
         "a hostile record was routed:\n{routes}"
     );
 
-    let status_flags = [
-        "status".to_string(),
-        format!("--etcd-endpoints={}", cluster.endpoints()),
-        format!("--etcd-prefix={PREFIX}"),
-        format!("--subnet-file={}", host1.subnet_file().display()),
-        format!("--bpf-pin-dir={}", host1.pin_dir().display()),
-    ];
-    let mut status = Agent::start_with(&host1, &status_flags, &[])?;
-    ensure!(
-        status.process.wait_exit(Duration::from_secs(20))?.success(),
-        "{}",
-        status.log()
-    );
-    let report = status.log();
+    let report = status_report(&cluster, &host1)?;
     ensure!(
         report.contains(&format!("skipped records ({}):", HOSTILE_KEYS.len())),
         "{report}"
@@ -105,5 +118,186 @@ fn hostile_records_leave_the_agent_up_and_routing() -> Result<()> {
         restarted.wait_ready()? == SUBNET1,
         "the restart kept the lease"
     );
+    Ok(())
+}
+
+/// Nearly the 1.5 MiB etcd takes in one request by default.
+const LARGE_VALUE_BYTES: usize = 1_200_000;
+/// Leases this large in etcd before the agent starts: 18 MB, past the 16 MiB the agent
+/// receives in one answer, let alone the 4 MiB of the client's default.
+const LARGE_LEASES: u8 = 15;
+
+/// A lease of 10.2.(100 + index).0/24 whose record carries `LARGE_VALUE_BYTES` of padding
+/// after flannel's fields: (key, value, subnet, PublicIP, VtepMAC).
+fn large_lease(index: u8) -> (String, String, String, String, String) {
+    let subnet = format!("10.2.{}.0/24", 100 + u32::from(index));
+    let public_ip = format!("172.20.62.{}", 150 + u32::from(index));
+    let mac = format!("1a:4b:d7:f7:17:{index:02x}");
+    let value = format!(
+        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"Padding":"{}"}}"#,
+        "x".repeat(LARGE_VALUE_BYTES)
+    );
+    let key = format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"));
+    (key, value, subnet, public_ip, mac)
+}
+
+#[test]
+fn a_listing_larger_than_etcds_answers_leaves_the_agent_up_and_routing() -> Result<()> {
+    let mut cluster = Cluster::new("large-records")?;
+    cluster.reserve(SUBNET1, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let leases: Vec<_> = (0..=LARGE_LEASES).map(large_lease).collect();
+    let (before, after) = leases.split_at(usize::from(LARGE_LEASES));
+    let records = |leases: &[(String, String, String, String, String)]| -> Vec<(String, String)> {
+        leases
+            .iter()
+            .map(|(key, value, ..)| (key.clone(), value.clone()))
+            .collect()
+    };
+    cluster.etcd.put_many(&records(before))?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
+    for (_, _, subnet, public_ip, mac) in before {
+        host1.wait_for_peer(subnet, public_ip, mac)?;
+    }
+
+    let mut later = records(after);
+    later.push((cluster.subnet_key(LATER_SUBNET), LATER_VALUE.to_string()));
+    cluster.etcd.put_many(&later)?;
+    let written = Instant::now();
+    host1.wait_for_peer(LATER_SUBNET, "172.20.62.106", "1a:4b:d7:f7:16:8a")?;
+    ensure!(
+        written.elapsed() <= ROUTED_WITHIN,
+        "the later lease took {:?} to be routed",
+        written.elapsed()
+    );
+    let (_, _, subnet, public_ip, mac) = &after[0];
+    host1.wait_for_peer(subnet, public_ip, mac)?;
+    ensure!(
+        agent.process.try_exit_status()?.is_none(),
+        "the agent exited:\n{}",
+        agent.log()
+    );
+    let report = status_report(&cluster, &host1)?;
+    let remote = usize::from(LARGE_LEASES) + 2;
+    ensure!(
+        report.contains(&format!("remote leases ({remote}):")),
+        "{report}"
+    );
+    Ok(())
+}
+
+/// The seed's subnets in a /8 whose SubnetMin and SubnetMax leave 256 subnets: the lease
+/// maps get 256 entries.
+const NARROW_NETWORK_CONFIG: &str = r#"{"Network": "10.0.0.0/8", "SubnetMin": "10.2.0.0", "SubnetMax": "10.2.255.0", "Backend": {"Type": "vxlan"}}"#;
+const MAP_CAPACITY: usize = 256;
+/// Leases of one more host outside SubnetMin..SubnetMax (10.3.0.0/24 to 10.4.43.0/24), as
+/// reservations can be: with host2's, 301 for 256 entries.
+const MANY_LEASES: u32 = 300;
+const MANY_VALUE: &str = r#"{"PublicIP":"172.20.62.66","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:66"}}"#;
+const FULL_WARNING: &str = "the subnets map is full (256 entries): 45 leases do not fit";
+
+fn many_leases() -> Vec<(String, String)> {
+    (0..MANY_LEASES)
+        .map(|index| {
+            let subnet = format!("10.{}.{}.0-24", 3 + index / 256, index % 256);
+            (format!("{PREFIX}/subnets/{subnet}"), MANY_VALUE.to_string())
+        })
+        .collect()
+}
+
+/// The subnets `host` routes into flannel.1.
+fn routed_into_vtep(host: &Host) -> Result<BTreeSet<Ipv4Network>> {
+    let routes = host.netns.ip(&["route", "show", "dev", "flannel.1"])?;
+    routes
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|destination| destination.contains('/'))
+        .map(|destination| Ok(destination.parse()?))
+        .collect()
+}
+
+fn mapped(host: &Host) -> Result<BTreeSet<Ipv4Network>> {
+    let pinned = PinnedDataplane::open(&host.pin_dir())?;
+    Ok(pinned.subnet_entries()?.into_keys().collect())
+}
+
+#[test]
+fn more_leases_than_the_maps_hold_leave_the_ones_that_fit_routed() -> Result<()> {
+    let cluster = Cluster::with_etcd("full-maps", false, Some(NARROW_NETWORK_CONFIG))?;
+    let mut seed = Seed::start_on(cluster, &[])?;
+    for map in ["subnets", "vteps"] {
+        let shown = run(std::process::Command::new("bpftool")
+            .args(["map", "show", "pinned"])
+            .arg(seed.host1.pin_dir().join(map)))?;
+        ensure!(
+            shown.contains(&format!("max_entries {MAP_CAPACITY} ")),
+            "{map} sized for the network:\n{shown}"
+        );
+    }
+    // All at once for host1: while it is stopped. Its pinned map keeps host2's entry.
+    seed.agent1.process.terminate(Duration::from_secs(10))?;
+    seed.cluster.etcd.put_many(&many_leases())?;
+    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &[])?;
+    ensure!(seed.agent1.wait_ready()? == SUBNET1, "host1 kept its lease");
+    seed.agent1
+        .wait_for_log(FULL_WARNING, 1, Duration::from_secs(20))?;
+
+    seed.bbox1.ping(BBOX2, 3)?;
+    let routed = routed_into_vtep(&seed.host1)?;
+    ensure!(
+        routed.len() == MAP_CAPACITY && routed == mapped(&seed.host1)?,
+        "routes into flannel.1 for exactly the {MAP_CAPACITY} mapped leases: {} routed",
+        routed.len()
+    );
+    let report = status_report(&seed.cluster, &seed.host1)?;
+    ensure!(
+        report.contains("full maps:\n  subnets: all 256 entries taken, 45 leases missing\n"),
+        "{report}"
+    );
+    let samples = metrics::scrape(&seed.host1.netns, HEALTH_PORT)?;
+    ensure!(
+        metrics::value_of(
+            &samples,
+            "overlay_lease_map_full_total",
+            &[("map", "subnets")]
+        ) == Some(1.0),
+        "one full map counted"
+    );
+
+    // A round that changes nothing left out warns no second time.
+    seed.host1.netns.ip(&["route", "del", SUBNET2])?;
+    seed.host1
+        .wait_for_peer(SUBNET2, "172.20.62.105", &seed.host2.vtep_mac()?)?;
+    seed.bbox1.ping(BBOX2, 2)?;
+    ensure!(
+        seed.agent1.count_in_log("map is full") == 1,
+        "warned more than once:\n{}",
+        seed.agent1.log()
+    );
+    ensure!(
+        seed.agent1.process.try_exit_status()?.is_none(),
+        "the agent exited:\n{}",
+        seed.agent1.log()
+    );
+
+    // 111 leases go (10.3.1.0, 10.3.10-19.0, 10.3.100-199.0): room for those left out.
+    seed.cluster
+        .etcd
+        .etcdctl(&["del", "--prefix", &format!("{PREFIX}/subnets/10.3.1")])?;
+    seed.agent1.wait_for_log(
+        "every lease has its map entries again",
+        1,
+        Duration::from_secs(20),
+    )?;
+    let remaining = 1 + MANY_LEASES as usize - 111;
+    let routed = routed_into_vtep(&seed.host1)?;
+    ensure!(
+        routed.len() == remaining && routed == mapped(&seed.host1)?,
+        "{} routed of {remaining}",
+        routed.len()
+    );
+    let report = status_report(&seed.cluster, &seed.host1)?;
+    ensure!(report.contains("full maps: none\n"), "{report}");
     Ok(())
 }

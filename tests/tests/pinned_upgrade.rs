@@ -1,12 +1,12 @@
 //! An agent upgraded over the pins an older version left: a pinned map whose shape is this
 //! version's is adopted with its contents; one of another shape (an older `counters` with fewer
 //! counters, say) is replaced, where adopting it would get the programs rejected by the
-//! verifier or let lookups overrun their buffer.
+//! verifier or let lookups overrun their buffer. So are lease maps sized for another network.
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use aya::maps::MapData;
-use overlay_agent::dataplane::{Dataplane, pins};
+use overlay_agent::dataplane::{Dataplane, LeaseCapacity, pins};
 use overlay_common::{Counters, OverlayConfig};
 use overlay_tests::{cluster::BPFFS, netns::Netns, require_root};
 
@@ -41,7 +41,7 @@ fn a_pinned_map_of_another_shape_is_replaced_and_one_of_this_shape_adopted() -> 
         vni: 7,
         ..OverlayConfig::default()
     };
-    Dataplane::load(Some(&pins_dir.path), false)?.set_config(&config)?;
+    Dataplane::load(Some(&pins_dir.path), false, LeaseCapacity::MIN)?.set_config(&config)?;
 
     // What the version before the routed flows pinned: 19 counters, not this version's.
     let counters = pins_dir.path.join("counters");
@@ -62,7 +62,7 @@ fn a_pinned_map_of_another_shape_is_replaced_and_one_of_this_shape_adopted() -> 
         "counters",
     ]))?;
 
-    let upgraded = Dataplane::load(Some(&pins_dir.path), false)?;
+    let upgraded = Dataplane::load(Some(&pins_dir.path), false, LeaseCapacity::MIN)?;
     let value_size = MapData::from_pin(&counters)?.info()?.value_size();
     assert_eq!(
         value_size as usize,
@@ -75,5 +75,28 @@ fn a_pinned_map_of_another_shape_is_replaced_and_one_of_this_shape_adopted() -> 
         config,
         "the config map, of this version's shape, adopted with its contents"
     );
+    Ok(())
+}
+
+#[test]
+fn lease_maps_pinned_for_another_network_are_replaced_at_the_size_asked_for() -> Result<()> {
+    require_root()?;
+    let pins_dir = PinDir::new("resize")?;
+    let capacity = |map: &str| -> Result<u32> {
+        Ok(MapData::from_pin(pins_dir.path.join(map))?
+            .info()?
+            .max_entries())
+    };
+    drop(Dataplane::load(
+        Some(&pins_dir.path),
+        false,
+        LeaseCapacity::MIN,
+    )?);
+    assert_eq!(capacity("subnets")?, 256);
+    let larger = LeaseCapacity::for_subnets(65535);
+    drop(Dataplane::load(Some(&pins_dir.path), false, larger)?);
+    for map in ["subnets", "vteps"] {
+        assert_eq!(capacity(map)?, 65535, "{map} resized");
+    }
     Ok(())
 }

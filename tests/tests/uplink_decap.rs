@@ -5,12 +5,11 @@
 //! moves exactly its counter. Both hooks must agree on all of it. flannel.1's ingress lets
 //! through only what tc marked.
 use anyhow::Result;
-use overlay_agent::reconcile::desired::lease_entries;
 use overlay_common::{CHECKED_MARK, Counter};
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UplinkHook, dataplane_of,
-        dataplane_with, host2_with_bbox2, run_uplink, run_vtep_ingress,
+        dataplane_with, host2_with_bbox2, run_uplink, run_vtep_ingress, write_leases,
     },
     frames::*,
 };
@@ -355,10 +354,7 @@ fn a_host_holding_two_leases_may_send_from_both() -> Result<()> {
     second.subnet = "10.2.42.0/24".parse()?;
     for hook in UplinkHook::ALL {
         let mut host2 = dataplane_of(&HOST2, &[])?;
-        host2.write_lease_entries(&lease_entries(
-            [HOST1.lease(), second.clone()].iter(),
-            &Default::default(),
-        ))?;
+        write_leases(&mut host2, &[HOST1.lease(), second.clone()])?;
         for source in [BBOX1_IP, [10, 2, 42, 7]] {
             let ping = ipv4(
                 source,

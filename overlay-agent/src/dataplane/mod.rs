@@ -19,6 +19,7 @@ use aya::{
 use overlay_common::{Counters, OverlayConfig};
 
 pub use attach::{DecapHook, XdpModeChoice};
+pub use sync::{FullMap, Unwritten};
 
 /// The eBPF object built by `cargo xtask build`, embedded so the agent needs no file at run time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
@@ -40,8 +41,8 @@ const PROGRAMS: [&str; 6] = [
 ];
 const CONFIG_MAP: &str = "config";
 const COUNTERS_MAP: &str = "counters";
-const SUBNETS_MAP: &str = "subnets";
-const VTEPS_MAP: &str = "vteps";
+pub const SUBNETS_MAP: &str = "subnets";
+pub const VTEPS_MAP: &str = "vteps";
 const ENDPOINTS_MAP: &str = "endpoints";
 const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
 const BOUND_MACS_MAP: &str = "bound_macs";
@@ -64,19 +65,57 @@ const MAPS: [&str; 11] = [
     DROP_EVENTS_MAP,
 ];
 
+/// The lease maps, sized at load time by [`LeaseCapacity`].
+const LEASE_MAPS: [&str; 2] = [SUBNETS_MAP, VTEPS_MAP];
+
+/// How many entries each lease map (`subnets`, `vteps`) is created with: one per subnet the
+/// network config holds, within bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseCapacity(u32);
+
+impl LeaseCapacity {
+    /// Room for records a narrow SubnetMin..SubnetMax leaves out (reservations, say), at a
+    /// cost of kilobytes.
+    pub const MIN: Self = Self(256);
+    /// 2^20 slots: a /8 of /28 leases. `vteps` is a preallocated hash of 80 bytes a slot, 80
+    /// MiB of kernel memory at this size; larger networks get this many too.
+    pub const MAX: Self = Self(1 << 20);
+
+    /// Room for `subnets` leases, raised to [`Self::MIN`] or cut to [`Self::MAX`].
+    pub fn for_subnets(subnets: u64) -> Self {
+        let entries = subnets.clamp(u64::from(Self::MIN.0), u64::from(Self::MAX.0));
+        Self(u32::try_from(entries).unwrap_or(Self::MAX.0))
+    }
+
+    pub fn entries(self) -> u32 {
+        self.0
+    }
+
+    /// Each lease map's name with the entries it is created with.
+    fn sized_maps(self) -> [(&'static str, u32); 2] {
+        LEASE_MAPS.map(|name| (name, self.0))
+    }
+}
+
 /// The loaded programs and maps. Links it attached stay pinned when it is dropped.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     attached: attach::Attachments,
+    lease_capacity: LeaseCapacity,
 }
 
 impl Dataplane {
     /// Loads the object into the kernel and loads (but does not attach) its programs. With
     /// `pin_dir`, every map is pinned there, and maps already pinned there by an earlier run are
-    /// reused with their contents. With `bpf_log`, the programs log every verdict into the
-    /// agent's log (see `--bpf-log`); this needs a tokio runtime.
-    pub fn load(pin_dir: Option<&Path>, bpf_log: bool) -> Result<Self> {
+    /// reused with their contents, unless their shape (the lease maps' `lease_capacity`
+    /// included) is not the one asked for. With `bpf_log`, the programs log every verdict
+    /// into the agent's log (see `--bpf-log`); this needs a tokio runtime.
+    pub fn load(
+        pin_dir: Option<&Path>,
+        bpf_log: bool,
+        lease_capacity: LeaseCapacity,
+    ) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!(
                 "this overlay-agent was built without its eBPF object (a check build of a fresh \
@@ -85,6 +124,10 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         program_log::set_level(&mut loader, bpf_log);
+        let sized_maps = lease_capacity.sized_maps();
+        for (name, entries) in sized_maps {
+            loader.map_max_entries(name, entries);
+        }
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| {
@@ -93,7 +136,7 @@ impl Dataplane {
                         dir.display()
                     )
                 })?;
-                for replaced in pins::unpin_incompatible_maps(dir, EBPF_OBJECT)? {
+                for replaced in pins::unpin_incompatible_maps(dir, EBPF_OBJECT, &sized_maps)? {
                     log::warn!("replacing a map an older version pinned: {replaced}");
                 }
                 MAPS.iter().map(|name| (*name, dir.join(name))).collect()
@@ -130,6 +173,7 @@ impl Dataplane {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
             attached: attach::Attachments::default(),
+            lease_capacity,
         })
     }
 
@@ -189,4 +233,42 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::progra
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
     ebpf.map_mut(name)
         .with_context(|| format!("the eBPF object has no map {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NetworkConfig;
+
+    fn capacity_of(config: &str) -> u32 {
+        let config = NetworkConfig::parse(config).expect("a valid network config");
+        LeaseCapacity::for_subnets(config.subnet_count()).entries()
+    }
+
+    #[test]
+    fn the_lease_maps_hold_every_subnet_of_the_network_within_bounds() {
+        let vxlan = r#""Backend": {"Type": "vxlan"}"#;
+        // The seed's /16 of /24s: 255 between SubnetMin and SubnetMax, raised to the floor.
+        assert_eq!(
+            capacity_of(&format!(r#"{{"Network": "10.2.0.0/16", {vxlan}}}"#)),
+            256
+        );
+        assert_eq!(
+            capacity_of(&format!(r#"{{"Network": "10.0.0.0/8", {vxlan}}}"#)),
+            65535
+        );
+        assert_eq!(
+            capacity_of(&format!(
+                r#"{{"Network": "10.0.0.0/8", "SubnetMin": "10.1.0.0", "SubnetMax": "10.8.255.0", {vxlan}}}"#
+            )),
+            8 * 256,
+            "SubnetMin and SubnetMax narrow it"
+        );
+        assert_eq!(
+            capacity_of(&format!(
+                r#"{{"Network": "10.0.0.0/8", "SubnetLen": 30, {vxlan}}}"#
+            )),
+            LeaseCapacity::MAX.entries()
+        );
+    }
 }

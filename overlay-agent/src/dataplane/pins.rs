@@ -1,7 +1,8 @@
 //! The dataplane as it stands pinned in bpffs, read or removed without loading anything:
 //! for `overlay-agent status`, `monitor`, `teardown` and the metrics.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -75,6 +76,16 @@ impl PinnedDataplane {
                     .context("the subnet map holds a bad prefix")?;
                 Ok((subnet, remote))
             })
+            .collect()
+    }
+
+    /// The PublicIP of every host in the VTEP map.
+    pub fn vtep_addresses(&self) -> Result<HashSet<Ipv4Addr>> {
+        let map = self.map(VTEPS_MAP)?;
+        let vteps: BpfHashMap<&MapData, [u8; 4], VtepSubnet> = BpfHashMap::try_from(&map)?;
+        vteps
+            .keys()
+            .map(|key| Ok(Ipv4Addr::from(key.context("cannot read the VTEP map")?)))
             .collect()
     }
 
@@ -170,12 +181,18 @@ impl PinnedDataplane {
 }
 
 /// Unpins every map under `dir` whose shape (type, key size, value size, capacity) differs from
-/// the one `object` defines: a pin an older version left. Adopted as it is, such a map makes
-/// the verifier reject the programs (a smaller value) or lookups overrun their buffer (a larger
-/// one). Programs still attached keep the old map until their links take the new programs; the
-/// new map starts empty and is filled as at a first start (a replaced `counters` map counts
-/// from zero). Returns a description of each map replaced.
-pub fn unpin_incompatible_maps(dir: &Path, object: &[u8]) -> Result<Vec<String>> {
+/// the one `object` defines, with the capacities in `sized` (map name, entries) in place of
+/// the object's: a pin an older version left, or one made for another network config.
+/// Adopted as it is, such a map makes the verifier reject the programs (a smaller value),
+/// lets lookups overrun their buffer (a larger one) or holds another number of leases than
+/// the network calls for. Programs still attached keep the old map until their links take the
+/// new programs; the new map starts empty and is filled as at a first start (a replaced
+/// `counters` map counts from zero). Returns a description of each map replaced.
+pub fn unpin_incompatible_maps(
+    dir: &Path,
+    object: &[u8],
+    sized: &[(&str, u32)],
+) -> Result<Vec<String>> {
     let object = aya_obj::Object::parse(object).context("cannot parse the eBPF object")?;
     let mut replaced = Vec::new();
     for name in MAPS {
@@ -200,7 +217,10 @@ pub fn unpin_incompatible_maps(dir: &Path, object: &[u8]) -> Result<Vec<String>>
             map_type: wanted.map_type(),
             key_size: wanted.key_size(),
             value_size: wanted.value_size(),
-            max_entries: wanted.max_entries(),
+            max_entries: sized
+                .iter()
+                .find(|(sized_name, _)| *sized_name == name)
+                .map_or(wanted.max_entries(), |(_, entries)| *entries),
         };
         if pinned_shape == wanted_shape {
             continue;

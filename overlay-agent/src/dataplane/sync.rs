@@ -2,11 +2,14 @@
 //! endpoint map. Entries are written only when they differ, so a steady state costs lookups,
 //! not updates. The programs bind container addresses and MACs themselves; the agent frees
 //! the bindings of ports that are gone.
-use std::{collections::HashSet, hash::Hash};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    hash::Hash,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{
-    HashMap as BpfHashMap, MapData,
+    HashMap as BpfHashMap, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnetwork::Ipv4Network;
@@ -21,35 +24,106 @@ type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type VtepMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], VtepSubnet>;
 type EndpointMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], LocalEndpoint>;
 
+/// The lease entries a write left out. A lease missing from either map is dropped by the
+/// programs (`subnets` carries its traffic out, `vteps` lets its host's traffic in), so no
+/// route may lead to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[must_use = "a lease left out of the maps must get no route"]
+pub struct Unwritten {
+    /// Every lease without its subnet or VTEP entry.
+    pub leases: BTreeSet<Ipv4Network>,
+    /// Each full map with how many leases it left out.
+    pub full: BTreeMap<&'static str, FullMap>,
+    /// Leases whose entry the kernel refused for another reason, with that reason.
+    pub refused: BTreeMap<Ipv4Network, String>,
+}
+
+/// A lease map with no room for some leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullMap {
+    pub capacity: u32,
+    pub leases_left_out: usize,
+}
+
+impl Unwritten {
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    /// Notes that `map` refused the entry `leases` need.
+    fn note(&mut self, map: &'static str, capacity: u32, leases: &[Ipv4Network], error: &MapError) {
+        self.leases.extend(leases);
+        if is_full(error) {
+            let full = self.full.entry(map).or_insert(FullMap {
+                capacity,
+                leases_left_out: 0,
+            });
+            full.leases_left_out += leases.len();
+        } else {
+            for lease in leases {
+                self.refused
+                    .insert(*lease, format!("the {map} map refused it: {error}"));
+            }
+        }
+    }
+}
+
+/// Whether the kernel refused an update because the map has no room: a hash map says E2BIG,
+/// an LPM trie ENOSPC, either ENOMEM when it cannot allocate the element.
+fn is_full(error: &MapError) -> bool {
+    let MapError::SyscallError(error) = error else {
+        return false;
+    };
+    matches!(
+        error.io_error.raw_os_error(),
+        Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+    )
+}
+
 impl Dataplane {
-    /// Writes the lease entries that are missing or differ. Call it before the routes to
-    /// these subnets are added, so no packet reaches the programs ahead of its entry.
-    pub fn write_lease_entries(&mut self, desired: &LeaseEntries) -> Result<()> {
+    /// Writes the lease entries that are missing or differ, as many as the maps hold; returns
+    /// what was left out. Call it before the routes to these subnets are added, so no packet
+    /// reaches the programs ahead of its entry.
+    pub fn write_lease_entries(&mut self, desired: &LeaseEntries) -> Result<Unwritten> {
+        let capacity = self.lease_capacity.entries();
+        let mut unwritten = Unwritten::default();
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
         for (subnet, remote) in &desired.subnets {
             let key = subnet_key(subnet);
             if subnets.get(&key, 0).ok().as_ref() != Some(remote) {
-                subnets
-                    .insert(&key, remote, 0)
-                    .context("cannot write the subnet map")?;
+                if let Err(error) = subnets.insert(&key, remote, 0) {
+                    // Kernels before 6.14 refuse even to replace an entry of a full trie: the
+                    // old entry must not carry the lease's traffic to where it was. Absent, it
+                    // cannot be removed, which is as well.
+                    let _ = subnets.remove(&key);
+                    unwritten.note(SUBNETS_MAP, capacity, &[*subnet], &error);
+                }
             }
         }
         let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
+        let mut refused = Vec::new();
         for (public_ip, vtep_subnet) in &desired.vteps {
             if vteps.get(public_ip, 0).ok().as_ref() != Some(vtep_subnet) {
-                vteps
-                    .insert(public_ip, vtep_subnet, 0)
-                    .context("cannot write the VTEP map")?;
+                if let Err(error) = vteps.insert(public_ip, vtep_subnet, 0) {
+                    refused.push((*public_ip, error));
+                }
             }
         }
-        Ok(())
+        if !refused.is_empty() {
+            let leases_by_host = desired.leases_by_host();
+            for (public_ip, error) in &refused {
+                let leases = leases_by_host.get(public_ip).map_or(&[][..], Vec::as_slice);
+                unwritten.note(VTEPS_MAP, capacity, leases, error);
+            }
+        }
+        Ok(unwritten)
     }
 
-    /// Deletes the lease entries `desired` does not hold. Call it after the routes of removed
-    /// leases are gone.
-    pub fn remove_stale_lease_entries(&mut self, desired: &LeaseEntries) -> Result<()> {
+    /// Deletes the lease entries `desired` does not hold; returns how many. Call it after the
+    /// routes of removed leases are gone.
+    pub fn remove_stale_lease_entries(&mut self, desired: &LeaseEntries) -> Result<usize> {
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        let stale: Vec<Key<[u8; 4]>> = subnets
+        let stale_subnets: Vec<Key<[u8; 4]>> = subnets
             .keys()
             .filter_map(|key| key.ok())
             .filter(|key| {
@@ -57,23 +131,23 @@ impl Dataplane {
                     .map_or(true, |subnet| !desired.subnets.contains_key(&subnet))
             })
             .collect();
-        for key in &stale {
+        for key in &stale_subnets {
             subnets
                 .remove(key)
                 .context("cannot delete from the subnet map")?;
         }
         let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
-        let stale: Vec<[u8; 4]> = vteps
+        let stale_vteps: Vec<[u8; 4]> = vteps
             .keys()
             .filter_map(|key| key.ok())
             .filter(|key| !desired.vteps.contains_key(key))
             .collect();
-        for key in &stale {
+        for key in &stale_vteps {
             vteps
                 .remove(key)
                 .context("cannot delete from the VTEP map")?;
         }
-        Ok(())
+        Ok(stale_subnets.len() + stale_vteps.len())
     }
 
     /// Makes the endpoint map hold exactly `endpoints` (container address → where it is).

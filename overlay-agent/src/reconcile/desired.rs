@@ -1,7 +1,7 @@
 //! The state the host should be in, computed from the remote leases, the devices and the local
 //! containers alone: no netlink, no maps, so every rule here is tested without root.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
 };
 
@@ -81,6 +81,17 @@ pub struct LeaseEntries {
     pub vteps: HashMap<[u8; 4], VtepSubnet>,
 }
 
+impl LeaseEntries {
+    /// The subnets each remote host (by PublicIP) leases.
+    pub fn leases_by_host(&self) -> HashMap<[u8; 4], Vec<Ipv4Network>> {
+        let mut by_host: HashMap<[u8; 4], Vec<Ipv4Network>> = HashMap::new();
+        for (subnet, remote) in &self.subnets {
+            by_host.entry(remote.public_ip).or_default().push(*subnet);
+        }
+        by_host
+    }
+}
+
 /// Container address (network order) → its port and MAC: where the decapsulator delivers.
 pub type Endpoints = HashMap<[u8; 4], LocalEndpoint>;
 
@@ -103,12 +114,15 @@ fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
 }
 
 /// The kernel entries for `leases`. A lease whose PublicIP is in `on_link` (reached without a
-/// gateway) gets a direct route when the rules ask for direct routing.
+/// gateway) gets a direct route when the rules ask for direct routing. A lease `unmapped` (its
+/// map entries did not fit) gets no route into flannel.1, whose program would drop its
+/// traffic; a direct route needs no map entry and stays.
 pub fn peer_entries<'a>(
     leases: impl Iterator<Item = &'a Lease>,
     devices: &Devices,
     rules: &RoutingRules,
     on_link: &HashSet<Ipv4Addr>,
+    unmapped: &BTreeSet<Ipv4Network>,
 ) -> PeerEntries {
     let mut entries = PeerEntries::default();
     for lease in leases {
@@ -122,6 +136,9 @@ pub fn peer_entries<'a>(
                 gateway: public_ip,
                 interface: devices.uplink.index,
             });
+            continue;
+        }
+        if unmapped.contains(&lease.subnet) {
             continue;
         }
         let gateway = remote_gateway(lease.subnet);
@@ -282,6 +299,7 @@ mod tests {
             &devices(),
             &rules(true, false),
             &HashSet::new(),
+            &BTreeSet::new(),
         );
         let gateway: Ipv4Addr = "10.2.54.0".parse().expect("address");
         assert_eq!(entries.neighbours, HashMap::from([(gateway, VTEP_MAC)]));
@@ -313,6 +331,7 @@ mod tests {
             &devices(),
             &rules(false, false),
             &HashSet::new(),
+            &BTreeSet::new(),
         );
         assert!(entries.fdb.is_empty());
         assert_eq!(entries.routes.len(), 1);
@@ -329,7 +348,13 @@ mod tests {
             lease("10.2.77.0/24", "192.0.2.77", Some(VTEP_MAC)),
         ];
         let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
-        let entries = peer_entries(leases.iter(), &devices(), &rules(true, true), &on_link);
+        let entries = peer_entries(
+            leases.iter(),
+            &devices(),
+            &rules(true, true),
+            &on_link,
+            &BTreeSet::new(),
+        );
         let direct = Route {
             destination: "10.2.54.0/24".parse().expect("subnet"),
             gateway: "172.20.62.105".parse().expect("address"),
@@ -342,6 +367,37 @@ mod tests {
             "only the far peer goes by VXLAN"
         );
         assert_eq!(entries.routes.len(), 2);
+    }
+
+    #[test]
+    fn a_lease_without_map_entries_gets_no_route_into_flannel_1_but_keeps_a_direct_one() {
+        let leases = [
+            lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
+            lease("10.2.77.0/24", "192.0.2.77", Some(VTEP_MAC)),
+            lease("10.2.78.0/24", "192.0.2.78", Some(VTEP_MAC)),
+        ];
+        let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
+        let unmapped = BTreeSet::from([
+            "10.2.54.0/24".parse().expect("subnet"),
+            "10.2.77.0/24".parse().expect("subnet"),
+        ]);
+        let entries = peer_entries(
+            leases.iter(),
+            &devices(),
+            &rules(false, true),
+            &on_link,
+            &unmapped,
+        );
+        let destinations: BTreeSet<String> = entries
+            .routes
+            .iter()
+            .map(|route| route.destination.to_string())
+            .collect();
+        assert_eq!(
+            destinations,
+            BTreeSet::from(["10.2.54.0/24".to_string(), "10.2.78.0/24".to_string()])
+        );
+        assert_eq!(entries.neighbours.len(), 1, "only 10.2.78.0/24's gateway");
     }
 
     #[test]

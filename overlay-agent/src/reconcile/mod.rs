@@ -8,6 +8,7 @@ mod notifications;
 
 use std::{
     collections::{HashMap, HashSet},
+    net::Ipv4Addr,
     time::Duration,
 };
 
@@ -22,13 +23,13 @@ use tokio::{
 };
 
 use crate::{
-    dataplane::{Dataplane, DecapHook, XdpModeChoice, refusals::RefusalWatch},
+    dataplane::{Dataplane, DecapHook, Unwritten, XdpModeChoice, refusals::RefusalWatch},
     masquerade::Masquerade,
-    metrics::{ReconcileMetrics, RoundLabels},
+    metrics::{MapLabels, ReconcileMetrics, RoundLabels},
     node::{self, NodeNetwork, endpoints},
     subnet::{Lease, LeaseEvent},
 };
-use desired::{Containers, Devices, Endpoints, RoutingRules};
+use desired::{Containers, Devices, Endpoints, LeaseEntries, RoutingRules};
 pub use notifications::{Notifications, subscribe};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
@@ -96,6 +97,8 @@ pub struct Reconciler {
     containers: Containers,
     /// Where the devices were at the last round; none before the first.
     devices: Option<Devices>,
+    /// What the lease maps left out at the last round, as last reported.
+    unwritten: Unwritten,
     metrics: ReconcileMetrics,
 }
 
@@ -115,6 +118,7 @@ impl Reconciler {
             leases: HashMap::new(),
             containers: Containers::default(),
             devices: None,
+            unwritten: Unwritten::default(),
             metrics,
         }
     }
@@ -190,18 +194,74 @@ impl Reconciler {
         } else {
             HashSet::new()
         };
-        let peers = desired::peer_entries(self.leases.values(), &devices, &self.rules, &on_link);
         let lease_entries = desired::lease_entries(self.leases.values(), &on_link);
-        if let Some(ebpf) = &mut self.ebpf {
-            ebpf.dataplane.write_lease_entries(&lease_entries)?;
-        }
-        self.node
-            .converge_peers(&devices, &self.rules, &peers)
+        let (mut unwritten, freed) = self
+            .converge_leases(&devices, &on_link, &lease_entries)
             .await?;
-        if let Some(ebpf) = &mut self.ebpf {
-            ebpf.dataplane.remove_stale_lease_entries(&lease_entries)?;
+        if freed > 0 && !unwritten.is_empty() {
+            // Stale entries leave only after their routes: the room they made goes to the
+            // leases left out, now rather than at the next round.
+            (unwritten, _) = self
+                .converge_leases(&devices, &on_link, &lease_entries)
+                .await?;
         }
+        self.report_unwritten(unwritten);
         Ok(())
+    }
+
+    /// Lease entries in, the kernel's entries for every lease the maps took, stale entries out.
+    /// Returns what the maps left out and how many stale entries went.
+    async fn converge_leases(
+        &mut self,
+        devices: &Devices,
+        on_link: &HashSet<Ipv4Addr>,
+        lease_entries: &LeaseEntries,
+    ) -> Result<(Unwritten, usize)> {
+        let unwritten = match &mut self.ebpf {
+            Some(ebpf) => ebpf.dataplane.write_lease_entries(lease_entries)?,
+            None => Unwritten::default(),
+        };
+        let peers = desired::peer_entries(
+            self.leases.values(),
+            devices,
+            &self.rules,
+            on_link,
+            &unwritten.leases,
+        );
+        self.node
+            .converge_peers(devices, &self.rules, &peers)
+            .await?;
+        let freed = match &mut self.ebpf {
+            Some(ebpf) => ebpf.dataplane.remove_stale_lease_entries(lease_entries)?,
+            None => 0,
+        };
+        Ok((unwritten, freed))
+    }
+
+    /// Warns about leases the maps left out, and counts each full map, when that differs from
+    /// the last round: once per change, not every round.
+    fn report_unwritten(&mut self, unwritten: Unwritten) {
+        if unwritten == self.unwritten {
+            return;
+        }
+        for (&map, full) in &unwritten.full {
+            self.metrics
+                .full_maps
+                .get_or_create(&MapLabels { map })
+                .inc();
+            log::warn!(
+                "the {map} map is full ({} entries): {} leases do not fit and get no route",
+                full.capacity,
+                full.leases_left_out
+            );
+        }
+        for (subnet, reason) in &unwritten.refused {
+            log::warn!("lease {subnet} gets no route: {reason}");
+        }
+        if unwritten.is_empty() {
+            log::info!("every lease has its map entries again");
+        }
+        self.unwritten = unwritten;
     }
 
     /// After a first `reconcile(Scope::Everything)` and `masquerade.ensure()`: applies lease

@@ -5,12 +5,13 @@ use std::{fs, net::Ipv4Addr, time::Duration};
 use anyhow::{Context, Result, bail};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
 };
 use ipnetwork::Ipv4Network;
 
 use super::{
     LeaseAttrs, Record,
+    pages::{Entry, Page, PageError, RangeReader, Values, list_in_pages},
     registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
     subnet_key, subnets_prefix,
 };
@@ -31,11 +32,19 @@ pub struct EtcdOptions {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     client: Client,
+    /// Reads (records, config) and the watch, each receiving up to [`MAX_RESPONSE_BYTES`].
+    kv: KvClient,
+    watcher: WatchClient,
     prefix: String,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer the agent receives from etcd (the client's default is 4 MiB): ten
+/// values of etcd's default request limit (1.5 MiB), the largest a record can be unless etcd
+/// is configured otherwise. Listings come in pages that fit; a watch response that does not
+/// is replaced by a listing.
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 impl EtcdRegistry {
     pub async fn connect(options: &EtcdOptions) -> Result<Self> {
@@ -60,6 +69,12 @@ impl EtcdRegistry {
                 format!("cannot connect to etcd at {}", options.endpoints.join(","))
             })?;
         Ok(Self {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            watcher: client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
             client,
             prefix: options.prefix.clone(),
         })
@@ -67,7 +82,7 @@ impl EtcdRegistry {
     /// The etcd lease and revision of the record at `key` if it names `public_ip`.
     async fn owned_record(&self, key: &str, public_ip: Ipv4Addr) -> Result<Option<(i64, i64)>> {
         let current = self
-            .client
+            .kv
             .clone()
             .get(key, None)
             .await
@@ -108,7 +123,7 @@ impl Registry for EtcdRegistry {
     async fn network_config(&self) -> Result<NetworkConfig, ConfigReadError> {
         let key = format!("{}/config", self.prefix.trim_end_matches('/'));
         let response = self
-            .client
+            .kv
             .clone()
             .get(key.as_str(), None)
             .await
@@ -122,26 +137,11 @@ impl Registry for EtcdRegistry {
     }
 
     async fn list(&self) -> Result<Listing> {
-        let response = self
-            .client
-            .clone()
-            .get(
-                subnets_prefix(&self.prefix),
-                Some(GetOptions::new().with_prefix()),
-            )
+        let mut reader = self.kv.clone();
+        list_in_pages(&mut reader, &subnets_prefix(&self.prefix))
             .await
-            .context("cannot list the subnet records in etcd")?;
-        let revision = response.header().map_or(0, |header| header.revision());
-        let records = response
-            .kvs()
-            .iter()
-            .map(|kv| Record {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                etcd_lease: kv.lease(),
-            })
-            .collect();
-        Ok(Listing { records, revision })
+            .map_err(anyhow::Error::from)
+            .context("cannot list the subnet records in etcd")
     }
 
     async fn create(
@@ -254,7 +254,7 @@ impl Registry for EtcdRegistry {
             .with_prefix()
             .with_start_revision(revision);
         let stream = self
-            .client
+            .watcher
             .clone()
             .watch(subnets_prefix(&self.prefix), Some(options))
             .await
@@ -270,8 +270,11 @@ pub struct EtcdWatch {
 
 impl Watch for EtcdWatch {
     async fn next(&mut self) -> Result<Option<WatchUpdate>> {
-        let Some(response) = self.stream.message().await? else {
-            return Ok(None);
+        let response = match self.stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Ok(None),
+            Err(error) if is_too_large(&error) => return Ok(Some(WatchUpdate::TooLarge)),
+            Err(error) => return Err(error.into()),
         };
         if response.canceled() {
             if response.compact_revision() > 0 {
@@ -287,7 +290,7 @@ impl Watch for EtcdWatch {
                 Some(RecordChange {
                     record: Record {
                         key: String::from_utf8_lossy(kv.key()).into_owned(),
-                        value: kv.value().to_vec(),
+                        value: Some(kv.value().to_vec()),
                         etcd_lease: kv.lease(),
                     },
                     deleted: event.event_type() == EventType::Delete,
@@ -297,6 +300,71 @@ impl Watch for EtcdWatch {
             .collect();
         Ok(Some(WatchUpdate::Changes(changes)))
     }
+}
+
+impl RangeReader for KvClient {
+    async fn read(
+        &mut self,
+        from: &[u8],
+        end: &[u8],
+        limit: i64,
+        revision: i64,
+        values: Values,
+    ) -> Result<Page, PageError> {
+        let mut options = GetOptions::new()
+            .with_range(end)
+            .with_limit(limit)
+            .with_revision(revision);
+        if values == Values::KeysOnly {
+            options = options.with_keys_only();
+        }
+        let mut response = self.get(from, Some(options)).await.map_err(page_error)?;
+        let entries = response
+            .take_kvs()
+            .into_iter()
+            .map(|kv| {
+                let etcd_lease = kv.lease();
+                let (key, value) = kv.into_key_value();
+                Entry {
+                    key,
+                    value: (values == Values::Included).then_some(value),
+                    etcd_lease,
+                }
+            })
+            .collect();
+        Ok(Page {
+            entries,
+            more: response.more(),
+            revision: response.header().map_or(0, |header| header.revision()),
+        })
+    }
+}
+
+/// Tells the answers the listing works around from other failures. etcd's compaction error
+/// and the client's size limit share a gRPC code (OUT_OF_RANGE) with others, such as a
+/// revision in the future: only the message tells them apart.
+fn page_error(error: etcd_client::Error) -> PageError {
+    if is_too_large(&error) {
+        return PageError::TooLarge;
+    }
+    match &error {
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == tonic::Code::OutOfRange
+                && status
+                    .message()
+                    .contains("required revision has been compacted") =>
+        {
+            PageError::Compacted
+        }
+        _ => PageError::Other(error.into()),
+    }
+}
+
+/// Whether the client refused an answer larger than [`MAX_RESPONSE_BYTES`].
+fn is_too_large(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::OutOfRange
+            && status.message().contains("message length too large"))
 }
 
 fn tls_options(options: &EtcdOptions) -> Result<Option<TlsOptions>> {

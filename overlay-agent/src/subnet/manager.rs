@@ -178,7 +178,7 @@ impl<R: Registry> LeaseManager<R> {
         if free.is_empty() {
             bail!(
                 "no free subnet: all {} /{} subnets of {} between SubnetMin {} and SubnetMax {} are leased",
-                self.config.subnets().count(),
+                self.config.subnet_count(),
                 self.config.subnet_len,
                 self.config.network,
                 self.config.subnet_min,
@@ -297,7 +297,7 @@ mod tests {
         let record = registry
             .record(lease.subnet)
             .expect("the record is written");
-        assert_eq!(record.value, lease.attrs.to_json().into_bytes());
+        assert_eq!(record.value, Some(lease.attrs.to_json().into_bytes()));
         Ok(())
     }
 
@@ -314,7 +314,7 @@ mod tests {
         assert_eq!(record.etcd_lease, 0);
         assert_eq!(
             record.value,
-            LeaseAttrs::vxlan(HOST1, 1, mac).to_json().into_bytes()
+            Some(LeaseAttrs::vxlan(HOST1, 1, mac).to_json().into_bytes())
         );
         Ok(())
     }

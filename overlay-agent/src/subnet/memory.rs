@@ -56,7 +56,7 @@ impl MemoryRegistry {
     pub fn put_key(&self, key: &str, value: &str, etcd_lease: i64) {
         let record = Record {
             key: key.to_string(),
-            value: value.as_bytes().to_vec(),
+            value: Some(value.as_bytes().to_vec()),
             etcd_lease,
         };
         self.commit(record, false);
@@ -119,10 +119,12 @@ impl MemoryRegistry {
     }
 
     fn held_by(&self, key: &str, public_ip: Ipv4Addr) -> bool {
-        self.state().records.get(key).is_some_and(|record| {
-            serde_json::from_slice::<LeaseAttrs>(&record.value)
-                .is_ok_and(|attrs| attrs.public_ip == public_ip)
-        })
+        let records = &self.state().records;
+        let attrs = records
+            .get(key)
+            .and_then(|record| record.value.as_deref())
+            .and_then(|value| serde_json::from_slice::<LeaseAttrs>(value).ok());
+        attrs.is_some_and(|attrs| attrs.public_ip == public_ip)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod file;
 pub mod manager;
 #[cfg(test)]
 mod memory;
+mod pages;
 pub mod registry;
 pub mod watch;
 
@@ -108,7 +109,8 @@ pub enum LeaseEvent {
 #[derive(Clone, Debug)]
 pub struct Record {
     pub key: String,
-    pub value: Vec<u8>,
+    /// `None` when the value is too large to read (see [`RecordError::TooLarge`]).
+    pub value: Option<Vec<u8>>,
     pub etcd_lease: i64,
 }
 
@@ -116,6 +118,8 @@ pub struct Record {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RecordError {
     BadKey,
+    /// The value does not fit in the largest response the agent reads from etcd.
+    TooLarge,
     BadJson(String),
     NotVxlan(String),
     NoVtep,
@@ -132,6 +136,7 @@ impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::BadKey => write!(f, "the key does not end in a subnet such as 10.2.54.0-24"),
+            Self::TooLarge => write!(f, "the value is too large to read from etcd"),
             Self::BadJson(error) => write!(f, "the value is not a lease record: {error}"),
             Self::NotVxlan(backend) => write!(f, "BackendType {backend:?} is not \"vxlan\""),
             Self::NoVtep => write!(f, "the record has no BackendData with a VtepMAC yet"),
@@ -155,7 +160,8 @@ impl Record {
     /// this host's own record or a reservation, which may not carry backend data yet.
     pub fn parse(&self, prefix: &str) -> Result<Lease, RecordError> {
         let subnet = subnet_from_key(prefix, &self.key).ok_or(RecordError::BadKey)?;
-        let attrs: LeaseAttrs = serde_json::from_slice(&self.value)
+        let value = self.value.as_deref().ok_or(RecordError::TooLarge)?;
+        let attrs: LeaseAttrs = serde_json::from_slice(value)
             .map_err(|error| RecordError::BadJson(error.to_string()))?;
         Ok(Lease {
             subnet,
@@ -304,7 +310,7 @@ mod tests {
     fn record(key: &str, value: &str) -> Record {
         Record {
             key: format!("{PREFIX}/subnets/{key}"),
-            value: value.as_bytes().to_vec(),
+            value: Some(value.as_bytes().to_vec()),
             etcd_lease: 7,
         }
     }
@@ -422,6 +428,18 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_value_too_large_to_read_is_skipped_as_such() {
+        let too_large = Record {
+            value: None,
+            ..record("10.2.54.0-24", "")
+        };
+        assert_eq!(
+            too_large.parse_remote(PREFIX, &seed_config()),
+            Err(RecordError::TooLarge)
+        );
     }
 
     #[test]

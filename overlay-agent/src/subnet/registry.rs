@@ -52,6 +52,8 @@ pub enum WatchUpdate {
     Changes(Vec<RecordChange>),
     /// The revisions asked for were compacted away: list again.
     Compacted,
+    /// The response was larger than the client receives: list again, in pages.
+    TooLarge,
 }
 
 /// A watch over every subnet record from some revision on.

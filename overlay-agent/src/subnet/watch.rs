@@ -41,8 +41,8 @@ pub struct LeaseWatcher<R> {
 
 /// Why following the watch stream stopped without an error of its own.
 enum Interruption {
-    /// etcd compacted the revisions we still needed: re-list.
-    Compacted,
+    /// The watch cannot go on from where it is, for the reason given: re-list.
+    Relist(String),
     /// Nobody listens to the events any more.
     Closed,
 }
@@ -91,12 +91,9 @@ impl<R: Registry> LeaseWatcher<R> {
             };
             match outcome {
                 Ok(None) => backoff = BACKOFF_FIRST,
-                Ok(Some(Interruption::Compacted)) => {
+                Ok(Some(Interruption::Relist(why))) => {
                     self.metrics.watch_reconnects.inc();
-                    log::info!(
-                        "etcd compacted past revision {}; re-listing",
-                        self.next_revision
-                    );
+                    log::info!("{why}; re-listing");
                     self.listed = false;
                 }
                 Ok(Some(Interruption::Closed)) => return Ok(()),
@@ -176,7 +173,17 @@ impl<R: Registry> LeaseWatcher<R> {
             progressed = true;
             let changes = match update {
                 WatchUpdate::Changes(changes) => changes,
-                WatchUpdate::Compacted => return Ok(Some(Interruption::Compacted)),
+                WatchUpdate::Compacted => {
+                    let why = format!("etcd compacted past revision {}", self.next_revision);
+                    return Ok(Some(Interruption::Relist(why)));
+                }
+                WatchUpdate::TooLarge => {
+                    let why = format!(
+                        "the changes after revision {} are more than one etcd response carries",
+                        self.next_revision
+                    );
+                    return Ok(Some(Interruption::Relist(why)));
+                }
             };
             for change in changes {
                 if let Some(event) = self.apply(&change)? {
