@@ -41,7 +41,7 @@ use crate::{
     options::{AgentOptions, Dataplane as DataplaneChoice},
     reconcile::{EbpfSink, Reconciler, Scope, desired::RoutingRules},
     subnet::{
-        Lease,
+        Lease, config_change,
         etcd::EtcdRegistry,
         file::{SubnetEnv, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
@@ -97,6 +97,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let notifications = reconcile::subscribe()?;
     let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease, &metrics).await?;
+    let config_registry = registry.clone();
     let mut watcher = LeaseWatcher::new(
         registry,
         config.clone(),
@@ -128,6 +129,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
         () = reconciler.run(received, notifications, &mut masquerade, resync) => Err(anyhow!("the lease event stream ended")),
+        change = config_change::stop_on_change(&config_registry, &config) => Err(change),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnet);
             Ok(())
@@ -222,6 +224,7 @@ async fn reconciler(
         },
         uplink: uplink.clone(),
         subnet: lease.subnet,
+        network: config.network,
         blackhole_route: options.ip_blackhole_route,
     };
     let rules = RoutingRules {

@@ -619,3 +619,63 @@ fn gbp_and_learning_reach_flannel_1_in_kernel_mode_and_are_refused_in_ebpf_mode(
     Agent::start(&cluster, &host2, &["--dataplane=ebpf"])?
         .expect_failure("Backend.GBP and Backend.Learning are not supported by the ebpf dataplane")
 }
+
+#[test]
+fn a_restart_into_another_subnet_leaves_no_address_of_the_old_one() -> Result<()> {
+    let mut cluster = Cluster::new("resubnet")?;
+    cluster.reserve(SUBNET1, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    assert_eq!(agent.wait_ready()?, SUBNET1);
+    // The operator's own address on docker0, outside the overlay network, stays.
+    host1
+        .netns
+        .ip(&["addr", "add", "192.0.2.1/24", "dev", "docker0"])?;
+    agent.process.terminate(EVENT_TIMEOUT)?;
+
+    // The reservation moves, and the agent starts again into it.
+    cluster
+        .etcd
+        .etcdctl(&["del", &cluster.subnet_key(SUBNET1)])?;
+    cluster.reserve("10.2.77.0/24", HOST1)?;
+    std::fs::remove_file(host1.subnet_file())?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    assert_eq!(agent.wait_ready()?, "10.2.77.0/24");
+
+    let addresses = |device: &str| host1.netns.ip(&["-4", "-o", "addr", "show", "dev", device]);
+    let docker0 = addresses("docker0")?;
+    assert!(
+        docker0.contains("10.2.77.1/24")
+            && !docker0.contains("10.2.41.1/24")
+            && docker0.contains("192.0.2.1/24"),
+        "{docker0}"
+    );
+    let vtep = addresses("flannel.1")?;
+    assert!(
+        vtep.contains("10.2.77.0/32") && !vtep.contains("10.2.41.0/32"),
+        "{vtep}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_network_config_changed_in_etcd_stops_the_agent_naming_the_change() -> Result<()> {
+    let mut seed = Seed::start("config-change", &[])?;
+    seed.cluster.etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network": "10.3.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    )?;
+    // The config is read again every 10 s.
+    let status = seed.agent1.process.wait_exit(Duration::from_secs(30))?;
+    assert!(!status.success(), "a non-zero exit");
+    assert!(
+        seed.agent1
+            .log()
+            .contains("the network config in etcd changed (Network 10.2.0.0/16, SubnetLen 24"),
+        "{}",
+        seed.agent1.log()
+    );
+    // Until the supervisor starts it again, the node keeps forwarding.
+    seed.bbox1.ping(BBOX2, 1)?;
+    Ok(())
+}

@@ -20,8 +20,14 @@ pub struct Bridge {
     pub mac: MacAddr,
 }
 
-/// Makes sure the bridge `name` exists, is up and carries the lease's first address.
-pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<Bridge> {
+/// Makes sure the bridge `name` exists, is up and carries the lease's first address, and no
+/// other address inside `network`.
+pub async fn ensure(
+    handle: &Handle,
+    name: &str,
+    subnet: Ipv4Network,
+    network: Ipv4Network,
+) -> Result<Bridge> {
     let link = match links::find(handle, name).await? {
         Some(link) => link,
         None => {
@@ -39,7 +45,14 @@ pub async fn ensure(handle: &Handle, name: &str, subnet: Ipv4Network) -> Result<
         bail!("{name} exists but is not a bridge: pick another name with --bridge");
     }
     links::set_up_with_mtu(handle, &link, None).await?;
-    links::ensure_ipv4_address(handle, link.header.index, gateway(subnet), subnet.prefix()).await?;
+    links::ensure_lease_address(
+        handle,
+        link.header.index,
+        gateway(subnet),
+        subnet.prefix(),
+        network,
+    )
+    .await?;
     let mac = links::mac(&link).with_context(|| format!("bridge {name} has no MAC"))?;
     Ok(Bridge {
         index: link.header.index,

@@ -7,6 +7,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
 use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
@@ -159,13 +160,16 @@ pub async fn set_up_with_mtu(
         .with_context(|| format!("cannot bring up {}", name(link).unwrap_or("?")))
 }
 
-/// Adds `address/prefix_len` to the link unless it already carries it. Other addresses stay:
-/// the agent never removes what it did not put there.
-pub async fn ensure_ipv4_address(
+/// Makes `address/prefix_len` the link's only IPv4 address inside the overlay `network`: adds
+/// it unless the link carries it, and removes any other address inside `network` (a former
+/// lease's, after the subnet changed). Addresses outside the network stay: the agent never
+/// removes what it did not put there.
+pub async fn ensure_lease_address(
     handle: &Handle,
     index: u32,
     address: Ipv4Addr,
     prefix_len: u8,
+    network: Ipv4Network,
 ) -> Result<()> {
     let present: Vec<AddressMessage> = handle
         .address()
@@ -175,14 +179,26 @@ pub async fn ensure_ipv4_address(
         .try_collect()
         .await
         .context("cannot list addresses")?;
-    let has_it = present.iter().any(|message| {
-        message.header.family == AddressFamily::Inet
-            && message.header.prefix_len == prefix_len
-            && message
-                .attributes
-                .iter()
-                .any(|attribute| matches!(attribute, AddressAttribute::Local(IpAddr::V4(local)) if *local == address))
-    });
+    let mut has_it = false;
+    for message in present {
+        let Some(local) = ipv4_local(&message) else {
+            continue;
+        };
+        if local == address && message.header.prefix_len == prefix_len {
+            has_it = true;
+        } else if network.contains(local) {
+            log::info!(
+                "removing {local}/{} from ifindex {index}: no longer this host's lease",
+                message.header.prefix_len
+            );
+            handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .with_context(|| format!("cannot remove the former lease's address {local}"))?;
+        }
+    }
     if has_it {
         return Ok(());
     }
@@ -192,6 +208,20 @@ pub async fn ensure_ipv4_address(
         .execute()
         .await
         .with_context(|| format!("cannot add {address}/{prefix_len}"))
+}
+
+/// The IPv4 address an address message gives its link.
+fn ipv4_local(message: &AddressMessage) -> Option<Ipv4Addr> {
+    if message.header.family != AddressFamily::Inet {
+        return None;
+    }
+    message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            AddressAttribute::Local(IpAddr::V4(local)) => Some(*local),
+            _ => None,
+        })
 }
 
 /// Every IPv4 route of the namespace, all tables.

@@ -38,6 +38,8 @@ pub struct NodeSettings {
     pub uplink: Uplink,
     /// This host's lease.
     pub subnet: Ipv4Network,
+    /// The overlay network the lease is part of: addresses inside it on our devices are ours.
+    pub network: Ipv4Network,
     /// `--ip-blackhole-route`.
     pub blackhole_route: bool,
 }
@@ -52,8 +54,9 @@ impl NodeNetwork {
     pub async fn ensure_devices(&self) -> Result<Devices> {
         let settings = &self.settings;
         links::write_sysctl("net/ipv4/ip_forward", "1")?;
-        let bridge = bridge::ensure(&self.handle, &settings.bridge, settings.subnet).await?;
-        let vtep_index = vtep::ensure(&self.handle, &settings.vtep, settings.subnet).await?;
+        let (subnet, network) = (settings.subnet, settings.network);
+        let bridge = bridge::ensure(&self.handle, &settings.bridge, subnet, network).await?;
+        let vtep_index = vtep::ensure(&self.handle, &settings.vtep, subnet, network).await?;
         if settings.blackhole_route {
             bridge::ensure_blackhole_route(&self.handle, settings.subnet).await?;
         }

@@ -41,8 +41,14 @@ pub async fn existing_mac(handle: &Handle, name: &str) -> Result<Option<MacAddr>
 }
 
 /// Makes sure the device matches `spec` (recreating it when it does not), is up, and carries
-/// the lease's network address as /32; returns its index.
-pub async fn ensure(handle: &Handle, spec: &VtepSpec, subnet: Ipv4Network) -> Result<u32> {
+/// the lease's network address as /32 and no other address inside `network`; returns its
+/// index.
+pub async fn ensure(
+    handle: &Handle,
+    spec: &VtepSpec,
+    subnet: Ipv4Network,
+    network: Ipv4Network,
+) -> Result<u32> {
     let link = match links::find(handle, &spec.name).await? {
         Some(link) if matches_spec(&link, spec) => link,
         Some(stale) => {
@@ -61,7 +67,7 @@ pub async fn ensure(handle: &Handle, spec: &VtepSpec, subnet: Ipv4Network) -> Re
         None => create(handle, spec).await?,
     };
     links::set_up_with_mtu(handle, &link, Some(spec.mtu)).await?;
-    links::ensure_ipv4_address(handle, link.header.index, subnet.network(), 32).await?;
+    links::ensure_lease_address(handle, link.header.index, subnet.network(), 32, network).await?;
     disable_router_advertisements(&spec.name);
     Ok(link.header.index)
 }

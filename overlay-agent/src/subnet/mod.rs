@@ -3,6 +3,7 @@
 //!
 //! A record lives at `<prefix>/subnets/<a.b.c.d>-<len>` and holds the JSON of
 //! [`LeaseAttrs`], byte for byte as flannel writes it.
+pub mod config_change;
 pub mod etcd;
 pub mod file;
 pub mod manager;
