@@ -15,7 +15,10 @@ use anyhow::{Context, Result};
 use ipnetwork::Ipv4Network;
 use overlay_agent::dataplane::pins::PinnedDataplane;
 
-use crate::{etcd::Etcd, netns::Netns, require_root, scratch::ScratchDir, tls, wait::wait_for};
+use crate::{
+    etcd::Etcd, frames::mac_text, netns::Netns, require_root, scratch::ScratchDir, tls,
+    wait::wait_for,
+};
 
 pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -267,6 +270,23 @@ impl Cluster {
             netns,
             dir,
         })
+    }
+
+    /// Deletes `host`'s eth0 and makes it again, as a driver reload does: another index, the
+    /// same name, address and MAC.
+    pub fn recreate_uplink(&mut self, host: &Host) -> Result<()> {
+        let mac = mac_text(host.netns.mac("eth0")?);
+        host.netns.ip(&["link", "del", "eth0"])?;
+        self.hosts += 1;
+        self.underlay.plug(
+            "br0",
+            &format!("port{}", self.hosts),
+            &host.netns,
+            &format!("{}/24", host.address),
+            UNDERLAY_GATEWAY,
+        )?;
+        host.netns.ip(&["link", "set", "eth0", "address", &mac])?;
+        Ok(())
     }
 
     /// Reserves `subnet` for the host at `public_ip`: a record with no etcd lease, as an

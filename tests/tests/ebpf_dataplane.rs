@@ -569,3 +569,34 @@ fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Resu
     );
     Ok(())
 }
+
+#[test]
+fn an_uplink_deleted_and_made_again_is_followed_within_five_seconds() -> Result<()> {
+    let mut seed = Seed::start("uplink-again", &[])?;
+    seed.bbox1.ping(BBOX2, 1)?;
+    let before = counters(&seed.host2)?;
+    seed.cluster.recreate_uplink(&seed.host2)?;
+    wait_for("bbox1 to reach bbox2 again", Duration::from_secs(5), || {
+        Ok(seed
+            .bbox1
+            .netns
+            .exec_unchecked(&["ping", "-n", "-c", "1", "-W", "1", BBOX2])?
+            .status
+            .success())
+    })?;
+    assert!(
+        seed.agent2.log().contains("the uplink eth0 was made again"),
+        "{}",
+        seed.agent2.log()
+    );
+    // The programs sit on the new eth0 and flannel.1: host2 decapsulates again.
+    let after = counters(&seed.host2)?;
+    assert!(
+        delta(&before, &after, Counter::RxDelivered)
+            + delta(&before, &after, Counter::RxDecapsulated)
+            > 0,
+        "{after:?}"
+    );
+    seed.bbox2.ping(BBOX1, 3)?;
+    Ok(())
+}

@@ -50,8 +50,10 @@ impl NodeNetwork {
     }
 
     /// Makes sure forwarding is on and the bridge and the VXLAN device exist as configured;
-    /// returns where they are.
-    pub async fn ensure_devices(&self) -> Result<Devices> {
+    /// returns where they are. An uplink deleted and made again is followed to its new index,
+    /// and the VXLAN device, which the kernel deletes with it, is made again over it.
+    pub async fn ensure_devices(&mut self) -> Result<Devices> {
+        self.follow_the_uplink().await?;
         let settings = &self.settings;
         links::write_sysctl("net/ipv4/ip_forward", "1")?;
         let (subnet, network) = (settings.subnet, settings.network);
@@ -75,6 +77,21 @@ impl NodeNetwork {
                 index: settings.uplink.index,
             },
         })
+    }
+
+    async fn follow_the_uplink(&mut self) -> Result<()> {
+        let now = uplink::current(&self.handle, &self.settings.uplink).await?;
+        if now.index != self.settings.uplink.index {
+            log::warn!(
+                "the uplink {} was made again (ifindex {} → {}); following it",
+                now.name,
+                self.settings.uplink.index,
+                now.index
+            );
+            self.settings.vtep.uplink_index = now.index;
+            self.settings.uplink = now;
+        }
+        Ok(())
     }
 
     /// The PublicIPs of `leases` that the kernel reaches without a gateway, i.e. that share
@@ -114,8 +131,8 @@ impl NodeNetwork {
 }
 
 /// Whether a notification concerns the node's own devices or the entries the agent owns on
-/// them: a link or address of the bridge, the VXLAN device or the uplink, any IPv4 route, or
-/// a neighbour or FDB entry of the VXLAN device.
+/// them: a link or address of the bridge, the VXLAN device or the uplink (by index, or by name
+/// for one made again), any IPv4 route, or a neighbour or FDB entry of the VXLAN device.
 pub fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
     let ours = [
         devices.bridge.index,
@@ -125,8 +142,11 @@ pub fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool
     match message {
         RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link) => {
             ours.contains(&link.header.index)
-                || links::name(link)
-                    .is_some_and(|name| name == devices.bridge.name || name == devices.vtep.name)
+                || links::name(link).is_some_and(|name| {
+                    [&devices.bridge, &devices.vtep, &devices.uplink]
+                        .iter()
+                        .any(|device| device.name == name)
+                })
         }
         RouteNetlinkMessage::NewAddress(address) | RouteNetlinkMessage::DelAddress(address) => {
             ours.contains(&address.header.index)

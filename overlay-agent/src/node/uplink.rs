@@ -109,6 +109,23 @@ impl Interfaces {
     }
 }
 
+/// The uplink as it is now: the interface of the same name holding the same address. Its
+/// index changes when the interface is deleted and made again; anything else is not the
+/// uplink the lease was taken with.
+pub async fn current(handle: &Handle, started_with: &Uplink) -> Result<Uplink> {
+    Interfaces::list(handle)
+        .await?
+        .holding(started_with.address)
+        .filter(|uplink| uplink.name == started_with.name)
+        .with_context(|| {
+            format!(
+                "the uplink {} with {} is gone; the agent follows it when an interface of that \
+                 name holds that address again",
+                started_with.name, started_with.address
+            )
+        })
+}
+
 /// Finds the uplink as [`Choice`] asks, in flanneld's order.
 pub async fn find(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
     let interfaces = Interfaces::list(handle).await?;
