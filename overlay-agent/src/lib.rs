@@ -89,6 +89,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         },
         metrics: metrics.leases.clone(),
     };
+    // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
+    // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
+    let dataplane = load_dataplane(&options, &config)?;
     // A VTEP MAC already on the device is kept, so peers never hold a stale one.
     let existing_mac = vtep::existing_mac(&netlink, &vtep::device_name(config.backend.vni)).await?;
     let lease = manager
@@ -96,7 +99,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .await?;
 
     let notifications = reconcile::subscribe()?;
-    let mut reconciler = reconciler(netlink, &options, &config, &uplink, &lease, &metrics).await?;
+    let mut reconciler = reconciler(
+        dataplane, netlink, &options, &config, &uplink, &lease, &metrics,
+    )
+    .await?;
     let config_registry = registry.clone();
     let mut watcher = LeaseWatcher::new(
         registry,
@@ -191,6 +197,7 @@ fn notify_systemd_ready() {
 
 /// The reconciler for our `lease`, with the eBPF dataplane loaded in ebpf mode.
 async fn reconciler(
+    dataplane: Option<Dataplane>,
     netlink: Handle,
     options: &AgentOptions,
     config: &NetworkConfig,
@@ -202,10 +209,10 @@ async fn reconciler(
         .attrs
         .vtep_mac()
         .context("our own lease has no VTEP MAC")?;
-    let ebpf = match options.dataplane {
-        DataplaneChoice::Kernel => None,
-        DataplaneChoice::Ebpf => {
-            Some(ebpf_sink(&netlink, options, config, uplink, vtep_mac).await?)
+    let ebpf = match dataplane {
+        None => None,
+        Some(dataplane) => {
+            Some(ebpf_sink(dataplane, &netlink, options, config, uplink, vtep_mac).await?)
         }
     };
     let settings = NodeSettings {
@@ -241,8 +248,19 @@ async fn reconciler(
     ))
 }
 
-/// Loads the eBPF dataplane, adopting maps pinned by an earlier run.
+/// In ebpf mode, the eBPF object loaded into the kernel with its maps pinned (adopting those
+/// an earlier run pinned), its programs not yet attached.
+fn load_dataplane(options: &AgentOptions, config: &NetworkConfig) -> Result<Option<Dataplane>> {
+    if options.dataplane != DataplaneChoice::Ebpf {
+        return Ok(None);
+    }
+    let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
+    Dataplane::load(Some(&options.bpf_pin_dir), options.bpf_log, lease_capacity).map(Some)
+}
+
+/// The eBPF dataplane as the reconciler's sink, with the settings of this node.
 async fn ebpf_sink(
+    dataplane: Dataplane,
     netlink: &Handle,
     options: &AgentOptions,
     config: &NetworkConfig,
@@ -254,8 +272,6 @@ async fn ebpf_sink(
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
     let uplink_mac =
         node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
-    let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
-    let dataplane = Dataplane::load(Some(&options.bpf_pin_dir), options.bpf_log, lease_capacity)?;
     Ok(EbpfSink {
         dataplane,
         config: OverlayConfig {

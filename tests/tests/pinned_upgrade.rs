@@ -2,13 +2,20 @@
 //! version's is adopted with its contents; one of another shape (an older `counters` with fewer
 //! counters, say) is replaced, where adopting it would get the programs rejected by the
 //! verifier or let lookups overrun their buffer. So are lease maps sized for another network.
+//! An agent loads its dataplane before it takes a lease: one that cannot takes none.
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use aya::maps::MapData;
 use overlay_agent::dataplane::{Dataplane, LeaseCapacity, pins};
 use overlay_common::{Counters, OverlayConfig};
-use overlay_tests::{cluster::BPFFS, netns::Netns, require_root};
+use overlay_tests::{
+    agent::Agent,
+    cluster::{BPFFS, Cluster, PREFIX},
+    netns::Netns,
+    require_root,
+    seed::HOST1,
+};
 
 /// A pin directory of the test's own, removed with everything in it when the test ends.
 struct PinDir {
@@ -98,5 +105,76 @@ fn lease_maps_pinned_for_another_network_are_replaced_at_the_size_asked_for() ->
     for map in ["subnets", "vteps"] {
         assert_eq!(capacity(map)?, 65535, "{map} resized");
     }
+    Ok(())
+}
+
+#[test]
+fn an_agent_starts_over_a_config_map_an_older_version_pinned() -> Result<()> {
+    let mut cluster = Cluster::new("old-config")?;
+    let host = cluster.add_host("host1", HOST1)?;
+    // The config map as a version before the lease fields pinned it: 40-byte values.
+    std::fs::create_dir_all(host.pin_dir())?;
+    let pin = host.pin_dir().join("config");
+    overlay_tests::netns::run(std::process::Command::new("bpftool").args([
+        "map",
+        "create",
+        &pin.display().to_string(),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "40",
+        "entries",
+        "1",
+        "name",
+        "config",
+    ]))?;
+    let mut agent = Agent::start(&cluster, &host, &[])?;
+    agent.wait_ready()?;
+    let warning = format!(
+        "replacing a map an older version pinned: {}: pinned type 2, key 4 B, value 40 B",
+        pin.display()
+    );
+    assert!(agent.log().contains(&warning), "{}", agent.log());
+    let shown = overlay_tests::netns::run(std::process::Command::new("bpftool").args([
+        "map",
+        "show",
+        "pinned",
+        &pin.display().to_string(),
+    ]))?;
+    assert!(
+        shown.contains(&format!("value {}B", size_of::<OverlayConfig>())),
+        "{shown}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_agent_that_cannot_load_its_dataplane_takes_no_lease() -> Result<()> {
+    let mut cluster = Cluster::new("no-dataplane")?;
+    let host = cluster.add_host("host1", HOST1)?;
+    // A pin directory that cannot be one: a plain file in its place.
+    let blocked = host.dir.join("not-a-directory");
+    std::fs::write(&blocked, "")?;
+    let args: Vec<String> = Agent::flags(&cluster, &host, &[])
+        .into_iter()
+        .map(|flag| match flag.starts_with("--bpf-pin-dir=") {
+            true => format!("--bpf-pin-dir={}", blocked.display()),
+            false => flag,
+        })
+        .collect();
+    let mut agent = Agent::start_with(&host, &args, &[])?;
+    agent.expect_failure(&format!(
+        "cannot create the pin directory {}",
+        blocked.display()
+    ))?;
+    let leases = cluster.etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        &format!("{PREFIX}/subnets/"),
+    ])?;
+    assert!(leases.trim().is_empty(), "no lease was taken: {leases}");
     Ok(())
 }
