@@ -3,7 +3,10 @@
 //! counters, say) is replaced, where adopting it would get the programs rejected by the
 //! verifier or let lookups overrun their buffer. So are lease maps sized for another network.
 //! An agent loads its dataplane before it takes a lease: one that cannot takes none.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Result;
 use aya::maps::MapData;
@@ -12,9 +15,10 @@ use overlay_common::{Counters, OverlayConfig};
 use overlay_tests::{
     agent::Agent,
     cluster::{BPFFS, Cluster, PREFIX},
+    loss::{LossWindow, steady_ping},
     netns::Netns,
     require_root,
-    seed::HOST1,
+    seed::{BBOX2, HOST1, Seed},
 };
 
 /// A pin directory of the test's own, removed with everything in it when the test ends.
@@ -177,4 +181,37 @@ fn an_agent_that_cannot_load_its_dataplane_takes_no_lease() -> Result<()> {
     ])?;
     assert!(leases.trim().is_empty(), "no lease was taken: {leases}");
     Ok(())
+}
+
+#[test]
+fn a_lease_map_replaced_by_an_upgrade_under_traffic_loses_no_packet() -> Result<()> {
+    let mut seed = Seed::start("upgrade-gap", &[])?;
+    let window = LossWindow::over_seed(&seed)?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 500)?;
+    seed.agent2.process.terminate(Duration::from_secs(20))?;
+    // An older version's `subnets` map, of another capacity, pinned in place of this one's;
+    // the attached programs keep the map they were loaded with.
+    let pin = seed.host2.pin_dir().join("subnets");
+    std::fs::remove_file(&pin)?;
+    overlay_tests::netns::run(std::process::Command::new("bpftool").args([
+        "map",
+        "create",
+        &pin.display().to_string(),
+        "type",
+        "lpm_trie",
+        "key",
+        "8",
+        "value",
+        "12",
+        "entries",
+        "128",
+        "name",
+        "subnets",
+        "flags",
+        "1",
+    ]))?;
+    // The new map gets its entries before the programs that read it are swapped in.
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &[])?;
+    seed.agent2.wait_ready()?;
+    window.assert_no_loss(ping, 500, &[])
 }

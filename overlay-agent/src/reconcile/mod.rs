@@ -180,47 +180,65 @@ impl Reconciler {
                 .list_containers(devices.bridge.index, &self.containers)
                 .await?;
         }
-        // The order that keeps a packet from meeting a route without its map entry: programs
-        // and entries in, then the kernel's routes, neighbours and FDB, then stale entries out.
+        // The order that keeps a packet from meeting a route without its map entry, and a
+        // program from meeting maps without their entries (maps an upgrade replaced): lease
+        // entries in, then programs, then the kernel's routes, neighbours and FDB, then stale
+        // entries out.
+        let leases = match scope {
+            Scope::Containers => None,
+            _ => Some(self.write_lease_entries().await?),
+        };
         if let Some(ebpf) = &mut self.ebpf {
             place_programs(ebpf, &devices, &self.containers, self.subnet)?;
         }
-        if scope == Scope::Containers {
+        let Some((on_link, lease_entries, mut unwritten)) = leases else {
             return Ok(());
-        }
-
-        let on_link = if self.rules.direct_routing {
-            self.node.on_link(self.leases.values()).await?
-        } else {
-            HashSet::new()
         };
-        let lease_entries = desired::lease_entries(self.leases.values(), &on_link);
-        let (mut unwritten, freed) = self
-            .converge_leases(&devices, &on_link, &lease_entries)
+        let freed = self
+            .converge_routes(&devices, &on_link, &lease_entries, &unwritten)
             .await?;
         if freed > 0 && !unwritten.is_empty() {
             // Stale entries leave only after their routes: the room they made goes to the
             // leases left out, now rather than at the next round.
-            (unwritten, _) = self
-                .converge_leases(&devices, &on_link, &lease_entries)
+            unwritten = self.write_entries(&lease_entries)?;
+            self.converge_routes(&devices, &on_link, &lease_entries, &unwritten)
                 .await?;
         }
         self.report_unwritten(unwritten);
         Ok(())
     }
 
-    /// Lease entries in, the kernel's entries for every lease the maps took, stale entries out.
-    /// Returns what the maps left out and how many stale entries went.
-    async fn converge_leases(
+    /// The leases' map entries, written as far as the maps hold them; with the PublicIPs on
+    /// our segment and what was left out, for the routes.
+    async fn write_lease_entries(
+        &mut self,
+    ) -> Result<(HashSet<Ipv4Addr>, LeaseEntries, Unwritten)> {
+        let on_link = if self.rules.direct_routing {
+            self.node.on_link(self.leases.values()).await?
+        } else {
+            HashSet::new()
+        };
+        let lease_entries = desired::lease_entries(self.leases.values(), &on_link);
+        let unwritten = self.write_entries(&lease_entries)?;
+        Ok((on_link, lease_entries, unwritten))
+    }
+
+    fn write_entries(&mut self, lease_entries: &LeaseEntries) -> Result<Unwritten> {
+        match &mut self.ebpf {
+            Some(ebpf) => ebpf.dataplane.write_lease_entries(lease_entries),
+            None => Ok(Unwritten::default()),
+        }
+    }
+
+    /// The kernel's entries for the leases but those left out of the maps, then the stale
+    /// map entries out; returns how many stale entries went.
+    async fn converge_routes(
         &mut self,
         devices: &Devices,
         on_link: &HashSet<Ipv4Addr>,
         lease_entries: &LeaseEntries,
-    ) -> Result<(Unwritten, usize)> {
-        let unwritten = match &mut self.ebpf {
-            Some(ebpf) => ebpf.dataplane.write_lease_entries(lease_entries)?,
-            None => Unwritten::default(),
-        };
+        unwritten: &Unwritten,
+    ) -> Result<usize> {
         let peers = desired::peer_entries(
             self.leases.values(),
             devices,
@@ -231,11 +249,10 @@ impl Reconciler {
         self.node
             .converge_peers(devices, &self.rules, &peers)
             .await?;
-        let freed = match &mut self.ebpf {
-            Some(ebpf) => ebpf.dataplane.remove_stale_lease_entries(lease_entries)?,
-            None => 0,
-        };
-        Ok((unwritten, freed))
+        match &mut self.ebpf {
+            Some(ebpf) => ebpf.dataplane.remove_stale_lease_entries(lease_entries),
+            None => Ok(0),
+        }
     }
 
     /// Warns about leases the maps left out, and counts each full map, when that differs from
