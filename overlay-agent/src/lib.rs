@@ -19,7 +19,7 @@ pub mod reconcile;
 pub mod status;
 pub mod subnet;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::Ipv4Network;
@@ -33,7 +33,7 @@ use tokio::{
 
 use crate::{
     config::{NetworkConfig, VXLAN_OVERHEAD},
-    dataplane::{Dataplane, LeaseCapacity, refusals::RefusalWatch},
+    dataplane::{Dataplane, LeaseCapacity, pins::PinDirLock, refusals::RefusalWatch, strays::Keep},
     health::Readiness,
     masquerade::{Masquerade, Rules},
     metrics::Metrics,
@@ -65,7 +65,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         uplink.address
     );
     let readiness = Readiness::default();
-    let pinned = (options.dataplane == DataplaneChoice::Ebpf).then(|| options.bpf_pin_dir.clone());
+    let pin_dir = options.pin_dir()?;
+    let _pin_lock = PinDirLock::take(&pin_dir)?;
+    let pinned = (options.dataplane == DataplaneChoice::Ebpf).then(|| pin_dir.clone());
     let metrics = Metrics::new(pinned);
     if options.healthz_port != 0 {
         health::serve(
@@ -91,7 +93,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
     // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
     // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
-    let dataplane = load_dataplane(&options, &config)?;
+    let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink).await?;
     // A VTEP MAC already on the device is kept, so peers never hold a stale one.
     let existing_mac = vtep::existing_mac(&netlink, &vtep::device_name(config.backend.vni)).await?;
     let lease = manager
@@ -100,7 +102,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let notifications = reconcile::subscribe()?;
     let mut reconciler = reconciler(
-        dataplane, netlink, &options, &config, &uplink, &lease, &metrics,
+        dataplane,
+        netlink.clone(),
+        &options,
+        &config,
+        &uplink,
+        &lease,
+        &metrics,
     )
     .await?;
     let config_registry = registry.clone();
@@ -112,6 +120,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     );
     reconciler.apply_initial(watcher.initial_leases().await?);
     reconciler.reconcile(Scope::Everything).await?;
+    if let Some(dataplane) = reconciler.dataplane() {
+        remove_stray_programs(&netlink, &dataplane.kept()?).await?;
+    }
     let mut masquerade = masquerade_for(&options, &config, lease.subnet);
     masquerade.ensure()?;
     SubnetEnv {
@@ -248,14 +259,39 @@ async fn reconciler(
     ))
 }
 
-/// In ebpf mode, the eBPF object loaded into the kernel with its maps pinned (adopting those
-/// an earlier run pinned), its programs not yet attached.
-fn load_dataplane(options: &AgentOptions, config: &NetworkConfig) -> Result<Option<Dataplane>> {
+/// In ebpf mode, the eBPF object loaded into the kernel with its maps pinned in `pin_dir`
+/// (adopting those an earlier run pinned), its programs not yet attached. In kernel mode,
+/// none, and nothing of an earlier ebpf run left attached.
+async fn load_dataplane(
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    pin_dir: &Path,
+    netlink: &Handle,
+) -> Result<Option<Dataplane>> {
     if options.dataplane != DataplaneChoice::Ebpf {
+        remove_ebpf_dataplane(pin_dir, netlink).await?;
         return Ok(None);
     }
     let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
-    Dataplane::load(Some(&options.bpf_pin_dir), options.bpf_log, lease_capacity).map(Some)
+    let dataplane = Dataplane::load(Some(pin_dir), options.bpf_log, lease_capacity)?;
+    Ok(Some(dataplane.with_tc_attach(options.tc_attach)))
+}
+
+/// Unpins the dataplane pinned in `pin_dir` and detaches every program of ours in this
+/// namespace.
+async fn remove_ebpf_dataplane(pin_dir: &Path, netlink: &Handle) -> Result<()> {
+    dataplane::pins::remove(pin_dir)?;
+    remove_stray_programs(netlink, &Keep::default()).await
+}
+
+/// Detaches the programs of ours in this namespace that `keep` does not hold: left by an
+/// earlier run in another mode, with another pin directory or through the other tc path.
+async fn remove_stray_programs(netlink: &Handle, keep: &Keep) -> Result<()> {
+    let interfaces = node::links::interfaces(netlink).await?;
+    for removed in dataplane::strays::remove(&interfaces, keep)? {
+        log::warn!("detached {removed}, left by an earlier run: these flags do not call for it");
+    }
+    Ok(())
 }
 
 /// The eBPF dataplane as the reconciler's sink, with the settings of this node.
@@ -302,7 +338,9 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
     let netlink = node::links::connect()?;
     let previous = previous_subnet(&options.subnet_file);
     let network = subnet_file_network(&options.subnet_file);
-    dataplane::pins::remove(&options.bpf_pin_dir)?;
+    let pin_dir = options.pin_dir()?;
+    let _pin_lock = PinDirLock::take(&pin_dir)?;
+    remove_ebpf_dataplane(&pin_dir, &netlink).await?;
     node::teardown(&netlink, &options.bridge, network).await?;
     masquerade::remove()?;
     log::info!(

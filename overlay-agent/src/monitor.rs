@@ -17,7 +17,8 @@ const UDP_HEADER_LEN: usize = 8;
 const VXLAN_HEADER_LEN: usize = 8;
 
 pub async fn run(options: &AgentOptions) -> Result<()> {
-    let pinned = PinnedDataplane::open(&options.bpf_pin_dir)?;
+    let pin_dir = options.pin_dir()?;
+    let pinned = PinnedDataplane::open(&pin_dir)?;
     let vxlan_port = pinned.config()?.vxlan_port;
     let names = links::names(&links::connect()?).await?;
     let (events, _reporting) = pinned.monitor()?;
@@ -28,7 +29,7 @@ pub async fn run(options: &AgentOptions) -> Result<()> {
         .context("cannot poll the drop events")?;
     println!(
         "monitoring drops of the dataplane under {}; Ctrl-C stops",
-        options.bpf_pin_dir.display()
+        pin_dir.display()
     );
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);

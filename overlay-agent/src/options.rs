@@ -10,8 +10,10 @@ use clap::{
     error::{ContextKind, ContextValue, ErrorKind},
 };
 
+use anyhow::Result;
+
 use crate::{
-    dataplane::{DecapHook, XdpModeChoice},
+    dataplane::{DecapHook, TcAttach, XdpModeChoice, pins},
     subnet::etcd::EtcdOptions,
 };
 
@@ -327,13 +329,15 @@ pub struct AgentOptions {
     pub dataplane: Dataplane,
 
     /// bpffs directory where the eBPF maps and links are pinned, so forwarding survives the
-    /// agent.
-    #[arg(
-        long,
-        env = "FLANNELD_BPF_PIN_DIR",
-        default_value = "/sys/fs/bpf/overlay"
-    )]
-    pub bpf_pin_dir: PathBuf,
+    /// agent. One agent at a time may use it. [default: /sys/fs/bpf/overlay in the host's
+    /// network namespace, /sys/fs/bpf/overlay-netns-<inode> in any other]
+    #[arg(long, env = "FLANNELD_BPF_PIN_DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+
+    /// How the tc programs attach: tcx links on kernels from 6.6, netlink filters before
+    /// (auto), or one of them whatever the kernel.
+    #[arg(long, env = "FLANNELD_TC_ATTACH", value_enum, default_value = "auto")]
+    pub tc_attach: TcAttach,
 
     /// In ebpf mode, carry container traffic past docker0, routing and flannel.1 (and so past
     /// netfilter's FORWARD hook). Off, every packet is routed by the stack, as in flannel.
@@ -371,6 +375,14 @@ impl AgentOptions {
             cafile: self.etcd_cafile.clone(),
             username: self.etcd_username.clone(),
             password: self.etcd_password.clone(),
+        }
+    }
+
+    /// The pin directory: `--bpf-pin-dir`, or the default for this network namespace.
+    pub fn pin_dir(&self) -> Result<PathBuf> {
+        match &self.bpf_pin_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => pins::default_dir(),
         }
     }
 
@@ -430,7 +442,8 @@ mod tests {
         assert_eq!(agent.healthz_port, 0);
         assert_eq!(agent.bridge, "docker0");
         assert_eq!(agent.dataplane, Dataplane::Ebpf);
-        assert_eq!(agent.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/overlay"));
+        assert_eq!(agent.bpf_pin_dir, None);
+        assert_eq!(agent.tc_attach, TcAttach::Auto);
         assert_eq!(agent.xdp_mode, XdpModeChoice::Auto);
         assert_eq!(agent.decap_hook, DecapHook::Tc);
         assert!(!agent.bpf_log);

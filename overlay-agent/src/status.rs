@@ -33,7 +33,7 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
             options.subnet_file.display()
         )?,
     }
-    let pinned = PinnedDataplane::open(&options.bpf_pin_dir)?;
+    let pinned = PinnedDataplane::open(&options.pin_dir()?)?;
     let mut entries = pinned.subnet_entries()?;
     let leases = write_remote_leases(&mut out, options, &mut entries).await?;
     let mut stale: Vec<_> = entries.into_iter().collect();

@@ -1,6 +1,7 @@
 //! Test harness: hand-built frames, network namespaces that clean up after themselves, a real
 //! etcd, agent processes, and the checks every privileged test makes first.
 pub mod agent;
+pub mod attached;
 pub mod capture;
 pub mod cluster;
 pub mod cni;

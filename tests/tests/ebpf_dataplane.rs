@@ -8,6 +8,7 @@ use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_common::{Counter, Counters};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
+    attached::{link_exists, pinned_links},
     cluster::{Cluster, Host, PREFIX},
     loss::{LossWindow, steady_ping},
     metrics::{scrape, value_of},
@@ -428,37 +429,6 @@ fn ebpf_kernel_and_stock_flannel_hosts_all_reach_each_other() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The ids of the links pinned under `dir`, by pin name.
-fn pinned_links(dir: &std::path::Path) -> Result<Vec<(String, u64)>> {
-    let mut links = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        if !name.starts_with("link_") {
-            continue;
-        }
-        let json = overlay_tests::netns::run(
-            std::process::Command::new("bpftool")
-                .args(["-j", "link", "show", "pinned"])
-                .arg(&path),
-        )?;
-        let link: serde_json::Value = serde_json::from_str(&json)?;
-        links.push((name, link["id"].as_u64().context("a link without id")?));
-    }
-    Ok(links)
-}
-
-fn link_exists(id: u64) -> bool {
-    std::process::Command::new("bpftool")
-        .args(["link", "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|output| output.status.success())
 }
 
 #[test]

@@ -4,17 +4,24 @@
 //!
 //! A link pin is named after the program and the interface index it is attached to, so a
 //! link of a device that was since recreated is recognised as stale and replaced.
+//!
+//! Kernels before 6.6 have no tcx links: there the tc programs go in as netlink filters at
+//! one priority and handle of ours. A filter outlives the agent as a pinned link does, and a
+//! restarted agent swaps its program into the filter in place.
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result, bail};
-use aya::programs::{
-    SchedClassifier, TcAttachType, Xdp, XdpMode,
-    links::{FdLink, PinnedLink},
-    tc::{self, SchedClassifierLink},
-    xdp::XdpLink,
+use aya::{
+    programs::{
+        Link, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        xdp::XdpLink,
+    },
+    util::KernelVersion,
 };
 
 use super::{
@@ -41,9 +48,40 @@ pub enum XdpModeChoice {
     Generic,
 }
 
+/// How the tc programs attach, as `--tc-attach` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// tcx where the kernel has it (6.6 and later), netlink filters before.
+    Auto,
+    /// tcx links, pinned.
+    Tcx,
+    /// netlink filters in the clsact qdisc.
+    Netlink,
+}
+
+impl TcAttach {
+    /// Whether the tc programs go in as netlink filters on this kernel.
+    fn uses_netlink(self) -> bool {
+        match self {
+            TcAttach::Tcx => false,
+            TcAttach::Netlink => true,
+            TcAttach::Auto => {
+                KernelVersion::current().is_ok_and(|version| version < KernelVersion::new(6, 6, 0))
+            }
+        }
+    }
+}
+
+/// The priority and handle of every netlink filter of ours: one of our programs at most sits
+/// on each device and direction, so a restart finds it there.
+const FILTER_PRIORITY: u16 = 0x4f56;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0x4f56, 1);
+
 /// The interface index each program is attached to, once it is.
 #[derive(Debug, Default)]
 pub struct Attachments {
+    /// tc programs go in as netlink filters, not tcx links.
+    netlink: bool,
     uplink: Option<(u32, DecapHook)>,
     vtep: Option<u32>,
     bridge: Option<u32>,
@@ -53,9 +91,26 @@ pub struct Attachments {
     /// Links made without a pin directory, by program and interface; dropping one detaches
     /// its program.
     unpinned: HashMap<(&'static str, u32), FdLink>,
+    /// Netlink filters made or adopted, by program and interface index: the interface's name
+    /// and the direction.
+    filters: HashMap<(&'static str, u32), (String, TcAttachType)>,
 }
 
 impl Dataplane {
+    /// Attaches the tc programs as `choice` says from now on.
+    pub fn with_tc_attach(mut self, choice: TcAttach) -> Self {
+        self.attached.netlink = choice.uses_netlink();
+        if self.attached.netlink {
+            log::info!("tc programs attach as netlink filters");
+        }
+        self
+    }
+
+    /// The netlink filters this dataplane made or adopted, by program and interface index.
+    pub fn filters(&self) -> HashSet<(&'static str, u32)> {
+        self.attached.filters.keys().copied().collect()
+    }
+
     /// Writes the programs' settings and attaches each where `placement` says: the uplink's
     /// decapsulator at `hook` (in `xdp_mode` for XDP), the VXLAN device's encapsulator, and
     /// the fast path on the container ports and the bridge.
@@ -183,6 +238,20 @@ impl Dataplane {
         ifindex: u32,
         direction: TcAttachType,
     ) -> Result<()> {
+        if self.attached.netlink {
+            self.attach_filter(name, interface, ifindex, direction)
+        } else {
+            self.attach_tcx(name, interface, ifindex, direction)
+        }
+    }
+
+    fn attach_tcx(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        ifindex: u32,
+        direction: TcAttachType,
+    ) -> Result<()> {
         let pin = self.link_pin(name, ifindex);
         let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?.try_into()?;
         let adopted = adopt(&pin, |link| {
@@ -200,6 +269,52 @@ impl Dataplane {
             let link = FdLink::try_from(program.take_link(link_id)?)?;
             self.attached.keep(name, ifindex, link, &pin)?;
         }
+        Ok(())
+    }
+
+    /// Swaps `name` into our netlink filter on `interface`, or makes the filter.
+    fn attach_filter(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        ifindex: u32,
+        direction: TcAttachType,
+    ) -> Result<()> {
+        let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?.try_into()?;
+        let ours = SchedClassifierLink::attached(
+            interface,
+            direction,
+            FILTER_PRIORITY,
+            FILTER_HANDLE,
+            None,
+        )
+        .with_context(|| format!("cannot find {interface}"))?;
+        let link_id = match program.attach_to_link(ours) {
+            Ok(link_id) => {
+                log::info!("adopted the tc filter of {name} on {interface}");
+                link_id
+            }
+            Err(error) => {
+                log::debug!("no tc filter of ours on {interface} {direction:?}: {error}");
+                if let Err(error) = tc::qdisc_add_clsact(interface) {
+                    log::debug!("clsact on {interface}: {error}");
+                }
+                let options = NlOptions {
+                    priority: FILTER_PRIORITY,
+                    handle: FILTER_HANDLE,
+                    classid: None,
+                };
+                program
+                    .attach_with_options(interface, direction, TcAttachOptions::Netlink(options))
+                    .with_context(|| format!("cannot attach {name} to {interface}"))?
+            }
+        };
+        // aya deletes a filter when its handle drops; the filter must outlive the agent, as a
+        // pinned link does (it holds the program in the kernel).
+        std::mem::forget(program.take_link(link_id)?);
+        self.attached
+            .filters
+            .insert((name, ifindex), (interface.to_string(), direction));
         Ok(())
     }
 
@@ -230,6 +345,7 @@ impl Dataplane {
         self.attached
             .unpinned
             .retain(|(name, ifindex), _| *name != program || keep.contains(ifindex));
+        self.attached.remove_filters_but(program, keep);
         match &self.pin_dir {
             Some(dir) => remove_link_pins(dir, program, keep),
             None => Ok(()),
@@ -287,6 +403,34 @@ fn adopt(pin: &Option<PathBuf>, replace: impl FnOnce(FdLink) -> Result<()>) -> b
 }
 
 impl Attachments {
+    /// Deletes our netlink filters of `program` on every interface but those in `keep`; a
+    /// filter whose device is gone went with it. (A device of the same name made since takes
+    /// its filter again right after: only the uplink's role moves between devices.)
+    fn remove_filters_but(&mut self, program: &str, keep: &HashSet<u32>) {
+        self.filters
+            .retain(|(name, ifindex), (interface, direction)| {
+                if *name != program || keep.contains(ifindex) {
+                    return true;
+                }
+                let removed = SchedClassifierLink::attached(
+                    interface,
+                    *direction,
+                    FILTER_PRIORITY,
+                    FILTER_HANDLE,
+                    None,
+                )
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(link.detach()?));
+                match removed {
+                    Ok(()) => log::info!("{name} detached from {interface}"),
+                    Err(error) => {
+                        log::debug!("the filter of {name} on {interface} went with it: {error:#}")
+                    }
+                }
+                false
+            });
+    }
+
     /// Pins `link` at `pin`; without a pin directory the link lives as long as the dataplane,
     /// or until its program is detached from the interface.
     fn keep(

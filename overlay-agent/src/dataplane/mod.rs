@@ -6,6 +6,7 @@ mod attach;
 pub mod pins;
 mod program_log;
 pub mod refusals;
+pub mod strays;
 mod sync;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use aya::{
 };
 use overlay_common::{Counters, OverlayConfig};
 
-pub use attach::{DecapHook, XdpModeChoice};
+pub use attach::{DecapHook, TcAttach, XdpModeChoice};
 pub use sync::{FullMap, Unwritten};
 
 /// The eBPF object built by `cargo xtask build`, embedded so the agent needs no file at run time.
@@ -31,7 +32,7 @@ pub const VTEP_INGRESS_PROGRAM: &str = "tc_vtep_ingress";
 pub const CONTAINER_PROGRAM: &str = "tc_container_ingress";
 pub const BRIDGE_PROGRAM: &str = "tc_bridge_egress";
 /// Every program, each attached through links pinned as `link_<program>_<ifindex>`.
-const PROGRAMS: [&str; 6] = [
+pub const PROGRAMS: [&str; 6] = [
     UPLINK_TC_PROGRAM,
     UPLINK_XDP_PROGRAM,
     VTEP_PROGRAM,
@@ -197,6 +198,18 @@ impl Dataplane {
     /// for BPF_PROG_TEST_RUN.
     pub fn tc_program(&self, name: &str) -> Result<&SchedClassifier> {
         Ok(program(&self.ebpf, name)?.try_into()?)
+    }
+
+    /// What of ours stays attached: the programs loaded now and the netlink filters made.
+    pub fn kept(&self) -> Result<strays::Keep> {
+        let programs = PROGRAMS
+            .iter()
+            .map(|name| Ok(program(&self.ebpf, name)?.info()?.id()))
+            .collect::<Result<_>>()?;
+        Ok(strays::Keep {
+            programs,
+            filters: self.filters(),
+        })
     }
 
     /// The counters summed over all CPUs.

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::maps::{
     Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie,
 };
@@ -259,6 +259,80 @@ impl std::fmt::Display for Shape {
             self.map_type, self.key_size, self.value_size, self.max_entries
         )
     }
+}
+
+/// The pin directory in the host's network namespace when `--bpf-pin-dir` is not given.
+const HOST_DEFAULT_DIR: &str = "/sys/fs/bpf/overlay";
+
+/// Where the dataplane is pinned when `--bpf-pin-dir` is not given. bpffs is one for the
+/// whole machine, and link pins are named by interface index, which each namespace numbers
+/// on its own: so an agent in any namespace but the host's pins under its namespace's inode.
+pub fn default_dir() -> Result<PathBuf> {
+    if in_initial_netns() {
+        return Ok(PathBuf::from(HOST_DEFAULT_DIR));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let namespace = Path::new("/proc/self/ns/net");
+    let inode = std::fs::metadata(namespace)
+        .with_context(|| format!("cannot read {}", namespace.display()))?
+        .ino();
+    Ok(PathBuf::from(format!("{HOST_DEFAULT_DIR}-netns-{inode}")))
+}
+
+/// Whether this process runs in the machine's initial network namespace. The kernel registers
+/// the global net.core sysctls, netdev_max_backlog among them, in that namespace only; pid 1's
+/// namespace is not always ours to read.
+fn in_initial_netns() -> bool {
+    Path::new("/proc/sys/net/core/netdev_max_backlog").exists()
+}
+
+/// The pin directory, held by this process alone while the lock lives: two agents on one
+/// set of pins would detach each other's programs and overwrite each other's maps.
+#[derive(Debug)]
+pub struct PinDirLock {
+    /// The lock goes with the descriptor.
+    _directory: std::fs::File,
+}
+
+impl PinDirLock {
+    /// Creates `dir` if need be and locks it (an advisory lock on the directory itself:
+    /// bpffs holds no regular files), or names the process that holds it.
+    pub fn take(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the pin directory {}: is bpffs mounted?",
+                dir.display()
+            )
+        })?;
+        let file = std::fs::File::open(dir)
+            .with_context(|| format!("cannot open the pin directory {}", dir.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _directory: file }),
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "the pin directory {} is in use by another overlay-agent{}: run one agent per \
+                 pin directory (in another network namespace, leave --bpf-pin-dir unset or \
+                 give it a directory of its own)",
+                dir.display(),
+                lock_holder(&file).map_or(String::new(), |pid| format!(" (pid {pid})"))
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                Err(error).with_context(|| format!("cannot lock {}", dir.display()))
+            }
+        }
+    }
+}
+
+/// The pid holding a lock on `file`'s inode, as /proc/locks lists it ("1: FLOCK  ADVISORY
+/// WRITE <pid> <major>:<minor>:<inode> 0 EOF").
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = file.metadata().ok()?.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let held = fields.get(5)?.rsplit(':').next()? == inode;
+        held.then(|| fields.get(4)?.parse().ok()).flatten()
+    })
 }
 
 /// Unpins every link (detaching its program) and map under `dir`, then removes `dir`.

@@ -90,23 +90,23 @@ impl Dataplane {
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
         for (subnet, remote) in &desired.subnets {
             let key = subnet_key(subnet);
-            if subnets.get(&key, 0).ok().as_ref() != Some(remote) {
-                if let Err(error) = subnets.insert(&key, remote, 0) {
-                    // Kernels before 6.14 refuse even to replace an entry of a full trie: the
-                    // old entry must not carry the lease's traffic to where it was. Absent, it
-                    // cannot be removed, which is as well.
-                    let _ = subnets.remove(&key);
-                    unwritten.note(SUBNETS_MAP, capacity, &[*subnet], &error);
-                }
+            if subnets.get(&key, 0).ok().as_ref() != Some(remote)
+                && let Err(error) = subnets.insert(&key, remote, 0)
+            {
+                // Kernels before 6.14 refuse even to replace an entry of a full trie: the old
+                // entry must not carry the lease's traffic to where it was. Absent, it cannot
+                // be removed, which is as well.
+                let _ = subnets.remove(&key);
+                unwritten.note(SUBNETS_MAP, capacity, &[*subnet], &error);
             }
         }
         let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
         let mut refused = Vec::new();
         for (public_ip, vtep_subnet) in &desired.vteps {
-            if vteps.get(public_ip, 0).ok().as_ref() != Some(vtep_subnet) {
-                if let Err(error) = vteps.insert(public_ip, vtep_subnet, 0) {
-                    refused.push((*public_ip, error));
-                }
+            if vteps.get(public_ip, 0).ok().as_ref() != Some(vtep_subnet)
+                && let Err(error) = vteps.insert(public_ip, vtep_subnet, 0)
+            {
+                refused.push((*public_ip, error));
             }
         }
         if !refused.is_empty() {

@@ -13,13 +13,13 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressMessage},
-        link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
         neighbour::NeighbourMessage,
         route::RouteMessage,
     },
 };
 
-use crate::mac::MacAddr;
+use crate::{dataplane::strays::Interface, mac::MacAddr};
 
 /// A netlink handle for this namespace, its connection running on the tokio runtime.
 pub fn connect() -> Result<Handle> {
@@ -84,6 +84,34 @@ pub async fn names(handle: &Handle) -> Result<HashMap<u32, String>> {
         .iter()
         .filter_map(|link| Some((link.header.index, name(link)?.to_string())))
         .collect())
+}
+
+/// Every interface of the namespace, with the XDP program on it, for the dataplane to look
+/// for programs of ours.
+pub async fn interfaces(handle: &Handle) -> Result<Vec<Interface>> {
+    Ok(all(handle)
+        .await?
+        .iter()
+        .filter_map(|link| {
+            Some(Interface {
+                name: name(link)?.to_string(),
+                index: link.header.index,
+                xdp_program: xdp_program(link),
+            })
+        })
+        .collect())
+}
+
+fn xdp_program(link: &LinkMessage) -> Option<u32> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|entry| match entry {
+                LinkXdp::ProgId(id) => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        })
 }
 
 pub fn name(link: &LinkMessage) -> Option<&str> {

@@ -113,9 +113,9 @@ fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
 /// to set.
 fn disable_router_advertisements(device: &str) {
     let key = format!("net/ipv6/conf/{device}/accept_ra");
-    if std::path::Path::new("/proc/sys").join(&key).exists() {
-        if let Err(error) = links::write_sysctl(&key, "0") {
-            log::warn!("{error:#}");
-        }
+    if std::path::Path::new("/proc/sys").join(&key).exists()
+        && let Err(error) = links::write_sysctl(&key, "0")
+    {
+        log::warn!("{error:#}");
     }
 }

@@ -123,6 +123,11 @@ impl Reconciler {
         }
     }
 
+    /// The eBPF dataplane, in ebpf mode.
+    pub fn dataplane(&self) -> Option<&Dataplane> {
+        self.ebpf.as_ref().map(|ebpf| &ebpf.dataplane)
+    }
+
     /// Takes a lease event into the desired state; the next round applies it.
     pub fn apply(&mut self, event: LeaseEvent) {
         log::info!("{}", describe(&event));
