@@ -495,10 +495,14 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
         EVENT_TIMEOUT,
     )?;
     assert_eq!(status("/healthz")?, "200");
+    let readyz = agent.health("/readyz")?.context("/readyz answers")?;
     assert_eq!(
-        status("/readyz")?,
-        "503",
+        readyz.status, 503,
         "not ready before the subnet file exists"
+    );
+    assert!(
+        readyz.body.contains("dataplane not loaded"),
+        "/readyz names what is missing: {readyz:?}"
     );
     cluster.etcd.put(
         &format!("{PREFIX}/config"),
