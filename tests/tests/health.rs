@@ -97,7 +97,7 @@ fn healthz_names_a_node_the_agent_cannot_bring_in_line_until_it_can() -> Result<
     agent.wait_ready()?;
 
     // Something else takes the bridge's name: the agent cannot make its bridge.
-    take_the_bridge_s_name(&host1)?;
+    take_the_bridge_s_name(&agent, &host1)?;
     let answer = wait_for_answer(
         &agent,
         "/healthz",
@@ -121,43 +121,17 @@ fn healthz_names_a_node_the_agent_cannot_bring_in_line_until_it_can() -> Result<
     Ok(())
 }
 
-/// Replaces docker0 with a veth of the same name, in one batch: the agent makes its
-/// bridge again within milliseconds of losing it, so it may win; then try again.
-fn take_the_bridge_s_name(host: &Host) -> Result<()> {
-    wait_for("a veth to hold docker0's name", VERDICT_TIMEOUT, || {
+/// Replaces docker0 with a veth of the same name while the agent is stopped: running, it
+/// would make its bridge again before the name could be taken.
+fn take_the_bridge_s_name(agent: &Agent, host: &Host) -> Result<()> {
+    agent.process.signal(libc::SIGSTOP)?;
+    let taken = host.netns.ip(&["link", "del", "docker0"]).and_then(|_| {
         host.netns.ip(&[
-            "link",
-            "add",
-            "squatter",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "squatter-peer",
-        ])?;
-        let swap = host.netns.command(&["ip", "-batch", "-"]);
-        let swapped = run_with_input(swap, "link del docker0\nlink set squatter name docker0\n");
-        if !swapped {
-            let _ = host.netns.ip(&["link", "del", "squatter"]);
-        }
-        Ok(host
-            .netns
-            .ip(&["-d", "link", "show", "docker0"])?
-            .contains("veth"))
-    })
-}
-
-/// Runs `command` with `input` on its stdin; whether it succeeded.
-fn run_with_input(mut command: std::process::Command, input: &str) -> bool {
-    use std::io::Write;
-    let Ok(mut child) = command.stdin(std::process::Stdio::piped()).spawn() else {
-        return false;
-    };
-    let written = child
-        .stdin
-        .take()
-        .is_some_and(|mut stdin| stdin.write_all(input.as_bytes()).is_ok());
-    child.wait().is_ok_and(|status| status.success()) && written
+            "link", "add", "docker0", "type", "veth", "peer", "name", "squatter",
+        ])
+    });
+    agent.process.signal(libc::SIGCONT)?;
+    taken.map(drop)
 }
 
 #[test]
