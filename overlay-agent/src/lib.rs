@@ -34,7 +34,7 @@ use tokio::{
 use crate::{
     config::{NetworkConfig, VXLAN_OVERHEAD},
     dataplane::{Dataplane, LeaseCapacity, pins::PinDirLock, refusals::RefusalWatch, strays::Keep},
-    health::Readiness,
+    health::{Health, Stage},
     masquerade::{Masquerade, Rules},
     metrics::Metrics,
     node::{NodeNetwork, NodeSettings, uplink::Uplink, vtep},
@@ -64,7 +64,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         uplink.name,
         uplink.address
     );
-    let readiness = Readiness::default();
+    let health = Health::new(options.healthz_grace);
     let pin_dir = options.pin_dir()?;
     let _pin_lock = PinDirLock::take(&pin_dir)?;
     let pinned = (options.dataplane == DataplaneChoice::Ebpf).then(|| pin_dir.clone());
@@ -72,7 +72,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     if options.healthz_port != 0 {
         health::serve(
             SocketAddr::from((options.healthz_ip, options.healthz_port)),
-            readiness.clone(),
+            health.clone(),
             metrics.clone(),
         )
         .await?;
@@ -90,10 +90,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             renew_margin: options.renew_margin(),
         },
         metrics: metrics.leases.clone(),
+        health: health.clone(),
     };
     // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
     // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
     let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink).await?;
+    health.reached(Stage::DataplaneLoaded);
     // A VTEP MAC already on the device is kept, so peers never hold a stale one.
     let existing_mac = vtep::existing_mac(&netlink, &vtep::device_name(config.backend.vni)).await?;
     let lease = manager
@@ -117,6 +119,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         config.clone(),
         lease.clone(),
         metrics.leases.clone(),
+        health.clone(),
     );
     reconciler.apply_initial(watcher.initial_leases().await?);
     reconciler.reconcile(Scope::Everything).await?;
@@ -132,7 +135,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         ip_masq: options.ip_masq,
     }
     .write_atomically(&options.subnet_file)?;
-    readiness.set_ready();
+    health.reached(Stage::Ready);
     notify_systemd_ready();
     log::info!(
         "ready: subnet {} written to {}",
@@ -145,7 +148,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
-        () = reconciler.run(received, notifications, &mut masquerade, resync) => Err(anyhow!("the lease event stream ended")),
+        () = reconciler.run(received, notifications, &mut masquerade, resync, &health) => Err(anyhow!("the lease event stream ended")),
         change = config_change::stop_on_change(&config_registry, &config) => Err(change),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnet);

@@ -320,6 +320,11 @@ pub struct AgentOptions {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
+    /// How long the lease renewal, the lease watch or the reconciler may keep failing before
+    /// /healthz answers 503, e.g. 30s (ours).
+    #[arg(long, env = "FLANNELD_HEALTHZ_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub healthz_grace: Duration,
+
     /// Name of the container bridge, which carries the first address of the lease.
     #[arg(long, env = "FLANNELD_BRIDGE", default_value = "docker0")]
     pub bridge: String,

@@ -1,15 +1,15 @@
 //! overlay-agent processes on test hosts.
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::{
     cluster::{Cluster, Host, PREFIX},
+    health::Answer,
     process::Process,
     wait::wait_for,
 };
@@ -89,7 +89,8 @@ impl Agent {
             if let Some(status) = self.process.try_exit_status()? {
                 bail!("the agent exited ({status}) before it was ready");
             }
-            Ok(readyz_status(&self.netns, port)? == Some(200))
+            let answer = crate::health::get(&self.netns, port, "/readyz")?;
+            Ok(answer.is_some_and(|answer| answer.status == 200))
         })
         .with_context(|| format!("agent log:\n{}", self.log()))?;
         subnet_from_file(&self.subnet_file)
@@ -98,6 +99,14 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// What GET `path` on this agent's health port answers; `None` while nothing answers.
+    pub fn health(&self, path: &str) -> Result<Option<Answer>> {
+        let port = self
+            .health_port
+            .context("this agent serves no health port")?;
+        crate::health::get(&self.netns, port, path)
     }
 
     /// Waits for the agent to exit and asserts it failed, saying `message`.
@@ -131,8 +140,6 @@ impl Agent {
     }
 }
 
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// The health port an agent started with `args` and `envs` serves on, if any.
 fn health_port(args: &[String], envs: &[(&str, &str)]) -> Option<u16> {
     let from_flag = args
@@ -149,36 +156,6 @@ fn health_port(args: &[String], envs: &[(&str, &str)]) -> Option<u16> {
         .parse()
         .ok()
         .filter(|port| *port != 0)
-}
-
-/// The status code of GET /readyz on `port` in `netns`, or `None` while nothing answers.
-fn readyz_status(netns: &str, port: u16) -> Result<Option<u16>> {
-    let answer = std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<Option<String>> {
-                crate::netns::enter(netns)?;
-                let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                let Ok(mut stream) = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT) else {
-                    return Ok(None);
-                };
-                stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-                stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: agent\r\n\r\n")?;
-                let mut answer = String::new();
-                stream.read_to_string(&mut answer)?;
-                Ok(Some(answer))
-            })
-            .join()
-            .map_err(|_| anyhow!("the /readyz request panicked"))?
-    })?;
-    let Some(answer) = answer else {
-        return Ok(None);
-    };
-    let code = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("/readyz answered no status line: {answer:?}"))?;
-    Ok(Some(code))
 }
 
 /// The subnet named by FLANNEL_SUBNET ("10.2.41.1/24" gives "10.2.41.0/24").

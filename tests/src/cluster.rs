@@ -179,6 +179,8 @@ pub struct Cluster {
     pub etcd: Etcd,
     /// Further members, when etcd runs as a cluster.
     pub members: Vec<Etcd>,
+    /// The further members' own namespaces, each plugged into the underlay bridge.
+    pub member_namespaces: Vec<Netns>,
     pub underlay: Netns,
     hosts: u32,
     pub scratch: ScratchDir,
@@ -212,28 +214,44 @@ impl Cluster {
         Ok(Self {
             etcd,
             members: Vec::new(),
+            member_namespaces: Vec::new(),
             underlay,
             hosts: 0,
             scratch,
         })
     }
 
-    /// The underlay and a three-member etcd cluster (172.20.62.1, .2 and .3) holding the
-    /// seed's network config.
+    /// The underlay and a three-member etcd cluster holding the seed's network config: the
+    /// first member on the underlay's own address (172.20.62.1), the others (.2 and .3) each
+    /// in a namespace of its own on the underlay bridge, so one can be cut off from its peers.
     pub fn with_etcd_cluster(tag: &str) -> Result<Self> {
         require_root()?;
         let scratch = ScratchDir::new(tag)?;
         let underlay = underlay()?;
-        let addresses = [UNDERLAY_GATEWAY, "172.20.62.2", "172.20.62.3"];
-        for address in &addresses[1..] {
-            underlay.ip(&["addr", "add", &format!("{address}/24"), "dev", "br0"])?;
+        let mut member_namespaces = Vec::new();
+        for (index, address) in ["172.20.62.2", "172.20.62.3"].iter().enumerate() {
+            let netns = Netns::new(&format!("etcd{}", index + 2))?;
+            underlay.plug(
+                "br0",
+                &format!("etcdport{}", index + 2),
+                &netns,
+                &format!("{address}/24"),
+                UNDERLAY_GATEWAY,
+            )?;
+            member_namespaces.push(netns);
         }
-        let mut members = Etcd::start_cluster(underlay.name(), &addresses, scratch.path())?;
+        let placements = [
+            (underlay.name(), UNDERLAY_GATEWAY),
+            (member_namespaces[0].name(), "172.20.62.2"),
+            (member_namespaces[1].name(), "172.20.62.3"),
+        ];
+        let mut members = Etcd::start_cluster(&placements, scratch.path())?;
         let etcd = members.remove(0);
         etcd.put(&format!("{PREFIX}/config"), SEED_NETWORK_CONFIG)?;
         Ok(Self {
             etcd,
             members,
+            member_namespaces,
             underlay,
             hosts: 0,
             scratch,

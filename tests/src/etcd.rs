@@ -53,6 +53,8 @@ pub struct Etcd {
     tls: Option<TlsFiles>,
     /// "user:password" once authentication is on.
     credentials: Option<String>,
+    /// Given to every start after the harness's own flags.
+    extra_flags: Vec<String>,
     process: Option<Process>,
 }
 
@@ -65,22 +67,22 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// Starts an etcd cluster with one member on each of `addresses` and waits until every
-    /// member answers.
-    pub fn start_cluster(netns: &str, addresses: &[&str], dir: &Path) -> Result<Vec<Self>> {
-        let names: Vec<String> = (1..=addresses.len())
+    /// Starts an etcd cluster with one member on each of `placements` (namespace, address)
+    /// and waits until every member answers.
+    pub fn start_cluster(placements: &[(&str, &str)], dir: &Path) -> Result<Vec<Self>> {
+        let names: Vec<String> = (1..=placements.len())
             .map(|index| format!("member{index}"))
             .collect();
         let initial_cluster = names
             .iter()
-            .zip(addresses)
-            .map(|(name, address)| peer((name, address)))
+            .zip(placements)
+            .map(|(name, (_, address))| peer((name, address)))
             .collect::<Vec<_>>()
             .join(",");
         let mut members: Vec<Self> = names
             .iter()
-            .zip(addresses)
-            .map(|(name, address)| {
+            .zip(placements)
+            .map(|(name, (netns, address))| {
                 Self::member(
                     netns,
                     name,
@@ -116,6 +118,7 @@ impl Etcd {
             data_dir: dir.join("etcd-data"),
             tls,
             credentials: None,
+            extra_flags: Vec::new(),
             process: None,
         }
     }
@@ -142,6 +145,12 @@ impl Etcd {
         self.wait_healthy()
     }
 
+    /// Restarts etcd with `flags` after the harness's own, now and at every later restart.
+    pub fn restart_with_flags(&mut self, flags: &[&str]) -> Result<()> {
+        self.extra_flags = flags.iter().map(|flag| flag.to_string()).collect();
+        self.restart()
+    }
+
     fn spawn(&mut self) -> Result<()> {
         self.stop();
         let endpoint = self.endpoint();
@@ -163,6 +172,7 @@ impl Etcd {
                 "--client-cert-auth".to_string(),
             ]);
         }
+        args.extend(self.extra_flags.iter().cloned());
         std::fs::create_dir_all(self.log_path().parent().unwrap_or(Path::new("/tmp")))?;
         self.process = Some(Process::spawn(
             &self.netns,

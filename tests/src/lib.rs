@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod etcd;
 pub mod frames;
+pub mod health;
 pub mod inject;
 pub mod loss;
 pub mod metrics;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT, READY_TIMEOUT, subnet_from_file},
     cluster::{Cluster, Host, PREFIX},
+    wait::wait_for,
 };
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -239,7 +240,7 @@ fn renewal_keeps_a_short_lease_alive_and_a_killed_agent_s_lease_expires() -> Res
     );
 
     agent.process.kill();
-    overlay_tests::wait::wait_for(
+    wait_for(
         "the killed agent's record to expire",
         Duration::from_secs(6),
         || Ok(cluster.etcd.get(&key)?.is_none()),
@@ -495,10 +496,14 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
         EVENT_TIMEOUT,
     )?;
     assert_eq!(status("/healthz")?, "200");
+    let readyz = agent.health("/readyz")?.context("/readyz answers")?;
     assert_eq!(
-        status("/readyz")?,
-        "503",
+        readyz.status, 503,
         "not ready before the subnet file exists"
+    );
+    assert!(
+        readyz.body.contains("dataplane not loaded"),
+        "/readyz names what is missing: {readyz:?}"
     );
     cluster.etcd.put(
         &format!("{PREFIX}/config"),
@@ -628,6 +633,12 @@ fn the_agent_logs_in_to_an_etcd_with_authentication() -> Result<()> {
     )?;
     let subnet = agent.wait_ready()?;
     assert_record_shape(&record_of(&cluster, &subnet)?, &host1);
+    assert_eq!(
+        agent.count_in_log("the etcd password goes unencrypted to http://172.20.62.1:2379"),
+        1,
+        "a password over plain HTTP is warned about:\n{}",
+        agent.log()
+    );
 
     let host2 = cluster.add_host("host2", "172.20.62.105")?;
     let wrong = Agent::start(
@@ -710,5 +721,145 @@ fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Res
     let flags = Agent::flags(&cluster, &host1, &["--public-ip=203.0.113.9"]);
     Agent::start_with(&host1, &flags, &[])?
         .expect_failure("no interface holds --public-ip 203.0.113.9")?;
+    Ok(())
+}
+
+/// Makes the agent on `host` take `subnet` ("10.2.41.0/24") as a lease: flannel takes the
+/// previous subnet file's subnet again while it is free.
+fn leave_previous_subnet(host: &Host, subnet: &str) -> Result<()> {
+    let gateway = subnet.replace(".0/", ".1/");
+    std::fs::write(
+        host.subnet_file(),
+        format!("FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET={gateway}\n"),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn an_expired_etcd_auth_token_is_renewed_for_renewals_and_the_watch() -> Result<()> {
+    let mut cluster = Cluster::new("auth-token")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    cluster.etcd.enable_auth("s3cret")?;
+    // Tokens that expire after 2 s unused: far shorter than the agent's quiet spells.
+    cluster
+        .etcd
+        .restart_with_flags(&["--auth-token=simple", "--auth-token-ttl=2"])?;
+    leave_previous_subnet(&host1, "10.2.41.0/24")?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host1,
+        &[
+            "--etcd-username=root",
+            "--etcd-password=s3cret",
+            "--subnet-lease-ttl=10s",
+        ],
+    )?;
+    assert_eq!(agent.wait_ready()?, "10.2.41.0/24");
+    let key = cluster.subnet_key("10.2.41.0/24");
+    let first_lease = cluster.etcd.lease_of(&key)?;
+
+    sleep(Duration::from_secs(30));
+    // A restart forgets every token.
+    cluster.etcd.restart()?;
+    cluster.etcd.put(
+        &cluster.subnet_key("10.2.54.0/24"),
+        &flannel_record("172.20.62.105", "1a:4b:d7:f7:16:89"),
+    )?;
+    host1.wait_for_peer("10.2.54.0/24", "172.20.62.105", "1a:4b:d7:f7:16:89")?;
+
+    assert!(
+        agent.process.try_exit_status()?.is_none(),
+        "the agent runs on:\n{}",
+        agent.log()
+    );
+    for line in agent
+        .log()
+        .lines()
+        .filter(|line| line.contains("logged in again"))
+    {
+        eprintln!("{line}");
+    }
+    record_of(&cluster, "10.2.41.0/24")?;
+    assert_ne!(
+        cluster.etcd.lease_of(&key)?,
+        first_lease,
+        "the record was renewed onto fresh etcd leases"
+    );
+    Ok(())
+}
+
+/// nft rules for `netns` that drop every packet to or from etcd's peer port: the member there
+/// keeps serving clients but hears nothing of the others.
+const CUT_OFF_FROM_PEERS: &str = "add table inet partition; \
+     add chain inet partition in { type filter hook input priority 0; }; \
+     add chain inet partition out { type filter hook output priority 0; }; \
+     add rule inet partition in tcp dport 2380 drop; \
+     add rule inet partition in tcp sport 2380 drop; \
+     add rule inet partition out tcp dport 2380 drop; \
+     add rule inet partition out tcp sport 2380 drop";
+
+#[test]
+fn an_etcd_member_cut_off_from_its_peers_is_left_and_no_event_is_missed() -> Result<()> {
+    let mut cluster = Cluster::with_etcd_cluster("partition")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    cluster.reserve("10.2.41.0/24", "172.20.62.104")?;
+    // At first the agent reaches only the second member (172.20.62.2): its watch is there.
+    let nft = |rules: &str| host1.netns.exec(&["nft", rules]);
+    nft(
+        "add table inet only; add chain inet only out { type filter hook output priority 0; }; \
+         add rule inet only out ip daddr { 172.20.62.1, 172.20.62.3 } tcp dport 2379 drop",
+    )?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+    let put = |subnet: &str, address: &str, mac: &str| -> Result<()> {
+        // The majority may be electing a new leader: writes wait for it.
+        wait_for(
+            &format!("the majority to take the record of {subnet}"),
+            EVENT_TIMEOUT,
+            || {
+                Ok(cluster
+                    .etcd
+                    .put(&cluster.subnet_key(subnet), &flannel_record(address, mac))
+                    .is_ok())
+            },
+        )
+    };
+    put("10.2.50.0/24", "172.20.62.150", "1a:4b:d7:f7:16:50")?;
+    host1.wait_for_peer("10.2.50.0/24", "172.20.62.150", "1a:4b:d7:f7:16:50")?;
+    nft("delete table inet only")?;
+
+    cluster.member_namespaces[0]
+        .exec(&["nft", CUT_OFF_FROM_PEERS])
+        .context("cannot cut the second member off")?;
+    let cut = std::time::Instant::now();
+    // Written while the agent still watches the member cut off, and after.
+    put("10.2.51.0/24", "172.20.62.151", "1a:4b:d7:f7:16:51")?;
+    let written = cut.elapsed();
+    host1.wait_for_peer("10.2.51.0/24", "172.20.62.151", "1a:4b:d7:f7:16:51")?;
+    eprintln!(
+        "written {written:?} after the cut, learned {:?} after it",
+        cut.elapsed()
+    );
+    put("10.2.52.0/24", "172.20.62.152", "1a:4b:d7:f7:16:52")?;
+    host1.wait_for_peer("10.2.52.0/24", "172.20.62.152", "1a:4b:d7:f7:16:52")?;
+    host1.wait_for_peer("10.2.50.0/24", "172.20.62.150", "1a:4b:d7:f7:16:50")?;
+
+    let log = agent.log();
+    for subnet in ["10.2.50.0/24", "10.2.51.0/24", "10.2.52.0/24"] {
+        assert_eq!(
+            log.matches(&format!("lease added: {subnet}")).count(),
+            1,
+            "{subnet} added once:\n{log}"
+        );
+        assert_eq!(
+            log.matches(&format!("lease removed: {subnet}")).count(),
+            0,
+            "{subnet} never lost:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("no leader"),
+        "the agent says why it left the member:\n{log}"
+    );
     Ok(())
 }

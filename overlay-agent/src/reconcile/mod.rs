@@ -24,6 +24,7 @@ use tokio::{
 
 use crate::{
     dataplane::{Dataplane, DecapHook, Unwritten, XdpModeChoice, refusals::RefusalWatch},
+    health::{Duty, Health},
     masquerade::Masquerade,
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
     node::{self, NodeNetwork, endpoints},
@@ -289,13 +290,14 @@ impl Reconciler {
     /// After a first `reconcile(Scope::Everything)` and `masquerade.ensure()`: applies lease
     /// events and notifications as they come, batching whatever is queued into one round, and
     /// checks the forward and masquerade rules every `resync`. Failures are logged and retried,
-    /// never fatal. Returns when the lease events end.
+    /// never fatal, and reported to `health`. Returns when the lease events end.
     pub async fn run(
         &mut self,
         mut leases: mpsc::Receiver<LeaseEvent>,
         mut notifications: Notifications,
         masquerade: &mut Masquerade,
         resync: Duration,
+        health: &Health,
     ) {
         // The caller has just done both: the first ticks are one interval away.
         let mut safety_net = interval_at(Instant::now() + SAFETY_NET_INTERVAL, SAFETY_NET_INTERVAL);
@@ -345,9 +347,14 @@ impl Reconciler {
             if let Some((_, pending)) = retry.take() {
                 scope = scope.max(pending);
             }
-            if let Err(error) = self.reconcile(scope).await {
-                log::warn!("cannot bring the node in line: {error:#}; retrying");
-                retry = Some((Instant::now() + RETRY_DELAY, scope));
+            let attempted = Instant::now();
+            match self.reconcile(scope).await {
+                Ok(()) => health.succeeded(Duty::Reconcile),
+                Err(error) => {
+                    health.failed(Duty::Reconcile, attempted, &error);
+                    log::warn!("cannot bring the node in line: {error:#}; retrying");
+                    retry = Some((Instant::now() + RETRY_DELAY, scope));
+                }
             }
         }
     }

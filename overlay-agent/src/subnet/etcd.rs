@@ -52,12 +52,22 @@ impl EtcdRegistry {
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // etcd's require-leader: a member cut off from the quorum refuses requests and
+            // closes watches, so the agent moves to another member instead of hearing nothing.
+            .with_require_leader(true);
         if let Some(tls) = tls_options(options)? {
             connect = connect.with_tls(tls);
         }
         match (&options.username, &options.password) {
-            (Some(user), Some(password)) => connect = connect.with_user(user, password),
+            (Some(user), Some(password)) => {
+                warn_about_plain_http(&options.endpoints);
+                // Tokens expire (simple tokens after 5 idle minutes, every token when etcd
+                // restarts): a request refused for its token logs in again and is retried.
+                connect = connect
+                    .with_user(user, password)
+                    .with_auto_token_refresh(true);
+            }
             (Some(_), None) | (None, Some(_)) => {
                 bail!("--etcd-username and --etcd-password go together: give both or neither")
             }
@@ -259,13 +269,28 @@ impl Registry for EtcdRegistry {
             .watch(subnets_prefix(&self.prefix), Some(options))
             .await
             .context("cannot watch the subnet records in etcd")?;
-        Ok(EtcdWatch { stream })
+        Ok(EtcdWatch {
+            stream,
+            client: self.client.clone(),
+        })
+    }
+}
+
+/// Warns that the password will cross the network readable to anyone on the path.
+fn warn_about_plain_http(endpoints: &[String]) {
+    for endpoint in endpoints
+        .iter()
+        .filter(|endpoint| endpoint.starts_with("http://"))
+    {
+        log::warn!("the etcd password goes unencrypted to {endpoint}: use https");
     }
 }
 
 /// One etcd watch over the subnet records.
 pub struct EtcdWatch {
     stream: WatchStream,
+    /// To log in again when etcd refuses the watch for its token.
+    client: Client,
 }
 
 impl Watch for EtcdWatch {
@@ -280,7 +305,17 @@ impl Watch for EtcdWatch {
             if response.compact_revision() > 0 {
                 return Ok(Some(WatchUpdate::Compacted));
             }
-            bail!("etcd canceled the watch: {}", response.cancel_reason());
+            let reason = response.cancel_reason();
+            // The client logs in again only when a request fails; etcd accepts the watch
+            // stream and refuses the token in its first response instead.
+            if is_token_refusal(reason) {
+                self.client
+                    .refresh_token()
+                    .await
+                    .with_context(|| format!("etcd refused the watch ({reason}) and the login"))?;
+                bail!("etcd refused the watch ({reason}); logged in again");
+            }
+            bail!("etcd canceled the watch: {reason}");
         }
         let changes = response
             .events()
@@ -358,6 +393,12 @@ fn page_error(error: etcd_client::Error) -> PageError {
         }
         _ => PageError::Other(error.into()),
     }
+}
+
+/// Whether etcd canceled a watch for the token it was opened with (expired, or forgotten in
+/// a restart).
+fn is_token_refusal(reason: &str) -> bool {
+    reason.contains("invalid auth token")
 }
 
 /// Whether the client refused an answer larger than [`MAX_RESPONSE_BYTES`].

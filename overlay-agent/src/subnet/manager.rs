@@ -8,6 +8,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use super::{Lease, LeaseAttrs, Record, registry::Registry, subnet_from_key};
 use crate::{
     config::NetworkConfig,
+    health::{Duty, Health},
     mac::{MacAddr, random_u64},
     metrics::LeaseMetrics,
 };
@@ -42,6 +43,7 @@ pub struct LeaseManager<R> {
     pub public_ip: Ipv4Addr,
     pub timing: LeaseTiming,
     pub metrics: LeaseMetrics,
+    pub health: Health,
 }
 
 /// How long a lease lives and when it is renewed.
@@ -215,6 +217,7 @@ impl<R: Registry> LeaseManager<R> {
         self.report_expiry();
         loop {
             sleep_until(self.timing.renewal_time(expiry)).await;
+            let attempted = Instant::now();
             match self
                 .registry
                 .update(
@@ -229,10 +232,12 @@ impl<R: Registry> LeaseManager<R> {
                     lease.etcd_lease = etcd_lease;
                     expiry = Instant::now() + self.timing.ttl;
                     self.report_expiry();
+                    self.health.succeeded(Duty::LeaseRenewal);
                     log::debug!("renewed lease {}", lease.subnet);
                 }
                 Ok(None) => return Err(LeaseRevoked(lease.subnet).into()),
                 Err(error) => {
+                    self.health.failed(Duty::LeaseRenewal, attempted, &error);
                     let retry = self.timing.retry_delay();
                     log::warn!(
                         "cannot renew lease {}: {error:#}; retrying in {retry:?}",
@@ -268,6 +273,7 @@ mod tests {
                 renew_margin: ttl,
             },
             metrics: LeaseMetrics::default(),
+            health: Health::new(Duration::from_secs(30)),
         }
     }
 

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Result, anyhow};
 use ipnetwork::Ipv4Network;
-use tokio::{sync::mpsc, time::sleep};
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep},
+};
 
 use super::{
     Lease, LeaseEvent, Record, RecordError, check_remote,
@@ -18,7 +21,11 @@ use super::{
     registry::{RecordChange, Registry, Watch, WatchUpdate},
     select_remote, subnet_from_key, subnet_key,
 };
-use crate::{config::NetworkConfig, metrics::LeaseMetrics};
+use crate::{
+    config::NetworkConfig,
+    health::{Duty, Health},
+    metrics::LeaseMetrics,
+};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -34,6 +41,7 @@ pub struct LeaseWatcher<R> {
     /// Keys of the records that cannot be used.
     skipped: HashSet<String>,
     metrics: LeaseMetrics,
+    health: Health,
     next_revision: i64,
     /// Whether `known` reflects a listing the watch can continue from.
     listed: bool,
@@ -48,7 +56,13 @@ enum Interruption {
 }
 
 impl<R: Registry> LeaseWatcher<R> {
-    pub fn new(registry: R, config: NetworkConfig, own: Lease, metrics: LeaseMetrics) -> Self {
+    pub fn new(
+        registry: R,
+        config: NetworkConfig,
+        own: Lease,
+        metrics: LeaseMetrics,
+        health: Health,
+    ) -> Self {
         Self {
             registry,
             config,
@@ -57,6 +71,7 @@ impl<R: Registry> LeaseWatcher<R> {
             holders: HashMap::new(),
             skipped: HashSet::new(),
             metrics,
+            health,
             next_revision: 0,
             listed: false,
         }
@@ -100,6 +115,7 @@ impl<R: Registry> LeaseWatcher<R> {
                 Err(error) if error.is::<LeaseRevoked>() => return Err(error),
                 Err(_) if events.is_closed() => return Ok(()),
                 Err(error) => {
+                    self.health.failed(Duty::LeaseWatch, Instant::now(), &error);
                     self.metrics.watch_reconnects.inc();
                     log::warn!("lease watch interrupted: {error:#}; reconnecting in {backoff:?}");
                     sleep(backoff).await;
@@ -172,7 +188,10 @@ impl<R: Registry> LeaseWatcher<R> {
             };
             progressed = true;
             let changes = match update {
-                WatchUpdate::Changes(changes) => changes,
+                WatchUpdate::Changes(changes) => {
+                    self.health.succeeded(Duty::LeaseWatch);
+                    changes
+                }
                 WatchUpdate::Compacted => {
                     let why = format!("etcd compacted past revision {}", self.next_revision);
                     return Ok(Some(Interruption::Relist(why)));
@@ -349,7 +368,13 @@ mod tests {
             etcd_lease: 1,
         };
         registry.put(own.subnet, &own.attrs.to_json(), 1);
-        let watcher = LeaseWatcher::new(registry.clone(), config(), own, LeaseMetrics::default());
+        let watcher = LeaseWatcher::new(
+            registry.clone(),
+            config(),
+            own,
+            LeaseMetrics::default(),
+            Health::new(WAIT),
+        );
         (registry, watcher)
     }
 

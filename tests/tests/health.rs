@@ -1,0 +1,217 @@
+//! /healthz and /readyz against real faults: etcd gone, a node the agent cannot bring in line,
+//! clients that connect and never ask, and a process out of file descriptors. The agent either
+//! does its job or says, on its health port, what keeps it from it.
+use std::{
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use overlay_tests::{
+    agent::{Agent, HEALTH_PORT},
+    cluster::{Cluster, Host},
+    health::{self, Answer, closed_by_server, cpu_time_over, idle_connections},
+    wait::wait_for,
+};
+
+/// How long the tests' agents tolerate a failure before /healthz says so.
+const GRACE: (&str, &str) = ("FLANNELD_HEALTHZ_GRACE", "3s");
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent's limit of health connections at once and how long one may take to ask.
+const CONNECTION_LIMIT: usize = 32;
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// An agent on `host` that tolerates failures for [`GRACE`], with `extra` flags.
+fn start_agent(cluster: &Cluster, host: &Host, extra: &[&str]) -> Result<Agent> {
+    Agent::start_with(host, &Agent::flags(cluster, host, extra), &[GRACE])
+}
+
+fn cluster_with_host(tag: &str) -> Result<(Cluster, Host)> {
+    let mut cluster = Cluster::new(tag)?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    Ok((cluster, host1))
+}
+
+/// Waits until `path` answers `status` with a body holding every one of `phrases`; returns it.
+fn wait_for_answer(agent: &Agent, path: &str, status: u16, phrases: &[&str]) -> Result<Answer> {
+    let mut last = None;
+    wait_for(
+        &format!("{path} to answer {status} naming {phrases:?}"),
+        VERDICT_TIMEOUT,
+        || {
+            last = agent.health(path)?;
+            Ok(last.as_ref().is_some_and(|answer| {
+                answer.status == status && phrases.iter().all(|phrase| answer.body.contains(phrase))
+            }))
+        },
+    )
+    .with_context(|| format!("last answer: {last:?}\nagent log:\n{}", agent.log()))?;
+    last.context("an answer")
+}
+
+#[test]
+fn healthz_names_a_lost_etcd_and_turns_healthy_once_it_is_back() -> Result<()> {
+    let (mut cluster, host1) = cluster_with_host("healthz-etcd")?;
+    // A lease renewed every few seconds, so renewals fail while etcd is away.
+    let mut agent = start_agent(&cluster, &host1, &["--subnet-lease-ttl=6s"])?;
+    let subnet = agent.wait_ready()?;
+    wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+
+    cluster.etcd.stop();
+    let stopped = Instant::now();
+    let answer = wait_for_answer(
+        &agent,
+        "/healthz",
+        503,
+        &["lease watch down for", "lease not renewed for"],
+    )?;
+    eprintln!(
+        "{:?} after etcd stopped, /healthz: {}",
+        stopped.elapsed(),
+        answer.body
+    );
+    ensure!(
+        stopped.elapsed() > Duration::from_secs(3),
+        "a failure shorter than the grace period is tolerated"
+    );
+    let ready = agent.health("/readyz")?.context("/readyz answers")?;
+    ensure!(
+        ready.status == 503,
+        "/readyz fails with /healthz: {ready:?}"
+    );
+
+    cluster.etcd.restart()?;
+    wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+    wait_for_answer(&agent, "/readyz", 200, &["ok"])?;
+    ensure!(
+        cluster.etcd.get(&cluster.subnet_key(&subnet))?.is_some(),
+        "the lease outlived the outage"
+    );
+    Ok(())
+}
+
+#[test]
+fn healthz_names_a_node_the_agent_cannot_bring_in_line_until_it_can() -> Result<()> {
+    let (cluster, host1) = cluster_with_host("healthz-reconcile")?;
+    let mut agent = start_agent(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+
+    // Something else takes the bridge's name: the agent cannot make its bridge.
+    take_the_bridge_s_name(&agent, &host1)?;
+    let answer = wait_for_answer(
+        &agent,
+        "/healthz",
+        503,
+        &[
+            "reconcile failing for",
+            "docker0 exists but is not a bridge",
+        ],
+    )?;
+    eprintln!("/healthz: {}", answer.body);
+
+    host1.netns.ip(&["link", "del", "docker0"])?;
+    wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+    ensure!(
+        host1
+            .netns
+            .ip(&["-d", "link", "show", "docker0"])?
+            .contains("bridge"),
+        "the agent made its bridge again"
+    );
+    Ok(())
+}
+
+/// Replaces docker0 with a veth of the same name while the agent is stopped: running, it
+/// would make its bridge again before the name could be taken.
+fn take_the_bridge_s_name(agent: &Agent, host: &Host) -> Result<()> {
+    agent.process.signal(libc::SIGSTOP)?;
+    let taken = host.netns.ip(&["link", "del", "docker0"]).and_then(|_| {
+        host.netns.ip(&[
+            "link", "add", "docker0", "type", "veth", "peer", "name", "squatter",
+        ])
+    });
+    agent.process.signal(libc::SIGCONT)?;
+    taken.map(drop)
+}
+
+#[test]
+fn idle_clients_neither_block_the_health_port_nor_keep_their_connections() -> Result<()> {
+    let (cluster, host1) = cluster_with_host("healthz-slowloris")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+    let netns = host1.netns.name();
+
+    let mut few = idle_connections(netns, HEALTH_PORT, 8)?;
+    let asked = Instant::now();
+    wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+    ensure!(
+        asked.elapsed() < Duration::from_secs(1),
+        "idle clients delayed /healthz by {:?}",
+        asked.elapsed()
+    );
+
+    // Far more idle connections than the agent takes: those over its limit are closed at
+    // once, the rest when they have not asked within the deadline.
+    let mut many = idle_connections(netns, HEALTH_PORT, 4 * CONNECTION_LIMIT)?;
+    let opened = Instant::now();
+    let refused = count_closed(&mut many, Duration::from_millis(200))?;
+    eprintln!(
+        "of {} idle connections, {refused} were closed at once",
+        many.len()
+    );
+    ensure!(
+        refused >= many.len() - CONNECTION_LIMIT,
+        "connections over the limit of {CONNECTION_LIMIT} stay open: {refused} of {} closed",
+        many.len()
+    );
+    sleep(REQUEST_DEADLINE.saturating_sub(opened.elapsed()));
+    let all = few.len() + many.len();
+    let closed = count_closed(&mut few, Duration::from_secs(3))?
+        + count_closed(&mut many, Duration::from_secs(3))?;
+    ensure!(
+        closed == all,
+        "{closed} of {all} idle connections closed after the deadline"
+    );
+    wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+    Ok(())
+}
+
+/// How many of `streams` the server has closed, waiting up to `wait` for each.
+fn count_closed(streams: &mut [std::net::TcpStream], wait: Duration) -> Result<usize> {
+    let mut closed = 0;
+    for stream in streams {
+        if closed_by_server(stream, wait)? {
+            closed += 1;
+        }
+    }
+    Ok(closed)
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_make_the_health_port_spin() -> Result<()> {
+    let (cluster, host1) = cluster_with_host("healthz-fds")?;
+    let mut agent = Agent::start(&cluster, &host1, &[])?;
+    agent.wait_ready()?;
+    let pid = agent.process.id();
+    let open = health::open_files(pid)?;
+    health::limit_open_files(pid, open + 4)?;
+
+    let connections = idle_connections(host1.netns.name(), HEALTH_PORT, 64)?;
+    // Let the accept errors start, then measure.
+    sleep(Duration::from_millis(500));
+    let used = cpu_time_over(pid, Duration::from_secs(3))?;
+    let complaints = agent.count_in_log("health listener");
+    eprintln!("{complaints} complaints about the listener in the log");
+    ensure!(
+        used < Duration::from_millis(300),
+        "the agent spun on accept errors: {used:?} of CPU in 3 s"
+    );
+    ensure!(
+        complaints <= 5,
+        "the agent logged {complaints} accept errors"
+    );
+
+    drop(connections);
+    wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+    Ok(())
+}
