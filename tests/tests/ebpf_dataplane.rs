@@ -373,6 +373,34 @@ fn killing_and_restarting_an_agent_loses_no_packet() -> Result<()> {
 }
 
 #[test]
+fn the_bridges_notice_about_a_port_keeps_the_containers_fast_path() -> Result<()> {
+    let seed = Seed::start("port-notice", &[])?;
+    warm_up_fast_path(&seed)?;
+    // The bridge announces a port's state (an RTM_NEWLINK of family AF_BRIDGE, which names no
+    // link kind) whenever one of its flags is set.
+    seed.host1.netns.exec(&[
+        "bridge",
+        "link",
+        "set",
+        "dev",
+        "veth-bbox1",
+        "learning",
+        "on",
+    ])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let before = counters(&seed.host1)?;
+    let ping = seed.bbox1.ping(BBOX2, 5)?;
+    assert_eq!(ping.matches("ttl=62").count(), 5, "{ping}");
+    assert_eq!(
+        delta(&before, &counters(&seed.host1)?, Counter::TxDirect),
+        5,
+        "bbox1's veth still encapsulates:\n{}",
+        seed.agent1.log()
+    );
+    Ok(())
+}
+
+#[test]
 fn ebpf_kernel_and_stock_flannel_hosts_all_reach_each_other() -> Result<()> {
     let mut cluster = Cluster::new("interop")?;
     let subnet3 = "10.2.63.0/24";

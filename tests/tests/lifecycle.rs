@@ -153,6 +153,12 @@ fn the_netlink_tc_path_carries_the_seed_through_a_crash_and_leaves_no_filter() -
         "the restart swapped programs into the same filters:\n{log}"
     );
     window.assert_no_loss(ping, 1000, &[])?;
+    assert_eq!(
+        tc_filters(&seed.host1.netns)?,
+        filters,
+        "and keeps them:\n{}",
+        seed.agent1.log()
+    );
 
     seed.agent1.process.terminate(TIMEOUT)?;
     let flags = [

@@ -60,6 +60,13 @@ pub fn observe(
     bridge_index: u32,
 ) -> bool {
     match message {
+        // The bridge's own notice about a port's state (forwarding, say): it carries no link
+        // kind, so it says nothing about whether the port is a container's.
+        RouteNetlinkMessage::NewLink(link)
+            if link.header.interface_family == AddressFamily::Bridge =>
+        {
+            false
+        }
         RouteNetlinkMessage::NewLink(link) => match container_port(link, bridge_index) {
             Some(port) => {
                 containers.ports.insert(port.index, port);
@@ -230,6 +237,22 @@ mod tests {
         assert!(
             containers.addresses.is_empty(),
             "a failed entry is not trusted"
+        );
+
+        let mut port_state = port_link(Some(BRIDGE));
+        port_state.header.interface_family = AddressFamily::Bridge;
+        port_state
+            .attributes
+            .retain(|attribute| !matches!(attribute, LinkAttribute::LinkInfo(_)));
+        assert!(!observe(
+            &mut containers,
+            &RouteNetlinkMessage::NewLink(port_state),
+            BRIDGE
+        ));
+        assert_eq!(
+            containers.ports.keys().copied().collect::<Vec<_>>(),
+            [PORT],
+            "the bridge's notice about its port's state keeps the port"
         );
 
         let unplugged = RouteNetlinkMessage::NewLink(port_link(None));
