@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     programs::{
         Link, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
@@ -259,13 +259,12 @@ impl Dataplane {
             Ok(())
         });
         if !adopted {
-            // Kernels before TCX (6.6) need the clsact qdisc; with TCX it is harmless.
-            if let Err(error) = tc::qdisc_add_clsact(interface) {
-                log::debug!("clsact on {interface}: {error}");
-            }
+            let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
             let link_id = program
-                .attach(interface, direction)
-                .with_context(|| format!("cannot attach {name} to {interface}"))?;
+                .attach_with_options(interface, direction, tcx)
+                .with_context(|| {
+                    format!("cannot attach {name} to {interface} (tcx needs Linux 6.6)")
+                })?;
             let link = FdLink::try_from(program.take_link(link_id)?)?;
             self.attached.keep(name, ifindex, link, &pin)?;
         }
