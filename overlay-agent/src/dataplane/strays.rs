@@ -50,8 +50,8 @@ pub struct Keep {
 /// Detaches every program of ours on `interfaces` that `keep` does not hold; returns one line
 /// for each ("tc_uplink_ingress (tcx) on eth0").
 pub fn remove(interfaces: &[Interface], keep: &Keep) -> Result<Vec<String>> {
-    let ours = programs_of_ours()?;
-    let links = links_by_program()?;
+    let ours = programs_of_ours();
+    let links = links_by_program();
     let mut removed = Vec::new();
     for interface in interfaces {
         for (program, direction) in TC_HOOKS {
@@ -70,20 +70,35 @@ pub fn remove(interfaces: &[Interface], keep: &Keep) -> Result<Vec<String>> {
                 continue;
             };
             for link in links.get(&id).into_iter().flatten() {
-                detach_link(*link)
-                    .with_context(|| format!("cannot detach {name} from {}", interface.name))?;
-                removed.push(format!("{name} ({hook}) on {}", interface.name));
+                match detach_link(*link) {
+                    Ok(()) => removed.push(format!("{name} ({hook}) on {}", interface.name)),
+                    // Gone since the listing.
+                    Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(error) => {
+                        return Err(error).with_context(|| {
+                            format!("cannot detach {name} from {}", interface.name)
+                        });
+                    }
+                }
             }
         }
     }
     Ok(removed)
 }
 
-/// Kernel id → name of every loaded program named as one of ours.
-fn programs_of_ours() -> Result<HashMap<u32, &'static str>> {
+/// Kernel id → name of every loaded program named as one of ours. The listing walks every
+/// program on the machine: one that another process loads or frees meanwhile cannot be
+/// opened (ENOENT, or EAGAIN while it is set up) and is passed over.
+fn programs_of_ours() -> HashMap<u32, &'static str> {
     let mut ours = HashMap::new();
     for info in loaded_programs() {
-        let info = info.context("cannot list the loaded eBPF programs")?;
+        let info = match info {
+            Ok(info) => info,
+            Err(error) => {
+                log::debug!("a program passed over in the listing: {error}");
+                continue;
+            }
+        };
         let name = info.name_as_str().unwrap_or_default();
         if let Some(program) = PROGRAMS
             .iter()
@@ -92,17 +107,20 @@ fn programs_of_ours() -> Result<HashMap<u32, &'static str>> {
             ours.insert(info.id(), *program);
         }
     }
-    Ok(ours)
+    ours
 }
 
-/// Program id → the ids of the links that attach it.
-fn links_by_program() -> Result<HashMap<u32, Vec<u32>>> {
+/// Program id → the ids of the links that attach it; links in flux are passed over, as
+/// programs are.
+fn links_by_program() -> HashMap<u32, Vec<u32>> {
     let mut links: HashMap<u32, Vec<u32>> = HashMap::new();
     for link in loaded_links() {
-        let link = link.context("cannot list the eBPF links")?;
-        links.entry(link.program_id()).or_default().push(link.id());
+        match link {
+            Ok(link) => links.entry(link.program_id()).or_default().push(link.id()),
+            Err(error) => log::debug!("a link passed over in the listing: {error}"),
+        }
     }
-    Ok(links)
+    links
 }
 
 /// The programs tcx runs on `interface`, both directions; none on a kernel without tcx.
