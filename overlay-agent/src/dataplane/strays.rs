@@ -3,7 +3,7 @@
 //! this network namespace's interfaces are searched, so agents in other namespaces keep
 //! theirs. A program is ours by its name.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
@@ -48,10 +48,8 @@ pub struct Keep {
 }
 
 /// Detaches every program of ours on `interfaces` that `keep` does not hold; returns one line
-/// for each ("tc_uplink_ingress (tcx) on eth0").
+/// for each ("tc_container_ingress (tcx) on veth1, veth2").
 pub fn remove(interfaces: &[Interface], keep: &Keep) -> Result<Vec<String>> {
-    let ours = programs_of_ours();
-    let links = links_by_program();
     let mut removed = Vec::new();
     for interface in interfaces {
         for (program, direction) in TC_HOOKS {
@@ -61,6 +59,53 @@ pub fn remove(interfaces: &[Interface], keep: &Keep) -> Result<Vec<String>> {
                 removed.push(format!("{program} (netlink filter) on {}", interface.name));
             }
         }
+    }
+    let links = links_by_program();
+    for (id, stray) in stray_programs(interfaces, keep) {
+        // A program is loaded by one agent, so all its links are in that agent's namespace.
+        let mut detached = false;
+        for link in links.get(&id).into_iter().flatten() {
+            match detach_link(*link) {
+                Ok(()) => detached = true,
+                // Gone since the listing.
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => {
+                    return Err(error)
+                        .with_context(|| format!("cannot detach {}", stray.describe()));
+                }
+            }
+        }
+        if detached {
+            removed.push(stray.describe());
+        }
+    }
+    Ok(removed)
+}
+
+/// A program of ours found where the flags do not call for it.
+struct Stray {
+    name: &'static str,
+    hook: &'static str,
+    interfaces: Vec<String>,
+}
+
+impl Stray {
+    fn describe(&self) -> String {
+        format!(
+            "{} ({}) on {}",
+            self.name,
+            self.hook,
+            self.interfaces.join(", ")
+        )
+    }
+}
+
+/// The programs of ours that tcx or XDP runs on `interfaces` and `keep` does not hold, by
+/// kernel id.
+fn stray_programs(interfaces: &[Interface], keep: &Keep) -> BTreeMap<u32, Stray> {
+    let ours = programs_of_ours();
+    let mut strays = BTreeMap::new();
+    for interface in interfaces {
         let attached = tcx_programs(&interface.name)
             .into_iter()
             .map(|id| (id, "tcx"))
@@ -69,21 +114,18 @@ pub fn remove(interfaces: &[Interface], keep: &Keep) -> Result<Vec<String>> {
             let Some(name) = ours.get(&id).filter(|_| !keep.programs.contains(&id)) else {
                 continue;
             };
-            for link in links.get(&id).into_iter().flatten() {
-                match detach_link(*link) {
-                    Ok(()) => removed.push(format!("{name} ({hook}) on {}", interface.name)),
-                    // Gone since the listing.
-                    Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(error) => {
-                        return Err(error).with_context(|| {
-                            format!("cannot detach {name} from {}", interface.name)
-                        });
-                    }
-                }
-            }
+            strays
+                .entry(id)
+                .or_insert_with(|| Stray {
+                    name,
+                    hook,
+                    interfaces: Vec::new(),
+                })
+                .interfaces
+                .push(interface.name.clone());
         }
     }
-    Ok(removed)
+    strays
 }
 
 /// Kernel id → name of every loaded program named as one of ours. The listing walks every
