@@ -176,6 +176,33 @@ fn the_netlink_tc_path_carries_the_seed_through_a_crash_and_leaves_no_filter() -
     Ok(())
 }
 
+#[test]
+fn switching_the_tc_path_either_way_leaves_only_the_new_one() -> Result<()> {
+    let mut seed = Seed::start("tc-switch", &[])?;
+    let tcx = tcx_programs(&seed.host1.netns)?;
+    ensure!(!tcx.is_empty(), "the tcx run attached nothing");
+    for (flags, expect_filters) in [(&[TC_NETLINK][..], true), (&[][..], false)] {
+        seed.agent1.process.terminate(TIMEOUT)?;
+        seed.agent1 = Agent::start(&seed.cluster, &seed.host1, flags)?;
+        assert_eq!(seed.agent1.wait_ready()?, SUBNET1);
+        let (filters, programs) = (
+            tc_filters(&seed.host1.netns)?,
+            tcx_programs(&seed.host1.netns)?,
+        );
+        if expect_filters {
+            assert_eq!(programs, Vec::<String>::new(), "{}", seed.agent1.log());
+            assert_eq!(filters.len(), tcx.len(), "{filters:#?}");
+            let links = pinned_links(&seed.host1.pin_dir())?;
+            assert_eq!(links, Vec::new(), "no tcx link stays pinned");
+        } else {
+            assert_eq!(filters, Vec::<String>::new(), "{}", seed.agent1.log());
+            assert_eq!(programs, tcx);
+        }
+        ping_ttl_62(&seed.bbox1, BBOX2)?;
+    }
+    Ok(())
+}
+
 /// Removes bpffs directories the harness does not name after its namespaces.
 struct RemoveOnDrop(Vec<PathBuf>);
 

@@ -314,7 +314,20 @@ impl Dataplane {
         self.attached
             .filters
             .insert((name, ifindex), (interface.to_string(), direction));
-        Ok(())
+        self.unpin_tcx_link(name, ifindex)
+    }
+
+    /// Unpins the tcx link a run on the other tc path left for `name` on `ifindex`, which
+    /// detaches it: the filter now does its work.
+    fn unpin_tcx_link(&self, name: &str, ifindex: u32) -> Result<()> {
+        match self.link_pin(name, ifindex).filter(|pin| pin.exists()) {
+            Some(pin) => {
+                log::info!("{name}: the tcx link pinned at {} goes", pin.display());
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("cannot unpin {}", pin.display()))
+            }
+            None => Ok(()),
+        }
     }
 
     fn attach_xdp(&mut self, interface: &str, ifindex: u32, mode: XdpModeChoice) -> Result<()> {
