@@ -73,6 +73,23 @@ fn the_package_holds_the_agent_its_unit_and_its_env_file_and_no_maintainer_scrip
     Ok(())
 }
 
+/// The README's copy of the unit is the shipped unit without its comments.
+#[test]
+fn the_readme_shows_the_unit_as_shipped() -> Result<()> {
+    let unpacked = Unpacked::new(&built_package()?)?;
+    let unit = std::fs::read_to_string(unpacked.path(UNIT))?;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let uncommented: Vec<&str> = unit.lines().filter(|line| !line.starts_with('#')).collect();
+    let shown = readme
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("ExecStart=/usr/bin/overlay-agent"))
+        .context("the README shows no unit with ExecStart=/usr/bin/overlay-agent")?;
+    assert_eq!(shown.lines().collect::<Vec<_>>(), uncommented);
+    Ok(())
+}
+
 #[test]
 fn lintian_finds_no_error_in_the_package() -> Result<()> {
     let deb = built_package()?;
