@@ -14,26 +14,32 @@ pub const AGENT: &str = "/usr/bin/overlay-agent";
 pub const UNIT: &str = "/lib/systemd/system/overlay-agent.service";
 pub const ENV_FILE: &str = "/etc/default/overlay-agent";
 
-/// The one `.deb` in target/debian, which `cargo xtask test` builds before the tests.
+/// The package of this version in target/debian, which `cargo xtask test` builds before the
+/// tests (the workspace gives the agent and the tests one version).
 pub fn built_package() -> Result<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
+    let name_start = format!("overlay-agent_{}-", env!("CARGO_PKG_VERSION"));
     let packages: Vec<PathBuf> = fs::read_dir(&dir)
         .map(|entries| {
             entries
                 .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-                .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
+                .filter(|path| {
+                    path.file_name()
+                        .and_then(|name| name.to_str())
+                        .is_some_and(|name| name.starts_with(&name_start) && name.ends_with(".deb"))
+                })
                 .collect()
         })
         .unwrap_or_default();
     match packages.as_slice() {
         [package] => Ok(package.clone()),
         [] => bail!(
-            "no .deb in {}: run the tests with `cargo xtask test`, which runs \
+            "no {name_start}*.deb in {}: run the tests with `cargo xtask test`, which runs \
              `cargo xtask package` first",
             dir.display()
         ),
         _ => bail!(
-            "more than one .deb in {} ({packages:?}): remove the stale ones",
+            "more than one {name_start}*.deb in {} ({packages:?}): remove the stale ones",
             dir.display()
         ),
     }
@@ -49,10 +55,6 @@ impl Unpacked {
         let root = ScratchDir::new("deb")?;
         run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root.path()))?;
         Ok(Self { root })
-    }
-
-    pub fn root(&self) -> &Path {
-        self.root.path()
     }
 
     /// Where the file the package installs at `installed` (absolute) lies here.

@@ -29,8 +29,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Setup and build, then formatting and lint checks, every test in the workspace and the
-    /// demo once; every failure is shown, and the last line counts them.
+    /// Setup and build, then formatting and lint checks, the Debian package, every test in the
+    /// workspace and the demo once; every failure is shown, and the last line counts them.
     Test,
     /// Build, then run overlay-agent on this host, as root, with the flags after `--`; Ctrl-C
     /// stops it as SIGINT does, keeping the lease and the pinned dataplane.
