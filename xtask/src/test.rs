@@ -1,6 +1,6 @@
 //! `cargo xtask test`: setup and build, then the format and lint checks, the Debian package,
-//! every test and the demo once. A failing step does not stop the ones after it: the run shows every failure, and its
-//! last line counts them all.
+//! every test and the demo once. A failing step does not stop the ones after it: the run shows
+//! every failure, and its last line counts them all.
 use std::{
     io::{BufRead, BufReader},
     path::Path,
