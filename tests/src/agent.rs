@@ -67,10 +67,21 @@ impl Agent {
 
     /// Starts the agent on `host` with exactly `args` and environment `envs`.
     pub fn start_with(host: &Host, args: &[String], envs: &[(&str, &str)]) -> Result<Self> {
+        Self::start_through(host, &agent_binary()?, args, envs)
+    }
+
+    /// Starts `program` on `host` with `args` and `envs`, where `program` is, or becomes, the
+    /// agent: the agent binary itself, or a command that runs it in its own place.
+    pub fn start_through(
+        host: &Host,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = host.dir.join(format!("agent-{start}.log"));
-        let process = Process::spawn(host.netns.name(), &agent_binary()?, args, envs, &log)?;
+        let process = Process::spawn(host.netns.name(), program, args, envs, &log)?;
         Ok(Self {
             process,
             subnet_file: host.subnet_file(),

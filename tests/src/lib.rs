@@ -14,6 +14,7 @@ pub mod inject;
 pub mod loss;
 pub mod metrics;
 pub mod netns;
+pub mod package;
 pub mod process;
 pub mod scratch;
 pub mod seed;

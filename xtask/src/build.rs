@@ -28,6 +28,12 @@ pub fn run(root: &Path, release: bool) -> Result<()> {
     cmd::run(&mut agent)
 }
 
+/// Where `run` leaves the agent.
+pub fn agent_binary(root: &Path, release: bool) -> PathBuf {
+    let profile = if release { "release" } else { "debug" };
+    root.join("target").join(profile).join("overlay-agent")
+}
+
 /// Always optimised: the verifier cannot follow unoptimised BPF. Debuginfo plus `--btf` give
 /// the object BTF, so the maps are BTF-typed and bpftool prints their field names.
 fn build_ebpf(root: &Path) -> Result<()> {

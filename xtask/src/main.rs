@@ -3,10 +3,12 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod package;
+mod run;
 mod setup;
 mod test;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -27,9 +29,22 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Setup and build, then formatting and lint checks, every test in the workspace and the
-    /// demo once; every failure is shown, and the last line counts them.
+    /// Setup and build, then formatting and lint checks, the Debian package, every test in the
+    /// workspace and the demo once; every failure is shown, and the last line counts them.
     Test,
+    /// Build, then run overlay-agent on this host, as root, with the flags after `--`; Ctrl-C
+    /// stops it as SIGINT does, keeping the lease and the pinned dataplane.
+    Run {
+        /// Build and run the agent with the release profile.
+        #[arg(long)]
+        release: bool,
+        /// The agent's own flags, `--help` included, passed through untouched.
+        #[arg(last = true)]
+        agent_args: Vec<OsString>,
+    },
+    /// Build the release agent and its Debian package (binary, systemd unit, env file) into
+    /// target/debian/.
+    Package,
     /// Measure ebpf, kernel and host-gw side by side; the report goes to target/bench/.
     Bench {
         /// One short run of each measurement: proves the benchmark works, measures little.
@@ -51,6 +66,11 @@ fn main() -> ExitCode {
         Task::Setup => succeeded(setup::run(&root)),
         Task::Build { release } => succeeded(build::run(&root, release)),
         Task::Test => test::run(&root),
+        Task::Run {
+            release,
+            agent_args,
+        } => succeeded(run::run(&root, release, &agent_args)),
+        Task::Package => succeeded(package::run(&root)),
         Task::Demo { once } => succeeded(demo::run(&root, once)),
         Task::Bench { quick } => succeeded(bench::run(&root, quick)),
     };

@@ -43,18 +43,27 @@ const APT_PACKAGES: &[&str] = &[
     "docker.io",
     // The containers' image: a static busybox imported into each test dockerd.
     "busybox-static",
+    // `cargo xtask package`: dpkg-shlibdeps (the package's Depends) and strip for cargo-deb,
+    // lintian to check the package, systemd-analyze to verify its unit. systemd installs
+    // without becoming init: that is systemd-sysv's job.
+    "dpkg-dev",
+    "lintian",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const BPFFS: &str = "/sys/fs/bpf";
 
-enum Outcome {
+pub enum Outcome {
     Present,
     Installed,
 }
 
 pub fn run(root: &Path) -> Result<()> {
-    ensure_linux_root()?;
+    ensure_linux_root(
+        "setup installs packages, loads eBPF programs and mounts bpffs: run it as root",
+    )?;
     let mut failures = Vec::new();
     let mut record = |item: &str, outcome: Result<Outcome>| match outcome {
         Ok(Outcome::Present) => println!("  {item:<28} present"),
@@ -70,6 +79,7 @@ pub fn run(root: &Path) -> Result<()> {
     record("rustfmt and clippy", ensure_lint_components());
     record("nightly rust-src", ensure_nightly_rust_src());
     record("bpf-linker", ensure_bpf_linker(root));
+    record("cargo-deb", ensure_cargo_deb());
     record("bpffs at /sys/fs/bpf", ensure_bpffs());
     if !failures.is_empty() {
         bail!("setup incomplete, failed: {}", failures.join(", "));
@@ -77,24 +87,27 @@ pub fn run(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn ensure_linux_root() -> Result<()> {
+/// Fails unless this is Linux and the effective user is root; `why_root` says why it must be,
+/// and how to run it so.
+pub fn ensure_linux_root(why_root: &str) -> Result<()> {
     if !cfg!(target_os = "linux") {
         bail!("overlay needs Linux (eBPF, network namespaces, netlink); this is not Linux");
     }
     let status =
         fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    let effective_uid = status
+    let effective_uid = effective_uid(&status).context("/proc/self/status has no Uid line")?;
+    if effective_uid != "0" {
+        bail!("{why_root} (effective uid is {effective_uid})");
+    }
+    Ok(())
+}
+
+/// The effective uid, the second of the four on the `Uid:` line of /proc/<pid>/status.
+fn effective_uid(status: &str) -> Option<&str> {
+    status
         .lines()
         .find_map(|line| line.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().nth(1))
-        .context("/proc/self/status has no Uid line")?;
-    if effective_uid != "0" {
-        bail!(
-            "setup installs packages, loads eBPF programs and mounts bpffs: run it as root \
-             (effective uid is {effective_uid})"
-        );
-    }
-    Ok(())
 }
 
 /// Checks all packages with one dpkg query, installs the missing ones with one apt-get call,
@@ -323,7 +336,21 @@ fn link_nightly_libllvm(lib_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn ensure_bpffs() -> Result<Outcome> {
+/// cargo-deb, pinned, in cargo's own bin directory, where `cargo deb` finds it.
+fn ensure_cargo_deb() -> Result<Outcome> {
+    let version = cmd::stdout(cmd::cargo().args(["deb", "--version"]));
+    if version.is_ok_and(|version| version.trim() == format!("cargo-deb {CARGO_DEB_VERSION}")) {
+        return Ok(Outcome::Present);
+    }
+    cmd::output(
+        cmd::cargo()
+            .args(["install", "cargo-deb", "--locked", "--force"])
+            .args(["--version", CARGO_DEB_VERSION]),
+    )?;
+    Ok(Outcome::Installed)
+}
+
+pub fn ensure_bpffs() -> Result<Outcome> {
     if bpffs_mounted()? {
         return Ok(Outcome::Present);
     }
@@ -350,5 +377,13 @@ mod tests {
         assert_eq!(llvm_major(nightly).as_deref(), Some("22"));
         assert_eq!(llvm_major("rustc 1.97.0\nbinary: rustc\n"), None);
         assert_eq!(llvm_major("LLVM version: x.1\n"), None);
+    }
+
+    #[test]
+    fn the_effective_uid_is_the_second_on_the_uid_line() {
+        let status =
+            "Name:\txtask\nUmask:\t0022\nUid:\t1000\t65534\t1000\t1000\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(effective_uid(status), Some("65534"));
+        assert_eq!(effective_uid("Name:\txtask\n"), None);
     }
 }

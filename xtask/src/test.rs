@@ -1,6 +1,6 @@
-//! `cargo xtask test`: setup and build, then the format and lint checks, every test and the demo
-//! once. A failing step does not stop the ones after it: the run shows every failure, and its
-//! last line counts them all.
+//! `cargo xtask test`: setup and build, then the format and lint checks, the Debian package,
+//! every test and the demo once. A failing step does not stop the ones after it: the run shows
+//! every failure, and its last line counts them all.
 use std::{
     io::{BufRead, BufReader},
     path::Path,
@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{build, cmd, demo, setup};
+use crate::{build, cmd, demo, package, setup};
 
 /// The crates that run in user space; overlay-ebpf only builds for the BPF target.
 const USERSPACE_CRATES: &[&str] = &["overlay-common", "overlay-agent", "xtask", "overlay-tests"];
@@ -32,6 +32,8 @@ pub fn run(root: &Path) -> Result<ExitCode> {
             .args(package_args())
             .args(["--all-targets", "--all-features", "--", "-D", "warnings"]),
     );
+    // Before the tests: tests/tests/package.rs checks the package this leaves in target/debian.
+    tally.record("package", package::build(root));
     tally.tests(
         cmd::cargo()
             .current_dir(root)
@@ -53,7 +55,7 @@ fn package_args() -> Vec<&'static str> {
 }
 
 /// Passes and failures over the whole run: each test, and each step that is not a test
-/// (formatting, clippy, the demo) as one.
+/// (formatting, clippy, the package, the demo) as one.
 #[derive(Default)]
 struct Tally {
     passed: u64,
@@ -63,7 +65,11 @@ struct Tally {
 
 impl Tally {
     fn step(&mut self, what: &str, command: &mut Command) {
-        match cmd::run(command) {
+        self.record(what, cmd::run(command));
+    }
+
+    fn record(&mut self, what: &str, outcome: Result<()>) {
+        match outcome {
             Ok(()) => self.passed += 1,
             Err(error) => self.fail(format!("{what}: {error:#}")),
         }
