@@ -19,20 +19,59 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// host namespace's loopback.
 pub const HEALTH_PORT: u16 = 8471;
 
-/// The agent binary `cargo xtask build` produced (OVERLAY_AGENT_BIN overrides it).
+/// The crates whose sources go into the agent binary (the eBPF object is embedded).
+const AGENT_SOURCES: [&str; 3] = [
+    "overlay-agent/src",
+    "overlay-common/src",
+    "overlay-ebpf/src",
+];
+
+/// The agent binary `cargo xtask build` produced (OVERLAY_AGENT_BIN overrides it). `cargo test`
+/// does not build it, so one older than the sources is refused rather than tested.
 pub fn agent_binary() -> Result<PathBuf> {
-    let path = std::env::var_os("OVERLAY_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/overlay-agent")
-        });
-    if !path.exists() {
-        bail!(
-            "{} does not exist: run the tests with `cargo xtask test`, which builds it",
-            path.display()
-        );
+    if let Some(path) = std::env::var_os("OVERLAY_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the tests crate sits in the workspace")?;
+    let path = workspace.join("target/debug/overlay-agent");
+    let built = std::fs::metadata(&path)
+        .and_then(|metadata| metadata.modified())
+        .with_context(|| {
+            format!(
+                "{} does not exist: run the tests with `cargo xtask test`, which builds it",
+                path.display()
+            )
+        })?;
+    for sources in AGENT_SOURCES {
+        if let Some(newer) = newer_file(&workspace.join(sources), built)? {
+            bail!(
+                "{} is older than {}: `cargo xtask build` rebuilds it (`cargo test` does not)",
+                path.display(),
+                newer.display()
+            );
+        }
     }
     Ok(path)
+}
+
+/// A Rust source under `dir` modified after `than`, if any.
+fn newer_file(dir: &Path, than: std::time::SystemTime) -> Result<Option<PathBuf>> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        let newer = if metadata.is_dir() {
+            newer_file(&entry.path(), than)?
+        } else {
+            let source = entry.path().extension().is_some_and(|ext| ext == "rs");
+            (source && metadata.modified()? > than).then(|| entry.path())
+        };
+        if newer.is_some() {
+            return Ok(newer);
+        }
+    }
+    Ok(None)
 }
 
 pub struct Agent {
