@@ -229,14 +229,26 @@ impl Drop for Netns {
     }
 }
 
-/// Removes harness namespaces, and the bpffs pin directories named after them, whose creating
-/// process no longer exists.
+/// Removes harness namespaces, the processes a killed run left in them (etcd, agents), and the
+/// bpffs pin directories named after them, whose creating process no longer exists.
 fn remove_stale_namespaces() {
     for name in stale_names(NETNS_DIR) {
+        kill_processes_in(&name);
         let _ = run(Command::new("ip").args(["netns", "del", &name]));
     }
     for name in stale_names(crate::cluster::BPFFS) {
         let _ = fs::remove_dir_all(Path::new(crate::cluster::BPFFS).join(name));
+    }
+}
+
+/// SIGKILLs every process in namespace `name`.
+fn kill_processes_in(name: &str) {
+    let Ok(pids) = run(Command::new("ip").args(["netns", "pids", name])) else {
+        return;
+    };
+    let pids: Vec<&str> = pids.split_whitespace().collect();
+    if !pids.is_empty() {
+        let _ = run(Command::new("kill").arg("-KILL").args(pids));
     }
 }
 
