@@ -460,6 +460,7 @@ fn flags_can_come_from_flanneld_environment_variables() -> Result<()> {
     let mut cluster = Cluster::new("env")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     let subnet_file = host1.subnet_file().display().to_string();
+    let pin_dir = host1.pin_dir().display().to_string();
     let endpoint = cluster.etcd.endpoint();
     let mut agent = Agent::start_with(
         &host1,
@@ -468,6 +469,7 @@ fn flags_can_come_from_flanneld_environment_variables() -> Result<()> {
             ("FLANNELD_ETCD_ENDPOINTS", &endpoint),
             ("FLANNELD_ETCD_PREFIX", PREFIX),
             ("FLANNELD_SUBNET_FILE", &subnet_file),
+            ("FLANNELD_BPF_PIN_DIR", &pin_dir),
             ("FLANNELD_IFACE", "eth0"),
             ("FLANNELD_IP_MASQ", "true"),
             ("FLANNELD_HEALTHZ_IP", "127.0.0.1"),
@@ -476,6 +478,10 @@ fn flags_can_come_from_flanneld_environment_variables() -> Result<()> {
     )?;
     agent.wait_ready()?;
     assert!(std::fs::read_to_string(host1.subnet_file())?.contains("FLANNEL_IPMASQ=true\n"));
+    assert!(
+        host1.pin_dir().join("config").exists(),
+        "the dataplane is pinned where FLANNELD_BPF_PIN_DIR says"
+    );
     Ok(())
 }
 
