@@ -19,7 +19,11 @@ pub mod reconcile;
 pub mod status;
 pub mod subnet;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::Ipv4Network;
@@ -32,18 +36,19 @@ use tokio::{
 };
 
 use crate::{
-    config::{NetworkConfig, VXLAN_OVERHEAD},
+    config::{NetworkConfig, VXLAN_IPV6_OVERHEAD, VXLAN_OVERHEAD},
     dataplane::{Dataplane, LeaseCapacity, pins::PinDirLock, refusals::RefusalWatch, strays::Keep},
     health::{Health, Stage},
+    mac::MacAddr,
     masquerade::{Masquerade, Rules},
     metrics::Metrics,
-    node::{NodeNetwork, NodeSettings, uplink::Uplink, vtep},
+    node::{FamilySettings, NodeNetwork, NodeSettings, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
     reconcile::{EbpfSink, Reconciler, Scope, desired::RoutingRules},
     subnet::{
-        Lease, config_change,
+        Lease, LeaseSubnets, PublicAddresses, VtepMacs, config_change,
         etcd::EtcdRegistry,
-        file::{SubnetEnv, previous_subnet},
+        file::{SubnetEnv, previous_networks, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
         registry::{ConfigReadError, Registry},
         watch::LeaseWatcher,
@@ -81,10 +86,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
+    let tunnel_ipv6 = tunnel_ipv6(&netlink, &options, &config, &uplink).await?;
+    let public = PublicAddresses {
+        ipv4: if config.enable_ipv4 {
+            public_ip
+        } else {
+            Ipv4Addr::UNSPECIFIED
+        },
+        ipv6: tunnel_ipv6.map(|local| options.public_ipv6.unwrap_or(local)),
+    };
     let manager = LeaseManager {
         registry: registry.clone(),
         config: config.clone(),
-        public_ip,
+        public,
         timing: LeaseTiming {
             ttl: options.subnet_lease_ttl,
             renew_margin: options.renew_margin(),
@@ -96,10 +110,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
     let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink).await?;
     health.reached(Stage::DataplaneLoaded);
-    // A VTEP MAC already on the device is kept, so peers never hold a stale one.
-    let existing_mac = vtep::existing_mac(&netlink, &vtep::device_name(config.backend.vni)).await?;
+    // A VTEP MAC already on a device is kept, so peers never hold a stale one.
+    let vni = config.backend.vni;
+    let existing_macs = VtepMacs {
+        ipv4: vtep::existing_mac(&netlink, &vtep::device_name(vni)).await?,
+        ipv6: vtep::existing_mac(&netlink, &vtep::ipv6_device_name(vni)).await?,
+    };
     let lease = manager
-        .acquire(existing_mac, previous_subnet(&options.subnet_file))
+        .acquire(existing_macs, previous_subnet(&options.subnet_file))
         .await?;
 
     let notifications = reconcile::subscribe()?;
@@ -109,6 +127,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         &options,
         &config,
         &uplink,
+        tunnel_ipv6,
         &lease,
         &metrics,
     )
@@ -129,9 +148,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut masquerade = masquerade_for(&options, &config, lease.subnet);
     masquerade.ensure()?;
     SubnetEnv {
-        network: config.network,
-        subnet: lease.subnet,
-        mtu: overlay_mtu(&config, &uplink)?,
+        ipv4: config.enable_ipv4.then_some((config.network, lease.subnet)),
+        ipv6: config
+            .ipv6
+            .zip(lease.ipv6_subnet)
+            .map(|(range, subnet)| (range.network, subnet)),
+        mtu: if config.enable_ipv4 {
+            overlay_mtu(&config, &uplink, VXLAN_OVERHEAD)?
+        } else {
+            overlay_mtu(&config, &uplink, VXLAN_IPV6_OVERHEAD)?
+        },
         ip_masq: options.ip_masq,
     }
     .write_atomically(&options.subnet_file)?;
@@ -139,7 +165,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     notify_systemd_ready();
     log::info!(
         "ready: subnet {} written to {}",
-        lease.subnet,
+        lease.subnets(),
         options.subnet_file.display()
     );
 
@@ -151,7 +177,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         () = reconciler.run(received, notifications, &mut masquerade, resync, &health) => Err(anyhow!("the lease event stream ended")),
         change = config_change::stop_on_change(&config_registry, &config) => Err(change),
         signal = shutdown_signal() => {
-            log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnet);
+            log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
             Ok(())
         }
     }
@@ -168,7 +194,42 @@ fn refuse_what_the_dataplane_lacks(
              dataplane, which encapsulates itself: run with --dataplane=kernel"
         );
     }
+    if dataplane == DataplaneChoice::Ebpf && !config.enable_ipv4 {
+        bail!(
+            "network config: EnableIPv4 is false, and the ebpf dataplane carries IPv4 (IPv6 \
+             goes through flannel-v6.<VNI> in both modes): run an IPv6-only network with \
+             --dataplane=kernel"
+        );
+    }
     Ok(())
+}
+
+/// With IPv6 in the network, the tunnel's IPv6 source: the uplink's address as flannel
+/// picks it (`--public-ipv6` when the uplink holds it).
+async fn tunnel_ipv6(
+    netlink: &Handle,
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    uplink: &Uplink,
+) -> Result<Option<Ipv6Addr>> {
+    if config.ipv6.is_none() {
+        return Ok(None);
+    }
+    let local = node::uplink::ipv6_address(netlink, uplink.index, options.public_ipv6)
+        .await?
+        .with_context(|| {
+            format!(
+                "network config: EnableIPv6 is true, but the uplink {} has no usable IPv6 \
+                 address for flannel-v6.{}",
+                uplink.name, config.backend.vni
+            )
+        })?;
+    log::info!(
+        "uplink {} IPv6 {local}, public IPv6 {}",
+        uplink.name,
+        options.public_ipv6.unwrap_or(local)
+    );
+    Ok(Some(local))
 }
 
 /// flannel's forward and masquerade rules for our `subnet`, where `EnableNFTables` says.
@@ -210,46 +271,80 @@ fn notify_systemd_ready() {
 }
 
 /// The reconciler for our `lease`, with the eBPF dataplane loaded in ebpf mode.
+#[allow(clippy::too_many_arguments)]
 async fn reconciler(
     dataplane: Option<Dataplane>,
     netlink: Handle,
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
+    tunnel_ipv6: Option<Ipv6Addr>,
     lease: &Lease,
     metrics: &Metrics,
 ) -> Result<Reconciler> {
-    let vtep_mac = lease
-        .attrs
-        .vtep_mac()
-        .context("our own lease has no VTEP MAC")?;
     let ebpf = match dataplane {
         None => None,
         Some(dataplane) => {
+            let vtep_mac = lease
+                .attrs
+                .vtep_mac()
+                .context("our own lease has no VTEP MAC")?;
             Some(ebpf_sink(dataplane, &netlink, options, config, uplink, vtep_mac).await?)
         }
     };
+    let vtep_spec = |name: String, local: IpAddr, mtu: u32, mac: MacAddr| vtep::VtepSpec {
+        name,
+        vni: config.backend.vni,
+        local,
+        uplink_index: uplink.index,
+        port: config.backend.port,
+        mtu,
+        mac,
+        gbp: config.backend.gbp,
+        learning: config.backend.learning,
+    };
+    let ipv4 = match lease.attrs.vtep_mac().filter(|_| config.enable_ipv4) {
+        Some(mac) => Some(FamilySettings {
+            vtep: vtep_spec(
+                vtep::device_name(config.backend.vni),
+                // flannel's tunnel source: the uplink's address, whatever --public-ip says.
+                IpAddr::V4(uplink.address),
+                overlay_mtu(config, uplink, VXLAN_OVERHEAD)?,
+                mac,
+            ),
+            subnet: lease.subnet,
+            network: config.network,
+        }),
+        None => None,
+    };
+    let ipv6 = match (
+        config.ipv6,
+        lease.ipv6_subnet,
+        lease.attrs.vtep_mac_v6(),
+        tunnel_ipv6,
+    ) {
+        (Some(range), Some(subnet), Some(mac), Some(local)) => Some(FamilySettings {
+            vtep: vtep_spec(
+                vtep::ipv6_device_name(config.backend.vni),
+                IpAddr::V6(local),
+                overlay_mtu(config, uplink, VXLAN_IPV6_OVERHEAD)?,
+                mac,
+            ),
+            subnet,
+            network: range.network,
+        }),
+        _ => None,
+    };
     let settings = NodeSettings {
         bridge: options.bridge.clone(),
-        vtep: vtep::VtepSpec {
-            name: vtep::device_name(config.backend.vni),
-            vni: config.backend.vni,
-            // flannel's tunnel source: the uplink's address, whatever --public-ip says.
-            local: uplink.address,
-            uplink_index: uplink.index,
-            port: config.backend.port,
-            mtu: overlay_mtu(config, uplink)?,
-            mac: vtep_mac,
-            gbp: config.backend.gbp,
-            learning: config.backend.learning,
-        },
+        ipv4,
+        ipv6,
         uplink: uplink.clone(),
-        subnet: lease.subnet,
-        network: config.network,
         blackhole_route: options.ip_blackhole_route,
     };
     let rules = RoutingRules {
         network: config.network,
+        ipv6_network: config.ipv6.map(|range| range.network),
         install_fdb: ebpf.is_none(),
         direct_routing: config.backend.direct_routing,
     };
@@ -340,39 +435,50 @@ async fn ebpf_sink(
 pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()> {
     let netlink = node::links::connect()?;
     let previous = previous_subnet(&options.subnet_file);
-    let network = subnet_file_network(&options.subnet_file);
+    let networks = previous_networks(&options.subnet_file);
     let pin_dir = options.pin_dir()?;
     let _pin_lock = PinDirLock::take(&pin_dir)?;
     remove_ebpf_dataplane(&pin_dir, &netlink).await?;
-    node::teardown(&netlink, &options.bridge, network).await?;
+    node::teardown(&netlink, &options.bridge, networks).await?;
     masquerade::remove()?;
     log::info!(
         "removed the eBPF programs and pins, the overlay devices and routes, and the forward and masquerade rules"
     );
     if release_lease {
-        let subnet = previous.with_context(|| {
+        let subnets = previous.with_context(|| {
             format!(
                 "--release-lease needs the subnet file {} to know the lease",
                 options.subnet_file.display()
             )
         })?;
-        let uplink = node::uplink::find(&netlink, uplink_choice(options)).await?;
-        let public_ip = options.public_ip.unwrap_or(uplink.address);
+        let owner = lease_owner(&netlink, options, subnets).await?;
         let registry = EtcdRegistry::connect(&options.etcd()).await?;
-        registry.delete_if_owned(subnet, public_ip).await?;
-        log::info!("released lease {subnet}");
+        registry.delete_if_owned(subnets, owner).await?;
+        log::info!("released lease {subnets}");
     }
     Ok(())
 }
 
-fn subnet_file_network(path: &std::path::Path) -> Option<Ipv4Network> {
-    let contents = std::fs::read_to_string(path).ok()?;
-    contents
-        .lines()
-        .find_map(|line| line.strip_prefix("FLANNEL_NETWORK="))?
-        .trim()
-        .parse()
-        .ok()
+/// The public addresses this host's record of `subnets` names, found as `run` finds them.
+async fn lease_owner(
+    netlink: &Handle,
+    options: &AgentOptions,
+    subnets: LeaseSubnets,
+) -> Result<PublicAddresses> {
+    let uplink = node::uplink::find(netlink, uplink_choice(options)).await?;
+    let ipv6 = match subnets.ipv6 {
+        None => None,
+        Some(_) => match options.public_ipv6 {
+            Some(public_ipv6) => Some(public_ipv6),
+            None => node::uplink::ipv6_address(netlink, uplink.index, None).await?,
+        },
+    };
+    let ipv4 = if subnets.ipv4.prefix() == 0 {
+        Ipv4Addr::UNSPECIFIED
+    } else {
+        options.public_ip.unwrap_or(uplink.address)
+    };
+    Ok(PublicAddresses { ipv4, ipv6 })
 }
 
 /// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config
@@ -392,10 +498,11 @@ async fn wait_for_network_config(registry: &impl Registry) -> Result<NetworkConf
 
 /// The MTU inside the overlay: the underlay's (Backend MTU, else the uplink's) less VXLAN's
 /// overhead.
-fn overlay_mtu(config: &NetworkConfig, uplink: &Uplink) -> Result<u32> {
+/// The MTU inside the tunnel: the underlay's less the `overhead` of VXLAN over its family.
+fn overlay_mtu(config: &NetworkConfig, uplink: &Uplink, overhead: u32) -> Result<u32> {
     let underlay_mtu = config.backend.mtu.unwrap_or(uplink.mtu);
-    underlay_mtu.checked_sub(VXLAN_OVERHEAD).with_context(|| {
-        format!("the underlay MTU {underlay_mtu} leaves no room for VXLAN's {VXLAN_OVERHEAD} bytes")
+    underlay_mtu.checked_sub(overhead).with_context(|| {
+        format!("the underlay MTU {underlay_mtu} leaves no room for VXLAN's {overhead} bytes")
     })
 }
 

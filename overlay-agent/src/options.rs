@@ -2,7 +2,12 @@
 //! `FLANNELD_<FLAG>` (dashes as underscores), so an existing flanneld env file works, and
 //! flanneld's Go flag syntax is read as well as clap's: `-flag`, `-flag=value`,
 //! `--flag value`, `-bool=false`. flanneld's Kubernetes flags are refused by name.
-use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{
     ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum,
@@ -269,6 +274,11 @@ pub struct AgentOptions {
     /// source stays the interface's address, as in flannel.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+
+    /// IPv6 address other hosts reach this one at, when the network config enables IPv6
+    /// (defaults to the interface's first global, else link-local, IPv6 address).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
 
     /// Where to write the subnet environment for docker and the CNI plugin.
     #[arg(

@@ -80,7 +80,8 @@ impl SeedHost {
     pub fn lease(&self) -> Lease {
         Lease {
             subnet: self.subnet.parse().expect("seed subnets parse"),
-            attrs: LeaseAttrs::vxlan(Ipv4Addr::from(self.public_ip), 1, MacAddr(self.vtep_mac)),
+            ipv6_subnet: None,
+            attrs: LeaseAttrs::ipv4_only(Ipv4Addr::from(self.public_ip), 1, MacAddr(self.vtep_mac)),
             etcd_lease: 0,
         }
     }

@@ -1,9 +1,9 @@
-//! The container bridge (docker0): carries the first address of our lease; containers hang
-//! off it by veth.
-use std::net::Ipv4Addr;
+//! The container bridge (docker0): carries the first address of our lease (of each family's
+//! lease, dual-stack); containers hang off it by veth.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle, LinkBridge, RouteMessageBuilder,
     packet_route::{
@@ -20,13 +20,12 @@ pub struct Bridge {
     pub mac: MacAddr,
 }
 
-/// Makes sure the bridge `name` exists, is up and carries the lease's first address, and no
-/// other address inside `network`.
+/// Makes sure the bridge `name` exists, is up and carries the first address of each lease
+/// subnet in `leases` (subnet, overlay network), and no other address inside that network.
 pub async fn ensure(
     handle: &Handle,
     name: &str,
-    subnet: Ipv4Network,
-    network: Ipv4Network,
+    leases: &[(IpNetwork, IpNetwork)],
 ) -> Result<Bridge> {
     let link = match links::find(handle, name).await? {
         Some(link) => link,
@@ -45,14 +44,14 @@ pub async fn ensure(
         bail!("{name} exists but is not a bridge: pick another name with --bridge");
     }
     links::set_up_with_mtu(handle, &link, None).await?;
-    links::ensure_lease_address(
-        handle,
-        link.header.index,
-        gateway(subnet),
-        subnet.prefix(),
-        network,
-    )
-    .await?;
+    for &(subnet, network) in leases {
+        let gateway = match subnet {
+            IpNetwork::V4(subnet) => IpAddr::V4(gateway(subnet)),
+            IpNetwork::V6(subnet) => IpAddr::V6(ipv6_gateway(subnet)),
+        };
+        links::ensure_lease_address(handle, link.header.index, gateway, subnet.prefix(), network)
+            .await?;
+    }
     let mac = links::mac(&link).with_context(|| format!("bridge {name} has no MAC"))?;
     Ok(Bridge {
         index: link.header.index,
@@ -63,6 +62,11 @@ pub async fn ensure(
 /// The subnet's first host address: the containers' default gateway, FLANNEL_SUBNET's address.
 pub fn gateway(subnet: Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+/// The IPv6 subnet's first host address, as [`gateway`]: FLANNEL_IPV6_SUBNET's address.
+pub fn ipv6_gateway(subnet: Ipv6Network) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()) + 1)
 }
 
 /// `--ip-blackhole-route`: a blackhole route for our subnet, as flanneld adds one, so that

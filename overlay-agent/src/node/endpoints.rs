@@ -16,7 +16,7 @@ use rtnetlink::{
 
 use super::{
     links,
-    peers::{neighbour_destination, neighbour_mac},
+    peers::{neighbour_ipv4, neighbour_mac},
 };
 use crate::reconcile::desired::{Containers, Device};
 
@@ -88,7 +88,7 @@ pub fn observe(
             if message.header.family == AddressFamily::Inet
                 && message.header.ifindex == bridge_index =>
         {
-            if let Some(address) = neighbour_destination(message) {
+            if let Some(address) = neighbour_ipv4(message) {
                 containers.addresses.remove(&address);
             }
             true
@@ -122,7 +122,7 @@ fn learn_mac(containers: &mut Containers, fdb_entry: &NeighbourMessage) -> bool 
 
 /// Records or forgets a bridge neighbour's MAC, by whether its state can be trusted.
 fn resolve_address(containers: &mut Containers, neighbour: &NeighbourMessage) {
-    let Some(address) = neighbour_destination(neighbour) else {
+    let Some(address) = neighbour_ipv4(neighbour) else {
         return;
     };
     match neighbour_mac(neighbour).filter(|_| is_usable(neighbour.header.state)) {

@@ -2,12 +2,12 @@
 //! attributes, bringing them up, and giving them addresses.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
@@ -188,16 +188,16 @@ pub async fn set_up_with_mtu(
         .with_context(|| format!("cannot bring up {}", name(link).unwrap_or("?")))
 }
 
-/// Makes `address/prefix_len` the link's only IPv4 address inside the overlay `network`: adds
-/// it unless the link carries it, and removes any other address inside `network` (a former
-/// lease's, after the subnet changed). Addresses outside the network stay: the agent never
-/// removes what it did not put there.
+/// Makes `address/prefix_len` the link's only address of its family inside the overlay
+/// `network`: adds it unless the link carries it, and removes any other address inside
+/// `network` (a former lease's, after the subnet changed). Addresses outside the network
+/// stay: the agent never removes what it did not put there.
 pub async fn ensure_lease_address(
     handle: &Handle,
     index: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     prefix_len: u8,
-    network: Ipv4Network,
+    network: IpNetwork,
 ) -> Result<()> {
     let present: Vec<AddressMessage> = handle
         .address()
@@ -209,7 +209,7 @@ pub async fn ensure_lease_address(
         .context("cannot list addresses")?;
     let mut has_it = false;
     for message in present {
-        let Some(local) = ipv4_local(&message) else {
+        let Some(local) = local_address(&message) else {
             continue;
         };
         if local == address && message.header.prefix_len == prefix_len {
@@ -232,31 +232,41 @@ pub async fn ensure_lease_address(
     }
     handle
         .address()
-        .add(index, IpAddr::V4(address), prefix_len)
+        .add(index, address, prefix_len)
         .execute()
         .await
         .with_context(|| format!("cannot add {address}/{prefix_len}"))
 }
 
-/// The IPv4 address an address message gives its link.
-fn ipv4_local(message: &AddressMessage) -> Option<Ipv4Addr> {
-    if message.header.family != AddressFamily::Inet {
-        return None;
-    }
+/// The address an address message gives its link: IFA_LOCAL for IPv4, IFA_ADDRESS for IPv6,
+/// which has no IFA_LOCAL on a link without a peer.
+fn local_address(message: &AddressMessage) -> Option<IpAddr> {
     message
         .attributes
         .iter()
-        .find_map(|attribute| match attribute {
-            AddressAttribute::Local(IpAddr::V4(local)) => Some(*local),
+        .find_map(|attribute| match (message.header.family, attribute) {
+            (AddressFamily::Inet, AddressAttribute::Local(local @ IpAddr::V4(_))) => Some(*local),
+            (AddressFamily::Inet6, AddressAttribute::Address(local @ IpAddr::V6(_))) => {
+                Some(*local)
+            }
             _ => None,
         })
 }
 
 /// Every IPv4 route of the namespace, all tables.
 pub async fn ipv4_routes(handle: &Handle) -> Result<Vec<RouteMessage>> {
+    routes(handle, AddressFamily::Inet).await
+}
+
+/// Every route of `family` in the namespace, all tables.
+pub async fn routes(handle: &Handle, family: AddressFamily) -> Result<Vec<RouteMessage>> {
+    let query = match family {
+        AddressFamily::Inet6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        _ => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+    };
     handle
         .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .get(query)
         .execute()
         .try_collect()
         .await

@@ -12,16 +12,17 @@ pub mod vtep;
 use std::{collections::HashSet, net::Ipv4Addr};
 
 use anyhow::{Context, Result};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle,
     packet_route::{AddressFamily, RouteNetlinkMessage},
 };
 
 use crate::{
-    reconcile::desired::{Containers, Device, Devices, PeerEntries, RoutingRules},
+    reconcile::desired::{Containers, Device, Devices, PeerEntries},
     subnet::Lease,
 };
+use peers::FamilyDevices;
 use uplink::Uplink;
 use vtep::VtepSpec;
 
@@ -34,14 +35,37 @@ pub struct NodeNetwork {
 /// What the node's devices are built from.
 pub struct NodeSettings {
     pub bridge: String,
-    pub vtep: VtepSpec,
+    /// flannel.<VNI> and the IPv4 lease; none in an IPv6-only network.
+    pub ipv4: Option<FamilySettings<Ipv4Network>>,
+    /// flannel-v6.<VNI> and the IPv6 lease, with `EnableIPv6`.
+    pub ipv6: Option<FamilySettings<Ipv6Network>>,
     pub uplink: Uplink,
-    /// This host's lease.
-    pub subnet: Ipv4Network,
-    /// The overlay network the lease is part of: addresses inside it on our devices are ours.
-    pub network: Ipv4Network,
     /// `--ip-blackhole-route`.
     pub blackhole_route: bool,
+}
+
+/// One family's VXLAN device and lease.
+pub struct FamilySettings<N> {
+    pub vtep: VtepSpec,
+    /// This host's lease.
+    pub subnet: N,
+    /// The overlay network the lease is part of: addresses inside it on our devices are ours.
+    pub network: N,
+}
+
+impl<N: Into<IpNetwork> + Copy> FamilySettings<N> {
+    fn lease(&self) -> (IpNetwork, IpNetwork) {
+        (self.subnet.into(), self.network.into())
+    }
+
+    async fn ensure_vtep(&self, handle: &Handle) -> Result<Device> {
+        let (subnet, network) = self.lease();
+        let index = vtep::ensure(handle, &self.vtep, subnet, network).await?;
+        Ok(Device {
+            name: self.vtep.name.clone(),
+            index,
+        })
+    }
 }
 
 impl NodeNetwork {
@@ -55,12 +79,31 @@ impl NodeNetwork {
     pub async fn ensure_devices(&mut self) -> Result<Devices> {
         self.follow_the_uplink().await?;
         let settings = &self.settings;
-        links::write_sysctl("net/ipv4/ip_forward", "1")?;
-        let (subnet, network) = (settings.subnet, settings.network);
-        let bridge = bridge::ensure(&self.handle, &settings.bridge, subnet, network).await?;
-        let vtep_index = vtep::ensure(&self.handle, &settings.vtep, subnet, network).await?;
-        if settings.blackhole_route {
-            bridge::ensure_blackhole_route(&self.handle, settings.subnet).await?;
+        if settings.ipv4.is_some() {
+            links::write_sysctl("net/ipv4/ip_forward", "1")?;
+        }
+        if settings.ipv6.is_some() {
+            links::write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
+        let leases: Vec<(IpNetwork, IpNetwork)> = settings
+            .ipv4
+            .iter()
+            .map(FamilySettings::lease)
+            .chain(settings.ipv6.iter().map(FamilySettings::lease))
+            .collect();
+        let bridge = bridge::ensure(&self.handle, &settings.bridge, &leases).await?;
+        let vtep = match &settings.ipv4 {
+            Some(ipv4) => Some(ipv4.ensure_vtep(&self.handle).await?),
+            None => None,
+        };
+        let vtep6 = match &settings.ipv6 {
+            Some(ipv6) => Some(ipv6.ensure_vtep(&self.handle).await?),
+            None => None,
+        };
+        if settings.blackhole_route
+            && let Some(ipv4) = &settings.ipv4
+        {
+            bridge::ensure_blackhole_route(&self.handle, ipv4.subnet).await?;
         }
         Ok(Devices {
             bridge: Device {
@@ -68,10 +111,8 @@ impl NodeNetwork {
                 index: bridge.index,
             },
             bridge_mac: bridge.mac,
-            vtep: Device {
-                name: settings.vtep.name.clone(),
-                index: vtep_index,
-            },
+            vtep,
+            vtep6,
             uplink: Device {
                 name: settings.uplink.name.clone(),
                 index: settings.uplink.index,
@@ -88,7 +129,12 @@ impl NodeNetwork {
                 self.settings.uplink.index,
                 now.index
             );
-            self.settings.vtep.uplink_index = now.index;
+            if let Some(ipv4) = &mut self.settings.ipv4 {
+                ipv4.vtep.uplink_index = now.index;
+            }
+            if let Some(ipv6) = &mut self.settings.ipv6 {
+                ipv6.vtep.uplink_index = now.index;
+            }
             self.settings.uplink = now;
         }
         Ok(())
@@ -110,14 +156,14 @@ impl NodeNetwork {
         Ok(on_link)
     }
 
-    /// Makes the neighbour, FDB and route entries the agent owns exactly `entries`.
+    /// Makes the neighbour, FDB and route entries the agent owns on one family's devices
+    /// exactly `entries`.
     pub async fn converge_peers(
         &self,
-        devices: &Devices,
-        rules: &RoutingRules,
+        devices: FamilyDevices,
         entries: &PeerEntries,
     ) -> Result<()> {
-        peers::reconcile(&self.handle, devices, rules.network, entries).await
+        peers::reconcile(&self.handle, devices, entries).await
     }
 
     /// The containers on the bridge, read whole; see [`endpoints::list`].
@@ -131,46 +177,60 @@ impl NodeNetwork {
 }
 
 /// Whether a notification concerns the node's own devices or the entries the agent owns on
-/// them: a link or address of the bridge, the VXLAN device or the uplink (by index, or by name
-/// for one made again), any IPv4 route, or a neighbour or FDB entry of the VXLAN device.
+/// them: a link or address of the bridge, a VXLAN device or the uplink (by index, or by name
+/// for one made again), any route of a family the node carries, or a neighbour or FDB entry
+/// of a VXLAN device.
 pub fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
-    let ours = [
-        devices.bridge.index,
-        devices.vtep.index,
-        devices.uplink.index,
-    ];
+    let ours: Vec<&Device> = [&devices.bridge, &devices.uplink]
+        .into_iter()
+        .chain(devices.vtep.as_ref())
+        .chain(devices.vtep6.as_ref())
+        .collect();
+    let vteps = [&devices.vtep, &devices.vtep6];
+    let is_vtep = |index: u32| {
+        vteps
+            .iter()
+            .any(|vtep| vtep.as_ref().is_some_and(|vtep| vtep.index == index))
+    };
     match message {
         RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link) => {
-            ours.contains(&link.header.index)
-                || links::name(link).is_some_and(|name| {
-                    [&devices.bridge, &devices.vtep, &devices.uplink]
-                        .iter()
-                        .any(|device| device.name == name)
-                })
+            let name = links::name(link);
+            ours.iter().any(|device| {
+                device.index == link.header.index || name == Some(device.name.as_str())
+            })
         }
-        RouteNetlinkMessage::NewAddress(address) | RouteNetlinkMessage::DelAddress(address) => {
-            ours.contains(&address.header.index)
-        }
+        RouteNetlinkMessage::NewAddress(address) | RouteNetlinkMessage::DelAddress(address) => ours
+            .iter()
+            .any(|device| device.index == address.header.index),
         RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route) => {
-            route.header.address_family == AddressFamily::Inet
+            match route.header.address_family {
+                AddressFamily::Inet => devices.vtep.is_some(),
+                AddressFamily::Inet6 => devices.vtep6.is_some(),
+                _ => false,
+            }
         }
         RouteNetlinkMessage::NewNeighbour(neighbour)
-        | RouteNetlinkMessage::DelNeighbour(neighbour) => {
-            neighbour.header.ifindex == devices.vtep.index
-        }
+        | RouteNetlinkMessage::DelNeighbour(neighbour) => is_vtep(neighbour.header.ifindex),
         _ => false,
     }
 }
 
-/// Removes what the agent creates: the bridge `bridge`, every `flannel.<VNI>` VXLAN device
-/// (their neighbour, FDB and route entries go with them), and direct routes into `network`.
-pub async fn teardown(handle: &Handle, bridge: &str, network: Option<Ipv4Network>) -> Result<()> {
+/// Removes what the agent creates: the bridge `bridge`, every `flannel.<VNI>` and
+/// `flannel-v6.<VNI>` VXLAN device (their neighbour, FDB and route entries go with them), and
+/// direct routes into the networks of the subnet file.
+pub async fn teardown(
+    handle: &Handle,
+    bridge: &str,
+    networks: (Option<Ipv4Network>, Option<Ipv6Network>),
+) -> Result<()> {
     use rtnetlink::packet_route::link::InfoKind;
     for link in links::all(handle).await? {
         let name = links::name(&link).unwrap_or_default();
         let ours = match links::kind(&link) {
             Some(InfoKind::Bridge) => name == bridge,
-            Some(InfoKind::Vxlan) => name.starts_with("flannel."),
+            Some(InfoKind::Vxlan) => {
+                name.starts_with("flannel.") || name.starts_with("flannel-v6.")
+            }
             _ => false,
         };
         if ours {
@@ -183,9 +243,12 @@ pub async fn teardown(handle: &Handle, bridge: &str, network: Option<Ipv4Network
                 .with_context(|| format!("cannot delete {name}"))?;
         }
     }
-    if let Some(network) = network {
-        peers::remove_routes_into(handle, network).await?;
+    if let Some(network) = networks.0 {
+        peers::remove_routes_into(handle, network.into()).await?;
         bridge::remove_blackhole_routes(handle, network).await?;
+    }
+    if let Some(network) = networks.1 {
+        peers::remove_routes_into(handle, network.into()).await?;
     }
     Ok(())
 }

@@ -5,12 +5,12 @@
 //! difference, so entries deleted by hand come back and entries no lease justifies go.
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
@@ -26,21 +26,38 @@ use rtnetlink::{
 
 use crate::{
     mac::MacAddr,
-    reconcile::desired::{Devices, FdbEntry, PeerEntries, Route},
+    reconcile::desired::{FdbEntry, PeerEntries, Route},
 };
 
-/// Brings the neighbour, FDB and route entries the agent owns on `devices` in line with
-/// `desired`; `network` is the overlay, direct routes into which are ours too.
+/// The devices one family's peer entries live on: that family's VXLAN device and the uplink,
+/// and the overlay network of that family, direct routes into which are ours too.
+#[derive(Clone, Copy, Debug)]
+pub struct FamilyDevices {
+    pub vtep_index: u32,
+    pub uplink_index: u32,
+    pub network: IpNetwork,
+}
+
+impl FamilyDevices {
+    fn family(&self) -> AddressFamily {
+        match self.network {
+            IpNetwork::V4(_) => AddressFamily::Inet,
+            IpNetwork::V6(_) => AddressFamily::Inet6,
+        }
+    }
+}
+
+/// Brings the neighbour, FDB and route entries the agent owns on one family's `devices` in
+/// line with `desired`.
 pub async fn reconcile(
     handle: &Handle,
-    devices: &Devices,
-    network: Ipv4Network,
+    devices: FamilyDevices,
     desired: &PeerEntries,
 ) -> Result<()> {
-    let vtep_index = devices.vtep.index;
-    let neighbours = owned_neighbours(handle, vtep_index).await?;
-    let fdb = owned_fdb(handle, vtep_index).await?;
-    let routes = owned_routes(handle, devices, network).await?;
+    let vtep_index = devices.vtep_index;
+    let neighbours = owned_neighbours(handle, devices).await?;
+    let fdb = owned_fdb(handle, devices).await?;
+    let routes = owned_routes(handle, devices).await?;
 
     pipelined(
         "routes removed",
@@ -148,16 +165,16 @@ pub async fn is_on_link(handle: &Handle, address: Ipv4Addr) -> Result<bool> {
     }))
 }
 
-/// Permanent IPv4 neighbours on the VXLAN device: only the agent puts those there.
+/// Permanent neighbours of the family on the VXLAN device: only the agent puts those there.
 async fn owned_neighbours(
     handle: &Handle,
-    vtep_index: u32,
-) -> Result<HashMap<Ipv4Addr, (MacAddr, NeighbourMessage)>> {
-    Ok(super::links::neighbours(handle, AddressFamily::Inet)
+    devices: FamilyDevices,
+) -> Result<HashMap<IpAddr, (MacAddr, NeighbourMessage)>> {
+    Ok(super::links::neighbours(handle, devices.family())
         .await?
         .into_iter()
         .filter(|message| {
-            message.header.ifindex == vtep_index
+            message.header.ifindex == devices.vtep_index
                 && message.header.state == NeighbourState::Permanent
         })
         .filter_map(|message| {
@@ -169,11 +186,14 @@ async fn owned_neighbours(
 }
 
 /// FDB entries of the VXLAN device that send a MAC to a remote VTEP.
-async fn owned_fdb(handle: &Handle, vtep_index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
+async fn owned_fdb(
+    handle: &Handle,
+    devices: FamilyDevices,
+) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
     Ok(super::links::neighbours(handle, AddressFamily::Bridge)
         .await?
         .into_iter()
-        .filter(|message| message.header.ifindex == vtep_index)
+        .filter(|message| message.header.ifindex == devices.vtep_index)
         .filter_map(|message| {
             let entry = FdbEntry {
                 mac: neighbour_mac(&message)?,
@@ -184,27 +204,26 @@ async fn owned_fdb(handle: &Handle, vtep_index: u32) -> Result<Vec<(FdbEntry, Ne
         .collect())
 }
 
-/// Main-table routes the agent owns: every non-kernel route through the VXLAN device, and
-/// direct routes to overlay subnets through the uplink.
+/// Main-table routes of the family the agent owns: every non-kernel route via a gateway
+/// through the VXLAN device, and direct routes to overlay subnets through the uplink.
 async fn owned_routes(
     handle: &Handle,
-    devices: &Devices,
-    network: Ipv4Network,
+    devices: FamilyDevices,
 ) -> Result<Vec<(Route, RouteMessage)>> {
-    Ok(main_routes(handle)
+    Ok(main_routes(handle, devices.family())
         .await?
         .into_iter()
         .filter(|(route, _)| {
-            route.interface == devices.vtep.index
-                || (route.interface == devices.uplink.index
-                    && network.contains(route.destination.network()))
+            route.interface == devices.vtep_index
+                || (route.interface == devices.uplink_index
+                    && devices.network.contains(route.destination.network()))
         })
         .collect())
 }
 
-/// Main-table IPv4 routes via a gateway that the kernel did not add itself.
-async fn main_routes(handle: &Handle) -> Result<Vec<(Route, RouteMessage)>> {
-    Ok(super::links::ipv4_routes(handle)
+/// Main-table routes of `family` via a gateway that the kernel did not add itself.
+async fn main_routes(handle: &Handle, family: AddressFamily) -> Result<Vec<(Route, RouteMessage)>> {
+    Ok(super::links::routes(handle, family)
         .await?
         .into_iter()
         .filter(|message| {
@@ -217,8 +236,13 @@ async fn main_routes(handle: &Handle) -> Result<Vec<(Route, RouteMessage)>> {
 
 /// Deletes every non-kernel main-table route into `network` that goes via a gateway: the
 /// direct routes the agent adds (routes through the VXLAN device vanish with the device).
-pub async fn remove_routes_into(handle: &Handle, network: Ipv4Network) -> Result<()> {
-    for (route, message) in main_routes(handle).await? {
+pub async fn remove_routes_into(handle: &Handle, network: IpNetwork) -> Result<()> {
+    let family = if network.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    for (route, message) in main_routes(handle, family).await? {
         if network.contains(route.destination.network()) {
             log::info!("removing route {} via {}", route.destination, route.gateway);
             delete_route(handle, message).await?;
@@ -234,35 +258,59 @@ fn route_of(message: &RouteMessage) -> Option<Route> {
     for attribute in &message.attributes {
         match attribute {
             RouteAttribute::Destination(RouteAddress::Inet(address)) => {
-                destination = Some(*address)
+                destination = Some(IpAddr::V4(*address))
             }
-            RouteAttribute::Gateway(RouteAddress::Inet(address)) => gateway = Some(*address),
+            RouteAttribute::Destination(RouteAddress::Inet6(address)) => {
+                destination = Some(IpAddr::V6(*address))
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(address)) => {
+                gateway = Some(IpAddr::V4(*address))
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet6(address)) => {
+                gateway = Some(IpAddr::V6(*address))
+            }
             RouteAttribute::Oif(index) => interface = Some(*index),
             _ => {}
         }
     }
     Some(Route {
-        destination: Ipv4Network::new(destination?, message.header.destination_prefix_length)
-            .ok()?,
+        destination: IpNetwork::new(destination?, message.header.destination_prefix_length).ok()?,
         gateway: gateway?,
         interface: interface?,
     })
 }
 
-pub fn neighbour_destination(message: &NeighbourMessage) -> Option<Ipv4Addr> {
+pub fn neighbour_destination(message: &NeighbourMessage) -> Option<IpAddr> {
     message
         .attributes
         .iter()
         .find_map(|attribute| match attribute {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(address)) => Some(*address),
-            // FDB entries are AF_BRIDGE messages, whose NDA_DST the parser leaves as raw bytes.
-            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-                <[u8; 4]>::try_from(bytes.as_slice())
-                    .ok()
-                    .map(Ipv4Addr::from)
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(address)) => {
+                Some(IpAddr::V4(*address))
             }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(address)) => {
+                Some(IpAddr::V6(*address))
+            }
+            // FDB entries are AF_BRIDGE messages, whose NDA_DST the parser leaves as raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(|octets| IpAddr::V4(Ipv4Addr::from(octets))),
+                16 => <[u8; 16]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(|octets| IpAddr::V6(Ipv6Addr::from(octets))),
+                _ => None,
+            },
             _ => None,
         })
+}
+
+/// The neighbour's IPv4 address, if it has one.
+pub fn neighbour_ipv4(message: &NeighbourMessage) -> Option<Ipv4Addr> {
+    match neighbour_destination(message)? {
+        IpAddr::V4(address) => Some(address),
+        IpAddr::V6(_) => None,
+    }
 }
 
 pub fn neighbour_mac(message: &NeighbourMessage) -> Option<MacAddr> {
@@ -280,13 +328,13 @@ pub fn neighbour_mac(message: &NeighbourMessage) -> Option<MacAddr> {
 async fn add_neighbour(
     handle: &Handle,
     vtep_index: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     mac: MacAddr,
 ) -> Result<()> {
     log::debug!("setting neighbour {address} lladdr {mac}");
     handle
         .neighbours()
-        .add(vtep_index, IpAddr::V4(address))
+        .add(vtep_index, address)
         .link_layer_address(&mac.0)
         .state(NeighbourState::Permanent)
         .replace()
@@ -300,7 +348,7 @@ async fn add_fdb(handle: &Handle, vtep_index: u32, entry: FdbEntry) -> Result<()
     handle
         .neighbours()
         .add_bridge(vtep_index, &entry.mac.0)
-        .destination(IpAddr::V4(entry.destination))
+        .destination(entry.destination)
         .flags(NeighbourFlags::Own)
         .state(NeighbourState::Permanent)
         .replace()
@@ -316,9 +364,10 @@ async fn add_fdb(handle: &Handle, vtep_index: u32, entry: FdbEntry) -> Result<()
 
 async fn add_route(handle: &Handle, route: &Route, onlink: bool) -> Result<()> {
     log::debug!("adding route {} via {}", route.destination, route.gateway);
-    let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+    let mut message = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(route.destination.network(), route.destination.prefix())
-        .gateway(route.gateway)
+        .and_then(|builder| builder.gateway(route.gateway))
+        .with_context(|| format!("route {} via {}", route.destination, route.gateway))?
         .output_interface(route.interface)
         .protocol(RouteProtocol::Boot)
         .build();

@@ -3,7 +3,7 @@
 //! holding `--public-ip`, else the default route's. Otherwise each `--iface` (name or address)
 //! in turn, then each `--iface-regex` (addresses first, then names), then the interface of the
 //! route to `--iface-can-reach`.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
@@ -11,7 +11,7 @@ use regex::Regex;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressFlags},
         route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
     },
 };
@@ -250,6 +250,59 @@ async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr)>> {
                 })
         })
         .collect())
+}
+
+/// The IPv6 address of the interface `index` the tunnel uses, as flannel picks it: `wanted`
+/// (`--public-ipv6`) when the interface holds it, else the first non-deprecated global or
+/// link-local unicast address, global before link-local, permanent before configured by
+/// the kernel, stable before temporary.
+pub async fn ipv6_address(
+    handle: &Handle,
+    index: u32,
+    wanted: Option<Ipv6Addr>,
+) -> Result<Option<Ipv6Addr>> {
+    let messages: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .context("cannot list the uplink's addresses")?;
+    let mut candidates: Vec<(Ipv6Addr, AddressFlags)> = messages
+        .into_iter()
+        .filter_map(|message| {
+            let mut address = None;
+            let mut flags = AddressFlags::from_bits_retain(u32::from(message.header.flags.bits()));
+            for attribute in message.attributes {
+                match attribute {
+                    AddressAttribute::Address(IpAddr::V6(found)) => address = Some(found),
+                    AddressAttribute::Flags(all) => flags = all,
+                    _ => {}
+                }
+            }
+            Some((address?, flags))
+        })
+        .filter(|(address, flags)| {
+            !flags.contains(AddressFlags::Deprecated)
+                && !address.is_multicast()
+                && !address.is_loopback()
+                && !address.is_unspecified()
+        })
+        .collect();
+    if let Some(wanted) = wanted.filter(|wanted| candidates.iter().any(|(a, _)| a == wanted)) {
+        return Ok(Some(wanted));
+    }
+    // A stable sort keeps the kernel's order among equals, as flannel's does.
+    candidates.sort_by_key(|(address, flags)| {
+        (
+            address.is_unicast_link_local(),
+            !flags.contains(AddressFlags::Permanent),
+            // IFA_F_TEMPORARY shares its bit with IFA_F_SECONDARY.
+            flags.contains(AddressFlags::Secondary),
+        )
+    });
+    Ok(candidates.first().map(|(address, _)| *address))
 }
 
 async fn default_route_interface(handle: &Handle) -> Result<Option<u32>> {

@@ -1,8 +1,9 @@
-//! The VXLAN device (`flannel.<VNI>`), configured exactly as flannel configures it.
-use std::net::Ipv4Addr;
+//! The VXLAN devices (`flannel.<VNI>` over IPv4, `flannel-v6.<VNI>` over IPv6), configured
+//! as flannel configures them.
+use std::net::IpAddr;
 
 use anyhow::{Context, Result};
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use rtnetlink::{
     Handle, LinkVxlan,
     packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkMessage},
@@ -15,7 +16,8 @@ use crate::mac::MacAddr;
 pub struct VtepSpec {
     pub name: String,
     pub vni: u32,
-    pub local: Ipv4Addr,
+    /// The tunnel's source, whose family is the underlay's.
+    pub local: IpAddr,
     pub uplink_index: u32,
     pub port: u16,
     pub mtu: u32,
@@ -31,6 +33,11 @@ pub fn device_name(vni: u32) -> String {
     format!("flannel.{vni}")
 }
 
+/// flannel's name for the IPv6 device of `vni`.
+pub fn ipv6_device_name(vni: u32) -> String {
+    format!("flannel-v6.{vni}")
+}
+
 /// The MAC of an existing device called `name`, so a restarted agent keeps its VTEP MAC and
 /// peers never hold a stale ARP entry for it.
 pub async fn existing_mac(handle: &Handle, name: &str) -> Result<Option<MacAddr>> {
@@ -41,13 +48,13 @@ pub async fn existing_mac(handle: &Handle, name: &str) -> Result<Option<MacAddr>
 }
 
 /// Makes sure the device matches `spec` (recreating it when it does not), is up, and carries
-/// the lease's network address as /32 and no other address inside `network`; returns its
-/// index.
+/// the lease's network address as a host address (/32, /128) and no other address inside
+/// `network`; returns its index.
 pub async fn ensure(
     handle: &Handle,
     spec: &VtepSpec,
-    subnet: Ipv4Network,
-    network: Ipv4Network,
+    subnet: IpNetwork,
+    network: IpNetwork,
 ) -> Result<u32> {
     let link = match links::find(handle, &spec.name).await? {
         Some(link) if matches_spec(&link, spec) => link,
@@ -67,7 +74,15 @@ pub async fn ensure(
         None => create(handle, spec).await?,
     };
     links::set_up_with_mtu(handle, &link, Some(spec.mtu)).await?;
-    links::ensure_lease_address(handle, link.header.index, subnet.network(), 32, network).await?;
+    let host_len = if subnet.is_ipv4() { 32 } else { 128 };
+    links::ensure_lease_address(
+        handle,
+        link.header.index,
+        subnet.network(),
+        host_len,
+        network,
+    )
+    .await?;
     disable_router_advertisements(&spec.name);
     Ok(link.header.index)
 }
@@ -79,13 +94,17 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
         spec.vni,
         spec.mac
     );
-    let device = LinkVxlan::new(&spec.name, spec.vni)
-        .dev(spec.uplink_index)
-        .local(spec.local)
+    let device = LinkVxlan::new(&spec.name, spec.vni).dev(spec.uplink_index);
+    let device = match spec.local {
+        // flannel's wire format carries a zero outer UDP checksum over IPv4.
+        IpAddr::V4(local) => device.local(local).udp_csum(false),
+        // Over IPv6 flannel sets no checksum flags: the kernel computes the outer UDP
+        // checksum and refuses a zero one (udp6zerocsumtx and udp6zerocsumrx off).
+        IpAddr::V6(local) => device.local6(local),
+    };
+    let device = device
         .port(spec.port)
         .learning(spec.learning)
-        // flannel's wire format carries a zero outer UDP checksum.
-        .udp_csum(false)
         .mtu(spec.mtu)
         .append_extra_attribute(LinkAttribute::Address(spec.mac.0.to_vec()));
     let message = if spec.gbp { device.gbp() } else { device }.build();
@@ -98,15 +117,20 @@ fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
         return false;
     };
     let has = |wanted: &InfoVxlan| attributes.contains(wanted);
+    let local_matches = match spec.local {
+        IpAddr::V4(local) => has(&InfoVxlan::Local(local)) && has(&InfoVxlan::UDPCsum(false)),
+        IpAddr::V6(local) => {
+            has(&InfoVxlan::Local6(local)) && !has(&InfoVxlan::UDPZeroCsumTX(true))
+        }
+    };
     links::kind(link) == Some(&InfoKind::Vxlan)
         && links::mac(link) == Some(spec.mac)
         && has(&InfoVxlan::Id(spec.vni))
-        && has(&InfoVxlan::Local(spec.local))
+        && local_matches
         && has(&InfoVxlan::Link(spec.uplink_index))
         && has(&InfoVxlan::Port(spec.port))
         && has(&InfoVxlan::Learning(spec.learning))
         && has(&InfoVxlan::Gbp) == spec.gbp
-        && has(&InfoVxlan::UDPCsum(false))
 }
 
 /// flannel sets accept_ra to 0 on the device; without IPv6 in the namespace there is nothing

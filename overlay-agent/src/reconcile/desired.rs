@@ -2,10 +2,10 @@
 //! containers alone: no netlink, no maps, so every rule here is tested without root.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
     CONFIG_FAST_PATH, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, VtepSubnet,
 };
@@ -17,7 +17,10 @@ use crate::{mac::MacAddr, node::bridge::gateway, subnet::Lease};
 pub struct Devices {
     pub bridge: Device,
     pub bridge_mac: MacAddr,
-    pub vtep: Device,
+    /// flannel.<VNI>, with IPv4.
+    pub vtep: Option<Device>,
+    /// flannel-v6.<VNI>, with IPv6.
+    pub vtep6: Option<Device>,
     pub uplink: Device,
 }
 
@@ -32,6 +35,8 @@ pub struct Device {
 pub struct RoutingRules {
     /// The whole overlay network: direct routes into it through the uplink are ours.
     pub network: Ipv4Network,
+    /// The IPv6 overlay network, with `EnableIPv6`: routes into it through the uplink are ours.
+    pub ipv6_network: Option<Ipv6Network>,
     /// Kernel mode: the vxlan device forwards by its FDB. Our dataplane needs none.
     pub install_fdb: bool,
     /// Route peers on our L2 segment directly via their PublicIP, without VXLAN.
@@ -51,23 +56,24 @@ pub struct Containers {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Route {
-    pub destination: Ipv4Network,
-    pub gateway: Ipv4Addr,
+    pub destination: IpNetwork,
+    pub gateway: IpAddr,
     pub interface: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FdbEntry {
     pub mac: MacAddr,
-    pub destination: Ipv4Addr,
+    pub destination: IpAddr,
 }
 
 /// What every remote lease needs in the kernel, in flannel's form: a permanent neighbour
 /// entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
-/// and the route `<subnet> via <subnet>.0 dev flannel.1 onlink`.
+/// and the route `<subnet> via <subnet>.0 dev flannel.1 onlink`; the same over IPv6 on
+/// flannel-v6.<VNI> (`<v6 subnet>::` → the v6 VtepMAC → PublicIPv6).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PeerEntries {
-    pub neighbours: HashMap<Ipv4Addr, MacAddr>,
+    pub neighbours: HashMap<IpAddr, MacAddr>,
     pub fdb: HashSet<FdbEntry>,
     pub routes: HashSet<Route>,
 }
@@ -108,18 +114,15 @@ pub struct Placement {
     pub bridge: Option<Device>,
 }
 
-/// The remote gateway flannel routes a subnet through: the subnet's network address.
-fn remote_gateway(subnet: Ipv4Network) -> Ipv4Addr {
-    subnet.network()
-}
-
-/// The kernel entries for `leases`. A lease whose PublicIP is in `on_link` (reached without a
-/// gateway) gets a direct route when the rules ask for direct routing. A lease `unmapped` (its
-/// map entries did not fit) gets no route into flannel.1, whose program would drop its
-/// traffic; a direct route needs no map entry and stays.
+/// The kernel's IPv4 entries for `leases` on `vtep` (flannel.<VNI>). A lease whose PublicIP
+/// is in `on_link` (reached without a gateway) gets a direct route when the rules ask for
+/// direct routing. A lease `unmapped` (its map entries did not fit) gets no route into
+/// flannel.1, whose program would drop its traffic; a direct route needs no map entry and
+/// stays.
 pub fn peer_entries<'a>(
     leases: impl Iterator<Item = &'a Lease>,
-    devices: &Devices,
+    vtep: &Device,
+    uplink: &Device,
     rules: &RoutingRules,
     on_link: &HashSet<Ipv4Addr>,
     unmapped: &BTreeSet<Ipv4Network>,
@@ -132,30 +135,66 @@ pub fn peer_entries<'a>(
         let public_ip = lease.attrs.public_ip;
         if rules.direct_routing && on_link.contains(&public_ip) {
             entries.routes.insert(Route {
-                destination: lease.subnet,
-                gateway: public_ip,
-                interface: devices.uplink.index,
+                destination: lease.subnet.into(),
+                gateway: public_ip.into(),
+                interface: uplink.index,
             });
             continue;
         }
         if unmapped.contains(&lease.subnet) {
             continue;
         }
-        let gateway = remote_gateway(lease.subnet);
-        entries.neighbours.insert(gateway, mac);
-        if rules.install_fdb {
-            entries.fdb.insert(FdbEntry {
-                mac,
-                destination: public_ip,
-            });
-        }
-        entries.routes.insert(Route {
-            destination: lease.subnet,
-            gateway,
-            interface: devices.vtep.index,
-        });
+        entries.add_vxlan_peer(
+            lease.subnet.into(),
+            mac,
+            public_ip.into(),
+            vtep,
+            rules.install_fdb,
+        );
     }
     entries
+}
+
+/// The kernel's IPv6 entries for `leases` on `vtep6` (flannel-v6.<VNI>), which carries IPv6
+/// in both dataplanes: flannel's neighbour, FDB and onlink route for each lease with an IPv6
+/// subnet and VTEP.
+pub fn ipv6_peer_entries<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+    vtep6: &Device,
+) -> PeerEntries {
+    let mut entries = PeerEntries::default();
+    for (subnet, public_ipv6, mac) in leases.filter_map(Lease::ipv6_peer) {
+        entries.add_vxlan_peer(subnet.into(), mac, public_ipv6.into(), vtep6, true);
+    }
+    entries
+}
+
+impl PeerEntries {
+    /// flannel's entries for a remote `subnet` behind the VTEP `mac` at `public`: the gateway
+    /// (the subnet's network address) resolved to the VTEP, the VTEP forwarded to the host,
+    /// the subnet routed via the gateway on the device.
+    fn add_vxlan_peer(
+        &mut self,
+        subnet: IpNetwork,
+        mac: MacAddr,
+        public: IpAddr,
+        vtep: &Device,
+        install_fdb: bool,
+    ) {
+        let gateway = subnet.network();
+        self.neighbours.insert(gateway, mac);
+        if install_fdb {
+            self.fdb.insert(FdbEntry {
+                mac,
+                destination: public,
+            });
+        }
+        self.routes.insert(Route {
+            destination: subnet,
+            gateway,
+            interface: vtep.index,
+        });
+    }
 }
 
 /// The map entries for `leases`; a lease without a VTEP MAC has none. Hosts whose PublicIP is
@@ -220,12 +259,13 @@ pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
 pub fn placement(
     base: &OverlayConfig,
     devices: &Devices,
+    vtep: &Device,
     containers: &Containers,
     subnet: Ipv4Network,
     fast_path: bool,
 ) -> Placement {
     let config = OverlayConfig {
-        vtep_ifindex: devices.vtep.index,
+        vtep_ifindex: vtep.index,
         bridge_mac: devices.bridge_mac.0,
         uplink_ifindex: devices.uplink.index,
         flags: if fast_path {
@@ -241,7 +281,7 @@ pub fn placement(
     Placement {
         config,
         uplink: devices.uplink.clone(),
-        vtep: devices.vtep.clone(),
+        vtep: vtep.clone(),
         containers: containers.ports.values().cloned().collect(),
         bridge: fast_path.then(|| devices.bridge.clone()),
     }
@@ -262,7 +302,8 @@ mod tests {
         Devices {
             bridge: device("docker0", 3),
             bridge_mac: MacAddr([2, 0, 0, 0, 0, 3]),
-            vtep: device("flannel.1", 4),
+            vtep: Some(device("flannel.1", 4)),
+            vtep6: None,
             uplink: device("eth0", 2),
         }
     }
@@ -271,21 +312,27 @@ mod tests {
         let public_ip = public_ip.parse().expect("test address");
         let attrs = LeaseAttrs {
             backend_data: None,
-            ..LeaseAttrs::vxlan(public_ip, 1, VTEP_MAC)
+            ..LeaseAttrs::ipv4_only(public_ip, 1, VTEP_MAC)
         };
         Lease {
             subnet: subnet.parse().expect("test subnet"),
+            ipv6_subnet: None,
             attrs: match mac {
-                Some(mac) => LeaseAttrs::vxlan(public_ip, 1, mac),
+                Some(mac) => LeaseAttrs::ipv4_only(public_ip, 1, mac),
                 None => attrs,
             },
             etcd_lease: 7,
         }
     }
 
+    fn vtep() -> Device {
+        devices().vtep.expect("flannel.1")
+    }
+
     fn rules(install_fdb: bool, direct_routing: bool) -> RoutingRules {
         RoutingRules {
             network: "10.2.0.0/16".parse().expect("test network"),
+            ipv6_network: None,
             install_fdb,
             direct_routing,
         }
@@ -296,12 +343,13 @@ mod tests {
         let leases = [lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC))];
         let entries = peer_entries(
             leases.iter(),
-            &devices(),
+            &vtep(),
+            &devices().uplink,
             &rules(true, false),
             &HashSet::new(),
             &BTreeSet::new(),
         );
-        let gateway: Ipv4Addr = "10.2.54.0".parse().expect("address");
+        let gateway: IpAddr = "10.2.54.0".parse().expect("address");
         assert_eq!(entries.neighbours, HashMap::from([(gateway, VTEP_MAC)]));
         assert_eq!(
             entries.fdb,
@@ -321,6 +369,41 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_lease_gets_flannels_entries_on_flannel_v6() {
+        let mut dual = lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC));
+        let v6_mac = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x8a]);
+        dual.ipv6_subnet = Some("fd00:2:0:54::/64".parse().expect("subnet"));
+        dual.attrs.public_ipv6 = Some("fd00:ff::105".parse().expect("address"));
+        dual.attrs.backend_v6_data = Some(crate::subnet::VxlanLeaseData {
+            vni: Some(1),
+            vtep_mac: v6_mac,
+        });
+        let ipv4_only = lease("10.2.55.0/24", "172.20.62.106", Some(VTEP_MAC));
+        let vtep6 = Device {
+            name: "flannel-v6.1".into(),
+            index: 5,
+        };
+        let entries = ipv6_peer_entries([dual, ipv4_only].iter(), &vtep6);
+        let gateway: IpAddr = "fd00:2:0:54::".parse().expect("address");
+        assert_eq!(entries.neighbours, HashMap::from([(gateway, v6_mac)]));
+        assert_eq!(
+            entries.fdb,
+            HashSet::from([FdbEntry {
+                mac: v6_mac,
+                destination: "fd00:ff::105".parse().expect("address"),
+            }])
+        );
+        assert_eq!(
+            entries.routes,
+            HashSet::from([Route {
+                destination: "fd00:2:0:54::/64".parse().expect("subnet"),
+                gateway,
+                interface: 5,
+            }])
+        );
+    }
+
+    #[test]
     fn our_dataplane_needs_no_fdb_and_a_lease_without_mac_needs_nothing() {
         let leases = [
             lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
@@ -328,7 +411,8 @@ mod tests {
         ];
         let entries = peer_entries(
             leases.iter(),
-            &devices(),
+            &vtep(),
+            &devices().uplink,
             &rules(false, false),
             &HashSet::new(),
             &BTreeSet::new(),
@@ -350,7 +434,8 @@ mod tests {
         let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
         let entries = peer_entries(
             leases.iter(),
-            &devices(),
+            &vtep(),
+            &devices().uplink,
             &rules(true, true),
             &on_link,
             &BTreeSet::new(),
@@ -383,7 +468,8 @@ mod tests {
         ]);
         let entries = peer_entries(
             leases.iter(),
-            &devices(),
+            &vtep(),
+            &devices().uplink,
             &rules(false, true),
             &on_link,
             &unmapped,
@@ -478,7 +564,7 @@ mod tests {
             ..OverlayConfig::default()
         };
         let subnet = "10.2.41.0/24".parse().expect("subnet");
-        let with = placement(&base, &devices(), &containers, subnet, true);
+        let with = placement(&base, &devices(), &vtep(), &containers, subnet, true);
         assert_eq!(with.containers, vec![port.clone()]);
         assert_eq!(with.bridge, Some(devices().bridge));
         assert_eq!(
@@ -500,7 +586,14 @@ mod tests {
             ([10, 2, 41, 0], [255, 255, 255, 0], [10, 2, 41, 1])
         );
         // Without the fast path the ports are still checked, and nothing watches the bridge.
-        let without = placement(&with.config, &devices(), &containers, subnet, false);
+        let without = placement(
+            &with.config,
+            &devices(),
+            &vtep(),
+            &containers,
+            subnet,
+            false,
+        );
         assert_eq!(without.containers, vec![port]);
         assert!(without.bridge.is_none() && !without.config.fast_path());
     }

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ipnetwork::Ipv4Network;
 use overlay_common::OverlayConfig;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
@@ -27,10 +27,10 @@ use crate::{
     health::{Duty, Health},
     masquerade::Masquerade,
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
-    node::{self, NodeNetwork, endpoints},
-    subnet::{Lease, LeaseEvent},
+    node::{self, NodeNetwork, endpoints, peers::FamilyDevices},
+    subnet::{Lease, LeaseEvent, LeaseSubnets},
 };
-use desired::{Containers, Devices, Endpoints, LeaseEntries, RoutingRules};
+use desired::{Containers, Device, Devices, Endpoints, LeaseEntries, RoutingRules};
 pub use notifications::{Notifications, subscribe};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
@@ -94,7 +94,7 @@ pub struct Reconciler {
     rules: RoutingRules,
     /// This host's lease: container addresses lie inside it.
     subnet: Ipv4Network,
-    leases: HashMap<Ipv4Network, Lease>,
+    leases: HashMap<LeaseSubnets, Lease>,
     containers: Containers,
     /// Where the devices were at the last round; none before the first.
     devices: Option<Devices>,
@@ -149,10 +149,10 @@ impl Reconciler {
     fn remember(&mut self, event: LeaseEvent) {
         match event {
             LeaseEvent::Added(lease) | LeaseEvent::Changed(lease) => {
-                self.leases.insert(lease.subnet, lease);
+                self.leases.insert(lease.subnets(), lease);
             }
             LeaseEvent::Removed(lease) => {
-                self.leases.remove(&lease.subnet);
+                self.leases.remove(&lease.subnets());
             }
         }
     }
@@ -195,7 +195,11 @@ impl Reconciler {
             _ => Some(self.write_lease_entries().await?),
         };
         if let Some(ebpf) = &mut self.ebpf {
-            place_programs(ebpf, &devices, &self.containers, self.subnet)?;
+            let vtep = devices
+                .vtep
+                .as_ref()
+                .context("the eBPF dataplane needs flannel.<VNI>, which only IPv4 networks have")?;
+            place_programs(ebpf, &devices, vtep, &self.containers, self.subnet)?;
         }
         let Some((on_link, lease_entries, mut unwritten)) = leases else {
             return Ok(());
@@ -245,16 +249,31 @@ impl Reconciler {
         lease_entries: &LeaseEntries,
         unwritten: &Unwritten,
     ) -> Result<usize> {
-        let peers = desired::peer_entries(
-            self.leases.values(),
-            devices,
-            &self.rules,
-            on_link,
-            &unwritten.leases,
-        );
-        self.node
-            .converge_peers(devices, &self.rules, &peers)
-            .await?;
+        if let Some(vtep) = &devices.vtep {
+            let peers = desired::peer_entries(
+                self.leases.values(),
+                vtep,
+                &devices.uplink,
+                &self.rules,
+                on_link,
+                &unwritten.leases,
+            );
+            let family = FamilyDevices {
+                vtep_index: vtep.index,
+                uplink_index: devices.uplink.index,
+                network: self.rules.network.into(),
+            };
+            self.node.converge_peers(family, &peers).await?;
+        }
+        if let (Some(vtep6), Some(network)) = (&devices.vtep6, self.rules.ipv6_network) {
+            let peers = desired::ipv6_peer_entries(self.leases.values(), vtep6);
+            let family = FamilyDevices {
+                vtep_index: vtep6.index,
+                uplink_index: devices.uplink.index,
+                network: network.into(),
+            };
+            self.node.converge_peers(family, &peers).await?;
+        }
         match &mut self.ebpf {
             Some(ebpf) => ebpf.dataplane.remove_stale_lease_entries(lease_entries),
             None => Ok(0),
@@ -386,10 +405,18 @@ impl Reconciler {
 fn place_programs(
     ebpf: &mut EbpfSink,
     devices: &Devices,
+    vtep: &Device,
     containers: &Containers,
     subnet: Ipv4Network,
 ) -> Result<()> {
-    let placement = desired::placement(&ebpf.config, devices, containers, subnet, ebpf.fast_path);
+    let placement = desired::placement(
+        &ebpf.config,
+        devices,
+        vtep,
+        containers,
+        subnet,
+        ebpf.fast_path,
+    );
     let endpoints = if ebpf.fast_path {
         desired::endpoints(containers, subnet)
     } else {
@@ -412,10 +439,11 @@ fn describe(event: &LeaseEvent) -> String {
     let vtep = lease
         .attrs
         .vtep_mac()
-        .map(|mac| mac.to_string())
+        .map(|mac| format!(" via {} (VTEP {mac})", lease.attrs.public_ip))
         .unwrap_or_default();
-    format!(
-        "lease {what}: {} via {} (VTEP {vtep})",
-        lease.subnet, lease.attrs.public_ip
-    )
+    let vtep6 = lease
+        .ipv6_peer()
+        .map(|(_, address, mac)| format!(" via {address} (VTEP {mac})"))
+        .unwrap_or_default();
+    format!("lease {what}: {}{vtep}{vtep6}", lease.subnets())
 }

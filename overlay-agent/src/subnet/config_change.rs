@@ -58,9 +58,16 @@ fn read_against(running: &NetworkConfig, read: Result<NetworkConfig, ConfigReadE
 
 /// The settings a node is built from, as flannel's config spells them.
 fn summary(config: &NetworkConfig) -> String {
+    let ipv6 = config.ipv6.map_or("off".to_string(), |range| {
+        format!(
+            "IPv6Network {}, IPv6SubnetLen {}, IPv6SubnetMin {}, IPv6SubnetMax {}",
+            range.network, range.subnet_len, range.subnet_min, range.subnet_max
+        )
+    });
     format!(
-        "Network {}, SubnetLen {}, SubnetMin {}, SubnetMax {}, VNI {}, Port {}, MTU {:?}, \
-         DirectRouting {}, EnableNFTables {}",
+        "EnableIPv4 {}, Network {}, SubnetLen {}, SubnetMin {}, SubnetMax {}, IPv6 {ipv6}, \
+         VNI {}, Port {}, MTU {:?}, DirectRouting {}, EnableNFTables {}",
+        config.enable_ipv4,
         config.network,
         config.subnet_len,
         config.subnet_min,
@@ -89,8 +96,8 @@ mod tests {
         let moved = config(r#"{"Network": "10.3.0.0/16", "Backend": {"Type": "vxlan"}}"#);
         assert!(matches!(
             read_against(&running, Ok(moved)),
-            Reading::Changed(change) if change.contains("(Network 10.2.0.0/16,")
-                && change.contains("→ Network 10.3.0.0/16,")
+            Reading::Changed(change) if change.contains("Network 10.2.0.0/16,")
+                && change.contains("→ EnableIPv4 true, Network 10.3.0.0/16,")
         ));
         let missing = Err(ConfigReadError::Missing(
             "/coreos.com/network/config".into(),

@@ -1,16 +1,15 @@
 //! The registry on etcd's v3 API: flannel's network config, its subnet records, and a watch
 //! over them.
-use std::{fs, net::Ipv4Addr, time::Duration};
+use std::{fs, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
 };
-use ipnetwork::Ipv4Network;
 
 use super::{
-    LeaseAttrs, Record,
+    LeaseAttrs, LeaseSubnets, PublicAddresses, Record,
     pages::{Entry, Page, PageError, RangeReader, Values, list_in_pages},
     registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
     subnet_key, subnets_prefix,
@@ -89,8 +88,8 @@ impl EtcdRegistry {
             prefix: options.prefix.clone(),
         })
     }
-    /// The etcd lease and revision of the record at `key` if it names `public_ip`.
-    async fn owned_record(&self, key: &str, public_ip: Ipv4Addr) -> Result<Option<(i64, i64)>> {
+    /// The etcd lease and revision of the record at `key` if it names `owner`.
+    async fn owned_record(&self, key: &str, owner: PublicAddresses) -> Result<Option<(i64, i64)>> {
         let current = self
             .kv
             .clone()
@@ -99,7 +98,7 @@ impl EtcdRegistry {
             .with_context(|| format!("cannot read {key}"))?;
         Ok(current.kvs().first().and_then(|kv| {
             serde_json::from_slice::<LeaseAttrs>(kv.value())
-                .is_ok_and(|attrs| attrs.public_ip == public_ip)
+                .is_ok_and(|attrs| owner.named_in(&attrs))
                 .then(|| (kv.lease(), kv.mod_revision()))
         }))
     }
@@ -156,11 +155,11 @@ impl Registry for EtcdRegistry {
 
     async fn create(
         &self,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<i64>> {
-        let key = subnet_key(&self.prefix, subnet);
+        let key = subnet_key(&self.prefix, subnets);
         let etcd_lease = self.grant(ttl).await?;
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
@@ -185,13 +184,13 @@ impl Registry for EtcdRegistry {
 
     async fn update(
         &self,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         attrs: &LeaseAttrs,
-        public_ip: Ipv4Addr,
+        owner: PublicAddresses,
         ttl: Option<Duration>,
     ) -> Result<Option<i64>> {
-        let key = subnet_key(&self.prefix, subnet);
-        let Some((old_lease, mod_revision)) = self.owned_record(&key, public_ip).await? else {
+        let key = subnet_key(&self.prefix, subnets);
+        let Some((old_lease, mod_revision)) = self.owned_record(&key, owner).await? else {
             return Ok(None);
         };
         let etcd_lease = match ttl {
@@ -228,10 +227,10 @@ impl Registry for EtcdRegistry {
         Ok(Some(etcd_lease))
     }
 
-    async fn delete_if_owned(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Result<()> {
-        let key = subnet_key(&self.prefix, subnet);
-        let Some((_, mod_revision)) = self.owned_record(&key, public_ip).await? else {
-            log::warn!("{key} is not held by {public_ip}; leaving it");
+    async fn delete_if_owned(&self, subnets: LeaseSubnets, owner: PublicAddresses) -> Result<()> {
+        let key = subnet_key(&self.prefix, subnets);
+        let Some((_, mod_revision)) = self.owned_record(&key, owner).await? else {
+            log::warn!("{key} is not held by {owner}; leaving it");
             return Ok(());
         };
         let txn = Txn::new()
@@ -249,8 +248,8 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
-    async fn delete(&self, subnet: Ipv4Network) -> Result<()> {
-        let key = subnet_key(&self.prefix, subnet);
+    async fn delete(&self, subnets: LeaseSubnets) -> Result<()> {
+        let key = subnet_key(&self.prefix, subnets);
         self.client
             .clone()
             .delete(key.as_str(), None)

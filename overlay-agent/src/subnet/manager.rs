@@ -1,11 +1,13 @@
 //! Acquiring this host's subnet lease, in flannel's order, and keeping it alive.
-use std::{net::Ipv4Addr, time::Duration};
+use std::time::Duration;
 
-use anyhow::{Result, bail};
-use ipnetwork::Ipv4Network;
+use anyhow::{Result, anyhow, bail};
 use tokio::time::{Instant, sleep, sleep_until};
 
-use super::{Lease, LeaseAttrs, Record, registry::Registry, subnet_from_key};
+use super::{
+    Lease, LeaseAttrs, LeaseSubnets, PublicAddresses, Record, VtepMacs, registry::Registry,
+    subnet_from_key,
+};
 use crate::{
     config::NetworkConfig,
     health::{Duty, Health},
@@ -23,7 +25,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(60);
 /// This host's record disappeared (deleted or expired) or was taken over: the subnet is no
 /// longer ours. The agent must stop.
 #[derive(Debug)]
-pub struct LeaseRevoked(pub Ipv4Network);
+pub struct LeaseRevoked(pub LeaseSubnets);
 
 impl std::fmt::Display for LeaseRevoked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,7 +42,7 @@ impl std::error::Error for LeaseRevoked {}
 pub struct LeaseManager<R> {
     pub registry: R,
     pub config: NetworkConfig,
-    pub public_ip: Ipv4Addr,
+    pub public: PublicAddresses,
     pub timing: LeaseTiming,
     pub metrics: LeaseMetrics,
     pub health: Health,
@@ -73,14 +75,15 @@ impl LeaseTiming {
 }
 
 impl<R: Registry> LeaseManager<R> {
-    /// Acquires a subnet, in flannel's order: this host's own record, if it fits the config
-    /// (a reservation stays a reservation); the subnet of the previous subnet file, if free
-    /// and fitting; a random free subnet. `vtep_mac`, when known, goes into the record;
-    /// otherwise the own record's MAC is kept, or a new one made.
+    /// Acquires a subnet (with IPv6, a subnet of each family), in flannel's order: this
+    /// host's own record, if it fits the config (a reservation stays a reservation); the
+    /// subnets of the previous subnet file, if free and fitting; random free subnets.
+    /// `vtep_macs`, when known, go into the record; otherwise the own record's MACs are kept,
+    /// or new ones made.
     pub async fn acquire(
         &self,
-        vtep_mac: Option<MacAddr>,
-        previous: Option<Ipv4Network>,
+        vtep_macs: VtepMacs,
+        previous: Option<LeaseSubnets>,
     ) -> Result<Lease> {
         for _ in 0..MAX_CREATE_RACES {
             let listing = self.registry.list().await?;
@@ -92,42 +95,37 @@ impl<R: Registry> LeaseManager<R> {
 
             if let Some(own) = leases
                 .iter()
-                .find(|lease| lease.attrs.public_ip == self.public_ip)
+                .find(|lease| self.public.named_in(&lease.attrs))
             {
-                if self.config.fits(own.subnet) {
-                    let mac = vtep_mac
-                        .or(own.attrs.vtep_mac())
-                        .unwrap_or_else(MacAddr::random_local);
-                    if let Some(lease) = self.reuse(own, mac).await? {
+                if self.fits(own.subnets()) {
+                    let macs = self.vtep_macs(vtep_macs, own.attrs.vtep_macs());
+                    if let Some(lease) = self.reuse(own, macs).await? {
                         return Ok(lease);
                     }
                     continue;
                 }
                 log::warn!(
                     "deleting this host's record of {}: it does not fit the network config",
-                    own.subnet
+                    own.subnets()
                 );
-                self.registry.delete(own.subnet).await?;
+                self.registry.delete(own.subnets()).await?;
                 continue;
             }
 
-            let attrs = LeaseAttrs::vxlan(
-                self.public_ip,
-                self.config.backend.vni,
-                vtep_mac.unwrap_or_else(MacAddr::random_local),
-            );
+            let macs = self.vtep_macs(vtep_macs, VtepMacs::default());
+            let attrs = LeaseAttrs::vxlan(self.public, self.config.backend.vni, macs);
             // Every record's key counts as taken, even one whose value is malformed.
-            let held: Vec<Ipv4Network> = listing
+            let held: Vec<LeaseSubnets> = listing
                 .records
                 .iter()
                 .filter_map(|record| subnet_from_key(self.registry.prefix(), &record.key))
                 .collect();
-            let taken = |subnet: Ipv4Network| held.iter().any(|other| other.overlaps(subnet));
-            let candidate =
-                match previous.filter(|&subnet| self.config.fits(subnet) && !taken(subnet)) {
-                    Some(subnet) => subnet,
-                    None => self.random_free_subnet(&taken)?,
-                };
+            let taken = |subnets: LeaseSubnets| self.overlaps_any(subnets, &held);
+            let candidate = match previous.filter(|&subnets| self.fits(subnets) && !taken(subnets))
+            {
+                Some(subnets) => subnets,
+                None => self.random_free_subnets(&held)?,
+            };
             if let Some(etcd_lease) = self
                 .registry
                 .create(candidate, &attrs, self.timing.ttl)
@@ -135,7 +133,8 @@ impl<R: Registry> LeaseManager<R> {
             {
                 log::info!("acquired lease {candidate}");
                 return Ok(Lease {
-                    subnet: candidate,
+                    subnet: candidate.ipv4,
+                    ipv6_subnet: candidate.ipv6,
                     attrs,
                     etcd_lease,
                 });
@@ -145,14 +144,47 @@ impl<R: Registry> LeaseManager<R> {
         bail!("could not acquire a subnet: lost {MAX_CREATE_RACES} races with other hosts in a row")
     }
 
+    /// Whether `subnets` are the ones the config hands out: an IPv4 subnet that fits (flannel's
+    /// empty one without IPv4) and, exactly when the network has IPv6, an IPv6 one that fits.
+    fn fits(&self, subnets: LeaseSubnets) -> bool {
+        self.config.fits(subnets.ipv4)
+            && match (self.config.ipv6, subnets.ipv6) {
+                (Some(range), Some(ipv6)) => range.fits(ipv6),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+
+    /// Whether a subnet of `subnets` overlaps one of `held` in a family of the network.
+    fn overlaps_any(&self, subnets: LeaseSubnets, held: &[LeaseSubnets]) -> bool {
+        held.iter().any(|other| {
+            (self.config.enable_ipv4 && other.ipv4.overlaps(subnets.ipv4))
+                || matches!((other.ipv6, subnets.ipv6), (Some(a), Some(b)) if a.overlaps(b))
+        })
+    }
+
+    /// The VTEP MAC of each family of the network: the device's, else the record's, else new.
+    fn vtep_macs(&self, devices: VtepMacs, recorded: VtepMacs) -> VtepMacs {
+        let pick = |device: Option<MacAddr>, record: Option<MacAddr>| {
+            device.or(record).unwrap_or_else(MacAddr::random_local)
+        };
+        VtepMacs {
+            ipv4: self
+                .config
+                .enable_ipv4
+                .then(|| pick(devices.ipv4, recorded.ipv4)),
+            ipv6: self.config.ipv6.map(|_| pick(devices.ipv6, recorded.ipv6)),
+        }
+    }
+
     /// Re-puts our own record with fresh attributes: a reservation stays without etcd lease,
     /// anything else gets a fresh one. `None` when the record vanished meanwhile.
-    async fn reuse(&self, own: &Lease, vtep_mac: MacAddr) -> Result<Option<Lease>> {
-        let attrs = LeaseAttrs::vxlan(self.public_ip, self.config.backend.vni, vtep_mac);
+    async fn reuse(&self, own: &Lease, macs: VtepMacs) -> Result<Option<Lease>> {
+        let attrs = LeaseAttrs::vxlan(self.public, self.config.backend.vni, macs);
         let ttl = (!own.is_reservation()).then_some(self.timing.ttl);
         let Some(etcd_lease) = self
             .registry
-            .update(own.subnet, &attrs, self.public_ip, ttl)
+            .update(own.subnets(), &attrs, self.public, ttl)
             .await?
         else {
             return Ok(None);
@@ -162,32 +194,58 @@ impl<R: Registry> LeaseManager<R> {
         } else {
             "lease"
         };
-        log::info!("reusing {kind} {} of {}", own.subnet, self.public_ip);
+        log::info!("reusing {kind} {} of {}", own.subnets(), self.public);
         Ok(Some(Lease {
-            subnet: own.subnet,
             attrs,
             etcd_lease,
+            ..own.clone()
         }))
     }
 
-    fn random_free_subnet(&self, taken: &dyn Fn(Ipv4Network) -> bool) -> Result<Ipv4Network> {
-        let free: Vec<Ipv4Network> = self
-            .config
-            .subnets()
-            .filter(|&subnet| !taken(subnet))
-            .take(RANDOM_CANDIDATES)
-            .collect();
-        if free.is_empty() {
-            bail!(
-                "no free subnet: all {} /{} subnets of {} between SubnetMin {} and SubnetMax {} are leased",
-                self.config.subnet_count(),
-                self.config.subnet_len,
-                self.config.network,
-                self.config.subnet_min,
-                self.config.subnet_max
-            );
-        }
-        Ok(free[(random_u64() % free.len() as u64) as usize])
+    /// Random free subnets of the network's families, as flannel picks them: among the first
+    /// free ones of each range.
+    fn random_free_subnets(&self, held: &[LeaseSubnets]) -> Result<LeaseSubnets> {
+        let ipv4 = if self.config.enable_ipv4 {
+            let free = self
+                .config
+                .subnets()
+                .filter(|&subnet| !held.iter().any(|other| other.ipv4.overlaps(subnet)));
+            pick_random(free).ok_or_else(|| {
+                anyhow!(
+                    "no free subnet: all {} /{} subnets of {} between SubnetMin {} and \
+                     SubnetMax {} are leased",
+                    self.config.subnets().count(),
+                    self.config.subnet_len,
+                    self.config.network,
+                    self.config.subnet_min,
+                    self.config.subnet_max
+                )
+            })?
+        } else {
+            self.config.network
+        };
+        let ipv6 = match self.config.ipv6 {
+            None => None,
+            Some(range) => {
+                let free = range.subnets().filter(|&subnet| {
+                    !held
+                        .iter()
+                        .any(|other| other.ipv6.is_some_and(|other| other.overlaps(subnet)))
+                });
+                Some(pick_random(free).ok_or_else(|| {
+                    anyhow!(
+                        "no free IPv6 subnet: all {} /{} subnets of {} between IPv6SubnetMin {} \
+                         and IPv6SubnetMax {} are leased",
+                        range.subnet_count(),
+                        range.subnet_len,
+                        range.network,
+                        range.subnet_min,
+                        range.subnet_max
+                    )
+                })?)
+            }
+        };
+        Ok(LeaseSubnets { ipv4, ipv6 })
     }
 
     fn parse_logged(&self, record: &Record) -> Option<Lease> {
@@ -221,9 +279,9 @@ impl<R: Registry> LeaseManager<R> {
             match self
                 .registry
                 .update(
-                    lease.subnet,
+                    lease.subnets(),
                     &lease.attrs,
-                    self.public_ip,
+                    self.public,
                     Some(self.timing.ttl),
                 )
                 .await
@@ -233,15 +291,15 @@ impl<R: Registry> LeaseManager<R> {
                     expiry = Instant::now() + self.timing.ttl;
                     self.report_expiry();
                     self.health.succeeded(Duty::LeaseRenewal);
-                    log::debug!("renewed lease {}", lease.subnet);
+                    log::debug!("renewed lease {}", lease.subnets());
                 }
-                Ok(None) => return Err(LeaseRevoked(lease.subnet).into()),
+                Ok(None) => return Err(LeaseRevoked(lease.subnets()).into()),
                 Err(error) => {
                     self.health.failed(Duty::LeaseRenewal, attempted, &error);
                     let retry = self.timing.retry_delay();
                     log::warn!(
                         "cannot renew lease {}: {error:#}; retrying in {retry:?}",
-                        lease.subnet
+                        lease.subnets()
                     );
                     sleep(retry).await;
                 }
@@ -250,8 +308,22 @@ impl<R: Registry> LeaseManager<R> {
     }
 }
 
+/// One of the first [`RANDOM_CANDIDATES`] of `free`, at random.
+fn pick_random<T>(free: impl Iterator<Item = T>) -> Option<T> {
+    let mut candidates: Vec<T> = free.take(RANDOM_CANDIDATES).collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let index = (random_u64() % candidates.len() as u64) as usize;
+    Some(candidates.swap_remove(index))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use ipnetwork::Ipv4Network;
+
     use super::*;
     use crate::subnet::memory::MemoryRegistry;
 
@@ -267,7 +339,10 @@ mod tests {
         LeaseManager {
             registry: registry.clone(),
             config: seed_config(),
-            public_ip: HOST1,
+            public: PublicAddresses {
+                ipv4: HOST1,
+                ipv6: None,
+            },
             timing: LeaseTiming {
                 ttl,
                 renew_margin: ttl,
@@ -288,15 +363,105 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86400);
 
+    fn ipv6_manager(
+        registry: &MemoryRegistry,
+        config: &str,
+        public: PublicAddresses,
+    ) -> LeaseManager<MemoryRegistry> {
+        LeaseManager {
+            config: NetworkConfig::parse(config).expect("the test's config parses"),
+            public,
+            ..manager(registry, DAY)
+        }
+    }
+
+    const DUAL_STACK: &str = r#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:2::/48", "Backend": {"Type": "vxlan"}}"#;
+    const IPV6_ONLY: &str = r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:2::/48", "IPv6SubnetMax": "fd00:2:0:2::", "Backend": {"Type": "vxlan"}}"#;
+
+    #[tokio::test]
+    async fn a_dual_stack_host_leases_a_subnet_of_each_family_under_flannels_key() -> Result<()> {
+        let registry = registry();
+        let public = PublicAddresses {
+            ipv4: HOST1,
+            ipv6: Some("fd00:ff::1".parse()?),
+        };
+        let manager = ipv6_manager(&registry, DUAL_STACK, public);
+        let lease = manager.acquire(VtepMacs::default(), None).await?;
+        let ipv6 = lease.ipv6_subnet.expect("an IPv6 subnet");
+        assert!(manager.config.ipv6.unwrap().fits(ipv6));
+        let record = registry.record(lease.subnets()).expect("written");
+        assert!(
+            record.key.contains(&format!(
+                "{}-24&{}-64",
+                lease.subnet.network(),
+                ipv6.network()
+            )),
+            "{}",
+            record.key
+        );
+        let written: serde_json::Value = serde_json::from_slice(&record.value.unwrap())?;
+        assert_eq!(written["PublicIPv6"], "fd00:ff::1");
+        assert_eq!(written["BackendV6Data"]["VNI"], 1);
+        assert_ne!(
+            written["BackendV6Data"]["VtepMAC"],
+            written["BackendData"]["VtepMAC"]
+        );
+
+        let again = manager.acquire(VtepMacs::default(), None).await?;
+        assert_eq!(
+            (again.subnets(), again.attrs.vtep_macs()),
+            (lease.subnets(), lease.attrs.vtep_macs()),
+            "its own record is reused with its MACs"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn ipv6_only_hosts_are_told_apart_by_public_ipv6_and_get_distinct_subnets() -> Result<()>
+    {
+        let registry = registry();
+        let host = |last: u16| PublicAddresses {
+            ipv4: Ipv4Addr::UNSPECIFIED,
+            ipv6: Some(Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, last)),
+        };
+        let first = ipv6_manager(&registry, IPV6_ONLY, host(1))
+            .acquire(VtepMacs::default(), None)
+            .await?;
+        let second = ipv6_manager(&registry, IPV6_ONLY, host(2))
+            .acquire(VtepMacs::default(), None)
+            .await?;
+        assert_eq!(first.subnet, "0.0.0.0/0".parse()?);
+        assert!(first.attrs.backend_data.is_none(), "no IPv4 VTEP");
+        assert_eq!(first.attrs.public_ip, Ipv4Addr::UNSPECIFIED);
+        assert_ne!(first.ipv6_subnet, second.ipv6_subnet);
+        let key = registry.record(first.subnets()).expect("written").key;
+        assert!(
+            key.starts_with(&format!("{PREFIX}/subnets/0.0.0.0-0&fd00:2:0:")),
+            "{key}"
+        );
+        let third = ipv6_manager(&registry, IPV6_ONLY, host(3))
+            .acquire(VtepMacs::default(), None)
+            .await;
+        assert!(
+            third
+                .unwrap_err()
+                .to_string()
+                .starts_with("no free IPv6 subnet: all 2 /64 subnets of fd00:2::/48")
+        );
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_new_host_leases_a_free_subnet_in_flannels_record_format() -> Result<()> {
         let registry = registry();
         registry.put(
             subnet("10.2.54.0/24"),
-            &LeaseAttrs::vxlan(HOST2, 1, MacAddr::random_local()).to_json(),
+            &LeaseAttrs::ipv4_only(HOST2, 1, MacAddr::random_local()).to_json(),
             1,
         );
-        let lease = manager(&registry, DAY).acquire(None, None).await?;
+        let lease = manager(&registry, DAY)
+            .acquire(VtepMacs::default(), None)
+            .await?;
         assert!(seed_config().fits(lease.subnet));
         assert_ne!(lease.subnet, subnet("10.2.54.0/24"), "never a held subnet");
         assert_ne!(lease.etcd_lease, 0, "a lease, not a reservation");
@@ -313,14 +478,22 @@ mod tests {
         let reserved = subnet("10.2.41.0/24");
         registry.put(reserved, r#"{"PublicIP":"172.20.62.104"}"#, 0);
         let mac = MacAddr::random_local();
-        let lease = manager(&registry, DAY).acquire(Some(mac), None).await?;
+        let lease = manager(&registry, DAY)
+            .acquire(
+                VtepMacs {
+                    ipv4: Some(mac),
+                    ipv6: None,
+                },
+                None,
+            )
+            .await?;
         assert_eq!((lease.subnet, lease.etcd_lease), (reserved, 0));
         assert_eq!(lease.attrs.vtep_mac(), Some(mac));
         let record = registry.record(reserved).expect("still there");
         assert_eq!(record.etcd_lease, 0);
         assert_eq!(
             record.value,
-            Some(LeaseAttrs::vxlan(HOST1, 1, mac).to_json().into_bytes())
+            Some(LeaseAttrs::ipv4_only(HOST1, 1, mac).to_json().into_bytes())
         );
         Ok(())
     }
@@ -331,18 +504,23 @@ mod tests {
         let previous = subnet("10.2.41.0/24");
         let manager = manager(&registry, DAY);
         assert_eq!(
-            manager.acquire(None, Some(previous)).await?.subnet,
+            manager
+                .acquire(VtepMacs::default(), Some(previous.into()))
+                .await?
+                .subnet,
             previous
         );
 
         let registry = self::registry();
         registry.put(
             previous,
-            &LeaseAttrs::vxlan(HOST2, 1, MacAddr::random_local()).to_json(),
+            &LeaseAttrs::ipv4_only(HOST2, 1, MacAddr::random_local()).to_json(),
             1,
         );
         let manager = self::manager(&registry, DAY);
-        let lease = manager.acquire(None, Some(previous)).await?;
+        let lease = manager
+            .acquire(VtepMacs::default(), Some(previous.into()))
+            .await?;
         assert!(!lease.subnet.overlaps(previous), "{} is held", previous);
         Ok(())
     }
@@ -353,10 +531,12 @@ mod tests {
         let outside = subnet("10.9.41.0/24");
         registry.put(
             outside,
-            &LeaseAttrs::vxlan(HOST1, 1, MacAddr::random_local()).to_json(),
+            &LeaseAttrs::ipv4_only(HOST1, 1, MacAddr::random_local()).to_json(),
             1,
         );
-        let lease = manager(&registry, DAY).acquire(None, None).await?;
+        let lease = manager(&registry, DAY)
+            .acquire(VtepMacs::default(), None)
+            .await?;
         assert!(seed_config().fits(lease.subnet));
         assert!(registry.record(outside).is_none(), "the misfit is deleted");
         Ok(())
@@ -366,7 +546,7 @@ mod tests {
     async fn keep_alive_renews_and_stops_when_the_record_is_gone() -> Result<()> {
         let registry = registry();
         let manager = manager(&registry, Duration::from_millis(400));
-        let lease = manager.acquire(None, None).await?;
+        let lease = manager.acquire(VtepMacs::default(), None).await?;
         let keep_alive = manager.keep_alive(lease.clone());
         tokio::pin!(keep_alive);
         // Renewals happen halfway through a TTL this short: after 600 ms, at least two.

@@ -3,17 +3,15 @@
 //! compaction), and nothing else.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
 use anyhow::Result;
-use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 
 use super::{
-    LeaseAttrs, Record,
+    LeaseAttrs, LeaseSubnets, PublicAddresses, Record,
     registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
     subnet_key,
 };
@@ -48,8 +46,8 @@ impl MemoryRegistry {
     }
 
     /// Writes a record as another writer would (another host, an operator).
-    pub fn put(&self, subnet: Ipv4Network, value: &str, etcd_lease: i64) {
-        self.put_key(&subnet_key(&self.prefix, subnet), value, etcd_lease);
+    pub fn put(&self, subnets: impl Into<LeaseSubnets>, value: &str, etcd_lease: i64) {
+        self.put_key(&subnet_key(&self.prefix, subnets.into()), value, etcd_lease);
     }
 
     /// Writes a record under `key`, whatever it says: a dual-stack key, or a hostile one.
@@ -71,8 +69,8 @@ impl MemoryRegistry {
     }
 
     /// Deletes a record as another writer would, or as etcd does when its lease expires.
-    pub fn remove(&self, subnet: Ipv4Network) {
-        self.remove_key(&subnet_key(&self.prefix, subnet));
+    pub fn remove(&self, subnets: impl Into<LeaseSubnets>) {
+        self.remove_key(&subnet_key(&self.prefix, subnets.into()));
     }
 
     /// Forgets every change up to the newest revision, as etcd's compaction does.
@@ -83,10 +81,10 @@ impl MemoryRegistry {
         state.history.clear();
     }
 
-    pub fn record(&self, subnet: Ipv4Network) -> Option<Record> {
+    pub fn record(&self, subnets: impl Into<LeaseSubnets>) -> Option<Record> {
         self.state()
             .records
-            .get(&subnet_key(&self.prefix, subnet))
+            .get(&subnet_key(&self.prefix, subnets.into()))
             .cloned()
     }
 
@@ -118,13 +116,13 @@ impl MemoryRegistry {
         state.next_etcd_lease
     }
 
-    fn held_by(&self, key: &str, public_ip: Ipv4Addr) -> bool {
+    fn held_by(&self, key: &str, owner: PublicAddresses) -> bool {
         let records = &self.state().records;
         let attrs = records
             .get(key)
             .and_then(|record| record.value.as_deref())
             .and_then(|value| serde_json::from_slice::<LeaseAttrs>(value).ok());
-        attrs.is_some_and(|attrs| attrs.public_ip == public_ip)
+        attrs.is_some_and(|attrs| owner.named_in(&attrs))
     }
 }
 
@@ -147,42 +145,42 @@ impl Registry for MemoryRegistry {
 
     async fn create(
         &self,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         attrs: &LeaseAttrs,
         _ttl: Duration,
     ) -> Result<Option<i64>> {
-        if self.record(subnet).is_some() {
+        if self.record(subnets).is_some() {
             return Ok(None);
         }
         let etcd_lease = self.grant();
-        self.put(subnet, &attrs.to_json(), etcd_lease);
+        self.put(subnets, &attrs.to_json(), etcd_lease);
         Ok(Some(etcd_lease))
     }
 
     async fn update(
         &self,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         attrs: &LeaseAttrs,
-        public_ip: Ipv4Addr,
+        owner: PublicAddresses,
         ttl: Option<Duration>,
     ) -> Result<Option<i64>> {
-        if !self.held_by(&subnet_key(&self.prefix, subnet), public_ip) {
+        if !self.held_by(&subnet_key(&self.prefix, subnets), owner) {
             return Ok(None);
         }
         let etcd_lease = ttl.map_or(0, |_| self.grant());
-        self.put(subnet, &attrs.to_json(), etcd_lease);
+        self.put(subnets, &attrs.to_json(), etcd_lease);
         Ok(Some(etcd_lease))
     }
 
-    async fn delete_if_owned(&self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Result<()> {
-        if self.held_by(&subnet_key(&self.prefix, subnet), public_ip) {
-            self.remove(subnet);
+    async fn delete_if_owned(&self, subnets: LeaseSubnets, owner: PublicAddresses) -> Result<()> {
+        if self.held_by(&subnet_key(&self.prefix, subnets), owner) {
+            self.remove(subnets);
         }
         Ok(())
     }
 
-    async fn delete(&self, subnet: Ipv4Network) -> Result<()> {
-        self.remove(subnet);
+    async fn delete(&self, subnets: LeaseSubnets) -> Result<()> {
+        self.remove(subnets);
         Ok(())
     }
 

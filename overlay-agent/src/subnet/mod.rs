@@ -1,8 +1,10 @@
 //! Subnet leases: flannel's records in etcd, the lease this host holds, and the leases of
 //! every other host.
 //!
-//! A record lives at `<prefix>/subnets/<a.b.c.d>-<len>` and holds the JSON of
-//! [`LeaseAttrs`], byte for byte as flannel writes it.
+//! A record lives at `<prefix>/subnets/<a.b.c.d>-<len>`, in a dual-stack network at
+//! `<prefix>/subnets/<a.b.c.d>-<len>&<v6 address>-<len>` and in an IPv6-only one at
+//! `<prefix>/subnets/0.0.0.0-0&<v6 address>-<len>`, and holds the JSON of [`LeaseAttrs`],
+//! byte for byte as flannel writes it.
 pub mod config_change;
 pub mod etcd;
 pub mod file;
@@ -19,7 +21,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::NetworkConfig, mac::MacAddr};
@@ -49,6 +51,13 @@ pub struct LeaseAttrs {
         skip_serializing_if = "Option::is_none"
     )]
     pub backend_data: Option<VxlanLeaseData>,
+    /// The IPv6 VTEP (flannel-v6.<VNI>), next to `PublicIPv6`.
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<VxlanLeaseData>,
 }
 
 /// flannel's vxlan `BackendData`. Older writers omit `VNI`.
@@ -60,17 +69,59 @@ pub struct VxlanLeaseData {
     pub vtep_mac: MacAddr,
 }
 
+/// The addresses other hosts reach this one at: `PublicIP` (0.0.0.0 in an IPv6-only
+/// network, as flannel writes it there) and `PublicIPv6` when the network has IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublicAddresses {
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+impl PublicAddresses {
+    /// Whether `attrs` name this host: by PublicIP as flannel matches, or by PublicIPv6 where
+    /// every IPv6-only record's PublicIP is 0.0.0.0.
+    pub fn named_in(&self, attrs: &LeaseAttrs) -> bool {
+        if self.ipv4.is_unspecified() {
+            self.ipv6.is_some() && attrs.public_ipv6 == self.ipv6
+        } else {
+            attrs.public_ip == self.ipv4
+        }
+    }
+}
+
+impl fmt::Display for PublicAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ipv6 {
+            Some(ipv6) if self.ipv4.is_unspecified() => write!(f, "{ipv6}"),
+            Some(ipv6) => write!(f, "{} and {ipv6}", self.ipv4),
+            None => write!(f, "{}", self.ipv4),
+        }
+    }
+}
+
+/// The VTEP MACs this host publishes: flannel.<VNI>'s with IPv4, flannel-v6.<VNI>'s with IPv6.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtepMacs {
+    pub ipv4: Option<MacAddr>,
+    pub ipv6: Option<MacAddr>,
+}
+
 impl LeaseAttrs {
-    /// What this host writes: its public IP and VTEP, in the vxlan backend's shape.
-    pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr) -> Self {
-        Self {
-            public_ip,
-            public_ipv6: None,
-            backend_type: VXLAN_BACKEND.to_string(),
-            backend_data: Some(VxlanLeaseData {
+    /// What this host writes: its public addresses and VTEPs, in the vxlan backend's shape.
+    /// Each family's data is written when its MAC is given.
+    pub fn vxlan(public: PublicAddresses, vni: u32, macs: VtepMacs) -> Self {
+        let data = |mac: Option<MacAddr>| {
+            mac.map(|vtep_mac| VxlanLeaseData {
                 vni: Some(vni),
                 vtep_mac,
-            }),
+            })
+        };
+        Self {
+            public_ip: public.ipv4,
+            public_ipv6: macs.ipv6.and(public.ipv6),
+            backend_type: VXLAN_BACKEND.to_string(),
+            backend_data: data(macs.ipv4),
+            backend_v6_data: data(macs.ipv6),
         }
     }
 
@@ -81,12 +132,86 @@ impl LeaseAttrs {
     pub fn vtep_mac(&self) -> Option<MacAddr> {
         self.backend_data.as_ref().map(|data| data.vtep_mac)
     }
+
+    pub fn vtep_mac_v6(&self) -> Option<MacAddr> {
+        self.backend_v6_data.as_ref().map(|data| data.vtep_mac)
+    }
+
+    pub fn public(&self) -> PublicAddresses {
+        PublicAddresses {
+            ipv4: self.public_ip,
+            ipv6: self.public_ipv6,
+        }
+    }
+
+    pub fn vtep_macs(&self) -> VtepMacs {
+        VtepMacs {
+            ipv4: self.vtep_mac(),
+            ipv6: self.vtep_mac_v6(),
+        }
+    }
+}
+
+impl LeaseAttrs {
+    /// An IPv4-only host's record.
+    pub fn ipv4_only(public_ip: Ipv4Addr, vni: u32, mac: MacAddr) -> Self {
+        let public = PublicAddresses {
+            ipv4: public_ip,
+            ipv6: None,
+        };
+        let macs = VtepMacs {
+            ipv4: Some(mac),
+            ipv6: None,
+        };
+        Self::vxlan(public, vni, macs)
+    }
+}
+
+/// The subnets a record's key names: the IPv4 one (flannel's empty 0.0.0.0/0 in an
+/// IPv6-only network) and the IPv6 one of a dual-stack or IPv6-only lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseSubnets {
+    pub ipv4: Ipv4Network,
+    pub ipv6: Option<Ipv6Network>,
+}
+
+impl LeaseSubnets {
+    pub fn ipv4(ipv4: Ipv4Network) -> Self {
+        Self { ipv4, ipv6: None }
+    }
+
+    /// The networks this lease holds in `config`'s families.
+    pub fn networks(&self, config: &NetworkConfig) -> Vec<IpNetwork> {
+        let ipv4 = config.enable_ipv4.then_some(IpNetwork::V4(self.ipv4));
+        let ipv6 = self
+            .ipv6
+            .filter(|_| config.ipv6.is_some())
+            .map(IpNetwork::V6);
+        ipv4.into_iter().chain(ipv6).collect()
+    }
+}
+
+impl From<Ipv4Network> for LeaseSubnets {
+    fn from(ipv4: Ipv4Network) -> Self {
+        Self::ipv4(ipv4)
+    }
+}
+
+impl fmt::Display for LeaseSubnets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ipv6 {
+            Some(ipv6) if self.ipv4.prefix() == 0 => write!(f, "{ipv6}"),
+            Some(ipv6) => write!(f, "{} & {ipv6}", self.ipv4),
+            None => write!(f, "{}", self.ipv4),
+        }
+    }
 }
 
 /// A subnet held by some host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub subnet: Ipv4Network,
+    pub ipv6_subnet: Option<Ipv6Network>,
     pub attrs: LeaseAttrs,
     /// The etcd lease the record is attached to; 0 for a reservation, which never expires.
     pub etcd_lease: i64,
@@ -95,6 +220,22 @@ pub struct Lease {
 impl Lease {
     pub fn is_reservation(&self) -> bool {
         self.etcd_lease == 0
+    }
+
+    pub fn subnets(&self) -> LeaseSubnets {
+        LeaseSubnets {
+            ipv4: self.subnet,
+            ipv6: self.ipv6_subnet,
+        }
+    }
+
+    /// The IPv6 subnet with the host's IPv6 VTEP, when the lease has both.
+    pub fn ipv6_peer(&self) -> Option<(Ipv6Network, Ipv6Addr, MacAddr)> {
+        Some((
+            self.ipv6_subnet?,
+            self.attrs.public_ipv6?,
+            self.attrs.vtep_mac_v6()?,
+        ))
     }
 }
 
@@ -124,11 +265,15 @@ pub enum RecordError {
     BadJson(String),
     NotVxlan(String),
     NoVtep,
-    OutsideNetwork(Ipv4Network),
-    /// The subnet's prefix length is not the network's SubnetLen.
+    OutsideNetwork(IpNetwork),
+    /// The subnet's prefix length is not the network's SubnetLen (IPv6SubnetLen).
     WrongLength(u8),
+    /// An IPv6-only network's record whose key names no IPv6 subnet.
+    NoIpv6Subnet,
+    /// The key names an IPv6 subnet, the value no PublicIPv6 with a BackendV6Data VtepMAC.
+    NoIpv6Vtep,
     /// The subnet overlaps this host's own lease, under another key.
-    OverlapsOwn(Ipv4Network),
+    OverlapsOwn(IpNetwork),
     /// The subnet is already leased under the key given (kept: it was there first).
     Taken(String),
 }
@@ -136,7 +281,11 @@ pub enum RecordError {
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadKey => write!(f, "the key does not end in a subnet such as 10.2.54.0-24"),
+            Self::BadKey => write!(
+                f,
+                "the key does not end in a subnet such as 10.2.54.0-24 or \
+                 10.2.54.0-24&fd00:2:0:54::-64"
+            ),
             Self::TooLarge => write!(f, "the value is too large to read from etcd"),
             Self::BadJson(error) => write!(f, "the value is not a lease record: {error}"),
             Self::NotVxlan(backend) => write!(f, "BackendType {backend:?} is not \"vxlan\""),
@@ -147,9 +296,14 @@ impl fmt::Display for RecordError {
             Self::WrongLength(subnet_len) => {
                 write!(
                     f,
-                    "the subnet's length is not the network's SubnetLen /{subnet_len}"
+                    "the subnet's length is not the network's subnet length /{subnet_len}"
                 )
             }
+            Self::NoIpv6Subnet => write!(f, "the key names no IPv6 subnet"),
+            Self::NoIpv6Vtep => write!(
+                f,
+                "the record has no PublicIPv6 with a BackendV6Data VtepMAC for its IPv6 subnet"
+            ),
             Self::OverlapsOwn(own) => write!(f, "the subnet overlaps this host's lease {own}"),
             Self::Taken(key) => write!(f, "the subnet is already leased by {key}"),
         }
@@ -160,29 +314,40 @@ impl Record {
     /// Parses the record as any lease, checking only its key and JSON: enough to recognise
     /// this host's own record or a reservation, which may not carry backend data yet.
     pub fn parse(&self, prefix: &str) -> Result<Lease, RecordError> {
-        let subnet = subnet_from_key(prefix, &self.key).ok_or(RecordError::BadKey)?;
+        let subnets = subnet_from_key(prefix, &self.key).ok_or(RecordError::BadKey)?;
         let value = self.value.as_deref().ok_or(RecordError::TooLarge)?;
         let attrs: LeaseAttrs = serde_json::from_slice(value)
             .map_err(|error| RecordError::BadJson(error.to_string()))?;
         Ok(Lease {
-            subnet,
+            subnet: subnets.ipv4,
+            ipv6_subnet: subnets.ipv6,
             attrs,
             etcd_lease: self.etcd_lease,
         })
     }
 
-    /// Parses another host's record and checks that this host can route to it.
+    /// Parses another host's record and checks that this host can route to it, in every
+    /// family of the network. In a dual-stack network a record without an IPv6 subnet (a
+    /// host of an IPv4-only past) is reached over IPv4 alone.
     pub fn parse_remote(&self, prefix: &str, config: &NetworkConfig) -> Result<Lease, RecordError> {
         let lease = self.parse(prefix)?;
-        if !config.network.contains(lease.subnet.network())
-            || lease.subnet.prefix() < config.network.prefix()
-        {
-            return Err(RecordError::OutsideNetwork(config.network));
+        if config.enable_ipv4 {
+            check_subnet(
+                IpNetwork::V4(lease.subnet),
+                IpNetwork::V4(config.network),
+                config.subnet_len,
+            )?;
         }
-        // Every lease has the network's length, so two leases either are one subnet or do not
-        // overlap: a longer record could steal part of a lease, a shorter one cover several.
-        if lease.subnet.prefix() != config.subnet_len {
-            return Err(RecordError::WrongLength(config.subnet_len));
+        if let Some(range) = config.ipv6 {
+            match lease.ipv6_subnet {
+                None if !config.enable_ipv4 => return Err(RecordError::NoIpv6Subnet),
+                None => {}
+                Some(subnet) => check_subnet(
+                    IpNetwork::V6(subnet),
+                    IpNetwork::V6(range.network),
+                    range.subnet_len,
+                )?,
+            }
         }
         if lease.attrs.backend_type.is_empty() {
             return Err(RecordError::NoVtep);
@@ -190,32 +355,57 @@ impl Record {
         if lease.attrs.backend_type != VXLAN_BACKEND {
             return Err(RecordError::NotVxlan(lease.attrs.backend_type));
         }
-        match lease.attrs.vtep_mac() {
-            Some(mac) if mac.is_unicast() => Ok(lease),
-            _ => Err(RecordError::NoVtep),
+        if config.enable_ipv4 && !lease.attrs.vtep_mac().is_some_and(|mac| mac.is_unicast()) {
+            return Err(RecordError::NoVtep);
         }
+        let ipv6_vtep_ok = lease
+            .ipv6_peer()
+            .is_some_and(|(_, address, mac)| mac.is_unicast() && !address.is_unspecified());
+        if config.ipv6.is_some() && lease.ipv6_subnet.is_some() && !ipv6_vtep_ok {
+            return Err(RecordError::NoIpv6Vtep);
+        }
+        Ok(lease)
     }
 }
 
+/// A remote subnet must lie in the network, with the network's subnet length: two leases then
+/// either are one subnet or do not overlap, where a longer record could steal part of a lease
+/// and a shorter one cover several.
+fn check_subnet(subnet: IpNetwork, network: IpNetwork, subnet_len: u8) -> Result<(), RecordError> {
+    if !network.contains(subnet.network()) || subnet.prefix() < network.prefix() {
+        return Err(RecordError::OutsideNetwork(network));
+    }
+    if subnet.prefix() != subnet_len {
+        return Err(RecordError::WrongLength(subnet_len));
+    }
+    Ok(())
+}
+
 /// Whether `record`, beside this host's lease on `own` and the subnets other records already
-/// hold (`holders`, subnet → key), gives a lease this host may route to. Its own key aside,
-/// a record naming `own` overlaps it; a record naming a subnet another key holds comes later,
-/// and the one there first keeps it.
+/// hold (`holders`, subnet → key, both families), gives a lease this host may route to. Its
+/// own key aside, a record naming one of `own`'s subnets overlaps it; a record naming a
+/// subnet another key holds comes later, and the one there first keeps it.
 pub fn check_remote(
     record: &Record,
     prefix: &str,
     config: &NetworkConfig,
-    own: Ipv4Network,
-    holders: &HashMap<Ipv4Network, String>,
+    own: LeaseSubnets,
+    holders: &HashMap<IpNetwork, String>,
 ) -> Result<Lease, RecordError> {
     let lease = record.parse_remote(prefix, config)?;
-    if lease.subnet == own {
-        return Err(RecordError::OverlapsOwn(own));
+    let own_networks = own.networks(config);
+    for network in lease.subnets().networks(config) {
+        if own_networks.contains(&network) {
+            return Err(RecordError::OverlapsOwn(network));
+        }
+        match holders.get(&network) {
+            Some(holder) if *holder != record.key => {
+                return Err(RecordError::Taken(holder.clone()));
+            }
+            _ => {}
+        }
     }
-    match holders.get(&lease.subnet) {
-        Some(holder) if *holder != record.key => Err(RecordError::Taken(holder.clone())),
-        _ => Ok(lease),
-    }
+    Ok(lease)
 }
 
 /// The remote leases of a listing, by [`check_remote`], and every record skipped with why.
@@ -229,16 +419,12 @@ pub struct Selection {
 pub fn select_remote<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     prefix: &str,
-    own: Ipv4Network,
+    own: LeaseSubnets,
     config: &NetworkConfig,
-    holders: &HashMap<Ipv4Network, String>,
+    holders: &HashMap<IpNetwork, String>,
 ) -> Selection {
     let own_key = subnet_key(prefix, own);
-    let holds = |record: &Record| {
-        subnet_from_key(prefix, &record.key)
-            .and_then(|subnet| holders.get(&subnet))
-            .is_some_and(|holder| *holder == record.key)
-    };
+    let holds = |record: &Record| holds_its_subnet(record, prefix, config, holders);
     let mut records: Vec<&Record> = records
         .into_iter()
         .filter(|record| record.key != own_key)
@@ -248,11 +434,13 @@ pub fn select_remote<'a>(
         leases: Vec::new(),
         skipped: Vec::new(),
     };
-    let mut taken: HashMap<Ipv4Network, String> = HashMap::new();
+    let mut taken: HashMap<IpNetwork, String> = HashMap::new();
     for record in records {
         match check_remote(record, prefix, config, own, &taken) {
             Ok(lease) => {
-                taken.insert(lease.subnet, record.key.clone());
+                for network in lease.subnets().networks(config) {
+                    taken.insert(network, record.key.clone());
+                }
                 selection.leases.push((record.key.clone(), lease));
             }
             Err(error) => selection.skipped.push((record.key.clone(), error)),
@@ -261,35 +449,56 @@ pub fn select_remote<'a>(
     selection
 }
 
+/// Whether `holders` give one of the subnets `record`'s key names to `record` itself.
+pub fn holds_its_subnet(
+    record: &Record,
+    prefix: &str,
+    config: &NetworkConfig,
+    holders: &HashMap<IpNetwork, String>,
+) -> bool {
+    subnet_from_key(prefix, &record.key).is_some_and(|subnets| {
+        subnets
+            .networks(config)
+            .iter()
+            .any(|network| holders.get(network) == Some(&record.key))
+    })
+}
+
 /// `<prefix>/subnets/`: where every record lives.
 pub fn subnets_prefix(prefix: &str) -> String {
     format!("{}/subnets/", prefix.trim_end_matches('/'))
 }
 
-/// The record key of `subnet`, e.g. `/coreos.com/network/subnets/10.2.54.0-24`.
-pub fn subnet_key(prefix: &str, subnet: Ipv4Network) -> String {
-    format!(
+/// The record key of `subnets`, e.g. `/coreos.com/network/subnets/10.2.54.0-24`, or with
+/// IPv6 `.../10.2.54.0-24&fd00:2:0:54::-64`.
+pub fn subnet_key(prefix: &str, subnets: LeaseSubnets) -> String {
+    let ipv4 = format!(
         "{}{}-{}",
         subnets_prefix(prefix),
-        subnet.network(),
-        subnet.prefix()
-    )
+        subnets.ipv4.network(),
+        subnets.ipv4.prefix()
+    );
+    match subnets.ipv6 {
+        Some(ipv6) => format!("{ipv4}&{}-{}", ipv6.network(), ipv6.prefix()),
+        None => ipv4,
+    }
 }
 
-/// The IPv4 subnet a record key names; dual-stack keys (`10.5.52.0-24&fc00::-64`) give their
-/// IPv4 half. The key must parse exactly: each half a network in flannel's form
-/// (`address-length`, no host bits), IPv4 first, IPv6 after the `&`.
-pub fn subnet_from_key(prefix: &str, key: &str) -> Option<Ipv4Network> {
+/// The subnets a record key names. The key must parse exactly: each half a network in
+/// flannel's form (`address-length`, no host bits), IPv4 first, IPv6 after the `&`.
+pub fn subnet_from_key(prefix: &str, key: &str) -> Option<LeaseSubnets> {
     let name = key.strip_prefix(&subnets_prefix(prefix))?;
     let (ipv4, ipv6) = match name.split_once('&') {
         Some((ipv4, ipv6)) => (ipv4, Some(ipv6)),
         None => (name, None),
     };
-    if ipv6.is_some_and(|ipv6| !matches!(network_of(ipv6), Some(IpNetwork::V6(_)))) {
-        return None;
-    }
+    let ipv6 = match ipv6.map(network_of) {
+        None => None,
+        Some(Some(IpNetwork::V6(ipv6))) => Some(ipv6),
+        Some(_) => return None,
+    };
     match network_of(ipv4)? {
-        IpNetwork::V4(subnet) => Some(subnet),
+        IpNetwork::V4(ipv4) => Some(LeaseSubnets { ipv4, ipv6 }),
         IpNetwork::V6(_) => None,
     }
 }
@@ -322,7 +531,7 @@ mod tests {
 
     #[test]
     fn writes_flannels_exact_bytes() {
-        let attrs = LeaseAttrs::vxlan(
+        let attrs = LeaseAttrs::ipv4_only(
             Ipv4Addr::new(172, 20, 62, 105),
             1,
             "1a:4b:d7:f7:16:89".parse().unwrap(),
@@ -402,7 +611,10 @@ mod tests {
             matches!(&errors[5], RecordError::BadJson(error) if error.contains("\"zz\" is not a MAC address"))
         );
         assert_eq!(errors[6], RecordError::NoVtep);
-        assert_eq!(errors[7], RecordError::OutsideNetwork(config.network));
+        assert_eq!(
+            errors[7],
+            RecordError::OutsideNetwork(IpNetwork::V4(config.network))
+        );
     }
 
     #[test]
@@ -431,6 +643,144 @@ mod tests {
         }
     }
 
+    const DUAL_STACK: &str = r#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:2::/48", "Backend": {"Type": "vxlan"}}"#;
+    const IPV6_ONLY: &str = r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:2::/48", "Backend": {"Type": "vxlan"}}"#;
+    const FLANNEL_DUAL: &str = r#"{"PublicIP":"172.20.62.105","PublicIPv6":"fd00:ff::105","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:89"},"BackendV6Data":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
+    const FLANNEL_V6_ONLY: &str = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:ff::105","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
+
+    fn config(json: &str) -> NetworkConfig {
+        NetworkConfig::parse(json).unwrap()
+    }
+
+    #[test]
+    fn writes_flannels_exact_bytes_for_both_families_and_ipv6_only() {
+        let macs = VtepMacs {
+            ipv4: Some("1a:4b:d7:f7:16:89".parse().unwrap()),
+            ipv6: Some("1a:4b:d7:f7:16:8a".parse().unwrap()),
+        };
+        let public = PublicAddresses {
+            ipv4: Ipv4Addr::new(172, 20, 62, 105),
+            ipv6: Some("fd00:ff::105".parse().unwrap()),
+        };
+        assert_eq!(LeaseAttrs::vxlan(public, 1, macs).to_json(), FLANNEL_DUAL);
+        let ipv6_only = PublicAddresses {
+            ipv4: Ipv4Addr::UNSPECIFIED,
+            ..public
+        };
+        let v6_macs = VtepMacs { ipv4: None, ..macs };
+        assert_eq!(
+            LeaseAttrs::vxlan(ipv6_only, 1, v6_macs).to_json(),
+            FLANNEL_V6_ONLY
+        );
+    }
+
+    #[test]
+    fn reads_flannels_dual_stack_and_ipv6_only_records() {
+        let lease = record("10.2.54.0-24&fd00:2:0:54::-64", FLANNEL_DUAL)
+            .parse_remote(PREFIX, &config(DUAL_STACK))
+            .unwrap();
+        assert_eq!(lease.subnet, "10.2.54.0/24".parse().unwrap());
+        assert_eq!(
+            lease.ipv6_peer(),
+            Some((
+                "fd00:2:0:54::/64".parse().unwrap(),
+                "fd00:ff::105".parse().unwrap(),
+                "1a:4b:d7:f7:16:8a".parse().unwrap()
+            ))
+        );
+        let lease = record("0.0.0.0-0&fd00:2:0:54::-64", FLANNEL_V6_ONLY)
+            .parse_remote(PREFIX, &config(IPV6_ONLY))
+            .unwrap();
+        assert_eq!(lease.ipv6_subnet, Some("fd00:2:0:54::/64".parse().unwrap()));
+        // A host of an IPv4-only past still routes by IPv4 in a dual-stack network.
+        let old = r#"{"PublicIP":"172.20.62.106","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8b"}}"#;
+        let lease = record("10.2.55.0-24", old)
+            .parse_remote(PREFIX, &config(DUAL_STACK))
+            .unwrap();
+        assert_eq!(lease.ipv6_peer(), None);
+    }
+
+    #[test]
+    fn ipv6_halves_that_cannot_be_routed_say_why() {
+        let dual = config(DUAL_STACK);
+        let only = config(IPV6_ONLY);
+        let cases = [
+            (
+                record("10.2.55.0-24", FLANNEL_V6_ONLY),
+                &only,
+                RecordError::NoIpv6Subnet,
+            ),
+            (
+                record("0.0.0.0-0&fd00:3:0:54::-64", FLANNEL_V6_ONLY),
+                &only,
+                RecordError::OutsideNetwork("fd00:2::/48".parse().unwrap()),
+            ),
+            (
+                record("0.0.0.0-0&fd00:2:0:54::-80", FLANNEL_V6_ONLY),
+                &only,
+                RecordError::WrongLength(64),
+            ),
+            (
+                record("0.0.0.0-0&fd00:2::-47", FLANNEL_V6_ONLY),
+                &only,
+                RecordError::OutsideNetwork("fd00:2::/48".parse().unwrap()),
+            ),
+            (
+                record(
+                    "10.2.54.0-24&fd00:2:0:54::-64",
+                    r#"{"PublicIP":"172.20.62.105","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:89"}}"#,
+                ),
+                &dual,
+                RecordError::NoIpv6Vtep,
+            ),
+            (
+                record(
+                    "0.0.0.0-0&fd00:2:0:54::-64",
+                    r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:ff::105","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#,
+                ),
+                &only,
+                RecordError::NoIpv6Vtep,
+            ),
+            (
+                record("0.0.0.0-0&fd00:2:0:54::-64", FLANNEL_V6_ONLY),
+                &dual,
+                RecordError::OutsideNetwork("10.2.0.0/16".parse().unwrap()),
+            ),
+        ];
+        for (record, config, expected) in cases {
+            assert_eq!(
+                record.parse_remote(PREFIX, config),
+                Err(expected),
+                "{}",
+                record.key
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv6_subnet_is_ours_or_held_as_an_ipv4_one_is() {
+        let dual = config(DUAL_STACK);
+        let own = LeaseSubnets {
+            ipv4: "10.2.41.0/24".parse().unwrap(),
+            ipv6: Some("fd00:2:0:41::/64".parse().unwrap()),
+        };
+        let stealing = record("10.2.54.0-24&fd00:2:0:41::-64", FLANNEL_DUAL);
+        assert_eq!(
+            check_remote(&stealing, PREFIX, &dual, own, &HashMap::new()),
+            Err(RecordError::OverlapsOwn(
+                "fd00:2:0:41::/64".parse().unwrap()
+            ))
+        );
+        let first = record("10.2.54.0-24&fd00:2:0:54::-64", FLANNEL_DUAL);
+        let second = record("10.2.55.0-24&fd00:2:0:54::-64", FLANNEL_DUAL);
+        let selection = select_remote([&first, &second], PREFIX, own, &dual, &HashMap::new());
+        assert_eq!(selection.leases.len(), 1);
+        assert_eq!(
+            selection.skipped,
+            vec![(second.key.clone(), RecordError::Taken(first.key.clone()))]
+        );
+    }
+
     #[test]
     fn a_value_too_large_to_read_is_skipped_as_such() {
         let too_large = Record {
@@ -446,9 +796,32 @@ mod tests {
     #[test]
     fn keys_round_trip() {
         let subnet: Ipv4Network = "10.2.41.0/24".parse().unwrap();
-        let key = subnet_key("/docker-test/network/", subnet);
+        let key = subnet_key("/docker-test/network/", LeaseSubnets::ipv4(subnet));
         assert_eq!(key, "/docker-test/network/subnets/10.2.41.0-24");
-        assert_eq!(subnet_from_key(PREFIX, &key), Some(subnet));
+        assert_eq!(
+            subnet_from_key(PREFIX, &key),
+            Some(LeaseSubnets::ipv4(subnet))
+        );
         assert_eq!(subnet_from_key("/other", &key), None);
+        for (subnets, name) in [
+            (
+                LeaseSubnets {
+                    ipv4: subnet,
+                    ipv6: Some("fd00:2:0:41::/64".parse().unwrap()),
+                },
+                "10.2.41.0-24&fd00:2:0:41::-64",
+            ),
+            (
+                LeaseSubnets {
+                    ipv4: "0.0.0.0/0".parse().unwrap(),
+                    ipv6: Some("fd00:2:0:41::/64".parse().unwrap()),
+                },
+                "0.0.0.0-0&fd00:2:0:41::-64",
+            ),
+        ] {
+            let key = subnet_key(PREFIX, subnets);
+            assert_eq!(key, format!("{PREFIX}/subnets/{name}"));
+            assert_eq!(subnet_from_key(PREFIX, &key), Some(subnets));
+        }
     }
 }

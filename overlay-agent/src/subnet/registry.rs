@@ -1,12 +1,11 @@
 //! Where the leases live, as the lease manager and the watch see it: flannel's network config,
 //! the subnet records, conditional writes on them, and a watch. [`super::etcd`] keeps them in
 //! etcd; the unit tests keep them in memory.
-use std::{future::Future, net::Ipv4Addr, time::Duration};
+use std::{future::Future, time::Duration};
 
 use anyhow::Result;
-use ipnetwork::Ipv4Network;
 
-use super::{LeaseAttrs, Record};
+use super::{LeaseAttrs, LeaseSubnets, PublicAddresses, Record};
 use crate::config::NetworkConfig;
 
 /// All subnet records at one revision.
@@ -77,31 +76,31 @@ pub trait Registry: Clone + Send + Sync {
     /// of `ttl`. Returns the etcd lease, or `None` when another host holds the subnet.
     fn create(
         &self,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<i64>>> + Send;
 
     /// Rewrites an existing record with `attrs`: attached to a fresh etcd lease of `ttl`, or to
     /// none for a reservation (`ttl` of `None`). Returns the new etcd lease (0 for none), or
-    /// `None` when the record no longer exists or no longer names `public_ip`: the lease was
+    /// `None` when the record no longer exists or no longer names `owner`: the lease was
     /// revoked.
     fn update(
         &self,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         attrs: &LeaseAttrs,
-        public_ip: Ipv4Addr,
+        owner: PublicAddresses,
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<Option<i64>>> + Send;
 
-    /// Deletes the record of `subnet` if it still names `public_ip`; does nothing otherwise.
+    /// Deletes the record of `subnet` if it still names `owner`; does nothing otherwise.
     fn delete_if_owned(
         &self,
-        subnet: Ipv4Network,
-        public_ip: Ipv4Addr,
+        subnets: LeaseSubnets,
+        owner: PublicAddresses,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    fn delete(&self, subnet: Ipv4Network) -> impl Future<Output = Result<()>> + Send;
+    fn delete(&self, subnets: LeaseSubnets) -> impl Future<Output = Result<()>> + Send;
 
     /// Watches every subnet record from `revision` on.
     fn watch(&self, revision: i64) -> impl Future<Output = Result<Self::Watch>> + Send;

@@ -9,14 +9,14 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use tokio::{
     sync::mpsc,
     time::{Instant, sleep},
 };
 
 use super::{
-    Lease, LeaseEvent, Record, RecordError, check_remote,
+    Lease, LeaseEvent, LeaseSubnets, Record, RecordError, check_remote, holds_its_subnet,
     manager::LeaseRevoked,
     registry::{RecordChange, Registry, Watch, WatchUpdate},
     select_remote, subnet_from_key, subnet_key,
@@ -34,10 +34,10 @@ pub struct LeaseWatcher<R> {
     registry: R,
     config: NetworkConfig,
     own: Lease,
-    known: HashMap<Ipv4Network, Lease>,
-    /// The key of the record each known subnet came from: another record naming the same
-    /// subnet (a dual-stack key, say) is skipped while this one stands.
-    holders: HashMap<Ipv4Network, String>,
+    known: HashMap<LeaseSubnets, Lease>,
+    /// The key of the record each known subnet (of either family) came from: another record
+    /// naming the same subnet (a dual-stack key, say) is skipped while this one stands.
+    holders: HashMap<IpNetwork, String>,
     /// Keys of the records that cannot be used.
     skipped: HashSet<String>,
     metrics: LeaseMetrics,
@@ -133,26 +133,26 @@ impl<R: Registry> LeaseWatcher<R> {
             .iter()
             .any(|record| self.is_own(record) && self.still_ours(record));
         if !own_key_present {
-            return Err(LeaseRevoked(self.own.subnet).into());
+            return Err(LeaseRevoked(self.own.subnets()).into());
         }
         self.skipped.clear();
         let selection = select_remote(
             &listing.records,
             self.registry.prefix(),
-            self.own.subnet,
+            self.own.subnets(),
             &self.config,
             &self.holders,
         );
         for (key, error) in &selection.skipped {
             self.skip(key, error);
         }
-        let mut current: HashMap<Ipv4Network, Lease> = HashMap::new();
+        let mut current: HashMap<LeaseSubnets, Lease> = HashMap::new();
         self.holders.clear();
         for (key, lease) in selection.leases {
-            self.holders.insert(lease.subnet, key);
-            current.insert(lease.subnet, lease);
+            self.hold(&lease, &key);
+            current.insert(lease.subnets(), lease);
         }
-        let gone: Vec<Ipv4Network> = self
+        let gone: Vec<LeaseSubnets> = self
             .known
             .keys()
             .filter(|subnet| !current.contains_key(subnet))
@@ -222,13 +222,13 @@ impl<R: Registry> LeaseWatcher<R> {
         if self.is_own(record) {
             let revoked = change.deleted || !self.still_ours(record);
             return if revoked {
-                Err(LeaseRevoked(self.own.subnet).into())
+                Err(LeaseRevoked(self.own.subnets()).into())
             } else {
                 Ok(None)
             };
         }
         self.skipped.remove(&record.key);
-        let Some(subnet) = subnet_from_key(self.registry.prefix(), &record.key) else {
+        let Some(subnets) = subnet_from_key(self.registry.prefix(), &record.key) else {
             if !change.deleted {
                 self.skip(&record.key, &RecordError::BadKey);
             }
@@ -243,7 +243,7 @@ impl<R: Registry> LeaseWatcher<R> {
                 record,
                 self.registry.prefix(),
                 &self.config,
-                self.own.subnet,
+                self.own.subnets(),
                 &self.holders,
             );
             match checked {
@@ -256,13 +256,13 @@ impl<R: Registry> LeaseWatcher<R> {
         };
         let event = match usable {
             Some(lease) => {
-                self.holders.insert(lease.subnet, record.key.clone());
+                self.hold(&lease, &record.key);
                 self.remember(lease)
             }
             // Only the record holding the subnet can take its lease away.
             None if held => {
-                self.holders.remove(&subnet);
-                self.forget(subnet)
+                self.holders.retain(|_, holder| *holder != record.key);
+                self.forget(subnets)
             }
             None => None,
         };
@@ -278,35 +278,40 @@ impl<R: Registry> LeaseWatcher<R> {
     /// Records `lease`; returns the change if it is new or its attributes changed (a renewal
     /// only moves it to another etcd lease, which nobody downstream cares about).
     fn remember(&mut self, lease: Lease) -> Option<LeaseEvent> {
-        let change = match self.known.get(&lease.subnet) {
+        let change = match self.known.get(&lease.subnets()) {
             None => Some(LeaseEvent::Added(lease.clone())),
             Some(known) if known.attrs != lease.attrs => Some(LeaseEvent::Changed(lease.clone())),
             Some(_) => None,
         };
-        self.known.insert(lease.subnet, lease);
+        self.known.insert(lease.subnets(), lease);
         change
     }
 
-    fn forget(&mut self, subnet: Ipv4Network) -> Option<LeaseEvent> {
-        self.known.remove(&subnet).map(LeaseEvent::Removed)
+    fn forget(&mut self, subnets: LeaseSubnets) -> Option<LeaseEvent> {
+        self.known.remove(&subnets).map(LeaseEvent::Removed)
+    }
+
+    /// Notes `key` as the holder of every subnet of `lease` in the network's families.
+    fn hold(&mut self, lease: &Lease, key: &str) {
+        for network in lease.subnets().networks(&self.config) {
+            self.holders.insert(network, key.to_string());
+        }
     }
 
     /// Whether `record` is this host's own: its key exactly, not merely its subnet.
     fn is_own(&self, record: &Record) -> bool {
-        record.key == subnet_key(self.registry.prefix(), self.own.subnet)
+        record.key == subnet_key(self.registry.prefix(), self.own.subnets())
     }
 
     /// Whether `record` is the one the lease of its subnet came from.
     fn holds(&self, record: &Record) -> bool {
-        subnet_from_key(self.registry.prefix(), &record.key)
-            .and_then(|subnet| self.holders.get(&subnet))
-            .is_some_and(|key| *key == record.key)
+        holds_its_subnet(record, self.registry.prefix(), &self.config, &self.holders)
     }
 
     fn still_ours(&self, record: &Record) -> bool {
         record
             .parse(self.registry.prefix())
-            .is_ok_and(|lease| lease.attrs.public_ip == self.own.attrs.public_ip)
+            .is_ok_and(|lease| self.own.attrs.public().named_in(&lease.attrs))
     }
 
     /// Logs why the record under `key` cannot be used, and counts it as skipped.
@@ -337,6 +342,8 @@ async fn send_all(
 mod tests {
     use std::net::Ipv4Addr;
 
+    use ipnetwork::Ipv4Network;
+
     use super::*;
     use crate::{
         mac::MacAddr,
@@ -356,7 +363,7 @@ mod tests {
     }
 
     fn record_of(host: u8, mac: MacAddr) -> String {
-        LeaseAttrs::vxlan(Ipv4Addr::new(172, 20, 62, host), 1, mac).to_json()
+        LeaseAttrs::ipv4_only(Ipv4Addr::new(172, 20, 62, host), 1, mac).to_json()
     }
 
     /// A registry holding this host's lease (10.2.41.0/24), and a watcher for it.
@@ -364,7 +371,12 @@ mod tests {
         let registry = MemoryRegistry::new(PREFIX, config());
         let own = Lease {
             subnet: subnet("10.2.41.0/24"),
-            attrs: LeaseAttrs::vxlan(Ipv4Addr::new(172, 20, 62, 104), 1, MacAddr::random_local()),
+            ipv6_subnet: None,
+            attrs: LeaseAttrs::ipv4_only(
+                Ipv4Addr::new(172, 20, 62, 104),
+                1,
+                MacAddr::random_local(),
+            ),
             etcd_lease: 1,
         };
         registry.put(own.subnet, &own.attrs.to_json(), 1);
