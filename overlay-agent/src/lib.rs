@@ -244,8 +244,11 @@ fn masquerade_for(
         masquerade::Backend::Iptables
     };
     let rules = Rules {
-        network: config.network,
-        subnet,
+        ipv4: Some(masquerade::Networks {
+            network: config.network,
+            subnet,
+        }),
+        ipv6: None,
         masquerade: options.ip_masq,
         forward: options.iptables_forward_rules,
         fully_random: !options.ip_masq_fully_random_disable,

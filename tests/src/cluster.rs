@@ -130,6 +130,11 @@ impl Host {
         self.netns.exec(&[&["iptables"], args].concat())
     }
 
+    /// `ip6tables args...` in the host's namespace; returns its output.
+    pub fn ip6tables(&self, args: &[&str]) -> Result<String> {
+        self.netns.exec(&[&["ip6tables"], args].concat())
+    }
+
     /// Waits until the filter table's FORWARD chain jumps to flannel's forward chain, as
     /// flannel writes the jump.
     pub fn wait_for_forward_jump(&self, timeout: Duration) -> Result<()> {

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use overlay_agent::masquerade::{Backend, Masquerade, Networks, Rules};
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG},
@@ -107,17 +109,7 @@ fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Res
     wait_for_forward_jump(host, agent)?;
     seed.agent1.process.terminate(EVENT_TIMEOUT)?;
     let host = &seed.host1;
-    let flags = [
-        "teardown".to_string(),
-        format!("--subnet-file={}", host.subnet_file().display()),
-        format!("--bpf-pin-dir={}", host.pin_dir().display()),
-    ];
-    let mut teardown = Agent::start_with(host, &flags, &[])?;
-    assert!(
-        teardown.process.wait_exit(EVENT_TIMEOUT)?.success(),
-        "{}",
-        teardown.log()
-    );
+    teardown(host)?;
     let forward = host.iptables(&["-S"])?;
     assert!(
         !forward.contains("FLANNEL-FWD") && forward.contains("-P FORWARD DROP"),
@@ -126,57 +118,56 @@ fn nftables_mode_keeps_iptables_forward_rules_only_behind_a_drop_policy() -> Res
     Ok(())
 }
 
-#[test]
-fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
-    let seed = Seed::start(
-        "iptables",
-        &["--dataplane=kernel", "--ip-masq", "--iptables-resync=1"],
-    )?;
-    let host = &seed.host1;
+/// flannel's chains and the jumps into them in `command`'s (iptables' or ip6tables') tables
+/// of `host`, for the overlay `network`, the host's `subnet` and the family's `multicast`,
+/// masquerading fully random.
+fn assert_flannels_chains(
+    host: &Host,
+    command: &str,
+    network: &str,
+    subnet: &str,
+    multicast: &str,
+) -> Result<()> {
+    let list = |args: &[&str]| host.netns.exec(&[&[command], args].concat());
     let masq = "-m comment --comment \"flanneld masq\"";
     let forward = "-m comment --comment \"flanneld forward\"";
+    let masquerade = "-j MASQUERADE --random-fully";
     assert_eq!(
-        host.iptables(&["-t", "nat", "-S", "FLANNEL-POSTRTG"])?.trim(),
+        list(&["-t", "nat", "-S", "FLANNEL-POSTRTG"])?.trim(),
         [
             "-N FLANNEL-POSTRTG".to_string(),
             format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN"),
-            format!("-A FLANNEL-POSTRTG -s 10.2.41.0/24 -d 10.2.0.0/16 {masq} -j RETURN"),
-            format!("-A FLANNEL-POSTRTG -s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
-            format!("-A FLANNEL-POSTRTG ! -s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
-            format!(
-                "-A FLANNEL-POSTRTG -s 10.2.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully"
-            ),
-            format!(
-                "-A FLANNEL-POSTRTG ! -s 10.2.0.0/16 -d 10.2.0.0/16 {masq} -j MASQUERADE --random-fully"
-            ),
+            format!("-A FLANNEL-POSTRTG -s {subnet} -d {network} {masq} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG -s {network} -d {subnet} {masq} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG ! -s {network} -d {subnet} {masq} -j RETURN"),
+            format!("-A FLANNEL-POSTRTG -s {network} ! -d {multicast} {masq} {masquerade}"),
+            format!("-A FLANNEL-POSTRTG ! -s {network} -d {network} {masq} {masquerade}"),
         ]
         .join("\n")
     );
     assert_eq!(
-        host.iptables(&["-S", "FLANNEL-FWD"])?.trim(),
+        list(&["-S", "FLANNEL-FWD"])?.trim(),
         [
             "-N FLANNEL-FWD".to_string(),
-            format!("-A FLANNEL-FWD -s 10.2.0.0/16 {forward} -j ACCEPT"),
-            format!("-A FLANNEL-FWD -d 10.2.0.0/16 {forward} -j ACCEPT"),
+            format!("-A FLANNEL-FWD -s {network} {forward} -j ACCEPT"),
+            format!("-A FLANNEL-FWD -d {network} {forward} -j ACCEPT"),
         ]
         .join("\n")
     );
     assert!(
-        host.iptables(&["-t", "nat", "-S", "POSTROUTING"])?
+        list(&["-t", "nat", "-S", "POSTROUTING"])?
             .contains(&format!("-A POSTROUTING {masq} -j FLANNEL-POSTRTG"))
     );
-    assert!(
-        host.netns
-            .exec_unchecked(&["nft", "list", "table", "ip", "flannel-ipv4"])?
-            .status
-            .code()
-            != Some(0),
-        "no nftables table in iptables mode"
-    );
+    assert!(list(&["-S", "FORWARD"])?.contains(&format!("-A FORWARD {forward} -j FLANNEL-FWD")));
+    Ok(())
+}
 
-    // Someone flushes our chain and removes our jump: both come back within the resync period.
-    host.iptables(&["-F", "FLANNEL-FWD"])?;
-    host.iptables(&[
+/// What someone else might do to our rules in `command`'s tables: flush the forward chain and
+/// remove the jump into the masquerade chain.
+fn damage_flannels_chains(host: &Host, command: &str) -> Result<()> {
+    host.netns.exec(&[command, "-F", "FLANNEL-FWD"])?;
+    host.netns.exec(&[
+        command,
         "-t",
         "nat",
         "-D",
@@ -188,6 +179,50 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
         "-j",
         "FLANNEL-POSTRTG",
     ])?;
+    Ok(())
+}
+
+/// `overlay-agent teardown` on `host`, which must succeed.
+fn teardown(host: &Host) -> Result<()> {
+    let flags = [
+        "teardown".to_string(),
+        format!("--subnet-file={}", host.subnet_file().display()),
+        format!("--bpf-pin-dir={}", host.pin_dir().display()),
+    ];
+    let mut teardown = Agent::start_with(host, &flags, &[])?;
+    assert!(
+        teardown.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "{}",
+        teardown.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
+    let seed = Seed::start(
+        "iptables",
+        &["--dataplane=kernel", "--ip-masq", "--iptables-resync=1"],
+    )?;
+    let host = &seed.host1;
+    assert_flannels_chains(
+        host,
+        "iptables",
+        "10.2.0.0/16",
+        "10.2.41.0/24",
+        "224.0.0.0/4",
+    )?;
+    assert!(
+        host.netns
+            .exec_unchecked(&["nft", "list", "table", "ip", "flannel-ipv4"])?
+            .status
+            .code()
+            != Some(0),
+        "no nftables table in iptables mode"
+    );
+
+    // Someone flushes our chain and removes our jump: both come back within the resync period.
+    damage_flannels_chains(host, "iptables")?;
     wait_for("the rules to come back", Duration::from_secs(5), || {
         Ok(host.iptables(&["-S", "FLANNEL-FWD"])?.lines().count() == 3
             && host
@@ -260,5 +295,208 @@ fn enable_nftables_makes_flannels_table_instead() -> Result<()> {
     );
     let ping = seed.bbox1.ping(BBOX2, 2)?;
     assert_eq!(ping.matches("ttl=62").count(), 2, "{ping}");
+    Ok(())
+}
+
+// The IPv6 half of the rules, driven through the agent's masquerade module in a host namespace
+// of the test's own: the agent takes no `EnableIPv6` yet. Teardown is the agent's own.
+
+/// The seed's IPv4 networks for host1.
+fn seed_ipv4() -> Result<Networks<Ipv4Network>> {
+    Ok(Networks {
+        network: "10.2.0.0/16".parse()?,
+        subnet: "10.2.41.0/24".parse()?,
+    })
+}
+
+/// An IPv6 overlay beside the seed's, host1 leasing one /64 of it.
+fn seed_ipv6() -> Result<Networks<Ipv6Network>> {
+    Ok(Networks {
+        network: "fc00::/48".parse()?,
+        subnet: "fc00:0:0:41::/64".parse()?,
+    })
+}
+
+/// Every rule, in both families.
+fn dual_stack_rules() -> Result<Rules> {
+    Ok(Rules {
+        ipv4: Some(seed_ipv4()?),
+        ipv6: Some(seed_ipv6()?),
+        masquerade: true,
+        forward: true,
+        fully_random: true,
+    })
+}
+
+/// A host namespace of its own, without an agent.
+fn lone_host(tag: &str) -> Result<(Cluster, Host)> {
+    let mut cluster = Cluster::new(tag)?;
+    let host = cluster.add_host("host1", "172.20.62.104")?;
+    Ok((cluster, host))
+}
+
+/// The module's `Masquerade` for `rules`, made inside `host`: it asks the host's iptables
+/// what they support.
+fn masquerade_on(host: &Host, rules: Rules, backend: Backend) -> Result<Masquerade> {
+    host.netns
+        .run_inside(|| Ok(Masquerade::new(rules, backend)))
+}
+
+/// One resync's `ensure`, inside `host`.
+fn ensure_on(host: &Host, masquerade: &mut Masquerade) -> Result<()> {
+    host.netns.run_inside(|| masquerade.ensure())
+}
+
+/// Our chains and the jumps into them, as `ip6tables-save` or `iptables-save` lists them.
+fn flannel_lines(host: &Host, save: &str) -> Result<Vec<String>> {
+    Ok(host
+        .netns
+        .exec(&[save])?
+        .lines()
+        .filter(|line| line.contains("FLANNEL-"))
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn flannels_ip6tables_chains_are_written_restored_and_torn_down() -> Result<()> {
+    let (_cluster, host) = lone_host("v6-iptables")?;
+    let mut masquerade = masquerade_on(&host, dual_stack_rules()?, Backend::Iptables)?;
+    ensure_on(&host, &mut masquerade)?;
+    assert_flannels_chains(
+        &host,
+        "ip6tables",
+        "fc00::/48",
+        "fc00:0:0:41::/64",
+        "ff00::/8",
+    )?;
+    assert_flannels_chains(
+        &host,
+        "iptables",
+        "10.2.0.0/16",
+        "10.2.41.0/24",
+        "224.0.0.0/4",
+    )?;
+
+    // Someone flushes the IPv6 forward chain and removes the IPv6 masquerade jump: the next
+    // check puts both back, and leaves IPv4 as it was.
+    let (ipv6_before, ipv4_before) = (
+        flannel_lines(&host, "ip6tables-save")?,
+        flannel_lines(&host, "iptables-save")?,
+    );
+    damage_flannels_chains(&host, "ip6tables")?;
+    ensure_on(&host, &mut masquerade)?;
+    assert_eq!(flannel_lines(&host, "ip6tables-save")?, ipv6_before);
+    assert_eq!(flannel_lines(&host, "iptables-save")?, ipv4_before);
+
+    teardown(&host)?;
+    for save in ["ip6tables-save", "iptables-save"] {
+        let left = flannel_lines(&host, save)?;
+        assert!(left.is_empty(), "teardown leaves in {save}: {left:?}");
+    }
+    Ok(())
+}
+
+fn nft_table(host: &Host, family: &str, name: &str) -> Result<Option<String>> {
+    let output = host
+        .netns
+        .exec_unchecked(&["nft", "list", "table", family, name])?;
+    Ok(output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned()))
+}
+
+/// An IPv6-only network in nftables mode: only `ip6 flannel-ipv6`, flannel's rules in it, and
+/// nothing of ours in IPv4, not even what an earlier dual-stack run in iptables mode left.
+#[test]
+fn ipv6_only_network_gets_only_flannels_ip6_nftables_table() -> Result<()> {
+    let (_cluster, host) = lone_host("v6-nft")?;
+    let mut earlier = masquerade_on(&host, dual_stack_rules()?, Backend::Iptables)?;
+    ensure_on(&host, &mut earlier)?;
+    let ipv6_only = Rules {
+        ipv4: None,
+        ..dual_stack_rules()?
+    };
+    let mut masquerade = masquerade_on(&host, ipv6_only, Backend::Nftables)?;
+    ensure_on(&host, &mut masquerade)?;
+
+    let table = nft_table(&host, "ip6", "flannel-ipv6")?.context("no ip6 flannel-ipv6")?;
+    for rule in [
+        "comment \"rules for flannel-ipv6\"",
+        "type filter hook forward priority filter; policy accept;",
+        "ip6 saddr fc00::/48 accept",
+        "ip6 daddr fc00::/48 accept",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        "meta mark 0x00004000 return",
+        "ip6 saddr fc00:0:0:41::/64 ip6 daddr fc00::/48 return",
+        "ip6 saddr fc00::/48 ip6 daddr fc00:0:0:41::/64 return",
+        "ip6 saddr != fc00:0:0:41::/64 ip6 daddr fc00::/48 return",
+        "ip6 saddr fc00::/48 ip6 daddr != ff00::/8 masquerade fully-random",
+        "ip6 saddr != fc00::/48 ip6 daddr fc00::/48 masquerade fully-random",
+    ] {
+        assert!(table.contains(rule), "no {rule:?} in\n{table}");
+    }
+    let ruleset = host.netns.exec(&["nft", "list", "ruleset"])?;
+    assert!(
+        !ruleset.contains("FLANNEL-") && !ruleset.contains("flannel-ipv4"),
+        "nothing of ours but the ip6 table:\n{ruleset}"
+    );
+
+    host.netns
+        .exec(&["nft", "delete", "table", "ip6", "flannel-ipv6"])?;
+    ensure_on(&host, &mut masquerade)?;
+    assert_eq!(
+        nft_table(&host, "ip6", "flannel-ipv6")?.as_deref(),
+        Some(table.as_str()),
+        "restored as it was"
+    );
+
+    teardown(&host)?;
+    assert_eq!(nft_table(&host, "ip6", "flannel-ipv6")?, None);
+    Ok(())
+}
+
+/// Docker sets ip6tables' FORWARD policy to DROP when its IPv6 support is on: in nftables
+/// mode flannel's forward chain then goes into ip6tables too, and only there while IPv4's
+/// policy stays ACCEPT.
+#[test]
+fn nftables_mode_follows_ip6tables_forward_policy() -> Result<()> {
+    let (_cluster, host) = lone_host("v6-policy")?;
+    let mut masquerade = masquerade_on(&host, dual_stack_rules()?, Backend::Nftables)?;
+    ensure_on(&host, &mut masquerade)?;
+    assert!(flannel_lines(&host, "ip6tables-save")?.is_empty());
+
+    host.ip6tables(&["-P", "FORWARD", "DROP"])?;
+    ensure_on(&host, &mut masquerade)?;
+    assert_eq!(
+        host.ip6tables(&["-S", "FLANNEL-FWD"])?.trim(),
+        [
+            "-N FLANNEL-FWD",
+            "-A FLANNEL-FWD -s fc00::/48 -m comment --comment \"flanneld forward\" -j ACCEPT",
+            "-A FLANNEL-FWD -d fc00::/48 -m comment --comment \"flanneld forward\" -j ACCEPT",
+        ]
+        .join("\n")
+    );
+    assert!(
+        flannel_lines(&host, "iptables-save")?.is_empty(),
+        "IPv4's policy is ACCEPT"
+    );
+
+    host.ip6tables(&["-P", "FORWARD", "ACCEPT"])?;
+    ensure_on(&host, &mut masquerade)?;
+    assert!(flannel_lines(&host, "ip6tables-save")?.is_empty());
+
+    host.ip6tables(&["-P", "FORWARD", "DROP"])?;
+    ensure_on(&host, &mut masquerade)?;
+    teardown(&host)?;
+    let forward = host.ip6tables(&["-S"])?;
+    assert!(
+        !forward.contains("FLANNEL-FWD") && forward.contains("-P FORWARD DROP"),
+        "teardown removes our chain and leaves the policy:\n{forward}"
+    );
+    for (family, name) in [("ip", "flannel-ipv4"), ("ip6", "flannel-ipv6")] {
+        assert_eq!(nft_table(&host, family, name)?, None, "{family} {name}");
+    }
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! flannel's default: the chains `FLANNEL-FWD` and `FLANNEL-POSTRTG`, each jumped to from the
-//! built-in chain it belongs to, with flannel's exact rules and comments, through the `iptables`
-//! crate (the counterpart of the go-iptables package flannel uses).
+//! built-in chain it belongs to, with flannel's exact rules and comments, in iptables for IPv4
+//! and ip6tables for IPv6, through the `iptables` crate (the counterpart of the go-iptables
+//! package flannel uses).
 use std::{error::Error, process::Command};
 
 use anyhow::{Result, anyhow};
 use iptables::IPTables;
 
-use super::{FORWARD_COMMENT, KUBE_PROXY_MARK, MASQUERADE_COMMENT, MULTICAST, Rules};
+use super::{FORWARD_COMMENT, Family, FamilyRules, KUBE_PROXY_MARK, MASQUERADE_COMMENT};
 
 const FORWARD_CHAIN: &str = "FLANNEL-FWD";
 const MASQUERADE_CHAIN: &str = "FLANNEL-POSTRTG";
@@ -47,7 +48,7 @@ impl Chain {
     }
 }
 
-fn forward_rules(rules: &Rules) -> Vec<String> {
+fn forward_rules(rules: &FamilyRules) -> Vec<String> {
     let (network, comment) = (rules.network, FORWARD.comment());
     vec![
         format!("-s {network} {comment} -j ACCEPT"),
@@ -55,8 +56,9 @@ fn forward_rules(rules: &Rules) -> Vec<String> {
     ]
 }
 
-fn masquerade_rules(rules: &Rules) -> Vec<String> {
+fn masquerade_rules(rules: &FamilyRules) -> Vec<String> {
     let (network, subnet, comment) = (rules.network, rules.subnet, MASQUERADE.comment());
+    let multicast = rules.family.multicast();
     let masquerade = if rules.fully_random {
         "MASQUERADE --random-fully"
     } else {
@@ -67,32 +69,35 @@ fn masquerade_rules(rules: &Rules) -> Vec<String> {
         format!("-s {subnet} -d {network} {comment} -j RETURN"),
         format!("-s {network} -d {subnet} {comment} -j RETURN"),
         format!("! -s {network} -d {subnet} {comment} -j RETURN"),
-        format!("-s {network} ! -d {MULTICAST} {comment} -j {masquerade}"),
+        format!("-s {network} ! -d {multicast} {comment} -j {masquerade}"),
         format!("! -s {network} -d {network} {comment} -j {masquerade}"),
     ]
 }
 
-/// Makes our chains and jumps what `rules` call for, and removes the ones they do not.
-pub fn write(rules: &Rules) -> Result<()> {
-    let iptables = open()?;
+/// Makes our chains and jumps what `rules` call for, and removes the ones they do not, in the
+/// iptables of `rules`' family.
+pub fn write(rules: &FamilyRules) -> Result<()> {
+    let command = command(rules.family);
+    let iptables = open(rules.family)?;
     for (chain, wanted) in wanted_chains(rules) {
         match wanted {
             Some(wanted) => install(&iptables, &chain, &wanted),
             None => uninstall(&iptables, &chain),
         }
-        .map_err(|error| anyhow!("cannot set up the iptables chain {}: {error}", chain.name))?;
+        .map_err(|error| anyhow!("cannot set up the {command} chain {}: {error}", chain.name))?;
     }
     Ok(())
 }
 
 /// Whether our chains, their rules in order and the jumps into them are exactly what `rules`
 /// call for, as `iptables -S` lists them (our rule texts are written in that form).
-pub fn in_place(rules: &Rules) -> Result<bool> {
-    let iptables = open()?;
+pub fn in_place(rules: &FamilyRules) -> Result<bool> {
+    let command = command(rules.family);
+    let iptables = open(rules.family)?;
     for (chain, wanted) in wanted_chains(rules) {
         let listed = iptables
             .list_table(chain.table)
-            .map_err(|error| anyhow!("cannot list the iptables {} table: {error}", chain.table))?;
+            .map_err(|error| anyhow!("cannot list the {command} {} table: {error}", chain.table))?;
         let ours: Vec<String> = listed
             .into_iter()
             .filter(|line| line.contains(chain.name))
@@ -136,7 +141,7 @@ fn same_lines(mut listed: Vec<String>, mut expected: Vec<String>) -> bool {
 }
 
 /// Each chain with its rules, or `None` where `rules` do not want it.
-fn wanted_chains(rules: &Rules) -> [(Chain, Option<Vec<String>>); 2] {
+fn wanted_chains(rules: &FamilyRules) -> [(Chain, Option<Vec<String>>); 2] {
     [
         (FORWARD, rules.forward.then(|| forward_rules(rules))),
         (
@@ -146,17 +151,22 @@ fn wanted_chains(rules: &Rules) -> [(Chain, Option<Vec<String>>); 2] {
     ]
 }
 
-/// Removes our chains and the jumps into them, wherever they are.
-pub fn remove() -> Result<()> {
-    let Ok(iptables) = open() else {
-        // No iptables on this host: nothing of ours can be there.
+/// Removes our chains and the jumps into them from `family`'s iptables, wherever they are.
+pub fn remove(family: Family) -> Result<()> {
+    let Ok(iptables) = open(family) else {
+        // No iptables for this family on this host: nothing of ours can be there.
         return Ok(());
     };
     for chain in [FORWARD, MASQUERADE] {
-        uninstall(&iptables, &chain)
-            .map_err(|error| anyhow!("cannot remove the iptables chain {}: {error}", chain.name))?;
+        uninstall(&iptables, &chain).map_err(|error| {
+            anyhow!(
+                "cannot remove the {} chain {}: {error}",
+                command(family),
+                chain.name
+            )
+        })?;
         if holds_nothing(&iptables, chain.table) {
-            super::nftables::delete_iptables_table(chain.table);
+            super::nftables::delete_iptables_table(family, chain.table);
         }
     }
     Ok(())
@@ -172,21 +182,27 @@ fn holds_nothing(iptables: &IPTables, table: &str) -> bool {
     })
 }
 
-/// Whether iptables' filter `FORWARD` chain has policy DROP, as Docker sets it. A host without
-/// iptables has no such chain.
-pub fn forward_policy_drops() -> Result<bool> {
-    let Ok(iptables) = open() else {
+/// Whether `family`'s filter `FORWARD` chain has policy DROP, as Docker sets it (in ip6tables
+/// only with its ip6tables support on). A host without iptables has no such chain.
+pub fn forward_policy_drops(family: Family) -> Result<bool> {
+    let Ok(iptables) = open(family) else {
         return Ok(false);
     };
     let listed = iptables
         .list(FORWARD.table, FORWARD.hook)
-        .map_err(|error| anyhow!("cannot list iptables' {} chain: {error}", FORWARD.hook))?;
+        .map_err(|error| {
+            anyhow!(
+                "cannot list {}' {} chain: {error}",
+                command(family),
+                FORWARD.hook
+            )
+        })?;
     Ok(listed.contains(&format!("-P {} DROP", FORWARD.hook)))
 }
 
-/// Whether the host's iptables knows `--random-fully`.
-pub fn supports_random_fully() -> bool {
-    Command::new("iptables")
+/// Whether the host's iptables for `family` knows `--random-fully`.
+pub fn supports_random_fully(family: Family) -> bool {
+    Command::new(command(family))
         .arg("--version")
         .output()
         .ok()
@@ -194,7 +210,8 @@ pub fn supports_random_fully() -> bool {
         .is_some_and(|version| version >= RANDOM_FULLY_SINCE)
 }
 
-/// The version in `iptables --version` output, "iptables v1.8.9 (nf_tables)".
+/// The version in `iptables --version` output, "iptables v1.8.9 (nf_tables)" (ip6tables
+/// prints the same with its own name).
 fn version(output: &str) -> Option<(u32, u32, u32)> {
     let version = output
         .split_whitespace()
@@ -203,11 +220,20 @@ fn version(output: &str) -> Option<(u32, u32, u32)> {
     Some((numbers.next()??, numbers.next()??, numbers.next()??))
 }
 
-fn open() -> Result<IPTables> {
-    iptables::new(false).map_err(|error| {
+/// The command that holds `family`'s rules.
+pub fn command(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
+fn open(family: Family) -> Result<IPTables> {
+    iptables::new(family == Family::V6).map_err(|error| {
         anyhow!(
-            "cannot run iptables ({error}): install it, or set EnableNFTables in the network \
-             config to use nftables"
+            "cannot run {} ({error}): install iptables, or set EnableNFTables in the network \
+             config to use nftables",
+            command(family)
         )
     })
 }
@@ -247,20 +273,27 @@ fn uninstall(iptables: &IPTables, chain: &Chain) -> Result<(), Box<dyn Error>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{super::tests::seed, *};
+    use super::{super::tests::seed_family, *};
+
+    const MASQ: &str = "-m comment --comment \"flanneld masq\"";
+    const FORWARDED: &str = "-m comment --comment \"flanneld forward\"";
 
     #[test]
     fn flannels_forward_chain() {
         assert_eq!((FORWARD.table, FORWARD.hook), ("filter", "FORWARD"));
+        assert_eq!(FORWARD.jump(), format!("{FORWARDED} -j FLANNEL-FWD"));
         assert_eq!(
-            FORWARD.jump(),
-            "-m comment --comment \"flanneld forward\" -j FLANNEL-FWD"
+            forward_rules(&seed_family(Family::V4, true)),
+            [
+                format!("-s 10.2.0.0/16 {FORWARDED} -j ACCEPT"),
+                format!("-d 10.2.0.0/16 {FORWARDED} -j ACCEPT"),
+            ]
         );
         assert_eq!(
-            forward_rules(&seed(true)),
+            forward_rules(&seed_family(Family::V6, true)),
             [
-                "-s 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
-                "-d 10.2.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT",
+                format!("-s fc00::/48 {FORWARDED} -j ACCEPT"),
+                format!("-d fc00::/48 {FORWARDED} -j ACCEPT"),
             ]
         );
     }
@@ -268,25 +301,55 @@ mod tests {
     #[test]
     fn flannels_masquerade_chain() {
         assert_eq!((MASQUERADE.table, MASQUERADE.hook), ("nat", "POSTROUTING"));
-        let masq = "-m comment --comment \"flanneld masq\"";
-        assert_eq!(MASQUERADE.jump(), format!("{masq} -j FLANNEL-POSTRTG"));
+        assert_eq!(MASQUERADE.jump(), format!("{MASQ} -j FLANNEL-POSTRTG"));
         assert_eq!(
-            masquerade_rules(&seed(true)),
+            masquerade_rules(&seed_family(Family::V4, true)),
             [
-                format!("-m mark --mark 0x4000/0x4000 {masq} -j RETURN"),
-                format!("-s 10.2.41.0/24 -d 10.2.0.0/16 {masq} -j RETURN"),
-                format!("-s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
-                format!("! -s 10.2.0.0/16 -d 10.2.41.0/24 {masq} -j RETURN"),
-                format!("-s 10.2.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully"),
-                format!("! -s 10.2.0.0/16 -d 10.2.0.0/16 {masq} -j MASQUERADE --random-fully"),
+                format!("-m mark --mark 0x4000/0x4000 {MASQ} -j RETURN"),
+                format!("-s 10.2.41.0/24 -d 10.2.0.0/16 {MASQ} -j RETURN"),
+                format!("-s 10.2.0.0/16 -d 10.2.41.0/24 {MASQ} -j RETURN"),
+                format!("! -s 10.2.0.0/16 -d 10.2.41.0/24 {MASQ} -j RETURN"),
+                format!("-s 10.2.0.0/16 ! -d 224.0.0.0/4 {MASQ} -j MASQUERADE --random-fully"),
+                format!("! -s 10.2.0.0/16 -d 10.2.0.0/16 {MASQ} -j MASQUERADE --random-fully"),
             ]
         );
-        assert!(masquerade_rules(&seed(false))[4].ends_with("-j MASQUERADE"));
+        assert!(masquerade_rules(&seed_family(Family::V4, false))[4].ends_with("-j MASQUERADE"));
+    }
+
+    /// flannel's masqIP6Rules: the IPv4 rules with IPv6 networks, and IPv6 multicast left alone.
+    #[test]
+    fn flannels_ipv6_masquerade_chain() {
+        assert_eq!(
+            masquerade_rules(&seed_family(Family::V6, true)),
+            [
+                format!("-m mark --mark 0x4000/0x4000 {MASQ} -j RETURN"),
+                format!("-s fc00:0:0:41::/64 -d fc00::/48 {MASQ} -j RETURN"),
+                format!("-s fc00::/48 -d fc00:0:0:41::/64 {MASQ} -j RETURN"),
+                format!("! -s fc00::/48 -d fc00:0:0:41::/64 {MASQ} -j RETURN"),
+                format!("-s fc00::/48 ! -d ff00::/8 {MASQ} -j MASQUERADE --random-fully"),
+                format!("! -s fc00::/48 -d fc00::/48 {MASQ} -j MASQUERADE --random-fully"),
+            ]
+        );
+        let plain = masquerade_rules(&seed_family(Family::V6, false));
+        assert_eq!(
+            plain[4..],
+            [
+                format!("-s fc00::/48 ! -d ff00::/8 {MASQ} -j MASQUERADE"),
+                format!("! -s fc00::/48 -d fc00::/48 {MASQ} -j MASQUERADE"),
+            ]
+        );
+    }
+
+    #[test]
+    fn each_family_has_its_own_command() {
+        assert_eq!(command(Family::V4), "iptables");
+        assert_eq!(command(Family::V6), "ip6tables");
     }
 
     #[test]
     fn random_fully_from_the_version() {
         assert_eq!(version("iptables v1.8.9 (nf_tables)\n"), Some((1, 8, 9)));
+        assert_eq!(version("ip6tables v1.8.9 (legacy)\n"), Some((1, 8, 9)));
         assert_eq!(version("iptables v1.6.1\n"), Some((1, 6, 1)));
         assert_eq!(version("command not found"), None);
         assert!(version("iptables v1.6.2").unwrap() >= RANDOM_FULLY_SINCE);
