@@ -26,7 +26,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use ipnetwork::Ipv4Network;
 use overlay_common::{CONFIG_DIRECT_ROUTING, OverlayConfig};
 use rtnetlink::Handle;
 use tokio::{
@@ -145,7 +144,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     if let Some(dataplane) = reconciler.dataplane() {
         remove_stray_programs(&netlink, &dataplane.kept()?).await?;
     }
-    let mut masquerade = masquerade_for(&options, &config, lease.subnet);
+    let mut masquerade = masquerade_for(&options, &config, &lease);
     masquerade.ensure()?;
     SubnetEnv {
         ipv4: config.enable_ipv4.then_some((config.network, lease.subnet)),
@@ -233,22 +232,24 @@ async fn tunnel_ipv6(
 }
 
 /// flannel's forward and masquerade rules for our `subnet`, where `EnableNFTables` says.
-fn masquerade_for(
-    options: &AgentOptions,
-    config: &NetworkConfig,
-    subnet: Ipv4Network,
-) -> Masquerade {
+fn masquerade_for(options: &AgentOptions, config: &NetworkConfig, lease: &Lease) -> Masquerade {
     let backend = if config.enable_nftables {
         masquerade::Backend::Nftables
     } else {
         masquerade::Backend::Iptables
     };
     let rules = Rules {
-        ipv4: Some(masquerade::Networks {
+        ipv4: config.enable_ipv4.then_some(masquerade::Networks {
             network: config.network,
-            subnet,
+            subnet: lease.subnet,
         }),
-        ipv6: None,
+        ipv6: config
+            .ipv6
+            .zip(lease.ipv6_subnet)
+            .map(|(range, subnet)| masquerade::Networks {
+                network: range.network,
+                subnet,
+            }),
         masquerade: options.ip_masq,
         forward: options.iptables_forward_rules,
         fully_random: !options.ip_masq_fully_random_disable,
