@@ -168,8 +168,12 @@ fn describe(lease: &Lease, entry: Option<RemoteVtep>) -> String {
         }
         Some(remote) => format!("map {} DIFFERS", show_entry(&remote)),
     };
+    let ipv6 = lease
+        .ipv6_peer()
+        .map(|(subnet, address, mac)| format!("; {subnet} via {address} (VTEP {mac})"))
+        .unwrap_or_default();
     format!(
-        "{} via {} (VTEP {vtep}): {state}",
+        "{} via {} (VTEP {vtep}): {state}{ipv6}",
         lease.subnet, lease.attrs.public_ip
     )
 }

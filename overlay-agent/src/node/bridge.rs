@@ -7,6 +7,7 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle, LinkBridge, RouteMessageBuilder,
     packet_route::{
+        AddressFamily,
         link::{InfoKind, LinkAttribute},
         route::{RouteAddress, RouteAttribute, RouteType},
     },
@@ -69,13 +70,14 @@ pub fn ipv6_gateway(subnet: Ipv6Network) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(subnet.network()) + 1)
 }
 
-/// `--ip-blackhole-route`: a blackhole route for our subnet, as flanneld adds one, so that
-/// traffic to addresses no container holds ends here instead of following the default route.
-/// While the bridge's own route for the subnet exists the kernel refuses a second one (EEXIST)
-/// and there is nothing to do.
-pub async fn ensure_blackhole_route(handle: &Handle, subnet: Ipv4Network) -> Result<()> {
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+/// `--ip-blackhole-route`: a blackhole route for our subnet (each family's), as flanneld adds
+/// one, so that traffic to addresses no container holds ends here instead of following the
+/// default route. While the bridge's own route for the subnet exists the kernel refuses a
+/// second one (EEXIST) and there is nothing to do.
+pub async fn ensure_blackhole_route(handle: &Handle, subnet: IpNetwork) -> Result<()> {
+    let route = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(subnet.network(), subnet.prefix())
+        .with_context(|| format!("blackhole route {subnet}"))?
         .kind(RouteType::BlackHole)
         .build();
     match handle.route().add(route).execute().await {
@@ -91,13 +93,23 @@ pub async fn ensure_blackhole_route(handle: &Handle, subnet: Ipv4Network) -> Res
 }
 
 /// Deletes the blackhole routes into `network`: the one `--ip-blackhole-route` added.
-pub async fn remove_blackhole_routes(handle: &Handle, network: Ipv4Network) -> Result<()> {
-    for route in links::ipv4_routes(handle).await? {
+pub async fn remove_blackhole_routes(handle: &Handle, network: IpNetwork) -> Result<()> {
+    let family = if network.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    for route in links::routes(handle, family).await? {
         let destination = route
             .attributes
             .iter()
             .find_map(|attribute| match attribute {
-                RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+                RouteAttribute::Destination(RouteAddress::Inet(address)) => {
+                    Some(IpAddr::V4(*address))
+                }
+                RouteAttribute::Destination(RouteAddress::Inet6(address)) => {
+                    Some(IpAddr::V6(*address))
+                }
                 _ => None,
             });
         let ours = route.header.kind == RouteType::BlackHole

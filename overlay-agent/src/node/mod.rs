@@ -9,7 +9,7 @@ pub mod peers;
 pub mod uplink;
 pub mod vtep;
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{collections::HashSet, net::IpAddr};
 
 use anyhow::{Context, Result};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -18,10 +18,7 @@ use rtnetlink::{
     packet_route::{AddressFamily, RouteNetlinkMessage},
 };
 
-use crate::{
-    reconcile::desired::{Containers, Device, Devices, PeerEntries},
-    subnet::Lease,
-};
+use crate::reconcile::desired::{Containers, Device, Devices, PeerEntries};
 use peers::FamilyDevices;
 use uplink::Uplink;
 use vtep::VtepSpec;
@@ -100,10 +97,10 @@ impl NodeNetwork {
             Some(ipv6) => Some(ipv6.ensure_vtep(&self.handle).await?),
             None => None,
         };
-        if settings.blackhole_route
-            && let Some(ipv4) = &settings.ipv4
-        {
-            bridge::ensure_blackhole_route(&self.handle, ipv4.subnet).await?;
+        if settings.blackhole_route {
+            for (subnet, _) in &leases {
+                bridge::ensure_blackhole_route(&self.handle, *subnet).await?;
+            }
         }
         Ok(Devices {
             bridge: Device {
@@ -140,17 +137,16 @@ impl NodeNetwork {
         Ok(())
     }
 
-    /// The PublicIPs of `leases` that the kernel reaches without a gateway, i.e. that share
-    /// our L2 segment.
-    pub async fn on_link<'a>(
+    /// Those of `addresses` (the leases' PublicIPs or PublicIPv6s) that the kernel reaches
+    /// without a gateway, i.e. that share our L2 segment.
+    pub async fn on_link<A: Into<IpAddr> + Copy + Eq + std::hash::Hash>(
         &self,
-        leases: impl Iterator<Item = &'a Lease>,
-    ) -> Result<HashSet<Ipv4Addr>> {
+        addresses: impl Iterator<Item = A>,
+    ) -> Result<HashSet<A>> {
         let mut on_link = HashSet::new();
-        for lease in leases {
-            let public_ip = lease.attrs.public_ip;
-            if peers::is_on_link(&self.handle, public_ip).await? {
-                on_link.insert(public_ip);
+        for address in addresses {
+            if peers::is_on_link(&self.handle, address.into()).await? {
+                on_link.insert(address);
             }
         }
         Ok(on_link)
@@ -243,12 +239,10 @@ pub async fn teardown(
                 .with_context(|| format!("cannot delete {name}"))?;
         }
     }
-    if let Some(network) = networks.0 {
-        peers::remove_routes_into(handle, network.into()).await?;
+    let networks = [networks.0.map(IpNetwork::V4), networks.1.map(IpNetwork::V6)];
+    for network in networks.into_iter().flatten() {
+        peers::remove_routes_into(handle, network).await?;
         bridge::remove_blackhole_routes(handle, network).await?;
-    }
-    if let Some(network) = networks.1 {
-        peers::remove_routes_into(handle, network.into()).await?;
     }
     Ok(())
 }

@@ -146,9 +146,11 @@ async fn pipelined(
 }
 
 /// Whether `address` is reached without a gateway, i.e. shares our L2 segment.
-pub async fn is_on_link(handle: &Handle, address: Ipv4Addr) -> Result<bool> {
-    let query = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(address, 32)
+pub async fn is_on_link(handle: &Handle, address: IpAddr) -> Result<bool> {
+    let host_len = if address.is_ipv4() { 32 } else { 128 };
+    let query = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(address, host_len)
+        .with_context(|| format!("a route query for {address}"))?
         .build();
     let answers: Vec<RouteMessage> = handle
         .route()

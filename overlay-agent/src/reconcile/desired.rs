@@ -2,7 +2,7 @@
 //! containers alone: no netlink, no maps, so every rule here is tested without root.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -157,13 +157,24 @@ pub fn peer_entries<'a>(
 
 /// The kernel's IPv6 entries for `leases` on `vtep6` (flannel-v6.<VNI>), which carries IPv6
 /// in both dataplanes: flannel's neighbour, FDB and onlink route for each lease with an IPv6
-/// subnet and VTEP.
+/// subnet and VTEP; a direct route via the uplink instead for a PublicIPv6 in `on_link`
+/// (DirectRouting only).
 pub fn ipv6_peer_entries<'a>(
     leases: impl Iterator<Item = &'a Lease>,
     vtep6: &Device,
+    uplink: &Device,
+    on_link: &HashSet<Ipv6Addr>,
 ) -> PeerEntries {
     let mut entries = PeerEntries::default();
     for (subnet, public_ipv6, mac) in leases.filter_map(Lease::ipv6_peer) {
+        if on_link.contains(&public_ipv6) {
+            entries.routes.insert(Route {
+                destination: subnet.into(),
+                gateway: public_ipv6.into(),
+                interface: uplink.index,
+            });
+            continue;
+        }
         entries.add_vxlan_peer(subnet.into(), mac, public_ipv6.into(), vtep6, true);
     }
     entries
@@ -383,7 +394,8 @@ mod tests {
             name: "flannel-v6.1".into(),
             index: 5,
         };
-        let entries = ipv6_peer_entries([dual, ipv4_only].iter(), &vtep6);
+        let leases = [dual, ipv4_only];
+        let entries = ipv6_peer_entries(leases.iter(), &vtep6, &devices().uplink, &HashSet::new());
         let gateway: IpAddr = "fd00:2:0:54::".parse().expect("address");
         assert_eq!(entries.neighbours, HashMap::from([(gateway, v6_mac)]));
         assert_eq!(
@@ -399,6 +411,17 @@ mod tests {
                 destination: "fd00:2:0:54::/64".parse().expect("subnet"),
                 gateway,
                 interface: 5,
+            }])
+        );
+        let on_link = HashSet::from(["fd00:ff::105".parse().expect("address")]);
+        let direct = ipv6_peer_entries(leases.iter(), &vtep6, &devices().uplink, &on_link);
+        assert!(direct.neighbours.is_empty() && direct.fdb.is_empty());
+        assert_eq!(
+            direct.routes,
+            HashSet::from([Route {
+                destination: "fd00:2:0:54::/64".parse().expect("subnet"),
+                gateway: "fd00:ff::105".parse().expect("address"),
+                interface: 2,
             }])
         );
     }

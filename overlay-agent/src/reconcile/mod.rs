@@ -224,7 +224,8 @@ impl Reconciler {
         &mut self,
     ) -> Result<(HashSet<Ipv4Addr>, LeaseEntries, Unwritten)> {
         let on_link = if self.rules.direct_routing {
-            self.node.on_link(self.leases.values()).await?
+            let public_ips = self.leases.values().map(|lease| lease.attrs.public_ip);
+            self.node.on_link(public_ips).await?
         } else {
             HashSet::new()
         };
@@ -266,7 +267,17 @@ impl Reconciler {
             self.node.converge_peers(family, &peers).await?;
         }
         if let (Some(vtep6), Some(network)) = (&devices.vtep6, self.rules.ipv6_network) {
-            let peers = desired::ipv6_peer_entries(self.leases.values(), vtep6);
+            let on_link = if self.rules.direct_routing {
+                let public_ipv6s = self
+                    .leases
+                    .values()
+                    .filter_map(|lease| lease.attrs.public_ipv6);
+                self.node.on_link(public_ipv6s).await?
+            } else {
+                HashSet::new()
+            };
+            let peers =
+                desired::ipv6_peer_entries(self.leases.values(), vtep6, &devices.uplink, &on_link);
             let family = FamilyDevices {
                 vtep_index: vtep6.index,
                 uplink_index: devices.uplink.index,

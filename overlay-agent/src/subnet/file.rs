@@ -1,9 +1,11 @@
-//! The subnet file (`/run/flannel/subnet.env`): flannel's four variables, which flannel's CNI
-//! plugin and `dockerd --bip=${FLANNEL_SUBNET} --mtu=${FLANNEL_MTU}` read unchanged.
+//! The subnet file (`/run/flannel/subnet.env`): flannel's variables (FLANNEL_NETWORK,
+//! FLANNEL_SUBNET, with IPv6 FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET, FLANNEL_MTU,
+//! FLANNEL_IPMASQ), which flannel's CNI plugin and
+//! `dockerd --bip=${FLANNEL_SUBNET} --mtu=${FLANNEL_MTU}` read unchanged.
 use std::{
     fs,
     io::Write,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -11,6 +13,7 @@ use anyhow::{Context, Result};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::LeaseSubnets;
+use crate::node::bridge::{gateway, ipv6_gateway};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
@@ -28,14 +31,14 @@ impl SubnetEnv {
     pub fn render(&self) -> String {
         let mut text = String::new();
         if let Some((network, subnet)) = self.ipv4 {
-            let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+            let gateway = gateway(subnet);
             text += &format!(
                 "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={gateway}/{}\n",
                 subnet.prefix()
             );
         }
         if let Some((network, subnet)) = self.ipv6 {
-            let gateway = Ipv6Addr::from(u128::from(subnet.network()) + 1);
+            let gateway = ipv6_gateway(subnet);
             text += &format!(
                 "FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={gateway}/{}\n",
                 subnet.prefix()
