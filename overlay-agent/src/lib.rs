@@ -62,11 +62,12 @@ const EVENT_QUEUE: usize = 1024;
 pub async fn run(options: AgentOptions) -> Result<()> {
     let netlink = node::links::connect()?;
     let uplink = node::uplink::find(&netlink, uplink_choice(&options)).await?;
-    let public_ip = options.public_ip.unwrap_or(uplink.address);
     log::info!(
-        "uplink {} ({}), public IP {public_ip}",
+        "uplink {} ({})",
         uplink.name,
-        uplink.address
+        uplink
+            .address
+            .map_or("no IPv4 address".to_string(), |address| address.to_string())
     );
     let health = Health::new(options.healthz_grace);
     let pin_dir = options.pin_dir()?;
@@ -87,11 +88,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
     let tunnel_ipv6 = tunnel_ipv6(&netlink, &options, &config, &uplink).await?;
     let public = PublicAddresses {
-        ipv4: if config.enable_ipv4 {
-            public_ip
-        } else {
-            Ipv4Addr::UNSPECIFIED
-        },
+        ipv4: public_ipv4(&options, &config, &uplink)?,
         ipv6: tunnel_ipv6.map(|local| options.public_ipv6.unwrap_or(local)),
     };
     let manager = LeaseManager {
@@ -203,6 +200,27 @@ fn refuse_what_the_dataplane_lacks(
     Ok(())
 }
 
+/// The PublicIP of our record: `--public-ip`, else the uplink's IPv4 address; flannel's
+/// 0.0.0.0 in an IPv6-only network.
+fn public_ipv4(
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    uplink: &Uplink,
+) -> Result<Ipv4Addr> {
+    if !config.enable_ipv4 {
+        return Ok(Ipv4Addr::UNSPECIFIED);
+    }
+    let public_ip = options.public_ip.or(uplink.address).with_context(|| {
+        format!(
+            "the uplink {} has no IPv4 address for flannel.{}: give the uplink one, or name \
+             another with --iface",
+            uplink.name, config.backend.vni
+        )
+    })?;
+    log::info!("public IP {public_ip}");
+    Ok(public_ip)
+}
+
 /// With IPv6 in the network, the tunnel's IPv6 source: the uplink's address as flannel
 /// picks it (`--public-ipv6` when the uplink holds it).
 async fn tunnel_ipv6(
@@ -307,12 +325,13 @@ async fn reconciler(
         gbp: config.backend.gbp,
         learning: config.backend.learning,
     };
-    let ipv4 = match lease.attrs.vtep_mac().filter(|_| config.enable_ipv4) {
-        Some(mac) => Some(FamilySettings {
+    let ipv4_vtep = lease.attrs.vtep_mac().zip(uplink.address);
+    let ipv4 = match ipv4_vtep.filter(|_| config.enable_ipv4) {
+        Some((mac, local)) => Some(FamilySettings {
             vtep: vtep_spec(
                 vtep::device_name(config.backend.vni),
                 // flannel's tunnel source: the uplink's address, whatever --public-ip says.
-                IpAddr::V4(uplink.address),
+                IpAddr::V4(local),
                 overlay_mtu(config, uplink, VXLAN_OVERHEAD)?,
                 mac,
             ),
@@ -416,7 +435,10 @@ async fn ebpf_sink(
             vni: config.backend.vni,
             vxlan_port: config.backend.port,
             // The outer source, as the kernel's vxlan device would send it.
-            public_ip: uplink.address.octets(),
+            public_ip: uplink
+                .address
+                .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
+                .octets(),
             vtep_mac: vtep_mac.0,
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,
@@ -480,7 +502,10 @@ async fn lease_owner(
     let ipv4 = if subnets.ipv4.prefix() == 0 {
         Ipv4Addr::UNSPECIFIED
     } else {
-        options.public_ip.unwrap_or(uplink.address)
+        options
+            .public_ip
+            .or(uplink.address)
+            .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
     };
     Ok(PublicAddresses { ipv4, ipv6 })
 }

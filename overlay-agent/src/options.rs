@@ -44,7 +44,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("kubeconfig-file", KUBERNETES),
     ("net-config-path", KUBERNETES),
     ("set-node-network-unavailable", KUBERNETES),
-    ("public-ipv6", "overlay runs IPv4 networks only"),
     ("vmodule", "set per-module log levels with RUST_LOG"),
     ("log_backtrace_at", "overlay-agent logs no backtraces"),
 ];
@@ -553,8 +552,8 @@ mod tests {
                 "flag -kube-subnet-mgr is not supported",
             ),
             (
-                &["--public-ipv6=fd00::1"][..],
-                "flag -public-ipv6 is not supported",
+                &["--public-ipv6=10.2.0.1"][..],
+                "invalid value '10.2.0.1' for '--public-ipv6",
             ),
         ] {
             let error = parse(args).unwrap_err().to_string();

@@ -2,7 +2,8 @@
 //! finds it. With none of `--iface`, `--iface-regex` and `--iface-can-reach`: the interface
 //! holding `--public-ip`, else the default route's. Otherwise each `--iface` (name or address)
 //! in turn, then each `--iface-regex` (addresses first, then names), then the interface of the
-//! route to `--iface-can-reach`.
+//! route to `--iface-can-reach`. An interface without an IPv4 address serves an IPv6-only
+//! network; without any `--iface*` flag it is then the IPv6 default route's.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +12,7 @@ use regex::Regex;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
+        AddressFamily,
         address::{AddressAttribute, AddressFlags},
         route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
     },
@@ -20,8 +22,9 @@ use rtnetlink::{
 pub struct Uplink {
     pub name: String,
     pub index: u32,
-    /// The interface's address: the tunnel's source, and the public IP unless `--public-ip`.
-    pub address: Ipv4Addr,
+    /// The interface's IPv4 address: the tunnel's source, and the public IP unless
+    /// `--public-ip`. None on an interface without one (an IPv6-only host's).
+    pub address: Option<Ipv4Addr>,
     pub mtu: u32,
 }
 
@@ -55,7 +58,8 @@ impl Interfaces {
         })
     }
 
-    /// The uplink on the interface `index`, with `address` or else its first IPv4 address.
+    /// The uplink on the interface `index`, with `address` or else its first IPv4 address, if
+    /// it has one.
     fn uplink(&self, index: u32, address: Option<Ipv4Addr>) -> Option<Uplink> {
         let link = self.links.iter().find(|link| link.index == index)?;
         let address = address.or_else(|| {
@@ -63,7 +67,7 @@ impl Interfaces {
                 .iter()
                 .find(|(owner, _)| *owner == index)
                 .map(|(_, address)| *address)
-        })?;
+        });
         Some(Uplink {
             name: link.name.clone(),
             index,
@@ -81,15 +85,19 @@ impl Interfaces {
         self.uplink(*index, Some(wanted))
     }
 
+    /// The interface called `name`.
+    fn named(&self, name: &str) -> Option<Uplink> {
+        self.links
+            .iter()
+            .find(|link| link.name == name)
+            .and_then(|link| self.uplink(link.index, None))
+    }
+
     /// `--iface`: an interface by address or by name.
     fn by_spec(&self, spec: &str) -> Option<Uplink> {
         match spec.parse::<Ipv4Addr>() {
             Ok(wanted) => self.holding(wanted),
-            Err(_) => self
-                .links
-                .iter()
-                .find(|link| link.name == spec)
-                .and_then(|link| self.uplink(link.index, None)),
+            Err(_) => self.named(spec),
         }
     }
 
@@ -113,15 +121,20 @@ impl Interfaces {
 /// index changes when the interface is deleted and made again; anything else is not the
 /// uplink the lease was taken with.
 pub async fn current(handle: &Handle, started_with: &Uplink) -> Result<Uplink> {
-    Interfaces::list(handle)
-        .await?
-        .holding(started_with.address)
-        .filter(|uplink| uplink.name == started_with.name)
+    let interfaces = Interfaces::list(handle).await?;
+    let now = match started_with.address {
+        Some(address) => interfaces.holding(address),
+        None => interfaces.named(&started_with.name),
+    };
+    now.filter(|uplink| uplink.name == started_with.name)
         .with_context(|| {
+            let address = started_with
+                .address
+                .map_or("no IPv4 address".to_string(), |address| address.to_string());
             format!(
-                "the uplink {} with {} is gone; the agent follows it when an interface of that \
-                 name holds that address again",
-                started_with.name, started_with.address
+                "the uplink {} with {address} is gone; the agent follows it when an interface \
+                 of that name holds that address again",
+                started_with.name
             )
         })
 }
@@ -160,9 +173,7 @@ pub async fn find(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
                 if let Some(uplink) = interfaces.uplink(index, source) {
                     return Ok(uplink);
                 }
-                log::warn!(
-                    "--iface-can-reach {destination}: the route's interface has no IPv4 address"
-                );
+                log::warn!("--iface-can-reach {destination}: the route's interface is gone");
             }
             None => log::warn!("--iface-can-reach {destination}: no route to it"),
         }
@@ -170,14 +181,17 @@ pub async fn find(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
     bail!("no interface matches the --iface, --iface-regex and --iface-can-reach given")
 }
 
+/// The IPv4 default route's interface, else the IPv6 default route's.
 async fn default_uplink(handle: &Handle, interfaces: &Interfaces) -> Result<Uplink> {
-    let index = default_route_interface(handle)
-        .await?
-        .context("there is no IPv4 default route: name the uplink with --iface")?;
+    let index = match default_route_interface(handle, AddressFamily::Inet).await? {
+        Some(index) => index,
+        None => default_route_interface(handle, AddressFamily::Inet6)
+            .await?
+            .context("there is no default route: name the uplink with --iface")?,
+    };
     interfaces.uplink(index, None).with_context(|| {
         format!(
-            "the default route's interface (index {index}) has no IPv4 address: name the uplink \
-             with --iface"
+            "the default route's interface (index {index}) is gone: name the uplink with --iface"
         )
     })
 }
@@ -305,8 +319,8 @@ pub async fn ipv6_address(
     Ok(candidates.first().map(|(address, _)| *address))
 }
 
-async fn default_route_interface(handle: &Handle) -> Result<Option<u32>> {
-    Ok(super::links::ipv4_routes(handle)
+async fn default_route_interface(handle: &Handle, family: AddressFamily) -> Result<Option<u32>> {
+    Ok(super::links::routes(handle, family)
         .await?
         .into_iter()
         .filter(|route| {
