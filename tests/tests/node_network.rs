@@ -669,9 +669,9 @@ fn a_network_config_changed_in_etcd_stops_the_agent_naming_the_change() -> Resul
     let status = seed.agent1.process.wait_exit(Duration::from_secs(30))?;
     assert!(!status.success(), "a non-zero exit");
     assert!(
-        seed.agent1
-            .log()
-            .contains("the network config in etcd changed (Network 10.2.0.0/16, SubnetLen 24"),
+        seed.agent1.log().contains(
+            "the network config in etcd changed (EnableIPv4 true, Network 10.2.0.0/16, SubnetLen 24"
+        ),
         "{}",
         seed.agent1.log()
     );
