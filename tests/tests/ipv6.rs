@@ -57,11 +57,11 @@ fn stock_pair(tag: &str, dual_stack: bool) -> Result<StockPair> {
     ];
     for (index, (host, subnet, subnet6, (mac, mac6))) in seed.iter().enumerate() {
         let (remote, remote_subnet, remote_subnet6, (remote_mac, remote_mac6)) = seed[1 - index];
-        let peers: &[Peer] = &[Peer {
+        let peer = Peer {
             subnet: remote_subnet,
             public_ip: &remote.address,
             vtep_mac: remote_mac,
-        }];
+        };
         let peer6 = Peer {
             subnet: remote_subnet6,
             public_ip: remote.ipv6()?,
@@ -71,7 +71,7 @@ fn stock_pair(tag: &str, dual_stack: bool) -> Result<StockPair> {
             ipv4: dual_stack.then_some((*subnet, *mac)),
             ipv6: (subnet6, mac6),
         };
-        let peers = if dual_stack { peers } else { &[] };
+        let peers: &[Peer] = if dual_stack { &[peer] } else { &[] };
         stock_flannel::configure_ipv6(&cluster, host, &lease, peers, &[peer6])?;
     }
     let bbox1 = attach_seed_container(&host1, "bbox1", BBOX1, BBOX1_V6, dual_stack)?;
