@@ -132,6 +132,21 @@ impl Agent {
     /// Waits until this agent's /readyz says it has written its subnet file (a file left by
     /// an earlier run does not count); returns the lease's subnet as "a.b.c.0/len".
     pub fn wait_ready(&mut self) -> Result<String> {
+        self.wait_until_ready()?;
+        subnet_from_file(&self.subnet_file)
+            .context("the agent said it was ready but wrote no FLANNEL_SUBNET")
+    }
+
+    /// As [`Agent::wait_ready`], for a network with IPv6: returns the lease's IPv6 subnet
+    /// (FLANNEL_IPV6_SUBNET) as "fd00:2:0:41::/64".
+    pub fn wait_ready_ipv6(&mut self) -> Result<String> {
+        self.wait_until_ready()?;
+        subnet6_from_file(&self.subnet_file)
+            .context("the agent said it was ready but wrote no FLANNEL_IPV6_SUBNET")
+    }
+
+    /// Waits until this agent's /readyz answers 200.
+    fn wait_until_ready(&mut self) -> Result<()> {
         let port = self
             .health_port
             .context("waiting for readiness needs an agent that serves /readyz")?;
@@ -142,9 +157,7 @@ impl Agent {
             let answer = crate::health::get(&self.netns, port, "/readyz")?;
             Ok(answer.is_some_and(|answer| answer.status == 200))
         })
-        .with_context(|| format!("agent log:\n{}", self.log()))?;
-        subnet_from_file(&self.subnet_file)
-            .context("the agent said it was ready but wrote no subnet file")
+        .with_context(|| format!("agent log:\n{}", self.log()))
     }
 
     pub fn log(&self) -> String {
@@ -210,10 +223,7 @@ fn health_port(args: &[String], envs: &[(&str, &str)]) -> Option<u16> {
 
 /// The subnet named by FLANNEL_SUBNET ("10.2.41.1/24" gives "10.2.41.0/24").
 pub fn subnet_from_file(path: &Path) -> Option<String> {
-    let contents = std::fs::read_to_string(path).ok()?;
-    let value = contents
-        .lines()
-        .find_map(|line| line.strip_prefix("FLANNEL_SUBNET="))?;
+    let value = subnet_file_value(path, "FLANNEL_SUBNET")?;
     let (address, len) = value.split_once('/')?;
     let address: Ipv4Addr = address.parse().ok()?;
     let len: u32 = len.parse().ok()?;
@@ -222,4 +232,21 @@ pub fn subnet_from_file(path: &Path) -> Option<String> {
         "{}/{len}",
         Ipv4Addr::from(u32::from(address) & mask)
     ))
+}
+
+/// The IPv6 subnet named by FLANNEL_IPV6_SUBNET ("fd00:2:0:41::1/64" gives
+/// "fd00:2:0:41::/64").
+pub fn subnet6_from_file(path: &Path) -> Option<String> {
+    let value = subnet_file_value(path, "FLANNEL_IPV6_SUBNET")?;
+    let network: ipnetwork::Ipv6Network = value.parse().ok()?;
+    Some(format!("{}/{}", network.network(), network.prefix()))
+}
+
+/// The value of `name` in the subnet file at `path`.
+fn subnet_file_value(path: &Path, name: &str) -> Option<String> {
+    let contents = std::fs::read_to_string(path).ok()?;
+    contents.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key == name).then(|| value.to_string())
+    })
 }

@@ -5,6 +5,8 @@
 //!      |-- host1 ns: eth0 172.20.62.104/24, default via 172.20.62.1
 //!      |-- host2 ns: eth0 172.20.62.105/24, default via 172.20.62.1
 //! ```
+//! With IPv6 ([`Cluster::with_ipv6`]) the underlay carries fd00:ff::/64 as well: br0 holds
+//! fd00:ff::1 and each host fd00:ff::<its IPv4 address's last number> (fd00:ff::104).
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -21,6 +23,7 @@ use crate::{
 };
 
 pub const UNDERLAY_GATEWAY: &str = "172.20.62.1";
+pub const UNDERLAY_GATEWAY6: &str = "fd00:ff::1";
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PREFIX: &str = "/docker-test/network";
 pub const SEED_NETWORK_CONFIG: &str = r#"{"Network": "10.2.0.0/16", "Backend": {"Type": "vxlan"}}"#;
@@ -31,6 +34,8 @@ pub const NFTABLES_NETWORK_CONFIG: &str =
 pub struct Host {
     pub name: String,
     pub address: String,
+    /// The host's IPv6 underlay address, on a cluster made with [`Cluster::with_ipv6`].
+    pub address6: Option<String>,
     pub netns: Netns,
     /// Survives agent restarts on this host: the subnet file lives here.
     pub dir: PathBuf,
@@ -43,8 +48,33 @@ impl Host {
 
     /// The MAC of the host's flannel.1.
     pub fn vtep_mac(&self) -> Result<String> {
-        let link = self.netns.ip(&["-o", "link", "show", "flannel.1"])?;
-        word_after(&link, "link/ether").context("flannel.1 has no MAC")
+        self.device_mac("flannel.1")
+    }
+
+    /// The MAC of the host's flannel-v6.1.
+    pub fn vtep6_mac(&self) -> Result<String> {
+        self.device_mac("flannel-v6.1")
+    }
+
+    fn device_mac(&self, device: &str) -> Result<String> {
+        let link = self.netns.ip(&["-o", "link", "show", device])?;
+        word_after(&link, "link/ether").with_context(|| format!("{device} has no MAC"))
+    }
+
+    /// The host's IPv6 underlay address; fails on a cluster without IPv6.
+    pub fn ipv6(&self) -> Result<&str> {
+        self.address6
+            .as_deref()
+            .with_context(|| format!("{} has no IPv6 address: a cluster without IPv6", self.name))
+    }
+
+    /// Waits until the main table routes `destination` (a subnet of either family).
+    pub fn wait_for_route(&self, destination: &str) -> Result<()> {
+        wait_for(
+            &format!("{}'s route to {destination}", self.name),
+            PEER_TIMEOUT,
+            || self.netns.has_route(destination),
+        )
     }
 
     /// Where this host sends traffic for the overlay `subnet` ("10.2.54.0/24"): the remote
@@ -188,6 +218,8 @@ pub struct Cluster {
     pub member_namespaces: Vec<Netns>,
     pub underlay: Netns,
     hosts: u32,
+    /// Whether the underlay and the hosts carry IPv6 too.
+    ipv6: bool,
     pub scratch: ScratchDir,
 }
 
@@ -204,9 +236,19 @@ impl Cluster {
 
     /// `config`: the network config to store, or none.
     pub fn with_etcd(tag: &str, tls: bool, config: Option<&str>) -> Result<Self> {
+        Self::build(tag, tls, config, false)
+    }
+
+    /// The underlay with IPv6 next to IPv4 (fd00:ff::/64), hosts with an address of each, and
+    /// a plain-HTTP etcd (on IPv4) holding `config`.
+    pub fn with_ipv6(tag: &str, config: &str) -> Result<Self> {
+        Self::build(tag, false, Some(config), true)
+    }
+
+    fn build(tag: &str, tls: bool, config: Option<&str>, ipv6: bool) -> Result<Self> {
         require_root()?;
         let scratch = ScratchDir::new(tag)?;
-        let underlay = underlay()?;
+        let underlay = underlay(ipv6)?;
         let tls = if tls {
             Some(tls::generate(scratch.path(), UNDERLAY_GATEWAY)?)
         } else {
@@ -222,6 +264,7 @@ impl Cluster {
             member_namespaces: Vec::new(),
             underlay,
             hosts: 0,
+            ipv6,
             scratch,
         })
     }
@@ -232,7 +275,7 @@ impl Cluster {
     pub fn with_etcd_cluster(tag: &str) -> Result<Self> {
         require_root()?;
         let scratch = ScratchDir::new(tag)?;
-        let underlay = underlay()?;
+        let underlay = underlay(false)?;
         let mut member_namespaces = Vec::new();
         for (index, address) in ["172.20.62.2", "172.20.62.3"].iter().enumerate() {
             let netns = Netns::new(&format!("etcd{}", index + 2))?;
@@ -259,6 +302,7 @@ impl Cluster {
             member_namespaces,
             underlay,
             hosts: 0,
+            ipv6: false,
             scratch,
         })
     }
@@ -274,32 +318,26 @@ impl Cluster {
 
     /// A host namespace whose eth0 hangs off the underlay bridge with `address`/24 and a
     /// default route through the underlay.
+    /// On a cluster with IPv6, eth0 also holds [`underlay_ipv6`]`(address)`/64 and a default
+    /// route through fd00:ff::1.
     pub fn add_host(&mut self, name: &str, address: &str) -> Result<Host> {
-        self.hosts += 1;
-        let netns = Netns::new(name)?;
-        let port = format!("port{}", self.hosts);
-        self.underlay.plug(
-            "br0",
-            &port,
-            &netns,
-            &format!("{address}/24"),
-            UNDERLAY_GATEWAY,
-        )?;
+        let netns = Netns::with_ipv6_if(name, self.ipv6)?;
+        let address6 = self.ipv6.then(|| underlay_ipv6(address));
         let dir = self.scratch.path().join(name);
         std::fs::create_dir_all(&dir)?;
-        Ok(Host {
+        let host = Host {
             name: name.to_string(),
             address: address.to_string(),
+            address6,
             netns,
             dir,
-        })
+        };
+        self.plug_uplink(&host)?;
+        Ok(host)
     }
 
-    /// Deletes `host`'s eth0 and makes it again, as a driver reload does: another index, the
-    /// same name, address and MAC.
-    pub fn recreate_uplink(&mut self, host: &Host) -> Result<()> {
-        let mac = mac_text(host.netns.mac("eth0")?);
-        host.netns.ip(&["link", "del", "eth0"])?;
+    /// Plugs `host`'s eth0 into the underlay bridge with its addresses and default routes.
+    fn plug_uplink(&mut self, host: &Host) -> Result<()> {
         self.hosts += 1;
         self.underlay.plug(
             "br0",
@@ -308,6 +346,22 @@ impl Cluster {
             &format!("{}/24", host.address),
             UNDERLAY_GATEWAY,
         )?;
+        if let Some(address6) = &host.address6 {
+            host.netns.add_address_and_default_route(
+                "eth0",
+                &format!("{address6}/64"),
+                UNDERLAY_GATEWAY6,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `host`'s eth0 and makes it again, as a driver reload does: another index, the
+    /// same name, address and MAC.
+    pub fn recreate_uplink(&mut self, host: &Host) -> Result<()> {
+        let mac = mac_text(host.netns.mac("eth0")?);
+        host.netns.ip(&["link", "del", "eth0"])?;
+        self.plug_uplink(host)?;
         host.netns.ip(&["link", "set", "eth0", "address", &mac])?;
         Ok(())
     }
@@ -315,28 +369,67 @@ impl Cluster {
     /// Reserves `subnet` for the host at `public_ip`: a record with no etcd lease, as an
     /// operator writes it.
     pub fn reserve(&self, subnet: &str, public_ip: &str) -> Result<()> {
-        self.etcd.put(
-            &self.subnet_key(subnet),
-            &format!(r#"{{"PublicIP":"{public_ip}"}}"#),
-        )
+        self.reserve_key(&self.subnet_key(subnet), public_ip)
+    }
+
+    /// Reserves the IPv4 `subnet` and the IPv6 `subnet6` together for the host at
+    /// `public_ip`, under flannel's dual-stack key.
+    pub fn reserve_dual_stack(&self, subnet: &str, subnet6: &str, public_ip: &str) -> Result<()> {
+        self.reserve_key(&self.subnet_key6(Some(subnet), subnet6), public_ip)
+    }
+
+    fn reserve_key(&self, key: &str, public_ip: &str) -> Result<()> {
+        self.etcd
+            .put(key, &format!(r#"{{"PublicIP":"{public_ip}"}}"#))
+    }
+
+    /// Every key under `<prefix>/subnets/`.
+    pub fn subnet_keys(&self) -> Result<Vec<String>> {
+        let keys = self.etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/subnets/"),
+        ])?;
+        Ok(keys
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_string)
+            .collect())
     }
 
     pub fn subnet_key(&self, subnet: &str) -> String {
         format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
     }
+
+    /// flannel's key for a lease with an IPv6 subnet (MakeSubnetKey):
+    /// `10.2.41.0-24&fd00:2:0:41::-64`, or `0.0.0.0-0&fd00:2:0:41::-64` with no IPv4 subnet
+    /// (an IPv6-only network).
+    pub fn subnet_key6(&self, subnet: Option<&str>, subnet6: &str) -> String {
+        let ipv4 = self.subnet_key(subnet.unwrap_or("0.0.0.0/0"));
+        format!("{ipv4}&{}", subnet6.replace('/', "-"))
+    }
 }
 
-/// The underlay namespace: a bridge carrying the underlay's gateway address.
-fn underlay() -> Result<Netns> {
-    let underlay = Netns::new("underlay")?;
+/// The IPv6 underlay address of the host at IPv4 `address`: fd00:ff:: and the address's last
+/// number, written alike (172.20.62.104 is fd00:ff::104).
+pub fn underlay_ipv6(address: &str) -> String {
+    let last = address.rsplit('.').next().unwrap_or(address);
+    format!("fd00:ff::{last}")
+}
+
+/// The underlay namespace: a bridge carrying the underlay's gateway address (of each family,
+/// with `ipv6`).
+fn underlay(ipv6: bool) -> Result<Netns> {
+    let underlay = Netns::with_ipv6_if("underlay", ipv6)?;
     underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
-    underlay.ip(&[
-        "addr",
-        "add",
-        &format!("{UNDERLAY_GATEWAY}/24"),
-        "dev",
-        "br0",
-    ])?;
+    let mut addresses = vec![format!("{UNDERLAY_GATEWAY}/24")];
+    if ipv6 {
+        addresses.push(format!("{UNDERLAY_GATEWAY6}/64"));
+    }
+    for address in &addresses {
+        underlay.ip(&["addr", "add", address, "dev", "br0"])?;
+    }
     underlay.ip(&["link", "set", "br0", "up"])?;
     Ok(underlay)
 }

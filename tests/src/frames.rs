@@ -29,6 +29,20 @@ pub fn mac_text(mac: [u8; 6]) -> String {
     mac.map(|octet| format!("{octet:02x}")).join(":")
 }
 
+/// "1a:4b:d7:f7:16:89" as six octets.
+pub fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
+    use anyhow::Context;
+    let octets: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|octet| u8::from_str_radix(octet, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC {text:?}"))?;
+    octets
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC {text:?} is not six octets"))
+}
+
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
     [&dst[..], &src[..], &ether_type.to_be_bytes(), payload].concat()
 }

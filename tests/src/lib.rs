@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod frames;
 pub mod health;
 pub mod inject;
+pub mod ipv6;
 pub mod loss;
 pub mod metrics;
 pub mod netns;

@@ -16,6 +16,14 @@ use rtnetlink::packet_route::link::LinkAttribute;
 
 /// Every namespace the harness makes is named `ovt<pid>-<n>-<tag>`.
 const NAME_PREFIX: &str = "ovt";
+/// The IPv6 settings of [`Netns::with_ipv6`], for every interface (`all`) and every new one
+/// (`default`): the kernel takes the larger of the two for `accept_dad`.
+const IPV6_QUIET: [(&str, &str); 4] = [
+    ("accept_dad", "0"),
+    ("dad_transmits", "0"),
+    ("router_solicitations", "0"),
+    ("accept_ra", "0"),
+];
 const NETNS_DIR: &str = "/run/netns";
 
 pub struct Netns {
@@ -26,6 +34,47 @@ impl Netns {
     /// Creates a namespace with loopback up and IPv6 off, so tests see only the traffic they
     /// send.
     pub fn new(tag: &str) -> Result<Self> {
+        let netns = Self::create(tag)?;
+        netns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        Ok(netns)
+    }
+
+    /// Creates a namespace with loopback up and IPv6 on, quiet and usable at once: addresses
+    /// skip duplicate address detection (no "tentative" wait), and interfaces send no router
+    /// solicitations and accept no router advertisements, so captures hold only what the
+    /// test sends (and the kernel's own neighbour discovery).
+    pub fn with_ipv6(tag: &str) -> Result<Self> {
+        let netns = Self::create(tag)?;
+        let mut settings = Vec::new();
+        for scope in ["all", "default"] {
+            for (key, value) in IPV6_QUIET {
+                settings.push(format!("net.ipv6.conf.{scope}.{key}={value}"));
+            }
+        }
+        let args: Vec<&str> = ["sysctl", "-qw"]
+            .into_iter()
+            .chain(settings.iter().map(String::as_str))
+            .collect();
+        netns.exec(&args)?;
+        Ok(netns)
+    }
+
+    /// [`Netns::with_ipv6`] if `ipv6`, else [`Netns::new`].
+    pub fn with_ipv6_if(tag: &str, ipv6: bool) -> Result<Self> {
+        if ipv6 {
+            Self::with_ipv6(tag)
+        } else {
+            Self::new(tag)
+        }
+    }
+
+    /// An empty namespace with loopback up, named uniquely for this run.
+    fn create(tag: &str) -> Result<Self> {
         static STALE_REMOVED: Once = Once::new();
         static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         STALE_REMOVED.call_once(remove_stale_namespaces);
@@ -34,12 +83,6 @@ impl Netns {
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let netns = Self { name };
         netns.ip(&["link", "set", "lo", "up"])?;
-        netns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])?;
         Ok(netns)
     }
 
@@ -109,6 +152,19 @@ impl Netns {
         Ok(())
     }
 
+    /// Gives `device`, already up, a further `address` (CIDR) and a default route via
+    /// `gateway`, of either family.
+    pub fn add_address_and_default_route(
+        &self,
+        device: &str,
+        address: &str,
+        gateway: &str,
+    ) -> Result<()> {
+        self.ip(&["addr", "add", address, "dev", device])?;
+        self.ip(&["route", "add", "default", "via", gateway])?;
+        Ok(())
+    }
+
     /// Whether the main table has a route to exactly `destination`.
     pub fn has_route(&self, destination: &str) -> Result<bool> {
         Ok(!self.ip(&["route", "show", destination])?.trim().is_empty())
@@ -116,17 +172,20 @@ impl Netns {
 
     /// `ping -c count` to `destination`; returns ping's output, failing unless every reply came.
     pub fn ping(&self, destination: &str, count: u32) -> Result<String> {
-        let output = self.exec_unchecked(&[
-            "ping",
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            destination,
-        ])?;
+        self.ping_with(&[], destination, count)
+    }
+
+    /// `ping -6 -c count` to `destination`; returns ping's output (the hop limit of each reply
+    /// reads `ttl=`), failing unless every reply came.
+    pub fn ping6(&self, destination: &str, count: u32) -> Result<String> {
+        self.ping_with(&["-6"], destination, count)
+    }
+
+    /// `ping flags... -c count destination`.
+    fn ping_with(&self, flags: &[&str], destination: &str, count: u32) -> Result<String> {
+        let count = count.to_string();
+        let rest = ["-n", "-c", &count, "-i", "0.2", "-W", "2", destination];
+        let output = self.exec_unchecked(&[&["ping"], flags, &rest].concat())?;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         ensure!(
             output.status.success(),
@@ -139,15 +198,7 @@ impl Netns {
     /// The MAC of interface `name` in this namespace.
     pub fn mac(&self, name: &str) -> Result<[u8; 6]> {
         let text = self.exec(&["cat", &format!("/sys/class/net/{name}/address")])?;
-        let octets: Vec<u8> = text
-            .trim()
-            .split(':')
-            .map(|octet| u8::from_str_radix(octet, 16))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("{name}'s MAC {text:?}"))?;
-        octets
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("{name}'s MAC {text:?} is not six octets"))
+        crate::frames::parse_mac(&text).with_context(|| format!("{name}'s MAC"))
     }
 
     /// Raises the GSO limits of interface `name` to `size` bytes, for IPv4 too (BIG TCP), as

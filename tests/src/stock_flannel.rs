@@ -1,18 +1,39 @@
 //! A host configured by the test exactly as stock flannel's vxlan backend configures the
-//! kernel (flannel.md), with no agent: the other side of every interop test.
-use anyhow::Result;
+//! kernel (flannel.md), with no agent: the other side of every interop test. With IPv6, the
+//! second half of flannel's backend too: flannel-v6.1 and its per-lease entries.
+use anyhow::{Context, Result};
+use ipnetwork::IpNetwork;
 
 use crate::{
     cluster::{Cluster, Host},
+    ipv6::{address_in, bridge_gateway6},
     netns::Netns,
 };
 
-/// Another host as stock flannel learns it from its lease.
+/// Another host as stock flannel learns it from its lease: its IPv4 subnet, PublicIP and
+/// flannel.1's MAC, or its IPv6 subnet, PublicIPv6 and flannel-v6.1's MAC.
 pub struct Peer<'a> {
     pub subnet: &'a str,
     pub public_ip: &'a str,
     pub vtep_mac: &'a str,
 }
+
+/// A stock flannel host's lease in a network with IPv6.
+pub struct Lease6<'a> {
+    /// The IPv4 subnet and flannel.1's MAC; none in an IPv6-only network.
+    pub ipv4: Option<(&'a str, &'a str)>,
+    /// The IPv6 subnet and flannel-v6.1's MAC.
+    pub ipv6: (&'a str, &'a str),
+}
+
+/// One half of a lease's value: the public address its tunnel ends at and its VTEP's MAC.
+pub struct Vtep<'a> {
+    pub public_ip: &'a str,
+    pub mac: &'a str,
+}
+
+/// The MTU flannel asks for its VXLAN devices: the uplink's (1500) less 50.
+const VTEP_MTU: &str = "1450";
 
 /// Builds flannel.1 (VTEP `mac`) and docker0 on `host` for the /24 `subnet`, adds every peer
 /// in flannel's order, and writes the host's lease in flannel's format.
@@ -24,35 +45,156 @@ pub fn configure(
     peers: &[Peer],
 ) -> Result<()> {
     let ns = &host.netns;
+    let gateway = add_ipv4_overlay(ns, &host.address, subnet, mac, peers)?;
+    add_bridge(ns, &[gateway])?;
+    let record = lease_value(
+        Some(Vtep {
+            public_ip: &host.address,
+            mac,
+        }),
+        None,
+    );
+    cluster.etcd.put(&cluster.subnet_key(subnet), &record)
+}
+
+/// Builds what flannel builds on `host` in a network with IPv6: flannel.1 with `peers` when
+/// the lease has an IPv4 subnet, flannel-v6.1 with `peers6`, docker0 with the gateway of each
+/// subnet (as Docker makes it from the subnet file), forwarding on; then writes the lease
+/// under flannel's dual-stack (or IPv6-only) key, as flannel writes it.
+pub fn configure_ipv6(
+    cluster: &Cluster,
+    host: &Host,
+    lease: &Lease6,
+    peers: &[Peer],
+    peers6: &[Peer],
+) -> Result<()> {
+    let ns = &host.netns;
+    let public_ipv6 = host.ipv6()?;
+    let mut gateways = Vec::new();
+    if let Some((subnet, mac)) = lease.ipv4 {
+        gateways.push(add_ipv4_overlay(ns, &host.address, subnet, mac, peers)?);
+    }
+    let (subnet6, mac6) = lease.ipv6;
+    gateways.push(add_ipv6_overlay(ns, public_ipv6, subnet6, mac6, peers6)?);
+    add_bridge(ns, &gateways)?;
+    let ipv4 = lease.ipv4.map(|(_, mac)| Vtep {
+        public_ip: &host.address,
+        mac,
+    });
+    let ipv6 = Vtep {
+        public_ip: public_ipv6,
+        mac: mac6,
+    };
+    let key = cluster.subnet_key6(lease.ipv4.map(|(subnet, _)| subnet), subnet6);
+    cluster.etcd.put(&key, &lease_value(ipv4, Some(ipv6)))
+}
+
+/// A lease's value exactly as flannel writes it (lease.LeaseAttrs, field for field): the
+/// IPv4 half's PublicIP and BackendData, the IPv6 half's PublicIPv6 and BackendV6Data. With
+/// no IPv4 half, PublicIP is 0.0.0.0 and BackendData absent.
+pub fn lease_value(ipv4: Option<Vtep>, ipv6: Option<Vtep>) -> String {
+    let backend_data = |vtep: &Vtep| format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, vtep.mac);
+    let public_ip = ipv4.as_ref().map_or("0.0.0.0", |vtep| vtep.public_ip);
+    let mut fields = vec![format!(r#""PublicIP":"{public_ip}""#)];
+    if let Some(vtep) = &ipv6 {
+        fields.push(format!(r#""PublicIPv6":"{}""#, vtep.public_ip));
+    }
+    fields.push(r#""BackendType":"vxlan""#.to_string());
+    if let Some(vtep) = &ipv4 {
+        fields.push(format!(r#""BackendData":{}"#, backend_data(vtep)));
+    }
+    if let Some(vtep) = &ipv6 {
+        fields.push(format!(r#""BackendV6Data":{}"#, backend_data(vtep)));
+    }
+    format!("{{{}}}", fields.join(","))
+}
+
+/// flannel.1 for the /24 `subnet` with its address and `peers`, IPv4 forwarding on; returns
+/// docker0's address in `subnet` (CIDR).
+fn add_ipv4_overlay(
+    ns: &Netns,
+    public_ip: &str,
+    subnet: &str,
+    mac: &str,
+    peers: &[Peer],
+) -> Result<String> {
     let network = subnet.trim_end_matches("/24");
-    let gateway = format!("{}.1/24", network.trim_end_matches(".0"));
-    add_vtep(ns, "flannel.1", 1, &host.address, mac)?;
-    ns.ip(&["link", "set", "flannel.1", "mtu", "1450"])?;
+    add_vtep(ns, "flannel.1", 1, public_ip, mac)?;
+    ns.ip(&["link", "set", "flannel.1", "mtu", VTEP_MTU])?;
     ns.ip(&["addr", "add", &format!("{network}/32"), "dev", "flannel.1"])?;
-    ns.ip(&["link", "add", "docker0", "type", "bridge"])?;
-    ns.ip(&["addr", "add", &gateway, "dev", "docker0"])?;
-    ns.ip(&["link", "set", "docker0", "up"])?;
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     for peer in peers {
         add_peer(ns, "flannel.1", peer)?;
     }
-    let record = format!(
-        r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
-        host.address
-    );
-    cluster.etcd.put(&cluster.subnet_key(subnet), &record)
+    Ok(format!("{}.1/24", network.trim_end_matches(".0")))
+}
+
+/// flannel-v6.1 for the IPv6 `subnet6` with its /128 address and `peers6`, IPv6 forwarding
+/// on; returns docker0's address in `subnet6` (CIDR).
+fn add_ipv6_overlay(
+    ns: &Netns,
+    public_ipv6: &str,
+    subnet6: &str,
+    mac6: &str,
+    peers6: &[Peer],
+) -> Result<String> {
+    add_vtep6(ns, "flannel-v6.1", 1, public_ipv6, mac6)?;
+    let address = format!("{}/128", address_in(subnet6, 0)?);
+    ns.ip(&["addr", "add", &address, "dev", "flannel-v6.1"])?;
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    for peer in peers6 {
+        add_peer(ns, "flannel-v6.1", peer)?;
+    }
+    let prefix = subnet6
+        .rsplit('/')
+        .next()
+        .context("a subnet with a length")?;
+    Ok(format!("{}/{prefix}", bridge_gateway6(subnet6)?))
+}
+
+/// docker0, up, with `addresses` (CIDR).
+fn add_bridge(ns: &Netns, addresses: &[String]) -> Result<()> {
+    ns.ip(&["link", "add", "docker0", "type", "bridge"])?;
+    for address in addresses {
+        ns.ip(&["addr", "add", address, "dev", "docker0"])?;
+    }
+    ns.ip(&["link", "set", "docker0", "up"])?;
+    Ok(())
 }
 
 /// A VXLAN device as flannel makes it, up: VNI `vni`, MAC `mac`, local `local` on eth0, port
 /// 8472, no learning, a zero outer UDP checksum.
 pub fn add_vtep(ns: &Netns, name: &str, vni: u32, local: &str, mac: &str) -> Result<()> {
+    add_vxlan(ns, name, vni, local, mac, &[], &["noudpcsum"])
+}
+
+/// flannel's IPv6 VXLAN device (flannel-v6.1), up, as its netlink request makes it: VNI
+/// `vni`, MAC `mac`, local `local6` on eth0, port 8472, no learning, MTU asked as the
+/// uplink's less 50 (the kernel caps it at the uplink's less 70, VXLAN's overhead over
+/// IPv6), udp6zerocsumtx and udp6zerocsumrx off (flannel's netlink library sends both as 0),
+/// so the outer UDP checksum is computed on send and required on receive; accept_ra 0.
+pub fn add_vtep6(ns: &Netns, name: &str, vni: u32, local6: &str, mac: &str) -> Result<()> {
+    let checksums = ["noudp6zerocsumtx", "noudp6zerocsumrx"];
+    add_vxlan(ns, name, vni, local6, mac, &["mtu", VTEP_MTU], &checksums)?;
+    // sysctl names an interface's dots as slashes.
+    let accept_ra = format!("net.ipv6.conf.{}.accept_ra=0", name.replace('.', "/"));
+    ns.exec(&["sysctl", "-qw", &accept_ra]).map(drop)
+}
+
+/// `ip link add name address mac link_options... type vxlan id vni local local dev eth0
+/// dstport 8472 nolearning vxlan_options...`, then up.
+fn add_vxlan(
+    ns: &Netns,
+    name: &str,
+    vni: u32,
+    local: &str,
+    mac: &str,
+    link_options: &[&str],
+    vxlan_options: &[&str],
+) -> Result<()> {
     let vni = vni.to_string();
-    ns.ip(&[
-        "link",
-        "add",
-        name,
-        "address",
-        mac,
+    let device = ["link", "add", name, "address", mac];
+    let vxlan = [
         "type",
         "vxlan",
         "id",
@@ -64,20 +206,25 @@ pub fn add_vtep(ns: &Netns, name: &str, vni: u32, local: &str, mac: &str) -> Res
         "dstport",
         "8472",
         "nolearning",
-        "noudpcsum",
-    ])?;
+    ];
+    ns.ip(&[&device[..], link_options, &vxlan, vxlan_options].concat())?;
     ns.ip(&["link", "set", name, "up"])?;
     Ok(())
 }
 
 /// A peer's entries on `device`, in flannel's order: the permanent neighbour for its gateway
-/// (`<subnet>.0`), the FDB entry to its PublicIP, then the onlink route.
+/// (the subnet's network address: `10.2.54.0`, `fd00:2:0:54::`), the FDB entry to its public
+/// address, then the onlink route.
 pub fn add_peer(ns: &Netns, device: &str, peer: &Peer) -> Result<()> {
-    let gateway = peer.subnet.trim_end_matches("/24");
+    let subnet: IpNetwork = peer
+        .subnet
+        .parse()
+        .with_context(|| format!("peer subnet {:?}", peer.subnet))?;
+    let gateway = subnet.network().to_string();
     ns.ip(&[
         "neigh",
         "add",
-        gateway,
+        &gateway,
         "lladdr",
         peer.vtep_mac,
         "dev",
@@ -100,7 +247,7 @@ pub fn add_peer(ns: &Netns, device: &str, peer: &Peer) -> Result<()> {
         "add",
         peer.subnet,
         "via",
-        gateway,
+        &gateway,
         "dev",
         device,
         "onlink",

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, ensure};
 use overlay_tests::{
     agent::{Agent, READY_TIMEOUT},
     attached::{link_exists, pinned_links, tc_filters, tcx_programs},
-    cluster::{BPFFS, Cluster, Host, PREFIX},
+    cluster::{BPFFS, Cluster, Host},
     loss::{LossWindow, steady_ping},
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed, check_seed_path},
     wait::wait_for,
@@ -280,17 +280,8 @@ fn a_second_agent_on_a_pin_directory_in_use_exits_naming_it_and_takes_no_lease()
         host1.pin_dir().display(),
         agent1.process.id()
     ))?;
-    let records = cluster.etcd.etcdctl(&[
-        "get",
-        "--prefix",
-        "--keys-only",
-        &format!("{PREFIX}/subnets/"),
-    ])?;
-    assert_eq!(
-        records.lines().filter(|line| !line.is_empty()).count(),
-        1,
-        "only host1 holds a lease: {records}"
-    );
+    let records = cluster.subnet_keys()?;
+    assert_eq!(records.len(), 1, "only host1 holds a lease: {records:?}");
     assert_eq!(
         pinned_links(&host1.pin_dir())?,
         links,

@@ -1,0 +1,653 @@
+//! IPv6 in the overlay, as flannel carries it: in a dual-stack network each host has
+//! flannel-v6.1 beside flannel.1 (VXLAN over the IPv6 underlay, with its own VtepMAC in the
+//! lease's BackendV6Data), containers reach each other over both families; an IPv6-only
+//! network has flannel-v6.1 alone. First stock flannel's hosts built by hand, on their own,
+//! then the agent in each dataplane, and the agent next to stock flannel.
+use anyhow::{Context, Result, ensure};
+use overlay_tests::{
+    agent::{Agent, READY_TIMEOUT, subnet6_from_file},
+    capture::capture_one,
+    cluster::{Cluster, Host},
+    frames::parse_mac,
+    ipv6::{
+        BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
+        IPV6_ONLY_NETWORK_CONFIG, SUBNET1_V6, SUBNET2_V6, address_in, bridge_gateway6,
+    },
+    process::iperf3_server,
+    seed::{
+        BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed, check_ipv6_path,
+        check_seed_path,
+    },
+    stock_flannel::{self, Lease6, Peer, Vtep, add_peer, lease_value},
+};
+
+const KERNEL: &[&str] = &["--dataplane=kernel"];
+const EBPF: &[&str] = &["--dataplane=ebpf"];
+/// The VTEP MACs of hand-built stock flannel hosts: flannel.1's, then flannel-v6.1's.
+const STOCK_MACS: [(&str, &str); 2] = [
+    ("1a:4b:d7:f7:16:88", "1a:4b:d7:f7:66:88"),
+    ("1a:4b:d7:f7:16:89", "1a:4b:d7:f7:66:89"),
+];
+const VXLAN_PORT: u16 = 8472;
+
+/// A host's IPv6 side as the others see it: its /64, its PublicIPv6 and flannel-v6.1's MAC.
+struct Remote6<'a> {
+    subnet6: &'a str,
+    public_ipv6: &'a str,
+    vtep6_mac: &'a str,
+}
+
+/// The seed's two hosts built by hand as stock flannel builds them in the dual-stack or the
+/// IPv6-only network, each with its container. Field order is drop order.
+struct StockPair {
+    bbox1: Container,
+    bbox2: Container,
+    host1: Host,
+    host2: Host,
+    cluster: Cluster,
+}
+
+fn stock_pair(tag: &str, dual_stack: bool) -> Result<StockPair> {
+    let mut cluster = Cluster::with_ipv6(tag, network_config(dual_stack))?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let seed = [
+        (&host1, SUBNET1, SUBNET1_V6, STOCK_MACS[0]),
+        (&host2, SUBNET2, SUBNET2_V6, STOCK_MACS[1]),
+    ];
+    for (index, (host, subnet, subnet6, (mac, mac6))) in seed.iter().enumerate() {
+        let (remote, remote_subnet, remote_subnet6, (remote_mac, remote_mac6)) = seed[1 - index];
+        let peer = Peer {
+            subnet: remote_subnet,
+            public_ip: &remote.address,
+            vtep_mac: remote_mac,
+        };
+        let peer6 = Peer {
+            subnet: remote_subnet6,
+            public_ip: remote.ipv6()?,
+            vtep_mac: remote_mac6,
+        };
+        let lease = Lease6 {
+            ipv4: dual_stack.then_some((*subnet, *mac)),
+            ipv6: (subnet6, mac6),
+        };
+        let peers: &[Peer] = if dual_stack { &[peer] } else { &[] };
+        stock_flannel::configure_ipv6(&cluster, host, &lease, peers, &[peer6])?;
+    }
+    let bbox1 = attach_seed_container(&host1, "bbox1", BBOX1, BBOX1_V6, dual_stack)?;
+    let bbox2 = attach_seed_container(&host2, "bbox2", BBOX2, BBOX2_V6, dual_stack)?;
+    Ok(StockPair {
+        bbox1,
+        bbox2,
+        host1,
+        host2,
+        cluster,
+    })
+}
+
+fn network_config(dual_stack: bool) -> &'static str {
+    if dual_stack {
+        DUAL_STACK_NETWORK_CONFIG
+    } else {
+        IPV6_ONLY_NETWORK_CONFIG
+    }
+}
+
+/// A container with `address` and `address6`, or with `address6` alone unless `dual_stack`.
+fn attach_seed_container(
+    host: &Host,
+    name: &str,
+    address: &str,
+    address6: &str,
+    dual_stack: bool,
+) -> Result<Container> {
+    if dual_stack {
+        Container::attach_dual_stack(host, name, address, address6)
+    } else {
+        Container::attach_ipv6_only(host, name, address6)
+    }
+}
+
+/// Fails unless `host` is as an IPv6-only network leaves it: no flannel.1, no IPv4 address
+/// on docker0.
+fn check_no_ipv4_overlay(host: &Host) -> Result<()> {
+    ensure!(
+        host.netns.ip(&["link", "show", "flannel.1"]).is_err(),
+        "{} has a flannel.1 in an IPv6-only network",
+        host.name
+    );
+    let ipv4 = host.netns.ip(&["-4", "addr", "show", "docker0"])?;
+    ensure!(
+        !ipv4.contains("inet "),
+        "{}'s docker0 has IPv4:\n{ipv4}",
+        host.name
+    );
+    Ok(())
+}
+
+/// What `ip -d link show flannel-v6.1` says of flannel's IPv6 device on a 1500-byte uplink
+/// whose IPv6 address is `local6`: the kernel caps the 1450 flannel asks for at 1430 (VXLAN
+/// over IPv6 takes 70 bytes), and computes the outer UDP checksum.
+fn vtep6_attributes(local6: &str) -> Vec<String> {
+    [
+        "mtu 1430",
+        &format!("vxlan id 1 local {local6} dev eth0"),
+        "dstport 8472",
+        "nolearning",
+        "noudp6zerocsumtx noudp6zerocsumrx",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// `host`'s IPv6 node network, as flannel's vxlan backend leaves it for its lease `subnet6`
+/// and the `remote` host: flannel-v6.1 as flannel builds it with the lease's network address
+/// as /128, docker0 with the lease's first address, IPv6 forwarding, and the remote's
+/// neighbour, FDB entry and onlink route on flannel-v6.1.
+fn check_ipv6_node(host: &Host, subnet6: &str, remote: &Remote6) -> Result<()> {
+    let ns = &host.netns;
+    let device = ns.ip(&["-d", "link", "show", "flannel-v6.1"])?;
+    for attribute in vtep6_attributes(host.ipv6()?) {
+        ensure!(
+            device.contains(&attribute),
+            "{}'s flannel-v6.1 lacks {attribute:?}:\n{device}",
+            host.name
+        );
+    }
+    ensure!(
+        ns.exec(&["sysctl", "-n", "net.ipv6.conf.flannel-v6/1.accept_ra"])?
+            .trim()
+            == "0",
+        "flannel-v6.1 accepts router advertisements"
+    );
+    expect_in(
+        host,
+        &["-6", "addr", "show", "flannel-v6.1"],
+        &format!("inet6 {}/128", address_in(subnet6, 0)?),
+    )?;
+    expect_in(
+        host,
+        &["-6", "addr", "show", "docker0"],
+        &format!("inet6 {}/64", bridge_gateway6(subnet6)?),
+    )?;
+    ensure!(
+        ns.exec(&["sysctl", "-n", "net.ipv6.conf.all.forwarding"])?
+            .trim()
+            == "1",
+        "{} does not forward IPv6",
+        host.name
+    );
+    let gateway = address_in(remote.subnet6, 0)?;
+    expect_in(
+        host,
+        &["-6", "neigh", "show", "dev", "flannel-v6.1"],
+        &format!("{gateway} lladdr {} PERMANENT", remote.vtep6_mac),
+    )?;
+    let fdb = ns.exec(&["bridge", "fdb", "show", "dev", "flannel-v6.1"])?;
+    let entry = format!(
+        "{} dst {} self permanent",
+        remote.vtep6_mac, remote.public_ipv6
+    );
+    ensure!(fdb.contains(&entry), "no {entry:?} in:\n{fdb}");
+    let route = ns.ip(&["-6", "route", "show", remote.subnet6])?;
+    ensure!(
+        route.contains(&format!(
+            "{} via {gateway} dev flannel-v6.1",
+            remote.subnet6
+        )) && route.contains("onlink"),
+        "{}'s route to {}: {route:?}",
+        host.name,
+        remote.subnet6
+    );
+    Ok(())
+}
+
+/// Fails unless `ip args...` on `host` prints `expected`.
+fn expect_in(host: &Host, args: &[&str], expected: &str) -> Result<()> {
+    let output = host.netns.ip(args)?;
+    ensure!(
+        output.contains(expected),
+        "`ip {}` on {} lacks {expected:?}:\n{output}",
+        args.join(" "),
+        host.name
+    );
+    Ok(())
+}
+
+/// The outer headers of a VXLAN-over-IPv6 frame, as the underlay carries it.
+#[derive(Debug)]
+struct Ipv6Vxlan {
+    source: std::net::Ipv6Addr,
+    destination: std::net::Ipv6Addr,
+    destination_port: u16,
+    udp_checksum: u16,
+    vxlan_flags: u8,
+    vni: u32,
+    inner_destination_mac: [u8; 6],
+    inner_source_mac: [u8; 6],
+}
+
+/// Reads the outer Ethernet, IPv6 (no extension headers), UDP and VXLAN headers of `frame`.
+fn parse_ipv6_vxlan(frame: &[u8]) -> Result<Ipv6Vxlan> {
+    const IPV6: usize = 14;
+    const UDP: usize = IPV6 + 40;
+    const VXLAN: usize = UDP + 8;
+    const INNER: usize = VXLAN + 8;
+    ensure!(frame.len() >= INNER + 14, "a {}-byte frame", frame.len());
+    ensure!(
+        frame[12..14] == [0x86, 0xdd],
+        "not IPv6: ethertype {:02x?}",
+        &frame[12..14]
+    );
+    ensure!(
+        frame[IPV6 + 6] == 17,
+        "not UDP: next header {}",
+        frame[IPV6 + 6]
+    );
+    let address = |at: usize| -> Result<std::net::Ipv6Addr> {
+        let octets: [u8; 16] = frame[at..at + 16].try_into()?;
+        Ok(octets.into())
+    };
+    let u16_at = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let mac_at = |at: usize| -> Result<[u8; 6]> { Ok(frame[at..at + 6].try_into()?) };
+    Ok(Ipv6Vxlan {
+        source: address(IPV6 + 8)?,
+        destination: address(IPV6 + 24)?,
+        destination_port: u16_at(UDP + 2),
+        udp_checksum: u16_at(UDP + 6),
+        vxlan_flags: frame[VXLAN],
+        vni: u32::from_be_bytes([0, frame[VXLAN + 4], frame[VXLAN + 5], frame[VXLAN + 6]]),
+        inner_destination_mac: mac_at(INNER)?,
+        inner_source_mac: mac_at(INNER + 6)?,
+    })
+}
+
+/// The first VXLAN-over-IPv6 frame from host1 to host2 on the underlay while bbox1 pings
+/// `destination` over IPv6; checks what every such frame must show: outer IPv6 between the
+/// hosts' PublicIPv6, UDP to port 8472 with a checksum (IPv6 allows no zero), VXLAN flags
+/// 0x08 with VNI 1, and the inner frame between the VTEPs' MACs.
+fn check_ipv6_vxlan_frame(
+    cluster: &Cluster,
+    from: &Container,
+    destination: &str,
+    vtep6_macs: [&str; 2],
+) -> Result<()> {
+    let filter = format!("ip6 and udp dst port {VXLAN_PORT} and src host {HOST1_V6}");
+    let frame = capture_one(&cluster.underlay, "br0", &filter, || {
+        from.netns
+            .exec_unchecked(&["ping", "-6", "-c", "1", "-W", "1", destination])?;
+        Ok(())
+    })?;
+    let vxlan = parse_ipv6_vxlan(&frame)?;
+    ensure!(
+        vxlan.source.to_string() == HOST1_V6 && vxlan.destination.to_string() == HOST2_V6,
+        "outer addresses: {vxlan:?}"
+    );
+    ensure!(vxlan.destination_port == VXLAN_PORT, "{vxlan:?}");
+    ensure!(
+        vxlan.udp_checksum != 0,
+        "a zero UDP checksum over IPv6: {vxlan:?}"
+    );
+    ensure!(vxlan.vxlan_flags == 0x08 && vxlan.vni == 1, "{vxlan:?}");
+    ensure!(
+        vxlan.inner_source_mac == parse_mac(vtep6_macs[0])?
+            && vxlan.inner_destination_mac == parse_mac(vtep6_macs[1])?,
+        "inner MACs, expected {vtep6_macs:?}: {vxlan:?}"
+    );
+    Ok(())
+}
+
+/// Both ways over IPv6 between bbox1 on host1 and bbox2 on host2, whose IPv6 leases are
+/// `subnet1` and `subnet2`.
+fn check_ipv6_both_ways(bbox1: &Container, bbox2: &Container, subnets: [&str; 2]) -> Result<()> {
+    let [subnet1, subnet2] = subnets;
+    let (address1, address2) = (ipv6_of(bbox1)?, ipv6_of(bbox2)?);
+    check_ipv6_path(
+        bbox1,
+        address2,
+        [&bridge_gateway6(subnet1)?, &address_in(subnet2, 0)?],
+    )?;
+    check_ipv6_path(
+        bbox2,
+        address1,
+        [&bridge_gateway6(subnet2)?, &address_in(subnet1, 0)?],
+    )
+}
+
+fn ipv6_of(container: &Container) -> Result<&str> {
+    container
+        .address6
+        .as_deref()
+        .with_context(|| format!("container {} has no IPv6 address", container.address))
+}
+
+#[test]
+fn stock_hosts_in_dual_stack_carry_both_families() -> Result<()> {
+    let pair = stock_pair("v6-stock", true)?;
+    check_ipv6_both_ways(&pair.bbox1, &pair.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+    check_seed_path(&pair.bbox1, BBOX2)?;
+    check_seed_path_back(&pair.bbox2)?;
+    let host2_as_remote = Remote6 {
+        subnet6: SUBNET2_V6,
+        public_ipv6: HOST2_V6,
+        vtep6_mac: STOCK_MACS[1].1,
+    };
+    check_ipv6_node(&pair.host1, SUBNET1_V6, &host2_as_remote)?;
+    let host1_as_remote = Remote6 {
+        subnet6: SUBNET1_V6,
+        public_ipv6: HOST1_V6,
+        vtep6_mac: STOCK_MACS[0].1,
+    };
+    check_ipv6_node(&pair.host2, SUBNET2_V6, &host1_as_remote)
+}
+
+#[test]
+fn stock_hosts_send_vxlan_over_ipv6_with_a_udp_checksum() -> Result<()> {
+    let pair = stock_pair("v6-stock-frame", true)?;
+    let macs = [STOCK_MACS[0].1, STOCK_MACS[1].1];
+    check_ipv6_vxlan_frame(&pair.cluster, &pair.bbox1, BBOX2_V6, macs)?;
+    // flannel-v6.1 carries IPv6 alone: IPv4 still goes over flannel.1, in VXLAN over IPv4.
+    let frame = capture_one(
+        &pair.cluster.underlay,
+        "br0",
+        "ip and udp dst port 8472",
+        || {
+            pair.bbox1
+                .netns
+                .exec_unchecked(&["ping", "-c", "1", "-W", "1", BBOX2])?;
+            Ok(())
+        },
+    )?;
+    ensure!(
+        frame[12..14] == [0x08, 0x00],
+        "IPv4 ping in VXLAN over {:02x?}",
+        &frame[12..14]
+    );
+    Ok(())
+}
+
+#[test]
+fn stock_hosts_in_ipv6_only_carry_ipv6_alone() -> Result<()> {
+    let pair = stock_pair("v6-stock-only", false)?;
+    check_ipv6_both_ways(&pair.bbox1, &pair.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+    for host in [&pair.host1, &pair.host2] {
+        check_no_ipv4_overlay(host)?;
+    }
+    let host2_as_remote = Remote6 {
+        subnet6: SUBNET2_V6,
+        public_ipv6: HOST2_V6,
+        vtep6_mac: STOCK_MACS[1].1,
+    };
+    check_ipv6_node(&pair.host1, SUBNET1_V6, &host2_as_remote)
+}
+
+/// bbox2 to bbox1 over IPv4: two replies with ttl=62.
+fn check_seed_path_back(bbox2: &Container) -> Result<()> {
+    let ping = bbox2.ping(BBOX1, 2)?;
+    ensure!(
+        ping.matches("ttl=62").count() == 2,
+        "not two ttl=62 replies:\n{ping}"
+    );
+    Ok(())
+}
+
+/// Fails unless `key` holds `host`'s lease exactly as flannel writes it: the IPv6 half, and
+/// the IPv4 half when `dual_stack`.
+fn check_record(cluster: &Cluster, host: &Host, key: &str, dual_stack: bool) -> Result<()> {
+    let record = cluster
+        .etcd
+        .get(key)?
+        .with_context(|| format!("no record {key} for {}", host.name))?;
+    let ipv4 = if dual_stack {
+        Some(host.vtep_mac()?)
+    } else {
+        None
+    };
+    let expected = lease_value(
+        ipv4.as_deref().map(|mac| Vtep {
+            public_ip: &host.address,
+            mac,
+        }),
+        Some(Vtep {
+            public_ip: host.ipv6()?,
+            mac: &host.vtep6_mac()?,
+        }),
+    );
+    ensure!(
+        record == expected,
+        "{}'s record:\n{record}\nnot\n{expected}",
+        host.name
+    );
+    Ok(())
+}
+
+/// Fails unless `host`'s subnet file is what flannel's WriteSubnetFile writes for the lease
+/// `subnet` (none in an IPv6-only network) and `subnet6`, with no masquerade.
+fn check_subnet_file(host: &Host, subnet: Option<&str>, subnet6: &str) -> Result<()> {
+    let mut expected = String::new();
+    if let Some(subnet) = subnet {
+        let gateway = format!("{}.1/24", subnet.trim_end_matches(".0/24"));
+        expected += &format!("FLANNEL_NETWORK=10.2.0.0/16\nFLANNEL_SUBNET={gateway}\n");
+    }
+    expected += &format!(
+        "FLANNEL_IPV6_NETWORK={IPV6_NETWORK}\nFLANNEL_IPV6_SUBNET={}/64\n",
+        bridge_gateway6(subnet6)?
+    );
+    expected += "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+    let file = std::fs::read_to_string(host.subnet_file())?;
+    ensure!(
+        file == expected,
+        "{}'s subnet file:\n{file}\nnot\n{expected}",
+        host.name
+    );
+    Ok(())
+}
+
+/// The dual-stack seed with host1's agent given `flags[0]` and host2's `flags[1]`: the seed's
+/// IPv4 checks, the same walk over IPv6, the records and subnet files flannel writes, and
+/// each host's IPv6 node network as flannel builds it.
+fn check_dual_stack_seed(tag: &str, flags: [&[&str]; 2]) -> Result<()> {
+    let seed = Seed::start_dual_stack(tag, flags)?;
+    check_seed_path(&seed.bbox1, BBOX2)?;
+    check_seed_path_back(&seed.bbox2)?;
+    check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+    let hosts = [
+        (&seed.host1, SUBNET1, SUBNET1_V6),
+        (&seed.host2, SUBNET2, SUBNET2_V6),
+    ];
+    for (index, (host, subnet, subnet6)) in hosts.iter().enumerate() {
+        let key = seed.cluster.subnet_key6(Some(subnet), subnet6);
+        check_record(&seed.cluster, host, &key, true)?;
+        ensure!(
+            seed.cluster.etcd.lease_of(&key)? == 0,
+            "{}'s reservation got an etcd lease",
+            host.name
+        );
+        check_subnet_file(host, Some(subnet), subnet6)?;
+        let (remote, _, remote6) = hosts[1 - index];
+        check_ipv6_node(
+            host,
+            subnet6,
+            &Remote6 {
+                subnet6: remote6,
+                public_ipv6: remote.ipv6()?,
+                vtep6_mac: &remote.vtep6_mac()?,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn dual_stack_seed_in_kernel_mode() -> Result<()> {
+    check_dual_stack_seed("v6-kernel", [KERNEL, KERNEL])
+}
+
+#[test]
+fn dual_stack_seed_in_ebpf_mode() -> Result<()> {
+    check_dual_stack_seed("v6-ebpf", [EBPF, EBPF])
+}
+
+#[test]
+fn dual_stack_seed_with_a_kernel_and_an_ebpf_agent() -> Result<()> {
+    // host2's PublicIPv6 comes from the flag, host1's from its uplink.
+    let ebpf_with_public_ipv6 = ["--dataplane=ebpf", "--public-ipv6=fd00:ff::105"];
+    check_dual_stack_seed("v6-mixed", [KERNEL, &ebpf_with_public_ipv6])
+}
+
+#[test]
+fn agent_frames_over_ipv6_look_like_stock_flannel_frames() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-agent-frame", [KERNEL, KERNEL])?;
+    let macs = [seed.host1.vtep6_mac()?, seed.host2.vtep6_mac()?];
+    check_ipv6_vxlan_frame(&seed.cluster, &seed.bbox1, BBOX2_V6, [&macs[0], &macs[1]])
+}
+
+#[test]
+fn ip_masq_takes_containers_out_over_ipv6_as_their_host() -> Result<()> {
+    let flags: &[&str] = &["--dataplane=kernel", "--ip-masq"];
+    let mut seed = Seed::start_dual_stack("v6-masq", [flags, flags])?;
+    // A host outside the overlay, on the underlay's IPv6 segment, with no route to it.
+    let outside = seed.cluster.add_host("outside", "172.20.62.200")?;
+    let ip6tables = |args: &[&str]| seed.host1.netns.exec(&[&["ip6tables"], args].concat());
+    let nat = ip6tables(&["-t", "nat", "-S", "FLANNEL-POSTRTG"])?;
+    ensure!(
+        nat.contains("-s fd00:2::/48 ! -d ff00::/8") && nat.contains("-j MASQUERADE"),
+        "flannel's IPv6 masquerade is missing:\n{nat}"
+    );
+    let forward = ip6tables(&["-S", "FLANNEL-FWD"])?;
+    ensure!(
+        forward.contains("-s fd00:2::/48") && forward.contains("-d fd00:2::/48"),
+        "flannel's IPv6 forward rules are missing:\n{forward}"
+    );
+    let log = seed.cluster.scratch.path().join("iperf-outside6.log");
+    let mut server = iperf3_server(&outside.netns, &log, true)?;
+    let outside_ipv6 = outside.ipv6()?;
+    seed.bbox1
+        .netns
+        .exec(&["iperf3", "-c", outside_ipv6, "-t", "1"])?;
+    server.wait_exit(READY_TIMEOUT)?;
+    ensure!(
+        server
+            .log()
+            .contains(&format!("Accepted connection from {HOST1_V6}")),
+        "the outside host did not see host1's address:\n{}",
+        server.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
+    let seed = Seed::start_ipv6_only("v6-only", KERNEL)?;
+    let subnet1 = subnet6_from_file(&seed.host1.subnet_file()).context("host1's lease")?;
+    let subnet2 = subnet6_from_file(&seed.host2.subnet_file()).context("host2's lease")?;
+    check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [&subnet1, &subnet2])?;
+    for (host, subnet6) in [(&seed.host1, &subnet1), (&seed.host2, &subnet2)] {
+        check_record(
+            &seed.cluster,
+            host,
+            &seed.cluster.subnet_key6(None, subnet6),
+            false,
+        )?;
+        check_subnet_file(host, None, subnet6)?;
+        check_no_ipv4_overlay(host)?;
+    }
+    let remote = Remote6 {
+        subnet6: &subnet2,
+        public_ipv6: HOST2_V6,
+        vtep6_mac: &seed.host2.vtep6_mac()?,
+    };
+    check_ipv6_node(&seed.host1, &subnet1, &remote)
+}
+
+#[test]
+fn ebpf_mode_refuses_an_ipv6_only_network() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-only-ebpf", IPV6_ONLY_NETWORK_CONFIG)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut agent = Agent::start(&cluster, &host1, EBPF)?;
+    let status = agent.process.wait_exit(READY_TIMEOUT)?;
+    let log = agent.log();
+    ensure!(!status.success(), "the agent ran:\n{log}");
+    ensure!(
+        log.contains("IPv6") && log.contains("kernel"),
+        "the refusal names neither IPv6 nor the kernel dataplane:\n{log}"
+    );
+    let records = cluster.subnet_keys()?;
+    ensure!(records.is_empty(), "the agent leased {records:?}");
+    Ok(())
+}
+
+/// A hand-built stock flannel host2 next to an agent on host1 (given `flags`), in the
+/// dual-stack network or, unless `dual_stack`, the IPv6-only one; the stock host takes SUBNET2 (and SUBNET2_V6) first, the agent reserves or
+/// picks its own, and the stock host then learns the agent's lease as flannel would.
+/// Containers on both reach each other both ways over IPv6 (and over IPv4 when the network
+/// has it); host1 holds the stock host's lease as flannel does.
+fn check_interop(tag: &str, dual_stack: bool, flags: &[&str]) -> Result<()> {
+    let mut cluster = Cluster::with_ipv6(tag, network_config(dual_stack))?;
+    if dual_stack {
+        cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
+    }
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let (stock_mac, stock_mac6) = STOCK_MACS[1];
+    let lease = Lease6 {
+        ipv4: dual_stack.then_some((SUBNET2, stock_mac)),
+        ipv6: (SUBNET2_V6, stock_mac6),
+    };
+    stock_flannel::configure_ipv6(&cluster, &host2, &lease, &[], &[])?;
+    let mut agent = Agent::start(&cluster, &host1, flags)?;
+    let subnet1 = agent.wait_ready_ipv6()?;
+    add_peer(
+        &host2.netns,
+        "flannel-v6.1",
+        &Peer {
+            subnet: &subnet1,
+            public_ip: HOST1_V6,
+            vtep_mac: &host1.vtep6_mac()?,
+        },
+    )?;
+    if dual_stack {
+        ensure!(subnet1 == SUBNET1_V6, "host1 did not get its reservation");
+        add_peer(
+            &host2.netns,
+            "flannel.1",
+            &Peer {
+                subnet: SUBNET1,
+                public_ip: HOST1,
+                vtep_mac: &host1.vtep_mac()?,
+            },
+        )?;
+        host1.wait_for_route(SUBNET2)?;
+    }
+    host1.wait_for_route(SUBNET2_V6)?;
+    let bbox1_v6 = address_in(&subnet1, 2)?;
+    let bbox1 = attach_seed_container(&host1, "bbox1", BBOX1, &bbox1_v6, dual_stack)?;
+    let bbox2 = attach_seed_container(&host2, "bbox2", BBOX2, BBOX2_V6, dual_stack)?;
+    check_ipv6_both_ways(&bbox1, &bbox2, [&subnet1, SUBNET2_V6])?;
+    if dual_stack {
+        check_seed_path(&bbox1, BBOX2)?;
+        check_seed_path_back(&bbox2)?;
+    }
+    let stock = Remote6 {
+        subnet6: SUBNET2_V6,
+        public_ipv6: HOST2_V6,
+        vtep6_mac: stock_mac6,
+    };
+    check_ipv6_node(&host1, &subnet1, &stock)
+        .with_context(|| format!("agent log:\n{}", agent.log()))
+}
+
+#[test]
+fn a_kernel_mode_agent_and_stock_flannel_interoperate_in_dual_stack() -> Result<()> {
+    check_interop("v6-interop-kernel", true, KERNEL)
+}
+
+#[test]
+fn an_ebpf_mode_agent_and_stock_flannel_interoperate_in_dual_stack() -> Result<()> {
+    check_interop("v6-interop-ebpf", true, EBPF)
+}
+
+#[test]
+fn a_kernel_mode_agent_and_stock_flannel_interoperate_in_ipv6_only() -> Result<()> {
+    check_interop("v6-interop-only", false, KERNEL)
+}
