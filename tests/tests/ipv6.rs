@@ -7,7 +7,7 @@ use anyhow::{Context, Result, ensure};
 use overlay_tests::{
     agent::{Agent, READY_TIMEOUT, subnet6_from_file},
     capture::capture_one,
-    cluster::{Cluster, Host},
+    cluster::{Cluster, Host, UNDERLAY_GATEWAY, UNDERLAY_GATEWAY6},
     frames::parse_mac,
     ipv6::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
@@ -422,7 +422,9 @@ fn check_record(cluster: &Cluster, host: &Host, key: &str, dual_stack: bool) -> 
 }
 
 /// Fails unless `host`'s subnet file is what flannel's WriteSubnetFile writes for the lease
-/// `subnet` (none in an IPv6-only network) and `subnet6`, with no masquerade.
+/// `subnet` (none in an IPv6-only network) and `subnet6`, with no masquerade; but for the MTU
+/// of an IPv6-only network, which is flannel-v6.1's (the underlay's less 70) where flannel
+/// writes flannel.1's (less 50), more than its IPv6 device carries.
 fn check_subnet_file(host: &Host, subnet: Option<&str>, subnet6: &str) -> Result<()> {
     let mut expected = String::new();
     if let Some(subnet) = subnet {
@@ -433,7 +435,8 @@ fn check_subnet_file(host: &Host, subnet: Option<&str>, subnet6: &str) -> Result
         "FLANNEL_IPV6_NETWORK={IPV6_NETWORK}\nFLANNEL_IPV6_SUBNET={}/64\n",
         bridge_gateway6(subnet6)?
     );
-    expected += "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+    let mtu = if subnet.is_some() { 1450 } else { 1430 };
+    expected += &format!("FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n");
     let file = std::fs::read_to_string(host.subnet_file())?;
     ensure!(
         file == expected,
@@ -558,6 +561,37 @@ fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
         vtep6_mac: &seed.host2.vtep6_mac()?,
     };
     check_ipv6_node(&seed.host1, &subnet1, &remote)
+}
+
+#[test]
+fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-bare", IPV6_ONLY_NETWORK_CONFIG)?;
+    let both = format!("http://{UNDERLAY_GATEWAY}:2379,http://[{UNDERLAY_GATEWAY6}]:2379");
+    cluster
+        .etcd
+        .restart_with_flags(&[&format!("--listen-client-urls={both}")])?;
+    let etcd6 = format!("--etcd-endpoints=http://[{UNDERLAY_GATEWAY6}]:2379");
+    let mut hosts = Vec::new();
+    for (name, address) in [("host1", HOST1), ("host2", HOST2)] {
+        let host = cluster.add_host(name, address)?;
+        host.netns
+            .ip(&["addr", "del", &format!("{address}/24"), "dev", "eth0"])?;
+        let mut flags = Agent::flags(&cluster, &host, KERNEL);
+        flags[0] = etcd6.clone();
+        let mut agent = Agent::start_with(&host, &flags, &[])?;
+        let subnet6 = agent.wait_ready_ipv6()?;
+        // Tuple fields drop in order: the agent stops before its namespace goes.
+        hosts.push((agent, host, subnet6));
+    }
+    let [(_agent1, host1, subnet1), (_agent2, host2, subnet2)] = &hosts[..] else {
+        unreachable!("two hosts were added");
+    };
+    host1.wait_for_route(subnet2)?;
+    host2.wait_for_route(subnet1)?;
+    let bbox1 = Container::attach_ipv6_only(host1, "bbox1", &address_in(subnet1, 2)?)?;
+    let bbox2 = Container::attach_ipv6_only(host2, "bbox2", &address_in(subnet2, 2)?)?;
+    check_ipv6_both_ways(&bbox1, &bbox2, [subnet1, subnet2])?;
+    check_record(&cluster, host1, &cluster.subnet_key6(None, subnet1), false)
 }
 
 #[test]
