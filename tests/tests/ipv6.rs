@@ -7,7 +7,7 @@ use anyhow::{Context, Result, ensure};
 use overlay_tests::{
     agent::{Agent, READY_TIMEOUT, subnet6_from_file},
     capture::capture_one,
-    cluster::{Cluster, Host, UNDERLAY_GATEWAY, UNDERLAY_GATEWAY6},
+    cluster::{Cluster, Host, PREFIX, UNDERLAY_GATEWAY, UNDERLAY_GATEWAY6},
     frames::parse_mac,
     ipv6::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
@@ -592,6 +592,92 @@ fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink() -> Result<()> {
     let bbox2 = Container::attach_ipv6_only(host2, "bbox2", &address_in(subnet2, 2)?)?;
     check_ipv6_both_ways(&bbox1, &bbox2, [subnet1, subnet2])?;
     check_record(&cluster, host1, &cluster.subnet_key6(None, subnet1), false)
+}
+
+/// What teardown must leave as it was, in both families.
+fn snapshot(host: &Host) -> Result<Vec<String>> {
+    Ok(vec![
+        host.netns.ip(&["-d", "link", "show"])?,
+        host.netns.ip(&["addr", "show"])?,
+        host.netns.ip(&["-4", "route", "show", "table", "all"])?,
+        host.netns.ip(&["-6", "route", "show", "table", "all"])?,
+        host.netns.ip(&["neigh", "show", "nud", "permanent"])?,
+        host.netns.exec(&["bridge", "fdb", "show"])?,
+        host.netns.exec(&["nft", "list", "ruleset"])?,
+    ])
+}
+
+#[test]
+fn teardown_removes_both_families_and_release_lease_deletes_the_dual_stack_record() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-teardown", DUAL_STACK_NETWORK_CONFIG)?;
+    let remote = lease_value(
+        Some(Vtep {
+            public_ip: HOST2,
+            mac: STOCK_MACS[1].0,
+        }),
+        Some(Vtep {
+            public_ip: HOST2_V6,
+            mac: STOCK_MACS[1].1,
+        }),
+    );
+    cluster
+        .etcd
+        .put(&cluster.subnet_key6(Some(SUBNET2), SUBNET2_V6), &remote)?;
+    cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    // Forwarding, which the agent turns on and teardown leaves on (as ip_forward), adds
+    // the router's anycast addresses and multicast groups: on before the snapshot.
+    host1
+        .netns
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    let before = snapshot(&host1)?;
+    let flags = ["--dataplane=kernel", "--ip-masq", "--ip-blackhole-route"];
+    let mut agent = Agent::start(&cluster, &host1, &flags)?;
+    agent.wait_ready_ipv6()?;
+    host1.wait_for_route(SUBNET2_V6)?;
+    ensure!(
+        host1
+            .netns
+            .ip(&["-6", "route", "show", "type", "blackhole"])?
+            .contains(SUBNET1_V6),
+        "no IPv6 blackhole route"
+    );
+    agent.process.terminate(READY_TIMEOUT)?;
+
+    let etcd = [
+        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host1.subnet_file().display()),
+    ];
+    let teardown = |extra: &[&str]| -> Result<()> {
+        let args: Vec<String> = ["teardown"]
+            .iter()
+            .chain(extra)
+            .map(|arg| arg.to_string())
+            .chain(etcd.iter().cloned())
+            .collect();
+        let mut run = Agent::start_with(&host1, &args, &[])?;
+        ensure!(
+            run.process.wait_exit(READY_TIMEOUT)?.success(),
+            "{}",
+            run.log()
+        );
+        Ok(())
+    };
+    teardown(&[])?;
+    let after = snapshot(&host1)?;
+    ensure!(after == before, "before:\n{before:#?}\nafter:\n{after:#?}");
+    let own_key = cluster.subnet_key6(Some(SUBNET1), SUBNET1_V6);
+    ensure!(
+        cluster.etcd.get(&own_key)?.is_some(),
+        "the lease is kept by default"
+    );
+    teardown(&["--release-lease"])?;
+    ensure!(
+        cluster.etcd.get(&own_key)?.is_none(),
+        "--release-lease deletes the dual-stack record"
+    );
+    Ok(())
 }
 
 #[test]
