@@ -3,11 +3,13 @@
 //! lease's BackendV6Data), containers reach each other over both families; an IPv6-only
 //! network has flannel-v6.1 alone. First stock flannel's hosts built by hand, on their own,
 //! then the agent in each dataplane, and the agent next to stock flannel.
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
-    agent::{Agent, READY_TIMEOUT, subnet6_from_file},
+    agent::{Agent, READY_TIMEOUT, subnet_from_file, subnet6_from_file},
     capture::capture_one,
-    cluster::{Cluster, Host, PREFIX, UNDERLAY_GATEWAY, UNDERLAY_GATEWAY6},
+    cluster::{Cluster, Host, PREFIX, SEED_NETWORK_CONFIG, UNDERLAY_GATEWAY, UNDERLAY_GATEWAY6},
     frames::parse_mac,
     ipv6::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
@@ -677,6 +679,55 @@ fn teardown_removes_both_families_and_release_lease_deletes_the_dual_stack_recor
         cluster.etcd.get(&own_key)?.is_none(),
         "--release-lease deletes the dual-stack record"
     );
+    Ok(())
+}
+
+#[test]
+fn turning_ipv6_on_keeps_every_hosts_ipv4_subnet() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-turn-on", SEED_NETWORK_CONFIG)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let mut agents = Vec::new();
+    let mut subnets = Vec::new();
+    for host in [&host1, &host2] {
+        let mut agent = Agent::start(&cluster, host, EBPF)?;
+        subnets.push(agent.wait_ready()?);
+        agents.push(agent);
+    }
+    // The agents of an IPv4 network see the config change and exit; their supervisor (here
+    // the test) starts them again into the dual-stack network.
+    cluster
+        .etcd
+        .put(&format!("{PREFIX}/config"), DUAL_STACK_NETWORK_CONFIG)?;
+    for agent in &mut agents {
+        let status = agent.process.wait_exit(Duration::from_secs(30))?;
+        ensure!(!status.success(), "the agent ignored the new config");
+    }
+    let mut subnets6 = Vec::new();
+    for (index, host) in [&host1, &host2].into_iter().enumerate() {
+        agents[index] = Agent::start(&cluster, host, EBPF)?;
+        subnets6.push(agents[index].wait_ready_ipv6()?);
+        let subnet =
+            subnet_from_file(&host.subnet_file()).context("no FLANNEL_SUBNET after the restart")?;
+        ensure!(
+            subnet == subnets[index],
+            "{} moved from {} to {subnet}",
+            host.name,
+            subnets[index]
+        );
+    }
+    host1.wait_for_route(&subnets6[1])?;
+    host2.wait_for_route(&subnets6[0])?;
+    host1.wait_for_route(&subnets[1])?;
+    let bbox = |host: &Host, subnet: &str, subnet6: &str| -> Result<Container> {
+        let address = format!("{}.2", subnet.trim_end_matches(".0/24"));
+        Container::attach_dual_stack(host, "bbox", &address, &address_in(subnet6, 2)?)
+    };
+    let bbox1 = bbox(&host1, &subnets[0], &subnets6[0])?;
+    let bbox2 = bbox(&host2, &subnets[1], &subnets6[1])?;
+    check_ipv6_both_ways(&bbox1, &bbox2, [&subnets6[0], &subnets6[1]])?;
+    let reply = bbox1.ping(&bbox2.address, 2)?;
+    ensure!(reply.matches("ttl=62").count() == 2, "{reply}");
     Ok(())
 }
 
