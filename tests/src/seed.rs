@@ -235,7 +235,15 @@ impl Seed {
     /// given `agent_flags[0]` and host2's `agent_flags[1]`, and bbox1 and bbox2 with an
     /// address of each family (see [`crate::ipv6`]).
     pub fn start_dual_stack(tag: &str, agent_flags: [&[&str]; 2]) -> Result<Self> {
-        let mut cluster = Cluster::with_ipv6(tag, DUAL_STACK_NETWORK_CONFIG)?;
+        Self::start_dual_stack_on(
+            Cluster::with_ipv6(tag, DUAL_STACK_NETWORK_CONFIG)?,
+            agent_flags,
+        )
+    }
+
+    /// [`Self::start_dual_stack`] on `cluster` (from [`Cluster::with_ipv6`]), whose etcd holds
+    /// a dual-stack config of the seed's networks with a backend of the caller's choosing.
+    pub fn start_dual_stack_on(mut cluster: Cluster, agent_flags: [&[&str]; 2]) -> Result<Self> {
         cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
         cluster.reserve_dual_stack(SUBNET2, SUBNET2_V6, HOST2)?;
         let hosts = start_reserved_hosts(&mut cluster, agent_flags)?;

@@ -48,7 +48,7 @@ pub struct Scale {
 }
 
 pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
-    let config = mode.network_config("10.0.0.0/8");
+    let config = mode.network_config("10.0.0.0/8", None);
     let mut cluster =
         Cluster::with_etcd(&format!("bench-cp-{}", mode.name()), false, Some(&config))?;
     let host = cluster.add_host("host1", "172.20.62.104")?;

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: the seed topology three times in one run, measured the same way:
 //! `ebpf` (our dataplane), `kernel` (flannel's kernel vxlan) and `host-gw` (plain routing
-//! between the hosts, the ceiling for any overlay). Writes a table to the terminal and
-//! Markdown, JSON and an SVG chart to the output directory (default `target/bench`).
+//! between the hosts, the ceiling for any overlay). The seed is dual-stack, so throughput is
+//! measured over each family; IPv6 takes flannel-v6.1 in both vxlan modes. Writes a table to
+//! the terminal and Markdown, JSON and an SVG chart to the output directory (default
+//! `target/bench`).
 //!
 //! Each figure is the median of its repetitions. Figures are reported, never judged.
 use std::{
@@ -17,6 +19,7 @@ use anyhow::{Context, Result};
 use overlay_agent::dataplane::{CONTAINER_PROGRAM, UPLINK_TC_PROGRAM};
 use overlay_tests::{
     cluster::Cluster,
+    ipv6::{BBOX2_V6, IPV6_NETWORK},
     netns::Netns,
     process::{Process, iperf3_server},
     seed::{BBOX2, Seed},
@@ -53,12 +56,41 @@ impl Mode {
     }
 
     /// host-gw is flannel's vxlan with DirectRouting between hosts on one segment: plain
-    /// routes via the peers' addresses, no encapsulation.
-    pub fn network_config(self, network: &str) -> String {
+    /// routes via the peers' addresses, no encapsulation. `ipv6_network`: an IPv6 network
+    /// beside `network`, or none for IPv4 alone.
+    pub fn network_config(self, network: &str, ipv6_network: Option<&str>) -> String {
         let direct = self == Mode::HostGw;
+        let ipv6 = ipv6_network.map_or_else(String::new, |ipv6_network| {
+            format!(r#""EnableIPv6": true, "IPv6Network": "{ipv6_network}", "#)
+        });
         format!(
-            r#"{{"Network": "{network}", "Backend": {{"Type": "vxlan", "DirectRouting": {direct}}}}}"#
+            r#"{{"Network": "{network}", {ipv6}"Backend": {{"Type": "vxlan", "DirectRouting": {direct}}}}}"#
         )
+    }
+}
+
+/// The address family a throughput figure is measured over.
+#[derive(Clone, Copy)]
+enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    /// bbox2's address of this family.
+    fn destination(self) -> &'static str {
+        match self {
+            Family::Ipv4 => BBOX2,
+            Family::Ipv6 => BBOX2_V6,
+        }
+    }
+
+    /// The figure `name` over this family: IPv4's rows keep the names earlier reports used.
+    fn figure(self, name: &str) -> String {
+        match self {
+            Family::Ipv4 => name.to_string(),
+            Family::Ipv6 => format!("{name}, IPv6"),
+        }
     }
 }
 
@@ -111,6 +143,33 @@ struct Figure {
     values: BTreeMap<&'static str, f64>,
 }
 
+/// The figures in the order they were first recorded, which is the report's.
+#[derive(Default)]
+struct Figures(Vec<Figure>);
+
+impl Figures {
+    fn record(
+        &mut self,
+        name: &str,
+        unit: &'static str,
+        higher_is_better: bool,
+        mode: Mode,
+        value: f64,
+    ) {
+        match self.0.iter_mut().find(|figure| figure.name == name) {
+            Some(figure) => {
+                figure.values.insert(mode.name(), value);
+            }
+            None => self.0.push(Figure {
+                name: name.to_string(),
+                unit,
+                higher_is_better,
+                values: [(mode.name(), value)].into(),
+            }),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let quick = std::env::args().any(|arg| arg == "--quick");
     let out_dir = std::env::args()
@@ -128,29 +187,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
-    let mut figures: Vec<Figure> = Vec::new();
-    let mut record = |name: &str, unit, higher_is_better, mode: Mode, value: f64| match figures
-        .iter_mut()
-        .find(|figure| figure.name == name)
-    {
-        Some(figure) => {
-            figure.values.insert(mode.name(), value);
-        }
-        None => figures.push(Figure {
-            name: name.to_string(),
-            unit,
-            higher_is_better,
-            values: [(mode.name(), value)].into(),
-        }),
-    };
+    let mut figures = Figures::default();
     for mode in MODES {
         println!("== {}: data path", mode.name());
-        let cluster = Cluster::with_etcd(
+        // Dual-stack, for the IPv6 rows; IPv4 takes the same path as in an IPv4-only network.
+        let cluster = Cluster::with_ipv6(
             &format!("bench-{}", mode.name()),
-            false,
-            Some(&mode.network_config("10.2.0.0/16")),
+            &mode.network_config("10.2.0.0/16", Some(IPV6_NETWORK)),
         )?;
-        let seed = Seed::start_on(cluster, mode.agent_flags())?;
+        let seed = Seed::start_dual_stack_on(cluster, [mode.agent_flags(); 2])?;
         let scratch = seed.cluster.scratch.path().to_path_buf();
         let _iperf = iperf3_server(&seed.bbox2.netns, &scratch.join("iperf3.log"), false)?;
         let _sockperf = Process::spawn(
@@ -179,46 +224,37 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
         )?;
         // Steady state: neighbours resolved and, in ebpf mode, the containers learned.
         seed.bbox1.ping(BBOX2, 5)?;
+        seed.bbox1.ping6(BBOX2_V6, 5)?;
         sleep(Duration::from_secs(1));
         let client = &seed.bbox1.netns;
-        let (gbit, cpu) = median_pair(plan, || tcp_with_cpu(client, plan.seconds))?;
-        record("TCP throughput, 1 stream", "Gbit/s", true, mode, gbit);
-        record("CPU cost", "CPU s/GB", false, mode, cpu);
-        record(
-            "TCP throughput, 4 streams",
-            "Gbit/s",
-            true,
-            mode,
-            median(plan, || tcp(client, plan.seconds, 4))?,
-        );
-        let (received, sent) = median_pair(plan, || small_udp(client, plan.seconds))?;
-        record("64-byte UDP received", "kpps", true, mode, received);
-        record("64-byte UDP sent", "kpps", true, mode, sent);
+        for family in [Family::Ipv4, Family::Ipv6] {
+            throughput(&mut figures, plan, client, mode, family)?;
+        }
         let (p50, p99) = median_pair(plan, || latency(client, plan.seconds, false))?;
-        record("Latency p50 (sockperf, RTT/2)", "µs", false, mode, p50);
-        record("Latency p99 (sockperf, RTT/2)", "µs", false, mode, p99);
+        figures.record("Latency p50 (sockperf, RTT/2)", "µs", false, mode, p50);
+        figures.record("Latency p99 (sockperf, RTT/2)", "µs", false, mode, p99);
         let (p50, p99) = median_pair(plan, || latency(client, plan.seconds, true))?;
-        record("Latency p50, both ends on CPU 0", "µs", false, mode, p50);
-        record("Latency p99, both ends on CPU 0", "µs", false, mode, p99);
+        figures.record("Latency p50, both ends on CPU 0", "µs", false, mode, p50);
+        figures.record("Latency p99, both ends on CPU 0", "µs", false, mode, p99);
         if mode == Mode::Ebpf {
             // A pass of its own: the kernel's run-time accounting costs two clock reads per
             // program run, which the figures above must not carry.
             let cost = program_cost(client, plan.seconds)?;
-            record(
+            figures.record(
                 "eBPF per packet, encapsulation (64-byte UDP)",
                 "ns",
                 false,
                 mode,
                 cost.encap_ns,
             );
-            record(
+            figures.record(
                 "eBPF per packet, decapsulation (64-byte UDP)",
                 "ns",
                 false,
                 mode,
                 cost.decap_ns,
             );
-            record(
+            figures.record(
                 "eBPF share of busy CPU (TCP, 1 stream)",
                 "%",
                 false,
@@ -230,14 +266,14 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
 
         println!("== {}: control plane", mode.name());
         let control = control_plane::measure(mode, plan)?;
-        record(
+        figures.record(
             "Lease to route on another host, p50",
             "ms",
             false,
             mode,
             control.route_p50_ms,
         );
-        record(
+        figures.record(
             "Lease to route on another host, p99",
             "ms",
             false,
@@ -246,21 +282,21 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
         );
         for scale in &control.scales {
             let leases = scale.leases;
-            record(
+            figures.record(
                 &format!("Start to ready, {leases} leases"),
                 "ms",
                 false,
                 mode,
                 scale.ready_ms,
             );
-            record(
+            figures.record(
                 &format!("Agent resident memory, {leases} leases"),
                 "MiB",
                 false,
                 mode,
                 scale.resident_mib,
             );
-            record(
+            figures.record(
                 &format!(
                     "Idle agent CPU, {leases} leases and {} containers",
                     plan.containers
@@ -272,7 +308,31 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
             );
         }
     }
-    report(&figures, plan, out_dir)
+    report(&figures.0, plan, out_dir)
+}
+
+/// iperf3 from bbox1 to bbox2 over `family`: TCP with one stream and the CPU it costs, TCP
+/// with four, and 64-byte UDP.
+fn throughput(
+    figures: &mut Figures,
+    plan: &Plan,
+    client: &Netns,
+    mode: Mode,
+    family: Family,
+) -> Result<()> {
+    let server = family.destination();
+    let mut record = |name: &str, unit: &'static str, higher_is_better: bool, value: f64| {
+        figures.record(&family.figure(name), unit, higher_is_better, mode, value)
+    };
+    let (gbit, cpu) = median_pair(plan, || tcp_with_cpu(client, server, plan.seconds))?;
+    record("TCP throughput, 1 stream", "Gbit/s", true, gbit);
+    record("CPU cost", "CPU s/GB", false, cpu);
+    let gbit = median(plan, || tcp(client, server, plan.seconds, 4))?;
+    record("TCP throughput, 4 streams", "Gbit/s", true, gbit);
+    let (received, sent) = median_pair(plan, || small_udp(client, server, plan.seconds))?;
+    record("64-byte UDP received", "kpps", true, received);
+    record("64-byte UDP sent", "kpps", true, sent);
+    Ok(())
 }
 
 fn median(plan: &Plan, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
@@ -295,16 +355,17 @@ fn median_pair(plan: &Plan, mut measure: impl FnMut() -> Result<(f64, f64)>) -> 
     Ok((pick(|pair| pair.0), pick(|pair| pair.1)))
 }
 
-fn iperf3_json(client: &Netns, args: &[&str]) -> Result<serde_json::Value> {
-    let mut full = vec!["iperf3", "-c", BBOX2, "-J"];
+fn iperf3_json(client: &Netns, server: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let mut full = vec!["iperf3", "-c", server, "-J"];
     full.extend_from_slice(args);
     let output = client.exec(&full)?;
     serde_json::from_str(&output).context("iperf3 printed no JSON")
 }
 
-fn tcp(client: &Netns, seconds: u32, streams: u32) -> Result<f64> {
+fn tcp(client: &Netns, server: &str, seconds: u32, streams: u32) -> Result<f64> {
     let json = iperf3_json(
         client,
+        server,
         &["-t", &seconds.to_string(), "-P", &streams.to_string()],
     )?;
     let bits = json["end"]["sum_received"]["bits_per_second"]
@@ -314,9 +375,9 @@ fn tcp(client: &Netns, seconds: u32, streams: u32) -> Result<f64> {
 }
 
 /// One TCP stream: Gbit/s, and the CPU seconds the whole machine spent per GB moved.
-fn tcp_with_cpu(client: &Netns, seconds: u32) -> Result<(f64, f64)> {
+fn tcp_with_cpu(client: &Netns, server: &str, seconds: u32) -> Result<(f64, f64)> {
     let before = busy_cpu_seconds()?;
-    let json = iperf3_json(client, &["-t", &seconds.to_string()])?;
+    let json = iperf3_json(client, server, &["-t", &seconds.to_string()])?;
     let cpu = busy_cpu_seconds()? - before;
     let received = &json["end"]["sum_received"];
     let gigabytes = received["bytes"].as_f64().context("no TCP bytes")? / 1e9;
@@ -344,9 +405,10 @@ fn busy_cpu_seconds() -> Result<f64> {
 }
 
 /// 64-byte UDP datagrams from four unthrottled senders: (received, sent) in thousands per s.
-fn small_udp(client: &Netns, seconds: u32) -> Result<(f64, f64)> {
+fn small_udp(client: &Netns, server: &str, seconds: u32) -> Result<(f64, f64)> {
     let json = iperf3_json(
         client,
+        server,
         &[
             "-u",
             "-l",
@@ -410,7 +472,7 @@ struct ProgramCost {
 fn program_cost(client: &Netns, seconds: u32) -> Result<ProgramCost> {
     let _stats = BpfStats::enable()?;
     let before = program_runs()?;
-    small_udp(client, seconds)?;
+    small_udp(client, BBOX2, seconds)?;
     let after = program_runs()?;
     let per_run = |name: &str| -> Result<f64> {
         let (runs, nanoseconds) = delta_of(&before, &after, name)?;
@@ -420,7 +482,7 @@ fn program_cost(client: &Netns, seconds: u32) -> Result<ProgramCost> {
 
     let before = program_runs()?;
     let busy_before = busy_cpu_seconds()?;
-    tcp(client, seconds, 1)?;
+    tcp(client, BBOX2, seconds, 1)?;
     let busy = busy_cpu_seconds()? - busy_before;
     let after = program_runs()?;
     let mut in_programs = 0.0;
