@@ -1,5 +1,6 @@
 //! `cargo xtask bench [--quick]`: setup, a release build of the agent, then the benchmark,
-//! which measures ebpf, kernel and host-gw side by side and writes `target/bench/`.
+//! which measures ebpf, kernel and host-gw side by side (throughput over IPv4 and IPv6) and
+//! writes `target/bench/`.
 use std::path::Path;
 
 use anyhow::Result;

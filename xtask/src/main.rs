@@ -45,7 +45,8 @@ enum Task {
     /// Build the release agent and its Debian package (binary, systemd unit, env file) into
     /// target/debian/.
     Package,
-    /// Measure ebpf, kernel and host-gw side by side; the report goes to target/bench/.
+    /// Measure ebpf, kernel and host-gw side by side, over IPv4 and IPv6; the report goes to
+    /// target/bench/.
     Bench {
         /// One short run of each measurement: proves the benchmark works, measures little.
         #[arg(long)]
