@@ -311,7 +311,18 @@ async fn reconciler(
                 .attrs
                 .vtep_mac()
                 .context("our own lease has no VTEP MAC")?;
-            Some(ebpf_sink(dataplane, &netlink, options, config, uplink, vtep_mac).await?)
+            Some(
+                ebpf_sink(
+                    dataplane,
+                    &netlink,
+                    options,
+                    config,
+                    uplink,
+                    tunnel_ipv6,
+                    vtep_mac,
+                )
+                .await?,
+            )
         }
     };
     let vtep_spec = |name: String, local: IpAddr, mtu: u32, mac: MacAddr| vtep::VtepSpec {
@@ -358,6 +369,11 @@ async fn reconciler(
         }),
         _ => None,
     };
+    // The IPv6 lease counts where this host carries IPv6.
+    let subnets = LeaseSubnets {
+        ipv4: lease.subnet,
+        ipv6: ipv6.as_ref().map(|family| family.subnet),
+    };
     let settings = NodeSettings {
         bridge: options.bridge.clone(),
         ipv4,
@@ -375,7 +391,7 @@ async fn reconciler(
         NodeNetwork::new(netlink, settings),
         ebpf,
         rules,
-        lease.subnet,
+        subnets,
         metrics.reconcile.clone(),
     ))
 }
@@ -422,6 +438,7 @@ async fn ebpf_sink(
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
+    tunnel_ipv6: Option<Ipv6Addr>,
     vtep_mac: mac::MacAddr,
 ) -> Result<EbpfSink> {
     let uplink_link = node::links::find(netlink, &uplink.name)
@@ -439,6 +456,7 @@ async fn ebpf_sink(
                 .address
                 .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
                 .octets(),
+            public_ipv6: tunnel_ipv6.map_or([0; 16], |address| address.octets()),
             vtep_mac: vtep_mac.0,
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,

@@ -167,7 +167,17 @@ impl Netns {
 
     /// Whether the main table has a route to exactly `destination`.
     pub fn has_route(&self, destination: &str) -> Result<bool> {
-        Ok(!self.ip(&["route", "show", destination])?.trim().is_empty())
+        // `ip route show` lists IPv4 alone unless told the family (iproute2 6.1 does not infer
+        // it from the destination).
+        let family = if destination.contains(':') {
+            "-6"
+        } else {
+            "-4"
+        };
+        Ok(!self
+            .ip(&[family, "route", "show", destination])?
+            .trim()
+            .is_empty())
     }
 
     /// `ping -c count` to `destination`; returns ping's output, failing unless every reply came.

@@ -208,7 +208,7 @@ fn traffic_that_is_not_vxlan_passes_untouched() -> Result<()> {
     .concat();
     assert_passed_untouched(
         &ethernet([0xff; 6], HOST1_MAC, ETH_P_ARP, &request),
-        Counter::RxNotIpv4,
+        Counter::RxNotIp,
     )
 }
 
@@ -390,7 +390,7 @@ fn inner_frames_other_than_ipv4_are_dropped() -> Result<()> {
     let inner = ethernet([0xff; 6], HOST1_VTEP_MAC, ETH_P_ARP, &arp);
     assert_dropped(
         &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
-        Counter::RxInnerNotIpv4,
+        Counter::RxInnerOtherFamily,
     )
 }
 
