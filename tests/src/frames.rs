@@ -227,6 +227,23 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8, payload: &[u8]) -> Ve
     .concat()
 }
 
+/// An IPv6 ping from `src` to `dst`, its ICMPv6 checksum over the pseudo-header correct.
+pub fn ipv6_ping(src: [u8; 16], dst: [u8; 16], payload: &[u8]) -> Vec<u8> {
+    let mut message = [&[128, 0, 0, 0, 0, 1, 0, 1][..], payload].concat();
+    let length = u32::try_from(message.len()).expect("message fits in 4 GiB");
+    let pseudo_header = [
+        &src[..],
+        &dst,
+        &length.to_be_bytes(),
+        &[0, 0, 0, IPPROTO_ICMPV6],
+        &message,
+    ]
+    .concat();
+    let checksum = internet_checksum(&pseudo_header);
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    ipv6(src, dst, IPPROTO_ICMPV6, &message)
+}
+
 /// The IPv6 `frame` (Ethernet first) with an 8-byte extension header `header` (next header
 /// `kind`) put between the IPv6 header and what followed it; `body` is the header's bytes
 /// after its next-header field.
