@@ -253,6 +253,51 @@ impl UplinkHook {
     }
 }
 
+/// host2 receiving `frame` from host1, its only peer, at `hook`.
+pub fn host2_receives(hook: UplinkHook, frame: &[u8]) -> Result<Outcome> {
+    run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, frame)
+}
+
+/// Asserts both hooks of host2 pass `frame` on to the stack as it is, counted as `expected`,
+/// tc with `mark` on it: `CHECKED_MARK` for what goes on to a VXLAN device's socket, checked,
+/// none for what is not ours.
+pub fn assert_host2_passes(frame: &[u8], expected: Counter, mark: u32) -> Result<()> {
+    for hook in UplinkHook::ALL {
+        let outcome = host2_receives(hook, frame)?;
+        let what = format!("{hook:?}: {}", expected.name());
+        assert_eq!(outcome.verdict, hook.pass(), "{what}");
+        assert_eq!(outcome.frame, frame, "{what}: passes unchanged");
+        outcome.assert_only(expected);
+        if hook == UplinkHook::Tc {
+            assert_eq!(outcome.mark, mark, "{what}");
+        }
+    }
+    Ok(())
+}
+
+/// The kernel refuses tc test frames that claim IPv4 but are shorter than its header.
+const TC_MIN_FRAME: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN;
+
+/// Asserts both hooks of host2 drop `frame`, counted as `expected`, unmarked (tc only when
+/// the kernel takes the frame).
+pub fn assert_host2_drops(frame: &[u8], expected: Counter) -> Result<()> {
+    for hook in UplinkHook::ALL {
+        if hook == UplinkHook::Tc && frame.len() < TC_MIN_FRAME {
+            continue;
+        }
+        let outcome = host2_receives(hook, frame)?;
+        assert_eq!(
+            outcome.verdict,
+            hook.drop(),
+            "{hook:?}: {}",
+            expected.name()
+        );
+        outcome.assert_only(expected);
+        assert_eq!(outcome.mark, 0, "{hook:?}: {}", expected.name());
+    }
+    Ok(())
+}
+
 /// The uplink's program at `hook` on `frame`.
 pub fn run_uplink(hook: UplinkHook, dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     match hook {

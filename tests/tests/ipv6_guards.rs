@@ -7,54 +7,17 @@ use anyhow::Result;
 use overlay_common::{CHECKED_MARK, CONFIG_IPV6, Counter};
 use overlay_tests::{
     dataplane::{
-        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_SHOT, UplinkHook, dataplane_of, dataplane_with,
-        run_container, run_uplink,
+        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_SHOT, UplinkHook, assert_host2_drops,
+        assert_host2_passes, dataplane_of, dataplane_with, host2_receives, run_container,
+        run_uplink,
     },
     frames::*,
 };
 
-/// host2 receiving `frame` from host1, its only peer, at `hook`.
-fn receive(hook: UplinkHook, frame: &[u8]) -> Result<Outcome> {
-    run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, frame)
-}
-
 /// Asserts both hooks pass `frame` on as it is, counted as `expected`; tc marks it for
 /// flannel-v6.1's guard when `marked`.
 fn assert_passed(frame: &[u8], expected: Counter, marked: bool) -> Result<()> {
-    for hook in UplinkHook::ALL {
-        let outcome = receive(hook, frame)?;
-        assert_eq!(
-            outcome.verdict,
-            hook.pass(),
-            "{hook:?}: {}",
-            expected.name()
-        );
-        assert_eq!(
-            outcome.frame, frame,
-            "{hook:?}: still encapsulated, untouched"
-        );
-        outcome.assert_only(expected);
-        if hook == UplinkHook::Tc {
-            let mark = if marked { CHECKED_MARK } else { 0 };
-            assert_eq!(outcome.mark, mark, "{}", expected.name());
-        }
-    }
-    Ok(())
-}
-
-fn assert_dropped(frame: &[u8], expected: Counter) -> Result<()> {
-    for hook in UplinkHook::ALL {
-        let outcome = receive(hook, frame)?;
-        assert_eq!(
-            outcome.verdict,
-            hook.drop(),
-            "{hook:?}: {}",
-            expected.name()
-        );
-        outcome.assert_only(expected);
-        assert_eq!(outcome.mark, 0, "{hook:?}: {}", expected.name());
-    }
-    Ok(())
+    assert_host2_passes(frame, expected, if marked { CHECKED_MARK } else { 0 })
 }
 
 /// The captured frame with the IPv6 address at `offset` replaced.
@@ -72,7 +35,7 @@ fn a_member_s_vxlan_over_ipv6_goes_on_to_flannel_v6_marked() -> Result<()> {
 #[test]
 fn vxlan_over_ipv6_from_a_host_with_no_lease_is_dropped() -> Result<()> {
     let stranger = [0xfd, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x66];
-    assert_dropped(
+    assert_host2_drops(
         &with_address(V6_OUTER_IP + IPV6_SRC, stranger),
         Counter::RxIpv6NonMember,
     )?;
@@ -80,7 +43,7 @@ fn vxlan_over_ipv6_from_a_host_with_no_lease_is_dropped() -> Result<()> {
     let mut mapped = [0; 16];
     mapped[10..12].copy_from_slice(&[0xff, 0xff]);
     mapped[12..].copy_from_slice(&HOST1_IP);
-    assert_dropped(
+    assert_host2_drops(
         &with_address(V6_OUTER_IP + IPV6_SRC, mapped),
         Counter::RxIpv6NonMember,
     )?;
@@ -104,7 +67,7 @@ fn an_inner_ipv6_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
         [0xfd, 0, 0, 2, 0, 0, 0, 0x42, 0, 0, 0, 0, 0, 0, 0, 2],
         link_local,
     ] {
-        assert_dropped(
+        assert_host2_drops(
             &with_address(V6_INNER_IP + IPV6_SRC, source),
             Counter::RxIpv6SpoofedInner,
         )?;
@@ -116,7 +79,7 @@ fn an_inner_ipv6_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
 fn ipv4_inside_vxlan_over_ipv6_is_dropped() -> Result<()> {
     let mut frame = FLANNEL_V6_PING.to_vec();
     frame[V6_INNER_IP - 2..V6_INNER_IP].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    assert_dropped(&frame, Counter::RxInnerOtherFamily)
+    assert_host2_drops(&frame, Counter::RxInnerOtherFamily)
 }
 
 /// A first fragment carries every header the checks read: checked and marked, as IPv4's; the
@@ -127,7 +90,7 @@ fn a_first_ipv6_fragment_is_checked_and_later_ones_left_to_the_stack() -> Result
     assert_passed(&first, Counter::RxChecked, true)?;
     let mut stranger = first.clone();
     stranger[V6_OUTER_IP + IPV6_SRC + 15] = 0x66;
-    assert_dropped(&stranger, Counter::RxIpv6NonMember)?;
+    assert_host2_drops(&stranger, Counter::RxIpv6NonMember)?;
     let later = with_ipv6_extension(&FLANNEL_V6_PING, IPPROTO_FRAGMENT, ipv6_fragment(185));
     assert_passed(&later, Counter::RxIpv6Fragment, false)
 }
@@ -180,10 +143,10 @@ fn malformed_vxlan_over_ipv6_is_dropped() -> Result<()> {
         inner + ETH_HEADER_LEN,
         V6_INNER_IP + IPV6_HEADER_LEN - 1,
     ] {
-        assert_dropped(&FLANNEL_V6_PING[..cut], Counter::RxMalformed)?;
+        assert_host2_drops(&FLANNEL_V6_PING[..cut], Counter::RxMalformed)?;
     }
     let fragment = with_ipv6_extension(&FLANNEL_V6_PING, IPPROTO_FRAGMENT, ipv6_fragment(0));
-    assert_dropped(&fragment[..udp + 4], Counter::RxMalformed)?;
+    assert_host2_drops(&fragment[..udp + 4], Counter::RxMalformed)?;
     type Corruption = fn(&mut Vec<u8>);
     let cases: [(&str, Corruption); 3] = [
         ("IP version 4 in an IPv6 ethertype", |frame| {
@@ -200,7 +163,7 @@ fn malformed_vxlan_over_ipv6_is_dropped() -> Result<()> {
         let mut frame = FLANNEL_V6_PING.to_vec();
         corrupt(&mut frame);
         for hook in UplinkHook::ALL {
-            let outcome = receive(hook, &frame)?;
+            let outcome = host2_receives(hook, &frame)?;
             assert_eq!(outcome.verdict, hook.drop(), "{hook:?}: {what}");
             outcome.assert_only(Counter::RxMalformed);
         }
