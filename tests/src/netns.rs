@@ -167,8 +167,7 @@ impl Netns {
 
     /// Whether the main table has a route to exactly `destination`.
     pub fn has_route(&self, destination: &str) -> Result<bool> {
-        // `ip route show` lists IPv4 alone unless told the family (iproute2 6.1 does not infer
-        // it from the destination).
+        // `ip route show` lists IPv4 unless told the family, whatever the selector says.
         let family = if destination.contains(':') {
             "-6"
         } else {

@@ -3,11 +3,13 @@
 //! lease's BackendV6Data), containers reach each other over both families; an IPv6-only
 //! network has flannel-v6.1 alone. First stock flannel's hosts built by hand, on their own,
 //! then the agent in each dataplane, and the agent next to stock flannel.
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
-    agent::{Agent, READY_TIMEOUT, subnet6_from_file},
+    agent::{Agent, READY_TIMEOUT, subnet_from_file, subnet6_from_file},
     capture::capture_one,
-    cluster::{Cluster, Host},
+    cluster::{Cluster, Host, PREFIX, SEED_NETWORK_CONFIG, UNDERLAY_GATEWAY, UNDERLAY_GATEWAY6},
     frames::parse_mac,
     ipv6::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
@@ -422,7 +424,9 @@ fn check_record(cluster: &Cluster, host: &Host, key: &str, dual_stack: bool) -> 
 }
 
 /// Fails unless `host`'s subnet file is what flannel's WriteSubnetFile writes for the lease
-/// `subnet` (none in an IPv6-only network) and `subnet6`, with no masquerade.
+/// `subnet` (none in an IPv6-only network) and `subnet6`, with no masquerade; but for the MTU
+/// of an IPv6-only network, which is flannel-v6.1's (the underlay's less 70) where flannel
+/// writes flannel.1's (less 50), more than its IPv6 device carries.
 fn check_subnet_file(host: &Host, subnet: Option<&str>, subnet6: &str) -> Result<()> {
     let mut expected = String::new();
     if let Some(subnet) = subnet {
@@ -433,7 +437,8 @@ fn check_subnet_file(host: &Host, subnet: Option<&str>, subnet6: &str) -> Result
         "FLANNEL_IPV6_NETWORK={IPV6_NETWORK}\nFLANNEL_IPV6_SUBNET={}/64\n",
         bridge_gateway6(subnet6)?
     );
-    expected += "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+    let mtu = if subnet.is_some() { 1450 } else { 1430 };
+    expected += &format!("FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n");
     let file = std::fs::read_to_string(host.subnet_file())?;
     ensure!(
         file == expected,
@@ -558,6 +563,270 @@ fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
         vtep6_mac: &seed.host2.vtep6_mac()?,
     };
     check_ipv6_node(&seed.host1, &subnet1, &remote)
+}
+
+#[test]
+fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-bare", IPV6_ONLY_NETWORK_CONFIG)?;
+    let both = format!("http://{UNDERLAY_GATEWAY}:2379,http://[{UNDERLAY_GATEWAY6}]:2379");
+    cluster
+        .etcd
+        .restart_with_flags(&[&format!("--listen-client-urls={both}")])?;
+    let etcd6 = format!("--etcd-endpoints=http://[{UNDERLAY_GATEWAY6}]:2379");
+    let mut hosts = Vec::new();
+    for (name, address) in [("host1", HOST1), ("host2", HOST2)] {
+        let host = cluster.add_host(name, address)?;
+        host.netns
+            .ip(&["addr", "del", &format!("{address}/24"), "dev", "eth0"])?;
+        let mut flags = Agent::flags(&cluster, &host, KERNEL);
+        flags[0] = etcd6.clone();
+        let mut agent = Agent::start_with(&host, &flags, &[])?;
+        let subnet6 = agent.wait_ready_ipv6()?;
+        // Tuple fields drop in order: the agent stops before its namespace goes.
+        hosts.push((agent, host, subnet6));
+    }
+    let [(_agent1, host1, subnet1), (_agent2, host2, subnet2)] = &hosts[..] else {
+        unreachable!("two hosts were added");
+    };
+    host1.wait_for_route(subnet2)?;
+    host2.wait_for_route(subnet1)?;
+    let bbox1 = Container::attach_ipv6_only(host1, "bbox1", &address_in(subnet1, 2)?)?;
+    let bbox2 = Container::attach_ipv6_only(host2, "bbox2", &address_in(subnet2, 2)?)?;
+    check_ipv6_both_ways(&bbox1, &bbox2, [subnet1, subnet2])?;
+    check_record(&cluster, host1, &cluster.subnet_key6(None, subnet1), false)
+}
+
+/// What teardown must leave as it was, in both families.
+fn snapshot(host: &Host) -> Result<Vec<String>> {
+    Ok(vec![
+        host.netns.ip(&["-d", "link", "show"])?,
+        host.netns.ip(&["addr", "show"])?,
+        host.netns.ip(&["-4", "route", "show", "table", "all"])?,
+        host.netns.ip(&["-6", "route", "show", "table", "all"])?,
+        host.netns.ip(&["neigh", "show", "nud", "permanent"])?,
+        host.netns.exec(&["bridge", "fdb", "show"])?,
+        host.netns.exec(&["nft", "list", "ruleset"])?,
+    ])
+}
+
+#[test]
+fn teardown_removes_both_families_and_release_lease_deletes_the_dual_stack_record() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-teardown", DUAL_STACK_NETWORK_CONFIG)?;
+    let remote = lease_value(
+        Some(Vtep {
+            public_ip: HOST2,
+            mac: STOCK_MACS[1].0,
+        }),
+        Some(Vtep {
+            public_ip: HOST2_V6,
+            mac: STOCK_MACS[1].1,
+        }),
+    );
+    cluster
+        .etcd
+        .put(&cluster.subnet_key6(Some(SUBNET2), SUBNET2_V6), &remote)?;
+    cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    // Forwarding, which the agent turns on and teardown leaves on (as ip_forward), adds
+    // the router's anycast addresses and multicast groups: on before the snapshot.
+    host1
+        .netns
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    let before = snapshot(&host1)?;
+    let flags = ["--dataplane=kernel", "--ip-masq", "--ip-blackhole-route"];
+    let mut agent = Agent::start(&cluster, &host1, &flags)?;
+    agent.wait_ready_ipv6()?;
+    host1.wait_for_route(SUBNET2_V6)?;
+    ensure!(
+        host1
+            .netns
+            .ip(&["-6", "route", "show", "type", "blackhole"])?
+            .contains(SUBNET1_V6),
+        "no IPv6 blackhole route"
+    );
+    agent.process.terminate(READY_TIMEOUT)?;
+
+    let etcd = [
+        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host1.subnet_file().display()),
+    ];
+    let teardown = |extra: &[&str]| -> Result<()> {
+        let args: Vec<String> = ["teardown"]
+            .iter()
+            .chain(extra)
+            .map(|arg| arg.to_string())
+            .chain(etcd.iter().cloned())
+            .collect();
+        let mut run = Agent::start_with(&host1, &args, &[])?;
+        ensure!(
+            run.process.wait_exit(READY_TIMEOUT)?.success(),
+            "{}",
+            run.log()
+        );
+        Ok(())
+    };
+    teardown(&[])?;
+    let after = snapshot(&host1)?;
+    ensure!(after == before, "before:\n{before:#?}\nafter:\n{after:#?}");
+    let own_key = cluster.subnet_key6(Some(SUBNET1), SUBNET1_V6);
+    ensure!(
+        cluster.etcd.get(&own_key)?.is_some(),
+        "the lease is kept by default"
+    );
+    teardown(&["--release-lease"])?;
+    ensure!(
+        cluster.etcd.get(&own_key)?.is_none(),
+        "--release-lease deletes the dual-stack record"
+    );
+    Ok(())
+}
+
+#[test]
+fn turning_ipv6_on_keeps_every_hosts_ipv4_subnet() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-turn-on", SEED_NETWORK_CONFIG)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    let mut agents = Vec::new();
+    let mut subnets = Vec::new();
+    for host in [&host1, &host2] {
+        let mut agent = Agent::start(&cluster, host, EBPF)?;
+        subnets.push(agent.wait_ready()?);
+        agents.push(agent);
+    }
+    // The agents of an IPv4 network see the config change and exit; their supervisor (here
+    // the test) starts them again into the dual-stack network.
+    cluster
+        .etcd
+        .put(&format!("{PREFIX}/config"), DUAL_STACK_NETWORK_CONFIG)?;
+    for agent in &mut agents {
+        let status = agent.process.wait_exit(Duration::from_secs(30))?;
+        ensure!(!status.success(), "the agent ignored the new config");
+    }
+    let mut subnets6 = Vec::new();
+    for (index, host) in [&host1, &host2].into_iter().enumerate() {
+        agents[index] = Agent::start(&cluster, host, EBPF)?;
+        subnets6.push(agents[index].wait_ready_ipv6()?);
+        let subnet =
+            subnet_from_file(&host.subnet_file()).context("no FLANNEL_SUBNET after the restart")?;
+        ensure!(
+            subnet == subnets[index],
+            "{} moved from {} to {subnet}",
+            host.name,
+            subnets[index]
+        );
+    }
+    host1.wait_for_route(&subnets6[1])?;
+    host2.wait_for_route(&subnets6[0])?;
+    host1.wait_for_route(&subnets[1])?;
+    let bbox = |host: &Host, subnet: &str, subnet6: &str| -> Result<Container> {
+        let address = format!("{}.2", subnet.trim_end_matches(".0/24"));
+        Container::attach_dual_stack(host, "bbox", &address, &address_in(subnet6, 2)?)
+    };
+    let bbox1 = bbox(&host1, &subnets[0], &subnets6[0])?;
+    let bbox2 = bbox(&host2, &subnets[1], &subnets6[1])?;
+    check_ipv6_both_ways(&bbox1, &bbox2, [&subnets6[0], &subnets6[1]])?;
+    let reply = bbox1.ping(&bbox2.address, 2)?;
+    ensure!(reply.matches("ttl=62").count() == 2, "{reply}");
+    Ok(())
+}
+
+/// Records naming IPv6 subnets no host may route to: our IPv6 subnet under another IPv4 one,
+/// an IPv6 subnet outside the network, half of ours, one with no IPv6 VTEP, and an
+/// IPv6-only key in a dual-stack network.
+const HOSTILE_IPV6_KEYS: [&str; 5] = [
+    "10.2.70.0-24&fd00:2:0:41::-64",
+    "10.2.71.0-24&fd00:3::-64",
+    "10.2.72.0-24&fd00:2:0:41:8000::-65",
+    "10.2.73.0-24&fd00:2:0:73::-64",
+    "0.0.0.0-0&fd00:2:0:74::-64",
+];
+
+#[test]
+fn hostile_ipv6_records_leave_the_agent_up_and_routing() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-hostile", DUAL_STACK_NETWORK_CONFIG)?;
+    cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let hostile = lease_value(
+        Some(Vtep {
+            public_ip: "172.20.62.66",
+            mac: "1a:4b:d7:f7:16:66",
+        }),
+        Some(Vtep {
+            public_ip: "fd00:ff::66",
+            mac: "1a:4b:d7:f7:66:66",
+        }),
+    );
+    let no_ipv6_vtep = lease_value(
+        Some(Vtep {
+            public_ip: "172.20.62.67",
+            mac: "1a:4b:d7:f7:16:67",
+        }),
+        None,
+    );
+    let write_hostile = || -> Result<()> {
+        for name in HOSTILE_IPV6_KEYS {
+            let value = if name.starts_with("10.2.73.") {
+                &no_ipv6_vtep
+            } else {
+                &hostile
+            };
+            cluster
+                .etcd
+                .put(&format!("{PREFIX}/subnets/{name}"), value)?;
+        }
+        Ok(())
+    };
+    write_hostile()?;
+    let mut agent = Agent::start(&cluster, &host1, KERNEL)?;
+    ensure!(
+        agent.wait_ready_ipv6()? == SUBNET1_V6,
+        "host1 kept its reservation"
+    );
+    write_hostile()?;
+    // A lease written after them is routed as usual.
+    cluster.etcd.put(
+        &cluster.subnet_key6(Some(SUBNET2), SUBNET2_V6),
+        &lease_value(
+            Some(Vtep {
+                public_ip: HOST2,
+                mac: STOCK_MACS[1].0,
+            }),
+            Some(Vtep {
+                public_ip: HOST2_V6,
+                mac: STOCK_MACS[1].1,
+            }),
+        ),
+    )?;
+    host1.wait_for_route(SUBNET2_V6)?;
+    ensure!(
+        agent.process.try_exit_status()?.is_none(),
+        "the agent exited:\n{}",
+        agent.log()
+    );
+    for name in HOSTILE_IPV6_KEYS {
+        ensure!(
+            agent
+                .log()
+                .contains(&format!("skipping record {PREFIX}/subnets/{name}")),
+            "no warning names {name}:\n{}",
+            agent.log()
+        );
+    }
+    let routes = host1.netns.ip(&["-6", "route"])?;
+    for stolen in [
+        "fd00:2:0:41::/64 via",
+        "fd00:3::",
+        "fd00:2:0:41:8000::",
+        "fd00:2:0:73::",
+        "fd00:2:0:74::",
+    ] {
+        ensure!(
+            !routes.contains(stolen),
+            "a hostile record was routed:\n{routes}"
+        );
+    }
+    Ok(())
 }
 
 #[test]

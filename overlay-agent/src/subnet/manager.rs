@@ -78,13 +78,17 @@ impl<R: Registry> LeaseManager<R> {
     /// Acquires a subnet (with IPv6, a subnet of each family), in flannel's order: this
     /// host's own record, if it fits the config (a reservation stays a reservation); the
     /// subnets of the previous subnet file, if free and fitting; random free subnets.
+    /// Unlike flannel, a subnet that still fits is kept when only the other family's is
+    /// missing or misfits: enabling IPv6 does not renumber a host's IPv4 containers.
     /// `vtep_macs`, when known, go into the record; otherwise the own record's MACs are kept,
     /// or new ones made.
     pub async fn acquire(
         &self,
         vtep_macs: VtepMacs,
-        previous: Option<LeaseSubnets>,
+        mut previous: Option<LeaseSubnets>,
     ) -> Result<Lease> {
+        // The MACs of a record of ours deleted for not fitting, kept for the new one.
+        let mut recorded = VtepMacs::default();
         for _ in 0..MAX_CREATE_RACES {
             let listing = self.registry.list().await?;
             let leases: Vec<Lease> = listing
@@ -109,10 +113,12 @@ impl<R: Registry> LeaseManager<R> {
                     own.subnets()
                 );
                 self.registry.delete(own.subnets()).await?;
+                previous = Some(own.subnets());
+                recorded = own.attrs.vtep_macs();
                 continue;
             }
 
-            let macs = self.vtep_macs(vtep_macs, VtepMacs::default());
+            let macs = self.vtep_macs(vtep_macs, recorded);
             let attrs = LeaseAttrs::vxlan(self.public, self.config.backend.vni, macs);
             // Every record's key counts as taken, even one whose value is malformed.
             let held: Vec<LeaseSubnets> = listing
@@ -120,12 +126,8 @@ impl<R: Registry> LeaseManager<R> {
                 .iter()
                 .filter_map(|record| subnet_from_key(self.registry.prefix(), &record.key))
                 .collect();
-            let taken = |subnets: LeaseSubnets| self.overlaps_any(subnets, &held);
-            let candidate = match previous.filter(|&subnets| self.fits(subnets) && !taken(subnets))
-            {
-                Some(subnets) => subnets,
-                None => self.random_free_subnets(&held)?,
-            };
+            let kept = previous.and_then(|subnets| self.keep_free(subnets, &held));
+            let candidate = self.with_random_free(kept, &held)?;
             if let Some(etcd_lease) = self
                 .registry
                 .create(candidate, &attrs, self.timing.ttl)
@@ -153,14 +155,6 @@ impl<R: Registry> LeaseManager<R> {
                 (None, None) => true,
                 _ => false,
             }
-    }
-
-    /// Whether a subnet of `subnets` overlaps one of `held` in a family of the network.
-    fn overlaps_any(&self, subnets: LeaseSubnets, held: &[LeaseSubnets]) -> bool {
-        held.iter().any(|other| {
-            (self.config.enable_ipv4 && other.ipv4.overlaps(subnets.ipv4))
-                || matches!((other.ipv6, subnets.ipv6), (Some(a), Some(b)) if a.overlaps(b))
-        })
     }
 
     /// The VTEP MAC of each family of the network: the device's, else the record's, else new.
@@ -202,10 +196,39 @@ impl<R: Registry> LeaseManager<R> {
         }))
     }
 
-    /// Random free subnets of the network's families, as flannel picks them: among the first
-    /// free ones of each range.
-    fn random_free_subnets(&self, held: &[LeaseSubnets]) -> Result<LeaseSubnets> {
-        let ipv4 = if self.config.enable_ipv4 {
+    /// The subnets of `previous` worth keeping: its IPv4 subnet if it fits and is free, else
+    /// nothing at all (the IPv4 subnet is what other hosts route by); its IPv6 subnet if it
+    /// fits and is free, else none, for [`Self::with_random_free`] to fill in.
+    fn keep_free(&self, previous: LeaseSubnets, held: &[LeaseSubnets]) -> Option<LeaseSubnets> {
+        let ipv4_free = !held.iter().any(|other| other.ipv4.overlaps(previous.ipv4));
+        if self.config.enable_ipv4 && !(self.config.fits(previous.ipv4) && ipv4_free) {
+            return None;
+        }
+        let ipv6 = previous.ipv6.filter(|&ipv6| {
+            self.config.ipv6.is_some_and(|range| range.fits(ipv6))
+                && !held
+                    .iter()
+                    .any(|other| other.ipv6.is_some_and(|other| other.overlaps(ipv6)))
+        });
+        Some(LeaseSubnets {
+            ipv4: previous.ipv4,
+            ipv6,
+        })
+    }
+
+    /// The subnets `kept` by [`Self::keep_free`], with random free subnets for the families
+    /// of the network they lack, picked as flannel picks them: among the first free ones of
+    /// each range. Without IPv4 the IPv4 half is flannel's empty network.
+    fn with_random_free(
+        &self,
+        kept: Option<LeaseSubnets>,
+        held: &[LeaseSubnets],
+    ) -> Result<LeaseSubnets> {
+        let ipv4 = if !self.config.enable_ipv4 {
+            self.config.network
+        } else if let Some(kept) = kept {
+            kept.ipv4
+        } else {
             let free = self
                 .config
                 .subnets()
@@ -221,12 +244,11 @@ impl<R: Registry> LeaseManager<R> {
                     self.config.subnet_max
                 )
             })?
-        } else {
-            self.config.network
         };
-        let ipv6 = match self.config.ipv6 {
-            None => None,
-            Some(range) => {
+        let ipv6 = match (self.config.ipv6, kept.and_then(|kept| kept.ipv6)) {
+            (None, _) => None,
+            (Some(_), Some(ipv6)) => Some(ipv6),
+            (Some(range), None) => {
                 let free = range.subnets().filter(|&subnet| {
                     !held
                         .iter()
@@ -413,6 +435,42 @@ mod tests {
             (lease.subnets(), lease.attrs.vtep_macs()),
             "its own record is reused with its MACs"
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn enabling_ipv6_keeps_the_ipv4_subnet_and_adds_an_ipv6_one() -> Result<()> {
+        let registry = registry();
+        let public = PublicAddresses {
+            ipv4: HOST1,
+            ipv6: Some("fd00:ff::1".parse()?),
+        };
+        let own = subnet("10.2.41.0/24");
+        let mac = MacAddr::random_local();
+        registry.put(own, &LeaseAttrs::ipv4_only(HOST1, 1, mac).to_json(), 3);
+        let manager = ipv6_manager(&registry, DUAL_STACK, public);
+        let lease = manager.acquire(VtepMacs::default(), None).await?;
+        assert_eq!(lease.subnet, own, "the IPv4 subnet stays");
+        assert!(lease.ipv6_subnet.is_some());
+        assert_eq!(
+            lease.attrs.vtep_mac(),
+            Some(mac),
+            "and so does flannel.1's MAC"
+        );
+        assert!(
+            registry.record(own).is_none(),
+            "the IPv4-only record is gone"
+        );
+        assert!(registry.record(lease.subnets()).is_some());
+
+        // The same from a subnet file written before IPv6, with no record left.
+        let registry = self::registry();
+        let manager = ipv6_manager(&registry, DUAL_STACK, public);
+        let lease = manager
+            .acquire(VtepMacs::default(), Some(own.into()))
+            .await?;
+        assert_eq!(lease.subnet, own);
+        assert!(lease.ipv6_subnet.is_some());
         Ok(())
     }
 

@@ -1,8 +1,8 @@
 //! `cargo xtask demo`: the seed document coming true in network namespaces on this machine.
 //!
-//! Two hosts run overlay-agent in ebpf mode against an etcd of their own; bbox1 and bbox3 sit
-//! on host1, bbox2 on host2, and an outside host sits on the underlay. Each step of the seed is
-//! run and shown. Then everything stays up until Ctrl-C (or, with `--once`, is torn down at
+//! Two hosts run overlay-agent in ebpf mode against an etcd of their own, in a dual-stack
+//! network; bbox1 and bbox3 sit on host1, bbox2 on host2, and an outside host sits on the
+//! underlay. Each step of the seed is run and shown, over IPv4, then over IPv6. Then everything stays up until Ctrl-C (or, with `--once`, is torn down at
 //! once, the exit status saying whether every check held). Nothing touches the machine's own
 //! network namespace, and an interrupt at any point tears down what was built.
 use std::{
@@ -17,13 +17,15 @@ use std::{
 use anyhow::{Result, bail};
 use overlay_tests::{
     agent::agent_binary,
-    cluster::{Host, PREFIX},
+    cluster::{Host, PREFIX, underlay_ipv6},
+    ipv6::{BBOX1_V6, BBOX2_V6},
     netns::{Netns, run},
     seed::{BBOX2, Container, Seed},
 };
 
 const OUTSIDE: &str = "172.20.62.200";
 const BBOX3: &str = "10.2.41.3";
+const BBOX3_V6: &str = "fd00:2:0:41::3";
 
 /// What the demo leaves standing while the user looks around.
 struct Demo {
@@ -99,17 +101,19 @@ fn check_interrupt(interrupted: &AtomicBool) -> Result<()> {
 
 fn build(interrupted: &AtomicBool) -> Result<Demo> {
     println!(
-        "Building the seed's world in network namespaces: an underlay with etcd, host1 (172.20.62.104)"
+        "Building the seed's world in network namespaces: an underlay with etcd, host1 (172.20.62.104,"
     );
     println!(
-        "and host2 (172.20.62.105) running overlay-agent in ebpf mode, bbox1 and bbox3 on host1,"
+        "fd00:ff::104) and host2 (172.20.62.105, fd00:ff::105) running overlay-agent in ebpf mode in a"
     );
     println!(
-        "bbox2 on host2, and an outside host (172.20.62.200). The subnets come from reservations."
+        "dual-stack network, bbox1 and bbox3 on host1, bbox2 on host2, and an outside host (172.20.62.200,"
     );
-    let mut seed = Seed::start("demo", &["--ip-masq"])?;
+    println!("fd00:ff::200). The subnets come from reservations.");
+    let masquerade: &[&str] = &["--ip-masq"];
+    let mut seed = Seed::start_dual_stack("demo", [masquerade, masquerade])?;
     check_interrupt(interrupted)?;
-    let bbox3 = Container::attach(&seed.host1, "bbox3", BBOX3)?;
+    let bbox3 = Container::attach_dual_stack(&seed.host1, "bbox3", BBOX3, BBOX3_V6)?;
     let outside = seed.cluster.add_host("outside", OUTSIDE)?;
     check_interrupt(interrupted)?;
     Ok(Demo {
@@ -139,8 +143,9 @@ fn show(demo: &Demo) -> Result<()> {
         .etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets")])?;
     print!("{records}");
     check(
-        "both hosts hold a vxlan lease",
-        records.matches("\"BackendType\":\"vxlan\"").count() == 2,
+        "both hosts hold a vxlan lease of each family",
+        records.matches("\"BackendType\":\"vxlan\"").count() == 2
+            && records.matches("\"BackendV6Data\"").count() == 2,
     );
 
     step("host1's routes (ip r): its own subnet on docker0, host2's via flannel.1:");
@@ -160,14 +165,9 @@ fn show(demo: &Demo) -> Result<()> {
         &seed.bbox1.netns,
         &["traceroute", "-n", "-q", "1", "-w", "2", BBOX2],
     )?;
-    let hops: Vec<&str> = trace
-        .lines()
-        .skip(1)
-        .filter_map(|line| line.split_whitespace().nth(1))
-        .collect();
     check(
         "hops 10.2.41.1, 10.2.54.0, 10.2.54.2",
-        hops == ["10.2.41.1", "10.2.54.0", "10.2.54.2"],
+        hops_of(&trace) == ["10.2.41.1", "10.2.54.0", "10.2.54.2"],
     );
 
     step("bbox1 pings bbox3 (10.2.41.3) on the same host, straight through docker0:");
@@ -185,6 +185,49 @@ fn show(demo: &Demo) -> Result<()> {
         "the outside host answers",
         outside.contains(" 0% packet loss"),
     );
+
+    step("Now over IPv6. host1's IPv6 routes (ip -6 r): host2's subnet via flannel-v6.1:");
+    print!("{}", seed.host1.netns.ip(&["-6", "route"])?);
+    step(&format!(
+        "bbox1 ({BBOX1_V6}) pings bbox2 ({BBOX2_V6}): ping -6 -c 2 {BBOX2_V6}"
+    ));
+    let ping6 = shown(
+        &seed.bbox1.netns,
+        &["ping", "-6", "-n", "-c", "2", BBOX2_V6],
+    )?;
+    check(
+        "two replies with hop limit 62",
+        ping6.matches("ttl=62").count() == 2,
+    );
+    step(&format!(
+        "The path: traceroute -6 -n {BBOX2_V6} (docker0 on host1, flannel-v6.1 on host2, bbox2):"
+    ));
+    let trace6 = shown(
+        &seed.bbox1.netns,
+        &["traceroute", "-6", "-n", "-q", "1", "-w", "2", BBOX2_V6],
+    )?;
+    check(
+        "hops fd00:2:0:41::1, fd00:2:0:54::, fd00:2:0:54::2",
+        hops_of(&trace6) == ["fd00:2:0:41::1", "fd00:2:0:54::", BBOX2_V6],
+    );
+    step(&format!("bbox1 pings bbox3 ({BBOX3_V6}) through docker0:"));
+    let local6 = shown(
+        &seed.bbox1.netns,
+        &["ping", "-6", "-n", "-c", "2", BBOX3_V6],
+    )?;
+    check(
+        "two replies with hop limit 64",
+        local6.matches("ttl=64").count() == 2,
+    );
+    let outside6 = underlay_ipv6(OUTSIDE);
+    step(&format!(
+        "bbox1 reaches the outside host {outside6} through NAT:"
+    ));
+    let nat6 = shown(
+        &seed.bbox1.netns,
+        &["ping", "-6", "-n", "-c", "2", &outside6],
+    )?;
+    check("the outside host answers", nat6.contains(" 0% packet loss"));
 
     step(
         "host1's subnet map, which the tc programs read to encapsulate (bpftool map dump pinned .../subnets):",
@@ -229,6 +272,15 @@ fn wait_for_interrupt(demo: &Demo, interrupted: &AtomicBool) {
     while !interrupted.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The address of each hop traceroute printed.
+fn hops_of(trace: &str) -> Vec<&str> {
+    trace
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .collect()
 }
 
 fn step(text: &str) {
