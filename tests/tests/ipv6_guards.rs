@@ -228,15 +228,27 @@ fn a_container_sends_ipv6_only_from_its_host_s_ipv6_lease() -> Result<()> {
     Ok(())
 }
 
+/// In a network without IPv6 the agent gives the programs no IPv6 lease and no IPv6 tunnel
+/// address: IPv6 is not the overlay's, and goes on unchecked.
 #[test]
-fn without_an_ipv6_lease_a_container_s_ipv6_source_is_not_ours_to_check() -> Result<()> {
+fn without_ipv6_in_the_network_ipv6_is_not_ours_to_check() -> Result<()> {
     let mut config = HOST1.config(1, 8472);
     config.flags &= !CONFIG_IPV6;
+    config.public_ipv6 = [0; 16];
     let dataplane = dataplane_with(config, &[&HOST2])?;
     let outside = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let outcome = run_container(&dataplane, &echo_request_from(outside))?;
     assert_eq!(outcome.verdict, TC_ACT_OK);
     outcome.assert_uncounted();
+    for hook in UplinkHook::ALL {
+        let outcome = run_uplink(
+            hook,
+            &dataplane,
+            &with_address(V6_OUTER_IP + 24, HOST1_IPV6),
+        )?;
+        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(outcome.mark, 0, "{hook:?}");
+    }
     Ok(())
 }
 
