@@ -164,6 +164,24 @@ impl Agent {
         self.process.log()
     }
 
+    /// Fails unless the agent still runs and has warned that it skips the record of each of
+    /// `names` (keys under `<prefix>/subnets/`).
+    pub fn ensure_running_and_skipping(&mut self, names: &[&str]) -> Result<()> {
+        ensure!(
+            self.process.try_exit_status()?.is_none(),
+            "the agent exited:\n{}",
+            self.log()
+        );
+        let log = self.log();
+        for name in names {
+            ensure!(
+                log.contains(&format!("skipping record {PREFIX}/subnets/{name}")),
+                "no warning names {name}:\n{log}"
+            );
+        }
+        Ok(())
+    }
+
     /// What GET `path` on this agent's health port answers; `None` while nothing answers.
     pub fn health(&self, path: &str) -> Result<Option<Answer>> {
         let port = self

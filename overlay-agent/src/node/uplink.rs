@@ -290,14 +290,7 @@ async fn ipv6_address(
     index: u32,
     wanted: Option<Ipv6Addr>,
 ) -> Result<Option<Ipv6Addr>> {
-    let messages: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list the uplink's addresses")?;
+    let messages = super::links::addresses_of(handle, index).await?;
     let mut candidates: Vec<(Ipv6Addr, AddressFlags)> = messages
         .into_iter()
         .filter_map(|message| {
