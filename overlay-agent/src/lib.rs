@@ -86,10 +86,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
-    let tunnel_ipv6 = tunnel_ipv6(&netlink, &options, &config, &uplink).await?;
     let public = PublicAddresses {
         ipv4: public_ipv4(&options, &config, &uplink)?,
-        ipv6: tunnel_ipv6.map(|local| options.public_ipv6.unwrap_or(local)),
+        ipv6: public_ipv6(&options, &config, &uplink)?,
     };
     let manager = LeaseManager {
         registry: registry.clone(),
@@ -123,7 +122,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         &options,
         &config,
         &uplink,
-        tunnel_ipv6,
         &lease,
         &metrics,
     )
@@ -221,10 +219,9 @@ fn public_ipv4(
     Ok(public_ip)
 }
 
-/// With IPv6 in the network, the tunnel's IPv6 source: the uplink's address as flannel
-/// picks it (`--public-ipv6` when the uplink holds it).
-async fn tunnel_ipv6(
-    netlink: &Handle,
+/// With IPv6 in the network, the PublicIPv6 of our record: `--public-ipv6`, else the
+/// uplink's IPv6 address, which the IPv6 tunnel leaves from either way.
+fn public_ipv6(
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
@@ -232,21 +229,16 @@ async fn tunnel_ipv6(
     if config.ipv6.is_none() {
         return Ok(None);
     }
-    let local = node::uplink::ipv6_address(netlink, uplink.index, options.public_ipv6)
-        .await?
-        .with_context(|| {
-            format!(
-                "network config: EnableIPv6 is true, but the uplink {} has no usable IPv6 \
-                 address for flannel-v6.{}",
-                uplink.name, config.backend.vni
-            )
-        })?;
-    log::info!(
-        "uplink {} IPv6 {local}, public IPv6 {}",
-        uplink.name,
-        options.public_ipv6.unwrap_or(local)
-    );
-    Ok(Some(local))
+    let local = uplink.ipv6.with_context(|| {
+        format!(
+            "network config: EnableIPv6 is true, but the uplink {} has no usable IPv6 address \
+             for flannel-v6.{}",
+            uplink.name, config.backend.vni
+        )
+    })?;
+    let public_ipv6 = options.public_ipv6.unwrap_or(local);
+    log::info!("uplink IPv6 {local}, public IPv6 {public_ipv6}");
+    Ok(Some(public_ipv6))
 }
 
 /// flannel's forward and masquerade rules for our `subnet`, where `EnableNFTables` says.
@@ -281,6 +273,7 @@ fn uplink_choice(options: &AgentOptions) -> node::uplink::Choice<'_> {
         regexes: &options.iface_regex,
         can_reach: options.iface_can_reach,
         public_ip: options.public_ip,
+        public_ipv6: options.public_ipv6,
     }
 }
 
@@ -293,14 +286,12 @@ fn notify_systemd_ready() {
 }
 
 /// The reconciler for our `lease`, with the eBPF dataplane loaded in ebpf mode.
-#[allow(clippy::too_many_arguments)]
 async fn reconciler(
     dataplane: Option<Dataplane>,
     netlink: Handle,
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
-    tunnel_ipv6: Option<Ipv6Addr>,
     lease: &Lease,
     metrics: &Metrics,
 ) -> Result<Reconciler> {
@@ -344,7 +335,7 @@ async fn reconciler(
         config.ipv6,
         lease.ipv6_subnet,
         lease.attrs.vtep_mac_v6(),
-        tunnel_ipv6,
+        uplink.ipv6,
     ) {
         (Some(range), Some(subnet), Some(mac), Some(local)) => Some(FamilySettings {
             vtep: vtep_spec(
@@ -357,6 +348,11 @@ async fn reconciler(
             network: range.network,
         }),
         _ => None,
+    };
+    // The IPv6 lease counts where this host carries IPv6.
+    let subnets = LeaseSubnets {
+        ipv4: lease.subnet,
+        ipv6: ipv6.as_ref().map(|family| family.subnet),
     };
     let settings = NodeSettings {
         bridge: options.bridge.clone(),
@@ -375,7 +371,7 @@ async fn reconciler(
         NodeNetwork::new(netlink, settings),
         ebpf,
         rules,
-        lease.subnet,
+        subnets,
         metrics.reconcile.clone(),
     ))
 }
@@ -439,6 +435,12 @@ async fn ebpf_sink(
                 .address
                 .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
                 .octets(),
+            // VXLAN over IPv6 comes to the tunnel's source, flannel-v6.<VNI>'s local address;
+            // in a network without IPv6 none is ours, and all of it passes unchecked.
+            public_ipv6: config
+                .ipv6
+                .and(uplink.ipv6)
+                .map_or([0; 16], |address| address.octets()),
             vtep_mac: vtep_mac.0,
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,
@@ -492,13 +494,7 @@ async fn lease_owner(
     subnets: LeaseSubnets,
 ) -> Result<PublicAddresses> {
     let uplink = node::uplink::find(netlink, uplink_choice(options)).await?;
-    let ipv6 = match subnets.ipv6 {
-        None => None,
-        Some(_) => match options.public_ipv6 {
-            Some(public_ipv6) => Some(public_ipv6),
-            None => node::uplink::ipv6_address(netlink, uplink.index, None).await?,
-        },
-    };
+    let ipv6 = subnets.ipv6.and(options.public_ipv6.or(uplink.ipv6));
     let ipv4 = if subnets.ipv4.prefix() == 0 {
         Ipv4Addr::UNSPECIFIED
     } else {

@@ -1,7 +1,11 @@
 //! `overlay-agent monitor`: one line per packet the programs drop, with the reason, the
 //! interface, and the outer and inner addresses, ports and protocols, as `cilium monitor
 //! --type drop` shows them. The programs report drops only while a monitor runs.
-use std::{collections::HashMap, io::Write as _, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use anyhow::{Context, Result};
 use overlay_common::{Counter, DROP_HEAD_LEN, DropEvent};
@@ -11,6 +15,10 @@ use crate::{dataplane::pins::PinnedDataplane, node::links, options::AgentOptions
 
 const ETH_HEADER_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HEADER_LEN: usize = 40;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const UDP_HEADER_LEN: usize = 8;
@@ -82,19 +90,19 @@ fn describe(event: &DropEvent, vxlan_port: u16, names: &HashMap<u32, String>) ->
         Some(outer) => match outer.vxlan_payload(captured, vxlan_port) {
             Some(inner) => match Flow::of_frame(inner) {
                 Some(inner) => format!("{outer} | {inner}"),
-                None => format!("{outer} | inner: no whole IPv4 header"),
+                None => format!("{outer} | inner: no whole IP header"),
             },
             None => outer.to_string(),
         },
-        None => "no whole IPv4 header".to_string(),
+        None => "no whole IP header".to_string(),
     };
     format!("{reason} on {interface}: {packet} ({} bytes)", event.len)
 }
 
-/// An IPv4 packet's addresses, protocol and, for TCP and UDP, ports.
+/// An IP packet's addresses, protocol (IPv6: the next header) and, for TCP and UDP, ports.
 struct Flow {
-    source: Ipv4Addr,
-    destination: Ipv4Addr,
+    source: IpAddr,
+    destination: IpAddr,
     protocol: u8,
     ports: Option<(u16, u16)>,
     /// Where the transport header starts in the frame.
@@ -102,20 +110,26 @@ struct Flow {
 }
 
 impl Flow {
-    /// The flow of an Ethernet frame carrying IPv4, as far as `frame` holds it.
+    /// The flow of an Ethernet frame carrying IPv4 or IPv6 (no extension headers), as far as
+    /// `frame` holds it.
     fn of_frame(frame: &[u8]) -> Option<Flow> {
         let ether_type = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
-        if ether_type != ETH_P_IPV4 {
-            return None;
-        }
         let ip = frame.get(ETH_HEADER_LEN..)?;
-        let header_len = usize::from(ip.first()? & 0x0f) * 4;
-        let address = |offset: usize| -> Option<Ipv4Addr> {
-            Some(Ipv4Addr::from(
-                <[u8; 4]>::try_from(ip.get(offset..offset + 4)?).ok()?,
-            ))
+        let (header_len, protocol, source, destination) = match ether_type {
+            ETH_P_IPV4 => (
+                usize::from(ip.first()? & 0x0f) * 4,
+                *ip.get(9)?,
+                IpAddr::from(<[u8; 4]>::try_from(ip.get(12..16)?).ok()?),
+                IpAddr::from(<[u8; 4]>::try_from(ip.get(16..20)?).ok()?),
+            ),
+            ETH_P_IPV6 => (
+                IPV6_HEADER_LEN,
+                *ip.get(6)?,
+                IpAddr::from(<[u8; 16]>::try_from(ip.get(8..24)?).ok()?),
+                IpAddr::from(<[u8; 16]>::try_from(ip.get(24..40)?).ok()?),
+            ),
+            _ => return None,
         };
-        let protocol = *ip.get(9)?;
         let transport = ETH_HEADER_LEN + header_len;
         let ports = matches!(protocol, IPPROTO_TCP | IPPROTO_UDP)
             .then(|| {
@@ -131,8 +145,8 @@ impl Flow {
             })
             .flatten();
         Some(Flow {
-            source: address(12)?,
-            destination: address(16)?,
+            source,
+            destination,
             protocol,
             ports,
             transport,
@@ -153,14 +167,16 @@ impl std::fmt::Display for Flow {
         let protocol = match self.protocol {
             IPPROTO_TCP => "tcp".to_string(),
             IPPROTO_UDP => "udp".to_string(),
-            1 => "icmp".to_string(),
+            IPPROTO_ICMP => "icmp".to_string(),
+            IPPROTO_ICMPV6 => "icmp6".to_string(),
             other => format!("proto {other}"),
         };
         match self.ports {
             Some((source_port, destination_port)) => write!(
                 f,
-                "{}:{source_port} -> {}:{destination_port} {protocol}",
-                self.source, self.destination
+                "{} -> {} {protocol}",
+                SocketAddr::new(self.source, source_port),
+                SocketAddr::new(self.destination, destination_port)
             ),
             None => write!(f, "{} -> {} {protocol}", self.source, self.destination),
         }
@@ -169,6 +185,8 @@ impl std::fmt::Display for Flow {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
 
     /// Ethernet + IPv4 (no options) + the first bytes of `transport`.
@@ -239,7 +257,51 @@ mod tests {
         let cut = event(Counter::RxMalformed, &ping[..20]);
         assert_eq!(
             describe(&cut, 8472, &names()),
-            "rx_malformed on eth0: no whole IPv4 header (20 bytes)"
+            "rx_malformed on eth0: no whole IP header (20 bytes)"
+        );
+    }
+
+    /// Ethernet + IPv6 + the first bytes of `transport`.
+    fn frame6(source: &str, destination: &str, next_header: u8, transport: &[u8]) -> Vec<u8> {
+        let address = |text: &str| text.parse::<Ipv6Addr>().expect("address").octets();
+        let mut frame = vec![0; 12];
+        frame.extend(ETH_P_IPV6.to_be_bytes());
+        frame.extend([0x60, 0, 0, 0, 0, 0, next_header, 64]);
+        frame.extend(address(source));
+        frame.extend(address(destination));
+        frame.extend(transport);
+        frame
+    }
+
+    #[test]
+    fn a_dropped_frame_of_vxlan_over_ipv6_shows_both_flows() {
+        let inner = frame6(
+            "fd00:2:0:41::9",
+            "fd00:2:0:54::2",
+            IPPROTO_UDP,
+            &[0x8c, 0xa0, 0x14, 0x51],
+        );
+        let mut udp_and_vxlan = vec![0xa0, 0x00, 0x21, 0x18, 0, 0, 0, 0];
+        udp_and_vxlan.extend([0x08, 0, 0, 0, 0, 0, 1, 0]);
+        udp_and_vxlan.extend(&inner);
+        let outer = frame6("fd00:ff::66", "fd00:ff::105", IPPROTO_UDP, &udp_and_vxlan);
+        assert_eq!(
+            describe(&event(Counter::RxIpv6NonMember, &outer), 8472, &names()),
+            format!(
+                "rx_ipv6_non_member on eth0: [fd00:ff::66]:40960 -> [fd00:ff::105]:8472 udp | \
+                 [fd00:2:0:41::9]:36000 -> [fd00:2:0:54::2]:5201 udp ({} bytes)",
+                outer.len()
+            )
+        );
+        let ping = frame6(
+            "fd00:2:0:41::9",
+            "fd00:2:0:54::2",
+            IPPROTO_ICMPV6,
+            &[128, 0],
+        );
+        assert!(
+            describe(&event(Counter::TxIpv6SpoofedSource, &ping), 8472, &names())
+                .contains("fd00:2:0:41::9 -> fd00:2:0:54::2 icmp6")
         );
     }
 

@@ -1,13 +1,13 @@
 //! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
 //! attached programs and the counters, read from the subnet file, etcd and the pins.
-use std::{collections::HashMap, fmt::Write as _, time::Duration};
+use std::{collections::HashMap, fmt::Write as _, net::Ipv6Addr, time::Duration};
 
 use anyhow::{Context, Result};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{Counter, RemoteVtep};
 
 use crate::{
-    dataplane::{SUBNETS_MAP, VTEPS_MAP, pins::PinnedDataplane},
+    dataplane::{SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP, pins::PinnedDataplane},
     mac::MacAddr,
     node::links,
     options::AgentOptions,
@@ -35,7 +35,8 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     }
     let pinned = PinnedDataplane::open(&options.pin_dir()?)?;
     let mut entries = pinned.subnet_entries()?;
-    let leases = write_remote_leases(&mut out, options, &mut entries).await?;
+    let ipv6_entries = pinned.ipv6_vtep_entries()?;
+    let leases = write_remote_leases(&mut out, options, &mut entries, &ipv6_entries).await?;
     let mut stale: Vec<_> = entries.into_iter().collect();
     stale.sort_by_key(|(subnet, _)| *subnet);
     for (subnet, remote) in stale {
@@ -62,12 +63,14 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     Ok(out)
 }
 
-/// Every remote lease next to its map entry (taken out of `entries`), and every record
-/// skipped with why; returns the leases, unless etcd could not tell them.
+/// Every remote lease next to its map entries (its subnet entry taken out of `entries`, its
+/// IPv6 VTEP entry looked up in `ipv6_entries`), and every record skipped with why; returns
+/// the leases, unless etcd could not tell them.
 async fn write_remote_leases(
     out: &mut String,
     options: &AgentOptions,
     entries: &mut HashMap<Ipv4Network, RemoteVtep>,
+    ipv6_entries: &HashMap<Ipv6Addr, Ipv6Network>,
 ) -> Result<Option<Vec<Lease>>> {
     let (leases, skipped) = match tokio::time::timeout(ETCD_TIMEOUT, remote_leases(options)).await {
         Ok(Ok(found)) => found,
@@ -86,7 +89,7 @@ async fn write_remote_leases(
     writeln!(out, "remote leases ({}):", leases.len())?;
     for lease in &leases {
         let entry = entries.remove(&lease.subnet);
-        writeln!(out, "  {}", describe(lease, entry))?;
+        writeln!(out, "  {}", describe(lease, entry, ipv6_entries))?;
     }
     writeln!(out, "skipped records ({}):", skipped.len())?;
     for (key, error) in &skipped {
@@ -123,6 +126,7 @@ async fn remote_leases(options: &AgentOptions) -> Result<(Vec<Lease>, Vec<(Strin
 fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease]) -> Result<()> {
     let subnets = pinned.subnet_entries()?;
     let vteps = pinned.vtep_addresses()?;
+    let vteps6 = pinned.ipv6_vtep_entries()?;
     let full: Vec<_> = pinned
         .occupancy()?
         .into_iter()
@@ -131,6 +135,10 @@ fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease])
             let lacks = |lease: &&Lease| match map.name {
                 SUBNETS_MAP => !subnets.contains_key(&lease.subnet),
                 VTEPS_MAP => !vteps.contains(&lease.attrs.public_ip),
+                VTEPS6_MAP => lease
+                    .attrs
+                    .public_ipv6
+                    .is_some_and(|address| !vteps6.contains_key(&address)),
                 _ => false,
             };
             let missing = leases.iter().filter(lacks).count();
@@ -152,7 +160,11 @@ fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease])
     Ok(())
 }
 
-fn describe(lease: &Lease, entry: Option<RemoteVtep>) -> String {
+fn describe(
+    lease: &Lease,
+    entry: Option<RemoteVtep>,
+    ipv6_entries: &HashMap<Ipv6Addr, Ipv6Network>,
+) -> String {
     let vtep = lease
         .attrs
         .vtep_mac()
@@ -170,7 +182,14 @@ fn describe(lease: &Lease, entry: Option<RemoteVtep>) -> String {
     };
     let ipv6 = lease
         .ipv6_peer()
-        .map(|(subnet, address, mac)| format!("; {subnet} via {address} (VTEP {mac})"))
+        .map(|(subnet, address, mac)| {
+            let state = match ipv6_entries.get(&address) {
+                None => "MISSING from the IPv6 map".to_string(),
+                Some(entry) if *entry == subnet => format!("map {entry}"),
+                Some(entry) => format!("map {entry} DIFFERS"),
+            };
+            format!("; {subnet} via {address} (VTEP {mac}): {state}")
+        })
         .unwrap_or_default();
     format!(
         "{} via {} (VTEP {vtep}): {state}{ipv6}",

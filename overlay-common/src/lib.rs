@@ -51,6 +51,15 @@ pub struct OverlayConfig {
     /// The bridge's own address in the lease, the containers' gateway: no container may
     /// claim it.
     pub bridge_ip: [u8; 4],
+    /// The outer destination of VXLAN over IPv6 for this host: the uplink's IPv6 address,
+    /// flannel-v6.<VNI>'s tunnel source (all zero without IPv6).
+    pub public_ipv6: [u8; 16],
+    /// This host's IPv6 lease, with `CONFIG_IPV6` (network order): the global addresses its
+    /// containers may send from.
+    pub local_subnet6: [u8; 16],
+    pub local_netmask6: [u8; 16],
+    /// The bridge's own IPv6 address in the lease, the containers' gateway.
+    pub bridge_ipv6: [u8; 16],
 }
 
 /// [`OverlayConfig::flags`]: the network config's `DirectRouting` is on, so peers on our
@@ -60,6 +69,9 @@ pub const CONFIG_DIRECT_ROUTING: u16 = 1;
 /// container's veth (`--fast-path`); without it, the container program only checks what
 /// containers send.
 pub const CONFIG_FAST_PATH: u16 = 2;
+/// [`OverlayConfig::flags`]: the network has IPv6 and this host an IPv6 lease, so the
+/// containers' IPv6 sources are checked against `local_subnet6`.
+pub const CONFIG_IPV6: u16 = 4;
 
 /// The `skb->mark` bit the uplink program sets on VXLAN it checked and hands to the VXLAN
 /// device, decapsulated or for its socket. The VXLAN device's ingress program lets through
@@ -76,6 +88,10 @@ impl OverlayConfig {
 
     pub const fn fast_path(&self) -> bool {
         self.flags & CONFIG_FAST_PATH != 0
+    }
+
+    pub const fn ipv6(&self) -> bool {
+        self.flags & CONFIG_IPV6 != 0
     }
 }
 
@@ -110,6 +126,68 @@ pub struct VtepSubnet {
     /// The subnet's network address.
     pub subnet: [u8; 4],
     pub prefix_len: u32,
+}
+
+/// Value of the IPv6 VTEP map (keyed by a remote host's PublicIPv6): the IPv6 subnet that
+/// host leases, the only inner source its VXLAN over IPv6 may carry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtepSubnet6 {
+    /// The subnet's network address.
+    pub subnet: [u8; 16],
+    pub prefix_len: u32,
+}
+
+impl VtepSubnet6 {
+    /// Whether `address` lies in the subnet.
+    #[inline(always)]
+    pub fn contains(&self, address: &[u8; 16]) -> bool {
+        ipv6_in_subnet(address, &self.subnet, &ipv6_netmask(self.prefix_len))
+    }
+}
+
+/// The netmask of an IPv6 prefix of `prefix_len` bits (network order); beyond 128, all ones.
+#[inline(always)]
+pub fn ipv6_netmask(prefix_len: u32) -> [u8; 16] {
+    let high = prefix_mask(prefix_len);
+    let low = prefix_mask(prefix_len.saturating_sub(64));
+    join_halves(high, low)
+}
+
+/// Whether `address` lies in the subnet `network`/`netmask` (all network order).
+#[inline(always)]
+pub fn ipv6_in_subnet(address: &[u8; 16], network: &[u8; 16], netmask: &[u8; 16]) -> bool {
+    // In 64-bit halves: the BPF target has no 128-bit shifts, and two words beat 16 bytes.
+    let (address_high, address_low) = halves(address);
+    let (network_high, network_low) = halves(network);
+    let (mask_high, mask_low) = halves(netmask);
+    address_high & mask_high == network_high && address_low & mask_low == network_low
+}
+
+/// The 64-bit mask of the first `bits` bits (64 and more: all ones).
+#[inline(always)]
+fn prefix_mask(bits: u32) -> u64 {
+    match bits {
+        0 => 0,
+        1..=63 => u64::MAX << (64 - bits),
+        _ => u64::MAX,
+    }
+}
+
+#[inline(always)]
+fn halves(bytes: &[u8; 16]) -> (u64, u64) {
+    let [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p] = *bytes;
+    (
+        u64::from_be_bytes([a, b, c, d, e, f, g, h]),
+        u64::from_be_bytes([i, j, k, l, m, n, o, p]),
+    )
+}
+
+#[inline(always)]
+fn join_halves(high: u64, low: u64) -> [u8; 16] {
+    let [a, b, c, d, e, f, g, h] = high.to_be_bytes();
+    let [i, j, k, l, m, n, o, p] = low.to_be_bytes();
+    [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
 }
 
 /// Value of the endpoint map (keyed by a local container's IPv4 address): where to deliver
@@ -269,14 +347,18 @@ macro_rules! define_counters {
 }
 
 define_counters! {
-    /// Uplink frame that is not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed.
-    rx_not_ipv4 => RxNotIpv4: Pass,
-    /// Uplink IPv4 packet that is not UDP: passed.
+    /// Uplink frame that is neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): passed.
+    rx_not_ip => RxNotIp: Pass,
+    /// Uplink IP packet that is not UDP, or IPv6 whose UDP header follows an extension header
+    /// other than one fragment header: passed (unchecked: should the stack find VXLAN behind
+    /// the extension headers, flannel-v6's guard drops it, see `rx_unchecked_vxlan`).
     rx_not_udp => RxNotUdp: Pass,
     /// Uplink IPv4 fragment after the first: passed, only the stack can reassemble it (the
     /// reassembled packet carries the first fragment's mark, see `rx_checked`).
     rx_ipv4_fragment => RxIpv4Fragment: Pass,
-    /// Uplink UDP datagram to a port other than the VXLAN port: passed.
+    /// Uplink IPv6 fragment after the first: passed, as `rx_ipv4_fragment`.
+    rx_ipv6_fragment => RxIpv6Fragment: Pass,
+    /// Uplink UDP datagram (IPv4 or IPv6) to a port other than the VXLAN port: passed.
     rx_other_port => RxOtherPort: Pass,
     /// Uplink VXLAN frame carrying another VNI: passed.
     rx_vxlan_foreign_vni => RxVxlanForeignVni: Pass,
@@ -295,17 +377,23 @@ define_counters! {
     /// Uplink VXLAN frame decapsulated and put straight into the destination container.
     rx_delivered => RxDelivered: Redirect,
     /// Uplink VXLAN frame from a peer that passed every check, handed on still encapsulated:
-    /// at the XDP hook, to the tc program behind it; at tc, a first fragment or a frame with
-    /// a UDP checksum, marked for the VXLAN device's own socket (the kernel reassembles and
-    /// verifies the checksum before it decapsulates).
+    /// at the XDP hook, to the tc program behind it; at tc, a first fragment, a frame with a
+    /// UDP checksum or VXLAN over IPv6, marked for the VXLAN device's own socket (the kernel
+    /// reassembles, verifies the checksum and decapsulates; IPv6 is always the kernel's).
     rx_checked => RxChecked: Pass,
     /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
     rx_unknown_vtep => RxUnknownVtep: Drop,
     /// Uplink VXLAN frame whose inner source lies outside the sender's subnet and is not the
     /// sender's PublicIP: dropped.
     rx_spoofed_source => RxSpoofedSource: Drop,
-    /// Uplink VXLAN frame carrying something other than IPv4: dropped.
-    rx_inner_not_ipv4 => RxInnerNotIpv4: Drop,
+    /// Uplink VXLAN frame carrying something other than IP of its outer header's family
+    /// (IPv4 in VXLAN over IPv4, IPv6 in VXLAN over IPv6): dropped.
+    rx_inner_other_family => RxInnerOtherFamily: Drop,
+    /// Uplink VXLAN over IPv6 whose outer source is no current lease's PublicIPv6: dropped.
+    rx_ipv6_non_member => RxIpv6NonMember: Drop,
+    /// Uplink VXLAN over IPv6 whose inner IPv6 source lies outside the IPv6 subnet the
+    /// sender leases: dropped.
+    rx_ipv6_spoofed_inner => RxIpv6SpoofedInner: Drop,
     /// Uplink VXLAN frame whose outer header says congestion (ECN CE) for an inner packet
     /// that is not ECN-capable: dropped, as RFC 6040 and the kernel do.
     rx_ce_not_ect => RxCeNotEct: Drop,
@@ -314,9 +402,10 @@ define_counters! {
     rx_malformed => RxMalformed: Drop,
     /// Uplink VXLAN frame the kernel would not let us strip or pass on: dropped.
     rx_error => RxError: Drop,
-    /// Packet the VXLAN device's own socket decapsulated that no uplink program checked:
-    /// VXLAN that arrived on another interface, from a local sender or a container, or
-    /// reassembled from fragments whose first one was not checked: dropped.
+    /// Packet a VXLAN device's own socket (flannel.<VNI>'s or flannel-v6.<VNI>'s)
+    /// decapsulated that no uplink program checked: VXLAN that arrived on another interface,
+    /// from a local sender or a container, behind IPv6 extension headers, or reassembled from
+    /// fragments whose first one was not checked: dropped.
     rx_unchecked_vxlan => RxUncheckedVxlan: Drop,
     /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
     tx_encapsulated => TxEncapsulated: Redirect,
@@ -342,8 +431,8 @@ define_counters! {
     /// Packet whose encapsulation would exceed IPv4's 65,535 bytes (a BIG TCP superpacket):
     /// dropped, never truncated.
     tx_too_big => TxTooBig: Drop,
-    /// UDP from a container to the VXLAN port: dropped, so that no workload can send VXLAN
-    /// that masquerade would make look like this host's.
+    /// UDP (over IPv4 or IPv6) from a container to the VXLAN port: dropped, so that no
+    /// workload can send VXLAN that masquerade would make look like this host's.
     tx_vxlan_from_container => TxVxlanFromContainer: Drop,
     /// Frame from a container whose IPv4 source or ARP sender address is outside this host's
     /// lease, is the host's own (the bridge's, the lease's network or broadcast address), or
@@ -352,6 +441,11 @@ define_counters! {
     /// Frame from a container whose source MAC is bound to another container port, is the
     /// bridge's or a group address, or differs from its ARP sender's: dropped.
     tx_spoofed_mac => TxSpoofedMac: Drop,
+    /// IPv6 from a container whose source is neither in this host's IPv6 lease (and not the
+    /// host's own: the bridge's or the lease's network address), nor link-local, nor
+    /// unspecified (duplicate address detection): dropped. Checked only in a network with
+    /// IPv6.
+    tx_ipv6_spoofed_source => TxIpv6SpoofedSource: Drop,
 }
 
 impl Counter {
@@ -384,6 +478,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::RemoteVtep {}
     unsafe impl aya::Pod for super::VtepSubnet {}
+    unsafe impl aya::Pod for super::VtepSubnet6 {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::FlowKey {}
@@ -422,6 +517,46 @@ mod tests {
             assert_eq!(Counter::from_index(counter as u32), Some(counter));
         }
         assert_eq!(Counter::from_index(Counter::ALL.len() as u32), None);
+    }
+
+    #[test]
+    fn an_ipv6_subnet_holds_exactly_its_addresses() {
+        let subnet = VtepSubnet6 {
+            subnet: [0xfd, 0, 0, 2, 0, 0, 0, 0x54, 0, 0, 0, 0, 0, 0, 0, 0],
+            prefix_len: 64,
+        };
+        let mut inside = subnet.subnet;
+        inside[15] = 2;
+        let mut outside = subnet.subnet;
+        outside[7] = 0x41;
+        assert!(subnet.contains(&inside) && subnet.contains(&subnet.subnet));
+        assert!(!subnet.contains(&outside));
+        // Prefixes inside the second half: the last bit of the prefix counts, the host bits
+        // after it do not.
+        for (prefix_len, last_prefix_bit, host_bits) in [(120, (14, 1), 0xff), (127, (15, 2), 1)] {
+            let narrow = VtepSubnet6 {
+                prefix_len,
+                ..subnet
+            };
+            let mut outside = subnet.subnet;
+            outside[last_prefix_bit.0] = last_prefix_bit.1;
+            let mut host = subnet.subnet;
+            host[15] = host_bits;
+            assert!(!narrow.contains(&outside), "/{prefix_len}");
+            assert!(narrow.contains(&host), "/{prefix_len}");
+        }
+        assert_eq!(ipv6_netmask(0), [0; 16]);
+        assert_eq!(ipv6_netmask(128), [0xff; 16]);
+        assert_eq!(
+            ipv6_netmask(65),
+            [
+                255, 255, 255, 255, 255, 255, 255, 255, 0x80, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        assert_eq!(
+            ipv6_netmask(10),
+            [255, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
     }
 
     #[test]

@@ -5,15 +5,19 @@
 //! agent's endpoint map, all learned from these frames, stay right. A container cannot send
 //! from outside this host's lease either, nor from the host's own addresses, nor to the VXLAN
 //! port, where masquerade would make its VXLAN look like this host's.
+//!
+//! IPv6 sources are checked against this host's IPv6 lease (in a network with IPv6), but not
+//! bound to a port: a container may send from any address of the lease, link-local ones, or
+//! none (duplicate address detection).
 use aya_ebpf::programs::TcContext;
 use core::mem::size_of;
-use overlay_common::{Counter, OverlayConfig};
+use overlay_common::{Counter, OverlayConfig, ipv6_in_subnet};
 
 use crate::{
     maps,
     parse::{
-        ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, Frame, IPPROTO_UDP, IPV4_NO_OPTIONS,
-        Ipv4Hdr, UdpHdr,
+        ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, EthIpv4Headers, Frame, Headers,
+        IPPROTO_UDP, IPV4_NO_OPTIONS, Ipv4Hdr, Ipv6Hdr, Ipv6Udp, UdpHdr, ipv6_udp,
     },
 };
 
@@ -23,6 +27,9 @@ const ARP_IPV4_LENGTHS: [u8; 2] = [6, 4];
 /// The IHL field counts 4-byte words.
 const IPV4_IHL_UNIT: usize = 4;
 const IPV4_IHL_MASK: u8 = 0x0f;
+/// fe80::/10, in the first 16 bits of an address.
+const IPV6_LINK_LOCAL: u16 = 0xfe80;
+const IPV6_LINK_LOCAL_MASK: u16 = 0xffc0;
 
 /// An Ethernet header and the start of an ARP message for IPv4 over Ethernet, up to the
 /// sender's addresses (the target's are of no concern here).
@@ -54,6 +61,7 @@ pub fn check_container_frame(
     match u16::from_be_bytes(eth.ether_type) {
         ETH_P_IPV4 => check_ipv4(ctx, frame, config, port),
         ETH_P_ARP => check_arp(frame, config, port),
+        ETH_P_IPV6 => check_ipv6(ctx, config),
         _ => Ok(()),
     }
 }
@@ -90,6 +98,40 @@ fn udp_destination(ctx: &TcContext, frame: &Frame, ip: &Ipv4Hdr) -> Option<u16> 
         ctx.load(offset).ok()?
     };
     Some(u16::from_be_bytes(udp.dst_port))
+}
+
+/// Reads through the helper: the IPv6 header may lie beyond the bytes pulled in for IPv4,
+/// and pulling more for every IPv4 frame is not free.
+#[inline(always)]
+fn check_ipv6(ctx: &TcContext, config: &OverlayConfig) -> Result<(), Counter> {
+    // A truncated header the stack throws away itself.
+    let Some(ip) = ctx.read::<Ipv6Hdr>(ETH_HEADER_LEN) else {
+        return Ok(());
+    };
+    if config.ipv6() && !may_send_from(&ip.src, config) {
+        return Err(Counter::TxIpv6SpoofedSource);
+    }
+    let udp = match ipv6_udp(ctx, &ip) {
+        Some(Ipv6Udp::At(udp)) => ctx.read::<UdpHdr>(udp.offset),
+        _ => None,
+    };
+    if udp.is_some_and(|udp| u16::from_be_bytes(udp.dst_port) == config.vxlan_port) {
+        return Err(Counter::TxVxlanFromContainer);
+    }
+    Ok(())
+}
+
+/// An IPv6 source a container may use: unspecified, link-local, or an address of this host's
+/// IPv6 lease that is not the host's own (the bridge's, the lease's network address).
+#[inline(always)]
+fn may_send_from(address: &[u8; 16], config: &OverlayConfig) -> bool {
+    let [first, second, ..] = *address;
+    let link_local = u16::from_be_bytes([first, second]) & IPV6_LINK_LOCAL_MASK == IPV6_LINK_LOCAL;
+    *address == [0; 16]
+        || link_local
+        || (ipv6_in_subnet(address, &config.local_subnet6, &config.local_netmask6)
+            && *address != config.local_subnet6
+            && *address != config.bridge_ipv6)
 }
 
 #[inline(always)]

@@ -14,13 +14,16 @@
 //!
 //! Both check the sender against the leases first. Each outcome is a counter whose declared
 //! verdict decides the action: what is not ours passes untouched, ours that fails a check is
-//! dropped.
+//! dropped. VXLAN over IPv6 gets the same checks (a lease's PublicIPv6, an inner source in its
+//! IPv6 subnet) and then goes on still encapsulated, marked, to flannel-v6.1's socket: the
+//! kernel decapsulates IPv6 in either mode.
 //!
-//! flannel.1 keeps its own VXLAN socket, which decapsulates whatever reaches UDP 8472 on any
-//! address: VXLAN from another interface or a local sender, and datagrams the stack reassembled
-//! from fragments. `tc_vtep_ingress`, on flannel.1's ingress, lets through only what carries
-//! `CHECKED_MARK`: what the uplink program checked and handed to flannel.1, decapsulated or (a
-//! first fragment, a frame with a UDP checksum to verify) for the socket.
+//! flannel.1 and flannel-v6.1 keep their own VXLAN sockets, which decapsulate whatever reaches
+//! UDP 8472 on any address: VXLAN from another interface or a local sender, and datagrams the
+//! stack reassembled from fragments. `tc_vtep_ingress`, on both devices' ingress, lets through
+//! only what carries `CHECKED_MARK`: what the uplink program checked and handed on,
+//! decapsulated or (a first fragment, a frame with a UDP checksum to verify, VXLAN over IPv6)
+//! for the socket.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, bpf_adj_room_mode,
@@ -36,22 +39,36 @@ use overlay_common::{CHECKED_MARK, Counter, LocalEndpoint, OverlayConfig};
 use crate::{
     maps,
     parse::{
-        ECN_CE, ECN_NOT_ECT, ETH_HEADER_LEN, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN, Frame,
-        IPV4_MAX_HEADER_LEN, TransportHead, UdpHdr, VxlanFrame, VxlanHdr, classify_vxlan, flow_of,
-        linear_frame,
+        ECN_CE, ECN_NOT_ECT, ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, EthIpv4Headers,
+        EthIpv6Headers, FLOW_HEADERS_LEN, Frame, IPV4_MAX_HEADER_LEN, Ipv6FragmentHdr,
+        TransportHead, UdpHdr, VxlanFrame, VxlanHdr, classify_ipv4_vxlan, classify_ipv6_vxlan,
+        flow_of, linear_frame,
     },
     routed::note_handed,
     verdict::{tc_act, xdp_act},
 };
 
-/// The most a VXLAN frame's headers can take up: outer Ethernet, IPv4 with options, UDP,
-/// VXLAN, inner Ethernet and IPv4, and the start of the inner transport header.
-const MAX_HEADERS_LEN: usize = ETH_HEADER_LEN
+/// The most a VXLAN frame over IPv4 can take up in headers: outer Ethernet, IPv4 with
+/// options, UDP, VXLAN, inner Ethernet and IPv4, and the start of the inner transport header.
+const IPV4_HEADERS_LEN: usize = ETH_HEADER_LEN
     + IPV4_MAX_HEADER_LEN
     + size_of::<UdpHdr>()
     + size_of::<VxlanHdr>()
     + size_of::<EthIpv4Headers>()
     + size_of::<TransportHead>();
+/// The same over IPv6: outer Ethernet and IPv6, a fragment header, UDP, VXLAN, inner Ethernet
+/// and IPv6.
+const IPV6_HEADERS_LEN: usize = size_of::<EthIpv6Headers>()
+    + size_of::<Ipv6FragmentHdr>()
+    + size_of::<UdpHdr>()
+    + size_of::<VxlanHdr>()
+    + size_of::<EthIpv6Headers>();
+/// What the checks may read of either family's frame.
+const MAX_HEADERS_LEN: usize = if IPV4_HEADERS_LEN > IPV6_HEADERS_LEN {
+    IPV4_HEADERS_LEN
+} else {
+    IPV6_HEADERS_LEN
+};
 
 #[classifier]
 pub fn tc_uplink_ingress(ctx: TcContext) -> i32 {
@@ -73,6 +90,7 @@ fn note_direct_arrival(ctx: &TcContext) {
     let frame = linear_frame(ctx, FLOW_HEADERS_LEN);
     let from_direct_peer = frame
         .header::<EthIpv4Headers>(0)
+        .filter(|headers| headers.eth.is_ipv4())
         .and_then(|headers| maps::remote_vtep(headers.ip.src))
         .is_some_and(|remote| remote.routes_directly());
     if from_direct_peer {
@@ -81,7 +99,8 @@ fn note_direct_arrival(ctx: &TcContext) {
     }
 }
 
-/// flannel.1's ingress: what its socket decapsulated without our checks goes no further.
+/// flannel.1's and flannel-v6.1's ingress: what their sockets decapsulated without our checks
+/// goes no further.
 #[classifier]
 pub fn tc_vtep_ingress(ctx: TcContext) -> i32 {
     // SAFETY: the context's skb is valid for the whole program run, and tc programs may
@@ -114,19 +133,52 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     )
 }
 
-/// A well-formed VXLAN frame for us, from a host holding a lease, carrying IPv4 from inside
-/// a subnet that host leases (it may hold more than one, re-leased or in two networks) or from
-/// the host's own PublicIP. The latter is what a reply looks like once that host's conntrack
-/// has undone a DNAT to its PublicIP (a published port); the host could send from that
-/// address without VXLAN anyway.
+/// A VXLAN frame from a peer that passed every check, by its outer header's family.
+enum PeerVxlan {
+    Ipv4(VxlanFrame),
+    /// The kernel decapsulates VXLAN over IPv6 (flannel-v6.<VNI>'s socket) in either mode.
+    Ipv6,
+}
+
+/// A well-formed VXLAN frame for us from a peer, over IPv4 or IPv6; `Err` names why not.
 #[inline(always)]
-fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
-    let vxlan = classify_vxlan(frame, config)?;
+fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<PeerVxlan, Counter> {
+    let eth: &EthHdr = frame.header(0).ok_or(Counter::RxMalformed)?;
+    match eth.ether_type() {
+        ETH_P_IPV4 => ipv4_vxlan_from_a_peer(frame, config).map(PeerVxlan::Ipv4),
+        ETH_P_IPV6 => ipv6_vxlan_from_a_peer(frame, config).map(|()| PeerVxlan::Ipv6),
+        _ => Err(Counter::RxNotIp),
+    }
+}
+
+/// VXLAN over IPv6 from a host holding a lease, carrying IPv6 from inside the IPv6 subnet it
+/// leases.
+#[inline(always)]
+fn ipv6_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<(), Counter> {
+    let vxlan = classify_ipv6_vxlan(frame, config)?;
+    let lease = maps::ipv6_vtep(&vxlan.outer_src).ok_or(Counter::RxIpv6NonMember)?;
+    if !vxlan.inner_is_ipv6 {
+        return Err(Counter::RxInnerOtherFamily);
+    }
+    if !lease.contains(&vxlan.inner_src) {
+        return Err(Counter::RxIpv6SpoofedInner);
+    }
+    Ok(())
+}
+
+/// A well-formed VXLAN frame over IPv4 for us, from a host holding a lease, carrying IPv4
+/// from inside a subnet that host leases (it may hold more than one, re-leased or in two
+/// networks) or from the host's own PublicIP. The latter is what a reply looks like once that
+/// host's conntrack has undone a DNAT to its PublicIP (a published port); the host could send
+/// from that address without VXLAN anyway.
+#[inline(always)]
+fn ipv4_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
+    let vxlan = classify_ipv4_vxlan(frame, config)?;
     if !maps::holds_a_lease(vxlan.outer_src) {
         return Err(Counter::RxUnknownVtep);
     }
     if !vxlan.inner_is_ipv4 {
-        return Err(Counter::RxInnerNotIpv4);
+        return Err(Counter::RxInnerOtherFamily);
     }
     let leased_by_sender =
         maps::remote_vtep(vxlan.inner_src).is_some_and(|lease| lease.public_ip == vxlan.outer_src);
@@ -141,11 +193,17 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame
 
 /// Decapsulates, then puts a packet for a known local container straight into it
 /// (`RxDelivered`) or into flannel.1 for the stack (`RxDecapsulated`, `RxRoutedFlow`). What
-/// only the stack can finish (a first fragment, a UDP checksum) goes on marked, still
-/// encapsulated (`RxChecked`). `Err` is why it did none of these.
+/// only the stack can finish (a first fragment, a UDP checksum, VXLAN over IPv6) goes on
+/// marked, still encapsulated (`RxChecked`). `Err` is why it did none of these.
 #[inline(always)]
 fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
-    let vxlan = vxlan_from_a_peer(&linear_frame(ctx, MAX_HEADERS_LEN), config)?;
+    let vxlan = match vxlan_from_a_peer(&linear_frame(ctx, MAX_HEADERS_LEN), config)? {
+        PeerVxlan::Ipv4(vxlan) => vxlan,
+        PeerVxlan::Ipv6 => {
+            mark_checked(ctx);
+            return Ok(Counter::RxChecked);
+        }
+    };
     if vxlan.first_fragment || vxlan.has_udp_checksum {
         mark_checked(ctx);
         return Ok(Counter::RxChecked);

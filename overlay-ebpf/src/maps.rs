@@ -1,15 +1,15 @@
 //! The maps shared with the agent. Their key and value types live in `overlay-common`.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
 use overlay_common::{
     Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep,
-    RoutedFlow, VtepSubnet,
+    RoutedFlow, VtepSubnet, VtepSubnet6,
 };
 
-/// The object's size for the lease maps; the agent sizes both at load time to the subnets
+/// The object's size for the lease maps; the agent sizes them at load time to the subnets
 /// its network config holds (`LeaseCapacity`).
 const MAX_REMOTE_HOSTS: usize = 65536;
 /// Room for every address of a /18 lease.
@@ -20,6 +20,7 @@ const MAX_ROUTED_FLOWS: usize = 65536;
 /// Flows handed to the stack as they were, at once: only while a container is being learned
 /// or, with DirectRouting, per flow from a peer on our segment.
 const MAX_HANDED_FLOWS: usize = 16384;
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 /// Bytes of drop events in flight between the programs and a monitor: about 1,700 events.
 const DROP_EVENTS_BYTES: usize = 256 * 1024;
 
@@ -38,6 +39,12 @@ static SUBNETS: LpmTrie<[u8; 4], RemoteVtep, MAX_REMOTE_HOSTS> = LpmTrie::new();
 /// Remote host's PublicIP (network order) → a subnet it leases: who may send us VXLAN.
 #[btf_map(name = "vteps")]
 static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
+
+/// Remote host's PublicIPv6 (network order) → the IPv6 subnet it leases: who may send us
+/// VXLAN over IPv6, and from which inner sources. Sized as `vteps`, but allocated per entry,
+/// so a network without IPv6 pays nothing for it.
+#[btf_map(name = "vteps6")]
+static VTEPS6: HashMap<[u8; 16], VtepSubnet6, MAX_REMOTE_HOSTS, NO_PREALLOC> = HashMap::new();
 
 /// Local container's IPv4 address (network order) → its veth and MAC, learned by the agent
 /// from docker0's neighbours and forwarding database.
@@ -93,6 +100,13 @@ pub fn remote_vtep(destination: [u8; 4]) -> Option<RemoteVtep> {
 #[inline(always)]
 pub fn holds_a_lease(public_ip: [u8; 4]) -> bool {
     VTEPS.get_ptr(public_ip).is_some()
+}
+
+/// The IPv6 subnet the host at `public_ipv6` leases, if it holds a lease.
+#[inline(always)]
+pub fn ipv6_vtep(public_ipv6: &[u8; 16]) -> Option<VtepSubnet6> {
+    // SAFETY: the value is copied out at once, before any update could reuse the slot.
+    unsafe { VTEPS6.get(public_ipv6) }.copied()
 }
 
 /// The local container at `address`, if the agent knows where it is.

@@ -8,12 +8,15 @@ use aya_ebpf::programs::TcContext;
 use overlay_common::{Counter, FlowKey, OverlayConfig};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_DCCP: u8 = 33;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+/// IPv6's fragment extension header.
+const IPPROTO_FRAGMENT: u8 = 44;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 /// The "valid VNI" flag, the only flag RFC 7348 defines.
@@ -40,6 +43,28 @@ pub struct Ipv4Hdr {
     pub checksum: [u8; 2],
     pub src: [u8; 4],
     pub dst: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class (8) and flow label (20).
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6FragmentHdr {
+    pub next_header: u8,
+    pub reserved: u8,
+    /// Fragment offset (13 bits, in 8-byte units), two reserved bits, more-fragments.
+    pub offset_flags: [u8; 2],
+    pub id: [u8; 4],
 }
 
 #[repr(C)]
@@ -73,13 +98,25 @@ pub const IPV4_NO_OPTIONS: u8 = 0x45;
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// The fragment offset alone: non-zero for every fragment but the first.
 pub const IPV4_OFFSET: u16 = 0x1fff;
+const IPV6_VERSION: u8 = 6;
+/// The fragment offset in the host-order `offset_flags` word: non-zero for every fragment but
+/// the first.
+const IPV6_FRAGMENT_OFFSET: u16 = 0xfff8;
 pub const ECN_MASK: u8 = 0x03;
 pub const ECN_NOT_ECT: u8 = 0x00;
 pub const ECN_CE: u8 = 0x03;
 
 impl EthHdr {
+    pub fn ether_type(&self) -> u16 {
+        u16::from_be_bytes(self.ether_type)
+    }
+
     pub fn is_ipv4(&self) -> bool {
-        u16::from_be_bytes(self.ether_type) == ETH_P_IPV4
+        self.ether_type() == ETH_P_IPV4
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.ether_type() == ETH_P_IPV6
     }
 }
 
@@ -191,6 +228,26 @@ impl Frame {
     }
 }
 
+/// Where headers are read from: a frame's readable bytes, or an skb's bytes wherever they
+/// lie, through the helper (which copies them).
+pub trait Headers {
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+impl Headers for Frame {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.header::<T>(offset).copied()
+    }
+}
+
+impl Headers for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+}
+
 /// The packet of `ctx` as a frame whose first `wanted` bytes (or all of it, if shorter) are
 /// readable. Headers of a GSO packet may sit outside the linear area; they are pulled in only
 /// then, as the helper is not free. The frame's own bounds checks decide what is there.
@@ -210,6 +267,13 @@ pub fn linear_frame(ctx: &TcContext, wanted: usize) -> Frame {
 pub struct EthIpv4Headers {
     pub eth: EthHdr,
     pub ip: Ipv4Hdr,
+}
+
+/// An Ethernet and an IPv6 header, read as one, as [`EthIpv4Headers`].
+#[repr(C)]
+pub struct EthIpv6Headers {
+    pub eth: EthHdr,
+    pub ip: Ipv6Hdr,
 }
 
 /// The first bytes of a transport header: the ports of TCP, UDP and the like (source, then
@@ -255,7 +319,7 @@ pub fn flow_of(ip: &Ipv4Hdr, transport: Option<&TransportHead>) -> Option<FlowKe
     })
 }
 
-/// What decapsulation needs from a VXLAN frame for our port and VNI.
+/// What decapsulation needs from a VXLAN frame over IPv4 for our port and VNI.
 pub struct VxlanFrame {
     /// The outer source address: the sending host's PublicIP.
     pub outer_src: [u8; 4],
@@ -274,14 +338,21 @@ pub struct VxlanFrame {
     pub has_udp_checksum: bool,
 }
 
-/// Classifies an uplink frame. `Ok` is a well-formed VXLAN frame for our port and VNI; `Err`
-/// names the counter that describes why it is not.
+/// What the checks need from a VXLAN frame over IPv6 for our port and VNI; the kernel
+/// decapsulates it.
+pub struct Vxlan6Frame {
+    /// The outer source address: the sending host's PublicIPv6.
+    pub outer_src: [u8; 16],
+    /// Whether the inner frame carries IPv6.
+    pub inner_is_ipv6: bool,
+    /// The inner IPv6 source (meaningless unless `inner_is_ipv6`).
+    pub inner_src: [u8; 16],
+}
+
+/// Classifies an uplink frame whose Ethernet type is IPv4. `Ok` is a well-formed VXLAN frame
+/// for our port and VNI; `Err` names the counter that describes why it is not.
 #[inline(always)]
-pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
-    let eth: &EthHdr = frame.header(0).ok_or(Counter::RxMalformed)?;
-    if !eth.is_ipv4() {
-        return Err(Counter::RxNotIpv4);
-    }
+pub fn classify_ipv4_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
     let ip_offset = ETH_HEADER_LEN;
     let ip: &Ipv4Hdr = frame.header(ip_offset).ok_or(Counter::RxMalformed)?;
     let ip_header_len = usize::from(ip.version_ihl & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
@@ -299,27 +370,141 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     if ip.is_later_fragment() {
         return Err(Counter::RxIpv4Fragment);
     }
-    // A first fragment carries the headers, but its UDP length is the whole datagram's.
-    let first_fragment = u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0;
+    let udp = UdpPlace {
+        offset: ip_offset + ip_header_len,
+        room: ip_total_len - ip_header_len,
+        // A first fragment carries the headers, but its UDP length is the whole datagram's.
+        first_fragment: u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0,
+    };
+    let payload = vxlan_payload::<EthIpv4Headers>(frame, &udp, config)?;
+    if ip.dst != config.public_ip {
+        return Err(Counter::RxOtherDestination);
+    }
+    Ok(VxlanFrame {
+        outer_src: ip.src,
+        inner_offset: payload.inner_offset,
+        inner_is_ipv4: payload.inner.eth.is_ipv4(),
+        inner_src: payload.inner.ip.src,
+        outer_ecn: ip.tos & ECN_MASK,
+        inner_ecn: payload.inner.ip.tos & ECN_MASK,
+        first_fragment: udp.first_fragment,
+        has_udp_checksum: payload.has_udp_checksum,
+    })
+}
 
-    let udp_offset = ip_offset + ip_header_len;
-    let udp: &UdpHdr = frame.header(udp_offset).ok_or(Counter::RxMalformed)?;
-    let udp_len = usize::from(u16::from_be_bytes(udp.len));
-    if udp_len < size_of::<UdpHdr>() || (!first_fragment && udp_len > ip_total_len - ip_header_len)
+/// Classifies an uplink frame whose Ethernet type is IPv6, as [`classify_ipv4_vxlan`] does
+/// IPv4. A UDP header behind one fragment header is found (only a first fragment has one);
+/// behind any other extension header it is not looked for (`RxNotUdp`).
+#[inline(always)]
+pub fn classify_ipv6_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
+    let ip: &Ipv6Hdr = frame.header(ETH_HEADER_LEN).ok_or(Counter::RxMalformed)?;
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    if ip.version_class_flow[0] >> 4 != IPV6_VERSION
+        || size_of::<EthIpv6Headers>() + payload_len > frame.len()
     {
         return Err(Counter::RxMalformed);
     }
-    if u16::from_be_bytes(udp.dst_port) != config.vxlan_port {
+    let udp = match ipv6_udp(frame, ip).ok_or(Counter::RxMalformed)? {
+        Ipv6Udp::At(udp) => udp,
+        Ipv6Udp::LaterFragment => return Err(Counter::RxIpv6Fragment),
+        Ipv6Udp::NotUdp => return Err(Counter::RxNotUdp),
+    };
+    let payload = vxlan_payload::<EthIpv6Headers>(frame, &udp, config)?;
+    if ip.dst != config.public_ipv6 {
+        return Err(Counter::RxOtherDestination);
+    }
+    Ok(Vxlan6Frame {
+        outer_src: ip.src,
+        inner_is_ipv6: payload.inner.eth.is_ipv6(),
+        inner_src: payload.inner.ip.src,
+    })
+}
+
+/// Where a UDP header starts, and how many bytes the IP header leaves it.
+pub struct UdpPlace {
+    pub offset: usize,
+    /// The IP payload's length from the UDP header on: the UDP length may not exceed it, but
+    /// for a first fragment.
+    pub room: usize,
+    /// The first fragment of a fragmented datagram.
+    pub first_fragment: bool,
+}
+
+/// Where an IPv6 packet's UDP header is.
+pub enum Ipv6Udp {
+    /// Right behind the fixed header, or behind a fragment header at offset 0.
+    At(UdpPlace),
+    /// A fragment but the first: no headers to read.
+    LaterFragment,
+    /// Another protocol, or UDP behind another extension header.
+    NotUdp,
+}
+
+/// Finds the UDP header of the IPv6 packet `ip` in `packet`; `None` when a fragment header is
+/// cut short.
+#[inline(always)]
+pub fn ipv6_udp(packet: &impl Headers, ip: &Ipv6Hdr) -> Option<Ipv6Udp> {
+    let after_ip = size_of::<EthIpv6Headers>();
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    match ip.next_header {
+        IPPROTO_UDP => Some(Ipv6Udp::At(UdpPlace {
+            offset: after_ip,
+            room: payload_len,
+            first_fragment: false,
+        })),
+        IPPROTO_FRAGMENT => {
+            let fragment: Ipv6FragmentHdr = packet.read(after_ip)?;
+            if payload_len < size_of::<Ipv6FragmentHdr>() {
+                return None;
+            }
+            if u16::from_be_bytes(fragment.offset_flags) & IPV6_FRAGMENT_OFFSET != 0 {
+                return Some(Ipv6Udp::LaterFragment);
+            }
+            if fragment.next_header != IPPROTO_UDP {
+                return Some(Ipv6Udp::NotUdp);
+            }
+            Some(Ipv6Udp::At(UdpPlace {
+                offset: after_ip + size_of::<Ipv6FragmentHdr>(),
+                room: payload_len - size_of::<Ipv6FragmentHdr>(),
+                first_fragment: true,
+            }))
+        }
+        _ => Some(Ipv6Udp::NotUdp),
+    }
+}
+
+/// The VXLAN payload of a datagram: its inner Ethernet and IP headers (`Inner`).
+struct VxlanPayload<'a, Inner> {
+    /// Offset of the inner Ethernet header: how much to strip.
+    inner_offset: usize,
+    inner: &'a Inner,
+    has_udp_checksum: bool,
+}
+
+/// Checks the UDP datagram at `udp` for VXLAN to our port and VNI, with a whole `Inner` in
+/// it; `Err` names why it is not.
+#[inline(always)]
+fn vxlan_payload<'a, Inner>(
+    frame: &'a Frame,
+    udp: &UdpPlace,
+    config: &OverlayConfig,
+) -> Result<VxlanPayload<'a, Inner>, Counter> {
+    let header: &UdpHdr = frame.header(udp.offset).ok_or(Counter::RxMalformed)?;
+    let udp_len = usize::from(u16::from_be_bytes(header.len));
+    if udp_len < size_of::<UdpHdr>() || (!udp.first_fragment && udp_len > udp.room) {
+        return Err(Counter::RxMalformed);
+    }
+    if u16::from_be_bytes(header.dst_port) != config.vxlan_port {
         return Err(Counter::RxOtherPort);
     }
 
-    let vxlan_offset = udp_offset + size_of::<UdpHdr>();
+    let vxlan_offset = udp.offset + size_of::<UdpHdr>();
     let inner_offset = vxlan_offset + size_of::<VxlanHdr>();
     let vxlan: &VxlanHdr = frame.header(vxlan_offset).ok_or(Counter::RxMalformed)?;
-    let inner: &EthIpv4Headers = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
+    let inner: &Inner = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
     // The kernel's vxlan device, without extensions, drops a frame with any other flag or
     // a reserved bit set.
-    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthIpv4Headers>()
+    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<Inner>()
         || vxlan.flags != VXLAN_FLAG_VNI
         || vxlan.reserved != [0; 3]
         || vxlan.reserved2 != 0
@@ -330,17 +515,9 @@ pub fn classify_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFram
     if u32::from_be_bytes([0, vni_hi, vni_mid, vni_lo]) != config.vni {
         return Err(Counter::RxVxlanForeignVni);
     }
-    if ip.dst != config.public_ip {
-        return Err(Counter::RxOtherDestination);
-    }
-    Ok(VxlanFrame {
-        outer_src: ip.src,
+    Ok(VxlanPayload {
         inner_offset,
-        inner_is_ipv4: inner.eth.is_ipv4(),
-        inner_src: inner.ip.src,
-        outer_ecn: ip.tos & ECN_MASK,
-        inner_ecn: inner.ip.tos & ECN_MASK,
-        first_fragment,
-        has_udp_checksum: udp.checksum != [0; 2],
+        inner,
+        has_udp_checksum: header.checksum != [0; 2],
     })
 }

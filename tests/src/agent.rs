@@ -19,11 +19,18 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// host namespace's loopback.
 pub const HEALTH_PORT: u16 = 8471;
 
-/// The crates whose sources go into the agent binary (the eBPF object is embedded).
-const AGENT_SOURCES: [&str; 3] = [
-    "overlay-agent/src",
-    "overlay-common/src",
-    "overlay-ebpf/src",
+/// The sources of each build product the agent binary is made of, by product: the agent's own
+/// crates, and the eBPF object it embeds, which `cargo build -p overlay-agent` embeds as it
+/// finds it (only `cargo xtask build` builds it again).
+const AGENT_PARTS: [(&str, &[&str]); 2] = [
+    (
+        "target/debug/overlay-agent",
+        &["overlay-agent/src", "overlay-common/src"],
+    ),
+    (
+        "target/ebpf/bpfel-unknown-none/release/overlay-ebpf",
+        &["overlay-ebpf/src", "overlay-common/src"],
+    ),
 ];
 
 /// The agent binary `cargo xtask build` produced (OVERLAY_AGENT_BIN overrides it). `cargo test`
@@ -35,25 +42,28 @@ pub fn agent_binary() -> Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the tests crate sits in the workspace")?;
-    let path = workspace.join("target/debug/overlay-agent");
-    let built = std::fs::metadata(&path)
-        .and_then(|metadata| metadata.modified())
-        .with_context(|| {
-            format!(
-                "{} does not exist: run the tests with `cargo xtask test`, which builds it",
-                path.display()
-            )
-        })?;
-    for sources in AGENT_SOURCES {
-        if let Some(newer) = newer_file(&workspace.join(sources), built)? {
-            bail!(
-                "{} is older than {}: `cargo xtask build` rebuilds it (`cargo test` does not)",
-                path.display(),
-                newer.display()
-            );
+    for (product, sources) in AGENT_PARTS {
+        let path = workspace.join(product);
+        let built = std::fs::metadata(&path)
+            .and_then(|metadata| metadata.modified())
+            .with_context(|| {
+                format!(
+                    "{} does not exist: run the tests with `cargo xtask test`, which builds it",
+                    path.display()
+                )
+            })?;
+        for sources in sources {
+            if let Some(newer) = newer_file(&workspace.join(sources), built)? {
+                bail!(
+                    "{} is older than {}: `cargo xtask build` rebuilds it (`cargo test` does \
+                     not)",
+                    path.display(),
+                    newer.display()
+                );
+            }
         }
     }
-    Ok(path)
+    Ok(workspace.join(AGENT_PARTS[0].0))
 }
 
 /// A Rust source under `dir` modified after `than`, if any.
@@ -162,6 +172,24 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// Fails unless the agent still runs and has warned that it skips the record of each of
+    /// `names` (keys under `<prefix>/subnets/`).
+    pub fn ensure_running_and_skipping(&mut self, names: &[&str]) -> Result<()> {
+        ensure!(
+            self.process.try_exit_status()?.is_none(),
+            "the agent exited:\n{}",
+            self.log()
+        );
+        let log = self.log();
+        for name in names {
+            ensure!(
+                log.contains(&format!("skipping record {PREFIX}/subnets/{name}")),
+                "no warning names {name}:\n{log}"
+            );
+        }
+        Ok(())
     }
 
     /// What GET `path` on this agent's health port answers; `None` while nothing answers.

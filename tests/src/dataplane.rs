@@ -1,10 +1,10 @@
 //! The dataplane loaded without pins, set up as one of the seed's hosts, for
 //! BPF_PROG_TEST_RUN: hand-built frames in, exact bytes, verdicts and counters out.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_agent::{
     dataplane::{
         BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, LeaseCapacity, UPLINK_TC_PROGRAM,
@@ -12,10 +12,11 @@ use overlay_agent::{
     },
     mac::MacAddr,
     reconcile::desired::lease_entries,
-    subnet::{Lease, LeaseAttrs},
+    subnet::{Lease, LeaseAttrs, PublicAddresses, VtepMacs},
 };
 use overlay_common::{
-    CONFIG_FAST_PATH, Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint, OverlayConfig,
+    CONFIG_FAST_PATH, CONFIG_IPV6, Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint,
+    OverlayConfig,
 };
 
 use crate::{frames::*, require_root};
@@ -38,6 +39,10 @@ pub struct SeedHost {
     pub uplink_mac: [u8; 6],
     pub bridge_mac: [u8; 6],
     pub subnet: &'static str,
+    /// The IPv6 side of the dual-stack seed.
+    pub public_ipv6: [u8; 16],
+    pub vtep6_mac: [u8; 6],
+    pub subnet6: &'static str,
 }
 
 pub const HOST1: SeedHost = SeedHost {
@@ -46,6 +51,9 @@ pub const HOST1: SeedHost = SeedHost {
     uplink_mac: HOST1_MAC,
     bridge_mac: HOST1_BRIDGE_MAC,
     subnet: "10.2.41.0/24",
+    public_ipv6: HOST1_IPV6,
+    vtep6_mac: HOST1_VTEP6_MAC,
+    subnet6: "fd00:2:0:41::/64",
 };
 
 pub const HOST2: SeedHost = SeedHost {
@@ -54,15 +62,20 @@ pub const HOST2: SeedHost = SeedHost {
     uplink_mac: HOST2_MAC,
     bridge_mac: HOST2_BRIDGE_MAC,
     subnet: "10.2.54.0/24",
+    public_ipv6: HOST2_IPV6,
+    vtep6_mac: HOST2_VTEP6_MAC,
+    subnet6: "fd00:2:0:54::/64",
 };
 
 impl SeedHost {
+    /// The dual-stack seed's host: its IPv4 and IPv6 leases, the fast path on.
     pub fn config(&self, vni: u32, port: u16) -> OverlayConfig {
         let subnet: Ipv4Network = self.subnet.parse().expect("seed subnets parse");
+        let subnet6 = self.ipv6_subnet();
         OverlayConfig {
             vni,
             vxlan_port: port,
-            flags: CONFIG_FAST_PATH,
+            flags: CONFIG_FAST_PATH | CONFIG_IPV6,
             public_ip: self.public_ip,
             vtep_mac: self.vtep_mac,
             uplink_mac: self.uplink_mac,
@@ -73,15 +86,31 @@ impl SeedHost {
             local_subnet: subnet.network().octets(),
             local_netmask: subnet.mask().octets(),
             bridge_ip: (Ipv4Addr::from(subnet.network().to_bits() + 1)).octets(),
+            public_ipv6: self.public_ipv6,
+            local_subnet6: subnet6.network().octets(),
+            local_netmask6: subnet6.mask().octets(),
+            bridge_ipv6: Ipv6Addr::from(subnet6.network().to_bits() + 1).octets(),
         }
     }
 
-    /// This host's lease as its peers hold it.
+    fn ipv6_subnet(&self) -> Ipv6Network {
+        self.subnet6.parse().expect("seed subnets parse")
+    }
+
+    /// This host's dual-stack lease as its peers hold it.
     pub fn lease(&self) -> Lease {
+        let public = PublicAddresses {
+            ipv4: Ipv4Addr::from(self.public_ip),
+            ipv6: Some(Ipv6Addr::from(self.public_ipv6)),
+        };
+        let macs = VtepMacs {
+            ipv4: Some(MacAddr(self.vtep_mac)),
+            ipv6: Some(MacAddr(self.vtep6_mac)),
+        };
         Lease {
             subnet: self.subnet.parse().expect("seed subnets parse"),
-            ipv6_subnet: None,
-            attrs: LeaseAttrs::ipv4_only(Ipv4Addr::from(self.public_ip), 1, MacAddr(self.vtep_mac)),
+            ipv6_subnet: Some(self.ipv6_subnet()),
+            attrs: LeaseAttrs::vxlan(public, 1, macs),
             etcd_lease: 0,
         }
     }
@@ -222,6 +251,51 @@ impl UplinkHook {
             UplinkHook::Xdp => vxlan_frame.to_vec(),
         }
     }
+}
+
+/// host2 receiving `frame` from host1, its only peer, at `hook`.
+pub fn host2_receives(hook: UplinkHook, frame: &[u8]) -> Result<Outcome> {
+    run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, frame)
+}
+
+/// Asserts both hooks of host2 pass `frame` on to the stack as it is, counted as `expected`,
+/// tc with `mark` on it: `CHECKED_MARK` for what goes on to a VXLAN device's socket, checked,
+/// none for what is not ours.
+pub fn assert_host2_passes(frame: &[u8], expected: Counter, mark: u32) -> Result<()> {
+    for hook in UplinkHook::ALL {
+        let outcome = host2_receives(hook, frame)?;
+        let what = format!("{hook:?}: {}", expected.name());
+        assert_eq!(outcome.verdict, hook.pass(), "{what}");
+        assert_eq!(outcome.frame, frame, "{what}: passes unchanged");
+        outcome.assert_only(expected);
+        if hook == UplinkHook::Tc {
+            assert_eq!(outcome.mark, mark, "{what}");
+        }
+    }
+    Ok(())
+}
+
+/// The kernel refuses tc test frames that claim IPv4 but are shorter than its header.
+const TC_MIN_FRAME: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN;
+
+/// Asserts both hooks of host2 drop `frame`, counted as `expected`, unmarked (tc only when
+/// the kernel takes the frame).
+pub fn assert_host2_drops(frame: &[u8], expected: Counter) -> Result<()> {
+    for hook in UplinkHook::ALL {
+        if hook == UplinkHook::Tc && frame.len() < TC_MIN_FRAME {
+            continue;
+        }
+        let outcome = host2_receives(hook, frame)?;
+        assert_eq!(
+            outcome.verdict,
+            hook.drop(),
+            "{hook:?}: {}",
+            expected.name()
+        );
+        outcome.assert_only(expected);
+        assert_eq!(outcome.mark, 0, "{hook:?}: {}", expected.name());
+    }
+    Ok(())
 }
 
 /// The uplink's program at `hook` on `frame`.

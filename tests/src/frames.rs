@@ -2,12 +2,18 @@
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers: destination options, fragment.
+pub const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_FRAGMENT: u8 = 44;
 
 pub const ETH_HEADER_LEN: usize = 14;
 pub const IPV4_HEADER_LEN: usize = 20;
+pub const IPV6_HEADER_LEN: usize = 40;
 pub const UDP_HEADER_LEN: usize = 8;
 pub const VXLAN_HEADER_LEN: usize = 8;
 
@@ -23,6 +29,37 @@ pub const HOST1_BRIDGE_MAC: [u8; 6] = [0x02, 0x42, 0, 0, 0x41, 0x01];
 pub const HOST2_BRIDGE_MAC: [u8; 6] = [0x02, 0x42, 0, 0, 0x54, 0x01];
 pub const BBOX1_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x02, 0x29, 0x02];
 pub const BBOX2_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x02, 0x36, 0x02];
+/// The seed's IPv6 side (see `crate::ipv6`): fd00:ff::104 and ::105 on the underlay,
+/// fd00:2:0:41::/64 and fd00:2:0:54::/64 leased, bbox1 and bbox2 at ::2 of each.
+pub const HOST1_IPV6: [u8; 16] = [0xfd, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x04];
+pub const HOST2_IPV6: [u8; 16] = [0xfd, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x05];
+pub const BBOX1_IPV6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0x41, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const BBOX2_IPV6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0x54, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const HOST1_VTEP6_MAC: [u8; 6] = [0x1a, 0x4b, 0xd7, 0xf7, 0x66, 0x88];
+pub const HOST2_VTEP6_MAC: [u8; 6] = [0x1a, 0x4b, 0xd7, 0xf7, 0x66, 0x89];
+
+/// bbox1's ping to bbox2 over IPv6 (hop limit 64, 8 bytes "overlay!") as host1's
+/// flannel-v6.1, the kernel's vxlan device, put it on the wire to host2: captured with
+/// tcpdump from a real device (UDP source port 39378 from the flow hash, the UDP checksum
+/// set, as IPv6 requires of UDP; checksum offload off, so it is the final one).
+pub const FLANNEL_V6_PING: [u8; 140] = [
+    0x02, 0x00, 0x00, 0x00, 0x01, 0x05, 0x02, 0x00, 0x00, 0x00, 0x01, 0x04, 0x86, 0xdd, 0x60, 0x00,
+    0x00, 0x00, 0x00, 0x56, 0x11, 0x40, 0xfd, 0x00, 0x00, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x01, 0x04, 0xfd, 0x00, 0x00, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x01, 0x05, 0x99, 0xd2, 0x21, 0x18, 0x00, 0x56, 0x02, 0x30, 0x08, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x1a, 0x4b, 0xd7, 0xf7, 0x66, 0x89, 0x1a, 0x4b, 0xd7, 0xf7,
+    0x66, 0x88, 0x86, 0xdd, 0x60, 0x06, 0x68, 0x9d, 0x00, 0x10, 0x3a, 0x40, 0xfd, 0x00, 0x00, 0x02,
+    0x00, 0x00, 0x00, 0x41, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0xfd, 0x00, 0x00, 0x02,
+    0x00, 0x00, 0x00, 0x54, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x80, 0x00, 0xa3, 0x8e,
+    0x27, 0x1b, 0x00, 0x01, 0x6f, 0x76, 0x65, 0x72, 0x6c, 0x61, 0x79, 0x21,
+];
+/// Where FLANNEL_V6_PING's outer and inner IPv6 headers start.
+pub const V6_OUTER_IP: usize = ETH_HEADER_LEN;
+pub const V6_INNER_IP: usize =
+    V6_OUTER_IP + IPV6_HEADER_LEN + UDP_HEADER_LEN + VXLAN_HEADER_LEN + ETH_HEADER_LEN;
+/// Offsets of the source address and of the next-header field in an IPv6 header.
+pub const IPV6_SRC: usize = 8;
+pub const IPV6_NEXT_HEADER: usize = 6;
 
 /// `mac` as `ip` and bridge print it: aa:bb:cc:dd:ee:ff.
 pub fn mac_text(mac: [u8; 6]) -> String {
@@ -174,6 +211,58 @@ pub fn outer_udp_frame(ip_options: &[u8], src_port: u16, dst_port: u16, payload:
     let datagram = udp(src_port, dst_port, payload);
     let packet = ipv4(HOST1_IP, HOST2_IP, IPPROTO_UDP, ip_options, &datagram);
     ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV4, &packet)
+}
+
+/// An IPv6 packet, hop limit 64, no flow label.
+pub fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8, payload: &[u8]) -> Vec<u8> {
+    let payload_len = u16::try_from(payload.len()).expect("packet fits in 64 KiB");
+    [
+        &[0x60, 0, 0, 0][..],
+        &payload_len.to_be_bytes(),
+        &[next_header, 64],
+        &src,
+        &dst,
+        payload,
+    ]
+    .concat()
+}
+
+/// An IPv6 ping from `src` to `dst`, its ICMPv6 checksum over the pseudo-header correct.
+pub fn ipv6_ping(src: [u8; 16], dst: [u8; 16], payload: &[u8]) -> Vec<u8> {
+    let mut message = [&[128, 0, 0, 0, 0, 1, 0, 1][..], payload].concat();
+    let length = u32::try_from(message.len()).expect("message fits in 4 GiB");
+    let pseudo_header = [
+        &src[..],
+        &dst,
+        &length.to_be_bytes(),
+        &[0, 0, 0, IPPROTO_ICMPV6],
+        &message,
+    ]
+    .concat();
+    let checksum = internet_checksum(&pseudo_header);
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    ipv6(src, dst, IPPROTO_ICMPV6, &message)
+}
+
+/// The IPv6 `frame` (Ethernet first) with an 8-byte extension header `header` (next header
+/// `kind`) put between the IPv6 header and what followed it; `body` is the header's bytes
+/// after its next-header field.
+pub fn with_ipv6_extension(frame: &[u8], kind: u8, body: [u8; 7]) -> Vec<u8> {
+    let ip = ETH_HEADER_LEN;
+    let after_ip = ip + IPV6_HEADER_LEN;
+    let mut header = frame[..after_ip].to_vec();
+    let next_header = header[ip + IPV6_NEXT_HEADER];
+    header[ip + IPV6_NEXT_HEADER] = kind;
+    let payload_len = u16::from_be_bytes([header[ip + 4], header[ip + 5]]) + 8;
+    header[ip + 4..ip + 6].copy_from_slice(&payload_len.to_be_bytes());
+    [&header[..], &[next_header], &body, &frame[after_ip..]].concat()
+}
+
+/// A fragment header's bytes after its next-header field: fragment `offset` (in 8-byte units),
+/// more fragments to come, identification 0x4242.
+pub fn ipv6_fragment(offset: u16) -> [u8; 7] {
+    let [high, low] = (offset << 3 | 1).to_be_bytes();
+    [0, high, low, 0, 0, 0x42, 0x42]
 }
 
 /// RFC 1071 one's-complement sum.

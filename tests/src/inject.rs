@@ -2,18 +2,22 @@
 //! enters the namespace itself; call the others within `Netns::run_inside`.
 use std::{
     mem::size_of,
-    net::{Ipv4Addr, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
 };
 
 use anyhow::{Result, bail};
 
 use crate::netns::Netns;
 
-/// Sends `payload` `count` times over UDP to `destination` ("address:port") from inside
-/// `netns`.
+/// Sends `payload` `count` times over UDP to `destination` ("address:port", "[v6]:port")
+/// from inside `netns`.
 pub fn send_udp(netns: &Netns, destination: &str, payload: &[u8], count: u64) -> Result<()> {
+    let any = match destination.parse::<SocketAddr>()? {
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(_) => "[::]:0",
+    };
     netns.run_inside(|| {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let socket = UdpSocket::bind(any)?;
         for _ in 0..count {
             socket.send_to(payload, destination)?;
         }

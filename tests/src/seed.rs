@@ -10,7 +10,10 @@ use anyhow::{Context, Result, ensure};
 use crate::{
     agent::Agent,
     cluster::{Cluster, Host},
-    frames::{BBOX2_IP, ETH_P_IPV4, HOST1_VTEP_MAC, bbox1_ping, ethernet, vxlan},
+    frames::{
+        BBOX1_IPV6, BBOX2_IP, BBOX2_IPV6, ETH_P_IPV4, ETH_P_IPV6, HOST1_VTEP_MAC, HOST1_VTEP6_MAC,
+        bbox1_ping, ethernet, ipv6_ping, vxlan,
+    },
     ipv6::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, IPV6_ONLY_NETWORK_CONFIG, IPV6_SUBNET_LEN,
         SUBNET1_V6, SUBNET2_V6, address_in, bridge_gateway6, subnet6_of,
@@ -221,6 +224,18 @@ impl Seed {
             HOST1_VTEP_MAC,
             ETH_P_IPV4,
             &bbox1_ping(BBOX2_IP, 64),
+        );
+        Ok(vxlan(1, &inner))
+    }
+
+    /// bbox1's IPv6 ping to bbox2 as host1 would wrap it for host2's flannel-v6.1: the payload
+    /// of a forged datagram of VXLAN over IPv6.
+    pub fn forged_vxlan6_ping(&self) -> Result<Vec<u8>> {
+        let inner = ethernet(
+            self.host2.netns.mac("flannel-v6.1")?,
+            HOST1_VTEP6_MAC,
+            ETH_P_IPV6,
+            &ipv6_ping(BBOX1_IPV6, BBOX2_IPV6, b"overlay!"),
         );
         Ok(vxlan(1, &inner))
     }

@@ -80,20 +80,7 @@ fn hostile_records_leave_the_agent_up_and_routing() -> Result<()> {
         "the later lease took {:?} to be routed",
         written.elapsed()
     );
-    ensure!(
-        agent.process.try_exit_status()?.is_none(),
-        "the agent exited:\n{}",
-        agent.log()
-    );
-    for name in HOSTILE_KEYS {
-        ensure!(
-            agent
-                .log()
-                .contains(&format!("skipping record {PREFIX}/subnets/{name}")),
-            "no warning names {name}:\n{}",
-            agent.log()
-        );
-    }
+    agent.ensure_running_and_skipping(&HOSTILE_KEYS)?;
     let routes = host1.netns.ip(&["route"])?;
     ensure!(
         !routes.contains("10.2.41.128") && !routes.contains("10.2.0.0/16"),

@@ -731,6 +731,91 @@ fn turning_ipv6_on_keeps_every_hosts_ipv4_subnet() -> Result<()> {
     Ok(())
 }
 
+/// Records naming IPv6 subnets no host may route to: our IPv6 subnet under another IPv4 one,
+/// an IPv6 subnet outside the network, half of ours, one with no IPv6 VTEP, and an
+/// IPv6-only key in a dual-stack network.
+const HOSTILE_IPV6_KEYS: [&str; 5] = [
+    "10.2.70.0-24&fd00:2:0:41::-64",
+    "10.2.71.0-24&fd00:3::-64",
+    "10.2.72.0-24&fd00:2:0:41:8000::-65",
+    "10.2.73.0-24&fd00:2:0:73::-64",
+    "0.0.0.0-0&fd00:2:0:74::-64",
+];
+
+#[test]
+fn hostile_ipv6_records_leave_the_agent_up_and_routing() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6("v6-hostile", DUAL_STACK_NETWORK_CONFIG)?;
+    cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let hostile = lease_value(
+        Some(Vtep {
+            public_ip: "172.20.62.66",
+            mac: "1a:4b:d7:f7:16:66",
+        }),
+        Some(Vtep {
+            public_ip: "fd00:ff::66",
+            mac: "1a:4b:d7:f7:66:66",
+        }),
+    );
+    let no_ipv6_vtep = lease_value(
+        Some(Vtep {
+            public_ip: "172.20.62.67",
+            mac: "1a:4b:d7:f7:16:67",
+        }),
+        None,
+    );
+    let write_hostile = || -> Result<()> {
+        for name in HOSTILE_IPV6_KEYS {
+            let value = if name.starts_with("10.2.73.") {
+                &no_ipv6_vtep
+            } else {
+                &hostile
+            };
+            cluster
+                .etcd
+                .put(&format!("{PREFIX}/subnets/{name}"), value)?;
+        }
+        Ok(())
+    };
+    write_hostile()?;
+    let mut agent = Agent::start(&cluster, &host1, KERNEL)?;
+    ensure!(
+        agent.wait_ready_ipv6()? == SUBNET1_V6,
+        "host1 kept its reservation"
+    );
+    write_hostile()?;
+    // A lease written after them is routed as usual.
+    cluster.etcd.put(
+        &cluster.subnet_key6(Some(SUBNET2), SUBNET2_V6),
+        &lease_value(
+            Some(Vtep {
+                public_ip: HOST2,
+                mac: STOCK_MACS[1].0,
+            }),
+            Some(Vtep {
+                public_ip: HOST2_V6,
+                mac: STOCK_MACS[1].1,
+            }),
+        ),
+    )?;
+    host1.wait_for_route(SUBNET2_V6)?;
+    agent.ensure_running_and_skipping(&HOSTILE_IPV6_KEYS)?;
+    let routes = host1.netns.ip(&["-6", "route"])?;
+    for stolen in [
+        "fd00:2:0:41::/64 via",
+        "fd00:3::",
+        "fd00:2:0:41:8000::",
+        "fd00:2:0:73::",
+        "fd00:2:0:74::",
+    ] {
+        ensure!(
+            !routes.contains(stolen),
+            "a hostile record was routed:\n{routes}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn ebpf_mode_refuses_an_ipv6_only_network() -> Result<()> {
     let mut cluster = Cluster::with_ipv6("v6-only-ebpf", IPV6_ONLY_NETWORK_CONFIG)?;

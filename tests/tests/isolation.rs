@@ -1,6 +1,8 @@
 //! Hostile senders against the isolation the README claims, with real agents in namespaces:
 //! VXLAN that goes around the uplink's program (a second NIC, a local sender, fragments),
-//! VXLAN from a container, and containers sending from addresses or MACs that are not theirs.
+//! VXLAN from a container, and containers sending from addresses or MACs that are not theirs;
+//! over IPv6 too, where the kernel's flannel-v6.1 decapsulates: VXLAN over IPv6 from a host
+//! with no lease or around the uplink, and containers sending IPv6 from outside the lease.
 //! `tcpdump` in the target container shows nothing arrives; the counters say where each
 //! frame went.
 use std::{thread::sleep, time::Duration};
@@ -14,6 +16,7 @@ use overlay_tests::{
     cluster::Host,
     frames::*,
     inject::{send_frame, send_ipv4, send_udp},
+    ipv6::{BBOX1_V6, BBOX2_V6, HOST2_V6},
     netns::Netns,
     seed::{BBOX1, BBOX2, Container, HOST2, Seed},
 };
@@ -51,10 +54,91 @@ fn assert_refusal_logged(seed: &Seed, agent: &Agent, counter: Counter) -> Result
 }
 
 fn flannel_rx_packets(host: &Host) -> Result<u64> {
-    let text = host
-        .netns
-        .exec(&["cat", "/sys/class/net/flannel.1/statistics/rx_packets"])?;
+    rx_packets(host, "flannel.1")
+}
+
+fn rx_packets(host: &Host, device: &str) -> Result<u64> {
+    let text = host.netns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{device}/statistics/rx_packets"),
+    ])?;
     Ok(text.trim().parse()?)
+}
+
+const EBPF: &[&str] = &["--dataplane=ebpf"];
+
+/// A tcpdump in bbox2 for IPv6 echo requests.
+fn watch_bbox2_ipv6(seed: &Seed) -> Result<Sniffer> {
+    Sniffer::start(&seed.bbox2.netns, "eth0", "icmp6 and ip6[40] == 128")
+}
+
+/// flannel-v6.1 keeps a socket of the kernel's on UDP 8472 over IPv6: VXLAN over IPv6 from a
+/// host on the underlay that holds no lease is dropped at the uplink, and VXLAN over IPv6 that
+/// goes around the uplink (a local sender) at flannel-v6.1's ingress.
+#[test]
+fn vxlan_over_ipv6_from_a_non_member_cannot_reach_a_container() -> Result<()> {
+    let mut seed = Seed::start_dual_stack("v6-intruder", [EBPF, EBPF])?;
+    seed.bbox1.ping6(BBOX2_V6, 1)?;
+    let payload = seed.forged_vxlan6_ping()?;
+    let intruder = seed.cluster.add_host("intruder", "172.20.62.66")?;
+    let destination = format!("[{HOST2_V6}]:8472");
+
+    // What bbox2 sees comes first, so that the test says why it fails against an agent
+    // without these guards (whose counters this one cannot read); until now no frame was
+    // refused.
+    let rx_before = rx_packets(&seed.host2, "flannel-v6.1")?;
+    let sniffer = watch_bbox2_ipv6(&seed)?;
+    send_udp(&intruder.netns, &destination, &payload, FRAMES)?;
+    send_udp(&seed.host2.netns, &destination, &payload, FRAMES)?;
+    assert_saw_nothing(sniffer)?;
+
+    let after = counters(&seed.host2)?;
+    assert_eq!(after.get(Counter::RxIpv6NonMember), FRAMES, "{after:?}");
+    // The local sender's frames reach flannel-v6.1's socket, whose guard drops each.
+    assert_eq!(rx_packets(&seed.host2, "flannel-v6.1")? - rx_before, FRAMES);
+    assert_eq!(after.get(Counter::RxUncheckedVxlan), FRAMES, "{after:?}");
+    assert_refusal_logged(&seed, &seed.agent2, Counter::RxUncheckedVxlan)?;
+    seed.bbox1.ping6(BBOX2_V6, 1)?;
+    Ok(())
+}
+
+/// A container's IPv6 comes from its host's IPv6 lease, a link-local address (neighbour
+/// discovery keeps working: the pings across resolve their gateway with it) or none.
+#[test]
+fn a_container_cannot_send_ipv6_from_outside_its_host_s_ipv6_lease() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-spoofed-source", [EBPF, EBPF])?;
+    seed.bbox1.ping6(BBOX2_V6, 1)?;
+    // As above, what bbox2 sees comes first; until now no frame was refused.
+    let sniffer = watch_bbox2_ipv6(&seed)?;
+    // An address of host2's lease, and one outside the overlay.
+    for address in ["fd00:2:0:54::9", "2001:db8::1"] {
+        seed.bbox1.netns.ip(&[
+            "addr",
+            "add",
+            &format!("{address}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        let ping = seed.bbox1.netns.exec_unchecked(&[
+            "ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-I", address, BBOX2_V6,
+        ])?;
+        ensure!(!ping.status.success(), "no reply to a ping from {address}");
+        // Else the kernel picks it as the source closest to bbox2's address.
+        seed.bbox1
+            .netns
+            .ip(&["addr", "del", &format!("{address}/128"), "dev", "eth0"])?;
+    }
+    assert_saw_nothing(sniffer)?;
+    let after = counters(&seed.host1)?;
+    ensure!(
+        after.get(Counter::TxIpv6SpoofedSource) >= 6,
+        "every spoofed ping was dropped: {after:?}"
+    );
+    assert_refusal_logged(&seed, &seed.agent1, Counter::TxIpv6SpoofedSource)?;
+    seed.bbox1.ping6(BBOX2_V6, 2)?;
+    seed.bbox2.ping6(BBOX1_V6, 2)?;
+    Ok(())
 }
 
 #[test]

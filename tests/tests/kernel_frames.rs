@@ -106,7 +106,7 @@ fn real_traffic_is_classified_on_the_uplink() -> Result<()> {
     // drops, tc never sees.
     let passes = |frames: u64| 2 * frames;
     assert!(
-        counters.get(Counter::RxNotIpv4) >= 1,
+        counters.get(Counter::RxNotIp) >= 1,
         "host1's ARP for host2 crossed the uplink: {counters:?}"
     );
     assert_eq!(

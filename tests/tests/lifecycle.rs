@@ -1,7 +1,8 @@
 //! What an earlier run or another agent left behind never breaks forwarding: a node switched
 //! to kernel mode or to another pin directory keeps none of the old programs, the netlink tc
 //! path of kernels before 6.6 carries the seed, survives a crash and leaves nothing on
-//! teardown, and agents in two namespaces never share pins.
+//! teardown, and agents in two namespaces never share pins. The guard of flannel-v6.1's socket
+//! follows its device as flannel.1's does.
 use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use overlay_tests::{
     agent::{Agent, READY_TIMEOUT},
     attached::{link_exists, pinned_links, tc_filters, tcx_programs},
     cluster::{BPFFS, Cluster, Host},
+    ipv6::{BBOX1_V6, BBOX2_V6, SUBNET1_V6},
     loss::{LossWindow, steady_ping},
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed, check_seed_path},
     wait::wait_for,
@@ -80,6 +82,61 @@ fn an_ebpf_node_restarted_in_kernel_mode_keeps_none_of_our_programs() -> Result<
     assert_eq!(tcx_programs(&seed.host1.netns)?, Vec::<String>::new());
     assert!(!seed.host1.pin_dir().exists(), "the pins are gone");
     third_host_answers_bbox1(&mut seed)
+}
+
+/// The guard on flannel-v6.1's ingress, as tcx lists it.
+const GUARD6: &str = "tc_vtep_ingress on flannel-v6.1 ingress";
+
+fn guards_flannel_v6(host: &Host) -> Result<bool> {
+    Ok(tcx_programs(&host.netns)?.iter().any(|line| line == GUARD6))
+}
+
+/// The guard of flannel-v6.1 is placed with the others, adopted by a restarted agent, placed
+/// again on a flannel-v6.1 made anew, and gone in kernel mode.
+#[test]
+fn the_guard_of_flannel_v6_follows_its_device_and_the_dataplane() -> Result<()> {
+    let mut seed = Seed::start_dual_stack("v6-guard", [&[], &[]])?;
+    ensure!(
+        guards_flannel_v6(&seed.host2)?,
+        "{:?}",
+        tcx_programs(&seed.host2.netns)?
+    );
+    let index = seed
+        .host2
+        .netns
+        .exec(&["cat", "/sys/class/net/flannel-v6.1/ifindex"])?;
+    let pin = format!("link_tc_vtep_ingress_{}", index.trim());
+    let links = pinned_links(&seed.host2.pin_dir())?;
+    let (_, link) = links
+        .iter()
+        .find(|(name, _)| *name == pin)
+        .with_context(|| format!("no {pin} in {links:?}"))?;
+
+    seed.agent2.process.terminate(TIMEOUT)?;
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &[])?;
+    assert_eq!(seed.agent2.wait_ready()?, SUBNET2);
+    seed.agent2
+        .wait_for_log("adopted the pinned link", 1, TIMEOUT)?;
+    ensure!(
+        seed.agent2.log().contains(&pin) && link_exists(*link),
+        "the link {pin} was adopted:\n{}",
+        seed.agent2.log()
+    );
+
+    seed.host2.netns.ip(&["link", "del", "flannel-v6.1"])?;
+    wait_for("the guard on the new flannel-v6.1", TIMEOUT, || {
+        guards_flannel_v6(&seed.host2)
+    })?;
+    seed.host2.wait_for_route(SUBNET1_V6)?;
+    seed.bbox1.ping6(BBOX2_V6, 2)?;
+    seed.bbox2.ping6(BBOX1_V6, 2)?;
+
+    seed.agent2.process.terminate(TIMEOUT)?;
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &["--dataplane=kernel"])?;
+    assert_eq!(seed.agent2.wait_ready()?, SUBNET2);
+    assert_eq!(tcx_programs(&seed.host2.netns)?, Vec::<String>::new());
+    seed.bbox1.ping6(BBOX2_V6, 2)?;
+    Ok(())
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! version's is adopted with its contents; one of another shape (an older `counters` with fewer
 //! counters, say) is replaced, where adopting it would get the programs rejected by the
 //! verifier or let lookups overrun their buffer. So are lease maps sized for another network.
-//! An agent loads its dataplane before it takes a lease: one that cannot takes none.
+//! An agent loads its dataplane before it takes a lease: one that cannot takes none. An agent
+//! upgraded over a dataplane pinned before the IPv6 guards checks IPv6 from its first round.
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -15,10 +16,11 @@ use overlay_common::{Counters, OverlayConfig};
 use overlay_tests::{
     agent::Agent,
     cluster::{BPFFS, Cluster, PREFIX},
+    ipv6::{BBOX1_V6, BBOX2_V6, HOST1_V6, SUBNET1_V6},
     loss::{LossWindow, steady_ping},
     netns::Netns,
     require_root,
-    seed::{BBOX2, HOST1, Seed},
+    seed::{BBOX2, HOST1, SUBNET2, Seed},
 };
 
 /// A pin directory of the test's own, removed with everything in it when the test ends.
@@ -214,4 +216,77 @@ fn a_lease_map_replaced_by_an_upgrade_under_traffic_loses_no_packet() -> Result<
     seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &[])?;
     seed.agent2.wait_ready()?;
     window.assert_no_loss(ping, 500, &[])
+}
+
+/// Creates the map `name` at `pin` as bpftool would: `kind`, 4-byte keys, `value`-byte values.
+fn pin_map(pin: &Path, name: &str, kind: &str, value: usize) -> Result<()> {
+    std::fs::remove_file(pin)?;
+    overlay_tests::netns::run(std::process::Command::new("bpftool").args([
+        "map",
+        "create",
+        &pin.display().to_string(),
+        "type",
+        kind,
+        "key",
+        "4",
+        "value",
+        &value.to_string(),
+        "entries",
+        "1",
+        "name",
+        name,
+    ]))?;
+    Ok(())
+}
+
+#[test]
+fn an_upgrade_over_a_dataplane_pinned_before_the_ipv6_guards_guards_ipv6_at_once() -> Result<()> {
+    let mut seed = Seed::start_dual_stack("upgrade-v6", [&[], &[]])?;
+    seed.agent2.process.terminate(Duration::from_secs(20))?;
+    // The maps as the version before pinned them: no `vteps6`, a config without the IPv6
+    // fields (52 bytes), four counters fewer.
+    let dir = seed.host2.pin_dir();
+    std::fs::remove_file(dir.join("vteps6"))?;
+    pin_map(&dir.join("config"), "config", "array", 52)?;
+    let older_counters = size_of::<Counters>() - 4 * size_of::<u64>();
+    pin_map(
+        &dir.join("counters"),
+        "counters",
+        "percpu_array",
+        older_counters,
+    )?;
+
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &[])?;
+    assert_eq!(seed.agent2.wait_ready()?, SUBNET2);
+    for map in ["config", "counters"] {
+        let warning = format!(
+            "replacing a map an older version pinned: {}",
+            dir.join(map).display()
+        );
+        assert!(
+            seed.agent2.log().contains(&warning),
+            "{}",
+            seed.agent2.log()
+        );
+    }
+    let pinned = pins::PinnedDataplane::open(&dir)?;
+    let expected = (HOST1_V6.parse()?, SUBNET1_V6.parse()?);
+    overlay_tests::wait::wait_for(
+        "host1 in the new vteps6 map",
+        Duration::from_secs(20),
+        || {
+            Ok(pinned
+                .ipv6_vtep_entries()?
+                .into_iter()
+                .any(|entry| entry == expected))
+        },
+    )?;
+    seed.bbox1.ping6(BBOX2_V6, 2)?;
+    seed.bbox2.ping6(BBOX1_V6, 2)?;
+    let counters = pinned.counters()?;
+    assert!(
+        counters.get(overlay_common::Counter::RxChecked) >= 2,
+        "host1's VXLAN over IPv6 was checked: {counters:?}"
+    );
+    Ok(())
 }

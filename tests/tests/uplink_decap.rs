@@ -8,61 +8,24 @@ use anyhow::Result;
 use overlay_common::{CHECKED_MARK, Counter};
 use overlay_tests::{
     dataplane::{
-        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UplinkHook, dataplane_of,
-        dataplane_with, host2_with_bbox2, run_uplink, run_vtep_ingress, write_leases,
+        HOST1, HOST2, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UplinkHook, assert_host2_drops,
+        assert_host2_passes, dataplane_of, dataplane_with, host2_receives, host2_with_bbox2,
+        run_uplink, run_vtep_ingress, write_leases,
     },
     frames::*,
 };
 
-/// The kernel refuses tc test frames that claim IPv4 but are shorter than its header.
-const TC_MIN_FRAME: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN;
 /// Where the seed frame's inner Ethernet header starts.
 const SEED_INNER: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + VXLAN_HEADER_LEN;
 
-/// host2 receiving `frame` from host1, its only peer, at `hook`.
-fn receive(hook: UplinkHook, frame: &[u8]) -> Result<Outcome> {
-    run_uplink(hook, &dataplane_of(&HOST2, &[&HOST1])?, frame)
-}
-
 fn assert_passed_untouched(frame: &[u8], expected: Counter) -> Result<()> {
-    for hook in UplinkHook::ALL {
-        let outcome = receive(hook, frame)?;
-        assert_eq!(
-            outcome.verdict,
-            hook.pass(),
-            "{hook:?}: {}",
-            expected.name()
-        );
-        assert_eq!(
-            outcome.frame, frame,
-            "{hook:?}: a frame that is not ours passes unchanged"
-        );
-        outcome.assert_only(expected);
-    }
-    Ok(())
-}
-
-fn assert_dropped(frame: &[u8], expected: Counter) -> Result<()> {
-    for hook in UplinkHook::ALL {
-        if hook == UplinkHook::Tc && frame.len() < TC_MIN_FRAME {
-            continue;
-        }
-        let outcome = receive(hook, frame)?;
-        assert_eq!(
-            outcome.verdict,
-            hook.drop(),
-            "{hook:?}: {}",
-            expected.name()
-        );
-        outcome.assert_only(expected);
-    }
-    Ok(())
+    assert_host2_passes(frame, expected, 0)
 }
 
 /// Asserts both hooks hand `frame` to flannel.1 for the stack.
 fn assert_handed_to_the_vtep(frame: &[u8], inner_offset: usize) -> Result<()> {
     for hook in UplinkHook::ALL {
-        let outcome = receive(hook, frame)?;
+        let outcome = host2_receives(hook, frame)?;
         assert_eq!(outcome.verdict, hook.to_vtep(), "{hook:?}");
         assert_eq!(
             outcome.frame,
@@ -80,16 +43,7 @@ fn assert_handed_to_the_vtep(frame: &[u8], inner_offset: usize) -> Result<()> {
 /// Asserts both hooks pass `frame` on, checked but still encapsulated, for the stack to
 /// finish; tc marks it for flannel.1's socket.
 fn assert_checked_for_the_socket(frame: &[u8]) -> Result<()> {
-    for hook in UplinkHook::ALL {
-        let outcome = receive(hook, frame)?;
-        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
-        assert_eq!(outcome.frame, frame, "{hook:?}: still encapsulated");
-        outcome.assert_only(Counter::RxChecked);
-        if hook == UplinkHook::Tc {
-            assert_eq!(outcome.mark, CHECKED_MARK, "flannel.1 lets it through");
-        }
-    }
-    Ok(())
+    assert_host2_passes(frame, Counter::RxChecked, CHECKED_MARK)
 }
 
 /// `frame` with byte `at` of the IPv4 header at `ip_offset` set to `value`, the header
@@ -208,7 +162,7 @@ fn traffic_that_is_not_vxlan_passes_untouched() -> Result<()> {
     .concat();
     assert_passed_untouched(
         &ethernet([0xff; 6], HOST1_MAC, ETH_P_ARP, &request),
-        Counter::RxNotIpv4,
+        Counter::RxNotIp,
     )
 }
 
@@ -220,7 +174,7 @@ fn a_first_fragment_is_checked_and_left_to_the_stack_to_reassemble() -> Result<(
     // From a host with no lease, it is dropped like any of its frames.
     let mut stranger = frame;
     stranger[ETH_HEADER_LEN + 12..][..4].copy_from_slice(&[172, 20, 62, 99]);
-    assert_dropped(&stranger, Counter::RxUnknownVtep)
+    assert_host2_drops(&stranger, Counter::RxUnknownVtep)
 }
 
 #[test]
@@ -252,7 +206,7 @@ fn vxlan_flags_and_reserved_bits_the_kernel_refuses_are_dropped() -> Result<()> 
     for (at, value) in [(0, 0x0c), (1, 0x01), (3, 0x80), (7, 0x01)] {
         let mut frame = seed_vxlan_frame(1, 8472);
         frame[vxlan_header + at] = value;
-        assert_dropped(&frame, Counter::RxMalformed)?;
+        assert_host2_drops(&frame, Counter::RxMalformed)?;
     }
     Ok(())
 }
@@ -274,7 +228,7 @@ fn congestion_the_outer_header_met_is_marked_on_the_inner_packet() -> Result<()>
 #[test]
 fn congestion_on_a_packet_that_is_not_ecn_capable_drops_it() -> Result<()> {
     let frame = with_ipv4_byte(seed_vxlan_frame(1, 8472), ETH_HEADER_LEN, 1, 0x03);
-    assert_dropped(&frame, Counter::RxCeNotEct)
+    assert_host2_drops(&frame, Counter::RxCeNotEct)
 }
 
 #[test]
@@ -297,7 +251,7 @@ fn flannel_1_lets_through_only_what_the_uplink_checked() -> Result<()> {
 fn vxlan_from_an_unknown_host_is_dropped() -> Result<()> {
     let mut frame = seed_vxlan_frame(1, 8472);
     frame[ETH_HEADER_LEN + 12..][..4].copy_from_slice(&[172, 20, 62, 99]);
-    assert_dropped(&frame, Counter::RxUnknownVtep)?;
+    assert_host2_drops(&frame, Counter::RxUnknownVtep)?;
     // A peer that holds no lease any more is unknown too.
     for hook in UplinkHook::ALL {
         let outcome = run_uplink(
@@ -321,7 +275,7 @@ fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
         &icmp_echo_request(1, 1, b"spoof"),
     );
     let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
-    assert_dropped(
+    assert_host2_drops(
         &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
         Counter::RxSpoofedSource,
     )
@@ -388,9 +342,9 @@ fn inner_frames_other_than_ipv4_are_dropped() -> Result<()> {
     ]
     .concat();
     let inner = ethernet([0xff; 6], HOST1_VTEP_MAC, ETH_P_ARP, &arp);
-    assert_dropped(
+    assert_host2_drops(
         &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
-        Counter::RxInnerNotIpv4,
+        Counter::RxInnerOtherFamily,
     )
 }
 
@@ -398,7 +352,7 @@ fn inner_frames_other_than_ipv4_are_dropped() -> Result<()> {
 fn vxlan_without_the_vni_flag_is_dropped() -> Result<()> {
     let mut frame = seed_vxlan_frame(1, 8472);
     frame[ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN] = 0;
-    assert_dropped(&frame, Counter::RxMalformed)
+    assert_host2_drops(&frame, Counter::RxMalformed)
 }
 
 #[test]
@@ -423,7 +377,7 @@ fn inconsistent_lengths_are_dropped() -> Result<()> {
         for (what, corrupt) in cases {
             let mut frame = seed_vxlan_frame(1, 8472);
             corrupt(&mut frame);
-            let outcome = receive(hook, &frame)?;
+            let outcome = host2_receives(hook, &frame)?;
             assert_eq!(
                 (outcome.verdict, outcome.counters.get(Counter::RxMalformed)),
                 (hook.drop(), 1),
@@ -456,7 +410,7 @@ fn frames_cut_short_are_dropped() -> Result<()> {
         inner + ETH_HEADER_LEN + IPV4_HEADER_LEN - 1,
     ];
     for cut in boundaries {
-        assert_dropped(&frame[..cut], Counter::RxMalformed)?;
+        assert_host2_drops(&frame[..cut], Counter::RxMalformed)?;
     }
     Ok(())
 }
@@ -475,7 +429,7 @@ fn consistent_but_short_datagrams_are_dropped() -> Result<()> {
         VXLAN_HEADER_LEN + inner_headers - 1,
     ] {
         let payload = &full[vxlan_start..][..payload_len];
-        assert_dropped(
+        assert_host2_drops(
             &outer_udp_frame(&[], 49152, 8472, payload),
             Counter::RxMalformed,
         )?;

@@ -83,7 +83,8 @@ pub struct Attachments {
     /// tc programs go in as netlink filters, not tcx links.
     netlink: bool,
     uplink: Option<(u32, DecapHook)>,
-    vtep: Option<u32>,
+    /// flannel.<VNI>, and flannel-v6.<VNI> if there is one.
+    vteps: Option<(u32, Option<u32>)>,
     bridge: Option<u32>,
     containers: HashSet<u32>,
     /// Container ports that refused the program, warned about once.
@@ -112,8 +113,9 @@ impl Dataplane {
     }
 
     /// Writes the programs' settings and attaches each where `placement` says: the uplink's
-    /// decapsulator at `hook` (in `xdp_mode` for XDP), the VXLAN device's encapsulator, and
-    /// the fast path on the container ports and the bridge.
+    /// decapsulator at `hook` (in `xdp_mode` for XDP), the VXLAN device's encapsulator, the
+    /// guards of both VXLAN devices' sockets, and the fast path on the container ports and the
+    /// bridge.
     pub fn place(
         &mut self,
         placement: &Placement,
@@ -121,7 +123,7 @@ impl Dataplane {
         xdp_mode: XdpModeChoice,
     ) -> Result<()> {
         self.set_config(&placement.config)?;
-        self.ensure_vtep_attached(&placement.vtep.name, placement.vtep.index)?;
+        self.ensure_vteps_attached(&placement.vtep, placement.vtep6.as_ref())?;
         self.ensure_uplink_attached(
             &placement.uplink.name,
             placement.uplink.index,
@@ -161,21 +163,30 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes sure the encapsulator sits on the egress of `interface` (index `ifindex`), the
-    /// VXLAN device, and the guard of its socket on its ingress.
-    fn ensure_vtep_attached(&mut self, interface: &str, ifindex: u32) -> Result<()> {
-        if self.attached.vtep == Some(ifindex) {
+    /// Makes sure the encapsulator sits on the egress of `vtep`, the IPv4 VXLAN device, and
+    /// the guard of the sockets on the ingress of `vtep` and `vtep6` (flannel-v6.<VNI>, which
+    /// the kernel's IPv6 forwarding uses in either mode), and nowhere else.
+    fn ensure_vteps_attached(&mut self, vtep: &Device, vtep6: Option<&Device>) -> Result<()> {
+        let wanted = (vtep.index, vtep6.map(|vtep6| vtep6.index));
+        if self.attached.vteps == Some(wanted) {
             return Ok(());
         }
-        for (program, direction) in [
-            (VTEP_PROGRAM, TcAttachType::Egress),
-            (VTEP_INGRESS_PROGRAM, TcAttachType::Ingress),
-        ] {
-            self.detach_all_but(program, &HashSet::from([ifindex]))?;
-            self.attach_tc(program, interface, ifindex, direction)?;
-            log::info!("{program} attached to {interface} {direction:?}");
+        let guarded: Vec<&Device> = [Some(vtep), vtep6].into_iter().flatten().collect();
+        let places = [
+            (VTEP_PROGRAM, TcAttachType::Egress, vec![vtep]),
+            (VTEP_INGRESS_PROGRAM, TcAttachType::Ingress, guarded),
+        ];
+        for (program, direction, devices) in places {
+            self.detach_all_but(
+                program,
+                &devices.iter().map(|device| device.index).collect(),
+            )?;
+            for device in devices {
+                self.attach_tc(program, &device.name, device.index, direction)?;
+                log::info!("{program} attached to {} {direction:?}", device.name);
+            }
         }
-        self.attached.vtep = Some(ifindex);
+        self.attached.vteps = Some(wanted);
         Ok(())
     }
 

@@ -44,6 +44,7 @@ const CONFIG_MAP: &str = "config";
 const COUNTERS_MAP: &str = "counters";
 pub const SUBNETS_MAP: &str = "subnets";
 pub const VTEPS_MAP: &str = "vteps";
+pub const VTEPS6_MAP: &str = "vteps6";
 const ENDPOINTS_MAP: &str = "endpoints";
 const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
 const BOUND_MACS_MAP: &str = "bound_macs";
@@ -52,11 +53,12 @@ const HANDED_FLOWS_MAP: &str = "handed_flows";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
     VTEPS_MAP,
+    VTEPS6_MAP,
     ENDPOINTS_MAP,
     BOUND_ADDRESSES_MAP,
     BOUND_MACS_MAP,
@@ -67,9 +69,9 @@ const MAPS: [&str; 11] = [
 ];
 
 /// The lease maps, sized at load time by [`LeaseCapacity`].
-const LEASE_MAPS: [&str; 2] = [SUBNETS_MAP, VTEPS_MAP];
+const LEASE_MAPS: [&str; 3] = [SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP];
 
-/// How many entries each lease map (`subnets`, `vteps`) is created with: one per subnet the
+/// How many entries each lease map (`subnets`, `vteps`, `vteps6`) is created with: one per subnet the
 /// network config holds, within bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseCapacity(u32);
@@ -79,7 +81,8 @@ impl LeaseCapacity {
     /// cost of kilobytes.
     pub const MIN: Self = Self(256);
     /// 2^20 slots: a /8 of /28 leases. `vteps` is a preallocated hash of 80 bytes a slot, 80
-    /// MiB of kernel memory at this size; larger networks get this many too.
+    /// MiB of kernel memory at this size (`vteps6` allocates per entry); larger networks get
+    /// this many too.
     pub const MAX: Self = Self(1 << 20);
 
     /// Room for `subnets` leases, raised to [`Self::MIN`] or cut to [`Self::MAX`].
@@ -93,7 +96,7 @@ impl LeaseCapacity {
     }
 
     /// Each lease map's name with the entries it is created with.
-    fn sized_maps(self) -> [(&'static str, u32); 2] {
+    fn sized_maps(self) -> [(&'static str, u32); 3] {
         LEASE_MAPS.map(|name| (name, self.0))
     }
 }

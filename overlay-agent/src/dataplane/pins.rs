@@ -2,7 +2,7 @@
 //! for `overlay-agent status`, `monitor`, `teardown` and the metrics.
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -10,14 +10,15 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{
     Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie,
 };
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{
     Counters, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep, RoutedFlow, VtepSubnet,
+    VtepSubnet6,
 };
 
 use super::{
     CONFIG_MAP, COUNTERS_MAP, DROP_EVENTS_MAP, ENDPOINTS_MAP, MAPS, MONITOR_MAP, PROGRAMS,
-    ROUTED_FLOWS_MAP, SUBNETS_MAP, VTEPS_MAP, sum_per_cpu,
+    ROUTED_FLOWS_MAP, SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP, sum_per_cpu,
 };
 
 /// While alive, the programs report every drop to the `drop_events` ring buffer.
@@ -89,6 +90,21 @@ impl PinnedDataplane {
             .collect()
     }
 
+    /// Every host's PublicIPv6 in the IPv6 VTEP map, with the IPv6 subnet it may send from.
+    pub fn ipv6_vtep_entries(&self) -> Result<HashMap<Ipv6Addr, Ipv6Network>> {
+        let map = self.map(VTEPS6_MAP)?;
+        let vteps: BpfHashMap<&MapData, [u8; 16], VtepSubnet6> = BpfHashMap::try_from(&map)?;
+        vteps
+            .iter()
+            .map(|entry| {
+                let (address, vtep) = entry.context("cannot read the IPv6 VTEP map")?;
+                let subnet = Ipv6Network::new(vtep.subnet.into(), vtep.prefix_len as u8)
+                    .context("the IPv6 VTEP map holds a bad prefix")?;
+                Ok((address.into(), subnet))
+            })
+            .collect()
+    }
+
     /// The settings the programs read.
     pub fn config(&self) -> Result<OverlayConfig> {
         let map = self.map(CONFIG_MAP)?;
@@ -110,9 +126,10 @@ impl PinnedDataplane {
 
     /// How full each lease, endpoint and flow map is.
     pub fn occupancy(&self) -> Result<Vec<MapOccupancy>> {
-        let (subnets, vteps, endpoints, routed_flows) = (
+        let (subnets, vteps, vteps6, endpoints, routed_flows) = (
             self.map(SUBNETS_MAP)?,
             self.map(VTEPS_MAP)?,
+            self.map(VTEPS6_MAP)?,
             self.map(ENDPOINTS_MAP)?,
             self.map(ROUTED_FLOWS_MAP)?,
         );
@@ -126,6 +143,12 @@ impl PinnedDataplane {
             (
                 VTEPS_MAP,
                 BpfHashMap::<_, [u8; 4], VtepSubnet>::try_from(&vteps)?
+                    .keys()
+                    .count(),
+            ),
+            (
+                VTEPS6_MAP,
+                BpfHashMap::<_, [u8; 16], VtepSubnet6>::try_from(&vteps6)?
                     .keys()
                     .count(),
             ),

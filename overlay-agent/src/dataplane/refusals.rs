@@ -5,8 +5,9 @@ use overlay_common::{Counter, Counters};
 
 /// The counters of frames someone on this host, or a sender we did not check, tried to slip
 /// past the checks.
-const REFUSALS: [Counter; 4] = [
+const REFUSALS: [Counter; 5] = [
     Counter::TxSpoofedSource,
+    Counter::TxIpv6SpoofedSource,
     Counter::TxSpoofedMac,
     Counter::TxVxlanFromContainer,
     Counter::RxUncheckedVxlan,

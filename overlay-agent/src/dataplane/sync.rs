@@ -13,20 +13,22 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use ipnetwork::Ipv4Network;
-use overlay_common::{LocalEndpoint, RemoteVtep, VtepSubnet};
+use overlay_common::{LocalEndpoint, RemoteVtep, VtepSubnet, VtepSubnet6};
 
 use super::{
-    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, VTEPS_MAP, map_mut,
+    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, VTEPS_MAP,
+    VTEPS6_MAP, map_mut,
 };
 use crate::reconcile::desired::{Endpoints, LeaseEntries};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type VtepMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], VtepSubnet>;
+type Vtep6Map<'a> = BpfHashMap<&'a mut MapData, [u8; 16], VtepSubnet6>;
 type EndpointMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], LocalEndpoint>;
 
-/// The lease entries a write left out. A lease missing from either map is dropped by the
-/// programs (`subnets` carries its traffic out, `vteps` lets its host's traffic in), so no
-/// route may lead to it.
+/// The lease entries a write left out. A lease missing from any lease map is dropped by the
+/// programs (`subnets` carries its traffic out, `vteps` and `vteps6` let its host's traffic
+/// in), so no route may lead to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[must_use = "a lease left out of the maps must get no route"]
 pub struct Unwritten {
@@ -116,6 +118,14 @@ impl Dataplane {
                 unwritten.note(VTEPS_MAP, capacity, leases, error);
             }
         }
+        let mut vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
+        for (public_ipv6, (vtep_subnet, leases)) in &desired.vteps6 {
+            if vteps6.get(public_ipv6, 0).ok().as_ref() != Some(vtep_subnet)
+                && let Err(error) = vteps6.insert(public_ipv6, vtep_subnet, 0)
+            {
+                unwritten.note(VTEPS6_MAP, capacity, leases, &error);
+            }
+        }
         Ok(unwritten)
     }
 
@@ -136,18 +146,11 @@ impl Dataplane {
                 .remove(key)
                 .context("cannot delete from the subnet map")?;
         }
-        let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
-        let stale_vteps: Vec<[u8; 4]> = vteps
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| !desired.vteps.contains_key(key))
-            .collect();
-        for key in &stale_vteps {
-            vteps
-                .remove(key)
-                .context("cannot delete from the VTEP map")?;
-        }
-        Ok(stale_subnets.len() + stale_vteps.len())
+        let vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
+        let stale_vteps = remove_stale(vteps, &desired.vteps, VTEPS_MAP)?;
+        let vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
+        let stale_vteps6 = remove_stale(vteps6, &desired.vteps6, VTEPS6_MAP)?;
+        Ok(stale_subnets.len() + stale_vteps + stale_vteps6)
     }
 
     /// Makes the endpoint map hold exactly `endpoints` (container address → where it is).
@@ -159,17 +162,26 @@ impl Dataplane {
                     .context("cannot write the endpoint map")?;
             }
         }
-        let stale: Vec<[u8; 4]> = map
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| !endpoints.contains_key(key))
-            .collect();
-        for key in &stale {
-            map.remove(key)
-                .context("cannot delete from the endpoint map")?;
-        }
-        Ok(())
+        remove_stale(map, endpoints, ENDPOINTS_MAP).map(drop)
     }
+}
+
+/// Deletes every entry of `map` whose key `desired` lacks; returns how many.
+fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
+    mut map: BpfHashMap<&mut MapData, K, V>,
+    desired: &std::collections::HashMap<K, W>,
+    name: &str,
+) -> Result<usize> {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !desired.contains_key(key))
+        .collect();
+    for key in &stale {
+        map.remove(key)
+            .with_context(|| format!("cannot delete from the {name} map"))?;
+    }
+    Ok(stale.len())
 }
 
 impl Dataplane {

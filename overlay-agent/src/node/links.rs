@@ -199,14 +199,7 @@ pub async fn ensure_lease_address(
     prefix_len: u8,
     network: IpNetwork,
 ) -> Result<()> {
-    let present: Vec<AddressMessage> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list addresses")?;
+    let present = addresses_of(handle, index).await?;
     let mut has_it = false;
     for message in present {
         let Some(local) = local_address(&message) else {
@@ -236,6 +229,18 @@ pub async fn ensure_lease_address(
         .execute()
         .await
         .with_context(|| format!("cannot add {address}/{prefix_len}"))
+}
+
+/// Every address of the link `index`, of both families.
+pub async fn addresses_of(handle: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
+    handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("cannot list the addresses of ifindex {index}"))
 }
 
 /// The address an address message gives its link: IFA_LOCAL for IPv4, IFA_ADDRESS for IPv6,

@@ -25,6 +25,9 @@ pub struct Uplink {
     /// The interface's IPv4 address: the tunnel's source, and the public IP unless
     /// `--public-ip`. None on an interface without one (an IPv6-only host's).
     pub address: Option<Ipv4Addr>,
+    /// The interface's IPv6 address as flannel picks it (see [`ipv6_address`]): the IPv6
+    /// tunnel's source, and the PublicIPv6 unless `--public-ipv6`.
+    pub ipv6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -35,6 +38,7 @@ pub struct Choice<'a> {
     pub regexes: &'a [String],
     pub can_reach: Option<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 struct Link {
@@ -72,6 +76,7 @@ impl Interfaces {
             name: link.name.clone(),
             index,
             address,
+            ipv6: None,
             mtu: link.mtu,
         })
     }
@@ -127,6 +132,10 @@ pub async fn current(handle: &Handle, started_with: &Uplink) -> Result<Uplink> {
         None => interfaces.named(&started_with.name),
     };
     now.filter(|uplink| uplink.name == started_with.name)
+        .map(|uplink| Uplink {
+            ipv6: started_with.ipv6,
+            ..uplink
+        })
         .with_context(|| {
             let address = started_with
                 .address
@@ -139,8 +148,14 @@ pub async fn current(handle: &Handle, started_with: &Uplink) -> Result<Uplink> {
         })
 }
 
-/// Finds the uplink as [`Choice`] asks, in flanneld's order.
+/// Finds the uplink as [`Choice`] asks, in flanneld's order, with its IPv6 address.
 pub async fn find(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
+    let uplink = find_interface(handle, choice).await?;
+    let ipv6 = ipv6_address(handle, uplink.index, choice.public_ipv6).await?;
+    Ok(Uplink { ipv6, ..uplink })
+}
+
+async fn find_interface(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
     let interfaces = Interfaces::list(handle).await?;
     if choice.ifaces.is_empty() && choice.regexes.is_empty() && choice.can_reach.is_none() {
         return match choice.public_ip {
@@ -270,19 +285,12 @@ async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr)>> {
 /// (`--public-ipv6`) when the interface holds it, else the first non-deprecated global or
 /// link-local unicast address, global before link-local, permanent before configured by
 /// the kernel, stable before temporary.
-pub async fn ipv6_address(
+async fn ipv6_address(
     handle: &Handle,
     index: u32,
     wanted: Option<Ipv6Addr>,
 ) -> Result<Option<Ipv6Addr>> {
-    let messages: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .context("cannot list the uplink's addresses")?;
+    let messages = super::links::addresses_of(handle, index).await?;
     let mut candidates: Vec<(Ipv6Addr, AddressFlags)> = messages
         .into_iter()
         .filter_map(|message| {

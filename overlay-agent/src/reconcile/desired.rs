@@ -7,10 +7,15 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    CONFIG_FAST_PATH, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, VtepSubnet,
+    CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep,
+    VtepSubnet, VtepSubnet6,
 };
 
-use crate::{mac::MacAddr, node::bridge::gateway, subnet::Lease};
+use crate::{
+    mac::MacAddr,
+    node::bridge::{gateway, ipv6_gateway},
+    subnet::{Lease, LeaseSubnets},
+};
 
 /// Where this host's overlay devices are, as the node sink last made sure of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +90,9 @@ pub struct LeaseEntries {
     pub subnets: HashMap<Ipv4Network, RemoteVtep>,
     /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
     pub vteps: HashMap<[u8; 4], VtepSubnet>,
+    /// Remote PublicIPv6 → the IPv6 subnet it may send from (the uplink's check of VXLAN over
+    /// IPv6), with the (IPv4) subnets of the leases behind each.
+    pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<Ipv4Network>)>,
 }
 
 impl LeaseEntries {
@@ -107,6 +115,8 @@ pub struct Placement {
     pub config: OverlayConfig,
     pub uplink: Device,
     pub vtep: Device,
+    /// flannel-v6.<VNI>, whose socket's ingress the guard watches too.
+    pub vtep6: Option<Device>,
     /// Every container port.
     pub containers: Vec<Device>,
     /// The container bridge, whose egress notes the flows the stack carries, with the fast
@@ -239,8 +249,34 @@ pub fn lease_entries<'a>(
                 prefix_len: u32::from(lease.subnet.prefix()),
             },
         );
+        if let Some((subnet6, public_ipv6, _)) = lease.ipv6_peer() {
+            add_ipv6_vtep(&mut entries, lease.subnet, subnet6, public_ipv6.octets());
+        }
     }
     entries
+}
+
+/// The IPv6 VTEP entry of the lease `subnet` (IPv4) with `subnet6` at `public_ipv6`. The map
+/// holds one IPv6 subnet a host: of two leases of one host, the greater subnet wins, the same
+/// one every round.
+fn add_ipv6_vtep(
+    entries: &mut LeaseEntries,
+    subnet: Ipv4Network,
+    subnet6: Ipv6Network,
+    public_ipv6: [u8; 16],
+) {
+    let value = VtepSubnet6 {
+        subnet: subnet6.network().octets(),
+        prefix_len: u32::from(subnet6.prefix()),
+    };
+    let (entry, leases) = entries
+        .vteps6
+        .entry(public_ipv6)
+        .or_insert((value, Vec::new()));
+    if value.subnet > entry.subnet {
+        *entry = value;
+    }
+    leases.push(subnet);
 }
 
 /// Every container address in our `subnet` whose MAC sits behind a known port.
@@ -263,8 +299,8 @@ pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
         .collect()
 }
 
-/// The programs' places: the uplink's decapsulator, the VXLAN device's encapsulator and
-/// socket guard, one checker (with the fast path, also encapsulator) per container port and,
+/// The programs' places: the uplink's decapsulator, the VXLAN devices' encapsulator and
+/// socket guards, one checker (with the fast path, also encapsulator) per container port and,
 /// with the fast path, the bridge's flow watcher. `base` is the config but for the lease and
 /// device facts filled in here.
 pub fn placement(
@@ -272,30 +308,47 @@ pub fn placement(
     devices: &Devices,
     vtep: &Device,
     containers: &Containers,
-    subnet: Ipv4Network,
+    subnets: &LeaseSubnets,
     fast_path: bool,
 ) -> Placement {
+    let subnet = subnets.ipv4;
+    let (local_subnet6, local_netmask6, bridge_ipv6) = match subnets.ipv6 {
+        Some(subnet6) => (
+            subnet6.network().octets(),
+            subnet6.mask().octets(),
+            ipv6_gateway(subnet6).octets(),
+        ),
+        None => Default::default(),
+    };
     let config = OverlayConfig {
         vtep_ifindex: vtep.index,
         bridge_mac: devices.bridge_mac.0,
         uplink_ifindex: devices.uplink.index,
-        flags: if fast_path {
-            base.flags | CONFIG_FAST_PATH
-        } else {
-            base.flags & !CONFIG_FAST_PATH
-        },
+        flags: with_flag(
+            with_flag(base.flags, CONFIG_FAST_PATH, fast_path),
+            CONFIG_IPV6,
+            subnets.ipv6.is_some(),
+        ),
         local_subnet: subnet.network().octets(),
         local_netmask: subnet.mask().octets(),
         bridge_ip: gateway(subnet).octets(),
+        local_subnet6,
+        local_netmask6,
+        bridge_ipv6,
         ..*base
     };
     Placement {
         config,
         uplink: devices.uplink.clone(),
         vtep: vtep.clone(),
+        vtep6: devices.vtep6.clone(),
         containers: containers.ports.values().cloned().collect(),
         bridge: fast_path.then(|| devices.bridge.clone()),
     }
+}
+
+fn with_flag(flags: u16, flag: u16, on: bool) -> u16 {
+    if on { flags | flag } else { flags & !flag }
 }
 
 #[cfg(test)]
@@ -586,8 +639,8 @@ mod tests {
             vni: 1,
             ..OverlayConfig::default()
         };
-        let subnet = "10.2.41.0/24".parse().expect("subnet");
-        let with = placement(&base, &devices(), &vtep(), &containers, subnet, true);
+        let subnets = LeaseSubnets::ipv4("10.2.41.0/24".parse().expect("subnet"));
+        let with = placement(&base, &devices(), &vtep(), &containers, &subnets, true);
         assert_eq!(with.containers, vec![port.clone()]);
         assert_eq!(with.bridge, Some(devices().bridge));
         assert_eq!(
@@ -614,10 +667,101 @@ mod tests {
             &devices(),
             &vtep(),
             &containers,
-            subnet,
+            &subnets,
             false,
         );
         assert_eq!(without.containers, vec![port]);
         assert!(without.bridge.is_none() && !without.config.fast_path());
+        assert!(!without.config.ipv6() && without.config.local_subnet6 == [0; 16]);
+    }
+
+    #[test]
+    fn placement_with_an_ipv6_lease_checks_ipv6_and_guards_flannel_v6() {
+        let vtep6 = Device {
+            name: "flannel-v6.1".into(),
+            index: 5,
+        };
+        let devices = Devices {
+            vtep6: Some(vtep6.clone()),
+            ..devices()
+        };
+        let subnets = LeaseSubnets {
+            ipv4: "10.2.41.0/24".parse().expect("subnet"),
+            ipv6: Some("fd00:2:0:41::/64".parse().expect("subnet")),
+        };
+        let base = OverlayConfig::default();
+        let placed = placement(
+            &base,
+            &devices,
+            &vtep(),
+            &Containers::default(),
+            &subnets,
+            true,
+        );
+        assert_eq!(placed.vtep6, Some(vtep6));
+        assert!(placed.config.ipv6() && placed.config.fast_path());
+        let address = |text: &str| text.parse::<Ipv6Addr>().expect("address").octets();
+        assert_eq!(
+            (
+                placed.config.local_subnet6,
+                placed.config.local_netmask6,
+                placed.config.bridge_ipv6
+            ),
+            (
+                address("fd00:2:0:41::"),
+                address("ffff:ffff:ffff:ffff::"),
+                address("fd00:2:0:41::1")
+            )
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_lease_gets_an_ipv6_vtep_entry_the_same_every_round() {
+        let dual = |subnet: &str, subnet6: &str| {
+            let mut lease = lease(subnet, "172.20.62.105", Some(VTEP_MAC));
+            lease.ipv6_subnet = Some(subnet6.parse().expect("subnet"));
+            lease.attrs.public_ipv6 = Some("fd00:ff::105".parse().expect("address"));
+            lease.attrs.backend_v6_data = Some(crate::subnet::VxlanLeaseData {
+                vni: Some(1),
+                vtep_mac: VTEP_MAC,
+            });
+            lease
+        };
+        let public_ipv6 = "fd00:ff::105"
+            .parse::<Ipv6Addr>()
+            .expect("address")
+            .octets();
+        let expected = |subnet6: &str| VtepSubnet6 {
+            subnet: subnet6.parse::<Ipv6Addr>().expect("address").octets(),
+            prefix_len: 64,
+        };
+        let first = dual("10.2.54.0/24", "fd00:2:0:54::/64");
+        let entries = lease_entries([first.clone()].iter(), &HashSet::new());
+        assert_eq!(
+            entries.vteps6,
+            HashMap::from([(
+                public_ipv6,
+                (
+                    expected("fd00:2:0:54::"),
+                    vec!["10.2.54.0/24".parse().expect("subnet")]
+                )
+            )])
+        );
+        // A host holding two leases: one entry, the greater subnet, whatever the order.
+        let second = dual("10.2.55.0/24", "fd00:2:0:55::/64");
+        for leases in [
+            [first.clone(), second.clone()],
+            [second.clone(), first.clone()],
+        ] {
+            let entries = lease_entries(leases.iter(), &HashSet::new());
+            assert_eq!(entries.vteps6[&public_ipv6].0, expected("fd00:2:0:55::"));
+            assert_eq!(entries.vteps6[&public_ipv6].1.len(), 2);
+        }
+        let ipv4_only = lease("10.2.56.0/24", "172.20.62.106", Some(VTEP_MAC));
+        assert!(
+            lease_entries([ipv4_only].iter(), &HashSet::new())
+                .vteps6
+                .is_empty()
+        );
     }
 }

@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ipnetwork::Ipv4Network;
 use overlay_common::OverlayConfig;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -92,8 +91,8 @@ pub struct Reconciler {
     node: NodeNetwork,
     ebpf: Option<EbpfSink>,
     rules: RoutingRules,
-    /// This host's lease: container addresses lie inside it.
-    subnet: Ipv4Network,
+    /// This host's lease, each family's: container addresses lie inside it.
+    subnets: LeaseSubnets,
     leases: HashMap<LeaseSubnets, Lease>,
     containers: Containers,
     /// Where the devices were at the last round; none before the first.
@@ -108,14 +107,14 @@ impl Reconciler {
         node: NodeNetwork,
         ebpf: Option<EbpfSink>,
         rules: RoutingRules,
-        subnet: Ipv4Network,
+        subnets: LeaseSubnets,
         metrics: ReconcileMetrics,
     ) -> Self {
         Self {
             node,
             ebpf,
             rules,
-            subnet,
+            subnets,
             leases: HashMap::new(),
             containers: Containers::default(),
             devices: None,
@@ -199,7 +198,7 @@ impl Reconciler {
                 .vtep
                 .as_ref()
                 .context("the eBPF dataplane needs flannel.<VNI>, which only IPv4 networks have")?;
-            place_programs(ebpf, &devices, vtep, &self.containers, self.subnet)?;
+            place_programs(ebpf, &devices, vtep, &self.containers, &self.subnets)?;
         }
         let Some((on_link, lease_entries, mut unwritten)) = leases else {
             return Ok(());
@@ -276,8 +275,12 @@ impl Reconciler {
             } else {
                 HashSet::new()
             };
-            let peers =
-                desired::ipv6_peer_entries(self.leases.values(), vtep6, &devices.uplink, &on_link);
+            // A lease left out of the maps gets no route: its host's VXLAN is dropped here.
+            let mapped = self
+                .leases
+                .values()
+                .filter(|lease| !unwritten.leases.contains(&lease.subnet));
+            let peers = desired::ipv6_peer_entries(mapped, vtep6, &devices.uplink, &on_link);
             let family = FamilyDevices {
                 vtep_index: vtep6.index,
                 uplink_index: devices.uplink.index,
@@ -418,18 +421,18 @@ fn place_programs(
     devices: &Devices,
     vtep: &Device,
     containers: &Containers,
-    subnet: Ipv4Network,
+    subnets: &LeaseSubnets,
 ) -> Result<()> {
     let placement = desired::placement(
         &ebpf.config,
         devices,
         vtep,
         containers,
-        subnet,
+        subnets,
         ebpf.fast_path,
     );
     let endpoints = if ebpf.fast_path {
-        desired::endpoints(containers, subnet)
+        desired::endpoints(containers, subnets.ipv4)
     } else {
         Endpoints::default()
     };

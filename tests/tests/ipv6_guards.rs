@@ -1,0 +1,267 @@
+//! The IPv6 guards in ebpf mode, on hand-built and captured frames through BPF_PROG_TEST_RUN:
+//! the kernel's flannel-v6.1 decapsulates VXLAN over IPv6, and the uplink's programs (tc and
+//! XDP, which must agree) let through to its socket only what a member sends from inside its
+//! IPv6 subnet, marked for flannel-v6.1's guard; a container's IPv6 must come from this host's
+//! IPv6 lease, a link-local address or none, and never go to the VXLAN port.
+use anyhow::Result;
+use overlay_common::{CHECKED_MARK, CONFIG_IPV6, Counter};
+use overlay_tests::{
+    dataplane::{
+        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_SHOT, UplinkHook, assert_host2_drops,
+        assert_host2_passes, dataplane_of, dataplane_with, host2_receives, run_container,
+        run_uplink,
+    },
+    frames::*,
+};
+
+/// Asserts both hooks pass `frame` on as it is, counted as `expected`; tc marks it for
+/// flannel-v6.1's guard when `marked`.
+fn assert_passed(frame: &[u8], expected: Counter, marked: bool) -> Result<()> {
+    assert_host2_passes(frame, expected, if marked { CHECKED_MARK } else { 0 })
+}
+
+/// The captured frame with the IPv6 address at `offset` replaced.
+fn with_address(offset: usize, address: [u8; 16]) -> Vec<u8> {
+    let mut frame = FLANNEL_V6_PING.to_vec();
+    frame[offset..offset + 16].copy_from_slice(&address);
+    frame
+}
+
+#[test]
+fn a_member_s_vxlan_over_ipv6_goes_on_to_flannel_v6_marked() -> Result<()> {
+    assert_passed(&FLANNEL_V6_PING, Counter::RxChecked, true)
+}
+
+#[test]
+fn vxlan_over_ipv6_from_a_host_with_no_lease_is_dropped() -> Result<()> {
+    let stranger = [0xfd, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x66];
+    assert_host2_drops(
+        &with_address(V6_OUTER_IP + IPV6_SRC, stranger),
+        Counter::RxIpv6NonMember,
+    )?;
+    // host1's IPv4 PublicIP mapped into IPv6 is not its PublicIPv6 either.
+    let mut mapped = [0; 16];
+    mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+    mapped[12..].copy_from_slice(&HOST1_IP);
+    assert_host2_drops(
+        &with_address(V6_OUTER_IP + IPV6_SRC, mapped),
+        Counter::RxIpv6NonMember,
+    )?;
+    // A peer that holds no lease any more is unknown too.
+    for hook in UplinkHook::ALL {
+        let outcome = run_uplink(hook, &dataplane_of(&HOST2, &[])?, &FLANNEL_V6_PING)?;
+        assert_eq!(outcome.verdict, hook.drop(), "{hook:?}");
+        outcome.assert_only(Counter::RxIpv6NonMember);
+    }
+    Ok(())
+}
+
+#[test]
+fn an_inner_ipv6_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
+    // host2's own subnet, host1's IPv4 lease's prefix in IPv6 clothing, a link-local address.
+    let mut link_local = [0; 16];
+    link_local[..2].copy_from_slice(&[0xfe, 0x80]);
+    link_local[15] = 2;
+    for source in [
+        BBOX2_IPV6,
+        [0xfd, 0, 0, 2, 0, 0, 0, 0x42, 0, 0, 0, 0, 0, 0, 0, 2],
+        link_local,
+    ] {
+        assert_host2_drops(
+            &with_address(V6_INNER_IP + IPV6_SRC, source),
+            Counter::RxIpv6SpoofedInner,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ipv4_inside_vxlan_over_ipv6_is_dropped() -> Result<()> {
+    let mut frame = FLANNEL_V6_PING.to_vec();
+    frame[V6_INNER_IP - 2..V6_INNER_IP].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    assert_host2_drops(&frame, Counter::RxInnerOtherFamily)
+}
+
+/// A first fragment carries every header the checks read: checked and marked, as IPv4's; the
+/// stack reassembles it, and the datagram keeps the first fragment's mark.
+#[test]
+fn a_first_ipv6_fragment_is_checked_and_later_ones_left_to_the_stack() -> Result<()> {
+    let first = with_ipv6_extension(&FLANNEL_V6_PING, IPPROTO_FRAGMENT, ipv6_fragment(0));
+    assert_passed(&first, Counter::RxChecked, true)?;
+    let mut stranger = first.clone();
+    stranger[V6_OUTER_IP + IPV6_SRC + 15] = 0x66;
+    assert_host2_drops(&stranger, Counter::RxIpv6NonMember)?;
+    let later = with_ipv6_extension(&FLANNEL_V6_PING, IPPROTO_FRAGMENT, ipv6_fragment(185));
+    assert_passed(&later, Counter::RxIpv6Fragment, false)
+}
+
+/// flannel-v6.1 never sends extension headers but a fragment header: UDP behind any other is
+/// not looked for, and goes on unmarked, so flannel-v6.1's guard drops what the socket finds
+/// behind it.
+#[test]
+fn vxlan_behind_another_ipv6_extension_header_goes_on_unmarked() -> Result<()> {
+    let padding = [0, 1, 4, 0, 0, 0, 0];
+    let frame = with_ipv6_extension(&FLANNEL_V6_PING, IPPROTO_DSTOPTS, padding);
+    assert_passed(&frame, Counter::RxNotUdp, false)
+}
+
+#[test]
+fn ipv6_that_is_not_our_vxlan_passes_untouched() -> Result<()> {
+    let mut other_port = FLANNEL_V6_PING.to_vec();
+    other_port[V6_OUTER_IP + IPV6_HEADER_LEN + 2..][..2].copy_from_slice(&4789u16.to_be_bytes());
+    assert_passed(&other_port, Counter::RxOtherPort, false)?;
+    let mut other_vni = FLANNEL_V6_PING.to_vec();
+    other_vni[V6_OUTER_IP + IPV6_HEADER_LEN + UDP_HEADER_LEN + 6] = 7;
+    assert_passed(&other_vni, Counter::RxVxlanForeignVni, false)?;
+    // To another of the host's addresses: flannel-v6.1's guard drops it if the socket takes it.
+    let other_destination = with_address(V6_OUTER_IP + 24, HOST1_IPV6);
+    assert_passed(&other_destination, Counter::RxOtherDestination, false)?;
+    let ping = ipv6(
+        HOST1_IPV6,
+        HOST2_IPV6,
+        IPPROTO_ICMPV6,
+        &[128, 0, 0, 0, 0, 1, 0, 1],
+    );
+    let frame = ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV6, &ping);
+    assert_passed(&frame, Counter::RxNotUdp, false)
+}
+
+/// Cut at every header boundary and inside each header, or with a payload length beyond the
+/// frame: dropped as malformed, never passed on marked. (The kernel refuses tc test frames
+/// shorter than an IPv6 header.)
+#[test]
+fn malformed_vxlan_over_ipv6_is_dropped() -> Result<()> {
+    let udp = V6_OUTER_IP + IPV6_HEADER_LEN;
+    let vxlan = udp + UDP_HEADER_LEN;
+    let inner = vxlan + VXLAN_HEADER_LEN;
+    for cut in [
+        udp,
+        udp + 4,
+        vxlan,
+        vxlan + 4,
+        inner,
+        inner + ETH_HEADER_LEN,
+        V6_INNER_IP + IPV6_HEADER_LEN - 1,
+    ] {
+        assert_host2_drops(&FLANNEL_V6_PING[..cut], Counter::RxMalformed)?;
+    }
+    let fragment = with_ipv6_extension(&FLANNEL_V6_PING, IPPROTO_FRAGMENT, ipv6_fragment(0));
+    assert_host2_drops(&fragment[..udp + 4], Counter::RxMalformed)?;
+    type Corruption = fn(&mut Vec<u8>);
+    let cases: [(&str, Corruption); 3] = [
+        ("IP version 4 in an IPv6 ethertype", |frame| {
+            frame[V6_OUTER_IP] = 0x40
+        }),
+        ("payload length beyond the frame", |frame| {
+            frame[V6_OUTER_IP + 4] = 0xff
+        }),
+        ("UDP length beyond the payload", |frame| {
+            frame[V6_OUTER_IP + IPV6_HEADER_LEN + 4] = 0xff
+        }),
+    ];
+    for (what, corrupt) in cases {
+        let mut frame = FLANNEL_V6_PING.to_vec();
+        corrupt(&mut frame);
+        for hook in UplinkHook::ALL {
+            let outcome = host2_receives(hook, &frame)?;
+            assert_eq!(outcome.verdict, hook.drop(), "{hook:?}: {what}");
+            outcome.assert_only(Counter::RxMalformed);
+        }
+    }
+    Ok(())
+}
+
+/// `packet` (IPv6) as bbox1 puts it on its veth, to docker0.
+fn from_bbox1(packet: &[u8]) -> Vec<u8> {
+    ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ETH_P_IPV6, packet)
+}
+
+fn echo_request_from(source: [u8; 16]) -> Vec<u8> {
+    from_bbox1(&ipv6(
+        source,
+        BBOX2_IPV6,
+        IPPROTO_ICMPV6,
+        &[128, 0, 0, 0, 0, 1, 0, 1],
+    ))
+}
+
+fn from_container(frame: &[u8]) -> Result<Outcome> {
+    run_container(&dataplane_of(&HOST1, &[&HOST2])?, frame)
+}
+
+fn assert_refused(frame: &[u8], expected: Counter) -> Result<()> {
+    let outcome = from_container(frame)?;
+    assert_eq!(outcome.verdict, TC_ACT_SHOT, "{}", expected.name());
+    outcome.assert_only(expected);
+    Ok(())
+}
+
+fn assert_allowed(frame: &[u8]) -> Result<()> {
+    let outcome = from_container(frame)?;
+    assert_eq!(outcome.verdict, TC_ACT_OK);
+    assert_eq!(outcome.frame, frame, "IPv6 goes on to the bridge untouched");
+    outcome.assert_uncounted();
+    Ok(())
+}
+
+#[test]
+fn a_container_sends_ipv6_only_from_its_host_s_ipv6_lease() -> Result<()> {
+    let mut link_local = [0; 16];
+    link_local[..2].copy_from_slice(&[0xfe, 0x80]);
+    link_local[8..].copy_from_slice(&[0, 0x42, 0x0a, 0xff, 0xfe, 0x02, 0x29, 0x02]);
+    // Its own address, a neighbour's (not bound, unlike IPv4), link-local, and none (DAD).
+    let mut neighbour = BBOX1_IPV6;
+    neighbour[15] = 3;
+    for source in [BBOX1_IPV6, neighbour, link_local, [0; 16]] {
+        assert_allowed(&echo_request_from(source))?;
+    }
+    // Another host's subnet, the bridge's address, the lease's network address, an address
+    // outside the overlay.
+    let mut bridge = BBOX1_IPV6;
+    bridge[15] = 1;
+    let mut network = BBOX1_IPV6;
+    network[15] = 0;
+    let outside = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    for source in [BBOX2_IPV6, bridge, network, outside] {
+        assert_refused(&echo_request_from(source), Counter::TxIpv6SpoofedSource)?;
+    }
+    Ok(())
+}
+
+/// In a network without IPv6 the agent gives the programs no IPv6 lease and no IPv6 tunnel
+/// address: IPv6 is not the overlay's, and goes on unchecked.
+#[test]
+fn without_ipv6_in_the_network_ipv6_is_not_ours_to_check() -> Result<()> {
+    let mut config = HOST1.config(1, 8472);
+    config.flags &= !CONFIG_IPV6;
+    config.public_ipv6 = [0; 16];
+    let dataplane = dataplane_with(config, &[&HOST2])?;
+    let outside = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let outcome = run_container(&dataplane, &echo_request_from(outside))?;
+    assert_eq!(outcome.verdict, TC_ACT_OK);
+    outcome.assert_uncounted();
+    for hook in UplinkHook::ALL {
+        let outcome = run_uplink(
+            hook,
+            &dataplane,
+            &with_address(V6_OUTER_IP + 24, HOST1_IPV6),
+        )?;
+        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
+        assert_eq!(outcome.mark, 0, "{hook:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_container_cannot_send_vxlan_over_ipv6() -> Result<()> {
+    let datagram = udp(
+        40000,
+        8472,
+        &FLANNEL_V6_PING[V6_OUTER_IP + IPV6_HEADER_LEN + 8..],
+    );
+    let packet = from_bbox1(&ipv6(BBOX1_IPV6, HOST2_IPV6, IPPROTO_UDP, &datagram));
+    assert_refused(&packet, Counter::TxVxlanFromContainer)?;
+    // The first fragment carries the port too.
+    let first = with_ipv6_extension(&packet, IPPROTO_FRAGMENT, ipv6_fragment(0));
+    assert_refused(&first, Counter::TxVxlanFromContainer)
+}
