@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
-    agent::{Agent, READY_TIMEOUT},
+    agent::Agent,
     attached::{link_exists, pinned_links, tc_filters, tcx_programs},
     cluster::{BPFFS, Cluster, Host},
     ipv6::{BBOX1_V6, BBOX2_V6, SUBNET1_V6},
@@ -299,9 +299,9 @@ fn two_agents_in_two_namespaces_on_the_default_pin_directory_both_keep_forwardin
     assert_eq!(agent2.wait_ready()?, SUBNET2);
     let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;
     let _bbox2 = Container::attach(&host2, "bbox2", BBOX2)?;
-    wait_for("host1's route to host2's lease", READY_TIMEOUT, || {
-        host1.netns.has_route(SUBNET2)
-    })?;
+    // The replies need host2's route back as much as the requests need host1's.
+    host1.wait_for_route(SUBNET2)?;
+    host2.wait_for_route(SUBNET1)?;
     ping_ttl_62(&bbox1, BBOX2)?;
     for dir in &dirs {
         ensure!(
