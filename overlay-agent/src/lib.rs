@@ -298,11 +298,7 @@ async fn reconciler(
     let ebpf = match dataplane {
         None => None,
         Some(dataplane) => {
-            let vtep_mac = lease
-                .attrs
-                .vtep_mac()
-                .context("our own lease has no VTEP MAC")?;
-            Some(ebpf_sink(dataplane, &netlink, options, config, uplink, vtep_mac).await?)
+            Some(ebpf_sink(dataplane, &netlink, options, config, uplink, lease).await?)
         }
     };
     let vtep_spec = |name: String, local: IpAddr, mtu: u32, mac: MacAddr| vtep::VtepSpec {
@@ -418,8 +414,12 @@ async fn ebpf_sink(
     options: &AgentOptions,
     config: &NetworkConfig,
     uplink: &Uplink,
-    vtep_mac: mac::MacAddr,
+    lease: &Lease,
 ) -> Result<EbpfSink> {
+    let vtep_mac = lease
+        .attrs
+        .vtep_mac()
+        .context("our own lease has no VTEP MAC")?;
     let uplink_link = node::links::find(netlink, &uplink.name)
         .await?
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
@@ -442,6 +442,8 @@ async fn ebpf_sink(
                 .and(uplink.ipv6)
                 .map_or([0; 16], |address| address.octets()),
             vtep_mac: vtep_mac.0,
+            // Without IPv6 no packet reads it.
+            vtep6_mac: lease.attrs.vtep_mac_v6().map_or([0; 6], |mac| mac.0),
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,
             flags: if config.backend.direct_routing {

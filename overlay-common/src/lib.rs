@@ -60,6 +60,13 @@ pub struct OverlayConfig {
     pub local_netmask6: [u8; 16],
     /// The bridge's own IPv6 address in the lease, the containers' gateway.
     pub bridge_ipv6: [u8; 16],
+    /// flannel-v6.<VNI>, with `CONFIG_IPV6`: a container's IPv6 packet too big for its MTU
+    /// takes the routed path, where the kernel answers "packet too big".
+    pub vtep6_ifindex: u32,
+    /// MAC of flannel-v6.<VNI>, the inner source of the IPv6 this host encapsulates.
+    pub vtep6_mac: [u8; 6],
+    /// Keeps the layout free of implicit padding.
+    pub reserved3: u16,
 }
 
 /// [`OverlayConfig::flags`]: the network config's `DirectRouting` is on, so peers on our
@@ -115,6 +122,19 @@ impl RemoteVtep {
     pub const fn routes_directly(&self) -> bool {
         self.flags & REMOTE_ROUTE_DIRECTLY != 0
     }
+}
+
+/// Value of the IPv6 subnet map (an LPM trie keyed by remote IPv6 subnet): where that
+/// subnet's host is over IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteVtep6 {
+    /// The remote host's PublicIPv6: the outer destination.
+    pub public_ipv6: [u8; 16],
+    /// The remote host's IPv6 VtepMAC (`BackendV6Data`): the inner destination.
+    pub mac: [u8; 6],
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u16,
 }
 
 /// Value of the VTEP map (keyed by a remote host's PublicIP): a subnet that host leases. The
@@ -223,6 +243,37 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key of the packets that travel the other way.
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            ..*self
+        }
+    }
+}
+
+/// Key of the IPv6 routed-flows map: one direction of an IPv6 flow, as [`FlowKey`] is of an
+/// IPv4 one. An ICMPv6 echo flow carries its identifier in both ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey6 {
+    /// Addresses in network order, as they sit in packets.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Ports in network order, as they sit in packets.
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    /// The next header: TCP, UDP or ICMPv6.
+    pub protocol: u8,
+    /// Keeps the layout free of implicit padding; always zero.
+    pub reserved: [u8; 3],
+}
+
+impl FlowKey6 {
     /// The key of the packets that travel the other way.
     #[inline(always)]
     pub fn reversed(&self) -> Self {
@@ -414,12 +465,19 @@ define_counters! {
     /// DirectRouting, to a host on our segment: sent there as it is, without VXLAN).
     tx_direct => TxDirect: Redirect,
     /// Packet from a local container for a remote subnet left to the routed path: its TTL
-    /// runs out here, it is too big for the VXLAN device, or its IPv4 header has options.
+    /// (hop limit) runs out here, it is too big for the VXLAN device, its IPv4 header has
+    /// options, or it is IPv6 whose outer UDP checksum the fast path cannot compute from its
+    /// headers (extension headers, a protocol other than TCP, UDP and ICMPv6, UDP without a
+    /// checksum, trailing bytes, a superpacket other than TCP).
     tx_slow_path => TxSlowPath: Pass,
     /// Packet from a local container for a remote subnet left to the routed path because
     /// conntrack must see it: its flow takes the routed path on this host (see
-    /// `routed_flows`), or it is an IPv4 fragment or an ICMP error.
+    /// `routed_flows`, `routed_flows6`), or it is an IPv4 fragment or an ICMP error.
     tx_routed_flow => TxRoutedFlow: Pass,
+    /// TCP superpacket over IPv6 whose last segment would be shorter than the others: left to
+    /// the routed path, as one outer UDP checksum, written before segmentation, is right for
+    /// segments of one length only (see the README's "IPv6 fast path").
+    tx_ipv6_partial_segment => TxIpv6PartialSegment: Pass,
     /// Packet to an address no remote lease covers: dropped.
     tx_no_route => TxNoRoute: Drop,
     /// Packet through the VXLAN device that is not IPv4: dropped.
@@ -477,11 +535,13 @@ mod pod {
     unsafe impl aya::Pod for super::OverlayConfig {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::RemoteVtep {}
+    unsafe impl aya::Pod for super::RemoteVtep6 {}
     unsafe impl aya::Pod for super::VtepSubnet {}
     unsafe impl aya::Pod for super::VtepSubnet6 {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::RoutedFlow {}
 }
 

@@ -41,10 +41,10 @@ use crate::{
     parse::{
         ECN_CE, ECN_NOT_ECT, ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, EthIpv4Headers,
         EthIpv6Headers, FLOW_HEADERS_LEN, Frame, IPV4_MAX_HEADER_LEN, Ipv6FragmentHdr,
-        TransportHead, UdpHdr, VxlanFrame, VxlanHdr, classify_ipv4_vxlan, classify_ipv6_vxlan,
-        flow_of, linear_frame,
+        TransportHead, UdpHdr, Vxlan6Frame, VxlanFrame, VxlanHdr, classify_ipv4_vxlan,
+        classify_ipv6_vxlan, flow_of, linear_frame,
     },
-    routed::note_handed,
+    routed::{note_handed, note_handed6},
     verdict::{tc_act, xdp_act},
 };
 
@@ -57,12 +57,13 @@ const IPV4_HEADERS_LEN: usize = ETH_HEADER_LEN
     + size_of::<EthIpv4Headers>()
     + size_of::<TransportHead>();
 /// The same over IPv6: outer Ethernet and IPv6, a fragment header, UDP, VXLAN, inner Ethernet
-/// and IPv6.
+/// and IPv6, and the start of the inner transport header.
 const IPV6_HEADERS_LEN: usize = size_of::<EthIpv6Headers>()
     + size_of::<Ipv6FragmentHdr>()
     + size_of::<UdpHdr>()
     + size_of::<VxlanHdr>()
-    + size_of::<EthIpv6Headers>();
+    + size_of::<EthIpv6Headers>()
+    + size_of::<TransportHead>();
 /// What the checks may read of either family's frame.
 const MAX_HEADERS_LEN: usize = if IPV4_HEADERS_LEN > IPV6_HEADERS_LEN {
     IPV4_HEADERS_LEN
@@ -137,7 +138,7 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
 enum PeerVxlan {
     Ipv4(VxlanFrame),
     /// The kernel decapsulates VXLAN over IPv6 (flannel-v6.<VNI>'s socket) in either mode.
-    Ipv6,
+    Ipv6(Vxlan6Frame),
 }
 
 /// A well-formed VXLAN frame for us from a peer, over IPv4 or IPv6; `Err` names why not.
@@ -146,7 +147,7 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<PeerVxlan,
     let eth: &EthHdr = frame.header(0).ok_or(Counter::RxMalformed)?;
     match eth.ether_type() {
         ETH_P_IPV4 => ipv4_vxlan_from_a_peer(frame, config).map(PeerVxlan::Ipv4),
-        ETH_P_IPV6 => ipv6_vxlan_from_a_peer(frame, config).map(|()| PeerVxlan::Ipv6),
+        ETH_P_IPV6 => ipv6_vxlan_from_a_peer(frame, config).map(PeerVxlan::Ipv6),
         _ => Err(Counter::RxNotIp),
     }
 }
@@ -154,7 +155,7 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<PeerVxlan,
 /// VXLAN over IPv6 from a host holding a lease, carrying IPv6 from inside the IPv6 subnet it
 /// leases.
 #[inline(always)]
-fn ipv6_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<(), Counter> {
+fn ipv6_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
     let vxlan = classify_ipv6_vxlan(frame, config)?;
     let lease = maps::ipv6_vtep(&vxlan.outer_src).ok_or(Counter::RxIpv6NonMember)?;
     if !vxlan.inner_is_ipv6 {
@@ -163,7 +164,7 @@ fn ipv6_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<(), C
     if !lease.contains(&vxlan.inner_src) {
         return Err(Counter::RxIpv6SpoofedInner);
     }
-    Ok(())
+    Ok(vxlan)
 }
 
 /// A well-formed VXLAN frame over IPv4 for us, from a host holding a lease, carrying IPv4
@@ -197,9 +198,13 @@ fn ipv4_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan
 /// marked, still encapsulated (`RxChecked`). `Err` is why it did none of these.
 #[inline(always)]
 fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
-    let vxlan = match vxlan_from_a_peer(&linear_frame(ctx, MAX_HEADERS_LEN), config)? {
+    let frame = linear_frame(ctx, MAX_HEADERS_LEN);
+    let vxlan = match vxlan_from_a_peer(&frame, config)? {
         PeerVxlan::Ipv4(vxlan) => vxlan,
-        PeerVxlan::Ipv6 => {
+        PeerVxlan::Ipv6(vxlan) => {
+            if config.fast_path() {
+                note_handed6(&frame, vxlan.inner_offset, config.vtep6_ifindex);
+            }
             mark_checked(ctx);
             return Ok(Counter::RxChecked);
         }

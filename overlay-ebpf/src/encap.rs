@@ -29,7 +29,7 @@ use overlay_common::{
 
 use crate::{
     claims::check_container_frame,
-    maps,
+    encap6, maps,
     parse::{
         ECN_CE, ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN,
         Frame, IPPROTO_UDP, IPV4_NO_OPTIONS, Ipv4Hdr, TransportHead, UdpHdr, VXLAN_FLAG_VNI,
@@ -56,14 +56,15 @@ const ENCAP_LEN: usize = size_of::<Encapsulation>();
 const INNER_L2_LEN: u64 = ETH_HEADER_LEN as u64;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`, which the bindings lack: the length sits in the top byte.
 const ENCAP_L2_FLAG: u64 = (INNER_L2_LEN & 0xff) << 56;
-/// Marks the new headers as a UDP tunnel over IPv4 carrying Ethernet, so GSO can still
-/// segment large TCP packets after encapsulation. The segment size stays: it is the inner
-/// packets', which already fit the overlay's MTU (the kernel's vxlan device keeps it too).
-const ADJUST_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
-    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+/// Marks the new headers as a UDP tunnel carrying Ethernet, so GSO can still segment large
+/// TCP packets after encapsulation. The segment size stays: it is the inner packets', which
+/// already fit the overlay's MTU (the kernel's vxlan device keeps it too).
+pub const ADJUST_ROOM_TUNNEL_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_FLAG;
+/// The same, with an outer IPv4 header.
+const ADJUST_ROOM_FLAGS: u64 = ADJUST_ROOM_TUNNEL_FLAGS | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64;
 const ECN_ECT0: u8 = 0x02;
 /// IPv4's total length field holds at most this.
 const IPV4_MAX_LEN: usize = u16::MAX as usize;
@@ -84,7 +85,11 @@ pub fn tc_container_ingress(ctx: TcContext) -> i32 {
     if !config.fast_path() {
         return TC_ACT_OK as i32;
     }
-    match encapsulate_from_container(&ctx, &mut frame, config) {
+    let outcome = match frame.header::<EthHdr>(0) {
+        Some(eth) if eth.is_ipv6() => encap6::encapsulate_from_container(&ctx, config),
+        _ => encapsulate_from_container(&ctx, &mut frame, config),
+    };
+    match outcome {
         // Not for a remote subnet: the bridge takes it, uncounted.
         Ok(None) => TC_ACT_OK as i32,
         Ok(Some(outcome)) | Err(outcome) => tc_act(&ctx, outcome),
@@ -125,7 +130,7 @@ fn encapsulate_from_container(
     };
     if headers.ip.ttl <= 1
         || headers.ip.version_ihl != IPV4_NO_OPTIONS
-        || !fits_overlay(ctx, config)
+        || !fits_device(ctx, config.vtep_ifindex)
     {
         return Err(Counter::TxSlowPath);
     }
@@ -164,17 +169,17 @@ fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter
     Ok(Counter::TxEncapsulated)
 }
 
-/// Whether the packet (each of its segments, for a GSO packet) fits the VXLAN device's MTU,
-/// the check the kernel makes when it forwards into flannel.1.
+/// Whether the packet (each of its segments, for a GSO packet) fits the MTU of the VXLAN
+/// device `ifindex`, the check the kernel makes when it forwards into it.
 #[inline(always)]
-fn fits_overlay(ctx: &TcContext, config: &OverlayConfig) -> bool {
+pub fn fits_device(ctx: &TcContext, ifindex: u32) -> bool {
     // Zero: measure the packet itself.
     let mut mtu_len = 0u32;
     // SAFETY: the context's skb is valid for the whole program run; mtu_len outlives the call.
     let verdict = unsafe {
         bpf_check_mtu(
             ctx.skb.skb.cast(),
-            config.vtep_ifindex,
+            ifindex,
             &mut mtu_len,
             0,
             u64::from(BPF_MTU_CHK_SEGS),
@@ -215,7 +220,10 @@ fn encapsulate(
 /// Sends the packet out of the uplink to `next_hop`, or, without one, to the next hop the
 /// routing table gives for its destination; the kernel fills the Ethernet header in.
 #[inline(always)]
-fn redirect_to_uplink(config: &OverlayConfig, next_hop: Option<[u8; 4]>) -> Result<(), Counter> {
+pub fn redirect_to_uplink(
+    config: &OverlayConfig,
+    next_hop: Option<[u8; 4]>,
+) -> Result<(), Counter> {
     let verdict = match next_hop {
         Some(address) => {
             let mut neighbour = bpf_redir_neigh {
@@ -270,26 +278,37 @@ fn encapsulation(
         dst: remote.public_ip,
     };
     ip.checksum = ip.checksum();
-    let vni = config.vni.to_be_bytes();
     Encapsulation {
         ip,
-        udp: UdpHdr {
-            src_port: source_port(flow_hash).to_be_bytes(),
-            dst_port: config.vxlan_port.to_be_bytes(),
-            len: udp_len.to_be_bytes(),
-            checksum: [0; 2],
-        },
-        vxlan: VxlanHdr {
-            flags: VXLAN_FLAG_VNI,
-            reserved: [0; 3],
-            vni: [vni[1], vni[2], vni[3]],
-            reserved2: 0,
-        },
+        udp: udp_header(config, flow_hash, udp_len),
+        vxlan: vxlan_header(config),
         inner_eth: EthHdr {
             dst: remote.mac,
             src: config.vtep_mac,
             ether_type: ETH_P_IPV4.to_be_bytes(),
         },
+    }
+}
+
+/// The outer UDP header of a datagram `udp_len` bytes long, its checksum left zero.
+#[inline(always)]
+pub fn udp_header(config: &OverlayConfig, flow_hash: u32, udp_len: u16) -> UdpHdr {
+    UdpHdr {
+        src_port: source_port(flow_hash).to_be_bytes(),
+        dst_port: config.vxlan_port.to_be_bytes(),
+        len: udp_len.to_be_bytes(),
+        checksum: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn vxlan_header(config: &OverlayConfig) -> VxlanHdr {
+    let [_, vni_hi, vni_mid, vni_lo] = config.vni.to_be_bytes();
+    VxlanHdr {
+        flags: VXLAN_FLAG_VNI,
+        reserved: [0; 3],
+        vni: [vni_hi, vni_mid, vni_lo],
+        reserved2: 0,
     }
 }
 
@@ -303,7 +322,7 @@ fn source_port(flow_hash: u32) -> u16 {
 /// RFC 6040 encapsulation: the outer header copies the inner ECN field, but a CE mark
 /// becomes ECT(0).
 #[inline(always)]
-fn outer_ecn(inner_tos: u8) -> u8 {
+pub fn outer_ecn(inner_tos: u8) -> u8 {
     match inner_tos & ECN_MASK {
         ECN_CE => ECN_ECT0,
         ecn => ecn,

@@ -1,5 +1,5 @@
 //! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
-//! `encap` (tc, container veths and VXLAN device egress), `claims` (what containers may send,
+//! `encap` and `encap6` (tc, container veths and VXLAN device egress), `claims` (what containers may send,
 //! checked at their veths), `decap` (tc or XDP, uplink; tc, VXLAN device ingress) and
 //! `routed` (tc, container bridge egress), over `parse`, `maps` and `verdict`.
 #![no_std]
@@ -8,6 +8,7 @@
 mod claims;
 mod decap;
 mod encap;
+mod encap6;
 mod maps;
 mod parse;
 mod routed;

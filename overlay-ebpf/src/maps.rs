@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::{
-    Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep,
-    RoutedFlow, VtepSubnet, VtepSubnet6,
+    Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey, FlowKey6, LocalEndpoint, OverlayConfig,
+    RemoteVtep, RemoteVtep6, RoutedFlow, VtepSubnet, VtepSubnet6,
 };
 
 /// The object's size for the lease maps; the agent sizes them at load time to the subnets
@@ -35,6 +35,10 @@ static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 /// Remote subnet (network order) → the host that leases it.
 #[btf_map(name = "subnets")]
 static SUBNETS: LpmTrie<[u8; 4], RemoteVtep, MAX_REMOTE_HOSTS> = LpmTrie::new();
+
+/// Remote IPv6 subnet (network order) → the host that leases it, over IPv6.
+#[btf_map(name = "subnets6")]
+static SUBNETS6: LpmTrie<[u8; 16], RemoteVtep6, MAX_REMOTE_HOSTS> = LpmTrie::new();
 
 /// Remote host's PublicIP (network order) → a subnet it leases: who may send us VXLAN.
 #[btf_map(name = "vteps")]
@@ -69,6 +73,17 @@ static BOUND_MACS: HashMap<[u8; 6], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
 #[btf_map(name = "routed_flows")]
 static ROUTED_FLOWS: LruHashMap<FlowKey, RoutedFlow, MAX_ROUTED_FLOWS> = LruHashMap::new();
 
+/// `routed_flows` for IPv6: flows the stack carried into the container bridge from a remote
+/// IPv6 subnet translated on the way, under the key of their replies.
+#[btf_map(name = "routed_flows6")]
+static ROUTED_FLOWS6: LruHashMap<FlowKey6, RoutedFlow, MAX_ROUTED_FLOWS> = LruHashMap::new();
+
+/// `handed_flows` for IPv6: every IPv6 flow from a remote subnet reaches the stack as it
+/// arrived (the kernel decapsulates VXLAN over IPv6), noted by the uplink program with the
+/// fast path, so that the bridge's watcher can tell a flow the stack translated.
+#[btf_map(name = "handed_flows6")]
+static HANDED_FLOWS6: LruHashMap<FlowKey6, u32, MAX_HANDED_FLOWS> = LruHashMap::new();
+
 /// Flows the programs handed to the stack as they arrived (for a container not yet learned,
 /// or from a DirectRouting peer), keyed as handed over → the interface they arrived on. One
 /// that reaches the bridge under the same key was not translated on the way, so the stack
@@ -94,6 +109,12 @@ pub fn config() -> Option<&'static OverlayConfig> {
 #[inline(always)]
 pub fn remote_vtep(destination: [u8; 4]) -> Option<RemoteVtep> {
     SUBNETS.get(&Key::new(32, destination)).copied()
+}
+
+/// The host whose IPv6 lease covers `destination`.
+#[inline(always)]
+pub fn remote_vtep6(destination: &[u8; 16]) -> Option<RemoteVtep6> {
+    SUBNETS6.get(&Key::new(128, *destination)).copied()
 }
 
 /// Whether the host at `public_ip` holds a lease.
@@ -151,29 +172,54 @@ pub fn takes_routed_path(flow: &FlowKey) -> bool {
 }
 
 /// Notes that the stack sent a packet out of `ifindex` whose replies have the key `reply`.
-/// A flow already known is left alone: rewriting an LRU entry costs a new element per packet.
 #[inline(always)]
 pub fn remember_routed(reply: &FlowKey, ifindex: u32) {
-    if takes_routed_path(reply) {
-        return;
-    }
-    // An LRU map makes room by evicting its least recently used flow.
-    let _ = ROUTED_FLOWS.insert(reply, RoutedFlow { ifindex }, 0);
+    insert_once(&ROUTED_FLOWS, reply, RoutedFlow { ifindex });
 }
 
 /// Notes that `flow` was handed to the stack as it is, arriving on `ifindex`.
 #[inline(always)]
 pub fn note_handed(flow: &FlowKey, ifindex: u32) {
-    if !was_handed(flow) {
-        // An LRU map makes room by evicting its least recently used flow.
-        let _ = HANDED_FLOWS.insert(flow, ifindex, 0);
-    }
+    insert_once(&HANDED_FLOWS, flow, ifindex);
 }
 
 /// Whether `flow` was handed to the stack under this very key.
 #[inline(always)]
 pub fn was_handed(flow: &FlowKey) -> bool {
     HANDED_FLOWS.get_ptr(flow).is_some()
+}
+
+/// `takes_routed_path` for IPv6.
+#[inline(always)]
+pub fn takes_routed_path6(flow: &FlowKey6) -> bool {
+    ROUTED_FLOWS6.get_ptr(flow).is_some()
+}
+
+/// `remember_routed` for IPv6.
+#[inline(always)]
+pub fn remember_routed6(reply: &FlowKey6, ifindex: u32) {
+    insert_once(&ROUTED_FLOWS6, reply, RoutedFlow { ifindex });
+}
+
+/// `note_handed` for IPv6.
+#[inline(always)]
+pub fn note_handed6(flow: &FlowKey6, ifindex: u32) {
+    insert_once(&HANDED_FLOWS6, flow, ifindex);
+}
+
+/// `was_handed` for IPv6.
+#[inline(always)]
+pub fn was_handed6(flow: &FlowKey6) -> bool {
+    HANDED_FLOWS6.get_ptr(flow).is_some()
+}
+
+/// Adds `key` to an LRU flow map unless it is there: rewriting an entry costs a new element
+/// per packet. A full map makes room by evicting its least recently used flow.
+#[inline(always)]
+fn insert_once<K, V, const N: usize>(flows: &LruHashMap<K, V, N>, key: &K, value: V) {
+    if flows.get_ptr(key).is_none() {
+        let _ = flows.insert(key, value, 0);
+    }
 }
 
 #[inline(always)]

@@ -5,18 +5,21 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use overlay_common::{Counter, FlowKey, OverlayConfig};
+use overlay_common::{Counter, FlowKey, FlowKey6, OverlayConfig};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_DCCP: u8 = 33;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
 /// IPv6's fragment extension header.
 const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 /// The "valid VNI" flag, the only flag RFC 7348 defines.
@@ -319,6 +322,36 @@ pub fn flow_of(ip: &Ipv4Hdr, transport: Option<&TransportHead>) -> Option<FlowKe
     })
 }
 
+/// The flow of the IPv6 packet `ip`, given the first bytes of its transport header, for TCP,
+/// UDP and ICMPv6 echo right behind the fixed header; `None` for anything else (an ICMPv6
+/// error is about another flow, extension headers hide the ports).
+#[inline(always)]
+pub fn flow_of6(ip: &Ipv6Hdr, transport: Option<&TransportHead>) -> Option<FlowKey6> {
+    let transport = transport?;
+    let (src_port, dst_port) = match ip.next_header {
+        IPPROTO_ICMPV6 => {
+            let [kind, _code, _sum_hi, _sum_lo, id_hi, id_lo, _, _] = *transport;
+            if kind != ICMPV6_ECHO_REQUEST && kind != ICMPV6_ECHO_REPLY {
+                return None;
+            }
+            ([id_hi, id_lo], [id_hi, id_lo])
+        }
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let [src_hi, src_lo, dst_hi, dst_lo, ..] = *transport;
+            ([src_hi, src_lo], [dst_hi, dst_lo])
+        }
+        _ => return None,
+    };
+    Some(FlowKey6 {
+        src: ip.src,
+        dst: ip.dst,
+        src_port,
+        dst_port,
+        protocol: ip.next_header,
+        reserved: [0; 3],
+    })
+}
+
 /// What decapsulation needs from a VXLAN frame over IPv4 for our port and VNI.
 pub struct VxlanFrame {
     /// The outer source address: the sending host's PublicIP.
@@ -347,6 +380,8 @@ pub struct Vxlan6Frame {
     pub inner_is_ipv6: bool,
     /// The inner IPv6 source (meaningless unless `inner_is_ipv6`).
     pub inner_src: [u8; 16],
+    /// Offset of the inner Ethernet header.
+    pub inner_offset: usize,
 }
 
 /// Classifies an uplink frame whose Ethernet type is IPv4. `Ok` is a well-formed VXLAN frame
@@ -417,6 +452,7 @@ pub fn classify_ipv6_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
         outer_src: ip.src,
         inner_is_ipv6: payload.inner.eth.is_ipv6(),
         inner_src: payload.inner.ip.src,
+        inner_offset: payload.inner_offset,
     })
 }
 

@@ -90,6 +90,9 @@ impl SeedHost {
             local_subnet6: subnet6.network().octets(),
             local_netmask6: subnet6.mask().octets(),
             bridge_ipv6: Ipv6Addr::from(subnet6.network().to_bits() + 1).octets(),
+            vtep6_ifindex: LOOPBACK,
+            vtep6_mac: self.vtep6_mac,
+            reserved3: 0,
         }
     }
 
@@ -321,6 +324,16 @@ pub fn run_container(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     run_tc(CONTAINER_PROGRAM, dataplane, frame, 0)
 }
 
+/// A container veth's ingress program on `frame` as a GSO superpacket of `gso_size`-byte
+/// segments.
+pub fn run_container_gso(dataplane: &Dataplane, frame: &[u8], gso_size: u32) -> Result<Outcome> {
+    let mut ctx_in = [0u8; SKB_GSO_CTX_LEN];
+    let segments = u32::try_from(frame.len())?.div_ceil(gso_size);
+    ctx_in[SKB_GSO_SEGS_OFFSET..][..4].copy_from_slice(&segments.to_ne_bytes());
+    ctx_in[SKB_GSO_SIZE_OFFSET..][..4].copy_from_slice(&gso_size.to_ne_bytes());
+    run_tc_with(CONTAINER_PROGRAM, dataplane, frame, &ctx_in)
+}
+
 /// The container bridge's egress program on `frame`.
 pub fn run_bridge(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     run_tc(BRIDGE_PROGRAM, dataplane, frame, 0)
@@ -331,12 +344,18 @@ fn run_tc(name: &str, dataplane: &Dataplane, frame: &[u8], mark: u32) -> Result<
     // The start of a `struct __sk_buff`: len and pkt_type, which must be zero, then mark.
     let mut ctx_in = [0u8; SKB_CTX_LEN];
     ctx_in[SKB_MARK_OFFSET..].copy_from_slice(&mark.to_ne_bytes());
+    run_tc_with(name, dataplane, frame, &ctx_in)
+}
+
+/// The tc program `name` on `frame`, whose skb starts out as the `struct __sk_buff` start
+/// `ctx_in` says.
+fn run_tc_with(name: &str, dataplane: &Dataplane, frame: &[u8], ctx_in: &[u8]) -> Result<Outcome> {
     let mut ctx_out = [0u8; SKB_CTX_OUT_LEN];
     let mut out = vec![0; frame.len() + OUTPUT_SLACK];
     let result = dataplane.tc_program(name)?.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
-        ctx_in: Some(&ctx_in),
+        ctx_in: Some(ctx_in),
         ctx_out: Some(&mut ctx_out),
         ..TestRunOptions::new()
     })?;
@@ -353,6 +372,10 @@ fn run_tc(name: &str, dataplane: &Dataplane, frame: &[u8], mark: u32) -> Result<
 
 const SKB_MARK_OFFSET: usize = 8;
 const SKB_CTX_LEN: usize = SKB_MARK_OFFSET + 4;
+/// `struct __sk_buff`'s gso_segs and gso_size, the latter its last field the test run takes.
+const SKB_GSO_SEGS_OFFSET: usize = 164;
+const SKB_GSO_SIZE_OFFSET: usize = 176;
+const SKB_GSO_CTX_LEN: usize = SKB_GSO_SIZE_OFFSET + 4;
 /// Room for the whole `struct __sk_buff` the kernel hands back (it refuses less).
 const SKB_CTX_OUT_LEN: usize = 256;
 

@@ -229,19 +229,42 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8, payload: &[u8]) -> Ve
 
 /// An IPv6 ping from `src` to `dst`, its ICMPv6 checksum over the pseudo-header correct.
 pub fn ipv6_ping(src: [u8; 16], dst: [u8; 16], payload: &[u8]) -> Vec<u8> {
-    let mut message = [&[128, 0, 0, 0, 0, 1, 0, 1][..], payload].concat();
+    let message = [&[128, 0, 0, 0, 0, 1, 0, 1][..], payload].concat();
+    ipv6_checksummed(src, dst, IPPROTO_ICMPV6, message, 2)
+}
+
+/// An IPv6 packet carrying `message` of protocol `next_header`, whose checksum field at
+/// `checksum_at` is filled in over the pseudo-header and the message (RFC 8200, 8.1).
+pub fn ipv6_checksummed(
+    src: [u8; 16],
+    dst: [u8; 16],
+    next_header: u8,
+    mut message: Vec<u8>,
+    checksum_at: usize,
+) -> Vec<u8> {
+    message[checksum_at..checksum_at + 2].fill(0);
+    let checksum = ipv6_upper_layer_checksum(src, dst, next_header, &message);
+    message[checksum_at..checksum_at + 2].copy_from_slice(&checksum.to_be_bytes());
+    ipv6(src, dst, next_header, &message)
+}
+
+/// The checksum of an upper-layer `message` over IPv6: 0 when the message holds a valid one.
+pub fn ipv6_upper_layer_checksum(
+    src: [u8; 16],
+    dst: [u8; 16],
+    next_header: u8,
+    message: &[u8],
+) -> u16 {
     let length = u32::try_from(message.len()).expect("message fits in 4 GiB");
     let pseudo_header = [
         &src[..],
         &dst,
         &length.to_be_bytes(),
-        &[0, 0, 0, IPPROTO_ICMPV6],
-        &message,
+        &[0, 0, 0, next_header],
+        message,
     ]
     .concat();
-    let checksum = internet_checksum(&pseudo_header);
-    message[2..4].copy_from_slice(&checksum.to_be_bytes());
-    ipv6(src, dst, IPPROTO_ICMPV6, &message)
+    internet_checksum(&pseudo_header)
 }
 
 /// The IPv6 `frame` (Ethernet first) with an 8-byte extension header `header` (next header

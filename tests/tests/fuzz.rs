@@ -217,7 +217,7 @@ fn the_container_program_survives_garbage() -> Result<()> {
     let dataplane = dataplane_of(&HOST1, &[&HOST2])?;
     let ping = bbox1_ping(BBOX2_IP, 64);
     let ipv4 = [ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ETH_P_IPV4, &ping)];
-    // IPv6 from bbox1, to the VXLAN port too: checked, never encapsulated.
+    // IPv6 from bbox1, to the VXLAN port too: checked, and encapsulated if whole.
     let echo = ipv6(
         BBOX1_IPV6,
         BBOX2_IPV6,

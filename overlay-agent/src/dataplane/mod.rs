@@ -45,18 +45,22 @@ const COUNTERS_MAP: &str = "counters";
 pub const SUBNETS_MAP: &str = "subnets";
 pub const VTEPS_MAP: &str = "vteps";
 pub const VTEPS6_MAP: &str = "vteps6";
+pub const SUBNETS6_MAP: &str = "subnets6";
 const ENDPOINTS_MAP: &str = "endpoints";
 const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
 const BOUND_MACS_MAP: &str = "bound_macs";
 const ROUTED_FLOWS_MAP: &str = "routed_flows";
 const HANDED_FLOWS_MAP: &str = "handed_flows";
+const ROUTED_FLOWS6_MAP: &str = "routed_flows6";
+const HANDED_FLOWS6_MAP: &str = "handed_flows6";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 15] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
+    SUBNETS6_MAP,
     VTEPS_MAP,
     VTEPS6_MAP,
     ENDPOINTS_MAP,
@@ -64,15 +68,17 @@ const MAPS: [&str; 12] = [
     BOUND_MACS_MAP,
     ROUTED_FLOWS_MAP,
     HANDED_FLOWS_MAP,
+    ROUTED_FLOWS6_MAP,
+    HANDED_FLOWS6_MAP,
     MONITOR_MAP,
     DROP_EVENTS_MAP,
 ];
 
 /// The lease maps, sized at load time by [`LeaseCapacity`].
-const LEASE_MAPS: [&str; 3] = [SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP];
+const LEASE_MAPS: [&str; 4] = [SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP];
 
-/// How many entries each lease map (`subnets`, `vteps`, `vteps6`) is created with: one per subnet the
-/// network config holds, within bounds.
+/// How many entries each lease map (`subnets`, `subnets6`, `vteps`, `vteps6`) is created with:
+/// one per subnet the network config holds, within bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseCapacity(u32);
 
@@ -96,7 +102,7 @@ impl LeaseCapacity {
     }
 
     /// Each lease map's name with the entries it is created with.
-    fn sized_maps(self) -> [(&'static str, u32); 3] {
+    fn sized_maps(self) -> [(&'static str, u32); 4] {
         LEASE_MAPS.map(|name| (name, self.0))
     }
 }

@@ -12,16 +12,17 @@ use aya::maps::{
     HashMap as BpfHashMap, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
-use ipnetwork::Ipv4Network;
-use overlay_common::{LocalEndpoint, RemoteVtep, VtepSubnet, VtepSubnet6};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use overlay_common::{LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6};
 
 use super::{
-    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, VTEPS_MAP,
-    VTEPS6_MAP, map_mut,
+    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, SUBNETS6_MAP,
+    VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
 use crate::reconcile::desired::{Endpoints, LeaseEntries};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
+type Subnet6Map<'a> = LpmTrie<&'a mut MapData, [u8; 16], RemoteVtep6>;
 type VtepMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], VtepSubnet>;
 type Vtep6Map<'a> = BpfHashMap<&'a mut MapData, [u8; 16], VtepSubnet6>;
 type EndpointMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], LocalEndpoint>;
@@ -126,31 +127,38 @@ impl Dataplane {
                 unwritten.note(VTEPS6_MAP, capacity, leases, &error);
             }
         }
+        let mut subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
+        for (subnet6, (remote6, lease)) in &desired.subnets6 {
+            let key = subnet6_key(subnet6);
+            if subnets6.get(&key, 0).ok().as_ref() != Some(remote6)
+                && let Err(error) = subnets6.insert(&key, remote6, 0)
+            {
+                // As for `subnets`: the old entry must not carry the lease's traffic on.
+                let _ = subnets6.remove(&key);
+                unwritten.note(SUBNETS6_MAP, capacity, &[*lease], &error);
+            }
+        }
         Ok(unwritten)
     }
 
     /// Deletes the lease entries `desired` does not hold; returns how many. Call it after the
     /// routes of removed leases are gone.
     pub fn remove_stale_lease_entries(&mut self, desired: &LeaseEntries) -> Result<usize> {
-        let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        let stale_subnets: Vec<Key<[u8; 4]>> = subnets
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| {
-                Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
-                    .map_or(true, |subnet| !desired.subnets.contains_key(&subnet))
-            })
-            .collect();
-        for key in &stale_subnets {
-            subnets
-                .remove(key)
-                .context("cannot delete from the subnet map")?;
-        }
+        let subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
+        let stale_subnets = remove_stale_subnets(subnets, SUBNETS_MAP, |key| {
+            Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
+                .is_ok_and(|subnet| desired.subnets.contains_key(&subnet))
+        })?;
         let vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
         let stale_vteps = remove_stale(vteps, &desired.vteps, VTEPS_MAP)?;
         let vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
         let stale_vteps6 = remove_stale(vteps6, &desired.vteps6, VTEPS6_MAP)?;
-        Ok(stale_subnets.len() + stale_vteps + stale_vteps6)
+        let subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
+        let stale_subnets6 = remove_stale_subnets(subnets6, SUBNETS6_MAP, |key| {
+            Ipv6Network::new(key.data().into(), key.prefix_len() as u8)
+                .is_ok_and(|subnet6| desired.subnets6.contains_key(&subnet6))
+        })?;
+        Ok(stale_subnets + stale_vteps + stale_vteps6 + stale_subnets6)
     }
 
     /// Makes the endpoint map hold exactly `endpoints` (container address → where it is).
@@ -167,6 +175,24 @@ impl Dataplane {
 }
 
 /// Deletes every entry of `map` whose key `desired` lacks; returns how many.
+/// Deletes the subnets of `trie` (named `name`) that are not `desired`; returns how many.
+fn remove_stale_subnets<const N: usize, V: aya::Pod>(
+    mut trie: LpmTrie<&mut MapData, [u8; N], V>,
+    name: &str,
+    desired: impl Fn(&Key<[u8; N]>) -> bool,
+) -> Result<usize> {
+    let stale: Vec<Key<[u8; N]>> = trie
+        .keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !desired(key))
+        .collect();
+    for key in &stale {
+        trie.remove(key)
+            .with_context(|| format!("cannot delete from the {name} map"))?;
+    }
+    Ok(stale.len())
+}
+
 fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
     mut map: BpfHashMap<&mut MapData, K, V>,
     desired: &std::collections::HashMap<K, W>,
@@ -210,6 +236,10 @@ fn release_gone<K: aya::Pod + Eq + Hash>(
             .context("cannot release a gone port's binding")?;
     }
     Ok(())
+}
+
+fn subnet6_key(subnet: &Ipv6Network) -> Key<[u8; 16]> {
+    Key::new(u32::from(subnet.prefix()), subnet.network().octets())
 }
 
 fn subnet_key(subnet: &Ipv4Network) -> Key<[u8; 4]> {

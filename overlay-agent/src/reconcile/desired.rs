@@ -8,7 +8,7 @@ use std::{
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
     CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep,
-    VtepSubnet, VtepSubnet6,
+    RemoteVtep6, VtepSubnet, VtepSubnet6,
 };
 
 use crate::{
@@ -93,6 +93,9 @@ pub struct LeaseEntries {
     /// Remote PublicIPv6 → the IPv6 subnet it may send from (the uplink's check of VXLAN over
     /// IPv6), with the (IPv4) subnets of the leases behind each.
     pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<Ipv4Network>)>,
+    /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup), with the
+    /// (IPv4) subnet of its lease.
+    pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, Ipv4Network)>,
 }
 
 impl LeaseEntries {
@@ -249,8 +252,14 @@ pub fn lease_entries<'a>(
                 prefix_len: u32::from(lease.subnet.prefix()),
             },
         );
-        if let Some((subnet6, public_ipv6, _)) = lease.ipv6_peer() {
+        if let Some((subnet6, public_ipv6, mac6)) = lease.ipv6_peer() {
             add_ipv6_vtep(&mut entries, lease.subnet, subnet6, public_ipv6.octets());
+            let remote6 = RemoteVtep6 {
+                public_ipv6: public_ipv6.octets(),
+                mac: mac6.0,
+                reserved: 0,
+            };
+            entries.subnets6.insert(subnet6, (remote6, lease.subnet));
         }
     }
     entries
@@ -322,6 +331,7 @@ pub fn placement(
     };
     let config = OverlayConfig {
         vtep_ifindex: vtep.index,
+        vtep6_ifindex: devices.vtep6.as_ref().map_or(0, |vtep6| vtep6.index),
         bridge_mac: devices.bridge_mac.0,
         uplink_ifindex: devices.uplink.index,
         flags: with_flag(

@@ -1,0 +1,285 @@
+//! The fast path for IPv6, in `tc_container_ingress`: a container's IPv6 packet for a remote
+//! IPv6 subnet is routed here as docker0 would (hop limit − 1), wrapped in VXLAN over IPv6 as
+//! flannel-v6.<VNI> wraps it, and sent straight out of the uplink.
+//!
+//! Over IPv6 the outer UDP checksum is not optional: flannel-v6.<VNI> sends it, and a stock
+//! flannel receiver drops a datagram without one. It is computed from the headers alone. An
+//! inner TCP, UDP or ICMPv6 packet carries a checksum over its pseudo-header and payload, so
+//! once that checksum is complete (now, or when the uplink or the stack completes an
+//! offloaded one) the inner transport bytes sum to the complement of the inner pseudo-header
+//! sum; the outer checksum is that plus the sum of every header in between. The payload is
+//! never read. A TCP superpacket gets the checksum of one full segment: segmentation changes
+//! nothing the outer checksum covers but the UDP length (the inner lengths and addresses
+//! cancel against the inner pseudo-header), so every segment of the same length carries the
+//! right one. A superpacket whose last segment would be shorter, and whatever the identity
+//! does not hold for, take the routed path: flannel-v6.<VNI> checksums each segment itself.
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::bpf_get_hash_recalc,
+    programs::TcContext,
+};
+use core::mem::size_of;
+use overlay_common::{Counter, OverlayConfig, RemoteVtep6};
+
+use crate::{
+    encap::{
+        ADJUST_ROOM_TUNNEL_FLAGS, fits_device, outer_ecn, redirect_to_uplink, udp_header,
+        vxlan_header,
+    },
+    maps,
+    parse::{
+        ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV6, EthHdr, EthIpv6Headers, Frame, IPPROTO_ICMPV6,
+        IPPROTO_TCP, IPPROTO_UDP, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr, flow_of6, linear_frame,
+    },
+};
+
+/// What goes between the outer Ethernet header and the inner IPv6 header.
+#[repr(C)]
+struct Encapsulation6 {
+    ip: Ipv6Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+    inner_eth: EthHdr,
+}
+
+const ENCAP6_LEN: usize = size_of::<Encapsulation6>();
+/// What the outer UDP length counts beyond the inner transport header and payload.
+const UDP_HEADERS_LEN: usize =
+    size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthIpv6Headers>();
+const ADJUST_ROOM_FLAGS6: u64 = ADJUST_ROOM_TUNNEL_FLAGS | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 as u64;
+/// Where the inner transport header starts, in the frame as the container sent it.
+const TRANSPORT_OFFSET: usize = size_of::<EthIpv6Headers>();
+/// The bytes read: Ethernet, IPv6, and the TCP header up to its data offset.
+const HEADERS_LEN: usize = TRANSPORT_OFFSET + size_of::<TcpHead>();
+/// The most the outer IPv6 payload length (and the UDP length) can say.
+const IPV6_MAX_PAYLOAD: usize = u16::MAX as usize;
+/// The outer hop limit flannel-v6.<VNI> sends with (the kernel's default, `ttl auto`).
+const OUTER_HOP_LIMIT: u8 = 64;
+const IPV6_VERSION_BITS: u8 = 0x60;
+
+/// A TCP header up to the data offset, which gives the header's length.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHead {
+    ports_and_numbers: [u8; 12],
+    data_offset: u8,
+}
+
+/// The IPv6 fast path, as `encap::encapsulate_from_container` is IPv4's. Not inlined: the
+/// verifier's 512-byte stack cannot hold both families' paths in one frame.
+#[inline(never)]
+pub fn encapsulate_from_container(
+    ctx: &TcContext,
+    config: &OverlayConfig,
+) -> Result<Option<Counter>, Counter> {
+    let mut frame = linear_frame(ctx, HEADERS_LEN);
+    let Some(headers) = frame.header::<EthIpv6Headers>(0) else {
+        return Ok(None);
+    };
+    if !config.ipv6() || headers.eth.dst != config.bridge_mac {
+        return Ok(None);
+    }
+    let Some(remote) = maps::remote_vtep6(&headers.ip.dst) else {
+        return Ok(None);
+    };
+    if headers.ip.hop_limit <= 1 || !fits_device(ctx, config.vtep6_ifindex) {
+        return Err(Counter::TxSlowPath);
+    }
+    let segment_len = transport_segment_len(ctx, &frame, &headers.ip)?;
+    let flow = flow_of6(&headers.ip, frame.header::<TransportHead>(TRANSPORT_OFFSET))
+        .ok_or(Counter::TxRoutedFlow)?;
+    if maps::takes_routed_path6(&flow) {
+        return Err(Counter::TxRoutedFlow);
+    }
+    let headers: &mut EthIpv6Headers = frame.header_mut(0).ok_or(Counter::TxError)?;
+    headers.ip.hop_limit -= 1;
+    let inner = InnerPacket {
+        checksum_part: inner_checksum_part(&headers.ip),
+        ecn: traffic_class(&headers.ip) & ECN_MASK,
+        segment_len,
+    };
+    encapsulate(ctx, config, &remote, &inner)?;
+    Ok(Some(Counter::TxDirect))
+}
+
+/// The length of the inner transport segment each packet on the wire will carry: the whole
+/// transport payload, or for a TCP superpacket one full segment. `Err` when the outer
+/// checksum cannot be had from the headers (see the module's comment).
+#[inline(always)]
+fn transport_segment_len(ctx: &TcContext, frame: &Frame, ip: &Ipv6Hdr) -> Result<u16, Counter> {
+    let payload_len = u16::from_be_bytes(ip.payload_len);
+    // Trailing bytes would be under the outer checksum but not the inner one; a zero length
+    // is a jumbogram's (BIG TCP), whose encapsulation could not say its length.
+    if payload_len == 0
+        || ctx.len() as usize != TRANSPORT_OFFSET + usize::from(payload_len)
+        || ctx.len() as usize + ENCAP6_LEN - size_of::<EthIpv6Headers>() > IPV6_MAX_PAYLOAD
+    {
+        return Err(Counter::TxSlowPath);
+    }
+    match ip.next_header {
+        IPPROTO_TCP | IPPROTO_ICMPV6 => {}
+        // A zero UDP checksum is no checksum: nothing to build on.
+        IPPROTO_UDP => {
+            let udp: &UdpHdr = frame.header(TRANSPORT_OFFSET).ok_or(Counter::TxSlowPath)?;
+            if udp.checksum == [0; 2] {
+                return Err(Counter::TxSlowPath);
+            }
+        }
+        _ => return Err(Counter::TxSlowPath),
+    }
+    // SAFETY: the context's skb is valid for the whole program run.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return Ok(payload_len);
+    }
+    if ip.next_header != IPPROTO_TCP {
+        return Err(Counter::TxSlowPath);
+    }
+    let tcp: &TcpHead = frame.header(TRANSPORT_OFFSET).ok_or(Counter::TxSlowPath)?;
+    let tcp_header_len = u16::from(tcp.data_offset >> 4) * 4;
+    let data_len = payload_len
+        .checked_sub(tcp_header_len)
+        .ok_or(Counter::TxSlowPath)?;
+    if u32::from(data_len) % gso_size != 0 {
+        return Err(Counter::TxIpv6PartialSegment);
+    }
+    // gso_size divides a u16, so it fits one.
+    Ok(tcp_header_len + gso_size as u16)
+}
+
+/// What the outer headers need of the inner packet, read before they go in front of it.
+struct InnerPacket {
+    /// The inner packet's share of the outer UDP checksum (see `inner_checksum_part`).
+    checksum_part: u32,
+    /// The inner ECN field.
+    ecn: u8,
+    /// The length of the transport segment each packet on the wire carries.
+    segment_len: u16,
+}
+
+/// Wraps the packet, whose Ethernet header becomes the inner one, for `remote` and redirects
+/// it to the uplink.
+#[inline(always)]
+fn encapsulate(
+    ctx: &TcContext,
+    config: &OverlayConfig,
+    remote: &RemoteVtep6,
+    inner: &InnerPacket,
+) -> Result<(), Counter> {
+    // SAFETY: the context's skb is valid for the whole program run.
+    let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    ctx.adjust_room(ENCAP6_LEN as i32, BPF_ADJ_ROOM_MAC, ADJUST_ROOM_FLAGS6)
+        .map_err(|_| Counter::TxError)?;
+    let mut frame = linear_frame(ctx, ETH_HEADER_LEN + ENCAP6_LEN);
+    let headers: &mut Encapsulation6 = frame.header_mut(ETH_HEADER_LEN).ok_or(Counter::TxError)?;
+    write_encapsulation6(headers, config, remote, inner, ctx.len(), flow_hash);
+    redirect_to_uplink(config, None)
+}
+
+/// Writes the outer IPv6, UDP and VXLAN headers, in place, for a packet that is `skb_len`
+/// bytes long with them, as flannel-v6.<VNI> writes them: traffic class from the inner ECN
+/// field (RFC 6040), no flow label, hop limit 64, and the UDP checksum of a packet whose inner
+/// transport segment is `inner.segment_len` bytes long. In place: a copy on the stack would
+/// hold every address byte in a slot of its own.
+#[inline(always)]
+fn write_encapsulation6(
+    headers: &mut Encapsulation6,
+    config: &OverlayConfig,
+    remote: &RemoteVtep6,
+    inner: &InnerPacket,
+    skb_len: u32,
+    flow_hash: u32,
+) {
+    let payload_len = skb_len as u16 - size_of::<EthIpv6Headers>() as u16;
+    let ip = &mut headers.ip;
+    ip.version_class_flow = [IPV6_VERSION_BITS, outer_ecn(inner.ecn) << 4, 0, 0];
+    ip.payload_len = payload_len.to_be_bytes();
+    ip.next_header = IPPROTO_UDP;
+    ip.hop_limit = OUTER_HOP_LIMIT;
+    ip.src = config.public_ipv6;
+    ip.dst = remote.public_ipv6;
+    headers.udp = udp_header(config, flow_hash, payload_len);
+    headers.vxlan = vxlan_header(config);
+    headers.inner_eth.dst = remote.mac;
+    headers.inner_eth.src = config.vtep6_mac;
+    headers.inner_eth.ether_type = ETH_P_IPV6.to_be_bytes();
+    let segment_udp_len = UDP_HEADERS_LEN as u16 + inner.segment_len;
+    headers.udp.checksum =
+        outer_udp_checksum(headers, inner.checksum_part, segment_udp_len).to_be_bytes();
+}
+
+/// The IPv6 traffic class: the 8 bits after the version.
+#[inline(always)]
+fn traffic_class(ip: &Ipv6Hdr) -> u8 {
+    let [first, second, ..] = ip.version_class_flow;
+    (first << 4) | (second >> 4)
+}
+
+/// The inner packet's share of the outer UDP checksum: its IPv6 header and its transport
+/// bytes, which sum to the complement of its pseudo-header's sum once their own checksum is
+/// complete. Addresses and length are in both and cancel; what is left is the first word
+/// pair, next header and hop limit, less the next header.
+#[inline(always)]
+fn inner_checksum_part(ip: &Ipv6Hdr) -> u32 {
+    let [vcf0, vcf1, vcf2, vcf3] = ip.version_class_flow;
+    word(vcf0, vcf1)
+        + word(vcf2, vcf3)
+        + word(ip.next_header, ip.hop_limit)
+        + u32::from(!u16::from(ip.next_header))
+}
+
+/// The outer UDP checksum of a datagram `udp_len` bytes long behind `headers`, whose inner
+/// packet contributes `inner_part`: the outer pseudo-header, the UDP, VXLAN and inner
+/// Ethernet headers, and the inner packet.
+#[inline(always)]
+fn outer_udp_checksum(headers: &Encapsulation6, inner_part: u32, udp_len: u16) -> u16 {
+    let [src_port_hi, src_port_lo] = headers.udp.src_port;
+    let [dst_port_hi, dst_port_lo] = headers.udp.dst_port;
+    let [vni_hi, vni_mid, vni_lo] = headers.vxlan.vni;
+    let eth = &headers.inner_eth;
+    let sum = words_sum(&headers.ip.src)
+        + words_sum(&headers.ip.dst)
+        // The length is in the pseudo-header and in the UDP header.
+        + 2 * u32::from(udp_len)
+        + u32::from(IPPROTO_UDP)
+        + word(src_port_hi, src_port_lo)
+        + word(dst_port_hi, dst_port_lo)
+        + word(headers.vxlan.flags, 0)
+        + word(vni_hi, vni_mid)
+        + word(vni_lo, 0)
+        + words_sum(&eth.dst)
+        + words_sum(&eth.src)
+        + u32::from(ETH_P_IPV6)
+        + inner_part;
+    match !fold(sum) {
+        // UDP sends a computed zero as all ones: zero means "no checksum".
+        0 => u16::MAX,
+        checksum => checksum,
+    }
+}
+
+/// The sum of an address's or a MAC's 16-bit words. Word by word: taken apart at once, its
+/// bytes would each take a stack slot.
+#[inline(always)]
+fn words_sum<const N: usize>(bytes: &[u8; N]) -> u32 {
+    let mut sum = 0;
+    let mut index = 0;
+    while index + 1 < N {
+        sum += word(bytes[index], bytes[index + 1]);
+        index += 2;
+    }
+    sum
+}
+
+/// A big-endian 16-bit word of a checksum.
+#[inline(always)]
+fn word(high: u8, low: u8) -> u32 {
+    (u32::from(high) << 8) | u32::from(low)
+}
+
+/// Folds a sum of 16-bit words into 16 bits, carries added back.
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ((sum & 0xffff) + (sum >> 16)) as u16
+}
