@@ -4,7 +4,7 @@ use std::{collections::HashMap, fmt::Write as _, net::Ipv6Addr, time::Duration};
 
 use anyhow::{Context, Result};
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use overlay_common::{Counter, RemoteVtep};
+use overlay_common::{Counter, RemoteVtep, RemoteVtep6};
 
 use crate::{
     dataplane::{SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP, pins::PinnedDataplane},
@@ -35,7 +35,10 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     }
     let pinned = PinnedDataplane::open(&options.pin_dir()?)?;
     let mut entries = pinned.subnet_entries()?;
-    let ipv6_entries = pinned.ipv6_vtep_entries()?;
+    let ipv6_entries = Ipv6Entries {
+        vteps: pinned.ipv6_vtep_entries()?,
+        subnets: pinned.ipv6_subnet_entries()?,
+    };
     let leases = write_remote_leases(&mut out, options, &mut entries, &ipv6_entries).await?;
     let mut stale: Vec<_> = entries.into_iter().collect();
     stale.sort_by_key(|(subnet, _)| *subnet);
@@ -63,14 +66,21 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     Ok(out)
 }
 
+/// The IPv6 map entries: each PublicIPv6's subnet (`vteps6`), each IPv6 subnet's host
+/// (`subnets6`).
+struct Ipv6Entries {
+    vteps: HashMap<Ipv6Addr, Ipv6Network>,
+    subnets: HashMap<Ipv6Network, RemoteVtep6>,
+}
+
 /// Every remote lease next to its map entries (its subnet entry taken out of `entries`, its
-/// IPv6 VTEP entry looked up in `ipv6_entries`), and every record skipped with why; returns
-/// the leases, unless etcd could not tell them.
+/// IPv6 entries looked up in `ipv6_entries`), and every record skipped with why; returns the
+/// leases, unless etcd could not tell them.
 async fn write_remote_leases(
     out: &mut String,
     options: &AgentOptions,
     entries: &mut HashMap<Ipv4Network, RemoteVtep>,
-    ipv6_entries: &HashMap<Ipv6Addr, Ipv6Network>,
+    ipv6_entries: &Ipv6Entries,
 ) -> Result<Option<Vec<Lease>>> {
     let (leases, skipped) = match tokio::time::timeout(ETCD_TIMEOUT, remote_leases(options)).await {
         Ok(Ok(found)) => found,
@@ -160,11 +170,7 @@ fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease])
     Ok(())
 }
 
-fn describe(
-    lease: &Lease,
-    entry: Option<RemoteVtep>,
-    ipv6_entries: &HashMap<Ipv6Addr, Ipv6Network>,
-) -> String {
+fn describe(lease: &Lease, entry: Option<RemoteVtep>, ipv6_entries: &Ipv6Entries) -> String {
     let vtep = lease
         .attrs
         .vtep_mac()
@@ -183,12 +189,25 @@ fn describe(
     let ipv6 = lease
         .ipv6_peer()
         .map(|(subnet, address, mac)| {
-            let state = match ipv6_entries.get(&address) {
+            let state = match ipv6_entries.vteps.get(&address) {
                 None => "MISSING from the IPv6 map".to_string(),
                 Some(entry) if *entry == subnet => format!("map {entry}"),
                 Some(entry) => format!("map {entry} DIFFERS"),
             };
-            format!("; {subnet} via {address} (VTEP {mac}): {state}")
+            let route = match ipv6_entries.subnets.get(&subnet) {
+                None => "MISSING from the IPv6 subnet map".to_string(),
+                Some(remote)
+                    if remote.public_ipv6 == address.octets() && MacAddr(remote.mac) == mac =>
+                {
+                    "in the IPv6 subnet map".to_string()
+                }
+                Some(remote) => format!(
+                    "IPv6 subnet map {} {} DIFFERS",
+                    Ipv6Addr::from(remote.public_ipv6),
+                    MacAddr(remote.mac)
+                ),
+            };
+            format!("; {subnet} via {address} (VTEP {mac}): {state}, {route}")
         })
         .unwrap_or_default();
     format!(

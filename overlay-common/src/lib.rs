@@ -425,12 +425,14 @@ define_counters! {
     /// see it: its flow takes the routed path on this host (see `routed_flows`), or it is an
     /// IPv4 fragment, an ICMP error or has IPv4 options.
     rx_routed_flow => RxRoutedFlow: Redirect,
-    /// Uplink VXLAN frame decapsulated and put straight into the destination container.
+    /// Uplink VXLAN frame (over IPv4 or IPv6) decapsulated and put straight into the
+    /// destination container.
     rx_delivered => RxDelivered: Redirect,
     /// Uplink VXLAN frame from a peer that passed every check, handed on still encapsulated:
     /// at the XDP hook, to the tc program behind it; at tc, a first fragment, a frame with a
-    /// UDP checksum or VXLAN over IPv6, marked for the VXLAN device's own socket (the kernel
-    /// reassembles, verifies the checksum and decapsulates; IPv6 is always the kernel's).
+    /// UDP checksum over IPv4, VXLAN over IPv6 the fast path does not deliver (see the
+    /// README's "IPv6 fast path"), marked for the VXLAN device's own socket (the kernel
+    /// reassembles, verifies the checksum and decapsulates).
     rx_checked => RxChecked: Pass,
     /// Uplink VXLAN frame whose outer source is no current lease's PublicIP: dropped.
     rx_unknown_vtep => RxUnknownVtep: Drop,
@@ -480,7 +482,12 @@ define_counters! {
     tx_ipv6_partial_segment => TxIpv6PartialSegment: Pass,
     /// Packet to an address no remote lease covers: dropped.
     tx_no_route => TxNoRoute: Drop,
-    /// Packet through the VXLAN device that is not IPv4: dropped.
+    /// IPv6 the stack routed into flannel-v6.<VNI> (the host's own, the fast path's
+    /// leftovers, translated flows): passed on for the kernel to encapsulate, its flow
+    /// remembered (see `routed_flows6`).
+    tx_ipv6_routed => TxIpv6Routed: Pass,
+    /// Packet through the VXLAN device that is neither IPv4 nor, on flannel-v6.<VNI>, IPv6:
+    /// dropped.
     tx_not_ipv4 => TxNotIpv4: Drop,
     /// Packet through the VXLAN device cut short: dropped.
     tx_malformed => TxMalformed: Drop,

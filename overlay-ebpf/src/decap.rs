@@ -37,7 +37,7 @@ use core::mem::size_of;
 use overlay_common::{CHECKED_MARK, Counter, LocalEndpoint, OverlayConfig};
 
 use crate::{
-    maps,
+    decap6, maps,
     parse::{
         ECN_CE, ECN_NOT_ECT, ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, EthIpv4Headers,
         EthIpv6Headers, FLOW_HEADERS_LEN, Frame, IPV4_MAX_HEADER_LEN, Ipv6FragmentHdr,
@@ -153,7 +153,7 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<PeerVxlan,
 }
 
 /// VXLAN over IPv6 from a host holding a lease, carrying IPv6 from inside the IPv6 subnet it
-/// leases.
+/// leases or from its own PublicIPv6 (a reply its conntrack un-DNATed, as for IPv4).
 #[inline(always)]
 fn ipv6_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
     let vxlan = classify_ipv6_vxlan(frame, config)?;
@@ -161,7 +161,7 @@ fn ipv6_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan
     if !vxlan.inner_is_ipv6 {
         return Err(Counter::RxInnerOtherFamily);
     }
-    if !lease.contains(&vxlan.inner_src) {
+    if !lease.contains(&vxlan.inner_src) && vxlan.inner_src != vxlan.outer_src {
         return Err(Counter::RxIpv6SpoofedInner);
     }
     Ok(vxlan)
@@ -203,6 +203,9 @@ fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, C
         PeerVxlan::Ipv4(vxlan) => vxlan,
         PeerVxlan::Ipv6(vxlan) => {
             if config.fast_path() {
+                if let Some(endpoint) = decap6::deliverable_to(ctx, &frame, &vxlan) {
+                    return decap6::deliver(ctx, config, &endpoint);
+                }
                 note_handed6(&frame, vxlan.inner_offset, config.vtep6_ifindex);
             }
             mark_checked(ctx);
@@ -274,6 +277,12 @@ fn deliver(
     headers.ip.decrement_ttl();
     headers.eth.src = config.bridge_mac;
     headers.eth.dst = endpoint.mac;
+    redirect_into(&endpoint)
+}
+
+/// Puts the packet, readdressed already, into the container behind `endpoint`.
+#[inline(always)]
+pub fn redirect_into(endpoint: &LocalEndpoint) -> Result<Counter, Counter> {
     // SAFETY: a plain helper call; the kernel checks that the index is a veth.
     let verdict = unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
     if verdict != i64::from(TC_ACT_REDIRECT) {

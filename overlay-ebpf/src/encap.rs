@@ -8,7 +8,8 @@
 //!   overlay) and everything not for a remote subnet goes on to the bridge untouched.
 //! - `tc_vtep_egress`, on flannel.1's egress: the routed path, for whatever the kernel routes
 //!   into the overlay (the host's own traffic, the fast path's leftovers). The kernel has
-//!   already routed the packet and given it its Ethernet header.
+//!   already routed the packet and given it its Ethernet header. On flannel-v6.1's egress it
+//!   only notes the flow: the kernel encapsulates IPv6 it routes.
 //!
 //! Both send the frame to the neighbour the kernel resolves on the uplink.
 use aya_ebpf::{
@@ -32,10 +33,10 @@ use crate::{
     encap6, maps,
     parse::{
         ECN_CE, ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN,
-        Frame, IPPROTO_UDP, IPV4_NO_OPTIONS, Ipv4Hdr, TransportHead, UdpHdr, VXLAN_FLAG_VNI,
-        VxlanHdr, flow_of, linear_frame,
+        Frame, IPPROTO_UDP, IPV4_NO_OPTIONS, IPV6_FLOW_HEADERS_LEN, Ipv4Hdr, TransportHead, UdpHdr,
+        VXLAN_FLAG_VNI, VxlanHdr, flow_of, linear_frame,
     },
-    routed::remember_replies,
+    routed::{remember_replies, remember_replies6},
     verdict::tc_act,
 };
 
@@ -156,8 +157,16 @@ fn encapsulate_from_container(
 /// `Ok(TxEncapsulated)`: encapsulated and sent.
 #[inline(always)]
 fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
-    let frame = linear_frame(ctx, FLOW_HEADERS_LEN);
+    let frame = linear_frame(ctx, IPV6_FLOW_HEADERS_LEN);
     let eth: &EthHdr = frame.header(0).ok_or(Counter::TxMalformed)?;
+    // SAFETY: the context's skb is valid for the whole program run.
+    let on_vtep6 = config.ipv6() && unsafe { (*ctx.skb.skb).ifindex } == config.vtep6_ifindex;
+    if on_vtep6 && eth.is_ipv6() {
+        // flannel-v6.<VNI> encapsulates for itself (see `encap6` for why the fast path cannot
+        // always); its flows are noted all the same.
+        remember_replies6(&frame, config.vtep6_ifindex);
+        return Ok(Counter::TxIpv6Routed);
+    }
     if !eth.is_ipv4() {
         return Err(Counter::TxNotIpv4);
     }

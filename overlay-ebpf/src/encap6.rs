@@ -28,21 +28,22 @@ use crate::{
     },
     maps,
     parse::{
-        ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV6, EthHdr, EthIpv6Headers, Frame, IPPROTO_ICMPV6,
-        IPPROTO_TCP, IPPROTO_UDP, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr, flow_of6, linear_frame,
+        ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV6, EthHdr, EthIpv6Headers, Frame, IPPROTO_TCP,
+        IPPROTO_UDP, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr, checksums_itself, flow_of6,
+        linear_frame,
     },
 };
 
 /// What goes between the outer Ethernet header and the inner IPv6 header.
 #[repr(C)]
-struct Encapsulation6 {
-    ip: Ipv6Hdr,
-    udp: UdpHdr,
-    vxlan: VxlanHdr,
-    inner_eth: EthHdr,
+pub struct Encapsulation6 {
+    pub ip: Ipv6Hdr,
+    pub udp: UdpHdr,
+    pub vxlan: VxlanHdr,
+    pub inner_eth: EthHdr,
 }
 
-const ENCAP6_LEN: usize = size_of::<Encapsulation6>();
+pub const ENCAP6_LEN: usize = size_of::<Encapsulation6>();
 /// What the outer UDP length counts beyond the inner transport header and payload.
 const UDP_HEADERS_LEN: usize =
     size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthIpv6Headers>();
@@ -107,26 +108,12 @@ pub fn encapsulate_from_container(
 /// checksum cannot be had from the headers (see the module's comment).
 #[inline(always)]
 fn transport_segment_len(ctx: &TcContext, frame: &Frame, ip: &Ipv6Hdr) -> Result<u16, Counter> {
-    let payload_len = u16::from_be_bytes(ip.payload_len);
-    // Trailing bytes would be under the outer checksum but not the inner one; a zero length
-    // is a jumbogram's (BIG TCP), whose encapsulation could not say its length.
-    if payload_len == 0
-        || ctx.len() as usize != TRANSPORT_OFFSET + usize::from(payload_len)
+    if !checksums_itself(frame, TRANSPORT_OFFSET, ip)
         || ctx.len() as usize + ENCAP6_LEN - size_of::<EthIpv6Headers>() > IPV6_MAX_PAYLOAD
     {
         return Err(Counter::TxSlowPath);
     }
-    match ip.next_header {
-        IPPROTO_TCP | IPPROTO_ICMPV6 => {}
-        // A zero UDP checksum is no checksum: nothing to build on.
-        IPPROTO_UDP => {
-            let udp: &UdpHdr = frame.header(TRANSPORT_OFFSET).ok_or(Counter::TxSlowPath)?;
-            if udp.checksum == [0; 2] {
-                return Err(Counter::TxSlowPath);
-            }
-        }
-        _ => return Err(Counter::TxSlowPath),
-    }
+    let payload_len = u16::from_be_bytes(ip.payload_len);
     // SAFETY: the context's skb is valid for the whole program run.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
@@ -210,7 +197,7 @@ fn write_encapsulation6(
 
 /// The IPv6 traffic class: the 8 bits after the version.
 #[inline(always)]
-fn traffic_class(ip: &Ipv6Hdr) -> u8 {
+pub fn traffic_class(ip: &Ipv6Hdr) -> u8 {
     let [first, second, ..] = ip.version_class_flow;
     (first << 4) | (second >> 4)
 }
@@ -220,7 +207,7 @@ fn traffic_class(ip: &Ipv6Hdr) -> u8 {
 /// complete. Addresses and length are in both and cancel; what is left is the first word
 /// pair, next header and hop limit, less the next header.
 #[inline(always)]
-fn inner_checksum_part(ip: &Ipv6Hdr) -> u32 {
+pub fn inner_checksum_part(ip: &Ipv6Hdr) -> u32 {
     let [vcf0, vcf1, vcf2, vcf3] = ip.version_class_flow;
     word(vcf0, vcf1)
         + word(vcf2, vcf3)
@@ -232,7 +219,7 @@ fn inner_checksum_part(ip: &Ipv6Hdr) -> u32 {
 /// packet contributes `inner_part`: the outer pseudo-header, the UDP, VXLAN and inner
 /// Ethernet headers, and the inner packet.
 #[inline(always)]
-fn outer_udp_checksum(headers: &Encapsulation6, inner_part: u32, udp_len: u16) -> u16 {
+pub fn outer_udp_checksum(headers: &Encapsulation6, inner_part: u32, udp_len: u16) -> u16 {
     let [src_port_hi, src_port_lo] = headers.udp.src_port;
     let [dst_port_hi, dst_port_lo] = headers.udp.dst_port;
     let [vni_hi, vni_mid, vni_lo] = headers.vxlan.vni;

@@ -1,12 +1,13 @@
 //! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
 //! `encap` and `encap6` (tc, container veths and VXLAN device egress), `claims` (what containers may send,
-//! checked at their veths), `decap` (tc or XDP, uplink; tc, VXLAN device ingress) and
+//! checked at their veths), `decap` and `decap6` (tc or XDP, uplink; tc, VXLAN device ingress) and
 //! `routed` (tc, container bridge egress), over `parse`, `maps` and `verdict`.
 #![no_std]
 #![no_main]
 
 mod claims;
 mod decap;
+mod decap6;
 mod encap;
 mod encap6;
 mod maps;

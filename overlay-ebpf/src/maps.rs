@@ -55,6 +55,11 @@ static VTEPS6: HashMap<[u8; 16], VtepSubnet6, MAX_REMOTE_HOSTS, NO_PREALLOC> = H
 #[btf_map(name = "endpoints")]
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
 
+/// Local container's IPv6 address (network order) → its veth and MAC, learned by the agent
+/// from docker0's IPv6 neighbours (NDP) and forwarding database.
+#[btf_map(name = "endpoints6")]
+static ENDPOINTS6: HashMap<[u8; 16], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
 /// Local container's IPv4 address (network order) → the container port (the host side of its
 /// veth) that first sent from it, as ARP sender or IPv4 source. Written by the container
 /// program, first come first bound; the agent deletes a port's bindings when the port goes.
@@ -135,6 +140,13 @@ pub fn ipv6_vtep(public_ipv6: &[u8; 16]) -> Option<VtepSubnet6> {
 pub fn local_endpoint(address: [u8; 4]) -> Option<LocalEndpoint> {
     // SAFETY: the value is copied out at once, before any update could reuse the slot.
     unsafe { ENDPOINTS.get(address) }.copied()
+}
+
+/// The local container at the IPv6 `address`, if the agent knows where it is.
+#[inline(always)]
+pub fn local_endpoint6(address: &[u8; 16]) -> Option<LocalEndpoint> {
+    // SAFETY: the value is copied out at once, before any update could reuse the slot.
+    unsafe { ENDPOINTS6.get(address) }.copied()
 }
 
 /// Binds `address` to `port` unless it is bound already; whether it is bound to `port` now.

@@ -284,6 +284,8 @@ pub struct EthIpv6Headers {
 pub type TransportHead = [u8; 8];
 /// The bytes a flow's key comes from: Ethernet, IPv4 without options, the transport head.
 pub const FLOW_HEADERS_LEN: usize = size_of::<EthIpv4Headers>() + size_of::<TransportHead>();
+/// The same for IPv6, and so for either family.
+pub const IPV6_FLOW_HEADERS_LEN: usize = size_of::<EthIpv6Headers>() + size_of::<TransportHead>();
 
 /// The flow `ip` belongs to, given the first bytes of its transport header; `None` for a
 /// packet conntrack must see whatever its flow: one with IPv4 options, a fragment (only the
@@ -352,6 +354,28 @@ pub fn flow_of6(ip: &Ipv6Hdr, transport: Option<&TransportHead>) -> Option<FlowK
     })
 }
 
+/// Whether the IPv6 packet `ip`, whose transport header starts at `transport` in `frame`,
+/// carries a checksum over its pseudo-header and every byte behind it (TCP, UDP with a
+/// checksum, or ICMPv6, right behind the fixed header) and ends where `frame` does: then its
+/// transport bytes sum to the complement of its pseudo-header's sum, and an outer UDP
+/// checksum around it follows from the headers alone.
+#[inline(always)]
+pub fn checksums_itself(frame: &Frame, transport: usize, ip: &Ipv6Hdr) -> bool {
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    // A zero length is a jumbogram's (BIG TCP).
+    if payload_len == 0 || transport + payload_len != frame.len() {
+        return false;
+    }
+    match ip.next_header {
+        IPPROTO_TCP | IPPROTO_ICMPV6 => true,
+        // A zero UDP checksum is no checksum.
+        IPPROTO_UDP => frame
+            .header::<UdpHdr>(transport)
+            .is_some_and(|udp| udp.checksum != [0; 2]),
+        _ => false,
+    }
+}
+
 /// What decapsulation needs from a VXLAN frame over IPv4 for our port and VNI.
 pub struct VxlanFrame {
     /// The outer source address: the sending host's PublicIP.
@@ -382,6 +406,10 @@ pub struct Vxlan6Frame {
     pub inner_src: [u8; 16],
     /// Offset of the inner Ethernet header.
     pub inner_offset: usize,
+    /// The outer ECN field.
+    pub outer_ecn: u8,
+    /// The first fragment of a fragmented datagram: only the stack can reassemble it.
+    pub first_fragment: bool,
 }
 
 /// Classifies an uplink frame whose Ethernet type is IPv4. `Ok` is a well-formed VXLAN frame
@@ -453,6 +481,8 @@ pub fn classify_ipv6_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
         inner_is_ipv6: payload.inner.eth.is_ipv6(),
         inner_src: payload.inner.ip.src,
         inner_offset: payload.inner_offset,
+        outer_ecn: (ip.version_class_flow[1] >> 4) & ECN_MASK,
+        first_fragment: udp.first_fragment,
     })
 }
 

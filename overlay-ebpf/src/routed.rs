@@ -4,7 +4,7 @@
 //! undo the translation on the replies.
 //!
 //! The stack's exits toward the overlay and the containers are watched: `tc_vtep_egress`
-//! (encap) notes everything flannel.1 sends, `tc_bridge_egress` what the stack sends into the
+//! (encap) notes everything flannel.1 and flannel-v6.1 send, `tc_bridge_egress` what the stack sends into the
 //! container bridge from a remote subnet, unless the programs handed it to the stack under
 //! the same key (a container not yet learned, a DirectRouting peer's packet, any IPv6 from a
 //! peer): that one was not translated, and its flow may keep the fast path.
@@ -16,13 +16,10 @@ use overlay_common::FlowKey6;
 use crate::{
     maps,
     parse::{
-        EthHdr, EthIpv4Headers, EthIpv6Headers, Frame, TransportHead, flow_of, flow_of6,
-        linear_frame,
+        EthHdr, EthIpv4Headers, EthIpv6Headers, Frame, IPV6_FLOW_HEADERS_LEN, TransportHead,
+        flow_of, flow_of6, linear_frame,
     },
 };
-
-/// The bytes a flow's key comes from, for either family (IPv6 needs the more).
-const IPV6_FLOW_HEADERS_LEN: usize = size_of::<EthIpv6Headers>() + size_of::<TransportHead>();
 
 #[classifier]
 pub fn tc_bridge_egress(ctx: TcContext) -> i32 {
@@ -61,6 +58,15 @@ fn remember_translated_ipv6(frame: &Frame, ifindex: u32) {
         && maps::remote_vtep6(&flow.src).is_some()
         && !maps::was_handed6(&flow)
     {
+        maps::remember_routed6(&flow.reversed(), ifindex);
+    }
+}
+
+/// Notes that the stack sent the IPv6 packet in `frame` out of `ifindex`, as
+/// `remember_replies` does IPv4.
+#[inline(always)]
+pub fn remember_replies6(frame: &Frame, ifindex: u32) {
+    if let Some(flow) = ipv6_flow_at(frame, 0) {
         maps::remember_routed6(&flow.reversed(), ifindex);
     }
 }

@@ -19,7 +19,11 @@ use crate::{
         SUBNET1_V6, SUBNET2_V6, address_in, bridge_gateway6, subnet6_of,
     },
     netns::Netns,
+    process::iperf3_server,
 };
+
+/// How long a one-off iperf3 server may take to finish.
+const IPERF3_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub const HOST1: &str = "172.20.62.104";
 pub const HOST2: &str = "172.20.62.105";
@@ -352,4 +356,41 @@ pub fn start_reserved_hosts(
     host1.wait_for_route(SUBNET2)?;
     host2.wait_for_route(SUBNET1)?;
     Ok([(host1, agent1), (host2, agent2)])
+}
+
+/// `iperf3 -c destination -p port` for a second from `client`, against a one-off server in
+/// `server`'s namespace.
+pub fn iperf3_through(
+    seed: &Seed,
+    client: &Container,
+    server: &Container,
+    destination: &str,
+    port: &str,
+) -> Result<()> {
+    let log = seed
+        .cluster
+        .scratch
+        .path()
+        .join(format!("iperf-{}-{destination}-{port}.log", server.address));
+    let mut process = iperf3_server(&server.netns, &log, true)?;
+    client
+        .netns
+        .exec(&[
+            "iperf3",
+            "-c",
+            destination,
+            "-p",
+            port,
+            "-t",
+            "1",
+            "--connect-timeout",
+            "5000",
+        ])
+        .with_context(|| format!("iperf3 to {destination}:{port}"))?;
+    ensure!(
+        process.wait_exit(IPERF3_TIMEOUT)?.success(),
+        "{}",
+        process.log()
+    );
+    Ok(())
 }

@@ -1,6 +1,8 @@
-//! The IPv6 fast path in namespaces: the dual-stack seed's IPv6 leaves through it, keeps
-//! flannel's hops, and every packet on the wire carries an outer UDP checksum the receiving
-//! kernel verifies, superpackets segmented after encapsulation included.
+//! The IPv6 fast path in namespaces: the dual-stack seed's IPv6 leaves through it and comes
+//! in through it with flannel's hops, and every packet on the wire carries an outer UDP
+//! checksum a stock kernel verifies, superpackets segmented after encapsulation included,
+//! while the receiving fast path verifies what a kernel sends. Flows conntrack translates
+//! over IPv6 (a service address, a published port) keep working.
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -10,10 +12,12 @@ use overlay_tests::{
     cluster::Host,
     ipv6::{BBOX2_V6, SUBNET1_V6, SUBNET2_V6},
     process::iperf3_server,
-    seed::{Seed, check_ipv6_path},
+    seed::{Container, Seed, check_ipv6_path, iperf3_through},
+    wait::wait_for,
 };
 
 const EBPF: &[&str] = &["--dataplane=ebpf"];
+const KERNEL: &[&str] = &["--dataplane=kernel"];
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn counters(host: &Host) -> Result<Counters> {
@@ -33,35 +37,58 @@ fn udp6_stat(host: &Host, name: &str) -> Result<u64> {
         .with_context(|| format!("{}'s snmp6 has no {name}", host.name))
 }
 
-#[test]
-fn the_seeds_ipv6_takes_the_fast_path_with_flannels_hops() -> Result<()> {
-    let seed = Seed::start_dual_stack("v6-fast", [EBPF, EBPF])?;
-    let gateway1 = SUBNET1_V6.replace("::/64", "::1");
-    let vtep2 = SUBNET2_V6.replace("/64", "");
-    check_ipv6_path(&seed.bbox1, BBOX2_V6, [&gateway1, &vtep2])?;
-    let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
-    let output = seed.bbox1.ping6(BBOX2_V6, 3)?;
-    ensure!(output.contains("3 received"), "{output}");
-    let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
-    for (host, before, after) in [("host1", before1, after1), ("host2", before2, after2)] {
-        ensure!(
-            delta(&before, &after, Counter::TxDirect) >= 3,
-            "{host} sent the requests or replies past flannel-v6.1: {after:?}"
-        );
-    }
-    Ok(())
+/// Pings `destination` from `from` until `host` delivers straight into a container: the
+/// first packets to a container the host has not yet talked to go through docker0, which
+/// learns its address by NDP.
+fn warm_up(from: &Container, destination: &str, host: &Host) -> Result<()> {
+    let before = counters(host)?;
+    wait_for("delivery by the IPv6 fast path", EVENT_TIMEOUT, || {
+        from.netns
+            .exec_unchecked(&["ping", "-6", "-n", "-c", "1", "-W", "1", destination])?;
+        Ok(delta(&before, &counters(host)?, Counter::RxDelivered) > 0)
+    })
 }
 
 #[test]
-fn every_segment_on_the_wire_carries_a_valid_outer_udp_checksum() -> Result<()> {
-    let seed = Seed::start_dual_stack("v6-csum", [EBPF, EBPF])?;
+fn the_seeds_ipv6_takes_the_fast_path_both_ways_with_flannels_hops() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-fast", [EBPF, EBPF])?;
+    let bbox1 = seed.bbox1.address6.clone().context("bbox1 has IPv6")?;
+    warm_up(&seed.bbox1, BBOX2_V6, &seed.host2)?;
+    warm_up(&seed.bbox2, &bbox1, &seed.host1)?;
+    let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    let output = seed.bbox1.ping6(BBOX2_V6, 3)?;
+    ensure!(output.matches("ttl=62").count() == 3, "{output}");
+    let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
+    for (host, before, after) in [("host1", before1, after1), ("host2", before2, after2)] {
+        for counter in [Counter::TxDirect, Counter::RxDelivered] {
+            ensure!(
+                delta(&before, &after, counter) == 3,
+                "{host}: {} for the requests or replies: {after:?}",
+                counter.name()
+            );
+        }
+    }
+    // What a router must answer still comes from the stack: docker0's gateway, then host2's
+    // flannel-v6.1, then bbox2.
+    let gateway1 = SUBNET1_V6.replace("::/64", "::1");
+    let vtep2 = SUBNET2_V6.replace("/64", "");
+    check_ipv6_path(&seed.bbox1, BBOX2_V6, [&gateway1, &vtep2])
+}
+
+#[test]
+fn a_stock_kernel_verifies_every_segment_and_we_verify_the_kernels() -> Result<()> {
+    // host2 in kernel mode is flannel-v6.1 as stock flannel builds it: its UDP layer checks
+    // every outer checksum host1 sends, and host1's fast path those host2 sends.
+    let seed = Seed::start_dual_stack("v6-csum", [EBPF, KERNEL])?;
     // No offloads on the uplinks: superpackets are cut and every checksum completed in
-    // software before the wire, and the receivers verify each datagram's in software.
+    // software before the wire, so the receivers get the final bytes and check them.
     for host in [&seed.host1, &seed.host2] {
         host.netns.exec(&[
             "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off",
         ])?;
     }
+    let bbox1 = seed.bbox1.address6.clone().context("bbox1 has IPv6")?;
+    warm_up(&seed.bbox2, &bbox1, &seed.host1)?;
     let errors_before = udp6_stat(&seed.host2, "Udp6InCsumErrors")?;
     let datagrams_before = udp6_stat(&seed.host2, "Udp6InDatagrams")?;
     let log = seed.cluster.scratch.path().join("iperf3-v6.log");
@@ -85,17 +112,92 @@ fn every_segment_on_the_wire_carries_a_valid_outer_udp_checksum() -> Result<()> 
 
     let errors = udp6_stat(&seed.host2, "Udp6InCsumErrors")? - errors_before;
     ensure!(errors == 0, "host2 found {errors} bad outer UDP checksums");
-    let fast = delta(&before, &after, Counter::TxDirect);
+    let sent = delta(&before, &after, Counter::TxDirect);
     let datagrams = udp6_stat(&seed.host2, "Udp6InDatagrams")? - datagrams_before;
     ensure!(
-        fast > 0,
+        sent > 0,
         "host1's fast path carried the transfer: {after:?}"
     );
-    // Fewer packets left the fast path than reached host2: superpackets, cut up after our
-    // encapsulation, each segment with the checksum written before.
+    // More datagrams reached host2 than packets left the fast path: superpackets, cut up
+    // after our encapsulation, each segment with the checksum written before.
     ensure!(
-        datagrams > fast,
-        "{datagrams} datagrams reached host2 from {fast} fast-path packets"
+        datagrams > sent,
+        "{datagrams} datagrams reached host2 from {sent} fast-path packets"
+    );
+    // host2's ACKs, checksummed by its kernel, passed host1's check and went straight in.
+    ensure!(
+        delta(&before, &after, Counter::RxDelivered) > 0,
+        "host1 delivered host2's packets: {after:?}"
+    );
+    Ok(())
+}
+
+/// A service address on host1, as kube-proxy would DNAT an IPv6 ClusterIP.
+const SERVICE_VIP6: &str = "fd00:96::10";
+const SERVICE_PORT: &str = "80";
+const PUBLISHED_PORT: &str = "8080";
+const IPERF3_PORT: &str = "5201";
+
+/// Has `host` DNAT TCP over IPv6 to `address`:`port` to `to` (`[address]:port`), in nat
+/// PREROUTING.
+fn dnat6(host: &Host, address: &str, port: &str, to: &str) -> Result<()> {
+    host.ip6tables(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        address,
+        "-p",
+        "tcp",
+        "--dport",
+        port,
+        "-j",
+        "DNAT",
+        "--to-destination",
+        to,
+    ])
+    .map(drop)
+}
+
+#[test]
+fn an_ipv6_service_address_dnated_to_another_host_works_on_the_fast_path() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-vip", [EBPF, EBPF])?;
+    dnat6(
+        &seed.host1,
+        SERVICE_VIP6,
+        SERVICE_PORT,
+        &format!("[{BBOX2_V6}]:{IPERF3_PORT}"),
+    )?;
+    let before = counters(&seed.host1)?;
+    iperf3_through(&seed, &seed.bbox1, &seed.bbox2, SERVICE_VIP6, SERVICE_PORT)?;
+    let after = counters(&seed.host1)?;
+    ensure!(
+        delta(&before, &after, Counter::TxIpv6Routed) > 0
+            && delta(&before, &after, Counter::RxChecked) > 0,
+        "host1's stack carried the translated flow both ways: {after:?}"
+    );
+    Ok(())
+}
+
+/// host2's conntrack undoes the DNAT on bbox2's replies, which then come from host2's
+/// PublicIPv6 over VXLAN: host1's guard must let them in, as it does over IPv4.
+#[test]
+fn an_ipv6_port_dnated_on_the_server_s_host_works_on_the_fast_path() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-published", [EBPF, EBPF])?;
+    let host2 = seed.host2.ipv6()?.to_string();
+    dnat6(
+        &seed.host2,
+        &host2,
+        PUBLISHED_PORT,
+        &format!("[{BBOX2_V6}]:{IPERF3_PORT}"),
+    )?;
+    let before = counters(&seed.host2)?;
+    iperf3_through(&seed, &seed.bbox1, &seed.bbox2, &host2, PUBLISHED_PORT)?;
+    let after = counters(&seed.host2)?;
+    ensure!(
+        delta(&before, &after, Counter::TxRoutedFlow) > 0,
+        "host2 left bbox2's replies to its conntrack: {after:?}"
     );
     Ok(())
 }

@@ -6,17 +6,14 @@
 //! - flows conntrack translates keep working with the fast path on: a service address DNATed
 //!   on the client's host to a container on another host, and a port DNATed on the server's
 //!   host to its container, reached from a container elsewhere. Both dataplanes must agree.
-use std::time::Duration;
-
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use overlay_common::Counter;
 use overlay_tests::{
     cluster::Host,
     process::iperf3_server,
-    seed::{BBOX2, Container, HOST2, Seed},
+    seed::{BBOX2, Container, HOST2, Seed, iperf3_through},
 };
 
-const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// host2's flannel.1 address: the host itself, seen from the overlay.
 const HOST2_VTEP_ADDRESS: &str = "10.2.54.0";
 /// A service address on host1, as kube-proxy would DNAT a ClusterIP.
@@ -53,43 +50,6 @@ fn rule_packets(host: &Host, chain: &str, needle: &str) -> Result<u64> {
         .next()
         .and_then(|packets| packets.parse().ok())
         .with_context(|| format!("no packet count in {line:?}"))
-}
-
-/// `iperf3 -c destination -p port` for a second from `client`, against a one-off server in
-/// `server`'s namespace.
-fn iperf3_through(
-    seed: &Seed,
-    client: &Container,
-    server: &Container,
-    destination: &str,
-    port: &str,
-) -> Result<()> {
-    let log = seed
-        .cluster
-        .scratch
-        .path()
-        .join(format!("iperf-{}-{destination}-{port}.log", server.address));
-    let mut process = iperf3_server(&server.netns, &log, true)?;
-    client
-        .netns
-        .exec(&[
-            "iperf3",
-            "-c",
-            destination,
-            "-p",
-            port,
-            "-t",
-            "1",
-            "--connect-timeout",
-            "5000",
-        ])
-        .with_context(|| format!("iperf3 to {destination}:{port}"))?;
-    ensure!(
-        process.wait_exit(EVENT_TIMEOUT)?.success(),
-        "{}",
-        process.log()
-    );
-    Ok(())
 }
 
 /// The seed with `rp_filter=1` everywhere on both hosts and host rules on `-i flannel.1`:

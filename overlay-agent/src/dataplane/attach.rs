@@ -163,18 +163,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes sure the encapsulator sits on the egress of `vtep`, the IPv4 VXLAN device, and
-    /// the guard of the sockets on the ingress of `vtep` and `vtep6` (flannel-v6.<VNI>, which
-    /// the kernel's IPv6 forwarding uses in either mode), and nowhere else.
+    /// Makes sure the encapsulator sits on the egress of `vtep`, the IPv4 VXLAN device, and of
+    /// `vtep6` (flannel-v6.<VNI>, which encapsulates for itself: there the program notes
+    /// flows), and the guard of the sockets on the ingress of both, and nowhere else.
     fn ensure_vteps_attached(&mut self, vtep: &Device, vtep6: Option<&Device>) -> Result<()> {
         let wanted = (vtep.index, vtep6.map(|vtep6| vtep6.index));
         if self.attached.vteps == Some(wanted) {
             return Ok(());
         }
-        let guarded: Vec<&Device> = [Some(vtep), vtep6].into_iter().flatten().collect();
+        let both: Vec<&Device> = [Some(vtep), vtep6].into_iter().flatten().collect();
         let places = [
-            (VTEP_PROGRAM, TcAttachType::Egress, vec![vtep]),
-            (VTEP_INGRESS_PROGRAM, TcAttachType::Ingress, guarded),
+            (VTEP_PROGRAM, TcAttachType::Egress, both.clone()),
+            (VTEP_INGRESS_PROGRAM, TcAttachType::Ingress, both),
         ];
         for (program, direction, devices) in places {
             self.detach_all_but(

@@ -47,6 +47,7 @@ pub const VTEPS_MAP: &str = "vteps";
 pub const VTEPS6_MAP: &str = "vteps6";
 pub const SUBNETS6_MAP: &str = "subnets6";
 const ENDPOINTS_MAP: &str = "endpoints";
+const ENDPOINTS6_MAP: &str = "endpoints6";
 const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
 const BOUND_MACS_MAP: &str = "bound_macs";
 const ROUTED_FLOWS_MAP: &str = "routed_flows";
@@ -56,7 +57,7 @@ const HANDED_FLOWS6_MAP: &str = "handed_flows6";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 15] = [
+const MAPS: [&str; 16] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
@@ -64,6 +65,7 @@ const MAPS: [&str; 15] = [
     VTEPS_MAP,
     VTEPS6_MAP,
     ENDPOINTS_MAP,
+    ENDPOINTS6_MAP,
     BOUND_ADDRESSES_MAP,
     BOUND_MACS_MAP,
     ROUTED_FLOWS_MAP,

@@ -2,6 +2,7 @@
 //! for `overlay-agent status`, `monitor`, `teardown` and the metrics.
 use std::{
     collections::{HashMap, HashSet},
+    hash::Hash,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
@@ -12,13 +13,13 @@ use aya::maps::{
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{
-    Counters, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep, RoutedFlow, VtepSubnet,
-    VtepSubnet6,
+    Counters, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, RoutedFlow,
+    VtepSubnet, VtepSubnet6,
 };
 
 use super::{
     CONFIG_MAP, COUNTERS_MAP, DROP_EVENTS_MAP, ENDPOINTS_MAP, MAPS, MONITOR_MAP, PROGRAMS,
-    ROUTED_FLOWS_MAP, SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP, sum_per_cpu,
+    ROUTED_FLOWS_MAP, SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, sum_per_cpu,
 };
 
 /// While alive, the programs report every drop to the `drop_events` ring buffer.
@@ -68,14 +69,32 @@ impl PinnedDataplane {
     }
 
     pub fn subnet_entries(&self) -> Result<HashMap<Ipv4Network, RemoteVtep>> {
-        let map = self.map(SUBNETS_MAP)?;
-        let trie: LpmTrie<&MapData, [u8; 4], RemoteVtep> = LpmTrie::try_from(&map)?;
+        self.subnet_map(SUBNETS_MAP, |address, prefix| {
+            Ipv4Network::new(address.into(), prefix)
+        })
+    }
+
+    /// Every remote IPv6 subnet in the IPv6 subnet map, with where its host is.
+    pub fn ipv6_subnet_entries(&self) -> Result<HashMap<Ipv6Network, RemoteVtep6>> {
+        self.subnet_map(SUBNETS6_MAP, |address, prefix| {
+            Ipv6Network::new(address.into(), prefix)
+        })
+    }
+
+    /// The entries of the LPM trie `name`, keyed by the subnets `network` makes of them.
+    fn subnet_map<const N: usize, V: aya::Pod, Network: Eq + Hash>(
+        &self,
+        name: &str,
+        network: impl Fn([u8; N], u8) -> Result<Network, ipnetwork::IpNetworkError>,
+    ) -> Result<HashMap<Network, V>> {
+        let map = self.map(name)?;
+        let trie: LpmTrie<&MapData, [u8; N], V> = LpmTrie::try_from(&map)?;
         trie.iter()
             .map(|entry| {
-                let (key, remote) = entry.context("cannot read the subnet map")?;
-                let subnet = Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
-                    .context("the subnet map holds a bad prefix")?;
-                Ok((subnet, remote))
+                let (key, value) = entry.with_context(|| format!("cannot read the {name} map"))?;
+                let subnet = network(key.data(), key.prefix_len() as u8)
+                    .with_context(|| format!("the {name} map holds a bad prefix"))?;
+                Ok((subnet, value))
             })
             .collect()
     }

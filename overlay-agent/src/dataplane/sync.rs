@@ -3,7 +3,7 @@
 //! not updates. The programs bind container addresses and MACs themselves; the agent frees
 //! the bindings of ports that are gone.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::Hash,
 };
 
@@ -16,16 +16,15 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6};
 
 use super::{
-    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, SUBNETS_MAP, SUBNETS6_MAP,
-    VTEPS_MAP, VTEPS6_MAP, map_mut,
+    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP,
+    SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
-use crate::reconcile::desired::{Endpoints, LeaseEntries};
+use crate::reconcile::desired::{Endpoints, Endpoints6, LeaseEntries};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type Subnet6Map<'a> = LpmTrie<&'a mut MapData, [u8; 16], RemoteVtep6>;
 type VtepMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], VtepSubnet>;
 type Vtep6Map<'a> = BpfHashMap<&'a mut MapData, [u8; 16], VtepSubnet6>;
-type EndpointMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], LocalEndpoint>;
 
 /// The lease entries a write left out. A lease missing from any lease map is dropped by the
 /// programs (`subnets` carries its traffic out, `vteps` and `vteps6` let its host's traffic
@@ -161,20 +160,37 @@ impl Dataplane {
         Ok(stale_subnets + stale_vteps + stale_vteps6 + stale_subnets6)
     }
 
-    /// Makes the endpoint map hold exactly `endpoints` (container address → where it is).
-    pub fn sync_endpoints(&mut self, endpoints: &Endpoints) -> Result<()> {
-        let mut map: EndpointMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, ENDPOINTS_MAP)?)?;
-        for (address, endpoint) in endpoints {
-            if map.get(address, 0).ok().as_ref() != Some(endpoint) {
-                map.insert(address, endpoint, 0)
-                    .context("cannot write the endpoint map")?;
-            }
-        }
-        remove_stale(map, endpoints, ENDPOINTS_MAP).map(drop)
+    /// Makes the endpoint maps hold exactly `endpoints` and `endpoints6` (container address →
+    /// where it is).
+    pub fn sync_endpoints(&mut self, endpoints: &Endpoints, endpoints6: &Endpoints6) -> Result<()> {
+        sync_endpoint_map(
+            map_mut(&mut self.ebpf, ENDPOINTS_MAP)?,
+            endpoints,
+            ENDPOINTS_MAP,
+        )?;
+        sync_endpoint_map(
+            map_mut(&mut self.ebpf, ENDPOINTS6_MAP)?,
+            endpoints6,
+            ENDPOINTS6_MAP,
+        )
     }
 }
 
-/// Deletes every entry of `map` whose key `desired` lacks; returns how many.
+fn sync_endpoint_map<const N: usize>(
+    map: &mut aya::maps::Map,
+    endpoints: &HashMap<[u8; N], LocalEndpoint>,
+    name: &str,
+) -> Result<()> {
+    let mut map: BpfHashMap<&mut MapData, [u8; N], LocalEndpoint> = BpfHashMap::try_from(map)?;
+    for (address, endpoint) in endpoints {
+        if map.get(address, 0).ok().as_ref() != Some(endpoint) {
+            map.insert(address, endpoint, 0)
+                .with_context(|| format!("cannot write the {name} map"))?;
+        }
+    }
+    remove_stale(map, endpoints, name).map(drop)
+}
+
 /// Deletes the subnets of `trie` (named `name`) that are not `desired`; returns how many.
 fn remove_stale_subnets<const N: usize, V: aya::Pod>(
     mut trie: LpmTrie<&mut MapData, [u8; N], V>,
@@ -193,9 +209,10 @@ fn remove_stale_subnets<const N: usize, V: aya::Pod>(
     Ok(stale.len())
 }
 
+/// Deletes every entry of `map` whose key `desired` lacks; returns how many.
 fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
     mut map: BpfHashMap<&mut MapData, K, V>,
-    desired: &std::collections::HashMap<K, W>,
+    desired: &HashMap<K, W>,
     name: &str,
 ) -> Result<usize> {
     let stale: Vec<K> = map

@@ -1,5 +1,5 @@
 //! The containers on the bridge, read from netlink: every container port (a veth enslaved to
-//! the bridge), every address the bridge resolved, and the port each container MAC was learned
+//! the bridge), every address the bridge resolved (ARP and NDP), and the port each container MAC was learned
 //! behind. [`list`] reads them whole; [`observe`] follows one notification, so a container's
 //! address reaches the fast path as soon as the bridge resolves it.
 use std::collections::HashSet;
@@ -16,7 +16,7 @@ use rtnetlink::{
 
 use super::{
     links,
-    peers::{neighbour_ipv4, neighbour_mac},
+    peers::{neighbour_destination, neighbour_mac},
 };
 use crate::reconcile::desired::{Containers, Device};
 
@@ -44,9 +44,11 @@ pub async fn list(handle: &Handle, bridge_index: u32, previous: &Containers) -> 
     for fdb_entry in links::neighbours(handle, AddressFamily::Bridge).await? {
         learn_mac(&mut containers, &fdb_entry);
     }
-    for neighbour in links::neighbours(handle, AddressFamily::Inet).await? {
-        if neighbour.header.ifindex == bridge_index {
-            resolve_address(&mut containers, &neighbour);
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for neighbour in links::neighbours(handle, family).await? {
+            if neighbour.header.ifindex == bridge_index {
+                resolve_address(&mut containers, &neighbour);
+            }
         }
     }
     Ok(containers)
@@ -78,17 +80,21 @@ pub fn observe(
         RouteNetlinkMessage::DelLink(link) => forget_port(containers, link.header.index),
         RouteNetlinkMessage::NewNeighbour(message) => match message.header.family {
             AddressFamily::Bridge => learn_mac(containers, message),
-            AddressFamily::Inet if message.header.ifindex == bridge_index => {
+            AddressFamily::Inet | AddressFamily::Inet6
+                if message.header.ifindex == bridge_index =>
+            {
                 resolve_address(containers, message);
                 true
             }
             _ => false,
         },
         RouteNetlinkMessage::DelNeighbour(message)
-            if message.header.family == AddressFamily::Inet
-                && message.header.ifindex == bridge_index =>
+            if matches!(
+                message.header.family,
+                AddressFamily::Inet | AddressFamily::Inet6
+            ) && message.header.ifindex == bridge_index =>
         {
-            if let Some(address) = neighbour_ipv4(message) {
+            if let Some(address) = neighbour_destination(message) {
                 containers.addresses.remove(&address);
             }
             true
@@ -120,9 +126,10 @@ fn learn_mac(containers: &mut Containers, fdb_entry: &NeighbourMessage) -> bool 
     containers.port_of_mac.insert(mac, port) != Some(port)
 }
 
-/// Records or forgets a bridge neighbour's MAC, by whether its state can be trusted.
+/// Records or forgets a bridge neighbour's MAC (ARP's or NDP's), by whether its state can be
+/// trusted.
 fn resolve_address(containers: &mut Containers, neighbour: &NeighbourMessage) {
-    let Some(address) = neighbour_ipv4(neighbour) else {
+    let Some(address) = neighbour_destination(neighbour) else {
         return;
     };
     match neighbour_mac(neighbour).filter(|_| is_usable(neighbour.header.state)) {
@@ -224,7 +231,9 @@ mod tests {
         assert_eq!(containers.ports.keys().copied().collect::<Vec<_>>(), [PORT]);
         assert_eq!(containers.port_of_mac.get(&MAC), Some(&PORT));
         assert_eq!(
-            containers.addresses.get(&Ipv4Addr::new(10, 2, 41, 2)),
+            containers
+                .addresses
+                .get(&Ipv4Addr::new(10, 2, 41, 2).into()),
             Some(&MAC)
         );
 

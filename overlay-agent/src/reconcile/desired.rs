@@ -53,8 +53,8 @@ pub struct RoutingRules {
 pub struct Containers {
     /// Container ports (the host-side veths on the bridge), by interface index.
     pub ports: BTreeMap<u32, Device>,
-    /// Addresses the bridge has resolved, with the MAC behind each.
-    pub addresses: HashMap<Ipv4Addr, MacAddr>,
+    /// Addresses the bridge has resolved (by ARP or NDP), with the MAC behind each.
+    pub addresses: HashMap<IpAddr, MacAddr>,
     /// Which port each container MAC was learned behind.
     pub port_of_mac: HashMap<MacAddr, u32>,
 }
@@ -111,6 +111,8 @@ impl LeaseEntries {
 
 /// Container address (network order) → its port and MAC: where the decapsulator delivers.
 pub type Endpoints = HashMap<[u8; 4], LocalEndpoint>;
+/// The same for IPv6 container addresses.
+pub type Endpoints6 = HashMap<[u8; 16], LocalEndpoint>;
 
 /// Which interface each program sits on, and the settings they read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,14 +292,33 @@ fn add_ipv6_vtep(
 
 /// Every container address in our `subnet` whose MAC sits behind a known port.
 pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
+    endpoints_where(containers, |address| match address {
+        IpAddr::V4(address) if subnet.contains(address) => Some(address.octets()),
+        _ => None,
+    })
+}
+
+/// Every container address in our IPv6 `subnet` whose MAC sits behind a known port.
+pub fn endpoints6(containers: &Containers, subnet: Ipv6Network) -> Endpoints6 {
+    endpoints_where(containers, |address| match address {
+        IpAddr::V6(address) if subnet.contains(address) => Some(address.octets()),
+        _ => None,
+    })
+}
+
+/// The endpoints of the container addresses `key` gives a map key for.
+fn endpoints_where<const N: usize>(
+    containers: &Containers,
+    key: impl Fn(IpAddr) -> Option<[u8; N]>,
+) -> HashMap<[u8; N], LocalEndpoint> {
     containers
         .addresses
         .iter()
-        .filter(|(address, _)| subnet.contains(**address))
         .filter_map(|(address, mac)| {
+            let key = key(*address)?;
             let port = containers.port_of_mac.get(mac)?;
             containers.ports.contains_key(port).then_some((
-                address.octets(),
+                key,
                 LocalEndpoint {
                     ifindex: *port,
                     mac: mac.0,
@@ -618,20 +639,26 @@ mod tests {
                 ("10.2.41.2".parse().expect("address"), mac),
                 ("10.2.41.3".parse().expect("address"), stranger),
                 ("192.0.2.2".parse().expect("address"), mac),
+                ("fd00:2:0:41::2".parse().expect("address"), mac),
+                ("fe80::2".parse().expect("address"), mac),
             ]),
             port_of_mac: HashMap::from([(mac, 9), (stranger, 12)]),
+        };
+        let bbox1 = LocalEndpoint {
+            ifindex: 9,
+            mac: mac.0,
+            reserved: 0,
         };
         let subnet = "10.2.41.0/24".parse().expect("subnet");
         assert_eq!(
             endpoints(&containers, subnet),
-            HashMap::from([(
-                [10, 2, 41, 2],
-                LocalEndpoint {
-                    ifindex: 9,
-                    mac: mac.0,
-                    reserved: 0
-                }
-            )])
+            HashMap::from([([10, 2, 41, 2], bbox1)])
+        );
+        let subnet6: Ipv6Network = "fd00:2:0:41::/64".parse().expect("subnet");
+        let address6: Ipv6Addr = "fd00:2:0:41::2".parse().expect("address");
+        assert_eq!(
+            endpoints6(&containers, subnet6),
+            HashMap::from([(address6.octets(), bbox1)])
         );
     }
 

@@ -29,7 +29,7 @@ use crate::{
     node::{self, NodeNetwork, endpoints, peers::FamilyDevices},
     subnet::{Lease, LeaseEvent, LeaseSubnets},
 };
-use desired::{Containers, Device, Devices, Endpoints, LeaseEntries, RoutingRules};
+use desired::{Containers, Device, Devices, LeaseEntries, RoutingRules};
 pub use notifications::{Notifications, subscribe};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
@@ -431,14 +431,20 @@ fn place_programs(
         subnets,
         ebpf.fast_path,
     );
-    let endpoints = if ebpf.fast_path {
-        desired::endpoints(containers, subnets.ipv4)
+    let (endpoints, endpoints6) = if ebpf.fast_path {
+        (
+            desired::endpoints(containers, subnets.ipv4),
+            subnets
+                .ipv6
+                .map(|subnet6| desired::endpoints6(containers, subnet6))
+                .unwrap_or_default(),
+        )
     } else {
-        Endpoints::default()
+        Default::default()
     };
     ebpf.dataplane
         .place(&placement, ebpf.decap_hook, ebpf.xdp_mode)?;
-    ebpf.dataplane.sync_endpoints(&endpoints)?;
+    ebpf.dataplane.sync_endpoints(&endpoints, &endpoints6)?;
     ebpf.dataplane
         .release_claims_of_gone_ports(&containers.ports.keys().copied().collect())
 }
