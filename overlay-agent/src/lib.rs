@@ -190,9 +190,9 @@ fn refuse_what_the_dataplane_lacks(
     }
     if dataplane == DataplaneChoice::Ebpf && !config.enable_ipv4 {
         bail!(
-            "network config: EnableIPv4 is false, and the ebpf dataplane carries IPv4 (IPv6 \
-             goes through flannel-v6.<VNI> in both modes): run an IPv6-only network with \
-             --dataplane=kernel"
+            "network config: EnableIPv4 is false, and the ebpf dataplane is built around an \
+             IPv4 lease and flannel.1 (its config and attachments need both, even for IPv6): \
+             run an IPv6-only network with --dataplane=kernel"
         );
     }
     Ok(())

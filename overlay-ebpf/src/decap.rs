@@ -15,8 +15,8 @@
 //! Both check the sender against the leases first. Each outcome is a counter whose declared
 //! verdict decides the action: what is not ours passes untouched, ours that fails a check is
 //! dropped. VXLAN over IPv6 gets the same checks (a lease's PublicIPv6, an inner source in its
-//! IPv6 subnet) and then goes on still encapsulated, marked, to flannel-v6.1's socket: the
-//! kernel decapsulates IPv6 in either mode.
+//! IPv6 subnet) and then goes straight into a container (see `decap6`) or on still
+//! encapsulated, marked, to flannel-v6.1's socket, for the kernel to decapsulate.
 //!
 //! flannel.1 and flannel-v6.1 keep their own VXLAN sockets, which decapsulate whatever reaches
 //! UDP 8472 on any address: VXLAN from another interface or a local sender, and datagrams the
@@ -137,7 +137,7 @@ pub fn xdp_uplink(ctx: XdpContext) -> u32 {
 /// A VXLAN frame from a peer that passed every check, by its outer header's family.
 enum PeerVxlan {
     Ipv4(VxlanFrame),
-    /// The kernel decapsulates VXLAN over IPv6 (flannel-v6.<VNI>'s socket) in either mode.
+    /// Delivered by `decap6`, or decapsulated by the kernel (flannel-v6.<VNI>'s socket).
     Ipv6(Vxlan6Frame),
 }
 
@@ -194,8 +194,9 @@ fn ipv4_vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan
 
 /// Decapsulates, then puts a packet for a known local container straight into it
 /// (`RxDelivered`) or into flannel.1 for the stack (`RxDecapsulated`, `RxRoutedFlow`). What
-/// only the stack can finish (a first fragment, a UDP checksum, VXLAN over IPv6) goes on
-/// marked, still encapsulated (`RxChecked`). `Err` is why it did none of these.
+/// only the stack can finish (a first fragment, a UDP checksum, VXLAN over IPv6 `decap6`
+/// does not deliver) goes on marked, still encapsulated (`RxChecked`). `Err` is why it did
+/// none of these.
 #[inline(always)]
 fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let frame = linear_frame(ctx, MAX_HEADERS_LEN);
