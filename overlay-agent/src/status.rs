@@ -7,7 +7,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{Counter, RemoteVtep, RemoteVtep6};
 
 use crate::{
-    dataplane::{SUBNETS_MAP, VTEPS_MAP, VTEPS6_MAP, pins::PinnedDataplane},
+    dataplane::{SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, pins::PinnedDataplane},
     mac::MacAddr,
     node::links,
     options::AgentOptions,
@@ -50,7 +50,7 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         )?;
     }
     if let Some(leases) = &leases {
-        write_full_maps(&mut out, &pinned, leases)?;
+        write_full_maps(&mut out, &pinned, leases, &ipv6_entries)?;
     }
     writeln!(out, "programs:")?;
     let names = links::names(&links::connect()?).await?;
@@ -133,10 +133,14 @@ async fn remote_leases(options: &AgentOptions) -> Result<(Vec<Lease>, Vec<(Strin
 
 /// "full maps:", then each lease map with every entry taken and how many of `leases` it
 /// lacks.
-fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease]) -> Result<()> {
+fn write_full_maps(
+    out: &mut String,
+    pinned: &PinnedDataplane,
+    leases: &[Lease],
+    ipv6_entries: &Ipv6Entries,
+) -> Result<()> {
     let subnets = pinned.subnet_entries()?;
     let vteps = pinned.vtep_addresses()?;
-    let vteps6 = pinned.ipv6_vtep_entries()?;
     let full: Vec<_> = pinned
         .occupancy()?
         .into_iter()
@@ -145,10 +149,13 @@ fn write_full_maps(out: &mut String, pinned: &PinnedDataplane, leases: &[Lease])
             let lacks = |lease: &&Lease| match map.name {
                 SUBNETS_MAP => !subnets.contains_key(&lease.subnet),
                 VTEPS_MAP => !vteps.contains(&lease.attrs.public_ip),
+                SUBNETS6_MAP => lease
+                    .ipv6_subnet
+                    .is_some_and(|subnet| !ipv6_entries.subnets.contains_key(&subnet)),
                 VTEPS6_MAP => lease
                     .attrs
                     .public_ipv6
-                    .is_some_and(|address| !vteps6.contains_key(&address)),
+                    .is_some_and(|address| !ipv6_entries.vteps.contains_key(&address)),
                 _ => false,
             };
             let missing = leases.iter().filter(lacks).count();

@@ -460,7 +460,9 @@ define_counters! {
     /// from a local sender or a container, behind IPv6 extension headers, or reassembled from
     /// fragments whose first one was not checked: dropped.
     rx_unchecked_vxlan => RxUncheckedVxlan: Drop,
-    /// Packet leaving through the VXLAN device, encapsulated and sent out of the uplink.
+    /// Packet the stack routed into a VXLAN device (flannel.<VNI>, or flannel-v6.<VNI> where
+    /// the outer UDP checksum follows from its headers), encapsulated and sent out of the
+    /// uplink.
     tx_encapsulated => TxEncapsulated: Redirect,
     /// Packet from a local container for a remote subnet, encapsulated at the container's
     /// veth and sent out of the uplink, past docker0, routing and the VXLAN device (with
@@ -482,9 +484,12 @@ define_counters! {
     tx_ipv6_partial_segment => TxIpv6PartialSegment: Pass,
     /// Packet to an address no remote lease covers: dropped.
     tx_no_route => TxNoRoute: Drop,
-    /// IPv6 the stack routed into flannel-v6.<VNI> (the host's own, the fast path's
-    /// leftovers, translated flows): passed on for the kernel to encapsulate, its flow
-    /// remembered (see `routed_flows6`).
+    /// IPv6 the stack routed into flannel-v6.<VNI> whose outer UDP checksum does not follow
+    /// from its headers (extension headers, a protocol other than TCP, UDP and ICMPv6, UDP
+    /// without a checksum, a superpacket other than TCP or with a short last segment), or
+    /// that no IPv6 lease covers (the kernel's own neighbour discovery): passed on for the
+    /// kernel's device to encapsulate, its flow remembered (see `routed_flows6`). The rest
+    /// is encapsulated here (`tx_encapsulated`).
     tx_ipv6_routed => TxIpv6Routed: Pass,
     /// Packet through the VXLAN device that is neither IPv4 nor, on flannel-v6.<VNI>, IPv6:
     /// dropped.

@@ -8,8 +8,8 @@
 //!   overlay) and everything not for a remote subnet goes on to the bridge untouched.
 //! - `tc_vtep_egress`, on flannel.1's egress: the routed path, for whatever the kernel routes
 //!   into the overlay (the host's own traffic, the fast path's leftovers). The kernel has
-//!   already routed the packet and given it its Ethernet header. On flannel-v6.1's egress it
-//!   only notes the flow: the kernel encapsulates IPv6 it routes.
+//!   already routed the packet and given it its Ethernet header. On flannel-v6.1's egress
+//!   `encap6` takes IPv6, and leaves to the kernel's device what it cannot checksum.
 //!
 //! Both send the frame to the neighbour the kernel resolves on the uplink.
 use aya_ebpf::{
@@ -33,10 +33,10 @@ use crate::{
     encap6, maps,
     parse::{
         ECN_CE, ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, FLOW_HEADERS_LEN,
-        Frame, IPPROTO_UDP, IPV4_NO_OPTIONS, IPV6_FLOW_HEADERS_LEN, Ipv4Hdr, TransportHead, UdpHdr,
-        VXLAN_FLAG_VNI, VxlanHdr, flow_of, linear_frame,
+        Frame, IPPROTO_UDP, IPV4_NO_OPTIONS, Ipv4Hdr, TransportHead, UdpHdr, VXLAN_FLAG_VNI,
+        VxlanHdr, flow_of, linear_frame,
     },
-    routed::{remember_replies, remember_replies6},
+    routed::remember_replies,
     verdict::tc_act,
 };
 
@@ -154,18 +154,15 @@ fn encapsulate_from_container(
 
 /// The routed path: everything flannel.1 sends must be for a remote subnet. Its flow is
 /// remembered, so that the fast path leaves the replies to the stack as well.
-/// `Ok(TxEncapsulated)`: encapsulated and sent.
+/// `Ok(TxEncapsulated)`: encapsulated and sent; on flannel-v6.<VNI>, see `encap6`.
 #[inline(always)]
 fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
-    let frame = linear_frame(ctx, IPV6_FLOW_HEADERS_LEN);
+    let frame = linear_frame(ctx, FLOW_HEADERS_LEN);
     let eth: &EthHdr = frame.header(0).ok_or(Counter::TxMalformed)?;
     // SAFETY: the context's skb is valid for the whole program run.
     let on_vtep6 = config.ipv6() && unsafe { (*ctx.skb.skb).ifindex } == config.vtep6_ifindex;
     if on_vtep6 && eth.is_ipv6() {
-        // flannel-v6.<VNI> encapsulates for itself (see `encap6` for why the fast path cannot
-        // always); its flows are noted all the same.
-        remember_replies6(&frame, config.vtep6_ifindex);
-        return Ok(Counter::TxIpv6Routed);
+        return Ok(encap6::encapsulate_routed(ctx, config));
     }
     if !eth.is_ipv4() {
         return Err(Counter::TxNotIpv4);

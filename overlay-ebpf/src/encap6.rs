@@ -12,7 +12,12 @@
 //! nothing the outer checksum covers but the UDP length (the inner lengths and addresses
 //! cancel against the inner pseudo-header), so every segment of the same length carries the
 //! right one. A superpacket whose last segment would be shorter, and whatever the identity
-//! does not hold for, take the routed path: flannel-v6.<VNI> checksums each segment itself.
+//! does not hold for, take the routed path.
+//!
+//! On flannel-v6.<VNI>'s egress (the routed path: the host's own packets, the fast path's
+//! leftovers, flows conntrack translated) the same encapsulation takes what the stack has
+//! routed, hop limit already spent; what the headers cannot give a checksum for goes on to
+//! flannel-v6.<VNI>, which checksums each segment itself.
 use aya_ebpf::{
     bindings::{BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::bpf_get_hash_recalc,
@@ -32,6 +37,7 @@ use crate::{
         IPPROTO_UDP, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr, checksums_itself, flow_of6,
         linear_frame,
     },
+    routed::remember_replies6,
 };
 
 /// What goes between the outer Ethernet header and the inner IPv6 header.
@@ -94,13 +100,34 @@ pub fn encapsulate_from_container(
     }
     let headers: &mut EthIpv6Headers = frame.header_mut(0).ok_or(Counter::TxError)?;
     headers.ip.hop_limit -= 1;
-    let inner = InnerPacket {
-        checksum_part: inner_checksum_part(&headers.ip),
-        ecn: traffic_class(&headers.ip) & ECN_MASK,
-        segment_len,
-    };
+    let inner = InnerPacket::of(&headers.ip, segment_len);
     encapsulate(ctx, config, &remote, &inner)?;
     Ok(Some(Counter::TxDirect))
+}
+
+/// The routed path for IPv6, on flannel-v6.<VNI>'s egress: the stack has routed the packet
+/// and addressed it to the peer's VTEP. Its flow is remembered, as on flannel.<VNI>. What the
+/// headers give an outer checksum for is encapsulated here (`TxEncapsulated`); the rest, and
+/// what no IPv6 lease covers (the kernel's own neighbour discovery, say), goes on to
+/// flannel-v6.<VNI> (`TxIpv6Routed`). Not inlined, as `encapsulate_from_container`.
+#[inline(never)]
+pub fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Counter {
+    let frame = linear_frame(ctx, HEADERS_LEN);
+    let Some(headers) = frame.header::<EthIpv6Headers>(0) else {
+        return Counter::TxMalformed;
+    };
+    remember_replies6(&frame, config.vtep6_ifindex);
+    let Some(remote) = maps::remote_vtep6(&headers.ip.dst) else {
+        return Counter::TxIpv6Routed;
+    };
+    let Ok(segment_len) = transport_segment_len(ctx, &frame, &headers.ip) else {
+        return Counter::TxIpv6Routed;
+    };
+    let inner = InnerPacket::of(&headers.ip, segment_len);
+    match encapsulate(ctx, config, &remote, &inner) {
+        Ok(()) => Counter::TxEncapsulated,
+        Err(failure) => failure,
+    }
 }
 
 /// The length of the inner transport segment each packet on the wire will carry: the whole
@@ -142,6 +169,18 @@ struct InnerPacket {
     ecn: u8,
     /// The length of the transport segment each packet on the wire carries.
     segment_len: u16,
+}
+
+impl InnerPacket {
+    /// `ip` as it goes on the wire, each packet carrying `segment_len` transport bytes.
+    #[inline(always)]
+    fn of(ip: &Ipv6Hdr, segment_len: u16) -> Self {
+        Self {
+            checksum_part: inner_checksum_part(ip),
+            ecn: traffic_class(ip) & ECN_MASK,
+            segment_len,
+        }
+    }
 }
 
 /// Wraps the packet, whose Ethernet header becomes the inner one, for `remote` and redirects

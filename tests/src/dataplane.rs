@@ -305,7 +305,7 @@ pub fn run_uplink(hook: UplinkHook, dataplane: &Dataplane, frame: &[u8]) -> Resu
     }
 }
 
-/// flannel.1's egress program on `frame`.
+/// flannel.1's (and flannel-v6.1's) egress program on `frame`.
 pub fn run_vtep(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     run_tc(VTEP_PROGRAM, dataplane, frame, 0)
 }
@@ -323,11 +323,21 @@ pub fn run_container(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
 /// A container veth's ingress program on `frame` as a GSO superpacket of `gso_size`-byte
 /// segments.
 pub fn run_container_gso(dataplane: &Dataplane, frame: &[u8], gso_size: u32) -> Result<Outcome> {
+    run_tc_gso(CONTAINER_PROGRAM, dataplane, frame, gso_size)
+}
+
+/// flannel.1's (and flannel-v6.1's) egress program on `frame` as a GSO superpacket of
+/// `gso_size`-byte segments.
+pub fn run_vtep_gso(dataplane: &Dataplane, frame: &[u8], gso_size: u32) -> Result<Outcome> {
+    run_tc_gso(VTEP_PROGRAM, dataplane, frame, gso_size)
+}
+
+fn run_tc_gso(name: &str, dataplane: &Dataplane, frame: &[u8], gso_size: u32) -> Result<Outcome> {
     let mut ctx_in = [0u8; SKB_GSO_CTX_LEN];
     let segments = u32::try_from(frame.len())?.div_ceil(gso_size);
     ctx_in[SKB_GSO_SEGS_OFFSET..][..4].copy_from_slice(&segments.to_ne_bytes());
     ctx_in[SKB_GSO_SIZE_OFFSET..][..4].copy_from_slice(&gso_size.to_ne_bytes());
-    run_tc_with(CONTAINER_PROGRAM, dataplane, frame, &ctx_in)
+    run_tc_with(name, dataplane, frame, &ctx_in)
 }
 
 /// The container bridge's egress program on `frame`.

@@ -153,19 +153,26 @@ fn the_uplink_programs_survive_garbage() -> Result<()> {
 
 #[test]
 fn the_vtep_program_survives_garbage() -> Result<()> {
+    // A test run's device is both flannel.1 and flannel-v6.1 here: IPv4 and IPv6 both routed.
     let dataplane = dataplane_of(&HOST1, &[&HOST2])?;
     let mut random = Random(0x656e_6361_7073_2121);
+    let mut redirected = 0;
+    let mut check = |frame: Vec<u8>| {
+        let outcome = run_vtep(&dataplane, &frame)?;
+        assert!(
+            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&outcome.verdict),
+            "verdict {}",
+            outcome.verdict
+        );
+        redirected += u64::from(outcome.verdict == TC_ACT_REDIRECT);
+        Ok(())
+    };
     // The kernel refuses to test-run IPv4 frames shorter than an IPv4 header, so every frame
     // here holds at least Ethernet plus 20 bytes.
     let min_len = ETH_HEADER_LEN + IPV4_HEADER_LEN;
     for _ in 0..FRAMES_PER_KIND {
         let len = min_len + random.below(300);
-        let outcome = run_vtep(&dataplane, &random.bytes(len))?;
-        assert!(
-            [TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&outcome.verdict),
-            "verdict {}",
-            outcome.verdict
-        );
+        check(random.bytes(len))?;
     }
     let counters = dataplane.counters()?;
     assert_eq!(
@@ -179,17 +186,32 @@ fn the_vtep_program_survives_garbage() -> Result<()> {
         "one counter per frame: {counters:?}"
     );
 
-    let ping = bbox1_ping(BBOX2_IP, 64);
-    let seed = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
-    for _ in 0..FRAMES_PER_KIND {
-        let outcome = run_vtep(&dataplane, &random.mutate(&seed, min_len))?;
-        assert!(
-            [TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&outcome.verdict),
-            "verdict {}",
-            outcome.verdict
-        );
-    }
-    assert_eq!(total(&dataplane.counters()?), 2 * FRAMES_PER_KIND as u64);
+    let ipv4 = ethernet(
+        HOST2_VTEP_MAC,
+        HOST1_VTEP_MAC,
+        ETH_P_IPV4,
+        &bbox1_ping(BBOX2_IP, 64),
+    );
+    let ipv6 = ethernet(
+        HOST2_VTEP6_MAC,
+        HOST1_VTEP6_MAC,
+        ETH_P_IPV6,
+        &FLANNEL_V6_PING[V6_INNER_IP..],
+    );
+    mutate_each(&mut random, &[ipv4], min_len, &mut check)?;
+    mutate_each(
+        &mut random,
+        &[ipv6],
+        ETH_HEADER_LEN + IPV6_HEADER_LEN,
+        &mut check,
+    )?;
+    let counters = dataplane.counters()?;
+    assert_eq!(
+        counters.get(Counter::TxEncapsulated),
+        redirected,
+        "{counters:?}"
+    );
+    assert_eq!(total(&counters), 3 * FRAMES_PER_KIND as u64);
     Ok(())
 }
 

@@ -1,16 +1,18 @@
-//! The IPv6 fast path on hand-built frames through BPF_PROG_TEST_RUN: a container's IPv6
-//! packet for a remote subnet leaves as flannel-v6.1 sends it (compared with a kernel capture
-//! of flannel-v6.1, the UDP checksum included), for every transport the fast path takes. What
-//! it cannot checksum from the headers (a superpacket with a short last segment among them),
-//! what a router must answer itself, and flows conntrack translated go on to the bridge
-//! untouched. (A test run cannot make a TCP superpacket; `ipv6_fast_path` has the kernel cut
-//! real ones and check every segment's checksum.)
+//! IPv6 encapsulation on hand-built frames through BPF_PROG_TEST_RUN. The fast path: a
+//! container's IPv6 packet for a remote subnet leaves as flannel-v6.1 sends it (compared with
+//! a kernel capture of flannel-v6.1, the UDP checksum included), for every transport the fast
+//! path takes. What it cannot checksum from the headers (a superpacket with a short last
+//! segment among them), what a router must answer itself, and flows conntrack translated go
+//! on to the bridge untouched. The routed path, on flannel-v6.1's egress: what the stack
+//! routed leaves the same way, and what the headers cannot checksum goes on to flannel-v6.1.
+//! (A test run cannot make a TCP superpacket; `ipv6_fast_path` has the kernel cut real ones
+//! and check every segment's checksum.)
 use anyhow::Result;
 use overlay_common::{Counter, VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN};
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, UplinkHook, dataplane_of, run_bridge,
-        run_container, run_container_gso, run_uplink,
+        run_container, run_container_gso, run_uplink, run_vtep, run_vtep_gso,
     },
     frames::*,
 };
@@ -56,10 +58,11 @@ fn outer_checksum_over_everything(frame: &[u8]) -> u16 {
     ipv6_upper_layer_checksum(src, dst, IPPROTO_UDP, &frame[OUTER_UDP..])
 }
 
-/// Asserts `outcome` is `routed` encapsulated for host2, as flannel-v6.1 would send it.
-fn assert_encapsulated(outcome: &Outcome, routed: &[u8]) {
+/// Asserts `outcome` is `routed` encapsulated for host2, as flannel-v6.1 would send it, and
+/// counted as `counter`.
+fn assert_encapsulated(outcome: &Outcome, routed: &[u8], counter: Counter) {
     assert_eq!(outcome.verdict, TC_ACT_REDIRECT, "redirected to the uplink");
-    outcome.assert_only(Counter::TxDirect);
+    outcome.assert_only(counter);
     let out = &outcome.frame;
     assert_eq!(out.len(), ETH_HEADER_LEN + ENCAP6_LEN + routed.len());
     assert_eq!(
@@ -87,32 +90,95 @@ fn assert_left_to_the_stack(frame: &[u8], counter: Counter) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn bbox1s_ping_leaves_as_flannel_v6_sends_it() -> Result<()> {
-    let outcome = from_container(&before_the_hop(captured_inner()))?;
-    assert_encapsulated(&outcome, captured_inner());
-    let port = source_port(&outcome.frame);
+/// Asserts `sent` is flannel-v6.1's captured ping from the outer IPv6 header on, the
+/// source port aside: that comes from the flow hash, and the checksum covers it, so the
+/// capture with our port, its checksum computed anew over every byte, must be what we sent.
+fn assert_as_flannel_v6_sent_it(sent: &[u8]) {
+    let port = source_port(sent);
     assert!(
         (VXLAN_SOURCE_PORT_MIN..VXLAN_SOURCE_PORT_MAX).contains(&port),
         "source port {port}"
     );
-    // The source port comes from the flow hash, and the checksum covers it: the capture with
-    // our port, its checksum computed anew over every byte, is what we sent.
     let mut expected = FLANNEL_V6_PING.to_vec();
     expected[OUTER_UDP..OUTER_UDP + 2].copy_from_slice(&port.to_be_bytes());
     expected[UDP_CHECKSUM..UDP_CHECKSUM + 2].fill(0);
     let checksum = outer_checksum_over_everything(&expected);
     expected[UDP_CHECKSUM..UDP_CHECKSUM + 2].copy_from_slice(&checksum.to_be_bytes());
     assert_eq!(
-        outcome.frame[ETH_HEADER_LEN..],
+        sent[ETH_HEADER_LEN..],
         expected[ETH_HEADER_LEN..],
         "the frame flannel-v6.1 sent, from the outer IPv6 header on"
     );
+}
+
+#[test]
+fn bbox1s_ping_leaves_as_flannel_v6_sends_it() -> Result<()> {
+    let outcome = from_container(&before_the_hop(captured_inner()))?;
+    assert_encapsulated(&outcome, captured_inner(), Counter::TxDirect);
+    assert_as_flannel_v6_sent_it(&outcome.frame);
     assert_eq!(
         outcome.frame[..ETH_HEADER_LEN],
         before_the_hop(captured_inner())[..ETH_HEADER_LEN],
         "the outer Ethernet header is the neighbour table's to fill"
     );
+    Ok(())
+}
+
+/// `packet` as host1's stack routes it into flannel-v6.1: to host2's VTEP from ours.
+fn into_flannel_v6(packet: &[u8]) -> Vec<u8> {
+    ethernet(HOST2_VTEP6_MAC, HOST1_VTEP6_MAC, ETH_P_IPV6, packet)
+}
+
+/// host1's flannel-v6.1 egress program on `frame`, host2 its only peer.
+fn through_flannel_v6(frame: &[u8]) -> Result<Outcome> {
+    run_vtep(&dataplane_of(&HOST1, &[&HOST2])?, frame)
+}
+
+#[test]
+fn what_the_stack_routes_into_flannel_v6_leaves_as_flannel_v6_sends_it() -> Result<()> {
+    let outcome = through_flannel_v6(&into_flannel_v6(captured_inner()))?;
+    assert_encapsulated(&outcome, captured_inner(), Counter::TxEncapsulated);
+    assert_as_flannel_v6_sent_it(&outcome.frame);
+    // The stack has routed it already: no hop is taken here, even the last.
+    for len in [0, 1, 17, 1200] {
+        let mut last_hop = tcp6(&pattern(len));
+        last_hop[HOP_LIMIT] = 1;
+        for routed in [last_hop, udp6(&pattern(len))] {
+            let outcome = through_flannel_v6(&into_flannel_v6(&routed))?;
+            assert_encapsulated(&outcome, &routed, Counter::TxEncapsulated);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn what_the_headers_cannot_checksum_or_no_lease_covers_goes_on_to_flannel_v6() -> Result<()> {
+    let ping = into_flannel_v6(captured_inner());
+    let mut no_udp_checksum = into_flannel_v6(&udp6(b"zero"));
+    no_udp_checksum[ETH_HEADER_LEN + IPV6_HEADER_LEN + 6..][..2].fill(0);
+    // The kernel's own multicast listener report, which no lease covers.
+    let all_routers = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
+    let cases = [
+        ("an extension header", {
+            with_ipv6_extension(&ping, IPPROTO_DSTOPTS, [0, 1, 4, 0, 0, 0, 0])
+        }),
+        ("UDP without a checksum", no_udp_checksum),
+        ("bytes behind the packet", [&ping[..], &[0; 6]].concat()),
+        ("no lease", {
+            into_flannel_v6(&ipv6(BBOX1_IPV6, all_routers, IPPROTO_ICMPV6, &[143; 8]))
+        }),
+    ];
+    for (what, frame) in cases {
+        let outcome = through_flannel_v6(&frame)?;
+        assert_eq!(outcome.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(outcome.frame, frame, "{what}: untouched");
+        outcome.assert_only(Counter::TxIpv6Routed);
+    }
+    let short_tail = into_flannel_v6(&tcp6(&pattern(250)));
+    let outcome = run_vtep_gso(&dataplane_of(&HOST1, &[&HOST2])?, &short_tail, 100)?;
+    assert_eq!(outcome.verdict, TC_ACT_OK, "a short last segment");
+    assert_eq!(outcome.frame, short_tail, "untouched");
+    outcome.assert_only(Counter::TxIpv6Routed);
     Ok(())
 }
 
@@ -142,7 +208,7 @@ fn every_transport_and_length_gets_its_checksum_right() -> Result<()> {
         ];
         for routed in packets {
             let outcome = from_container(&before_the_hop(&routed))?;
-            assert_encapsulated(&outcome, &routed);
+            assert_encapsulated(&outcome, &routed, Counter::TxDirect);
         }
     }
     Ok(())
@@ -162,7 +228,7 @@ fn a_congestion_mark_becomes_ect0_outside_and_the_flow_label_stays_inside() -> R
         let mut routed = ipv6_ping(BBOX1_IPV6, BBOX2_IPV6, b"ecn");
         routed[TRAFFIC_CLASS_LOW] = inner;
         let outcome = from_container(&before_the_hop(&routed))?;
-        assert_encapsulated(&outcome, &routed);
+        assert_encapsulated(&outcome, &routed, Counter::TxDirect);
         assert_eq!(
             outcome.frame[V6_OUTER_IP..V6_OUTER_IP + 4],
             [0x60, outer, 0, 0],

@@ -145,8 +145,9 @@ impl PinnedDataplane {
 
     /// How full each lease, endpoint and flow map is.
     pub fn occupancy(&self) -> Result<Vec<MapOccupancy>> {
-        let (subnets, vteps, vteps6, endpoints, routed_flows) = (
+        let (subnets, subnets6, vteps, vteps6, endpoints, routed_flows) = (
             self.map(SUBNETS_MAP)?,
+            self.map(SUBNETS6_MAP)?,
             self.map(VTEPS_MAP)?,
             self.map(VTEPS6_MAP)?,
             self.map(ENDPOINTS_MAP)?,
@@ -156,6 +157,12 @@ impl PinnedDataplane {
             (
                 SUBNETS_MAP,
                 LpmTrie::<_, [u8; 4], RemoteVtep>::try_from(&subnets)?
+                    .keys()
+                    .count(),
+            ),
+            (
+                SUBNETS6_MAP,
+                LpmTrie::<_, [u8; 16], RemoteVtep6>::try_from(&subnets6)?
                     .keys()
                     .count(),
             ),
