@@ -188,13 +188,6 @@ fn refuse_what_the_dataplane_lacks(
              dataplane, which encapsulates itself: run with --dataplane=kernel"
         );
     }
-    if dataplane == DataplaneChoice::Ebpf && !config.enable_ipv4 {
-        bail!(
-            "network config: EnableIPv4 is false, and the ebpf dataplane is built around an \
-             IPv4 lease and flannel.1 (its config and attachments need both, even for IPv6): \
-             run an IPv6-only network with --dataplane=kernel"
-        );
-    }
     Ok(())
 }
 
@@ -416,10 +409,6 @@ async fn ebpf_sink(
     uplink: &Uplink,
     lease: &Lease,
 ) -> Result<EbpfSink> {
-    let vtep_mac = lease
-        .attrs
-        .vtep_mac()
-        .context("our own lease has no VTEP MAC")?;
     let uplink_link = node::links::find(netlink, &uplink.name)
         .await?
         .with_context(|| format!("the uplink {} vanished", uplink.name))?;
@@ -430,19 +419,24 @@ async fn ebpf_sink(
         config: OverlayConfig {
             vni: config.backend.vni,
             vxlan_port: config.backend.port,
-            // The outer source, as the kernel's vxlan device would send it.
-            public_ip: uplink
-                .address
-                .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
-                .octets(),
+            // The outer source, as the kernel's vxlan device would send it; an IPv6-only
+            // network sends none.
+            public_ip: if config.enable_ipv4 {
+                uplink
+                    .address
+                    .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
+                    .octets()
+            } else {
+                [0; 4]
+            },
             // VXLAN over IPv6 comes to the tunnel's source, flannel-v6.<VNI>'s local address;
             // in a network without IPv6 none is ours, and all of it passes unchecked.
             public_ipv6: config
                 .ipv6
                 .and(uplink.ipv6)
                 .map_or([0; 16], |address| address.octets()),
-            vtep_mac: vtep_mac.0,
-            // Without IPv6 no packet reads it.
+            // Without the family no packet reads it.
+            vtep_mac: lease.attrs.vtep_mac().map_or([0; 6], |mac| mac.0),
             vtep6_mac: lease.attrs.vtep_mac_v6().map_or([0; 6], |mac| mac.0),
             uplink_mac: uplink_mac.0,
             uplink_ifindex: uplink.index,
@@ -497,7 +491,7 @@ async fn lease_owner(
 ) -> Result<PublicAddresses> {
     let uplink = node::uplink::find(netlink, uplink_choice(options)).await?;
     let ipv6 = subnets.ipv6.and(options.public_ipv6.or(uplink.ipv6));
-    let ipv4 = if subnets.ipv4.prefix() == 0 {
+    let ipv4 = if subnets.ipv4_subnet().is_none() {
         Ipv4Addr::UNSPECIFIED
     } else {
         options

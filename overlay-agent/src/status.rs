@@ -146,9 +146,10 @@ fn write_full_maps(
         .into_iter()
         .filter(|map| map.entries >= map.capacity as usize)
         .filter_map(|map| {
+            let has_ipv4 = |lease: &Lease| lease.attrs.vtep_mac().is_some();
             let lacks = |lease: &&Lease| match map.name {
-                SUBNETS_MAP => !subnets.contains_key(&lease.subnet),
-                VTEPS_MAP => !vteps.contains(&lease.attrs.public_ip),
+                SUBNETS_MAP => has_ipv4(lease) && !subnets.contains_key(&lease.subnet),
+                VTEPS_MAP => has_ipv4(lease) && !vteps.contains(&lease.attrs.public_ip),
                 SUBNETS6_MAP => lease
                     .ipv6_subnet
                     .is_some_and(|subnet| !ipv6_entries.subnets.contains_key(&subnet)),
@@ -177,50 +178,59 @@ fn write_full_maps(
     Ok(())
 }
 
+/// One lease and its map entries: the IPv4 half, the IPv6 half, those it has.
 fn describe(lease: &Lease, entry: Option<RemoteVtep>, ipv6_entries: &Ipv6Entries) -> String {
-    let vtep = lease
+    let ipv4 = lease
         .attrs
         .vtep_mac()
-        .map(|mac| mac.to_string())
-        .unwrap_or_default();
+        .map(|mac| describe_ipv4(lease, mac, entry));
+    let ipv6 = lease
+        .ipv6_peer()
+        .map(|peer| describe_ipv6(peer, ipv6_entries));
+    [ipv4, ipv6]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_ipv4(lease: &Lease, mac: MacAddr, entry: Option<RemoteVtep>) -> String {
     let state = match entry {
         None => "MISSING from the map".to_string(),
         Some(remote)
-            if remote.public_ip == lease.attrs.public_ip.octets()
-                && Some(MacAddr(remote.mac)) == lease.attrs.vtep_mac() =>
+            if remote.public_ip == lease.attrs.public_ip.octets() && MacAddr(remote.mac) == mac =>
         {
             format!("map {}", show_entry(&remote))
         }
         Some(remote) => format!("map {} DIFFERS", show_entry(&remote)),
     };
-    let ipv6 = lease
-        .ipv6_peer()
-        .map(|(subnet, address, mac)| {
-            let state = match ipv6_entries.vteps.get(&address) {
-                None => "MISSING from the IPv6 map".to_string(),
-                Some(entry) if *entry == subnet => format!("map {entry}"),
-                Some(entry) => format!("map {entry} DIFFERS"),
-            };
-            let route = match ipv6_entries.subnets.get(&subnet) {
-                None => "MISSING from the IPv6 subnet map".to_string(),
-                Some(remote)
-                    if remote.public_ipv6 == address.octets() && MacAddr(remote.mac) == mac =>
-                {
-                    "in the IPv6 subnet map".to_string()
-                }
-                Some(remote) => format!(
-                    "IPv6 subnet map {} {} DIFFERS",
-                    Ipv6Addr::from(remote.public_ipv6),
-                    MacAddr(remote.mac)
-                ),
-            };
-            format!("; {subnet} via {address} (VTEP {mac}): {state}, {route}")
-        })
-        .unwrap_or_default();
     format!(
-        "{} via {} (VTEP {vtep}): {state}{ipv6}",
+        "{} via {} (VTEP {mac}): {state}",
         lease.subnet, lease.attrs.public_ip
     )
+}
+
+fn describe_ipv6(
+    (subnet, address, mac): (Ipv6Network, Ipv6Addr, MacAddr),
+    ipv6_entries: &Ipv6Entries,
+) -> String {
+    let state = match ipv6_entries.vteps.get(&address) {
+        None => "MISSING from the IPv6 map".to_string(),
+        Some(entry) if *entry == subnet => format!("map {entry}"),
+        Some(entry) => format!("map {entry} DIFFERS"),
+    };
+    let route = match ipv6_entries.subnets.get(&subnet) {
+        None => "MISSING from the IPv6 subnet map".to_string(),
+        Some(remote) if remote.public_ipv6 == address.octets() && MacAddr(remote.mac) == mac => {
+            "in the IPv6 subnet map".to_string()
+        }
+        Some(remote) => format!(
+            "IPv6 subnet map {} {} DIFFERS",
+            Ipv6Addr::from(remote.public_ipv6),
+            MacAddr(remote.mac)
+        ),
+    };
+    format!("{subnet} via {address} (VTEP {mac}): {state}, {route}")
 }
 
 fn show_entry(remote: &RemoteVtep) -> String {

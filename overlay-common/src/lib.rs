@@ -29,7 +29,8 @@ pub struct OverlayConfig {
     /// `CONFIG_*` bits; the field also keeps the layout free of implicit padding.
     pub flags: u16,
     /// The outer source of what this host encapsulates: the uplink's address, which is also
-    /// the public IP unless `--public-ip` names another (flannel's tunnel source).
+    /// the public IP unless `--public-ip` names another (flannel's tunnel source); 0.0.0.0
+    /// in an IPv6-only network.
     pub public_ip: [u8; 4],
     /// MAC of this host's VXLAN device, the inner source of what it encapsulates.
     pub vtep_mac: [u8; 6],
@@ -45,7 +46,8 @@ pub struct OverlayConfig {
     pub bridge_mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved2: u16,
-    /// This host's lease (network order): the addresses its containers may send from.
+    /// This host's lease (network order): the addresses its containers may send from;
+    /// 0.0.0.0/32, which holds none, in an IPv6-only network.
     pub local_subnet: [u8; 4],
     pub local_netmask: [u8; 4],
     /// The bridge's own address in the lease, the containers' gateway: no container may

@@ -114,6 +114,24 @@ impl Agent {
         args
     }
 
+    /// What `overlay-agent status` prints on `host`, a member of `cluster`.
+    pub fn status_report(cluster: &Cluster, host: &Host) -> Result<String> {
+        let flags = [
+            "status".to_string(),
+            format!("--etcd-endpoints={}", cluster.endpoints()),
+            format!("--etcd-prefix={PREFIX}"),
+            format!("--subnet-file={}", host.subnet_file().display()),
+            format!("--bpf-pin-dir={}", host.pin_dir().display()),
+        ];
+        let mut status = Self::start_with(host, &flags, &[])?;
+        ensure!(
+            status.process.wait_exit(Duration::from_secs(20))?.success(),
+            "{}",
+            status.log()
+        );
+        Ok(status.log())
+    }
+
     /// Starts the agent on `host` with exactly `args` and environment `envs`.
     pub fn start_with(host: &Host, args: &[String], envs: &[(&str, &str)]) -> Result<Self> {
         Self::start_through(host, &agent_binary()?, args, envs)

@@ -9,7 +9,7 @@ use overlay_common::{Counter, Counters};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
     attached::{link_exists, pinned_links},
-    cluster::{Cluster, Host, PREFIX},
+    cluster::{Cluster, Host},
     loss::{LossWindow, steady_ping},
     metrics::{scrape, value_of},
     process::iperf3_server,
@@ -244,23 +244,7 @@ fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
             "{field} in\n{dump}"
         );
     }
-    let flags = [
-        format!("--etcd-endpoints={}", seed.cluster.etcd.endpoint()),
-        format!("--etcd-prefix={PREFIX}"),
-        format!("--subnet-file={}", seed.host1.subnet_file().display()),
-        format!("--bpf-pin-dir={}", seed.host1.pin_dir().display()),
-    ];
-    let mut status = Agent::start_with(
-        &seed.host1,
-        &[&["status".to_string()][..], &flags].concat(),
-        &[],
-    )?;
-    assert!(
-        status.process.wait_exit(EVENT_TIMEOUT)?.success(),
-        "{}",
-        status.log()
-    );
-    let report = status.log();
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
     let mac2 = seed.host2.vtep_mac()?;
     for line in [
         format!("lease: {SUBNET1}"),

@@ -33,24 +33,6 @@ const LATER_SUBNET: &str = "10.2.60.0/24";
 const LATER_VALUE: &str = r#"{"PublicIP":"172.20.62.106","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
 const ROUTED_WITHIN: Duration = Duration::from_secs(2);
 
-/// What `overlay-agent status` prints on `host`.
-fn status_report(cluster: &Cluster, host: &Host) -> Result<String> {
-    let flags = [
-        "status".to_string(),
-        format!("--etcd-endpoints={}", cluster.endpoints()),
-        format!("--etcd-prefix={PREFIX}"),
-        format!("--subnet-file={}", host.subnet_file().display()),
-        format!("--bpf-pin-dir={}", host.pin_dir().display()),
-    ];
-    let mut status = Agent::start_with(host, &flags, &[])?;
-    ensure!(
-        status.process.wait_exit(Duration::from_secs(20))?.success(),
-        "{}",
-        status.log()
-    );
-    Ok(status.log())
-}
-
 fn write_hostile_records(cluster: &Cluster) -> Result<()> {
     for name in HOSTILE_KEYS {
         cluster
@@ -87,7 +69,7 @@ fn hostile_records_leave_the_agent_up_and_routing() -> Result<()> {
         "a hostile record was routed:\n{routes}"
     );
 
-    let report = status_report(&cluster, &host1)?;
+    let report = Agent::status_report(&cluster, &host1)?;
     ensure!(
         report.contains(&format!("skipped records ({}):", HOSTILE_KEYS.len())),
         "{report}"
@@ -165,7 +147,7 @@ fn a_listing_larger_than_etcds_answers_leaves_the_agent_up_and_routing() -> Resu
         "the agent exited:\n{}",
         agent.log()
     );
-    let report = status_report(&cluster, &host1)?;
+    let report = Agent::status_report(&cluster, &host1)?;
     let remote = usize::from(LARGE_LEASES) + 2;
     ensure!(
         report.contains(&format!("remote leases ({remote}):")),
@@ -237,7 +219,7 @@ fn more_leases_than_the_maps_hold_leave_the_ones_that_fit_routed() -> Result<()>
         "routes into flannel.1 for exactly the {MAP_CAPACITY} mapped leases: {} routed",
         routed.len()
     );
-    let report = status_report(&seed.cluster, &seed.host1)?;
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
     ensure!(
         report.contains("full maps:\n  subnets: all 256 entries taken, 45 leases missing\n"),
         "{report}"
@@ -284,7 +266,7 @@ fn more_leases_than_the_maps_hold_leave_the_ones_that_fit_routed() -> Result<()>
         "{} routed of {remaining}",
         routed.len()
     );
-    let report = status_report(&seed.cluster, &seed.host1)?;
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
     ensure!(report.contains("full maps: none\n"), "{report}");
     Ok(())
 }

@@ -541,9 +541,10 @@ fn ip_masq_takes_containers_out_over_ipv6_as_their_host() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
-    let seed = Seed::start_ipv6_only("v6-only", KERNEL)?;
+/// The IPv6-only seed with `flags`: containers reach each other over IPv6 with flannel's
+/// hops, each host holds flannel's IPv6-only record, subnet file and entries, and no IPv4.
+fn check_ipv6_only_seed(tag: &str, flags: &[&str]) -> Result<()> {
+    let seed = Seed::start_ipv6_only(tag, flags)?;
     let subnet1 = subnet6_from_file(&seed.host1.subnet_file()).context("host1's lease")?;
     let subnet2 = subnet6_from_file(&seed.host2.subnet_file()).context("host2's lease")?;
     check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [&subnet1, &subnet2])?;
@@ -566,8 +567,29 @@ fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
 }
 
 #[test]
+fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
+    check_ipv6_only_seed("v6-only", KERNEL)
+}
+
+#[test]
+fn ipv6_only_seed_in_ebpf_mode() -> Result<()> {
+    check_ipv6_only_seed("v6-only-ebpf", EBPF)
+}
+
+#[test]
 fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink() -> Result<()> {
-    let mut cluster = Cluster::with_ipv6("v6-bare", IPV6_ONLY_NETWORK_CONFIG)?;
+    check_hosts_without_ipv4("v6-bare", KERNEL)
+}
+
+#[test]
+fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink_in_ebpf_mode() -> Result<()> {
+    check_hosts_without_ipv4("v6-bare-ebpf", EBPF)
+}
+
+/// Two hosts whose uplinks have IPv6 alone, reaching etcd over IPv6, run the IPv6-only seed
+/// with agents given `mode`.
+fn check_hosts_without_ipv4(tag: &str, mode: &[&str]) -> Result<()> {
+    let mut cluster = Cluster::with_ipv6(tag, IPV6_ONLY_NETWORK_CONFIG)?;
     let both = format!("http://{UNDERLAY_GATEWAY}:2379,http://[{UNDERLAY_GATEWAY6}]:2379");
     cluster
         .etcd
@@ -578,7 +600,7 @@ fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink() -> Result<()> {
         let host = cluster.add_host(name, address)?;
         host.netns
             .ip(&["addr", "del", &format!("{address}/24"), "dev", "eth0"])?;
-        let mut flags = Agent::flags(&cluster, &host, KERNEL);
+        let mut flags = Agent::flags(&cluster, &host, mode);
         flags[0] = etcd6.clone();
         let mut agent = Agent::start_with(&host, &flags, &[])?;
         let subnet6 = agent.wait_ready_ipv6()?;
@@ -816,23 +838,6 @@ fn hostile_ipv6_records_leave_the_agent_up_and_routing() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ebpf_mode_refuses_an_ipv6_only_network() -> Result<()> {
-    let mut cluster = Cluster::with_ipv6("v6-only-ebpf", IPV6_ONLY_NETWORK_CONFIG)?;
-    let host1 = cluster.add_host("host1", HOST1)?;
-    let mut agent = Agent::start(&cluster, &host1, EBPF)?;
-    let status = agent.process.wait_exit(READY_TIMEOUT)?;
-    let log = agent.log();
-    ensure!(!status.success(), "the agent ran:\n{log}");
-    ensure!(
-        log.contains("IPv6") && log.contains("kernel"),
-        "the refusal names neither IPv6 nor the kernel dataplane:\n{log}"
-    );
-    let records = cluster.subnet_keys()?;
-    ensure!(records.is_empty(), "the agent leased {records:?}");
-    Ok(())
-}
-
 /// A hand-built stock flannel host2 next to an agent on host1 (given `flags`), in the
 /// dual-stack network or, unless `dual_stack`, the IPv6-only one; the stock host takes SUBNET2 (and SUBNET2_V6) first, the agent reserves or
 /// picks its own, and the stock host then learns the agent's lease as flannel would.
@@ -906,4 +911,9 @@ fn an_ebpf_mode_agent_and_stock_flannel_interoperate_in_dual_stack() -> Result<(
 #[test]
 fn a_kernel_mode_agent_and_stock_flannel_interoperate_in_ipv6_only() -> Result<()> {
     check_interop("v6-interop-only", false, KERNEL)
+}
+
+#[test]
+fn an_ebpf_mode_agent_and_stock_flannel_interoperate_in_ipv6_only() -> Result<()> {
+    check_interop("v6-interop-only-ebpf", false, EBPF)
 }

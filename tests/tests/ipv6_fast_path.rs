@@ -2,16 +2,17 @@
 //! in through it with flannel's hops, and every packet on the wire, from the fast path or
 //! the routed path, carries an outer UDP checksum a stock kernel verifies, superpackets
 //! segmented after encapsulation included, while the receiving fast path verifies what a
-//! kernel sends. Flows conntrack translates
-//! over IPv6 (a service address, a published port) keep working.
+//! kernel sends. Flows conntrack translates over IPv6 (a service address, a published port)
+//! keep working. An IPv6-only network takes the same paths.
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_common::{Counter, Counters};
 use overlay_tests::{
+    agent::Agent,
     cluster::Host,
-    ipv6::{BBOX2_V6, SUBNET1_V6, SUBNET2_V6},
+    ipv6::{BBOX2_V6, HOST2_V6, SUBNET1_V6, SUBNET2_V6},
     netns::Netns,
     process::iperf3_server,
     seed::{Container, Seed, check_ipv6_path, iperf3_through},
@@ -51,14 +52,16 @@ fn warm_up(from: &Container, destination: &str, host: &Host) -> Result<()> {
     })
 }
 
-#[test]
-fn the_seeds_ipv6_takes_the_fast_path_both_ways_with_flannels_hops() -> Result<()> {
-    let seed = Seed::start_dual_stack("v6-fast", [EBPF, EBPF])?;
-    let bbox1 = seed.bbox1.address6.clone().context("bbox1 has IPv6")?;
-    warm_up(&seed.bbox1, BBOX2_V6, &seed.host2)?;
-    warm_up(&seed.bbox2, &bbox1, &seed.host1)?;
+/// Pings from bbox1 to bbox2 and back once both hosts deliver straight into the containers,
+/// then checks that 3 pings and their replies took the fast path at both ends, with hop
+/// limit 62.
+fn check_fast_path_both_ways(seed: &Seed) -> Result<()> {
+    let bbox1 = seed.bbox1.address6.as_deref().context("bbox1 has IPv6")?;
+    let bbox2 = seed.bbox2.address6.as_deref().context("bbox2 has IPv6")?;
+    warm_up(&seed.bbox1, bbox2, &seed.host2)?;
+    warm_up(&seed.bbox2, bbox1, &seed.host1)?;
     let (before1, before2) = (counters(&seed.host1)?, counters(&seed.host2)?);
-    let output = seed.bbox1.ping6(BBOX2_V6, 3)?;
+    let output = seed.bbox1.ping6(bbox2, 3)?;
     ensure!(output.matches("ttl=62").count() == 3, "{output}");
     let (after1, after2) = (counters(&seed.host1)?, counters(&seed.host2)?);
     for (host, before, after) in [("host1", before1, after1), ("host2", before2, after2)] {
@@ -70,11 +73,55 @@ fn the_seeds_ipv6_takes_the_fast_path_both_ways_with_flannels_hops() -> Result<(
             );
         }
     }
+    Ok(())
+}
+
+#[test]
+fn the_seeds_ipv6_takes_the_fast_path_both_ways_with_flannels_hops() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-fast", [EBPF, EBPF])?;
+    check_fast_path_both_ways(&seed)?;
     // What a router must answer still comes from the stack: docker0's gateway, then host2's
     // flannel-v6.1, then bbox2.
     let gateway1 = SUBNET1_V6.replace("::/64", "::1");
     let vtep2 = SUBNET2_V6.replace("/64", "");
     check_ipv6_path(&seed.bbox1, BBOX2_V6, [&gateway1, &vtep2])
+}
+
+#[test]
+fn an_ipv6_only_network_takes_the_fast_path_and_refuses_a_containers_ipv4() -> Result<()> {
+    let seed = Seed::start_ipv6_only("v6-only-fast", EBPF)?;
+    check_fast_path_both_ways(&seed)?;
+    // host1's own IPv6 goes through flannel-v6.1, whose egress program wraps it.
+    let bbox2 = seed.bbox2.address6.as_deref().context("bbox2 has IPv6")?;
+    let before = counters(&seed.host1)?;
+    seed.host1
+        .netns
+        .exec(&["ping", "-6", "-n", "-c", "2", "-W", "2", bbox2])?;
+    let after = counters(&seed.host1)?;
+    ensure!(
+        delta(&before, &after, Counter::TxEncapsulated) == 2,
+        "host1's pings encapsulated on flannel-v6.1's egress: {after:?}"
+    );
+    // The lease has no IPv4 address for a container: one that takes some anyway gets nowhere.
+    seed.bbox1
+        .netns
+        .ip(&["addr", "add", "10.2.41.2/24", "dev", "eth0"])?;
+    seed.bbox1
+        .netns
+        .exec_unchecked(&["ping", "-n", "-c", "1", "-W", "1", "10.2.41.1"])?;
+    let refused = delta(&after, &counters(&seed.host1)?, Counter::TxSpoofedSource);
+    ensure!(refused > 0, "bbox1's IPv4 (its ARP) was not refused");
+    // status shows host2's IPv6-only lease in both IPv6 maps, and no IPv4 half.
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+    for line in [
+        format!("via {HOST2_V6} (VTEP ").as_str(),
+        "in the IPv6 subnet map\n",
+        "tc_vtep_egress on flannel-v6.1 (ifindex",
+    ] {
+        ensure!(report.contains(line), "status lacks {line:?}:\n{report}");
+    }
+    ensure!(!report.contains("MISSING"), "{report}");
+    Ok(())
 }
 
 #[test]

@@ -83,8 +83,8 @@ pub struct Attachments {
     /// tc programs go in as netlink filters, not tcx links.
     netlink: bool,
     uplink: Option<(u32, DecapHook)>,
-    /// flannel.<VNI>, and flannel-v6.<VNI> if there is one.
-    vteps: Option<(u32, Option<u32>)>,
+    /// flannel.<VNI> and flannel-v6.<VNI>, those there are.
+    vteps: Option<(Option<u32>, Option<u32>)>,
     bridge: Option<u32>,
     containers: HashSet<u32>,
     /// Container ports that refused the program, warned about once.
@@ -123,7 +123,7 @@ impl Dataplane {
         xdp_mode: XdpModeChoice,
     ) -> Result<()> {
         self.set_config(&placement.config)?;
-        self.ensure_vteps_attached(&placement.vtep, placement.vtep6.as_ref())?;
+        self.ensure_vteps_attached(placement.vtep.as_ref(), placement.vtep6.as_ref())?;
         self.ensure_uplink_attached(
             &placement.uplink.name,
             placement.uplink.index,
@@ -163,15 +163,19 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes sure the encapsulator sits on the egress of `vtep`, the IPv4 VXLAN device, and of
-    /// `vtep6` (flannel-v6.<VNI>, which encapsulates for itself: there the program notes
-    /// flows), and the guard of the sockets on the ingress of both, and nowhere else.
-    fn ensure_vteps_attached(&mut self, vtep: &Device, vtep6: Option<&Device>) -> Result<()> {
-        let wanted = (vtep.index, vtep6.map(|vtep6| vtep6.index));
+    /// Makes sure the encapsulator sits on the egress of `vtep` (flannel.<VNI>) and `vtep6`
+    /// (flannel-v6.<VNI>), those there are, and the guard of their sockets on their ingress,
+    /// and nowhere else.
+    fn ensure_vteps_attached(
+        &mut self,
+        vtep: Option<&Device>,
+        vtep6: Option<&Device>,
+    ) -> Result<()> {
+        let wanted = (vtep.map(|vtep| vtep.index), vtep6.map(|vtep6| vtep6.index));
         if self.attached.vteps == Some(wanted) {
             return Ok(());
         }
-        let both: Vec<&Device> = [Some(vtep), vtep6].into_iter().flatten().collect();
+        let both: Vec<&Device> = [vtep, vtep6].into_iter().flatten().collect();
         let places = [
             (VTEP_PROGRAM, TcAttachType::Egress, both.clone()),
             (VTEP_INGRESS_PROGRAM, TcAttachType::Ingress, both),

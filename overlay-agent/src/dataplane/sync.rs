@@ -19,7 +19,10 @@ use super::{
     BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP,
     SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
-use crate::reconcile::desired::{Endpoints, Endpoints6, LeaseEntries};
+use crate::{
+    reconcile::desired::{Endpoints, Endpoints6, LeaseEntries},
+    subnet::LeaseSubnets,
+};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type Subnet6Map<'a> = LpmTrie<&'a mut MapData, [u8; 16], RemoteVtep6>;
@@ -33,11 +36,11 @@ type Vtep6Map<'a> = BpfHashMap<&'a mut MapData, [u8; 16], VtepSubnet6>;
 #[must_use = "a lease left out of the maps must get no route"]
 pub struct Unwritten {
     /// Every lease without its subnet or VTEP entry.
-    pub leases: BTreeSet<Ipv4Network>,
+    pub leases: BTreeSet<LeaseSubnets>,
     /// Each full map with how many leases it left out.
     pub full: BTreeMap<&'static str, FullMap>,
     /// Leases whose entry the kernel refused for another reason, with that reason.
-    pub refused: BTreeMap<Ipv4Network, String>,
+    pub refused: BTreeMap<LeaseSubnets, String>,
 }
 
 /// A lease map with no room for some leases.
@@ -53,7 +56,13 @@ impl Unwritten {
     }
 
     /// Notes that `map` refused the entry `leases` need.
-    fn note(&mut self, map: &'static str, capacity: u32, leases: &[Ipv4Network], error: &MapError) {
+    fn note(
+        &mut self,
+        map: &'static str,
+        capacity: u32,
+        leases: &[LeaseSubnets],
+        error: &MapError,
+    ) {
         self.leases.extend(leases);
         if is_full(error) {
             let full = self.full.entry(map).or_insert(FullMap {
@@ -90,7 +99,7 @@ impl Dataplane {
         let capacity = self.lease_capacity.entries();
         let mut unwritten = Unwritten::default();
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        for (subnet, remote) in &desired.subnets {
+        for (subnet, (remote, lease)) in &desired.subnets {
             let key = subnet_key(subnet);
             if subnets.get(&key, 0).ok().as_ref() != Some(remote)
                 && let Err(error) = subnets.insert(&key, remote, 0)
@@ -99,7 +108,7 @@ impl Dataplane {
                 // entry must not carry the lease's traffic to where it was. Absent, it cannot
                 // be removed, which is as well.
                 let _ = subnets.remove(&key);
-                unwritten.note(SUBNETS_MAP, capacity, &[*subnet], &error);
+                unwritten.note(SUBNETS_MAP, capacity, &[*lease], &error);
             }
         }
         let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;

@@ -83,27 +83,27 @@ pub struct PeerEntries {
     pub routes: HashSet<Route>,
 }
 
-/// The subnet and VTEP map entries of the remote leases.
+/// The subnet and VTEP map entries of the remote leases, each with the lease (or leases)
+/// it serves.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct LeaseEntries {
     /// Remote subnet → where its host is (the encapsulators' lookup).
-    pub subnets: HashMap<Ipv4Network, RemoteVtep>,
+    pub subnets: HashMap<Ipv4Network, (RemoteVtep, LeaseSubnets)>,
     /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
     pub vteps: HashMap<[u8; 4], VtepSubnet>,
     /// Remote PublicIPv6 → the IPv6 subnet it may send from (the uplink's check of VXLAN over
-    /// IPv6), with the (IPv4) subnets of the leases behind each.
-    pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<Ipv4Network>)>,
-    /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup), with the
-    /// (IPv4) subnet of its lease.
-    pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, Ipv4Network)>,
+    /// IPv6).
+    pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<LeaseSubnets>)>,
+    /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup).
+    pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, LeaseSubnets)>,
 }
 
 impl LeaseEntries {
-    /// The subnets each remote host (by PublicIP) leases.
-    pub fn leases_by_host(&self) -> HashMap<[u8; 4], Vec<Ipv4Network>> {
-        let mut by_host: HashMap<[u8; 4], Vec<Ipv4Network>> = HashMap::new();
-        for (subnet, remote) in &self.subnets {
-            by_host.entry(remote.public_ip).or_default().push(*subnet);
+    /// The leases each remote host (by PublicIP) holds.
+    pub fn leases_by_host(&self) -> HashMap<[u8; 4], Vec<LeaseSubnets>> {
+        let mut by_host: HashMap<[u8; 4], Vec<LeaseSubnets>> = HashMap::new();
+        for (remote, lease) in self.subnets.values() {
+            by_host.entry(remote.public_ip).or_default().push(*lease);
         }
         by_host
     }
@@ -119,8 +119,9 @@ pub type Endpoints6 = HashMap<[u8; 16], LocalEndpoint>;
 pub struct Placement {
     pub config: OverlayConfig,
     pub uplink: Device,
-    pub vtep: Device,
-    /// flannel-v6.<VNI>, whose socket's ingress the guard watches too.
+    /// flannel.<VNI>, with IPv4.
+    pub vtep: Option<Device>,
+    /// flannel-v6.<VNI>, with IPv6.
     pub vtep6: Option<Device>,
     /// Every container port.
     pub containers: Vec<Device>,
@@ -140,7 +141,7 @@ pub fn peer_entries<'a>(
     uplink: &Device,
     rules: &RoutingRules,
     on_link: &HashSet<Ipv4Addr>,
-    unmapped: &BTreeSet<Ipv4Network>,
+    unmapped: &BTreeSet<LeaseSubnets>,
 ) -> PeerEntries {
     let mut entries = PeerEntries::default();
     for lease in leases {
@@ -156,7 +157,7 @@ pub fn peer_entries<'a>(
             });
             continue;
         }
-        if unmapped.contains(&lease.subnet) {
+        if unmapped.contains(&lease.subnets()) {
             continue;
         }
         entries.add_vxlan_peer(
@@ -223,56 +224,66 @@ impl PeerEntries {
     }
 }
 
-/// The map entries for `leases`; a lease without a VTEP MAC has none. Hosts whose PublicIP is
-/// `on_link` (DirectRouting only) are marked to be routed to without VXLAN.
+/// The map entries for `leases`: IPv4 ones for a lease with a VTEP MAC (an IPv6-only
+/// network's have none), IPv6 ones for a lease with an IPv6 subnet and VTEP. Hosts whose
+/// PublicIP is `on_link` (DirectRouting only) are marked to be routed to without VXLAN.
 pub fn lease_entries<'a>(
     leases: impl Iterator<Item = &'a Lease>,
     on_link: &HashSet<Ipv4Addr>,
 ) -> LeaseEntries {
     let mut entries = LeaseEntries::default();
     for lease in leases {
-        let Some(mac) = lease.attrs.vtep_mac() else {
-            continue;
-        };
-        let public_ip = lease.attrs.public_ip.octets();
-        entries.subnets.insert(
-            lease.subnet,
-            RemoteVtep {
-                public_ip,
-                mac: mac.0,
-                flags: if on_link.contains(&lease.attrs.public_ip) {
-                    REMOTE_ROUTE_DIRECTLY
-                } else {
-                    0
-                },
-            },
-        );
-        entries.vteps.insert(
-            public_ip,
-            VtepSubnet {
-                subnet: lease.subnet.network().octets(),
-                prefix_len: u32::from(lease.subnet.prefix()),
-            },
-        );
+        if let Some(mac) = lease.attrs.vtep_mac() {
+            add_ipv4_entries(&mut entries, lease, mac, on_link);
+        }
         if let Some((subnet6, public_ipv6, mac6)) = lease.ipv6_peer() {
-            add_ipv6_vtep(&mut entries, lease.subnet, subnet6, public_ipv6.octets());
+            add_ipv6_vtep(&mut entries, lease.subnets(), subnet6, public_ipv6.octets());
             let remote6 = RemoteVtep6 {
                 public_ipv6: public_ipv6.octets(),
                 mac: mac6.0,
                 reserved: 0,
             };
-            entries.subnets6.insert(subnet6, (remote6, lease.subnet));
+            entries.subnets6.insert(subnet6, (remote6, lease.subnets()));
         }
     }
     entries
 }
 
-/// The IPv6 VTEP entry of the lease `subnet` (IPv4) with `subnet6` at `public_ipv6`. The map
-/// holds one IPv6 subnet a host: of two leases of one host, the greater subnet wins, the same
-/// one every round.
+/// The IPv4 subnet and VTEP entries of `lease`, whose VTEP has `mac`.
+fn add_ipv4_entries(
+    entries: &mut LeaseEntries,
+    lease: &Lease,
+    mac: MacAddr,
+    on_link: &HashSet<Ipv4Addr>,
+) {
+    let public_ip = lease.attrs.public_ip.octets();
+    let remote = RemoteVtep {
+        public_ip,
+        mac: mac.0,
+        flags: if on_link.contains(&lease.attrs.public_ip) {
+            REMOTE_ROUTE_DIRECTLY
+        } else {
+            0
+        },
+    };
+    entries
+        .subnets
+        .insert(lease.subnet, (remote, lease.subnets()));
+    entries.vteps.insert(
+        public_ip,
+        VtepSubnet {
+            subnet: lease.subnet.network().octets(),
+            prefix_len: u32::from(lease.subnet.prefix()),
+        },
+    );
+}
+
+/// The IPv6 VTEP entry of `lease` with `subnet6` at `public_ipv6`. The map holds one IPv6
+/// subnet a host: of two leases of one host, the greater subnet wins, the same one every
+/// round.
 fn add_ipv6_vtep(
     entries: &mut LeaseEntries,
-    subnet: Ipv4Network,
+    lease: LeaseSubnets,
     subnet6: Ipv6Network,
     public_ipv6: [u8; 16],
 ) {
@@ -287,7 +298,7 @@ fn add_ipv6_vtep(
     if value.subnet > entry.subnet {
         *entry = value;
     }
-    leases.push(subnet);
+    leases.push(lease);
 }
 
 /// Every container address in our `subnet` whose MAC sits behind a known port.
@@ -336,12 +347,15 @@ fn endpoints_where<const N: usize>(
 pub fn placement(
     base: &OverlayConfig,
     devices: &Devices,
-    vtep: &Device,
     containers: &Containers,
     subnets: &LeaseSubnets,
     fast_path: bool,
 ) -> Placement {
-    let subnet = subnets.ipv4;
+    // An IPv6-only lease has no IPv4 address for a container, which 0.0.0.0/32 says to the
+    // programs: its one address is its network's, never a container's.
+    let subnet = subnets
+        .ipv4_subnet()
+        .unwrap_or(Ipv4Network::from(Ipv4Addr::UNSPECIFIED));
     let (local_subnet6, local_netmask6, bridge_ipv6) = match subnets.ipv6 {
         Some(subnet6) => (
             subnet6.network().octets(),
@@ -351,7 +365,7 @@ pub fn placement(
         None => Default::default(),
     };
     let config = OverlayConfig {
-        vtep_ifindex: vtep.index,
+        vtep_ifindex: devices.vtep.as_ref().map_or(0, |vtep| vtep.index),
         vtep6_ifindex: devices.vtep6.as_ref().map_or(0, |vtep6| vtep6.index),
         bridge_mac: devices.bridge_mac.0,
         uplink_ifindex: devices.uplink.index,
@@ -371,7 +385,7 @@ pub fn placement(
     Placement {
         config,
         uplink: devices.uplink.clone(),
-        vtep: vtep.clone(),
+        vtep: devices.vtep.clone(),
         vtep6: devices.vtep6.clone(),
         containers: containers.ports.values().cloned().collect(),
         bridge: fast_path.then(|| devices.bridge.clone()),
@@ -569,10 +583,7 @@ mod tests {
             lease("10.2.78.0/24", "192.0.2.78", Some(VTEP_MAC)),
         ];
         let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
-        let unmapped = BTreeSet::from([
-            "10.2.54.0/24".parse().expect("subnet"),
-            "10.2.77.0/24".parse().expect("subnet"),
-        ]);
+        let unmapped = BTreeSet::from([leases[0].subnets(), leases[1].subnets()]);
         let entries = peer_entries(
             leases.iter(),
             &vtep(),
@@ -597,20 +608,29 @@ mod tests {
     fn lease_entries_map_subnet_to_vtep_and_vtep_to_subnet() {
         let leases = [lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC))];
         let entries = lease_entries(leases.iter(), &HashSet::new());
+        let subnet: Ipv4Network = "10.2.54.0/24".parse().expect("subnet");
         assert_eq!(
             entries.subnets,
             HashMap::from([(
-                "10.2.54.0/24".parse().expect("subnet"),
-                RemoteVtep {
-                    public_ip: [172, 20, 62, 105],
-                    mac: VTEP_MAC.0,
-                    flags: 0
-                }
+                subnet,
+                (
+                    RemoteVtep {
+                        public_ip: [172, 20, 62, 105],
+                        mac: VTEP_MAC.0,
+                        flags: 0
+                    },
+                    LeaseSubnets::ipv4(subnet)
+                )
             )])
         );
         let on_link = HashSet::from([Ipv4Addr::new(172, 20, 62, 105)]);
         let direct = lease_entries(leases.iter(), &on_link);
-        assert!(direct.subnets.values().all(RemoteVtep::routes_directly));
+        assert!(
+            direct
+                .subnets
+                .values()
+                .all(|(remote, _)| remote.routes_directly())
+        );
         assert_eq!(
             entries.vteps,
             HashMap::from([(
@@ -677,7 +697,7 @@ mod tests {
             ..OverlayConfig::default()
         };
         let subnets = LeaseSubnets::ipv4("10.2.41.0/24".parse().expect("subnet"));
-        let with = placement(&base, &devices(), &vtep(), &containers, &subnets, true);
+        let with = placement(&base, &devices(), &containers, &subnets, true);
         assert_eq!(with.containers, vec![port.clone()]);
         assert_eq!(with.bridge, Some(devices().bridge));
         assert_eq!(
@@ -699,14 +719,7 @@ mod tests {
             ([10, 2, 41, 0], [255, 255, 255, 0], [10, 2, 41, 1])
         );
         // Without the fast path the ports are still checked, and nothing watches the bridge.
-        let without = placement(
-            &with.config,
-            &devices(),
-            &vtep(),
-            &containers,
-            &subnets,
-            false,
-        );
+        let without = placement(&with.config, &devices(), &containers, &subnets, false);
         assert_eq!(without.containers, vec![port]);
         assert!(without.bridge.is_none() && !without.config.fast_path());
         assert!(!without.config.ipv6() && without.config.local_subnet6 == [0; 16]);
@@ -727,14 +740,7 @@ mod tests {
             ipv6: Some("fd00:2:0:41::/64".parse().expect("subnet")),
         };
         let base = OverlayConfig::default();
-        let placed = placement(
-            &base,
-            &devices,
-            &vtep(),
-            &Containers::default(),
-            &subnets,
-            true,
-        );
+        let placed = placement(&base, &devices, &Containers::default(), &subnets, true);
         assert_eq!(placed.vtep6, Some(vtep6));
         assert!(placed.config.ipv6() && placed.config.fast_path());
         let address = |text: &str| text.parse::<Ipv6Addr>().expect("address").octets();
@@ -753,17 +759,68 @@ mod tests {
     }
 
     #[test]
-    fn a_dual_stack_lease_gets_an_ipv6_vtep_entry_the_same_every_round() {
-        let dual = |subnet: &str, subnet6: &str| {
-            let mut lease = lease(subnet, "172.20.62.105", Some(VTEP_MAC));
-            lease.ipv6_subnet = Some(subnet6.parse().expect("subnet"));
-            lease.attrs.public_ipv6 = Some("fd00:ff::105".parse().expect("address"));
-            lease.attrs.backend_v6_data = Some(crate::subnet::VxlanLeaseData {
-                vni: Some(1),
-                vtep_mac: VTEP_MAC,
-            });
-            lease
+    fn placement_in_an_ipv6_only_network_leaves_containers_no_ipv4_address() {
+        let vtep6 = Device {
+            name: "flannel-v6.1".into(),
+            index: 5,
         };
+        let devices = Devices {
+            vtep: None,
+            vtep6: Some(vtep6.clone()),
+            ..devices()
+        };
+        let subnets = LeaseSubnets {
+            ipv4: "0.0.0.0/0".parse().expect("subnet"),
+            ipv6: Some("fd00:2:0:41::/64".parse().expect("subnet")),
+        };
+        let placed = placement(
+            &OverlayConfig::default(),
+            &devices,
+            &Containers::default(),
+            &subnets,
+            true,
+        );
+        assert_eq!((placed.vtep, placed.vtep6), (None, Some(vtep6)));
+        assert_eq!(
+            (placed.config.vtep_ifindex, placed.config.vtep6_ifindex),
+            (0, 5)
+        );
+        // A /32 at 0.0.0.0: its only address is its network's, which no container may claim.
+        assert_eq!(
+            (placed.config.local_subnet, placed.config.local_netmask),
+            ([0; 4], [255; 4])
+        );
+        assert!(placed.config.ipv6());
+    }
+
+    /// A lease at 172.20.62.105 and fd00:ff::105 of `subnet` (none: IPv6-only) and `subnet6`.
+    fn ipv6_lease(subnet: Option<&str>, subnet6: &str) -> Lease {
+        let mut lease = match subnet {
+            Some(subnet) => lease(subnet, "172.20.62.105", Some(VTEP_MAC)),
+            None => lease("0.0.0.0/0", "0.0.0.0", None),
+        };
+        lease.ipv6_subnet = Some(subnet6.parse().expect("subnet"));
+        lease.attrs.public_ipv6 = Some("fd00:ff::105".parse().expect("address"));
+        lease.attrs.backend_v6_data = Some(crate::subnet::VxlanLeaseData {
+            vni: Some(1),
+            vtep_mac: VTEP_MAC,
+        });
+        lease
+    }
+
+    #[test]
+    fn an_ipv6_only_lease_gets_ipv6_entries_alone() {
+        let only = ipv6_lease(None, "fd00:2:0:54::/64");
+        let entries = lease_entries([only.clone()].iter(), &HashSet::new());
+        assert!(entries.subnets.is_empty() && entries.vteps.is_empty());
+        let subnet6: Ipv6Network = "fd00:2:0:54::/64".parse().expect("subnet");
+        assert_eq!(entries.subnets6[&subnet6].1, only.subnets());
+        assert_eq!(entries.vteps6.len(), 1);
+    }
+
+    #[test]
+    fn a_dual_stack_lease_gets_an_ipv6_vtep_entry_the_same_every_round() {
+        let dual = |subnet: &str, subnet6: &str| ipv6_lease(Some(subnet), subnet6);
         let public_ipv6 = "fd00:ff::105"
             .parse::<Ipv6Addr>()
             .expect("address")
@@ -778,10 +835,7 @@ mod tests {
             entries.vteps6,
             HashMap::from([(
                 public_ipv6,
-                (
-                    expected("fd00:2:0:54::"),
-                    vec!["10.2.54.0/24".parse().expect("subnet")]
-                )
+                (expected("fd00:2:0:54::"), vec![first.subnets()])
             )])
         );
         // A host holding two leases: one entry, the greater subnet, whatever the order.

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use overlay_common::OverlayConfig;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -29,7 +29,7 @@ use crate::{
     node::{self, NodeNetwork, endpoints, peers::FamilyDevices},
     subnet::{Lease, LeaseEvent, LeaseSubnets},
 };
-use desired::{Containers, Device, Devices, LeaseEntries, RoutingRules};
+use desired::{Containers, Devices, LeaseEntries, RoutingRules};
 pub use notifications::{Notifications, subscribe};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
@@ -194,11 +194,7 @@ impl Reconciler {
             _ => Some(self.write_lease_entries().await?),
         };
         if let Some(ebpf) = &mut self.ebpf {
-            let vtep = devices
-                .vtep
-                .as_ref()
-                .context("the eBPF dataplane needs flannel.<VNI>, which only IPv4 networks have")?;
-            place_programs(ebpf, &devices, vtep, &self.containers, &self.subnets)?;
+            place_programs(ebpf, &devices, &self.containers, &self.subnets)?;
         }
         let Some((on_link, lease_entries, mut unwritten)) = leases else {
             return Ok(());
@@ -279,7 +275,7 @@ impl Reconciler {
             let mapped = self
                 .leases
                 .values()
-                .filter(|lease| !unwritten.leases.contains(&lease.subnet));
+                .filter(|lease| !unwritten.leases.contains(&lease.subnets()));
             let peers = desired::ipv6_peer_entries(mapped, vtep6, &devices.uplink, &on_link);
             let family = FamilyDevices {
                 vtep_index: vtep6.index,
@@ -419,21 +415,16 @@ impl Reconciler {
 fn place_programs(
     ebpf: &mut EbpfSink,
     devices: &Devices,
-    vtep: &Device,
     containers: &Containers,
     subnets: &LeaseSubnets,
 ) -> Result<()> {
-    let placement = desired::placement(
-        &ebpf.config,
-        devices,
-        vtep,
-        containers,
-        subnets,
-        ebpf.fast_path,
-    );
+    let placement = desired::placement(&ebpf.config, devices, containers, subnets, ebpf.fast_path);
     let (endpoints, endpoints6) = if ebpf.fast_path {
         (
-            desired::endpoints(containers, subnets.ipv4),
+            subnets
+                .ipv4_subnet()
+                .map(|subnet| desired::endpoints(containers, subnet))
+                .unwrap_or_default(),
             subnets
                 .ipv6
                 .map(|subnet6| desired::endpoints6(containers, subnet6))

@@ -180,6 +180,11 @@ impl LeaseSubnets {
         Self { ipv4, ipv6: None }
     }
 
+    /// The IPv4 subnet; none for flannel's empty 0.0.0.0/0 of an IPv6-only lease.
+    pub fn ipv4_subnet(&self) -> Option<Ipv4Network> {
+        (self.ipv4.prefix() != 0).then_some(self.ipv4)
+    }
+
     /// The networks this lease holds in `config`'s families.
     pub fn networks(&self, config: &NetworkConfig) -> Vec<IpNetwork> {
         let ipv4 = config.enable_ipv4.then_some(IpNetwork::V4(self.ipv4));
@@ -200,7 +205,7 @@ impl From<Ipv4Network> for LeaseSubnets {
 impl fmt::Display for LeaseSubnets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.ipv6 {
-            Some(ipv6) if self.ipv4.prefix() == 0 => write!(f, "{ipv6}"),
+            Some(ipv6) if self.ipv4_subnet().is_none() => write!(f, "{ipv6}"),
             Some(ipv6) => write!(f, "{} & {ipv6}", self.ipv4),
             None => write!(f, "{}", self.ipv4),
         }
