@@ -62,6 +62,17 @@ fn mutate_each(
     Ok((per_seed * seeds.len()) as u64)
 }
 
+/// 1 if `outcome` is a redirect, 0 if it passed or dropped the frame; nothing else may come
+/// out of an encapsulating program.
+fn redirections(outcome: &Outcome) -> u64 {
+    assert!(
+        [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&outcome.verdict),
+        "verdict {}",
+        outcome.verdict
+    );
+    u64::from(outcome.verdict == TC_ACT_REDIRECT)
+}
+
 fn total(counters: &Counters) -> u64 {
     Counter::ALL
         .iter()
@@ -158,13 +169,7 @@ fn the_vtep_program_survives_garbage() -> Result<()> {
     let mut random = Random(0x656e_6361_7073_2121);
     let mut redirected = 0;
     let mut check = |frame: Vec<u8>| {
-        let outcome = run_vtep(&dataplane, &frame)?;
-        assert!(
-            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&outcome.verdict),
-            "verdict {}",
-            outcome.verdict
-        );
-        redirected += u64::from(outcome.verdict == TC_ACT_REDIRECT);
+        redirected += redirections(&run_vtep(&dataplane, &frame)?);
         Ok(())
     };
     // The kernel refuses to test-run IPv4 frames shorter than an IPv4 header, so every frame
@@ -257,13 +262,7 @@ fn the_container_program_survives_garbage() -> Result<()> {
         [echo, vxlan].map(|packet| ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ETH_P_IPV6, &packet));
     let mut redirected = 0;
     let mut check = |frame: Vec<u8>| {
-        let outcome = run_container(&dataplane, &frame)?;
-        assert!(
-            [TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT].contains(&outcome.verdict),
-            "verdict {}",
-            outcome.verdict
-        );
-        redirected += u64::from(outcome.verdict == TC_ACT_REDIRECT);
+        redirected += redirections(&run_container(&dataplane, &frame)?);
         Ok(())
     };
     mutate_each(&mut random, &ipv4, min_len, &mut check)?;
