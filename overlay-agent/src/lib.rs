@@ -1,32 +1,32 @@
 //! The overlay node daemon, as a library: the binary is a thin wrapper around [`run`] and
-//! [`teardown`].
+//! [`teardown`]. This file is the composition root: it finds the uplink, loads the dataplane,
+//! takes the lease, derives the [`settings`] and wires the tasks together.
 //!
 //! One module per concern, in the spirit of flannel's packages: `config` (the network config),
-//! `subnet` (leases and the etcd registry), `reconcile` (from leases and netlink notifications
-//! to the desired state, applied through two sinks), `node` (the host's network devices, the
-//! netlink sink), `dataplane` (the eBPF programs and maps, the other sink), `masquerade`,
-//! `health`, and `options` (the command line).
+//! `subnet` (leases and the etcd registry), `model` (the plain values the layers hand each
+//! other), `sinks` (the traits the reconciler applies through), `reconcile` (from leases and
+//! notifications to one desired state, applied in order), `node` (the host's network devices,
+//! the netlink sink), `dataplane` (the eBPF programs and maps, the other sink), `masquerade`,
+//! `health`, `metrics`, and `options` (the command line).
 pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod mac;
 pub mod masquerade;
 pub mod metrics;
+pub mod model;
 pub mod monitor;
 pub mod node;
 pub mod options;
 pub mod reconcile;
+pub mod settings;
+pub mod sinks;
 pub mod status;
 pub mod subnet;
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
-    time::Duration,
-};
+use std::{future::pending, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
-use overlay_common::{CONFIG_DIRECT_ROUTING, OverlayConfig};
 use rtnetlink::Handle;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -35,19 +35,22 @@ use tokio::{
 };
 
 use crate::{
-    config::{NetworkConfig, VXLAN_IPV6_OVERHEAD, VXLAN_OVERHEAD},
-    dataplane::{Dataplane, LeaseCapacity, pins::PinDirLock, refusals::RefusalWatch, strays::Keep},
+    config::NetworkConfig,
+    dataplane::{
+        Dataplane, LeaseCapacity, collector::DataplaneCollector, pins::PinDirLock,
+        refusals::warn_about_refusals, strays::Keep,
+    },
     health::{Health, Stage},
-    mac::MacAddr,
-    masquerade::{Masquerade, Rules},
+    masquerade::{Masquerade, keep_restored},
     metrics::Metrics,
-    node::{FamilySettings, NodeNetwork, NodeSettings, uplink::Uplink, vtep},
+    node::{NodeNetwork, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
-    reconcile::{EbpfSink, Reconciler, Scope, desired::RoutingRules},
+    reconcile::Reconciler,
+    settings::{Families, Settings, public_addresses},
     subnet::{
-        Lease, LeaseSubnets, PublicAddresses, VtepMacs, config_change,
+        Lease, VtepMacs, config_change,
         etcd::EtcdRegistry,
-        file::{SubnetEnv, previous_networks, previous_subnet},
+        file::{previous_networks, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
         registry::{ConfigReadError, Registry},
         watch::LeaseWatcher,
@@ -61,36 +64,118 @@ const EVENT_QUEUE: usize = 1024;
 /// devices) or it can no longer do its job (returns the reason, e.g. a revoked lease).
 pub async fn run(options: AgentOptions) -> Result<()> {
     let netlink = node::links::connect()?;
-    let uplink = node::uplink::find(&netlink, uplink_choice(&options)).await?;
-    log::info!(
-        "uplink {} ({})",
-        uplink.name,
-        uplink
-            .address
-            .map_or("no IPv4 address".to_string(), |address| address.to_string())
-    );
+    let uplink = find_uplink(&netlink, &options).await?;
     let health = Health::new(options.healthz_grace);
     let pin_dir = options.pin_dir()?;
     let _pin_lock = PinDirLock::take(&pin_dir)?;
-    let pinned = (options.dataplane == DataplaneChoice::Ebpf).then(|| pin_dir.clone());
-    let metrics = Metrics::new(pinned);
-    if options.healthz_port != 0 {
-        health::serve(
-            SocketAddr::from((options.healthz_ip, options.healthz_port)),
-            health.clone(),
-            metrics.clone(),
-        )
-        .await?;
-    }
-
+    let ebpf = options.dataplane == DataplaneChoice::Ebpf;
+    let collector = ebpf.then(|| {
+        Box::new(DataplaneCollector {
+            dir: pin_dir.clone(),
+        }) as _
+    });
+    let metrics = Metrics::new(collector);
+    serve_health(&options, &health, &metrics).await?;
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
-    let public = PublicAddresses {
-        ipv4: public_ipv4(&options, &config, &uplink)?,
-        ipv6: public_ipv6(&options, &config, &uplink)?,
+    // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
+    // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
+    let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink).await?;
+    health.reached(Stage::DataplaneLoaded);
+    let manager = lease_manager(&options, &config, &uplink, &registry, &metrics, &health)?;
+    let lease = acquire_lease(&manager, &netlink, &options, &config).await?;
+    let uplink_mac = node::links::mac_of(&netlink, &uplink.name).await?;
+    let settings = Settings::derive(&options, &config, &uplink, uplink_mac, &lease)?;
+
+    let notifications = node::notifications::subscribe()?;
+    let mut watcher = LeaseWatcher::new(
+        registry.clone(),
+        config.clone(),
+        lease.clone(),
+        metrics.leases.clone(),
+        health.clone(),
+    );
+    let node = NodeNetwork::new(netlink.clone(), settings.node);
+    let initial_leases = watcher.initial_leases().await?;
+    let mut reconciler = Reconciler::start(
+        node,
+        dataplane,
+        settings.intent,
+        initial_leases,
+        metrics.reconcile.clone(),
+    )
+    .await?;
+    if let Some(dataplane) = reconciler.dataplane() {
+        remove_stray_programs(&netlink, &dataplane.kept()?).await?;
+    }
+    let (rules, backend) = settings.masquerade;
+    let mut masquerade = Masquerade::new(rules, backend);
+    masquerade.ensure()?;
+    settings.subnet_env.write_atomically(&options.subnet_file)?;
+    announce_ready(&health, &lease, &options.subnet_file);
+
+    let (events, received) = mpsc::channel(EVENT_QUEUE);
+    let resync = Duration::from_secs(options.iptables_resync);
+    let refusals = async {
+        match ebpf {
+            true => warn_about_refusals(pin_dir.clone()).await,
+            false => pending().await,
+        }
     };
-    let manager = LeaseManager {
+    tokio::select! {
+        result = manager.keep_alive(lease.clone()) => result,
+        result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
+        () = reconciler.run(received, notifications, &health) => Err(anyhow!("the lease event stream ended")),
+        () = keep_restored(masquerade, resync) => Err(anyhow!("the masquerade check stopped")),
+        () = refusals => Err(anyhow!("the refusal watch stopped")),
+        change = config_change::stop_on_change(&registry, &config) => Err(change),
+        signal = shutdown_signal() => {
+            log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
+            Ok(())
+        }
+    }
+}
+
+/// The uplink the flags ask for, as flanneld picks it.
+async fn find_uplink(netlink: &Handle, options: &AgentOptions) -> Result<Uplink> {
+    let uplink = node::uplink::find(netlink, uplink_choice(options)).await?;
+    let address = uplink
+        .address
+        .map_or("no IPv4 address".to_string(), |address| address.to_string());
+    log::info!("uplink {} ({address})", uplink.name);
+    Ok(uplink)
+}
+
+/// `/healthz` and `/metrics`, unless `--healthz-port 0`.
+async fn serve_health(
+    options: &AgentOptions,
+    health: &Health,
+    metrics: &Arc<Metrics>,
+) -> Result<()> {
+    if options.healthz_port == 0 {
+        return Ok(());
+    }
+    let address = SocketAddr::from((options.healthz_ip, options.healthz_port));
+    health::serve(address, health.clone(), metrics.clone()).await
+}
+
+/// The manager of our lease, whose record names the public addresses the flags and the
+/// uplink give.
+fn lease_manager(
+    options: &AgentOptions,
+    config: &NetworkConfig,
+    uplink: &Uplink,
+    registry: &EtcdRegistry,
+    metrics: &Metrics,
+    health: &Health,
+) -> Result<LeaseManager<EtcdRegistry>> {
+    let public = public_addresses(options, uplink, Families::of_config(config))?;
+    log::info!("public IP {}", public.ipv4);
+    if let Some(ipv6) = public.ipv6 {
+        log::info!("public IPv6 {ipv6}");
+    }
+    Ok(LeaseManager {
         registry: registry.clone(),
         config: config.clone(),
         public,
@@ -100,81 +185,36 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         },
         metrics: metrics.leases.clone(),
         health: health.clone(),
-    };
-    // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
-    // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
-    let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink).await?;
-    health.reached(Stage::DataplaneLoaded);
-    // A VTEP MAC already on a device is kept, so peers never hold a stale one.
+    })
+}
+
+/// Takes our lease: the one the subnet file names if it is still ours, with the VTEP MACs
+/// already on the devices, so peers never hold a stale one.
+async fn acquire_lease(
+    manager: &LeaseManager<EtcdRegistry>,
+    netlink: &Handle,
+    options: &AgentOptions,
+    config: &NetworkConfig,
+) -> Result<Lease> {
     let vni = config.backend.vni;
     let existing_macs = VtepMacs {
-        ipv4: vtep::existing_mac(&netlink, &vtep::device_name(vni)).await?,
-        ipv6: vtep::existing_mac(&netlink, &vtep::ipv6_device_name(vni)).await?,
+        ipv4: vtep::existing_mac(netlink, &vtep::device_name(vni)).await?,
+        ipv6: vtep::existing_mac(netlink, &vtep::ipv6_device_name(vni)).await?,
     };
-    let lease = manager
+    manager
         .acquire(existing_macs, previous_subnet(&options.subnet_file))
-        .await?;
+        .await
+}
 
-    let notifications = reconcile::subscribe()?;
-    let mut reconciler = reconciler(
-        dataplane,
-        netlink.clone(),
-        &options,
-        &config,
-        &uplink,
-        &lease,
-        &metrics,
-    )
-    .await?;
-    let config_registry = registry.clone();
-    let mut watcher = LeaseWatcher::new(
-        registry,
-        config.clone(),
-        lease.clone(),
-        metrics.leases.clone(),
-        health.clone(),
-    );
-    reconciler.apply_initial(watcher.initial_leases().await?);
-    reconciler.reconcile(Scope::Everything).await?;
-    if let Some(dataplane) = reconciler.dataplane() {
-        remove_stray_programs(&netlink, &dataplane.kept()?).await?;
-    }
-    let mut masquerade = masquerade_for(&options, &config, &lease);
-    masquerade.ensure()?;
-    SubnetEnv {
-        ipv4: config.enable_ipv4.then_some((config.network, lease.subnet)),
-        ipv6: config
-            .ipv6
-            .zip(lease.ipv6_subnet)
-            .map(|(range, subnet)| (range.network, subnet)),
-        mtu: if config.enable_ipv4 {
-            overlay_mtu(&config, &uplink, VXLAN_OVERHEAD)?
-        } else {
-            overlay_mtu(&config, &uplink, VXLAN_IPV6_OVERHEAD)?
-        },
-        ip_masq: options.ip_masq,
-    }
-    .write_atomically(&options.subnet_file)?;
+/// Says the node is ready: to `/healthz`, to systemd, and in the log.
+fn announce_ready(health: &Health, lease: &Lease, subnet_file: &Path) {
     health.reached(Stage::Ready);
     notify_systemd_ready();
     log::info!(
         "ready: subnet {} written to {}",
         lease.subnets(),
-        options.subnet_file.display()
+        subnet_file.display()
     );
-
-    let (events, received) = mpsc::channel(EVENT_QUEUE);
-    let resync = Duration::from_secs(options.iptables_resync);
-    tokio::select! {
-        result = manager.keep_alive(lease.clone()) => result,
-        result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
-        () = reconciler.run(received, notifications, &mut masquerade, resync, &health) => Err(anyhow!("the lease event stream ended")),
-        change = config_change::stop_on_change(&config_registry, &config) => Err(change),
-        signal = shutdown_signal() => {
-            log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
-            Ok(())
-        }
-    }
 }
 
 /// Refuses, before any lease is taken, a network config the chosen dataplane cannot carry.
@@ -189,75 +229,6 @@ fn refuse_what_the_dataplane_lacks(
         );
     }
     Ok(())
-}
-
-/// The PublicIP of our record: `--public-ip`, else the uplink's IPv4 address; flannel's
-/// 0.0.0.0 in an IPv6-only network.
-fn public_ipv4(
-    options: &AgentOptions,
-    config: &NetworkConfig,
-    uplink: &Uplink,
-) -> Result<Ipv4Addr> {
-    if !config.enable_ipv4 {
-        return Ok(Ipv4Addr::UNSPECIFIED);
-    }
-    let public_ip = options.public_ip.or(uplink.address).with_context(|| {
-        format!(
-            "the uplink {} has no IPv4 address for flannel.{}: give the uplink one, or name \
-             another with --iface",
-            uplink.name, config.backend.vni
-        )
-    })?;
-    log::info!("public IP {public_ip}");
-    Ok(public_ip)
-}
-
-/// With IPv6 in the network, the PublicIPv6 of our record: `--public-ipv6`, else the
-/// uplink's IPv6 address, which the IPv6 tunnel leaves from either way.
-fn public_ipv6(
-    options: &AgentOptions,
-    config: &NetworkConfig,
-    uplink: &Uplink,
-) -> Result<Option<Ipv6Addr>> {
-    if config.ipv6.is_none() {
-        return Ok(None);
-    }
-    let local = uplink.ipv6.with_context(|| {
-        format!(
-            "network config: EnableIPv6 is true, but the uplink {} has no usable IPv6 address \
-             for flannel-v6.{}",
-            uplink.name, config.backend.vni
-        )
-    })?;
-    let public_ipv6 = options.public_ipv6.unwrap_or(local);
-    log::info!("uplink IPv6 {local}, public IPv6 {public_ipv6}");
-    Ok(Some(public_ipv6))
-}
-
-/// flannel's forward and masquerade rules for our `subnet`, where `EnableNFTables` says.
-fn masquerade_for(options: &AgentOptions, config: &NetworkConfig, lease: &Lease) -> Masquerade {
-    let backend = if config.enable_nftables {
-        masquerade::Backend::Nftables
-    } else {
-        masquerade::Backend::Iptables
-    };
-    let rules = Rules {
-        ipv4: config.enable_ipv4.then_some(masquerade::Networks {
-            network: config.network,
-            subnet: lease.subnet,
-        }),
-        ipv6: config
-            .ipv6
-            .zip(lease.ipv6_subnet)
-            .map(|(range, subnet)| masquerade::Networks {
-                network: range.network,
-                subnet,
-            }),
-        masquerade: options.ip_masq,
-        forward: options.iptables_forward_rules,
-        fully_random: !options.ip_masq_fully_random_disable,
-    };
-    Masquerade::new(rules, backend)
 }
 
 fn uplink_choice(options: &AgentOptions) -> node::uplink::Choice<'_> {
@@ -278,93 +249,6 @@ fn notify_systemd_ready() {
     }
 }
 
-/// The reconciler for our `lease`, with the eBPF dataplane loaded in ebpf mode.
-async fn reconciler(
-    dataplane: Option<Dataplane>,
-    netlink: Handle,
-    options: &AgentOptions,
-    config: &NetworkConfig,
-    uplink: &Uplink,
-    lease: &Lease,
-    metrics: &Metrics,
-) -> Result<Reconciler> {
-    let ebpf = match dataplane {
-        None => None,
-        Some(dataplane) => {
-            Some(ebpf_sink(dataplane, &netlink, options, config, uplink, lease).await?)
-        }
-    };
-    let vtep_spec = |name: String, local: IpAddr, mtu: u32, mac: MacAddr| vtep::VtepSpec {
-        name,
-        vni: config.backend.vni,
-        local,
-        uplink_index: uplink.index,
-        port: config.backend.port,
-        mtu,
-        mac,
-        gbp: config.backend.gbp,
-        learning: config.backend.learning,
-    };
-    let ipv4_vtep = lease.attrs.vtep_mac().zip(uplink.address);
-    let ipv4 = match ipv4_vtep.filter(|_| config.enable_ipv4) {
-        Some((mac, local)) => Some(FamilySettings {
-            vtep: vtep_spec(
-                vtep::device_name(config.backend.vni),
-                // flannel's tunnel source: the uplink's address, whatever --public-ip says.
-                IpAddr::V4(local),
-                overlay_mtu(config, uplink, VXLAN_OVERHEAD)?,
-                mac,
-            ),
-            subnet: lease.subnet,
-            network: config.network,
-        }),
-        None => None,
-    };
-    let ipv6 = match (
-        config.ipv6,
-        lease.ipv6_subnet,
-        lease.attrs.vtep_mac_v6(),
-        uplink.ipv6,
-    ) {
-        (Some(range), Some(subnet), Some(mac), Some(local)) => Some(FamilySettings {
-            vtep: vtep_spec(
-                vtep::ipv6_device_name(config.backend.vni),
-                IpAddr::V6(local),
-                overlay_mtu(config, uplink, VXLAN_IPV6_OVERHEAD)?,
-                mac,
-            ),
-            subnet,
-            network: range.network,
-        }),
-        _ => None,
-    };
-    // The IPv6 lease counts where this host carries IPv6.
-    let subnets = LeaseSubnets {
-        ipv4: lease.subnet,
-        ipv6: ipv6.as_ref().map(|family| family.subnet),
-    };
-    let settings = NodeSettings {
-        bridge: options.bridge.clone(),
-        ipv4,
-        ipv6,
-        uplink: uplink.clone(),
-        blackhole_route: options.ip_blackhole_route,
-    };
-    let rules = RoutingRules {
-        network: config.network,
-        ipv6_network: config.ipv6.map(|range| range.network),
-        install_fdb: ebpf.is_none(),
-        direct_routing: config.backend.direct_routing,
-    };
-    Ok(Reconciler::new(
-        NodeNetwork::new(netlink, settings),
-        ebpf,
-        rules,
-        subnets,
-        metrics.reconcile.clone(),
-    ))
-}
-
 /// In ebpf mode, the eBPF object loaded into the kernel with its maps pinned in `pin_dir`
 /// (adopting those an earlier run pinned), its programs not yet attached. In kernel mode,
 /// none, and nothing of an earlier ebpf run left attached.
@@ -380,7 +264,7 @@ async fn load_dataplane(
     }
     let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
     let dataplane = Dataplane::load(Some(pin_dir), options.bpf_log, lease_capacity)?;
-    Ok(Some(dataplane.with_tc_attach(options.tc_attach)))
+    Ok(Some(dataplane.with_tc_attach(options.tc_attach.into())))
 }
 
 /// Unpins the dataplane pinned in `pin_dir` and detaches every program of ours in this
@@ -398,60 +282,6 @@ async fn remove_stray_programs(netlink: &Handle, keep: &Keep) -> Result<()> {
         log::warn!("detached {removed}, left by an earlier run: these flags do not call for it");
     }
     Ok(())
-}
-
-/// The eBPF dataplane as the reconciler's sink, with the settings of this node.
-async fn ebpf_sink(
-    dataplane: Dataplane,
-    netlink: &Handle,
-    options: &AgentOptions,
-    config: &NetworkConfig,
-    uplink: &Uplink,
-    lease: &Lease,
-) -> Result<EbpfSink> {
-    let uplink_link = node::links::find(netlink, &uplink.name)
-        .await?
-        .with_context(|| format!("the uplink {} vanished", uplink.name))?;
-    let uplink_mac =
-        node::links::mac(&uplink_link).with_context(|| format!("{} has no MAC", uplink.name))?;
-    Ok(EbpfSink {
-        dataplane,
-        config: OverlayConfig {
-            vni: config.backend.vni,
-            vxlan_port: config.backend.port,
-            // The outer source, as the kernel's vxlan device would send it; an IPv6-only
-            // network sends none.
-            public_ip: if config.enable_ipv4 {
-                uplink
-                    .address
-                    .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
-                    .octets()
-            } else {
-                [0; 4]
-            },
-            // VXLAN over IPv6 comes to the tunnel's source, flannel-v6.<VNI>'s local address;
-            // in a network without IPv6 none is ours, and all of it passes unchecked.
-            public_ipv6: config
-                .ipv6
-                .and(uplink.ipv6)
-                .map_or([0; 16], |address| address.octets()),
-            // Without the family no packet reads it.
-            vtep_mac: lease.attrs.vtep_mac().map_or([0; 6], |mac| mac.0),
-            vtep6_mac: lease.attrs.vtep_mac_v6().map_or([0; 6], |mac| mac.0),
-            uplink_mac: uplink_mac.0,
-            uplink_ifindex: uplink.index,
-            flags: if config.backend.direct_routing {
-                CONFIG_DIRECT_ROUTING
-            } else {
-                0
-            },
-            ..OverlayConfig::default()
-        },
-        fast_path: options.fast_path,
-        decap_hook: options.decap_hook,
-        xdp_mode: options.xdp_mode,
-        refusals: RefusalWatch::default(),
-    })
 }
 
 /// Removes what the agent created on this host; with `release_lease`, also this host's
@@ -475,31 +305,13 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
                 options.subnet_file.display()
             )
         })?;
-        let owner = lease_owner(&netlink, options, subnets).await?;
+        let uplink = node::uplink::find(&netlink, uplink_choice(options)).await?;
+        let owner = public_addresses(options, &uplink, Families::of_lease(subnets))?;
         let registry = EtcdRegistry::connect(&options.etcd()).await?;
         registry.delete_if_owned(subnets, owner).await?;
         log::info!("released lease {subnets}");
     }
     Ok(())
-}
-
-/// The public addresses this host's record of `subnets` names, found as `run` finds them.
-async fn lease_owner(
-    netlink: &Handle,
-    options: &AgentOptions,
-    subnets: LeaseSubnets,
-) -> Result<PublicAddresses> {
-    let uplink = node::uplink::find(netlink, uplink_choice(options)).await?;
-    let ipv6 = subnets.ipv6.and(options.public_ipv6.or(uplink.ipv6));
-    let ipv4 = if subnets.ipv4_subnet().is_none() {
-        Ipv4Addr::UNSPECIFIED
-    } else {
-        options
-            .public_ip
-            .or(uplink.address)
-            .with_context(|| format!("the uplink {} has no IPv4 address", uplink.name))?
-    };
-    Ok(PublicAddresses { ipv4, ipv6 })
 }
 
 /// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config
@@ -515,16 +327,6 @@ async fn wait_for_network_config(registry: &impl Registry) -> Result<NetworkConf
             }
         }
     }
-}
-
-/// The MTU inside the overlay: the underlay's (Backend MTU, else the uplink's) less VXLAN's
-/// overhead.
-/// The MTU inside the tunnel: the underlay's less the `overhead` of VXLAN over its family.
-fn overlay_mtu(config: &NetworkConfig, uplink: &Uplink, overhead: u32) -> Result<u32> {
-    let underlay_mtu = config.backend.mtu.unwrap_or(uplink.mtu);
-    underlay_mtu.checked_sub(overhead).with_context(|| {
-        format!("the underlay MTU {underlay_mtu} leaves no room for VXLAN's {overhead} bytes")
-    })
 }
 
 /// Waits for SIGTERM or SIGINT; returns its name.

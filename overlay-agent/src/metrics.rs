@@ -1,26 +1,20 @@
-//! `/metrics` in Prometheus' text format, served beside `/healthz`: the dataplane's counters
-//! and map occupancy (read from the pinned maps at each scrape), the leases, the reconciler's
-//! rounds, the etcd watch's reconnects and this host's lease expiry.
-use std::{
-    path::PathBuf,
-    sync::{Arc, atomic::AtomicU64},
-};
+//! `/metrics` in Prometheus' text format, served beside `/healthz`: the leases, the
+//! reconciler's rounds, the etcd watch's reconnects and this host's lease expiry, and whatever
+//! a collector given at start adds (the dataplane's counters and map occupancy).
+use std::sync::{Arc, atomic::AtomicU64};
 
 use anyhow::Result;
-use overlay_common::Counter as DataplaneCounter;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text},
+    encoding::{EncodeLabelSet, text},
     metrics::{
-        counter::{ConstCounter, Counter},
+        counter::Counter,
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
-
-use crate::dataplane::pins::{MapOccupancy, PinnedDataplane};
 
 /// What the lease watch and the lease manager report.
 #[derive(Clone, Debug, Default)]
@@ -72,8 +66,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The agent's metrics; with `pin_dir`, the dataplane pinned there is read at each scrape.
-    pub fn new(pin_dir: Option<PathBuf>) -> Arc<Self> {
+    /// The agent's metrics, with `collector`'s at each scrape.
+    pub fn new(collector: Option<Box<dyn Collector>>) -> Arc<Self> {
         let leases = LeaseMetrics::default();
         let reconcile = ReconcileMetrics::default();
         let mut registry = Registry::with_prefix("overlay");
@@ -112,8 +106,8 @@ impl Metrics {
             "Times a lease map was found full with leases left out, once per change in how many",
             reconcile.full_maps.clone(),
         );
-        if let Some(dir) = pin_dir {
-            registry.register_collector(Box::new(DataplaneCollector { dir }));
+        if let Some(collector) = collector {
+            registry.register_collector(collector);
         }
         Arc::new(Self {
             registry,
@@ -131,80 +125,6 @@ impl Metrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PacketLabels {
-    reason: &'static str,
-    verdict: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
-}
-
-/// Reads the pinned dataplane at each scrape; without one (kernel mode, not loaded yet) it
-/// exports nothing.
-#[derive(Debug)]
-struct DataplaneCollector {
-    dir: PathBuf,
-}
-
-impl Collector for DataplaneCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(pinned) = PinnedDataplane::open(&self.dir) else {
-            return Ok(());
-        };
-        if let Ok(counters) = pinned.counters() {
-            let mut packets = encoder.encode_descriptor(
-                "dataplane_packets",
-                "Packets the eBPF programs handled, by outcome",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for &counter in DataplaneCounter::ALL {
-                let labels = PacketLabels {
-                    reason: counter.name(),
-                    verdict: counter.verdict().name(),
-                };
-                ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
-            }
-        }
-        if let Ok(occupancy) = pinned.occupancy() {
-            encode_per_map(
-                &mut encoder,
-                "map_entries",
-                "Entries in each lease and endpoint map",
-                &occupancy,
-                |map| map.entries as i64,
-            )?;
-            encode_per_map(
-                &mut encoder,
-                "map_capacity",
-                "Entries each lease and endpoint map can hold",
-                &occupancy,
-                |map| i64::from(map.capacity),
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// One gauge family with a sample per map, labelled by the map's name.
-fn encode_per_map(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    occupancy: &[MapOccupancy],
-    value: impl Fn(&MapOccupancy) -> i64,
-) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Gauge,
-    )?;
-    for map in occupancy {
-        let labels = MapLabels { map: map.name };
-        ConstGauge::new(value(map)).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
 }

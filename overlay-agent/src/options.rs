@@ -18,7 +18,8 @@ use clap::{
 use anyhow::Result;
 
 use crate::{
-    dataplane::{DecapHook, TcAttach, XdpModeChoice, pins},
+    dataplane::{self, pins},
+    model,
     subnet::etcd::EtcdOptions,
 };
 
@@ -212,6 +213,64 @@ pub enum Dataplane {
     Ebpf,
     /// The kernel's vxlan device, configured exactly as stock flannel configures it.
     Kernel,
+}
+
+/// Where the uplink decapsulates, as `--decap-hook` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecapHook {
+    /// tc ingress: keeps GSO superpackets whole and delivers straight into containers.
+    Tc,
+    /// XDP in front of tc: drops what fails a check before the stack allocates anything.
+    Xdp,
+}
+
+impl From<DecapHook> for model::DecapHook {
+    fn from(hook: DecapHook) -> Self {
+        match hook {
+            DecapHook::Tc => Self::Tc,
+            DecapHook::Xdp => Self::Xdp,
+        }
+    }
+}
+
+/// How the uplink's XDP program attaches, as `--xdp-mode` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl From<XdpModeChoice> for model::XdpModeChoice {
+    fn from(mode: XdpModeChoice) -> Self {
+        match mode {
+            XdpModeChoice::Auto => Self::Auto,
+            XdpModeChoice::Native => Self::Native,
+            XdpModeChoice::Generic => Self::Generic,
+        }
+    }
+}
+
+/// How the tc programs attach, as `--tc-attach` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TcAttach {
+    /// tcx where the kernel has it (6.6 and later), netlink filters before.
+    Auto,
+    /// tcx links, pinned.
+    Tcx,
+    /// netlink filters in the clsact qdisc.
+    Netlink,
+}
+
+impl From<TcAttach> for dataplane::TcAttach {
+    fn from(choice: TcAttach) -> Self {
+        match choice {
+            TcAttach::Auto => Self::Auto,
+            TcAttach::Tcx => Self::Tcx,
+            TcAttach::Netlink => Self::Netlink,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

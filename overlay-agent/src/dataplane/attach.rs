@@ -28,28 +28,10 @@ use super::{
     BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM,
     VTEP_INGRESS_PROGRAM, VTEP_PROGRAM, program_mut,
 };
-use crate::reconcile::desired::{Device, Placement};
+use crate::model::{DecapHook, Device, Placement, XdpModeChoice};
 
-/// Where the uplink decapsulates, as `--decap-hook` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DecapHook {
-    /// tc ingress: keeps GSO superpackets whole and delivers straight into containers.
-    Tc,
-    /// XDP in front of tc: drops what fails a check before the stack allocates anything.
-    Xdp,
-}
-
-/// How the uplink program attaches, as `--xdp-mode` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum XdpModeChoice {
-    /// Native (driver) mode where the driver supports it, generic otherwise.
-    Auto,
-    Native,
-    Generic,
-}
-
-/// How the tc programs attach, as `--tc-attach` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// How the tc programs attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcAttach {
     /// tcx where the kernel has it (6.6 and later), netlink filters before.
     Auto,
@@ -113,22 +95,17 @@ impl Dataplane {
     }
 
     /// Writes the programs' settings and attaches each where `placement` says: the uplink's
-    /// decapsulator at `hook` (in `xdp_mode` for XDP), the VXLAN device's encapsulator, the
+    /// decapsulator at its hook (in its XDP mode for XDP), the VXLAN device's encapsulator, the
     /// guards of both VXLAN devices' sockets, and the fast path on the container ports and the
     /// bridge.
-    pub fn place(
-        &mut self,
-        placement: &Placement,
-        hook: DecapHook,
-        xdp_mode: XdpModeChoice,
-    ) -> Result<()> {
+    pub fn place(&mut self, placement: &Placement) -> Result<()> {
         self.set_config(&placement.config)?;
         self.ensure_vteps_attached(placement.vtep.as_ref(), placement.vtep6.as_ref())?;
         self.ensure_uplink_attached(
             &placement.uplink.name,
             placement.uplink.index,
-            hook,
-            xdp_mode,
+            placement.decap_hook,
+            placement.xdp_mode,
         )?;
         self.ensure_container_ports(&placement.containers)?;
         self.ensure_bridge_attached(placement.bridge.as_ref())

@@ -1,8 +1,9 @@
 //! The eBPF dataplane: loading the embedded object with its maps pinned, attaching the
 //! programs through pinned links (so forwarding survives the agent), writing the map entries
 //! the reconciler asks for, and reading the counters. This is the reconciler's sink for maps
-//! and links: it never looks at netlink.
+//! and links ([`DataplaneSink`]): it never looks at netlink.
 mod attach;
+pub mod collector;
 pub mod pins;
 mod program_log;
 pub mod refusals;
@@ -19,8 +20,12 @@ use aya::{
 };
 use overlay_common::{Counters, OverlayConfig};
 
-pub use attach::{DecapHook, TcAttach, XdpModeChoice};
-pub use sync::{FullMap, Unwritten};
+pub use crate::model::{DecapHook, XdpModeChoice};
+use crate::{
+    model::{LeaseEntries, Programs, Unwritten},
+    sinks::DataplaneSink,
+};
+pub use attach::TcAttach;
 
 /// The eBPF object built by `cargo xtask build`, embedded so the agent needs no file at run time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OVERLAY_EBPF_OBJECT"));
@@ -231,6 +236,22 @@ impl Dataplane {
                 .context("object has no counters map")?,
         )?;
         sum_per_cpu(&map)
+    }
+}
+
+impl DataplaneSink for Dataplane {
+    fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten> {
+        Dataplane::write_lease_entries(self, entries)
+    }
+
+    fn place_programs(&mut self, programs: &Programs) -> Result<()> {
+        self.place(&programs.placement)?;
+        self.sync_endpoints(&programs.endpoints, &programs.endpoints6)?;
+        self.release_claims_of_gone_ports(&programs.live_ports)
+    }
+
+    fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize> {
+        Dataplane::remove_stale_lease_entries(self, entries)
     }
 }
 

@@ -1,7 +1,14 @@
 //! Naming refusals in the log: a container claiming a neighbour's address or MAC, or sending
 //! VXLAN, and VXLAN that went around the uplink's checks are counted by the programs; the
 //! agent also says so, once per look, with how many and where to see each.
+use std::{path::PathBuf, time::Duration};
+
 use overlay_common::{Counter, Counters};
+
+use super::pins::PinnedDataplane;
+
+/// How often the agent looks for refused frames to name in its log.
+const REFUSALS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The counters of frames someone on this host, or a sender we did not check, tried to slip
 /// past the checks.
@@ -39,6 +46,24 @@ impl RefusalWatch {
         };
         self.seen = Some(*counters);
         warnings
+    }
+}
+
+/// Names the refusals of the dataplane pinned in `pin_dir` in the log, every two seconds, for
+/// as long as it is polled.
+pub async fn warn_about_refusals(pin_dir: PathBuf) {
+    let mut watch = RefusalWatch::default();
+    let mut ticks = tokio::time::interval(REFUSALS_INTERVAL);
+    loop {
+        ticks.tick().await;
+        match PinnedDataplane::open(&pin_dir).and_then(|pinned| pinned.counters()) {
+            Ok(counters) => {
+                for warning in watch.warnings(&counters) {
+                    log::warn!("{warning}");
+                }
+            }
+            Err(error) => log::debug!("cannot read the counters: {error:#}"),
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use super::{
     BRIDGE_PROGRAM, CONTAINER_PROGRAM, PROGRAMS, UPLINK_TC_PROGRAM, VTEP_INGRESS_PROGRAM,
     VTEP_PROGRAM,
 };
+use crate::model::Interface;
 
 /// The kernel keeps 15 bytes of a program's name.
 const KERNEL_NAME_LEN: usize = 15;
@@ -31,13 +32,6 @@ const TC_HOOKS: [(&str, TcAttachType); 5] = [
     (CONTAINER_PROGRAM, TcAttachType::Ingress),
     (BRIDGE_PROGRAM, TcAttachType::Egress),
 ];
-
-/// One interface of this namespace, with the XDP program on it, if any.
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
-    pub xdp_program: Option<u32>,
-}
 
 /// What of ours stays: the programs this run loaded, by kernel id, and the netlink filters
 /// it made, by program and interface index.

@@ -3,7 +3,7 @@
 //! not updates. The programs bind container addresses and MACs themselves; the agent frees
 //! the bindings of ports that are gone.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     hash::Hash,
 };
 
@@ -19,62 +19,33 @@ use super::{
     BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP,
     SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
-use crate::{
-    reconcile::desired::{Endpoints, Endpoints6, LeaseEntries},
-    subnet::LeaseSubnets,
-};
+use crate::model::{Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type Subnet6Map<'a> = LpmTrie<&'a mut MapData, [u8; 16], RemoteVtep6>;
 type VtepMap<'a> = BpfHashMap<&'a mut MapData, [u8; 4], VtepSubnet>;
 type Vtep6Map<'a> = BpfHashMap<&'a mut MapData, [u8; 16], VtepSubnet6>;
 
-/// The lease entries a write left out. A lease missing from any lease map is dropped by the
-/// programs (`subnets` carries its traffic out, `vteps` and `vteps6` let its host's traffic
-/// in), so no route may lead to it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[must_use = "a lease left out of the maps must get no route"]
-pub struct Unwritten {
-    /// Every lease without its subnet or VTEP entry.
-    pub leases: BTreeSet<LeaseSubnets>,
-    /// Each full map with how many leases it left out.
-    pub full: BTreeMap<&'static str, FullMap>,
-    /// Leases whose entry the kernel refused for another reason, with that reason.
-    pub refused: BTreeMap<LeaseSubnets, String>,
-}
-
-/// A lease map with no room for some leases.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FullMap {
-    pub capacity: u32,
-    pub leases_left_out: usize,
-}
-
-impl Unwritten {
-    pub fn is_empty(&self) -> bool {
-        self.leases.is_empty()
-    }
-
-    /// Notes that `map` refused the entry `leases` need.
-    fn note(
-        &mut self,
-        map: &'static str,
-        capacity: u32,
-        leases: &[LeaseSubnets],
-        error: &MapError,
-    ) {
-        self.leases.extend(leases);
-        if is_full(error) {
-            let full = self.full.entry(map).or_insert(FullMap {
-                capacity,
-                leases_left_out: 0,
-            });
-            full.leases_left_out += leases.len();
-        } else {
-            for lease in leases {
-                self.refused
-                    .insert(*lease, format!("the {map} map refused it: {error}"));
-            }
+/// Notes in `unwritten` that `map` refused the entry `leases` need.
+fn note_refusal(
+    unwritten: &mut Unwritten,
+    map: &'static str,
+    capacity: u32,
+    leases: &[LeaseSubnets],
+    error: &MapError,
+) {
+    unwritten.leases.extend(leases);
+    if is_full(error) {
+        let full = unwritten.full.entry(map).or_insert(FullMap {
+            capacity,
+            leases_left_out: 0,
+        });
+        full.leases_left_out += leases.len();
+    } else {
+        for lease in leases {
+            unwritten
+                .refused
+                .insert(*lease, format!("the {map} map refused it: {error}"));
         }
     }
 }
@@ -108,7 +79,7 @@ impl Dataplane {
                 // entry must not carry the lease's traffic to where it was. Absent, it cannot
                 // be removed, which is as well.
                 let _ = subnets.remove(&key);
-                unwritten.note(SUBNETS_MAP, capacity, &[*lease], &error);
+                note_refusal(&mut unwritten, SUBNETS_MAP, capacity, &[*lease], &error);
             }
         }
         let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
@@ -124,7 +95,7 @@ impl Dataplane {
             let leases_by_host = desired.leases_by_host();
             for (public_ip, error) in &refused {
                 let leases = leases_by_host.get(public_ip).map_or(&[][..], Vec::as_slice);
-                unwritten.note(VTEPS_MAP, capacity, leases, error);
+                note_refusal(&mut unwritten, VTEPS_MAP, capacity, leases, error);
             }
         }
         let mut vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
@@ -132,7 +103,7 @@ impl Dataplane {
             if vteps6.get(public_ipv6, 0).ok().as_ref() != Some(vtep_subnet)
                 && let Err(error) = vteps6.insert(public_ipv6, vtep_subnet, 0)
             {
-                unwritten.note(VTEPS6_MAP, capacity, leases, &error);
+                note_refusal(&mut unwritten, VTEPS6_MAP, capacity, leases, &error);
             }
         }
         let mut subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
@@ -143,7 +114,7 @@ impl Dataplane {
             {
                 // As for `subnets`: the old entry must not carry the lease's traffic on.
                 let _ = subnets6.remove(&key);
-                unwritten.note(SUBNETS6_MAP, capacity, &[*lease], &error);
+                note_refusal(&mut unwritten, SUBNETS6_MAP, capacity, &[*lease], &error);
             }
         }
         Ok(unwritten)
@@ -239,7 +210,7 @@ fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
 impl Dataplane {
     /// Deletes every address and MAC binding of a port not in `live_ports`, so that a new
     /// container can take an address or MAC a removed one held.
-    pub fn release_claims_of_gone_ports(&mut self, live_ports: &HashSet<u32>) -> Result<()> {
+    pub fn release_claims_of_gone_ports(&mut self, live_ports: &BTreeSet<u32>) -> Result<()> {
         release_gone::<[u8; 4]>(map_mut(&mut self.ebpf, BOUND_ADDRESSES_MAP)?, live_ports)?;
         release_gone::<[u8; 6]>(map_mut(&mut self.ebpf, BOUND_MACS_MAP)?, live_ports)
     }
@@ -247,7 +218,7 @@ impl Dataplane {
 
 fn release_gone<K: aya::Pod + Eq + Hash>(
     map: &mut aya::maps::Map,
-    live_ports: &HashSet<u32>,
+    live_ports: &BTreeSet<u32>,
 ) -> Result<()> {
     let mut bindings: BpfHashMap<&mut MapData, K, u32> = BpfHashMap::try_from(map)?;
     let gone: Vec<K> = bindings

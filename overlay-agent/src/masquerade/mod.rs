@@ -15,8 +15,11 @@
 mod iptables;
 mod nftables;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 /// The comment on every forward rule, as flannel writes it.
 const FORWARD_COMMENT: &str = "flanneld forward";
@@ -297,6 +300,34 @@ pub fn remove() -> Result<()> {
 fn remove_family(family: Family) -> Result<()> {
     iptables::remove(family)?;
     nftables::remove(family)
+}
+
+/// Restores `masquerade`'s rules every `interval` (`--iptables-resync`), for as long as it is
+/// polled. iptables and nft are programs, and `iptables -w` may wait for the xtables lock: they
+/// run on a blocking thread, never on the workers that renew the lease and handle signals.
+pub async fn keep_restored(mut masquerade: Masquerade, interval: Duration) {
+    let mut ticks = interval_at(Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let checked = tokio::task::spawn_blocking(move || {
+            let outcome = masquerade.ensure();
+            (masquerade, outcome)
+        })
+        .await;
+        match checked {
+            Ok((checked, outcome)) => {
+                masquerade = checked;
+                if let Err(error) = outcome {
+                    log::warn!("cannot restore the forward and masquerade rules: {error:#}");
+                }
+            }
+            Err(error) => {
+                log::error!("the forward and masquerade check crashed: {error}; no longer checked");
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

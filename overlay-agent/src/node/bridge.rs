@@ -1,9 +1,9 @@
 //! The container bridge (docker0): carries the first address of our lease (of each family's
 //! lease, dual-stack); containers hang off it by veth.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use anyhow::{Context, Result, bail};
-use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use ipnetwork::IpNetwork;
 use rtnetlink::{
     Handle, LinkBridge, RouteMessageBuilder,
     packet_route::{
@@ -14,7 +14,10 @@ use rtnetlink::{
 };
 
 use super::links;
-use crate::mac::MacAddr;
+use crate::{
+    mac::MacAddr,
+    model::{gateway, ipv6_gateway},
+};
 
 pub struct Bridge {
     pub index: u32,
@@ -58,16 +61,6 @@ pub async fn ensure(
         index: link.header.index,
         mac,
     })
-}
-
-/// The subnet's first host address: the containers' default gateway, FLANNEL_SUBNET's address.
-pub fn gateway(subnet: Ipv4Network) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + 1)
-}
-
-/// The IPv6 subnet's first host address, as [`gateway`]: FLANNEL_IPV6_SUBNET's address.
-pub fn ipv6_gateway(subnet: Ipv6Network) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(subnet.network()) + 1)
 }
 
 /// `--ip-blackhole-route`: a blackhole route for our subnet (each family's), as flanneld adds

@@ -18,7 +18,7 @@ use super::{
     links,
     peers::{neighbour_destination, neighbour_mac},
 };
-use crate::reconcile::desired::{Containers, Device};
+use crate::model::{Containers, Device};
 
 /// Reads the containers of the bridge `bridge_index` whole. MACs `previous` learned stay
 /// while their port does: the bridge forgets a MAC after five minutes without a frame from it,

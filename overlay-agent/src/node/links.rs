@@ -19,7 +19,7 @@ use rtnetlink::{
     },
 };
 
-use crate::{dataplane::strays::Interface, mac::MacAddr};
+use crate::{mac::MacAddr, model::Interface};
 
 /// A netlink handle for this namespace, its connection running on the tokio runtime.
 pub fn connect() -> Result<Handle> {
@@ -121,6 +121,14 @@ pub fn name(link: &LinkMessage) -> Option<&str> {
             LinkAttribute::IfName(name) => Some(name.as_str()),
             _ => None,
         })
+}
+
+/// The MAC of the interface `name`, if it has one; an error if it is gone.
+pub async fn mac_of(handle: &Handle, name: &str) -> Result<Option<MacAddr>> {
+    let link = find(handle, name)
+        .await?
+        .with_context(|| format!("the interface {name} vanished"))?;
+    Ok(mac(&link))
 }
 
 pub fn mac(link: &LinkMessage) -> Option<MacAddr> {

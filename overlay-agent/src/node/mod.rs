@@ -1,10 +1,11 @@
 //! The host's overlay devices, owned through netlink: the container bridge, the VXLAN device,
 //! and one set of neighbour, FDB and route entries per remote lease. This is the reconciler's
-//! netlink sink: it is told what should be and repairs whatever differs, so it is safe to call
-//! as often as wanted.
+//! netlink sink ([`NodeSink`]): it is told what should be and repairs whatever differs, so it
+//! is safe to call as often as wanted.
 pub mod bridge;
 pub mod endpoints;
 pub mod links;
+pub mod notifications;
 pub mod peers;
 pub mod uplink;
 pub mod vtep;
@@ -15,11 +16,15 @@ use anyhow::{Context, Result};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle,
+    packet_core::NetlinkPayload,
     packet_route::{AddressFamily, RouteNetlinkMessage},
 };
 
-use crate::reconcile::desired::{Containers, Device, Devices, PeerEntries};
-use peers::FamilyDevices;
+use crate::{
+    model::{Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries},
+    sinks::NodeSink,
+};
+use notifications::Notification;
 use uplink::Uplink;
 use vtep::VtepSpec;
 
@@ -136,39 +141,56 @@ impl NodeNetwork {
         }
         Ok(())
     }
+}
 
-    /// Those of `addresses` (the leases' PublicIPs or PublicIPv6s) that the kernel reaches
-    /// without a gateway, i.e. that share our L2 segment.
-    pub async fn on_link<A: Into<IpAddr> + Copy + Eq + std::hash::Hash>(
+impl NodeSink for NodeNetwork {
+    type Notification = Notification;
+
+    async fn ensure_devices(&mut self) -> Result<Devices> {
+        NodeNetwork::ensure_devices(self).await
+    }
+
+    /// See [`endpoints::list`].
+    async fn list_containers(
         &self,
-        addresses: impl Iterator<Item = A>,
-    ) -> Result<HashSet<A>> {
+        bridge_index: u32,
+        previous: &Containers,
+    ) -> Result<Containers> {
+        endpoints::list(&self.handle, bridge_index, previous).await
+    }
+
+    async fn on_link(&self, addresses: Vec<IpAddr>) -> Result<HashSet<IpAddr>> {
         let mut on_link = HashSet::new();
         for address in addresses {
-            if peers::is_on_link(&self.handle, address.into()).await? {
+            if peers::is_on_link(&self.handle, address).await? {
                 on_link.insert(address);
             }
         }
         Ok(on_link)
     }
 
-    /// Makes the neighbour, FDB and route entries the agent owns on one family's devices
-    /// exactly `entries`.
-    pub async fn converge_peers(
-        &self,
-        devices: FamilyDevices,
-        entries: &PeerEntries,
-    ) -> Result<()> {
+    async fn converge_peers(&self, devices: FamilyDevices, entries: &PeerEntries) -> Result<()> {
         peers::reconcile(&self.handle, devices, entries).await
     }
 
-    /// The containers on the bridge, read whole; see [`endpoints::list`].
-    pub async fn list_containers(
+    fn classify(
         &self,
-        bridge_index: u32,
-        previous: &Containers,
-    ) -> Result<Containers> {
-        endpoints::list(&self.handle, bridge_index, previous).await
+        notification: &Notification,
+        devices: &Devices,
+        containers: &mut Containers,
+    ) -> Option<NodeChange> {
+        let message = match &notification.payload {
+            NetlinkPayload::InnerMessage(message) => message,
+            NetlinkPayload::Overrun(_) => return Some(NodeChange::Lost),
+            _ => return None,
+        };
+        if endpoints::observe(containers, message, devices.bridge.index) {
+            Some(NodeChange::Containers)
+        } else if touches_devices(message, devices) {
+            Some(NodeChange::Devices)
+        } else {
+            None
+        }
     }
 }
 
@@ -176,7 +198,7 @@ impl NodeNetwork {
 /// them: a link or address of the bridge, a VXLAN device or the uplink (by index, or by name
 /// for one made again), any route of a family the node carries, or a neighbour or FDB entry
 /// of a VXLAN device.
-pub fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
+fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
     let ours: Vec<&Device> = [&devices.bridge, &devices.uplink]
         .into_iter()
         .chain(devices.vtep.as_ref())

@@ -26,17 +26,8 @@ use rtnetlink::{
 
 use crate::{
     mac::MacAddr,
-    reconcile::desired::{FdbEntry, PeerEntries, Route},
+    model::{FamilyDevices, FdbEntry, PeerEntries, Route},
 };
-
-/// The devices one family's peer entries live on: that family's VXLAN device and the uplink,
-/// and the overlay network of that family, direct routes into which are ours too.
-#[derive(Clone, Copy, Debug)]
-pub struct FamilyDevices {
-    pub vtep_index: u32,
-    pub uplink_index: u32,
-    pub network: IpNetwork,
-}
 
 impl FamilyDevices {
     fn family(&self) -> AddressFamily {

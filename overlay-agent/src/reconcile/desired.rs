@@ -1,226 +1,294 @@
-//! The state the host should be in, computed from the remote leases, the devices and the local
-//! containers alone: no netlink, no maps, so every rule here is tested without root.
+//! The state the host should be in, as one value: [`compute`] turns what was [`Observed`]
+//! (the remote leases, the devices, the local containers, which PublicIPs share our segment)
+//! and what this node is set to do ([`NodeIntent`]) into a [`Desired`]. No netlink, no maps,
+//! so every rule here is tested without root; [`super::plan`] applies the value in order.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep,
-    RemoteVtep6, VtepSubnet, VtepSubnet6,
+    CONFIG_DIRECT_ROUTING, CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint, OverlayConfig,
+    REMOTE_ROUTE_DIRECTLY, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
 };
 
 use crate::{
     mac::MacAddr,
-    node::bridge::{gateway, ipv6_gateway},
-    subnet::{Lease, LeaseSubnets},
+    model::{
+        Containers, DecapHook, Device, Devices, Endpoints, Endpoints6, FamilyDevices, FdbEntry,
+        LeaseEntries, LeaseSubnets, PeerEntries, Placement, Programs, Route, RoutingRules,
+        XdpModeChoice, gateway, ipv6_gateway,
+    },
+    subnet::Lease,
 };
 
-/// Where this host's overlay devices are, as the node sink last made sure of them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Devices {
-    pub bridge: Device,
-    pub bridge_mac: MacAddr,
-    /// flannel.<VNI>, with IPv4.
-    pub vtep: Option<Device>,
-    /// flannel-v6.<VNI>, with IPv6.
-    pub vtep6: Option<Device>,
-    pub uplink: Device,
+/// How much of the host one round looks at, from least to most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// A container port or address changed: programs and endpoints, from what the
+    /// notifications already told.
+    Containers,
+    /// A lease, a device or an owned entry changed: the devices, the lease entries and the
+    /// kernel's entries too.
+    Node,
+    /// Start, the safety net, lost notifications: the containers re-listed as well.
+    Everything,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Device {
-    pub name: String,
-    pub index: u32,
-}
-
-/// What the host's routing needs from the agent besides the leases.
-#[derive(Clone, Copy, Debug)]
-pub struct RoutingRules {
-    /// The whole overlay network: direct routes into it through the uplink are ours.
-    pub network: Ipv4Network,
-    /// The IPv6 overlay network, with `EnableIPv6`: routes into it through the uplink are ours.
-    pub ipv6_network: Option<Ipv6Network>,
-    /// Kernel mode: the vxlan device forwards by its FDB. Our dataplane needs none.
-    pub install_fdb: bool,
-    /// Route peers on our L2 segment directly via their PublicIP, without VXLAN.
-    pub direct_routing: bool,
-}
-
-/// The containers on the bridge, as netlink last reported them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Containers {
-    /// Container ports (the host-side veths on the bridge), by interface index.
-    pub ports: BTreeMap<u32, Device>,
-    /// Addresses the bridge has resolved (by ARP or NDP), with the MAC behind each.
-    pub addresses: HashMap<IpAddr, MacAddr>,
-    /// Which port each container MAC was learned behind.
-    pub port_of_mac: HashMap<MacAddr, u32>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Route {
-    pub destination: IpNetwork,
-    pub gateway: IpAddr,
-    pub interface: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FdbEntry {
-    pub mac: MacAddr,
-    pub destination: IpAddr,
-}
-
-/// What every remote lease needs in the kernel, in flannel's form: a permanent neighbour
-/// entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
-/// and the route `<subnet> via <subnet>.0 dev flannel.1 onlink`; the same over IPv6 on
-/// flannel-v6.<VNI> (`<v6 subnet>::` → the v6 VtepMAC → PublicIPv6).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct PeerEntries {
-    pub neighbours: HashMap<IpAddr, MacAddr>,
-    pub fdb: HashSet<FdbEntry>,
-    pub routes: HashSet<Route>,
-}
-
-/// The subnet and VTEP map entries of the remote leases, each with the lease (or leases)
-/// it serves.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct LeaseEntries {
-    /// Remote subnet → where its host is (the encapsulators' lookup).
-    pub subnets: HashMap<Ipv4Network, (RemoteVtep, LeaseSubnets)>,
-    /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
-    pub vteps: HashMap<[u8; 4], VtepSubnet>,
-    /// Remote PublicIPv6 → the IPv6 subnet it may send from (the uplink's check of VXLAN over
-    /// IPv6).
-    pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<LeaseSubnets>)>,
-    /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup).
-    pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, LeaseSubnets)>,
-}
-
-impl LeaseEntries {
-    /// The leases each remote host (by PublicIP) holds.
-    pub fn leases_by_host(&self) -> HashMap<[u8; 4], Vec<LeaseSubnets>> {
-        let mut by_host: HashMap<[u8; 4], Vec<LeaseSubnets>> = HashMap::new();
-        for (remote, lease) in self.subnets.values() {
-            by_host.entry(remote.public_ip).or_default().push(*lease);
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Containers => "containers",
+            Scope::Node => "node",
+            Scope::Everything => "everything",
         }
-        by_host
     }
 }
 
-/// Container address (network order) → its port and MAC: where the decapsulator delivers.
-pub type Endpoints = HashMap<[u8; 4], LocalEndpoint>;
-/// The same for IPv6 container addresses.
-pub type Endpoints6 = HashMap<[u8; 16], LocalEndpoint>;
+/// What this node is set to do, fixed for the agent's life.
+#[derive(Clone, Debug)]
+pub struct NodeIntent {
+    pub rules: RoutingRules,
+    /// This host's lease, each family's it carries: container addresses lie inside it.
+    pub own: LeaseSubnets,
+    /// How the eBPF programs are placed; none in kernel mode.
+    pub programs: Option<ProgramSettings>,
+}
 
-/// Which interface each program sits on, and the settings they read.
+/// How the eBPF programs are placed, and what they are told besides the devices and the lease.
+#[derive(Clone, Debug)]
+pub struct ProgramSettings {
+    pub vni: u32,
+    pub vxlan_port: u16,
+    /// The outer source of what this host encapsulates, as the kernel's vxlan device would
+    /// send it (the uplink's address); none in an IPv6-only network.
+    pub tunnel_source: Option<Ipv4Addr>,
+    /// flannel-v6.<VNI>'s tunnel source, where VXLAN over IPv6 comes to; none without IPv6,
+    /// and then all of it passes unchecked.
+    pub tunnel_source6: Option<Ipv6Addr>,
+    /// This host's VTEP MACs, each family's it carries.
+    pub vtep_mac: Option<MacAddr>,
+    pub vtep6_mac: Option<MacAddr>,
+    pub uplink_mac: MacAddr,
+    /// The network config's `DirectRouting`.
+    pub direct_routing: bool,
+    /// Whether container traffic bypasses the stack (`--fast-path`).
+    pub fast_path: bool,
+    pub decap_hook: DecapHook,
+    pub xdp_mode: XdpModeChoice,
+}
+
+/// What one round found on the host and in etcd.
+pub struct Observed<'a> {
+    pub scope: Scope,
+    pub leases: &'a HashMap<LeaseSubnets, Lease>,
+    pub devices: &'a Devices,
+    pub containers: &'a Containers,
+    /// The leases' PublicIPs and PublicIPv6s reached without a gateway (DirectRouting only).
+    pub on_link: &'a HashSet<IpAddr>,
+}
+
+/// The state the host should be in after one round of `scope`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement {
-    pub config: OverlayConfig,
-    pub uplink: Device,
-    /// flannel.<VNI>, with IPv4.
-    pub vtep: Option<Device>,
-    /// flannel-v6.<VNI>, with IPv6.
-    pub vtep6: Option<Device>,
-    /// Every container port.
-    pub containers: Vec<Device>,
-    /// The container bridge, whose egress notes the flows the stack carries, with the fast
-    /// path; none without.
-    pub bridge: Option<Device>,
+pub struct Desired {
+    pub scope: Scope,
+    /// The programs, where they sit and what they deliver to; none in kernel mode.
+    pub programs: Option<Programs>,
+    /// The remote leases' map and kernel entries; none in a round about containers alone.
+    pub leases: Option<LeaseState>,
+}
+
+/// What the remote leases need: their map entries, and each family's kernel entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    pub entries: LeaseEntries,
+    pub peers: Vec<FamilyPeers>,
+}
+
+/// One family's kernel entries, lease by lease, on that family's devices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyPeers {
+    pub devices: FamilyDevices,
+    pub leases: Vec<LeasePeer>,
+}
+
+/// The kernel entries of one lease, and whether they lead into a program that drops what its
+/// maps do not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeasePeer {
+    pub lease: LeaseSubnets,
+    pub entries: PeerEntries,
+    pub needs_map_entries: bool,
+}
+
+impl FamilyPeers {
+    /// The entries of every lease but those `unmapped` (left out of the maps) that need them:
+    /// a route to a lease whose map entries are missing would lead to a drop.
+    pub fn entries(&self, unmapped: &BTreeSet<LeaseSubnets>) -> PeerEntries {
+        let mut entries = PeerEntries::default();
+        for peer in &self.leases {
+            if !(peer.needs_map_entries && unmapped.contains(&peer.lease)) {
+                entries.extend(&peer.entries);
+            }
+        }
+        entries
+    }
+}
+
+/// The one desired state of what was `observed`, for a node set up as `intent` says.
+pub fn compute(observed: &Observed, intent: &NodeIntent) -> Desired {
+    let programs = intent
+        .programs
+        .as_ref()
+        .map(|settings| programs(settings, observed.devices, observed.containers, &intent.own));
+    let leases = (observed.scope != Scope::Containers).then(|| LeaseState {
+        entries: lease_entries(observed.leases.values(), observed.on_link),
+        peers: family_peers(observed, &intent.rules),
+    });
+    Desired {
+        scope: observed.scope,
+        programs,
+        leases,
+    }
+}
+
+/// Each family's kernel entries, for the families whose VXLAN device exists.
+fn family_peers(observed: &Observed, rules: &RoutingRules) -> Vec<FamilyPeers> {
+    let devices = observed.devices;
+    let mut families = Vec::new();
+    if let Some(vtep) = &devices.vtep {
+        families.push(ipv4_peers(
+            observed.leases.values(),
+            vtep,
+            &devices.uplink,
+            rules,
+            observed.on_link,
+        ));
+    }
+    if let (Some(vtep6), Some(network)) = (&devices.vtep6, rules.ipv6_network) {
+        families.push(ipv6_peers(
+            observed.leases.values(),
+            vtep6,
+            &devices.uplink,
+            network,
+            observed.on_link,
+        ));
+    }
+    families
 }
 
 /// The kernel's IPv4 entries for `leases` on `vtep` (flannel.<VNI>). A lease whose PublicIP
-/// is in `on_link` (reached without a gateway) gets a direct route when the rules ask for
-/// direct routing. A lease `unmapped` (its map entries did not fit) gets no route into
-/// flannel.1, whose program would drop its traffic; a direct route needs no map entry and
-/// stays.
-pub fn peer_entries<'a>(
+/// is `on_link` (reached without a gateway) gets a direct route when the rules ask for direct
+/// routing: it needs no map entry. The others get flannel's entries into flannel.1, whose
+/// program drops what its maps do not hold.
+pub fn ipv4_peers<'a>(
     leases: impl Iterator<Item = &'a Lease>,
     vtep: &Device,
     uplink: &Device,
     rules: &RoutingRules,
-    on_link: &HashSet<Ipv4Addr>,
-    unmapped: &BTreeSet<LeaseSubnets>,
-) -> PeerEntries {
-    let mut entries = PeerEntries::default();
+    on_link: &HashSet<IpAddr>,
+) -> FamilyPeers {
+    let mut peers = Vec::new();
     for lease in leases {
         let Some(mac) = lease.attrs.vtep_mac() else {
             continue;
         };
-        let public_ip = lease.attrs.public_ip;
-        if rules.direct_routing && on_link.contains(&public_ip) {
-            entries.routes.insert(Route {
-                destination: lease.subnet.into(),
-                gateway: public_ip.into(),
-                interface: uplink.index,
-            });
-            continue;
-        }
-        if unmapped.contains(&lease.subnets()) {
-            continue;
-        }
-        entries.add_vxlan_peer(
-            lease.subnet.into(),
-            mac,
-            public_ip.into(),
-            vtep,
-            rules.install_fdb,
-        );
+        let public_ip = IpAddr::V4(lease.attrs.public_ip);
+        let direct = rules.direct_routing && on_link.contains(&public_ip);
+        let entries = if direct {
+            direct_route(lease.subnet.into(), public_ip, uplink)
+        } else {
+            vxlan_peer(lease.subnet.into(), mac, public_ip, vtep, rules.install_fdb)
+        };
+        peers.push(LeasePeer {
+            lease: lease.subnets(),
+            entries,
+            needs_map_entries: !direct,
+        });
     }
-    entries
+    FamilyPeers {
+        devices: FamilyDevices {
+            vtep_index: vtep.index,
+            uplink_index: uplink.index,
+            network: rules.network.into(),
+        },
+        leases: peers,
+    }
 }
 
 /// The kernel's IPv6 entries for `leases` on `vtep6` (flannel-v6.<VNI>), which carries IPv6
 /// in both dataplanes: flannel's neighbour, FDB and onlink route for each lease with an IPv6
-/// subnet and VTEP; a direct route via the uplink instead for a PublicIPv6 in `on_link`
-/// (DirectRouting only).
-pub fn ipv6_peer_entries<'a>(
+/// subnet and VTEP; a direct route via the uplink instead for a PublicIPv6 `on_link`
+/// (DirectRouting only). A lease left out of the maps gets neither.
+pub fn ipv6_peers<'a>(
     leases: impl Iterator<Item = &'a Lease>,
     vtep6: &Device,
     uplink: &Device,
-    on_link: &HashSet<Ipv6Addr>,
-) -> PeerEntries {
-    let mut entries = PeerEntries::default();
-    for (subnet, public_ipv6, mac) in leases.filter_map(Lease::ipv6_peer) {
-        if on_link.contains(&public_ipv6) {
-            entries.routes.insert(Route {
-                destination: subnet.into(),
-                gateway: public_ipv6.into(),
-                interface: uplink.index,
-            });
-            continue;
-        }
-        entries.add_vxlan_peer(subnet.into(), mac, public_ipv6.into(), vtep6, true);
+    network: Ipv6Network,
+    on_link: &HashSet<IpAddr>,
+) -> FamilyPeers {
+    let peers = leases
+        .filter_map(|lease| {
+            let (subnet, public_ipv6, mac) = lease.ipv6_peer()?;
+            let public_ipv6 = IpAddr::V6(public_ipv6);
+            let entries = if on_link.contains(&public_ipv6) {
+                direct_route(subnet.into(), public_ipv6, uplink)
+            } else {
+                vxlan_peer(subnet.into(), mac, public_ipv6, vtep6, true)
+            };
+            Some(LeasePeer {
+                lease: lease.subnets(),
+                entries,
+                needs_map_entries: true,
+            })
+        })
+        .collect();
+    FamilyPeers {
+        devices: FamilyDevices {
+            vtep_index: vtep6.index,
+            uplink_index: uplink.index,
+            network: network.into(),
+        },
+        leases: peers,
     }
-    entries
 }
 
-impl PeerEntries {
-    /// flannel's entries for a remote `subnet` behind the VTEP `mac` at `public`: the gateway
-    /// (the subnet's network address) resolved to the VTEP, the VTEP forwarded to the host,
-    /// the subnet routed via the gateway on the device.
-    fn add_vxlan_peer(
-        &mut self,
-        subnet: IpNetwork,
-        mac: MacAddr,
-        public: IpAddr,
-        vtep: &Device,
-        install_fdb: bool,
-    ) {
-        let gateway = subnet.network();
-        self.neighbours.insert(gateway, mac);
-        if install_fdb {
-            self.fdb.insert(FdbEntry {
-                mac,
-                destination: public,
-            });
-        }
-        self.routes.insert(Route {
+/// A route to `subnet` via its host's `public` address on our segment, without VXLAN.
+fn direct_route(subnet: IpNetwork, public: IpAddr, uplink: &Device) -> PeerEntries {
+    PeerEntries {
+        routes: HashSet::from([Route {
+            destination: subnet,
+            gateway: public,
+            interface: uplink.index,
+        }]),
+        ..PeerEntries::default()
+    }
+}
+
+/// flannel's entries for a remote `subnet` behind the VTEP `mac` at `public`: the gateway
+/// (the subnet's network address) resolved to the VTEP, the VTEP forwarded to the host, the
+/// subnet routed via the gateway on the device.
+fn vxlan_peer(
+    subnet: IpNetwork,
+    mac: MacAddr,
+    public: IpAddr,
+    vtep: &Device,
+    install_fdb: bool,
+) -> PeerEntries {
+    let gateway = subnet.network();
+    let fdb = install_fdb.then_some(FdbEntry {
+        mac,
+        destination: public,
+    });
+    PeerEntries {
+        neighbours: HashMap::from([(gateway, mac)]),
+        fdb: fdb.into_iter().collect(),
+        routes: HashSet::from([Route {
             destination: subnet,
             gateway,
             interface: vtep.index,
-        });
+        }]),
     }
 }
 
@@ -229,7 +297,7 @@ impl PeerEntries {
 /// PublicIP is `on_link` (DirectRouting only) are marked to be routed to without VXLAN.
 pub fn lease_entries<'a>(
     leases: impl Iterator<Item = &'a Lease>,
-    on_link: &HashSet<Ipv4Addr>,
+    on_link: &HashSet<IpAddr>,
 ) -> LeaseEntries {
     let mut entries = LeaseEntries::default();
     for lease in leases {
@@ -254,13 +322,13 @@ fn add_ipv4_entries(
     entries: &mut LeaseEntries,
     lease: &Lease,
     mac: MacAddr,
-    on_link: &HashSet<Ipv4Addr>,
+    on_link: &HashSet<IpAddr>,
 ) {
     let public_ip = lease.attrs.public_ip.octets();
     let remote = RemoteVtep {
         public_ip,
         mac: mac.0,
-        flags: if on_link.contains(&lease.attrs.public_ip) {
+        flags: if on_link.contains(&IpAddr::V4(lease.attrs.public_ip)) {
             REMOTE_ROUTE_DIRECTLY
         } else {
             0
@@ -340,17 +408,61 @@ fn endpoints_where<const N: usize>(
         .collect()
 }
 
+/// The programs for this node's containers: where each program sits, and with the fast path
+/// every container address in our lease as an endpoint (without it, none).
+fn programs(
+    settings: &ProgramSettings,
+    devices: &Devices,
+    containers: &Containers,
+    own: &LeaseSubnets,
+) -> Programs {
+    let (endpoints, endpoints6) = if settings.fast_path {
+        (
+            own.ipv4_subnet()
+                .map(|subnet| endpoints(containers, subnet))
+                .unwrap_or_default(),
+            own.ipv6
+                .map(|subnet6| endpoints6(containers, subnet6))
+                .unwrap_or_default(),
+        )
+    } else {
+        Default::default()
+    };
+    Programs {
+        placement: placement(settings, devices, containers, own),
+        endpoints,
+        endpoints6,
+        live_ports: containers.ports.keys().copied().collect(),
+    }
+}
+
 /// The programs' places: the uplink's decapsulator, the VXLAN devices' encapsulator and
 /// socket guards, one checker (with the fast path, also encapsulator) per container port and,
-/// with the fast path, the bridge's flow watcher. `base` is the config but for the lease and
-/// device facts filled in here.
+/// with the fast path, the bridge's flow watcher; and the one config they all read.
 pub fn placement(
-    base: &OverlayConfig,
+    settings: &ProgramSettings,
     devices: &Devices,
     containers: &Containers,
     subnets: &LeaseSubnets,
-    fast_path: bool,
 ) -> Placement {
+    Placement {
+        config: program_config(settings, devices, subnets),
+        uplink: devices.uplink.clone(),
+        decap_hook: settings.decap_hook,
+        xdp_mode: settings.xdp_mode,
+        vtep: devices.vtep.clone(),
+        vtep6: devices.vtep6.clone(),
+        containers: containers.ports.values().cloned().collect(),
+        bridge: settings.fast_path.then(|| devices.bridge.clone()),
+    }
+}
+
+/// The settings every program reads on every packet: the only place they are made.
+fn program_config(
+    settings: &ProgramSettings,
+    devices: &Devices,
+    subnets: &LeaseSubnets,
+) -> OverlayConfig {
     // An IPv6-only lease has no IPv4 address for a container, which 0.0.0.0/32 says to the
     // programs: its one address is its network's, never a container's.
     let subnet = subnets
@@ -364,40 +476,42 @@ pub fn placement(
         ),
         None => Default::default(),
     };
-    let config = OverlayConfig {
+    let flag = |flag: u16, on: bool| if on { flag } else { 0 };
+    // Without a family, no packet reads its fields: they stay zero.
+    let mac_or_zero = |mac: Option<MacAddr>| mac.map_or([0; 6], |mac| mac.0);
+    OverlayConfig {
+        vni: settings.vni,
+        vxlan_port: settings.vxlan_port,
+        flags: flag(CONFIG_DIRECT_ROUTING, settings.direct_routing)
+            | flag(CONFIG_FAST_PATH, settings.fast_path)
+            | flag(CONFIG_IPV6, subnets.ipv6.is_some()),
+        public_ip: settings
+            .tunnel_source
+            .map_or([0; 4], |address| address.octets()),
+        public_ipv6: settings
+            .tunnel_source6
+            .map_or([0; 16], |address| address.octets()),
+        vtep_mac: mac_or_zero(settings.vtep_mac),
+        vtep6_mac: mac_or_zero(settings.vtep6_mac),
+        uplink_mac: settings.uplink_mac.0,
+        uplink_ifindex: devices.uplink.index,
         vtep_ifindex: devices.vtep.as_ref().map_or(0, |vtep| vtep.index),
         vtep6_ifindex: devices.vtep6.as_ref().map_or(0, |vtep6| vtep6.index),
         bridge_mac: devices.bridge_mac.0,
-        uplink_ifindex: devices.uplink.index,
-        flags: with_flag(
-            with_flag(base.flags, CONFIG_FAST_PATH, fast_path),
-            CONFIG_IPV6,
-            subnets.ipv6.is_some(),
-        ),
         local_subnet: subnet.network().octets(),
         local_netmask: subnet.mask().octets(),
         bridge_ip: gateway(subnet).octets(),
         local_subnet6,
         local_netmask6,
         bridge_ipv6,
-        ..*base
-    };
-    Placement {
-        config,
-        uplink: devices.uplink.clone(),
-        vtep: devices.vtep.clone(),
-        vtep6: devices.vtep6.clone(),
-        containers: containers.ports.values().cloned().collect(),
-        bridge: fast_path.then(|| devices.bridge.clone()),
+        ..OverlayConfig::default()
     }
-}
-
-fn with_flag(flags: u16, flag: u16, on: bool) -> u16 {
-    if on { flags | flag } else { flags & !flag }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::subnet::LeaseAttrs;
 
@@ -436,6 +550,45 @@ mod tests {
 
     fn vtep() -> Device {
         devices().vtep.expect("flannel.1")
+    }
+
+    /// The IPv4 entries of `leases`, but those of the leases `unmapped` that need map entries.
+    fn peer_entries<'a>(
+        leases: impl Iterator<Item = &'a Lease>,
+        vtep: &Device,
+        uplink: &Device,
+        rules: &RoutingRules,
+        on_link: &HashSet<IpAddr>,
+        unmapped: &BTreeSet<LeaseSubnets>,
+    ) -> PeerEntries {
+        ipv4_peers(leases, vtep, uplink, rules, on_link).entries(unmapped)
+    }
+
+    fn ipv6_peer_entries<'a>(
+        leases: impl Iterator<Item = &'a Lease>,
+        vtep6: &Device,
+        uplink: &Device,
+        on_link: &HashSet<IpAddr>,
+    ) -> PeerEntries {
+        let network = "fd00:2::/48".parse().expect("test network");
+        ipv6_peers(leases, vtep6, uplink, network, on_link).entries(&BTreeSet::new())
+    }
+
+    /// The program settings of host1 in the seed, with or without the fast path.
+    fn settings(fast_path: bool) -> ProgramSettings {
+        ProgramSettings {
+            vni: 1,
+            vxlan_port: 8472,
+            tunnel_source: Some(Ipv4Addr::new(172, 20, 62, 104)),
+            tunnel_source6: None,
+            vtep_mac: Some(VTEP_MAC),
+            vtep6_mac: None,
+            uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            direct_routing: false,
+            fast_path,
+            decap_hook: DecapHook::Tc,
+            xdp_mode: XdpModeChoice::Auto,
+        }
     }
 
     fn rules(install_fdb: bool, direct_routing: bool) -> RoutingRules {
@@ -623,7 +776,7 @@ mod tests {
                 )
             )])
         );
-        let on_link = HashSet::from([Ipv4Addr::new(172, 20, 62, 105)]);
+        let on_link = HashSet::from([IpAddr::V4(Ipv4Addr::new(172, 20, 62, 105))]);
         let direct = lease_entries(leases.iter(), &on_link);
         assert!(
             direct
@@ -692,12 +845,8 @@ mod tests {
             ports: BTreeMap::from([(9, port.clone())]),
             ..Containers::default()
         };
-        let base = OverlayConfig {
-            vni: 1,
-            ..OverlayConfig::default()
-        };
         let subnets = LeaseSubnets::ipv4("10.2.41.0/24".parse().expect("subnet"));
-        let with = placement(&base, &devices(), &containers, &subnets, true);
+        let with = placement(&settings(true), &devices(), &containers, &subnets);
         assert_eq!(with.containers, vec![port.clone()]);
         assert_eq!(with.bridge, Some(devices().bridge));
         assert_eq!(
@@ -711,6 +860,10 @@ mod tests {
         assert_eq!(with.config.bridge_mac, [2, 0, 0, 0, 0, 3]);
         assert!(with.config.fast_path());
         assert_eq!(
+            (with.config.public_ip, with.config.vtep_mac),
+            ([172, 20, 62, 104], VTEP_MAC.0)
+        );
+        assert_eq!(
             (
                 with.config.local_subnet,
                 with.config.local_netmask,
@@ -719,7 +872,7 @@ mod tests {
             ([10, 2, 41, 0], [255, 255, 255, 0], [10, 2, 41, 1])
         );
         // Without the fast path the ports are still checked, and nothing watches the bridge.
-        let without = placement(&with.config, &devices(), &containers, &subnets, false);
+        let without = placement(&settings(false), &devices(), &containers, &subnets);
         assert_eq!(without.containers, vec![port]);
         assert!(without.bridge.is_none() && !without.config.fast_path());
         assert!(!without.config.ipv6() && without.config.local_subnet6 == [0; 16]);
@@ -739,8 +892,7 @@ mod tests {
             ipv4: "10.2.41.0/24".parse().expect("subnet"),
             ipv6: Some("fd00:2:0:41::/64".parse().expect("subnet")),
         };
-        let base = OverlayConfig::default();
-        let placed = placement(&base, &devices, &Containers::default(), &subnets, true);
+        let placed = placement(&settings(true), &devices, &Containers::default(), &subnets);
         assert_eq!(placed.vtep6, Some(vtep6));
         assert!(placed.config.ipv6() && placed.config.fast_path());
         let address = |text: &str| text.parse::<Ipv6Addr>().expect("address").octets();
@@ -773,13 +925,7 @@ mod tests {
             ipv4: "0.0.0.0/0".parse().expect("subnet"),
             ipv6: Some("fd00:2:0:41::/64".parse().expect("subnet")),
         };
-        let placed = placement(
-            &OverlayConfig::default(),
-            &devices,
-            &Containers::default(),
-            &subnets,
-            true,
-        );
+        let placed = placement(&settings(true), &devices, &Containers::default(), &subnets);
         assert_eq!((placed.vtep, placed.vtep6), (None, Some(vtep6)));
         assert_eq!(
             (placed.config.vtep_ifindex, placed.config.vtep6_ifindex),

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::LeaseSubnets;
-use crate::node::bridge::{gateway, ipv6_gateway};
+use crate::model::{gateway, ipv6_gateway};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {

@@ -24,6 +24,7 @@ use std::{
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::LeaseSubnets;
 use crate::{config::NetworkConfig, mac::MacAddr};
 
 pub const VXLAN_BACKEND: &str = "vxlan";
@@ -167,24 +168,9 @@ impl LeaseAttrs {
     }
 }
 
-/// The subnets a record's key names: the IPv4 one (flannel's empty 0.0.0.0/0 in an
-/// IPv6-only network) and the IPv6 one of a dual-stack or IPv6-only lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseSubnets {
-    pub ipv4: Ipv4Network,
-    pub ipv6: Option<Ipv6Network>,
-}
-
+/// [`LeaseSubnets`], flannel's identity of a lease, is a plain value of `model`; what it
+/// holds of a network config is a question of this module.
 impl LeaseSubnets {
-    pub fn ipv4(ipv4: Ipv4Network) -> Self {
-        Self { ipv4, ipv6: None }
-    }
-
-    /// The IPv4 subnet; none for flannel's empty 0.0.0.0/0 of an IPv6-only lease.
-    pub fn ipv4_subnet(&self) -> Option<Ipv4Network> {
-        (self.ipv4.prefix() != 0).then_some(self.ipv4)
-    }
-
     /// The networks this lease holds in `config`'s families.
     pub fn networks(&self, config: &NetworkConfig) -> Vec<IpNetwork> {
         let ipv4 = config.enable_ipv4.then_some(IpNetwork::V4(self.ipv4));
@@ -193,22 +179,6 @@ impl LeaseSubnets {
             .filter(|_| config.ipv6.is_some())
             .map(IpNetwork::V6);
         ipv4.into_iter().chain(ipv6).collect()
-    }
-}
-
-impl From<Ipv4Network> for LeaseSubnets {
-    fn from(ipv4: Ipv4Network) -> Self {
-        Self::ipv4(ipv4)
-    }
-}
-
-impl fmt::Display for LeaseSubnets {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.ipv6 {
-            Some(ipv6) if self.ipv4_subnet().is_none() => write!(f, "{ipv6}"),
-            Some(ipv6) => write!(f, "{} & {ipv6}", self.ipv4),
-            None => write!(f, "{}", self.ipv4),
-        }
     }
 }
 

@@ -1,12 +1,14 @@
-//! rtnetlink notifications for the links, addresses, neighbours (ARP and FDB) and IPv4 routes
-//! of the host, on a netlink socket of their own.
+//! rtnetlink notifications for the links, addresses, neighbours (ARP, NDP and FDB) and routes
+//! of both families on the host, on a netlink socket of their own.
 use anyhow::{Context, Result};
 use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
 use rtnetlink::{
     MulticastGroup, packet_core::NetlinkMessage, packet_route::RouteNetlinkMessage, sys::SocketAddr,
 };
 
-type Notification = NetlinkMessage<RouteNetlinkMessage>;
+use crate::sinks::NotificationSource;
+
+pub type Notification = NetlinkMessage<RouteNetlinkMessage>;
 
 pub struct Notifications {
     /// None once the stream has ended.
@@ -19,8 +21,10 @@ pub fn subscribe() -> Result<Notifications> {
     let (connection, _, receiver) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
     ])
     .context("cannot subscribe to netlink notifications")?;
     tokio::spawn(connection);
@@ -29,10 +33,12 @@ pub fn subscribe() -> Result<Notifications> {
     })
 }
 
-impl Notifications {
+impl NotificationSource for Notifications {
+    type Notification = Notification;
+
     /// The next notification. Lost notifications come as an `Overrun` payload. Should the
     /// stream end, this says so once and then waits forever: the safety net takes over.
-    pub async fn recv(&mut self) -> Notification {
+    async fn recv(&mut self) -> Notification {
         if let Some(receiver) = &mut self.receiver {
             if let Some((notification, _)) = receiver.next().await {
                 return notification;
@@ -43,8 +49,7 @@ impl Notifications {
         std::future::pending().await
     }
 
-    /// A notification already queued, if any.
-    pub fn try_recv(&mut self) -> Option<Notification> {
+    fn try_recv(&mut self) -> Option<Notification> {
         let (notification, _) = self.receiver.as_mut()?.try_recv().ok()?;
         Some(notification)
     }

@@ -1,0 +1,270 @@
+//! The plain values the agent's layers hand each other: the devices and containers the node
+//! observes, what the leases ask of the kernel and of the maps, where the programs go, and what
+//! the maps could not hold. A leaf: it imports nothing of the agent but MAC addresses, so
+//! `node`, `dataplane`, `subnet` and `reconcile` all build on it from below.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use overlay_common::{
+    LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
+};
+
+use crate::mac::MacAddr;
+
+/// A network interface of this namespace, by name and index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Device {
+    pub name: String,
+    pub index: u32,
+}
+
+/// Where this host's overlay devices are, as the node sink last made sure of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Devices {
+    pub bridge: Device,
+    pub bridge_mac: MacAddr,
+    /// flannel.<VNI>, with IPv4.
+    pub vtep: Option<Device>,
+    /// flannel-v6.<VNI>, with IPv6.
+    pub vtep6: Option<Device>,
+    pub uplink: Device,
+}
+
+/// One interface of this namespace, with the XDP program on it, if any: what the dataplane
+/// needs to find programs an earlier run left.
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub xdp_program: Option<u32>,
+}
+
+/// The containers on the bridge, as netlink last reported them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Containers {
+    /// Container ports (the host-side veths on the bridge), by interface index.
+    pub ports: BTreeMap<u32, Device>,
+    /// Addresses the bridge has resolved (by ARP or NDP), with the MAC behind each.
+    pub addresses: HashMap<IpAddr, MacAddr>,
+    /// Which port each container MAC was learned behind.
+    pub port_of_mac: HashMap<MacAddr, u32>,
+}
+
+/// What a netlink notification told the node about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeChange {
+    /// A container port, a MAC behind one or an address on the bridge: already taken into the
+    /// containers.
+    Containers,
+    /// One of the overlay devices, or an entry the agent owns on them.
+    Devices,
+    /// Notifications were lost: everything must be listed again.
+    Lost,
+}
+
+/// The subnets of one lease, each family's: its identity in etcd and in the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseSubnets {
+    pub ipv4: Ipv4Network,
+    pub ipv6: Option<Ipv6Network>,
+}
+
+impl LeaseSubnets {
+    pub fn ipv4(ipv4: Ipv4Network) -> Self {
+        Self { ipv4, ipv6: None }
+    }
+
+    /// The IPv4 subnet; none for flannel's empty 0.0.0.0/0 of an IPv6-only lease.
+    pub fn ipv4_subnet(&self) -> Option<Ipv4Network> {
+        (self.ipv4.prefix() != 0).then_some(self.ipv4)
+    }
+}
+
+impl From<Ipv4Network> for LeaseSubnets {
+    fn from(ipv4: Ipv4Network) -> Self {
+        Self::ipv4(ipv4)
+    }
+}
+
+impl fmt::Display for LeaseSubnets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ipv6 {
+            Some(ipv6) if self.ipv4_subnet().is_none() => write!(f, "{ipv6}"),
+            Some(ipv6) => write!(f, "{} & {ipv6}", self.ipv4),
+            None => write!(f, "{}", self.ipv4),
+        }
+    }
+}
+
+/// The subnet's first host address: the containers' default gateway (the bridge's address),
+/// FLANNEL_SUBNET's address.
+pub fn gateway(subnet: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+/// The IPv6 subnet's first host address, as [`gateway`]: FLANNEL_IPV6_SUBNET's address.
+pub fn ipv6_gateway(subnet: Ipv6Network) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()) + 1)
+}
+
+/// What the host's routing needs from the agent besides the leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutingRules {
+    /// The whole overlay network: direct routes into it through the uplink are ours.
+    pub network: Ipv4Network,
+    /// The IPv6 overlay network, with `EnableIPv6`: routes into it through the uplink are ours.
+    pub ipv6_network: Option<Ipv6Network>,
+    /// Kernel mode: the vxlan device forwards by its FDB. Our dataplane needs none.
+    pub install_fdb: bool,
+    /// Route peers on our L2 segment directly via their PublicIP, without VXLAN.
+    pub direct_routing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub destination: IpNetwork,
+    pub gateway: IpAddr,
+    pub interface: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FdbEntry {
+    pub mac: MacAddr,
+    pub destination: IpAddr,
+}
+
+/// What every remote lease needs in the kernel, in flannel's form: a permanent neighbour
+/// entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
+/// and the route `<subnet> via <subnet>.0 dev flannel.1 onlink`; the same over IPv6 on
+/// flannel-v6.<VNI> (`<v6 subnet>::` → the v6 VtepMAC → PublicIPv6).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerEntries {
+    pub neighbours: HashMap<IpAddr, MacAddr>,
+    pub fdb: HashSet<FdbEntry>,
+    pub routes: HashSet<Route>,
+}
+
+impl PeerEntries {
+    /// Adds `other`'s entries to these.
+    pub fn extend(&mut self, other: &PeerEntries) {
+        self.neighbours.extend(&other.neighbours);
+        self.fdb.extend(&other.fdb);
+        self.routes.extend(&other.routes);
+    }
+}
+
+/// The devices one family's peer entries live on: that family's VXLAN device and the uplink,
+/// and the overlay network of that family, direct routes into which are ours too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyDevices {
+    pub vtep_index: u32,
+    pub uplink_index: u32,
+    pub network: IpNetwork,
+}
+
+/// The subnet and VTEP map entries of the remote leases, each with the lease (or leases)
+/// it serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseEntries {
+    /// Remote subnet → where its host is (the encapsulators' lookup).
+    pub subnets: HashMap<Ipv4Network, (RemoteVtep, LeaseSubnets)>,
+    /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
+    pub vteps: HashMap<[u8; 4], VtepSubnet>,
+    /// Remote PublicIPv6 → the IPv6 subnet it may send from (the uplink's check of VXLAN over
+    /// IPv6).
+    pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<LeaseSubnets>)>,
+    /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup).
+    pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, LeaseSubnets)>,
+}
+
+impl LeaseEntries {
+    /// The leases each remote host (by PublicIP) holds.
+    pub fn leases_by_host(&self) -> HashMap<[u8; 4], Vec<LeaseSubnets>> {
+        let mut by_host: HashMap<[u8; 4], Vec<LeaseSubnets>> = HashMap::new();
+        for (remote, lease) in self.subnets.values() {
+            by_host.entry(remote.public_ip).or_default().push(*lease);
+        }
+        by_host
+    }
+}
+
+/// The lease entries a write left out. A lease missing from any lease map is dropped by the
+/// programs (`subnets` carries its traffic out, `vteps` and `vteps6` let its host's traffic
+/// in), so no route may lead to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[must_use = "a lease left out of the maps must get no route"]
+pub struct Unwritten {
+    /// Every lease without its subnet or VTEP entry.
+    pub leases: BTreeSet<LeaseSubnets>,
+    /// Each full map with how many leases it left out.
+    pub full: BTreeMap<&'static str, FullMap>,
+    /// Leases whose entry the kernel refused for another reason, with that reason.
+    pub refused: BTreeMap<LeaseSubnets, String>,
+}
+
+impl Unwritten {
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+}
+
+/// A lease map with no room for some leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullMap {
+    pub capacity: u32,
+    pub leases_left_out: usize,
+}
+
+/// Container address (network order) → its port and MAC: where the decapsulator delivers.
+pub type Endpoints = HashMap<[u8; 4], LocalEndpoint>;
+/// The same for IPv6 container addresses.
+pub type Endpoints6 = HashMap<[u8; 16], LocalEndpoint>;
+
+/// Where the uplink decapsulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapHook {
+    /// tc ingress: keeps GSO superpackets whole and delivers straight into containers.
+    Tc,
+    /// XDP in front of tc: drops what fails a check before the stack allocates anything.
+    Xdp,
+}
+
+/// How the uplink's XDP program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Which interface each program sits on, and the settings they read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub config: OverlayConfig,
+    pub uplink: Device,
+    pub decap_hook: DecapHook,
+    pub xdp_mode: XdpModeChoice,
+    /// flannel.<VNI>, with IPv4.
+    pub vtep: Option<Device>,
+    /// flannel-v6.<VNI>, with IPv6.
+    pub vtep6: Option<Device>,
+    /// Every container port.
+    pub containers: Vec<Device>,
+    /// The container bridge, whose egress notes the flows the stack carries, with the fast
+    /// path; none without.
+    pub bridge: Option<Device>,
+}
+
+/// Everything the programs are given for the local containers: where they sit, where the
+/// decapsulators deliver, and which ports are alive (claims of others are freed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Programs {
+    pub placement: Placement,
+    pub endpoints: Endpoints,
+    pub endpoints6: Endpoints6,
+    pub live_ports: BTreeSet<u32>,
+}

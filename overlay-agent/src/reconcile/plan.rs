@@ -1,0 +1,535 @@
+//! Applying a [`Desired`] through the sinks, in the one order that keeps every packet on a
+//! path the programs know: the lease map entries in first (a program never meets a route, or
+//! maps an upgrade replaced, without them), then the programs and endpoints, then the kernel's
+//! routes, neighbours and FDB entries (none for a lease the maps left out), then the stale map
+//! entries out (only once no route leads to them). Room the stale entries made goes to the
+//! leases left out at once, in a second pass of the same order.
+//!
+//! A round that fails keeps its [`Progress`]: its retry, if the desired state is still the
+//! same, starts at the step that failed.
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+
+use super::desired::Desired;
+use crate::{
+    model::{LeaseSubnets, Unwritten},
+    sinks::{DataplaneSink, NodeSink},
+};
+
+/// The pass a lease step belongs to: the first, or the one after stale entries made room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    First,
+    AfterStaleRemoval,
+}
+
+/// One step of a round, in the order [`apply`] takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    WriteLeaseEntries(Pass),
+    PlacePrograms,
+    /// The kernel's entries of one family, by its index in the desired state.
+    ConvergePeers(Pass, usize),
+    RemoveStaleEntries,
+}
+
+/// What the steps of one desired state have done, and what the sinks reported.
+#[derive(Debug, Default)]
+pub struct Progress {
+    desired: Option<Desired>,
+    finished: Vec<Step>,
+    unwritten: Unwritten,
+    freed: usize,
+}
+
+impl Progress {
+    /// Starts on `desired`: a state other than the one the finished steps were for starts over.
+    fn begin(&mut self, desired: &Desired) {
+        if self.desired.as_ref() != Some(desired) {
+            *self = Progress {
+                desired: Some(desired.clone()),
+                ..Progress::default()
+            };
+        }
+    }
+
+    fn is_finished(&self, step: Step) -> bool {
+        self.finished.contains(&step)
+    }
+}
+
+/// Makes the host match `desired` through `node` and, in ebpf mode, `dataplane`; returns
+/// what the lease maps left out. Steps `progress` holds as finished for this same state are
+/// not done again; on success `progress` is cleared.
+pub async fn apply<N: NodeSink, D: DataplaneSink>(
+    desired: &Desired,
+    node: &N,
+    mut dataplane: Option<&mut D>,
+    progress: &mut Progress,
+) -> Result<Unwritten> {
+    progress.begin(desired);
+    for step in first_pass(desired) {
+        run(step, desired, node, dataplane.as_deref_mut(), progress).await?;
+    }
+    if progress.freed > 0 && !progress.unwritten.is_empty() {
+        for step in second_pass(desired) {
+            run(step, desired, node, dataplane.as_deref_mut(), progress).await?;
+        }
+    }
+    let unwritten = std::mem::take(&mut progress.unwritten);
+    *progress = Progress::default();
+    Ok(unwritten)
+}
+
+/// Lease entries in, programs, each family's kernel entries, stale entries out.
+fn first_pass(desired: &Desired) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let families = desired
+        .leases
+        .as_ref()
+        .map_or(0, |leases| leases.peers.len());
+    if desired.leases.is_some() {
+        steps.push(Step::WriteLeaseEntries(Pass::First));
+    }
+    steps.push(Step::PlacePrograms);
+    if desired.leases.is_some() {
+        steps.extend((0..families).map(|family| Step::ConvergePeers(Pass::First, family)));
+        steps.push(Step::RemoveStaleEntries);
+    }
+    steps
+}
+
+/// The leases left out, written into the room stale entries made, then their routes.
+fn second_pass(desired: &Desired) -> Vec<Step> {
+    let families = desired
+        .leases
+        .as_ref()
+        .map_or(0, |leases| leases.peers.len());
+    std::iter::once(Step::WriteLeaseEntries(Pass::AfterStaleRemoval))
+        .chain((0..families).map(|family| Step::ConvergePeers(Pass::AfterStaleRemoval, family)))
+        .collect()
+}
+
+async fn run<N: NodeSink, D: DataplaneSink>(
+    step: Step,
+    desired: &Desired,
+    node: &N,
+    dataplane: Option<&mut D>,
+    progress: &mut Progress,
+) -> Result<()> {
+    if progress.is_finished(step) {
+        return Ok(());
+    }
+    match (step, &desired.leases, dataplane) {
+        (Step::WriteLeaseEntries(_), Some(leases), Some(dataplane)) => {
+            progress.unwritten = dataplane.write_lease_entries(&leases.entries)?;
+        }
+        (Step::PlacePrograms, _, Some(dataplane)) => {
+            if let Some(programs) = &desired.programs {
+                dataplane.place_programs(programs)?;
+            }
+        }
+        (Step::ConvergePeers(_, family), Some(leases), _) => {
+            let unmapped: &BTreeSet<LeaseSubnets> = &progress.unwritten.leases;
+            let peers = &leases.peers[family];
+            node.converge_peers(peers.devices, &peers.entries(unmapped))
+                .await?;
+        }
+        (Step::RemoveStaleEntries, Some(leases), Some(dataplane)) => {
+            progress.freed = dataplane.remove_stale_lease_entries(&leases.entries)?;
+        }
+        // Kernel mode: no maps, no programs.
+        _ => {}
+    }
+    progress.finished.push(step);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::RefCell,
+        collections::{HashMap, HashSet},
+        net::IpAddr,
+        rc::Rc,
+    };
+
+    use anyhow::bail;
+    use ipnetwork::{IpNetwork, Ipv4Network};
+
+    use super::*;
+    use crate::{
+        mac::MacAddr,
+        model::{
+            Containers, DecapHook, Device, Devices, FamilyDevices, FullMap, LeaseEntries,
+            NodeChange, PeerEntries, Programs, RoutingRules, XdpModeChoice,
+        },
+        reconcile::desired::{NodeIntent, Observed, ProgramSettings, Scope, compute},
+        subnet::{Lease, LeaseAttrs},
+    };
+
+    const VTEP_MAC: MacAddr = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x89]);
+    const LEASE_MAP: &str = "subnets";
+
+    /// The host as the fakes see it: the subnets in the lease map, the routes into
+    /// flannel.1, every call in order, and every broken promise.
+    #[derive(Default)]
+    struct World {
+        map: BTreeSet<Ipv4Network>,
+        map_capacity: usize,
+        routes: BTreeSet<IpNetwork>,
+        calls: Vec<String>,
+        violations: Vec<String>,
+        /// Calls (by name) that fail the next time they are made.
+        failing: HashSet<&'static str>,
+    }
+
+    impl World {
+        fn call(&mut self, name: &'static str) -> Result<()> {
+            self.calls.push(name.to_string());
+            if self.failing.remove(name) {
+                bail!("{name} failed");
+            }
+            Ok(())
+        }
+    }
+
+    type Shared = Rc<RefCell<World>>;
+
+    struct FakeNode(Shared);
+    struct FakeDataplane(Shared);
+
+    impl NodeSink for FakeNode {
+        type Notification = ();
+
+        async fn ensure_devices(&mut self) -> Result<Devices> {
+            Ok(devices())
+        }
+
+        async fn list_containers(&self, _: u32, _: &Containers) -> Result<Containers> {
+            Ok(Containers::default())
+        }
+
+        async fn on_link(&self, _: Vec<IpAddr>) -> Result<HashSet<IpAddr>> {
+            Ok(HashSet::new())
+        }
+
+        async fn converge_peers(&self, _: FamilyDevices, entries: &PeerEntries) -> Result<()> {
+            let mut world = self.0.borrow_mut();
+            world.call("converge_peers")?;
+            let routes: BTreeSet<IpNetwork> = entries
+                .routes
+                .iter()
+                .map(|route| route.destination)
+                .collect();
+            for route in &routes {
+                let mapped = matches!(route, IpNetwork::V4(subnet) if world.map.contains(subnet));
+                if !mapped {
+                    world
+                        .violations
+                        .push(format!("route to {route} before its map entry"));
+                }
+            }
+            world.routes = routes;
+            Ok(())
+        }
+
+        fn classify(&self, _: &(), _: &Devices, _: &mut Containers) -> Option<NodeChange> {
+            None
+        }
+    }
+
+    impl DataplaneSink for FakeDataplane {
+        fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten> {
+            let mut world = self.0.borrow_mut();
+            world.call("write_lease_entries")?;
+            let mut unwritten = Unwritten::default();
+            let mut desired: Vec<_> = entries.subnets.iter().collect();
+            desired.sort_by_key(|(subnet, _)| **subnet);
+            for (subnet, (_, lease)) in desired {
+                if world.map.contains(subnet) {
+                    continue;
+                }
+                if world.map.len() < world.map_capacity {
+                    world.map.insert(*subnet);
+                } else {
+                    unwritten.leases.insert(*lease);
+                    let full = unwritten.full.entry(LEASE_MAP).or_insert(FullMap {
+                        capacity: world.map_capacity as u32,
+                        leases_left_out: 0,
+                    });
+                    full.leases_left_out += 1;
+                }
+            }
+            Ok(unwritten)
+        }
+
+        fn place_programs(&mut self, _: &Programs) -> Result<()> {
+            self.0.borrow_mut().call("place_programs")
+        }
+
+        fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize> {
+            let mut world = self.0.borrow_mut();
+            world.call("remove_stale_lease_entries")?;
+            let stale: Vec<Ipv4Network> = world
+                .map
+                .iter()
+                .filter(|subnet| !entries.subnets.contains_key(subnet))
+                .copied()
+                .collect();
+            for subnet in &stale {
+                if world.routes.contains(&IpNetwork::V4(*subnet)) {
+                    world
+                        .violations
+                        .push(format!("map entry of {subnet} removed under its route"));
+                }
+                world.map.remove(subnet);
+            }
+            Ok(stale.len())
+        }
+    }
+
+    fn devices() -> Devices {
+        let device = |name: &str, index| Device {
+            name: name.into(),
+            index,
+        };
+        Devices {
+            bridge: device("docker0", 3),
+            bridge_mac: MacAddr([2, 0, 0, 0, 0, 3]),
+            vtep: Some(device("flannel.1", 4)),
+            vtep6: None,
+            uplink: device("eth0", 2),
+        }
+    }
+
+    fn lease(subnet: &str, host: u8) -> Lease {
+        let public_ip = std::net::Ipv4Addr::new(172, 20, 62, host);
+        Lease {
+            subnet: subnet.parse().expect("test subnet"),
+            ipv6_subnet: None,
+            attrs: LeaseAttrs::ipv4_only(public_ip, 1, VTEP_MAC),
+            etcd_lease: 7,
+        }
+    }
+
+    fn intent() -> NodeIntent {
+        NodeIntent {
+            rules: RoutingRules {
+                network: "10.2.0.0/16".parse().expect("test network"),
+                ipv6_network: None,
+                install_fdb: false,
+                direct_routing: false,
+            },
+            own: LeaseSubnets::ipv4("10.2.41.0/24".parse().expect("test subnet")),
+            programs: Some(ProgramSettings {
+                vni: 1,
+                vxlan_port: 8472,
+                tunnel_source: Some(std::net::Ipv4Addr::new(172, 20, 62, 104)),
+                tunnel_source6: None,
+                vtep_mac: Some(VTEP_MAC),
+                vtep6_mac: None,
+                uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+                direct_routing: false,
+                fast_path: true,
+                decap_hook: DecapHook::Tc,
+                xdp_mode: XdpModeChoice::Auto,
+            }),
+        }
+    }
+
+    /// The desired state of a full round with `leases`.
+    fn desired(leases: &[Lease]) -> Desired {
+        let leases: HashMap<LeaseSubnets, Lease> = leases
+            .iter()
+            .map(|lease| (lease.subnets(), lease.clone()))
+            .collect();
+        let observed = Observed {
+            scope: Scope::Node,
+            leases: &leases,
+            devices: &devices(),
+            containers: &Containers::default(),
+            on_link: &HashSet::new(),
+        };
+        compute(&observed, &intent())
+    }
+
+    fn world(map_capacity: usize) -> Shared {
+        Rc::new(RefCell::new(World {
+            map_capacity,
+            ..World::default()
+        }))
+    }
+
+    async fn round(
+        world: &Shared,
+        desired: &Desired,
+        progress: &mut Progress,
+    ) -> Result<Unwritten> {
+        let node = FakeNode(world.clone());
+        let mut dataplane = FakeDataplane(world.clone());
+        apply(desired, &node, Some(&mut dataplane), progress).await
+    }
+
+    fn subnets(names: &[&str]) -> BTreeSet<IpNetwork> {
+        names
+            .iter()
+            .map(|name| name.parse().expect("test subnet"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_route_never_appears_before_its_map_entry() {
+        let world = world(16);
+        let two = [lease("10.2.54.0/24", 105), lease("10.2.55.0/24", 106)];
+        let unwritten = round(&world, &desired(&two), &mut Progress::default())
+            .await
+            .expect("round");
+        assert!(unwritten.is_empty());
+        let world = world.borrow();
+        assert_eq!(world.violations, Vec::<String>::new());
+        assert_eq!(world.routes, subnets(&["10.2.54.0/24", "10.2.55.0/24"]));
+        assert_eq!(
+            world.calls,
+            [
+                "write_lease_entries",
+                "place_programs",
+                "converge_peers",
+                "remove_stale_lease_entries"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_map_entries_go_only_after_their_routes() {
+        let world = world(16);
+        let two = [lease("10.2.54.0/24", 105), lease("10.2.55.0/24", 106)];
+        let unwritten = round(&world, &desired(&two), &mut Progress::default())
+            .await
+            .expect("first round");
+        assert!(unwritten.is_empty());
+        let unwritten = round(&world, &desired(&two[..1]), &mut Progress::default())
+            .await
+            .expect("second round");
+        assert!(unwritten.is_empty());
+        let world = world.borrow();
+        assert_eq!(world.violations, Vec::<String>::new());
+        assert_eq!(world.routes, subnets(&["10.2.54.0/24"]));
+        assert_eq!(
+            world.map,
+            BTreeSet::from(["10.2.54.0/24".parse().expect("subnet")])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_maps_leftovers_get_no_route_until_room_is_made() {
+        let world = world(1);
+        let first = [lease("10.2.54.0/24", 105)];
+        let unwritten = round(&world, &desired(&first), &mut Progress::default())
+            .await
+            .expect("first round");
+        assert!(unwritten.is_empty());
+        // 10.2.54.0/24 goes, 10.2.55.0/24 and 10.2.56.0/24 come: one fits once the stale
+        // entry is out, in the same round; the other gets no route.
+        let next = [lease("10.2.55.0/24", 106), lease("10.2.56.0/24", 107)];
+        let unwritten = round(&world, &desired(&next), &mut Progress::default())
+            .await
+            .expect("second round");
+        let world = world.borrow();
+        assert_eq!(world.violations, Vec::<String>::new());
+        assert_eq!(world.routes, subnets(&["10.2.55.0/24"]));
+        assert_eq!(
+            unwritten.leases,
+            BTreeSet::from([next[1].subnets()]),
+            "the lease that did not fit is reported"
+        );
+        assert_eq!(
+            unwritten.full[LEASE_MAP],
+            FullMap {
+                capacity: 1,
+                leases_left_out: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_retries_without_redoing_finished_ones() {
+        let world = world(16);
+        world.borrow_mut().failing.insert("converge_peers");
+        let one = [lease("10.2.54.0/24", 105)];
+        let desired = desired(&one);
+        let mut progress = Progress::default();
+        assert!(round(&world, &desired, &mut progress).await.is_err());
+        let unwritten = round(&world, &desired, &mut progress)
+            .await
+            .expect("the retry");
+        assert!(unwritten.is_empty());
+        let calls = world.borrow().calls.clone();
+        assert_eq!(
+            calls,
+            [
+                "write_lease_entries",
+                "place_programs",
+                "converge_peers",
+                "converge_peers",
+                "remove_stale_lease_entries"
+            ]
+        );
+        assert_eq!(world.borrow().routes, subnets(&["10.2.54.0/24"]));
+        // A later round starts from the beginning again.
+        let unwritten = round(&world, &desired, &mut progress)
+            .await
+            .expect("the next round");
+        assert!(unwritten.is_empty());
+        assert_eq!(world.borrow().calls.len(), 9);
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_a_changed_state_starts_over() {
+        let world = world(16);
+        world.borrow_mut().failing.insert("converge_peers");
+        let mut progress = Progress::default();
+        let one = [lease("10.2.54.0/24", 105)];
+        assert!(round(&world, &desired(&one), &mut progress).await.is_err());
+        let two = [lease("10.2.54.0/24", 105), lease("10.2.55.0/24", 106)];
+        let unwritten = round(&world, &desired(&two), &mut progress)
+            .await
+            .expect("the retry");
+        assert!(unwritten.is_empty());
+        let world = world.borrow();
+        assert_eq!(
+            world.calls.first().map(String::as_str),
+            Some("write_lease_entries")
+        );
+        assert_eq!(
+            world
+                .calls
+                .iter()
+                .filter(|call| *call == "write_lease_entries")
+                .count(),
+            2
+        );
+        assert_eq!(world.violations, Vec::<String>::new());
+        assert_eq!(world.routes, subnets(&["10.2.54.0/24", "10.2.55.0/24"]));
+    }
+
+    #[tokio::test]
+    async fn a_round_about_containers_places_programs_alone() {
+        let world = world(16);
+        let leases = HashMap::new();
+        let observed = Observed {
+            scope: Scope::Containers,
+            leases: &leases,
+            devices: &devices(),
+            containers: &Containers::default(),
+            on_link: &HashSet::new(),
+        };
+        let desired = compute(&observed, &intent());
+        let unwritten = round(&world, &desired, &mut Progress::default())
+            .await
+            .expect("round");
+        assert!(unwritten.is_empty());
+        assert_eq!(world.borrow().calls, ["place_programs"]);
+    }
+}

@@ -1,0 +1,71 @@
+//! The two sinks the reconciler applies its desired state through, as traits: the node's
+//! netlink ([`NodeSink`], implemented by `node::NodeNetwork`) and the eBPF maps and links
+//! ([`DataplaneSink`], implemented by `dataplane::Dataplane`). The reconciler knows neither
+//! implementation, and its unit tests drive it through recording fakes.
+use std::{collections::HashSet, future::Future, net::IpAddr};
+
+use anyhow::Result;
+
+use crate::model::{
+    Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, Programs, Unwritten,
+};
+
+/// The host's devices and kernel entries: observed, and made to match.
+pub trait NodeSink {
+    /// One notification of a change on the host, as [`NotificationSource`] yields it.
+    type Notification;
+
+    /// Makes sure the bridge and the VXLAN devices exist as configured; returns where they are.
+    fn ensure_devices(&mut self) -> impl Future<Output = Result<Devices>>;
+
+    /// The containers on the bridge at `bridge_index`, read whole; what `previous` learned
+    /// that the kernel forgets early is kept.
+    fn list_containers(
+        &self,
+        bridge_index: u32,
+        previous: &Containers,
+    ) -> impl Future<Output = Result<Containers>>;
+
+    /// Those of `addresses` the kernel reaches without a gateway.
+    fn on_link(&self, addresses: Vec<IpAddr>) -> impl Future<Output = Result<HashSet<IpAddr>>>;
+
+    /// Makes the neighbour, FDB and route entries the agent owns on one family's devices
+    /// exactly `entries`.
+    fn converge_peers(
+        &self,
+        devices: FamilyDevices,
+        entries: &PeerEntries,
+    ) -> impl Future<Output = Result<()>>;
+
+    /// What `notification` says about the node: containers it tells about are taken into
+    /// `containers` at once.
+    fn classify(
+        &self,
+        notification: &Self::Notification,
+        devices: &Devices,
+        containers: &mut Containers,
+    ) -> Option<NodeChange>;
+}
+
+/// The eBPF programs and maps.
+pub trait DataplaneSink {
+    /// Writes the lease entries as far as the maps hold them; returns what was left out.
+    fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten>;
+
+    /// Places the programs and writes the endpoints; frees the claims of ports that are gone.
+    fn place_programs(&mut self, programs: &Programs) -> Result<()>;
+
+    /// Deletes the lease entries `entries` does not hold; returns how many.
+    fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize>;
+}
+
+/// Where node notifications come from.
+pub trait NotificationSource {
+    type Notification;
+
+    /// The next notification; waits for it.
+    fn recv(&mut self) -> impl Future<Output = Self::Notification>;
+
+    /// A notification already queued, if any.
+    fn try_recv(&mut self) -> Option<Self::Notification>;
+}
