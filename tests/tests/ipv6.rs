@@ -21,6 +21,7 @@ use overlay_tests::{
         check_seed_path,
     },
     stock_flannel::{self, Lease6, Peer, Vtep, add_peer, lease_value},
+    wait::wait_for,
 };
 
 const KERNEL: &[&str] = &["--dataplane=kernel"];
@@ -498,6 +499,28 @@ fn dual_stack_seed_with_a_kernel_and_an_ebpf_agent() -> Result<()> {
     // host2's PublicIPv6 comes from the flag, host1's from its uplink.
     let ebpf_with_public_ipv6 = ["--dataplane=ebpf", "--public-ipv6=fd00:ff::105"];
     check_dual_stack_seed("v6-mixed", [KERNEL, &ebpf_with_public_ipv6])
+}
+
+/// How soon the agent puts back a route deleted by hand: a netlink notification away, far
+/// inside the 30-s safety net.
+const REPAIR_DEADLINE: Duration = Duration::from_secs(2);
+
+#[test]
+fn a_route_deleted_by_hand_on_flannel_v6_is_back_within_two_seconds() -> Result<()> {
+    for (tag, mode) in [("v6-repair-kernel", KERNEL), ("v6-repair-ebpf", EBPF)] {
+        let seed = Seed::start_dual_stack(tag, [mode, mode])?;
+        check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+        seed.host1
+            .netns
+            .ip(&["-6", "route", "del", SUBNET2_V6, "dev", "flannel-v6.1"])?;
+        wait_for(
+            &format!("{tag}: host1's route to {SUBNET2_V6} back"),
+            REPAIR_DEADLINE,
+            || seed.host1.netns.has_route(SUBNET2_V6),
+        )?;
+        check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+    }
+    Ok(())
 }
 
 #[test]
