@@ -24,7 +24,13 @@ pub mod sinks;
 pub mod status;
 pub mod subnet;
 
-use std::{future::pending, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    future::pending,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use rtnetlink::Handle;
@@ -41,7 +47,7 @@ use crate::{
         refusals::warn_about_refusals, strays::Keep,
     },
     health::{Health, Stage},
-    masquerade::{Masquerade, keep_restored},
+    masquerade::keep_restored,
     metrics::Metrics,
     node::{NodeNetwork, uplink::Uplink, vtep},
     options::{AgentOptions, Dataplane as DataplaneChoice},
@@ -68,13 +74,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let health = Health::new(options.healthz_grace);
     let pin_dir = options.pin_dir()?;
     let _pin_lock = PinDirLock::take(&pin_dir)?;
-    let ebpf = options.dataplane == DataplaneChoice::Ebpf;
-    let collector = ebpf.then(|| {
-        Box::new(DataplaneCollector {
-            dir: pin_dir.clone(),
-        }) as _
-    });
-    let metrics = Metrics::new(collector);
+    let ebpf_pins = (options.dataplane == DataplaneChoice::Ebpf).then(|| pin_dir.clone());
+    let metrics = Metrics::new(ebpf_pins.clone().map(DataplaneCollector::boxed));
     serve_health(&options, &health, &metrics).await?;
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry).await?;
@@ -89,51 +90,48 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let settings = Settings::derive(&options, &config, &uplink, uplink_mac, &lease)?;
 
     let notifications = node::notifications::subscribe()?;
+    let lease_metrics = metrics.leases.clone();
     let mut watcher = LeaseWatcher::new(
         registry.clone(),
         config.clone(),
         lease.clone(),
-        metrics.leases.clone(),
+        lease_metrics,
         health.clone(),
     );
     let node = NodeNetwork::new(netlink.clone(), settings.node);
-    let initial_leases = watcher.initial_leases().await?;
-    let mut reconciler = Reconciler::start(
-        node,
-        dataplane,
-        settings.intent,
-        initial_leases,
-        metrics.reconcile.clone(),
-    )
-    .await?;
+    let initial = watcher.initial_leases().await?;
+    let rounds = metrics.reconcile.clone();
+    let mut reconciler =
+        Reconciler::start(node, dataplane, settings.intent, initial, rounds).await?;
     if let Some(dataplane) = reconciler.dataplane() {
         remove_stray_programs(&netlink, &dataplane.kept()?).await?;
     }
-    let (rules, backend) = settings.masquerade;
-    let mut masquerade = Masquerade::new(rules, backend);
-    masquerade.ensure()?;
+    let masquerade = masquerade::start(settings.masquerade)?;
     settings.subnet_env.write_atomically(&options.subnet_file)?;
     announce_ready(&health, &lease, &options.subnet_file);
 
     let (events, received) = mpsc::channel(EVENT_QUEUE);
     let resync = Duration::from_secs(options.iptables_resync);
-    let refusals = async {
-        match ebpf {
-            true => warn_about_refusals(pin_dir.clone()).await,
-            false => pending().await,
-        }
-    };
     tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
         () = reconciler.run(received, notifications, &health) => Err(anyhow!("the lease event stream ended")),
         () = keep_restored(masquerade, resync) => Err(anyhow!("the masquerade check stopped")),
-        () = refusals => Err(anyhow!("the refusal watch stopped")),
+        () = refusal_warnings(ebpf_pins) => Err(anyhow!("the refusal watch stopped")),
         change = config_change::stop_on_change(&registry, &config) => Err(change),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
             Ok(())
         }
+    }
+}
+
+/// In ebpf mode, names the refusals of the dataplane pinned in `pin_dir` in the log for as
+/// long as it is polled; in kernel mode, nothing.
+async fn refusal_warnings(pin_dir: Option<PathBuf>) {
+    match pin_dir {
+        Some(pin_dir) => warn_about_refusals(pin_dir).await,
+        None => pending().await,
     }
 }
 

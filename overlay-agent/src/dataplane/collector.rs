@@ -22,7 +22,14 @@ struct PacketLabels {
 /// exports nothing.
 #[derive(Debug)]
 pub struct DataplaneCollector {
-    pub dir: PathBuf,
+    dir: PathBuf,
+}
+
+impl DataplaneCollector {
+    /// The collector of the dataplane pinned in `dir`, for `Metrics::new`.
+    pub fn boxed(dir: PathBuf) -> Box<dyn Collector> {
+        Box::new(Self { dir })
+    }
 }
 
 impl Collector for DataplaneCollector {

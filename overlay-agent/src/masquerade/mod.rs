@@ -302,6 +302,13 @@ fn remove_family(family: Family) -> Result<()> {
     nftables::remove(family)
 }
 
+/// The rules `rules` asks for in `backend`, made now.
+pub fn start((rules, backend): (Rules, Backend)) -> Result<Masquerade> {
+    let mut masquerade = Masquerade::new(rules, backend);
+    masquerade.ensure()?;
+    Ok(masquerade)
+}
+
 /// Restores `masquerade`'s rules every `interval` (`--iptables-resync`), for as long as it is
 /// polled. iptables and nft are programs, and `iptables -w` may wait for the xtables lock: they
 /// run on a blocking thread, never on the workers that renew the lease and handle signals.
