@@ -513,23 +513,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::reconcile::fixtures::{VTEP_MAC, devices};
     use crate::subnet::LeaseAttrs;
-
-    const VTEP_MAC: MacAddr = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x89]);
-
-    fn devices() -> Devices {
-        let device = |name: &str, index| Device {
-            name: name.into(),
-            index,
-        };
-        Devices {
-            bridge: device("docker0", 3),
-            bridge_mac: MacAddr([2, 0, 0, 0, 0, 3]),
-            vtep: Some(device("flannel.1", 4)),
-            vtep6: None,
-            uplink: device("eth0", 2),
-        }
-    }
 
     fn lease(subnet: &str, public_ip: &str, mac: Option<MacAddr>) -> Lease {
         let public_ip = public_ip.parse().expect("test address");

@@ -4,6 +4,8 @@
 //! ([`desired::compute`], pure), and applies it through the two sinks in the order
 //! [`plan`] keeps. It knows the sinks only by their traits ([`NodeSink`], [`DataplaneSink`]).
 pub mod desired;
+#[cfg(test)]
+mod fixtures;
 pub mod plan;
 
 use std::{

@@ -159,17 +159,17 @@ mod tests {
     use ipnetwork::{IpNetwork, Ipv4Network};
 
     use super::*;
+    use crate::reconcile::fixtures::{VTEP_MAC, devices};
     use crate::{
         mac::MacAddr,
         model::{
-            Containers, DecapHook, Device, Devices, FamilyDevices, FullMap, LeaseEntries,
-            NodeChange, PeerEntries, Programs, RoutingRules, XdpModeChoice,
+            Containers, DecapHook, Devices, FamilyDevices, FullMap, LeaseEntries, NodeChange,
+            PeerEntries, Programs, RoutingRules, XdpModeChoice,
         },
         reconcile::desired::{NodeIntent, Observed, ProgramSettings, Scope, compute},
         subnet::{Lease, LeaseAttrs},
     };
 
-    const VTEP_MAC: MacAddr = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x89]);
     const LEASE_MAP: &str = "subnets";
 
     /// The host as the fakes see it: the subnets in the lease map, the routes into
@@ -287,20 +287,6 @@ mod tests {
                 world.map.remove(subnet);
             }
             Ok(stale.len())
-        }
-    }
-
-    fn devices() -> Devices {
-        let device = |name: &str, index| Device {
-            name: name.into(),
-            index,
-        };
-        Devices {
-            bridge: device("docker0", 3),
-            bridge_mac: MacAddr([2, 0, 0, 0, 0, 3]),
-            vtep: Some(device("flannel.1", 4)),
-            vtep6: None,
-            uplink: device("eth0", 2),
         }
     }
 
