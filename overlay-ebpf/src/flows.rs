@@ -4,63 +4,19 @@
 //! undo the translation on the replies.
 //!
 //! The stack's exits toward the overlay and the containers are watched: `tc_vtep_egress`
-//! (encap) notes everything flannel.1 and flannel-v6.1 send, `tc_bridge_egress` what the stack sends into the
-//! container bridge from a remote subnet, unless the programs handed it to the stack under
-//! the same key (a container not yet learned, a DirectRouting peer's packet, any IPv6 from a
-//! peer): that one was not translated, and its flow may keep the fast path.
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+//! notes everything flannel.1 and flannel-v6.1 send, `tc_bridge_egress` what the stack sends
+//! into the container bridge from a remote subnet, unless the programs handed it to the stack
+//! under the same key (a container not yet learned, a DirectRouting peer's packet, any IPv6
+//! from a peer the fast path does not deliver): that one was not translated, and its flow may
+//! keep the fast path.
 use core::mem::size_of;
 
-use overlay_common::FlowKey6;
+use overlay_common::{FlowKey, FlowKey6};
 
 use crate::{
     maps,
-    parse::{
-        EthHdr, EthIpv4Headers, EthIpv6Headers, Frame, IPV6_FLOW_HEADERS_LEN, TransportHead,
-        flow_of, flow_of6, linear_frame,
-    },
+    parse::{EthIpv4Headers, EthIpv6Headers, Frame, TransportHead, flow_of, flow_of6},
 };
-
-#[classifier]
-pub fn tc_bridge_egress(ctx: TcContext) -> i32 {
-    let frame = linear_frame(&ctx, IPV6_FLOW_HEADERS_LEN);
-    // SAFETY: the context's skb is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match frame.header::<EthHdr>(0) {
-        Some(eth) if eth.is_ipv4() => remember_translated_ipv4(&frame, ifindex),
-        Some(eth) if eth.is_ipv6() => remember_translated_ipv6(&frame, ifindex),
-        _ => {}
-    }
-    TC_ACT_OK as i32
-}
-
-#[inline(always)]
-fn remember_translated_ipv4(frame: &Frame, ifindex: u32) {
-    let Some(headers) = frame.header::<EthIpv4Headers>(0) else {
-        return;
-    };
-    if maps::remote_vtep(headers.ip.src).is_none() {
-        return;
-    }
-    let transport = frame.header::<TransportHead>(size_of::<EthIpv4Headers>());
-    if let Some(flow) = flow_of(&headers.ip, transport)
-        && !maps::was_handed(&flow)
-    {
-        maps::remember_routed(&flow.reversed(), ifindex);
-    }
-}
-
-/// As `remember_translated_ipv4`; every IPv6 flow from a remote subnet comes through the
-/// stack, and the uplink program noted each as it arrived.
-#[inline(always)]
-fn remember_translated_ipv6(frame: &Frame, ifindex: u32) {
-    if let Some(flow) = ipv6_flow_at(frame, 0)
-        && maps::remote_vtep6(&flow.src).is_some()
-        && !maps::was_handed6(&flow)
-    {
-        maps::remember_routed6(&flow.reversed(), ifindex);
-    }
-}
 
 /// Notes that the stack sent the IPv6 packet in `frame` out of `ifindex`, as
 /// `remember_replies` does IPv4.
@@ -82,7 +38,7 @@ pub fn note_handed6(frame: &Frame, offset: usize, ifindex: u32) {
 
 /// The flow of the IPv6 packet behind the Ethernet header at `offset` in `frame`.
 #[inline(always)]
-fn ipv6_flow_at(frame: &Frame, offset: usize) -> Option<FlowKey6> {
+pub fn ipv6_flow_at(frame: &Frame, offset: usize) -> Option<FlowKey6> {
     let headers = frame.header::<EthIpv6Headers>(offset)?;
     flow_of6(
         &headers.ip,
@@ -109,7 +65,7 @@ pub fn note_handed(frame: &Frame, ifindex: u32) {
 
 /// The flow of the IPv4 packet in `frame`, which starts with its Ethernet header.
 #[inline(always)]
-fn flow_of_frame(frame: &Frame) -> Option<overlay_common::FlowKey> {
+fn flow_of_frame(frame: &Frame) -> Option<FlowKey> {
     let headers = frame.header::<EthIpv4Headers>(0)?;
     flow_of(
         &headers.ip,
