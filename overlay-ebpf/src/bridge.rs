@@ -6,10 +6,10 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use core::mem::size_of;
 
 use crate::{
-    flows::ipv6_flow_at,
     maps,
     parse::{
-        EthHdr, EthIpv4Headers, Frame, IPV6_FLOW_HEADERS_LEN, TransportHead, flow_of, linear_frame,
+        EthHdr, EthIpv4Headers, EthIpv6Headers, Frame, IPV6_FLOW_HEADERS_LEN, TransportHead,
+        flow_at, flow_of, linear_frame,
     },
 };
 
@@ -46,10 +46,10 @@ fn remember_translated_ipv4(frame: &Frame, ifindex: u32) {
 /// stack, and the uplink program noted each as it arrived.
 #[inline(always)]
 fn remember_translated_ipv6(frame: &Frame, ifindex: u32) {
-    if let Some(flow) = ipv6_flow_at(frame, 0)
+    if let Some(flow) = flow_at::<EthIpv6Headers>(frame, 0)
         && maps::remote_vtep6(&flow.src).is_some()
-        && !maps::was_handed6(&flow)
+        && !maps::was_handed(&flow)
     {
-        maps::remember_routed6(&flow.reversed(), ifindex);
+        maps::remember_routed(&flow.reversed(), ifindex);
     }
 }

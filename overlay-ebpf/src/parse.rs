@@ -343,6 +343,39 @@ pub fn flow_of6(ip: &Ipv6Hdr, transport: Option<&TransportHead>) -> Option<FlowK
     })
 }
 
+/// Ethernet and IP headers read as one, of either family, whose packet belongs to a flow.
+pub trait EthIpHeaders {
+    type Flow;
+
+    /// The flow, given the first bytes of the transport header (see `flow_of`, `flow_of6`).
+    fn flow(&self, transport: Option<&TransportHead>) -> Option<Self::Flow>;
+}
+
+impl EthIpHeaders for EthIpv4Headers {
+    type Flow = FlowKey;
+
+    #[inline(always)]
+    fn flow(&self, transport: Option<&TransportHead>) -> Option<FlowKey> {
+        flow_of(&self.ip, transport)
+    }
+}
+
+impl EthIpHeaders for EthIpv6Headers {
+    type Flow = FlowKey6;
+
+    #[inline(always)]
+    fn flow(&self, transport: Option<&TransportHead>) -> Option<FlowKey6> {
+        flow_of6(&self.ip, transport)
+    }
+}
+
+/// The flow of the packet whose Ethernet header is at `offset` in `frame`.
+#[inline(always)]
+pub fn flow_at<H: EthIpHeaders>(frame: &Frame, offset: usize) -> Option<H::Flow> {
+    let headers = frame.header::<H>(offset)?;
+    headers.flow(frame.header::<TransportHead>(offset + size_of::<H>()))
+}
+
 /// Whether the IPv6 packet `ip`, whose transport header starts at `transport` in `frame`,
 /// carries a checksum over its pseudo-header and every byte behind it (TCP, UDP with a
 /// checksum, or ICMPv6, right behind the fixed header) and ends where `frame` does: then its

@@ -98,7 +98,7 @@ fn note_direct_arrival(ctx: &TcContext) {
         .is_some_and(|remote| remote.routes_directly());
     if from_direct_peer {
         // SAFETY: the context's skb is valid for the whole program run.
-        note_handed(&frame, unsafe { (*ctx.skb.skb).ifindex });
+        note_handed::<EthIpv4Headers>(&frame, 0, unsafe { (*ctx.skb.skb).ifindex });
     }
 }
 

@@ -132,7 +132,7 @@ fn hand_to_vtep(
     reason: Counter,
 ) -> Result<Counter, Counter> {
     if reason == Counter::RxDecapsulated {
-        note_handed(frame, config.vtep_ifindex);
+        note_handed::<EthIpv4Headers>(frame, 0, config.vtep_ifindex);
     }
     let eth: &mut EthHdr = frame.header_mut(0).ok_or(Counter::RxError)?;
     eth.dst = config.vtep_mac;

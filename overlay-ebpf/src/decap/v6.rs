@@ -30,7 +30,7 @@ use overlay_ebpf::ecn::ECN_CE;
 use super::mark_checked;
 use crate::{
     classify::{Vxlan6Frame, classify_ipv6_vxlan},
-    flows::note_handed6,
+    flows::note_handed,
     maps,
     parse::{
         ETH_HEADER_LEN, EthIpv6Headers, Frame, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr,
@@ -78,7 +78,7 @@ pub fn decapsulate(
         if let Some(endpoint) = deliverable_to(ctx, frame, vxlan) {
             return deliver(ctx, config, &endpoint);
         }
-        note_handed6(frame, vxlan.inner_offset, config.vtep6_ifindex);
+        note_handed::<EthIpv6Headers>(frame, vxlan.inner_offset, config.vtep6_ifindex);
     }
     mark_checked(ctx);
     Ok(Counter::RxChecked)
@@ -108,7 +108,7 @@ fn deliverable_to(ctx: &TcContext, frame: &Frame, vxlan: &Vxlan6Frame) -> Option
     }
     let endpoint = maps::local_endpoint6(&inner.ip.dst)?;
     let flow = flow_of6(&inner.ip, frame.header::<TransportHead>(INNER_TRANSPORT))?;
-    if maps::takes_routed_path6(&flow) {
+    if maps::takes_routed_path(&flow) {
         return None;
     }
     Some(endpoint)

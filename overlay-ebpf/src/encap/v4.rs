@@ -78,7 +78,7 @@ pub fn routed(ctx: &TcContext, frame: &Frame, config: &OverlayConfig) -> Result<
     let ip: &Ipv4Hdr = frame.header(ETH_HEADER_LEN).ok_or(Counter::TxMalformed)?;
     let inner_tos = ip.tos;
     let remote = maps::remote_vtep(ip.dst).ok_or(Counter::TxNoRoute)?;
-    remember_replies(frame, config.vtep_ifindex);
+    remember_replies::<EthIpv4Headers>(frame, config.vtep_ifindex);
     encapsulate(ctx, config, &remote, inner_tos)?;
     Ok(Counter::TxEncapsulated)
 }

@@ -33,7 +33,7 @@ use overlay_ebpf::{
 
 use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device};
 use crate::{
-    flows::remember_replies6,
+    flows::remember_replies,
     maps,
     parse::{
         ETH_HEADER_LEN, ETH_P_IPV6, EthIpv6Headers, Frame, IPPROTO_TCP, IPPROTO_UDP, Ipv6Hdr,
@@ -88,7 +88,7 @@ pub fn from_container(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<
     let segment_len = transport_segment_len(ctx, &frame, &headers.ip)?;
     let flow = flow_of6(&headers.ip, frame.header::<TransportHead>(TRANSPORT_OFFSET))
         .ok_or(Counter::TxRoutedFlow)?;
-    if maps::takes_routed_path6(&flow) {
+    if maps::takes_routed_path(&flow) {
         return Err(Counter::TxRoutedFlow);
     }
     let headers: &mut EthIpv6Headers = frame.header_mut(0).ok_or(Counter::TxError)?;
@@ -109,7 +109,7 @@ pub fn routed(ctx: &TcContext, config: &OverlayConfig) -> Counter {
     let Some(headers) = frame.header::<EthIpv6Headers>(0) else {
         return Counter::TxMalformed;
     };
-    remember_replies6(&frame, config.vtep6_ifindex);
+    remember_replies::<EthIpv6Headers>(&frame, config.vtep6_ifindex);
     let Some(remote) = maps::remote_vtep6(&headers.ip.dst) else {
         return Counter::TxIpv6Routed;
     };
