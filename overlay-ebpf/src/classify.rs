@@ -37,8 +37,8 @@ pub struct VxlanFrame {
     pub has_udp_checksum: bool,
 }
 
-/// What the checks need from a VXLAN frame over IPv6 for our port and VNI; the kernel
-/// decapsulates it.
+/// What the checks and the IPv6 fast path need from a VXLAN frame over IPv6 for our port and
+/// VNI; what the fast path does not deliver, the kernel decapsulates.
 pub struct Vxlan6Frame {
     /// The outer source address: the sending host's PublicIPv6.
     pub outer_src: [u8; 16],
