@@ -12,6 +12,7 @@
 use aya_ebpf::programs::TcContext;
 use core::mem::size_of;
 use overlay_common::{Counter, OverlayConfig, ipv6_in_subnet};
+use overlay_ebpf::lengths::ipv4_header_len;
 
 use crate::{
     maps,
@@ -24,9 +25,6 @@ use crate::{
 const ETH_P_ARP: u16 = 0x0806;
 const ARP_HARDWARE_ETHERNET: u16 = 1;
 const ARP_IPV4_LENGTHS: [u8; 2] = [6, 4];
-/// The IHL field counts 4-byte words.
-const IPV4_IHL_UNIT: usize = 4;
-const IPV4_IHL_MASK: u8 = 0x0f;
 /// fe80::/10, in the first 16 bits of an address.
 const IPV6_LINK_LOCAL: u16 = 0xfe80;
 const IPV6_LINK_LOCAL_MASK: u16 = 0xffc0;
@@ -94,7 +92,7 @@ fn udp_destination(ctx: &TcContext, frame: &Frame, ip: &Ipv4Hdr) -> Option<u16> 
         *frame.header::<UdpHdr>(size_of::<EthIpv4Headers>())?
     } else {
         // Past IPv4 options: a variable offset, which only the helper reads safely.
-        let offset = ETH_HEADER_LEN + usize::from(ip.version_ihl & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
+        let offset = ETH_HEADER_LEN + ipv4_header_len(ip.version_ihl);
         ctx.load(offset).ok()?
     };
     Some(u16::from_be_bytes(udp.dst_port))

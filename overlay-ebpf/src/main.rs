@@ -1,19 +1,34 @@
-//! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`:
-//! `encap` and `encap6` (tc, container veths and VXLAN device egress), `claims` (what containers may send,
-//! checked at their veths), `decap` and `decap6` (tc or XDP, uplink; tc, VXLAN device ingress) and
-//! `routed` (tc, container bridge egress), over `parse`, `maps` and `verdict`.
+//! The overlay dataplane, built for `bpfel-unknown-none` by `cargo xtask build`. One file per
+//! hook holds its entry points and nothing else does:
+//!
+//! - `container`: `tc_container_ingress` (container veths: the claims, the fast path out);
+//! - `uplink`: `tc_uplink_ingress` and `xdp_uplink` (the uplink: checks and decapsulation);
+//! - `vtep`: `tc_vtep_egress` and `tc_vtep_ingress` (flannel.1 and flannel-v6.1: the routed
+//!   path out, the guard of their sockets);
+//! - `bridge`: `tc_bridge_egress` (the container bridge: flows the stack translates).
+//!
+//! Below them, and never importing them: `encap` (`v4`, `v6`) and `decap` (`v4`, `v6`), over
+//! `claims`, `classify` (the uplink's VXLAN classifier), `vxlan` (the headers VXLAN adds and
+//! the IPv6 outer checksum), `redirect`, `flows`, `verdict`, `parse` and `maps`. The pure
+//! arithmetic (checksums, ECN, lengths, VXLAN field values) is the library next to this
+//! (`lib.rs`), which the host builds and tests too.
 #![no_std]
 #![no_main]
 
+mod bridge;
 mod claims;
+mod classify;
+mod container;
 mod decap;
-mod decap6;
 mod encap;
-mod encap6;
+mod flows;
 mod maps;
 mod parse;
-mod routed;
+mod redirect;
+mod uplink;
 mod verdict;
+mod vtep;
+mod vxlan;
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -177,52 +177,70 @@ fn bind<K, const N: usize>(bindings: &HashMap<K, u32, N>, key: &K, port: u32) ->
         .is_some_and(|bound| unsafe { *bound } == port)
 }
 
+/// A flow key of either family, with the maps its flows are kept in.
+pub trait Flow: Sized + 'static {
+    fn routed_flows() -> &'static LruHashMap<Self, RoutedFlow, MAX_ROUTED_FLOWS>;
+    fn handed_flows() -> &'static LruHashMap<Self, u32, MAX_HANDED_FLOWS>;
+    /// The key of the packets travelling the other way.
+    fn reversed(&self) -> Self;
+}
+
+impl Flow for FlowKey {
+    #[inline(always)]
+    fn routed_flows() -> &'static LruHashMap<Self, RoutedFlow, MAX_ROUTED_FLOWS> {
+        &ROUTED_FLOWS
+    }
+
+    #[inline(always)]
+    fn handed_flows() -> &'static LruHashMap<Self, u32, MAX_HANDED_FLOWS> {
+        &HANDED_FLOWS
+    }
+
+    #[inline(always)]
+    fn reversed(&self) -> Self {
+        FlowKey::reversed(self)
+    }
+}
+
+impl Flow for FlowKey6 {
+    #[inline(always)]
+    fn routed_flows() -> &'static LruHashMap<Self, RoutedFlow, MAX_ROUTED_FLOWS> {
+        &ROUTED_FLOWS6
+    }
+
+    #[inline(always)]
+    fn handed_flows() -> &'static LruHashMap<Self, u32, MAX_HANDED_FLOWS> {
+        &HANDED_FLOWS6
+    }
+
+    #[inline(always)]
+    fn reversed(&self) -> Self {
+        FlowKey6::reversed(self)
+    }
+}
+
 /// Whether the stack forwarded the other direction of `flow`, so it must carry `flow` too.
 #[inline(always)]
-pub fn takes_routed_path(flow: &FlowKey) -> bool {
-    ROUTED_FLOWS.get_ptr(flow).is_some()
+pub fn takes_routed_path<F: Flow>(flow: &F) -> bool {
+    F::routed_flows().get_ptr(flow).is_some()
 }
 
 /// Notes that the stack sent a packet out of `ifindex` whose replies have the key `reply`.
 #[inline(always)]
-pub fn remember_routed(reply: &FlowKey, ifindex: u32) {
-    insert_once(&ROUTED_FLOWS, reply, RoutedFlow { ifindex });
+pub fn remember_routed<F: Flow>(reply: &F, ifindex: u32) {
+    insert_once(F::routed_flows(), reply, RoutedFlow { ifindex });
 }
 
 /// Notes that `flow` was handed to the stack as it is, arriving on `ifindex`.
 #[inline(always)]
-pub fn note_handed(flow: &FlowKey, ifindex: u32) {
-    insert_once(&HANDED_FLOWS, flow, ifindex);
+pub fn note_handed<F: Flow>(flow: &F, ifindex: u32) {
+    insert_once(F::handed_flows(), flow, ifindex);
 }
 
 /// Whether `flow` was handed to the stack under this very key.
 #[inline(always)]
-pub fn was_handed(flow: &FlowKey) -> bool {
-    HANDED_FLOWS.get_ptr(flow).is_some()
-}
-
-/// `takes_routed_path` for IPv6.
-#[inline(always)]
-pub fn takes_routed_path6(flow: &FlowKey6) -> bool {
-    ROUTED_FLOWS6.get_ptr(flow).is_some()
-}
-
-/// `remember_routed` for IPv6.
-#[inline(always)]
-pub fn remember_routed6(reply: &FlowKey6, ifindex: u32) {
-    insert_once(&ROUTED_FLOWS6, reply, RoutedFlow { ifindex });
-}
-
-/// `note_handed` for IPv6.
-#[inline(always)]
-pub fn note_handed6(flow: &FlowKey6, ifindex: u32) {
-    insert_once(&HANDED_FLOWS6, flow, ifindex);
-}
-
-/// `was_handed` for IPv6.
-#[inline(always)]
-pub fn was_handed6(flow: &FlowKey6) -> bool {
-    HANDED_FLOWS6.get_ptr(flow).is_some()
+pub fn was_handed<F: Flow>(flow: &F) -> bool {
+    F::handed_flows().get_ptr(flow).is_some()
 }
 
 /// Adds `key` to an LRU flow map unless it is there: rewriting an entry costs a new element

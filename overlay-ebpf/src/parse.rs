@@ -1,11 +1,15 @@
-//! Packet headers, bounds-checked access, and the VXLAN classifier.
+//! Packet headers, bounds-checked access, and the flows packets belong to.
 //!
 //! Every read goes through [`Frame::header`], which proves to the verifier that the whole
 //! header lies inside the packet before handing out a reference.
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use overlay_common::{Counter, FlowKey, FlowKey6, OverlayConfig};
+use overlay_common::{FlowKey, FlowKey6};
+use overlay_ebpf::{
+    checksum::{fold, patched, ttl_decremented, word},
+    ecn::ECN_CE,
+};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -89,25 +93,15 @@ pub struct VxlanHdr {
 }
 
 pub const ETH_HEADER_LEN: usize = size_of::<EthHdr>();
-const IPV4_MIN_HEADER_LEN: usize = size_of::<Ipv4Hdr>();
-/// The IHL field counts 4-byte words, up to 15 of them.
-pub const IPV4_MAX_HEADER_LEN: usize = 15 * IPV4_IHL_UNIT;
-const IPV4_IHL_UNIT: usize = 4;
-const IPV4_IHL_MASK: u8 = 0x0f;
-const IPV4_VERSION: u8 = 4;
 /// The IPv4 header byte of a header without options.
 pub const IPV4_NO_OPTIONS: u8 = 0x45;
 /// More-fragments flag and fragment offset, in the host-order `flags_frag_offset` word.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// The fragment offset alone: non-zero for every fragment but the first.
-pub const IPV4_OFFSET: u16 = 0x1fff;
-const IPV6_VERSION: u8 = 6;
+const IPV4_OFFSET: u16 = 0x1fff;
 /// The fragment offset in the host-order `offset_flags` word: non-zero for every fragment but
 /// the first.
 const IPV6_FRAGMENT_OFFSET: u16 = 0xfff8;
-pub const ECN_MASK: u8 = 0x03;
-pub const ECN_NOT_ECT: u8 = 0x00;
-pub const ECN_CE: u8 = 0x03;
 
 impl EthHdr {
     pub fn ether_type(&self) -> u16 {
@@ -127,13 +121,12 @@ impl Ipv4Hdr {
     /// RFC 1071 checksum of a 20-byte header, computed with its checksum field taken as zero.
     #[inline(always)]
     pub fn checksum(&self) -> [u8; 2] {
-        let word = |high: u8, low: u8| u32::from(u16::from_be_bytes([high, low]));
         let [length_hi, length_lo] = self.total_len;
         let [id_hi, id_lo] = self.id;
         let [frag_hi, frag_lo] = self.flags_frag_offset;
         let [s0, s1, s2, s3] = self.src;
         let [d0, d1, d2, d3] = self.dst;
-        let mut sum = word(self.version_ihl, self.tos)
+        let sum = word(self.version_ihl, self.tos)
             + word(length_hi, length_lo)
             + word(id_hi, id_lo)
             + word(frag_hi, frag_lo)
@@ -142,19 +135,15 @@ impl Ipv4Hdr {
             + word(s2, s3)
             + word(d0, d1)
             + word(d2, d3);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        (!(sum as u16)).to_be_bytes()
+        (!fold(sum)).to_be_bytes()
     }
 
     /// What a router does to a packet it forwards: TTL − 1, with the checksum patched
-    /// incrementally (RFC 1624) the way the kernel's `ip_decrease_ttl` does, so the bytes
-    /// match the routed path's. The caller makes sure the TTL is above 1.
+    /// incrementally. The caller makes sure the TTL is above 1.
     #[inline(always)]
     pub fn decrement_ttl(&mut self) {
         self.ttl = self.ttl.wrapping_sub(1);
-        let sum = u32::from(u16::from_be_bytes(self.checksum)) + 0x0100;
-        self.checksum = ((sum + u32::from(sum >= 0xffff)) as u16).to_be_bytes();
+        self.checksum = ttl_decremented(self.checksum);
     }
 
     /// Marks the packet as having met congestion (ECN CE), with the checksum patched
@@ -164,11 +153,13 @@ impl Ipv4Hdr {
         let old = u16::from_be_bytes([self.version_ihl, self.tos]);
         self.tos |= ECN_CE;
         let new = u16::from_be_bytes([self.version_ihl, self.tos]);
-        let mut sum =
-            u32::from(!u16::from_be_bytes(self.checksum)) + u32::from(!old) + u32::from(new);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        self.checksum = (!(sum as u16)).to_be_bytes();
+        self.checksum = patched(self.checksum, old, new);
+    }
+
+    /// Whether this is a fragment, the first one or another.
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        u16::from_be_bytes(self.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0
     }
 
     /// Whether this is a fragment, and not the first one.
@@ -294,9 +285,7 @@ pub const IPV6_FLOW_HEADERS_LEN: usize = size_of::<EthIpv6Headers>() + size_of::
 #[inline(always)]
 pub fn flow_of(ip: &Ipv4Hdr, transport: Option<&TransportHead>) -> Option<FlowKey> {
     let transport = transport?;
-    if ip.version_ihl != IPV4_NO_OPTIONS
-        || u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0
-    {
+    if ip.version_ihl != IPV4_NO_OPTIONS || ip.is_fragment() {
         return None;
     }
     let (src_port, dst_port) = match ip.protocol {
@@ -354,6 +343,39 @@ pub fn flow_of6(ip: &Ipv6Hdr, transport: Option<&TransportHead>) -> Option<FlowK
     })
 }
 
+/// Ethernet and IP headers read as one, of either family, whose packet belongs to a flow.
+pub trait EthIpHeaders {
+    type Flow;
+
+    /// The flow, given the first bytes of the transport header (see `flow_of`, `flow_of6`).
+    fn flow(&self, transport: Option<&TransportHead>) -> Option<Self::Flow>;
+}
+
+impl EthIpHeaders for EthIpv4Headers {
+    type Flow = FlowKey;
+
+    #[inline(always)]
+    fn flow(&self, transport: Option<&TransportHead>) -> Option<FlowKey> {
+        flow_of(&self.ip, transport)
+    }
+}
+
+impl EthIpHeaders for EthIpv6Headers {
+    type Flow = FlowKey6;
+
+    #[inline(always)]
+    fn flow(&self, transport: Option<&TransportHead>) -> Option<FlowKey6> {
+        flow_of6(&self.ip, transport)
+    }
+}
+
+/// The flow of the packet whose Ethernet header is at `offset` in `frame`.
+#[inline(always)]
+pub fn flow_at<H: EthIpHeaders>(frame: &Frame, offset: usize) -> Option<H::Flow> {
+    let headers = frame.header::<H>(offset)?;
+    headers.flow(frame.header::<TransportHead>(offset + size_of::<H>()))
+}
+
 /// Whether the IPv6 packet `ip`, whose transport header starts at `transport` in `frame`,
 /// carries a checksum over its pseudo-header and every byte behind it (TCP, UDP with a
 /// checksum, or ICMPv6, right behind the fixed header) and ends where `frame` does: then its
@@ -374,116 +396,6 @@ pub fn checksums_itself(frame: &Frame, transport: usize, ip: &Ipv6Hdr) -> bool {
             .is_some_and(|udp| udp.checksum != [0; 2]),
         _ => false,
     }
-}
-
-/// What decapsulation needs from a VXLAN frame over IPv4 for our port and VNI.
-pub struct VxlanFrame {
-    /// The outer source address: the sending host's PublicIP.
-    pub outer_src: [u8; 4],
-    /// Offset of the inner Ethernet header: how much to strip.
-    pub inner_offset: usize,
-    /// Whether the inner frame carries IPv4.
-    pub inner_is_ipv4: bool,
-    /// The inner IPv4 source (meaningless unless `inner_is_ipv4`).
-    pub inner_src: [u8; 4],
-    /// The ECN fields of the outer and (if `inner_is_ipv4`) the inner IPv4 header.
-    pub outer_ecn: u8,
-    pub inner_ecn: u8,
-    /// The first fragment of a fragmented datagram: only the stack can reassemble it.
-    pub first_fragment: bool,
-    /// The sender set the outer UDP checksum, which only the stack verifies.
-    pub has_udp_checksum: bool,
-}
-
-/// What the checks need from a VXLAN frame over IPv6 for our port and VNI; the kernel
-/// decapsulates it.
-pub struct Vxlan6Frame {
-    /// The outer source address: the sending host's PublicIPv6.
-    pub outer_src: [u8; 16],
-    /// Whether the inner frame carries IPv6.
-    pub inner_is_ipv6: bool,
-    /// The inner IPv6 source (meaningless unless `inner_is_ipv6`).
-    pub inner_src: [u8; 16],
-    /// Offset of the inner Ethernet header.
-    pub inner_offset: usize,
-    /// The outer ECN field.
-    pub outer_ecn: u8,
-    /// The first fragment of a fragmented datagram: only the stack can reassemble it.
-    pub first_fragment: bool,
-}
-
-/// Classifies an uplink frame whose Ethernet type is IPv4. `Ok` is a well-formed VXLAN frame
-/// for our port and VNI; `Err` names the counter that describes why it is not.
-#[inline(always)]
-pub fn classify_ipv4_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
-    let ip_offset = ETH_HEADER_LEN;
-    let ip: &Ipv4Hdr = frame.header(ip_offset).ok_or(Counter::RxMalformed)?;
-    let ip_header_len = usize::from(ip.version_ihl & IPV4_IHL_MASK) * IPV4_IHL_UNIT;
-    let ip_total_len = usize::from(u16::from_be_bytes(ip.total_len));
-    if ip.version_ihl >> 4 != IPV4_VERSION
-        || ip_header_len < IPV4_MIN_HEADER_LEN
-        || ip_total_len < ip_header_len
-        || ip_offset + ip_total_len > frame.len()
-    {
-        return Err(Counter::RxMalformed);
-    }
-    if ip.protocol != IPPROTO_UDP {
-        return Err(Counter::RxNotUdp);
-    }
-    if ip.is_later_fragment() {
-        return Err(Counter::RxIpv4Fragment);
-    }
-    let udp = UdpPlace {
-        offset: ip_offset + ip_header_len,
-        room: ip_total_len - ip_header_len,
-        // A first fragment carries the headers, but its UDP length is the whole datagram's.
-        first_fragment: u16::from_be_bytes(ip.flags_frag_offset) & IPV4_MF_OR_OFFSET != 0,
-    };
-    let payload = vxlan_payload::<EthIpv4Headers>(frame, &udp, config)?;
-    if ip.dst != config.public_ip {
-        return Err(Counter::RxOtherDestination);
-    }
-    Ok(VxlanFrame {
-        outer_src: ip.src,
-        inner_offset: payload.inner_offset,
-        inner_is_ipv4: payload.inner.eth.is_ipv4(),
-        inner_src: payload.inner.ip.src,
-        outer_ecn: ip.tos & ECN_MASK,
-        inner_ecn: payload.inner.ip.tos & ECN_MASK,
-        first_fragment: udp.first_fragment,
-        has_udp_checksum: payload.has_udp_checksum,
-    })
-}
-
-/// Classifies an uplink frame whose Ethernet type is IPv6, as [`classify_ipv4_vxlan`] does
-/// IPv4. A UDP header behind one fragment header is found (only a first fragment has one);
-/// behind any other extension header it is not looked for (`RxNotUdp`).
-#[inline(always)]
-pub fn classify_ipv6_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
-    let ip: &Ipv6Hdr = frame.header(ETH_HEADER_LEN).ok_or(Counter::RxMalformed)?;
-    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
-    if ip.version_class_flow[0] >> 4 != IPV6_VERSION
-        || size_of::<EthIpv6Headers>() + payload_len > frame.len()
-    {
-        return Err(Counter::RxMalformed);
-    }
-    let udp = match ipv6_udp(frame, ip).ok_or(Counter::RxMalformed)? {
-        Ipv6Udp::At(udp) => udp,
-        Ipv6Udp::LaterFragment => return Err(Counter::RxIpv6Fragment),
-        Ipv6Udp::NotUdp => return Err(Counter::RxNotUdp),
-    };
-    let payload = vxlan_payload::<EthIpv6Headers>(frame, &udp, config)?;
-    if ip.dst != config.public_ipv6 {
-        return Err(Counter::RxOtherDestination);
-    }
-    Ok(Vxlan6Frame {
-        outer_src: ip.src,
-        inner_is_ipv6: payload.inner.eth.is_ipv6(),
-        inner_src: payload.inner.ip.src,
-        inner_offset: payload.inner_offset,
-        outer_ecn: (ip.version_class_flow[1] >> 4) & ECN_MASK,
-        first_fragment: udp.first_fragment,
-    })
 }
 
 /// Where a UDP header starts, and how many bytes the IP header leaves it.
@@ -537,53 +449,4 @@ pub fn ipv6_udp(packet: &impl Headers, ip: &Ipv6Hdr) -> Option<Ipv6Udp> {
         }
         _ => Some(Ipv6Udp::NotUdp),
     }
-}
-
-/// The VXLAN payload of a datagram: its inner Ethernet and IP headers (`Inner`).
-struct VxlanPayload<'a, Inner> {
-    /// Offset of the inner Ethernet header: how much to strip.
-    inner_offset: usize,
-    inner: &'a Inner,
-    has_udp_checksum: bool,
-}
-
-/// Checks the UDP datagram at `udp` for VXLAN to our port and VNI, with a whole `Inner` in
-/// it; `Err` names why it is not.
-#[inline(always)]
-fn vxlan_payload<'a, Inner>(
-    frame: &'a Frame,
-    udp: &UdpPlace,
-    config: &OverlayConfig,
-) -> Result<VxlanPayload<'a, Inner>, Counter> {
-    let header: &UdpHdr = frame.header(udp.offset).ok_or(Counter::RxMalformed)?;
-    let udp_len = usize::from(u16::from_be_bytes(header.len));
-    if udp_len < size_of::<UdpHdr>() || (!udp.first_fragment && udp_len > udp.room) {
-        return Err(Counter::RxMalformed);
-    }
-    if u16::from_be_bytes(header.dst_port) != config.vxlan_port {
-        return Err(Counter::RxOtherPort);
-    }
-
-    let vxlan_offset = udp.offset + size_of::<UdpHdr>();
-    let inner_offset = vxlan_offset + size_of::<VxlanHdr>();
-    let vxlan: &VxlanHdr = frame.header(vxlan_offset).ok_or(Counter::RxMalformed)?;
-    let inner: &Inner = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
-    // The kernel's vxlan device, without extensions, drops a frame with any other flag or
-    // a reserved bit set.
-    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<Inner>()
-        || vxlan.flags != VXLAN_FLAG_VNI
-        || vxlan.reserved != [0; 3]
-        || vxlan.reserved2 != 0
-    {
-        return Err(Counter::RxMalformed);
-    }
-    let [vni_hi, vni_mid, vni_lo] = vxlan.vni;
-    if u32::from_be_bytes([0, vni_hi, vni_mid, vni_lo]) != config.vni {
-        return Err(Counter::RxVxlanForeignVni);
-    }
-    Ok(VxlanPayload {
-        inner_offset,
-        inner,
-        has_udp_checksum: header.checksum != [0; 2],
-    })
 }

@@ -9,7 +9,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::info;
-use overlay_common::{Counter, DROP_HEAD_LEN, Verdict};
+use overlay_common::{Counter, Verdict};
+use overlay_ebpf::lengths::drop_head_len;
 
 use crate::maps;
 
@@ -102,7 +103,7 @@ fn report_skb_drop(ctx: &TcContext, reason: Counter) {
     // SAFETY: the context's skb is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     maps::report_drop(reason, ifindex, len, |head| {
-        let wanted = head_len(len);
+        let wanted = drop_head_len(len);
         // SAFETY: `head` holds DROP_HEAD_LEN bytes and `wanted` is at most that.
         let loaded =
             unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, head.as_mut_ptr().cast(), wanted) };
@@ -119,19 +120,9 @@ fn report_xdp_drop(ctx: &XdpContext, reason: Counter) {
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     maps::report_drop(reason, ifindex, len, |head| {
-        let wanted = head_len(len);
+        let wanted = drop_head_len(len);
         // SAFETY: `head` holds DROP_HEAD_LEN bytes and `wanted` is at most that.
         let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, 0, head.as_mut_ptr().cast(), wanted) };
         if loaded == 0 { wanted } else { 0 }
     });
-}
-
-/// How many bytes of a `len`-byte packet to copy: `len` up to the head's size. Written so the
-/// verifier sees 1..=DROP_HEAD_LEN, which the helpers require; with `clamp` the compiler's
-/// rewrite loses the lower bound. (A 0-byte packet, which cannot occur, would ask for the
-/// whole head and the helper would refuse.)
-#[inline(always)]
-fn head_len(len: u32) -> u32 {
-    const MASK: u32 = DROP_HEAD_LEN as u32 - 1;
-    (len.min(DROP_HEAD_LEN as u32).wrapping_sub(1) & MASK) + 1
 }

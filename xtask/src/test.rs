@@ -11,8 +11,11 @@ use anyhow::{Context, Result};
 
 use crate::{build, cmd, demo, package, setup};
 
-/// The crates that run in user space; overlay-ebpf only builds for the BPF target.
+/// The crates that run in user space; overlay-ebpf's programs only build for the BPF target.
 const USERSPACE_CRATES: &[&str] = &["overlay-common", "overlay-agent", "xtask", "overlay-tests"];
+/// overlay-ebpf's library, the programs' pure arithmetic, builds for the host too: its unit
+/// tests run with everyone's. Its binary (`test = false`) is left out.
+const EBPF_LIBRARY: &str = "overlay-ebpf";
 
 pub fn run(root: &Path) -> Result<ExitCode> {
     setup::run(root)?;
@@ -32,6 +35,13 @@ pub fn run(root: &Path) -> Result<ExitCode> {
             .args(package_args())
             .args(["--all-targets", "--all-features", "--", "-D", "warnings"]),
     );
+    tally.step(
+        "clippy (overlay-ebpf's library)",
+        cmd::cargo()
+            .current_dir(root)
+            .args(["clippy", "--package", EBPF_LIBRARY, "--lib", "--tests"])
+            .args(["--", "-D", "warnings"]),
+    );
     // Before the tests: tests/tests/package.rs checks the package this leaves in target/debian.
     tally.record("package", package::build(root));
     tally.tests(
@@ -40,6 +50,7 @@ pub fn run(root: &Path) -> Result<ExitCode> {
             .arg("test")
             .arg("--no-fail-fast")
             .args(package_args())
+            .args(["--package", EBPF_LIBRARY])
             .arg("--all-features"),
     );
     println!("\nThe demo, once, as a user would run it:");

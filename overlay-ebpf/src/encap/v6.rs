@@ -1,6 +1,7 @@
-//! The fast path for IPv6, in `tc_container_ingress`: a container's IPv6 packet for a remote
-//! IPv6 subnet is routed here as docker0 would (hop limit − 1), wrapped in VXLAN over IPv6 as
-//! flannel-v6.<VNI> wraps it, and sent straight out of the uplink.
+//! Encapsulation in VXLAN over IPv6. The fast path, in `tc_container_ingress`: a container's
+//! IPv6 packet for a remote IPv6 subnet is routed here as docker0 would (hop limit − 1),
+//! wrapped in VXLAN over IPv6 as flannel-v6.<VNI> wraps it, and sent straight out of the
+//! uplink.
 //!
 //! Over IPv6 the outer UDP checksum is not optional: flannel-v6.<VNI> sends it, and a stock
 //! flannel receiver drops a datagram without one. It is computed from the headers alone. An
@@ -25,31 +26,26 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use overlay_common::{Counter, OverlayConfig, RemoteVtep6};
-
-use crate::{
-    encap::{
-        ADJUST_ROOM_TUNNEL_FLAGS, fits_device, outer_ecn, redirect_to_uplink, udp_header,
-        vxlan_header,
-    },
-    maps,
-    parse::{
-        ECN_MASK, ETH_HEADER_LEN, ETH_P_IPV6, EthHdr, EthIpv6Headers, Frame, IPPROTO_TCP,
-        IPPROTO_UDP, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr, checksums_itself, flow_of6,
-        linear_frame,
-    },
-    routed::remember_replies6,
+use overlay_ebpf::{
+    ecn::{ipv6_ecn, outer_ecn},
+    lengths::tcp_segment_len,
 };
 
-/// What goes between the outer Ethernet header and the inner IPv6 header.
-#[repr(C)]
-pub struct Encapsulation6 {
-    pub ip: Ipv6Hdr,
-    pub udp: UdpHdr,
-    pub vxlan: VxlanHdr,
-    pub inner_eth: EthHdr,
-}
+use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device};
+use crate::{
+    flows::remember_replies,
+    maps,
+    parse::{
+        ETH_HEADER_LEN, ETH_P_IPV6, EthIpv6Headers, Frame, IPPROTO_TCP, IPPROTO_UDP, Ipv6Hdr,
+        TransportHead, UdpHdr, VxlanHdr, checksums_itself, flow_of6, linear_frame,
+    },
+    redirect,
+    vxlan::{
+        ENCAP6_LEN, Encapsulation6, inner_checksum_part, outer_udp_checksum, udp_header,
+        vxlan_header,
+    },
+};
 
-pub const ENCAP6_LEN: usize = size_of::<Encapsulation6>();
 /// What the outer UDP length counts beyond the inner transport header and payload.
 const UDP_HEADERS_LEN: usize =
     size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<EthIpv6Headers>();
@@ -72,13 +68,10 @@ struct TcpHead {
     data_offset: u8,
 }
 
-/// The IPv6 fast path, as `encap::encapsulate_from_container` is IPv4's. Not inlined: the
-/// verifier's 512-byte stack cannot hold both families' paths in one frame.
+/// The IPv6 fast path, as `v4::from_container` is IPv4's. Not inlined: the verifier's
+/// 512-byte stack cannot hold both families' paths in one frame.
 #[inline(never)]
-pub fn encapsulate_from_container(
-    ctx: &TcContext,
-    config: &OverlayConfig,
-) -> Result<Option<Counter>, Counter> {
+pub fn from_container(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<Counter>, Counter> {
     let mut frame = linear_frame(ctx, HEADERS_LEN);
     let Some(headers) = frame.header::<EthIpv6Headers>(0) else {
         return Ok(None);
@@ -95,7 +88,7 @@ pub fn encapsulate_from_container(
     let segment_len = transport_segment_len(ctx, &frame, &headers.ip)?;
     let flow = flow_of6(&headers.ip, frame.header::<TransportHead>(TRANSPORT_OFFSET))
         .ok_or(Counter::TxRoutedFlow)?;
-    if maps::takes_routed_path6(&flow) {
+    if maps::takes_routed_path(&flow) {
         return Err(Counter::TxRoutedFlow);
     }
     let headers: &mut EthIpv6Headers = frame.header_mut(0).ok_or(Counter::TxError)?;
@@ -109,14 +102,14 @@ pub fn encapsulate_from_container(
 /// and addressed it to the peer's VTEP. Its flow is remembered, as on flannel.<VNI>. What the
 /// headers give an outer checksum for is encapsulated here (`TxEncapsulated`); the rest, and
 /// what no IPv6 lease covers (the kernel's own neighbour discovery, say), goes on to
-/// flannel-v6.<VNI> (`TxIpv6Routed`). Not inlined, as `encapsulate_from_container`.
+/// flannel-v6.<VNI> (`TxIpv6Routed`). Not inlined, as `from_container`.
 #[inline(never)]
-pub fn encapsulate_routed(ctx: &TcContext, config: &OverlayConfig) -> Counter {
+pub fn routed(ctx: &TcContext, config: &OverlayConfig) -> Counter {
     let frame = linear_frame(ctx, HEADERS_LEN);
     let Some(headers) = frame.header::<EthIpv6Headers>(0) else {
         return Counter::TxMalformed;
     };
-    remember_replies6(&frame, config.vtep6_ifindex);
+    remember_replies::<EthIpv6Headers>(&frame, config.vtep6_ifindex);
     let Some(remote) = maps::remote_vtep6(&headers.ip.dst) else {
         return Counter::TxIpv6Routed;
     };
@@ -150,15 +143,7 @@ fn transport_segment_len(ctx: &TcContext, frame: &Frame, ip: &Ipv6Hdr) -> Result
         return Err(Counter::TxSlowPath);
     }
     let tcp: &TcpHead = frame.header(TRANSPORT_OFFSET).ok_or(Counter::TxSlowPath)?;
-    let tcp_header_len = u16::from(tcp.data_offset >> 4) * 4;
-    let data_len = payload_len
-        .checked_sub(tcp_header_len)
-        .ok_or(Counter::TxSlowPath)?;
-    if u32::from(data_len) % gso_size != 0 {
-        return Err(Counter::TxIpv6PartialSegment);
-    }
-    // gso_size divides a u16, so it fits one.
-    Ok(tcp_header_len + gso_size as u16)
+    tcp_segment_len(payload_len, tcp.data_offset, gso_size)
 }
 
 /// What the outer headers need of the inner packet, read before they go in front of it.
@@ -177,7 +162,7 @@ impl InnerPacket {
     fn of(ip: &Ipv6Hdr, segment_len: u16) -> Self {
         Self {
             checksum_part: inner_checksum_part(ip),
-            ecn: traffic_class(ip) & ECN_MASK,
+            ecn: ipv6_ecn(ip.version_class_flow),
             segment_len,
         }
     }
@@ -199,7 +184,7 @@ fn encapsulate(
     let mut frame = linear_frame(ctx, ETH_HEADER_LEN + ENCAP6_LEN);
     let headers: &mut Encapsulation6 = frame.header_mut(ETH_HEADER_LEN).ok_or(Counter::TxError)?;
     write_encapsulation6(headers, config, remote, inner, ctx.len(), flow_hash);
-    redirect_to_uplink(config, None)
+    redirect::to_uplink(config, None)
 }
 
 /// Writes the outer IPv6, UDP and VXLAN headers, in place, for a packet that is `skb_len`
@@ -232,80 +217,4 @@ fn write_encapsulation6(
     let segment_udp_len = UDP_HEADERS_LEN as u16 + inner.segment_len;
     headers.udp.checksum =
         outer_udp_checksum(headers, inner.checksum_part, segment_udp_len).to_be_bytes();
-}
-
-/// The IPv6 traffic class: the 8 bits after the version.
-#[inline(always)]
-pub fn traffic_class(ip: &Ipv6Hdr) -> u8 {
-    let [first, second, ..] = ip.version_class_flow;
-    (first << 4) | (second >> 4)
-}
-
-/// The inner packet's share of the outer UDP checksum: its IPv6 header and its transport
-/// bytes, which sum to the complement of its pseudo-header's sum once their own checksum is
-/// complete. Addresses and length are in both and cancel; what is left is the first word
-/// pair, next header and hop limit, less the next header.
-#[inline(always)]
-pub fn inner_checksum_part(ip: &Ipv6Hdr) -> u32 {
-    let [vcf0, vcf1, vcf2, vcf3] = ip.version_class_flow;
-    word(vcf0, vcf1)
-        + word(vcf2, vcf3)
-        + word(ip.next_header, ip.hop_limit)
-        + u32::from(!u16::from(ip.next_header))
-}
-
-/// The outer UDP checksum of a datagram `udp_len` bytes long behind `headers`, whose inner
-/// packet contributes `inner_part`: the outer pseudo-header, the UDP, VXLAN and inner
-/// Ethernet headers, and the inner packet.
-#[inline(always)]
-pub fn outer_udp_checksum(headers: &Encapsulation6, inner_part: u32, udp_len: u16) -> u16 {
-    let [src_port_hi, src_port_lo] = headers.udp.src_port;
-    let [dst_port_hi, dst_port_lo] = headers.udp.dst_port;
-    let [vni_hi, vni_mid, vni_lo] = headers.vxlan.vni;
-    let eth = &headers.inner_eth;
-    let sum = words_sum(&headers.ip.src)
-        + words_sum(&headers.ip.dst)
-        // The length is in the pseudo-header and in the UDP header.
-        + 2 * u32::from(udp_len)
-        + u32::from(IPPROTO_UDP)
-        + word(src_port_hi, src_port_lo)
-        + word(dst_port_hi, dst_port_lo)
-        + word(headers.vxlan.flags, 0)
-        + word(vni_hi, vni_mid)
-        + word(vni_lo, 0)
-        + words_sum(&eth.dst)
-        + words_sum(&eth.src)
-        + u32::from(ETH_P_IPV6)
-        + inner_part;
-    match !fold(sum) {
-        // UDP sends a computed zero as all ones: zero means "no checksum".
-        0 => u16::MAX,
-        checksum => checksum,
-    }
-}
-
-/// The sum of an address's or a MAC's 16-bit words. Word by word: taken apart at once, its
-/// bytes would each take a stack slot.
-#[inline(always)]
-fn words_sum<const N: usize>(bytes: &[u8; N]) -> u32 {
-    let mut sum = 0;
-    let mut index = 0;
-    while index + 1 < N {
-        sum += word(bytes[index], bytes[index + 1]);
-        index += 2;
-    }
-    sum
-}
-
-/// A big-endian 16-bit word of a checksum.
-#[inline(always)]
-fn word(high: u8, low: u8) -> u32 {
-    (u32::from(high) << 8) | u32::from(low)
-}
-
-/// Folds a sum of 16-bit words into 16 bits, carries added back.
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let sum = (sum & 0xffff) + (sum >> 16);
-    ((sum & 0xffff) + (sum >> 16)) as u16
 }

@@ -1,9 +1,10 @@
-//! The IPv6 fast path's receiving end, in `tc_uplink_ingress`: VXLAN over IPv6 from a peer
-//! that passed the guards, for a known local container, is decapsulated, routed as docker0
-//! would (hop limit − 1) and put straight into the container with `bpf_redirect_peer`.
+//! VXLAN over IPv6 from a peer: checked against the leases (a PublicIPv6 holding a lease, an
+//! inner source in its IPv6 subnet), and, on the IPv6 fast path, for a known local container,
+//! decapsulated, routed as docker0 would (hop limit − 1) and put straight into the container
+//! with `bpf_redirect_peer`.
 //!
 //! The kernel verifies the outer UDP checksum before it decapsulates; so does this, from the
-//! headers, by the identity `encap6` computes it with: the outer checksum must equal what the
+//! headers, by the identity `encap::v6` computes it with: the outer checksum must equal what the
 //! headers and the inner pseudo-header give. That leaves the inner transport checksum, which
 //! the container's stack verifies as it verifies any packet's (the skb's checksum state is
 //! kept: a complete sum is patched for the hop limit, a device's "checksum verified" is spent
@@ -24,14 +25,19 @@ use aya_ebpf::{
 };
 use core::mem::{offset_of, size_of};
 use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
+use overlay_ebpf::ecn::ECN_CE;
 
+use super::mark_checked;
 use crate::{
-    encap6::{ENCAP6_LEN, Encapsulation6, inner_checksum_part, outer_udp_checksum},
+    classify::{Vxlan6Frame, classify_ipv6_vxlan},
+    flows::note_handed,
     maps,
     parse::{
-        ECN_CE, ETH_HEADER_LEN, EthIpv6Headers, Frame, Ipv6Hdr, TransportHead, UdpHdr, Vxlan6Frame,
-        VxlanHdr, checksums_itself, flow_of6, linear_frame,
+        ETH_HEADER_LEN, EthIpv6Headers, Frame, Ipv6Hdr, TransportHead, UdpHdr, VxlanHdr,
+        checksums_itself, flow_of6, linear_frame,
     },
+    redirect,
+    vxlan::{ENCAP6_LEN, Encapsulation6, inner_checksum_part, outer_udp_checksum},
 };
 
 /// Where the inner Ethernet header starts: behind the outer Ethernet, IPv6, UDP and VXLAN
@@ -43,14 +49,45 @@ const INNER_TRANSPORT: usize = INNER_ETH + size_of::<EthIpv6Headers>();
 /// Where the inner IPv6 header's hop limit sits once the outer headers are gone.
 const HOP_LIMIT_OFFSET: usize = ETH_HEADER_LEN + offset_of!(Ipv6Hdr, hop_limit);
 
+/// VXLAN over IPv6 from a host holding a lease, carrying IPv6 from inside the IPv6 subnet it
+/// leases or from its own PublicIPv6 (a reply its conntrack un-DNATed, as for IPv4).
+#[inline(always)]
+pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
+    let vxlan = classify_ipv6_vxlan(frame, config)?;
+    let lease = maps::ipv6_vtep(&vxlan.outer_src).ok_or(Counter::RxIpv6NonMember)?;
+    if !vxlan.inner_is_ipv6 {
+        return Err(Counter::RxInnerOtherFamily);
+    }
+    if !lease.contains(&vxlan.inner_src) && vxlan.inner_src != vxlan.outer_src {
+        return Err(Counter::RxIpv6SpoofedInner);
+    }
+    Ok(vxlan)
+}
+
+/// With the fast path, puts `vxlan`'s inner packet into a known local container
+/// (`RxDelivered`); otherwise it goes on marked, still encapsulated, to flannel-v6.<VNI>'s
+/// socket (`RxChecked`), its flow noted as handed to the stack.
+#[inline(always)]
+pub fn decapsulate(
+    ctx: &TcContext,
+    frame: &Frame,
+    config: &OverlayConfig,
+    vxlan: &Vxlan6Frame,
+) -> Result<Counter, Counter> {
+    if config.fast_path() {
+        if let Some(endpoint) = deliverable_to(ctx, frame, vxlan) {
+            return deliver(ctx, config, &endpoint);
+        }
+        note_handed::<EthIpv6Headers>(frame, vxlan.inner_offset, config.vtep6_ifindex);
+    }
+    mark_checked(ctx);
+    Ok(Counter::RxChecked)
+}
+
 /// The local container `vxlan`'s inner packet can go straight into, or `None` when the stack
 /// must take it (see the module's comment). Reads only: the frame is left as it came.
 #[inline(always)]
-pub fn deliverable_to(
-    ctx: &TcContext,
-    frame: &Frame,
-    vxlan: &Vxlan6Frame,
-) -> Option<LocalEndpoint> {
+fn deliverable_to(ctx: &TcContext, frame: &Frame, vxlan: &Vxlan6Frame) -> Option<LocalEndpoint> {
     if vxlan.first_fragment || vxlan.outer_ecn == ECN_CE || vxlan.inner_offset != INNER_ETH {
         return None;
     }
@@ -71,7 +108,7 @@ pub fn deliverable_to(
     }
     let endpoint = maps::local_endpoint6(&inner.ip.dst)?;
     let flow = flow_of6(&inner.ip, frame.header::<TransportHead>(INNER_TRANSPORT))?;
-    if maps::takes_routed_path6(&flow) {
+    if maps::takes_routed_path(&flow) {
         return None;
     }
     Some(endpoint)
@@ -80,7 +117,7 @@ pub fn deliverable_to(
 /// Strips the outer headers and the inner Ethernet header of a frame `deliverable_to`
 /// accepted, routes the packet as docker0 would and puts it into `endpoint`.
 #[inline(never)]
-pub fn deliver(
+fn deliver(
     ctx: &TcContext,
     config: &OverlayConfig,
     endpoint: &LocalEndpoint,
@@ -106,5 +143,5 @@ pub fn deliver(
     .map_err(|_| Counter::RxError)?;
     // SAFETY: a plain helper call on the context's skb; a state other than "verified" is left.
     unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_DEC)) };
-    crate::decap::redirect_into(endpoint)
+    redirect::into_container(endpoint)
 }

@@ -1,0 +1,22 @@
+//! Decapsulation of checked VXLAN at the uplink, for `tc_uplink_ingress`. `v4` strips VXLAN
+//! over IPv4 and puts the packet into a known local container (`bpf_redirect_peer`) or into
+//! flannel.1's receive path for the stack; `v6` puts VXLAN over IPv6 for a known local
+//! container straight into it, its outer checksum verified from the headers, and leaves the
+//! rest to flannel-v6.1's socket. Either family's checks against the leases come first.
+//!
+//! What goes on to a VXLAN device, decapsulated or for its socket, carries `CHECKED_MARK`:
+//! `tc_vtep_ingress` on the device lets nothing else through.
+use aya_ebpf::programs::TcContext;
+use overlay_common::CHECKED_MARK;
+
+pub mod v4;
+pub mod v6;
+
+/// Marks a checked packet for `tc_vtep_ingress`: the mark survives decapsulation, a redirect
+/// within the namespace, and reassembly (the datagram keeps its first fragment's).
+#[inline(always)]
+fn mark_checked(ctx: &TcContext) {
+    // SAFETY: the context's skb is valid for the whole program run, and tc programs may
+    // write its mark.
+    unsafe { (*ctx.skb.skb).mark |= CHECKED_MARK };
+}

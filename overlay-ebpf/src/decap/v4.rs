@@ -1,0 +1,141 @@
+//! VXLAN over IPv4 from a peer: checked against the leases, stripped as a whole (GSO
+//! superpackets stay whole), and put straight into a known local container, routed as docker0
+//! would (TTL − 1), or into flannel.1's receive path, as if the kernel had decapsulated it
+//! there.
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode},
+    programs::TcContext,
+};
+use core::mem::size_of;
+use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
+use overlay_ebpf::ecn::{ECN_CE, lost_to_congestion};
+
+use super::mark_checked;
+use crate::{
+    classify::{VxlanFrame, classify_ipv4_vxlan},
+    flows::note_handed,
+    maps,
+    parse::{EthHdr, EthIpv4Headers, Frame, TransportHead, flow_of},
+    redirect,
+};
+
+/// A well-formed VXLAN frame over IPv4 for us, from a host holding a lease, carrying IPv4
+/// from inside a subnet that host leases (it may hold more than one, re-leased or in two
+/// networks) or from the host's own PublicIP. The latter is what a reply looks like once that
+/// host's conntrack has undone a DNAT to its PublicIP (a published port); the host could send
+/// from that address without VXLAN anyway.
+#[inline(always)]
+pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
+    let vxlan = classify_ipv4_vxlan(frame, config)?;
+    if !maps::holds_a_lease(vxlan.outer_src) {
+        return Err(Counter::RxUnknownVtep);
+    }
+    if !vxlan.inner_is_ipv4 {
+        return Err(Counter::RxInnerOtherFamily);
+    }
+    let leased_by_sender =
+        maps::remote_vtep(vxlan.inner_src).is_some_and(|lease| lease.public_ip == vxlan.outer_src);
+    if !leased_by_sender && vxlan.inner_src != vxlan.outer_src {
+        return Err(Counter::RxSpoofedSource);
+    }
+    if lost_to_congestion(vxlan.outer_ecn, vxlan.inner_ecn) {
+        return Err(Counter::RxCeNotEct);
+    }
+    Ok(vxlan)
+}
+
+/// Decapsulates `vxlan`, then puts the packet into a known local container (`RxDelivered`)
+/// or into flannel.1 for the stack (`RxDecapsulated`, `RxRoutedFlow`). What only the stack
+/// can finish (a first fragment, a UDP checksum) goes on marked, still encapsulated
+/// (`RxChecked`). `Err` is why it did none of these.
+#[inline(always)]
+pub fn decapsulate(
+    ctx: &TcContext,
+    config: &OverlayConfig,
+    vxlan: &VxlanFrame,
+) -> Result<Counter, Counter> {
+    if vxlan.first_fragment || vxlan.has_udp_checksum {
+        mark_checked(ctx);
+        return Ok(Counter::RxChecked);
+    }
+    // Removes the outer IPv4, UDP and VXLAN headers and the inner Ethernet header, keeping
+    // the outer Ethernet header (addressed to the uplink). The segment size of a GSO packet is
+    // the inner packets' and stays.
+    ctx.adjust_room(
+        -(vxlan.inner_offset as i32),
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Counter::RxError)?;
+
+    let mut frame = Frame::new(ctx.data(), ctx.data_end());
+    if vxlan.outer_ecn == ECN_CE {
+        propagate_congestion(&mut frame)?;
+    }
+    match deliverable_to(&frame) {
+        Ok(endpoint) => deliver(&mut frame, config, endpoint),
+        Err(reason) => {
+            mark_checked(ctx);
+            hand_to_vtep(&mut frame, config, reason)
+        }
+    }
+}
+
+/// RFC 6040 decapsulation: congestion the outer header met is marked on the inner packet
+/// (which `from_a_peer` made sure is ECN-capable).
+#[inline(always)]
+fn propagate_congestion(frame: &mut Frame) -> Result<(), Counter> {
+    let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::RxError)?;
+    headers.ip.set_ce();
+    Ok(())
+}
+
+/// The local container a decapsulated packet can go straight into; `Err` names why the
+/// stack must route it instead.
+#[inline(always)]
+fn deliverable_to(frame: &Frame) -> Result<LocalEndpoint, Counter> {
+    let headers: &EthIpv4Headers = frame.header(0).ok_or(Counter::RxError)?;
+    let endpoint = maps::local_endpoint(headers.ip.dst).ok_or(Counter::RxDecapsulated)?;
+    // The stack answers a packet whose TTL runs out here with ICMP time exceeded.
+    if headers.ip.ttl <= 1 {
+        return Err(Counter::RxDecapsulated);
+    }
+    let transport = frame.header::<TransportHead>(size_of::<EthIpv4Headers>());
+    let flow = flow_of(&headers.ip, transport).ok_or(Counter::RxRoutedFlow)?;
+    if maps::takes_routed_path(&flow) {
+        return Err(Counter::RxRoutedFlow);
+    }
+    Ok(endpoint)
+}
+
+/// Routes the decapsulated packet as docker0 would and puts it into `endpoint`.
+#[inline(always)]
+fn deliver(
+    frame: &mut Frame,
+    config: &OverlayConfig,
+    endpoint: LocalEndpoint,
+) -> Result<Counter, Counter> {
+    let headers: &mut EthIpv4Headers = frame.header_mut(0).ok_or(Counter::RxError)?;
+    headers.ip.decrement_ttl();
+    headers.eth.src = config.bridge_mac;
+    headers.eth.dst = endpoint.mac;
+    redirect::into_container(&endpoint)
+}
+
+/// Puts the decapsulated packet into flannel.1's receive path, addressed to flannel.1, as the
+/// kernel's own decapsulation would: the stack routes it from there, counted as `reason`.
+/// What goes there only for want of a known container is noted (see `flows`).
+#[inline(always)]
+fn hand_to_vtep(
+    frame: &mut Frame,
+    config: &OverlayConfig,
+    reason: Counter,
+) -> Result<Counter, Counter> {
+    if reason == Counter::RxDecapsulated {
+        note_handed::<EthIpv4Headers>(frame, 0, config.vtep_ifindex);
+    }
+    let eth: &mut EthHdr = frame.header_mut(0).ok_or(Counter::RxError)?;
+    eth.dst = config.vtep_mac;
+    redirect::into_receive_path(config.vtep_ifindex)?;
+    Ok(reason)
+}

@@ -1,0 +1,53 @@
+//! Encapsulation into flannel's VXLAN, for the two hooks that send into the overlay: the fast
+//! path in `tc_container_ingress` (a container's packet for a remote subnet, routed here as
+//! docker0 would and wrapped) and the routed path in `tc_vtep_egress` (what the kernel routed
+//! into flannel.1 or flannel-v6.1, wrapped as it is). `v4` wraps in IPv4, `v6` in IPv6 with
+//! the outer UDP checksum; both send the frame to the neighbour the kernel resolves on the
+//! uplink.
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+    },
+    helpers::bpf_check_mtu,
+    programs::TcContext,
+};
+
+use crate::parse::ETH_HEADER_LEN;
+
+pub mod v4;
+pub mod v6;
+
+/// The inner MAC header length bpf_skb_adjust_room records. GSO takes everything between the
+/// outer UDP header and the inner MAC header (the VXLAN header) as tunnel header, so this is
+/// the inner Ethernet header alone; counting the VXLAN header too makes segmentation read it
+/// as Ethernet and drop every large TCP packet.
+const INNER_L2_LEN: u64 = ETH_HEADER_LEN as u64;
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`, which the bindings lack: the length sits in the top byte.
+const ENCAP_L2_FLAG: u64 = (INNER_L2_LEN & 0xff) << 56;
+/// Marks the new headers as a UDP tunnel carrying Ethernet, so GSO can still segment large
+/// TCP packets after encapsulation. The segment size stays: it is the inner packets', which
+/// already fit the overlay's MTU (the kernel's vxlan device keeps it too).
+const ADJUST_ROOM_TUNNEL_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
+    | ENCAP_L2_FLAG;
+
+/// Whether the packet (each of its segments, for a GSO packet) fits the MTU of the VXLAN
+/// device `ifindex`, the check the kernel makes when it forwards into it.
+#[inline(always)]
+fn fits_device(ctx: &TcContext, ifindex: u32) -> bool {
+    // Zero: measure the packet itself.
+    let mut mtu_len = 0u32;
+    // SAFETY: the context's skb is valid for the whole program run; mtu_len outlives the call.
+    let verdict = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb.cast(),
+            ifindex,
+            &mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    verdict == 0
+}
