@@ -16,7 +16,7 @@ const USERSPACE_CRATES: &[&str] = &["overlay-common", "overlay-agent", "xtask", 
 
 pub fn run(root: &Path) -> Result<ExitCode> {
     setup::run(root)?;
-    build::run(root, false)?;
+    build::build(root, false)?;
     let mut tally = Tally::default();
     tally.step(
         "formatting",
