@@ -9,7 +9,7 @@ use crate::{build, cmd, setup};
 
 pub fn run(root: &Path, quick: bool) -> Result<()> {
     setup::run(root)?;
-    build::run(root, true)?;
+    build::build(root, true)?;
     let mut bench = cmd::cargo();
     bench
         .current_dir(root)

@@ -1,4 +1,5 @@
-//! `cargo xtask build`: the eBPF object first, then the agent that embeds it.
+//! `cargo xtask build`: installs what the build needs if it is missing, then builds the eBPF
+//! object first and the agent that embeds it.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -17,6 +18,12 @@ fn ebpf_target_dir(root: &Path) -> PathBuf {
 }
 
 pub fn run(root: &Path, release: bool) -> Result<()> {
+    setup::ensure(root, setup::Scope::Build)?;
+    build(root, release)
+}
+
+/// The build alone, for commands that installed its prerequisites already.
+pub fn build(root: &Path, release: bool) -> Result<()> {
     build_ebpf(root)?;
     let mut agent = cmd::cargo();
     agent
@@ -28,7 +35,7 @@ pub fn run(root: &Path, release: bool) -> Result<()> {
     cmd::run(&mut agent)
 }
 
-/// Where `run` leaves the agent.
+/// Where `build` leaves the agent.
 pub fn agent_binary(root: &Path, release: bool) -> PathBuf {
     let profile = if release { "release" } else { "debug" };
     root.join("target").join(profile).join("overlay-agent")

@@ -8,7 +8,7 @@ use crate::{build, cmd, setup};
 
 pub fn run(root: &Path, once: bool) -> Result<()> {
     setup::run(root)?;
-    build::run(root, false)?;
+    build::build(root, false)?;
     let error = command(root, once).exec();
     bail!("cannot start the demo: {error}")
 }

@@ -21,9 +21,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Check and install every prerequisite (Debian packages, rust-src, bpf-linker, bpffs).
+    /// Check and install every prerequisite (Debian packages, rust-src, bpf-linker, cargo-deb,
+    /// rustfmt and clippy, bpffs): what the build, the package, the tests and the demo need.
     Setup,
-    /// Build the eBPF object, then the agent that embeds it.
+    /// Install what the build needs if it is missing (protoc, nightly rust-src, bpf-linker),
+    /// then build the eBPF object and the agent that embeds it.
     Build {
         /// Build the agent with the release profile (the eBPF object is always optimised).
         #[arg(long)]
@@ -42,8 +44,8 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<OsString>,
     },
-    /// Build the release agent and its Debian package (binary, systemd unit, env file) into
-    /// target/debian/.
+    /// Install what the build and cargo-deb need if it is missing, then build the release agent
+    /// and its Debian package (binary, systemd unit, env file) into target/debian/.
     Package,
     /// Measure ebpf, kernel and host-gw side by side, over IPv4 and IPv6; the report goes to
     /// target/bench/.

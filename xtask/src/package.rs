@@ -7,14 +7,14 @@ use anyhow::Result;
 use crate::{build, cmd, setup};
 
 pub fn run(root: &Path) -> Result<()> {
-    setup::run(root)?;
+    setup::ensure(root, setup::Scope::Package)?;
     build(root)
 }
 
 /// The release build, then cargo-deb on it with `--no-build`: cargo-deb's own `cargo build`
 /// would not build the eBPF object the agent embeds.
 pub fn build(root: &Path) -> Result<()> {
-    build::run(root, true)?;
+    build::build(root, true)?;
     cmd::run(cmd::cargo().current_dir(root).args([
         "deb",
         "--package",

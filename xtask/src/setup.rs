@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: checks every prerequisite and installs what is missing.
+//! `cargo xtask setup`: checks every prerequisite and installs what is missing; `build` and
+//! `package` check and install the part they need.
 //!
 //! Idempotent: each item prints one line (present / installed / failed and why), and a run on
 //! a machine that has everything installs nothing.
@@ -13,42 +14,101 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 
-/// Debian packages the project uses: etcd for the control plane, the tools the tests and the
-/// demo run, and protoc with the protobuf well-known types for etcd-client's generated gRPC code.
-const APT_PACKAGES: &[&str] = &[
-    "etcd-server",
-    "etcd-client",
-    "bpftool",
-    "iproute2",
-    "iputils-ping",
-    "traceroute",
-    "iperf3",
-    "sockperf",
-    "nftables",
+/// What a command installs. Each scope holds the one before it, so a prerequisite is tagged
+/// with the first scope that needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// `build` (and `run`, which builds): the eBPF object and the agent.
+    Build,
+    /// `package`: the release build, then cargo-deb.
+    Package,
+    /// `setup`, `test`, `demo` and `bench`: also what the tests, the demo and the benchmark run.
+    Everything,
+}
+
+/// One prerequisite, needed from `scope` on.
+struct Prerequisite {
+    name: &'static str,
+    scope: Scope,
+    kind: Kind,
+}
+
+/// Checks one prerequisite and installs it when missing; takes the workspace root.
+type EnsureTool = fn(&Path) -> Result<Outcome>;
+
+enum Kind {
+    /// A Debian package: the missing ones are installed together, with one apt-get call.
+    Apt,
+    /// Anything else: checks itself, installs itself when missing.
+    Tool(EnsureTool),
+}
+
+const fn apt(name: &'static str, scope: Scope) -> Prerequisite {
+    Prerequisite {
+        name,
+        scope,
+        kind: Kind::Apt,
+    }
+}
+
+const fn tool(name: &'static str, scope: Scope, ensure: EnsureTool) -> Prerequisite {
+    Prerequisite {
+        name,
+        scope,
+        kind: Kind::Tool(ensure),
+    }
+}
+
+/// Every prerequisite, in the order they are checked and reported: the Debian packages (etcd
+/// for the control plane, the tools the tests and the demo run, protoc for the build), then
+/// the toolchain's parts and bpffs.
+const PREREQUISITES: &[Prerequisite] = &[
+    apt("etcd-server", Scope::Everything),
+    apt("etcd-client", Scope::Everything),
+    apt("bpftool", Scope::Everything),
+    apt("iproute2", Scope::Everything),
+    apt("iputils-ping", Scope::Everything),
+    apt("traceroute", Scope::Everything),
+    apt("iperf3", Scope::Everything),
+    apt("sockperf", Scope::Everything),
+    apt("nftables", Scope::Everything),
     // flannel's default firewall backend: FLANNEL-FWD and FLANNEL-POSTRTG (iptables-nft).
-    "iptables",
+    apt("iptables", Scope::Everything),
     // The CNI plugins (bridge, host-local, portmap) a Kubernetes node attaches pods with.
-    "containernetworking-plugins",
-    "tcpdump",
-    "ethtool",
-    "util-linux",
-    "procps",
-    "protobuf-compiler",
-    "libprotobuf-dev",
-    "openssl",
-    "curl",
+    apt("containernetworking-plugins", Scope::Everything),
+    apt("tcpdump", Scope::Everything),
+    apt("ethtool", Scope::Everything),
+    apt("util-linux", Scope::Everything),
+    apt("procps", Scope::Everything),
+    // etcd-client's build script generates its gRPC code with protoc, from protos that import
+    // the protobuf well-known types.
+    apt("protobuf-compiler", Scope::Build),
+    apt("libprotobuf-dev", Scope::Build),
+    apt("openssl", Scope::Everything),
+    apt("curl", Scope::Everything),
     // The official Prometheus client's OpenMetrics parser reads /metrics in the tests.
-    "python3-prometheus-client",
+    apt("python3-prometheus-client", Scope::Everything),
     // Real Docker engines, one per test host, as flannel's documentation runs them.
-    "docker.io",
+    apt("docker.io", Scope::Everything),
     // The containers' image: a static busybox imported into each test dockerd.
-    "busybox-static",
-    // `cargo xtask package`: dpkg-shlibdeps (the package's Depends) and strip for cargo-deb,
-    // lintian to check the package, systemd-analyze to verify its unit. systemd installs
+    apt("busybox-static", Scope::Everything),
+    // dpkg-shlibdeps (the package's Depends) and strip for cargo-deb.
+    apt("dpkg-dev", Scope::Package),
+    // The tests check the package: lintian, and systemd-analyze on its unit. systemd installs
     // without becoming init: that is systemd-sysv's job.
-    "dpkg-dev",
-    "lintian",
-    "systemd",
+    apt("lintian", Scope::Everything),
+    apt("systemd", Scope::Everything),
+    tool("rustfmt and clippy", Scope::Everything, |_| {
+        ensure_lint_components()
+    }),
+    tool("nightly rust-src", Scope::Build, |_| {
+        ensure_nightly_rust_src()
+    }),
+    tool("bpf-linker", Scope::Build, ensure_bpf_linker),
+    tool("cargo-deb", Scope::Package, |_| ensure_cargo_deb()),
+    tool("bpffs at /sys/fs/bpf", Scope::Everything, |_| {
+        ensure_bpffs()
+    }),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -60,10 +120,17 @@ pub enum Outcome {
     Installed,
 }
 
+/// `cargo xtask setup`, and the setup `test`, `demo` and `bench` start with: everything, as
+/// root.
 pub fn run(root: &Path) -> Result<()> {
     ensure_linux_root(
         "setup installs packages, loads eBPF programs and mounts bpffs: run it as root",
     )?;
+    ensure(root, Scope::Everything)
+}
+
+/// Checks the prerequisites `scope` needs and installs the missing ones, one line each.
+pub fn ensure(root: &Path, scope: Scope) -> Result<()> {
     let mut failures = Vec::new();
     let mut record = |item: &str, outcome: Result<Outcome>| match outcome {
         Ok(Outcome::Present) => println!("  {item:<28} present"),
@@ -73,18 +140,40 @@ pub fn run(root: &Path) -> Result<()> {
             failures.push(item.to_string());
         }
     };
-    for (package, outcome) in ensure_apt_packages() {
+    for (package, outcome) in ensure_apt_packages(&apt_packages(scope)) {
         record(&format!("apt {package}"), outcome);
     }
-    record("rustfmt and clippy", ensure_lint_components());
-    record("nightly rust-src", ensure_nightly_rust_src());
-    record("bpf-linker", ensure_bpf_linker(root));
-    record("cargo-deb", ensure_cargo_deb());
-    record("bpffs at /sys/fs/bpf", ensure_bpffs());
+    for (name, ensure_tool) in tools(scope) {
+        record(name, ensure_tool(root));
+    }
     if !failures.is_empty() {
         bail!("setup incomplete, failed: {}", failures.join(", "));
     }
     Ok(())
+}
+
+fn in_scope(scope: Scope) -> impl Iterator<Item = &'static Prerequisite> {
+    PREREQUISITES
+        .iter()
+        .filter(move |prerequisite| prerequisite.scope <= scope)
+}
+
+/// The Debian packages `scope` needs.
+fn apt_packages(scope: Scope) -> Vec<&'static str> {
+    in_scope(scope)
+        .filter(|prerequisite| matches!(prerequisite.kind, Kind::Apt))
+        .map(|prerequisite| prerequisite.name)
+        .collect()
+}
+
+/// The other prerequisites `scope` needs, each with what checks and installs it.
+fn tools(scope: Scope) -> Vec<(&'static str, EnsureTool)> {
+    in_scope(scope)
+        .filter_map(|prerequisite| match prerequisite.kind {
+            Kind::Tool(ensure_tool) => Some((prerequisite.name, ensure_tool)),
+            Kind::Apt => None,
+        })
+        .collect()
 }
 
 /// Fails unless this is Linux and the effective user is root; `why_root` says why it must be,
@@ -110,40 +199,32 @@ fn effective_uid(status: &str) -> Option<&str> {
         .and_then(|ids| ids.split_whitespace().nth(1))
 }
 
-/// Checks all packages with one dpkg query, installs the missing ones with one apt-get call,
-/// and falls back to one call per package so a failure names the package that failed.
-fn ensure_apt_packages() -> Vec<(&'static str, Result<Outcome>)> {
-    let installed_before = match installed_packages() {
+/// Checks `packages` with one dpkg query and installs the missing ones.
+fn ensure_apt_packages(packages: &[&'static str]) -> Vec<(&'static str, Result<Outcome>)> {
+    let installed_before = match installed_packages(packages) {
         Ok(installed) => installed,
-        Err(error) => return all_failed(&error),
+        Err(error) => return all_failed(packages, &error),
     };
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|package| !installed_before.iter().any(|name| name == package))
+        .filter(|package| !is_listed(&installed_before, package))
         .collect();
-    if !missing.is_empty() {
-        if let Err(error) = apt_get(&["update"]) {
-            return all_failed(&error);
-        }
-        let _no_services = match ServicesHeld::new() {
-            Ok(held) => held,
-            Err(error) => return all_failed(&error),
-        };
-        if apt_install(&missing).is_err() {
-            for package in &missing {
-                let _ = apt_install(&[package]);
-            }
-        }
-    }
-    let installed_after = installed_packages().unwrap_or_default();
-    APT_PACKAGES
+    let installing = if missing.is_empty() {
+        Ok(())
+    } else {
+        install_missing(&missing)
+    };
+    let installed_after = installed_packages(packages).unwrap_or_default();
+    packages
         .iter()
         .map(|&package| {
             let outcome = if !missing.contains(&package) {
                 Ok(Outcome::Present)
-            } else if installed_after.iter().any(|name| name == package) {
+            } else if is_listed(&installed_after, package) {
                 Ok(Outcome::Installed)
+            } else if let Err(error) = &installing {
+                Err(anyhow::anyhow!("{error:#}"))
             } else {
                 Err(anyhow::anyhow!(
                     "apt-get install {package} did not install it"
@@ -152,6 +233,27 @@ fn ensure_apt_packages() -> Vec<(&'static str, Result<Outcome>)> {
             (package, outcome)
         })
         .collect()
+}
+
+/// Installs `missing` with one apt-get call, and falls back to one call per package so a
+/// failure names the package that failed.
+fn install_missing(missing: &[&str]) -> Result<()> {
+    ensure_linux_root(&format!(
+        "installing {} needs root: run this as root",
+        missing.join(", ")
+    ))?;
+    apt_get(&["update"])?;
+    let _no_services = ServicesHeld::new()?;
+    if apt_install(missing).is_err() {
+        for package in missing {
+            let _ = apt_install(&[package]);
+        }
+    }
+    Ok(())
+}
+
+fn is_listed(installed: &[String], package: &str) -> bool {
+    installed.iter().any(|name| name == package)
 }
 
 /// Keeps package scripts from starting services (dockerd, etcd) in the machine's own network
@@ -183,19 +285,22 @@ impl Drop for ServicesHeld {
     }
 }
 
-fn all_failed(error: &anyhow::Error) -> Vec<(&'static str, Result<Outcome>)> {
-    APT_PACKAGES
+fn all_failed(
+    packages: &[&'static str],
+    error: &anyhow::Error,
+) -> Vec<(&'static str, Result<Outcome>)> {
+    packages
         .iter()
         .map(|&package| (package, Err(anyhow::anyhow!("{error:#}"))))
         .collect()
 }
 
-/// Names of the project's packages that dpkg reports as installed.
-fn installed_packages() -> Result<Vec<String>> {
+/// Those of `packages` that dpkg reports as installed.
+fn installed_packages(packages: &[&str]) -> Result<Vec<String>> {
     // dpkg-query exits 1 when some package is unknown, so read its stdout whatever the status.
     let output = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output()
         .context("cannot run dpkg-query: is this a Debian machine?")?;
     let listing = String::from_utf8_lossy(&output.stdout);
@@ -369,6 +474,64 @@ fn bpffs_mounted() -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tool_names(scope: Scope) -> Vec<&'static str> {
+        tools(scope).into_iter().map(|(name, _)| name).collect()
+    }
+
+    #[test]
+    fn build_asks_for_protoc_and_the_ebpf_toolchain_alone() {
+        assert_eq!(
+            apt_packages(Scope::Build),
+            ["protobuf-compiler", "libprotobuf-dev"]
+        );
+        assert_eq!(tool_names(Scope::Build), ["nightly rust-src", "bpf-linker"]);
+    }
+
+    #[test]
+    fn package_asks_for_the_build_and_cargo_deb_with_dpkg_dev() {
+        assert_eq!(
+            apt_packages(Scope::Package),
+            ["protobuf-compiler", "libprotobuf-dev", "dpkg-dev"]
+        );
+        assert_eq!(
+            tool_names(Scope::Package),
+            ["nightly rust-src", "bpf-linker", "cargo-deb"]
+        );
+    }
+
+    #[test]
+    fn everything_asks_for_every_prerequisite_once() {
+        let everything: Vec<_> = apt_packages(Scope::Everything)
+            .into_iter()
+            .chain(tool_names(Scope::Everything))
+            .collect();
+        assert_eq!(everything.len(), PREREQUISITES.len());
+        for (index, name) in everything.iter().enumerate() {
+            assert!(
+                !everything[..index].contains(name),
+                "{name} is listed twice"
+            );
+        }
+        for test_time in [
+            "lintian",
+            "systemd",
+            "docker.io",
+            "etcd-server",
+            "iperf3",
+            "sockperf",
+        ] {
+            assert!(everything.contains(&test_time), "{test_time}");
+            assert!(
+                !apt_packages(Scope::Package).contains(&test_time),
+                "{test_time}"
+            );
+        }
+        for tool in ["rustfmt and clippy", "bpffs at /sys/fs/bpf"] {
+            assert!(everything.contains(&tool), "{tool}");
+            assert!(!tool_names(Scope::Package).contains(&tool), "{tool}");
+        }
+    }
 
     #[test]
     fn llvm_major_is_read_from_rustc_version() {

@@ -19,7 +19,7 @@ const EBPF_LIBRARY: &str = "overlay-ebpf";
 
 pub fn run(root: &Path) -> Result<ExitCode> {
     setup::run(root)?;
-    build::run(root, false)?;
+    build::build(root, false)?;
     let mut tally = Tally::default();
     tally.step(
         "formatting",
