@@ -518,6 +518,13 @@ define_counters! {
     /// unspecified (duplicate address detection): dropped. Checked only in a network with
     /// IPv6.
     tx_ipv6_spoofed_source => TxIpv6SpoofedSource: Drop,
+    /// Frame from a container with a VLAN tag, in the frame or taken off by the veth into the
+    /// packet's metadata: dropped, as no check looks past the tag while the stack or a
+    /// neighbour would.
+    tx_vlan => TxVlan: Drop,
+    /// Frame from a container that is neither IPv4, IPv6 nor ARP for IPv4 over Ethernet
+    /// (hardware type 1 or 6, 6-byte and 4-byte addresses): dropped, as no check knows it.
+    tx_unexpected_frame => TxUnexpectedFrame: Drop,
 }
 
 impl Counter {

@@ -1,4 +1,9 @@
-//! What a container may send. Every frame's source MAC, IPv4 source and ARP sender address is
+//! What a container may send, by allowlist: IPv4, IPv6 and ARP for IPv4 over Ethernet, each
+//! checked; every other frame (a VLAN tag, in the frame or taken off by the veth into the
+//! packet's metadata; another ethertype; ARP of another shape) is dropped and counted, as no
+//! check here looks past it while the host's stack or a neighbour's might.
+//!
+//! Every frame's source MAC, IPv4 source and ARP sender address is
 //! a claim, bound to the container port (the host side of the veth) that first made it, for
 //! as long as that port lives: a neighbour cannot take over an address or a MAC by ARP or by
 //! sending from it, so the bridge's forwarding database, the host's neighbour table and the
@@ -23,7 +28,11 @@ use crate::{
 };
 
 const ETH_P_ARP: u16 = 0x0806;
+/// 802.1Q, 802.1ad and the pre-standard QinQ tag.
+const ETH_P_VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+/// The hardware types Linux's ARP takes on an Ethernet device: Ethernet and IEEE 802.
 const ARP_HARDWARE_ETHERNET: u16 = 1;
+const ARP_HARDWARE_IEEE802: u16 = 6;
 const ARP_IPV4_LENGTHS: [u8; 2] = [6, 4];
 /// fe80::/10, in the first 16 bits of an address.
 const IPV6_LINK_LOCAL: u16 = 0xfe80;
@@ -54,13 +63,18 @@ pub fn check_container_frame(
         return Ok(());
     };
     // SAFETY: the context's skb is valid for the whole program run.
-    let port = unsafe { (*ctx.skb.skb).ifindex };
+    let (port, vlan_present) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
+    // The veth took the outer tag off before tc: what the frame holds is that VLAN's.
+    if vlan_present != 0 {
+        return Err(Counter::TxVlan);
+    }
     claim_mac(&eth.src, port, config)?;
     match u16::from_be_bytes(eth.ether_type) {
         ETH_P_IPV4 => check_ipv4(ctx, frame, config, port),
         ETH_P_ARP => check_arp(frame, config, port),
         ETH_P_IPV6 => check_ipv6(ctx, config),
-        _ => Ok(()),
+        ether_type if ETH_P_VLAN_TAGS.contains(&ether_type) => Err(Counter::TxVlan),
+        _ => Err(Counter::TxUnexpectedFrame),
     }
 }
 
@@ -134,15 +148,15 @@ fn may_send_from(address: &[u8; 16], config: &OverlayConfig) -> bool {
 
 #[inline(always)]
 fn check_arp(frame: &Frame, config: &OverlayConfig, port: u32) -> Result<(), Counter> {
-    // Not ARP for IPv4 over Ethernet: the host's ARP ignores it.
     let Some(arp) = frame.header::<EthArpHeaders>(0) else {
-        return Ok(());
+        return Err(Counter::TxUnexpectedFrame);
     };
-    if u16::from_be_bytes(arp.hardware) != ARP_HARDWARE_ETHERNET
+    let hardware = u16::from_be_bytes(arp.hardware);
+    if (hardware != ARP_HARDWARE_ETHERNET && hardware != ARP_HARDWARE_IEEE802)
         || u16::from_be_bytes(arp.protocol) != ETH_P_IPV4
         || arp.lengths != ARP_IPV4_LENGTHS
     {
-        return Ok(());
+        return Err(Counter::TxUnexpectedFrame);
     }
     // The bridge learns the Ethernet source, its neighbours the ARP sender: they must agree.
     if arp.sender_mac != arp.eth.src {

@@ -285,13 +285,16 @@ fn the_container_program_survives_garbage() -> Result<()> {
     Ok(())
 }
 
-/// Frames the container program refused as claims a container cannot make.
+/// Frames the container program refused: claims a container cannot make, and frames no
+/// check knows.
 fn refused(counters: &Counters) -> u64 {
     [
         Counter::TxSpoofedMac,
         Counter::TxSpoofedSource,
         Counter::TxVxlanFromContainer,
         Counter::TxIpv6SpoofedSource,
+        Counter::TxVlan,
+        Counter::TxUnexpectedFrame,
     ]
     .iter()
     .map(|&counter| counters.get(counter))

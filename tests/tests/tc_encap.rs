@@ -401,6 +401,65 @@ fn a_container_s_frames_name_one_mac() -> Result<()> {
     Ok(())
 }
 
+/// An ARP reply from bbox1 whose first six bytes (hardware type, protocol, address lengths)
+/// are `shape`, with `sender_mac` and `sender_ip`.
+fn arp_shaped(shape: [u8; 6], sender_mac: [u8; 6], sender_ip: [u8; 4]) -> Vec<u8> {
+    let mut frame = arp_from(BBOX1_MAC, sender_mac, sender_ip);
+    frame[ETH_HEADER_LEN..ETH_HEADER_LEN + 6].copy_from_slice(&shape);
+    frame
+}
+
+#[test]
+fn every_arp_the_kernel_takes_is_checked_and_any_other_is_dropped() -> Result<()> {
+    // Hardware type 6 (IEEE 802): Linux's ARP takes it on Ethernet as it takes type 1.
+    let ieee802 = [0, 6, 8, 0, 6, 4];
+    assert_refused(
+        &arp_shaped(ieee802, BBOX1_MAC, [10, 2, 54, 7]),
+        Counter::TxSpoofedSource,
+    )?;
+    assert_refused(
+        &arp_shaped(ieee802, BBOX2_MAC, BBOX1_IP),
+        Counter::TxSpoofedMac,
+    )?;
+    let own = from_container(&arp_shaped(ieee802, BBOX1_MAC, BBOX1_IP))?;
+    assert_eq!(own.verdict, TC_ACT_OK, "bbox1's own ARP over IEEE 802");
+    own.assert_uncounted();
+    // Shapes no ARP of the kernel takes: another hardware type or protocol, other lengths.
+    for shape in [
+        [0, 7, 8, 0, 6, 4],
+        [0, 1, 0x86, 0xdd, 6, 4],
+        [0, 1, 8, 0, 6, 16],
+        [0, 1, 8, 0, 8, 4],
+    ] {
+        assert_refused(
+            &arp_shaped(shape, BBOX1_MAC, BBOX1_IP),
+            Counter::TxUnexpectedFrame,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_container_s_vlan_tags_and_other_ethertypes_are_dropped() -> Result<()> {
+    let ping = bbox1_ping(BBOX2_IP, 64);
+    // VID 0 ("priority tagged"): the stack takes the payload off the tag as its own.
+    let tagged = [&[0, 0][..], &ETH_P_IPV4.to_be_bytes(), &ping].concat();
+    for tag in [0x8100, 0x88a8, 0x9100] {
+        assert_refused(
+            &ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, tag, &tagged),
+            Counter::TxVlan,
+        )?;
+    }
+    // LLDP, PPPoE discovery, MPLS, and an 802.3 length field.
+    for ether_type in [0x88cc, 0x8863, 0x8847, 0x0054] {
+        assert_refused(
+            &ethernet(HOST1_BRIDGE_MAC, BBOX1_MAC, ether_type, &ping),
+            Counter::TxUnexpectedFrame,
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 fn a_container_cannot_send_to_the_vxlan_port() -> Result<()> {
     let forged = vxlan(1, &routed_ping(0));
