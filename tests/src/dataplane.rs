@@ -158,6 +158,8 @@ pub fn host2_with_bbox2() -> Result<Dataplane> {
 pub struct Outcome {
     pub verdict: u32,
     pub frame: Vec<u8>,
+    /// How long the program ran, as BPF_PROG_TEST_RUN measured it.
+    pub duration: std::time::Duration,
     pub counters: Counters,
     /// The packet's `skb->mark` afterwards (0 for XDP, which has none).
     pub mark: u32,
@@ -371,6 +373,7 @@ fn run_tc_with(name: &str, dataplane: &Dataplane, frame: &[u8], ctx_in: &[u8]) -
     Ok(Outcome {
         verdict: result.return_value,
         frame: out,
+        duration: result.duration,
         counters: dataplane.counters()?,
         mark: u32::from_ne_bytes(mark),
     })
@@ -396,6 +399,7 @@ fn run_xdp(dataplane: &Dataplane, frame: &[u8]) -> Result<Outcome> {
     Ok(Outcome {
         verdict: result.return_value,
         frame: out,
+        duration: result.duration,
         counters: dataplane.counters()?,
         mark: 0,
     })

@@ -51,8 +51,12 @@ enum Task {
     /// target/bench/.
     Bench {
         /// One short run of each measurement: proves the benchmark works, measures little.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "micro")]
         quick: bool,
+        /// Only each program's ns per packet from BPF_PROG_TEST_RUN, in seconds: the A/B tool
+        /// for a change to the fast path (target/bench/microbench.md).
+        #[arg(long)]
+        micro: bool,
     },
     /// The seed document, live: two hosts, three containers, etcd, our dataplane.
     Demo {
@@ -75,7 +79,7 @@ fn main() -> ExitCode {
         } => succeeded(run::run(&root, release, &agent_args)),
         Task::Package => succeeded(package::run(&root)),
         Task::Demo { once } => succeeded(demo::run(&root, once)),
-        Task::Bench { quick } => succeeded(bench::run(&root, quick)),
+        Task::Bench { quick, micro } => succeeded(bench::run(&root, quick, micro)),
     };
     match outcome {
         Ok(code) => code,
