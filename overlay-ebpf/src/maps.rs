@@ -14,6 +14,12 @@ use overlay_common::{
 const MAX_REMOTE_HOSTS: usize = 65536;
 /// Room for every address of a /18 lease.
 const MAX_LOCAL_ENDPOINTS: usize = 16384;
+/// Container ports that bind claims at once.
+const MAX_CLAIMING_PORTS: usize = 4096;
+/// Claims (addresses and MACs together) one container port may bind: a container with a few
+/// addresses or MACs of its own stays far below it, and no container can fill the binding maps
+/// every other container's first frames need.
+pub const CLAIM_QUOTA: u64 = 32;
 /// Flows the stack forwards at once between containers and remote subnets, or to and from
 /// service addresses; the least recently seen give way.
 const MAX_ROUTED_FLOWS: usize = 65536;
@@ -70,6 +76,11 @@ static BOUND_ADDRESSES: HashMap<[u8; 4], u32, MAX_LOCAL_ENDPOINTS> = HashMap::ne
 /// addresses are.
 #[btf_map(name = "bound_macs")]
 static BOUND_MACS: HashMap<[u8; 6], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
+/// Container port → how many addresses and MACs it has bound (see [`CLAIM_QUOTA`]). Written by
+/// the container program; the agent deletes a port's count with its bindings.
+#[btf_map(name = "claims_per_port")]
+static CLAIMS_PER_PORT: HashMap<u32, u64, MAX_CLAIMING_PORTS> = HashMap::new();
 
 /// Flows the kernel's stack forwarded here, each under the key of the packets that travel the
 /// other way: those must take the routed path too, for conntrack to translate them (NAT) and
@@ -161,13 +172,16 @@ pub fn bind_mac(mac: &[u8; 6], port: u32) -> bool {
     bind(&BOUND_MACS, mac, port)
 }
 
-/// A full map binds nothing more: the claim fails, so a flood of made-up sources cannot
-/// open a way around the check.
+/// A full map, or a port at its quota, binds nothing more: the claim fails, so a flood of
+/// made-up sources cannot open a way around the check.
 #[inline(always)]
 fn bind<K, const N: usize>(bindings: &HashMap<K, u32, N>, key: &K, port: u32) -> bool {
     if let Some(bound) = bindings.get_ptr(key) {
         // SAFETY: the pointer is to a live map value, read at once.
         return unsafe { *bound } == port;
+    }
+    if !take_a_claim(port) {
+        return false;
     }
     // Another CPU may bind the same key first; the lookup after says who won.
     let _ = bindings.insert(key, port, u64::from(BPF_NOEXIST));
@@ -175,6 +189,28 @@ fn bind<K, const N: usize>(bindings: &HashMap<K, u32, N>, key: &K, port: u32) ->
     bindings
         .get_ptr(key)
         .is_some_and(|bound| unsafe { *bound } == port)
+}
+
+/// Counts a new claim of `port` against its quota; whether it is within it. The count is not
+/// atomic (the BPF target has no atomic add in `core`): a port whose frames two CPUs handle
+/// at once may get a claim or two past its quota, never an unbounded number.
+#[inline(always)]
+fn take_a_claim(port: u32) -> bool {
+    if CLAIMS_PER_PORT.get_ptr(&port).is_none() {
+        // A full map counts nothing more, and the lookup below refuses the claim.
+        let _ = CLAIMS_PER_PORT.insert(&port, &0, u64::from(BPF_NOEXIST));
+    }
+    let Some(count) = CLAIMS_PER_PORT.get_ptr_mut(&port) else {
+        return false;
+    };
+    // SAFETY: a live map value, read and written at once.
+    unsafe {
+        if *count >= CLAIM_QUOTA {
+            return false;
+        }
+        *count += 1;
+    }
+    true
 }
 
 /// A flow key of either family, with the maps its flows are kept in.

@@ -361,3 +361,23 @@ fn a_hostile_container_fuzzer_moves_no_neighbours_entries() -> Result<()> {
         Ok(endpoint_ifindex(&world.seed.host1, BBOX3_IP)? != 0)
     })
 }
+
+#[test]
+fn one_container_cannot_use_up_the_claims_of_the_containers_after_it() -> Result<()> {
+    let world = World::start("hc-quota")?;
+    let bridge_mac = world.bridge_mac()?;
+    // More made-up MACs than the binding map holds (16,384), each in an address probe.
+    let probes: Vec<Vec<u8>> = (0..20_000u32)
+        .map(|index| {
+            let [_, high, middle, low] = index.to_be_bytes();
+            let mac = [0x02, 0x66, 0, high, middle, low];
+            let probe = arp_reply([0, 1, 8, 0, 6, 4], mac, [0; 4], bridge_mac);
+            ethernet([0xff; 6], mac, ETH_P_ARP, &probe)
+        })
+        .collect();
+    world.send_from_bbox1(&probes)?;
+    let bbox4 = Container::attach(&world.seed.host1, "bbox4", "10.2.41.4")?;
+    bbox4.ping(BBOX2, 1)?;
+    world.seed.bbox2.ping("10.2.41.4", 1)?;
+    world.check_everyone_reaches_everyone()
+}

@@ -460,6 +460,34 @@ fn a_container_s_vlan_tags_and_other_ethertypes_are_dropped() -> Result<()> {
     Ok(())
 }
 
+/// The claims one container port may bind, addresses and MACs together.
+const CLAIM_QUOTA: usize = 32;
+
+#[test]
+fn one_container_port_binds_no_more_than_its_quota() -> Result<()> {
+    let dataplane = dataplane_of(&HOST1, &[&HOST2])?;
+    // Address probes: each claims its source MAC alone.
+    let probe_from = |index: usize| {
+        let mac = [0x02, 0x42, 0x0a, 0, (index >> 8) as u8, index as u8];
+        arp_from(mac, mac, [0; 4])
+    };
+    for index in 0..CLAIM_QUOTA {
+        let outcome = run_container(&dataplane, &probe_from(index))?;
+        assert_eq!(
+            outcome.verdict, TC_ACT_OK,
+            "claim {index} is within the quota"
+        );
+    }
+    let before = dataplane.counters()?;
+    let over = run_container(&dataplane, &probe_from(CLAIM_QUOTA))?;
+    assert_eq!(over.verdict, TC_ACT_SHOT, "a claim past the quota");
+    over.assert_only_since(&before, Counter::TxSpoofedMac);
+    // What the port holds it keeps using.
+    let known = run_container(&dataplane, &probe_from(0))?;
+    assert_eq!(known.verdict, TC_ACT_OK, "a MAC the port holds");
+    Ok(())
+}
+
 #[test]
 fn a_container_cannot_send_to_the_vxlan_port() -> Result<()> {
     let forged = vxlan(1, &routed_ping(0));

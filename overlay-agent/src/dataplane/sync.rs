@@ -16,8 +16,8 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6};
 
 use super::{
-    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP,
-    SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
+    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, CLAIMS_PER_PORT_MAP, Dataplane, ENDPOINTS_MAP,
+    ENDPOINTS6_MAP, SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
 use crate::model::{Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten};
 
@@ -208,23 +208,30 @@ fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
 }
 
 impl Dataplane {
-    /// Deletes every address and MAC binding of a port not in `live_ports`, so that a new
-    /// container can take an address or MAC a removed one held.
+    /// Deletes every address and MAC binding of a port not in `live_ports`, and its count of
+    /// claims, so that a new container can take an address or MAC a removed one held.
     pub fn release_claims_of_gone_ports(&mut self, live_ports: &BTreeSet<u32>) -> Result<()> {
-        release_gone::<[u8; 4]>(map_mut(&mut self.ebpf, BOUND_ADDRESSES_MAP)?, live_ports)?;
-        release_gone::<[u8; 6]>(map_mut(&mut self.ebpf, BOUND_MACS_MAP)?, live_ports)
+        let addresses = map_mut(&mut self.ebpf, BOUND_ADDRESSES_MAP)?;
+        release_gone(addresses, live_ports, |_: &[u8; 4], port: &u32| *port)?;
+        let macs = map_mut(&mut self.ebpf, BOUND_MACS_MAP)?;
+        release_gone(macs, live_ports, |_: &[u8; 6], port: &u32| *port)?;
+        let counts = map_mut(&mut self.ebpf, CLAIMS_PER_PORT_MAP)?;
+        release_gone(counts, live_ports, |port: &u32, _: &u64| *port)
     }
 }
 
-fn release_gone<K: aya::Pod + Eq + Hash>(
+/// Deletes every entry of `map` whose port (as `port_of` its key and value says) is not in
+/// `live_ports`.
+fn release_gone<K: aya::Pod + Eq + Hash, V: aya::Pod>(
     map: &mut aya::maps::Map,
     live_ports: &BTreeSet<u32>,
+    port_of: impl Fn(&K, &V) -> u32,
 ) -> Result<()> {
-    let mut bindings: BpfHashMap<&mut MapData, K, u32> = BpfHashMap::try_from(map)?;
+    let mut bindings: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
     let gone: Vec<K> = bindings
         .iter()
         .filter_map(|entry| entry.ok())
-        .filter(|(_, port)| !live_ports.contains(port))
+        .filter(|(key, value)| !live_ports.contains(&port_of(key, value)))
         .map(|(key, _)| key)
         .collect();
     for key in &gone {
