@@ -32,6 +32,17 @@ fn put(cluster: &Cluster, subnet: &str, value: &str) -> Result<()> {
     cluster.etcd.put(&cluster.subnet_key(subnet), value)
 }
 
+/// The seed's network where host1 holds SUBNET1 by reservation, its agent started with
+/// `flags` and ready.
+fn lone_host(tag: &str, flags: &[&str]) -> Result<(Cluster, Host, Agent)> {
+    let mut cluster = Cluster::new(tag)?;
+    cluster.reserve(SUBNET1, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut agent = Agent::start(&cluster, &host1, flags)?;
+    ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
+    Ok((cluster, host1, agent))
+}
+
 /// Waits until `/metrics` on `agent`'s host says `overlay_leases_skipped` is `expected`.
 fn wait_for_skipped(host: &Host, expected: f64) -> Result<()> {
     let mut seen = None;
@@ -120,11 +131,7 @@ const UNUSABLE_VALUES: [(&str, &str, &str); 8] = [
 
 #[test]
 fn record_values_no_host_can_have_are_skipped_and_counted() -> Result<()> {
-    let mut cluster = Cluster::new("unusable-values")?;
-    cluster.reserve(SUBNET1, HOST1)?;
-    let host1 = cluster.add_host("host1", HOST1)?;
-    let mut agent = Agent::start(&cluster, &host1, &[])?;
-    ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
+    let (cluster, host1, mut agent) = lone_host("unusable-values", &[])?;
 
     for (subnet, public_ip, mac) in UNUSABLE_VALUES {
         put(&cluster, subnet, &record(public_ip, mac))?;
@@ -157,11 +164,7 @@ fn record_values_no_host_can_have_are_skipped_and_counted() -> Result<()> {
 /// here under a key that sorts first, also after a restart.
 #[test]
 fn a_copied_vtep_mac_is_skipped_in_the_later_record() -> Result<()> {
-    let mut cluster = Cluster::new("copied-mac")?;
-    cluster.reserve(SUBNET1, HOST1)?;
-    let host1 = cluster.add_host("host1", HOST1)?;
-    let mut agent = Agent::start(&cluster, &host1, &["--dataplane=kernel"])?;
-    ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
+    let (cluster, host1, mut agent) = lone_host("copied-mac", &["--dataplane=kernel"])?;
 
     let mac = "1a:4b:d7:f7:16:89";
     put(&cluster, SUBNET2, &record(HOST2, mac))?;
@@ -201,11 +204,7 @@ fn a_copied_vtep_mac_is_skipped_in_the_later_record() -> Result<()> {
 /// usable value in between, and a bad one after it, is news again.
 #[test]
 fn a_bad_record_written_again_is_warned_about_once() -> Result<()> {
-    let mut cluster = Cluster::new("warn-once")?;
-    cluster.reserve(SUBNET1, HOST1)?;
-    let host1 = cluster.add_host("host1", HOST1)?;
-    let mut agent = Agent::start(&cluster, &host1, &["--dataplane=kernel"])?;
-    ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
+    let (cluster, host1, agent) = lone_host("warn-once", &["--dataplane=kernel"])?;
 
     let key = format!("{PREFIX}/subnets/10.2.54.0-24");
     let warning = format!("skipping record {key}");

@@ -18,7 +18,6 @@ pub mod watch;
 use std::{
     collections::HashMap,
     fmt,
-    hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -365,62 +364,44 @@ impl Record {
             let mac = lease.attrs.vtep_mac().ok_or(RecordError::NoVtep)?;
             check_vtep_mac("BackendData.VtepMAC", mac)?;
         }
-        check_public_ip(lease.attrs.public_ip, config.enable_ipv4)?;
+        // flannel writes 0.0.0.0 in an IPv6-only network, where nobody sends to it.
+        let ipv6_only_placeholder = !config.enable_ipv4 && lease.attrs.public_ip.is_unspecified();
+        if !ipv6_only_placeholder {
+            check_public_address("PublicIP", IpAddr::V4(lease.attrs.public_ip))?;
+        }
         if config.ipv6.is_some() && lease.ipv6_subnet.is_some() {
             let (_, address, mac) = lease.ipv6_peer().ok_or(RecordError::NoIpv6Vtep)?;
             check_vtep_mac("BackendV6Data.VtepMAC", mac)?;
-            check_public_ipv6(address)?;
+            check_public_address("PublicIPv6", IpAddr::V6(address))?;
         }
         Ok(lease)
     }
 }
 
-/// A PublicIP other hosts can send VXLAN to: flannel's 0.0.0.0 only in an IPv6-only network
-/// (`ipv4_network` false), where nobody sends to it.
-fn check_public_ip(address: Ipv4Addr, ipv4_network: bool) -> Result<(), RecordError> {
-    let why = if address.is_unspecified() {
-        ipv4_network.then_some("unspecified")
-    } else if address.is_loopback() {
-        Some("a loopback address")
-    } else if address.is_broadcast() {
-        Some("the broadcast address")
-    } else if address.is_multicast() {
-        Some("a multicast address")
-    } else if address.is_link_local() {
-        Some("a link-local address")
-    } else {
-        None
+/// A public address other hosts can send VXLAN to: `Err` naming `field` unless it is.
+fn check_public_address(field: &'static str, address: IpAddr) -> Result<(), RecordError> {
+    let link_local = match address {
+        IpAddr::V4(address) => address.is_link_local(),
+        IpAddr::V6(address) => address.is_unicast_link_local(),
     };
-    match why {
-        Some(why) => Err(RecordError::BadAddress {
-            field: "PublicIP",
-            address: IpAddr::V4(address),
-            why,
-        }),
-        None => Ok(()),
-    }
-}
-
-fn check_public_ipv6(address: Ipv6Addr) -> Result<(), RecordError> {
     let why = if address.is_unspecified() {
-        Some("unspecified")
+        "unspecified"
     } else if address.is_loopback() {
-        Some("a loopback address")
+        "a loopback address"
+    } else if address == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        "the broadcast address"
     } else if address.is_multicast() {
-        Some("a multicast address")
-    } else if address.is_unicast_link_local() {
-        Some("a link-local address")
+        "a multicast address"
+    } else if link_local {
+        "a link-local address"
     } else {
-        None
+        return Ok(());
     };
-    match why {
-        Some(why) => Err(RecordError::BadAddress {
-            field: "PublicIPv6",
-            address: IpAddr::V6(address),
-            why,
-        }),
-        None => Ok(()),
-    }
+    Err(RecordError::BadAddress {
+        field,
+        address,
+        why,
+    })
 }
 
 /// A MAC a VXLAN device can have: neither zero nor a group address.
@@ -451,11 +432,13 @@ fn check_subnet(subnet: IpNetwork, network: IpNetwork, subnet_len: u8) -> Result
 }
 
 /// Which record holds each subnet (of either family) and each VTEP MAC the leases in use
-/// have: a later record naming one of them is skipped while its holder stands.
+/// have, with the public address the MAC's FDB entry sends to: a later record naming one of
+/// those subnets, or one of those MACs at another address, is skipped while its holder
+/// stands. (One host's several records share its MAC and address, and no entry moves.)
 #[derive(Clone, Debug, Default)]
 pub struct Holders {
     subnets: HashMap<IpNetwork, String>,
-    macs: HashMap<MacAddr, String>,
+    macs: HashMap<MacAddr, (String, IpAddr)>,
 }
 
 impl Holders {
@@ -466,15 +449,15 @@ impl Holders {
         for network in lease.subnets().networks(config) {
             self.subnets.insert(network, key.to_string());
         }
-        for mac in vtep_macs_in_use(lease, config) {
-            self.macs.insert(mac, key.to_string());
+        for (mac, address) in vteps_in_use(lease, config) {
+            self.macs.insert(mac, (key.to_string(), address));
         }
     }
 
     /// Forgets everything `key` holds.
     pub fn release(&mut self, key: &str) {
         self.subnets.retain(|_, holder| holder != key);
-        self.macs.retain(|_, holder| holder != key);
+        self.macs.retain(|_, (holder, _)| holder != key);
     }
 
     /// Whether one of the subnets `record`'s key names is held by `record` itself.
@@ -488,29 +471,26 @@ impl Holders {
     }
 }
 
-/// The record other than `key` holding `what` (a subnet, a MAC) in `holders`.
-fn other_holder<'a, K: Hash + Eq>(
-    holders: &'a HashMap<K, String>,
-    what: &K,
-    key: &str,
-) -> Option<&'a String> {
-    holders.get(what).filter(|holder| *holder != key)
-}
-
-/// The VTEP MACs of `lease` that `config`'s families use.
-fn vtep_macs_in_use(lease: &Lease, config: &NetworkConfig) -> Vec<MacAddr> {
-    let ipv4 = lease.attrs.vtep_mac().filter(|_| config.enable_ipv4);
-    let ipv6 = lease.ipv6_peer().filter(|_| config.ipv6.is_some());
-    ipv4.into_iter()
-        .chain(ipv6.map(|(_, _, mac)| mac))
-        .collect()
+/// The VTEP MACs of `lease` that `config`'s families use, each with the public address its
+/// FDB entry sends to.
+fn vteps_in_use(lease: &Lease, config: &NetworkConfig) -> Vec<(MacAddr, IpAddr)> {
+    let ipv4 = lease
+        .attrs
+        .vtep_mac()
+        .filter(|_| config.enable_ipv4)
+        .map(|mac| (mac, IpAddr::V4(lease.attrs.public_ip)));
+    let ipv6 = lease
+        .ipv6_peer()
+        .filter(|_| config.ipv6.is_some())
+        .map(|(_, address, mac)| (mac, IpAddr::V6(address)));
+    ipv4.into_iter().chain(ipv6).collect()
 }
 
 /// Whether `record`, beside this host's lease `own` and what other records already hold,
 /// gives a lease this host may route to. Its own key aside, a record naming one of `own`'s
 /// subnets, its public address or its VTEP MAC would route this host's traffic to itself; a
-/// record naming a subnet or a VTEP MAC another key holds comes later, and the one there
-/// first keeps it.
+/// record naming a subnet another key holds, or a VTEP MAC another key holds at another
+/// public address, comes later, and the one there first keeps it.
 pub fn check_remote(
     record: &Record,
     prefix: &str,
@@ -521,14 +501,20 @@ pub fn check_remote(
     let lease = record.parse_remote(prefix, config)?;
     check_not_own(&lease, own, config)?;
     for network in lease.subnets().networks(config) {
-        if let Some(holder) = other_holder(&holders.subnets, &network, &record.key) {
-            return Err(RecordError::Taken(holder.clone()));
+        match holders.subnets.get(&network) {
+            Some(holder) if *holder != record.key => {
+                return Err(RecordError::Taken(holder.clone()));
+            }
+            _ => {}
         }
     }
-    for mac in vtep_macs_in_use(&lease, config) {
-        if let Some(holder) = other_holder(&holders.macs, &mac, &record.key) {
-            let holder = holder.clone();
-            return Err(RecordError::MacTaken { mac, holder });
+    for (mac, address) in vteps_in_use(&lease, config) {
+        match holders.macs.get(&mac) {
+            Some((holder, held_at)) if *holder != record.key && *held_at != address => {
+                let holder = holder.clone();
+                return Err(RecordError::MacTaken { mac, holder });
+            }
+            _ => {}
         }
     }
     Ok(lease)
@@ -545,26 +531,17 @@ fn check_not_own(lease: &Lease, own: &Lease, config: &NetworkConfig) -> Result<(
     {
         return Err(RecordError::OverlapsOwn(network));
     }
-    if own.attrs.public().named_in(&lease.attrs) {
-        let (field, address) = match own.attrs.public_ip {
-            ipv4 if ipv4.is_unspecified() => {
-                ("PublicIPv6", lease.attrs.public_ipv6.map(IpAddr::V6))
-            }
-            ipv4 => ("PublicIP", Some(IpAddr::V4(ipv4))),
-        };
-        if let Some(address) = address {
-            return Err(RecordError::BadAddress {
-                field,
-                address,
-                why: "this host's own",
-            });
-        }
+    if let Some((field, address)) = own_address_in(lease, own.attrs.public()) {
+        let why = "this host's own";
+        return Err(RecordError::BadAddress {
+            field,
+            address,
+            why,
+        });
     }
-    let own_macs = vtep_macs_in_use(own, config);
-    match vtep_macs_in_use(lease, config)
-        .into_iter()
-        .find(|mac| own_macs.contains(mac))
-    {
+    let macs = |lease| vteps_in_use(lease, config).into_iter().map(|(mac, _)| mac);
+    let own_macs: Vec<MacAddr> = macs(own).collect();
+    match macs(lease).find(|mac| own_macs.contains(mac)) {
         Some(mac) => Err(RecordError::BadMac {
             field: "VtepMAC",
             mac,
@@ -572,6 +549,18 @@ fn check_not_own(lease: &Lease, own: &Lease, config: &NetworkConfig) -> Result<(
         }),
         None => Ok(()),
     }
+}
+
+/// The field of `lease` that names one of `own` addresses, with the address.
+fn own_address_in(lease: &Lease, own: PublicAddresses) -> Option<(&'static str, IpAddr)> {
+    let ipv4 = Some(own.ipv4)
+        .filter(|address| !address.is_unspecified() && *address == lease.attrs.public_ip)
+        .map(|address| ("PublicIP", IpAddr::V4(address)));
+    let ipv6 = own
+        .ipv6
+        .filter(|address| lease.attrs.public_ipv6 == Some(*address))
+        .map(|address| ("PublicIPv6", IpAddr::V6(address)));
+    ipv4.or(ipv6)
 }
 
 /// The remote leases of a listing, by [`check_remote`], and every record skipped with why.
@@ -1082,6 +1071,19 @@ mod tests {
                 }
             )]
         );
+        // One host's second record shares its MAC and its address: no FDB entry moves.
+        let second_of_the_host = Record {
+            create_revision: 7,
+            ..record("10.2.55.0-24", &value(105))
+        };
+        let both = select_remote(
+            [&original, &second_of_the_host],
+            PREFIX,
+            &own,
+            &seed,
+            &Holders::default(),
+        );
+        assert_eq!((both.leases.len(), both.skipped.len()), (2, 0));
         // A holder keeps its MAC in a later listing, whatever the revisions say.
         let mut holders = Holders::default();
         let copy_lease = copy.parse_remote(PREFIX, &seed).unwrap();
