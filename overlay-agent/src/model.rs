@@ -191,6 +191,14 @@ impl LeaseEntries {
     }
 }
 
+/// How the node reaches other hosts' public addresses, as DirectRouting asks: those on its
+/// segment, and those no route leads to, each with the kernel's reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    pub on_link: HashSet<IpAddr>,
+    pub unreachable: HashMap<IpAddr, String>,
+}
+
 /// The lease entries a write left out. A lease missing from any lease map is dropped by the
 /// programs (`subnets` carries its traffic out, `vteps` and `vteps6` let its host's traffic
 /// in), so no route may lead to it.

@@ -2,12 +2,13 @@
 //! netlink ([`NodeSink`], implemented by `node::NodeNetwork`) and the eBPF maps and links
 //! ([`DataplaneSink`], implemented by `dataplane::Dataplane`). The reconciler knows neither
 //! implementation, and its unit tests drive it through recording fakes.
-use std::{collections::HashSet, future::Future, net::IpAddr};
+use std::{future::Future, net::IpAddr};
 
 use anyhow::Result;
 
 use crate::model::{
-    Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, Programs, Unwritten,
+    Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, Programs, Reach,
+    Unwritten,
 };
 
 /// The host's devices and kernel entries: observed, and made to match.
@@ -26,8 +27,8 @@ pub trait NodeSink {
         previous: &Containers,
     ) -> impl Future<Output = Result<Containers>>;
 
-    /// Those of `addresses` the kernel reaches without a gateway.
-    fn on_link(&self, addresses: Vec<IpAddr>) -> impl Future<Output = Result<HashSet<IpAddr>>>;
+    /// Which of `addresses` the kernel reaches without a gateway, and which not at all.
+    fn reach(&self, addresses: Vec<IpAddr>) -> impl Future<Output = Result<Reach>>;
 
     /// Makes the neighbour, FDB and route entries the agent owns on one family's devices
     /// exactly `entries`.

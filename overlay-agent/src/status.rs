@@ -1,6 +1,11 @@
 //! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
 //! attached programs and the counters, read from the subnet file, etcd and the pins.
-use std::{collections::HashMap, fmt::Write as _, net::Ipv6Addr, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use ipnetwork::{Ipv4Network, Ipv6Network};
@@ -12,8 +17,8 @@ use crate::{
     node::links,
     options::AgentOptions,
     subnet::{
-        Lease, RecordError, etcd::EtcdRegistry, file::previous_subnet, registry::Registry,
-        select_remote,
+        Holders, Lease, LeaseAttrs, LeaseSubnets, PublicAddresses, Record, RecordError, VtepMacs,
+        etcd::EtcdRegistry, file::previous_subnet, registry::Registry, select_remote, subnet_key,
     },
 };
 
@@ -115,12 +120,13 @@ async fn remote_leases(options: &AgentOptions) -> Result<(Vec<Lease>, Vec<(Strin
     let own = previous_subnet(&options.subnet_file)
         .context("no lease of our own to tell the others from")?;
     let listing = registry.list().await.context("cannot list the leases")?;
+    let own = own_lease(&listing.records, registry.prefix(), own);
     let selection = select_remote(
         &listing.records,
         registry.prefix(),
-        own,
+        &own,
         &config,
-        &HashMap::new(),
+        &Holders::default(),
     );
     let mut leases: Vec<Lease> = selection
         .leases
@@ -129,6 +135,29 @@ async fn remote_leases(options: &AgentOptions) -> Result<(Vec<Lease>, Vec<(Strin
         .collect();
     leases.sort_by_key(|lease| lease.subnet);
     Ok((leases, selection.skipped))
+}
+
+/// This host's lease on `subnets` as its record in `records` says; without one, a lease that
+/// names no public address or VTEP MAC of this host.
+fn own_lease(records: &[Record], prefix: &str, subnets: LeaseSubnets) -> Lease {
+    let key = subnet_key(prefix, subnets);
+    let own = records
+        .iter()
+        .find(|record| record.key == key)
+        .and_then(|record| record.parse(prefix).ok());
+    own.unwrap_or_else(|| Lease {
+        subnet: subnets.ipv4,
+        ipv6_subnet: subnets.ipv6,
+        attrs: LeaseAttrs::vxlan(
+            PublicAddresses {
+                ipv4: Ipv4Addr::UNSPECIFIED,
+                ipv6: None,
+            },
+            0,
+            VtepMacs::default(),
+        ),
+        etcd_lease: 0,
+    })
 }
 
 /// "full maps:", then each lease map with every entry taken and how many of `leases` it

@@ -1,13 +1,13 @@
 //! flannel's default: the chains `FLANNEL-FWD` and `FLANNEL-POSTRTG`, each jumped to from the
 //! built-in chain it belongs to, with flannel's exact rules and comments, in iptables for IPv4
-//! and ip6tables for IPv6, through the `iptables` crate (the counterpart of the go-iptables
-//! package flannel uses).
-use std::{error::Error, process::Command};
+//! and ip6tables for IPv6, each command run with a deadline ([`command::run`]) and told to
+//! wait for the xtables lock for a few seconds at most.
+use anyhow::{Context, Result, anyhow, bail};
 
-use anyhow::{Result, anyhow};
-use iptables::IPTables;
-
-use super::{FORWARD_COMMENT, Family, FamilyRules, KUBE_PROXY_MARK, MASQUERADE_COMMENT};
+use super::{
+    FORWARD_COMMENT, Family, FamilyRules, KUBE_PROXY_MARK, MASQUERADE_COMMENT,
+    command::{self, LOCK_WAIT_SECONDS},
+};
 
 const FORWARD_CHAIN: &str = "FLANNEL-FWD";
 const MASQUERADE_CHAIN: &str = "FLANNEL-POSTRTG";
@@ -84,7 +84,7 @@ pub fn write(rules: &FamilyRules) -> Result<()> {
             Some(wanted) => install(&iptables, &chain, &wanted),
             None => uninstall(&iptables, &chain),
         }
-        .map_err(|error| anyhow!("cannot set up the {command} chain {}: {error}", chain.name))?;
+        .with_context(|| format!("cannot set up the {command} chain {}", chain.name))?;
     }
     Ok(())
 }
@@ -97,7 +97,7 @@ pub fn in_place(rules: &FamilyRules) -> Result<bool> {
     for (chain, wanted) in wanted_chains(rules) {
         let listed = iptables
             .list_table(chain.table)
-            .map_err(|error| anyhow!("cannot list the {command} {} table: {error}", chain.table))?;
+            .with_context(|| format!("cannot list the {command} {} table", chain.table))?;
         let ours: Vec<String> = listed
             .into_iter()
             .filter(|line| line.contains(chain.name))
@@ -158,23 +158,21 @@ pub fn remove(family: Family) -> Result<()> {
         return Ok(());
     };
     for chain in [FORWARD, MASQUERADE] {
-        uninstall(&iptables, &chain).map_err(|error| {
-            anyhow!(
-                "cannot remove the {} chain {}: {error}",
-                command(family),
-                chain.name
-            )
+        uninstall(&iptables, &chain).with_context(|| {
+            format!("cannot remove the {} chain {}", command(family), chain.name)
         })?;
-        if holds_nothing(&iptables, chain.table) {
-            super::nftables::delete_iptables_table(family, chain.table);
+        if iptables.nf_tables && holds_nothing(&iptables, chain.table) {
+            super::nftables::delete_iptables_table(family, chain.table)?;
         }
     }
     Ok(())
 }
 
 /// Whether `table` holds only built-in chains with no rules and policy ACCEPT: what iptables-nft
-/// creates on first use, and what has no effect on any packet.
-fn holds_nothing(iptables: &IPTables, table: &str) -> bool {
+/// creates on first use, and what has no effect on any packet. Only with iptables-nft is the
+/// table an nftables table; with iptables-legacy an nftables table of that name is another
+/// program's (an administrator's) and never ours to delete.
+fn holds_nothing(iptables: &Iptables, table: &str) -> bool {
     iptables.list_table(table).is_ok_and(|lines| {
         lines
             .iter()
@@ -190,21 +188,13 @@ pub fn forward_policy_drops(family: Family) -> Result<bool> {
     };
     let listed = iptables
         .list(FORWARD.table, FORWARD.hook)
-        .map_err(|error| {
-            anyhow!(
-                "cannot list {}' {} chain: {error}",
-                command(family),
-                FORWARD.hook
-            )
-        })?;
+        .with_context(|| format!("cannot list {}' {} chain", command(family), FORWARD.hook))?;
     Ok(listed.contains(&format!("-P {} DROP", FORWARD.hook)))
 }
 
 /// Whether the host's iptables for `family` knows `--random-fully`.
 pub fn supports_random_fully(family: Family) -> bool {
-    Command::new(command(family))
-        .arg("--version")
-        .output()
+    command::run(command(family), &["--version"], None)
         .ok()
         .and_then(|output| version(&String::from_utf8_lossy(&output.stdout)))
         .is_some_and(|version| version >= RANDOM_FULLY_SINCE)
@@ -228,47 +218,169 @@ pub fn command(family: Family) -> &'static str {
     }
 }
 
-fn open(family: Family) -> Result<IPTables> {
-    iptables::new(family == Family::V6).map_err(|error| {
-        anyhow!(
-            "cannot run {} ({error}): install iptables, or set EnableNFTables in the network \
-             config to use nftables",
-            command(family)
-        )
+/// The host's iptables for `family`; an error when it cannot run.
+fn open(family: Family) -> Result<Iptables> {
+    let program = command(family);
+    let version = command::run(program, &["--version"], None)
+        .ok()
+        .filter(|output| output.status.success())
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot run {program}: install iptables, or set EnableNFTables in the network \
+                 config to use nftables"
+            )
+        })?;
+    Ok(Iptables {
+        program,
+        nf_tables: String::from_utf8_lossy(&version.stdout).contains("nf_tables"),
     })
 }
 
-/// Whether `chain` exists, from `iptables -S`: the crate's own check lists the chain with
-/// `-L`, which looks every address up in DNS (seconds per rule where no resolver answers).
-fn chain_exists(iptables: &IPTables, chain: &Chain) -> Result<bool, Box<dyn Error>> {
+/// `iptables` or `ip6tables`: each call one command with a deadline, waiting for the xtables
+/// lock for [`LOCK_WAIT_SECONDS`] at most.
+struct Iptables {
+    program: &'static str,
+    /// iptables-nft, whose tables are nftables tables, rather than iptables-legacy.
+    nf_tables: bool,
+}
+
+impl Iptables {
+    /// Runs `-t table args...`; the exit status and output are the caller's to judge.
+    fn run(&self, table: &str, args: &[&str]) -> Result<std::process::Output> {
+        let args = [&["-w", LOCK_WAIT_SECONDS, "-t", table], args].concat();
+        command::run(self.program, &args, None)
+    }
+
+    /// Runs `-t table args...`; its output, or an error naming the command and what it said.
+    fn checked(&self, table: &str, args: &[&str]) -> Result<String> {
+        let output = self.run(table, args)?;
+        if !output.status.success() {
+            bail!(
+                "`{} -t {table} {}` failed: {}",
+                self.program,
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `-S`: the table's chains and rules, as `iptables-save` writes them.
+    fn list_table(&self, table: &str) -> Result<Vec<String>> {
+        Ok(lines(&self.checked(table, &["-S"])?))
+    }
+
+    fn list(&self, table: &str, chain: &str) -> Result<Vec<String>> {
+        Ok(lines(&self.checked(table, &["-S", chain])?))
+    }
+
+    /// The chains of `table`, built-in ones included, from `-S`: listing them with `-L` would
+    /// look every address up in DNS (seconds per rule where no resolver answers).
+    fn list_chains(&self, table: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_table(table)?
+            .iter()
+            .filter_map(|line| {
+                line.strip_prefix("-N ")
+                    .or_else(|| line.strip_prefix("-P "))
+            })
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn chain_command(&self, table: &str, option: &str, chain: &str) -> Result<()> {
+        self.checked(table, &[option, chain]).map(drop)
+    }
+
+    fn rule_command(&self, table: &str, option: &str, chain: &str, rule: &str) -> Result<()> {
+        let words = split_rule(rule);
+        let args: Vec<&str> = [option, chain]
+            .into_iter()
+            .chain(words.iter().map(String::as_str))
+            .collect();
+        self.checked(table, &args).map(drop)
+    }
+
+    /// `-C`: whether `chain` holds `rule`.
+    fn exists(&self, table: &str, chain: &str, rule: &str) -> Result<bool> {
+        let words = split_rule(rule);
+        let args: Vec<&str> = ["-C", chain]
+            .into_iter()
+            .chain(words.iter().map(String::as_str))
+            .collect();
+        let output = self.run(table, &args)?;
+        match output.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => bail!(
+                "`{} -t {table} {}` failed: {}",
+                self.program,
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        }
+    }
+
+    fn delete_all(&self, table: &str, chain: &str, rule: &str) -> Result<()> {
+        while self.exists(table, chain, rule)? {
+            self.rule_command(table, "-D", chain, rule)?;
+        }
+        Ok(())
+    }
+}
+
+fn lines(output: &str) -> Vec<String> {
+    output.lines().map(str::to_string).collect()
+}
+
+/// A rule's words as iptables takes them: split at spaces, a double-quoted part one word
+/// without its quotes (`--comment "flanneld masq"`).
+fn split_rule(rule: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for character in rule.chars() {
+        match character {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => words.extend((!word.is_empty()).then(|| std::mem::take(&mut word))),
+            _ => word.push(character),
+        }
+    }
+    words.extend((!word.is_empty()).then_some(word));
+    words
+}
+
+/// Whether `chain` exists, from `iptables -S`.
+fn chain_exists(iptables: &Iptables, chain: &Chain) -> Result<bool> {
     Ok(iptables
         .list_chains(chain.table)?
         .iter()
         .any(|name| name == chain.name))
 }
 
-fn install(iptables: &IPTables, chain: &Chain, rules: &[String]) -> Result<(), Box<dyn Error>> {
+fn install(iptables: &Iptables, chain: &Chain, rules: &[String]) -> Result<()> {
     if chain_exists(iptables, chain)? {
-        iptables.flush_chain(chain.table, chain.name)?;
+        iptables.chain_command(chain.table, "-F", chain.name)?;
     } else {
-        iptables.new_chain(chain.table, chain.name)?;
+        iptables.chain_command(chain.table, "-N", chain.name)?;
     }
     for rule in rules {
-        iptables.append(chain.table, chain.name, rule)?;
+        iptables.rule_command(chain.table, "-A", chain.name, rule)?;
     }
     if iptables.exists(chain.table, chain.hook, &chain.jump())? {
         return Ok(());
     }
-    iptables.append(chain.table, chain.hook, &chain.jump())
+    iptables.rule_command(chain.table, "-A", chain.hook, &chain.jump())
 }
 
-fn uninstall(iptables: &IPTables, chain: &Chain) -> Result<(), Box<dyn Error>> {
+fn uninstall(iptables: &Iptables, chain: &Chain) -> Result<()> {
     if !chain_exists(iptables, chain)? {
         return Ok(());
     }
     iptables.delete_all(chain.table, chain.hook, &chain.jump())?;
-    iptables.flush_chain(chain.table, chain.name)?;
-    iptables.delete_chain(chain.table, chain.name)
+    iptables.chain_command(chain.table, "-F", chain.name)?;
+    iptables.chain_command(chain.table, "-X", chain.name)
 }
 
 #[cfg(test)]
@@ -336,6 +448,21 @@ mod tests {
             [
                 format!("-s fc00::/48 ! -d ff00::/8 {MASQ} -j MASQUERADE"),
                 format!("! -s fc00::/48 -d fc00::/48 {MASQ} -j MASQUERADE"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_quoted_comment_is_one_word() {
+        assert_eq!(
+            split_rule(&MASQUERADE.jump()),
+            [
+                "-m",
+                "comment",
+                "--comment",
+                "flanneld masq",
+                "-j",
+                "FLANNEL-POSTRTG"
             ]
         );
     }

@@ -12,6 +12,7 @@
 //! would end only our own chain, and the packet would still meet Docker's drop. That is why,
 //! unlike flannel, the nftables backend also keeps the iptables backend's forward chain and its
 //! jump in a family's iptables while that family's FORWARD policy is DROP (and only then).
+mod command;
 mod iptables;
 mod nftables;
 

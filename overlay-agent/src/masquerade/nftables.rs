@@ -1,14 +1,9 @@
 //! `EnableNFTables`: the tables `ip flannel-ipv4` and `ip6 flannel-ipv6` as flannel's nftables
 //! manager writes them, each with a `forward` and a `postrtg` chain, replaced as one `nft -f`
 //! transaction so that readers never see half a ruleset.
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
+use anyhow::{Result, bail};
 
-use anyhow::{Context, Result, bail};
-
-use super::{Family, FamilyRules, KUBE_PROXY_MARK};
+use super::{Family, FamilyRules, KUBE_PROXY_MARK, command};
 
 /// The table versions before flannel's backends made; removed wherever it is found.
 const LEGACY_TABLE: &str = "overlay";
@@ -82,10 +77,11 @@ pub fn write(rules: &FamilyRules) -> Result<()> {
 /// `nft list table ip flannel-ipv4` (or `ip6 flannel-ipv6`), or `None` when the table does not
 /// exist.
 pub fn listing(family: Family) -> Result<Option<String>> {
-    let output = Command::new("nft")
-        .args(["list", "table", keyword(family), table(family)])
-        .output()
-        .context("cannot run nft: is nftables installed?")?;
+    let output = command::run(
+        "nft",
+        &["list", "table", keyword(family), table(family)],
+        None,
+    )?;
     Ok(output
         .status
         .success()
@@ -94,7 +90,7 @@ pub fn listing(family: Family) -> Result<Option<String>> {
 
 /// Removes our table for `family`, and for IPv4 the one earlier versions made, if present.
 pub fn remove(family: Family) -> Result<()> {
-    if Command::new("nft").arg("--version").output().is_err() {
+    if command::run("nft", &["--version"], None).is_err() {
         // No nft on this host: no table of ours either.
         return Ok(());
     }
@@ -116,28 +112,14 @@ fn delete_script(family: Family, table: &str) -> String {
 }
 
 /// Deletes iptables-nft's `table ip <name>` (`ip6` for IPv6), left empty once our chains are
-/// gone. On a host with iptables-legacy there is no such table and nothing happens.
-pub fn delete_iptables_table(family: Family, name: &str) {
-    let _ = Command::new("nft")
-        .args(["delete", "table", keyword(family), name])
-        .stderr(Stdio::null())
-        .status();
+/// gone; one already gone is no error. Only for iptables-nft: with iptables-legacy, an
+/// nftables table of that name is somebody else's.
+pub fn delete_iptables_table(family: Family, name: &str) -> Result<()> {
+    command::run("nft", &["delete", "table", keyword(family), name], None).map(drop)
 }
 
 fn nft_script(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run nft: is nftables installed?")?;
-    child
-        .stdin
-        .take()
-        .context("nft has no stdin")?
-        .write_all(script.as_bytes())
-        .context("cannot send the ruleset to nft")?;
-    let output = child.wait_with_output().context("nft did not finish")?;
+    let output = command::run("nft", &["-f", "-"], Some(script))?;
     if !output.status.success() {
         bail!(
             "nft rejected the ruleset: {}",

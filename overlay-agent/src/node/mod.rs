@@ -10,7 +10,7 @@ pub mod peers;
 pub mod uplink;
 pub mod vtep;
 
-use std::{collections::HashSet, net::IpAddr};
+use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -21,10 +21,11 @@ use rtnetlink::{
 };
 
 use crate::{
-    model::{Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries},
+    model::{Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries, Reach},
     sinks::NodeSink,
 };
 use notifications::Notification;
+use peers::PeerRoute;
 use uplink::Uplink;
 use vtep::VtepSpec;
 
@@ -159,14 +160,20 @@ impl NodeSink for NodeNetwork {
         endpoints::list(&self.handle, bridge_index, previous).await
     }
 
-    async fn on_link(&self, addresses: Vec<IpAddr>) -> Result<HashSet<IpAddr>> {
-        let mut on_link = HashSet::new();
+    async fn reach(&self, addresses: Vec<IpAddr>) -> Result<Reach> {
+        let mut reach = Reach::default();
         for address in addresses {
-            if peers::is_on_link(&self.handle, address).await? {
-                on_link.insert(address);
+            match peers::route_to(&self.handle, address).await? {
+                PeerRoute::OnLink => {
+                    reach.on_link.insert(address);
+                }
+                PeerRoute::ViaGateway => {}
+                PeerRoute::Unreachable(why) => {
+                    reach.unreachable.insert(address, why);
+                }
             }
         }
-        Ok(on_link)
+        Ok(reach)
     }
 
     async fn converge_peers(&self, devices: FamilyDevices, entries: &PeerEntries) -> Result<()> {

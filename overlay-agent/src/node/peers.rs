@@ -136,26 +136,56 @@ async fn pipelined(
     outcome
 }
 
-/// Whether `address` is reached without a gateway, i.e. shares our L2 segment.
-pub async fn is_on_link(handle: &Handle, address: IpAddr) -> Result<bool> {
+/// How the kernel would send to a peer's public address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerRoute {
+    /// Without a gateway: the peer shares our L2 segment.
+    OnLink,
+    ViaGateway,
+    /// No route leads there (none at all, an unreachable, prohibit or blackhole route, or an
+    /// address no route can lead to, such as 0.1.2.3); the kernel's reason.
+    Unreachable(String),
+}
+
+/// How the kernel reaches `address`. Only a failure to ask is an error.
+pub async fn route_to(handle: &Handle, address: IpAddr) -> Result<PeerRoute> {
     let host_len = if address.is_ipv4() { 32 } else { 128 };
     let query = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(address, host_len)
         .with_context(|| format!("a route query for {address}"))?
         .build();
-    let answers: Vec<RouteMessage> = handle
-        .route()
-        .get(query)
-        .execute()
-        .try_collect()
-        .await
-        .with_context(|| format!("cannot look up the route to {address}"))?;
-    Ok(answers.iter().all(|route| {
-        !route
+    let answers: Vec<RouteMessage> = match handle.route().get(query).execute().try_collect().await {
+        Ok(answers) => answers,
+        Err(rtnetlink::Error::NetlinkError(message)) if is_no_route(message.raw_code()) => {
+            return Ok(PeerRoute::Unreachable(message.to_io().to_string()));
+        }
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot look up the route to {address}"));
+        }
+    };
+    let via_gateway = answers.iter().any(|route| {
+        route
             .attributes
             .iter()
             .any(|attribute| matches!(attribute, RouteAttribute::Gateway(_)))
-    }))
+    });
+    Ok(if via_gateway {
+        PeerRoute::ViaGateway
+    } else {
+        PeerRoute::OnLink
+    })
+}
+
+/// Whether a route lookup's error code says that no route leads to the address.
+fn is_no_route(raw_code: i32) -> bool {
+    [
+        libc::ENETUNREACH,
+        libc::EHOSTUNREACH,
+        libc::EACCES,
+        libc::EINVAL,
+    ]
+    .iter()
+    .any(|errno| raw_code == -errno)
 }
 
 /// Permanent neighbours of the family on the VXLAN device: only the agent puts those there.

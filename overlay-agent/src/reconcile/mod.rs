@@ -9,7 +9,8 @@ mod fixtures;
 pub mod plan;
 
 use std::{
-    collections::{HashMap, HashSet},
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     time::Duration,
 };
@@ -23,7 +24,7 @@ use tokio::{
 use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
-    model::{Containers, Devices, LeaseSubnets, NodeChange, Unwritten},
+    model::{Containers, Devices, LeaseSubnets, NodeChange, Reach, Unwritten},
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
 };
@@ -49,6 +50,9 @@ pub struct Reconciler<N, D> {
     progress: Progress,
     /// What the lease maps left out at the last round, as last reported.
     unwritten: Unwritten,
+    /// The leases left out for a public address no route leads to, with why, as last
+    /// reported.
+    unreachable: BTreeMap<LeaseSubnets, String>,
     metrics: ReconcileMetrics,
 }
 
@@ -71,6 +75,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             devices: None,
             progress: Progress::default(),
             unwritten: Unwritten::default(),
+            unreachable: BTreeMap::new(),
             metrics,
         };
         reconciler.apply_initial(leases);
@@ -141,13 +146,22 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                 .list_containers(devices.bridge.index, &self.containers)
                 .await?;
         }
-        let on_link = self.peers_on_link(scope).await?;
+        let reach = self.peers_reach(scope).await?;
+        let (leases, unreachable) = reachable_leases(&self.leases, &reach);
+        if scope != Scope::Containers {
+            report_unreachable(
+                &mut self.unreachable,
+                unreachable,
+                &self.leases,
+                &self.metrics,
+            );
+        }
         let observed = Observed {
             scope,
-            leases: &self.leases,
+            leases: &leases,
             devices: &devices,
             containers: &self.containers,
-            on_link: &on_link,
+            on_link: &reach.on_link,
         };
         let desired = desired::compute(&observed, &self.intent);
         let unwritten = plan::apply(
@@ -163,22 +177,19 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         Ok(())
     }
 
-    /// With DirectRouting, the leases' PublicIPs (and PublicIPv6s, with IPv6) on our
-    /// segment; none in a round about containers alone.
-    async fn peers_on_link(&self, scope: Scope) -> Result<HashSet<IpAddr>> {
+    /// With DirectRouting, which of the leases' PublicIPs (and PublicIPv6s, with IPv6) are on
+    /// our segment and which have no route at all; nothing in a round about containers alone.
+    async fn peers_reach(&self, scope: Scope) -> Result<Reach> {
         if scope == Scope::Containers || !self.intent.rules.direct_routing {
-            return Ok(HashSet::new());
+            return Ok(Reach::default());
         }
         let with_ipv6 = self.intent.rules.ipv6_network.is_some();
         let addresses = self
             .leases
             .values()
-            .flat_map(|lease| {
-                let ipv6 = lease.attrs.public_ipv6.filter(|_| with_ipv6);
-                std::iter::once(IpAddr::V4(lease.attrs.public_ip)).chain(ipv6.map(IpAddr::V6))
-            })
+            .flat_map(|lease| public_addresses(lease, with_ipv6))
             .collect();
-        self.node.on_link(addresses).await
+        self.node.reach(addresses).await
     }
 
     /// Warns about leases the maps left out, and counts each full map, when that differs from
@@ -277,6 +288,75 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
     }
 }
 
+/// The public addresses of `lease` the node sends to: its PublicIP (not the 0.0.0.0 of an
+/// IPv6-only record) and, `with_ipv6`, its PublicIPv6.
+fn public_addresses(lease: &Lease, with_ipv6: bool) -> impl Iterator<Item = IpAddr> {
+    let ipv4 = Some(lease.attrs.public_ip).filter(|address| !address.is_unspecified());
+    let ipv6 = lease.attrs.public_ipv6.filter(|_| with_ipv6);
+    ipv4.map(IpAddr::V4).into_iter().chain(ipv6.map(IpAddr::V6))
+}
+
+/// The leases none of whose public addresses `reach` finds unreachable (all of them, and
+/// not copied, in the usual case), and why each of the others is left out.
+fn reachable_leases<'a>(
+    leases: &'a HashMap<LeaseSubnets, Lease>,
+    reach: &Reach,
+) -> (
+    Cow<'a, HashMap<LeaseSubnets, Lease>>,
+    BTreeMap<LeaseSubnets, String>,
+) {
+    if reach.unreachable.is_empty() {
+        return (Cow::Borrowed(leases), BTreeMap::new());
+    }
+    let why_unreachable = |lease: &Lease| {
+        public_addresses(lease, true).find_map(|address| {
+            let why = reach.unreachable.get(&address)?;
+            Some(format!(
+                "no route leads to its public address {address}: {why}"
+            ))
+        })
+    };
+    let mut reachable = HashMap::new();
+    let mut unreachable = BTreeMap::new();
+    for (subnets, lease) in leases {
+        match why_unreachable(lease) {
+            Some(why) => {
+                unreachable.insert(*subnets, why);
+            }
+            None => {
+                reachable.insert(*subnets, lease.clone());
+            }
+        }
+    }
+    (Cow::Owned(reachable), unreachable)
+}
+
+/// Warns about each lease newly left out for its public address, once, says when one of
+/// `leases` has a route again, and counts them among the skipped records.
+fn report_unreachable(
+    reported: &mut BTreeMap<LeaseSubnets, String>,
+    now: BTreeMap<LeaseSubnets, String>,
+    leases: &HashMap<LeaseSubnets, Lease>,
+    metrics: &ReconcileMetrics,
+) {
+    if *reported == now {
+        return;
+    }
+    for (subnets, why) in &now {
+        if reported.get(subnets) != Some(why) {
+            log::warn!("skipping the record of lease {subnets}: {why}");
+        }
+    }
+    let back = reported
+        .keys()
+        .filter(|subnets| !now.contains_key(subnets) && leases.contains_key(subnets));
+    for subnets in back {
+        log::info!("lease {subnets}'s public address has a route again");
+    }
+    metrics.unreachable.set(now.len() as i64);
+    *reported = now;
+}
+
 /// "lease added: 10.2.54.0/24 via 172.20.62.105 (VTEP 1a:4b:d7:f7:16:89)"
 fn describe(event: &LeaseEvent) -> String {
     let (what, lease) = match event {
@@ -294,4 +374,51 @@ fn describe(event: &LeaseEvent) -> String {
         .map(|(_, address, mac)| format!(" via {address} (VTEP {mac})"))
         .unwrap_or_default();
     format!("lease {what}: {}{vtep}{vtep6}", lease.subnets())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{mac::MacAddr, subnet::LeaseAttrs};
+
+    fn lease(subnet: &str, public_ip: Ipv4Addr) -> Lease {
+        Lease {
+            subnet: subnet.parse().expect("test subnet"),
+            ipv6_subnet: None,
+            attrs: LeaseAttrs::ipv4_only(public_ip, 1, MacAddr::random_local()),
+            etcd_lease: 1,
+        }
+    }
+
+    #[test]
+    fn a_lease_whose_public_ip_has_no_route_is_left_out_and_the_others_stay() {
+        let (near, nowhere) = (Ipv4Addr::new(172, 20, 62, 105), Ipv4Addr::new(0, 1, 2, 3));
+        let leases: HashMap<LeaseSubnets, Lease> =
+            [lease("10.2.54.0/24", near), lease("10.2.90.0/24", nowhere)]
+                .into_iter()
+                .map(|lease| (lease.subnets(), lease))
+                .collect();
+        let reach = Reach {
+            on_link: [IpAddr::V4(near)].into(),
+            unreachable: [(
+                IpAddr::V4(nowhere),
+                "Network is unreachable (os error 101)".to_string(),
+            )]
+            .into(),
+        };
+        let (reachable, unreachable) = reachable_leases(&leases, &reach);
+        let kept: Vec<_> = reachable.values().map(|lease| lease.subnet).collect();
+        assert_eq!(kept, ["10.2.54.0/24".parse().expect("subnet")]);
+        let left_out: Vec<_> = unreachable.iter().collect();
+        assert_eq!(left_out.len(), 1);
+        assert_eq!(left_out[0].0.to_string(), "10.2.90.0/24");
+        assert_eq!(
+            left_out[0].1,
+            "no route leads to its public address 0.1.2.3: Network is unreachable (os error 101)"
+        );
+        let everyone = reachable_leases(&leases, &Reach::default());
+        assert!(matches!(everyone.0, Cow::Borrowed(_)) && everyone.1.is_empty());
+    }
 }

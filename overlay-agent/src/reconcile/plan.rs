@@ -164,7 +164,7 @@ mod tests {
         mac::MacAddr,
         model::{
             Containers, DecapHook, Devices, FamilyDevices, FullMap, LeaseEntries, NodeChange,
-            PeerEntries, Programs, RoutingRules, XdpModeChoice,
+            PeerEntries, Programs, Reach, RoutingRules, XdpModeChoice,
         },
         reconcile::desired::{NodeIntent, Observed, ProgramSettings, Scope, compute},
         subnet::{Lease, LeaseAttrs},
@@ -211,8 +211,8 @@ mod tests {
             Ok(Containers::default())
         }
 
-        async fn on_link(&self, _: Vec<IpAddr>) -> Result<HashSet<IpAddr>> {
-            Ok(HashSet::new())
+        async fn reach(&self, _: Vec<IpAddr>) -> Result<Reach> {
+            Ok(Reach::default())
         }
 
         async fn converge_peers(&self, _: FamilyDevices, entries: &PeerEntries) -> Result<()> {

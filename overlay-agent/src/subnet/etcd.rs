@@ -326,6 +326,7 @@ impl Watch for EtcdWatch {
                         key: String::from_utf8_lossy(kv.key()).into_owned(),
                         value: Some(kv.value().to_vec()),
                         etcd_lease: kv.lease(),
+                        create_revision: kv.create_revision(),
                     },
                     deleted: event.event_type() == EventType::Delete,
                     revision: kv.mod_revision(),
@@ -357,12 +358,13 @@ impl RangeReader for KvClient {
             .take_kvs()
             .into_iter()
             .map(|kv| {
-                let etcd_lease = kv.lease();
+                let (etcd_lease, create_revision) = (kv.lease(), kv.create_revision());
                 let (key, value) = kv.into_key_value();
                 Entry {
                     key,
                     value: (values == Values::Included).then_some(value),
                     etcd_lease,
+                    create_revision,
                 }
             })
             .collect();

@@ -56,6 +56,7 @@ impl MemoryRegistry {
             key: key.to_string(),
             value: Some(value.as_bytes().to_vec()),
             etcd_lease,
+            create_revision: 0,
         };
         self.commit(record, false);
     }
@@ -94,11 +95,17 @@ impl MemoryRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn commit(&self, record: Record, deleted: bool) {
+    /// Stores a change at the next revision; a record put keeps the revision that created it,
+    /// as etcd's `create_revision`.
+    fn commit(&self, mut record: Record, deleted: bool) {
         let revision = *self.revision.borrow() + 1;
         {
             let mut state = self.state();
             if !deleted {
+                record.create_revision = state
+                    .records
+                    .get(&record.key)
+                    .map_or(revision, |stored| stored.create_revision);
                 state.records.insert(record.key.clone(), record.clone());
             }
             state.history.push(RecordChange {

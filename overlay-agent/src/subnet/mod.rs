@@ -229,6 +229,9 @@ pub struct Record {
     /// `None` when the value is too large to read (see [`RecordError::TooLarge`]).
     pub value: Option<Vec<u8>>,
     pub etcd_lease: i64,
+    /// The etcd revision that created the key: of two records claiming one subnet or VTEP MAC
+    /// in a listing, the one created first keeps it.
+    pub create_revision: i64,
 }
 
 /// Why a record from another writer cannot be used; the record is skipped.
@@ -251,6 +254,24 @@ pub enum RecordError {
     OverlapsOwn(IpNetwork),
     /// The subnet is already leased under the key given (kept: it was there first).
     Taken(String),
+    /// A public address no host can be reached at, or this host's own.
+    BadAddress {
+        field: &'static str,
+        address: IpAddr,
+        why: &'static str,
+    },
+    /// A VTEP MAC no VXLAN device can have.
+    BadMac {
+        field: &'static str,
+        mac: MacAddr,
+        why: &'static str,
+    },
+    /// The VTEP MAC is already used by the lease under the key given (kept: it was there
+    /// first); two leases with one MAC would make the FDB entry flip between them.
+    MacTaken {
+        mac: MacAddr,
+        holder: String,
+    },
 }
 
 impl fmt::Display for RecordError {
@@ -281,6 +302,15 @@ impl fmt::Display for RecordError {
             ),
             Self::OverlapsOwn(own) => write!(f, "the subnet overlaps this host's lease {own}"),
             Self::Taken(key) => write!(f, "the subnet is already leased by {key}"),
+            Self::BadAddress {
+                field,
+                address,
+                why,
+            } => write!(f, "{field} {address} is {why}"),
+            Self::BadMac { field, mac, why } => write!(f, "{field} {mac} is {why}"),
+            Self::MacTaken { mac, holder } => {
+                write!(f, "the VtepMAC {mac} is already used by {holder}")
+            }
         }
     }
 }
@@ -330,17 +360,62 @@ impl Record {
         if lease.attrs.backend_type != VXLAN_BACKEND {
             return Err(RecordError::NotVxlan(lease.attrs.backend_type));
         }
-        if config.enable_ipv4 && !lease.attrs.vtep_mac().is_some_and(|mac| mac.is_unicast()) {
-            return Err(RecordError::NoVtep);
+        if config.enable_ipv4 {
+            let mac = lease.attrs.vtep_mac().ok_or(RecordError::NoVtep)?;
+            check_vtep_mac("BackendData.VtepMAC", mac)?;
         }
-        let ipv6_vtep_ok = lease
-            .ipv6_peer()
-            .is_some_and(|(_, address, mac)| mac.is_unicast() && !address.is_unspecified());
-        if config.ipv6.is_some() && lease.ipv6_subnet.is_some() && !ipv6_vtep_ok {
-            return Err(RecordError::NoIpv6Vtep);
+        // flannel writes 0.0.0.0 in an IPv6-only network, where nobody sends to it.
+        let ipv6_only_placeholder = !config.enable_ipv4 && lease.attrs.public_ip.is_unspecified();
+        if !ipv6_only_placeholder {
+            check_public_address("PublicIP", IpAddr::V4(lease.attrs.public_ip))?;
+        }
+        if config.ipv6.is_some() && lease.ipv6_subnet.is_some() {
+            let (_, address, mac) = lease.ipv6_peer().ok_or(RecordError::NoIpv6Vtep)?;
+            check_vtep_mac("BackendV6Data.VtepMAC", mac)?;
+            check_public_address("PublicIPv6", IpAddr::V6(address))?;
         }
         Ok(lease)
     }
+}
+
+/// A public address other hosts can send VXLAN to: `Err` naming `field` unless it is.
+fn check_public_address(field: &'static str, address: IpAddr) -> Result<(), RecordError> {
+    let link_local = match address {
+        IpAddr::V4(address) => address.is_link_local(),
+        IpAddr::V6(address) => address.is_unicast_link_local(),
+    };
+    let why = if address.is_unspecified() {
+        "unspecified"
+    } else if address.is_loopback() {
+        "a loopback address"
+    } else if address == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        "the broadcast address"
+    } else if address.is_multicast() {
+        "a multicast address"
+    } else if link_local {
+        "a link-local address"
+    } else {
+        return Ok(());
+    };
+    Err(RecordError::BadAddress {
+        field,
+        address,
+        why,
+    })
+}
+
+/// A MAC a VXLAN device can have: neither zero nor a group address.
+fn check_vtep_mac(field: &'static str, mac: MacAddr) -> Result<(), RecordError> {
+    let why = if mac == MacAddr([0; 6]) {
+        "all zeros"
+    } else if mac == MacAddr([0xff; 6]) {
+        "the broadcast address"
+    } else if !mac.is_unicast() {
+        "a multicast address"
+    } else {
+        return Ok(());
+    };
+    Err(RecordError::BadMac { field, mac, why })
 }
 
 /// A remote subnet must lie in the network, with the network's subnet length: two leases then
@@ -356,26 +431,88 @@ fn check_subnet(subnet: IpNetwork, network: IpNetwork, subnet_len: u8) -> Result
     Ok(())
 }
 
-/// Whether `record`, beside this host's lease on `own` and the subnets other records already
-/// hold (`holders`, subnet → key, both families), gives a lease this host may route to. Its
-/// own key aside, a record naming one of `own`'s subnets overlaps it; a record naming a
-/// subnet another key holds comes later, and the one there first keeps it.
+/// Which record holds each subnet (of either family) and each VTEP MAC the leases in use
+/// have, with the public address the MAC's FDB entry sends to: a later record naming one of
+/// those subnets, or one of those MACs at another address, is skipped while its holder
+/// stands. (One host's several records share its MAC and address, and no entry moves.)
+#[derive(Clone, Debug, Default)]
+pub struct Holders {
+    subnets: HashMap<IpNetwork, String>,
+    macs: HashMap<MacAddr, (String, IpAddr)>,
+}
+
+impl Holders {
+    /// Notes `key` as the holder of `lease`'s subnets in `config`'s families and of its VTEP
+    /// MACs, in place of whatever it held before.
+    pub fn hold(&mut self, lease: &Lease, key: &str, config: &NetworkConfig) {
+        self.release(key);
+        for network in lease.subnets().networks(config) {
+            self.subnets.insert(network, key.to_string());
+        }
+        for (mac, address) in vteps_in_use(lease, config) {
+            self.macs.insert(mac, (key.to_string(), address));
+        }
+    }
+
+    /// Forgets everything `key` holds.
+    pub fn release(&mut self, key: &str) {
+        self.subnets.retain(|_, holder| holder != key);
+        self.macs.retain(|_, (holder, _)| holder != key);
+    }
+
+    /// Whether one of the subnets `record`'s key names is held by `record` itself.
+    pub fn hold_its_subnet(&self, record: &Record, prefix: &str, config: &NetworkConfig) -> bool {
+        subnet_from_key(prefix, &record.key).is_some_and(|subnets| {
+            subnets
+                .networks(config)
+                .iter()
+                .any(|network| self.subnets.get(network) == Some(&record.key))
+        })
+    }
+}
+
+/// The VTEP MACs of `lease` that `config`'s families use, each with the public address its
+/// FDB entry sends to.
+fn vteps_in_use(lease: &Lease, config: &NetworkConfig) -> Vec<(MacAddr, IpAddr)> {
+    let ipv4 = lease
+        .attrs
+        .vtep_mac()
+        .filter(|_| config.enable_ipv4)
+        .map(|mac| (mac, IpAddr::V4(lease.attrs.public_ip)));
+    let ipv6 = lease
+        .ipv6_peer()
+        .filter(|_| config.ipv6.is_some())
+        .map(|(_, address, mac)| (mac, IpAddr::V6(address)));
+    ipv4.into_iter().chain(ipv6).collect()
+}
+
+/// Whether `record`, beside this host's lease `own` and what other records already hold,
+/// gives a lease this host may route to. Its own key aside, a record naming one of `own`'s
+/// subnets, its public address or its VTEP MAC would route this host's traffic to itself; a
+/// record naming a subnet another key holds, or a VTEP MAC another key holds at another
+/// public address, comes later, and the one there first keeps it.
 pub fn check_remote(
     record: &Record,
     prefix: &str,
     config: &NetworkConfig,
-    own: LeaseSubnets,
-    holders: &HashMap<IpNetwork, String>,
+    own: &Lease,
+    holders: &Holders,
 ) -> Result<Lease, RecordError> {
     let lease = record.parse_remote(prefix, config)?;
-    let own_networks = own.networks(config);
+    check_not_own(&lease, own, config)?;
     for network in lease.subnets().networks(config) {
-        if own_networks.contains(&network) {
-            return Err(RecordError::OverlapsOwn(network));
-        }
-        match holders.get(&network) {
+        match holders.subnets.get(&network) {
             Some(holder) if *holder != record.key => {
                 return Err(RecordError::Taken(holder.clone()));
+            }
+            _ => {}
+        }
+    }
+    for (mac, address) in vteps_in_use(&lease, config) {
+        match holders.macs.get(&mac) {
+            Some((holder, held_at)) if *holder != record.key && *held_at != address => {
+                let holder = holder.clone();
+                return Err(RecordError::MacTaken { mac, holder });
             }
             _ => {}
         }
@@ -383,60 +520,91 @@ pub fn check_remote(
     Ok(lease)
 }
 
+/// A remote lease must name none of this host's subnets, public addresses or VTEP MACs.
+fn check_not_own(lease: &Lease, own: &Lease, config: &NetworkConfig) -> Result<(), RecordError> {
+    let own_networks = own.subnets().networks(config);
+    if let Some(network) = lease
+        .subnets()
+        .networks(config)
+        .into_iter()
+        .find(|network| own_networks.contains(network))
+    {
+        return Err(RecordError::OverlapsOwn(network));
+    }
+    if let Some((field, address)) = own_address_in(lease, own.attrs.public()) {
+        let why = "this host's own";
+        return Err(RecordError::BadAddress {
+            field,
+            address,
+            why,
+        });
+    }
+    let macs = |lease| vteps_in_use(lease, config).into_iter().map(|(mac, _)| mac);
+    let own_macs: Vec<MacAddr> = macs(own).collect();
+    match macs(lease).find(|mac| own_macs.contains(mac)) {
+        Some(mac) => Err(RecordError::BadMac {
+            field: "VtepMAC",
+            mac,
+            why: "this host's own",
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The field of `lease` that names one of `own` addresses, with the address.
+fn own_address_in(lease: &Lease, own: PublicAddresses) -> Option<(&'static str, IpAddr)> {
+    let ipv4 = Some(own.ipv4)
+        .filter(|address| !address.is_unspecified() && *address == lease.attrs.public_ip)
+        .map(|address| ("PublicIP", IpAddr::V4(address)));
+    let ipv6 = own
+        .ipv6
+        .filter(|address| lease.attrs.public_ipv6 == Some(*address))
+        .map(|address| ("PublicIPv6", IpAddr::V6(address)));
+    ipv4.or(ipv6)
+}
+
 /// The remote leases of a listing, by [`check_remote`], and every record skipped with why.
-/// Records holding their subnet in `holders` go first, the others in the listing's order.
+/// Records holding their subnet in `holders` go first, the others in the order etcd created
+/// them (by key where it created them together).
 pub struct Selection {
     /// Each lease with the key of the record it came from.
     pub leases: Vec<(String, Lease)>,
     pub skipped: Vec<(String, RecordError)>,
+    /// What the leases hold, for the watch to go on from.
+    pub holders: Holders,
 }
 
 pub fn select_remote<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     prefix: &str,
-    own: LeaseSubnets,
+    own: &Lease,
     config: &NetworkConfig,
-    holders: &HashMap<IpNetwork, String>,
+    holders: &Holders,
 ) -> Selection {
-    let own_key = subnet_key(prefix, own);
-    let holds = |record: &Record| holds_its_subnet(record, prefix, config, holders);
+    let own_key = subnet_key(prefix, own.subnets());
     let mut records: Vec<&Record> = records
         .into_iter()
         .filter(|record| record.key != own_key)
         .collect();
-    records.sort_by_key(|record| !holds(record));
+    records.sort_by_cached_key(|record| {
+        let held = holders.hold_its_subnet(record, prefix, config);
+        (!held, record.create_revision, record.key.clone())
+    });
     let mut selection = Selection {
         leases: Vec::new(),
         skipped: Vec::new(),
+        holders: Holders::default(),
     };
-    let mut taken: HashMap<IpNetwork, String> = HashMap::new();
     for record in records {
-        match check_remote(record, prefix, config, own, &taken) {
+        match check_remote(record, prefix, config, own, &selection.holders) {
             Ok(lease) => {
-                for network in lease.subnets().networks(config) {
-                    taken.insert(network, record.key.clone());
-                }
+                selection.holders.hold(&lease, &record.key, config);
                 selection.leases.push((record.key.clone(), lease));
             }
             Err(error) => selection.skipped.push((record.key.clone(), error)),
         }
     }
     selection
-}
-
-/// Whether `holders` give one of the subnets `record`'s key names to `record` itself.
-pub fn holds_its_subnet(
-    record: &Record,
-    prefix: &str,
-    config: &NetworkConfig,
-    holders: &HashMap<IpNetwork, String>,
-) -> bool {
-    subnet_from_key(prefix, &record.key).is_some_and(|subnets| {
-        subnets
-            .networks(config)
-            .iter()
-            .any(|network| holders.get(network) == Some(&record.key))
-    })
 }
 
 /// `<prefix>/subnets/`: where every record lives.
@@ -497,6 +665,7 @@ mod tests {
             key: format!("{PREFIX}/subnets/{key}"),
             value: Some(value.as_bytes().to_vec()),
             etcd_lease: 7,
+            create_revision: 0,
         }
     }
 
@@ -585,7 +754,14 @@ mod tests {
         assert!(
             matches!(&errors[5], RecordError::BadJson(error) if error.contains("\"zz\" is not a MAC address"))
         );
-        assert_eq!(errors[6], RecordError::NoVtep);
+        assert_eq!(
+            errors[6],
+            RecordError::BadMac {
+                field: "BackendData.VtepMAC",
+                mac: "01:00:5e:00:00:01".parse().unwrap(),
+                why: "a multicast address"
+            }
+        );
         assert_eq!(
             errors[7],
             RecordError::OutsideNetwork(IpNetwork::V4(config.network))
@@ -714,7 +890,11 @@ mod tests {
                     r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:ff::105","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#,
                 ),
                 &only,
-                RecordError::NoIpv6Vtep,
+                RecordError::BadMac {
+                    field: "BackendV6Data.VtepMAC",
+                    mac: MacAddr([0xff; 6]),
+                    why: "the broadcast address",
+                },
             ),
             (
                 record("0.0.0.0-0&fd00:2:0:54::-64", FLANNEL_V6_ONLY),
@@ -739,21 +919,178 @@ mod tests {
             ipv4: "10.2.41.0/24".parse().unwrap(),
             ipv6: Some("fd00:2:0:41::/64".parse().unwrap()),
         };
+        let own = own_lease(own);
         let stealing = record("10.2.54.0-24&fd00:2:0:41::-64", FLANNEL_DUAL);
         assert_eq!(
-            check_remote(&stealing, PREFIX, &dual, own, &HashMap::new()),
+            check_remote(&stealing, PREFIX, &dual, &own, &Holders::default()),
             Err(RecordError::OverlapsOwn(
                 "fd00:2:0:41::/64".parse().unwrap()
             ))
         );
         let first = record("10.2.54.0-24&fd00:2:0:54::-64", FLANNEL_DUAL);
         let second = record("10.2.55.0-24&fd00:2:0:54::-64", FLANNEL_DUAL);
-        let selection = select_remote([&first, &second], PREFIX, own, &dual, &HashMap::new());
+        let selection = select_remote([&first, &second], PREFIX, &own, &dual, &Holders::default());
         assert_eq!(selection.leases.len(), 1);
         assert_eq!(
             selection.skipped,
             vec![(second.key.clone(), RecordError::Taken(first.key.clone()))]
         );
+    }
+
+    /// This host's lease on `subnets`: 172.20.62.104 and fd00:ff::104, with VTEP MACs of its
+    /// own.
+    fn own_lease(subnets: LeaseSubnets) -> Lease {
+        let public = PublicAddresses {
+            ipv4: Ipv4Addr::new(172, 20, 62, 104),
+            ipv6: Some("fd00:ff::104".parse().unwrap()),
+        };
+        let macs = VtepMacs {
+            ipv4: Some("1a:4b:d7:f7:16:41".parse().unwrap()),
+            ipv6: Some("1a:4b:d7:f7:16:42".parse().unwrap()),
+        };
+        Lease {
+            subnet: subnets.ipv4,
+            ipv6_subnet: subnets.ipv6,
+            attrs: LeaseAttrs::vxlan(public, 1, macs),
+            etcd_lease: 1,
+        }
+    }
+
+    fn with_public_ip(address: &str) -> String {
+        format!(
+            r#"{{"PublicIP":"{address}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:89"}}}}"#
+        )
+    }
+
+    fn with_vtep_mac(mac: &str) -> String {
+        format!(
+            r#"{{"PublicIP":"172.20.62.105","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    }
+
+    #[test]
+    fn public_addresses_no_host_has_are_skipped_naming_the_field() {
+        let seed = seed_config();
+        for (address, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("127.0.0.1", "a loopback address"),
+            ("224.0.0.1", "a multicast address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("169.254.1.1", "a link-local address"),
+        ] {
+            let error = record("10.2.54.0-24", &with_public_ip(address))
+                .parse_remote(PREFIX, &seed)
+                .unwrap_err();
+            assert_eq!(error.to_string(), format!("PublicIP {address} is {why}"));
+        }
+        let dual = config(DUAL_STACK);
+        for (address, why) in [
+            ("::", "unspecified"),
+            ("::1", "a loopback address"),
+            ("ff02::1", "a multicast address"),
+            ("fe80::1", "a link-local address"),
+        ] {
+            let value = FLANNEL_DUAL.replace("fd00:ff::105", address);
+            let error = record("10.2.54.0-24&fd00:2:0:54::-64", &value)
+                .parse_remote(PREFIX, &dual)
+                .unwrap_err();
+            assert_eq!(error.to_string(), format!("PublicIPv6 {address} is {why}"));
+        }
+    }
+
+    #[test]
+    fn vtep_macs_no_device_has_are_skipped_naming_the_field() {
+        for (mac, why) in [
+            ("00:00:00:00:00:00", "all zeros"),
+            ("ff:ff:ff:ff:ff:ff", "the broadcast address"),
+            ("33:33:00:00:00:01", "a multicast address"),
+        ] {
+            let error = record("10.2.54.0-24", &with_vtep_mac(mac))
+                .parse_remote(PREFIX, &seed_config())
+                .unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("BackendData.VtepMAC {mac} is {why}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_with_this_hosts_public_address_or_vtep_mac_is_skipped() {
+        let seed = seed_config();
+        let own = own_lease(LeaseSubnets::ipv4("10.2.41.0/24".parse().unwrap()));
+        let holders = Holders::default();
+        let check = |value: &str| {
+            check_remote(
+                &record("10.2.54.0-24", value),
+                PREFIX,
+                &seed,
+                &own,
+                &holders,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            check(&with_public_ip("172.20.62.104")),
+            "PublicIP 172.20.62.104 is this host's own"
+        );
+        assert_eq!(
+            check(&with_vtep_mac("1a:4b:d7:f7:16:41")),
+            "VtepMAC 1a:4b:d7:f7:16:41 is this host's own"
+        );
+    }
+
+    #[test]
+    fn a_copied_vtep_mac_is_skipped_in_the_record_etcd_created_later() {
+        let seed = seed_config();
+        let own = own_lease(LeaseSubnets::ipv4("10.2.41.0/24".parse().unwrap()));
+        let value = |host: u8| {
+            with_vtep_mac("1a:4b:d7:f7:16:89")
+                .replace("172.20.62.105", &format!("172.20.62.{host}"))
+        };
+        // The copy sorts first by key, but etcd created the original first.
+        let original = Record {
+            create_revision: 5,
+            ..record("10.2.54.0-24", &value(105))
+        };
+        let copy = Record {
+            create_revision: 9,
+            ..record("10.2.3.0-24", &value(66))
+        };
+        let selection = select_remote([&copy, &original], PREFIX, &own, &seed, &Holders::default());
+        let used: Vec<_> = selection.leases.iter().map(|(key, _)| key).collect();
+        assert_eq!(used, [&original.key]);
+        assert_eq!(
+            selection.skipped,
+            [(
+                copy.key.clone(),
+                RecordError::MacTaken {
+                    mac: "1a:4b:d7:f7:16:89".parse().unwrap(),
+                    holder: original.key.clone()
+                }
+            )]
+        );
+        // One host's second record shares its MAC and its address: no FDB entry moves.
+        let second_of_the_host = Record {
+            create_revision: 7,
+            ..record("10.2.55.0-24", &value(105))
+        };
+        let both = select_remote(
+            [&original, &second_of_the_host],
+            PREFIX,
+            &own,
+            &seed,
+            &Holders::default(),
+        );
+        assert_eq!((both.leases.len(), both.skipped.len()), (2, 0));
+        // A holder keeps its MAC in a later listing, whatever the revisions say.
+        let mut holders = Holders::default();
+        let copy_lease = copy.parse_remote(PREFIX, &seed).unwrap();
+        holders.hold(&copy_lease, &copy.key, &seed);
+        let relisted = select_remote([&copy, &original], PREFIX, &own, &seed, &holders);
+        let used: Vec<_> = relisted.leases.iter().map(|(key, _)| key).collect();
+        assert_eq!(used, [&copy.key]);
     }
 
     #[test]

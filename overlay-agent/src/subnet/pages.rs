@@ -22,6 +22,7 @@ pub struct Entry {
     /// `None` when only the key was asked for.
     pub value: Option<Vec<u8>>,
     pub etcd_lease: i64,
+    pub create_revision: i64,
 }
 
 /// One page of a range read.
@@ -146,6 +147,7 @@ impl Entry {
             key: String::from_utf8_lossy(&self.key).into_owned(),
             value: self.value,
             etcd_lease: self.etcd_lease,
+            create_revision: self.create_revision,
         }
     }
 }
@@ -261,6 +263,7 @@ mod tests {
                     key: key.to_vec(),
                     value: (values == Values::Included).then(|| value.to_vec()),
                     etcd_lease: 0,
+                    create_revision: 0,
                 })
                 .collect();
             let size: usize = entries

@@ -9,14 +9,13 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
-use ipnetwork::IpNetwork;
 use tokio::{
     sync::mpsc,
     time::{Instant, sleep},
 };
 
 use super::{
-    Lease, LeaseEvent, LeaseSubnets, Record, RecordError, check_remote, holds_its_subnet,
+    Holders, Lease, LeaseEvent, LeaseSubnets, Record, RecordError, check_remote,
     manager::LeaseRevoked,
     registry::{RecordChange, Registry, Watch, WatchUpdate},
     select_remote, subnet_from_key, subnet_key,
@@ -24,7 +23,7 @@ use super::{
 use crate::{
     config::NetworkConfig,
     health::{Duty, Health},
-    metrics::LeaseMetrics,
+    metrics::{GaugePart, LeaseMetrics},
 };
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -35,12 +34,15 @@ pub struct LeaseWatcher<R> {
     config: NetworkConfig,
     own: Lease,
     known: HashMap<LeaseSubnets, Lease>,
-    /// The key of the record each known subnet (of either family) came from: another record
-    /// naming the same subnet (a dual-stack key, say) is skipped while this one stands.
-    holders: HashMap<IpNetwork, String>,
+    /// The key of the record each known subnet (of either family) and VTEP MAC came from:
+    /// another record naming the same subnet (a dual-stack key, say) or MAC is skipped while
+    /// this one stands.
+    holders: Holders,
     /// Keys of the records that cannot be used.
     skipped: HashSet<String>,
     metrics: LeaseMetrics,
+    /// The watch's part of `metrics.skipped`.
+    skipped_part: GaugePart,
     health: Health,
     next_revision: i64,
     /// Whether `known` reflects a listing the watch can continue from.
@@ -68,8 +70,9 @@ impl<R: Registry> LeaseWatcher<R> {
             config,
             own,
             known: HashMap::new(),
-            holders: HashMap::new(),
+            holders: Holders::default(),
             skipped: HashSet::new(),
+            skipped_part: GaugePart::of(&metrics.skipped),
             metrics,
             health,
             next_revision: 0,
@@ -135,23 +138,25 @@ impl<R: Registry> LeaseWatcher<R> {
         if !own_key_present {
             return Err(LeaseRevoked(self.own.subnets()).into());
         }
-        self.skipped.clear();
         let selection = select_remote(
             &listing.records,
             self.registry.prefix(),
-            self.own.subnets(),
+            &self.own,
             &self.config,
             &self.holders,
         );
+        let still_skipped: HashSet<&String> =
+            selection.skipped.iter().map(|(key, _)| key).collect();
+        self.skipped.retain(|key| still_skipped.contains(key));
         for (key, error) in &selection.skipped {
             self.skip(key, error);
         }
-        let mut current: HashMap<LeaseSubnets, Lease> = HashMap::new();
-        self.holders.clear();
-        for (key, lease) in selection.leases {
-            self.hold(&lease, &key);
-            current.insert(lease.subnets(), lease);
-        }
+        self.holders = selection.holders;
+        let current: HashMap<LeaseSubnets, Lease> = selection
+            .leases
+            .into_iter()
+            .map(|(_, lease)| (lease.subnets(), lease))
+            .collect();
         let gone: Vec<LeaseSubnets> = self
             .known
             .keys()
@@ -227,7 +232,9 @@ impl<R: Registry> LeaseWatcher<R> {
                 Ok(None)
             };
         }
-        self.skipped.remove(&record.key);
+        if change.deleted {
+            self.skipped.remove(&record.key);
+        }
         let Some(subnets) = subnet_from_key(self.registry.prefix(), &record.key) else {
             if !change.deleted {
                 self.skip(&record.key, &RecordError::BadKey);
@@ -243,7 +250,7 @@ impl<R: Registry> LeaseWatcher<R> {
                 record,
                 self.registry.prefix(),
                 &self.config,
-                self.own.subnets(),
+                &self.own,
                 &self.holders,
             );
             match checked {
@@ -256,12 +263,13 @@ impl<R: Registry> LeaseWatcher<R> {
         };
         let event = match usable {
             Some(lease) => {
-                self.hold(&lease, &record.key);
+                self.skipped.remove(&record.key);
+                self.holders.hold(&lease, &record.key, &self.config);
                 self.remember(lease)
             }
             // Only the record holding the subnet can take its lease away.
             None if held => {
-                self.holders.retain(|_, holder| *holder != record.key);
+                self.holders.release(&record.key);
                 self.forget(subnets)
             }
             None => None,
@@ -272,7 +280,7 @@ impl<R: Registry> LeaseWatcher<R> {
 
     fn report_counts(&self) {
         self.metrics.known.set(self.known.len() as i64);
-        self.metrics.skipped.set(self.skipped.len() as i64);
+        self.skipped_part.set(self.skipped.len() as i64);
     }
 
     /// Records `lease`; returns the change if it is new or its attributes changed (a renewal
@@ -291,13 +299,6 @@ impl<R: Registry> LeaseWatcher<R> {
         self.known.remove(&subnets).map(LeaseEvent::Removed)
     }
 
-    /// Notes `key` as the holder of every subnet of `lease` in the network's families.
-    fn hold(&mut self, lease: &Lease, key: &str) {
-        for network in lease.subnets().networks(&self.config) {
-            self.holders.insert(network, key.to_string());
-        }
-    }
-
     /// Whether `record` is this host's own: its key exactly, not merely its subnet.
     fn is_own(&self, record: &Record) -> bool {
         record.key == subnet_key(self.registry.prefix(), self.own.subnets())
@@ -305,7 +306,8 @@ impl<R: Registry> LeaseWatcher<R> {
 
     /// Whether `record` is the one the lease of its subnet came from.
     fn holds(&self, record: &Record) -> bool {
-        holds_its_subnet(record, self.registry.prefix(), &self.config, &self.holders)
+        self.holders
+            .hold_its_subnet(record, self.registry.prefix(), &self.config)
     }
 
     fn still_ours(&self, record: &Record) -> bool {
@@ -314,14 +316,18 @@ impl<R: Registry> LeaseWatcher<R> {
             .is_ok_and(|lease| self.own.attrs.public().named_in(&lease.attrs))
     }
 
-    /// Logs why the record under `key` cannot be used, and counts it as skipped.
+    /// Counts the record under `key` as skipped, and logs why unless it is already: a record
+    /// written again and again with a value that cannot be used is news once, until its value
+    /// is usable.
     fn skip(&mut self, key: &str, error: &RecordError) {
+        if !self.skipped.insert(key.to_string()) {
+            return;
+        }
         match error {
             // A reservation whose host has not come up yet: normal, not a fault.
             RecordError::NoVtep => log::info!("waiting for {key}: {error}"),
             _ => log::warn!("skipping record {key}: {error}"),
         }
-        self.skipped.insert(key.to_string());
     }
 }
 
@@ -495,6 +501,35 @@ mod tests {
             unreachable!("checked above");
         };
         assert_eq!(lease.attrs.public_ip, Ipv4Addr::new(172, 20, 62, 105));
+        running.abort();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_record_copying_a_leases_vtep_mac_is_skipped_while_the_lease_stands() -> Result<()> {
+        let (registry, mut watcher) = watched();
+        let (original, copy, later) = (
+            subnet("10.2.54.0/24"),
+            subnet("10.2.3.0/24"),
+            subnet("10.2.60.0/24"),
+        );
+        let mac = MacAddr::random_local();
+        registry.put(original, &record_of(105, mac), 2);
+        watcher.initial_leases().await?;
+        let (sender, mut events) = mpsc::channel(16);
+        let running = tokio::spawn(watcher.run(sender));
+
+        registry.put(copy, &record_of(66, mac), 3);
+        registry.put(later, &record_of(106, MacAddr::random_local()), 4);
+        assert_eq!(subnet_of(&next_event(&mut events).await), ("added", later));
+        // Gone, the original frees its MAC for the next record that names it.
+        registry.remove(original);
+        assert_eq!(
+            subnet_of(&next_event(&mut events).await),
+            ("removed", original)
+        );
+        registry.put(copy, &record_of(66, mac), 5);
+        assert_eq!(subnet_of(&next_event(&mut events).await), ("added", copy));
         running.abort();
         Ok(())
     }
