@@ -350,16 +350,16 @@ fn the_watch_survives_an_etcd_restart_and_a_compaction_while_disconnected() -> R
     let (mut cluster, host1) = host_with_reservation("watch-resync")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     agent.wait_ready()?;
-    for (subnet, address) in [
-        ("10.2.50.0/24", "172.20.62.150"),
-        ("10.2.51.0/24", "172.20.62.151"),
-        ("10.2.52.0/24", "172.20.62.152"),
+    // Three hosts, each with a VTEP MAC of its own (a copied one would be skipped).
+    for (subnet, address, mac) in [
+        ("10.2.50.0/24", "172.20.62.150", "1a:4b:d7:f7:16:60"),
+        ("10.2.51.0/24", "172.20.62.151", "1a:4b:d7:f7:16:61"),
+        ("10.2.52.0/24", "172.20.62.152", "1a:4b:d7:f7:16:62"),
     ] {
-        cluster.etcd.put(
-            &cluster.subnet_key(subnet),
-            &flannel_record(address, "1a:4b:d7:f7:16:50"),
-        )?;
-        host1.wait_for_peer(subnet, address, "1a:4b:d7:f7:16:50")?;
+        cluster
+            .etcd
+            .put(&cluster.subnet_key(subnet), &flannel_record(address, mac))?;
+        host1.wait_for_peer(subnet, address, mac)?;
     }
 
     // Keep the agent from reconnecting while etcd restarts and the history is compacted.
