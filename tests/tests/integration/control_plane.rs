@@ -95,10 +95,9 @@ fn two_agents_lease_different_subnets_in_flannels_format() -> Result<()> {
     }
     host1.wait_for_peer(&subnet2, "172.20.62.105", &host2.vtep_mac()?)?;
     host2.wait_for_peer(&subnet1, "172.20.62.104", &host1.vtep_mac()?)?;
-    assert_eq!(
-        agent1.count_in_log(&format!("lease added: {subnet1}")),
-        0,
-        "own lease is ignored"
+    assert!(
+        host1.sends_no_peer(&subnet1)?,
+        "own lease is ignored: host1 has no peer entry for {subnet1}"
     );
     Ok(())
 }
@@ -123,11 +122,6 @@ fn a_restarted_agent_keeps_its_subnet_by_public_ip_and_by_subnet_file() -> Resul
 
     let mut restarted = Agent::start(&cluster, &host1, &[])?;
     assert_eq!(restarted.wait_ready()?, subnet);
-    assert!(
-        restarted
-            .log()
-            .contains(&format!("reusing lease {subnet} of 172.20.62.104"))
-    );
     assert_eq!(
         assert_record_shape(&record_of(&cluster, &subnet)?, &host1),
         mac,
@@ -160,11 +154,6 @@ fn a_reservation_is_honoured_and_stays_a_reservation() -> Result<()> {
     cluster.reserve("10.2.41.0/24", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     assert_eq!(agent.wait_ready()?, "10.2.41.0/24");
-    assert!(
-        agent
-            .log()
-            .contains("reusing reservation 10.2.41.0/24 of 172.20.62.104")
-    );
     assert_record_shape(&record_of(&cluster, "10.2.41.0/24")?, &host1);
     assert_eq!(
         cluster.etcd.lease_of(&key)?,
@@ -496,12 +485,12 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
             .netns
             .exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
     };
-    agent.wait_for_log(
-        "no network config at /docker-test/network/config",
-        1,
-        EVENT_TIMEOUT,
-    )?;
-    assert_eq!(status("/healthz")?, "200");
+    // The health port answers while the agent waits for a network config.
+    wait_for("/healthz to answer 200", EVENT_TIMEOUT, || {
+        Ok(agent
+            .health("/healthz")?
+            .is_some_and(|answer| answer.status == 200))
+    })?;
     let readyz = agent.health("/readyz")?.context("/readyz answers")?;
     assert_eq!(
         readyz.status, 503,
