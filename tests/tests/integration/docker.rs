@@ -208,42 +208,14 @@ fn accept_one(listener: &TcpListener, reply: &str) -> Result<SocketAddr> {
     }
 }
 
-#[test]
-fn docker_ebpf_forward_accept_iptables() -> Result<()> {
-    docker_case("dk-ebpf-acc-ipt", "ebpf", Policy::Accept, false)
-}
-
-#[test]
-fn docker_ebpf_forward_drop_iptables() -> Result<()> {
-    docker_case("dk-ebpf-drop-ipt", "ebpf", Policy::Drop, false)
-}
-
-#[test]
-fn docker_ebpf_forward_accept_nftables() -> Result<()> {
-    docker_case("dk-ebpf-acc-nft", "ebpf", Policy::Accept, true)
-}
-
-#[test]
-fn docker_ebpf_forward_drop_nftables() -> Result<()> {
-    docker_case("dk-ebpf-drop-nft", "ebpf", Policy::Drop, true)
-}
-
-#[test]
-fn docker_kernel_forward_accept_iptables() -> Result<()> {
-    docker_case("dk-kern-acc-ipt", "kernel", Policy::Accept, false)
-}
-
-#[test]
-fn docker_kernel_forward_drop_iptables() -> Result<()> {
-    docker_case("dk-kern-drop-ipt", "kernel", Policy::Drop, false)
-}
-
-#[test]
-fn docker_kernel_forward_accept_nftables() -> Result<()> {
-    docker_case("dk-kern-acc-nft", "kernel", Policy::Accept, true)
-}
-
-#[test]
-fn docker_kernel_forward_drop_nftables() -> Result<()> {
-    docker_case("dk-kern-drop-nft", "kernel", Policy::Drop, true)
-}
+// Dataplane × FORWARD policy × where flannel's rules live.
+test_matrix! { docker_case {
+    docker_ebpf_forward_accept_iptables: ("dk-ebpf-acc-ipt", "ebpf", Policy::Accept, false),
+    docker_ebpf_forward_drop_iptables: ("dk-ebpf-drop-ipt", "ebpf", Policy::Drop, false),
+    docker_ebpf_forward_accept_nftables: ("dk-ebpf-acc-nft", "ebpf", Policy::Accept, true),
+    docker_ebpf_forward_drop_nftables: ("dk-ebpf-drop-nft", "ebpf", Policy::Drop, true),
+    docker_kernel_forward_accept_iptables: ("dk-kern-acc-ipt", "kernel", Policy::Accept, false),
+    docker_kernel_forward_drop_iptables: ("dk-kern-drop-ipt", "kernel", Policy::Drop, false),
+    docker_kernel_forward_accept_nftables: ("dk-kern-acc-nft", "kernel", Policy::Accept, true),
+    docker_kernel_forward_drop_nftables: ("dk-kern-drop-nft", "kernel", Policy::Drop, true),
+}}

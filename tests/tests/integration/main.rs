@@ -3,6 +3,22 @@
 //! the whole suite. Each module is the file it was; a test's name starts with its module
 //! (`isolation::a_container_cannot_send_vxlan`), so `cargo test -p overlay-tests isolation::`
 //! runs one file's tests.
+
+/// A matrix of cases as a table, one `#[test]` per row: `name: (arguments...)` calls
+/// `check(arguments...)`. Each row runs, passes and fails under its own name, in parallel with
+/// the rest, and the table shows at a glance what differs between the cases.
+macro_rules! test_matrix {
+    ($check:ident { $($(#[$doc:meta])* $name:ident: ($($argument:expr),* $(,)?)),+ $(,)? }) => {
+        $(
+            $(#[$doc])*
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                $check($($argument),*)
+            }
+        )+
+    };
+}
+
 mod bench;
 mod cni;
 mod control_plane;
