@@ -86,6 +86,12 @@ fn bpf_filter(line: &str) -> Option<String> {
     ))
 }
 
+/// The name the agent pins `program`'s link on `device` of `netns` under:
+/// `link_<program>_<ifindex>`.
+pub fn link_pin_name(netns: &Netns, program: &str, device: &str) -> Result<String> {
+    Ok(format!("link_{program}_{}", netns.ifindex(device)?))
+}
+
 /// The ids of the links pinned under `dir`, by pin name.
 pub fn pinned_links(dir: &Path) -> Result<Vec<(String, u64)>> {
     let mut links = Vec::new();

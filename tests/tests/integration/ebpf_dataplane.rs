@@ -8,7 +8,7 @@ use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_common::{Counter, Counters};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
-    attached::{ensure_links_adopted, link_exists, pinned_links},
+    attached::{ensure_links_adopted, link_exists, link_pin_name, pinned_links},
     cluster::{Cluster, Host},
     loss::{LossWindow, steady_ping},
     metrics::{scrape, value_of},
@@ -565,11 +565,7 @@ fn an_uplink_deleted_and_made_again_is_followed_within_five_seconds() -> Result<
             .success())
     })?;
     // The uplink's program is linked to the new eth0, by its index.
-    let index = seed
-        .host2
-        .netns
-        .exec(&["cat", "/sys/class/net/eth0/ifindex"])?;
-    let pin = format!("link_tc_uplink_ingress_{}", index.trim());
+    let pin = link_pin_name(&seed.host2.netns, "tc_uplink_ingress", "eth0")?;
     let links = pinned_links(&seed.host2.pin_dir())?;
     assert!(
         links.iter().any(|(name, _)| *name == pin),

@@ -12,7 +12,9 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
     agent::Agent,
-    attached::{ensure_links_adopted, link_exists, pinned_links, tc_filters, tcx_programs},
+    attached::{
+        ensure_links_adopted, link_exists, link_pin_name, pinned_links, tc_filters, tcx_programs,
+    },
     cluster::{BPFFS, Cluster, Host},
     ipv6::{BBOX1_V6, BBOX2_V6, SUBNET1_V6},
     loss::{LossWindow, steady_ping},
@@ -101,11 +103,7 @@ fn the_guard_of_flannel_v6_follows_its_device_and_the_dataplane() -> Result<()> 
         "{:?}",
         tcx_programs(&seed.host2.netns)?
     );
-    let index = seed
-        .host2
-        .netns
-        .exec(&["cat", "/sys/class/net/flannel-v6.1/ifindex"])?;
-    let pin = format!("link_tc_vtep_ingress_{}", index.trim());
+    let pin = link_pin_name(&seed.host2.netns, "tc_vtep_ingress", "flannel-v6.1")?;
     let links = pinned_links(&seed.host2.pin_dir())?;
     let (_, link) = links
         .iter()
