@@ -141,7 +141,9 @@ fn crate_src(name: &str) -> PathBuf {
 fn the_agent_s_modules_import_downwards_only() {
     let graph = module_graph(&crate_src("overlay-agent"));
     assert!(
-        graph.get("node").is_some_and(|imports| imports.contains("model")),
+        graph
+            .get("node")
+            .is_some_and(|imports| imports.contains("model")),
         "the graph is read: node builds on model\n{graph:#?}"
     );
     for (importer, imported) in FORBIDDEN {
@@ -161,7 +163,9 @@ fn the_agent_s_modules_import_downwards_only() {
 fn the_ebpf_crate_s_modules_form_no_cycle() {
     let graph = module_graph(&crate_src("overlay-ebpf"));
     assert!(
-        graph.get("container").is_some_and(|imports| imports.contains("encap")),
+        graph
+            .get("container")
+            .is_some_and(|imports| imports.contains("encap")),
         "the graph is read: the container hook encapsulates\n{graph:#?}"
     );
     for module in graph.keys() {

@@ -160,9 +160,7 @@ impl Agent {
     /// Waits until this agent's /readyz says it has written its subnet file (a file left by
     /// an earlier run does not count); returns the lease's subnet as "a.b.c.0/len".
     pub fn wait_ready(&mut self) -> Result<String> {
-        self.wait_until_ready()?;
-        subnet_from_file(&self.subnet_file)
-            .context("the agent said it was ready but wrote no FLANNEL_SUBNET")
+        self.wait_ready_within(READY_TIMEOUT)
     }
 
     /// As [`Agent::wait_ready`], for a network with IPv6: returns the lease's IPv6 subnet
@@ -173,12 +171,24 @@ impl Agent {
             .context("the agent said it was ready but wrote no FLANNEL_IPV6_SUBNET")
     }
 
+    /// As [`Agent::wait_ready`], allowing `timeout` instead of [`READY_TIMEOUT`] (for an agent
+    /// that is built first).
+    pub fn wait_ready_within(&mut self, timeout: Duration) -> Result<String> {
+        self.wait_until_ready_within(timeout)?;
+        subnet_from_file(&self.subnet_file)
+            .context("the agent said it was ready but wrote no FLANNEL_SUBNET")
+    }
+
     /// Waits until this agent's /readyz answers 200.
     fn wait_until_ready(&mut self) -> Result<()> {
+        self.wait_until_ready_within(READY_TIMEOUT)
+    }
+
+    fn wait_until_ready_within(&mut self, timeout: Duration) -> Result<()> {
         let port = self
             .health_port
             .context("waiting for readiness needs an agent that serves /readyz")?;
-        wait_for("the agent's /readyz to answer 200", READY_TIMEOUT, || {
+        wait_for("the agent's /readyz to answer 200", timeout, || {
             if let Some(status) = self.process.try_exit_status()? {
                 bail!("the agent exited ({status}) before it was ready");
             }

@@ -2,7 +2,7 @@
 //! programs tcx runs, the netlink tc filters, and the links pinned in a directory.
 use std::{path::Path, process::Command};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
 
 use crate::netns::{Netns, run};
@@ -86,6 +86,12 @@ fn bpf_filter(line: &str) -> Option<String> {
     ))
 }
 
+/// The name the agent pins `program`'s link on `device` of `netns` under:
+/// `link_<program>_<ifindex>`.
+pub fn link_pin_name(netns: &Netns, program: &str, device: &str) -> Result<String> {
+    Ok(format!("link_{program}_{}", netns.ifindex(device)?))
+}
+
 /// The ids of the links pinned under `dir`, by pin name.
 pub fn pinned_links(dir: &Path) -> Result<Vec<(String, u64)>> {
     let mut links = Vec::new();
@@ -106,6 +112,23 @@ pub fn pinned_links(dir: &Path) -> Result<Vec<(String, u64)>> {
         links.push((name, link["id"].as_u64().context("a link without id")?));
     }
     Ok(links)
+}
+
+/// Fails unless each of `before` is still pinned under `dir` by its name and with its kernel
+/// id: a restarted agent adopted the link rather than making another.
+pub fn ensure_links_adopted(before: &[(String, u64)], dir: &Path) -> Result<()> {
+    ensure!(
+        !before.is_empty(),
+        "no pinned link to adopt under {}",
+        dir.display()
+    );
+    let now = pinned_links(dir)?;
+    let replaced: Vec<_> = before.iter().filter(|link| !now.contains(link)).collect();
+    ensure!(
+        replaced.is_empty(),
+        "not adopted (pin and id as before): {replaced:?}; pinned now: {now:?}"
+    );
+    Ok(())
 }
 
 /// Whether the link with kernel id `id` still exists, attached or not.

@@ -1,8 +1,9 @@
 //! Capturing real frames off an interface with tcpdump: one, as bytes, or a count of what
 //! matches while something happens.
 use std::{
-    io::{BufRead, BufReader, Read},
-    process::{Child, Command, Stdio},
+    io::{BufRead, BufReader},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -79,11 +80,13 @@ fn first_record(pcap: &[u8]) -> Result<Vec<u8>> {
         .context("the capture ends inside its first packet")
 }
 
-/// A tcpdump on one interface of a namespace, counting what matches its filter until it is
+/// A tcpdump on one interface of a namespace, collecting what matches its filter until it is
 /// stopped; killed if dropped first.
 pub struct Sniffer {
     tcpdump: Child,
     what: String,
+    /// tcpdump's lines as it prints them (`-l`), from a thread that reads its stdout to EOF.
+    lines: Receiver<String>,
 }
 
 impl Sniffer {
@@ -98,7 +101,12 @@ impl Sniffer {
             .context("cannot start tcpdump")?;
         let what = format!("{filter:?} on {interface} of {}", netns.name());
         let stderr = tcpdump.stderr.take().context("tcpdump's stderr")?;
-        let sniffer = Self { tcpdump, what };
+        let lines = forward_lines(tcpdump.stdout.take().context("tcpdump's stdout")?);
+        let sniffer = Self {
+            tcpdump,
+            what,
+            lines,
+        };
         // "verbose output suppressed ...", then "listening on ...", or an error.
         let mut said = String::new();
         let mut lines = BufReader::new(stderr).lines();
@@ -115,19 +123,54 @@ impl Sniffer {
     pub fn stop(mut self) -> Result<Vec<String>> {
         // SAFETY: kill has no memory preconditions; the pid is our own child's.
         unsafe { libc::kill(self.tcpdump.id() as i32, libc::SIGINT) };
-        let mut seen = String::new();
-        self.tcpdump
-            .stdout
-            .take()
-            .context("tcpdump's stdout")?
-            .read_to_string(&mut seen)?;
         self.tcpdump.wait()?;
-        Ok(seen
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .map(str::to_string)
-            .collect())
+        // The reader thread ends at tcpdump's EOF, which ends this iterator.
+        Ok(self.lines.iter().collect())
     }
+
+    /// Calls `traffic` every 200 ms until a packet whose line contains `marker` is seen (at
+    /// most 15 s), then stops tcpdump; every packet it saw, the marked ones included.
+    pub fn stop_once_seen(
+        self,
+        marker: &str,
+        mut traffic: impl FnMut() -> Result<()>,
+    ) -> Result<Vec<String>> {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut seen = Vec::new();
+        while !seen.iter().any(|line: &String| line.contains(marker)) {
+            if Instant::now() > deadline {
+                bail!(
+                    "tcpdump for {} saw no packet with {marker:?} within {TIMEOUT:?}: {seen:#?}",
+                    self.what
+                );
+            }
+            traffic()?;
+            let interval_ends = Instant::now() + TRAFFIC_INTERVAL;
+            while let Some(left) = interval_ends.checked_duration_since(Instant::now()) {
+                match self.lines.recv_timeout(left) {
+                    Ok(line) => seen.push(line),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => bail!("tcpdump for {} ended", self.what),
+                }
+            }
+        }
+        seen.extend(self.stop()?);
+        Ok(seen)
+    }
+}
+
+/// Sends each non-empty line `stdout` prints, from a thread of its own, until its EOF.
+fn forward_lines(stdout: ChildStdout) -> Receiver<String> {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !line.trim().is_empty() && sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
 }
 
 impl Drop for Sniffer {

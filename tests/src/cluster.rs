@@ -143,16 +143,26 @@ impl Host {
     /// Whether this host holds no route, no gateway neighbour and (in ebpf mode) no map entry
     /// for `subnet`.
     pub fn holds_no_peer(&self, subnet: &str) -> Result<bool> {
+        Ok(!self.netns.has_route(subnet)? && self.sends_no_peer(subnet)?)
+    }
+
+    /// Whether nothing sends `subnet`'s traffic to a peer: no route into flannel.1, no gateway
+    /// neighbour there and (in ebpf mode) no map entry. The host's own subnet, routed to its
+    /// bridge, has none of these.
+    pub fn sends_no_peer(&self, subnet: &str) -> Result<bool> {
         let network: Ipv4Network = subnet.parse().context("an overlay subnet")?;
         let gateway = network.network().to_string();
         let neighbour = self
             .netns
             .ip(&["neigh", "show", &gateway, "dev", "flannel.1"])?;
+        let into_vtep = self
+            .netns
+            .ip(&["route", "show", subnet, "dev", "flannel.1"])?;
         let mapped = match PinnedDataplane::open(&self.pin_dir()) {
             Ok(pinned) => pinned.subnet_entries()?.contains_key(&network),
             Err(_) => false,
         };
-        Ok(!self.netns.has_route(subnet)? && neighbour.trim().is_empty() && !mapped)
+        Ok(into_vtep.trim().is_empty() && neighbour.trim().is_empty() && !mapped)
     }
 
     /// `iptables args...` in the host's namespace; returns its output.

@@ -303,6 +303,9 @@ pub struct DockerSeed {
     pub host1: Host,
     pub host2: Host,
     pub cluster: Cluster,
+    /// docker0's interface index on host1 and host2 once the agents were ready, before
+    /// dockerd started: the bridge the agents made.
+    pub docker0_made_by_agents: [u32; 2],
 }
 
 impl DockerSeed {
@@ -310,6 +313,10 @@ impl DockerSeed {
     /// each from its agent's subnet file, then bbox1 and bbox2.
     pub fn start_on(mut cluster: Cluster, agent_flags: &[&str]) -> Result<Self> {
         let [(host1, agent1), (host2, agent2)] = start_hosts(&mut cluster, agent_flags)?;
+        let docker0_made_by_agents = [
+            host1.netns.ifindex("docker0")?,
+            host2.netns.ifindex("docker0")?,
+        ];
         let docker1 = Dockerd::start(&host1)?;
         let docker2 = Dockerd::start(&host2)?;
         let idle = ["sleep", "86400"];
@@ -331,6 +338,7 @@ impl DockerSeed {
             host1,
             host2,
             cluster,
+            docker0_made_by_agents,
         })
     }
 }

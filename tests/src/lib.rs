@@ -1,5 +1,6 @@
 //! Test harness: hand-built frames, network namespaces that clean up after themselves, a real
 //! etcd, agent processes, and the checks every privileged test makes first.
+pub mod absence;
 pub mod agent;
 pub mod attached;
 pub mod capture;

@@ -42,7 +42,8 @@ pub fn run(root: &Path) -> Result<ExitCode> {
             .args(["clippy", "--package", EBPF_LIBRARY, "--lib", "--tests"])
             .args(["--", "-D", "warnings"]),
     );
-    // Before the tests: tests/tests/package.rs checks the package this leaves in target/debian.
+    // Before the tests: tests/tests/integration/package.rs checks the package this leaves in
+    // target/debian.
     tally.record("package", package::build(root));
     tally.tests(
         cmd::cargo()

@@ -95,10 +95,9 @@ fn two_agents_lease_different_subnets_in_flannels_format() -> Result<()> {
     }
     host1.wait_for_peer(&subnet2, "172.20.62.105", &host2.vtep_mac()?)?;
     host2.wait_for_peer(&subnet1, "172.20.62.104", &host1.vtep_mac()?)?;
-    assert_eq!(
-        agent1.count_in_log(&format!("lease added: {subnet1}")),
-        0,
-        "own lease is ignored"
+    assert!(
+        host1.sends_no_peer(&subnet1)?,
+        "own lease is ignored: host1 has no peer entry for {subnet1}"
     );
     Ok(())
 }
@@ -123,11 +122,6 @@ fn a_restarted_agent_keeps_its_subnet_by_public_ip_and_by_subnet_file() -> Resul
 
     let mut restarted = Agent::start(&cluster, &host1, &[])?;
     assert_eq!(restarted.wait_ready()?, subnet);
-    assert!(
-        restarted
-            .log()
-            .contains(&format!("reusing lease {subnet} of 172.20.62.104"))
-    );
     assert_eq!(
         assert_record_shape(&record_of(&cluster, &subnet)?, &host1),
         mac,
@@ -160,11 +154,6 @@ fn a_reservation_is_honoured_and_stays_a_reservation() -> Result<()> {
     cluster.reserve("10.2.41.0/24", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
     assert_eq!(agent.wait_ready()?, "10.2.41.0/24");
-    assert!(
-        agent
-            .log()
-            .contains("reusing reservation 10.2.41.0/24 of 172.20.62.104")
-    );
     assert_record_shape(&record_of(&cluster, "10.2.41.0/24")?, &host1);
     assert_eq!(
         cluster.etcd.lease_of(&key)?,
@@ -441,16 +430,21 @@ fn the_agent_talks_to_an_etcd_that_requires_client_certificates() -> Result<()> 
 
     let host2 = cluster.add_host("host2", "172.20.62.105")?;
     let without_certificate = Agent::start(&cluster, &host2, &[&ca])?;
+    // The server refuses each handshake, and the agent says it cannot read. (Why, the client
+    // sees in some of its attempts only: BadCertificate, or just a closed connection.)
     without_certificate.wait_for_log(
         "cannot read the network config from etcd",
-        1,
+        3,
         EVENT_TIMEOUT,
     )?;
-    // The server refuses the handshake; the client sees that in some of its attempts.
-    without_certificate.wait_for_log("BadCertificate", 1, EVENT_TIMEOUT)?;
     assert!(
         !host2.subnet_file().exists(),
         "no lease without a client certificate"
+    );
+    assert_eq!(
+        cluster.subnet_keys()?,
+        [cluster.subnet_key(&subnet)],
+        "host1's lease alone"
     );
     Ok(())
 }
@@ -496,12 +490,12 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
             .netns
             .exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
     };
-    agent.wait_for_log(
-        "no network config at /docker-test/network/config",
-        1,
-        EVENT_TIMEOUT,
-    )?;
-    assert_eq!(status("/healthz")?, "200");
+    // The health port answers while the agent waits for a network config.
+    wait_for("/healthz to answer 200", EVENT_TIMEOUT, || {
+        Ok(agent
+            .health("/healthz")?
+            .is_some_and(|answer| answer.status == 200))
+    })?;
     let readyz = agent.health("/readyz")?.context("/readyz answers")?;
     assert_eq!(
         readyz.status, 503,

@@ -8,7 +8,7 @@ use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_common::{Counter, Counters};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
-    attached::{link_exists, pinned_links},
+    attached::{ensure_links_adopted, link_exists, link_pin_name, pinned_links},
     cluster::{Cluster, Host},
     loss::{LossWindow, steady_ping},
     metrics::{scrape, value_of},
@@ -325,6 +325,7 @@ fn a_ten_second_tcp_transfer_goes_through_without_a_retransmission_storm() -> Re
 fn killing_and_restarting_an_agent_loses_no_packet() -> Result<()> {
     let mut seed = Seed::start("restart", &[])?;
     // 100 packets a second for 10 s, across a SIGKILL and a restart of host1's agent.
+    let links = pinned_links(&seed.host1.pin_dir())?;
     let window = LossWindow::over_seed(&seed)?;
     let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 1000)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -333,11 +334,8 @@ fn killing_and_restarting_an_agent_loses_no_packet() -> Result<()> {
     seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &[])?;
     assert_eq!(seed.agent1.wait_ready()?, SUBNET1);
     window.assert_no_loss(ping, 1000, &[])?;
-    assert!(
-        seed.agent1.log().contains("adopted the pinned link"),
-        "{}",
-        seed.agent1.log()
-    );
+    ensure_links_adopted(&links, &seed.host1.pin_dir())
+        .with_context(|| format!("agent log:\n{}", seed.agent1.log()))?;
 
     let entries = PinnedDataplane::open(&seed.host1.pin_dir())?.subnet_entries()?;
     let expected: HashMap<_, _> = [(
@@ -566,9 +564,12 @@ fn an_uplink_deleted_and_made_again_is_followed_within_five_seconds() -> Result<
             .status
             .success())
     })?;
+    // The uplink's program is linked to the new eth0, by its index.
+    let pin = link_pin_name(&seed.host2.netns, "tc_uplink_ingress", "eth0")?;
+    let links = pinned_links(&seed.host2.pin_dir())?;
     assert!(
-        seed.agent2.log().contains("the uplink eth0 was made again"),
-        "{}",
+        links.iter().any(|(name, _)| *name == pin),
+        "no {pin} in {links:?}:\n{}",
         seed.agent2.log()
     );
     // The programs sit on the new eth0 and flannel.1: host2 decapsulates again.

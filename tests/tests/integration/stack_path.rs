@@ -116,15 +116,11 @@ fn the_stack_sees_flannel_1(hook: &str) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn tc_decapsulation_hands_the_stack_its_packets_on_flannel_1() -> Result<()> {
-    the_stack_sees_flannel_1("tc")
-}
-
-#[test]
-fn with_the_xdp_hook_the_stack_gets_its_packets_on_flannel_1() -> Result<()> {
-    the_stack_sees_flannel_1("xdp")
-}
+// The hook that checks the uplink's VXLAN.
+test_matrix! { the_stack_sees_flannel_1 {
+    tc_decapsulation_hands_the_stack_its_packets_on_flannel_1: ("tc"),
+    with_the_xdp_hook_the_stack_gets_its_packets_on_flannel_1: ("xdp"),
+}}
 
 /// bbox1 reaches a service address on host1 that DNATs to bbox2 on host2: the replies must
 /// come back through host1's conntrack.
@@ -152,25 +148,16 @@ fn a_published_port_reaches_its_container(tag: &str, dataplane: &str) -> Result<
     iperf3_through(&seed, &seed.bbox1, &seed.bbox2, HOST2, PUBLISHED_PORT)
 }
 
-#[test]
-fn a_service_address_dnated_to_another_host_works_on_the_fast_path() -> Result<()> {
-    a_service_address_reaches_a_remote_container("vip-ebpf", "ebpf")
-}
+// Each DNAT in each dataplane.
+test_matrix! { a_service_address_reaches_a_remote_container {
+    a_service_address_dnated_to_another_host_works_on_the_fast_path: ("vip-ebpf", "ebpf"),
+    a_service_address_dnated_to_another_host_works_in_kernel_mode: ("vip-kernel", "kernel"),
+}}
 
-#[test]
-fn a_service_address_dnated_to_another_host_works_in_kernel_mode() -> Result<()> {
-    a_service_address_reaches_a_remote_container("vip-kernel", "kernel")
-}
-
-#[test]
-fn a_port_dnated_on_the_server_s_host_works_on_the_fast_path() -> Result<()> {
-    a_published_port_reaches_its_container("published-ebpf", "ebpf")
-}
-
-#[test]
-fn a_port_dnated_on_the_server_s_host_works_in_kernel_mode() -> Result<()> {
-    a_published_port_reaches_its_container("published-kernel", "kernel")
-}
+test_matrix! { a_published_port_reaches_its_container {
+    a_port_dnated_on_the_server_s_host_works_on_the_fast_path: ("published-ebpf", "ebpf"),
+    a_port_dnated_on_the_server_s_host_works_in_kernel_mode: ("published-kernel", "kernel"),
+}}
 
 /// The fast path still carries everything that conntrack does not translate.
 #[test]

@@ -484,22 +484,15 @@ fn check_dual_stack_seed(tag: &str, flags: [&[&str]; 2]) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn dual_stack_seed_in_kernel_mode() -> Result<()> {
-    check_dual_stack_seed("v6-kernel", [KERNEL, KERNEL])
-}
+/// An ebpf agent whose PublicIPv6 comes from the flag (host2's), not from its uplink.
+const EBPF_WITH_PUBLIC_IPV6: &[&str] = &["--dataplane=ebpf", "--public-ipv6=fd00:ff::105"];
 
-#[test]
-fn dual_stack_seed_in_ebpf_mode() -> Result<()> {
-    check_dual_stack_seed("v6-ebpf", [EBPF, EBPF])
-}
-
-#[test]
-fn dual_stack_seed_with_a_kernel_and_an_ebpf_agent() -> Result<()> {
-    // host2's PublicIPv6 comes from the flag, host1's from its uplink.
-    let ebpf_with_public_ipv6 = ["--dataplane=ebpf", "--public-ipv6=fd00:ff::105"];
-    check_dual_stack_seed("v6-mixed", [KERNEL, &ebpf_with_public_ipv6])
-}
+// The agents' dataplanes, host1's and host2's.
+test_matrix! { check_dual_stack_seed {
+    dual_stack_seed_in_kernel_mode: ("v6-kernel", [KERNEL, KERNEL]),
+    dual_stack_seed_in_ebpf_mode: ("v6-ebpf", [EBPF, EBPF]),
+    dual_stack_seed_with_a_kernel_and_an_ebpf_agent: ("v6-mixed", [KERNEL, EBPF_WITH_PUBLIC_IPV6]),
+}}
 
 /// How soon the agent puts back a route deleted by hand: a netlink notification away, far
 /// inside the 30-s safety net.
@@ -589,25 +582,15 @@ fn check_ipv6_only_seed(tag: &str, flags: &[&str]) -> Result<()> {
     check_ipv6_node(&seed.host1, &subnet1, &remote)
 }
 
-#[test]
-fn ipv6_only_seed_in_kernel_mode() -> Result<()> {
-    check_ipv6_only_seed("v6-only", KERNEL)
-}
+test_matrix! { check_ipv6_only_seed {
+    ipv6_only_seed_in_kernel_mode: ("v6-only", KERNEL),
+    ipv6_only_seed_in_ebpf_mode: ("v6-only-ebpf", EBPF),
+}}
 
-#[test]
-fn ipv6_only_seed_in_ebpf_mode() -> Result<()> {
-    check_ipv6_only_seed("v6-only-ebpf", EBPF)
-}
-
-#[test]
-fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink() -> Result<()> {
-    check_hosts_without_ipv4("v6-bare", KERNEL)
-}
-
-#[test]
-fn an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink_in_ebpf_mode() -> Result<()> {
-    check_hosts_without_ipv4("v6-bare-ebpf", EBPF)
-}
+test_matrix! { check_hosts_without_ipv4 {
+    an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink: ("v6-bare", KERNEL),
+    an_ipv6_only_host_needs_no_ipv4_address_on_its_uplink_in_ebpf_mode: ("v6-bare-ebpf", EBPF),
+}}
 
 /// Two hosts whose uplinks have IPv6 alone, reaching etcd over IPv6, run the IPv6-only seed
 /// with agents given `mode`.
@@ -921,22 +904,14 @@ fn check_interop(tag: &str, dual_stack: bool, flags: &[&str]) -> Result<()> {
         .with_context(|| format!("agent log:\n{}", agent.log()))
 }
 
-#[test]
-fn a_kernel_mode_agent_and_stock_flannel_interoperate_in_dual_stack() -> Result<()> {
-    check_interop("v6-interop-kernel", true, KERNEL)
-}
-
-#[test]
-fn an_ebpf_mode_agent_and_stock_flannel_interoperate_in_dual_stack() -> Result<()> {
-    check_interop("v6-interop-ebpf", true, EBPF)
-}
-
-#[test]
-fn a_kernel_mode_agent_and_stock_flannel_interoperate_in_ipv6_only() -> Result<()> {
-    check_interop("v6-interop-only", false, KERNEL)
-}
-
-#[test]
-fn an_ebpf_mode_agent_and_stock_flannel_interoperate_in_ipv6_only() -> Result<()> {
-    check_interop("v6-interop-only-ebpf", false, EBPF)
-}
+// The agent's dataplane, with IPv4 next to IPv6 (dual stack) or not.
+test_matrix! { check_interop {
+    a_kernel_mode_agent_and_stock_flannel_interoperate_in_dual_stack:
+        ("v6-interop-kernel", true, KERNEL),
+    an_ebpf_mode_agent_and_stock_flannel_interoperate_in_dual_stack:
+        ("v6-interop-ebpf", true, EBPF),
+    a_kernel_mode_agent_and_stock_flannel_interoperate_in_ipv6_only:
+        ("v6-interop-only", false, KERNEL),
+    an_ebpf_mode_agent_and_stock_flannel_interoperate_in_ipv6_only:
+        ("v6-interop-only-ebpf", false, EBPF),
+}}

@@ -8,7 +8,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_agent::masquerade::{Backend, Masquerade, Networks, Rules};
 use overlay_tests::{
     agent::Agent,
-    cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG},
+    cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG, SEED_NETWORK_CONFIG},
     process::iperf3_server,
     seed::{BBOX2, Container, Seed, check_seed_path},
     wait::wait_for,
@@ -21,10 +21,11 @@ const TWO_RESYNCS: Duration = Duration::from_secs(2);
 /// One resync, and time for iptables on a busy machine.
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The seed's checks on a seed whose hosts drop what their FORWARD chain does not accept, with
-/// a container that starts after the agents: the first packets to it take the stack's path.
-fn seed_works_with_forward_policy_drop(cluster: Cluster, flags: &[&str]) -> Result<()> {
-    let seed = Seed::start_on(cluster, flags)?;
+/// The seed's checks, on a cluster named `tag` with network config `config`, whose hosts drop
+/// what their FORWARD chain does not accept, with a container that starts after the agents:
+/// the first packets to it take the stack's path.
+fn seed_works_with_forward_policy_drop(tag: &str, config: &str, flags: &[&str]) -> Result<()> {
+    let seed = Seed::start_on(Cluster::with_etcd(tag, false, Some(config))?, flags)?;
     for host in [&seed.host1, &seed.host2] {
         host.iptables(&["-P", "FORWARD", "DROP"])?;
     }
@@ -55,21 +56,15 @@ fn wait_for_forward_jump(host: &Host, agent: &Agent) -> Result<()> {
         .with_context(|| format!("agent log:\n{}", agent.log()))
 }
 
-#[test]
-fn kernel_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
-    seed_works_with_forward_policy_drop(Cluster::new("drop-kernel")?, &["--dataplane=kernel"])
-}
-
-#[test]
-fn ebpf_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
-    seed_works_with_forward_policy_drop(Cluster::new("drop-ebpf")?, &["--dataplane=ebpf"])
-}
-
-#[test]
-fn nftables_mode_works_behind_a_forward_policy_of_drop() -> Result<()> {
-    let cluster = Cluster::with_etcd("drop-nft", false, Some(NFTABLES_NETWORK_CONFIG))?;
-    seed_works_with_forward_policy_drop(cluster, &["--dataplane=kernel", RESYNC_FLAG])
-}
+// Each dataplane, and flannel's rules in nftables, behind a FORWARD policy of DROP.
+test_matrix! { seed_works_with_forward_policy_drop {
+    kernel_mode_works_behind_a_forward_policy_of_drop:
+        ("drop-kernel", SEED_NETWORK_CONFIG, &["--dataplane=kernel"]),
+    ebpf_mode_works_behind_a_forward_policy_of_drop:
+        ("drop-ebpf", SEED_NETWORK_CONFIG, &["--dataplane=ebpf"]),
+    nftables_mode_works_behind_a_forward_policy_of_drop:
+        ("drop-nft", NFTABLES_NETWORK_CONFIG, &["--dataplane=kernel", RESYNC_FLAG]),
+}}
 
 /// With `EnableNFTables` flannel's forward chain is in iptables exactly while iptables' FORWARD
 /// policy is DROP: added within a resync of the policy change, announced once, removed when the

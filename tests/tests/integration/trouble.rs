@@ -6,6 +6,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use aya::maps::{Array, Map, MapData};
 use overlay_common::Counter;
 use overlay_tests::{
     agent::Agent,
@@ -21,6 +22,15 @@ use overlay_tests::{
 
 const HOST3: &str = "172.20.62.106";
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Whether a monitor has `host`'s programs report their drops: the pinned `monitor` switch.
+fn drop_reports_on(host: &Host) -> Result<bool> {
+    let path = host.pin_dir().join("monitor");
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let switch: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
+    Ok(switch.get(&0, 0)? != 0)
+}
 
 fn flannel_record(address: &str, mac: &str) -> String {
     format!(
@@ -241,7 +251,12 @@ fn hostile_input_is_counted_and_changes_nothing() -> Result<()> {
         format!("--bpf-pin-dir={}", seed.host2.pin_dir().display()),
     ];
     let mut monitor = Agent::start_with(&seed.host2, &monitor_flags, &[])?;
-    monitor.wait_for_log("monitoring drops", 1, EVENT_TIMEOUT)?;
+    wait_for(
+        "the monitor to turn the drop reports on",
+        EVENT_TIMEOUT,
+        || drop_reports_on(&seed.host2),
+    )
+    .with_context(|| format!("monitor log:\n{}", monitor.log()))?;
     // 5,000 frames in bursts of 100 at most every 10 ms: as fast as the shell sends them
     // would overflow the input backlog of the CPU the pings share.
     let flood = "for burst in $(seq 50); do \

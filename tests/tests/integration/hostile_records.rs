@@ -17,6 +17,7 @@ use overlay_tests::{
     metrics,
     netns::run,
     seed::{BBOX2, HOST1, SUBNET1, SUBNET2, Seed},
+    wait::wait_for,
 };
 
 /// Each a record of a host that holds no lease: our subnet under a dual-stack key and under a
@@ -186,6 +187,16 @@ fn routed_into_vtep(host: &Host) -> Result<BTreeSet<Ipv4Network>> {
         .collect()
 }
 
+/// `overlay_lease_map_full_total{map="subnets"}` on `host`'s /metrics.
+fn full_subnets_map_count(host: &Host) -> Result<Option<f64>> {
+    let samples = metrics::scrape(&host.netns, HEALTH_PORT)?;
+    Ok(metrics::value_of(
+        &samples,
+        "overlay_lease_map_full_total",
+        &[("map", "subnets")],
+    ))
+}
+
 fn mapped(host: &Host) -> Result<BTreeSet<Ipv4Network>> {
     let pinned = PinnedDataplane::open(&host.pin_dir())?;
     Ok(pinned.subnet_entries()?.into_keys().collect())
@@ -209,8 +220,17 @@ fn more_leases_than_the_maps_hold_leave_the_ones_that_fit_routed() -> Result<()>
     seed.cluster.etcd.put_many(&many_leases())?;
     seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &[])?;
     ensure!(seed.agent1.wait_ready()? == SUBNET1, "host1 kept its lease");
-    seed.agent1
-        .wait_for_log(FULL_WARNING, 1, Duration::from_secs(20))?;
+    wait_for(
+        "the full subnets map counted",
+        Duration::from_secs(20),
+        || Ok(full_subnets_map_count(&seed.host1)? == Some(1.0)),
+    )?;
+    // The README promises this warning, with the map and how many leases it leaves out.
+    ensure!(
+        seed.agent1.count_in_log(FULL_WARNING) == 1,
+        "{}",
+        seed.agent1.log()
+    );
 
     seed.bbox1.ping(BBOX2, 3)?;
     let routed = routed_into_vtep(&seed.host1)?;
@@ -224,21 +244,16 @@ fn more_leases_than_the_maps_hold_leave_the_ones_that_fit_routed() -> Result<()>
         report.contains("full maps:\n  subnets: all 256 entries taken, 45 leases missing\n"),
         "{report}"
     );
-    let samples = metrics::scrape(&seed.host1.netns, HEALTH_PORT)?;
-    ensure!(
-        metrics::value_of(
-            &samples,
-            "overlay_lease_map_full_total",
-            &[("map", "subnets")]
-        ) == Some(1.0),
-        "one full map counted"
-    );
 
-    // A round that changes nothing left out warns no second time.
+    // A round that changes nothing left out counts, and warns, no second time.
     seed.host1.netns.ip(&["route", "del", SUBNET2])?;
     seed.host1
         .wait_for_peer(SUBNET2, "172.20.62.105", &seed.host2.vtep_mac()?)?;
     seed.bbox1.ping(BBOX2, 2)?;
+    ensure!(
+        full_subnets_map_count(&seed.host1)? == Some(1.0),
+        "one full map counted"
+    );
     ensure!(
         seed.agent1.count_in_log("map is full") == 1,
         "warned more than once:\n{}",
@@ -254,18 +269,15 @@ fn more_leases_than_the_maps_hold_leave_the_ones_that_fit_routed() -> Result<()>
     seed.cluster
         .etcd
         .etcdctl(&["del", "--prefix", &format!("{PREFIX}/subnets/10.3.1")])?;
-    seed.agent1.wait_for_log(
-        "every lease has its map entries again",
-        1,
-        Duration::from_secs(20),
-    )?;
     let remaining = 1 + MANY_LEASES as usize - 111;
-    let routed = routed_into_vtep(&seed.host1)?;
-    ensure!(
-        routed.len() == remaining && routed == mapped(&seed.host1)?,
-        "{} routed of {remaining}",
-        routed.len()
-    );
+    wait_for(
+        "every remaining lease routed and mapped",
+        Duration::from_secs(20),
+        || {
+            let routed = routed_into_vtep(&seed.host1)?;
+            Ok(routed.len() == remaining && routed == mapped(&seed.host1)?)
+        },
+    )?;
     let report = Agent::status_report(&seed.cluster, &seed.host1)?;
     ensure!(report.contains("full maps: none\n"), "{report}");
     Ok(())
