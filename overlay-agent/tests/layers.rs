@@ -41,7 +41,10 @@ fn sources(dir: &Path) -> Vec<PathBuf> {
 /// A file's code without its unit tests (the `mod tests` every file ends with) and comments.
 fn code_of(path: &Path) -> String {
     let text = fs::read_to_string(path).expect("a readable source file");
-    let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or_default();
+    let code = text
+        .split("#[cfg(test)]\nmod tests")
+        .next()
+        .unwrap_or_default();
     code.lines()
         .map(|line| line.split("//").next().unwrap_or_default())
         .collect::<Vec<_>>()

@@ -141,17 +141,22 @@ pub fn write_leases(dataplane: &mut Dataplane, leases: &[Lease]) -> Result<()> {
     Ok(())
 }
 
-/// host2's dataplane knowing host1 and bbox2, by both its addresses, behind the veth with
-/// index 42.
+/// host2's dataplane knowing host1 and bbox2 (see [`with_bbox2`]).
 pub fn host2_with_bbox2() -> Result<Dataplane> {
     let mut dataplane = dataplane_of(&HOST2, &[&HOST1])?;
+    with_bbox2(&mut dataplane)?;
+    Ok(dataplane)
+}
+
+/// Makes bbox2 a local container of `dataplane`, by both its addresses, behind the veth with
+/// index 42.
+pub fn with_bbox2(dataplane: &mut Dataplane) -> Result<()> {
     let bbox2 = LocalEndpoint {
         ifindex: 42,
         mac: BBOX2_MAC,
         reserved: 0,
     };
-    dataplane.sync_endpoints(&[(BBOX2_IP, bbox2)].into(), &[(BBOX2_IPV6, bbox2)].into())?;
-    Ok(dataplane)
+    dataplane.sync_endpoints(&[(BBOX2_IP, bbox2)].into(), &[(BBOX2_IPV6, bbox2)].into())
 }
 
 /// What one program run gave.

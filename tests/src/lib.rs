@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod netns;
 pub mod package;
 pub mod process;
+pub mod random;
 pub mod scratch;
 pub mod seed;
 pub mod stock_flannel;

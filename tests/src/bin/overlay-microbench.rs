@@ -15,10 +15,11 @@ use overlay_agent::{
     mac::MacAddr,
     subnet::{Lease, LeaseAttrs},
 };
-use overlay_common::{Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint};
+use overlay_common::{Counter, Counters, DEFAULT_VXLAN_PORT};
 use overlay_tests::{
     dataplane::{
-        HOST1, HOST2, Outcome, SeedHost, UplinkHook, run_container, run_uplink, write_leases,
+        HOST1, HOST2, Outcome, SeedHost, UplinkHook, run_container, run_uplink, with_bbox2,
+        write_leases,
     },
     frames::*,
 };
@@ -152,12 +153,7 @@ fn dataplane(host: &SeedHost, peer: &SeedHost, extra: usize) -> Result<Dataplane
         .chain((0..extra).map(made_up_lease))
         .collect::<Result<_>>()?;
     write_leases(&mut dataplane, &leases)?;
-    let bbox2 = LocalEndpoint {
-        ifindex: 42,
-        mac: BBOX2_MAC,
-        reserved: 0,
-    };
-    dataplane.sync_endpoints(&[(BBOX2_IP, bbox2)].into(), &[(BBOX2_IPV6, bbox2)].into())?;
+    with_bbox2(&mut dataplane)?;
     Ok(dataplane)
 }
 

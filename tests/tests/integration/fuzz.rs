@@ -9,42 +9,10 @@ use overlay_tests::{
         host2_with_bbox2, run_container, run_uplink, run_vtep,
     },
     frames::*,
+    random::Random,
 };
 
 const FRAMES_PER_KIND: usize = 50_000;
-
-/// xorshift64*: small, fast and deterministic.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound as u64) as usize
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    /// `frame` with up to four bytes overwritten and, half the time, cut short.
-    fn mutate(&mut self, frame: &[u8], min_len: usize) -> Vec<u8> {
-        let mut mutated = frame.to_vec();
-        for _ in 0..=self.below(4) {
-            let at = self.below(mutated.len());
-            mutated[at] = self.next() as u8;
-        }
-        if self.below(2) == 0 {
-            mutated.truncate(min_len + self.below(mutated.len() - min_len + 1));
-        }
-        mutated
-    }
-}
 
 /// Runs `check` on FRAMES_PER_KIND mutations, spread evenly over `seeds`; returns how many.
 fn mutate_each(

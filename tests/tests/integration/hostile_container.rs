@@ -14,6 +14,7 @@ use overlay_tests::{
     frames::*,
     inject::send_frame,
     netns::{Netns, run},
+    random::Random,
     seed::{BBOX1, BBOX2, Container, Seed},
     wait::wait_for,
 };
@@ -255,30 +256,6 @@ fn frames_behind_two_vlan_tags_of_vid_0_are_not_taken_as_the_payload() -> Result
     world.check_attack_changes_nothing(&[&frames[..]; 5].concat())
 }
 
-/// xorshift64*: small, fast and deterministic, so a failure reproduces.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound as u64) as usize
-    }
-
-    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
-        choices[self.below(choices.len())]
-    }
-
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        std::array::from_fn(|_| self.next() as u8)
-    }
-}
-
 /// The generator's frames from bbox1: each a hostile payload (an ARP of any shape claiming
 /// bbox3's address or the bridge's, a ping from bbox3's address whole or as a first fragment,
 /// IPv6 behind extension headers, random bytes of an odd ethertype) behind zero to three VLAN
@@ -289,7 +266,7 @@ fn hostile_frames(random: &mut Random, bbox1_mac: [u8; 6], bridge_mac: [u8; 6]) 
         .map(|index| {
             let source = if index % made_up_every == 0 {
                 // A unicast, locally administered address.
-                let mut mac = random.bytes::<6>();
+                let mut mac = random.array::<6>();
                 mac[0] = (mac[0] & 0xfc) | 0x02;
                 mac
             } else {
@@ -309,16 +286,16 @@ fn hostile_frames(random: &mut Random, bbox1_mac: [u8; 6], bridge_mac: [u8; 6]) 
 fn hostile_payload(random: &mut Random, bbox1_mac: [u8; 6], bridge_mac: [u8; 6]) -> (u16, Vec<u8>) {
     match random.below(5) {
         0 => {
-            let odd = random.next() as u16;
+            let odd = random.next_u64() as u16;
             let hardware = random.pick(&[0u16, 1, 6, 6, 7, 0x0100, odd]);
-            let odd = random.next() as u16;
+            let odd = random.next_u64() as u16;
             let protocol = random.pick(&[ETH_P_IPV4, ETH_P_IPV4, ETH_P_IPV6, odd]);
-            let odd = random.bytes::<2>();
+            let odd = random.array::<2>();
             let lengths = random.pick(&[[6, 4], [6, 4], [6, 16], [8, 4], odd]);
             let [h0, h1] = hardware.to_be_bytes();
             let [p0, p1] = protocol.to_be_bytes();
             let shape = [h0, h1, p0, p1, lengths[0], lengths[1]];
-            let made_up = random.bytes::<6>();
+            let made_up = random.array::<6>();
             let sender_mac = random.pick(&[bbox1_mac, made_up]);
             let sender_ip = random.pick(&[BBOX3_IP, BRIDGE_IP]);
             (
@@ -328,21 +305,21 @@ fn hostile_payload(random: &mut Random, bbox1_mac: [u8; 6], bridge_mac: [u8; 6])
         }
         1 => (ETH_P_IPV4, spoofed_ping()),
         2 => {
-            let [first, _] = ipv4_fragments(&spoofed_ping(), 8, random.next() as u16);
+            let [first, _] = ipv4_fragments(&spoofed_ping(), 8, random.next_u64() as u16);
             (ETH_P_IPV4, first)
         }
         3 => {
-            let ping = ipv6_ping([0xfe; 16], [0xfd; 16], &random.bytes::<16>());
+            let ping = ipv6_ping([0xfe; 16], [0xfd; 16], &random.array::<16>());
             let framed = ethernet(bridge_mac, bbox1_mac, ETH_P_IPV6, &ping);
             let kind = random.pick(&[0u8, 43, 44, 60]);
-            let chained = with_ipv6_extension(&framed, kind, random.bytes::<7>());
+            let chained = with_ipv6_extension(&framed, kind, random.array::<7>());
             (ETH_P_IPV6, chained[ETH_HEADER_LEN..].to_vec())
         }
         _ => {
             // LLDP, PPPoE discovery, MPLS, RARP, or anything.
-            let odd = random.next() as u16;
+            let odd = random.next_u64() as u16;
             let ether_type = random.pick(&[0x88cc, 0x8863, 0x8847, 0x8035, odd]);
-            (ether_type, random.bytes::<46>().to_vec())
+            (ether_type, random.array::<46>().to_vec())
         }
     }
 }
