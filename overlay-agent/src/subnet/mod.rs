@@ -439,6 +439,9 @@ fn check_subnet(subnet: IpNetwork, network: IpNetwork, subnet_len: u8) -> Result
 pub struct Holders {
     subnets: HashMap<IpNetwork, String>,
     macs: HashMap<MacAddr, (String, IpAddr)>,
+    /// What each key was last noted to hold, so that releasing one key touches its own
+    /// entries alone: a listing of thousands of records notes each once.
+    held_by: HashMap<String, (Vec<IpNetwork>, Vec<MacAddr>)>,
 }
 
 impl Holders {
@@ -446,18 +449,37 @@ impl Holders {
     /// MACs, in place of whatever it held before.
     pub fn hold(&mut self, lease: &Lease, key: &str, config: &NetworkConfig) {
         self.release(key);
-        for network in lease.subnets().networks(config) {
-            self.subnets.insert(network, key.to_string());
+        let networks = lease.subnets().networks(config);
+        for network in &networks {
+            self.subnets.insert(*network, key.to_string());
         }
-        for (mac, address) in vteps_in_use(lease, config) {
-            self.macs.insert(mac, (key.to_string(), address));
+        let vteps = vteps_in_use(lease, config);
+        for (mac, address) in &vteps {
+            self.macs.insert(*mac, (key.to_string(), *address));
         }
+        let macs = vteps.into_iter().map(|(mac, _)| mac).collect();
+        self.held_by.insert(key.to_string(), (networks, macs));
     }
 
     /// Forgets everything `key` holds.
     pub fn release(&mut self, key: &str) {
-        self.subnets.retain(|_, holder| holder != key);
-        self.macs.retain(|_, (holder, _)| holder != key);
+        let Some((networks, macs)) = self.held_by.remove(key) else {
+            return;
+        };
+        for network in networks {
+            if self
+                .subnets
+                .get(&network)
+                .is_some_and(|holder| holder == key)
+            {
+                self.subnets.remove(&network);
+            }
+        }
+        for mac in macs {
+            if self.macs.get(&mac).is_some_and(|(holder, _)| holder == key) {
+                self.macs.remove(&mac);
+            }
+        }
     }
 
     /// Whether one of the subnets `record`'s key names is held by `record` itself.
