@@ -3,7 +3,7 @@
 //! and what this node is set to do ([`NodeIntent`]) into a [`Desired`]. No netlink, no maps,
 //! so every rule here is tested without root; [`super::plan`] applies the value in order.
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -17,7 +17,7 @@ use crate::{
     mac::MacAddr,
     model::{
         Containers, DecapHook, Device, Devices, Endpoints, Endpoints6, FamilyDevices, FdbEntry,
-        LeaseEntries, LeaseSubnets, PeerEntries, Placement, Programs, Route, RoutingRules,
+        LeaseEntries, LeaseSubnets, PeerEntries, Placement, Programs, Reach, Route, RoutingRules,
         XdpModeChoice, gateway, ipv6_gateway,
     },
     subnet::Lease,
@@ -85,8 +85,9 @@ pub struct Observed<'a> {
     pub leases: &'a HashMap<LeaseSubnets, Lease>,
     pub devices: &'a Devices,
     pub containers: &'a Containers,
-    /// The leases' PublicIPs and PublicIPv6s reached without a gateway (DirectRouting only).
-    pub on_link: &'a HashSet<IpAddr>,
+    /// Which of the leases' PublicIPs and PublicIPv6s are reached without a gateway, and which
+    /// no route leads to (DirectRouting only).
+    pub reach: &'a Reach,
 }
 
 /// The state the host should be in after one round of `scope`.
@@ -99,11 +100,13 @@ pub struct Desired {
     pub leases: Option<LeaseState>,
 }
 
-/// What the remote leases need: their map entries, and each family's kernel entries.
+/// What the remote leases need: their map entries, and each family's kernel entries; and the
+/// leases left out because no route leads to their public address, with why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseState {
     pub entries: LeaseEntries,
     pub peers: Vec<FamilyPeers>,
+    pub unreachable: BTreeMap<LeaseSubnets, String>,
 }
 
 /// One family's kernel entries, lease by lease, on that family's devices.
@@ -142,9 +145,13 @@ pub fn compute(observed: &Observed, intent: &NodeIntent) -> Desired {
         .programs
         .as_ref()
         .map(|settings| programs(settings, observed.devices, observed.containers, &intent.own));
-    let leases = (observed.scope != Scope::Containers).then(|| LeaseState {
-        entries: lease_entries(observed.leases.values(), observed.on_link),
-        peers: family_peers(observed, &intent.rules),
+    let leases = (observed.scope != Scope::Containers).then(|| {
+        let (reachable, unreachable) = split_unreachable(observed.leases, observed.reach);
+        LeaseState {
+            entries: lease_entries(reachable.iter().copied(), &observed.reach.on_link),
+            peers: family_peers(observed, &reachable, &intent.rules),
+            unreachable,
+        }
     });
     Desired {
         scope: observed.scope,
@@ -153,27 +160,51 @@ pub fn compute(observed: &Observed, intent: &NodeIntent) -> Desired {
     }
 }
 
-/// Each family's kernel entries, for the families whose VXLAN device exists.
-fn family_peers(observed: &Observed, rules: &RoutingRules) -> Vec<FamilyPeers> {
+/// The public addresses of `lease` the node sends to: its PublicIP (not the 0.0.0.0 of an
+/// IPv6-only record) and, `with_ipv6`, its PublicIPv6.
+pub fn public_addresses(lease: &Lease, with_ipv6: bool) -> impl Iterator<Item = IpAddr> {
+    let ipv4 = Some(lease.attrs.public_ip).filter(|address| !address.is_unspecified());
+    let ipv6 = lease.attrs.public_ipv6.filter(|_| with_ipv6);
+    ipv4.map(IpAddr::V4).into_iter().chain(ipv6.map(IpAddr::V6))
+}
+
+/// The leases none of whose public addresses `reach` finds unreachable, and why each of the
+/// others is left out.
+fn split_unreachable<'a>(
+    leases: &'a HashMap<LeaseSubnets, Lease>,
+    reach: &Reach,
+) -> (Vec<&'a Lease>, BTreeMap<LeaseSubnets, String>) {
+    let mut reachable = Vec::with_capacity(leases.len());
+    let mut unreachable = BTreeMap::new();
+    for lease in leases.values() {
+        let why = public_addresses(lease, true).find_map(|address| {
+            let why = reach.unreachable.get(&address)?;
+            Some(format!(
+                "no route leads to its public address {address}: {why}"
+            ))
+        });
+        match why {
+            Some(why) => {
+                unreachable.insert(lease.subnets(), why);
+            }
+            None => reachable.push(lease),
+        }
+    }
+    (reachable, unreachable)
+}
+
+/// Each family's kernel entries for the `leases`, for the families whose VXLAN device exists.
+fn family_peers(observed: &Observed, leases: &[&Lease], rules: &RoutingRules) -> Vec<FamilyPeers> {
     let devices = observed.devices;
+    let on_link = &observed.reach.on_link;
     let mut families = Vec::new();
     if let Some(vtep) = &devices.vtep {
-        families.push(ipv4_peers(
-            observed.leases.values(),
-            vtep,
-            &devices.uplink,
-            rules,
-            observed.on_link,
-        ));
+        let leases = leases.iter().copied();
+        families.push(ipv4_peers(leases, vtep, &devices.uplink, rules, on_link));
     }
     if let (Some(vtep6), Some(network)) = (&devices.vtep6, rules.ipv6_network) {
-        families.push(ipv6_peers(
-            observed.leases.values(),
-            vtep6,
-            &devices.uplink,
-            network,
-            observed.on_link,
-        ));
+        let leases = leases.iter().copied();
+        families.push(ipv6_peers(leases, vtep6, &devices.uplink, network, on_link));
     }
     families
 }
@@ -985,5 +1016,37 @@ mod tests {
                 .vteps6
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_lease_whose_public_ip_has_no_route_is_left_out_and_the_others_stay() {
+        let (near, nowhere) = (Ipv4Addr::new(172, 20, 62, 105), Ipv4Addr::new(0, 1, 2, 3));
+        let leases: HashMap<LeaseSubnets, Lease> = [
+            lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
+            lease("10.2.90.0/24", "0.1.2.3", Some(VTEP_MAC)),
+        ]
+        .into_iter()
+        .map(|lease| (lease.subnets(), lease))
+        .collect();
+        let reach = Reach {
+            on_link: [IpAddr::V4(near)].into(),
+            unreachable: [(
+                IpAddr::V4(nowhere),
+                "Network is unreachable (os error 101)".to_string(),
+            )]
+            .into(),
+        };
+        let (reachable, unreachable) = split_unreachable(&leases, &reach);
+        let kept: Vec<_> = reachable.iter().map(|lease| lease.subnet).collect();
+        assert_eq!(kept, ["10.2.54.0/24".parse().expect("subnet")]);
+        let left_out: Vec<_> = unreachable.iter().collect();
+        assert_eq!(left_out.len(), 1);
+        assert_eq!(left_out[0].0.to_string(), "10.2.90.0/24");
+        assert_eq!(
+            left_out[0].1,
+            "no route leads to its public address 0.1.2.3: Network is unreachable (os error 101)"
+        );
+        let (everyone, none_left_out) = split_unreachable(&leases, &Reach::default());
+        assert!(everyone.len() == 2 && none_left_out.is_empty());
     }
 }

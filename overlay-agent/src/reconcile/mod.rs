@@ -9,9 +9,7 @@ mod fixtures;
 pub mod plan;
 
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
     time::Duration,
 };
 
@@ -28,8 +26,8 @@ use crate::{
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
 };
-use desired::Observed;
 pub use desired::{NodeIntent, ProgramSettings, Scope};
+use desired::{Observed, public_addresses};
 use plan::Progress;
 
 /// The safety net: a full re-list this often, whatever the notifications said.
@@ -147,23 +145,22 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                 .await?;
         }
         let reach = self.peers_reach(scope).await?;
-        let (leases, unreachable) = reachable_leases(&self.leases, &reach);
-        if scope != Scope::Containers {
+        let observed = Observed {
+            scope,
+            leases: &self.leases,
+            devices: &devices,
+            containers: &self.containers,
+            reach: &reach,
+        };
+        let desired = desired::compute(&observed, &self.intent);
+        if let Some(leases) = &desired.leases {
             report_unreachable(
                 &mut self.unreachable,
-                unreachable,
+                leases.unreachable.clone(),
                 &self.leases,
                 &self.metrics,
             );
         }
-        let observed = Observed {
-            scope,
-            leases: &leases,
-            devices: &devices,
-            containers: &self.containers,
-            on_link: &reach.on_link,
-        };
-        let desired = desired::compute(&observed, &self.intent);
         let unwritten = plan::apply(
             &desired,
             &self.node,
@@ -288,49 +285,6 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
     }
 }
 
-/// The public addresses of `lease` the node sends to: its PublicIP (not the 0.0.0.0 of an
-/// IPv6-only record) and, `with_ipv6`, its PublicIPv6.
-fn public_addresses(lease: &Lease, with_ipv6: bool) -> impl Iterator<Item = IpAddr> {
-    let ipv4 = Some(lease.attrs.public_ip).filter(|address| !address.is_unspecified());
-    let ipv6 = lease.attrs.public_ipv6.filter(|_| with_ipv6);
-    ipv4.map(IpAddr::V4).into_iter().chain(ipv6.map(IpAddr::V6))
-}
-
-/// The leases none of whose public addresses `reach` finds unreachable (all of them, and
-/// not copied, in the usual case), and why each of the others is left out.
-fn reachable_leases<'a>(
-    leases: &'a HashMap<LeaseSubnets, Lease>,
-    reach: &Reach,
-) -> (
-    Cow<'a, HashMap<LeaseSubnets, Lease>>,
-    BTreeMap<LeaseSubnets, String>,
-) {
-    if reach.unreachable.is_empty() {
-        return (Cow::Borrowed(leases), BTreeMap::new());
-    }
-    let why_unreachable = |lease: &Lease| {
-        public_addresses(lease, true).find_map(|address| {
-            let why = reach.unreachable.get(&address)?;
-            Some(format!(
-                "no route leads to its public address {address}: {why}"
-            ))
-        })
-    };
-    let mut reachable = HashMap::new();
-    let mut unreachable = BTreeMap::new();
-    for (subnets, lease) in leases {
-        match why_unreachable(lease) {
-            Some(why) => {
-                unreachable.insert(*subnets, why);
-            }
-            None => {
-                reachable.insert(*subnets, lease.clone());
-            }
-        }
-    }
-    (Cow::Owned(reachable), unreachable)
-}
-
 /// Warns about each lease newly left out for its public address, once, says when one of
 /// `leases` has a route again, and counts them among the skipped records.
 fn report_unreachable(
@@ -374,51 +328,4 @@ fn describe(event: &LeaseEvent) -> String {
         .map(|(_, address, mac)| format!(" via {address} (VTEP {mac})"))
         .unwrap_or_default();
     format!("lease {what}: {}{vtep}{vtep6}", lease.subnets())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-    use crate::{mac::MacAddr, subnet::LeaseAttrs};
-
-    fn lease(subnet: &str, public_ip: Ipv4Addr) -> Lease {
-        Lease {
-            subnet: subnet.parse().expect("test subnet"),
-            ipv6_subnet: None,
-            attrs: LeaseAttrs::ipv4_only(public_ip, 1, MacAddr::random_local()),
-            etcd_lease: 1,
-        }
-    }
-
-    #[test]
-    fn a_lease_whose_public_ip_has_no_route_is_left_out_and_the_others_stay() {
-        let (near, nowhere) = (Ipv4Addr::new(172, 20, 62, 105), Ipv4Addr::new(0, 1, 2, 3));
-        let leases: HashMap<LeaseSubnets, Lease> =
-            [lease("10.2.54.0/24", near), lease("10.2.90.0/24", nowhere)]
-                .into_iter()
-                .map(|lease| (lease.subnets(), lease))
-                .collect();
-        let reach = Reach {
-            on_link: [IpAddr::V4(near)].into(),
-            unreachable: [(
-                IpAddr::V4(nowhere),
-                "Network is unreachable (os error 101)".to_string(),
-            )]
-            .into(),
-        };
-        let (reachable, unreachable) = reachable_leases(&leases, &reach);
-        let kept: Vec<_> = reachable.values().map(|lease| lease.subnet).collect();
-        assert_eq!(kept, ["10.2.54.0/24".parse().expect("subnet")]);
-        let left_out: Vec<_> = unreachable.iter().collect();
-        assert_eq!(left_out.len(), 1);
-        assert_eq!(left_out[0].0.to_string(), "10.2.90.0/24");
-        assert_eq!(
-            left_out[0].1,
-            "no route leads to its public address 0.1.2.3: Network is unreachable (os error 101)"
-        );
-        let everyone = reachable_leases(&leases, &Reach::default());
-        assert!(matches!(everyone.0, Cow::Borrowed(_)) && everyone.1.is_empty());
-    }
 }

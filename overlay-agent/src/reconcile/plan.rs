@@ -336,7 +336,7 @@ mod tests {
             leases: &leases,
             devices: &devices(),
             containers: &Containers::default(),
-            on_link: &HashSet::new(),
+            reach: &Reach::default(),
         };
         compute(&observed, &intent())
     }
@@ -509,7 +509,7 @@ mod tests {
             leases: &leases,
             devices: &devices(),
             containers: &Containers::default(),
-            on_link: &HashSet::new(),
+            reach: &Reach::default(),
         };
         let desired = compute(&observed, &intent());
         let unwritten = round(&world, &desired, &mut Progress::default())
