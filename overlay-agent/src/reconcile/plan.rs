@@ -37,20 +37,19 @@ pub enum Step {
 /// What the steps of one desired state have done, and what the sinks reported.
 #[derive(Debug, Default)]
 pub struct Progress {
-    desired: Option<Desired>,
+    /// The state a failed round was applying; none after a round that succeeded.
+    failed: Option<Desired>,
     finished: Vec<Step>,
     unwritten: Unwritten,
     freed: usize,
 }
 
 impl Progress {
-    /// Starts on `desired`: a state other than the one the finished steps were for starts over.
+    /// Starts on `desired`: only the retry of a failed round of this same state goes on from
+    /// the steps it finished.
     fn begin(&mut self, desired: &Desired) {
-        if self.desired.as_ref() != Some(desired) {
-            *self = Progress {
-                desired: Some(desired.clone()),
-                ..Progress::default()
-            };
+        if self.failed.as_ref() != Some(desired) {
+            *self = Progress::default();
         }
     }
 
@@ -65,10 +64,27 @@ impl Progress {
 pub async fn apply<N: NodeSink, D: DataplaneSink>(
     desired: &Desired,
     node: &N,
-    mut dataplane: Option<&mut D>,
+    dataplane: Option<&mut D>,
     progress: &mut Progress,
 ) -> Result<Unwritten> {
     progress.begin(desired);
+    if let Err(error) = run_passes(desired, node, dataplane, progress).await {
+        // Kept for the retry only: a round that succeeds copies nothing.
+        progress.failed = Some(desired.clone());
+        return Err(error);
+    }
+    let unwritten = std::mem::take(&mut progress.unwritten);
+    *progress = Progress::default();
+    Ok(unwritten)
+}
+
+/// The first pass and, if stale entries made room for leases left out, the second.
+async fn run_passes<N: NodeSink, D: DataplaneSink>(
+    desired: &Desired,
+    node: &N,
+    mut dataplane: Option<&mut D>,
+    progress: &mut Progress,
+) -> Result<()> {
     for step in first_pass(desired) {
         run(step, desired, node, dataplane.as_deref_mut(), progress).await?;
     }
@@ -77,9 +93,7 @@ pub async fn apply<N: NodeSink, D: DataplaneSink>(
             run(step, desired, node, dataplane.as_deref_mut(), progress).await?;
         }
     }
-    let unwritten = std::mem::take(&mut progress.unwritten);
-    *progress = Progress::default();
-    Ok(unwritten)
+    Ok(())
 }
 
 /// Lease entries in, programs, each family's kernel entries, stale entries out.
