@@ -37,6 +37,8 @@ pub enum Duty {
     LeaseRenewal,
     LeaseWatch,
     Reconcile,
+    /// Every container port carries its program (one that does not is taken down).
+    ContainerPrograms,
 }
 
 impl Duty {
@@ -46,6 +48,9 @@ impl Duty {
             Duty::LeaseRenewal => format!("lease not renewed for {seconds} s: {error}"),
             Duty::LeaseWatch => format!("lease watch down for {seconds} s: {error}"),
             Duty::Reconcile => format!("reconcile failing for {seconds} s: {error}"),
+            Duty::ContainerPrograms => {
+                format!("container ports down for {seconds} s, without their program: {error}")
+            }
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct Containers {
     pub addresses: HashMap<IpAddr, MacAddr>,
     /// Which port each container MAC was learned behind.
     pub port_of_mac: HashMap<MacAddr, u32>,
+    /// Ports the node took down for want of their program (see [`PortIsolation`]).
+    pub isolated: BTreeSet<u32>,
 }
 
 /// What a netlink notification told the node about.
@@ -275,4 +277,40 @@ pub struct Programs {
     pub endpoints: Endpoints,
     pub endpoints6: Endpoints6,
     pub live_ports: BTreeSet<u32>,
+    /// Live ports the node has taken down, for want of their program.
+    pub isolated: BTreeSet<u32>,
+}
+
+/// Container ports the fast-path program could not be attached to, by interface index, with
+/// why. Such a port would forward its container's frames unchecked.
+pub type RefusedPorts = BTreeMap<u32, String>;
+
+/// What the node changes so that no container port forwards unchecked: ports without their
+/// program go down (marked as ours), ports that have it again come back up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortIsolation {
+    pub isolate: RefusedPorts,
+    pub restore: BTreeSet<u32>,
+}
+
+impl PortIsolation {
+    /// The change from the ports already `isolated` to exactly the `refused` ones.
+    pub fn between(isolated: &BTreeSet<u32>, refused: &RefusedPorts) -> Self {
+        PortIsolation {
+            isolate: refused
+                .iter()
+                .filter(|(port, _)| !isolated.contains(port))
+                .map(|(port, why)| (*port, why.clone()))
+                .collect(),
+            restore: isolated
+                .iter()
+                .filter(|port| !refused.contains_key(port))
+                .copied()
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.isolate.is_empty() && self.restore.is_empty()
+    }
 }

@@ -7,8 +7,8 @@ use std::{future::Future, net::IpAddr};
 use anyhow::Result;
 
 use crate::model::{
-    Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, Programs, Reach,
-    Unwritten,
+    Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, PortIsolation,
+    Programs, Reach, RefusedPorts, Unwritten,
 };
 
 /// The host's devices and kernel entries: observed, and made to match.
@@ -38,6 +38,10 @@ pub trait NodeSink {
         entries: &PeerEntries,
     ) -> impl Future<Output = Result<()>>;
 
+    /// Takes down the container ports `change` isolates, marked so that any later run knows
+    /// them, and brings back up those it restores.
+    fn isolate_ports(&self, change: &PortIsolation) -> impl Future<Output = Result<()>>;
+
     /// What `notification` says about the node: containers it tells about are taken into
     /// `containers` at once.
     fn classify(
@@ -54,7 +58,9 @@ pub trait DataplaneSink {
     fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten>;
 
     /// Places the programs and writes the endpoints; frees the claims of ports that are gone.
-    fn place_programs(&mut self, programs: &Programs) -> Result<()>;
+    /// Returns the container ports that refused their program: the rest of the placement goes
+    /// on without them.
+    fn place_programs(&mut self, programs: &Programs) -> Result<RefusedPorts>;
 
     /// Deletes the lease entries `entries` does not hold; returns how many.
     fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize>;

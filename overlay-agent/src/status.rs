@@ -1,5 +1,6 @@
 //! `overlay-agent status`: this host's lease, every remote lease next to its map entry, the
-//! attached programs and the counters, read from the subnet file, etcd and the pins.
+//! attached programs, the container ports down for want of theirs, and the counters, read from
+//! the subnet file, etcd, netlink and the pins.
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -14,7 +15,7 @@ use overlay_common::{Counter, RemoteVtep, RemoteVtep6};
 use crate::{
     dataplane::{SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, pins::PinnedDataplane},
     mac::MacAddr,
-    node::links,
+    node::{endpoints, links},
     options::AgentOptions,
     subnet::{
         Holders, Lease, LeaseAttrs, LeaseSubnets, PublicAddresses, Record, RecordError, VtepMacs,
@@ -58,10 +59,14 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
         write_full_maps(&mut out, &pinned, leases, &ipv6_entries)?;
     }
     writeln!(out, "programs:")?;
-    let names = links::names(&links::connect()?).await?;
+    let handle = links::connect()?;
+    let names = links::names(&handle).await?;
     for (program, ifindex) in pinned.links()? {
         let interface = names.get(&ifindex).map_or("gone", String::as_str);
         writeln!(out, "  {program} on {interface} (ifindex {ifindex})")?;
+    }
+    for port in endpoints::isolated_ports(&handle).await? {
+        writeln!(out, "  none on {port}: refused its program, kept down")?;
     }
     writeln!(out, "counters:")?;
     let counters = pinned.counters()?;

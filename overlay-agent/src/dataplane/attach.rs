@@ -28,7 +28,7 @@ use super::{
     BRIDGE_PROGRAM, CONTAINER_PROGRAM, Dataplane, UPLINK_TC_PROGRAM, UPLINK_XDP_PROGRAM,
     VTEP_INGRESS_PROGRAM, VTEP_PROGRAM, program_mut,
 };
-use crate::model::{DecapHook, Device, Placement, XdpModeChoice};
+use crate::model::{DecapHook, Device, Placement, RefusedPorts, XdpModeChoice};
 
 /// How the tc programs attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,12 +94,15 @@ impl Dataplane {
         self.attached.filters.keys().copied().collect()
     }
 
-    /// Writes the programs' settings and attaches each where `placement` says: the uplink's
-    /// decapsulator at its hook (in its XDP mode for XDP), the VXLAN device's encapsulator, the
-    /// guards of both VXLAN devices' sockets, and the fast path on the container ports and the
-    /// bridge.
-    pub fn place(&mut self, placement: &Placement) -> Result<()> {
+    /// Writes the programs' settings and attaches each where `placement` says: the checks on
+    /// the container ports, the uplink's decapsulator at its hook (in its XDP mode for XDP),
+    /// the VXLAN device's encapsulator, the guards of both VXLAN devices' sockets, and the flow
+    /// watcher on the bridge. Returns the container ports that refused their program.
+    pub fn place(&mut self, placement: &Placement) -> Result<RefusedPorts> {
         self.set_config(&placement.config)?;
+        // The container ports first: a device that fails to take its program must not leave
+        // a new container sending unchecked.
+        let refused = self.ensure_container_ports(&placement.containers)?;
         self.ensure_vteps_attached(placement.vtep.as_ref(), placement.vtep6.as_ref())?;
         self.ensure_uplink_attached(
             &placement.uplink.name,
@@ -107,8 +110,8 @@ impl Dataplane {
             placement.decap_hook,
             placement.xdp_mode,
         )?;
-        self.ensure_container_ports(&placement.containers)?;
-        self.ensure_bridge_attached(placement.bridge.as_ref())
+        self.ensure_bridge_attached(placement.bridge.as_ref())?;
+        Ok(refused)
     }
 
     /// Makes sure the uplink's decapsulator is attached to `interface` (index `ifindex`), with
@@ -191,14 +194,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes sure the fast-path program sits on the ingress of every container port in
-    /// `ports`, and on no other interface. A port that cannot take it keeps the routed path.
-    pub fn ensure_container_ports(&mut self, ports: &[Device]) -> Result<()> {
+    /// Makes sure the container program sits on the ingress of every container port in
+    /// `ports`, and on no other interface; returns the ports that refused it, with why.
+    fn ensure_container_ports(&mut self, ports: &[Device]) -> Result<RefusedPorts> {
         let current: HashSet<u32> = ports.iter().map(|port| port.index).collect();
         self.attached
             .containers
             .retain(|index| current.contains(index));
+        self.attached
+            .refused
+            .retain(|index| current.contains(index));
         self.detach_all_but(CONTAINER_PROGRAM, &current)?;
+        let mut refused = RefusedPorts::new();
         for port in ports {
             if self.attached.containers.contains(&port.index) {
                 continue;
@@ -214,13 +221,15 @@ impl Dataplane {
                     self.attached.containers.insert(port.index);
                     self.attached.refused.remove(&port.index);
                 }
-                Err(error) if self.attached.refused.insert(port.index) => {
-                    log::warn!("{error:#}; {} keeps the routed path", port.name)
+                Err(error) => {
+                    if self.attached.refused.insert(port.index) {
+                        log::warn!("{error:#}; {} is taken down until it takes it", port.name);
+                    }
+                    refused.insert(port.index, format!("{}: {error:#}", port.name));
                 }
-                Err(error) => log::debug!("{error:#}"),
             }
         }
-        Ok(())
+        Ok(refused)
     }
 
     fn attach_tc(

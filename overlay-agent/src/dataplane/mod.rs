@@ -22,7 +22,7 @@ use overlay_common::{Counters, OverlayConfig};
 
 pub use crate::model::{DecapHook, XdpModeChoice};
 use crate::{
-    model::{LeaseEntries, Programs, Unwritten},
+    model::{LeaseEntries, Programs, RefusedPorts, Unwritten},
     sinks::DataplaneSink,
 };
 pub use attach::TcAttach;
@@ -246,10 +246,11 @@ impl DataplaneSink for Dataplane {
         Dataplane::write_lease_entries(self, entries)
     }
 
-    fn place_programs(&mut self, programs: &Programs) -> Result<()> {
-        self.place(&programs.placement)?;
+    fn place_programs(&mut self, programs: &Programs) -> Result<RefusedPorts> {
+        let refused = self.place(&programs.placement)?;
         self.sync_endpoints(&programs.endpoints, &programs.endpoints6)?;
-        self.release_claims_of_gone_ports(&programs.live_ports)
+        self.release_claims_of_gone_ports(&programs.live_ports)?;
+        Ok(refused)
     }
 
     fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize> {

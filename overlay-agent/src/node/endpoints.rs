@@ -1,12 +1,13 @@
 //! The containers on the bridge, read from netlink: every container port (a veth enslaved to
 //! the bridge), every address the bridge resolved (ARP and NDP), and the port each container MAC was learned
 //! behind. [`list`] reads them whole; [`observe`] follows one notification, so a container's
-//! address reaches the fast path as soon as the bridge resolves it.
+//! address reaches the fast path as soon as the bridge resolves it. [`isolate`] takes down a
+//! port that cannot carry its program, and brings it back once it does.
 use std::collections::HashSet;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rtnetlink::{
-    Handle,
+    Handle, LinkUnspec,
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         link::{InfoKind, LinkAttribute, LinkMessage},
@@ -18,22 +19,20 @@ use super::{
     links,
     peers::{neighbour_destination, neighbour_mac},
 };
-use crate::model::{Containers, Device};
+use crate::model::{Containers, Device, PortIsolation};
+
+/// The alias a container port carries while it is down for want of its program: how a later
+/// round, a restarted agent and `status` tell it from a port someone else took down.
+pub const ISOLATED_ALIAS: &str = "overlay-agent: down, no program";
 
 /// Reads the containers of the bridge `bridge_index` whole. MACs `previous` learned stay
 /// while their port does: the bridge forgets a MAC after five minutes without a frame from it,
 /// and the fast path takes most frames past the bridge.
 pub async fn list(handle: &Handle, bridge_index: u32, previous: &Containers) -> Result<Containers> {
-    let ports = links::all(handle)
-        .await?
-        .iter()
-        .filter_map(|link| container_port(link, bridge_index))
-        .map(|port| (port.index, port))
-        .collect();
-    let mut containers = Containers {
-        ports,
-        ..Containers::default()
-    };
+    let mut containers = Containers::default();
+    for link in links::all(handle).await? {
+        take_port(&mut containers, &link, bridge_index);
+    }
     let live: HashSet<u32> = containers.ports.keys().copied().collect();
     containers.port_of_mac = previous
         .port_of_mac
@@ -69,14 +68,10 @@ pub fn observe(
         {
             false
         }
-        RouteNetlinkMessage::NewLink(link) => match container_port(link, bridge_index) {
-            Some(port) => {
-                containers.ports.insert(port.index, port);
-                true
-            }
-            // A port that left the bridge.
-            None => forget_port(containers, link.header.index),
-        },
+        // A link that is not a port of the bridge (any more) is forgotten.
+        RouteNetlinkMessage::NewLink(link) => {
+            take_port(containers, link, bridge_index) || forget_port(containers, link.header.index)
+        }
         RouteNetlinkMessage::DelLink(link) => forget_port(containers, link.header.index),
         RouteNetlinkMessage::NewNeighbour(message) => match message.header.family {
             AddressFamily::Bridge => learn_mac(containers, message),
@@ -104,7 +99,72 @@ pub fn observe(
     }
 }
 
+/// Takes `link` into `containers` if it is a container port; returns whether it is.
+fn take_port(containers: &mut Containers, link: &LinkMessage, bridge_index: u32) -> bool {
+    let Some(port) = container_port(link, bridge_index) else {
+        return false;
+    };
+    if is_isolated(link) {
+        containers.isolated.insert(port.index);
+    } else {
+        containers.isolated.remove(&port.index);
+    }
+    containers.ports.insert(port.index, port);
+    true
+}
+
+fn is_isolated(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(
+        |attribute| matches!(attribute, LinkAttribute::IfAlias(alias) if alias == ISOLATED_ALIAS),
+    )
+}
+
+/// Takes down the ports `change` isolates, under [`ISOLATED_ALIAS`], and brings back up the
+/// ones it restores, their alias cleared.
+pub async fn isolate(handle: &Handle, change: &PortIsolation) -> Result<()> {
+    for (&port, why) in &change.isolate {
+        log::warn!("container port {why}: down until it takes its program");
+        set_port_state(
+            handle,
+            port,
+            LinkUnspec::new_with_index(port).down(),
+            ISOLATED_ALIAS,
+        )
+        .await?;
+    }
+    for &port in &change.restore {
+        set_port_state(handle, port, LinkUnspec::new_with_index(port).up(), "").await?;
+        log::info!("container port {port} carries its program again: up");
+    }
+    Ok(())
+}
+
+/// The names of the links down under [`ISOLATED_ALIAS`].
+pub async fn isolated_ports(handle: &Handle) -> Result<Vec<String>> {
+    Ok(links::all(handle)
+        .await?
+        .iter()
+        .filter(|link| is_isolated(link))
+        .filter_map(|link| links::name(link).map(str::to_string))
+        .collect())
+}
+
+async fn set_port_state(
+    handle: &Handle,
+    port: u32,
+    change: rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    alias: &str,
+) -> Result<()> {
+    handle
+        .link()
+        .set(change.alias(alias).build())
+        .execute()
+        .await
+        .with_context(|| format!("cannot set the state of container port {port}"))
+}
+
 fn forget_port(containers: &mut Containers, index: u32) -> bool {
+    containers.isolated.remove(&index);
     if containers.ports.remove(&index).is_none() {
         return false;
     }

@@ -21,7 +21,9 @@ use rtnetlink::{
 };
 
 use crate::{
-    model::{Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries, Reach},
+    model::{
+        Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries, PortIsolation, Reach,
+    },
     sinks::NodeSink,
 };
 use notifications::Notification;
@@ -178,6 +180,11 @@ impl NodeSink for NodeNetwork {
 
     async fn converge_peers(&self, devices: FamilyDevices, entries: &PeerEntries) -> Result<()> {
         peers::reconcile(&self.handle, devices, entries).await
+    }
+
+    /// See [`endpoints::isolate`].
+    async fn isolate_ports(&self, change: &PortIsolation) -> Result<()> {
+        endpoints::isolate(&self.handle, change).await
     }
 
     fn classify(

@@ -464,6 +464,12 @@ fn programs(
         endpoints,
         endpoints6,
         live_ports: containers.ports.keys().copied().collect(),
+        isolated: containers
+            .isolated
+            .iter()
+            .filter(|port| containers.ports.contains_key(port))
+            .copied()
+            .collect(),
     }
 }
 
@@ -832,6 +838,7 @@ mod tests {
                 ("fe80::2".parse().expect("address"), mac),
             ]),
             port_of_mac: HashMap::from([(mac, 9), (stranger, 12)]),
+            isolated: BTreeSet::new(),
         };
         let bbox1 = LocalEndpoint {
             ifindex: 9,

@@ -3,6 +3,10 @@
 //! computes the one [`Desired`](desired::Desired) state from that and the leases
 //! ([`desired::compute`], pure), and applies it through the two sinks in the order
 //! [`plan`] keeps. It knows the sinks only by their traits ([`NodeSink`], [`DataplaneSink`]).
+//!
+//! Container programs never wait on the node: when a round about the node fails, a round about
+//! the containers alone follows at once, so a port that appeared meanwhile gets its checks (or
+//! is taken down) whatever keeps the node's own steps failing.
 pub mod desired;
 #[cfg(test)]
 mod fixtures;
@@ -13,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use tokio::{
     sync::mpsc,
     time::{Instant, MissedTickBehavior, interval_at, sleep_until},
@@ -22,7 +26,7 @@ use tokio::{
 use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
-    model::{Containers, Devices, LeaseSubnets, NodeChange, Reach, Unwritten},
+    model::{Containers, Devices, LeaseSubnets, NodeChange, Reach, RefusedPorts, Unwritten},
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
 };
@@ -51,6 +55,8 @@ pub struct Reconciler<N, D> {
     /// The leases left out for a public address no route leads to, with why, as last
     /// reported.
     unreachable: BTreeMap<LeaseSubnets, String>,
+    /// The container ports that refused their program at the last round, now down.
+    refused: RefusedPorts,
     metrics: ReconcileMetrics,
 }
 
@@ -74,6 +80,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             progress: Progress::default(),
             unwritten: Unwritten::default(),
             unreachable: BTreeMap::new(),
+            refused: RefusedPorts::new(),
             metrics,
         };
         reconciler.apply_initial(leases);
@@ -114,11 +121,20 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         }
     }
 
-    /// One round: makes the host match the desired state for `scope`. Its duration and
-    /// failure go into the metrics.
+    /// One round: makes the host match the desired state for `scope`; if that fails beyond
+    /// the containers, the containers' programs are placed anyway. Its duration and failure go
+    /// into the metrics.
     async fn reconcile(&mut self, scope: Scope) -> Result<()> {
         let started = Instant::now();
         let outcome = self.converge(scope).await;
+        if outcome.is_err() && scope > Scope::Containers && self.devices.is_some() {
+            // The failed round's progress waits for its retry.
+            let failed_round = std::mem::take(&mut self.progress);
+            if let Err(error) = self.converge(Scope::Containers).await {
+                log::warn!("cannot place the container programs either: {error:#}");
+            }
+            self.progress = failed_round;
+        }
         self.metrics
             .duration
             .get_or_create(&RoundLabels {
@@ -161,7 +177,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                 &self.metrics,
             );
         }
-        let unwritten = plan::apply(
+        let applied = plan::apply(
             &desired,
             &self.node,
             self.dataplane.as_mut(),
@@ -169,8 +185,9 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         )
         .await?;
         if desired.leases.is_some() {
-            self.report_unwritten(unwritten);
+            self.report_unwritten(applied.unwritten);
         }
+        self.refused = applied.refused;
         Ok(())
     }
 
@@ -265,7 +282,22 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                     retry = Some((Instant::now() + RETRY_DELAY, scope));
                 }
             }
+            self.report_refused_ports(health, attempted);
         }
+    }
+
+    /// Tells `health` whether container ports are down for want of their program.
+    fn report_refused_ports(&self, health: &Health, attempted: Instant) {
+        if self.refused.is_empty() {
+            health.succeeded(Duty::ContainerPrograms);
+            return;
+        }
+        let ports: Vec<&str> = self.refused.values().map(String::as_str).collect();
+        health.failed(
+            Duty::ContainerPrograms,
+            attempted,
+            &anyhow!("{}", ports.join("; ")),
+        );
     }
 
     /// What a node notification calls for: containers it tells about are taken in at once.

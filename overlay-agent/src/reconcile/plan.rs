@@ -1,9 +1,10 @@
 //! Applying a [`Desired`] through the sinks, in the one order that keeps every packet on a
 //! path the programs know: the lease map entries in first (a program never meets a route, or
-//! maps an upgrade replaced, without them), then the programs and endpoints, then the kernel's
-//! routes, neighbours and FDB entries (none for a lease the maps left out), then the stale map
-//! entries out (only once no route leads to them). Room the stale entries made goes to the
-//! leases left out at once, in a second pass of the same order.
+//! maps an upgrade replaced, without them), then the programs and endpoints (a container port
+//! that refuses its program is taken down right after), then the kernel's routes, neighbours
+//! and FDB entries (none for a lease the maps left out), then the stale map entries out (only
+//! once no route leads to them). Room the stale entries made goes to the leases left out at
+//! once, in a second pass of the same order.
 //!
 //! A round that fails keeps its [`Progress`]: its retry, if the desired state is still the
 //! same, starts at the step that failed.
@@ -13,7 +14,7 @@ use anyhow::Result;
 
 use super::desired::Desired;
 use crate::{
-    model::{LeaseSubnets, Unwritten},
+    model::{LeaseSubnets, PortIsolation, RefusedPorts, Unwritten},
     sinks::{DataplaneSink, NodeSink},
 };
 
@@ -29,6 +30,8 @@ pub enum Pass {
 pub enum Step {
     WriteLeaseEntries(Pass),
     PlacePrograms,
+    /// Container ports without their program down, those with it again up.
+    IsolatePorts,
     /// The kernel's entries of one family, by its index in the desired state.
     ConvergePeers(Pass, usize),
     RemoveStaleEntries,
@@ -41,7 +44,17 @@ pub struct Progress {
     failed: Option<Desired>,
     finished: Vec<Step>,
     unwritten: Unwritten,
+    refused: RefusedPorts,
     freed: usize,
+}
+
+/// What a round that succeeded leaves for the reconciler to report.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// What the lease maps left out.
+    pub unwritten: Unwritten,
+    /// The container ports that refused their program, now down.
+    pub refused: RefusedPorts,
 }
 
 impl Progress {
@@ -59,23 +72,26 @@ impl Progress {
 }
 
 /// Makes the host match `desired` through `node` and, in ebpf mode, `dataplane`; returns
-/// what the lease maps left out. Steps `progress` holds as finished for this same state are
-/// not done again; on success `progress` is cleared.
+/// what the lease maps left out and which ports refused their program. Steps `progress` holds
+/// as finished for this same state are not done again; on success `progress` is cleared.
 pub async fn apply<N: NodeSink, D: DataplaneSink>(
     desired: &Desired,
     node: &N,
     dataplane: Option<&mut D>,
     progress: &mut Progress,
-) -> Result<Unwritten> {
+) -> Result<Applied> {
     progress.begin(desired);
     if let Err(error) = run_passes(desired, node, dataplane, progress).await {
         // Kept for the retry only: a round that succeeds copies nothing.
         progress.failed = Some(desired.clone());
         return Err(error);
     }
-    let unwritten = std::mem::take(&mut progress.unwritten);
+    let applied = Applied {
+        unwritten: std::mem::take(&mut progress.unwritten),
+        refused: std::mem::take(&mut progress.refused),
+    };
     *progress = Progress::default();
-    Ok(unwritten)
+    Ok(applied)
 }
 
 /// The first pass and, if stale entries made room for leases left out, the second.
@@ -106,7 +122,7 @@ fn first_pass(desired: &Desired) -> Vec<Step> {
     if desired.leases.is_some() {
         steps.push(Step::WriteLeaseEntries(Pass::First));
     }
-    steps.push(Step::PlacePrograms);
+    steps.extend([Step::PlacePrograms, Step::IsolatePorts]);
     if desired.leases.is_some() {
         steps.extend((0..families).map(|family| Step::ConvergePeers(Pass::First, family)));
         steps.push(Step::RemoveStaleEntries);
@@ -141,7 +157,15 @@ async fn run<N: NodeSink, D: DataplaneSink>(
         }
         (Step::PlacePrograms, _, Some(dataplane)) => {
             if let Some(programs) = &desired.programs {
-                dataplane.place_programs(programs)?;
+                progress.refused = dataplane.place_programs(programs)?;
+            }
+        }
+        (Step::IsolatePorts, _, Some(_)) => {
+            if let Some(programs) = &desired.programs {
+                let change = PortIsolation::between(&programs.isolated, &progress.refused);
+                if !change.is_empty() {
+                    node.isolate_ports(&change).await?;
+                }
             }
         }
         (Step::ConvergePeers(_, family), Some(leases), _) => {
@@ -176,6 +200,7 @@ mod tests {
     use crate::reconcile::fixtures::{VTEP_MAC, devices};
     use crate::{
         mac::MacAddr,
+        model::Device,
         model::{
             Containers, DecapHook, Devices, FamilyDevices, FullMap, LeaseEntries, NodeChange,
             PeerEntries, Programs, Reach, RoutingRules, XdpModeChoice,
@@ -197,6 +222,10 @@ mod tests {
         violations: Vec<String>,
         /// Calls (by name) that fail the next time they are made.
         failing: HashSet<&'static str>,
+        /// Container ports that refuse their program.
+        refusing: BTreeSet<u32>,
+        /// Container ports the node has taken down.
+        down: BTreeSet<u32>,
     }
 
     impl World {
@@ -249,6 +278,14 @@ mod tests {
             Ok(())
         }
 
+        async fn isolate_ports(&self, change: &PortIsolation) -> Result<()> {
+            let mut world = self.0.borrow_mut();
+            world.call("isolate_ports")?;
+            world.down.extend(change.isolate.keys());
+            world.down.retain(|port| !change.restore.contains(port));
+            Ok(())
+        }
+
         fn classify(&self, _: &(), _: &Devices, _: &mut Containers) -> Option<NodeChange> {
             None
         }
@@ -279,8 +316,14 @@ mod tests {
             Ok(unwritten)
         }
 
-        fn place_programs(&mut self, _: &Programs) -> Result<()> {
-            self.0.borrow_mut().call("place_programs")
+        fn place_programs(&mut self, programs: &Programs) -> Result<RefusedPorts> {
+            let mut world = self.0.borrow_mut();
+            world.call("place_programs")?;
+            Ok(programs
+                .live_ports
+                .intersection(&world.refusing)
+                .map(|port| (*port, format!("port {port} refused")))
+                .collect())
         }
 
         fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize> {
@@ -369,7 +412,9 @@ mod tests {
     ) -> Result<Unwritten> {
         let node = FakeNode(world.clone());
         let mut dataplane = FakeDataplane(world.clone());
-        apply(desired, &node, Some(&mut dataplane), progress).await
+        apply(desired, &node, Some(&mut dataplane), progress)
+            .await
+            .map(|applied| applied.unwritten)
     }
 
     fn subnets(names: &[&str]) -> BTreeSet<IpNetwork> {
@@ -531,5 +576,78 @@ mod tests {
             .expect("round");
         assert!(unwritten.is_empty());
         assert_eq!(world.borrow().calls, ["place_programs"]);
+    }
+
+    /// A round about the containers alone, with `ports` live and `isolated` of them down.
+    fn containers_round(ports: &[u32], isolated: &[u32]) -> Desired {
+        let containers = Containers {
+            ports: ports
+                .iter()
+                .map(|&index| {
+                    let name = format!("veth{index}");
+                    (index, Device { name, index })
+                })
+                .collect(),
+            isolated: isolated.iter().copied().collect(),
+            ..Containers::default()
+        };
+        let observed = Observed {
+            scope: Scope::Containers,
+            leases: &HashMap::new(),
+            devices: &devices(),
+            containers: &containers,
+            reach: &Reach::default(),
+        };
+        compute(&observed, &intent())
+    }
+
+    #[tokio::test]
+    async fn a_port_that_refuses_its_program_goes_down_until_it_takes_it() {
+        let world = world(16);
+        world.borrow_mut().refusing = BTreeSet::from([7]);
+        let node = FakeNode(world.clone());
+        let mut dataplane = FakeDataplane(world.clone());
+        let mut progress = Progress::default();
+        let applied = apply(
+            &containers_round(&[7, 8], &[]),
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+        )
+        .await
+        .expect("round");
+        assert_eq!(applied.refused.keys().copied().collect::<Vec<_>>(), [7]);
+        assert_eq!(world.borrow().down, BTreeSet::from([7]));
+
+        // Still refused, already down: nothing to change.
+        apply(
+            &containers_round(&[7, 8], &[7]),
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+        )
+        .await
+        .expect("round");
+        assert_eq!(
+            world
+                .borrow()
+                .calls
+                .iter()
+                .filter(|call| *call == "isolate_ports")
+                .count(),
+            1
+        );
+
+        world.borrow_mut().refusing.clear();
+        let applied = apply(
+            &containers_round(&[7, 8], &[7]),
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+        )
+        .await
+        .expect("round");
+        assert!(applied.refused.is_empty());
+        assert_eq!(world.borrow().down, BTreeSet::new());
     }
 }

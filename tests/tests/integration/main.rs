@@ -24,6 +24,7 @@ mod cni;
 mod control_plane;
 mod docker;
 mod ebpf_dataplane;
+mod fail_closed;
 mod firewall;
 mod fuzz;
 mod health;

@@ -1,0 +1,100 @@
+//! No container port forwards unchecked while the node's own steps fail: with host1's VXLAN
+//! device unmakeable (another VXLAN device, with other receive flags, holds UDP 8472), every
+//! round about the node fails, and a container started then must still get its checks.
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use overlay_tests::{
+    frames::{BBOX1_IP, ETH_P_ARP, ethernet, mac_text},
+    inject::send_frame,
+    seed::{BBOX1, BBOX2, Container, Seed},
+};
+
+const EBPF: &[&str] = &["--dataplane=ebpf"];
+const BBOX3: &str = "10.2.41.3";
+const BRIDGE_IP: [u8; 4] = [10, 2, 41, 1];
+/// How long the agent gets to place a new port's program before the attack.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_container_started_while_the_node_steps_fail_still_gets_its_checks() -> Result<()> {
+    let seed = Seed::start("fc-node", EBPF)?;
+    seed.bbox1.ping(BBOX2, 1)?;
+    let bbox1_mac = seed.bbox1.netns.mac("eth0")?;
+    break_the_vxlan_device(&seed)?;
+    seed.agent1
+        .wait_for_log("cannot bring the node in line", 2, Duration::from_secs(10))?;
+
+    let bbox3 = Container::attach(&seed.host1, "bbox3", BBOX3)?;
+    wait_for_placement(&seed, "veth-bbox3");
+    // bbox3 claims bbox1's address for its own MAC; the neighbour entry is old enough (a
+    // second) for the kernel to take the claim, were it let through.
+    std::thread::sleep(Duration::from_millis(1100));
+    let bbox3_mac = bbox3.netns.mac("eth0")?;
+    let bridge_mac = seed.host1.netns.mac("docker0")?;
+    let claim = [
+        &[0, 1, 8, 0, 6, 4, 0, 2][..],
+        &bbox3_mac,
+        &BBOX1_IP,
+        &bridge_mac,
+        &BRIDGE_IP,
+    ]
+    .concat();
+    let frame = ethernet(bridge_mac, bbox3_mac, ETH_P_ARP, &claim);
+    bbox3
+        .netns
+        .run_inside(|| (0..5).try_for_each(|_| send_frame("eth0", &frame)))?;
+
+    let neighbour = seed
+        .host1
+        .netns
+        .ip(&["neigh", "show", BBOX1, "dev", "docker0"])?;
+    ensure!(
+        neighbour.contains(&mac_text(bbox1_mac)),
+        "host1's neighbour entry for {BBOX1} moved to bbox3 ({}): {neighbour}",
+        mac_text(bbox3_mac)
+    );
+    // Checked, not cut off: bbox3 reaches its neighbour from its own address.
+    bbox3.ping(BBOX1, 1)?;
+    Ok(())
+}
+
+/// Replaces host1's flannel.1 with a VXLAN device that holds its UDP port with GBP on, so the
+/// agent cannot make flannel.1 again. The agent is stopped meanwhile, so that it cannot win
+/// the port back first.
+fn break_the_vxlan_device(seed: &Seed) -> Result<()> {
+    let agent = &seed.agent1.process;
+    agent.signal(libc::SIGSTOP)?;
+    let host1 = &seed.host1.netns;
+    let broken = host1.ip(&["link", "del", "flannel.1"]).and_then(|_| {
+        host1.ip(&[
+            "link",
+            "add",
+            "blocker",
+            "type",
+            "vxlan",
+            "id",
+            "99",
+            "dstport",
+            "8472",
+            "gbp",
+            "local",
+            "172.20.62.104",
+            "dev",
+            "eth0",
+        ])?;
+        host1.ip(&["link", "set", "blocker", "up"])
+    });
+    agent.signal(libc::SIGCONT)?;
+    broken.map(drop)
+}
+
+/// Gives the agent up to [`PLACEMENT_WAIT`] to say it attached the container program to
+/// `port`; the attack that follows is the test, whatever the agent said.
+fn wait_for_placement(seed: &Seed, port: &str) {
+    let needle = format!("tc_container_ingress attached to {port}");
+    let deadline = Instant::now() + PLACEMENT_WAIT;
+    while Instant::now() < deadline && seed.agent1.count_in_log(&needle) == 0 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
