@@ -59,6 +59,7 @@ const BOOLEAN: &[&str] = &[
     "iptables-forward-rules",
     "ip-blackhole-route",
     "fast-path",
+    "container-vlans",
     "bpf-log",
 ];
 
@@ -416,6 +417,12 @@ pub struct AgentOptions {
     /// netfilter's FORWARD hook). Off, every packet is routed by the stack, as in flannel.
     #[arg(long, env = "FLANNELD_FAST_PATH", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub fast_path: bool,
+
+    /// In ebpf mode, let VLAN-tagged frames from containers through unchecked, for containers
+    /// that carry VLANs over docker0. Off (the default), they are dropped and counted
+    /// (`tx_vlan`): a container's claims are checked only on untagged frames.
+    #[arg(long, env = "FLANNELD_CONTAINER_VLANS", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub container_vlans: bool,
 
     /// Where the uplink decapsulates in ebpf mode: tc keeps GSO superpackets whole and puts
     /// packets straight into containers; xdp acts before the stack allocates anything, but on

@@ -210,6 +210,7 @@ fn program_settings(
         uplink_mac: uplink_mac.with_context(|| format!("{} has no MAC", uplink.name))?,
         direct_routing: config.backend.direct_routing,
         fast_path: options.fast_path,
+        container_vlans: options.container_vlans,
         decap_hook: options.decap_hook.into(),
         xdp_mode: options.xdp_mode.into(),
     })

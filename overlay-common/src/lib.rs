@@ -81,6 +81,9 @@ pub const CONFIG_FAST_PATH: u16 = 2;
 /// [`OverlayConfig::flags`]: the network has IPv6 and this host an IPv6 lease, so the
 /// containers' IPv6 sources are checked against `local_subnet6`.
 pub const CONFIG_IPV6: u16 = 4;
+/// [`OverlayConfig::flags`]: VLAN-tagged frames from containers go on unchecked
+/// (`--container-vlans`); without it they are dropped, as nothing checks what a tag hides.
+pub const CONFIG_CONTAINER_VLANS: u16 = 8;
 
 /// The `skb->mark` bit the uplink program sets on VXLAN it checked and hands to the VXLAN
 /// device, decapsulated or for its socket. The VXLAN device's ingress program lets through
@@ -101,6 +104,10 @@ impl OverlayConfig {
 
     pub const fn ipv6(&self) -> bool {
         self.flags & CONFIG_IPV6 != 0
+    }
+
+    pub const fn container_vlans(&self) -> bool {
+        self.flags & CONFIG_CONTAINER_VLANS != 0
     }
 }
 

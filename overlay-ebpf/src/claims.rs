@@ -1,7 +1,9 @@
 //! What a container may send, by allowlist: IPv4, IPv6 and ARP for IPv4 over Ethernet, each
 //! checked; every other frame (a VLAN tag, in the frame or taken off by the veth into the
 //! packet's metadata; another ethertype; ARP of another shape) is dropped and counted, as no
-//! check here looks past it while the host's stack or a neighbour's might.
+//! check here looks past it while the host's stack or a neighbour's might. Tagged frames go
+//! on, their source MAC still claimed but nothing behind the tag checked, only where the
+//! operator asked for it (`--container-vlans`).
 //!
 //! Every frame's source MAC, IPv4 source and ARP sender address is
 //! a claim, bound to the container port (the host side of the veth) that first made it, for
@@ -64,16 +66,21 @@ pub fn check_container_frame(
     };
     // SAFETY: the context's skb is valid for the whole program run.
     let (port, vlan_present) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
-    // The veth took the outer tag off before tc: what the frame holds is that VLAN's.
-    if vlan_present != 0 {
+    // The veth may have taken the outer tag off before tc (`vlan_present`): the frame holds
+    // what that VLAN carries either way, which nothing here looks behind.
+    let tagged = vlan_present != 0 || ETH_P_VLAN_TAGS.contains(&eth.ether_type());
+    if tagged && !config.container_vlans() {
         return Err(Counter::TxVlan);
     }
+    // The bridge learns a tagged frame's source MAC too.
     claim_mac(&eth.src, port, config)?;
+    if tagged {
+        return Ok(());
+    }
     match u16::from_be_bytes(eth.ether_type) {
         ETH_P_IPV4 => check_ipv4(ctx, frame, config, port),
         ETH_P_ARP => check_arp(frame, config, port),
         ETH_P_IPV6 => check_ipv6(ctx, config),
-        ether_type if ETH_P_VLAN_TAGS.contains(&ether_type) => Err(Counter::TxVlan),
         _ => Err(Counter::TxUnexpectedFrame),
     }
 }

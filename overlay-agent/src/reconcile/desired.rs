@@ -9,8 +9,8 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    CONFIG_DIRECT_ROUTING, CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint, OverlayConfig,
-    REMOTE_ROUTE_DIRECTLY, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
+    CONFIG_CONTAINER_VLANS, CONFIG_DIRECT_ROUTING, CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint,
+    OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
 };
 
 use crate::{
@@ -75,6 +75,8 @@ pub struct ProgramSettings {
     pub direct_routing: bool,
     /// Whether container traffic bypasses the stack (`--fast-path`).
     pub fast_path: bool,
+    /// Whether VLAN-tagged frames from containers go on unchecked (`--container-vlans`).
+    pub container_vlans: bool,
     pub decap_hook: DecapHook,
     pub xdp_mode: XdpModeChoice,
 }
@@ -521,6 +523,7 @@ fn program_config(
         vxlan_port: settings.vxlan_port,
         flags: flag(CONFIG_DIRECT_ROUTING, settings.direct_routing)
             | flag(CONFIG_FAST_PATH, settings.fast_path)
+            | flag(CONFIG_CONTAINER_VLANS, settings.container_vlans)
             | flag(CONFIG_IPV6, subnets.ipv6.is_some()),
         public_ip: settings
             .tunnel_source
@@ -608,6 +611,7 @@ mod tests {
             uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             direct_routing: false,
             fast_path,
+            container_vlans: false,
             decap_hook: DecapHook::Tc,
             xdp_mode: XdpModeChoice::Auto,
         }

@@ -376,6 +376,7 @@ mod tests {
                 uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
                 direct_routing: false,
                 fast_path: true,
+                container_vlans: false,
                 decap_hook: DecapHook::Tc,
                 xdp_mode: XdpModeChoice::Auto,
             }),

@@ -21,6 +21,7 @@ macro_rules! test_matrix {
 
 mod bench;
 mod cni;
+mod container_vlans;
 mod control_plane;
 mod docker;
 mod ebpf_dataplane;
