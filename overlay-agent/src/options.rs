@@ -256,7 +256,8 @@ impl From<XdpModeChoice> for model::XdpModeChoice {
 /// How the tc programs attach, as `--tc-attach` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TcAttach {
-    /// tcx where the kernel has it (6.6 and later), netlink filters before.
+    /// On the host's devices tcx where the kernel has it (6.6 and later), netlink filters
+    /// before; on the container ports netlink filters, which attach without tcx's wait.
     Auto,
     /// tcx links, pinned.
     Tcx,
@@ -408,8 +409,9 @@ pub struct AgentOptions {
     #[arg(long, env = "FLANNELD_BPF_PIN_DIR")]
     pub bpf_pin_dir: Option<PathBuf>,
 
-    /// How the tc programs attach: tcx links on kernels from 6.6, netlink filters before
-    /// (auto), or one of them whatever the kernel.
+    /// How the tc programs attach: tcx links on the host's devices on kernels from 6.6, netlink
+    /// filters before and on the container ports (auto), or one of them everywhere whatever
+    /// the kernel.
     #[arg(long, env = "FLANNELD_TC_ATTACH", value_enum, default_value = "auto")]
     pub tc_attach: TcAttach,
 

@@ -13,7 +13,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{Counter, RemoteVtep, RemoteVtep6};
 
 use crate::{
-    dataplane::{SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, pins::PinnedDataplane},
+    dataplane::{SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, filters, pins::PinnedDataplane},
     mac::MacAddr,
     node::{endpoints, links},
     options::AgentOptions,
@@ -64,6 +64,16 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     for (program, ifindex) in pinned.links()? {
         let interface = names.get(&ifindex).map_or("gone", String::as_str);
         writeln!(out, "  {program} on {interface} (ifindex {ifindex})")?;
+    }
+    let ifindexes: Vec<u32> = names.keys().copied().collect();
+    let mut filters = filters::filters_of_ours(&handle, &ifindexes).await?;
+    filters.sort_by_key(|(program, ifindex)| (*program, names.get(ifindex).cloned()));
+    for (program, ifindex) in filters {
+        let interface = names.get(&ifindex).map_or("gone", String::as_str);
+        writeln!(
+            out,
+            "  {program} on {interface} (ifindex {ifindex}, tc filter)"
+        )?;
     }
     for port in endpoints::isolated_ports(&handle).await? {
         writeln!(out, "  none on {port}: refused its program, kept down")?;

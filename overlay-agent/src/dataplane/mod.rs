@@ -4,13 +4,17 @@
 //! and links ([`DataplaneSink`]): it never looks at netlink.
 mod attach;
 pub mod collector;
+pub mod filters;
 pub mod pins;
 mod program_log;
 pub mod refusals;
 pub mod strays;
 mod sync;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -165,10 +169,12 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        let started = Instant::now();
         let mut ebpf = loader.load(EBPF_OBJECT).context(
             "cannot load the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN, BTF support, and \
              pinned maps, if any, from a compatible version)",
         )?;
+        log::debug!("maps made in {:?}", started.elapsed());
         let uplink: &mut Xdp = program_mut(&mut ebpf, UPLINK_XDP_PROGRAM)?.try_into()?;
         uplink
             .load()
@@ -181,10 +187,13 @@ impl Dataplane {
             BRIDGE_PROGRAM,
         ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
+            let program_started = Instant::now();
             program
                 .load()
                 .with_context(|| format!("the kernel rejected {name}"))?;
+            log::debug!("{name} verified in {:?}", program_started.elapsed());
         }
+        log::debug!("eBPF object loaded in {:?}", started.elapsed());
         if bpf_log {
             program_log::forward(&mut ebpf)?;
         }

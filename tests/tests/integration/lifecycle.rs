@@ -24,6 +24,8 @@ use overlay_tests::{
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const TC_NETLINK: &str = "--tc-attach=netlink";
+const TC_TCX: &str = "--tc-attach=tcx";
+const TC_AUTO: &str = "--tc-attach=auto";
 const HOST3: &str = "172.20.62.106";
 const SUBNET3: &str = "10.2.63.0/24";
 const BBOX3: &str = "10.2.63.2";
@@ -227,25 +229,43 @@ fn the_netlink_tc_path_carries_the_seed_through_a_crash_and_leaves_no_filter() -
 
 #[test]
 fn switching_the_tc_path_either_way_leaves_only_the_new_one() -> Result<()> {
-    let mut seed = Seed::start("tc-switch", &[])?;
+    let mut seed = Seed::start("tc-switch", &[TC_TCX])?;
     let tcx = tcx_programs(&seed.host1.netns)?;
-    ensure!(!tcx.is_empty(), "the tcx run attached nothing");
-    for (flags, expect_filters) in [(&[TC_NETLINK][..], true), (&[][..], false)] {
+    ensure!(tcx.len() == 5, "the tcx run attached {tcx:#?}");
+    // `auto` puts the container ports' program in a filter and the devices' in tcx links.
+    let devices_tcx: Vec<String> = tcx
+        .iter()
+        .filter(|program| !program.contains("veth-"))
+        .cloned()
+        .collect();
+    for flag in [TC_NETLINK, TC_AUTO, TC_TCX] {
         seed.agent1.process.terminate(TIMEOUT)?;
-        seed.agent1 = Agent::start(&seed.cluster, &seed.host1, flags)?;
+        seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &[flag])?;
         assert_eq!(seed.agent1.wait_ready()?, SUBNET1);
         let (filters, programs) = (
             tc_filters(&seed.host1.netns)?,
             tcx_programs(&seed.host1.netns)?,
         );
-        if expect_filters {
-            assert_eq!(programs, Vec::<String>::new(), "{}", seed.agent1.log());
-            assert_eq!(filters.len(), tcx.len(), "{filters:#?}");
-            let links = pinned_links(&seed.host1.pin_dir())?;
-            assert_eq!(links, Vec::new(), "no tcx link stays pinned");
-        } else {
-            assert_eq!(filters, Vec::<String>::new(), "{}", seed.agent1.log());
-            assert_eq!(programs, tcx);
+        let log = seed.agent1.log();
+        match flag {
+            TC_NETLINK => {
+                assert_eq!(programs, Vec::<String>::new(), "{log}");
+                assert_eq!(filters.len(), tcx.len(), "{filters:#?}");
+                let links = pinned_links(&seed.host1.pin_dir())?;
+                assert_eq!(links, Vec::new(), "no tcx link stays pinned");
+            }
+            TC_AUTO => {
+                assert_eq!(programs, devices_tcx, "{log}");
+                assert_eq!(filters.len(), 1, "{filters:#?}");
+                ensure!(
+                    filters[0].starts_with("veth-bbox1 ingress: tc_container_ingress"),
+                    "{filters:#?}"
+                );
+            }
+            _ => {
+                assert_eq!(filters, Vec::<String>::new(), "{log}");
+                assert_eq!(programs, tcx);
+            }
         }
         ping_ttl_62(&seed.bbox1, BBOX2)?;
     }
