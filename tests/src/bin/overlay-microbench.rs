@@ -9,6 +9,9 @@
 //! beside the median and interquartile range of the samples the report gives the mean of their
 //! middle half, which the jitter between runs resolves below a step: the figure for an A/B.
 //! Every sample is checked to have taken the path the row names.
+//!
+//! `--only TEXT` keeps the rows whose program or frame contains TEXT; `--samples N` times N
+//! runs per row (20,000 by default), for a profile of one row, say.
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, ensure};
@@ -26,7 +29,7 @@ use overlay_tests::{
     frames::*,
 };
 
-const SAMPLES: usize = 20_000;
+const DEFAULT_SAMPLES: usize = 20_000;
 const WARM_UP: usize = 1_000;
 const MANY_LEASES: usize = 10_000;
 /// The most a TCP segment carries within the overlay's MTU of 1450: a superpacket cannot be
@@ -173,10 +176,43 @@ fn made_up_lease(index: usize) -> Result<Lease> {
     })
 }
 
-/// The ns of `SAMPLES` runs of `row` (after a warm-up), sorted.
-fn sample(row: &Row, dataplane: &Dataplane) -> Result<Vec<u64>> {
-    let mut samples = Vec::with_capacity(SAMPLES);
-    for index in 0..WARM_UP + SAMPLES {
+/// What the command line asks for.
+struct Options {
+    only: Option<String>,
+    samples: usize,
+}
+
+impl Options {
+    fn parse() -> Result<Self> {
+        let mut options = Options {
+            only: None,
+            samples: DEFAULT_SAMPLES,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--only" => options.only = Some(value()?),
+                "--samples" => {
+                    options.samples = value()?.parse().context("--samples takes a count")?;
+                }
+                other => anyhow::bail!("unknown argument {other:?} (--only TEXT, --samples N)"),
+            }
+        }
+        Ok(options)
+    }
+
+    fn wants(&self, row: &Row) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|only| row.program.contains(only) || row.frame_name.contains(only))
+    }
+}
+
+/// The ns of `count` runs of `row` (after a warm-up), sorted.
+fn sample(row: &Row, dataplane: &Dataplane, count: usize) -> Result<Vec<u64>> {
+    let mut samples = Vec::with_capacity(count);
+    for index in 0..WARM_UP + count {
         let before = dataplane.counters()?;
         let outcome = (row.run)(dataplane)?;
         let moved = match row.expected {
@@ -225,6 +261,7 @@ fn middle_half_mean(sorted: &[u64]) -> f64 {
 
 fn main() -> Result<()> {
     overlay_tests::require_root()?;
+    let options = Options::parse()?;
     let mut report = String::from(
         "| program | frame | leases | median ns | IQR ns | middle-half mean ns |\n\
          |---|---|---|---|---|---|\n",
@@ -232,9 +269,9 @@ fn main() -> Result<()> {
     for (leases, extra) in [("2", 0), ("10,000", MANY_LEASES - 1)] {
         let sender = dataplane(&HOST1, &HOST2, extra)?;
         let receiver = dataplane(&HOST2, &HOST1, extra)?;
-        for row in rows() {
+        for row in rows().into_iter().filter(|row| options.wants(row)) {
             let dataplane = if row.receiver { &receiver } else { &sender };
-            let samples = sample(&row, dataplane)?;
+            let samples = sample(&row, dataplane, options.samples)?;
             let line = format!(
                 "| {} | {} | {leases} | {} | {}–{} | {:.1} |",
                 row.program,
