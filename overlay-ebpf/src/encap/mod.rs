@@ -33,6 +33,15 @@ const ADJUST_ROOM_TUNNEL_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_FLAG;
 
+/// The hash the packet carries (a socket's, usually), else `computed`: asking the kernel for one
+/// would dissect the packet.
+#[inline(always)]
+fn packet_hash(ctx: &TcContext, computed: impl FnOnce() -> u32) -> u32 {
+    // SAFETY: the context's skb is valid for the whole program run.
+    let carried = unsafe { (*ctx.skb.skb).hash };
+    if carried != 0 { carried } else { computed() }
+}
+
 /// Whether the packet (each of its segments, for a GSO packet) fits the MTU of the VXLAN
 /// device `ifindex`, the check the kernel makes when it forwards into it.
 #[inline(always)]

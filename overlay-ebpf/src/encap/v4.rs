@@ -7,15 +7,15 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use overlay_common::{Counter, OverlayConfig, RemoteVtep};
-use overlay_ebpf::ecn::outer_ecn;
+use overlay_ebpf::{ecn::outer_ecn, vxlan_fields::flow_hash};
 
-use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device};
+use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device, packet_hash};
 use crate::{
     flows::remember_replies,
     maps,
     parse::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, Frame, IPPROTO_UDP, IPV4_NO_OPTIONS,
-        Ipv4Hdr, TransportHead, flow_of,
+        Ipv4Hdr, TransportHead, flow_at, flow_of,
     },
     redirect,
     vxlan::{ENCAP_LEN, Encapsulation, udp_header, vxlan_header},
@@ -66,7 +66,8 @@ pub fn from_container(
         return Ok(Some(Counter::TxDirect));
     }
     let inner_tos = headers.ip.tos;
-    encapsulate(ctx, config, &remote, inner_tos)?;
+    let hash = packet_hash(ctx, || flow_hash(&flow));
+    encapsulate(ctx, config, &remote, inner_tos, hash)?;
     Ok(Some(Counter::TxDirect))
 }
 
@@ -79,26 +80,31 @@ pub fn routed(ctx: &TcContext, frame: &Frame, config: &OverlayConfig) -> Result<
     let inner_tos = ip.tos;
     let remote = maps::remote_vtep(ip.dst).ok_or(Counter::TxNoRoute)?;
     remember_replies::<EthIpv4Headers>(frame, config.vtep_ifindex);
-    encapsulate(ctx, config, &remote, inner_tos)?;
+    // As the fast path hashes, so that a flow keeps its source port whichever path it takes.
+    let hash = packet_hash(ctx, || match flow_at::<EthIpv4Headers>(frame, 0) {
+        Some(flow) => flow_hash(&flow),
+        // SAFETY: the context's skb is valid for the whole program run.
+        None => unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
+    });
+    encapsulate(ctx, config, &remote, inner_tos, hash)?;
     Ok(Counter::TxEncapsulated)
 }
 
-/// Wraps the packet, whose Ethernet header becomes the inner one, for `remote` and redirects
-/// it to the uplink.
+/// Wraps the packet, whose Ethernet header becomes the inner one and whose flow hashes to
+/// `flow_hash`, for `remote` and redirects it to the uplink.
 #[inline(always)]
 fn encapsulate(
     ctx: &TcContext,
     config: &OverlayConfig,
     remote: &RemoteVtep,
     inner_tos: u8,
+    flow_hash: u32,
 ) -> Result<(), Counter> {
     // A superpacket above 64 KiB (BIG TCP) cannot say its length in the outer header; the
     // stack could not split it for us either, as tc runs before segmentation.
     if ctx.len() as usize - ETH_HEADER_LEN + ENCAP_LEN > IPV4_MAX_LEN {
         return Err(Counter::TxTooBig);
     }
-    // SAFETY: the context's skb is valid for the whole program run.
-    let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     // RFC 6864: a datagram that may be fragmented (DF clear, as the kernel's vxlan device
     // sends it) needs an ID no other recent one between the same hosts has.
     // SAFETY: a plain helper call without arguments.

@@ -29,15 +29,16 @@ use overlay_common::{Counter, OverlayConfig, RemoteVtep6};
 use overlay_ebpf::{
     ecn::{ipv6_ecn, outer_ecn},
     lengths::tcp_segment_len,
+    vxlan_fields::flow6_hash,
 };
 
-use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device};
+use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device, packet_hash};
 use crate::{
     flows::remember_replies,
     maps,
     parse::{
         ETH_HEADER_LEN, ETH_P_IPV6, EthIpv6Headers, Frame, IPPROTO_TCP, IPPROTO_UDP, Ipv6Hdr,
-        TransportHead, UdpHdr, VxlanHdr, checksums_itself, flow_of6, linear_frame,
+        TransportHead, UdpHdr, VxlanHdr, checksums_itself, flow_at, flow_of6, linear_frame,
     },
     redirect,
     vxlan::{
@@ -94,7 +95,8 @@ pub fn from_container(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<
     let headers: &mut EthIpv6Headers = frame.header_mut(0).ok_or(Counter::TxError)?;
     headers.ip.hop_limit -= 1;
     let inner = InnerPacket::of(&headers.ip, segment_len);
-    encapsulate(ctx, config, &remote, &inner)?;
+    let hash = packet_hash(ctx, || flow6_hash(&flow));
+    encapsulate(ctx, config, &remote, &inner, hash)?;
     Ok(Some(Counter::TxDirect))
 }
 
@@ -117,7 +119,13 @@ pub fn routed(ctx: &TcContext, config: &OverlayConfig) -> Counter {
         return Counter::TxIpv6Routed;
     };
     let inner = InnerPacket::of(&headers.ip, segment_len);
-    match encapsulate(ctx, config, &remote, &inner) {
+    // As the fast path hashes, so that a flow keeps its source port whichever path it takes.
+    let hash = packet_hash(ctx, || match flow_at::<EthIpv6Headers>(&frame, 0) {
+        Some(flow) => flow6_hash(&flow),
+        // SAFETY: the context's skb is valid for the whole program run.
+        None => unsafe { bpf_get_hash_recalc(ctx.skb.skb) },
+    });
+    match encapsulate(ctx, config, &remote, &inner, hash) {
         Ok(()) => Counter::TxEncapsulated,
         Err(failure) => failure,
     }
@@ -168,17 +176,16 @@ impl InnerPacket {
     }
 }
 
-/// Wraps the packet, whose Ethernet header becomes the inner one, for `remote` and redirects
-/// it to the uplink.
+/// Wraps the packet, whose Ethernet header becomes the inner one and whose flow hashes to
+/// `flow_hash`, for `remote` and redirects it to the uplink.
 #[inline(always)]
 fn encapsulate(
     ctx: &TcContext,
     config: &OverlayConfig,
     remote: &RemoteVtep6,
     inner: &InnerPacket,
+    flow_hash: u32,
 ) -> Result<(), Counter> {
-    // SAFETY: the context's skb is valid for the whole program run.
-    let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     ctx.adjust_room(ENCAP6_LEN as i32, BPF_ADJ_ROOM_MAC, ADJUST_ROOM_FLAGS6)
         .map_err(|_| Counter::TxError)?;
     let mut frame = linear_frame(ctx, ETH_HEADER_LEN + ENCAP6_LEN);
