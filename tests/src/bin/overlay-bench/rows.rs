@@ -35,7 +35,7 @@ impl Family {
 }
 
 #[derive(Clone, Copy)]
-pub enum Traffic {
+pub enum Workload {
     /// iperf3 TCP; `pinned`: client and server on fixed CPUs (`-A 0,1`).
     Tcp { streams: u32, pinned: bool },
     /// 64-byte UDP from four unthrottled iperf3 senders.
@@ -64,19 +64,19 @@ impl FigureSpec {
 pub struct Row {
     pub key: &'static str,
     pub family: Family,
-    pub traffic: Traffic,
+    pub workload: Workload,
 }
 
-const fn row(key: &'static str, family: Family, traffic: Traffic) -> Row {
+const fn row(key: &'static str, family: Family, workload: Workload) -> Row {
     Row {
         key,
         family,
-        traffic,
+        workload,
     }
 }
 
-const fn tcp(streams: u32, pinned: bool) -> Traffic {
-    Traffic::Tcp { streams, pinned }
+const fn tcp(streams: u32, pinned: bool) -> Workload {
+    Workload::Tcp { streams, pinned }
 }
 
 /// In report order.
@@ -85,17 +85,17 @@ pub const DATA_ROWS: [Row; 12] = [
     row("tcp4", Family::Ipv4, tcp(4, false)),
     row("tcp1-pinned", Family::Ipv4, tcp(1, true)),
     row("tcp4-pinned", Family::Ipv4, tcp(4, true)),
-    row("udp64", Family::Ipv4, Traffic::SmallUdp),
+    row("udp64", Family::Ipv4, Workload::SmallUdp),
     row("tcp1-v6", Family::Ipv6, tcp(1, false)),
     row("tcp4-v6", Family::Ipv6, tcp(4, false)),
     row("tcp1-pinned-v6", Family::Ipv6, tcp(1, true)),
     row("tcp4-pinned-v6", Family::Ipv6, tcp(4, true)),
-    row("udp64-v6", Family::Ipv6, Traffic::SmallUdp),
-    row("latency", Family::Ipv4, Traffic::Latency { pinned: false }),
+    row("udp64-v6", Family::Ipv6, Workload::SmallUdp),
+    row("latency", Family::Ipv4, Workload::Latency { pinned: false }),
     row(
         "latency-pinned",
         Family::Ipv4,
-        Traffic::Latency { pinned: true },
+        Workload::Latency { pinned: true },
     ),
 ];
 
@@ -105,8 +105,8 @@ impl Row {
         let named = |name: &str, unit, higher_is_better| {
             FigureSpec::new(self.family.figure(name), unit, higher_is_better)
         };
-        match self.traffic {
-            Traffic::Tcp { streams, pinned } => {
+        match self.workload {
+            Workload::Tcp { streams, pinned } => {
                 let counted = match streams {
                     1 => "1 stream".to_string(),
                     streams => format!("{streams} streams"),
@@ -123,15 +123,15 @@ impl Row {
                 }
                 figures
             }
-            Traffic::SmallUdp => vec![
+            Workload::SmallUdp => vec![
                 named("64-byte UDP received", "kpps", true),
                 named("64-byte UDP sent", "kpps", true),
             ],
-            Traffic::Latency { pinned: false } => vec![
+            Workload::Latency { pinned: false } => vec![
                 named("Latency p50 (sockperf, RTT/2)", "µs", false),
                 named("Latency p99 (sockperf, RTT/2)", "µs", false),
             ],
-            Traffic::Latency { pinned: true } => vec![
+            Workload::Latency { pinned: true } => vec![
                 named("Latency p50, both ends on CPU 0", "µs", false),
                 named("Latency p99, both ends on CPU 0", "µs", false),
             ],
@@ -142,16 +142,16 @@ impl Row {
     /// [`Row::figures`].
     pub fn run(&self, client: &Netns, seconds: u32) -> Result<Vec<f64>> {
         let server = self.family.destination();
-        let values = match self.traffic {
-            Traffic::Tcp { streams, pinned } => {
+        let values = match self.workload {
+            Workload::Tcp { streams, pinned } => {
                 let (gbit, cpu) = traffic::tcp(client, server, seconds, streams, pinned)?;
                 vec![gbit, cpu]
             }
-            Traffic::SmallUdp => {
+            Workload::SmallUdp => {
                 let (received, sent) = traffic::small_udp(client, server, seconds)?;
                 vec![received, sent]
             }
-            Traffic::Latency { pinned } => {
+            Workload::Latency { pinned } => {
                 let (p50, p99) = traffic::latency(client, seconds, pinned)?;
                 vec![p50, p99]
             }
