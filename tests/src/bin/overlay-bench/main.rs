@@ -360,8 +360,9 @@ fn run_program_cost(
         .context("no ebpf cluster")?;
     let label = format!("{} ebpf", rows::BPF_STATS);
     let specs = rows::bpf_stats_figures();
+    let agents = [&path.seed.agent1, &path.seed.agent2].map(|agent| agent.process.id());
     let cost = unstolen(summary, &label, || {
-        traffic::program_cost(path.client(), plan.seconds)
+        traffic::program_cost(path.client(), &agents, plan.seconds)
     })?;
     let values = cost.map(|cost| vec![cost.encap_ns, cost.decap_ns, cost.tcp_share]);
     if let Some(values) = &values {

@@ -1,6 +1,9 @@
 //! The traffic each run sends (iperf3, sockperf), and what the machine's CPUs and our programs
 //! did meanwhile (/proc/stat, the kernel's per-program run-time accounting).
-use std::{collections::HashMap, process::Command};
+use std::{
+    collections::{HashMap, HashSet},
+    process::Command,
+};
 
 use anyhow::{Context, Result};
 use overlay_agent::dataplane::{CONTAINER_PROGRAM, UPLINK_TC_PROGRAM};
@@ -165,7 +168,7 @@ impl CpuTimes {
 }
 
 /// What the fast path's programs cost in real traffic, from the kernel's per-program run
-/// time accounting (`kernel.bpf_stats_enabled`, what `bpftool prog` shows as run_time_ns).
+/// time accounting (`BPF_ENABLE_STATS`, what `bpftool prog` shows as run_time_ns).
 pub struct ProgramCost {
     pub encap_ns: f64,
     pub decap_ns: f64,
@@ -173,22 +176,28 @@ pub struct ProgramCost {
     pub tcp_share: f64,
 }
 
-pub fn program_cost(client: &Netns, seconds: u32) -> Result<ProgramCost> {
-    let _stats = BpfStats::enable()?;
-    let before = program_runs()?;
+/// `agents`: the pids of the agents whose programs count (other agents on the machine, other
+/// tests', run programs of the same names).
+pub fn program_cost(client: &Netns, agents: &[u32], seconds: u32) -> Result<ProgramCost> {
+    let ours = programs_held_by(agents)?;
+    // Counted by the kernel: on while any holder's descriptor is open, so another process
+    // switching `kernel.bpf_stats_enabled` off does not switch it off under this run.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("cannot enable BPF run-time statistics")?;
+    let before = program_runs(&ours)?;
     small_udp(client, BBOX2, seconds)?;
-    let after = program_runs()?;
+    let after = program_runs(&ours)?;
     let per_run = |name: &str| -> Result<f64> {
         let (runs, nanoseconds) = delta_of(&before, &after, name)?;
         Ok(nanoseconds / runs.max(1.0))
     };
     let (encap_ns, decap_ns) = (per_run(CONTAINER_PROGRAM)?, per_run(UPLINK_TC_PROGRAM)?);
 
-    let before = program_runs()?;
+    let before = program_runs(&ours)?;
     let busy_before = CpuTimes::now()?;
     tcp(client, BBOX2, seconds, 1, false)?;
     let busy = CpuTimes::now()?.busy_seconds_since(&busy_before);
-    let after = program_runs()?;
+    let after = program_runs(&ours)?;
     let mut in_programs = 0.0;
     for name in [CONTAINER_PROGRAM, UPLINK_TC_PROGRAM] {
         in_programs += delta_of(&before, &after, name)?.1;
@@ -213,14 +222,34 @@ fn delta_of(
     Ok((runs - runs_before, nanoseconds - nanoseconds_before))
 }
 
-/// Every loaded program's run count and run time, summed by name.
-fn program_runs() -> Result<HashMap<String, (f64, f64)>> {
+/// The ids of the programs `pids` hold open, from each descriptor's /proc fdinfo.
+fn programs_held_by(pids: &[u32]) -> Result<HashSet<u64>> {
+    let mut ids = HashSet::new();
+    for pid in pids {
+        let dir = format!("/proc/{pid}/fdinfo");
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+            // A descriptor closed since the listing has no fdinfo left: not a program.
+            let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+                continue;
+            };
+            ids.extend(info.lines().find_map(|line| {
+                line.strip_prefix("prog_id:")
+                    .and_then(|id| id.trim().parse::<u64>().ok())
+            }));
+        }
+    }
+    Ok(ids)
+}
+
+/// The run count and run time of the programs of `ids`, summed by name.
+fn program_runs(ids: &HashSet<u64>) -> Result<HashMap<String, (f64, f64)>> {
     let output = overlay_tests::netns::run(Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let programs: Vec<serde_json::Value> =
         serde_json::from_str(&output).context("bpftool printed no JSON")?;
     let mut runs: HashMap<String, (f64, f64)> = HashMap::new();
     for program in &programs {
-        let Some(name) = program["name"].as_str() else {
+        let ours = program["id"].as_u64().is_some_and(|id| ids.contains(&id));
+        let Some(name) = program["name"].as_str().filter(|_| ours) else {
             continue;
         };
         let entry = runs.entry(name.to_string()).or_default();
@@ -228,28 +257,4 @@ fn program_runs() -> Result<HashMap<String, (f64, f64)>> {
         entry.1 += program["run_time_ns"].as_f64().unwrap_or(0.0);
     }
     Ok(runs)
-}
-
-/// `kernel.bpf_stats_enabled` on while this lives, as it was afterwards.
-struct BpfStats {
-    previous: String,
-}
-
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    fn enable() -> Result<Self> {
-        let previous =
-            std::fs::read_to_string(BPF_STATS).context("cannot read bpf_stats_enabled")?;
-        std::fs::write(BPF_STATS, "1").context("cannot enable BPF run-time statistics")?;
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(error) = std::fs::write(BPF_STATS, self.previous.trim()) {
-            eprintln!("cannot restore {BPF_STATS}: {error}");
-        }
-    }
 }
