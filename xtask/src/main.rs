@@ -47,16 +47,27 @@ enum Task {
     /// Install what the build and cargo-deb need if it is missing, then build the release agent
     /// and its Debian package (binary, systemd unit, env file) into target/debian/.
     Package,
-    /// Measure ebpf, kernel and host-gw side by side, over IPv4 and IPv6; the report goes to
-    /// target/bench/.
+    /// Measure ebpf, kernel and host-gw side by side, over IPv4 and IPv6, in interleaved
+    /// rounds; the report goes to target/bench/.
     Bench {
-        /// One short run of each measurement: proves the benchmark works, measures little.
+        /// Two rounds of short runs: proves the benchmark works, measures little.
         #[arg(long, conflicts_with = "micro")]
         quick: bool,
         /// Only each program's ns per packet from BPF_PROG_TEST_RUN, in seconds: the A/B tool
         /// for a change to the fast path (target/bench/microbench.md).
         #[arg(long)]
         micro: bool,
+        /// Only these rows, comma separated: tcp1, tcp4, tcp1-pinned, tcp4-pinned, udp64, the
+        /// same with -v6 (tcp1-v6, ..., udp64-v6), latency, latency-pinned, bpf-stats,
+        /// control-plane.
+        #[arg(long, value_name = "ROWS", conflicts_with = "micro")]
+        only: Option<String>,
+        /// Rounds of interleaved runs (default 10, 2 with --quick).
+        #[arg(long, conflicts_with = "micro")]
+        rounds: Option<u32>,
+        /// The seed of each round's shuffled order of the modes, to repeat a run's order.
+        #[arg(long, conflicts_with = "micro")]
+        seed: Option<u64>,
     },
     /// The seed document, live: two hosts, three containers, etcd, our dataplane.
     Demo {
@@ -79,7 +90,22 @@ fn main() -> ExitCode {
         } => succeeded(run::run(&root, release, &agent_args)),
         Task::Package => succeeded(package::run(&root)),
         Task::Demo { once } => succeeded(demo::run(&root, once)),
-        Task::Bench { quick, micro } => succeeded(bench::run(&root, quick, micro)),
+        Task::Bench {
+            quick,
+            micro,
+            only,
+            rounds,
+            seed,
+        } => {
+            let options = bench::Options {
+                quick,
+                micro,
+                only,
+                rounds,
+                seed,
+            };
+            succeeded(bench::run(&root, &options))
+        }
     };
     match outcome {
         Ok(code) => code,

@@ -1,54 +1,111 @@
-//! `overlay-bench --quick` runs every measurement once and writes its report; this checks that
-//! every figure was produced for every mode it applies to, IPv6's throughput included, never
-//! how large it is.
+//! `overlay-bench --quick` runs every row in two interleaved rounds and writes its report;
+//! this checks the report's shape (every figure for every mode it applies to, each ratio's
+//! median and interquartile range over at least two rounds), never how large a figure is.
+//! `--only` runs the rows it names and nothing else.
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use overlay_tests::{require_root, scratch::ScratchDir};
 
 /// The throughput rows measured again over IPv6, in every mode.
-const IPV6_FIGURES: [&str; 5] = [
+const IPV6_FIGURES: [&str; 7] = [
     "TCP throughput, 1 stream, IPv6",
     "CPU cost, IPv6",
     "TCP throughput, 4 streams, IPv6",
+    "TCP throughput, 1 stream, pinned, IPv6",
+    "TCP throughput, 4 streams, pinned, IPv6",
     "64-byte UDP received, IPv6",
     "64-byte UDP sent, IPv6",
 ];
+const RATIOS: [&str; 2] = ["ebpf_over_kernel", "ebpf_over_host_gw"];
+
+/// overlay-bench with `args`, its report in a scratch directory: (report.json, report.md).
+fn bench(args: &[&str]) -> Result<(serde_json::Value, String, ScratchDir)> {
+    let out = ScratchDir::new("bench")?;
+    let status = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(args)
+        .arg("--out")
+        .arg(out.path())
+        .status()?;
+    assert!(status.success(), "overlay-bench {args:?} failed: {status}");
+    let report = serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
+    let markdown = std::fs::read_to_string(out.path().join("report.md"))?;
+    Ok((report, markdown, out))
+}
+
+/// Asserts `spread` holds a finite median inside a finite interquartile range.
+fn assert_spread(spread: &serde_json::Value, what: &str) {
+    let value = |key: &str| spread[key].as_f64().filter(|value| value.is_finite());
+    let (Some(q1), Some(median), Some(q3)) = (value("q1"), value("median"), value("q3")) else {
+        panic!("{what} has no median and interquartile range: {spread}");
+    };
+    assert!(
+        q1 <= median && median <= q3,
+        "{what}'s median is outside its interquartile range: {spread}"
+    );
+}
+
+/// Asserts the shape of an interleaved `figure` over `rounds` rounds: every mode's median
+/// and spread, the ratios' median and IQR, rounds kept.
+fn assert_interleaved(figure: &serde_json::Value, name: &str, rounds: u64) {
+    let kept = figure["rounds_kept"].as_u64().unwrap_or(0);
+    let dropped = figure["rounds_dropped"].as_u64().unwrap_or(0);
+    assert!(
+        kept >= 2 && kept + dropped == rounds,
+        "{name}: {kept} round(s) kept, {dropped} dropped of {rounds}: {figure}"
+    );
+    let ebpf_only = name.starts_with("eBPF ");
+    let modes: &[&str] = if ebpf_only {
+        &["ebpf"]
+    } else {
+        &["ebpf", "kernel", "host-gw"]
+    };
+    for mode in modes {
+        assert!(
+            figure["values"][mode].as_f64().is_some_and(f64::is_finite),
+            "{name} has no {mode} median: {figure}"
+        );
+        assert_spread(&figure["spread"][mode], &format!("{name} in {mode}"));
+    }
+    for ratio in RATIOS {
+        if ebpf_only {
+            assert!(figure[ratio].is_null(), "{name} has a {ratio}: {figure}");
+        } else {
+            assert_spread(&figure[ratio], &format!("{name}'s {ratio}"));
+        }
+    }
+}
 
 #[test]
 fn the_quick_benchmark_produces_every_figure() -> Result<()> {
     require_root()?;
-    let out = ScratchDir::new("bench")?;
-    let status = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
-        .args(["--quick", "--out"])
-        .arg(out.path())
-        .status()?;
-    assert!(status.success(), "overlay-bench --quick failed: {status}");
-
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
+    let (report, markdown, out) = bench(&["--quick"])?;
+    let rounds = report["rounds"].as_u64().context("no round count")?;
+    assert!(rounds >= 2, "--quick ran {rounds} round(s)");
+    assert!(report["seed"].as_u64().is_some(), "no seed: {report:#}");
+    assert!(
+        report["runs_dropped"].as_u64().is_some(),
+        "no dropped runs count"
+    );
     let figures = report["figures"].as_array().context("no figures")?;
-    assert_eq!(figures.len(), 22, "{report:#}");
+    assert_eq!(figures.len(), 26, "{report:#}");
     for figure in figures {
         let name = figure["figure"].as_str().context("unnamed figure")?;
-        let modes: &[&str] = if name.starts_with("eBPF ") {
-            &["ebpf"]
+        if figure["row"] == "control-plane" {
+            assert_eq!(figure["interleaved"], false, "{figure}");
+            for mode in ["ebpf", "kernel", "host-gw"] {
+                assert!(
+                    figure["values"][mode].as_f64().is_some_and(f64::is_finite),
+                    "{name} has no {mode} figure: {figure}"
+                );
+            }
         } else {
-            &["ebpf", "kernel", "host-gw"]
-        };
-        for mode in modes {
-            let value = figure["values"][mode].as_f64();
-            assert!(
-                value.is_some_and(f64::is_finite),
-                "{name} has no {mode} figure: {figure}"
-            );
+            assert_eq!(figure["interleaved"], true, "{figure}");
+            assert_interleaved(figure, name, rounds);
         }
     }
-    let markdown = std::fs::read_to_string(out.path().join("report.md"))?;
-    assert!(
-        markdown
-            .contains("| figure | unit | ebpf | kernel | host-gw | ebpf/kernel | ebpf/host-gw |")
-    );
+    assert!(markdown.contains(&format!("(seed {}; ", report["seed"])));
+    assert!(markdown.contains("| figure | row | unit | ebpf | kernel | host-gw | ebpf/kernel | IQR | ebpf/host-gw | IQR | rounds kept/dropped |"));
     let chart = std::fs::read_to_string(out.path().join("chart.svg"))?;
     assert!(chart.starts_with("<svg"));
     for name in IPV6_FIGURES {
@@ -65,5 +122,41 @@ fn the_quick_benchmark_produces_every_figure() -> Result<()> {
             "chart.svg has no {name}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn only_runs_the_rows_it_names() -> Result<()> {
+    require_root()?;
+    let (report, _, _out) = bench(&["--quick", "--only", "latency-pinned,tcp1"])?;
+    let figures = report["figures"].as_array().context("no figures")?;
+    let names: Vec<&str> = figures
+        .iter()
+        .filter_map(|figure| figure["figure"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "TCP throughput, 1 stream",
+            "CPU cost",
+            "Latency p50, both ends on CPU 0",
+            "Latency p99, both ends on CPU 0",
+        ]
+    );
+    for (figure, name) in figures.iter().zip(names) {
+        assert_interleaved(figure, name, 2);
+    }
+
+    let unknown = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(["--only", "tcp1,tcp5"])
+        .output()?;
+    let error = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success(), "--only tcp5 was taken");
+    assert!(
+        error.contains(r#"unknown row "tcp5""#)
+            && error.contains("tcp4-pinned-v6")
+            && error.contains("control-plane"),
+        "the error names the rows: {error}"
+    );
     Ok(())
 }

@@ -1,36 +1,54 @@
-//! `cargo xtask bench`: the seed topology three times in one run, measured the same way:
-//! `ebpf` (our dataplane), `kernel` (flannel's kernel vxlan) and `host-gw` (plain routing
-//! between the hosts, the ceiling for any overlay). The seed is dual-stack, so throughput is
-//! measured over each family; IPv6 takes flannel-v6.1 in both vxlan modes. Writes a table to
-//! the terminal and Markdown, JSON and an SVG chart to the output directory (default
-//! `target/bench`).
+//! `cargo xtask bench`: the seed topology three times, all up at once: `ebpf` (our dataplane),
+//! `kernel` (flannel's kernel vxlan) and `host-gw` (plain routing between the hosts, the
+//! ceiling for any overlay). The seed is dual-stack, so throughput is measured over each
+//! family; IPv6 takes flannel-v6.1 in both vxlan modes. The runs are interleaved: round after
+//! round, each row runs once in every mode, the modes in a shuffled order, and each figure's
+//! ratio is the median (and interquartile range) of its per-round ratios, so a machine that
+//! slows down for a minute slows every mode alike. Writes a table to the terminal and
+//! Markdown, JSON and an SVG chart to the output directory (default `target/bench`).
 //!
-//! Each figure is the median of its repetitions. Figures are reported, never judged.
+//! Figures are reported, never judged.
 use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Write as _,
+    collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Command,
     thread::sleep,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result};
-use overlay_agent::dataplane::{CONTAINER_PROGRAM, UPLINK_TC_PROGRAM};
+use anyhow::{Context, Result, bail};
 use overlay_tests::{
     cluster::Cluster,
     ipv6::{BBOX2_V6, IPV6_NETWORK},
     netns::Netns,
     process::{Process, iperf3_server},
+    random::Random,
     seed::{BBOX2, Seed},
 };
 
 mod control_plane;
+mod figures;
+mod report;
+mod rows;
+mod traffic;
+
+use figures::Figures;
+use report::Summary;
+use rows::{CONTROL_PLANE, FigureSpec, Row, Selection};
+use traffic::{CpuTimes, SOCKPERF_PINNED_PORT, SOCKPERF_PORT, STEAL_LIMIT_PERCENT};
 
 const MODES: [Mode; 3] = [Mode::Ebpf, Mode::Kernel, Mode::HostGw];
-const SOCKPERF_PORT: &str = "11111";
-/// A second sockperf server, pinned to CPU 0 like its client.
-const SOCKPERF_PINNED_PORT: &str = "11112";
+/// Times a run is tried while too much CPU time is stolen during it, before its round is
+/// left out.
+const ATTEMPTS: usize = 3;
+
+const USAGE: &str =
+    "usage: overlay-bench [--quick] [--only ROW,...] [--rounds N] [--seed N] [--out DIR]
+
+  --quick        2 rounds of 1-s runs and a small control plane: proves the benchmark works
+  --only ROWS    only these rows (comma separated), e.g. --only tcp4,tcp4-v6
+  --rounds N     rounds of interleaved runs (default 10, 2 with --quick)
+  --seed N       the seed of the modes' shuffled order (default: from the clock)
+  --out DIR      where the report goes (default target/bench)";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -69,34 +87,10 @@ impl Mode {
     }
 }
 
-/// The address family a throughput figure is measured over.
-#[derive(Clone, Copy)]
-enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-impl Family {
-    /// bbox2's address of this family.
-    fn destination(self) -> &'static str {
-        match self {
-            Family::Ipv4 => BBOX2,
-            Family::Ipv6 => BBOX2_V6,
-        }
-    }
-
-    /// The figure `name` over this family: IPv4's rows keep the names earlier reports used.
-    fn figure(self, name: &str) -> String {
-        match self {
-            Family::Ipv4 => name.to_string(),
-            Family::Ipv6 => format!("{name}, IPv6"),
-        }
-    }
-}
-
 /// How long and how often to measure.
 pub struct Plan {
-    repetitions: usize,
+    rounds: usize,
+    /// Length of each data-path run.
     seconds: u32,
     /// New leases timed from etcd to route, one at a time.
     leases_added: usize,
@@ -113,7 +107,7 @@ impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
             Self {
-                repetitions: 1,
+                rounds: 2,
                 seconds: 1,
                 leases_added: 20,
                 lease_counts: vec![100],
@@ -123,8 +117,8 @@ impl Plan {
             }
         } else {
             Self {
-                repetitions: 5,
-                seconds: 5,
+                rounds: 10,
+                seconds: 2,
                 leases_added: 200,
                 lease_counts: vec![1_000, 10_000],
                 containers: 50,
@@ -135,49 +129,74 @@ impl Plan {
     }
 }
 
-/// One figure: its name, unit, whether more is better, and a value per mode.
-struct Figure {
-    name: String,
-    unit: &'static str,
-    higher_is_better: bool,
-    values: BTreeMap<&'static str, f64>,
+/// What the command line asked for.
+struct Options {
+    plan: Plan,
+    selection: Selection,
+    seed: u64,
+    out_dir: PathBuf,
 }
 
-/// The figures in the order they were first recorded, which is the report's.
-#[derive(Default)]
-struct Figures(Vec<Figure>);
-
-impl Figures {
-    fn record(
-        &mut self,
-        name: &str,
-        unit: &'static str,
-        higher_is_better: bool,
-        mode: Mode,
-        value: f64,
-    ) {
-        match self.0.iter_mut().find(|figure| figure.name == name) {
-            Some(figure) => {
-                figure.values.insert(mode.name(), value);
+/// The options, or None when `--help` asked for the usage alone.
+fn parse_options() -> Result<Option<Options>> {
+    let mut quick = false;
+    let mut selection = Selection::everything();
+    let mut rounds = None;
+    let mut seed = None;
+    let mut out_dir = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} takes a value"));
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--only" => selection = Selection::only(&value()?)?,
+            "--rounds" => rounds = Some(number(&value()?, "--rounds")?),
+            "--seed" => seed = Some(number(&value()?, "--seed")?),
+            "--out" => out_dir = Some(PathBuf::from(value()?)),
+            "--help" | "-h" => {
+                println!("{USAGE}\n\nrows: {}", rows::row_names());
+                return Ok(None);
             }
-            None => self.0.push(Figure {
-                name: name.to_string(),
-                unit,
-                higher_is_better,
-                values: [(mode.name(), value)].into(),
-            }),
+            _ => bail!("unknown argument {arg:?}\n{USAGE}"),
         }
     }
+    let mut plan = Plan::new(quick);
+    if let Some(rounds) = rounds {
+        plan.rounds = usize::try_from(rounds).context("--rounds is too large")?;
+    }
+    if plan.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let seed = match seed {
+        Some(0) => bail!("--seed must not be 0"),
+        Some(seed) => seed,
+        None => clock_seed()?,
+    };
+    Ok(Some(Options {
+        plan,
+        selection,
+        seed,
+        out_dir: out_dir
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")),
+    }))
+}
+
+fn number(text: &str, flag: &str) -> Result<u64> {
+    text.parse()
+        .with_context(|| format!("{flag} takes a number, not {text:?}"))
+}
+
+/// A non-zero seed from the clock.
+fn clock_seed() -> Result<u64> {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_nanos();
+    Ok((nanos as u64).max(1))
 }
 
 fn main() -> std::process::ExitCode {
-    let quick = std::env::args().any(|arg| arg == "--quick");
-    let out_dir = std::env::args()
-        .skip_while(|arg| arg != "--out")
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
-    match run(&Plan::new(quick), &out_dir) {
+    match parse_options().and_then(|options| options.map_or(Ok(()), |options| run(&options))) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -186,10 +205,47 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
+fn run(options: &Options) -> Result<()> {
+    let (plan, selection) = (&options.plan, &options.selection);
     let mut figures = Figures::default();
-    for mode in MODES {
-        println!("== {}: data path", mode.name());
+    let mut summary = Summary {
+        seed: options.seed,
+        runs: 0,
+        runs_dropped: 0,
+        max_steal_percent: 0.0,
+    };
+    if selection.needs_data_path() {
+        let paths = start_data_paths(selection)?;
+        let mut random = Random(options.seed);
+        for round in 1..=plan.rounds {
+            println!("== round {round} of {}", plan.rounds);
+            for row in &selection.data_rows {
+                run_row(&mut figures, &mut summary, plan, &paths, row, &mut random)?;
+            }
+            if selection.bpf_stats {
+                run_program_cost(&mut figures, &mut summary, plan, &paths)?;
+            }
+        }
+    }
+    if selection.control_plane {
+        for mode in MODES {
+            measure_control_plane(&mut figures, plan, mode)?;
+        }
+    }
+    report::write(&figures.0, plan, &summary, &options.out_dir)
+}
+
+/// One mode's seed with bbox2's iperf3 and sockperf servers, up for every round.
+struct DataPath {
+    /// Before `seed`: the servers stop before their namespace goes.
+    _servers: [Process; 3],
+    seed: Seed,
+    mode: Mode,
+}
+
+impl DataPath {
+    fn start(mode: Mode) -> Result<Self> {
+        println!("== {}: starting", mode.name());
         // Dual-stack, for the IPv6 rows; IPv4 takes the same path as in an IPv4-only network.
         let cluster = Cluster::with_ipv6(
             &format!("bench-{}", mode.name()),
@@ -197,497 +253,209 @@ fn run(plan: &Plan, out_dir: &Path) -> Result<()> {
         )?;
         let seed = Seed::start_dual_stack_on(cluster, [mode.agent_flags(); 2])?;
         let scratch = seed.cluster.scratch.path().to_path_buf();
-        let _iperf = iperf3_server(&seed.bbox2.netns, &scratch.join("iperf3.log"), false)?;
-        let _sockperf = Process::spawn(
-            seed.bbox2.netns.name(),
-            Path::new("sockperf"),
-            &["server", "-i", BBOX2, "-p", SOCKPERF_PORT].map(String::from),
-            &[],
-            &scratch.join("sockperf.log"),
-        )?;
-        let _sockperf_pinned = Process::spawn(
-            seed.bbox2.netns.name(),
-            Path::new("taskset"),
-            &[
-                "-c",
-                "0",
-                "sockperf",
-                "server",
-                "-i",
-                BBOX2,
-                "-p",
+        let server = &seed.bbox2.netns;
+        let sockperf = |pin: &[&str], port: &str, log: &str| {
+            let command = [pin, &["sockperf", "server", "-i", BBOX2, "-p", port][..]].concat();
+            let args: Vec<String> = command[1..].iter().map(|arg| arg.to_string()).collect();
+            Process::spawn(
+                server.name(),
+                Path::new(command[0]),
+                &args,
+                &[],
+                &scratch.join(log),
+            )
+        };
+        let servers = [
+            iperf3_server(server, &scratch.join("iperf3.log"), false)?,
+            sockperf(&[], SOCKPERF_PORT, "sockperf.log")?,
+            sockperf(
+                &["taskset", "-c", "0"],
                 SOCKPERF_PINNED_PORT,
-            ]
-            .map(String::from),
-            &[],
-            &scratch.join("sockperf-pinned.log"),
-        )?;
+                "sockperf-pinned.log",
+            )?,
+        ];
         // Steady state: neighbours resolved and, in ebpf mode, the containers learned.
         seed.bbox1.ping(BBOX2, 5)?;
         seed.bbox1.ping6(BBOX2_V6, 5)?;
-        sleep(Duration::from_secs(1));
-        let client = &seed.bbox1.netns;
-        for family in [Family::Ipv4, Family::Ipv6] {
-            throughput(&mut figures, plan, client, mode, family)?;
-        }
-        let (p50, p99) = median_pair(plan, || latency(client, plan.seconds, false))?;
-        figures.record("Latency p50 (sockperf, RTT/2)", "µs", false, mode, p50);
-        figures.record("Latency p99 (sockperf, RTT/2)", "µs", false, mode, p99);
-        let (p50, p99) = median_pair(plan, || latency(client, plan.seconds, true))?;
-        figures.record("Latency p50, both ends on CPU 0", "µs", false, mode, p50);
-        figures.record("Latency p99, both ends on CPU 0", "µs", false, mode, p99);
-        if mode == Mode::Ebpf {
-            // A pass of its own: the kernel's run-time accounting costs two clock reads per
-            // program run, which the figures above must not carry.
-            let cost = program_cost(client, plan.seconds)?;
-            figures.record(
-                "eBPF per packet, encapsulation (64-byte UDP)",
-                "ns",
-                false,
-                mode,
-                cost.encap_ns,
-            );
-            figures.record(
-                "eBPF per packet, decapsulation (64-byte UDP)",
-                "ns",
-                false,
-                mode,
-                cost.decap_ns,
-            );
-            figures.record(
-                "eBPF share of busy CPU (TCP, 1 stream)",
-                "%",
-                false,
-                mode,
-                cost.tcp_share,
-            );
-        }
-        drop(seed);
-
-        println!("== {}: control plane", mode.name());
-        let control = control_plane::measure(mode, plan)?;
-        figures.record(
-            "Lease to route on another host, p50",
-            "ms",
-            false,
+        Ok(Self {
+            _servers: servers,
+            seed,
             mode,
-            control.route_p50_ms,
-        );
-        figures.record(
-            "Lease to route on another host, p99",
-            "ms",
-            false,
-            mode,
-            control.route_p99_ms,
-        );
-        for scale in &control.scales {
-            let leases = scale.leases;
-            figures.record(
-                &format!("Start to ready, {leases} leases"),
-                "ms",
-                false,
-                mode,
-                scale.ready_ms,
-            );
-            figures.record(
-                &format!("Agent resident memory, {leases} leases"),
-                "MiB",
-                false,
-                mode,
-                scale.resident_mib,
-            );
-            figures.record(
-                &format!(
-                    "Idle agent CPU, {leases} leases and {} containers",
-                    plan.containers
-                ),
-                "% of a core",
-                false,
-                mode,
-                scale.idle_cpu_percent,
-            );
-        }
-    }
-    report(&figures.0, plan, out_dir)
-}
-
-/// iperf3 from bbox1 to bbox2 over `family`: TCP with one stream and the CPU it costs, TCP
-/// with four, and 64-byte UDP.
-fn throughput(
-    figures: &mut Figures,
-    plan: &Plan,
-    client: &Netns,
-    mode: Mode,
-    family: Family,
-) -> Result<()> {
-    let server = family.destination();
-    let mut record = |name: &str, unit: &'static str, higher_is_better: bool, value: f64| {
-        figures.record(&family.figure(name), unit, higher_is_better, mode, value)
-    };
-    let (gbit, cpu) = median_pair(plan, || tcp_with_cpu(client, server, plan.seconds))?;
-    record("TCP throughput, 1 stream", "Gbit/s", true, gbit);
-    record("CPU cost", "CPU s/GB", false, cpu);
-    let gbit = median(plan, || tcp(client, server, plan.seconds, 4))?;
-    record("TCP throughput, 4 streams", "Gbit/s", true, gbit);
-    let (received, sent) = median_pair(plan, || small_udp(client, server, plan.seconds))?;
-    record("64-byte UDP received", "kpps", true, received);
-    record("64-byte UDP sent", "kpps", true, sent);
-    Ok(())
-}
-
-fn median(plan: &Plan, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut values = (0..plan.repetitions)
-        .map(|_| measure())
-        .collect::<Result<Vec<f64>>>()?;
-    values.sort_by(f64::total_cmp);
-    Ok(values[values.len() / 2])
-}
-
-fn median_pair(plan: &Plan, mut measure: impl FnMut() -> Result<(f64, f64)>) -> Result<(f64, f64)> {
-    let pairs = (0..plan.repetitions)
-        .map(|_| measure())
-        .collect::<Result<Vec<_>>>()?;
-    let pick = |index: fn(&(f64, f64)) -> f64| {
-        let mut values: Vec<f64> = pairs.iter().map(index).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    Ok((pick(|pair| pair.0), pick(|pair| pair.1)))
-}
-
-fn iperf3_json(client: &Netns, server: &str, args: &[&str]) -> Result<serde_json::Value> {
-    let mut full = vec!["iperf3", "-c", server, "-J"];
-    full.extend_from_slice(args);
-    let output = client.exec(&full)?;
-    serde_json::from_str(&output).context("iperf3 printed no JSON")
-}
-
-fn tcp(client: &Netns, server: &str, seconds: u32, streams: u32) -> Result<f64> {
-    let json = iperf3_json(
-        client,
-        server,
-        &["-t", &seconds.to_string(), "-P", &streams.to_string()],
-    )?;
-    let bits = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("no TCP rate")?;
-    Ok(bits / 1e9)
-}
-
-/// One TCP stream: Gbit/s, and the CPU seconds the whole machine spent per GB moved.
-fn tcp_with_cpu(client: &Netns, server: &str, seconds: u32) -> Result<(f64, f64)> {
-    let before = busy_cpu_seconds()?;
-    let json = iperf3_json(client, server, &["-t", &seconds.to_string()])?;
-    let cpu = busy_cpu_seconds()? - before;
-    let received = &json["end"]["sum_received"];
-    let gigabytes = received["bytes"].as_f64().context("no TCP bytes")? / 1e9;
-    let bits = received["bits_per_second"]
-        .as_f64()
-        .context("no TCP rate")?;
-    Ok((bits / 1e9, cpu / gigabytes))
-}
-
-/// CPU time spent outside idle since boot, over all CPUs, from /proc/stat.
-fn busy_cpu_seconds() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .context("/proc/stat is empty")?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    let total: f64 = fields.iter().sum();
-    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
-    // USER_HZ is 100 on Linux.
-    Ok((total - idle) / 100.0)
-}
-
-/// 64-byte UDP datagrams from four unthrottled senders: (received, sent) in thousands per s.
-fn small_udp(client: &Netns, server: &str, seconds: u32) -> Result<(f64, f64)> {
-    let json = iperf3_json(
-        client,
-        server,
-        &[
-            "-u",
-            "-l",
-            "64",
-            "-b",
-            "0",
-            "-P",
-            "4",
-            "-t",
-            &seconds.to_string(),
-        ],
-    )?;
-    let sum = &json["end"]["sum"];
-    let packets = sum["packets"].as_f64().context("no UDP packet count")?;
-    let lost = sum["lost_packets"].as_f64().context("no UDP loss count")?;
-    let span = sum["seconds"].as_f64().context("no UDP duration")?;
-    Ok(((packets - lost) / span / 1e3, packets / span / 1e3))
-}
-
-/// sockperf ping-pong: (p50, p99) of its latency figure, in µs. `pinned`: client and server
-/// both on CPU 0, so no wake-up crosses CPUs; on a small VM where each end runs decides
-/// between ~8 and ~50 µs and hides the path itself.
-fn latency(client: &Netns, seconds: u32, pinned: bool) -> Result<(f64, f64)> {
-    let seconds = seconds.to_string();
-    let (port, pin): (&str, &[&str]) = if pinned {
-        (SOCKPERF_PINNED_PORT, &["taskset", "-c", "0"])
-    } else {
-        (SOCKPERF_PORT, &[])
-    };
-    let ping_pong = [
-        "sockperf",
-        "ping-pong",
-        "-i",
-        BBOX2,
-        "-p",
-        port,
-        "-t",
-        &seconds,
-    ];
-    let output = client.exec(&[pin, &ping_pong[..]].concat())?;
-    let percentile = |which: &str| -> Result<f64> {
-        output
-            .lines()
-            .find_map(|line| line.split(&format!("percentile {which} =")).nth(1))
-            .and_then(|value| value.trim().parse().ok())
-            .with_context(|| format!("sockperf printed no percentile {which}:\n{output}"))
-    };
-    Ok((percentile("50.000")?, percentile("99.000")?))
-}
-
-/// BPF_PROG_TEST_RUN over many repetitions: (encapsulation, decapsulation) in ns per packet.
-/// What the fast path's programs cost in real traffic, from the kernel's per-program run
-/// time accounting (`kernel.bpf_stats_enabled`, what `bpftool prog` shows as run_time_ns).
-struct ProgramCost {
-    encap_ns: f64,
-    decap_ns: f64,
-    /// Percent of the machine's busy CPU time spent inside our programs.
-    tcp_share: f64,
-}
-
-fn program_cost(client: &Netns, seconds: u32) -> Result<ProgramCost> {
-    let _stats = BpfStats::enable()?;
-    let before = program_runs()?;
-    small_udp(client, BBOX2, seconds)?;
-    let after = program_runs()?;
-    let per_run = |name: &str| -> Result<f64> {
-        let (runs, nanoseconds) = delta_of(&before, &after, name)?;
-        Ok(nanoseconds / runs.max(1.0))
-    };
-    let (encap_ns, decap_ns) = (per_run(CONTAINER_PROGRAM)?, per_run(UPLINK_TC_PROGRAM)?);
-
-    let before = program_runs()?;
-    let busy_before = busy_cpu_seconds()?;
-    tcp(client, BBOX2, seconds, 1)?;
-    let busy = busy_cpu_seconds()? - busy_before;
-    let after = program_runs()?;
-    let mut in_programs = 0.0;
-    for name in [CONTAINER_PROGRAM, UPLINK_TC_PROGRAM] {
-        in_programs += delta_of(&before, &after, name)?.1;
-    }
-    Ok(ProgramCost {
-        encap_ns,
-        decap_ns,
-        tcp_share: in_programs / 1e9 / busy * 100.0,
-    })
-}
-
-/// (runs, nanoseconds) of the programs called `name` (every host's copy) between two looks.
-fn delta_of(
-    before: &HashMap<String, (f64, f64)>,
-    after: &HashMap<String, (f64, f64)>,
-    name: &str,
-) -> Result<(f64, f64)> {
-    let (runs, nanoseconds) = after
-        .get(name)
-        .with_context(|| format!("{name} is not loaded"))?;
-    let (runs_before, nanoseconds_before) = before.get(name).copied().unwrap_or_default();
-    Ok((runs - runs_before, nanoseconds - nanoseconds_before))
-}
-
-/// Every loaded program's run count and run time, summed by name.
-fn program_runs() -> Result<HashMap<String, (f64, f64)>> {
-    let output = overlay_tests::netns::run(Command::new("bpftool").args(["-j", "prog", "show"]))?;
-    let programs: Vec<serde_json::Value> =
-        serde_json::from_str(&output).context("bpftool printed no JSON")?;
-    let mut runs: HashMap<String, (f64, f64)> = HashMap::new();
-    for program in &programs {
-        let Some(name) = program["name"].as_str() else {
-            continue;
-        };
-        let entry = runs.entry(name.to_string()).or_default();
-        entry.0 += program["run_cnt"].as_f64().unwrap_or(0.0);
-        entry.1 += program["run_time_ns"].as_f64().unwrap_or(0.0);
-    }
-    Ok(runs)
-}
-
-/// `kernel.bpf_stats_enabled` on while this lives, as it was afterwards.
-struct BpfStats {
-    previous: String,
-}
-
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    fn enable() -> Result<Self> {
-        let previous =
-            std::fs::read_to_string(BPF_STATS).context("cannot read bpf_stats_enabled")?;
-        std::fs::write(BPF_STATS, "1").context("cannot enable BPF run-time statistics")?;
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(error) = std::fs::write(BPF_STATS, self.previous.trim()) {
-            eprintln!("cannot restore {BPF_STATS}: {error}");
-        }
-    }
-}
-
-fn ratio(figure: &Figure, other: &str) -> Option<f64> {
-    let ours = figure.values.get("ebpf")?;
-    let theirs = figure.values.get(other)?;
-    (*theirs != 0.0).then(|| ours / theirs)
-}
-
-fn cell(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".to_string(), |value| format!("{value:.2}"))
-}
-
-fn report(figures: &[Figure], plan: &Plan, out_dir: &Path) -> Result<()> {
-    let mut table = String::from(
-        "| figure | unit | ebpf | kernel | host-gw | ebpf/kernel | ebpf/host-gw |\n|---|---|---|---|---|---|---|\n",
-    );
-    for figure in figures {
-        let value = |mode: &str| figure.values.get(mode).copied();
-        writeln!(
-            table,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            figure.name,
-            figure.unit,
-            cell(value("ebpf")),
-            cell(value("kernel")),
-            cell(value("host-gw")),
-            cell(ratio(figure, "kernel")),
-            cell(ratio(figure, "host-gw")),
-        )?;
-    }
-    let machine = machine_description()?;
-    let markdown = format!(
-        "# overlay benchmark\n\n{machine}\n\nMedian of {} run(s) of {} s each; lease to route over {} added leases, timed by a netlink listener; idle CPU over {} s with {} containers.\n\n{table}",
-        plan.repetitions,
-        plan.seconds,
-        plan.leases_added,
-        plan.idle.as_secs(),
-        plan.containers
-    );
-    println!("\n{markdown}");
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    std::fs::write(out_dir.join("report.md"), &markdown)?;
-    let json: Vec<serde_json::Value> = figures
-        .iter()
-        .map(|figure| {
-            serde_json::json!({
-                "figure": figure.name,
-                "unit": figure.unit,
-                "higher_is_better": figure.higher_is_better,
-                "values": figure.values,
-                "ebpf_over_kernel": ratio(figure, "kernel"),
-                "ebpf_over_host_gw": ratio(figure, "host-gw"),
-            })
         })
-        .collect();
-    let document = serde_json::json!({ "machine": machine, "figures": json });
-    std::fs::write(
-        out_dir.join("report.json"),
-        serde_json::to_string_pretty(&document)?,
-    )?;
-    std::fs::write(out_dir.join("chart.svg"), chart(figures))?;
-    println!(
-        "Wrote report.md, report.json and chart.svg to {}",
-        out_dir.display()
-    );
+    }
+
+    fn client(&self) -> &Netns {
+        &self.seed.bbox1.netns
+    }
+}
+
+/// The clusters the selection needs: all three for a data-path row, ebpf's for `bpf-stats`.
+fn start_data_paths(selection: &Selection) -> Result<Vec<DataPath>> {
+    let modes: &[Mode] = if selection.data_rows.is_empty() {
+        &[Mode::Ebpf]
+    } else {
+        &MODES
+    };
+    let paths = modes
+        .iter()
+        .map(|&mode| DataPath::start(mode))
+        .collect::<Result<Vec<_>>>()?;
+    sleep(Duration::from_secs(1));
+    Ok(paths)
+}
+
+/// `paths` in an order drawn from `random`.
+fn shuffled<'a>(paths: &'a [DataPath], random: &mut Random) -> Vec<&'a DataPath> {
+    let mut order: Vec<&DataPath> = paths.iter().collect();
+    for index in (1..order.len()).rev() {
+        order.swap(index, random.below(index + 1));
+    }
+    order
+}
+
+/// One round of `row`: a run in every mode, in shuffled order. The round counts only if
+/// every mode's run does.
+fn run_row(
+    figures: &mut Figures,
+    summary: &mut Summary,
+    plan: &Plan,
+    paths: &[DataPath],
+    row: &Row,
+    random: &mut Random,
+) -> Result<()> {
+    let specs = row.figures();
+    let mut values = BTreeMap::new();
+    for path in shuffled(paths, random) {
+        let label = format!("{} {}", row.key, path.mode.name());
+        match unstolen(summary, &label, || row.run(path.client(), plan.seconds))? {
+            Some(run) => {
+                println!("   {label}: {}", shown(&specs, &run));
+                values.insert(path.mode.name(), run);
+            }
+            None => break,
+        }
+    }
+    for (index, spec) in specs.iter().enumerate() {
+        if values.len() == paths.len() {
+            let round = values.iter().map(|(mode, run)| (*mode, run[index]));
+            figures.record_round(spec, row.key, round.collect());
+        } else {
+            figures.record_dropped(spec, row.key);
+        }
+    }
     Ok(())
 }
 
-fn machine_description() -> Result<String> {
-    let kernel = String::from_utf8(Command::new("uname").arg("-r").output()?.stdout)?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .map(|name| name.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
-    Ok(format!(
-        "Machine: {cpu}, {cores} cores, Linux {}; all hosts are network namespaces joined by veth.",
-        kernel.trim()
-    ))
-}
-
-/// One group of bars per figure, each bar scaled to the group's largest value.
-fn chart(figures: &[Figure]) -> String {
-    const WIDTH: usize = 900;
-    const ROW: usize = 60;
-    const BAR: usize = 16;
-    const LEFT: usize = 330;
-    let colors = [
-        ("ebpf", "#2a9d8f"),
-        ("kernel", "#e76f51"),
-        ("host-gw", "#8d99ae"),
-    ];
-    let height = 40 + figures.len() * ROW;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="11">"#
-    );
-    for (index, (mode, color)) in colors.iter().enumerate() {
-        let x = LEFT + index * 110;
-        let _ = write!(
-            svg,
-            r#"<rect x="{x}" y="8" width="12" height="12" fill="{color}"/><text x="{}" y="18">{mode}</text>"#,
-            x + 16
-        );
+/// One round of `bpf-stats`, in ebpf mode alone: a pass of its own, as the kernel's run-time
+/// accounting costs two clock reads per program run, which the other rows must not carry.
+fn run_program_cost(
+    figures: &mut Figures,
+    summary: &mut Summary,
+    plan: &Plan,
+    paths: &[DataPath],
+) -> Result<()> {
+    let path = paths
+        .iter()
+        .find(|path| path.mode == Mode::Ebpf)
+        .context("no ebpf cluster")?;
+    let label = format!("{} ebpf", rows::BPF_STATS);
+    let specs = rows::bpf_stats_figures();
+    let agents = [&path.seed.agent1, &path.seed.agent2].map(|agent| agent.process.id());
+    let cost = unstolen(summary, &label, || {
+        traffic::program_cost(path.client(), &agents, plan.seconds)
+    })?;
+    let values = cost.map(|cost| vec![cost.encap_ns, cost.decap_ns, cost.tcp_share]);
+    if let Some(values) = &values {
+        println!("   {label}: {}", shown(&specs, values));
     }
-    for (row, figure) in figures.iter().enumerate() {
-        let top = 34 + row * ROW;
-        let direction = if figure.higher_is_better {
-            "higher is better"
-        } else {
-            "lower is better"
-        };
-        let _ = write!(
-            svg,
-            r#"<text x="4" y="{}">{} ({}, {direction})</text>"#,
-            top + 20,
-            figure.name,
-            figure.unit
-        );
-        let largest = figure
-            .values
-            .values()
-            .copied()
-            .fold(f64::MIN_POSITIVE, f64::max);
-        for (index, (mode, color)) in colors.iter().enumerate() {
-            let Some(value) = figure.values.get(mode) else {
-                continue;
-            };
-            let length = ((value / largest) * (WIDTH - LEFT - 80) as f64).max(1.0);
-            let y = top + index * BAR;
-            let _ = write!(
-                svg,
-                r#"<rect x="{LEFT}" y="{y}" width="{length:.0}" height="{}" fill="{color}"/><text x="{:.0}" y="{}">{value:.2}</text>"#,
-                BAR - 2,
-                LEFT as f64 + length + 4.0,
-                y + BAR - 5
-            );
+    for (index, spec) in specs.iter().enumerate() {
+        match &values {
+            Some(values) => figures.record_round(
+                spec,
+                rows::BPF_STATS,
+                [(Mode::Ebpf.name(), values[index])].into(),
+            ),
+            None => figures.record_dropped(spec, rows::BPF_STATS),
         }
     }
-    svg.push_str("</svg>\n");
-    svg
+    Ok(())
+}
+
+/// `run`, tried again while more than [`STEAL_LIMIT_PERCENT`] of the machine's CPU time was
+/// stolen during it, up to [`ATTEMPTS`] times; None when every attempt was.
+fn unstolen<T>(
+    summary: &mut Summary,
+    label: &str,
+    mut run: impl FnMut() -> Result<T>,
+) -> Result<Option<T>> {
+    for _ in 0..ATTEMPTS {
+        let before = CpuTimes::now()?;
+        let value = run().with_context(|| format!("{label} failed"))?;
+        let steal = CpuTimes::now()?.steal_percent_since(&before);
+        summary.runs += 1;
+        summary.max_steal_percent = summary.max_steal_percent.max(steal);
+        if steal <= STEAL_LIMIT_PERCENT {
+            return Ok(Some(value));
+        }
+        summary.runs_dropped += 1;
+        println!("   {label}: dropped, {steal:.1} % of the CPU time stolen");
+    }
+    println!("   {label}: round left out, every attempt stolen from");
+    Ok(None)
+}
+
+/// "12.34 Gbit/s, 0.56 CPU s/GB": a run's values for the progress lines.
+fn shown(specs: &[FigureSpec], values: &[f64]) -> String {
+    specs
+        .iter()
+        .zip(values)
+        .map(|(spec, value)| format!("{value:.2} {}", spec.unit))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The control plane's figures in `mode`: one run, not interleaved (each takes minutes).
+fn measure_control_plane(figures: &mut Figures, plan: &Plan, mode: Mode) -> Result<()> {
+    println!("== {}: control plane", mode.name());
+    let control = control_plane::measure(mode, plan)?;
+    let mut record = |name: &str, unit, value| {
+        figures.record_once(
+            &FigureSpec::new(name, unit, false),
+            CONTROL_PLANE,
+            mode,
+            value,
+        )
+    };
+    record(
+        "Lease to route on another host, p50",
+        "ms",
+        control.route_p50_ms,
+    );
+    record(
+        "Lease to route on another host, p99",
+        "ms",
+        control.route_p99_ms,
+    );
+    for scale in &control.scales {
+        let leases = scale.leases;
+        record(
+            &format!("Start to ready, {leases} leases"),
+            "ms",
+            scale.ready_ms,
+        );
+        record(
+            &format!("Agent resident memory, {leases} leases"),
+            "MiB",
+            scale.resident_mib,
+        );
+        record(
+            &format!(
+                "Idle agent CPU, {leases} leases and {} containers",
+                plan.containers
+            ),
+            "% of a core",
+            scale.idle_cpu_percent,
+        );
+    }
+    Ok(())
 }
