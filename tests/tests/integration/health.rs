@@ -226,6 +226,8 @@ const MAPPED_LEASES: u32 = 150;
 const MAPPED_ENTRIES: u32 = 2 * MAPPED_LEASES;
 /// How long a lease written while the scrapes run may take to be routed, as without them.
 const ROUTED_WITHIN: Duration = Duration::from_secs(2);
+/// The lease written while the scrapes run: its PublicIP and VtepMAC.
+const LATER_VTEP: (&str, &str) = ("172.20.62.106", "1a:4b:d7:f7:16:8a");
 
 fn mapped_leases(cluster: &Cluster) -> Vec<(String, String)> {
     (0..MAPPED_LEASES)
@@ -302,15 +304,13 @@ fn scrapes_in_a_loop_walk_no_map_and_hold_up_no_lease() -> Result<()> {
         .into_iter()
         .find(|later| *later != subnet)
         .context("a free subnet")?;
-    let later_value = r#"{"PublicIP":"172.20.62.106","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
-    cluster.etcd.put(&cluster.subnet_key(later), later_value)?;
-    let written = Instant::now();
-    host1.wait_for_peer(later, "172.20.62.106", "1a:4b:d7:f7:16:8a")?;
-    ensure!(
-        written.elapsed() <= ROUTED_WITHIN,
-        "the later lease took {:?} to be routed",
-        written.elapsed()
+    let (public_ip, mac) = LATER_VTEP;
+    let later_value = format!(
+        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
     );
+    cluster.etcd.put(&cluster.subnet_key(later), &later_value)?;
+    let written = Instant::now();
+    host1.wait_for_peer_within(later, LATER_VTEP, written, ROUTED_WITHIN)?;
     ensure!(
         scrapes.try_exit_status()?.is_none(),
         "a scrape failed:\n{}",
