@@ -175,8 +175,9 @@ pub struct LeaseEntries {
     pub subnets: HashMap<Ipv4Network, (RemoteVtep, LeaseSubnets)>,
     /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
     pub vteps: HashMap<[u8; 4], VtepSubnet>,
-    /// Remote PublicIPv6 → the IPv6 subnet it may send from (the uplink's check of VXLAN over
-    /// IPv6).
+    /// Remote PublicIPv6 → one of its IPv6 subnets, with every lease of that host: who may
+    /// send VXLAN over IPv6 (the uplink's check; inner sources are checked against
+    /// `subnets6`).
     pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<LeaseSubnets>)>,
     /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup).
     pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, LeaseSubnets)>,

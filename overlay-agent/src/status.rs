@@ -86,7 +86,7 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     Ok(out)
 }
 
-/// The IPv6 map entries: each PublicIPv6's subnet (`vteps6`), each IPv6 subnet's host
+/// The IPv6 map entries: each PublicIPv6 holding a lease (`vteps6`), each IPv6 subnet's host
 /// (`subnets6`).
 struct Ipv6Entries {
     vteps: HashMap<Ipv6Addr, Ipv6Network>,
@@ -258,10 +258,12 @@ fn describe_ipv6(
     (subnet, address, mac): (Ipv6Network, Ipv6Addr, MacAddr),
     ipv6_entries: &Ipv6Entries,
 ) -> String {
-    let state = match ipv6_entries.vteps.get(&address) {
-        None => "MISSING from the IPv6 map".to_string(),
-        Some(entry) if *entry == subnet => format!("map {entry}"),
-        Some(entry) => format!("map {entry} DIFFERS"),
+    // The IPv6 VTEP map says only that the host holds a lease: its value names one of the
+    // host's subnets, which need not be this one.
+    let state = if ipv6_entries.vteps.contains_key(&address) {
+        "in the IPv6 VTEP map"
+    } else {
+        "MISSING from the IPv6 VTEP map"
     };
     let route = match ipv6_entries.subnets.get(&subnet) {
         None => "MISSING from the IPv6 subnet map".to_string(),

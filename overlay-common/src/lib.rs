@@ -157,8 +157,9 @@ pub struct VtepSubnet {
     pub prefix_len: u32,
 }
 
-/// Value of the IPv6 VTEP map (keyed by a remote host's PublicIPv6): the IPv6 subnet that
-/// host leases, the only inner source its VXLAN over IPv6 may carry.
+/// Value of the IPv6 VTEP map (keyed by a remote host's PublicIPv6): an IPv6 subnet that host
+/// leases. As for [`VtepSubnet`], the programs only ask whether a host holds a lease; which
+/// inner sources it may send, the IPv6 subnet map says (a host may lease more than one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VtepSubnet6 {

@@ -50,9 +50,9 @@ static SUBNETS6: LpmTrie<[u8; 16], RemoteVtep6, MAX_REMOTE_HOSTS> = LpmTrie::new
 #[btf_map(name = "vteps")]
 static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 
-/// Remote host's PublicIPv6 (network order) → the IPv6 subnet it leases: who may send us
-/// VXLAN over IPv6, and from which inner sources. Sized as `vteps`, but allocated per entry,
-/// so a network without IPv6 pays nothing for it.
+/// Remote host's PublicIPv6 (network order) → an IPv6 subnet it leases: who may send us VXLAN
+/// over IPv6. Which inner sources it may send, `subnets6` says, as `subnets` does for IPv4.
+/// Sized as `vteps`, but allocated per entry, so a network without IPv6 pays nothing for it.
 #[btf_map(name = "vteps6")]
 static VTEPS6: HashMap<[u8; 16], VtepSubnet6, MAX_REMOTE_HOSTS, NO_PREALLOC> = HashMap::new();
 
@@ -139,11 +139,10 @@ pub fn holds_a_lease(public_ip: [u8; 4]) -> bool {
     VTEPS.get_ptr(public_ip).is_some()
 }
 
-/// The IPv6 subnet the host at `public_ipv6` leases, if it holds a lease.
+/// Whether the host at `public_ipv6` holds an IPv6 lease.
 #[inline(always)]
-pub fn ipv6_vtep(public_ipv6: &[u8; 16]) -> Option<VtepSubnet6> {
-    // SAFETY: the value is copied out at once, before any update could reuse the slot.
-    unsafe { VTEPS6.get(public_ipv6) }.copied()
+pub fn holds_an_ipv6_lease(public_ipv6: &[u8; 16]) -> bool {
+    VTEPS6.get_ptr(public_ipv6).is_some()
 }
 
 /// The local container at `address`, if the agent knows where it is.

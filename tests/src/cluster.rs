@@ -10,10 +10,10 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use ipnetwork::Ipv4Network;
 use overlay_agent::dataplane::pins::PinnedDataplane;
 
@@ -128,6 +128,21 @@ impl Host {
             },
         )
         .with_context(|| format!("last seen: {seen:?}"))
+    }
+
+    /// [`Self::wait_for_peer`], and fails unless the peer came within `limit` of `written`
+    /// (when its record was written): how soon a new lease is routed.
+    pub fn wait_for_peer_within(
+        &self,
+        subnet: &str,
+        (public_ip, vtep_mac): (&str, &str),
+        written: Instant,
+        limit: Duration,
+    ) -> Result<()> {
+        self.wait_for_peer(subnet, public_ip, vtep_mac)?;
+        let took = written.elapsed();
+        ensure!(took <= limit, "{subnet} took {took:?} to be routed");
+        Ok(())
     }
 
     /// Waits until this host holds no route, no gateway neighbour and (in ebpf mode) no map

@@ -1,6 +1,13 @@
-//! The dataplane's part of `/metrics`: its counters and map occupancy, read from the pinned
-//! maps at each scrape.
-use std::path::PathBuf;
+//! The dataplane's part of `/metrics`: its counters, read from the pinned map at each scrape
+//! (one lookup), and its map occupancy, read on a thread of its own every
+//! [`OCCUPANCY_INTERVAL`]: counting a map's entries takes a syscall per entry, which no scrape
+//! may cost.
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
 
 use overlay_common::Counter as DataplaneCounter;
 use prometheus_client::{
@@ -18,17 +25,56 @@ struct PacketLabels {
     verdict: &'static str,
 }
 
-/// Reads the pinned dataplane at each scrape; without one (kernel mode, not loaded yet) it
-/// exports nothing.
+/// How often the map occupancy `/metrics` serves is read.
+pub const OCCUPANCY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The map occupancy last read; empty while no dataplane is pinned.
+type SharedOccupancy = Arc<Mutex<Vec<MapOccupancy>>>;
+
+/// Reads the pinned counters at each scrape and serves the occupancy last read; without a
+/// pinned dataplane (kernel mode, not loaded yet) it exports nothing.
 #[derive(Debug)]
 pub struct DataplaneCollector {
     dir: PathBuf,
+    occupancy: SharedOccupancy,
 }
 
 impl DataplaneCollector {
-    /// The collector of the dataplane pinned in `dir`, for `Metrics::new`.
+    /// The collector of the dataplane pinned in `dir`, for `Metrics::new`; starts the thread
+    /// that reads the occupancy.
     pub fn boxed(dir: PathBuf) -> Box<dyn Collector> {
-        Box::new(Self { dir })
+        let occupancy = SharedOccupancy::default();
+        keep_occupancy_read(dir.clone(), Arc::clone(&occupancy));
+        Box::new(Self { dir, occupancy })
+    }
+
+    fn occupancy(&self) -> Vec<MapOccupancy> {
+        self.occupancy.lock().map_or_else(
+            |poisoned| poisoned.into_inner().clone(),
+            |read| read.clone(),
+        )
+    }
+}
+
+/// Reads the occupancy of the dataplane pinned in `dir` into `shared` every
+/// [`OCCUPANCY_INTERVAL`], for as long as the agent runs.
+fn keep_occupancy_read(dir: PathBuf, shared: SharedOccupancy) {
+    let reader = move || {
+        loop {
+            let read = PinnedDataplane::open(&dir).and_then(|pinned| pinned.occupancy());
+            let mut occupancy = shared
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *occupancy = read.unwrap_or_default();
+            drop(occupancy);
+            thread::sleep(OCCUPANCY_INTERVAL);
+        }
+    };
+    if let Err(error) = thread::Builder::new()
+        .name("map-occupancy".to_string())
+        .spawn(reader)
+    {
+        log::warn!("cannot start the thread that reads the map occupancy for /metrics: {error}");
     }
 }
 
@@ -52,7 +98,8 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
             }
         }
-        if let Ok(occupancy) = pinned.occupancy() {
+        let occupancy = self.occupancy();
+        if !occupancy.is_empty() {
             encode_per_map(
                 &mut encoder,
                 "map_entries",

@@ -34,6 +34,7 @@ impl Drop for MonitorSwitch {
 }
 
 /// How many entries one map holds, of how many it can.
+#[derive(Clone, Debug)]
 pub struct MapOccupancy {
     pub name: &'static str,
     pub entries: usize,
@@ -109,7 +110,7 @@ impl PinnedDataplane {
             .collect()
     }
 
-    /// Every host's PublicIPv6 in the IPv6 VTEP map, with the IPv6 subnet it may send from.
+    /// Every host's PublicIPv6 in the IPv6 VTEP map, with the IPv6 subnet its entry names.
     pub fn ipv6_vtep_entries(&self) -> Result<HashMap<Ipv6Addr, Ipv6Network>> {
         let map = self.map(VTEPS6_MAP)?;
         let vteps: BpfHashMap<&MapData, [u8; 16], VtepSubnet6> = BpfHashMap::try_from(&map)?;

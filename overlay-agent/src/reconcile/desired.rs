@@ -379,9 +379,10 @@ fn add_ipv4_entries(
     );
 }
 
-/// The IPv6 VTEP entry of `lease` with `subnet6` at `public_ipv6`. The map holds one IPv6
-/// subnet a host: of two leases of one host, the greater subnet wins, the same one every
-/// round.
+/// The IPv6 VTEP entry of `lease` with `subnet6` at `public_ipv6`: that the host holds a
+/// lease, with every lease of that host behind it. The value names one of its subnets (the
+/// greatest, the same one every round); the programs check inner sources against `subnets6`,
+/// so every lease of the host counts.
 fn add_ipv6_vtep(
     entries: &mut LeaseEntries,
     lease: LeaseSubnets,

@@ -9,7 +9,7 @@ use etcd_client::{
 };
 
 use super::{
-    LeaseAttrs, LeaseSubnets, PublicAddresses, Record,
+    LeaseAttrs, LeaseSubnets, PublicAddresses, Record, fits_a_record,
     pages::{Entry, Page, PageError, RangeReader, Values, list_in_pages},
     registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
     subnet_key, subnets_prefix,
@@ -324,7 +324,7 @@ impl Watch for EtcdWatch {
                 Some(RecordChange {
                     record: Record {
                         key: String::from_utf8_lossy(kv.key()).into_owned(),
-                        value: Some(kv.value().to_vec()),
+                        value: fits_a_record(kv.value()).then(|| kv.value().to_vec()),
                         etcd_lease: kv.lease(),
                         create_revision: kv.create_revision(),
                     },

@@ -11,7 +11,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use super::{
-    LeaseAttrs, LeaseSubnets, PublicAddresses, Record,
+    LeaseAttrs, LeaseSubnets, PublicAddresses, Record, fits_a_record,
     registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
     subnet_key,
 };
@@ -54,7 +54,7 @@ impl MemoryRegistry {
     pub fn put_key(&self, key: &str, value: &str, etcd_lease: i64) {
         let record = Record {
             key: key.to_string(),
-            value: Some(value.as_bytes().to_vec()),
+            value: fits_a_record(value.as_bytes()).then(|| value.as_bytes().to_vec()),
             etcd_lease,
             create_revision: 0,
         };

@@ -222,11 +222,22 @@ pub enum LeaseEvent {
     Removed(Lease),
 }
 
+/// The largest record value the agent reads, in bytes: flannel's records take about 200. A
+/// larger value is skipped ([`RecordError::TooLarge`]) and its bytes dropped as it arrives, so
+/// neither a listing nor the watch holds it.
+pub const MAX_RECORD_VALUE: usize = 4096;
+
+/// Whether a record may hold `value` (see [`MAX_RECORD_VALUE`]).
+pub fn fits_a_record(value: &[u8]) -> bool {
+    value.len() <= MAX_RECORD_VALUE
+}
+
 /// A record as etcd returns it, before it is trusted.
 #[derive(Clone, Debug)]
 pub struct Record {
     pub key: String,
-    /// `None` when the value is too large to read (see [`RecordError::TooLarge`]).
+    /// `None` when the value is larger than [`MAX_RECORD_VALUE`] (see
+    /// [`RecordError::TooLarge`]).
     pub value: Option<Vec<u8>>,
     pub etcd_lease: i64,
     /// The etcd revision that created the key: of two records claiming one subnet or VTEP MAC
@@ -238,7 +249,7 @@ pub struct Record {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RecordError {
     BadKey,
-    /// The value does not fit in the largest response the agent reads from etcd.
+    /// The value is larger than [`MAX_RECORD_VALUE`].
     TooLarge,
     BadJson(String),
     NotVxlan(String),
@@ -282,7 +293,10 @@ impl fmt::Display for RecordError {
                 "the key does not end in a subnet such as 10.2.54.0-24 or \
                  10.2.54.0-24&fd00:2:0:54::-64"
             ),
-            Self::TooLarge => write!(f, "the value is too large to read from etcd"),
+            Self::TooLarge => write!(
+                f,
+                "the value is larger than the {MAX_RECORD_VALUE} bytes a record may take"
+            ),
             Self::BadJson(error) => write!(f, "the value is not a lease record: {error}"),
             Self::NotVxlan(backend) => write!(f, "BackendType {backend:?} is not \"vxlan\""),
             Self::NoVtep => write!(f, "the record has no BackendData with a VtepMAC yet"),
@@ -1113,6 +1127,12 @@ mod tests {
         let relisted = select_remote([&copy, &original], PREFIX, &own, &seed, &holders);
         let used: Vec<_> = relisted.leases.iter().map(|(key, _)| key).collect();
         assert_eq!(used, [&copy.key]);
+    }
+
+    #[test]
+    fn a_record_takes_values_up_to_its_limit() {
+        assert!(fits_a_record(&[b' '; MAX_RECORD_VALUE]));
+        assert!(!fits_a_record(&[b' '; MAX_RECORD_VALUE + 1]));
     }
 
     #[test]

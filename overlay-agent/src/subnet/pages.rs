@@ -2,12 +2,12 @@
 //! listing is one consistent snapshot the watch can resume from however many records there
 //! are. A page too large for the client to receive is asked for again at half the size; a
 //! record too large on its own is listed by its key alone, without its value, and skipped by
-//! the record rules.
+//! the record rules, as is any value above a record's limit, dropped page by page.
 use std::future::Future;
 
 use anyhow::anyhow;
 
-use super::{Record, registry::Listing};
+use super::{Record, fits_a_record, registry::Listing};
 
 /// Records asked for in one page: well under the message limit for records of flannel's
 /// size (about 120 bytes), few round trips for tens of thousands of them.
@@ -145,7 +145,7 @@ impl Entry {
     fn into_record(self) -> Record {
         Record {
             key: String::from_utf8_lossy(&self.key).into_owned(),
-            value: self.value,
+            value: self.value.filter(|value| fits_a_record(value)),
             etcd_lease: self.etcd_lease,
             create_revision: self.create_revision,
         }
@@ -208,6 +208,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::subnet::MAX_RECORD_VALUE;
 
     const PREFIX: &str = "/docker-test/network/subnets/";
 
@@ -375,6 +376,22 @@ mod tests {
             .map(|record| record.value.is_some())
             .collect();
         assert_eq!(values, [true, false, true]);
+    }
+
+    #[tokio::test]
+    async fn a_value_above_a_records_limit_is_listed_without_it() {
+        let mut store = Store::new([
+            ("at-the-limit".to_string(), MAX_RECORD_VALUE),
+            ("past-it".to_string(), MAX_RECORD_VALUE + 1),
+        ]);
+        store.max_answer = usize::MAX;
+        let listing = list_in_pages(&mut store, PREFIX).await.expect("listed");
+        let values: Vec<Option<usize>> = listing
+            .records
+            .iter()
+            .map(|record| record.value.as_ref().map(Vec::len))
+            .collect();
+        assert_eq!(values, [Some(MAX_RECORD_VALUE), None]);
     }
 
     #[tokio::test]

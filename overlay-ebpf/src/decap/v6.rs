@@ -1,5 +1,5 @@
 //! VXLAN over IPv6 from a peer: checked against the leases (a PublicIPv6 holding a lease, an
-//! inner source in its IPv6 subnet), and, on the IPv6 fast path, for a known local container,
+//! inner source in an IPv6 subnet it leases), and, on the IPv6 fast path, for a known local container,
 //! decapsulated, routed as docker0 would (hop limit − 1) and put straight into the container
 //! with `bpf_redirect_peer`.
 //!
@@ -49,16 +49,21 @@ const INNER_TRANSPORT: usize = INNER_ETH + size_of::<EthIpv6Headers>();
 /// Where the inner IPv6 header's hop limit sits once the outer headers are gone.
 const HOP_LIMIT_OFFSET: usize = ETH_HEADER_LEN + offset_of!(Ipv6Hdr, hop_limit);
 
-/// VXLAN over IPv6 from a host holding a lease, carrying IPv6 from inside the IPv6 subnet it
-/// leases or from its own PublicIPv6 (a reply its conntrack un-DNATed, as for IPv4).
+/// VXLAN over IPv6 from a host holding a lease, carrying IPv6 from inside an IPv6 subnet that
+/// host leases (any of them: it may hold more than one, as for IPv4) or from its own
+/// PublicIPv6 (a reply its conntrack un-DNATed, as for IPv4).
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
     let vxlan = classify_ipv6_vxlan(frame, config)?;
-    let lease = maps::ipv6_vtep(&vxlan.outer_src).ok_or(Counter::RxIpv6NonMember)?;
+    if !maps::holds_an_ipv6_lease(&vxlan.outer_src) {
+        return Err(Counter::RxIpv6NonMember);
+    }
     if !vxlan.inner_is_ipv6 {
         return Err(Counter::RxInnerOtherFamily);
     }
-    if !lease.contains(&vxlan.inner_src) && vxlan.inner_src != vxlan.outer_src {
+    let leased_by_sender = maps::remote_vtep6(&vxlan.inner_src)
+        .is_some_and(|lease| lease.public_ipv6 == vxlan.outer_src);
+    if !leased_by_sender && vxlan.inner_src != vxlan.outer_src {
         return Err(Counter::RxIpv6SpoofedInner);
     }
     Ok(vxlan)

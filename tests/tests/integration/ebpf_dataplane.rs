@@ -493,12 +493,18 @@ fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Resu
         .put(&seed.cluster.subnet_key("10.2.99.0/24"), "{not json")?;
     warm_up_fast_path(&seed)?;
     let mut samples = Vec::new();
+    // The occupancy is read every few seconds, not at each scrape: wait for a read since
+    // bbox1 was learned.
     wait_for(
-        "the malformed record to count as skipped",
+        "the malformed record to count as skipped, bbox1's endpoint to be counted",
         EVENT_TIMEOUT,
         || {
             samples = scrape(&seed.host1.netns, HEALTH_PORT)?;
-            Ok(value_of(&samples, "overlay_leases_skipped", &[]) == Some(1.0))
+            Ok(
+                value_of(&samples, "overlay_leases_skipped", &[]) == Some(1.0)
+                    && value_of(&samples, "overlay_map_entries", &[("map", "endpoints")])
+                        == Some(1.0),
+            )
         },
     )?;
     let pinned = counters(&seed.host1)?;

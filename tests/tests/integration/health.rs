@@ -1,7 +1,9 @@
 //! /healthz and /readyz against real faults: etcd gone, a node the agent cannot bring in line,
 //! clients that connect and never ask, and a process out of file descriptors. The agent either
-//! does its job or says, on its health port, what keeps it from it.
+//! does its job or says, on its health port, what keeps it from it. And /metrics scraped in a
+//! loop costs no walk of the maps and holds up no lease.
 use std::{
+    path::Path,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -11,6 +13,7 @@ use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
     cluster::{Cluster, Host},
     health::{self, Answer, closed_by_server, cpu_time_over, idle_connections},
+    process::Process,
     wait::wait_for,
 };
 
@@ -213,5 +216,120 @@ fn running_out_of_file_descriptors_does_not_make_the_health_port_spin() -> Resul
 
     drop(connections);
     wait_for_answer(&agent, "/healthz", 200, &["ok"])?;
+    Ok(())
+}
+
+/// Leases of hosts that do not exist, for the lease maps to hold many entries: 10.2.(100 +
+/// i).0/24 at 172.20.63.(i + 1), each with a MAC of its own.
+const MAPPED_LEASES: u32 = 150;
+/// Map entries those leases make: one in `subnets`, one in `vteps` each.
+const MAPPED_ENTRIES: u32 = 2 * MAPPED_LEASES;
+/// How long a lease written while the scrapes run may take to be routed, as without them.
+const ROUTED_WITHIN: Duration = Duration::from_secs(2);
+/// The lease written while the scrapes run: its PublicIP and VtepMAC.
+const LATER_VTEP: (&str, &str) = ("172.20.62.106", "1a:4b:d7:f7:16:8a");
+
+fn mapped_leases(cluster: &Cluster) -> Vec<(String, String)> {
+    (0..MAPPED_LEASES)
+        .map(|index| {
+            let subnet = format!("10.2.{}.0/24", 100 + index);
+            let value = format!(
+                r#"{{"PublicIP":"172.20.63.{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:f7:18:{index:02x}"}}}}"#,
+                index + 1
+            );
+            (cluster.subnet_key(&subnet), value)
+        })
+        .collect()
+}
+
+/// `strace` of every thread of `agent`'s bpf syscalls into `trace`, attached.
+fn trace_bpf_calls(host: &Host, agent: &Agent, trace: &Path) -> Result<Process> {
+    let args = [
+        "-f".to_string(),
+        "-e".to_string(),
+        "trace=bpf".to_string(),
+        "-o".to_string(),
+        trace.display().to_string(),
+        "-p".to_string(),
+        agent.process.id().to_string(),
+    ];
+    let log = host.dir.join("strace.log");
+    let strace = Process::spawn(host.netns.name(), Path::new("strace"), &args, &[], &log)?;
+    wait_for("strace to attach", VERDICT_TIMEOUT, || {
+        Ok(strace.log().contains("attached"))
+    })?;
+    Ok(strace)
+}
+
+/// `/metrics` scraped from `host`'s namespace in a loop, one line in its log per scrape,
+/// until it is dropped or a scrape fails.
+fn scrape_in_a_loop(host: &Host) -> Result<Process> {
+    let script = format!(
+        "while curl -sf -o /dev/null http://127.0.0.1:{HEALTH_PORT}/metrics; do echo scraped; done"
+    );
+    let log = host.dir.join("scrapes.log");
+    Process::spawn(
+        host.netns.name(),
+        Path::new("sh"),
+        &["-c".to_string(), script],
+        &[],
+        &log,
+    )
+}
+
+/// Issue 28: each scrape of `/metrics` walked the lease, endpoint and flow maps entry by
+/// entry, a BPF_MAP_GET_NEXT_KEY syscall per entry, on the tokio workers that also renew the
+/// lease and follow etcd. Scraped in a loop, the agent renews its lease and routes a lease
+/// written meanwhile as usual, and its map walks (the reconciler's and the occupancy's, every
+/// few seconds) come to less than a tenth of a walk per scrape.
+#[test]
+fn scrapes_in_a_loop_walk_no_map_and_hold_up_no_lease() -> Result<()> {
+    let (cluster, host1) = cluster_with_host("scrape-loop")?;
+    let leases = mapped_leases(&cluster);
+    cluster.etcd.put_many(&leases)?;
+    let mut agent = start_agent(&cluster, &host1, &["--subnet-lease-ttl=6s"])?;
+    let subnet = agent.wait_ready()?;
+    host1.wait_for_peer("10.2.249.0/24", "172.20.63.150", "1a:4b:d7:f7:18:95")?;
+    let key = cluster.subnet_key(&subnet);
+    let first_lease = cluster.etcd.lease_of(&key)?;
+
+    let trace = host1.dir.join("bpf.trace");
+    let mut strace = trace_bpf_calls(&host1, &agent, &trace)?;
+    let mut scrapes = scrape_in_a_loop(&host1)?;
+    wait_for("the lease renewed", VERDICT_TIMEOUT, || {
+        Ok(cluster.etcd.lease_of(&key)? != first_lease)
+    })
+    .with_context(|| agent.log())?;
+    let later = ["10.2.60.0/24", "10.2.61.0/24"]
+        .into_iter()
+        .find(|later| *later != subnet)
+        .context("a free subnet")?;
+    let (public_ip, mac) = LATER_VTEP;
+    let later_value = format!(
+        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    );
+    cluster.etcd.put(&cluster.subnet_key(later), &later_value)?;
+    let written = Instant::now();
+    host1.wait_for_peer_within(later, LATER_VTEP, written, ROUTED_WITHIN)?;
+    ensure!(
+        scrapes.try_exit_status()?.is_none(),
+        "a scrape failed:\n{}",
+        scrapes.log()
+    );
+    scrapes.kill();
+    strace.signal(libc::SIGINT)?;
+    strace.wait_exit(VERDICT_TIMEOUT)?;
+
+    let scraped = scrapes.log().matches("scraped").count();
+    let walked = std::fs::read_to_string(&trace)?
+        .matches("BPF_MAP_GET_NEXT_KEY")
+        .count();
+    eprintln!("{scraped} scrapes, {walked} BPF_MAP_GET_NEXT_KEY calls, {MAPPED_ENTRIES} entries");
+    ensure!(scraped >= 50, "only {scraped} scrapes");
+    ensure!(
+        walked * 10 < scraped * MAPPED_ENTRIES as usize,
+        "{walked} BPF_MAP_GET_NEXT_KEY calls during {scraped} scrapes of {MAPPED_ENTRIES} map \
+         entries: the scrapes walk the maps"
+    );
     Ok(())
 }

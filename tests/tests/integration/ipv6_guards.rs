@@ -9,7 +9,7 @@ use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_SHOT, UplinkHook, assert_host2_drops,
         assert_host2_passes, dataplane_of, dataplane_with, host2_receives, run_container,
-        run_uplink,
+        run_uplink, write_leases,
     },
     frames::*,
 };
@@ -71,6 +71,24 @@ fn an_inner_ipv6_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
             &with_address(V6_INNER_IP + IPV6_SRC, source),
             Counter::RxIpv6SpoofedInner,
         )?;
+    }
+    Ok(())
+}
+
+/// Issue 28: `vteps6` named one IPv6 subnet per PublicIPv6, the greatest, and the inner source
+/// had to lie in it: a second lease of host1 with a greater IPv6 subnet made both hooks drop
+/// host1's VXLAN from its first (`rx_ipv6_spoofed_inner`).
+#[test]
+fn an_inner_ipv6_source_in_any_lease_of_the_sender_goes_on() -> Result<()> {
+    let mut second = HOST1.lease();
+    second.subnet = "10.2.99.0/24".parse()?;
+    second.ipv6_subnet = Some("fd00:2:0:99::/64".parse()?);
+    for hook in UplinkHook::ALL {
+        let mut dataplane = dataplane_of(&HOST2, &[])?;
+        write_leases(&mut dataplane, &[HOST1.lease(), second.clone()])?;
+        let outcome = run_uplink(hook, &dataplane, &FLANNEL_V6_PING)?;
+        assert_eq!(outcome.verdict, hook.pass(), "{hook:?}");
+        outcome.assert_only(Counter::RxChecked);
     }
     Ok(())
 }

@@ -2,15 +2,20 @@
 //! no route leads to under DirectRouting, public addresses and VTEP MACs no host can have, a
 //! VtepMAC copied from another lease, and a bad record written again and again. Each time a
 //! lease written after the hostile record is routed (and pinged through where a second host
-//! runs), the hostile one is not, and `/metrics` counts it in `overlay_leases_skipped`.
+//! runs), the hostile one is not, and `/metrics` counts it in `overlay_leases_skipped`. A
+//! second lease of one PublicIPv6 is no hostile record: the host stays reachable from both.
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use overlay_agent::dataplane::pins::PinnedDataplane;
+use overlay_common::Counter;
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
     cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG, PREFIX},
+    ipv6::{BBOX1_V6, BBOX2_V6, HOST2_V6},
     metrics,
-    seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2},
+    seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
+    stock_flannel::{Vtep, lease_value},
     wait::wait_for,
 };
 
@@ -238,6 +243,44 @@ fn a_bad_record_written_again_is_warned_about_once() -> Result<()> {
         "the warning came {} times:\n{}",
         agent.count_in_log(&warning),
         agent.log()
+    );
+    Ok(())
+}
+
+/// Issue 28: the uplink checked the inner source of VXLAN over IPv6 against one IPv6 subnet
+/// per PublicIPv6, the greatest, so a record naming host2's PublicIPv6 with a greater IPv6
+/// subnet (here one left behind at an old PublicIP, as a host whose PublicIP changed leaves
+/// it) made host1 drop all IPv6 from host2's containers (`rx_ipv6_spoofed_inner`).
+#[test]
+fn a_second_lease_of_a_public_ipv6_leaves_its_first_one_reachable() -> Result<()> {
+    let seed = Seed::start_dual_stack("second-ipv6-lease", [&[], &[]])?;
+    seed.bbox2.ping6(BBOX1_V6, 1)?;
+    let (subnet, subnet6) = ("10.2.99.0/24", "fd00:2:0:99::/64");
+    let left_behind = lease_value(
+        Some(Vtep {
+            public_ip: "172.20.62.66",
+            mac: "1a:4b:d7:f7:16:99",
+        }),
+        Some(Vtep {
+            public_ip: HOST2_V6,
+            mac: "1a:4b:d7:f7:66:99",
+        }),
+    );
+    seed.cluster.etcd.put(
+        &seed.cluster.subnet_key6(Some(subnet), subnet6),
+        &left_behind,
+    )?;
+    seed.host1.wait_for_route(subnet6)?;
+
+    let before = PinnedDataplane::open(&seed.host1.pin_dir())?.counters()?;
+    seed.bbox2.ping6(BBOX1_V6, 3)?;
+    seed.bbox1.ping6(BBOX2_V6, 3)?;
+    let after = PinnedDataplane::open(&seed.host1.pin_dir())?.counters()?;
+    let spoofed = Counter::RxIpv6SpoofedInner;
+    ensure!(
+        after.get(spoofed) == before.get(spoofed),
+        "host1 counted host2's IPv6 as {}",
+        spoofed.name()
     );
     Ok(())
 }
