@@ -7,8 +7,7 @@ use overlay_common::{CHECKED_MARK, CONFIG_FAST_PATH, Counter, LocalEndpoint};
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, UplinkHook, assert_host2_drops,
-        assert_host2_passes, dataplane_of, dataplane_with, host2_with_bbox2, run_uplink,
-        run_vtep,
+        assert_host2_passes, dataplane_of, dataplane_with, host2_with_bbox2, run_uplink, run_vtep,
     },
     frames::*,
 };
@@ -155,7 +154,12 @@ fn a_first_fragment_is_judged_on_its_own_bytes_not_on_padding() -> Result<()> {
     let (headers, rest) = datagram.split_at(UDP_HEADER_LEN + VXLAN_HEADER_LEN);
     let fragment = |offset: u16, part: &[u8]| {
         let header = [&[IPPROTO_UDP][..], &ipv6_fragment(offset)].concat();
-        ipv6(HOST1_IPV6, HOST2_IPV6, IPPROTO_FRAGMENT, &[&header[..], part].concat())
+        ipv6(
+            HOST1_IPV6,
+            HOST2_IPV6,
+            IPPROTO_FRAGMENT,
+            &[&header[..], part].concat(),
+        )
     };
     let harmless = &FLANNEL_V6_PING[V6_INNER_IP - ETH_HEADER_LEN..];
     let padded = [&fragment(0, headers)[..], harmless].concat();
