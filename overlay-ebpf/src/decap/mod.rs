@@ -21,9 +21,11 @@ fn mark_checked(ctx: &TcContext) {
     unsafe { (*ctx.skb.skb).mark |= CHECKED_MARK };
 }
 
-/// Spends a device's "checksum verified" (CHECKSUM_UNNECESSARY) on the outer UDP header once
-/// it is stripped, as the kernel's UDP does before it decapsulates: what was verified beyond
-/// it stays verified, an inner checksum nobody verified is left to the receiver's stack.
+/// Spends the outer UDP header's level of a device's "checksum verified"
+/// (CHECKSUM_UNNECESSARY) once the header is stripped, as the kernel's UDP does before it
+/// decapsulates: what was verified inside stays verified, an inner checksum nobody verified
+/// is left to the receiver's stack. (`adjust_room` without `BPF_F_ADJ_ROOM_NO_CSUM_RESET`
+/// has already reset the state, and this leaves it so.)
 #[inline(always)]
 fn spend_outer_checksum_level(ctx: &TcContext) {
     // SAFETY: a plain helper call on the context's skb; a state other than "verified" is left.

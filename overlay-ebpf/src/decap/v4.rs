@@ -3,7 +3,7 @@
 //! would (TTL − 1), or into flannel.1's receive path, as if the kernel had decapsulated it
 //! there.
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode},
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET, bpf_adj_room_mode},
     programs::TcContext,
 };
 use core::mem::size_of;
@@ -64,11 +64,12 @@ pub fn decapsulate(
     }
     // Removes the outer IPv4, UDP and VXLAN headers and the inner Ethernet header, keeping
     // the outer Ethernet header (addressed to the uplink). The segment size of a GSO packet is
-    // the inner packets' and stays.
+    // the inner packets' and stays. What a device or GRO verified is kept, less the outer UDP
+    // header's level, as the kernel's own decapsulation leaves it.
     ctx.adjust_room(
         -(vxlan.inner_offset as i32),
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET),
     )
     .map_err(|_| Counter::RxError)?;
     spend_outer_checksum_level(ctx);
