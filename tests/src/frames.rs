@@ -206,15 +206,15 @@ pub fn icmp_echo_request(id: u16, sequence: u16, payload: &[u8]) -> Vec<u8> {
 /// bbox2's neighbour on host2, an address host1 does not lease: what a spoofing peer claims.
 pub const BBOX2_NEIGHBOUR_IP: [u8; 4] = [10, 2, 54, 7];
 
-/// A ping to bbox2 from its neighbour (`BBOX2_NEIGHBOUR_IP`), as host1 would wrap it to
-/// spoof: Ethernet from host1's VTEP MAC to `vtep_mac`, IPv4, ICMP echo.
-pub fn spoofed_ping_to_bbox2(vtep_mac: [u8; 6]) -> Vec<u8> {
+/// A ping to bbox2 from `source` as host1 would wrap it: Ethernet from host1's VTEP MAC to
+/// `vtep_mac`, IPv4, ICMP echo.
+pub fn ping_to_bbox2_from(source: [u8; 4], vtep_mac: [u8; 6]) -> Vec<u8> {
     let ping = ipv4(
-        BBOX2_NEIGHBOUR_IP,
+        source,
         BBOX2_IP,
         IPPROTO_ICMP,
         &[],
-        &icmp_echo_request(1, 1, b"spoof"),
+        &icmp_echo_request(1, 1, b"ping"),
     );
     ethernet(vtep_mac, HOST1_VTEP_MAC, ETH_P_IPV4, &ping)
 }

@@ -271,7 +271,7 @@ fn a_first_fragment_padded_with_a_harmless_inner_header_is_dropped() -> Result<(
     seed.cluster
         .underlay
         .exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"])?;
-    let inner = spoofed_ping_to_bbox2(seed.host2.netns.mac("flannel.1")?);
+    let inner = ping_to_bbox2_from(BBOX2_NEIGHBOUR_IP, seed.host2.netns.mac("flannel.1")?);
     let packet = ipv4(
         HOST1_IP,
         HOST2_IP,

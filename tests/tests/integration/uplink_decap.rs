@@ -183,7 +183,7 @@ fn a_first_fragment_is_checked_and_left_to_the_stack_to_reassemble() -> Result<(
 /// bytes, so the first is dropped and the stack never completes the datagram.
 #[test]
 fn a_first_fragment_is_judged_on_its_own_bytes_not_on_padding() -> Result<()> {
-    let inner = spoofed_ping_to_bbox2(HOST2_VTEP_MAC);
+    let inner = ping_to_bbox2_from(BBOX2_NEIGHBOUR_IP, HOST2_VTEP_MAC);
     let datagram = udp(49152, 8472, &vxlan(1, &inner));
     let packet = ipv4(HOST1_IP, HOST2_IP, IPPROTO_UDP, &[], &datagram);
     let [first, second] = ipv4_fragments(&packet, UDP_HEADER_LEN + VXLAN_HEADER_LEN, 0x4444);
@@ -308,7 +308,7 @@ fn vxlan_from_an_unknown_host_is_dropped() -> Result<()> {
 #[test]
 fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
     // host1 (10.2.41.0/24) claiming to send from host2's own subnet.
-    let inner = spoofed_ping_to_bbox2(HOST2_VTEP_MAC);
+    let inner = ping_to_bbox2_from(BBOX2_NEIGHBOUR_IP, HOST2_VTEP_MAC);
     assert_host2_drops(
         &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
         Counter::RxSpoofedSource,
@@ -319,14 +319,7 @@ fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
 /// published port on host1, reached from bbox2): not a spoof.
 #[test]
 fn an_inner_source_that_is_the_sender_s_own_public_ip_is_accepted() -> Result<()> {
-    let reply = ipv4(
-        HOST1_IP,
-        BBOX2_IP,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"published"),
-    );
-    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &reply);
+    let inner = ping_to_bbox2_from(HOST1_IP, HOST2_VTEP_MAC);
     let frame = outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner));
     let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
     assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
