@@ -410,7 +410,8 @@ macro_rules! define_counters {
 define_counters! {
     /// Uplink frame that is neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): passed.
     rx_not_ip => RxNotIp: Pass,
-    /// Uplink IP packet that is not UDP, or IPv6 whose UDP header follows an extension header
+    /// Uplink IP packet that is not UDP (TCP superpackets GRO merged beyond 64 KiB, IPv4 total
+    /// length 0, among them), or IPv6 whose UDP header follows an extension header
     /// other than one fragment header: passed (unchecked: should the stack find VXLAN behind
     /// the extension headers, flannel-v6's guard drops it, see `rx_unchecked_vxlan`).
     rx_not_udp => RxNotUdp: Pass,
@@ -421,10 +422,10 @@ define_counters! {
     rx_ipv6_fragment => RxIpv6Fragment: Pass,
     /// Uplink UDP datagram (IPv4 or IPv6) to a port other than the VXLAN port: passed.
     rx_other_port => RxOtherPort: Pass,
-    /// Uplink VXLAN frame carrying another VNI: passed.
+    /// Uplink VXLAN frame carrying another VNI, whatever its flags (GBP, say): passed.
     rx_vxlan_foreign_vni => RxVxlanForeignVni: Pass,
-    /// Uplink VXLAN frame for our port and VNI whose outer destination is not this host's
-    /// tunnel address: passed, to be routed on (or, for another local address, refused with
+    /// Uplink VXLAN frame for our port whose outer destination is not this host's tunnel
+    /// address, whatever its VNI and flags: passed, to be routed on (or, for another local address, refused with
     /// `rx_unchecked_vxlan`).
     rx_other_destination => RxOtherDestination: Pass,
     /// Uplink VXLAN frame decapsulated and put into the VXLAN device, as if the kernel had
@@ -460,8 +461,9 @@ define_counters! {
     /// Uplink VXLAN frame whose outer header says congestion (ECN CE) for an inner packet
     /// that is not ECN-capable: dropped, as RFC 6040 and the kernel do.
     rx_ce_not_ect => RxCeNotEct: Drop,
-    /// Uplink frame cut short, with inconsistent header fields, or with VXLAN flags or
-    /// reserved bits the kernel does not accept: dropped.
+    /// Uplink frame cut short, with inconsistent header fields, with VXLAN flags or reserved
+    /// bits the kernel does not accept, or a first fragment whose own bytes (not the padding
+    /// behind them) do not hold every header the checks read: dropped.
     rx_malformed => RxMalformed: Drop,
     /// Uplink VXLAN frame the kernel would not let us strip or pass on: dropped.
     rx_error => RxError: Drop,

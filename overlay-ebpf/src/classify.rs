@@ -61,16 +61,17 @@ pub fn classify_ipv4_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
     let ip_offset = ETH_HEADER_LEN;
     let ip: &Ipv4Hdr = frame.header(ip_offset).ok_or(Counter::RxMalformed)?;
     let ip_header_len = ipv4_header_len(ip.version_ihl);
-    let ip_total_len = usize::from(u16::from_be_bytes(ip.total_len));
-    if ip.version_ihl >> 4 != IPV4_VERSION
-        || ip_header_len < IPV4_MIN_HEADER_LEN
-        || ip_total_len < ip_header_len
-        || ip_offset + ip_total_len > frame.len()
-    {
+    if ip.version_ihl >> 4 != IPV4_VERSION || ip_header_len < IPV4_MIN_HEADER_LEN {
         return Err(Counter::RxMalformed);
     }
+    // Before the length checks: a TCP superpacket GRO merged beyond 64 KiB (BIG TCP) has a
+    // total length of 0, which the kernel accepts for GSO TCP.
     if ip.protocol != IPPROTO_UDP {
         return Err(Counter::RxNotUdp);
+    }
+    let ip_total_len = usize::from(u16::from_be_bytes(ip.total_len));
+    if ip_total_len < ip_header_len || ip_offset + ip_total_len > frame.len() {
+        return Err(Counter::RxMalformed);
     }
     if ip.is_later_fragment() {
         return Err(Counter::RxIpv4Fragment);
@@ -81,10 +82,8 @@ pub fn classify_ipv4_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
         // A first fragment carries the headers, but its UDP length is the whole datagram's.
         first_fragment: ip.is_fragment(),
     };
-    let payload = vxlan_payload::<EthIpv4Headers>(frame, &udp, config)?;
-    if ip.dst != config.public_ip {
-        return Err(Counter::RxOtherDestination);
-    }
+    let payload =
+        vxlan_payload::<EthIpv4Headers>(frame, &udp, config, || ip.dst == config.public_ip)?;
     Ok(VxlanFrame {
         outer_src: ip.src,
         inner_offset: payload.inner_offset,
@@ -114,10 +113,8 @@ pub fn classify_ipv6_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
         Ipv6Udp::LaterFragment => return Err(Counter::RxIpv6Fragment),
         Ipv6Udp::NotUdp => return Err(Counter::RxNotUdp),
     };
-    let payload = vxlan_payload::<EthIpv6Headers>(frame, &udp, config)?;
-    if ip.dst != config.public_ipv6 {
-        return Err(Counter::RxOtherDestination);
-    }
+    let payload =
+        vxlan_payload::<EthIpv6Headers>(frame, &udp, config, || ip.dst == config.public_ipv6)?;
     Ok(Vxlan6Frame {
         outer_src: ip.src,
         inner_is_ipv6: payload.inner.eth.is_ipv6(),
@@ -136,38 +133,51 @@ struct VxlanPayload<'a, Inner> {
     has_udp_checksum: bool,
 }
 
-/// Checks the UDP datagram at `udp` for VXLAN to our port and VNI, with a whole `Inner` in
-/// it; `Err` names why it is not.
+/// Checks the UDP datagram at `udp` for VXLAN to our port, address (`to_us`) and VNI, with a
+/// whole `Inner` in it; `Err` names why it is not. What is not ours is told apart first and
+/// passes; only then do the strict checks of our own VXLAN apply.
 #[inline(always)]
 fn vxlan_payload<'a, Inner>(
     frame: &'a Frame,
     udp: &UdpPlace,
     config: &OverlayConfig,
+    to_us: impl FnOnce() -> bool,
 ) -> Result<VxlanPayload<'a, Inner>, Counter> {
     let header: &UdpHdr = frame.header(udp.offset).ok_or(Counter::RxMalformed)?;
-    let udp_len = usize::from(u16::from_be_bytes(header.len));
-    if udp_len < size_of::<UdpHdr>() || (!udp.first_fragment && udp_len > udp.room) {
+    if udp.room < size_of::<UdpHdr>() {
         return Err(Counter::RxMalformed);
     }
     if u16::from_be_bytes(header.dst_port) != config.vxlan_port {
         return Err(Counter::RxOtherPort);
     }
-
+    if !to_us() {
+        return Err(Counter::RxOtherDestination);
+    }
+    let udp_len = usize::from(u16::from_be_bytes(header.len));
+    if udp_len < size_of::<UdpHdr>() || (!udp.first_fragment && udp_len > udp.room) {
+        return Err(Counter::RxMalformed);
+    }
+    // What of the datagram this packet carries: a first fragment's ends with the fragment,
+    // whatever bytes the frame has behind it.
+    let carried = udp_len.min(udp.room);
     let vxlan_offset = udp.offset + size_of::<UdpHdr>();
     let inner_offset = vxlan_offset + size_of::<VxlanHdr>();
     let vxlan: &VxlanHdr = frame.header(vxlan_offset).ok_or(Counter::RxMalformed)?;
+    if carried < size_of::<UdpHdr>() + size_of::<VxlanHdr>() {
+        return Err(Counter::RxMalformed);
+    }
+    if vni_of(vxlan.vni) != config.vni {
+        return Err(Counter::RxVxlanForeignVni);
+    }
     let inner: &Inner = frame.header(inner_offset).ok_or(Counter::RxMalformed)?;
     // The kernel's vxlan device, without extensions, drops a frame with any other flag or
     // a reserved bit set.
-    if udp_len < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<Inner>()
+    if carried < size_of::<UdpHdr>() + size_of::<VxlanHdr>() + size_of::<Inner>()
         || vxlan.flags != VXLAN_FLAG_VNI
         || vxlan.reserved != [0; 3]
         || vxlan.reserved2 != 0
     {
         return Err(Counter::RxMalformed);
-    }
-    if vni_of(vxlan.vni) != config.vni {
-        return Err(Counter::RxVxlanForeignVni);
     }
     Ok(VxlanPayload {
         inner_offset,

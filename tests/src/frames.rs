@@ -165,6 +165,30 @@ pub fn tcp_segment(src_port: u16, dst_port: u16) -> Vec<u8> {
     .concat()
 }
 
+/// A TCP SYN without options from `src`:`src_port` to `dst`:`dst_port`, its checksum over the
+/// IPv4 pseudo-header correct.
+pub fn tcp_syn(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Vec<u8> {
+    let mut segment = [
+        &src_port.to_be_bytes()[..],
+        &dst_port.to_be_bytes(),
+        &[0, 0, 0, 1, 0, 0, 0, 0],
+        &[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0],
+    ]
+    .concat();
+    let length = segment.len() as u16;
+    let pseudo_header = [
+        &src[..],
+        &dst,
+        &[0, IPPROTO_TCP],
+        &length.to_be_bytes(),
+        &segment,
+    ]
+    .concat();
+    let checksum = internet_checksum(&pseudo_header);
+    segment[16..18].copy_from_slice(&checksum.to_be_bytes());
+    segment
+}
+
 /// An ICMP echo request with a correct checksum.
 pub fn icmp_echo_request(id: u16, sequence: u16, payload: &[u8]) -> Vec<u8> {
     let mut message = [
@@ -177,6 +201,22 @@ pub fn icmp_echo_request(id: u16, sequence: u16, payload: &[u8]) -> Vec<u8> {
     let checksum = internet_checksum(&message);
     message[2..4].copy_from_slice(&checksum.to_be_bytes());
     message
+}
+
+/// bbox2's neighbour on host2, an address host1 does not lease: what a spoofing peer claims.
+pub const BBOX2_NEIGHBOUR_IP: [u8; 4] = [10, 2, 54, 7];
+
+/// A ping to bbox2 from `source` as host1 would wrap it: Ethernet from host1's VTEP MAC to
+/// `vtep_mac`, IPv4, ICMP echo.
+pub fn ping_to_bbox2_from(source: [u8; 4], vtep_mac: [u8; 6]) -> Vec<u8> {
+    let ping = ipv4(
+        source,
+        BBOX2_IP,
+        IPPROTO_ICMP,
+        &[],
+        &icmp_echo_request(1, 1, b"ping"),
+    );
+    ethernet(vtep_mac, HOST1_VTEP_MAC, ETH_P_IPV4, &ping)
 }
 
 /// bbox1's ping to `destination` with `ttl`, header checksum correct.

@@ -6,7 +6,7 @@
 //!
 //! What goes on to a VXLAN device, decapsulated or for its socket, carries `CHECKED_MARK`:
 //! `tc_vtep_ingress` on the device lets nothing else through.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::BPF_CSUM_LEVEL_DEC, helpers::bpf_csum_level, programs::TcContext};
 use overlay_common::CHECKED_MARK;
 
 pub mod v4;
@@ -19,4 +19,15 @@ fn mark_checked(ctx: &TcContext) {
     // SAFETY: the context's skb is valid for the whole program run, and tc programs may
     // write its mark.
     unsafe { (*ctx.skb.skb).mark |= CHECKED_MARK };
+}
+
+/// Spends the outer UDP header's level of a device's "checksum verified"
+/// (CHECKSUM_UNNECESSARY) once the header is stripped, as the kernel's UDP does before it
+/// decapsulates: what was verified inside stays verified, an inner checksum nobody verified
+/// is left to the receiver's stack. (`adjust_room` without `BPF_F_ADJ_ROOM_NO_CSUM_RESET`
+/// has already reset the state, and this leaves it so.)
+#[inline(always)]
+fn spend_outer_checksum_level(ctx: &TcContext) {
+    // SAFETY: a plain helper call on the context's skb; a state other than "verified" is left.
+    unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_DEC)) };
 }

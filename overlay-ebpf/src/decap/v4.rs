@@ -3,21 +3,25 @@
 //! would (TTL − 1), or into flannel.1's receive path, as if the kernel had decapsulated it
 //! there.
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode},
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET, bpf_adj_room_mode},
     programs::TcContext,
 };
 use core::mem::size_of;
 use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
 use overlay_ebpf::ecn::{ECN_CE, lost_to_congestion};
 
-use super::mark_checked;
+use super::{mark_checked, spend_outer_checksum_level};
 use crate::{
     classify::{VxlanFrame, classify_ipv4_vxlan},
     flows::note_handed,
     maps,
-    parse::{EthHdr, EthIpv4Headers, Frame, TransportHead, flow_of},
+    parse::{EthHdr, EthIpv4Headers, Frame, Ipv4Hdr, TransportHead, flow_of},
     redirect,
 };
+
+/// How long an inner IPv4 packet without options must be to carry the transport header's
+/// first bytes, which tell its flow.
+const INNER_TRANSPORT_HEAD_END: usize = size_of::<Ipv4Hdr>() + size_of::<TransportHead>();
 
 /// A well-formed VXLAN frame over IPv4 for us, from a host holding a lease, carrying IPv4
 /// from inside a subnet that host leases (it may hold more than one, re-leased or in two
@@ -60,13 +64,15 @@ pub fn decapsulate(
     }
     // Removes the outer IPv4, UDP and VXLAN headers and the inner Ethernet header, keeping
     // the outer Ethernet header (addressed to the uplink). The segment size of a GSO packet is
-    // the inner packets' and stays.
+    // the inner packets' and stays. What a device or GRO verified is kept, less the outer UDP
+    // header's level, as the kernel's own decapsulation leaves it.
     ctx.adjust_room(
         -(vxlan.inner_offset as i32),
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET),
     )
     .map_err(|_| Counter::RxError)?;
+    spend_outer_checksum_level(ctx);
 
     let mut frame = Frame::new(ctx.data(), ctx.data_end());
     if vxlan.outer_ecn == ECN_CE {
@@ -100,7 +106,12 @@ fn deliverable_to(frame: &Frame) -> Result<LocalEndpoint, Counter> {
     if headers.ip.ttl <= 1 {
         return Err(Counter::RxDecapsulated);
     }
-    let transport = frame.header::<TransportHead>(size_of::<EthIpv4Headers>());
+    // Bytes behind the packet's own length (a sender's padding) are no transport header.
+    let carries_transport_head =
+        usize::from(u16::from_be_bytes(headers.ip.total_len)) >= INNER_TRANSPORT_HEAD_END;
+    let transport = frame
+        .header::<TransportHead>(size_of::<EthIpv4Headers>())
+        .filter(|_| carries_transport_head);
     let flow = flow_of(&headers.ip, transport).ok_or(Counter::RxRoutedFlow)?;
     if maps::takes_routed_path(&flow) {
         return Err(Counter::RxRoutedFlow);

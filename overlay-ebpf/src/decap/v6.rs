@@ -17,17 +17,15 @@
 //! flow conntrack must see.
 use aya_ebpf::{
     bindings::{
-        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_RECOMPUTE_CSUM,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_RECOMPUTE_CSUM, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::bpf_csum_level,
     programs::TcContext,
 };
 use core::mem::{offset_of, size_of};
 use overlay_common::{Counter, LocalEndpoint, OverlayConfig};
 use overlay_ebpf::ecn::ECN_CE;
 
-use super::mark_checked;
+use super::{mark_checked, spend_outer_checksum_level};
 use crate::{
     classify::{Vxlan6Frame, classify_ipv6_vxlan},
     flows::note_handed,
@@ -146,7 +144,6 @@ fn deliver(
         u64::from(BPF_F_RECOMPUTE_CSUM),
     )
     .map_err(|_| Counter::RxError)?;
-    // SAFETY: a plain helper call on the context's skb; a state other than "verified" is left.
-    unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_DEC)) };
+    spend_outer_checksum_level(ctx);
     redirect::into_container(endpoint)
 }

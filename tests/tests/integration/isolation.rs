@@ -258,6 +258,60 @@ fn fragments_are_checked_before_the_stack_reassembles_them() -> Result<()> {
     Ok(())
 }
 
+/// A first fragment from a peer that ends right after the VXLAN header, Ethernet padding
+/// behind it holding a harmless inner header (bbox1's ping), and a second fragment carrying
+/// the real inner headers: a ping to bbox2 from its neighbour 10.2.54.7, which host1 does not
+/// lease. The first fragment is judged on its own bytes and dropped, so the stack never
+/// reassembles the datagram.
+#[test]
+fn a_first_fragment_padded_with_a_harmless_inner_header_is_dropped() -> Result<()> {
+    let seed = Seed::start("padded-fragment", &[])?;
+    // The underlay's bridge would trim the padding where br_netfilter is loaded (it validates
+    // IPv4 lengths for iptables): a switch does not.
+    seed.cluster.underlay.exec(&[
+        "sh",
+        "-c",
+        "[ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ] \
+         || sysctl -qw net.bridge.bridge-nf-call-iptables=0",
+    ])?;
+    let inner = ping_to_bbox2_from(BBOX2_NEIGHBOUR_IP, seed.host2.netns.mac("flannel.1")?);
+    let packet = ipv4(
+        HOST1_IP,
+        HOST2_IP,
+        IPPROTO_UDP,
+        &[],
+        &udp(49152, 8472, &vxlan(1, &inner)),
+    );
+    let [first, second] = ipv4_fragments(&packet, UDP_HEADER_LEN + VXLAN_HEADER_LEN, 0x4545);
+    let harmless = &seed.forged_vxlan_ping()?[VXLAN_HEADER_LEN..];
+    let on_the_wire = |packet: &[u8]| -> Result<Vec<u8>> {
+        Ok(ethernet(
+            seed.host2.netns.mac("eth0")?,
+            seed.host1.netns.mac("eth0")?,
+            ETH_P_IPV4,
+            packet,
+        ))
+    };
+    let frames = [
+        on_the_wire(&[&first[..], harmless].concat())?,
+        on_the_wire(&second)?,
+    ];
+
+    let before = counters(&seed.host2)?;
+    let sniffer = watch_bbox2(&seed)?;
+    seed.host1.netns.run_inside(|| {
+        for frame in &frames {
+            send_frame("eth0", frame)?;
+        }
+        Ok(())
+    })?;
+    assert_bbox2_saw_nothing(&seed, sniffer, BBOX2)?;
+    let after = counters(&seed.host2)?;
+    assert_eq!(moved(&before, &after, Counter::RxMalformed), 1, "{after:?}");
+    assert_eq!(moved(&before, &after, Counter::RxIpv4Fragment), 1);
+    Ok(())
+}
+
 #[test]
 fn a_container_cannot_send_vxlan() -> Result<()> {
     // With masquerade, a container's datagram to a peer leaves from this host's PublicIP.

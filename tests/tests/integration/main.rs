@@ -48,4 +48,5 @@ mod tc_encap6;
 mod trouble;
 mod uplink_decap;
 mod uplink_decap6;
+mod uplink_live;
 mod xtask_run;

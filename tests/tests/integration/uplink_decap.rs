@@ -177,6 +177,28 @@ fn a_first_fragment_is_checked_and_left_to_the_stack_to_reassemble() -> Result<(
     assert_host2_drops(&stranger, Counter::RxUnknownVtep)
 }
 
+/// A first fragment that ends right after the VXLAN header, padded out with a harmless
+/// inner header (bbox1's ping) where Ethernet padding goes: the real inner headers, spoofing
+/// a neighbour of bbox2, come in the second fragment. The check reads only the fragment's own
+/// bytes, so the first is dropped and the stack never completes the datagram.
+#[test]
+fn a_first_fragment_is_judged_on_its_own_bytes_not_on_padding() -> Result<()> {
+    let inner = ping_to_bbox2_from(BBOX2_NEIGHBOUR_IP, HOST2_VTEP_MAC);
+    let datagram = udp(49152, 8472, &vxlan(1, &inner));
+    let packet = ipv4(HOST1_IP, HOST2_IP, IPPROTO_UDP, &[], &datagram);
+    let [first, second] = ipv4_fragments(&packet, UDP_HEADER_LEN + VXLAN_HEADER_LEN, 0x4444);
+    let harmless = &seed_vxlan_frame(1, 8472)[SEED_INNER..];
+    let padded = [&first[..], harmless].concat();
+    assert_host2_drops(
+        &ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV4, &padded),
+        Counter::RxMalformed,
+    )?;
+    assert_passed_untouched(
+        &ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV4, &second),
+        Counter::RxIpv4Fragment,
+    )
+}
+
 #[test]
 fn later_fragments_are_left_to_the_stack() -> Result<()> {
     // Offset 185 (× 8 bytes): no headers to check. The reassembled datagram carries its first
@@ -197,6 +219,25 @@ fn vxlan_for_another_address_passes_to_the_stack() -> Result<()> {
     let mut frame = seed_vxlan_frame(1, 8472);
     frame[ETH_HEADER_LEN + 16..][..4].copy_from_slice(&[172, 20, 62, 200]);
     assert_passed_untouched(&frame, Counter::RxOtherDestination)
+}
+
+/// VXLAN with the group-based policy extension (flags 0x88, a policy ID in the first reserved
+/// field) is someone else's when it goes to another address or carries another VNI: it passes
+/// to the stack as any VXLAN that is not ours, before the checks of our own.
+#[test]
+fn vxlan_with_extensions_that_is_not_ours_passes_to_the_stack() -> Result<()> {
+    let with_policy = |mut frame: Vec<u8>| {
+        let vxlan_header = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN;
+        frame[vxlan_header..vxlan_header + 4].copy_from_slice(&[0x88, 0, 0x12, 0x34]);
+        frame
+    };
+    let mut transit = with_policy(seed_vxlan_frame(1, 8472));
+    transit[ETH_HEADER_LEN + 16..][..4].copy_from_slice(&[172, 20, 62, 200]);
+    assert_passed_untouched(&transit, Counter::RxOtherDestination)?;
+    assert_passed_untouched(
+        &with_policy(seed_vxlan_frame(7, 8472)),
+        Counter::RxVxlanForeignVni,
+    )
 }
 
 #[test]
@@ -267,14 +308,7 @@ fn vxlan_from_an_unknown_host_is_dropped() -> Result<()> {
 #[test]
 fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
     // host1 (10.2.41.0/24) claiming to send from host2's own subnet.
-    let ping = ipv4(
-        [10, 2, 54, 7],
-        BBOX2_IP,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"spoof"),
-    );
-    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &ping);
+    let inner = ping_to_bbox2_from(BBOX2_NEIGHBOUR_IP, HOST2_VTEP_MAC);
     assert_host2_drops(
         &outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner)),
         Counter::RxSpoofedSource,
@@ -285,14 +319,7 @@ fn an_inner_source_outside_the_sender_s_subnet_is_dropped() -> Result<()> {
 /// published port on host1, reached from bbox2): not a spoof.
 #[test]
 fn an_inner_source_that_is_the_sender_s_own_public_ip_is_accepted() -> Result<()> {
-    let reply = ipv4(
-        HOST1_IP,
-        BBOX2_IP,
-        IPPROTO_ICMP,
-        &[],
-        &icmp_echo_request(1, 1, b"published"),
-    );
-    let inner = ethernet(HOST2_VTEP_MAC, HOST1_VTEP_MAC, ETH_P_IPV4, &reply);
+    let inner = ping_to_bbox2_from(HOST1_IP, HOST2_VTEP_MAC);
     let frame = outer_udp_frame(&[], 49152, 8472, &vxlan(1, &inner));
     let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
     assert_eq!(outcome.verdict, TC_ACT_REDIRECT);

@@ -6,8 +6,8 @@ use anyhow::Result;
 use overlay_common::{CHECKED_MARK, CONFIG_FAST_PATH, Counter, LocalEndpoint};
 use overlay_tests::{
     dataplane::{
-        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, UplinkHook, dataplane_of,
-        dataplane_with, host2_with_bbox2, run_uplink, run_vtep,
+        HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, UplinkHook, assert_host2_drops,
+        assert_host2_passes, dataplane_of, dataplane_with, host2_with_bbox2, run_uplink, run_vtep,
     },
     frames::*,
 };
@@ -138,4 +138,52 @@ fn a_reply_from_the_senders_own_public_ipv6_is_let_in() -> Result<()> {
     assert_eq!(outcome.verdict, TC_ACT_REDIRECT);
     outcome.assert_only(Counter::RxDelivered);
     Ok(())
+}
+
+/// bbox2's neighbour fd00:0:2:54::7 on host2: an address host1 does not lease.
+const BBOX2_NEIGHBOUR_IPV6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0x54, 0, 0, 0, 0, 0, 0, 0, 7];
+
+/// A first fragment that ends right after the VXLAN header, padded out with a harmless inner
+/// header (bbox1's ping) where Ethernet padding goes, the real inner headers (spoofing bbox2's
+/// neighbour) in the second fragment: the check reads only the fragment's own bytes.
+#[test]
+fn a_first_fragment_is_judged_on_its_own_bytes_not_on_padding() -> Result<()> {
+    let spoofed = ipv6_ping(BBOX2_NEIGHBOUR_IPV6, BBOX2_IPV6, b"spoof");
+    let inner = ethernet(HOST2_VTEP6_MAC, HOST1_VTEP6_MAC, ETH_P_IPV6, &spoofed);
+    let datagram = udp(40000, 8472, &vxlan(1, &inner));
+    let (headers, rest) = datagram.split_at(UDP_HEADER_LEN + VXLAN_HEADER_LEN);
+    let fragment = |offset: u16, part: &[u8]| {
+        let header = [&[IPPROTO_UDP][..], &ipv6_fragment(offset)].concat();
+        ipv6(
+            HOST1_IPV6,
+            HOST2_IPV6,
+            IPPROTO_FRAGMENT,
+            &[&header[..], part].concat(),
+        )
+    };
+    let harmless = &FLANNEL_V6_PING[V6_INNER_IP - ETH_HEADER_LEN..];
+    let padded = [&fragment(0, headers)[..], harmless].concat();
+    assert_host2_drops(
+        &ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV6, &padded),
+        Counter::RxMalformed,
+    )?;
+    let mut last = fragment(2, rest);
+    // The last fragment: more-fragments clear.
+    last[IPV6_HEADER_LEN + 3] &= !1;
+    assert_host2_passes(
+        &ethernet(HOST2_MAC, HOST1_MAC, ETH_P_IPV6, &last),
+        Counter::RxIpv6Fragment,
+        0,
+    )
+}
+
+/// VXLAN over IPv6 with the group-based policy extension for another VNI is someone else's:
+/// it passes to the stack before the checks of our own.
+#[test]
+fn vxlan_with_extensions_for_another_vni_passes_to_the_stack() -> Result<()> {
+    let frame = changed(|frame| {
+        frame[OUTER_UDP + UDP_HEADER_LEN..][..8]
+            .copy_from_slice(&[0x88, 0, 0x12, 0x34, 0, 0, 7, 0]);
+    });
+    assert_host2_passes(&frame, Counter::RxVxlanForeignVni, 0)
 }
