@@ -15,7 +15,7 @@ use crate::{
     maps,
     parse::{
         ETH_HEADER_LEN, ETH_P_IPV4, EthHdr, EthIpv4Headers, Frame, IPPROTO_UDP, IPV4_NO_OPTIONS,
-        Ipv4Hdr, TransportHead, flow_at, flow_of,
+        Ipv4Hdr, TransportHead, flow_at, flow_of, linear_frame,
     },
     redirect,
     vxlan::{ENCAP_LEN, Encapsulation, udp_header, vxlan_header},
@@ -111,10 +111,11 @@ fn encapsulate(
     let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJUST_ROOM_FLAGS)
         .map_err(|_| Counter::TxError)?;
-    let headers = encapsulation(config, remote, inner_tos, ctx.len(), flow_hash, ip_id);
-    ctx.store(ETH_HEADER_LEN, &headers, 0)
-        .map_err(|_| Counter::TxError)?;
-
+    // Written in place: the room just made is in the linear area, and the store helper would
+    // make the packet writable once more.
+    let mut frame = linear_frame(ctx, ETH_HEADER_LEN + ENCAP_LEN);
+    let place: &mut Encapsulation = frame.header_mut(ETH_HEADER_LEN).ok_or(Counter::TxError)?;
+    *place = encapsulation(config, remote, inner_tos, ctx.len(), flow_hash, ip_id);
     redirect::to_uplink(config, None)
 }
 
