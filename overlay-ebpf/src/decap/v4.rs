@@ -31,16 +31,21 @@ const INNER_TRANSPORT_HEAD_END: usize = size_of::<Ipv4Hdr>() + size_of::<Transpo
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
     let vxlan = classify_ipv4_vxlan(frame, config)?;
-    if !maps::holds_a_lease(vxlan.outer_src) {
-        return Err(Counter::RxUnknownVtep);
-    }
-    if !vxlan.inner_is_ipv4 {
-        return Err(Counter::RxInnerOtherFamily);
-    }
-    let leased_by_sender =
-        maps::remote_vtep(vxlan.inner_src).is_some_and(|lease| lease.public_ip == vxlan.outer_src);
-    if !leased_by_sender && vxlan.inner_src != vxlan.outer_src {
-        return Err(Counter::RxSpoofedSource);
+    // The inner source's lease naming the sender is the common case, and says the sender
+    // holds a lease: only the others need the `vteps` lookup.
+    let leased_by_sender = vxlan.inner_is_ipv4
+        && maps::remote_vtep(vxlan.inner_src)
+            .is_some_and(|lease| lease.public_ip == vxlan.outer_src);
+    if !leased_by_sender {
+        if !maps::holds_a_lease(vxlan.outer_src) {
+            return Err(Counter::RxUnknownVtep);
+        }
+        if !vxlan.inner_is_ipv4 {
+            return Err(Counter::RxInnerOtherFamily);
+        }
+        if vxlan.inner_src != vxlan.outer_src {
+            return Err(Counter::RxSpoofedSource);
+        }
     }
     if lost_to_congestion(vxlan.outer_ecn, vxlan.inner_ecn) {
         return Err(Counter::RxCeNotEct);

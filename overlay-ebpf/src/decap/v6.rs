@@ -53,16 +53,20 @@ const HOP_LIMIT_OFFSET: usize = ETH_HEADER_LEN + offset_of!(Ipv6Hdr, hop_limit);
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
     let vxlan = classify_ipv6_vxlan(frame, config)?;
-    if !maps::holds_an_ipv6_lease(&vxlan.outer_src) {
-        return Err(Counter::RxIpv6NonMember);
-    }
-    if !vxlan.inner_is_ipv6 {
-        return Err(Counter::RxInnerOtherFamily);
-    }
-    let leased_by_sender = maps::remote_vtep6(&vxlan.inner_src)
-        .is_some_and(|lease| lease.public_ipv6 == vxlan.outer_src);
-    if !leased_by_sender && vxlan.inner_src != vxlan.outer_src {
-        return Err(Counter::RxIpv6SpoofedInner);
+    // As for IPv4: the inner source's lease naming the sender says it holds a lease.
+    let leased_by_sender = vxlan.inner_is_ipv6
+        && maps::remote_vtep6(&vxlan.inner_src)
+            .is_some_and(|lease| lease.public_ipv6 == vxlan.outer_src);
+    if !leased_by_sender {
+        if !maps::holds_an_ipv6_lease(&vxlan.outer_src) {
+            return Err(Counter::RxIpv6NonMember);
+        }
+        if !vxlan.inner_is_ipv6 {
+            return Err(Counter::RxInnerOtherFamily);
+        }
+        if vxlan.inner_src != vxlan.outer_src {
+            return Err(Counter::RxIpv6SpoofedInner);
+        }
     }
     Ok(vxlan)
 }
