@@ -81,7 +81,12 @@ pub fn upper_layer(
         };
         upper.offset += length;
     }
-    Err(Counter::TxIpv6Unchecked)
+    match upper.protocol {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            Err(Counter::TxIpv6Unchecked)
+        }
+        _ => Ok(upper),
+    }
 }
 
 /// Where the payload of `ip` ends; a zero payload length is a jumbogram's (BIG TCP), which

@@ -31,24 +31,15 @@ const BBOX3_IP: [u8; 4] = [10, 2, 41, 3];
 const BBOX3_V6: &str = "fd00:2:0:41::3";
 const BBOX3_IPV6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0x41, 0, 0, 0, 0, 0, 0, 0, 3];
 const BRIDGE_IPV6: [u8; 16] = [0xfd, 0, 0, 2, 0, 0, 0, 0x41, 0, 0, 0, 0, 0, 0, 0, 1];
-/// ff02::1 and the Ethernet group it maps to.
-const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
-/// The hop limit neighbour discovery must carry for the kernel to take it.
-const NDP_HOP_LIMIT: u8 = 255;
-const IPV6_HOP_LIMIT: usize = 7;
-const ROUTER_SOLICITATION: u8 = 133;
-const ROUTER_ADVERTISEMENT: u8 = 134;
-const NEIGHBOUR_SOLICITATION: u8 = 135;
-const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
-const REDIRECT: u8 = 137;
-/// A Neighbour Advertisement's override flag.
-const OVERRIDE: u8 = 0x20;
-/// Extension headers walked by `ipv6_with_chain`: hop-by-hop, routing, fragment,
-/// authentication, destination options.
-const EXTENSION_HEADERS: [u8; 5] = [0, 43, 44, 51, 60];
-/// A destination options header's body: no options but a PadN of four bytes.
-const PADDING_OPTIONS: [u8; 7] = [0, 1, 4, 0, 0, 0, 0];
+/// The extension headers the fuzzer chains: hop-by-hop, routing, fragment, authentication,
+/// destination options.
+const EXTENSION_HEADERS: [u8; 5] = [
+    IPPROTO_HOPOPTS,
+    IPPROTO_ROUTING,
+    IPPROTO_FRAGMENT,
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+];
 const VXLAN_PORT: u16 = 8472;
 const BRIDGE_IP: [u8; 4] = [10, 2, 41, 1];
 const ETH_P_ARP: u16 = 0x0806;
@@ -317,61 +308,6 @@ fn spoofed_ping6() -> Vec<u8> {
     ipv6_ping(BBOX3_IPV6, BBOX2_IPV6, b"overlay!")
 }
 
-/// An IPv6 packet's header fields and extension headers: 8 bytes each, as (kind, the bytes
-/// after the next-header field), outermost first.
-struct Ipv6Chain<'a> {
-    src: [u8; 16],
-    dst: [u8; 16],
-    hop_limit: u8,
-    chain: &'a [(u8, [u8; 7])],
-}
-
-impl Ipv6Chain<'_> {
-    /// The packet carrying `message` of protocol `next_header`, its checksum (at
-    /// `checksum_at`) filled in.
-    fn carrying(&self, next_header: u8, message: Vec<u8>, checksum_at: usize) -> Vec<u8> {
-        let packet = ipv6_checksummed(self.src, self.dst, next_header, message, checksum_at);
-        let mut frame = ethernet([0; 6], [0; 6], ETH_P_IPV6, &packet);
-        for &(kind, body) in self.chain.iter().rev() {
-            frame = with_ipv6_extension(&frame, kind, body);
-        }
-        frame[ETH_HEADER_LEN + IPV6_HOP_LIMIT] = self.hop_limit;
-        frame.split_off(ETH_HEADER_LEN)
-    }
-}
-
-/// The body of a well-formed 8-byte extension header of `kind`: padding options, a routing
-/// header with no segments left, a first fragment, an authentication header without an
-/// integrity check value.
-fn well_formed_body(kind: u8) -> [u8; 7] {
-    match kind {
-        IPPROTO_FRAGMENT => ipv6_fragment(0),
-        43 | 51 => [0; 7],
-        _ => PADDING_OPTIONS,
-    }
-}
-
-/// A neighbour discovery message of `kind`: its fixed part (flags `flags` where it has
-/// any; the address asked about, advertised or redirected to `target`) and one link-layer
-/// address option naming `mac`, source or target as the message carries it.
-fn ndp_message(kind: u8, flags: u8, target: [u8; 16], mac: [u8; 6]) -> Vec<u8> {
-    let head = [kind, 0, 0, 0, flags, 0, 0, 0];
-    let source_option = [&[1, 1][..], &mac].concat();
-    let target_option = [&[2, 1][..], &mac].concat();
-    match kind {
-        ROUTER_SOLICITATION => [&head[..], &source_option].concat(),
-        ROUTER_ADVERTISEMENT => [
-            &[kind, 0, 0, 0, 64, 0, 0x07, 0x08][..],
-            &[0; 8],
-            &source_option,
-        ]
-        .concat(),
-        NEIGHBOUR_SOLICITATION => [&head[..], &target, &source_option].concat(),
-        REDIRECT => [&head[..], &target, &BBOX2_IPV6, &target_option].concat(),
-        _ => [&head[..], &target, &target_option].concat(),
-    }
-}
-
 /// bbox1's unsolicited Neighbour Advertisement to all nodes, with the override flag, that
 /// `target` is at bbox1's MAC.
 fn neighbour_advertisement(target: [u8; 16], bbox1_mac: [u8; 6]) -> Vec<u8> {
@@ -560,7 +496,7 @@ fn hostile_ipv6(random: &mut Random, bbox1_mac: [u8; 6]) -> Vec<u8> {
             let body = match random.below(4) {
                 0 => random.array::<7>(),
                 1 if kind == IPPROTO_FRAGMENT => ipv6_fragment(1 + random.below(100) as u16),
-                _ => well_formed_body(kind),
+                _ => well_formed_extension(kind),
             };
             (kind, body)
         })
@@ -591,7 +527,7 @@ fn hostile_ipv6(random: &mut Random, bbox1_mac: [u8; 6]) -> Vec<u8> {
             let target = random.pick(&[BBOX3_IPV6, BBOX3_IPV6, BRIDGE_IPV6, BBOX1_IPV6]);
             let made_up = random.array::<6>();
             let mac = random.pick(&[bbox1_mac, bbox1_mac, made_up]);
-            let flags = random.pick(&[OVERRIDE, OVERRIDE | 0x40, 0x80 | OVERRIDE, 0]);
+            let flags = random.pick(&[OVERRIDE, OVERRIDE | SOLICITED, ROUTER | OVERRIDE, 0]);
             let message = ndp_message(kind, flags, target, mac);
             Ipv6Chain {
                 src: random.pick(&[source, BBOX1_IPV6]),
