@@ -208,8 +208,9 @@ fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
 }
 
 impl Dataplane {
-    /// Deletes every address (IPv4 and IPv6) and MAC binding of a port not in `live_ports`, and its count of
-    /// claims, so that a new container can take an address or MAC a removed one held.
+    /// Deletes every address (IPv4 and IPv6) and MAC binding of a port not in `live_ports`,
+    /// and its count of claims, so that a new container can take an address or MAC a removed
+    /// one held.
     pub fn release_claims_of_gone_ports(&mut self, live_ports: &BTreeSet<u32>) -> Result<()> {
         let addresses = map_mut(&mut self.ebpf, BOUND_ADDRESSES_MAP)?;
         release_gone(addresses, live_ports, |_: &[u8; 4], port: &u32| *port)?;

@@ -346,6 +346,24 @@ fn a_container_cannot_send_from_a_neighbours_ipv6_address() -> Result<()> {
     world.check_attack_changes_nothing(&vec![frame; 5])
 }
 
+/// The binding goes with the port: once bbox3's veth is gone, a new container takes its IPv6
+/// address and reaches bbox2 from it.
+#[test]
+fn a_gone_container_s_ipv6_address_is_free_for_the_next() -> Result<()> {
+    let world = World::start("hc-free6")?;
+    let (bbox1_mac, bridge_mac) = (world.bbox1_mac()?, world.bridge_mac()?);
+    let frame = ethernet(bridge_mac, bbox1_mac, ETH_P_IPV6, &spoofed_ping6());
+    world.check_attack_changes_nothing(&vec![frame; 5])?;
+    let host1 = &world.seed.host1;
+    host1.netns.ip(&["link", "del", "veth-bbox3"])?;
+    let successor = Container::attach_dual_stack(host1, "bbox5", "10.2.41.5", BBOX3_V6)?;
+    wait_for(
+        "bbox3's successor to reach bbox2 from fd00:2:0:41::3",
+        Duration::from_secs(15),
+        || Ok(successor.ping6(BBOX2_V6, 1).is_ok()),
+    )
+}
+
 #[test]
 fn a_neighbour_advertisement_cannot_take_a_neighbours_ipv6_address() -> Result<()> {
     let world = World::start("hc-na")?;
