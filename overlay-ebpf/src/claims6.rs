@@ -23,6 +23,8 @@ use crate::{
 const IPV6_LINK_LOCAL: u16 = 0xfe80;
 const IPV6_LINK_LOCAL_MASK: u16 = 0xffc0;
 const IPV6_MULTICAST: u8 = 0xff;
+/// The bit EUI-64 flips in a MAC's first byte.
+const EUI64_UNIVERSAL_LOCAL: u8 = 0x02;
 const ROUTER_SOLICITATION: u8 = 133;
 const ROUTER_ADVERTISEMENT: u8 = 134;
 const NEIGHBOUR_SOLICITATION: u8 = 135;
@@ -171,19 +173,46 @@ fn check_link_layer_options(
 }
 
 /// Binds `address`, an IPv6 source or advertised target, to `port`; the unspecified address
-/// binds nothing.
+/// binds nothing, and no port may bind a multicast address or the bridge's link-local one.
 #[inline(always)]
 fn claim_address6(address: &[u8; 16], port: u32, config: &OverlayConfig) -> Result<(), Counter> {
     if *address == [0; 16] {
         return Ok(());
     }
     if address[0] == IPV6_MULTICAST
+        || *address == bridge_link_local(config)
         || (config.ipv6() && !may_send_from(address, config))
         || !maps::bind_address6(address, port)
     {
         return Err(Counter::TxIpv6SpoofedSource);
     }
     Ok(())
+}
+
+/// The bridge's link-local address as the kernel makes it by default (`addr_gen_mode`
+/// eui64): fe80:: and the EUI-64 interface identifier of its MAC. The host's own, which its
+/// containers' neighbour entries for their gateway may name.
+#[inline(always)]
+fn bridge_link_local(config: &OverlayConfig) -> [u8; 16] {
+    let [m0, m1, m2, m3, m4, m5] = config.bridge_mac;
+    [
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m0 ^ EUI64_UNIVERSAL_LOCAL,
+        m1,
+        m2,
+        0xff,
+        0xfe,
+        m3,
+        m4,
+        m5,
+    ]
 }
 
 /// An IPv6 source a container may use: unspecified, link-local, or an address of this host's

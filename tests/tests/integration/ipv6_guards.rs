@@ -221,13 +221,13 @@ fn a_container_sends_ipv6_only_from_its_host_s_ipv6_lease() -> Result<()> {
         assert_allowed(&echo_request_from(source))?;
     }
     // Another host's subnet, the bridge's address, the lease's network address, an address
-    // outside the overlay.
+    // outside the overlay, the bridge's link-local address.
     let mut bridge = BBOX1_IPV6;
     bridge[15] = 1;
     let mut network = BBOX1_IPV6;
     network[15] = 0;
     let outside = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    for source in [BBOX2_IPV6, bridge, network, outside] {
+    for source in [BBOX2_IPV6, bridge, network, outside, BRIDGE_LINK_LOCAL] {
         assert_refused(&echo_request_from(source), Counter::TxIpv6SpoofedSource)?;
     }
     Ok(())
@@ -270,6 +270,11 @@ fn a_container_cannot_send_vxlan_over_ipv6() -> Result<()> {
     let first = with_ipv6_extension(&packet, IPPROTO_FRAGMENT, ipv6_fragment(0));
     assert_refused(&first, Counter::TxVxlanFromContainer)
 }
+
+/// host1's docker0's link-local address, from its MAC by EUI-64 as the kernel makes it.
+const BRIDGE_LINK_LOCAL: [u8; 16] = [
+    0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x00, 0x42, 0, 0xff, 0xfe, 0, 0x41, 0x01,
+];
 
 /// bbox1's neighbour discovery message of `kind` about `target`, from `source` to all nodes,
 /// its link-layer address option naming `mac`, behind `chain`.
@@ -321,7 +326,7 @@ fn a_container_s_neighbour_discovery_names_its_own_mac_and_addresses() -> Result
     let mut bridge = BBOX1_IPV6;
     bridge[15] = 1;
     let behind_options = [(IPPROTO_DSTOPTS, PADDING_OPTIONS)];
-    let cases: [(&str, Vec<u8>, Option<Counter>); 9] = [
+    let cases: [(&str, Vec<u8>, Option<Counter>); 10] = [
         (
             "solicitation",
             ndp_from_bbox1(NEIGHBOUR_SOLICITATION, own, BBOX2_IPV6, BBOX1_MAC, &[]),
@@ -361,6 +366,17 @@ fn a_container_s_neighbour_discovery_names_its_own_mac_and_addresses() -> Result
         (
             "advertisement of the bridge's address",
             ndp_from_bbox1(NEIGHBOUR_ADVERTISEMENT, own, bridge, BBOX1_MAC, &[]),
+            Some(Counter::TxIpv6SpoofedSource),
+        ),
+        (
+            "advertisement of the bridge's link-local address",
+            ndp_from_bbox1(
+                NEIGHBOUR_ADVERTISEMENT,
+                own,
+                BRIDGE_LINK_LOCAL,
+                BBOX1_MAC,
+                &[],
+            ),
             Some(Counter::TxIpv6SpoofedSource),
         ),
         (
