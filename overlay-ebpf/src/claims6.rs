@@ -84,6 +84,8 @@ pub fn check_ipv6(
     Ok(())
 }
 
+/// The datagram the fragment `ip`, with identification `id`, belongs to.
+#[inline(always)]
 fn datagram(ip: &Ipv6Hdr, id: [u8; 4]) -> Fragment6 {
     Fragment6 {
         src: ip.src,
