@@ -521,12 +521,14 @@ define_counters! {
     /// is bound to another container port: dropped.
     tx_spoofed_source => TxSpoofedSource: Drop,
     /// Frame from a container whose source MAC is bound to another container port, is the
-    /// bridge's or a group address, or differs from its ARP sender's: dropped.
+    /// bridge's or a group address, or differs from its ARP sender's or from a link-layer
+    /// address option of its neighbour discovery: dropped.
     tx_spoofed_mac => TxSpoofedMac: Drop,
-    /// IPv6 from a container whose source is neither in this host's IPv6 lease (and not the
-    /// host's own: the bridge's or the lease's network address), nor link-local, nor
-    /// unspecified (duplicate address detection): dropped. Checked only in a network with
-    /// IPv6.
+    /// IPv6 from a container whose source, or the target of its Neighbour Advertisement, is
+    /// bound to another container port or (in a network with IPv6) is neither in this host's
+    /// IPv6 lease (and not the host's own: the bridge's or the lease's network address) nor
+    /// link-local; the unspecified source (duplicate address detection) binds nothing:
+    /// dropped.
     tx_ipv6_spoofed_source => TxIpv6SpoofedSource: Drop,
     /// Frame from a container with a VLAN tag, in the frame or taken off by the veth into the
     /// packet's metadata: dropped, as no check looks past the tag while the stack or a
@@ -535,6 +537,15 @@ define_counters! {
     /// Frame from a container that is neither IPv4, IPv6 nor ARP for IPv4 over Ethernet
     /// (hardware type 1 or 6, 6-byte and 4-byte addresses): dropped, as no check knows it.
     tx_unexpected_frame => TxUnexpectedFrame: Drop,
+    /// IPv6 from a container whose headers the checks cannot follow to the upper layer: more
+    /// extension headers than they walk, a header running past the payload, neighbour
+    /// discovery in a fragment, or a fragment after the first whose first fragment did not
+    /// pass the checks from the same port: dropped, as the host or a neighbour would read
+    /// what no check saw.
+    tx_ipv6_unchecked => TxIpv6Unchecked: Drop,
+    /// Router Advertisement or Redirect from a container: dropped, as a neighbour would take
+    /// it (its default route, its prefixes, its next hop) from what is not its router.
+    tx_router_message => TxRouterMessage: Drop,
 }
 
 impl Counter {

@@ -13,19 +13,20 @@
 //! from outside this host's lease either, nor from the host's own addresses, nor to the VXLAN
 //! port, where masquerade would make its VXLAN look like this host's.
 //!
-//! IPv6 sources are checked against this host's IPv6 lease (in a network with IPv6), but not
-//! bound to a port: a container may send from any address of the lease, link-local ones, or
-//! none (duplicate address detection).
+//! IPv6 sources and Neighbour Advertisement targets are bound the same way, in a map of their
+//! own under the same per-port quota; neighbour discovery and the extension header chain are
+//! checked too (see `claims6`).
 use aya_ebpf::programs::TcContext;
 use core::mem::size_of;
-use overlay_common::{Counter, OverlayConfig, ipv6_in_subnet};
+use overlay_common::{Counter, OverlayConfig};
 use overlay_ebpf::lengths::ipv4_header_len;
 
 use crate::{
+    claims6::check_ipv6,
     maps,
     parse::{
-        ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, EthIpv4Headers, Frame, Headers,
-        IPPROTO_UDP, IPV4_NO_OPTIONS, Ipv4Hdr, Ipv6Hdr, Ipv6Udp, UdpHdr, ipv6_udp,
+        ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, EthHdr, EthIpv4Headers, Frame, IPPROTO_UDP,
+        IPV4_NO_OPTIONS, Ipv4Hdr, UdpHdr,
     },
 };
 
@@ -36,9 +37,6 @@ const ETH_P_VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 const ARP_HARDWARE_ETHERNET: u16 = 1;
 const ARP_HARDWARE_IEEE802: u16 = 6;
 const ARP_IPV4_LENGTHS: [u8; 2] = [6, 4];
-/// fe80::/10, in the first 16 bits of an address.
-const IPV6_LINK_LOCAL: u16 = 0xfe80;
-const IPV6_LINK_LOCAL_MASK: u16 = 0xffc0;
 
 /// An Ethernet header and the start of an ARP message for IPv4 over Ethernet, up to the
 /// sender's addresses (the target's are of no concern here).
@@ -80,7 +78,7 @@ pub fn check_container_frame(
     match u16::from_be_bytes(eth.ether_type) {
         ETH_P_IPV4 => check_ipv4(ctx, frame, config, port),
         ETH_P_ARP => check_arp(frame, config, port),
-        ETH_P_IPV6 => check_ipv6(ctx, config),
+        ETH_P_IPV6 => check_ipv6(ctx, &eth.src, config, port),
         _ => Err(Counter::TxUnexpectedFrame),
     }
 }
@@ -117,40 +115,6 @@ fn udp_destination(ctx: &TcContext, frame: &Frame, ip: &Ipv4Hdr) -> Option<u16> 
         ctx.load(offset).ok()?
     };
     Some(u16::from_be_bytes(udp.dst_port))
-}
-
-/// Reads through the helper: the IPv6 header may lie beyond the bytes pulled in for IPv4,
-/// and pulling more for every IPv4 frame is not free.
-#[inline(always)]
-fn check_ipv6(ctx: &TcContext, config: &OverlayConfig) -> Result<(), Counter> {
-    // A truncated header the stack throws away itself.
-    let Some(ip) = ctx.read::<Ipv6Hdr>(ETH_HEADER_LEN) else {
-        return Ok(());
-    };
-    if config.ipv6() && !may_send_from(&ip.src, config) {
-        return Err(Counter::TxIpv6SpoofedSource);
-    }
-    let udp = match ipv6_udp(ctx, &ip) {
-        Some(Ipv6Udp::At(udp)) => ctx.read::<UdpHdr>(udp.offset),
-        _ => None,
-    };
-    if udp.is_some_and(|udp| u16::from_be_bytes(udp.dst_port) == config.vxlan_port) {
-        return Err(Counter::TxVxlanFromContainer);
-    }
-    Ok(())
-}
-
-/// An IPv6 source a container may use: unspecified, link-local, or an address of this host's
-/// IPv6 lease that is not the host's own (the bridge's, the lease's network address).
-#[inline(always)]
-fn may_send_from(address: &[u8; 16], config: &OverlayConfig) -> bool {
-    let [first, second, ..] = *address;
-    let link_local = u16::from_be_bytes([first, second]) & IPV6_LINK_LOCAL_MASK == IPV6_LINK_LOCAL;
-    *address == [0; 16]
-        || link_local
-        || (ipv6_in_subnet(address, &config.local_subnet6, &config.local_netmask6)
-            && *address != config.local_subnet6
-            && *address != config.bridge_ipv6)
 }
 
 #[inline(always)]

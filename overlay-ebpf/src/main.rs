@@ -8,8 +8,9 @@
 //! - `bridge`: `tc_bridge_egress` (the container bridge: flows the stack translates).
 //!
 //! Below them, and never importing them: `encap` (`v4`, `v6`) and `decap` (`v4`, `v6`), over
-//! `claims`, `classify` (the uplink's VXLAN classifier), `vxlan` (the headers VXLAN adds and
-//! the IPv6 outer checksum), `redirect`, `flows`, `verdict`, `parse` and `maps`. The pure
+//! `claims` (with `claims6` and `ipv6_chain` for IPv6), `classify` (the uplink's VXLAN
+//! classifier), `vxlan` (the headers VXLAN adds and the IPv6 outer checksum), `redirect`,
+//! `flows`, `verdict`, `parse` and `maps`. The pure
 //! arithmetic (checksums, ECN, lengths, VXLAN field values) is the library next to this
 //! (`lib.rs`), which the host builds and tests too.
 #![no_std]
@@ -17,11 +18,13 @@
 
 mod bridge;
 mod claims;
+mod claims6;
 mod classify;
 mod container;
 mod decap;
 mod encap;
 mod flows;
+mod ipv6_chain;
 mod maps;
 mod parse;
 mod redirect;

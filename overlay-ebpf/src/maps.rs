@@ -26,6 +26,8 @@ const MAX_ROUTED_FLOWS: usize = 65536;
 /// Flows handed to the stack as they were, at once: only while a container is being learned
 /// or, with DirectRouting, per flow from a peer on our segment.
 const MAX_HANDED_FLOWS: usize = 16384;
+/// IPv6 datagrams containers are sending in fragments at once.
+const MAX_FRAGMENTED_DATAGRAMS: usize = 4096;
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 /// Bytes of drop events in flight between the programs and a monitor: about 1,700 events.
 const DROP_EVENTS_BYTES: usize = 256 * 1024;
@@ -72,6 +74,12 @@ static ENDPOINTS6: HashMap<[u8; 16], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashM
 #[btf_map(name = "bound_addresses")]
 static BOUND_ADDRESSES: HashMap<[u8; 4], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
 
+/// Local container's IPv6 address (network order), global or link-local → the container port
+/// that first sent from it, as IPv6 source or Neighbour Advertisement target, bound as IPv4
+/// addresses are.
+#[btf_map(name = "bound_addresses6")]
+static BOUND_ADDRESSES6: HashMap<[u8; 16], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
 /// Source MAC of a local container → the container port that first sent from it, bound as
 /// addresses are.
 #[btf_map(name = "bound_macs")]
@@ -81,6 +89,12 @@ static BOUND_MACS: HashMap<[u8; 6], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
 /// the container program; the agent deletes a port's count with its bindings.
 #[btf_map(name = "claims_per_port")]
 static CLAIMS_PER_PORT: HashMap<u32, u64, MAX_CLAIMING_PORTS> = HashMap::new();
+
+/// First fragments of IPv6 datagrams that containers sent and the checks passed → the
+/// container port that sent them: a later fragment passes only behind its first, from the
+/// same port. The least recently seen give way.
+#[btf_map(name = "first_fragments6")]
+static FIRST_FRAGMENTS6: LruHashMap<Fragment6, u32, MAX_FRAGMENTED_DATAGRAMS> = LruHashMap::new();
 
 /// Flows the kernel's stack forwarded here, each under the key of the packets that travel the
 /// other way: those must take the routed path too, for conntrack to translate them (NAT) and
@@ -163,6 +177,37 @@ pub fn local_endpoint6(address: &[u8; 16]) -> Option<LocalEndpoint> {
 #[inline(always)]
 pub fn bind_address(address: &[u8; 4], port: u32) -> bool {
     bind(&BOUND_ADDRESSES, address, port)
+}
+
+/// Binds the IPv6 `address` to `port` unless it is bound already; whether it is bound to
+/// `port` now.
+#[inline(always)]
+pub fn bind_address6(address: &[u8; 16], port: u32) -> bool {
+    bind(&BOUND_ADDRESSES6, address, port)
+}
+
+/// What tells one IPv6 datagram's fragments from every other's (RFC 8200, 4.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Fragment6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: [u8; 4],
+}
+
+/// Notes that `port` sent the first fragment of `datagram` and the checks passed it.
+#[inline(always)]
+pub fn note_first_fragment(datagram: &Fragment6, port: u32) {
+    let _ = FIRST_FRAGMENTS6.insert(datagram, port, 0);
+}
+
+/// Whether `port` sent the first fragment of `datagram` and the checks passed it.
+#[inline(always)]
+pub fn sent_first_fragment(datagram: &Fragment6, port: u32) -> bool {
+    // SAFETY: the pointer is to a live map value, read at once.
+    FIRST_FRAGMENTS6
+        .get_ptr(datagram)
+        .is_some_and(|sender| unsafe { *sender } == port)
 }
 
 /// Binds `mac` to `port` unless it is bound already; whether it is bound to `port` now.

@@ -7,9 +7,29 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
-/// IPv6 extension headers: destination options, fragment.
-pub const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers: hop-by-hop options, routing, fragment, authentication,
+/// destination options.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// A destination or hop-by-hop options header's body: no options but a PadN of four bytes.
+pub const PADDING_OPTIONS: [u8; 7] = [0, 1, 4, 0, 0, 0, 0];
+/// Neighbour discovery (RFC 4861): the ICMPv6 types, the hop limit it must carry for the
+/// kernel to take it, a Neighbour Advertisement's flags.
+pub const ROUTER_SOLICITATION: u8 = 133;
+pub const ROUTER_ADVERTISEMENT: u8 = 134;
+pub const NEIGHBOUR_SOLICITATION: u8 = 135;
+pub const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+pub const REDIRECT: u8 = 137;
+pub const NDP_HOP_LIMIT: u8 = 255;
+pub const ROUTER: u8 = 0x80;
+pub const SOLICITED: u8 = 0x40;
+pub const OVERRIDE: u8 = 0x20;
+/// ff02::1 and the Ethernet group it maps to.
+pub const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
 pub const ETH_HEADER_LEN: usize = 14;
 pub const IPV4_HEADER_LEN: usize = 20;
@@ -60,6 +80,7 @@ pub const V6_INNER_IP: usize =
 /// Offsets of the source address and of the next-header field in an IPv6 header.
 pub const IPV6_SRC: usize = 8;
 pub const IPV6_NEXT_HEADER: usize = 6;
+pub const IPV6_HOP_LIMIT: usize = 7;
 
 /// `mac` as `ip` and bridge print it: aa:bb:cc:dd:ee:ff.
 pub fn mac_text(mac: [u8; 6]) -> String {
@@ -326,6 +347,61 @@ pub fn with_ipv6_extension(frame: &[u8], kind: u8, body: [u8; 7]) -> Vec<u8> {
 pub fn ipv6_fragment(offset: u16) -> [u8; 7] {
     let [high, low] = (offset << 3 | 1).to_be_bytes();
     [0, high, low, 0, 0, 0x42, 0x42]
+}
+
+/// An IPv6 packet's header fields and extension headers: 8 bytes each, as (kind, the bytes
+/// after the next-header field), outermost first.
+pub struct Ipv6Chain<'a> {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub hop_limit: u8,
+    pub chain: &'a [(u8, [u8; 7])],
+}
+
+impl Ipv6Chain<'_> {
+    /// The packet carrying `message` of protocol `next_header`, its checksum (at
+    /// `checksum_at`) filled in.
+    pub fn carrying(&self, next_header: u8, message: Vec<u8>, checksum_at: usize) -> Vec<u8> {
+        let packet = ipv6_checksummed(self.src, self.dst, next_header, message, checksum_at);
+        let mut frame = ethernet([0; 6], [0; 6], ETH_P_IPV6, &packet);
+        for &(kind, body) in self.chain.iter().rev() {
+            frame = with_ipv6_extension(&frame, kind, body);
+        }
+        frame[ETH_HEADER_LEN + IPV6_HOP_LIMIT] = self.hop_limit;
+        frame.split_off(ETH_HEADER_LEN)
+    }
+}
+
+/// The body of a well-formed 8-byte extension header of `kind`: padding options, a routing
+/// header with no segments left, a first fragment, an authentication header without an
+/// integrity check value.
+pub fn well_formed_extension(kind: u8) -> [u8; 7] {
+    match kind {
+        IPPROTO_FRAGMENT => ipv6_fragment(0),
+        IPPROTO_ROUTING | IPPROTO_AH => [0; 7],
+        _ => PADDING_OPTIONS,
+    }
+}
+
+/// A neighbour discovery message of `kind`: its fixed part (flags `flags` where it has
+/// any; the address asked about, advertised or redirected to `target`) and one link-layer
+/// address option naming `mac`, source or target as the message carries it.
+pub fn ndp_message(kind: u8, flags: u8, target: [u8; 16], mac: [u8; 6]) -> Vec<u8> {
+    let head = [kind, 0, 0, 0, flags, 0, 0, 0];
+    let source_option = [&[1, 1][..], &mac].concat();
+    let target_option = [&[2, 1][..], &mac].concat();
+    match kind {
+        ROUTER_SOLICITATION => [&head[..], &source_option].concat(),
+        ROUTER_ADVERTISEMENT => [
+            &[kind, 0, 0, 0, 64, 0, 0x07, 0x08][..],
+            &[0; 8],
+            &source_option,
+        ]
+        .concat(),
+        NEIGHBOUR_SOLICITATION => [&head[..], &target, &source_option].concat(),
+        REDIRECT => [&head[..], &target, &BBOX2_IPV6, &target_option].concat(),
+        _ => [&head[..], &target, &target_option].concat(),
+    }
 }
 
 /// RFC 1071 one's-complement sum.

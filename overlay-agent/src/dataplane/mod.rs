@@ -58,16 +58,18 @@ pub const SUBNETS6_MAP: &str = "subnets6";
 const ENDPOINTS_MAP: &str = "endpoints";
 const ENDPOINTS6_MAP: &str = "endpoints6";
 const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
+const BOUND_ADDRESSES6_MAP: &str = "bound_addresses6";
 const BOUND_MACS_MAP: &str = "bound_macs";
 const CLAIMS_PER_PORT_MAP: &str = "claims_per_port";
 const ROUTED_FLOWS_MAP: &str = "routed_flows";
 const HANDED_FLOWS_MAP: &str = "handed_flows";
 const ROUTED_FLOWS6_MAP: &str = "routed_flows6";
 const HANDED_FLOWS6_MAP: &str = "handed_flows6";
+const FIRST_FRAGMENTS6_MAP: &str = "first_fragments6";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 17] = [
+const MAPS: [&str; 19] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
@@ -77,12 +79,14 @@ const MAPS: [&str; 17] = [
     ENDPOINTS_MAP,
     ENDPOINTS6_MAP,
     BOUND_ADDRESSES_MAP,
+    BOUND_ADDRESSES6_MAP,
     BOUND_MACS_MAP,
     CLAIMS_PER_PORT_MAP,
     ROUTED_FLOWS_MAP,
     HANDED_FLOWS_MAP,
     ROUTED_FLOWS6_MAP,
     HANDED_FLOWS6_MAP,
+    FIRST_FRAGMENTS6_MAP,
     MONITOR_MAP,
     DROP_EVENTS_MAP,
 ];

@@ -12,13 +12,15 @@ const REFUSALS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The counters of frames someone on this host, or a sender we did not check, tried to slip
 /// past the checks.
-const REFUSALS: [Counter; 7] = [
+const REFUSALS: [Counter; 9] = [
     Counter::TxSpoofedSource,
     Counter::TxIpv6SpoofedSource,
     Counter::TxSpoofedMac,
     Counter::TxVxlanFromContainer,
     Counter::TxVlan,
     Counter::TxUnexpectedFrame,
+    Counter::TxIpv6Unchecked,
+    Counter::TxRouterMessage,
     Counter::RxUncheckedVxlan,
 ];
 

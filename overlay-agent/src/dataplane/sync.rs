@@ -16,8 +16,8 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_common::{LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6};
 
 use super::{
-    BOUND_ADDRESSES_MAP, BOUND_MACS_MAP, CLAIMS_PER_PORT_MAP, Dataplane, ENDPOINTS_MAP,
-    ENDPOINTS6_MAP, SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
+    BOUND_ADDRESSES_MAP, BOUND_ADDRESSES6_MAP, BOUND_MACS_MAP, CLAIMS_PER_PORT_MAP, Dataplane,
+    ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
 use crate::model::{Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten};
 
@@ -208,11 +208,14 @@ fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
 }
 
 impl Dataplane {
-    /// Deletes every address and MAC binding of a port not in `live_ports`, and its count of
-    /// claims, so that a new container can take an address or MAC a removed one held.
+    /// Deletes every address (IPv4 and IPv6) and MAC binding of a port not in `live_ports`,
+    /// and its count of claims, so that a new container can take an address or MAC a removed
+    /// one held.
     pub fn release_claims_of_gone_ports(&mut self, live_ports: &BTreeSet<u32>) -> Result<()> {
         let addresses = map_mut(&mut self.ebpf, BOUND_ADDRESSES_MAP)?;
         release_gone(addresses, live_ports, |_: &[u8; 4], port: &u32| *port)?;
+        let addresses6 = map_mut(&mut self.ebpf, BOUND_ADDRESSES6_MAP)?;
+        release_gone(addresses6, live_ports, |_: &[u8; 16], port: &u32| *port)?;
         let macs = map_mut(&mut self.ebpf, BOUND_MACS_MAP)?;
         release_gone(macs, live_ports, |_: &[u8; 6], port: &u32| *port)?;
         let counts = map_mut(&mut self.ebpf, CLAIMS_PER_PORT_MAP)?;

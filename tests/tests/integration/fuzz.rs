@@ -263,6 +263,8 @@ fn refused(counters: &Counters) -> u64 {
         Counter::TxIpv6SpoofedSource,
         Counter::TxVlan,
         Counter::TxUnexpectedFrame,
+        Counter::TxIpv6Unchecked,
+        Counter::TxRouterMessage,
     ]
     .iter()
     .map(|&counter| counters.get(counter))

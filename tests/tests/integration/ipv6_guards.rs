@@ -4,7 +4,7 @@
 //! IPv6 subnet, marked for flannel-v6.1's guard; a container's IPv6 must come from this host's
 //! IPv6 lease, a link-local address or none, and never go to the VXLAN port.
 use anyhow::Result;
-use overlay_common::{CHECKED_MARK, CONFIG_IPV6, Counter};
+use overlay_common::{CHECKED_MARK, CONFIG_IPV6, Counter, Counters};
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, Outcome, TC_ACT_OK, TC_ACT_SHOT, UplinkHook, assert_host2_drops,
@@ -231,20 +231,21 @@ fn a_container_sends_ipv6_only_from_its_host_s_ipv6_lease() -> Result<()> {
     let mut link_local = [0; 16];
     link_local[..2].copy_from_slice(&[0xfe, 0x80]);
     link_local[8..].copy_from_slice(&[0, 0x42, 0x0a, 0xff, 0xfe, 0x02, 0x29, 0x02]);
-    // Its own address, a neighbour's (not bound, unlike IPv4), link-local, and none (DAD).
+    // Its own address, a neighbour's (bound first come, and no other port sent from it),
+    // link-local, and none (DAD).
     let mut neighbour = BBOX1_IPV6;
     neighbour[15] = 3;
     for source in [BBOX1_IPV6, neighbour, link_local, [0; 16]] {
         assert_allowed(&echo_request_from(source))?;
     }
     // Another host's subnet, the bridge's address, the lease's network address, an address
-    // outside the overlay.
+    // outside the overlay, the bridge's link-local address.
     let mut bridge = BBOX1_IPV6;
     bridge[15] = 1;
     let mut network = BBOX1_IPV6;
     network[15] = 0;
     let outside = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    for source in [BBOX2_IPV6, bridge, network, outside] {
+    for source in [BBOX2_IPV6, bridge, network, outside, BRIDGE_LINK_LOCAL] {
         assert_refused(&echo_request_from(source), Counter::TxIpv6SpoofedSource)?;
     }
     Ok(())
@@ -286,4 +287,204 @@ fn a_container_cannot_send_vxlan_over_ipv6() -> Result<()> {
     // The first fragment carries the port too.
     let first = with_ipv6_extension(&packet, IPPROTO_FRAGMENT, ipv6_fragment(0));
     assert_refused(&first, Counter::TxVxlanFromContainer)
+}
+
+/// host1's docker0's link-local address, from its MAC by EUI-64 as the kernel makes it.
+const BRIDGE_LINK_LOCAL: [u8; 16] = [
+    0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x00, 0x42, 0, 0xff, 0xfe, 0, 0x41, 0x01,
+];
+
+/// bbox1's neighbour discovery message of `kind` about `target`, from `source` to all nodes,
+/// its link-layer address option naming `mac`, behind `chain`.
+fn ndp_from_bbox1(
+    kind: u8,
+    source: [u8; 16],
+    target: [u8; 16],
+    mac: [u8; 6],
+    chain: &[(u8, [u8; 7])],
+) -> Vec<u8> {
+    let message = ndp_message(kind, OVERRIDE, target, mac);
+    let packet = Ipv6Chain {
+        src: source,
+        dst: ALL_NODES,
+        hop_limit: NDP_HOP_LIMIT,
+        chain,
+    }
+    .carrying(IPPROTO_ICMPV6, message, 2);
+    ethernet(ALL_NODES_MAC, BBOX1_MAC, ETH_P_IPV6, &packet)
+}
+
+/// Sends `frames` in turn from one container port of a fresh dataplane: each is refused as
+/// its counter says, or, without one, let through.
+fn sent_in_turn(frames: &[(&[u8], Option<Counter>)]) -> Result<()> {
+    let dataplane = dataplane_of(&HOST1, &[&HOST2])?;
+    for (index, (frame, refusal)) in frames.iter().enumerate() {
+        let before = dataplane.counters()?;
+        let outcome = run_container(&dataplane, frame)?;
+        assert_judged(&outcome, &before, *refusal, &format!("frame {index}"));
+    }
+    Ok(())
+}
+
+/// Asserts `outcome` dropped its frame, counted as `refusal` alone since `before`, or, with
+/// no `refusal`, let it through; `what` names the frame.
+fn assert_judged(outcome: &Outcome, before: &Counters, refusal: Option<Counter>, what: &str) {
+    match refusal {
+        Some(counter) => {
+            assert_eq!(outcome.verdict, TC_ACT_SHOT, "{what}");
+            outcome.assert_only_since(before, counter);
+        }
+        None => assert_ne!(outcome.verdict, TC_ACT_SHOT, "{what}"),
+    }
+}
+
+#[test]
+fn a_container_s_neighbour_discovery_names_its_own_mac_and_addresses() -> Result<()> {
+    let own = BBOX1_IPV6;
+    let mut bridge = BBOX1_IPV6;
+    bridge[15] = 1;
+    let behind_options = [(IPPROTO_DSTOPTS, PADDING_OPTIONS)];
+    let cases: [(&str, Vec<u8>, Option<Counter>); 10] = [
+        (
+            "solicitation",
+            ndp_from_bbox1(NEIGHBOUR_SOLICITATION, own, BBOX2_IPV6, BBOX1_MAC, &[]),
+            None,
+        ),
+        (
+            "solicitation naming another MAC",
+            ndp_from_bbox1(NEIGHBOUR_SOLICITATION, own, BBOX2_IPV6, BBOX2_MAC, &[]),
+            Some(Counter::TxSpoofedMac),
+        ),
+        (
+            "router solicitation naming another MAC",
+            ndp_from_bbox1(ROUTER_SOLICITATION, own, own, BBOX2_MAC, &[]),
+            Some(Counter::TxSpoofedMac),
+        ),
+        (
+            "advertisement of its own address",
+            ndp_from_bbox1(NEIGHBOUR_ADVERTISEMENT, own, own, BBOX1_MAC, &[]),
+            None,
+        ),
+        (
+            "advertisement naming another MAC",
+            ndp_from_bbox1(NEIGHBOUR_ADVERTISEMENT, own, own, BBOX2_MAC, &[]),
+            Some(Counter::TxSpoofedMac),
+        ),
+        (
+            "advertisement naming another MAC behind destination options",
+            ndp_from_bbox1(
+                NEIGHBOUR_ADVERTISEMENT,
+                own,
+                own,
+                BBOX2_MAC,
+                &behind_options,
+            ),
+            Some(Counter::TxSpoofedMac),
+        ),
+        (
+            "advertisement of the bridge's address",
+            ndp_from_bbox1(NEIGHBOUR_ADVERTISEMENT, own, bridge, BBOX1_MAC, &[]),
+            Some(Counter::TxIpv6SpoofedSource),
+        ),
+        (
+            "advertisement of the bridge's link-local address",
+            ndp_from_bbox1(
+                NEIGHBOUR_ADVERTISEMENT,
+                own,
+                BRIDGE_LINK_LOCAL,
+                BBOX1_MAC,
+                &[],
+            ),
+            Some(Counter::TxIpv6SpoofedSource),
+        ),
+        (
+            "router advertisement",
+            ndp_from_bbox1(ROUTER_ADVERTISEMENT, own, own, BBOX1_MAC, &[]),
+            Some(Counter::TxRouterMessage),
+        ),
+        (
+            "redirect",
+            ndp_from_bbox1(REDIRECT, own, BBOX2_IPV6, BBOX1_MAC, &[]),
+            Some(Counter::TxRouterMessage),
+        ),
+    ];
+    for (what, frame, refusal) in cases {
+        let outcome = from_container(&frame)?;
+        assert_judged(&outcome, &Counters::default(), refusal, what);
+    }
+    // Duplicate address detection: from no address, binding none.
+    let probe = ndp_from_bbox1(NEIGHBOUR_SOLICITATION, [0; 16], own, BBOX1_MAC, &[]);
+    let without_option = probe[..probe.len() - 8].to_vec();
+    assert_allowed(&fix_payload_length(without_option))?;
+    // In a fragment the kernel may take it where `suppress_frag_ndisc` is off.
+    let fragment = [(IPPROTO_FRAGMENT, ipv6_fragment(0))];
+    let fragmented = ndp_from_bbox1(NEIGHBOUR_ADVERTISEMENT, own, own, BBOX1_MAC, &fragment);
+    assert_refused(&fragmented, Counter::TxIpv6Unchecked)
+}
+
+/// `frame` (Ethernet, IPv6) with its payload length made to match what follows the header.
+fn fix_payload_length(mut frame: Vec<u8>) -> Vec<u8> {
+    let length = (frame.len() - ETH_HEADER_LEN - IPV6_HEADER_LEN) as u16;
+    frame[ETH_HEADER_LEN + 4..ETH_HEADER_LEN + 6].copy_from_slice(&length.to_be_bytes());
+    frame
+}
+
+/// bbox1's UDP datagram to host2's `port` behind `chain`.
+fn udp_behind(chain: &[(u8, [u8; 7])], port: u16) -> Vec<u8> {
+    let packet = Ipv6Chain {
+        src: BBOX1_IPV6,
+        dst: HOST2_IPV6,
+        hop_limit: 64,
+        chain,
+    }
+    .carrying(IPPROTO_UDP, udp(40000, port, b"overlay!"), 6);
+    from_bbox1(&packet)
+}
+
+#[test]
+fn udp_to_the_vxlan_port_is_found_behind_every_extension_header() -> Result<()> {
+    for kind in [
+        IPPROTO_HOPOPTS,
+        IPPROTO_ROUTING,
+        IPPROTO_AH,
+        IPPROTO_DSTOPTS,
+        IPPROTO_FRAGMENT,
+    ] {
+        let chain = [(kind, well_formed_extension(kind))];
+        assert_refused(&udp_behind(&chain, 8472), Counter::TxVxlanFromContainer)?;
+        assert_allowed(&udp_behind(&chain, 8473))?;
+    }
+    // Eight headers are walked; a ninth is more than any host sends.
+    let options = (IPPROTO_DSTOPTS, PADDING_OPTIONS);
+    assert_refused(
+        &udp_behind(&[options; 8], 8472),
+        Counter::TxVxlanFromContainer,
+    )?;
+    assert_refused(&udp_behind(&[options; 9], 8473), Counter::TxIpv6Unchecked)?;
+    // A header longer than the packet hides what follows it.
+    let overlong = (IPPROTO_DSTOPTS, [200, 1, 4, 0, 0, 0, 0]);
+    assert_refused(&udp_behind(&[overlong], 8473), Counter::TxIpv6Unchecked)
+}
+
+#[test]
+fn a_later_fragment_passes_only_behind_a_first_that_passed() -> Result<()> {
+    let ping = echo_request_from(BBOX1_IPV6);
+    let first = with_ipv6_extension(&ping, IPPROTO_FRAGMENT, ipv6_fragment(0));
+    let later = with_ipv6_extension(&ping, IPPROTO_FRAGMENT, ipv6_fragment(2));
+    let mut other_datagram = later.clone();
+    other_datagram[ETH_HEADER_LEN + IPV6_HEADER_LEN + 7] ^= 1;
+    sent_in_turn(&[(&later, Some(Counter::TxIpv6Unchecked))])?;
+    sent_in_turn(&[
+        (&first, None),
+        (&later, None),
+        (&other_datagram, Some(Counter::TxIpv6Unchecked)),
+    ])?;
+    // A first fragment the checks refused lets none of the rest through.
+    let to_vxlan = udp_behind(&[(IPPROTO_FRAGMENT, ipv6_fragment(0))], 8472);
+    let mut rest = to_vxlan.clone();
+    rest[ETH_HEADER_LEN + IPV6_HEADER_LEN + 2..][..2].copy_from_slice(&[0, 1 << 3 | 1]);
+    sent_in_turn(&[
+        (&to_vxlan, Some(Counter::TxVxlanFromContainer)),
+        (&rest, Some(Counter::TxIpv6Unchecked)),
+    ])
 }
