@@ -233,6 +233,23 @@ pub struct LocalEndpoint {
     pub reserved: u16,
 }
 
+/// Value of the claim cache (a per-CPU array, slot = container port's ifindex modulo its
+/// size): the MAC and IPv4 source a port's last checked frame held, both bound to that port.
+/// A frame holding the same again needs no lookup in the binding maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedClaims {
+    /// The container port; 0 (no interface) for an empty slot.
+    pub port: u32,
+    pub ipv4: [u8; 4],
+    pub mac: [u8; 6],
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u16,
+}
+
+/// Slots of the claim cache.
+pub const CLAIM_CACHE_SLOTS: u32 = 4096;
+
 /// Key of the routed-flows map: one direction of a flow, as the programs see its packets.
 /// Ports are those of TCP, UDP, SCTP, DCCP and UDP-Lite; an ICMP echo flow carries its
 /// identifier in both, so a request's key reversed is its reply's; other protocols leave them
@@ -581,6 +598,7 @@ mod pod {
     unsafe impl aya::Pod for super::VtepSubnet {}
     unsafe impl aya::Pod for super::VtepSubnet6 {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::CachedClaims {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKey6 {}

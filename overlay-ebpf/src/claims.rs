@@ -70,13 +70,16 @@ pub fn check_container_frame(
     if tagged && !config.container_vlans() {
         return Err(Counter::TxVlan);
     }
+    let ether_type = eth.ether_type();
+    if !tagged && ether_type == ETH_P_IPV4 {
+        return check_ipv4(ctx, frame, &eth.src, config, port);
+    }
     // The bridge learns a tagged frame's source MAC too.
     claim_mac(&eth.src, port, config)?;
     if tagged {
         return Ok(());
     }
-    match u16::from_be_bytes(eth.ether_type) {
-        ETH_P_IPV4 => check_ipv4(ctx, frame, config, port),
+    match ether_type {
         ETH_P_ARP => check_arp(frame, config, port),
         ETH_P_IPV6 => check_ipv6(ctx, &eth.src, config, port),
         _ => Err(Counter::TxUnexpectedFrame),
@@ -87,14 +90,15 @@ pub fn check_container_frame(
 fn check_ipv4(
     ctx: &TcContext,
     frame: &Frame,
+    mac: &[u8; 6],
     config: &OverlayConfig,
     port: u32,
 ) -> Result<(), Counter> {
-    // A truncated header the stack throws away itself.
+    // A truncated header the stack throws away itself; the bridge still learns its MAC.
     let Some(headers) = frame.header::<EthIpv4Headers>(0) else {
-        return Ok(());
+        return claim_mac(mac, port, config);
     };
-    claim_address(&headers.ip.src, port, config)?;
+    claim_mac_and_address(mac, &headers.ip.src, port, config)?;
     if udp_destination(ctx, frame, &headers.ip) == Some(config.vxlan_port) {
         return Err(Counter::TxVxlanFromContainer);
     }
@@ -142,11 +146,43 @@ fn check_arp(frame: &Frame, config: &OverlayConfig, port: u32) -> Result<(), Cou
 
 #[inline(always)]
 fn claim_mac(mac: &[u8; 6], port: u32, config: &OverlayConfig) -> Result<(), Counter> {
-    let group_address = mac[0] & 1 != 0;
-    if group_address || *mac == config.bridge_mac || !maps::bind_mac(mac, port) {
+    if !may_claim_mac(mac, config) || !maps::bind_mac(mac, port) {
         return Err(Counter::TxSpoofedMac);
     }
     Ok(())
+}
+
+/// [`claim_mac`] and [`claim_address`] at once, as an IPv4 frame makes both claims: when the
+/// port's cached claims are these, the binding maps need no lookup (the checks that need no
+/// map are made on every frame).
+#[inline(always)]
+fn claim_mac_and_address(
+    mac: &[u8; 6],
+    address: &[u8; 4],
+    port: u32,
+    config: &OverlayConfig,
+) -> Result<(), Counter> {
+    if !may_claim_mac(mac, config) {
+        return Err(Counter::TxSpoofedMac);
+    }
+    let container_address = is_container_address(address, config);
+    if container_address && maps::claims_cached(port, mac, address) {
+        return Ok(());
+    }
+    if !maps::bind_mac(mac, port) {
+        return Err(Counter::TxSpoofedMac);
+    }
+    if !container_address || !maps::bind_address(address, port) {
+        return Err(Counter::TxSpoofedSource);
+    }
+    maps::cache_claims(port, mac, address);
+    Ok(())
+}
+
+/// A MAC a container may send from: not a group address, not the bridge's.
+#[inline(always)]
+fn may_claim_mac(mac: &[u8; 6], config: &OverlayConfig) -> bool {
+    mac[0] & 1 == 0 && *mac != config.bridge_mac
 }
 
 #[inline(always)]

@@ -5,8 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::{
-    Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey, FlowKey6, LocalEndpoint, OverlayConfig,
-    RemoteVtep, RemoteVtep6, RoutedFlow, VtepSubnet, VtepSubnet6,
+    CLAIM_CACHE_SLOTS, CachedClaims, Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey,
+    FlowKey6, LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, RoutedFlow, VtepSubnet,
+    VtepSubnet6,
 };
 
 /// The object's size for the lease maps; the agent sizes them at load time to the subnets
@@ -84,6 +85,12 @@ static BOUND_ADDRESSES6: HashMap<[u8; 16], u32, MAX_LOCAL_ENDPOINTS> = HashMap::
 /// addresses are.
 #[btf_map(name = "bound_macs")]
 static BOUND_MACS: HashMap<[u8; 6], u32, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+
+/// Each container port's last claims that passed (see [`CachedClaims`]): one array lookup for
+/// the frames after the first of a flow. Per CPU, so that no slot is ever half written by one
+/// CPU and read by another; the agent empties a gone port's slot with its bindings.
+#[btf_map(name = "claim_cache")]
+static CLAIM_CACHE: PerCpuArray<CachedClaims, { CLAIM_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
 /// Container port → how many addresses and MACs it has bound (see [`CLAIM_QUOTA`]). Written by
 /// the container program; the agent deletes a port's count with its bindings.
@@ -214,6 +221,33 @@ pub fn sent_first_fragment(datagram: &Fragment6, port: u32) -> bool {
 #[inline(always)]
 pub fn bind_mac(mac: &[u8; 6], port: u32) -> bool {
     bind(&BOUND_MACS, mac, port)
+}
+
+/// Whether `port`'s cached claims are `mac` and `ipv4`: both bound to it.
+#[inline(always)]
+pub fn claims_cached(port: u32, mac: &[u8; 6], ipv4: &[u8; 4]) -> bool {
+    // SAFETY: the pointer is to this CPU's copy of a live slot, read at once.
+    CLAIM_CACHE
+        .get_ptr(port % CLAIM_CACHE_SLOTS)
+        .is_some_and(|cached| unsafe {
+            (*cached).port == port && (*cached).mac == *mac && (*cached).ipv4 == *ipv4
+        })
+}
+
+/// Caches `mac` and `ipv4` as `port`'s claims, once both are bound to it.
+#[inline(always)]
+pub fn cache_claims(port: u32, mac: &[u8; 6], ipv4: &[u8; 4]) {
+    if let Some(cached) = CLAIM_CACHE.get_ptr_mut(port % CLAIM_CACHE_SLOTS) {
+        // SAFETY: this CPU's copy of a live slot, written at once.
+        unsafe {
+            *cached = CachedClaims {
+                port,
+                ipv4: *ipv4,
+                mac: *mac,
+                reserved: 0,
+            };
+        }
+    }
 }
 
 /// A full map, or a port at its quota, binds nothing more: the claim fails, so a flood of

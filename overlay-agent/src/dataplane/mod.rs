@@ -61,6 +61,7 @@ const BOUND_ADDRESSES_MAP: &str = "bound_addresses";
 const BOUND_ADDRESSES6_MAP: &str = "bound_addresses6";
 const BOUND_MACS_MAP: &str = "bound_macs";
 const CLAIMS_PER_PORT_MAP: &str = "claims_per_port";
+const CLAIM_CACHE_MAP: &str = "claim_cache";
 const ROUTED_FLOWS_MAP: &str = "routed_flows";
 const HANDED_FLOWS_MAP: &str = "handed_flows";
 const ROUTED_FLOWS6_MAP: &str = "routed_flows6";
@@ -69,7 +70,7 @@ const FIRST_FRAGMENTS6_MAP: &str = "first_fragments6";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 19] = [
+const MAPS: [&str; 20] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
@@ -82,6 +83,7 @@ const MAPS: [&str; 19] = [
     BOUND_ADDRESSES6_MAP,
     BOUND_MACS_MAP,
     CLAIMS_PER_PORT_MAP,
+    CLAIM_CACHE_MAP,
     ROUTED_FLOWS_MAP,
     HANDED_FLOWS_MAP,
     ROUTED_FLOWS6_MAP,

@@ -9,15 +9,19 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{
-    HashMap as BpfHashMap, MapData, MapError,
+    HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use overlay_common::{LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6};
+use overlay_common::{
+    CLAIM_CACHE_SLOTS, CachedClaims, LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet,
+    VtepSubnet6,
+};
 
 use super::{
-    BOUND_ADDRESSES_MAP, BOUND_ADDRESSES6_MAP, BOUND_MACS_MAP, CLAIMS_PER_PORT_MAP, Dataplane,
-    ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
+    BOUND_ADDRESSES_MAP, BOUND_ADDRESSES6_MAP, BOUND_MACS_MAP, CLAIM_CACHE_MAP,
+    CLAIMS_PER_PORT_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP, SUBNETS6_MAP,
+    VTEPS_MAP, VTEPS6_MAP, map_mut,
 };
 use crate::model::{Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten};
 
@@ -219,30 +223,63 @@ impl Dataplane {
         let macs = map_mut(&mut self.ebpf, BOUND_MACS_MAP)?;
         release_gone(macs, live_ports, |_: &[u8; 6], port: &u32| *port)?;
         let counts = map_mut(&mut self.ebpf, CLAIMS_PER_PORT_MAP)?;
-        release_gone(counts, live_ports, |port: &u32, _: &u64| *port)
+        let gone = release_gone(counts, live_ports, |port: &u32, _: &u64| *port)?;
+        let cache = map_mut(&mut self.ebpf, CLAIM_CACHE_MAP)?;
+        clear_cached_claims(cache, &gone)
     }
 }
 
+/// Empties the claim cache's slots of the `gone` ports, on every CPU: a port that reused one's
+/// index could otherwise pass on its claims.
+fn clear_cached_claims(map: &mut aya::maps::Map, gone: &[u32]) -> Result<()> {
+    let mut cache: PerCpuArray<&mut MapData, CachedClaims> = PerCpuArray::try_from(map)?;
+    for &port in gone {
+        let slot = port % CLAIM_CACHE_SLOTS;
+        let copies = cache.get(&slot, 0).context("cannot read the claim cache")?;
+        if copies.iter().all(|cached| cached.port != port) {
+            continue;
+        }
+        let cleared: Vec<CachedClaims> = copies
+            .iter()
+            .map(|cached| {
+                if cached.port == port {
+                    CachedClaims::default()
+                } else {
+                    *cached
+                }
+            })
+            .collect();
+        let values = PerCpuValues::try_from(cleared).context("cannot size the claim cache")?;
+        cache
+            .set(slot, values, 0)
+            .context("cannot clear a gone port's cached claims")?;
+    }
+    Ok(())
+}
+
 /// Deletes every entry of `map` whose port (as `port_of` its key and value says) is not in
-/// `live_ports`.
+/// `live_ports`; returns those ports.
 fn release_gone<K: aya::Pod + Eq + Hash, V: aya::Pod>(
     map: &mut aya::maps::Map,
     live_ports: &BTreeSet<u32>,
     port_of: impl Fn(&K, &V) -> u32,
-) -> Result<()> {
+) -> Result<Vec<u32>> {
     let mut bindings: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
-    let gone: Vec<K> = bindings
+    let gone: Vec<(K, u32)> = bindings
         .iter()
         .filter_map(|entry| entry.ok())
-        .filter(|(key, value)| !live_ports.contains(&port_of(key, value)))
-        .map(|(key, _)| key)
+        .map(|(key, value)| {
+            let port = port_of(&key, &value);
+            (key, port)
+        })
+        .filter(|(_, port)| !live_ports.contains(port))
         .collect();
-    for key in &gone {
+    for (key, _) in &gone {
         bindings
             .remove(key)
             .context("cannot release a gone port's binding")?;
     }
-    Ok(())
+    Ok(gone.into_iter().map(|(_, port)| port).collect())
 }
 
 fn subnet6_key(subnet: &Ipv6Network) -> Key<[u8; 16]> {
