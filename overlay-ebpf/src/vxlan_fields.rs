@@ -18,12 +18,7 @@ pub fn flow_hash(flow: &FlowKey) -> u32 {
     mix_words([
         u32::from_ne_bytes(flow.src),
         u32::from_ne_bytes(flow.dst),
-        u32::from_ne_bytes([
-            flow.src_port[0],
-            flow.src_port[1],
-            flow.dst_port[0],
-            flow.dst_port[1],
-        ]),
+        ports_word(flow.src_port, flow.dst_port),
         u32::from(flow.protocol),
     ])
 }
@@ -43,14 +38,15 @@ pub fn flow6_hash(flow: &FlowKey6) -> u32 {
         word(&flow.dst, 4),
         word(&flow.dst, 8),
         word(&flow.dst, 12),
-        u32::from_ne_bytes([
-            flow.src_port[0],
-            flow.src_port[1],
-            flow.dst_port[0],
-            flow.dst_port[1],
-        ]),
+        ports_word(flow.src_port, flow.dst_port),
         u32::from(flow.protocol),
     ])
+}
+
+/// A flow's two ports as one word.
+#[inline(always)]
+fn ports_word(src: [u8; 2], dst: [u8; 2]) -> u32 {
+    u32::from_ne_bytes([src[0], src[1], dst[0], dst[1]])
 }
 
 /// Folds `words` into one well-spread 32-bit value: a multiply-rotate per word, then

@@ -155,6 +155,12 @@ impl Host {
         )
     }
 
+    /// The host's neighbour entry for the container at `address`, on docker0, as `ip neigh`
+    /// shows it.
+    pub fn container_neighbour(&self, address: &str) -> Result<String> {
+        self.netns.ip(&["neigh", "show", address, "dev", "docker0"])
+    }
+
     /// Whether this host holds no route, no gateway neighbour and (in ebpf mode) no map entry
     /// for `subnet`.
     pub fn holds_no_peer(&self, subnet: &str) -> Result<bool> {

@@ -609,45 +609,31 @@ mod tests {
         let node = FakeNode(world.clone());
         let mut dataplane = FakeDataplane(world.clone());
         let mut progress = Progress::default();
-        let applied = apply(
-            &containers_round(&[7, 8], &[]),
-            &node,
-            Some(&mut dataplane),
-            &mut progress,
-        )
-        .await
-        .expect("round");
+        // Ports 7 and 8 live, those of `isolated` down: one round about them.
+        let mut round_with_down = async |isolated: &[u32]| {
+            let desired = containers_round(&[7, 8], isolated);
+            apply(&desired, &node, Some(&mut dataplane), &mut progress)
+                .await
+                .expect("round")
+        };
+        let applied = round_with_down(&[]).await;
         assert_eq!(applied.refused.keys().copied().collect::<Vec<_>>(), [7]);
         assert_eq!(world.borrow().down, BTreeSet::from([7]));
 
         // Still refused, already down: nothing to change.
-        apply(
-            &containers_round(&[7, 8], &[7]),
-            &node,
-            Some(&mut dataplane),
-            &mut progress,
-        )
-        .await
-        .expect("round");
-        assert_eq!(
+        round_with_down(&[7]).await;
+        let isolations = |world: &Shared| {
+            let world = world.borrow();
             world
-                .borrow()
                 .calls
                 .iter()
                 .filter(|call| *call == "isolate_ports")
-                .count(),
-            1
-        );
+                .count()
+        };
+        assert_eq!(isolations(&world), 1);
 
         world.borrow_mut().refusing.clear();
-        let applied = apply(
-            &containers_round(&[7, 8], &[7]),
-            &node,
-            Some(&mut dataplane),
-            &mut progress,
-        )
-        .await
-        .expect("round");
+        let applied = round_with_down(&[7]).await;
         assert!(applied.refused.is_empty());
         assert_eq!(world.borrow().down, BTreeSet::new());
     }

@@ -45,10 +45,7 @@ fn a_container_started_while_the_node_steps_fail_still_gets_its_checks() -> Resu
         .netns
         .run_inside(|| (0..5).try_for_each(|_| send_frame("eth0", &frame)))?;
 
-    let neighbour = seed
-        .host1
-        .netns
-        .ip(&["neigh", "show", BBOX1, "dev", "docker0"])?;
+    let neighbour = seed.host1.container_neighbour(BBOX1)?;
     ensure!(
         neighbour.contains(&mac_text(bbox1_mac)),
         "host1's neighbour entry for {BBOX1} moved to bbox3 ({}): {neighbour}",

@@ -414,10 +414,7 @@ fn arp_or_mac_spoofing_does_not_move_a_neighbour_s_traffic() -> Result<()> {
     seed.bbox2.ping(BBOX1, 3)?;
     assert_nothing_but_control(sniffer, &seed.bbox2.netns, BBOX3, "bbox3")?;
 
-    let neighbour = seed
-        .host1
-        .netns
-        .ip(&["neigh", "show", BBOX1, "dev", "docker0"])?;
+    let neighbour = seed.host1.container_neighbour(BBOX1)?;
     ensure!(
         neighbour.contains(&mac_text(bbox1_mac)),
         "host1 still resolves bbox1 to its MAC: {neighbour}"
