@@ -78,8 +78,6 @@ pub struct Attachments {
     vteps: Option<(Option<u32>, Option<u32>)>,
     bridge: Option<u32>,
     containers: HashSet<u32>,
-    /// Container ports that refused the program, warned about once.
-    refused: HashSet<u32>,
     /// Links made without a pin directory, by program and interface; dropping one detaches
     /// its program.
     unpinned: HashMap<(&'static str, u32), FdLink>,
@@ -211,9 +209,6 @@ impl Dataplane {
         self.attached
             .containers
             .retain(|index| current.contains(index));
-        self.attached
-            .refused
-            .retain(|index| current.contains(index));
         self.detach_all_but(CONTAINER_PROGRAM, &current)?;
         let mut refused = RefusedPorts::new();
         for port in ports {
@@ -229,12 +224,9 @@ impl Dataplane {
                 Ok(()) => {
                     log::info!("{CONTAINER_PROGRAM} attached to {}", port.name);
                     self.attached.containers.insert(port.index);
-                    self.attached.refused.remove(&port.index);
                 }
+                // The node warns, once, as it takes the port down.
                 Err(error) => {
-                    if self.attached.refused.insert(port.index) {
-                        log::warn!("{error:#}; {} is taken down until it takes it", port.name);
-                    }
                     refused.insert(port.index, format!("{}: {error:#}", port.name));
                 }
             }
