@@ -180,6 +180,7 @@ fn node_settings(
         ipv6,
         uplink: uplink.clone(),
         blackhole_route: options.ip_blackhole_route,
+        headroom_port: options.dataplane == Dataplane::Ebpf,
     })
 }
 

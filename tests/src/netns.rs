@@ -12,7 +12,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use rtnetlink::packet_route::link::LinkAttribute;
+use futures::TryStreamExt;
+use rtnetlink::{packet_core::Nla, packet_route::link::LinkAttribute};
 
 /// Every namespace the harness makes is named `ovt<pid>-<n>-<tag>`.
 const NAME_PREFIX: &str = "ovt";
@@ -215,6 +216,56 @@ impl Netns {
     /// 12's, which lacks the second.
     pub fn set_gso_max_size(&self, name: &str, size: u32) -> Result<()> {
         let index = self.ifindex(name)?;
+        self.netlink(|handle| async move {
+            let change = rtnetlink::LinkUnspec::new_with_index(index)
+                .append_extra_attribute(LinkAttribute::GsoMaxSize(size))
+                .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
+                .build();
+            handle
+                .link()
+                .set(change)
+                .execute()
+                .await
+                .with_context(|| format!("cannot raise {name}'s GSO limits"))
+        })
+    }
+
+    /// The headroom interface `name` asks of packets sent through it (`IFLA_HEADROOM`, which
+    /// Debian 12's iproute2 does not print): the room a socket reserves before the Ethernet
+    /// header, beyond the header itself.
+    pub fn headroom(&self, name: &str) -> Result<u16> {
+        const IFLA_HEADROOM: u16 = 68;
+        let index = self.ifindex(name)?;
+        let link = self.netlink(|handle| async move {
+            let mut links = handle.link().get().match_index(index).execute();
+            links
+                .try_next()
+                .await
+                .with_context(|| format!("cannot read {name}"))?
+                .with_context(|| format!("no link {name}"))
+        })?;
+        let value = link
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                LinkAttribute::Other(nla) if nla.kind() == IFLA_HEADROOM => {
+                    let mut value = vec![0; nla.value_len()];
+                    nla.emit_value(&mut value);
+                    Some(value)
+                }
+                _ => None,
+            });
+        match value.as_deref() {
+            Some([low, high, ..]) => Ok(u16::from_ne_bytes([*low, *high])),
+            _ => bail!("the kernel reports no headroom for {name}"),
+        }
+    }
+
+    /// Runs `f` with a netlink handle inside this namespace.
+    fn netlink<T: Send, F: std::future::Future<Output = Result<T>>>(
+        &self,
+        f: impl FnOnce(rtnetlink::Handle) -> F + Send,
+    ) -> Result<T> {
         self.run_inside(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -222,16 +273,7 @@ impl Netns {
             runtime.block_on(async {
                 let (connection, handle, _) = rtnetlink::new_connection()?;
                 tokio::spawn(connection);
-                let change = rtnetlink::LinkUnspec::new_with_index(index)
-                    .append_extra_attribute(LinkAttribute::GsoMaxSize(size))
-                    .append_extra_attribute(LinkAttribute::GsoIpv4MaxSize(size))
-                    .build();
-                handle
-                    .link()
-                    .set(change)
-                    .execute()
-                    .await
-                    .with_context(|| format!("cannot raise {name}'s GSO limits"))
+                f(handle).await
             })
         })
     }

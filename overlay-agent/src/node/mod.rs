@@ -4,6 +4,7 @@
 //! is safe to call as often as wanted.
 pub mod bridge;
 pub mod endpoints;
+pub mod headroom;
 pub mod links;
 pub mod notifications;
 pub mod peers;
@@ -47,6 +48,8 @@ pub struct NodeSettings {
     pub uplink: Uplink,
     /// `--ip-blackhole-route`.
     pub blackhole_route: bool,
+    /// The ebpf mode's [`headroom`] port on the bridge; kernel mode has none, as flannel.
+    pub headroom_port: bool,
 }
 
 /// One family's VXLAN device and lease.
@@ -105,6 +108,7 @@ impl NodeNetwork {
             Some(ipv6) => Some(ipv6.ensure_vtep(&self.handle).await?),
             None => None,
         };
+        self.ensure_headroom_port(bridge.index).await?;
         if settings.blackhole_route {
             for (subnet, _) in &leases {
                 bridge::ensure_blackhole_route(&self.handle, *subnet).await?;
@@ -123,6 +127,22 @@ impl NodeNetwork {
                 index: settings.uplink.index,
             },
         })
+    }
+
+    async fn ensure_headroom_port(&self, bridge_index: u32) -> Result<()> {
+        let settings = &self.settings;
+        let vtep_mtus = [
+            settings.ipv4.as_ref().map(|family| family.vtep.mtu),
+            settings.ipv6.as_ref().map(|family| family.vtep.mtu),
+        ];
+        // The containers' MTU: the smaller device's when both families are leased.
+        match vtep_mtus.into_iter().flatten().min() {
+            Some(mtu) if settings.headroom_port => {
+                let ipv6 = settings.ipv6.is_some();
+                headroom::ensure(&self.handle, bridge_index, mtu, ipv6).await
+            }
+            _ => headroom::remove(&self.handle).await,
+        }
     }
 
     async fn follow_the_uplink(&mut self) -> Result<()> {
@@ -248,7 +268,7 @@ fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
 }
 
 /// Removes what the agent creates: the bridge `bridge`, every `flannel.<VNI>` and
-/// `flannel-v6.<VNI>` VXLAN device (their neighbour, FDB and route entries go with them), and
+/// `flannel-v6.<VNI>` VXLAN device, the headroom port (their neighbour, FDB and route entries go with them), and
 /// direct routes into the networks of the subnet file.
 pub async fn teardown(
     handle: &Handle,
@@ -261,7 +281,9 @@ pub async fn teardown(
         let ours = match links::kind(&link) {
             Some(InfoKind::Bridge) => name == bridge,
             Some(InfoKind::Vxlan) => {
-                name.starts_with("flannel.") || name.starts_with("flannel-v6.")
+                name.starts_with("flannel.")
+                    || name.starts_with("flannel-v6.")
+                    || name == headroom::HEADROOM_PORT
             }
             _ => false,
         };

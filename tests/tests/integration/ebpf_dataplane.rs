@@ -589,3 +589,41 @@ fn an_uplink_deleted_and_made_again_is_followed_within_five_seconds() -> Result<
     seed.bbox2.ping(BBOX1, 3)?;
     Ok(())
 }
+
+/// The VXLAN header's length over IPv4: outer Ethernet is already the veth's own header.
+const VXLAN_OVERHEAD: u16 = 50;
+
+/// In ebpf mode a container's end of its veth asks its sockets for room for the VXLAN header,
+/// so the encapsulation pushes it without reallocating each small packet's head; this holds
+/// for containers started before and after the agent. Kernel mode leaves docker0 as flannel
+/// does, with only the containers' ports.
+#[test]
+fn containers_leave_room_for_the_vxlan_header_in_ebpf_mode_only() -> Result<()> {
+    let mut seed = Seed::start("headroom", &[])?;
+    let bbox3 = Container::attach(&seed.host1, "bbox3", "10.2.41.3")?;
+    for container in [&seed.bbox1, &bbox3] {
+        let headroom = container.netns.headroom("eth0")?;
+        assert!(
+            headroom >= VXLAN_OVERHEAD,
+            "{}'s eth0 asks for {headroom} bytes of headroom\n{}",
+            container.address,
+            seed.agent1.log()
+        );
+    }
+    let ping = seed.bbox1.ping(BBOX2, 3)?;
+    assert_eq!(ping.matches("ttl=62").count(), 3, "{ping}");
+
+    seed.agent1.process.terminate(EVENT_TIMEOUT)?;
+    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &["--dataplane=kernel"])?;
+    seed.agent1.wait_ready()?;
+    let ports = seed
+        .host1
+        .netns
+        .ip(&["-o", "link", "show", "master", "docker0"])?;
+    assert_eq!(
+        ports.lines().count(),
+        2,
+        "docker0 holds the two containers' ports alone:\n{ports}"
+    );
+    Ok(())
+}

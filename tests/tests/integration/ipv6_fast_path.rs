@@ -270,3 +270,21 @@ fn an_ipv6_port_dnated_on_the_server_s_host_works_on_the_fast_path() -> Result<(
     );
     Ok(())
 }
+
+/// The VXLAN header's length over IPv6, beyond the veth's own Ethernet header.
+const VXLAN6_OVERHEAD: u16 = 70;
+
+/// Over an IPv6 underlay a container's end of its veth asks for room for the longer header.
+#[test]
+fn dual_stack_containers_leave_room_for_the_ipv6_vxlan_header() -> Result<()> {
+    let seed = Seed::start_dual_stack("headroom6", [EBPF, EBPF])?;
+    let headroom = seed.bbox1.netns.headroom("eth0")?;
+    ensure!(
+        headroom >= VXLAN6_OVERHEAD,
+        "bbox1's eth0 asks for {headroom} bytes of headroom\n{}",
+        seed.agent1.log()
+    );
+    let ping = seed.bbox1.ping6(BBOX2_V6, 3)?;
+    ensure!(ping.matches("bytes from").count() == 3, "{ping}");
+    Ok(())
+}
