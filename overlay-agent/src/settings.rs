@@ -98,7 +98,7 @@ impl Settings {
         };
         let programs = match options.dataplane {
             Dataplane::Ebpf => Some(program_settings(
-                options, config, uplink, uplink_mac, lease,
+                options, config, uplink, uplink_mac, lease, &node,
             )?),
             Dataplane::Kernel => None,
         };
@@ -191,6 +191,7 @@ fn program_settings(
     uplink: &Uplink,
     uplink_mac: Option<MacAddr>,
     lease: &Lease,
+    node: &NodeSettings,
 ) -> Result<ProgramSettings> {
     let tunnel_source = if config.enable_ipv4 {
         Some(
@@ -208,6 +209,8 @@ fn program_settings(
         tunnel_source6: config.ipv6.and(uplink.ipv6),
         vtep_mac: lease.attrs.vtep_mac(),
         vtep6_mac: lease.attrs.vtep_mac_v6(),
+        vtep_mtu: node.ipv4.as_ref().map_or(0, |family| family.vtep.mtu),
+        vtep6_mtu: node.ipv6.as_ref().map_or(0, |family| family.vtep.mtu),
         uplink_mac: uplink_mac.with_context(|| format!("{} has no MAC", uplink.name))?,
         direct_routing: config.backend.direct_routing,
         fast_path: options.fast_path,

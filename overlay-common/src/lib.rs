@@ -69,6 +69,11 @@ pub struct OverlayConfig {
     pub vtep6_mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved3: u16,
+    /// The MTUs the agent keeps on flannel.<VNI> and flannel-v6.<VNI>: a packet that is not a
+    /// superpacket fits when it is within one past its Ethernet header, which the programs
+    /// check without asking the kernel to look the device up.
+    pub vtep_mtu: u32,
+    pub vtep6_mtu: u32,
 }
 
 /// [`OverlayConfig::flags`]: the network config's `DirectRouting` is on, so peers on our

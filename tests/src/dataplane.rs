@@ -29,6 +29,8 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 /// The interface the programs' config names as uplink and VXLAN device under
 /// BPF_PROG_TEST_RUN: loopback, which every namespace has.
 const LOOPBACK: u32 = 1;
+/// Loopback's MTU, the VXLAN devices' in these tests.
+const LOOPBACK_MTU: u32 = 65536;
 /// Room for the 50 bytes encapsulation adds.
 const OUTPUT_SLACK: usize = 256;
 
@@ -93,6 +95,8 @@ impl SeedHost {
             vtep6_ifindex: LOOPBACK,
             vtep6_mac: self.vtep6_mac,
             reserved3: 0,
+            vtep_mtu: LOOPBACK_MTU,
+            vtep6_mtu: LOOPBACK_MTU,
         }
     }
 

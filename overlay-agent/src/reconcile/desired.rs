@@ -70,6 +70,9 @@ pub struct ProgramSettings {
     /// This host's VTEP MACs, each family's it carries.
     pub vtep_mac: Option<MacAddr>,
     pub vtep6_mac: Option<MacAddr>,
+    /// Each family's VXLAN device's MTU, 0 for a family the host does not carry.
+    pub vtep_mtu: u32,
+    pub vtep6_mtu: u32,
     pub uplink_mac: MacAddr,
     /// The network config's `DirectRouting`.
     pub direct_routing: bool,
@@ -538,6 +541,8 @@ fn program_config(
         uplink_ifindex: devices.uplink.index,
         vtep_ifindex: devices.vtep.as_ref().map_or(0, |vtep| vtep.index),
         vtep6_ifindex: devices.vtep6.as_ref().map_or(0, |vtep6| vtep6.index),
+        vtep_mtu: settings.vtep_mtu,
+        vtep6_mtu: settings.vtep6_mtu,
         bridge_mac: devices.bridge_mac.0,
         local_subnet: subnet.network().octets(),
         local_netmask: subnet.mask().octets(),
@@ -609,6 +614,8 @@ mod tests {
             tunnel_source6: None,
             vtep_mac: Some(VTEP_MAC),
             vtep6_mac: None,
+            vtep_mtu: 1450,
+            vtep6_mtu: 0,
             uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             direct_routing: false,
             fast_path,

@@ -373,6 +373,8 @@ mod tests {
                 tunnel_source6: None,
                 vtep_mac: Some(VTEP_MAC),
                 vtep6_mac: None,
+                vtep_mtu: 1450,
+                vtep6_mtu: 0,
                 uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
                 direct_routing: false,
                 fast_path: true,

@@ -43,10 +43,15 @@ fn packet_hash(ctx: &TcContext, computed: impl FnOnce() -> u32) -> u32 {
 }
 
 /// Whether the packet (each of its segments, for a GSO packet) fits the MTU of the VXLAN
-/// device `ifindex`, the check the kernel makes when it forwards into it.
+/// device `ifindex`, `mtu`, the check the kernel makes when it forwards into it.
 #[inline(always)]
-fn fits_device(ctx: &TcContext, ifindex: u32) -> bool {
-    // Zero: measure the packet itself.
+fn fits_device(ctx: &TcContext, ifindex: u32, mtu: u32) -> bool {
+    // SAFETY: the context's skb is valid for the whole program run.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return ctx.len() <= mtu + ETH_HEADER_LEN as u32;
+    }
+    // Only the kernel knows a superpacket's segments' lengths. Zero: measure the packet itself.
     let mut mtu_len = 0u32;
     // SAFETY: the context's skb is valid for the whole program run; mtu_len outlives the call.
     let verdict = unsafe {

@@ -49,7 +49,7 @@ pub fn from_container(
     };
     if headers.ip.ttl <= 1
         || headers.ip.version_ihl != IPV4_NO_OPTIONS
-        || !fits_device(ctx, config.vtep_ifindex)
+        || !fits_device(ctx, config.vtep_ifindex, config.vtep_mtu)
     {
         return Err(Counter::TxSlowPath);
     }

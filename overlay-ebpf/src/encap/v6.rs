@@ -83,7 +83,7 @@ pub fn from_container(ctx: &TcContext, config: &OverlayConfig) -> Result<Option<
     let Some(remote) = maps::remote_vtep6(&headers.ip.dst) else {
         return Ok(None);
     };
-    if headers.ip.hop_limit <= 1 || !fits_device(ctx, config.vtep6_ifindex) {
+    if headers.ip.hop_limit <= 1 || !fits_device(ctx, config.vtep6_ifindex, config.vtep6_mtu) {
         return Err(Counter::TxSlowPath);
     }
     let segment_len = transport_segment_len(ctx, &frame, &headers.ip)?;

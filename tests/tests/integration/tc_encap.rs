@@ -302,6 +302,7 @@ fn a_packet_too_big_for_the_overlay_goes_to_the_stack() -> Result<()> {
     netns.run_inside(|| {
         let config = overlay_common::OverlayConfig {
             vtep_ifindex,
+            vtep_mtu: 1450,
             ..HOST1.config(1, 8472)
         };
         let fits = run_container(&dataplane_with(config, &[&HOST2])?, &packet_of(1450))?;
