@@ -57,10 +57,25 @@ fn agent_help(args: &[&str]) -> Result<String> {
     run(std::process::Command::new(agent_binary()?).args(args))
 }
 
+/// The commands a `--help` text lists under `Commands:`, but `help`.
+fn commands_in_help(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| *line != "Commands:")
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|command| *command != "help")
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn the_flag_table_names_every_flag_the_agent_takes() -> Result<()> {
-    let mut taken = flags_in_help(&agent_help(&["--help"])?);
-    taken.extend(flags_in_help(&agent_help(&["teardown", "--help"])?));
+    let help = agent_help(&["--help"])?;
+    let mut taken = flags_in_help(&help);
+    for command in commands_in_help(&help) {
+        taken.extend(flags_in_help(&agent_help(&[&command, "--help"])?));
+    }
     let documented = flags_in_table(&readme()?)?;
     let missing: Vec<_> = taken.difference(&documented).collect();
     let unknown: Vec<_> = documented.difference(&taken).collect();
