@@ -184,9 +184,18 @@ fn the_walkthrough_runs_as_written() -> Result<()> {
     leave_dockers_default_bridge(host1)?;
     for block in &blocks {
         for (name, output) in hosts.run(block)? {
+            let (_, host) = hosts.named(&name)?;
             if block.script.contains("systemctl restart docker") {
-                let (_, host) = hosts.named(&name)?;
                 ensure_docker_took_the_lease(host, &output)?;
+            }
+            if block.script.contains("ping") {
+                // The loop runs once per lease, so an empty listing would ping nobody.
+                let pinged = output.matches(" packets received").count();
+                ensure!(
+                    pinged == hosts.hosts.len(),
+                    "on {}, the check pinged {pinged} hosts' docker0, not every host's:\n{output}",
+                    host.name
+                );
             }
         }
     }
