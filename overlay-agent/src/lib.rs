@@ -54,11 +54,11 @@ use crate::{
     reconcile::Reconciler,
     settings::{Families, Settings, public_addresses},
     subnet::{
-        Lease, VtepMacs, config_change,
+        Lease, LeaseSubnets, VtepMacs, config_change,
         etcd::EtcdRegistry,
         file::{previous_networks, previous_subnet},
         manager::{LeaseManager, LeaseTiming},
-        registry::{ConfigReadError, Registry},
+        registry::{ConfigReadError, Registry, own_subnets},
         watch::LeaseWatcher,
     },
 };
@@ -299,18 +299,43 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
         "removed the eBPF programs and pins, the overlay devices and routes, and the forward and masquerade rules"
     );
     if release_lease {
-        let subnets = previous.with_context(|| {
-            format!(
-                "--release-lease needs the subnet file {} to know the lease",
-                options.subnet_file.display()
-            )
-        })?;
-        let uplink = node::uplink::find(&netlink, uplink_choice(options)).await?;
-        let owner = public_addresses(options, &uplink, Families::of_lease(subnets))?;
-        let registry = EtcdRegistry::connect(&options.etcd()).await?;
-        registry.delete_if_owned(subnets, owner).await?;
-        log::info!("released lease {subnets}");
+        release_own_lease(options, &netlink, previous).await?;
     }
+    Ok(())
+}
+
+/// Deletes this host's record from etcd: the lease the subnet file names or, without the file
+/// (gone with /run at a reboot), the record naming this host's public addresses, the one
+/// flanneld would take back when it starts.
+async fn release_own_lease(
+    options: &AgentOptions,
+    netlink: &Handle,
+    from_file: Option<LeaseSubnets>,
+) -> Result<()> {
+    let uplink = node::uplink::find(netlink, uplink_choice(options)).await?;
+    let registry = EtcdRegistry::connect(&options.etcd()).await?;
+    let (subnets, owner) = match from_file {
+        Some(subnets) => (
+            subnets,
+            public_addresses(options, &uplink, Families::of_lease(subnets))?,
+        ),
+        None => {
+            let config = registry.network_config().await.with_context(|| {
+                format!(
+                    "without the subnet file {}, the lease is found by the network config",
+                    options.subnet_file.display()
+                )
+            })?;
+            let owner = public_addresses(options, &uplink, Families::of_config(&config))?;
+            let Some(subnets) = own_subnets(&registry, owner).await? else {
+                log::info!("no record names {owner}: there is no lease to release");
+                return Ok(());
+            };
+            (subnets, owner)
+        }
+    };
+    registry.delete_if_owned(subnets, owner).await?;
+    log::info!("released lease {subnets} of {owner}");
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! fd00:ff::1 and each host fd00:ff::<its IPv4 address's last number> (fd00:ff::104).
 use std::{
     net::Ipv4Addr,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -210,6 +211,16 @@ impl Host {
     /// so each host gets its own directory.
     pub fn pin_dir(&self) -> PathBuf {
         Path::new(BPFFS).join(self.netns.name())
+    }
+
+    /// Where an agent on this host pins without `--bpf-pin-dir`: outside the machine's
+    /// network namespace, a directory named by the namespace's inode.
+    pub fn default_pin_dir(&self) -> Result<PathBuf> {
+        let namespace = Path::new("/run/netns").join(self.netns.name());
+        let inode = std::fs::metadata(&namespace)
+            .with_context(|| format!("cannot stat {}", namespace.display()))?
+            .ino();
+        Ok(Path::new(BPFFS).join(format!("overlay-netns-{inode}")))
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
     fs,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     sync::Once,
     time::Duration,
 };
@@ -149,37 +149,11 @@ impl Dockerd {
         .with_context(|| format!("dockerd log:\n{}", self.process.log()))
     }
 
-    /// Imports busybox-static's binary with links for [`APPLETS`] as the image [`IMAGE`].
+    /// Imports [`busybox_image`] as the image [`IMAGE`].
     fn import_busybox(&self) -> Result<()> {
-        let rootfs = self.state.join("rootfs");
-        let bin = rootfs.join("bin");
-        fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
-        fs::copy(BUSYBOX, bin.join("busybox")).context("cannot copy busybox into the image")?;
-        for applet in APPLETS {
-            symlink("busybox", bin.join(applet))
-                .with_context(|| format!("cannot link {applet} to busybox"))?;
-        }
-        let mut tar = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .args(["-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot run tar")?;
-        let archive = tar.stdout.take().context("tar has no stdout")?;
-        let import = self
-            .cli
-            .command(&["import", "-", IMAGE])
-            .stdin(archive)
-            .output()
-            .context("cannot run docker import")?;
-        let tar_status = tar.wait().context("tar did not finish")?;
-        ensure!(
-            tar_status.success() && import.status.success(),
-            "importing the busybox image failed (tar {tar_status}, docker import {}): {}",
-            import.status,
-            String::from_utf8_lossy(&import.stderr).trim()
-        );
+        let archive = busybox_image(&self.state)?;
+        let archive = archive.display().to_string();
+        self.cli.run(&["import", &archive, IMAGE])?;
         Ok(())
     }
 
@@ -229,6 +203,27 @@ impl Drop for Dockerd {
         self.stop();
         release(&self.state);
     }
+}
+
+/// A root file system of busybox-static's binary with links for [`APPLETS`], as a tar archive
+/// under `dir` for `docker import`; returns its path.
+pub fn busybox_image(dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    fs::copy(BUSYBOX, bin.join("busybox")).context("cannot copy busybox into the image")?;
+    for applet in APPLETS {
+        symlink("busybox", bin.join(applet))
+            .with_context(|| format!("cannot link {applet} to busybox"))?;
+    }
+    let archive = dir.join("busybox.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."))?;
+    Ok(archive)
 }
 
 /// A container one of our dockerds runs; it goes when its dockerd does.

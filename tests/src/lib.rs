@@ -24,6 +24,7 @@ pub mod seed;
 pub mod stock_flannel;
 pub mod tls;
 pub mod wait;
+pub mod walkthrough;
 
 use anyhow::{Result, bail};
 

@@ -347,7 +347,7 @@ mod tests {
     use ipnetwork::Ipv4Network;
 
     use super::*;
-    use crate::subnet::memory::MemoryRegistry;
+    use crate::subnet::{memory::MemoryRegistry, registry::own_subnets};
 
     const PREFIX: &str = "/docker-test/network";
     const HOST1: Ipv4Addr = Ipv4Addr::new(172, 20, 62, 104);
@@ -399,6 +399,25 @@ mod tests {
 
     const DUAL_STACK: &str = r#"{"Network": "10.2.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:2::/48", "Backend": {"Type": "vxlan"}}"#;
     const IPV6_ONLY: &str = r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:2::/48", "IPv6SubnetMax": "fd00:2:0:2::", "Backend": {"Type": "vxlan"}}"#;
+
+    #[tokio::test]
+    async fn an_ipv6_only_hosts_own_record_is_found_by_its_public_ipv6() -> Result<()> {
+        let registry = registry();
+        let public = PublicAddresses {
+            ipv4: Ipv4Addr::UNSPECIFIED,
+            ipv6: Some("fd00:ff::1".parse()?),
+        };
+        let lease = ipv6_manager(&registry, IPV6_ONLY, public)
+            .acquire(VtepMacs::default(), None)
+            .await?;
+        assert_eq!(own_subnets(&registry, public).await?, Some(lease.subnets()));
+        let stranger = PublicAddresses {
+            ipv6: Some("fd00:ff::2".parse()?),
+            ..public
+        };
+        assert_eq!(own_subnets(&registry, stranger).await?, None);
+        Ok(())
+    }
 
     #[tokio::test]
     async fn a_dual_stack_host_leases_a_subnet_of_each_family_under_flannels_key() -> Result<()> {

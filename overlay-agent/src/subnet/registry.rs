@@ -105,3 +105,17 @@ pub trait Registry: Clone + Send + Sync {
     /// Watches every subnet record from `revision` on.
     fn watch(&self, revision: i64) -> impl Future<Output = Result<Self::Watch>> + Send;
 }
+
+/// The subnets of the record naming `owner`, the record flannel takes as a host's own.
+pub async fn own_subnets(
+    registry: &impl Registry,
+    owner: PublicAddresses,
+) -> Result<Option<LeaseSubnets>> {
+    let listing = registry.list().await?;
+    Ok(listing
+        .records
+        .iter()
+        .filter_map(|record| record.parse(registry.prefix()).ok())
+        .find(|lease| owner.named_in(&lease.attrs))
+        .map(|lease| lease.subnets()))
+}

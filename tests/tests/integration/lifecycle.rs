@@ -4,7 +4,6 @@
 //! teardown, and agents in two namespaces never share pins. The guard of flannel-v6.1's socket
 //! follows its device as flannel.1's does.
 use std::{
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -15,7 +14,7 @@ use overlay_tests::{
     attached::{
         ensure_links_adopted, link_exists, link_pin_name, pinned_links, tc_filters, tcx_programs,
     },
-    cluster::{BPFFS, Cluster, Host},
+    cluster::{Cluster, Host},
     ipv6::{BBOX1_V6, BBOX2_V6, SUBNET1_V6},
     loss::{LossWindow, steady_ping},
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed, check_seed_path},
@@ -283,15 +282,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Where an agent in `host`'s namespace pins when not told: named after the namespace's inode.
-fn default_pin_dir(host: &Host) -> Result<PathBuf> {
-    let namespace = Path::new("/run/netns").join(host.netns.name());
-    let inode = std::fs::metadata(&namespace)
-        .with_context(|| format!("cannot stat {}", namespace.display()))?
-        .ino();
-    Ok(Path::new(BPFFS).join(format!("overlay-netns-{inode}")))
-}
-
 #[test]
 fn two_agents_in_two_namespaces_on_the_default_pin_directory_both_keep_forwarding() -> Result<()> {
     let mut cluster = Cluster::new("default-pins")?;
@@ -299,7 +289,7 @@ fn two_agents_in_two_namespaces_on_the_default_pin_directory_both_keep_forwardin
     cluster.reserve(SUBNET2, HOST2)?;
     let host1 = cluster.add_host("host1", HOST1)?;
     let host2 = cluster.add_host("host2", HOST2)?;
-    let dirs = [default_pin_dir(&host1)?, default_pin_dir(&host2)?];
+    let dirs = [host1.default_pin_dir()?, host2.default_pin_dir()?];
     let _remove_dirs = RemoveOnDrop(dirs.to_vec());
     let start = |host: &Host| {
         let flags = with_pin_dir(Agent::flags(&cluster, host, &[]), None);

@@ -581,6 +581,40 @@ fn teardown_leaves_the_host_as_it_found_it() -> Result<()> {
     Ok(())
 }
 
+/// After a reboot /run/flannel/subnet.env is gone; `teardown --release-lease` still finds
+/// this host's record, the one naming its address, and leaves every other host's.
+#[test]
+fn release_lease_without_the_subnet_file_deletes_the_record_naming_this_host() -> Result<()> {
+    let mut cluster = Cluster::new("release-reboot")?;
+    let other = cluster.subnet_key(SUBNET2);
+    cluster.etcd.put(&other, &format!(r#"{{"PublicIP":"{HOST2}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:89"}}}}"#))?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut agent = Agent::start(&cluster, &host1, KERNEL)?;
+    let own = cluster.subnet_key(&agent.wait_ready()?);
+    agent.process.kill();
+    std::fs::remove_file(host1.subnet_file()).context("cannot remove the subnet file")?;
+
+    let release = [
+        "teardown".to_string(),
+        "--release-lease".to_string(),
+        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host1.subnet_file().display()),
+    ];
+    let mut released = Agent::start_with(&host1, &release, &[])?;
+    assert!(
+        released.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "teardown --release-lease without the subnet file failed: {}",
+        released.log()
+    );
+    assert!(
+        cluster.etcd.get(&own)?.is_none(),
+        "the record naming host1 is released"
+    );
+    assert!(cluster.etcd.get(&other)?.is_some(), "host2's record stays");
+    Ok(())
+}
+
 #[test]
 fn ip_blackhole_route_backs_the_subnet_when_the_bridge_route_is_gone() -> Result<()> {
     let seed = Seed::start("blackhole", &["--dataplane=kernel", "--ip-blackhole-route"])?;
