@@ -39,6 +39,8 @@ pub enum Duty {
     Reconcile,
     /// Every container port carries its program (one that does not is taken down).
     ContainerPrograms,
+    /// `<prefix>/config` is there, readable and valid (only before the start).
+    NetworkConfig,
 }
 
 impl Duty {
@@ -51,6 +53,7 @@ impl Duty {
             Duty::ContainerPrograms => {
                 format!("container ports down for {seconds} s, without their program: {error}")
             }
+            Duty::NetworkConfig => format!("no usable network config for {seconds} s: {error}"),
         }
     }
 }
@@ -136,13 +139,20 @@ impl Health {
 
     /// As [`Health::healthz`], once the start is complete.
     pub fn readyz(&self) -> Result<(), String> {
-        match self.lock().stage {
-            Stage::Starting => return Err("not ready: dataplane not loaded yet\n".to_string()),
+        let state = self.lock();
+        match state.stage {
+            Stage::Starting => {
+                return Err(match state.failing.get(&Duty::NetworkConfig) {
+                    Some(failure) => format!("not ready: {}\n", failure.error),
+                    None => "not ready: dataplane not loaded yet\n".to_string(),
+                });
+            }
             Stage::DataplaneLoaded => {
                 return Err("not ready: subnet file not written yet\n".to_string());
             }
             Stage::Ready => {}
         }
+        drop(state);
         self.healthz()
     }
 

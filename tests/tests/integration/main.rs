@@ -40,6 +40,7 @@ mod lifecycle;
 mod node_network;
 mod package;
 mod pinned_upgrade;
+mod public_ip;
 mod record_checks;
 mod routed_flows;
 mod stack_path;
