@@ -714,12 +714,10 @@ fn flags_flanneld_does_not_know_or_overlay_does_not_support_are_refused_by_name(
     Ok(())
 }
 
-#[test]
-fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Result<()> {
-    let mut cluster = Cluster::new("uplink-choice")?;
-    let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    // A second interface; flanneld takes it when --public-ip names its address.
-    host1.netns.ip(&[
+/// Gives `host` a second interface, eth1 (a veth whose peer stays in the host), up, with
+/// `addresses`.
+fn add_second_interface(host: &Host, addresses: &[&str]) -> Result<()> {
+    host.netns.ip(&[
         "link",
         "add",
         "eth1",
@@ -729,12 +727,22 @@ fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Res
         "name",
         "eth1-peer",
     ])?;
-    host1
-        .netns
-        .ip(&["addr", "add", "192.168.77.4/24", "dev", "eth1"])?;
-    for device in ["eth1", "eth1-peer"] {
-        host1.netns.ip(&["link", "set", device, "up"])?;
+    for address in addresses {
+        host.netns
+            .ip(&["addr", "add", address, "dev", "eth1", "nodad"])?;
     }
+    for device in ["eth1", "eth1-peer"] {
+        host.netns.ip(&["link", "set", device, "up"])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Result<()> {
+    let mut cluster = Cluster::new("uplink-choice")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A second interface; flanneld takes it when --public-ip names its address.
+    add_second_interface(&host1, &["192.168.77.4/24"])?;
     let kernel = ["--dataplane=kernel"];
     let uplink_of = |extra: &[&str]| -> Result<String> {
         let mut agent = Agent::start(&cluster, &host1, &[&kernel[..], extra].concat())?;
@@ -781,24 +789,7 @@ fn ipv6_addresses_choose_the_uplink_and_serve_health_as_in_flanneld() -> Result<
         overlay_tests::ipv6::DUAL_STACK_NETWORK_CONFIG,
     )?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    host1.netns.ip(&[
-        "link",
-        "add",
-        "eth1",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth1-peer",
-    ])?;
-    for address in ["192.168.77.4/24", "fd00:77::4/64"] {
-        host1
-            .netns
-            .ip(&["addr", "add", address, "dev", "eth1", "nodad"])?;
-    }
-    for device in ["eth1", "eth1-peer"] {
-        host1.netns.ip(&["link", "set", device, "up"])?;
-    }
+    add_second_interface(&host1, &["192.168.77.4/24", "fd00:77::4/64"])?;
     let devices_with = |extra: &[&str]| -> Result<(String, String)> {
         let mut agent = Agent::start(&cluster, &host1, &[&["--dataplane=kernel"], extra].concat())?;
         agent.wait_ready()?;

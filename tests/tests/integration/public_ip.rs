@@ -23,27 +23,39 @@ fn counters(host: &Host) -> Result<Counters> {
     PinnedDataplane::open(&host.pin_dir())?.counters()
 }
 
-/// Pings `destination` from `from` until one reply comes back.
-fn wait_for_reply(from: &Container, destination: &str) -> Result<()> {
-    wait_for(
-        &format!("a reply from {destination}"),
-        EVENT_TIMEOUT,
-        || {
-            let ping =
-                from.netns
-                    .exec_unchecked(&["ping", "-n", "-c", "1", "-W", "1", destination])?;
-            Ok(ping.status.success())
-        },
-    )
+/// The seed's hosts, no agent yet, host2's subnet reserved for `host2_public_ip`.
+fn seed_hosts(tag: &str, host2_public_ip: &str) -> Result<(Cluster, Host, Host)> {
+    let mut cluster = Cluster::new(tag)?;
+    cluster.reserve(SUBNET1, HOST1)?;
+    cluster.reserve(SUBNET2, host2_public_ip)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let host2 = cluster.add_host("host2", HOST2)?;
+    Ok((cluster, host1, host2))
+}
+
+/// bbox1 (on host1) pings bbox2 until it answers, then three times more, each answered across
+/// the overlay, and host1 drops no VXLAN as from an unknown sender meanwhile.
+fn assert_bbox2_answers_with_no_sender_dropped(bbox1: &Container, host1: &Host) -> Result<()> {
+    let before = counters(host1)?;
+    wait_for("a reply from bbox2", EVENT_TIMEOUT, || {
+        let ping = bbox1
+            .netns
+            .exec_unchecked(&["ping", "-n", "-c", "1", "-W", "1", BBOX2])?;
+        Ok(ping.status.success())
+    })?;
+    let ping = bbox1.ping(BBOX2, 3)?;
+    ensure!(ping.matches("ttl=62").count() == 3, "{ping}");
+    let after = counters(host1)?;
+    ensure!(
+        after.get(Counter::RxUnknownVtep) == before.get(Counter::RxUnknownVtep),
+        "host1 dropped bbox2's answers as VXLAN from an unknown sender"
+    );
+    Ok(())
 }
 
 #[test]
 fn a_secondary_public_ip_is_the_tunnel_source_and_its_vxlan_is_accepted() -> Result<()> {
-    let mut cluster = Cluster::new("secondary-ip")?;
-    cluster.reserve(SUBNET1, HOST1)?;
-    cluster.reserve(SUBNET2, HOST2_SECONDARY)?;
-    let host1 = cluster.add_host("host1", HOST1)?;
-    let host2 = cluster.add_host("host2", HOST2)?;
+    let (cluster, host1, host2) = seed_hosts("secondary-ip", HOST2_SECONDARY)?;
     host2.netns.ip(&[
         "addr",
         "add",
@@ -72,16 +84,7 @@ fn a_secondary_public_ip_is_the_tunnel_source_and_its_vxlan_is_accepted() -> Res
     let bbox1 = Container::attach(&host1, "bbox1", BBOX1)?;
     let _bbox2 = Container::attach(&host2, "bbox2", BBOX2)?;
 
-    let before = counters(&host1)?;
-    wait_for_reply(&bbox1, BBOX2)?;
-    let ping = bbox1.ping(BBOX2, 3)?;
-    ensure!(ping.matches("ttl=62").count() == 3, "{ping}");
-    let after = counters(&host1)?;
-    ensure!(
-        after.get(Counter::RxUnknownVtep) == before.get(Counter::RxUnknownVtep),
-        "host1 dropped host2's VXLAN as from an unknown sender"
-    );
-    Ok(())
+    assert_bbox2_answers_with_no_sender_dropped(&bbox1, &host1)
 }
 
 /// A namespace on the underlay that masquerades what host2 sends host1: host2 routes host1
@@ -122,11 +125,7 @@ fn snat_host2_towards_host1(cluster: &mut Cluster, host2: &Host) -> Result<Host>
 
 #[test]
 fn a_peer_behind_snat_reaches_a_container_with_accept_nat_peers_only() -> Result<()> {
-    let mut cluster = Cluster::new("nat-peer")?;
-    cluster.reserve(SUBNET1, HOST1)?;
-    cluster.reserve(SUBNET2, HOST2)?;
-    let host1 = cluster.add_host("host1", HOST1)?;
-    let host2 = cluster.add_host("host2", HOST2)?;
+    let (mut cluster, host1, host2) = seed_hosts("nat-peer", HOST2)?;
     // host2 sends as flanneld's kernel device does: wherever its routes lead.
     let mut agent2 = Agent::start(&cluster, &host2, &["--dataplane=kernel"])?;
     ensure!(
@@ -162,14 +161,5 @@ fn a_peer_behind_snat_reaches_a_container_with_accept_nat_peers_only() -> Result
 
     let mut accepting = Agent::start(&cluster, &host1, &["--accept-nat-peers"])?;
     accepting.wait_ready()?;
-    wait_for_reply(&bbox1, BBOX2)?;
-    let before = counters(&host1)?;
-    let ping = bbox1.ping(BBOX2, 3)?;
-    ensure!(ping.matches("ttl=62").count() == 3, "{ping}");
-    let after = counters(&host1)?;
-    ensure!(
-        after.get(Counter::RxUnknownVtep) == before.get(Counter::RxUnknownVtep),
-        "host1 still dropped NATed replies"
-    );
-    Ok(())
+    assert_bbox2_answers_with_no_sender_dropped(&bbox1, &host1)
 }
