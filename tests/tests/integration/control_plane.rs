@@ -539,15 +539,16 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
             .health("/healthz")?
             .is_some_and(|answer| answer.status == 200))
     })?;
-    let readyz = agent.health("/readyz")?.context("/readyz answers")?;
-    assert_eq!(
-        readyz.status, 503,
-        "not ready before the subnet file exists"
-    );
-    assert!(
-        readyz.body.contains("dataplane not loaded"),
-        "/readyz names what is missing: {readyz:?}"
-    );
+    // Not ready before the subnet file exists, naming what is missing: the config.
+    wait_for("/readyz to name the missing config", EVENT_TIMEOUT, || {
+        Ok(agent.health("/readyz")?.is_some_and(|answer| {
+            answer.status == 503
+                && answer
+                    .body
+                    .contains(&format!("not ready: no network config at {PREFIX}/config"))
+        }))
+    })
+    .with_context(|| format!("{:?}", agent.health("/readyz")))?;
     cluster.etcd.put(
         &format!("{PREFIX}/config"),
         overlay_tests::cluster::SEED_NETWORK_CONFIG,
