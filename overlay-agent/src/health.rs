@@ -310,6 +310,30 @@ mod tests {
     }
 
     #[test]
+    fn readiness_names_a_network_config_problem_at_once_and_health_after_the_grace() {
+        let health = Health::new(GRACE);
+        let missing = anyhow!("no network config at /coreos.com/network/config");
+        health.failed(Duty::NetworkConfig, ago(5), &missing);
+        assert_eq!(
+            health.readyz(),
+            Err("not ready: no network config at /coreos.com/network/config\n".to_string())
+        );
+        assert_eq!(health.healthz(), Ok(()));
+        let long_failing = Health::new(GRACE);
+        long_failing.failed(Duty::NetworkConfig, ago(60), &missing);
+        assert!(
+            long_failing
+                .healthz()
+                .is_err_and(|body| body.starts_with("no usable network config for"))
+        );
+        health.succeeded(Duty::NetworkConfig);
+        assert_eq!(
+            health.readyz(),
+            Err("not ready: dataplane not loaded yet\n".to_string())
+        );
+    }
+
+    #[test]
     fn readiness_names_the_missing_step_then_follows_health() {
         let health = Health::new(GRACE);
         assert_eq!(

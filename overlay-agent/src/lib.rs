@@ -327,8 +327,8 @@ pub async fn teardown(options: &AgentOptions, release_lease: bool) -> Result<()>
     Ok(())
 }
 
-/// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config
-/// is an error the operator must fix.
+/// Waits while the config is missing, invalid or etcd unreachable, retrying every second as
+/// flanneld does (its `getConfig`), and says why in the log and through `health`.
 async fn wait_for_network_config(
     registry: &impl Registry,
     health: &Health,
