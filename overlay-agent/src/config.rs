@@ -12,7 +12,8 @@ use serde_json::{Map, Value};
 
 use overlay_common::DEFAULT_VXLAN_PORT;
 
-/// Bytes VXLAN adds to every packet: outer Ethernet, IPv4, UDP and VXLAN headers.
+/// Bytes VXLAN adds inside the underlay's MTU: the outer IPv4 (20), UDP (8) and VXLAN (8)
+/// headers and the inner Ethernet header (14); the outer Ethernet header is outside the MTU.
 pub const VXLAN_OVERHEAD: u32 = 50;
 /// Bytes VXLAN over IPv6 adds: its outer IPv6 header is 20 bytes longer than IPv4's. flannel
 /// gives flannel-v6.<VNI> the IPv4 device's MTU, which a full-size packet then exceeds.

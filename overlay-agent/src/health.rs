@@ -39,6 +39,8 @@ pub enum Duty {
     Reconcile,
     /// Every container port carries its program (one that does not is taken down).
     ContainerPrograms,
+    /// `<prefix>/config` is there, readable and valid (only before the start).
+    NetworkConfig,
 }
 
 impl Duty {
@@ -51,6 +53,7 @@ impl Duty {
             Duty::ContainerPrograms => {
                 format!("container ports down for {seconds} s, without their program: {error}")
             }
+            Duty::NetworkConfig => format!("no usable network config for {seconds} s: {error}"),
         }
     }
 }
@@ -136,13 +139,20 @@ impl Health {
 
     /// As [`Health::healthz`], once the start is complete.
     pub fn readyz(&self) -> Result<(), String> {
-        match self.lock().stage {
-            Stage::Starting => return Err("not ready: dataplane not loaded yet\n".to_string()),
+        let state = self.lock();
+        match state.stage {
+            Stage::Starting => {
+                return Err(match state.failing.get(&Duty::NetworkConfig) {
+                    Some(failure) => format!("not ready: {}\n", failure.error),
+                    None => "not ready: dataplane not loaded yet\n".to_string(),
+                });
+            }
             Stage::DataplaneLoaded => {
                 return Err("not ready: subnet file not written yet\n".to_string());
             }
             Stage::Ready => {}
         }
+        drop(state);
         self.healthz()
     }
 
@@ -297,6 +307,30 @@ mod tests {
         health.failed(Duty::LeaseWatch, ago(60), &anyhow!("no leader"));
         health.succeeded(Duty::LeaseWatch);
         assert_eq!(health.healthz(), Ok(()));
+    }
+
+    #[test]
+    fn readiness_names_a_network_config_problem_at_once_and_health_after_the_grace() {
+        let health = Health::new(GRACE);
+        let missing = anyhow!("no network config at /coreos.com/network/config");
+        health.failed(Duty::NetworkConfig, ago(5), &missing);
+        assert_eq!(
+            health.readyz(),
+            Err("not ready: no network config at /coreos.com/network/config\n".to_string())
+        );
+        assert_eq!(health.healthz(), Ok(()));
+        let long_failing = Health::new(GRACE);
+        long_failing.failed(Duty::NetworkConfig, ago(60), &missing);
+        assert!(
+            long_failing
+                .healthz()
+                .is_err_and(|body| body.starts_with("no usable network config for"))
+        );
+        health.succeeded(Duty::NetworkConfig);
+        assert_eq!(
+            health.readyz(),
+            Err("not ready: dataplane not loaded yet\n".to_string())
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::{
         Dataplane, LeaseCapacity, collector::DataplaneCollector, pins::PinDirLock,
         refusals::warn_about_refusals, strays::Keep,
     },
-    health::{Health, Stage},
+    health::{Duty, Health, Stage},
     masquerade::keep_restored,
     metrics::Metrics,
     node::{NodeNetwork, uplink::Uplink, vtep},
@@ -57,7 +57,7 @@ use crate::{
         Lease, LeaseSubnets, VtepMacs, config_change,
         etcd::EtcdRegistry,
         file::{previous_networks, previous_subnet},
-        manager::{LeaseManager, LeaseTiming},
+        manager::{LeaseManager, LeaseRevoked, LeaseTiming},
         registry::{ConfigReadError, Registry, own_subnets},
         watch::LeaseWatcher,
     },
@@ -80,7 +80,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let metrics = Metrics::new(served_pins.map(DataplaneCollector::boxed));
     serve_health(&options, &health, &metrics).await?;
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
-    let config = wait_for_network_config(&registry).await?;
+    let config = wait_for_network_config(&registry, &health).await?;
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
     // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
     // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
@@ -114,7 +114,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let (events, received) = mpsc::channel(EVENT_QUEUE);
     let resync = Duration::from_secs(options.iptables_resync);
-    tokio::select! {
+    let outcome = tokio::select! {
         result = manager.keep_alive(lease.clone()) => result,
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
         () = reconciler.run(received, notifications, &health) => Err(anyhow!("the lease event stream ended")),
@@ -125,6 +125,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
             Ok(())
         }
+    };
+    ending_cleanly_when_revoked(outcome)
+}
+
+/// A revoked lease ends the agent with status 0, as it ends flanneld: a supervisor with
+/// `Restart=on-failure` leaves it stopped rather than have it take a new subnet.
+fn ending_cleanly_when_revoked(outcome: Result<()>) -> Result<()> {
+    match outcome {
+        Err(error) if error.chain().any(|cause| cause.is::<LeaseRevoked>()) => {
+            log::error!("{error:#}: Lease has been revoked. Shutting down daemon.");
+            Ok(())
+        }
+        other => other,
     }
 }
 
@@ -339,18 +352,41 @@ async fn release_own_lease(
     Ok(())
 }
 
-/// Waits while the config is missing or etcd unreachable, as flanneld does; an invalid config
-/// is an error the operator must fix.
-async fn wait_for_network_config(registry: &impl Registry) -> Result<NetworkConfig> {
+/// Waits while the config is missing, invalid or etcd unreachable, retrying every second as
+/// flanneld does (its `getConfig`), and says why in the log and through `health`.
+async fn wait_for_network_config(
+    registry: &impl Registry,
+    health: &Health,
+) -> Result<NetworkConfig> {
+    let mut last_invalid = None;
     loop {
-        match registry.network_config().await {
-            Ok(config) => return Ok(config),
-            Err(ConfigReadError::Invalid(error)) => return Err(error.into()),
+        let attempted = tokio::time::Instant::now();
+        let error = match registry.network_config().await {
+            Ok(config) => {
+                health.succeeded(Duty::NetworkConfig);
+                log::info!("found the network config");
+                return Ok(config);
+            }
+            Err(ConfigReadError::Invalid(error)) => {
+                let error = error.to_string();
+                // flanneld logs it every second; once per distinct error says as much.
+                if last_invalid.as_ref() != Some(&error) {
+                    log::error!(
+                        "the network config is invalid: {error}; retrying every {CONFIG_RETRY:?} \
+                         until it is fixed"
+                    );
+                }
+                last_invalid = Some(error.clone());
+                anyhow!("the network config is invalid: {error}")
+            }
             Err(error) => {
                 log::warn!("{error}; retrying in {CONFIG_RETRY:?}");
-                sleep(CONFIG_RETRY).await;
+                last_invalid = None;
+                anyhow!("{error}")
             }
-        }
+        };
+        health.failed(Duty::NetworkConfig, attempted, &error);
+        sleep(CONFIG_RETRY).await;
     }
 }
 

@@ -4,7 +4,7 @@
 //! `--flag value`, `-bool=false`. flanneld's Kubernetes flags are refused by name.
 use std::{
     ffi::OsString,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -60,6 +60,7 @@ const BOOLEAN: &[&str] = &[
     "ip-blackhole-route",
     "fast-path",
     "container-vlans",
+    "accept-nat-peers",
     "bpf-log",
 ];
 
@@ -325,13 +326,13 @@ pub struct AgentOptions {
     #[arg(long, env = "FLANNELD_IFACE_REGEX")]
     pub iface_regex: Vec<String>,
 
-    /// Use the interface, and its source address, of the route to this IP (`ip route get`),
-    /// after every --iface and --iface-regex.
+    /// Use the interface, and its source address, of the route to this IPv4 or IPv6 address
+    /// (`ip route get`), after every --iface and --iface-regex.
     #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
-    pub iface_can_reach: Option<Ipv4Addr>,
+    pub iface_can_reach: Option<IpAddr>,
 
-    /// IP other hosts reach this one at (defaults to the interface's address). The tunnel's
-    /// source stays the interface's address, as in flannel.
+    /// IP other hosts reach this one at (defaults to the interface's address). Where the
+    /// interface holds it, it is also the tunnel's source, as in flanneld since v0.27.4.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
@@ -382,9 +383,9 @@ pub struct AgentOptions {
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub iptables_resync: u64,
 
-    /// Address the health endpoints listen on.
+    /// Address the health endpoints listen on, IPv4 or IPv6 (`::` for every address).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
-    pub healthz_ip: Ipv4Addr,
+    pub healthz_ip: IpAddr,
 
     /// Port of /healthz and /readyz; 0 disables them.
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
@@ -425,6 +426,14 @@ pub struct AgentOptions {
     /// (`tx_vlan`): a container's claims are checked only on untagged frames.
     #[arg(long, env = "FLANNELD_CONTAINER_VLANS", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub container_vlans: bool,
+
+    /// In ebpf mode, accept VXLAN from a peer whose outer source is not its PublicIP (a host
+    /// behind NAT) when the inner Ethernet source is the VtepMAC of the lease holding the
+    /// inner IPv4 source, as flannel accepts it. Off (the default), the outer source must be
+    /// a lease's PublicIP: a VtepMAC is public in etcd, so with it on anyone who can reach the
+    /// VXLAN port and read etcd can send as any lease.
+    #[arg(long, env = "FLANNELD_ACCEPT_NAT_PEERS", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub accept_nat_peers: bool,
 
     /// Where the uplink decapsulates in ebpf mode: tc keeps GSO superpackets whole and puts
     /// packets straight into containers; xdp acts before the stack allocates anything, but on
@@ -584,7 +593,10 @@ mod tests {
         assert!(agent.ip_blackhole_route);
         assert_eq!(agent.iface, ["eth1"]);
         assert_eq!(agent.iface_regex, ["eth[0-9],br.*"], "taken whole");
-        assert_eq!(agent.iface_can_reach, Some(Ipv4Addr::new(172, 20, 62, 1)));
+        assert_eq!(
+            agent.iface_can_reach,
+            Some(IpAddr::V4(Ipv4Addr::new(172, 20, 62, 1)))
+        );
         assert_eq!(agent.etcd_password.as_deref(), Some("-starts-with-a-dash"));
         assert_eq!(agent.verbosity, 2);
     }

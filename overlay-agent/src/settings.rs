@@ -144,7 +144,7 @@ fn node_settings(
     let ipv4_vtep = lease.attrs.vtep_mac().zip(uplink.address);
     let ipv4 = match ipv4_vtep.filter(|_| config.enable_ipv4) {
         Some((mac, local)) => Some(FamilySettings {
-            // flannel's tunnel source: the uplink's address, whatever --public-ip says.
+            // The tunnel's source: the uplink's address, --public-ip where the uplink holds it.
             vtep: vtep_spec(
                 vtep::device_name(config.backend.vni),
                 IpAddr::V4(local),
@@ -215,6 +215,7 @@ fn program_settings(
         direct_routing: config.backend.direct_routing,
         fast_path: options.fast_path,
         container_vlans: options.container_vlans,
+        accept_nat_peers: options.accept_nat_peers,
         decap_hook: options.decap_hook.into(),
         xdp_mode: options.xdp_mode.into(),
     })

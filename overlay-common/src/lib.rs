@@ -89,6 +89,10 @@ pub const CONFIG_IPV6: u16 = 4;
 /// [`OverlayConfig::flags`]: VLAN-tagged frames from containers go on unchecked
 /// (`--container-vlans`); without it they are dropped, as nothing checks what a tag hides.
 pub const CONFIG_CONTAINER_VLANS: u16 = 8;
+/// [`OverlayConfig::flags`]: VXLAN over IPv4 from an outer source no lease names (a peer
+/// behind NAT) is accepted when its inner Ethernet source is the VtepMAC of the lease holding
+/// its inner IPv4 source (`--accept-nat-peers`); without it, such a frame is dropped.
+pub const CONFIG_ACCEPT_NAT_PEERS: u16 = 16;
 
 /// The `skb->mark` bit the uplink program sets on VXLAN it checked and hands to the VXLAN
 /// device, decapsulated or for its socket. The VXLAN device's ingress program lets through
@@ -113,6 +117,10 @@ impl OverlayConfig {
 
     pub const fn container_vlans(&self) -> bool {
         self.flags & CONFIG_CONTAINER_VLANS != 0
+    }
+
+    pub const fn accept_nat_peers(&self) -> bool {
+        self.flags & CONFIG_ACCEPT_NAT_PEERS != 0
     }
 }
 

@@ -24,6 +24,8 @@ pub struct VxlanFrame {
     pub outer_src: [u8; 4],
     /// Offset of the inner Ethernet header: how much to strip.
     pub inner_offset: usize,
+    /// The inner Ethernet source: the sender's VtepMAC.
+    pub inner_eth_src: [u8; 6],
     /// Whether the inner frame carries IPv4.
     pub inner_is_ipv4: bool,
     /// The inner IPv4 source (meaningless unless `inner_is_ipv4`).
@@ -87,6 +89,7 @@ pub fn classify_ipv4_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
     Ok(VxlanFrame {
         outer_src: ip.src,
         inner_offset: payload.inner_offset,
+        inner_eth_src: payload.inner.eth.src,
         inner_is_ipv4: payload.inner.eth.is_ipv4(),
         inner_src: payload.inner.ip.src,
         outer_ecn: ip.tos & ECN_MASK,

@@ -36,7 +36,7 @@ pub struct Uplink {
 pub struct Choice<'a> {
     pub ifaces: &'a [String],
     pub regexes: &'a [String],
-    pub can_reach: Option<Ipv4Addr>,
+    pub can_reach: Option<IpAddr>,
     pub public_ip: Option<Ipv4Addr>,
     pub public_ipv6: Option<Ipv6Addr>,
 }
@@ -47,18 +47,29 @@ struct Link {
     mtu: u32,
 }
 
-/// The interfaces and their IPv4 addresses, listed once per search.
+/// The interfaces and their addresses, listed once per search.
 struct Interfaces {
     links: Vec<Link>,
-    /// (interface index, address), in the kernel's order.
+    /// (interface index, IPv4 address), in the kernel's order.
     addresses: Vec<(u32, Ipv4Addr)>,
+    /// (interface index, IPv6 address), in the kernel's order.
+    addresses6: Vec<(u32, Ipv6Addr)>,
 }
 
 impl Interfaces {
     async fn list(handle: &Handle) -> Result<Self> {
+        let mut addresses = Vec::new();
+        let mut addresses6 = Vec::new();
+        for (index, address) in interface_addresses(handle).await? {
+            match address {
+                IpAddr::V4(address) => addresses.push((index, address)),
+                IpAddr::V6(address) => addresses6.push((index, address)),
+            }
+        }
         Ok(Self {
             links: links(handle).await?,
-            addresses: ipv4_addresses(handle).await?,
+            addresses,
+            addresses6,
         })
     }
 
@@ -90,6 +101,31 @@ impl Interfaces {
         self.uplink(*index, Some(wanted))
     }
 
+    /// The interface holding the IPv6 address `wanted`, which becomes its IPv6 address.
+    fn holding6(&self, wanted: Ipv6Addr) -> Option<Uplink> {
+        let (index, _) = self
+            .addresses6
+            .iter()
+            .find(|(_, address)| *address == wanted)?;
+        let uplink = self.uplink(*index, None)?;
+        Some(Uplink {
+            ipv6: Some(wanted),
+            ..uplink
+        })
+    }
+
+    /// The interface `index`, with `source` (a route's) as its address of that family.
+    fn with_source(&self, index: u32, source: Option<IpAddr>) -> Option<Uplink> {
+        match source {
+            Some(IpAddr::V4(source)) => self.uplink(index, Some(source)),
+            Some(IpAddr::V6(source)) => self.uplink(index, None).map(|uplink| Uplink {
+                ipv6: Some(source),
+                ..uplink
+            }),
+            None => self.uplink(index, None),
+        }
+    }
+
     /// The interface called `name`.
     fn named(&self, name: &str) -> Option<Uplink> {
         self.links
@@ -98,10 +134,11 @@ impl Interfaces {
             .and_then(|link| self.uplink(link.index, None))
     }
 
-    /// `--iface`: an interface by address or by name.
+    /// `--iface`: an interface by IPv4 or IPv6 address, or by name.
     fn by_spec(&self, spec: &str) -> Option<Uplink> {
-        match spec.parse::<Ipv4Addr>() {
-            Ok(wanted) => self.holding(wanted),
+        match spec.parse::<IpAddr>() {
+            Ok(IpAddr::V4(wanted)) => self.holding(wanted),
+            Ok(IpAddr::V6(wanted)) => self.holding6(wanted),
             Err(_) => self.named(spec),
         }
     }
@@ -148,15 +185,29 @@ pub async fn current(handle: &Handle, started_with: &Uplink) -> Result<Uplink> {
         })
 }
 
-/// Finds the uplink as [`Choice`] asks, in flanneld's order, with its IPv6 address.
+/// Finds the uplink as [`Choice`] asks, in flanneld's order, with its IPv6 address. Its
+/// addresses, the tunnels' sources, are `--public-ip` and `--public-ipv6` when the uplink
+/// holds them, as in flanneld since v0.27.4; a public address the host does not hold (a
+/// NAT's) is no source it can send from, and the uplink's own address stays. An IPv6
+/// address that chose the uplink (`--iface`, `--iface-can-reach`) comes next.
 pub async fn find(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
-    let uplink = find_interface(handle, choice).await?;
-    let ipv6 = ipv6_address(handle, uplink.index, choice.public_ipv6).await?;
+    let interfaces = Interfaces::list(handle).await?;
+    let uplink = find_interface(handle, &interfaces, choice).await?;
+    let uplink = choice
+        .public_ip
+        .and_then(|public_ip| interfaces.holding(public_ip))
+        .filter(|holder| holder.index == uplink.index)
+        .unwrap_or(uplink);
+    let wanted6 = [choice.public_ipv6, uplink.ipv6];
+    let ipv6 = ipv6_address(handle, uplink.index, &wanted6).await?;
     Ok(Uplink { ipv6, ..uplink })
 }
 
-async fn find_interface(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
-    let interfaces = Interfaces::list(handle).await?;
+async fn find_interface(
+    handle: &Handle,
+    interfaces: &Interfaces,
+    choice: Choice<'_>,
+) -> Result<Uplink> {
     if choice.ifaces.is_empty() && choice.regexes.is_empty() && choice.can_reach.is_none() {
         return match choice.public_ip {
             Some(public_ip) => interfaces.holding(public_ip).with_context(|| {
@@ -165,13 +216,13 @@ async fn find_interface(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
                      (the public IP may then be an address of another host, e.g. a NAT)"
                 )
             }),
-            None => default_uplink(handle, &interfaces).await,
+            None => default_uplink(handle, interfaces).await,
         };
     }
     for spec in choice.ifaces {
         match interfaces.by_spec(spec) {
             Some(uplink) => return Ok(uplink),
-            None => log::warn!("--iface {spec}: no interface with that name or IPv4 address"),
+            None => log::warn!("--iface {spec}: no interface with that name or address"),
         }
     }
     for pattern in choice.regexes {
@@ -185,7 +236,7 @@ async fn find_interface(handle: &Handle, choice: Choice<'_>) -> Result<Uplink> {
     if let Some(destination) = choice.can_reach {
         match route_to(handle, destination).await? {
             Some((index, source)) => {
-                if let Some(uplink) = interfaces.uplink(index, source) {
+                if let Some(uplink) = interfaces.with_source(index, source) {
                     return Ok(uplink);
                 }
                 log::warn!("--iface-can-reach {destination}: the route's interface is gone");
@@ -212,13 +263,15 @@ async fn default_uplink(handle: &Handle, interfaces: &Interfaces) -> Result<Upli
 }
 
 /// The interface and source address `ip route get <destination>` reports.
-async fn route_to(
-    handle: &Handle,
-    destination: Ipv4Addr,
-) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
-    let query = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(destination, 32)
-        .build();
+async fn route_to(handle: &Handle, destination: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>> {
+    let query = match destination {
+        IpAddr::V4(destination) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination, 32)
+            .build(),
+        IpAddr::V6(destination) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(destination, 128)
+            .build(),
+    };
     let answers: Vec<RouteMessage> = match handle.route().get(query).execute().try_collect().await {
         Ok(answers) => answers,
         Err(rtnetlink::Error::NetlinkError(message))
@@ -237,7 +290,12 @@ async fn route_to(
         for attribute in route.attributes {
             match attribute {
                 RouteAttribute::Oif(oif) => index = Some(oif),
-                RouteAttribute::PrefSource(RouteAddress::Inet(address)) => source = Some(address),
+                RouteAttribute::PrefSource(RouteAddress::Inet(address)) => {
+                    source = Some(IpAddr::V4(address));
+                }
+                RouteAttribute::PrefSource(RouteAddress::Inet6(address)) => {
+                    source = Some(IpAddr::V6(address));
+                }
                 _ => {}
             }
         }
@@ -257,8 +315,8 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
         .collect())
 }
 
-/// (interface index, address) for every IPv4 address, in the kernel's order.
-async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr)>> {
+/// (interface index, address) for every address, in the kernel's order.
+async fn interface_addresses(handle: &Handle) -> Result<Vec<(u32, IpAddr)>> {
     let messages: Vec<_> = handle
         .address()
         .get()
@@ -274,21 +332,23 @@ async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr)>> {
                 .attributes
                 .into_iter()
                 .find_map(|attribute| match attribute {
-                    AddressAttribute::Local(IpAddr::V4(address)) => Some((index, address)),
+                    // IPv4's local address; IPv6 has no IFA_LOCAL unless point-to-point.
+                    AddressAttribute::Local(address @ IpAddr::V4(_)) => Some((index, address)),
+                    AddressAttribute::Address(address @ IpAddr::V6(_)) => Some((index, address)),
                     _ => None,
                 })
         })
         .collect())
 }
 
-/// The IPv6 address of the interface `index` the tunnel uses, as flannel picks it: `wanted`
-/// (`--public-ipv6`) when the interface holds it, else the first non-deprecated global or
+/// The IPv6 address of the interface `index` the tunnel uses, as flannel picks it: the first
+/// of `wanted` (`--public-ipv6`, ...) the interface holds, else the first non-deprecated global or
 /// link-local unicast address, global before link-local, permanent before configured by
 /// the kernel, stable before temporary.
 async fn ipv6_address(
     handle: &Handle,
     index: u32,
-    wanted: Option<Ipv6Addr>,
+    wanted: &[Option<Ipv6Addr>],
 ) -> Result<Option<Ipv6Addr>> {
     let messages = super::links::addresses_of(handle, index).await?;
     let mut candidates: Vec<(Ipv6Addr, AddressFlags)> = messages
@@ -312,8 +372,9 @@ async fn ipv6_address(
                 && !address.is_unspecified()
         })
         .collect();
-    if let Some(wanted) = wanted.filter(|wanted| candidates.iter().any(|(a, _)| a == wanted)) {
-        return Ok(Some(wanted));
+    let held = |wanted: &Ipv6Addr| candidates.iter().any(|(address, _)| address == wanted);
+    if let Some(wanted) = wanted.iter().flatten().find(|wanted| held(wanted)) {
+        return Ok(Some(*wanted));
     }
     // A stable sort keeps the kernel's order among equals, as flannel's does.
     candidates.sort_by_key(|(address, flags)| {

@@ -9,8 +9,9 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    CONFIG_CONTAINER_VLANS, CONFIG_DIRECT_ROUTING, CONFIG_FAST_PATH, CONFIG_IPV6, LocalEndpoint,
-    OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
+    CONFIG_ACCEPT_NAT_PEERS, CONFIG_CONTAINER_VLANS, CONFIG_DIRECT_ROUTING, CONFIG_FAST_PATH,
+    CONFIG_IPV6, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, RemoteVtep6,
+    VtepSubnet, VtepSubnet6,
 };
 
 use crate::{
@@ -80,6 +81,9 @@ pub struct ProgramSettings {
     pub fast_path: bool,
     /// Whether VLAN-tagged frames from containers go on unchecked (`--container-vlans`).
     pub container_vlans: bool,
+    /// Whether VXLAN from an unlisted outer source is accepted on its inner source MAC
+    /// (`--accept-nat-peers`).
+    pub accept_nat_peers: bool,
     pub decap_hook: DecapHook,
     pub xdp_mode: XdpModeChoice,
 }
@@ -528,6 +532,7 @@ fn program_config(
         flags: flag(CONFIG_DIRECT_ROUTING, settings.direct_routing)
             | flag(CONFIG_FAST_PATH, settings.fast_path)
             | flag(CONFIG_CONTAINER_VLANS, settings.container_vlans)
+            | flag(CONFIG_ACCEPT_NAT_PEERS, settings.accept_nat_peers)
             | flag(CONFIG_IPV6, subnets.ipv6.is_some()),
         public_ip: settings
             .tunnel_source
@@ -620,6 +625,7 @@ mod tests {
             direct_routing: false,
             fast_path,
             container_vlans: false,
+            accept_nat_peers: false,
             decap_hook: DecapHook::Tc,
             xdp_mode: XdpModeChoice::Auto,
         }

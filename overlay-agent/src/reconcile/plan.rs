@@ -379,6 +379,7 @@ mod tests {
                 direct_routing: false,
                 fast_path: true,
                 container_vlans: false,
+                accept_nat_peers: false,
                 decap_hook: DecapHook::Tc,
                 xdp_mode: XdpModeChoice::Auto,
             }),

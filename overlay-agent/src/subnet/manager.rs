@@ -277,13 +277,14 @@ impl<R: Registry> LeaseManager<R> {
             .ok()
     }
 
-    /// Publishes when a lease granted just now expires.
-    fn report_expiry(&self) {
+    /// Publishes when a lease granted just now expires; returns that time.
+    fn report_expiry(&self) -> std::time::SystemTime {
         let expiry = std::time::SystemTime::now() + self.timing.ttl;
         let since_epoch = expiry
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         self.metrics.expiry.set(since_epoch.as_secs_f64());
+        expiry
     }
 
     /// Renews the lease before it expires, for as long as the agent runs; returns only with
@@ -311,9 +312,13 @@ impl<R: Registry> LeaseManager<R> {
                 Ok(Some(etcd_lease)) => {
                     lease.etcd_lease = etcd_lease;
                     expiry = Instant::now() + self.timing.ttl;
-                    self.report_expiry();
+                    let expires_at = self.report_expiry();
                     self.health.succeeded(Duty::LeaseRenewal);
-                    log::debug!("renewed lease {}", lease.subnets());
+                    log::info!(
+                        "Lease renewed, new expiration: {} ({})",
+                        go_time(expires_at),
+                        lease.subnets()
+                    );
                 }
                 Ok(None) => return Err(LeaseRevoked(lease.subnets()).into()),
                 Err(error) => {
@@ -327,6 +332,17 @@ impl<R: Registry> LeaseManager<R> {
                 }
             }
         }
+    }
+}
+
+/// `time` as Go prints a UTC `time.Time`, as flanneld's log lines show it
+/// (`2026-12-06 10:45:00.123 +0000 UTC`, milliseconds here).
+fn go_time(time: std::time::SystemTime) -> String {
+    match jiff::Timestamp::try_from(time) {
+        Ok(timestamp) => timestamp
+            .strftime("%Y-%m-%d %H:%M:%S%.3f +0000 UTC")
+            .to_string(),
+        Err(_) => format!("{time:?}"),
     }
 }
 

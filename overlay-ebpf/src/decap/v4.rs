@@ -27,23 +27,30 @@ const INNER_TRANSPORT_HEAD_END: usize = size_of::<Ipv4Hdr>() + size_of::<Transpo
 /// from inside a subnet that host leases (it may hold more than one, re-leased or in two
 /// networks) or from the host's own PublicIP. The latter is what a reply looks like once that
 /// host's conntrack has undone a DNAT to its PublicIP (a published port); the host could send
-/// from that address without VXLAN anyway.
+/// from that address without VXLAN anyway. With `--accept-nat-peers`, a frame from an outer
+/// source no lease names is taken as the lease's whose subnet holds the inner source, if it
+/// carries that lease's VtepMAC as inner Ethernet source.
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
     let vxlan = classify_ipv4_vxlan(frame, config)?;
+    let inner_lease = if vxlan.inner_is_ipv4 {
+        maps::remote_vtep(vxlan.inner_src)
+    } else {
+        None
+    };
     // The inner source's lease naming the sender is the common case, and says the sender
     // holds a lease: only the others need the `vteps` lookup.
-    let leased_by_sender = vxlan.inner_is_ipv4
-        && maps::remote_vtep(vxlan.inner_src)
-            .is_some_and(|lease| lease.public_ip == vxlan.outer_src);
+    let leased_by_sender = inner_lease.is_some_and(|lease| lease.public_ip == vxlan.outer_src);
     if !leased_by_sender {
         if !maps::holds_a_lease(vxlan.outer_src) {
-            return Err(Counter::RxUnknownVtep);
-        }
-        if !vxlan.inner_is_ipv4 {
+            let behind_nat = config.accept_nat_peers()
+                && inner_lease.is_some_and(|lease| lease.mac == vxlan.inner_eth_src);
+            if !behind_nat {
+                return Err(Counter::RxUnknownVtep);
+            }
+        } else if !vxlan.inner_is_ipv4 {
             return Err(Counter::RxInnerOtherFamily);
-        }
-        if vxlan.inner_src != vxlan.outer_src {
+        } else if vxlan.inner_src != vxlan.outer_src {
             return Err(Counter::RxSpoofedSource);
         }
     }

@@ -199,12 +199,41 @@ fn an_exhausted_network_is_a_clear_error() -> Result<()> {
 }
 
 #[test]
-fn an_invalid_network_config_names_the_field() -> Result<()> {
+fn an_invalid_network_config_is_named_and_retried_until_a_valid_one_appears() -> Result<()> {
     let config = r#"{"Network": "10.2.0.0/16", "SubnetLen": 31, "Backend": {"Type": "vxlan"}}"#;
     let mut cluster = Cluster::with_etcd("bad-config", false, Some(config))?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
-    agent.expect_failure("network config: SubnetLen: /31 is too long")?;
+    let first = "network config: SubnetLen: /31 is too long";
+    agent.wait_for_log(first, 1, EVENT_TIMEOUT)?;
+    // flanneld retries every second; a few seconds on, the same error is not repeated.
+    sleep(Duration::from_secs(3));
+    anyhow::ensure!(
+        agent.process.try_exit_status()?.is_none(),
+        "the agent exited on an invalid config:\n{}",
+        agent.log()
+    );
+    anyhow::ensure!(
+        agent.count_in_log(first) == 1,
+        "the same error was logged more than once:\n{}",
+        agent.log()
+    );
+    let readyz = agent.health("/readyz")?.context("/readyz answers")?;
+    anyhow::ensure!(
+        readyz.status == 503 && readyz.body.contains(first),
+        "/readyz does not name the invalid config: {readyz:?}"
+    );
+    // Another mistake is logged as it appears; a valid config makes the agent ready.
+    cluster.etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network": "10.2.0.0/33", "Backend": {"Type": "vxlan"}}"#,
+    )?;
+    agent.wait_for_log("the network config is invalid", 2, EVENT_TIMEOUT)?;
+    cluster.etcd.put(
+        &format!("{PREFIX}/config"),
+        overlay_tests::cluster::SEED_NETWORK_CONFIG,
+    )?;
+    agent.wait_ready()?;
     Ok(())
 }
 
@@ -216,6 +245,8 @@ fn renewal_keeps_a_short_lease_alive_and_a_killed_agent_s_lease_expires() -> Res
     let subnet = agent.wait_ready()?;
     let key = cluster.subnet_key(&subnet);
     let first_lease = cluster.etcd.lease_of(&key)?;
+    // flanneld's line, at info: "Lease renewed, new expiration: 2026-12-06 10:45:00 +0000 UTC".
+    agent.wait_for_log("Lease renewed, new expiration: 20", 1, EVENT_TIMEOUT)?;
     sleep(Duration::from_secs(13));
     assert!(
         record_of(&cluster, &subnet).is_ok(),
@@ -401,7 +432,7 @@ fn the_watch_survives_an_etcd_restart_and_a_compaction_while_disconnected() -> R
 }
 
 #[test]
-fn deleting_the_own_record_makes_the_agent_exit_with_lease_revoked() -> Result<()> {
+fn deleting_the_own_record_makes_the_agent_exit_0_with_lease_revoked() -> Result<()> {
     let mut cluster = Cluster::new("revoked")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
@@ -409,7 +440,19 @@ fn deleting_the_own_record_makes_the_agent_exit_with_lease_revoked() -> Result<(
     cluster
         .etcd
         .etcdctl(&["del", &cluster.subnet_key(&subnet)])?;
-    agent.expect_failure(&format!("lease revoked: the record of {subnet}"))?;
+    // As flanneld: status 0, so `Restart=on-failure` leaves it stopped.
+    let status = agent.process.wait_exit(READY_TIMEOUT)?;
+    let log = agent.log();
+    anyhow::ensure!(status.success(), "the agent exited with {status}:\n{log}");
+    for said in [
+        format!("lease revoked: the record of {subnet}"),
+        "Lease has been revoked. Shutting down daemon.".to_string(),
+    ] {
+        anyhow::ensure!(
+            log.contains(&said),
+            "the agent did not say {said:?}:\n{log}"
+        );
+    }
     Ok(())
 }
 
@@ -496,15 +539,16 @@ fn readyz_turns_ready_once_the_subnet_file_is_written() -> Result<()> {
             .health("/healthz")?
             .is_some_and(|answer| answer.status == 200))
     })?;
-    let readyz = agent.health("/readyz")?.context("/readyz answers")?;
-    assert_eq!(
-        readyz.status, 503,
-        "not ready before the subnet file exists"
-    );
-    assert!(
-        readyz.body.contains("dataplane not loaded"),
-        "/readyz names what is missing: {readyz:?}"
-    );
+    // Not ready before the subnet file exists, naming what is missing: the config.
+    wait_for("/readyz to name the missing config", EVENT_TIMEOUT, || {
+        Ok(agent.health("/readyz")?.is_some_and(|answer| {
+            answer.status == 503
+                && answer
+                    .body
+                    .contains(&format!("not ready: no network config at {PREFIX}/config"))
+        }))
+    })
+    .with_context(|| format!("{:?}", agent.health("/readyz")))?;
     cluster.etcd.put(
         &format!("{PREFIX}/config"),
         overlay_tests::cluster::SEED_NETWORK_CONFIG,
@@ -671,12 +715,10 @@ fn flags_flanneld_does_not_know_or_overlay_does_not_support_are_refused_by_name(
     Ok(())
 }
 
-#[test]
-fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Result<()> {
-    let mut cluster = Cluster::new("uplink-choice")?;
-    let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    // A second interface; flanneld takes it when --public-ip names its address.
-    host1.netns.ip(&[
+/// Gives `host` a second interface, eth1 (a veth whose peer stays in the host), up, with
+/// `addresses`.
+fn add_second_interface(host: &Host, addresses: &[&str]) -> Result<()> {
+    host.netns.ip(&[
         "link",
         "add",
         "eth1",
@@ -686,12 +728,22 @@ fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Res
         "name",
         "eth1-peer",
     ])?;
-    host1
-        .netns
-        .ip(&["addr", "add", "192.168.77.4/24", "dev", "eth1"])?;
-    for device in ["eth1", "eth1-peer"] {
-        host1.netns.ip(&["link", "set", device, "up"])?;
+    for address in addresses {
+        host.netns
+            .ip(&["addr", "add", address, "dev", "eth1", "nodad"])?;
     }
+    for device in ["eth1", "eth1-peer"] {
+        host.netns.ip(&["link", "set", device, "up"])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Result<()> {
+    let mut cluster = Cluster::new("uplink-choice")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    // A second interface; flanneld takes it when --public-ip names its address.
+    add_second_interface(&host1, &["192.168.77.4/24"])?;
     let kernel = ["--dataplane=kernel"];
     let uplink_of = |extra: &[&str]| -> Result<String> {
         let mut agent = Agent::start(&cluster, &host1, &[&kernel[..], extra].concat())?;
@@ -703,6 +755,13 @@ fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Res
 
     let device = uplink_of(&["--public-ip=192.168.77.4"])?;
     assert!(device.contains("local 192.168.77.4 dev eth1"), "{device}");
+    // A --public-ip the uplink holds is flannel.1's local address, as flanneld makes it since
+    // v0.27.4, a secondary address too.
+    host1
+        .netns
+        .ip(&["addr", "add", "172.20.62.204/24", "dev", "eth0"])?;
+    let device = uplink_of(&["--iface=eth0", "--public-ip=172.20.62.204"])?;
+    assert!(device.contains("local 172.20.62.204 dev eth0"), "{device}");
     // A public IP no interface holds (a NAT's) keeps the interface's address as the source.
     let device = uplink_of(&["--iface=eth0", "--public-ip=203.0.113.9"])?;
     assert!(device.contains("local 172.20.62.104 dev eth0"), "{device}");
@@ -721,6 +780,62 @@ fn the_uplink_and_the_tunnel_source_are_chosen_as_flanneld_chooses_them() -> Res
     let flags = Agent::flags(&cluster, &host1, &["--public-ip=203.0.113.9"]);
     Agent::start_with(&host1, &flags, &[])?
         .expect_failure("no interface holds --public-ip 203.0.113.9")?;
+    Ok(())
+}
+
+#[test]
+fn ipv6_addresses_choose_the_uplink_and_serve_health_as_in_flanneld() -> Result<()> {
+    let mut cluster = Cluster::with_ipv6(
+        "uplink-choice-v6",
+        overlay_tests::ipv6::DUAL_STACK_NETWORK_CONFIG,
+    )?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    add_second_interface(&host1, &["192.168.77.4/24", "fd00:77::4/64"])?;
+    let devices_with = |extra: &[&str]| -> Result<(String, String)> {
+        let mut agent = Agent::start(&cluster, &host1, &[&["--dataplane=kernel"], extra].concat())?;
+        agent.wait_ready()?;
+        let devices = (
+            host1.netns.ip(&["-d", "link", "show", "flannel.1"])?,
+            host1.netns.ip(&["-d", "link", "show", "flannel-v6.1"])?,
+        );
+        agent.process.terminate(EVENT_TIMEOUT)?;
+        Ok(devices)
+    };
+    for flag in ["--iface=fd00:77::4", "--iface-can-reach=fd00:77::1"] {
+        let (ipv4, ipv6) = devices_with(&[flag])?;
+        anyhow::ensure!(
+            ipv4.contains("local 192.168.77.4 dev eth1"),
+            "{flag}: {ipv4}"
+        );
+        anyhow::ensure!(ipv6.contains("local fd00:77::4 dev eth1"), "{flag}: {ipv6}");
+    }
+
+    let flags: Vec<String> = Agent::flags(&cluster, &host1, &["--dataplane=kernel"])
+        .into_iter()
+        .map(|flag| {
+            if flag.starts_with("--healthz-ip=") {
+                "--healthz-ip=::1".to_string()
+            } else {
+                flag
+            }
+        })
+        .collect();
+    let agent = Agent::start_with(&host1, &flags, &[])?;
+    let url = format!("http://[::1]:{HEALTH_PORT}/readyz");
+    wait_for("/readyz on ::1 to answer 200", READY_TIMEOUT, || {
+        let answer = host1.netns.exec_unchecked(&[
+            "curl",
+            "-s",
+            "-g",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])?;
+        Ok(String::from_utf8_lossy(&answer.stdout) == "200")
+    })
+    .with_context(|| agent.log())?;
     Ok(())
 }
 

@@ -915,3 +915,46 @@ test_matrix! { check_interop {
     an_ebpf_mode_agent_and_stock_flannel_interoperate_in_ipv6_only:
         ("v6-interop-only-ebpf", false, EBPF),
 }}
+
+/// The containers' MTU is FLANNEL_MTU, 1450, the IPv4 device's; flannel-v6.1's is 1430. A
+/// full-size IPv6 segment from a container is 20 bytes too big for the tunnel: docker0's
+/// router answers "packet too big" and TCP sends smaller ones (PMTUD), in either dataplane.
+#[test]
+fn a_full_size_ipv6_tcp_transfer_between_containers_finds_the_tunnel_s_mtu() -> Result<()> {
+    for (tag, flags) in [("pmtud-ebpf", EBPF), ("pmtud-kernel", KERNEL)] {
+        let seed = Seed::start_dual_stack(tag, [flags, flags])?;
+        let log = seed.cluster.scratch.path().join("iperf3-server.log");
+        let mut server = iperf3_server(&seed.bbox2.netns, &log, true)?;
+        // 4 MiB in full-size segments (iperf3's default MSS follows the container's MTU).
+        let client = seed
+            .bbox1
+            .netns
+            .exec_unchecked(&["timeout", "30", "iperf3", "-6", "-c", BBOX2_V6, "-n", "4M"])?;
+        ensure!(
+            client.status.success(),
+            "{tag}: the transfer did not complete:\n{}\n{}",
+            String::from_utf8_lossy(&client.stdout),
+            String::from_utf8_lossy(&client.stderr)
+        );
+        ensure!(
+            server.wait_exit(READY_TIMEOUT)?.success(),
+            "{}",
+            server.log()
+        );
+        let nstat = seed
+            .bbox1
+            .netns
+            .exec(&["nstat", "-az", "Icmp6InPktTooBigs"])?;
+        let too_big: u64 = nstat
+            .lines()
+            .find_map(|line| line.strip_prefix("Icmp6InPktTooBigs"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .context("nstat names Icmp6InPktTooBigs")?
+            .parse()?;
+        ensure!(
+            too_big > 0,
+            "{tag}: bbox1 was never told its segments are too big:\n{nstat}"
+        );
+    }
+    Ok(())
+}

@@ -41,6 +41,7 @@ mod node_network;
 mod operator_page;
 mod package;
 mod pinned_upgrade;
+mod public_ip;
 mod record_checks;
 mod routed_flows;
 mod stack_path;

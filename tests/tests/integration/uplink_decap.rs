@@ -5,7 +5,7 @@
 //! moves exactly its counter. Both hooks must agree on all of it. flannel.1's ingress lets
 //! through only what tc marked.
 use anyhow::Result;
-use overlay_common::{CHECKED_MARK, Counter};
+use overlay_common::{CHECKED_MARK, CONFIG_ACCEPT_NAT_PEERS, Counter};
 use overlay_tests::{
     dataplane::{
         HOST1, HOST2, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UplinkHook, assert_host2_drops,
@@ -301,6 +301,28 @@ fn vxlan_from_an_unknown_host_is_dropped() -> Result<()> {
             &seed_vxlan_frame(1, 8472),
         )?;
         assert_eq!(outcome.verdict, hook.drop(), "{hook:?}");
+    }
+    Ok(())
+}
+
+/// With `--accept-nat-peers`, VXLAN from an outer source no lease names (a NAT's) is taken as
+/// the lease's whose subnet holds the inner source, and only with that lease's VtepMAC.
+#[test]
+fn with_accept_nat_peers_an_unlisted_sender_needs_the_lease_s_vtep_mac() -> Result<()> {
+    let mut config = HOST2.config(1, 8472);
+    config.flags |= CONFIG_ACCEPT_NAT_PEERS;
+    let mut nated = seed_vxlan_frame(1, 8472);
+    nated[ETH_HEADER_LEN + 12..][..4].copy_from_slice(&[172, 20, 62, 99]);
+    let mut other_mac = nated.clone();
+    other_mac[SEED_INNER + 6..][..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    for hook in UplinkHook::ALL {
+        let host2 = dataplane_with(config, &[&HOST1])?;
+        let outcome = run_uplink(hook, &host2, &nated)?;
+        assert_ne!(outcome.verdict, hook.drop(), "{hook:?}: the NATed frame");
+        assert_eq!(outcome.counters.get(Counter::RxUnknownVtep), 0, "{hook:?}");
+        let outcome = run_uplink(hook, &dataplane_with(config, &[&HOST1])?, &other_mac)?;
+        assert_eq!(outcome.verdict, hook.drop(), "{hook:?}: another MAC");
+        outcome.assert_only(Counter::RxUnknownVtep);
     }
     Ok(())
 }
