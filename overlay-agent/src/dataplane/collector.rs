@@ -9,14 +9,14 @@ use std::{
     time::Duration,
 };
 
-use overlay_common::Counter as DataplaneCounter;
+use overlay_common::{Counter as DataplaneCounter, PeerTraffic};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::pins::{MapOccupancy, PinnedDataplane};
+use super::pins::{MapOccupancy, PeerRecord, PinnedDataplane};
 use crate::metrics::MapLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +98,9 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
             }
         }
+        if let Ok(records) = pinned.peer_traffic() {
+            encode_peer_traffic(&mut encoder, &records)?;
+        }
         let occupancy = self.occupancy();
         if !occupancy.is_empty() {
             encode_per_map(
@@ -117,6 +120,57 @@ impl Collector for DataplaneCollector {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    subnet: String,
+}
+
+/// The four per-peer counter families, a sample per remote lease in each.
+fn encode_peer_traffic(
+    encoder: &mut DescriptorEncoder,
+    records: &[PeerRecord],
+) -> Result<(), std::fmt::Error> {
+    let families: [(&str, &str, fn(&PeerTraffic) -> u64); 4] = [
+        (
+            "peer_tx_packets",
+            "Packets sent to each remote lease",
+            |traffic| traffic.tx_packets,
+        ),
+        (
+            "peer_tx_bytes",
+            "Bytes (inner IP packets) sent to each remote lease",
+            |traffic| traffic.tx_bytes,
+        ),
+        (
+            "peer_rx_packets",
+            "Packets received from each remote lease",
+            |traffic| traffic.rx_packets,
+        ),
+        (
+            "peer_rx_bytes",
+            "Bytes (inner IP packets) received from each remote lease",
+            |traffic| traffic.rx_bytes,
+        ),
+    ];
+    for (name, help, value) in families {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for record in records {
+            let labels = PeerLabels {
+                peer: record.peer.to_string(),
+                subnet: record.subnet.to_string(),
+            };
+            ConstCounter::new(value(&record.traffic)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// One gauge family with a sample per map, labelled by the map's name.

@@ -30,13 +30,17 @@ const INNER_TRANSPORT_HEAD_END: usize = size_of::<Ipv4Hdr>() + size_of::<Transpo
 /// from that address without VXLAN anyway.
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
-    let vxlan = classify_ipv4_vxlan(frame, config)?;
+    let mut vxlan = classify_ipv4_vxlan(frame, config)?;
     // The inner source's lease naming the sender is the common case, and says the sender
     // holds a lease: only the others need the `vteps` lookup.
-    let leased_by_sender = vxlan.inner_is_ipv4
-        && maps::remote_vtep(vxlan.inner_src)
-            .is_some_and(|lease| lease.public_ip == vxlan.outer_src);
-    if !leased_by_sender {
+    let sender_lease = vxlan
+        .inner_is_ipv4
+        .then(|| maps::remote_vtep(vxlan.inner_src))
+        .flatten()
+        .filter(|lease| lease.public_ip == vxlan.outer_src);
+    if let Some(lease) = sender_lease {
+        vxlan.peer = lease.peer;
+    } else {
         if !maps::holds_a_lease(vxlan.outer_src) {
             return Err(Counter::RxUnknownVtep);
         }

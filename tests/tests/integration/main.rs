@@ -38,6 +38,7 @@ mod isolation;
 mod kernel_frames;
 mod lifecycle;
 mod node_network;
+mod observe;
 mod package;
 mod pinned_upgrade;
 mod record_checks;
