@@ -128,12 +128,15 @@ struct PeerLabels {
     subnet: String,
 }
 
+/// One per-peer counter family: its name, its help, and its field of [`PeerTraffic`].
+type PeerFamily = (&'static str, &'static str, fn(&PeerTraffic) -> u64);
+
 /// The four per-peer counter families, a sample per remote lease in each.
 fn encode_peer_traffic(
     encoder: &mut DescriptorEncoder,
     records: &[PeerRecord],
 ) -> Result<(), std::fmt::Error> {
-    let families: [(&str, &str, fn(&PeerTraffic) -> u64); 4] = [
+    let families: [PeerFamily; 4] = [
         (
             "peer_tx_packets",
             "Packets sent to each remote lease",
