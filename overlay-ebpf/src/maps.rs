@@ -385,28 +385,27 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// Counts a packet of `bytes` sent to the lease in `peer`'s slot.
-#[inline(always)]
-pub fn count_sent(peer: u32, bytes: u32) {
-    if let Some(traffic) = PEER_TRAFFIC.get_ptr_mut(peer) {
-        // SAFETY: this CPU's copy of a live slot; nothing else writes it while this program runs.
-        unsafe {
-            (*traffic).tx_packets += 1;
-            (*traffic).tx_bytes += u64::from(bytes);
-        }
-    }
+/// Which way a packet went between this host and a remote lease.
+#[derive(Clone, Copy)]
+pub enum Direction {
+    Sent,
+    Received,
 }
 
-/// Counts a packet of `bytes` received from the lease in `peer`'s slot.
+/// Counts a packet of `bytes` that went `direction` to or from the lease in `peer`'s slot.
 #[inline(always)]
-pub fn count_received(peer: u32, bytes: u32) {
-    if let Some(traffic) = PEER_TRAFFIC.get_ptr_mut(peer) {
-        // SAFETY: as in `count_sent`.
-        unsafe {
-            (*traffic).rx_packets += 1;
-            (*traffic).rx_bytes += u64::from(bytes);
-        }
-    }
+pub fn count_peer(peer: u32, direction: Direction, bytes: u32) {
+    let Some(traffic) = PEER_TRAFFIC.get_ptr_mut(peer) else {
+        return;
+    };
+    // SAFETY: this CPU's copy of a live slot; nothing else writes it while this program runs.
+    let traffic = unsafe { &mut *traffic };
+    let (packets, total) = match direction {
+        Direction::Sent => (&mut traffic.tx_packets, &mut traffic.tx_bytes),
+        Direction::Received => (&mut traffic.rx_packets, &mut traffic.rx_bytes),
+    };
+    *packets += 1;
+    *total += u64::from(bytes);
 }
 
 /// Whether a monitor is reading drop events.

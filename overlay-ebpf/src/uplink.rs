@@ -139,7 +139,8 @@ fn count_received(ctx: &TcContext, vxlan: &PeerVxlan) {
         PeerVxlan::Ipv4(vxlan) => (vxlan.peer, vxlan.inner_offset),
         PeerVxlan::Ipv6(vxlan) => (vxlan.peer, vxlan.inner_offset),
     };
-    maps::count_received(peer, ctx.len() - (inner_offset + ETH_HEADER_LEN) as u32);
+    let bytes = ctx.len() - (inner_offset + ETH_HEADER_LEN) as u32;
+    maps::count_peer(peer, maps::Direction::Received, bytes);
 }
 
 /// Checks what XDP sees; a frame from a peer goes on encapsulated (`RxChecked`), to the tc

@@ -162,23 +162,19 @@ impl Dataplane {
     /// an earlier run, before any slot is given fresh: its counts go on across restarts.
     fn adopt_pinned_peer_slots(&mut self, desired: &LeaseEntries) -> Result<()> {
         let subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        for subnet in desired.subnets.keys() {
-            let lease = IpNetwork::V4(*subnet);
-            if !self.peer_slots.holds(&lease)
-                && let Ok(pinned) = subnets.get(&subnet_key(subnet), 0)
-            {
-                self.peer_slots.adopt(lease, pinned.peer);
-            }
-        }
+        let leases = desired
+            .subnets
+            .keys()
+            .map(|subnet| (IpNetwork::V4(*subnet), subnet_key(subnet)));
+        adopt_pinned(&mut self.peer_slots, &subnets, leases, |remote| remote.peer);
         let subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
-        for subnet6 in desired.subnets6.keys() {
-            let lease = IpNetwork::V6(*subnet6);
-            if !self.peer_slots.holds(&lease)
-                && let Ok(pinned) = subnets6.get(&subnet6_key(subnet6), 0)
-            {
-                self.peer_slots.adopt(lease, pinned.peer);
-            }
-        }
+        let leases6 = desired
+            .subnets6
+            .keys()
+            .map(|subnet6| (IpNetwork::V6(*subnet6), subnet6_key(subnet6)));
+        adopt_pinned(&mut self.peer_slots, &subnets6, leases6, |remote| {
+            remote.peer
+        });
         Ok(())
     }
 
@@ -239,6 +235,23 @@ fn sync_endpoint_map<const N: usize>(
         }
     }
     remove_stale(map, endpoints, name).map(drop)
+}
+
+/// Lets each of `leases` (with its key in `trie`) that holds no slot adopt the one its entry
+/// in `trie` names (`slot_of` the entry).
+fn adopt_pinned<const N: usize, V: aya::Pod>(
+    slots: &mut peers::PeerSlots,
+    trie: &LpmTrie<&mut MapData, [u8; N], V>,
+    leases: impl Iterator<Item = (IpNetwork, Key<[u8; N]>)>,
+    slot_of: impl Fn(&V) -> u32,
+) {
+    for (lease, key) in leases {
+        if !slots.holds(&lease)
+            && let Ok(pinned) = trie.get(&key, 0)
+        {
+            slots.adopt(lease, slot_of(&pinned));
+        }
+    }
 }
 
 /// Deletes the subnets of `trie` (named `name`) that are not `desired`; returns how many.

@@ -65,5 +65,6 @@ fn fits_device(ctx: &TcContext, ifindex: u32) -> bool {
 /// `peer`'s slot: its inner IP packet's bytes.
 #[inline(always)]
 fn count_sent(ctx: &TcContext, peer: u32, encap_len: usize) {
-    maps::count_sent(peer, ctx.len() - (ETH_HEADER_LEN + encap_len) as u32);
+    let bytes = ctx.len() - (ETH_HEADER_LEN + encap_len) as u32;
+    maps::count_peer(peer, maps::Direction::Sent, bytes);
 }
