@@ -87,10 +87,18 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     Ok(out)
 }
 
-/// What this host exchanged with each remote lease, one line each.
+/// What this host exchanged with each remote lease, one line each; pins without the
+/// counters (an older version's) say so.
 fn write_peer_traffic(out: &mut String, pinned: &PinnedDataplane) -> Result<()> {
+    let records = match pinned.peer_traffic() {
+        Ok(records) => records,
+        Err(error) => {
+            writeln!(out, "peers: unknown ({error:#})")?;
+            return Ok(());
+        }
+    };
     writeln!(out, "peers:")?;
-    for record in pinned.peer_traffic()? {
+    for record in records {
         let traffic = record.traffic;
         writeln!(
             out,

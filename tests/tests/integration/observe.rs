@@ -65,9 +65,17 @@ fn moved(before: PeerCounts, after: PeerCounts) -> PeerCounts {
     [0, 1, 2, 3].map(|index| after[index] - before[index])
 }
 
-#[test]
-fn peer_counters_move_by_the_pings_each_way_in_status_and_metrics() -> Result<()> {
-    let seed = Seed::start_dual_stack("peers", [&[], &[]])?;
+test_matrix!(check_peer_counters {
+    /// Encapsulated at the containers' veths.
+    peer_counters_move_by_the_pings_each_way_in_status_and_metrics: ("peers", &[]),
+    /// Encapsulated at flannel.1 and flannel-v6.1, after the stack routed them.
+    peer_counters_count_the_routed_path_too: ("peers-routed", &["--fast-path=false"]),
+});
+
+/// Five pings of each family from bbox1 to bbox2 move host1's counters of host2's two leases
+/// by five packets and their bytes each way, in `/metrics` and in `status`.
+fn check_peer_counters(tag: &str, agent_flags: &[&str]) -> Result<()> {
+    let seed = Seed::start_dual_stack(tag, [agent_flags, agent_flags])?;
     let host1 = &seed.host1;
     let peers = [(HOST2, SUBNET2), (HOST2_V6, SUBNET2_V6)];
     let mut before = Vec::new();
