@@ -12,6 +12,7 @@ use overlay_tests::{
     ipv6::{BBOX1_V6, BBOX2_V6, HOST2_V6, SUBNET2_V6},
     metrics::{scrape, value_of},
     seed::{BBOX1, BBOX2, HOST2, SUBNET2, Seed},
+    wait::wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -235,5 +236,59 @@ fn a_trace_prints_each_ping_each_way_with_its_path_and_nothing_else() -> Result<
         monitor6.log()
     );
     check_traced_pings(&monitor6.log(), BBOX1_V6, BBOX2_V6, "icmp6")?;
+    Ok(())
+}
+
+/// Whether `status` on `host` lists `peer`'s lease `subnet` under `peers:`.
+fn status_lists(seed: &Seed, host: &Host, peer: &str, subnet: &str) -> Result<bool> {
+    let report = Agent::status_report(&seed.cluster, host)?;
+    Ok(report.contains(&format!("  {peer} {subnet}: ")))
+}
+
+#[test]
+fn peer_counts_survive_a_restart_and_go_with_the_lease() -> Result<()> {
+    let mut seed = Seed::start("peers-life", &[])?;
+    let count = PINGS.to_string();
+    seed.bbox1
+        .netns
+        .exec(&["ping", "-n", "-q", "-c", &count, "-i", "0.2", BBOX2])?;
+    let counted = peer_metrics(&seed.host1, HOST2, SUBNET2)?;
+    ensure!(counted[0] >= PINGS && counted[2] >= PINGS, "{counted:?}");
+
+    // An agent restarted over its pins takes each lease's slot back, counts and all.
+    seed.agent1.process.kill();
+    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &[])?;
+    seed.agent1.wait_ready()?;
+    wait_for("host1's agent to serve /metrics again", TIMEOUT, || {
+        Ok(peer_metrics(&seed.host1, HOST2, SUBNET2).is_ok())
+    })?;
+    assert_eq!(
+        peer_metrics(&seed.host1, HOST2, SUBNET2)?,
+        counted,
+        "after a restart"
+    );
+
+    // The lease goes: so do its counts; back, it starts from zero.
+    seed.agent2.process.kill();
+    seed.cluster
+        .etcd
+        .etcdctl(&["del", &seed.cluster.subnet_key(SUBNET2)])?;
+    wait_for("host2's lease to leave host1's status", TIMEOUT, || {
+        Ok(!status_lists(&seed, &seed.host1, HOST2, SUBNET2)?)
+    })?;
+    ensure!(
+        peer_metrics(&seed.host1, HOST2, SUBNET2).is_err(),
+        "/metrics still counts a gone lease"
+    );
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &[])?;
+    assert_eq!(seed.agent2.wait_ready()?, SUBNET2);
+    wait_for("host2's lease back in host1's status", TIMEOUT, || {
+        status_lists(&seed, &seed.host1, HOST2, SUBNET2)
+    })?;
+    assert_eq!(
+        peer_metrics(&seed.host1, HOST2, SUBNET2)?,
+        [0; 4],
+        "a returning lease"
+    );
     Ok(())
 }
