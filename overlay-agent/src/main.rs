@@ -17,9 +17,9 @@ async fn main() -> ExitCode {
                 .await
                 .map(|report| print!("{report}"))
         }
-        Some(Command::Monitor { agent }) => {
+        Some(Command::Monitor { trace, agent }) => {
             init_logging(agent.verbosity);
-            overlay_agent::monitor::run(&agent).await
+            overlay_agent::monitor::run(&agent, trace).await
         }
         Some(Command::Teardown {
             release_lease,

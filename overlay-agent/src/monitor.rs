@@ -1,6 +1,7 @@
 //! `overlay-agent monitor`: one line per packet the programs drop, with the reason, the
 //! interface, and the outer and inner addresses, ports and protocols, as `cilium monitor
-//! --type drop` shows them. The programs report drops only while a monitor runs.
+//! --type drop` shows them; with `--trace`, one line per packet to or from a prefix, with
+//! the path it took. The programs report only while a monitor runs.
 use std::{
     collections::HashMap,
     io::Write as _,
@@ -8,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use ipnetwork::IpNetwork;
 use overlay_common::{Counter, DROP_HEAD_LEN, DropEvent};
 use tokio::io::unix::AsyncFd;
 
@@ -24,27 +26,35 @@ const IPPROTO_UDP: u8 = 17;
 const UDP_HEADER_LEN: usize = 8;
 const VXLAN_HEADER_LEN: usize = 8;
 
-pub async fn run(options: &AgentOptions) -> Result<()> {
+pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()> {
     let pin_dir = options.pin_dir()?;
     let pinned = PinnedDataplane::open(&pin_dir)?;
     let vxlan_port = pinned.config()?.vxlan_port;
     let names = links::names(&links::connect()?).await?;
-    let (events, _reporting) = pinned.monitor()?;
+    let trace =
+        trace.map(|prefix| IpNetwork::new(prefix.network(), prefix.prefix()).unwrap_or(prefix));
+    let (events, _reporting) = pinned.monitor(trace)?;
     // SAFETY: the ring buffer owns its map's fd and keeps it open, unchanged, for as long as
     // the AsyncFd holds it.
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(std::io::Error::from)
         .context("cannot poll the drop events")?;
-    println!(
-        "monitoring drops of the dataplane under {}; Ctrl-C stops",
-        pin_dir.display()
-    );
+    match trace {
+        Some(prefix) => println!(
+            "tracing {prefix} through the dataplane under {}; Ctrl-C stops",
+            pin_dir.display()
+        ),
+        None => println!(
+            "monitoring drops of the dataplane under {}; Ctrl-C stops",
+            pin_dir.display()
+        ),
+    }
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             signal = &mut shutdown => {
-                log::info!("{}; no more drop reports", signal?);
+                log::info!("{}; no more reports", signal?);
                 return Ok(());
             }
             ready = events.readable_mut() => {
@@ -52,13 +62,36 @@ pub async fn run(options: &AgentOptions) -> Result<()> {
                 let mut out = std::io::stdout().lock();
                 while let Some(record) = ready.get_inner_mut().next() {
                     if let Some(event) = event_from(&record) {
-                        writeln!(out, "{}", describe(&event, vxlan_port, &names))?;
+                        let line = describe(&event, vxlan_port, &names);
+                        match trace {
+                            Some(_) => writeln!(out, "{}: {line}", path_of(event.reason))?,
+                            None => writeln!(out, "{line}")?,
+                        }
                     }
                 }
                 out.flush()?;
                 ready.clear_ready();
             }
         }
+    }
+}
+
+/// The path a packet with the outcome `index` took, in words.
+fn path_of(index: u32) -> &'static str {
+    let Some(outcome) = Counter::from_index(index) else {
+        return "unknown outcome";
+    };
+    match outcome {
+        _ if outcome.is_drop() => "dropped",
+        Counter::TxDirect | Counter::RxDelivered => "fast path",
+        Counter::TxRoutedFlow | Counter::RxRoutedFlow => "translated flow",
+        Counter::TxEncapsulated
+        | Counter::TxSlowPath
+        | Counter::TxIpv6PartialSegment
+        | Counter::TxIpv6Routed
+        | Counter::RxDecapsulated
+        | Counter::RxChecked => "routed path",
+        _ => "not overlay traffic",
     }
 }
 
@@ -80,7 +113,7 @@ fn event_from(record: &[u8]) -> Option<DropEvent> {
 
 /// One line for a dropped packet: `reason on interface: outer [| inner] (N bytes)`.
 fn describe(event: &DropEvent, vxlan_port: u16, names: &HashMap<u32, String>) -> String {
-    let reason = Counter::from_index(event.reason).map_or("unknown reason", Counter::name);
+    let reason = Counter::from_index(event.reason).map_or("unknown outcome", Counter::name);
     let interface = names
         .get(&event.ifindex)
         .cloned()

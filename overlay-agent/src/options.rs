@@ -190,8 +190,13 @@ pub enum Command {
     },
     /// Print one line per packet the programs drop, with the reason, the interface and the
     /// outer and inner addresses and ports, until Ctrl-C. Drops are reported only while a
-    /// monitor runs.
+    /// monitor runs. With --trace, one line per packet to or from an address or subnet
+    /// instead, with the path it took. One monitor at a time.
     Monitor {
+        /// Trace every packet to or from this address or subnet (IPv4 or IPv6, outer or inner
+        /// addresses), whatever its outcome, instead of reporting drops.
+        #[arg(long, value_name = "ADDRESS|SUBNET")]
+        trace: Option<ipnetwork::IpNetwork>,
         #[command(flatten)]
         agent: AgentOptions,
     },

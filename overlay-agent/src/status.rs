@@ -78,12 +78,40 @@ pub async fn report(options: &AgentOptions) -> Result<String> {
     for port in endpoints::isolated_ports(&handle).await? {
         writeln!(out, "  none on {port}: refused its program, kept down")?;
     }
+    write_peer_traffic(&mut out, &pinned)?;
     writeln!(out, "counters:")?;
     let counters = pinned.counters()?;
     for &counter in Counter::ALL {
         writeln!(out, "  {:<22} {}", counter.name(), counters.get(counter))?;
     }
     Ok(out)
+}
+
+/// What this host exchanged with each remote lease, one line each; pins without the
+/// counters (an older version's) say so.
+fn write_peer_traffic(out: &mut String, pinned: &PinnedDataplane) -> Result<()> {
+    let records = match pinned.peer_traffic() {
+        Ok(records) => records,
+        Err(error) => {
+            writeln!(out, "peers: unknown ({error:#})")?;
+            return Ok(());
+        }
+    };
+    writeln!(out, "peers:")?;
+    for record in records {
+        let traffic = record.traffic;
+        writeln!(
+            out,
+            "  {} {}: sent {} packets ({} bytes), received {} packets ({} bytes)",
+            record.peer,
+            record.subnet,
+            traffic.tx_packets,
+            traffic.tx_bytes,
+            traffic.rx_packets,
+            traffic.rx_bytes
+        )?;
+    }
+    Ok(())
 }
 
 /// The IPv6 map entries: each PublicIPv6 holding a lease (`vteps6`), each IPv6 subnet's host

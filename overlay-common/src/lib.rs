@@ -134,6 +134,9 @@ pub struct RemoteVtep {
     pub mac: [u8; 6],
     /// `REMOTE_*` bits; the field also keeps the layout free of implicit padding.
     pub flags: u16,
+    /// This lease's slot in `peer_traffic` (see [`PeerTraffic`]); 0, a slot no one reads, for
+    /// a lease the agent counts nothing for.
+    pub peer: u32,
 }
 
 /// [`RemoteVtep::flags`]: the host shares our segment and `DirectRouting` is on, so its
@@ -157,6 +160,34 @@ pub struct RemoteVtep6 {
     pub mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved: u16,
+    /// This lease's slot in `peer_traffic`, as [`RemoteVtep::peer`].
+    pub peer: u32,
+}
+
+/// Value of the `peer_traffic` map, a per-CPU array with one slot per remote lease (the slot
+/// the agent writes into the lease's `subnets` or `subnets6` entry): what this host's
+/// programs exchanged with the containers behind that lease. A packet is one the programs
+/// handled, so a GSO superpacket counts once with all its bytes; bytes are the inner IP
+/// packet's, without Ethernet or VXLAN headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerTraffic {
+    /// Encapsulated for the lease's host (or, with DirectRouting, routed to it as it is).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Arrived from the lease's host, checked, from inside the lease.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl PeerTraffic {
+    /// Adds `other` field by field, e.g. to sum the per-CPU copies.
+    pub fn accumulate(&mut self, other: &PeerTraffic) {
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+    }
 }
 
 /// Value of the VTEP map (keyed by a remote host's PublicIP): a subnet that host leases. The
@@ -363,12 +394,58 @@ impl Verdict {
 /// options).
 pub const DROP_HEAD_LEN: usize = 128;
 
-/// One dropped packet, as the programs report it to `overlay-agent monitor` through the
-/// `drop_events` ring buffer while a monitor is attached.
+/// What `overlay-agent monitor` asks the programs to report, the one entry of the `trace`
+/// map: with a family, every packet to or from an address in the prefix (outer or, for VXLAN,
+/// inner addresses), whatever its outcome.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Trace {
+    /// The process of the monitor that set it (0: none): another monitor starts only once
+    /// that process is gone.
+    pub monitor_pid: u32,
+    /// `TRACE_IPV4` or `TRACE_IPV6`; 0 traces nothing.
+    pub family: u8,
+    pub prefix_len: u8,
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u16,
+    /// The prefix's address (network order); an IPv4 one in the first four bytes.
+    pub address: [u8; 16],
+}
+
+/// [`Trace::family`] of an IPv4 prefix.
+pub const TRACE_IPV4: u8 = 4;
+/// [`Trace::family`] of an IPv6 prefix.
+pub const TRACE_IPV6: u8 = 6;
+
+impl Trace {
+    /// Whether `address` lies in the traced IPv4 prefix.
+    #[inline(always)]
+    pub fn holds_ipv4(&self, address: &[u8; 4]) -> bool {
+        let [a, b, c, d, ..] = self.address;
+        // The first `prefix_len` of 64 bits, moved down to the 32 of an IPv4 address.
+        let mask = (prefix_mask(u32::from(self.prefix_len)) >> 32) as u32;
+        let differing = u32::from_be_bytes(*address) ^ u32::from_be_bytes([a, b, c, d]);
+        self.family == TRACE_IPV4 && differing & mask == 0
+    }
+
+    /// Whether `address` lies in the traced IPv6 prefix.
+    #[inline(always)]
+    pub fn holds_ipv6(&self, address: &[u8; 16]) -> bool {
+        self.family == TRACE_IPV6
+            && ipv6_in_subnet(
+                address,
+                &self.address,
+                &ipv6_netmask(u32::from(self.prefix_len)),
+            )
+    }
+}
+
+/// One dropped or traced packet, as the programs report it to `overlay-agent monitor` through
+/// the `drop_events` ring buffer while a monitor is attached.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DropEvent {
-    /// Why: the drop counter the packet moved, as `Counter as u32`.
+    /// Why: the counter the packet moved (for a drop, a drop counter), as `Counter as u32`.
     pub reason: u32,
     /// The interface the program saw the packet on.
     pub ifindex: u32,
@@ -616,6 +693,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::RoutedFlow {}
+    unsafe impl aya::Pod for super::PeerTraffic {}
+    unsafe impl aya::Pod for super::Trace {}
 }
 
 #[cfg(test)]
@@ -690,6 +769,36 @@ mod tests {
             ipv6_netmask(10),
             [255, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
+    }
+
+    #[test]
+    fn a_trace_holds_exactly_its_prefix_of_its_own_family() {
+        let mut address = [0; 16];
+        address[..4].copy_from_slice(&[10, 2, 54, 0]);
+        let subnet = Trace {
+            family: TRACE_IPV4,
+            prefix_len: 24,
+            address,
+            ..Trace::default()
+        };
+        assert!(subnet.holds_ipv4(&[10, 2, 54, 2]));
+        assert!(!subnet.holds_ipv4(&[10, 2, 41, 2]));
+        assert!(!subnet.holds_ipv6(&address));
+        let host = Trace {
+            prefix_len: 32,
+            ..subnet
+        };
+        assert!(!host.holds_ipv4(&[10, 2, 54, 2]));
+        assert!(host.holds_ipv4(&[10, 2, 54, 0]));
+        let v6 = Trace {
+            family: TRACE_IPV6,
+            prefix_len: 128,
+            address: [0xfd, 0, 0, 2, 0, 0, 0, 0x54, 0, 0, 0, 0, 0, 0, 0, 2],
+            ..Trace::default()
+        };
+        assert!(v6.holds_ipv6(&v6.address));
+        assert!(!v6.holds_ipv4(&[0xfd, 0, 0, 2]));
+        assert!(!Trace::default().holds_ipv4(&[10, 2, 54, 2]), "off");
     }
 
     #[test]

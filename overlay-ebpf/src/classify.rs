@@ -37,6 +37,9 @@ pub struct VxlanFrame {
     pub first_fragment: bool,
     /// The sender set the outer UDP checksum, which only the stack verifies.
     pub has_udp_checksum: bool,
+    /// The `peer_traffic` slot of the sender's lease holding the inner source; 0 until the
+    /// checks find it.
+    pub peer: u32,
 }
 
 /// What the checks and the IPv6 fast path need from a VXLAN frame over IPv6 for our port and
@@ -54,6 +57,8 @@ pub struct Vxlan6Frame {
     pub outer_ecn: u8,
     /// The first fragment of a fragmented datagram: only the stack can reassemble it.
     pub first_fragment: bool,
+    /// As [`VxlanFrame::peer`].
+    pub peer: u32,
 }
 
 /// Classifies an uplink frame whose Ethernet type is IPv4. `Ok` is a well-formed VXLAN frame
@@ -96,6 +101,7 @@ pub fn classify_ipv4_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
         inner_ecn: payload.inner.ip.tos & ECN_MASK,
         first_fragment: udp.first_fragment,
         has_udp_checksum: payload.has_udp_checksum,
+        peer: 0,
     })
 }
 
@@ -125,6 +131,7 @@ pub fn classify_ipv6_vxlan(frame: &Frame, config: &OverlayConfig) -> Result<Vxla
         inner_offset: payload.inner_offset,
         outer_ecn: ipv6_ecn(ip.version_class_flow),
         first_fragment: udp.first_fragment,
+        peer: 0,
     })
 }
 

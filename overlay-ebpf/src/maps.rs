@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use overlay_common::{
     CLAIM_CACHE_SLOTS, CachedClaims, Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey,
-    FlowKey6, LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, RoutedFlow, VtepSubnet,
-    VtepSubnet6,
+    FlowKey6, LocalEndpoint, OverlayConfig, PeerTraffic, RemoteVtep, RemoteVtep6, RoutedFlow,
+    Trace, VtepSubnet, VtepSubnet6,
 };
 
 /// The object's size for the lease maps; the agent sizes them at load time to the subnets
@@ -40,6 +40,11 @@ static CONFIG: Array<OverlayConfig, 1> = Array::new();
 /// One `Counters` per CPU; the agent sums the copies.
 #[btf_map(name = "counters")]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+/// One slot per remote lease (slot 0 for none), per CPU; the agent sizes it at load time to
+/// its lease maps and assigns the slots (`RemoteVtep::peer`, `RemoteVtep6::peer`).
+#[btf_map(name = "peer_traffic")]
+static PEER_TRAFFIC: PerCpuArray<PeerTraffic, { MAX_REMOTE_HOSTS + 1 }> = PerCpuArray::new();
 
 /// Remote subnet (network order) → the host that leases it.
 #[btf_map(name = "subnets")]
@@ -133,7 +138,12 @@ static HANDED_FLOWS: LruHashMap<FlowKey, u32, MAX_HANDED_FLOWS> = LruHashMap::ne
 #[btf_map(name = "monitor")]
 static MONITOR: Array<u32, 1> = Array::new();
 
-/// The heads of dropped packets, for `overlay-agent monitor`.
+/// What `overlay-agent monitor --trace` asks for (see [`Trace`]); every program outcome looks
+/// here, once.
+#[btf_map(name = "trace")]
+static TRACE: Array<Trace, 1> = Array::new();
+
+/// The heads of dropped and traced packets, for `overlay-agent monitor`.
 #[btf_map(name = "drop_events")]
 static DROP_EVENTS: RingBuf<DropEvent, DROP_EVENTS_BYTES> = RingBuf::new();
 
@@ -375,21 +385,52 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// Which way a packet went between this host and a remote lease.
+#[derive(Clone, Copy)]
+pub enum Direction {
+    Sent,
+    Received,
+}
+
+/// Counts a packet of `bytes` that went `direction` to or from the lease in `peer`'s slot.
+#[inline(always)]
+pub fn count_peer(peer: u32, direction: Direction, bytes: u32) {
+    let Some(traffic) = PEER_TRAFFIC.get_ptr_mut(peer) else {
+        return;
+    };
+    // SAFETY: this CPU's copy of a live slot; nothing else writes it while this program runs.
+    let traffic = unsafe { &mut *traffic };
+    let (packets, total) = match direction {
+        Direction::Sent => (&mut traffic.tx_packets, &mut traffic.tx_bytes),
+        Direction::Received => (&mut traffic.rx_packets, &mut traffic.rx_bytes),
+    };
+    *packets += 1;
+    *total += u64::from(bytes);
+}
+
 /// Whether a monitor is reading drop events.
 #[inline(always)]
 pub fn monitoring() -> bool {
     MONITOR.get(0).is_some_and(|attached| *attached != 0)
 }
 
-/// Reports a packet dropped for `reason` on `ifindex`, `len` bytes long; `copy_head` fills
-/// the event's head with the packet's first bytes and returns how many. A full ring buffer
-/// loses the event, never the verdict.
+/// The trace a monitor set, if it set one.
 #[inline(always)]
-pub fn report_drop(
+pub fn trace() -> Option<&'static Trace> {
+    TRACE.get(0).filter(|trace| trace.family != 0)
+}
+
+/// Reports a packet with the outcome `reason` on `ifindex`, `len` bytes long; `copy_head`
+/// fills the event's head with the packet's first bytes and returns how many, and `wanted`
+/// says from the head whether to send it. A full ring buffer loses the event, never the
+/// verdict.
+#[inline(always)]
+pub fn report(
     reason: Counter,
     ifindex: u32,
     len: u32,
     copy_head: impl FnOnce(&mut [u8; DROP_HEAD_LEN]) -> u32,
+    wanted: impl FnOnce(&[u8; DROP_HEAD_LEN]) -> bool,
 ) {
     let Some(mut entry) = DROP_EVENTS.reserve(0) else {
         return;
@@ -403,6 +444,10 @@ pub fn report_drop(
         (*event).len = len;
         (*event).head = [0; DROP_HEAD_LEN];
         (*event).captured = copy_head(&mut (*event).head);
+        if !wanted(&(*event).head) {
+            entry.discard(0);
+            return;
+        }
     }
     entry.submit(0);
 }

@@ -123,10 +123,24 @@ fn vxlan_from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<PeerVxlan,
 #[inline(always)]
 fn decapsulate_skb(ctx: &TcContext, config: &OverlayConfig) -> Result<Counter, Counter> {
     let frame = linear_frame(ctx, MAX_HEADERS_LEN);
-    match vxlan_from_a_peer(&frame, config)? {
+    let vxlan = vxlan_from_a_peer(&frame, config)?;
+    count_received(ctx, &vxlan);
+    match vxlan {
         PeerVxlan::Ipv4(vxlan) => decap::v4::decapsulate(ctx, config, &vxlan),
         PeerVxlan::Ipv6(vxlan) => decap::v6::decapsulate(ctx, &frame, config, &vxlan),
     }
+}
+
+/// Counts a checked frame as received from its sender's lease: the inner IP packet's bytes.
+/// Here at tc only, so that a frame the XDP hook checked first counts once.
+#[inline(always)]
+fn count_received(ctx: &TcContext, vxlan: &PeerVxlan) {
+    let (peer, inner_offset) = match vxlan {
+        PeerVxlan::Ipv4(vxlan) => (vxlan.peer, vxlan.inner_offset),
+        PeerVxlan::Ipv6(vxlan) => (vxlan.peer, vxlan.inner_offset),
+    };
+    let bytes = ctx.len() - (inner_offset + ETH_HEADER_LEN) as u32;
+    maps::count_peer(peer, maps::Direction::Received, bytes);
 }
 
 /// Checks what XDP sees; a frame from a peer goes on encapsulated (`RxChecked`), to the tc

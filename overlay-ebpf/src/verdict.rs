@@ -1,7 +1,8 @@
 //! From an outcome to the kernel's action code. Every program ends here: it names the counter
 //! that describes what happened, the counter is incremented, and its declared verdict (see
 //! `overlay_common::Counter::verdict`) picks the action. A drop is also reported to a
-//! monitor, if one is attached, and every outcome is logged with aya-log under `--bpf-log`.
+//! monitor, if one is attached, and any outcome of a packet to or from the prefix a monitor
+//! traces; every outcome is logged with aya-log under `--bpf-log`.
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
@@ -9,22 +10,21 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::info;
-use overlay_common::{Counter, Verdict};
-use overlay_ebpf::lengths::drop_head_len;
+use overlay_common::{Counter, DROP_HEAD_LEN, Trace, Verdict};
+use overlay_ebpf::{lengths::drop_head_len, trace_match::head_matches};
 
 use crate::maps;
 
-/// Counts `outcome` and returns its tc action. A redirect verdict means the program already
-/// asked for the redirect and the helper accepted it.
+/// Counts `outcome`, reports it to a monitor that asks (see [`wanted_report`]) and returns
+/// its tc action. A redirect verdict means the program already asked for the redirect and the
+/// helper accepted it.
 #[inline(always)]
 pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
     maps::count(outcome);
+    report_skb(ctx, outcome, wanted_report(outcome, Hook::Tc));
     let action = match outcome.verdict() {
         Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => {
-            report_skb_drop(ctx, outcome);
-            TC_ACT_SHOT
-        }
+        Verdict::Drop => TC_ACT_SHOT,
         Verdict::Redirect => TC_ACT_REDIRECT,
     };
     // SAFETY: the context's skb is valid for the whole program run.
@@ -37,16 +37,15 @@ pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
     action as i32
 }
 
-/// Counts `outcome` and returns its XDP action. The XDP decapsulator never redirects; were it
-/// to name such an outcome, the packet would go on to the stack.
+/// Counts `outcome`, reports a drop to a monitor that asks and returns its XDP action. The
+/// XDP decapsulator never redirects; were it to name such an outcome, the packet would go on
+/// to the stack.
 #[inline(always)]
 pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
     maps::count(outcome);
+    report_xdp(ctx, outcome, wanted_report(outcome, Hook::Xdp));
     let action = match outcome.verdict() {
-        Verdict::Drop => {
-            report_xdp_drop(ctx, outcome);
-            xdp_action::XDP_DROP
-        }
+        Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
     };
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
@@ -57,6 +56,46 @@ pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
         || (ctx.data_end() - ctx.data()) as u32,
     );
     action
+}
+
+/// Where an outcome is reached. What the XDP hook passes, the tc program behind it reports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Tc,
+    Xdp,
+}
+
+/// What a monitor wants of a packet with `outcome`.
+enum Report {
+    Nothing,
+    /// A drop, while drops are monitored.
+    Always,
+    /// Any outcome, if the packet is to or from the traced prefix.
+    IfTraced(Trace),
+}
+
+/// What a monitor wants reported: one array lookup (the trace) for a packet that is not
+/// dropped, two for a drop.
+#[inline(always)]
+fn wanted_report(outcome: Counter, hook: Hook) -> Report {
+    match maps::trace() {
+        Some(trace) if hook == Hook::Tc || outcome.is_drop() => Report::IfTraced(*trace),
+        Some(_) => Report::Nothing,
+        None if outcome.is_drop() && maps::monitoring() => Report::Always,
+        None => Report::Nothing,
+    }
+}
+
+/// Whether the packet whose first bytes are `head` is wanted, as `report` says.
+#[inline(always)]
+fn head_wanted(report: &Report, head: &[u8; DROP_HEAD_LEN]) -> bool {
+    match report {
+        Report::Nothing => false,
+        Report::Always => true,
+        Report::IfTraced(trace) => {
+            maps::config().is_some_and(|config| head_matches(head, trace, config.vxlan_port))
+        }
+    }
 }
 
 /// One aya-log line per packet, naming its outcome. Without `--bpf-log` the agent loads the
@@ -95,34 +134,40 @@ fn opaque(value: u8) -> u8 {
 }
 
 #[inline(always)]
-fn report_skb_drop(ctx: &TcContext, reason: Counter) {
-    if !maps::monitoring() {
+fn report_skb(ctx: &TcContext, outcome: Counter, report: Report) {
+    if matches!(report, Report::Nothing) {
         return;
     }
     let len = ctx.len();
     // SAFETY: the context's skb is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    maps::report_drop(reason, ifindex, len, |head| {
+    let copy_head = |head: &mut [u8; DROP_HEAD_LEN]| {
         let wanted = drop_head_len(len);
         // SAFETY: `head` holds DROP_HEAD_LEN bytes and `wanted` is at most that.
         let loaded =
             unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, head.as_mut_ptr().cast(), wanted) };
         if loaded == 0 { wanted } else { 0 }
+    };
+    maps::report(outcome, ifindex, len, copy_head, |head| {
+        head_wanted(&report, head)
     });
 }
 
 #[inline(always)]
-fn report_xdp_drop(ctx: &XdpContext, reason: Counter) {
-    if !maps::monitoring() {
+fn report_xdp(ctx: &XdpContext, outcome: Counter, report: Report) {
+    if matches!(report, Report::Nothing) {
         return;
     }
     let len = (ctx.data_end() - ctx.data()) as u32;
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    maps::report_drop(reason, ifindex, len, |head| {
+    let copy_head = |head: &mut [u8; DROP_HEAD_LEN]| {
         let wanted = drop_head_len(len);
         // SAFETY: `head` holds DROP_HEAD_LEN bytes and `wanted` is at most that.
         let loaded = unsafe { bpf_xdp_load_bytes(ctx.ctx, 0, head.as_mut_ptr().cast(), wanted) };
         if loaded == 0 { wanted } else { 0 }
+    };
+    maps::report(outcome, ifindex, len, copy_head, |head| {
+        head_wanted(&report, head)
     });
 }

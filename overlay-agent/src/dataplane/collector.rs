@@ -1,7 +1,7 @@
 //! The dataplane's part of `/metrics`: its counters, read from the pinned map at each scrape
-//! (one lookup), and its map occupancy, read on a thread of its own every
-//! [`OCCUPANCY_INTERVAL`]: counting a map's entries takes a syscall per entry, which no scrape
-//! may cost.
+//! (one lookup), and its map occupancy and per-peer traffic, read on a thread of its own every
+//! [`OCCUPANCY_INTERVAL`]: counting a map's entries, or reading each lease's traffic, takes a
+//! syscall per entry, which no scrape may cost.
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -9,14 +9,14 @@ use std::{
     time::Duration,
 };
 
-use overlay_common::Counter as DataplaneCounter;
+use overlay_common::{Counter as DataplaneCounter, PeerTraffic};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::pins::{MapOccupancy, PinnedDataplane};
+use super::pins::{MapOccupancy, PeerRecord, PinnedDataplane};
 use crate::metrics::MapLabels;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,45 +28,56 @@ struct PacketLabels {
 /// How often the map occupancy `/metrics` serves is read.
 pub const OCCUPANCY_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The map occupancy last read; empty while no dataplane is pinned.
-type SharedOccupancy = Arc<Mutex<Vec<MapOccupancy>>>;
+/// What the thread last read of the maps; empty while no dataplane is pinned.
+#[derive(Clone, Debug, Default)]
+struct MapSnapshot {
+    occupancy: Vec<MapOccupancy>,
+    peers: Vec<PeerRecord>,
+}
 
-/// Reads the pinned counters at each scrape and serves the occupancy last read; without a
+type SharedSnapshot = Arc<Mutex<MapSnapshot>>;
+
+/// Reads the pinned counters at each scrape and serves the map snapshot last read; without a
 /// pinned dataplane (kernel mode, not loaded yet) it exports nothing.
 #[derive(Debug)]
 pub struct DataplaneCollector {
     dir: PathBuf,
-    occupancy: SharedOccupancy,
+    snapshot: SharedSnapshot,
 }
 
 impl DataplaneCollector {
     /// The collector of the dataplane pinned in `dir`, for `Metrics::new`; starts the thread
-    /// that reads the occupancy.
+    /// that reads the map snapshot.
     pub fn boxed(dir: PathBuf) -> Box<dyn Collector> {
-        let occupancy = SharedOccupancy::default();
-        keep_occupancy_read(dir.clone(), Arc::clone(&occupancy));
-        Box::new(Self { dir, occupancy })
+        let snapshot = SharedSnapshot::default();
+        keep_snapshot_read(dir.clone(), Arc::clone(&snapshot));
+        Box::new(Self { dir, snapshot })
     }
 
-    fn occupancy(&self) -> Vec<MapOccupancy> {
-        self.occupancy.lock().map_or_else(
+    fn snapshot(&self) -> MapSnapshot {
+        self.snapshot.lock().map_or_else(
             |poisoned| poisoned.into_inner().clone(),
             |read| read.clone(),
         )
     }
 }
 
-/// Reads the occupancy of the dataplane pinned in `dir` into `shared` every
-/// [`OCCUPANCY_INTERVAL`], for as long as the agent runs.
-fn keep_occupancy_read(dir: PathBuf, shared: SharedOccupancy) {
+/// Reads the occupancy and per-peer traffic of the dataplane pinned in `dir` into `shared`
+/// every [`OCCUPANCY_INTERVAL`], for as long as the agent runs.
+fn keep_snapshot_read(dir: PathBuf, shared: SharedSnapshot) {
     let reader = move || {
         loop {
-            let read = PinnedDataplane::open(&dir).and_then(|pinned| pinned.occupancy());
-            let mut occupancy = shared
+            let read = PinnedDataplane::open(&dir)
+                .map(|pinned| MapSnapshot {
+                    occupancy: pinned.occupancy().unwrap_or_default(),
+                    peers: pinned.peer_traffic().unwrap_or_default(),
+                })
+                .unwrap_or_default();
+            let mut snapshot = shared
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            *occupancy = read.unwrap_or_default();
-            drop(occupancy);
+            *snapshot = read;
+            drop(snapshot);
             thread::sleep(OCCUPANCY_INTERVAL);
         }
     };
@@ -98,7 +109,10 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
             }
         }
-        let occupancy = self.occupancy();
+        let MapSnapshot { occupancy, peers } = self.snapshot();
+        if !peers.is_empty() {
+            encode_peer_traffic(&mut encoder, &peers)?;
+        }
         if !occupancy.is_empty() {
             encode_per_map(
                 &mut encoder,
@@ -117,6 +131,60 @@ impl Collector for DataplaneCollector {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    subnet: String,
+}
+
+/// One per-peer counter family: its name, its help, and its field of [`PeerTraffic`].
+type PeerFamily = (&'static str, &'static str, fn(&PeerTraffic) -> u64);
+
+/// The four per-peer counter families, a sample per remote lease in each.
+fn encode_peer_traffic(
+    encoder: &mut DescriptorEncoder,
+    records: &[PeerRecord],
+) -> Result<(), std::fmt::Error> {
+    let families: [PeerFamily; 4] = [
+        (
+            "peer_tx_packets",
+            "Packets sent to each remote lease",
+            |traffic| traffic.tx_packets,
+        ),
+        (
+            "peer_tx_bytes",
+            "Bytes (inner IP packets) sent to each remote lease",
+            |traffic| traffic.tx_bytes,
+        ),
+        (
+            "peer_rx_packets",
+            "Packets received from each remote lease",
+            |traffic| traffic.rx_packets,
+        ),
+        (
+            "peer_rx_bytes",
+            "Bytes (inner IP packets) received from each remote lease",
+            |traffic| traffic.rx_bytes,
+        ),
+    ];
+    for (name, help, value) in families {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for record in records {
+            let labels = PeerLabels {
+                peer: record.peer.to_string(),
+                subnet: record.subnet.to_string(),
+            };
+            ConstCounter::new(value(&record.traffic)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// One gauge family with a sample per map, labelled by the map's name.

@@ -5,6 +5,7 @@
 mod attach;
 pub mod collector;
 pub mod filters;
+pub mod peers;
 pub mod pins;
 mod program_log;
 pub mod refusals;
@@ -69,8 +70,10 @@ const HANDED_FLOWS6_MAP: &str = "handed_flows6";
 const FIRST_FRAGMENTS6_MAP: &str = "first_fragments6";
 const MONITOR_MAP: &str = "monitor";
 const DROP_EVENTS_MAP: &str = "drop_events";
+const PEER_TRAFFIC_MAP: &str = "peer_traffic";
+const TRACE_MAP: &str = "trace";
 /// Every map, each pinned under the pin directory by its own name.
-const MAPS: [&str; 20] = [
+const MAPS: [&str; 22] = [
     CONFIG_MAP,
     COUNTERS_MAP,
     SUBNETS_MAP,
@@ -91,6 +94,8 @@ const MAPS: [&str; 20] = [
     FIRST_FRAGMENTS6_MAP,
     MONITOR_MAP,
     DROP_EVENTS_MAP,
+    PEER_TRAFFIC_MAP,
+    TRACE_MAP,
 ];
 
 /// The lease maps, sized at load time by [`LeaseCapacity`].
@@ -120,9 +125,11 @@ impl LeaseCapacity {
         self.0
     }
 
-    /// Each lease map's name with the entries it is created with.
-    fn sized_maps(self) -> [(&'static str, u32); 4] {
-        LEASE_MAPS.map(|name| (name, self.0))
+    /// Each lease map's name with the entries it is created with, and `peer_traffic`'s.
+    fn sized_maps(self) -> [(&'static str, u32); 5] {
+        let [subnets, subnets6, vteps, vteps6] = LEASE_MAPS.map(|name| (name, self.0));
+        let peer_traffic = (PEER_TRAFFIC_MAP, peers::slots_for(self));
+        [subnets, subnets6, vteps, vteps6, peer_traffic]
     }
 }
 
@@ -132,6 +139,7 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     attached: attach::Attachments,
     lease_capacity: LeaseCapacity,
+    peer_slots: peers::PeerSlots,
 }
 
 impl Dataplane {
@@ -208,6 +216,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_path_buf),
             attached: attach::Attachments::default(),
             lease_capacity,
+            peer_slots: peers::PeerSlots::new(peers::slots_for(lease_capacity)),
         })
     }
 

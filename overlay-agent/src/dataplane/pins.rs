@@ -3,7 +3,7 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -11,25 +11,59 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{
     Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie,
 };
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    Counters, FlowKey, LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, RoutedFlow,
-    VtepSubnet, VtepSubnet6,
+    Counters, FlowKey, LocalEndpoint, OverlayConfig, PeerTraffic, RemoteVtep, RemoteVtep6,
+    RoutedFlow, TRACE_IPV4, TRACE_IPV6, Trace, VtepSubnet, VtepSubnet6,
 };
 
 use super::{
-    CONFIG_MAP, COUNTERS_MAP, DROP_EVENTS_MAP, ENDPOINTS_MAP, MAPS, MONITOR_MAP, PROGRAMS,
-    ROUTED_FLOWS_MAP, SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, sum_per_cpu,
+    CONFIG_MAP, COUNTERS_MAP, DROP_EVENTS_MAP, ENDPOINTS_MAP, MAPS, MONITOR_MAP, PEER_TRAFFIC_MAP,
+    PROGRAMS, ROUTED_FLOWS_MAP, SUBNETS_MAP, SUBNETS6_MAP, TRACE_MAP, VTEPS_MAP, VTEPS6_MAP, peers,
+    sum_per_cpu,
 };
 
-/// While alive, the programs report every drop to the `drop_events` ring buffer.
-pub struct MonitorSwitch(Array<MapData, u32>);
+/// While alive, the programs report to the `drop_events` ring buffer every drop, or with a
+/// trace every packet to or from the traced prefix.
+pub struct MonitorSwitch {
+    drops: Array<MapData, u32>,
+    trace: Array<MapData, Trace>,
+}
 
 impl Drop for MonitorSwitch {
     fn drop(&mut self) {
-        if let Err(error) = self.0.set(0, 0, 0) {
+        if let Err(error) = self.drops.set(0, 0, 0) {
             log::warn!("cannot turn the drop reports off: {error}");
         }
+        if let Err(error) = self.trace.set(0, Trace::default(), 0) {
+            log::warn!("cannot turn the trace off: {error}");
+        }
+    }
+}
+
+/// The `trace` entry that asks for `prefix`, set by this process.
+fn trace_of(prefix: Option<IpNetwork>) -> Trace {
+    let monitor_pid = std::process::id();
+    let Some(prefix) = prefix else {
+        return Trace {
+            monitor_pid,
+            ..Trace::default()
+        };
+    };
+    let (family, address) = match prefix.network() {
+        IpAddr::V4(network) => {
+            let mut address = [0; 16];
+            address[..4].copy_from_slice(&network.octets());
+            (TRACE_IPV4, address)
+        }
+        IpAddr::V6(network) => (TRACE_IPV6, network.octets()),
+    };
+    Trace {
+        monitor_pid,
+        family,
+        prefix_len: prefix.prefix(),
+        reserved: 0,
+        address,
     }
 }
 
@@ -39,6 +73,15 @@ pub struct MapOccupancy {
     pub name: &'static str,
     pub entries: usize,
     pub capacity: u32,
+}
+
+/// What this host exchanged with one remote lease: its host's public address (PublicIP, or
+/// PublicIPv6 for an IPv6 lease), the lease's subnet, and the traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub peer: IpAddr,
+    pub subnet: IpNetwork,
+    pub traffic: PeerTraffic,
 }
 
 pub struct PinnedDataplane {
@@ -100,6 +143,35 @@ impl PinnedDataplane {
             .collect()
     }
 
+    /// The traffic of every remote lease with a `peer_traffic` slot, IPv4 then IPv6, each
+    /// by subnet.
+    pub fn peer_traffic(&self) -> Result<Vec<PeerRecord>> {
+        let map = self.map(PEER_TRAFFIC_MAP)?;
+        let traffic: PerCpuArray<&MapData, PeerTraffic> = PerCpuArray::try_from(&map)?;
+        let mut ipv4: Vec<_> = self.subnet_entries()?.into_iter().collect();
+        ipv4.sort_by_key(|(subnet, _)| *subnet);
+        let mut ipv6: Vec<_> = self.ipv6_subnet_entries()?.into_iter().collect();
+        ipv6.sort_by_key(|(subnet, _)| *subnet);
+        let ipv4 = ipv4.into_iter().map(|(subnet, remote)| {
+            let peer = IpAddr::from(remote.public_ip);
+            (peer, IpNetwork::V4(subnet), remote.peer)
+        });
+        let ipv6 = ipv6.into_iter().map(|(subnet, remote)| {
+            let peer = IpAddr::from(remote.public_ipv6);
+            (peer, IpNetwork::V6(subnet), remote.peer)
+        });
+        ipv4.chain(ipv6)
+            .filter(|(_, _, slot)| *slot != 0)
+            .map(|(peer, subnet, slot)| {
+                Ok(PeerRecord {
+                    peer,
+                    subnet,
+                    traffic: peers::summed(&traffic, slot)?,
+                })
+            })
+            .collect()
+    }
+
     /// The PublicIP of every host in the VTEP map.
     pub fn vtep_addresses(&self) -> Result<HashSet<Ipv4Addr>> {
         let map = self.map(VTEPS_MAP)?;
@@ -132,16 +204,37 @@ impl PinnedDataplane {
         config.get(&0, 0).context("cannot read the config map")
     }
 
-    /// Turns the programs' drop reports on and returns the ring buffer they arrive in; the
-    /// reports stop when the returned switch is dropped. One monitor at a time: the first to
-    /// stop turns the reports off for all.
-    pub fn monitor(&self) -> Result<(RingBuf<MapData>, MonitorSwitch)> {
+    /// Turns the programs' drop reports on, or with `trace` the reports of every packet to or
+    /// from that prefix, and returns the ring buffer they arrive in; the reports stop when the
+    /// returned switch is dropped. One monitor at a time: refused while the process that set
+    /// the `trace` entry lives.
+    pub fn monitor(&self, trace: Option<IpNetwork>) -> Result<(RingBuf<MapData>, MonitorSwitch)> {
         let events = RingBuf::try_from(self.map(DROP_EVENTS_MAP)?)?;
-        let mut switch: Array<MapData, u32> = Array::try_from(self.map(MONITOR_MAP)?)?;
-        switch
-            .set(0, 1, 0)
-            .context("cannot turn the drop reports on")?;
-        Ok((events, MonitorSwitch(switch)))
+        let mut traced: Array<MapData, Trace> = Array::try_from(self.map(TRACE_MAP)?)?;
+        let current = traced.get(&0, 0).context("cannot read the trace map")?;
+        if current.monitor_pid != 0 && Path::new(&format!("/proc/{}", current.monitor_pid)).exists()
+        {
+            bail!(
+                "another monitor (pid {}) is reading the reports of {}; one monitor at a time",
+                current.monitor_pid,
+                self.dir.display()
+            );
+        }
+        let drops: Array<MapData, u32> = Array::try_from(self.map(MONITOR_MAP)?)?;
+        traced
+            .set(0, trace_of(trace), 0)
+            .context("cannot set the trace")?;
+        let mut switch = MonitorSwitch {
+            drops,
+            trace: traced,
+        };
+        if trace.is_none() {
+            switch
+                .drops
+                .set(0, 1, 0)
+                .context("cannot turn the drop reports on")?;
+        }
+        Ok((events, switch))
     }
 
     /// How full each lease, endpoint and flow map is.

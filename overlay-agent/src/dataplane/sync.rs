@@ -12,16 +12,16 @@ use aya::maps::{
     HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    CLAIM_CACHE_SLOTS, CachedClaims, LocalEndpoint, RemoteVtep, RemoteVtep6, VtepSubnet,
-    VtepSubnet6,
+    CLAIM_CACHE_SLOTS, CachedClaims, LocalEndpoint, PeerTraffic, RemoteVtep, RemoteVtep6,
+    VtepSubnet, VtepSubnet6,
 };
 
 use super::{
     BOUND_ADDRESSES_MAP, BOUND_ADDRESSES6_MAP, BOUND_MACS_MAP, CLAIM_CACHE_MAP,
-    CLAIMS_PER_PORT_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, SUBNETS_MAP, SUBNETS6_MAP,
-    VTEPS_MAP, VTEPS6_MAP, map_mut,
+    CLAIMS_PER_PORT_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, PEER_TRAFFIC_MAP, SUBNETS_MAP,
+    SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut, peers,
 };
 use crate::model::{Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten};
 
@@ -73,9 +73,15 @@ impl Dataplane {
     pub fn write_lease_entries(&mut self, desired: &LeaseEntries) -> Result<Unwritten> {
         let capacity = self.lease_capacity.entries();
         let mut unwritten = Unwritten::default();
+        self.adopt_pinned_peer_slots(desired)?;
+        let slots = self.peer_slots_of(desired)?;
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
         for (subnet, (remote, lease)) in &desired.subnets {
             let key = subnet_key(subnet);
+            let remote = &RemoteVtep {
+                peer: slots.get(&IpNetwork::V4(*subnet)).copied().unwrap_or(0),
+                ..*remote
+            };
             if subnets.get(&key, 0).ok().as_ref() != Some(remote)
                 && let Err(error) = subnets.insert(&key, remote, 0)
             {
@@ -113,6 +119,10 @@ impl Dataplane {
         let mut subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
         for (subnet6, (remote6, lease)) in &desired.subnets6 {
             let key = subnet6_key(subnet6);
+            let remote6 = &RemoteVtep6 {
+                peer: slots.get(&IpNetwork::V6(*subnet6)).copied().unwrap_or(0),
+                ..*remote6
+            };
             if subnets6.get(&key, 0).ok().as_ref() != Some(remote6)
                 && let Err(error) = subnets6.insert(&key, remote6, 0)
             {
@@ -141,7 +151,59 @@ impl Dataplane {
             Ipv6Network::new(key.data().into(), key.prefix_len() as u8)
                 .is_ok_and(|subnet6| desired.subnets6.contains_key(&subnet6))
         })?;
+        self.peer_slots.release_unless(|lease| match lease {
+            IpNetwork::V4(subnet) => desired.subnets.contains_key(subnet),
+            IpNetwork::V6(subnet6) => desired.subnets6.contains_key(subnet6),
+        });
         Ok(stale_subnets + stale_vteps + stale_vteps6 + stale_subnets6)
+    }
+
+    /// Lets each desired lease without a slot take the one its pinned entry names, left by
+    /// an earlier run, before any slot is given fresh: its counts go on across restarts.
+    fn adopt_pinned_peer_slots(&mut self, desired: &LeaseEntries) -> Result<()> {
+        let subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
+        let leases = desired
+            .subnets
+            .keys()
+            .map(|subnet| (IpNetwork::V4(*subnet), subnet_key(subnet)));
+        adopt_pinned(&mut self.peer_slots, &subnets, leases, |remote| remote.peer);
+        let subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
+        let leases6 = desired
+            .subnets6
+            .keys()
+            .map(|subnet6| (IpNetwork::V6(*subnet6), subnet6_key(subnet6)));
+        adopt_pinned(&mut self.peer_slots, &subnets6, leases6, |remote| {
+            remote.peer
+        });
+        Ok(())
+    }
+
+    /// Every desired lease's `peer_traffic` slot, a fresh one zeroed first; a lease left
+    /// without one (every slot taken) is not counted.
+    fn peer_slots_of(&mut self, desired: &LeaseEntries) -> Result<HashMap<IpNetwork, u32>> {
+        let leases = desired
+            .subnets
+            .keys()
+            .map(|subnet| IpNetwork::V4(*subnet))
+            .chain(
+                desired
+                    .subnets6
+                    .keys()
+                    .map(|subnet6| IpNetwork::V6(*subnet6)),
+            );
+        let mut traffic: PerCpuArray<&mut MapData, PeerTraffic> =
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, PEER_TRAFFIC_MAP)?)?;
+        let mut slots = HashMap::new();
+        for lease in leases {
+            let Some(slot) = self.peer_slots.slot_of(lease) else {
+                continue;
+            };
+            if let peers::Slot::Fresh(fresh) = slot {
+                peers::zero(&mut traffic, fresh)?;
+            }
+            slots.insert(lease, slot.index());
+        }
+        Ok(slots)
     }
 
     /// Makes the endpoint maps hold exactly `endpoints` and `endpoints6` (container address →
@@ -173,6 +235,23 @@ fn sync_endpoint_map<const N: usize>(
         }
     }
     remove_stale(map, endpoints, name).map(drop)
+}
+
+/// Lets each of `leases` (with its key in `trie`) that holds no slot adopt the one its entry
+/// in `trie` names (`slot_of` the entry).
+fn adopt_pinned<const N: usize, V: aya::Pod>(
+    slots: &mut peers::PeerSlots,
+    trie: &LpmTrie<&mut MapData, [u8; N], V>,
+    leases: impl Iterator<Item = (IpNetwork, Key<[u8; N]>)>,
+    slot_of: impl Fn(&V) -> u32,
+) {
+    for (lease, key) in leases {
+        if !slots.holds(&lease)
+            && let Ok(pinned) = trie.get(&key, 0)
+        {
+            slots.adopt(lease, slot_of(&pinned));
+        }
+    }
 }
 
 /// Deletes the subnets of `trie` (named `name`) that are not `desired`; returns how many.

@@ -350,6 +350,7 @@ pub fn lease_entries<'a>(
                 public_ipv6: public_ipv6.octets(),
                 mac: mac6.0,
                 reserved: 0,
+                peer: 0,
             };
             entries.subnets6.insert(subnet6, (remote6, lease.subnets()));
         }
@@ -373,6 +374,8 @@ fn add_ipv4_entries(
         } else {
             0
         },
+        // The dataplane gives each lease its slot as it writes the entry.
+        peer: 0,
     };
     entries
         .subnets
@@ -810,7 +813,8 @@ mod tests {
                     RemoteVtep {
                         public_ip: [172, 20, 62, 105],
                         mac: VTEP_MAC.0,
-                        flags: 0
+                        flags: 0,
+                        peer: 0,
                     },
                     LeaseSubnets::ipv4(subnet)
                 )

@@ -32,7 +32,7 @@ const INNER_TRANSPORT_HEAD_END: usize = size_of::<Ipv4Hdr>() + size_of::<Transpo
 /// carries that lease's VtepMAC as inner Ethernet source.
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, Counter> {
-    let vxlan = classify_ipv4_vxlan(frame, config)?;
+    let mut vxlan = classify_ipv4_vxlan(frame, config)?;
     let inner_lease = if vxlan.inner_is_ipv4 {
         maps::remote_vtep(vxlan.inner_src)
     } else {
@@ -40,19 +40,19 @@ pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<VxlanFrame, 
     };
     // The inner source's lease naming the sender is the common case, and says the sender
     // holds a lease: only the others need the `vteps` lookup.
-    let leased_by_sender = inner_lease.is_some_and(|lease| lease.public_ip == vxlan.outer_src);
-    if !leased_by_sender {
-        if !maps::holds_a_lease(vxlan.outer_src) {
-            let behind_nat = config.accept_nat_peers()
-                && inner_lease.is_some_and(|lease| lease.mac == vxlan.inner_eth_src);
-            if !behind_nat {
-                return Err(Counter::RxUnknownVtep);
-            }
-        } else if !vxlan.inner_is_ipv4 {
-            return Err(Counter::RxInnerOtherFamily);
-        } else if vxlan.inner_src != vxlan.outer_src {
-            return Err(Counter::RxSpoofedSource);
-        }
+    if let Some(lease) = inner_lease.filter(|lease| lease.public_ip == vxlan.outer_src) {
+        vxlan.peer = lease.peer;
+    } else if !maps::holds_a_lease(vxlan.outer_src) {
+        let behind_nat = inner_lease
+            .filter(|lease| config.accept_nat_peers() && lease.mac == vxlan.inner_eth_src);
+        let Some(lease) = behind_nat else {
+            return Err(Counter::RxUnknownVtep);
+        };
+        vxlan.peer = lease.peer;
+    } else if !vxlan.inner_is_ipv4 {
+        return Err(Counter::RxInnerOtherFamily);
+    } else if vxlan.inner_src != vxlan.outer_src {
+        return Err(Counter::RxSpoofedSource);
     }
     if lost_to_congestion(vxlan.outer_ecn, vxlan.inner_ecn) {
         return Err(Counter::RxCeNotEct);

@@ -52,12 +52,16 @@ const HOP_LIMIT_OFFSET: usize = ETH_HEADER_LEN + offset_of!(Ipv6Hdr, hop_limit);
 /// PublicIPv6 (a reply its conntrack un-DNATed, as for IPv4).
 #[inline(always)]
 pub fn from_a_peer(frame: &Frame, config: &OverlayConfig) -> Result<Vxlan6Frame, Counter> {
-    let vxlan = classify_ipv6_vxlan(frame, config)?;
+    let mut vxlan = classify_ipv6_vxlan(frame, config)?;
     // As for IPv4: the inner source's lease naming the sender says it holds a lease.
-    let leased_by_sender = vxlan.inner_is_ipv6
-        && maps::remote_vtep6(&vxlan.inner_src)
-            .is_some_and(|lease| lease.public_ipv6 == vxlan.outer_src);
-    if !leased_by_sender {
+    let sender_lease = vxlan
+        .inner_is_ipv6
+        .then(|| maps::remote_vtep6(&vxlan.inner_src))
+        .flatten()
+        .filter(|lease| lease.public_ipv6 == vxlan.outer_src);
+    if let Some(lease) = sender_lease {
+        vxlan.peer = lease.peer;
+    } else {
         if !maps::holds_an_ipv6_lease(&vxlan.outer_src) {
             return Err(Counter::RxIpv6NonMember);
         }

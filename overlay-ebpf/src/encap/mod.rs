@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::parse::ETH_HEADER_LEN;
+use crate::{maps, parse::ETH_HEADER_LEN};
 
 pub mod v4;
 pub mod v6;
@@ -64,4 +64,12 @@ fn fits_device(ctx: &TcContext, ifindex: u32, mtu: u32) -> bool {
         )
     };
     verdict == 0
+}
+
+/// Counts the packet, sent with `encap_len` bytes of outer headers, as sent to the lease in
+/// `peer`'s slot: its inner IP packet's bytes.
+#[inline(always)]
+fn count_sent(ctx: &TcContext, peer: u32, encap_len: usize) {
+    let bytes = ctx.len() - (ETH_HEADER_LEN + encap_len) as u32;
+    maps::count_peer(peer, maps::Direction::Sent, bytes);
 }

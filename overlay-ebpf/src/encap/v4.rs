@@ -9,7 +9,7 @@ use core::mem::size_of;
 use overlay_common::{Counter, OverlayConfig, RemoteVtep};
 use overlay_ebpf::{ecn::outer_ecn, vxlan_fields::flow_hash};
 
-use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device, packet_hash};
+use super::{ADJUST_ROOM_TUNNEL_FLAGS, count_sent, fits_device, packet_hash};
 use crate::{
     flows::remember_replies,
     maps,
@@ -63,6 +63,7 @@ pub fn from_container(
     if remote.routes_directly() {
         // DirectRouting: the host shares our segment; its PublicIP is the next hop.
         redirect::to_uplink(config, Some(remote.public_ip))?;
+        count_sent(ctx, remote.peer, 0);
         return Ok(Some(Counter::TxDirect));
     }
     let inner_tos = headers.ip.tos;
@@ -116,7 +117,9 @@ fn encapsulate(
     let mut frame = linear_frame(ctx, ETH_HEADER_LEN + ENCAP_LEN);
     let place: &mut Encapsulation = frame.header_mut(ETH_HEADER_LEN).ok_or(Counter::TxError)?;
     *place = encapsulation(config, remote, inner_tos, ctx.len(), flow_hash, ip_id);
-    redirect::to_uplink(config, None)
+    redirect::to_uplink(config, None)?;
+    count_sent(ctx, remote.peer, ENCAP_LEN);
+    Ok(())
 }
 
 /// The outer IPv4, UDP and VXLAN headers for a packet that is `skb_len` bytes long once they

@@ -32,7 +32,7 @@ use overlay_ebpf::{
     vxlan_fields::flow6_hash,
 };
 
-use super::{ADJUST_ROOM_TUNNEL_FLAGS, fits_device, packet_hash};
+use super::{ADJUST_ROOM_TUNNEL_FLAGS, count_sent, fits_device, packet_hash};
 use crate::{
     flows::remember_replies,
     maps,
@@ -191,7 +191,9 @@ fn encapsulate(
     let mut frame = linear_frame(ctx, ETH_HEADER_LEN + ENCAP6_LEN);
     let headers: &mut Encapsulation6 = frame.header_mut(ETH_HEADER_LEN).ok_or(Counter::TxError)?;
     write_encapsulation6(headers, config, remote, inner, ctx.len(), flow_hash);
-    redirect::to_uplink(config, None)
+    redirect::to_uplink(config, None)?;
+    count_sent(ctx, remote.peer, ENCAP6_LEN);
+    Ok(())
 }
 
 /// Writes the outer IPv6, UDP and VXLAN headers, in place, for a packet that is `skb_len`

@@ -38,6 +38,7 @@ mod isolation;
 mod kernel_frames;
 mod lifecycle;
 mod node_network;
+mod observe;
 mod operator_page;
 mod package;
 mod pinned_upgrade;
