@@ -96,7 +96,8 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
     );
     let device = LinkVxlan::new(&spec.name, spec.vni).dev(spec.uplink_index);
     let device = match spec.local {
-        // flannel's wire format carries a zero outer UDP checksum over IPv4.
+        // A zero outer UDP checksum over IPv4, as our programs send it (receivers accept a
+        // zero checksum and a computed one alike; flanneld's device computes it).
         IpAddr::V4(local) => device.local(local).udp_csum(false),
         // Over IPv6 flannel sets no checksum flags: the kernel computes the outer UDP
         // checksum and refuses a zero one (udp6zerocsumtx and udp6zerocsumrx off).
@@ -111,14 +112,26 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
     links::create(handle, &spec.name, message).await
 }
 
-/// Whether the device is the vxlan device `spec` describes; the MTU is fixed in place instead.
+/// Whether the device can carry `spec`'s traffic as it is: the attributes that make the wire
+/// contract with the peers (their FDB and neighbour entries name our MAC, their VXLAN goes to
+/// our local address, port and VNI) and how frames are forwarded must match; the rest is
+/// adopted as found, so a device flanneld made is taken over in place, never recreated:
+/// - the MTU is fixed in place by the caller;
+/// - over IPv4 the outer UDP checksum (`udpcsum`) is not compared: a receiver takes a zero
+///   checksum and a computed one alike, flanneld leaves it to the kernel's default (on since
+///   Linux 4.x, so its flannel.1 computes it), and the kernel refuses to change it in place;
+/// - over IPv6 a zero checksum on transmit is compared: peers refuse it (udp6zerocsumrx off);
+/// - the uplink (`dev`), `learning` and `gbp` are compared: they decide where frames leave
+///   and what they carry, and flanneld sets them from the same flags and config;
+/// - TTL, TOS, ageing and the source port range keep the kernel's defaults under flanneld as
+///   under us, and change no frame a peer would refuse.
 fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
     let Some(InfoData::Vxlan(attributes)) = links::info_data(link) else {
         return false;
     };
     let has = |wanted: &InfoVxlan| attributes.contains(wanted);
     let local_matches = match spec.local {
-        IpAddr::V4(local) => has(&InfoVxlan::Local(local)) && has(&InfoVxlan::UDPCsum(false)),
+        IpAddr::V4(local) => has(&InfoVxlan::Local(local)),
         IpAddr::V6(local) => {
             has(&InfoVxlan::Local6(local)) && !has(&InfoVxlan::UDPZeroCsumTX(true))
         }
