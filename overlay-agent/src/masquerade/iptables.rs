@@ -265,6 +265,22 @@ impl Iptables {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// `<program>-restore --noflush`, fed `input`: one transaction, which leaves the chains
+    /// `input` does not declare as they are.
+    fn restore(&self, input: &str) -> Result<()> {
+        let program = format!("{}-restore", self.program);
+        let args = ["-w", LOCK_WAIT_SECONDS, "--noflush"];
+        let output = command::run(&program, &args, Some(input))?;
+        if !output.status.success() {
+            bail!(
+                "`{program} {}` failed: {}\ninput:\n{input}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// `-S`: the table's chains and rules, as `iptables-save` writes them.
     fn list_table(&self, table: &str) -> Result<Vec<String>> {
         Ok(lines(&self.checked(table, &["-S"])?))
@@ -359,19 +375,30 @@ fn chain_exists(iptables: &Iptables, chain: &Chain) -> Result<bool> {
         .any(|name| name == chain.name))
 }
 
+/// Writes the chain's whole content, and the jump into it where it is missing, in one
+/// `iptables-restore --noflush` transaction: declaring the chain creates it or empties it, and
+/// the kernel swaps the old content for the new at once (as flanneld writes its rules), so no
+/// packet ever meets a node without them, as it would between a flush and the appends.
 fn install(iptables: &Iptables, chain: &Chain, rules: &[String]) -> Result<()> {
-    if chain_exists(iptables, chain)? {
-        iptables.chain_command(chain.table, "-F", chain.name)?;
-    } else {
-        iptables.chain_command(chain.table, "-N", chain.name)?;
+    // Asked about a jump to a chain that does not exist, iptables fails rather than answer no.
+    let jump_missing = !chain_exists(iptables, chain)?
+        || !iptables.exists(chain.table, chain.hook, &chain.jump())?;
+    iptables.restore(&restore_input(chain, rules, jump_missing))
+}
+
+/// `iptables-restore` input that fills `chain` with `rules` and, with `add_jump`, appends the
+/// jump into it to its built-in chain.
+fn restore_input(chain: &Chain, rules: &[String], add_jump: bool) -> String {
+    let mut lines = vec![
+        format!("*{}", chain.table),
+        format!(":{} - [0:0]", chain.name),
+    ];
+    lines.extend(rules.iter().map(|rule| format!("-A {} {rule}", chain.name)));
+    if add_jump {
+        lines.push(format!("-A {} {}", chain.hook, chain.jump()));
     }
-    for rule in rules {
-        iptables.rule_command(chain.table, "-A", chain.name, rule)?;
-    }
-    if iptables.exists(chain.table, chain.hook, &chain.jump())? {
-        return Ok(());
-    }
-    iptables.rule_command(chain.table, "-A", chain.hook, &chain.jump())
+    lines.push("COMMIT\n".to_string());
+    lines.join("\n")
 }
 
 fn uninstall(iptables: &Iptables, chain: &Chain) -> Result<()> {
@@ -450,6 +477,20 @@ mod tests {
                 format!("! -s fc00::/48 -d fc00::/48 {MASQ} -j MASQUERADE"),
             ]
         );
+    }
+
+    #[test]
+    fn a_chain_is_written_in_one_restore_transaction() {
+        let rules = forward_rules(&seed_family(Family::V4, true));
+        assert_eq!(
+            restore_input(&FORWARD, &rules, true),
+            format!(
+                "*filter\n:FLANNEL-FWD - [0:0]\n-A FLANNEL-FWD {}\n-A FLANNEL-FWD {}\n\
+                 -A FORWARD {FORWARDED} -j FLANNEL-FWD\nCOMMIT\n",
+                rules[0], rules[1]
+            )
+        );
+        assert!(!restore_input(&FORWARD, &rules, false).contains("-A FORWARD"));
     }
 
     #[test]
