@@ -43,6 +43,7 @@ mod pinned_upgrade;
 mod record_checks;
 mod routed_flows;
 mod stack_path;
+mod swap;
 mod tc_encap;
 mod tc_encap6;
 mod trouble;
