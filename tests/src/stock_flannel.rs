@@ -71,9 +71,10 @@ fn put_lease(cluster: &Cluster, key: &str, record: &str) -> Result<()> {
 
 /// flanneld's iptables rules on `host` for `network` and its /24 `subnet`, as its first start
 /// writes them (trafficmngr/iptables, with `--ip-masq` and the default
-/// `--iptables-forward-rules`): each chain made with `-N`, then the jump and the chain's rules
-/// in one `iptables-restore --noflush`, with flannel's comments and `--random-fully`.
-pub fn add_flanneld_rules(host: &Host, network: &str, subnet: &str) -> Result<()> {
+/// `--iptables-forward-rules`) through `iptables` (`iptables`, `iptables-legacy`): each chain
+/// made with `-N`, then the jump and the chain's rules in one `iptables-restore --noflush`,
+/// with flannel's comments and `--random-fully`.
+pub fn add_flanneld_rules(host: &Host, iptables: &str, network: &str, subnet: &str) -> Result<()> {
     let masq = r#"-m comment --comment "flanneld masq""#;
     let forward = r#"-m comment --comment "flanneld forward""#;
     let masquerade = "MASQUERADE --random-fully";
@@ -95,12 +96,14 @@ pub fn add_flanneld_rules(host: &Host, network: &str, subnet: &str) -> Result<()
         ("nat", "FLANNEL-POSTRTG", &nat[..]),
         ("filter", "FLANNEL-FWD", &filter[..]),
     ] {
-        host.iptables(&["-t", table, "-N", chain])?;
+        host.netns
+            .exec(&[iptables, "-w", "-t", table, "-N", chain])?;
         let input = host.dir.join(format!("flanneld-{table}.rules"));
         std::fs::write(&input, format!("*{table}\n{}\nCOMMIT\n", rules.join("\n")))?;
         let input = input.to_string_lossy();
+        let restore = format!("{iptables}-restore");
         host.netns
-            .exec(&["iptables-restore", "--noflush", input.as_ref()])?;
+            .exec(&[&restore, "-w", "--noflush", input.as_ref()])?;
     }
     Ok(())
 }

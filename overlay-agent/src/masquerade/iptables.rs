@@ -230,10 +230,27 @@ fn open(family: Family) -> Result<Iptables> {
                  config to use nftables"
             )
         })?;
+    let version = String::from_utf8_lossy(&version.stdout);
     Ok(Iptables {
         program,
-        nf_tables: String::from_utf8_lossy(&version.stdout).contains("nf_tables"),
+        nf_tables: version.contains("nf_tables"),
+        restore: restore_command(program, &version),
     })
+}
+
+/// The `iptables-restore` of the same kind as `program`, from its `--version` output:
+/// iptables-nft and iptables-legacy each ship theirs under their own name, and which one a
+/// plain `iptables-restore` is need not follow which one `iptables` is (a PATH, a
+/// distribution's alternatives); iptables before 1.8 has only the one.
+fn restore_command(program: &str, version: &str) -> String {
+    let kind = if version.contains("(nf_tables)") {
+        "-nft"
+    } else if version.contains("(legacy)") {
+        "-legacy"
+    } else {
+        ""
+    };
+    format!("{program}{kind}-restore")
 }
 
 /// `iptables` or `ip6tables`: each call one command with a deadline, waiting for the xtables
@@ -242,6 +259,8 @@ struct Iptables {
     program: &'static str,
     /// iptables-nft, whose tables are nftables tables, rather than iptables-legacy.
     nf_tables: bool,
+    /// The matching `iptables-restore`.
+    restore: String,
 }
 
 impl Iptables {
@@ -268,12 +287,12 @@ impl Iptables {
     /// `<program>-restore --noflush`, fed `input`: one transaction, which leaves the chains
     /// `input` does not declare as they are.
     fn restore(&self, input: &str) -> Result<()> {
-        let program = format!("{}-restore", self.program);
         let args = ["-w", LOCK_WAIT_SECONDS, "--noflush"];
-        let output = command::run(&program, &args, Some(input))?;
+        let output = command::run(&self.restore, &args, Some(input))?;
         if !output.status.success() {
             bail!(
-                "`{program} {}` failed: {}\ninput:\n{input}",
+                "`{} {}` failed: {}\ninput:\n{input}",
+                self.restore,
                 args.join(" "),
                 String::from_utf8_lossy(&output.stderr).trim()
             );
@@ -491,6 +510,22 @@ mod tests {
             )
         );
         assert!(!restore_input(&FORWARD, &rules, false).contains("-A FORWARD"));
+    }
+
+    #[test]
+    fn iptables_restore_of_the_same_kind() {
+        assert_eq!(
+            restore_command("iptables", "iptables v1.8.9 (nf_tables)\n"),
+            "iptables-nft-restore"
+        );
+        assert_eq!(
+            restore_command("ip6tables", "ip6tables v1.8.9 (legacy)\n"),
+            "ip6tables-legacy-restore"
+        );
+        assert_eq!(
+            restore_command("iptables", "iptables v1.6.1\n"),
+            "iptables-restore"
+        );
     }
 
     #[test]

@@ -31,6 +31,22 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const EBPF: &[&str] = &["--ip-masq"];
 const KERNEL: &[&str] = &["--ip-masq", "--dataplane=kernel"];
 
+/// Which iptables the hosts use, flanneld and the agent alike.
+#[derive(Clone, Copy)]
+enum Iptables {
+    Nft,
+    Legacy,
+}
+
+impl Iptables {
+    fn command(self) -> &'static str {
+        match self {
+            Self::Nft => "iptables",
+            Self::Legacy => "iptables-legacy",
+        }
+    }
+}
+
 /// Two hosts as flanneld leaves them, each with a container.
 struct StockPair {
     cluster: Cluster,
@@ -38,10 +54,11 @@ struct StockPair {
     host2: Host,
     bbox1: Container,
     bbox2: Container,
+    iptables: Iptables,
 }
 
 impl StockPair {
-    fn start(tag: &str) -> Result<Self> {
+    fn start(tag: &str, iptables: Iptables) -> Result<Self> {
         let mut cluster = Cluster::new(tag)?;
         let host1 = cluster.add_host("host1", HOST1)?;
         let host2 = cluster.add_host("host2", HOST2)?;
@@ -56,7 +73,7 @@ impl StockPair {
                 vtep_mac,
             };
             stock_flannel::configure(&cluster, host, subnet, mac, &[peer])?;
-            add_flanneld_rules(host, NETWORK, subnet)?;
+            add_flanneld_rules(host, iptables.command(), NETWORK, subnet)?;
         }
         // flanneld's subnet file, which the agent reads the previous subnet from.
         std::fs::write(
@@ -75,6 +92,7 @@ impl StockPair {
             host2,
             bbox1,
             bbox2,
+            iptables,
         })
     }
 
@@ -89,7 +107,7 @@ impl StockPair {
     /// lists host1's iptables rules in a tight loop; fails on a lost ping or a listing that
     /// lacked one of flanneld's rules.
     fn under_steady_ping(&self, swap: impl FnOnce() -> Result<()>) -> Result<()> {
-        let expected = flanneld_rules(&self.host1)?;
+        let expected = flanneld_rules(&self.host1, self.iptables)?;
         ensure!(expected.len() == 10, "flanneld's rules: {expected:#?}");
         let namespaces = [
             &self.cluster.underlay,
@@ -102,7 +120,7 @@ impl StockPair {
         let ping = steady_ping(&self.cluster, &self.bbox2, BBOX1, PINGS)?;
         let done = AtomicBool::new(false);
         let (swapped, polls) = thread::scope(|scope| {
-            let poller = scope.spawn(|| poll_rules(&self.host1, &expected, &done));
+            let poller = scope.spawn(|| poll_rules(&self.host1, self.iptables, &expected, &done));
             thread::sleep(SETTLE);
             let swapped = swap();
             thread::sleep(SETTLE);
@@ -138,10 +156,13 @@ fn rules_never_absent(polls: usize, incomplete: &[Vec<String>]) -> Result<()> {
 }
 
 /// The rules of `iptables -t nat -S` and `iptables -S` that name flanneld's chains.
-fn flanneld_rules(host: &Host) -> Result<Vec<String>> {
+fn flanneld_rules(host: &Host, iptables: Iptables) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     for table in ["nat", "filter"] {
-        let listing = host.iptables(&["-t", table, "-S"])?;
+        // Waiting for the xtables lock iptables-legacy takes, as the agent's commands do.
+        let listing = host
+            .netns
+            .exec(&[iptables.command(), "-w", "-t", table, "-S"])?;
         lines.extend(
             listing
                 .lines()
@@ -156,12 +177,13 @@ fn flanneld_rules(host: &Host) -> Result<Vec<String>> {
 /// incomplete one lacked.
 fn poll_rules(
     host: &Host,
+    iptables: Iptables,
     expected: &[String],
     done: &AtomicBool,
 ) -> Result<(usize, Vec<Vec<String>>)> {
     let (mut polls, mut incomplete) = (0, Vec::new());
     while !done.load(Ordering::Relaxed) {
-        let listed = flanneld_rules(host)?;
+        let listed = flanneld_rules(host, iptables)?;
         let missing: Vec<String> = expected
             .iter()
             .filter(|rule| !listed.contains(rule))
@@ -177,7 +199,7 @@ fn poll_rules(
 
 /// What flanneld needs of host1's kernel to carry the overlay, and what shows flannel.1 was
 /// never made anew (its index), as listed by ip, bridge and iptables.
-fn kernel_state(host: &Host) -> Result<Vec<(&'static str, String)>> {
+fn kernel_state(host: &Host, iptables: Iptables) -> Result<Vec<(&'static str, String)>> {
     let ns = &host.netns;
     Ok(vec![
         (
@@ -194,7 +216,10 @@ fn kernel_state(host: &Host) -> Result<Vec<(&'static str, String)>> {
             "FDB",
             ns.exec(&["bridge", "fdb", "show", "dev", "flannel.1"])?,
         ),
-        ("flanneld's rules", flanneld_rules(host)?.join("\n")),
+        (
+            "flanneld's rules",
+            flanneld_rules(host, iptables)?.join("\n"),
+        ),
     ])
 }
 
@@ -205,7 +230,8 @@ fn assert_left_as_flanneld_left_it(
     stock: &[(&str, String)],
     lease: &str,
 ) -> Result<()> {
-    for ((what, before), (_, after)) in stock.iter().zip(kernel_state(&pair.host1)?) {
+    let now = kernel_state(&pair.host1, pair.iptables)?;
+    for ((what, before), (_, after)) in stock.iter().zip(now) {
         ensure!(
             *before == after,
             "host1's {what} changed:\nbefore:\n{before}\nafter:\n{after}"
@@ -223,9 +249,17 @@ fn assert_left_as_flanneld_left_it(
     Ok(())
 }
 
-/// Starts the agent on host1 with `flags` and waits until it has taken its old lease.
+/// Starts the agent on host1 with `flags`, on the pair's iptables, and waits until it has
+/// taken its old lease.
 fn take_over(pair: &StockPair, flags: &[&str]) -> Result<Agent> {
-    let mut agent = Agent::start(&pair.cluster, &pair.host1, flags)?;
+    let flags = Agent::flags(&pair.cluster, &pair.host1, flags);
+    let mut agent = match pair.iptables {
+        Iptables::Nft => Agent::start_with(&pair.host1, &flags, &[])?,
+        Iptables::Legacy => {
+            let path = pair.host1.legacy_iptables_path()?;
+            Agent::start_with(&pair.host1, &flags, &[("PATH", &path)])?
+        }
+    };
     ensure!(agent.wait_ready()? == SUBNET1, "{}", agent.log());
     Ok(agent)
 }
@@ -237,36 +271,41 @@ fn stop(mut agent: Agent) -> Result<String> {
     Ok(agent.log())
 }
 
-#[test]
-fn a_flanneld_node_swapped_to_the_ebpf_dataplane_and_back_loses_no_ping() -> Result<()> {
-    let pair = StockPair::start("swap-ebpf")?;
-    let (stock, lease) = (kernel_state(&pair.host1)?, pair.lease1()?);
+/// Swaps host1 of a pair on `iptables` to the agent with `flags` and back, through each
+/// agent of `agents`, started and stopped in turn; fails unless it loses no ping, keeps
+/// flanneld's rules throughout and leaves the node as flanneld left it.
+fn swap_and_back(tag: &str, iptables: Iptables, agents: &[&[&str]]) -> Result<()> {
+    let pair = StockPair::start(tag, iptables)?;
+    let (stock, lease) = (kernel_state(&pair.host1, iptables)?, pair.lease1()?);
     let mut logs = Vec::new();
     pair.under_steady_ping(|| {
-        logs.push(stop(take_over(&pair, EBPF)?)?);
-        // Back through kernel mode, which puts the kernel's path in place before it removes
-        // our programs; stopped, it leaves the node to flanneld.
-        logs.push(stop(take_over(&pair, KERNEL)?)?);
+        for flags in agents {
+            logs.push(stop(take_over(&pair, flags)?)?);
+        }
         Ok(())
     })
     .with_context(|| format!("the agents' logs:\n{}", logs.join("\n----\n")))?;
     ensure!(
-        !logs[0].contains("recreating"),
+        !logs.iter().any(|log| log.contains("recreating")),
         "flannel.1 was made anew:\n{}",
-        logs[0]
+        logs.join("\n----\n")
     );
     assert_left_as_flanneld_left_it(&pair, &stock, &lease)
 }
 
+/// Back through kernel mode, which puts the kernel's path in place before it removes our
+/// programs; stopped, it leaves the node to flanneld.
+#[test]
+fn a_flanneld_node_swapped_to_the_ebpf_dataplane_and_back_loses_no_ping() -> Result<()> {
+    swap_and_back("swap-ebpf", Iptables::Nft, &[EBPF, KERNEL])
+}
+
 #[test]
 fn a_flanneld_node_swapped_to_the_kernel_dataplane_and_back_loses_no_ping() -> Result<()> {
-    let pair = StockPair::start("swap-kernel")?;
-    let (stock, lease) = (kernel_state(&pair.host1)?, pair.lease1()?);
-    let mut logs = Vec::new();
-    pair.under_steady_ping(|| {
-        logs.push(stop(take_over(&pair, KERNEL)?)?);
-        Ok(())
-    })
-    .with_context(|| format!("the agents' logs:\n{}", logs.join("\n----\n")))?;
-    assert_left_as_flanneld_left_it(&pair, &stock, &lease)
+    swap_and_back("swap-kernel", Iptables::Nft, &[KERNEL])
+}
+
+#[test]
+fn a_flanneld_node_on_iptables_legacy_swapped_and_back_loses_no_ping() -> Result<()> {
+    swap_and_back("swap-legacy", Iptables::Legacy, &[EBPF, KERNEL])
 }
