@@ -272,15 +272,9 @@ impl Iptables {
 
     /// Runs `-t table args...`; its output, or an error naming the command and what it said.
     fn checked(&self, table: &str, args: &[&str]) -> Result<String> {
-        let output = self.run(table, args)?;
-        if !output.status.success() {
-            bail!(
-                "`{} -t {table} {}` failed: {}",
-                self.program,
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        let output = succeeded(self.run(table, args)?, || {
+            format!("{} -t {table} {}", self.program, args.join(" "))
+        })?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
@@ -289,15 +283,9 @@ impl Iptables {
     fn restore(&self, input: &str) -> Result<()> {
         let args = ["-w", LOCK_WAIT_SECONDS, "--noflush"];
         let output = command::run(&self.restore, &args, Some(input))?;
-        if !output.status.success() {
-            bail!(
-                "`{} {}` failed: {}\ninput:\n{input}",
-                self.restore,
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(())
+        succeeded(output, || format!("{} {}", self.restore, args.join(" ")))
+            .with_context(|| format!("{} was given:\n{input}", self.restore))
+            .map(drop)
     }
 
     /// `-S`: the table's chains and rules, as `iptables-save` writes them.
@@ -363,6 +351,21 @@ impl Iptables {
         }
         Ok(())
     }
+}
+
+/// `output`, or an error naming the command `line` and what it said.
+fn succeeded(
+    output: std::process::Output,
+    line: impl FnOnce() -> String,
+) -> Result<std::process::Output> {
+    if !output.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            line(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
 }
 
 fn lines(output: &str) -> Vec<String> {
