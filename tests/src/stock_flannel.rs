@@ -215,7 +215,7 @@ fn add_bridge(ns: &Netns, addresses: &[String]) -> Result<()> {
 /// A VXLAN device as flanneld's netlink request makes it, up: VNI `vni`, MAC `mac`, local
 /// `local` on eth0, port 8472, no learning, MTU the uplink's less 50. flanneld's netlink
 /// library sends no IFLA_VXLAN_UDP_CSUM, so the outer UDP checksum is the kernel's default:
-/// computed, since Linux 4.x.
+/// computed (`udpcsum`, on 6.18).
 pub fn add_vtep(ns: &Netns, name: &str, vni: u32, local: &str, mac: &str) -> Result<()> {
     add_vxlan(ns, name, vni, local, mac, &["mtu", VTEP_MTU], &[])
 }

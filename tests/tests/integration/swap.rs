@@ -309,3 +309,34 @@ fn a_flanneld_node_swapped_to_the_kernel_dataplane_and_back_loses_no_ping() -> R
 fn a_flanneld_node_on_iptables_legacy_swapped_and_back_loses_no_ping() -> Result<()> {
     swap_and_back("swap-legacy", Iptables::Legacy, &[EBPF, KERNEL])
 }
+
+/// flannel.1's index and whether it learns, from `ip -d link show`.
+fn vtep_index_and_learning(host: &Host) -> Result<(String, bool)> {
+    let device = host.netns.ip(&["-d", "-o", "link", "show", "flannel.1"])?;
+    let index = device
+        .split(':')
+        .next()
+        .context("ip printed no index")?
+        .to_string();
+    Ok((index, !device.contains("nolearning")))
+}
+
+/// A flannel.1 that learns where the network config says it must not (flanneld made it
+/// under a config with `Learning`, since changed) is changed in place, not made anew.
+#[test]
+fn a_flanneld_vtep_that_learns_is_changed_in_place() -> Result<()> {
+    let pair = StockPair::start("swap-learning", Iptables::Nft)?;
+    let host1 = &pair.host1;
+    host1
+        .netns
+        .ip(&["link", "set", "flannel.1", "type", "vxlan", "learning"])?;
+    let (index, learning) = vtep_index_and_learning(host1)?;
+    ensure!(learning, "the stock device learns before the agent starts");
+    let log = stop(take_over(&pair, KERNEL)?)?;
+    let (after, learning) = vtep_index_and_learning(host1)?;
+    ensure!(
+        after == index && !learning,
+        "flannel.1 (index {index}) is index {after}, learning {learning}:\n{log}"
+    );
+    Ok(())
+}
