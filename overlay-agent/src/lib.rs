@@ -84,7 +84,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
     // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
     // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
-    let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink).await?;
+    let dataplane = load_dataplane(&options, &config, &pin_dir)?;
     health.reached(Stage::DataplaneLoaded);
     let manager = lease_manager(&options, &config, &uplink, &registry, &metrics, &health)?;
     let lease = acquire_lease(&manager, &netlink, &options, &config).await?;
@@ -105,8 +105,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let rounds = metrics.reconcile.clone();
     let mut reconciler =
         Reconciler::start(node, dataplane, settings.intent, initial, rounds).await?;
-    if let Some(dataplane) = reconciler.dataplane() {
-        remove_stray_programs(&netlink, &dataplane.kept()?).await?;
+    match reconciler.dataplane() {
+        Some(dataplane) => remove_stray_programs(&netlink, &dataplane.kept()?).await?,
+        // Only now: until the first round put the kernel's own path in place (the FDB entries
+        // an ebpf run does without), an earlier ebpf run's programs carry the traffic.
+        None => remove_ebpf_dataplane(&pin_dir, &netlink).await?,
     }
     let masquerade = masquerade::start(settings.masquerade)?;
     settings.subnet_env.write_atomically(&options.subnet_file)?;
@@ -264,15 +267,13 @@ fn notify_systemd_ready() {
 
 /// In ebpf mode, the eBPF object loaded into the kernel with its maps pinned in `pin_dir`
 /// (adopting those an earlier run pinned), its programs not yet attached. In kernel mode,
-/// none, and nothing of an earlier ebpf run left attached.
-async fn load_dataplane(
+/// none: what an earlier ebpf run left attached is removed once the kernel's path is in place.
+fn load_dataplane(
     options: &AgentOptions,
     config: &NetworkConfig,
     pin_dir: &Path,
-    netlink: &Handle,
 ) -> Result<Option<Dataplane>> {
     if options.dataplane != DataplaneChoice::Ebpf {
-        remove_ebpf_dataplane(pin_dir, netlink).await?;
         return Ok(None);
     }
     let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());

@@ -192,6 +192,23 @@ impl Host {
         self.netns.exec(&[&["iptables"], args].concat())
     }
 
+    /// A PATH whose `iptables` and `ip6tables` are iptables-legacy, for a process that is to
+    /// run on an iptables-legacy host.
+    pub fn legacy_iptables_path(&self) -> Result<String> {
+        let dir = self.dir.join("legacy-bin");
+        std::fs::create_dir_all(&dir)?;
+        for command in ["iptables", "ip6tables"] {
+            let link = dir.join(command);
+            if !link.exists() {
+                std::os::unix::fs::symlink(format!("/usr/sbin/{command}-legacy"), &link)?;
+            }
+        }
+        Ok(format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            dir.display()
+        ))
+    }
+
     /// `ip6tables args...` in the host's namespace; returns its output.
     pub fn ip6tables(&self, args: &[&str]) -> Result<String> {
         self.netns.exec(&[&["ip6tables"], args].concat())

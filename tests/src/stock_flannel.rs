@@ -54,7 +54,58 @@ pub fn configure(
         }),
         None,
     );
-    cluster.etcd.put(&cluster.subnet_key(subnet), &record)
+    put_lease(cluster, &cluster.subnet_key(subnet), &record)
+}
+
+/// flanneld's lease TTL: its record is attached to an etcd lease of 24 h.
+const LEASE_TTL_SECONDS: u64 = 24 * 60 * 60;
+
+/// Writes a record as flanneld does: attached to a fresh etcd lease of 24 h.
+fn put_lease(cluster: &Cluster, key: &str, record: &str) -> Result<()> {
+    let lease = cluster.etcd.grant(LEASE_TTL_SECONDS)?;
+    cluster
+        .etcd
+        .etcdctl(&["put", &format!("--lease={lease}"), key, record])
+        .map(drop)
+}
+
+/// flanneld's iptables rules on `host` for `network` and its /24 `subnet`, as its first start
+/// writes them (trafficmngr/iptables, with `--ip-masq` and the default
+/// `--iptables-forward-rules`) through `iptables` (`iptables`, `iptables-legacy`): each chain
+/// made with `-N`, then the jump and the chain's rules in one `iptables-restore --noflush`,
+/// with flannel's comments and `--random-fully`.
+pub fn add_flanneld_rules(host: &Host, iptables: &str, network: &str, subnet: &str) -> Result<()> {
+    let masq = r#"-m comment --comment "flanneld masq""#;
+    let forward = r#"-m comment --comment "flanneld forward""#;
+    let masquerade = "MASQUERADE --random-fully";
+    let nat = [
+        format!("-A POSTROUTING {masq} -j FLANNEL-POSTRTG"),
+        format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {subnet} -d {network} {masq} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {network} -d {subnet} {masq} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s {network} -d {subnet} {masq} -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {network} ! -d 224.0.0.0/4 {masq} -j {masquerade}"),
+        format!("-A FLANNEL-POSTRTG ! -s {network} -d {network} {masq} -j {masquerade}"),
+    ];
+    let filter = [
+        format!("-A FORWARD {forward} -j FLANNEL-FWD"),
+        format!("-A FLANNEL-FWD -s {network} {forward} -j ACCEPT"),
+        format!("-A FLANNEL-FWD -d {network} {forward} -j ACCEPT"),
+    ];
+    for (table, chain, rules) in [
+        ("nat", "FLANNEL-POSTRTG", &nat[..]),
+        ("filter", "FLANNEL-FWD", &filter[..]),
+    ] {
+        host.netns
+            .exec(&[iptables, "-w", "-t", table, "-N", chain])?;
+        let input = host.dir.join(format!("flanneld-{table}.rules"));
+        std::fs::write(&input, format!("*{table}\n{}\nCOMMIT\n", rules.join("\n")))?;
+        let input = input.to_string_lossy();
+        let restore = format!("{iptables}-restore");
+        host.netns
+            .exec(&[&restore, "-w", "--noflush", input.as_ref()])?;
+    }
+    Ok(())
 }
 
 /// Builds what flannel builds on `host` in a network with IPv6: flannel.1 with `peers` when
@@ -86,7 +137,7 @@ pub fn configure_ipv6(
         mac: mac6,
     };
     let key = cluster.subnet_key6(lease.ipv4.map(|(subnet, _)| subnet), subnet6);
-    cluster.etcd.put(&key, &lease_value(ipv4, Some(ipv6)))
+    put_lease(cluster, &key, &lease_value(ipv4, Some(ipv6)))
 }
 
 /// A lease's value exactly as flannel writes it (lease.LeaseAttrs, field for field): the
@@ -120,7 +171,6 @@ fn add_ipv4_overlay(
 ) -> Result<String> {
     let network = subnet.trim_end_matches("/24");
     add_vtep(ns, "flannel.1", 1, public_ip, mac)?;
-    ns.ip(&["link", "set", "flannel.1", "mtu", VTEP_MTU])?;
     ns.ip(&["addr", "add", &format!("{network}/32"), "dev", "flannel.1"])?;
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     for peer in peers {
@@ -162,10 +212,32 @@ fn add_bridge(ns: &Netns, addresses: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A VXLAN device as flannel makes it, up: VNI `vni`, MAC `mac`, local `local` on eth0, port
-/// 8472, no learning, a zero outer UDP checksum.
+/// A VXLAN device as flanneld's netlink request makes it, up: VNI `vni`, MAC `mac`, local
+/// `local` on eth0, port 8472, no learning, MTU the uplink's less 50. flanneld's netlink
+/// library sends no IFLA_VXLAN_UDP_CSUM, so the outer UDP checksum is the kernel's default:
+/// computed (`udpcsum`, on 6.18).
 pub fn add_vtep(ns: &Netns, name: &str, vni: u32, local: &str, mac: &str) -> Result<()> {
-    add_vxlan(ns, name, vni, local, mac, &[], &["noudpcsum"])
+    add_vxlan(ns, name, vni, local, mac, &["mtu", VTEP_MTU], &[])
+}
+
+/// [`add_vtep`] with a zero outer UDP checksum (`noudpcsum`), as our programs send it: the
+/// kernel's frames then match ours byte for byte.
+pub fn add_vtep_zero_checksum(
+    ns: &Netns,
+    name: &str,
+    vni: u32,
+    local: &str,
+    mac: &str,
+) -> Result<()> {
+    add_vxlan(
+        ns,
+        name,
+        vni,
+        local,
+        mac,
+        &["mtu", VTEP_MTU],
+        &["noudpcsum"],
+    )
 }
 
 /// flannel's IPv6 VXLAN device (flannel-v6.1), up, as its netlink request makes it: VNI

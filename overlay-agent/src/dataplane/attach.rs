@@ -111,13 +111,16 @@ impl Dataplane {
         // The container ports first: a device that fails to take its program must not leave
         // a new container sending unchecked.
         let refused = self.ensure_container_ports(&placement.containers)?;
-        self.ensure_vteps_attached(placement.vtep.as_ref(), placement.vtep6.as_ref())?;
+        // The uplink's decapsulator before the guard of the VXLAN sockets, which refuses what
+        // it did not check: on a node taken over from flanneld, the kernel decapsulates until
+        // then.
         self.ensure_uplink_attached(
             &placement.uplink.name,
             placement.uplink.index,
             placement.decap_hook,
             placement.xdp_mode,
         )?;
+        self.ensure_vteps_attached(placement.vtep.as_ref(), placement.vtep6.as_ref())?;
         self.ensure_bridge_attached(placement.bridge.as_ref())?;
         Ok(refused)
     }

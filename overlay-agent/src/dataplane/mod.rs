@@ -41,12 +41,14 @@ pub const VTEP_PROGRAM: &str = "tc_vtep_egress";
 pub const VTEP_INGRESS_PROGRAM: &str = "tc_vtep_ingress";
 pub const CONTAINER_PROGRAM: &str = "tc_container_ingress";
 pub const BRIDGE_PROGRAM: &str = "tc_bridge_egress";
-/// Every program, each attached through links pinned as `link_<program>_<ifindex>`.
+/// Every program, each attached through links pinned as `link_<program>_<ifindex>`, in the
+/// order they come off a live node ([`pins::remove`]): the guard of the VXLAN sockets first,
+/// which would refuse what the kernel decapsulates once the uplink's program is gone.
 pub const PROGRAMS: [&str; 6] = [
+    VTEP_INGRESS_PROGRAM,
     UPLINK_TC_PROGRAM,
     UPLINK_XDP_PROGRAM,
     VTEP_PROGRAM,
-    VTEP_INGRESS_PROGRAM,
     CONTAINER_PROGRAM,
     BRIDGE_PROGRAM,
 ];

@@ -230,10 +230,27 @@ fn open(family: Family) -> Result<Iptables> {
                  config to use nftables"
             )
         })?;
+    let version = String::from_utf8_lossy(&version.stdout);
     Ok(Iptables {
         program,
-        nf_tables: String::from_utf8_lossy(&version.stdout).contains("nf_tables"),
+        nf_tables: version.contains("nf_tables"),
+        restore: restore_command(program, &version),
     })
+}
+
+/// The `iptables-restore` of the same kind as `program`, from its `--version` output:
+/// iptables-nft and iptables-legacy each ship theirs under their own name, and which one a
+/// plain `iptables-restore` is need not follow which one `iptables` is (a PATH, a
+/// distribution's alternatives); iptables before 1.8 has only the one.
+fn restore_command(program: &str, version: &str) -> String {
+    let kind = if version.contains("(nf_tables)") {
+        "-nft"
+    } else if version.contains("(legacy)") {
+        "-legacy"
+    } else {
+        ""
+    };
+    format!("{program}{kind}-restore")
 }
 
 /// `iptables` or `ip6tables`: each call one command with a deadline, waiting for the xtables
@@ -242,6 +259,8 @@ struct Iptables {
     program: &'static str,
     /// iptables-nft, whose tables are nftables tables, rather than iptables-legacy.
     nf_tables: bool,
+    /// The matching `iptables-restore`.
+    restore: String,
 }
 
 impl Iptables {
@@ -253,16 +272,20 @@ impl Iptables {
 
     /// Runs `-t table args...`; its output, or an error naming the command and what it said.
     fn checked(&self, table: &str, args: &[&str]) -> Result<String> {
-        let output = self.run(table, args)?;
-        if !output.status.success() {
-            bail!(
-                "`{} -t {table} {}` failed: {}",
-                self.program,
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        let output = succeeded(self.run(table, args)?, || {
+            format!("{} -t {table} {}", self.program, args.join(" "))
+        })?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `<program>-restore --noflush`, fed `input`: one transaction, which leaves the chains
+    /// `input` does not declare as they are.
+    fn restore(&self, input: &str) -> Result<()> {
+        let args = ["-w", LOCK_WAIT_SECONDS, "--noflush"];
+        let output = command::run(&self.restore, &args, Some(input))?;
+        succeeded(output, || format!("{} {}", self.restore, args.join(" ")))
+            .with_context(|| format!("{} was given:\n{input}", self.restore))
+            .map(drop)
     }
 
     /// `-S`: the table's chains and rules, as `iptables-save` writes them.
@@ -330,6 +353,21 @@ impl Iptables {
     }
 }
 
+/// `output`, or an error naming the command `line` and what it said.
+fn succeeded(
+    output: std::process::Output,
+    line: impl FnOnce() -> String,
+) -> Result<std::process::Output> {
+    if !output.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            line(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
 fn lines(output: &str) -> Vec<String> {
     output.lines().map(str::to_string).collect()
 }
@@ -359,19 +397,30 @@ fn chain_exists(iptables: &Iptables, chain: &Chain) -> Result<bool> {
         .any(|name| name == chain.name))
 }
 
+/// Writes the chain's whole content, and the jump into it where it is missing, in one
+/// `iptables-restore --noflush` transaction: declaring the chain creates it or empties it, and
+/// the kernel swaps the old content for the new at once (as flanneld writes its rules), so no
+/// packet ever meets a node without them, as it would between a flush and the appends.
 fn install(iptables: &Iptables, chain: &Chain, rules: &[String]) -> Result<()> {
-    if chain_exists(iptables, chain)? {
-        iptables.chain_command(chain.table, "-F", chain.name)?;
-    } else {
-        iptables.chain_command(chain.table, "-N", chain.name)?;
+    // Asked about a jump to a chain that does not exist, iptables fails rather than answer no.
+    let jump_missing = !chain_exists(iptables, chain)?
+        || !iptables.exists(chain.table, chain.hook, &chain.jump())?;
+    iptables.restore(&restore_input(chain, rules, jump_missing))
+}
+
+/// `iptables-restore` input that fills `chain` with `rules` and, with `add_jump`, appends the
+/// jump into it to its built-in chain.
+fn restore_input(chain: &Chain, rules: &[String], add_jump: bool) -> String {
+    let mut lines = vec![
+        format!("*{}", chain.table),
+        format!(":{} - [0:0]", chain.name),
+    ];
+    lines.extend(rules.iter().map(|rule| format!("-A {} {rule}", chain.name)));
+    if add_jump {
+        lines.push(format!("-A {} {}", chain.hook, chain.jump()));
     }
-    for rule in rules {
-        iptables.rule_command(chain.table, "-A", chain.name, rule)?;
-    }
-    if iptables.exists(chain.table, chain.hook, &chain.jump())? {
-        return Ok(());
-    }
-    iptables.rule_command(chain.table, "-A", chain.hook, &chain.jump())
+    lines.push("COMMIT\n".to_string());
+    lines.join("\n")
 }
 
 fn uninstall(iptables: &Iptables, chain: &Chain) -> Result<()> {
@@ -449,6 +498,36 @@ mod tests {
                 format!("-s fc00::/48 ! -d ff00::/8 {MASQ} -j MASQUERADE"),
                 format!("! -s fc00::/48 -d fc00::/48 {MASQ} -j MASQUERADE"),
             ]
+        );
+    }
+
+    #[test]
+    fn a_chain_is_written_in_one_restore_transaction() {
+        let rules = forward_rules(&seed_family(Family::V4, true));
+        assert_eq!(
+            restore_input(&FORWARD, &rules, true),
+            format!(
+                "*filter\n:FLANNEL-FWD - [0:0]\n-A FLANNEL-FWD {}\n-A FLANNEL-FWD {}\n\
+                 -A FORWARD {FORWARDED} -j FLANNEL-FWD\nCOMMIT\n",
+                rules[0], rules[1]
+            )
+        );
+        assert!(!restore_input(&FORWARD, &rules, false).contains("-A FORWARD"));
+    }
+
+    #[test]
+    fn iptables_restore_of_the_same_kind() {
+        assert_eq!(
+            restore_command("iptables", "iptables v1.8.9 (nf_tables)\n"),
+            "iptables-nft-restore"
+        );
+        assert_eq!(
+            restore_command("ip6tables", "ip6tables v1.8.9 (legacy)\n"),
+            "ip6tables-legacy-restore"
+        );
+        assert_eq!(
+            restore_command("iptables", "iptables v1.6.1\n"),
+            "iptables-restore"
         );
     }
 

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use ipnetwork::IpNetwork;
 use rtnetlink::{
-    Handle, LinkVxlan,
-    packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkMessage},
+    Handle, LinkUnspec, LinkVxlan,
+    packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
 };
 
 use super::links;
@@ -47,7 +47,8 @@ pub async fn existing_mac(handle: &Handle, name: &str) -> Result<Option<MacAddr>
         .and_then(links::mac))
 }
 
-/// Makes sure the device matches `spec` (recreating it when it does not), is up, and carries
+/// Makes sure the device matches `spec` (changing it in place where the kernel allows,
+/// recreating it where the peers' view of it differs), is up, and carries
 /// the lease's network address as a host address (/32, /128) and no other address inside
 /// `network`; returns its index.
 pub async fn ensure(
@@ -57,7 +58,10 @@ pub async fn ensure(
     network: IpNetwork,
 ) -> Result<u32> {
     let link = match links::find(handle, &spec.name).await? {
-        Some(link) if matches_spec(&link, spec) => link,
+        Some(link) if matches_spec(&link, spec) => {
+            set_learning(handle, &link, spec).await?;
+            link
+        }
         Some(stale) => {
             log::warn!(
                 "{} does not match the network config; recreating it",
@@ -96,7 +100,8 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
     );
     let device = LinkVxlan::new(&spec.name, spec.vni).dev(spec.uplink_index);
     let device = match spec.local {
-        // flannel's wire format carries a zero outer UDP checksum over IPv4.
+        // A zero outer UDP checksum over IPv4, as our programs send it (receivers accept a
+        // zero checksum and a computed one alike; flanneld's device computes it).
         IpAddr::V4(local) => device.local(local).udp_csum(false),
         // Over IPv6 flannel sets no checksum flags: the kernel computes the outer UDP
         // checksum and refuses a zero one (udp6zerocsumtx and udp6zerocsumrx off).
@@ -111,14 +116,58 @@ async fn create(handle: &Handle, spec: &VtepSpec) -> Result<LinkMessage> {
     links::create(handle, &spec.name, message).await
 }
 
-/// Whether the device is the vxlan device `spec` describes; the MTU is fixed in place instead.
+/// Turns the device's learning (`learning`, the network config's `Learning`) to `spec`'s in
+/// place, where it differs: the kernel allows it on a live device.
+async fn set_learning(handle: &Handle, link: &LinkMessage, spec: &VtepSpec) -> Result<()> {
+    let Some(InfoData::Vxlan(attributes)) = links::info_data(link) else {
+        return Ok(());
+    };
+    if attributes.contains(&InfoVxlan::Learning(spec.learning)) {
+        return Ok(());
+    }
+    log::info!(
+        "{}: turning learning {} in place",
+        spec.name,
+        if spec.learning { "on" } else { "off" }
+    );
+    let mut change = LinkUnspec::new_with_index(link.header.index).build();
+    change.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Vxlan),
+        LinkInfo::Data(InfoData::Vxlan(vec![InfoVxlan::Learning(spec.learning)])),
+    ]));
+    // RTM_NEWLINK on the existing device, as `ip link set ... type vxlan` sends it: RTM_SETLINK
+    // would leave the vxlan attributes alone.
+    handle
+        .link()
+        .change(change)
+        .execute()
+        .await
+        .with_context(|| format!("cannot set learning on {}", spec.name))
+}
+
+/// Whether the device can carry `spec`'s traffic, adopted as it is but for what is changed
+/// in place: the attributes that make the wire contract with the peers (their FDB and
+/// neighbour entries name our MAC, their VXLAN goes to our local address, port and VNI) must
+/// match; the rest is adopted as found, so a device flanneld made is taken over in place,
+/// never recreated:
+/// - the MTU and `learning` (whether the device learns remote MACs from what it receives)
+///   are changed in place;
+/// - over IPv4 the outer UDP checksum (`udpcsum`) is not compared: a receiver takes a zero
+///   checksum and a computed one alike, flanneld leaves it to the kernel's default (on, on
+///   6.18, so its flannel.1 computes it), and the kernel refuses to change it in place;
+/// - over IPv6 a zero checksum on transmit is compared: peers refuse it (udp6zerocsumrx off);
+/// - the uplink (`dev`) and `gbp` are compared: they decide where frames leave and what they
+///   carry, and flanneld sets them from the same flags and config, so they differ only where
+///   the node's configuration did;
+/// - TTL, TOS, ageing and the source port range keep the kernel's defaults under flanneld as
+///   under us, and change no frame a peer would refuse.
 fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
     let Some(InfoData::Vxlan(attributes)) = links::info_data(link) else {
         return false;
     };
     let has = |wanted: &InfoVxlan| attributes.contains(wanted);
     let local_matches = match spec.local {
-        IpAddr::V4(local) => has(&InfoVxlan::Local(local)) && has(&InfoVxlan::UDPCsum(false)),
+        IpAddr::V4(local) => has(&InfoVxlan::Local(local)),
         IpAddr::V6(local) => {
             has(&InfoVxlan::Local6(local)) && !has(&InfoVxlan::UDPZeroCsumTX(true))
         }
@@ -129,7 +178,6 @@ fn matches_spec(link: &LinkMessage, spec: &VtepSpec) -> bool {
         && local_matches
         && has(&InfoVxlan::Link(spec.uplink_index))
         && has(&InfoVxlan::Port(spec.port))
-        && has(&InfoVxlan::Learning(spec.learning))
         && has(&InfoVxlan::Gbp) == spec.gbp
 }
 

@@ -14,7 +14,7 @@ use overlay_tests::{
     frames::*,
     netns::Netns,
     require_root,
-    stock_flannel::{Peer, add_peer, add_vtep},
+    stock_flannel::{Peer, add_peer, add_vtep_zero_checksum},
 };
 
 /// Two hosts joined by a veth pair, with the seed's underlay addresses.
@@ -43,7 +43,7 @@ impl TwoHosts {
     /// A flannel-style VXLAN device on host1 whose `remote_subnet` lies behind host2.
     fn add_vxlan_route(&self, vni: u32, remote_subnet: &str) -> Result<()> {
         let device = format!("vx{vni}");
-        add_vtep(
+        add_vtep_zero_checksum(
             &self.host1,
             &device,
             vni,

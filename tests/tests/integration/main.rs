@@ -46,6 +46,7 @@ mod public_ip;
 mod record_checks;
 mod routed_flows;
 mod stack_path;
+mod swap;
 mod tc_encap;
 mod tc_encap6;
 mod trouble;

@@ -289,22 +289,6 @@ fn a_second_lease_of_a_public_ipv6_leaves_its_first_one_reachable() -> Result<()
 /// whose iptables is iptables-legacy they are nobody's but the administrator's.
 const ADMIN_TABLES: [(&str, &str); 2] = [("ip", "nat"), ("ip6", "filter")];
 
-/// A directory whose `iptables` and `ip6tables` are iptables-legacy, to put first in PATH.
-fn legacy_iptables(host: &Host) -> Result<String> {
-    let dir = host.dir.join("legacy-bin");
-    std::fs::create_dir_all(&dir)?;
-    for command in ["iptables", "ip6tables"] {
-        let link = dir.join(command);
-        if !link.exists() {
-            std::os::unix::fs::symlink(format!("/usr/sbin/{command}-legacy"), &link)?;
-        }
-    }
-    Ok(format!(
-        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        dir.display()
-    ))
-}
-
 fn nft_table_exists(host: &Host, family: &str, name: &str) -> Result<bool> {
     Ok(host
         .netns
@@ -330,7 +314,7 @@ fn an_administrators_nftables_tables_survive_start_and_teardown() -> Result<()> 
             .netns
             .exec(&["nft", "add", "rule", family, name, "admin", "counter"])?;
     }
-    let path = legacy_iptables(&host1)?;
+    let path = host1.legacy_iptables_path()?;
     let envs = [("PATH", path.as_str())];
     let mut agent = Agent::start_with(&host1, &Agent::flags(&cluster, &host1, &[]), &envs)?;
     ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
