@@ -9,7 +9,7 @@
 //! device needs its own overhead. Down, the port forwards nothing and binds no UDP socket.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rtnetlink::{
     Handle, LinkVxlan,
     packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkMessage},
@@ -37,7 +37,7 @@ pub async fn ensure(handle: &Handle, bridge_index: u32, mtu: u32, ipv6: bool) ->
         if is_in_place(&link, bridge_index, mtu, wanted_local) {
             return Ok(());
         }
-        delete(handle, &link).await?;
+        links::delete(handle, &link, HEADROOM_PORT).await?;
     }
     log::info!("adding {HEADROOM_PORT} to the bridge, down, for the containers' headroom");
     let device = LinkVxlan::new(HEADROOM_PORT, UNUSED_VNI).port(UNUSED_PORT);
@@ -56,7 +56,7 @@ pub async fn ensure(handle: &Handle, bridge_index: u32, mtu: u32, ipv6: bool) ->
 /// Removes the headroom port if it exists: kernel mode leaves the bridge as flannel does.
 pub async fn remove(handle: &Handle) -> Result<()> {
     match links::find(handle, HEADROOM_PORT).await? {
-        Some(link) => delete(handle, &link).await,
+        Some(link) => links::delete(handle, &link, HEADROOM_PORT).await,
         None => Ok(()),
     }
 }
@@ -74,14 +74,4 @@ fn is_in_place(link: &LinkMessage, bridge_index: u32, mtu: u32, local: IpAddr) -
         && has(&LinkAttribute::Controller(bridge_index))
         && has(&LinkAttribute::Mtu(mtu))
         && local_matches
-}
-
-async fn delete(handle: &Handle, link: &LinkMessage) -> Result<()> {
-    log::info!("deleting {HEADROOM_PORT}");
-    handle
-        .link()
-        .del(link.header.index)
-        .execute()
-        .await
-        .with_context(|| format!("cannot delete {HEADROOM_PORT}"))
 }

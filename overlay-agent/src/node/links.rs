@@ -53,6 +53,17 @@ pub async fn create(handle: &Handle, name: &str, message: LinkMessage) -> Result
         .with_context(|| format!("{name} vanished right after creation"))
 }
 
+/// Deletes `link`, logging it by `name`.
+pub async fn delete(handle: &Handle, link: &LinkMessage, name: &str) -> Result<()> {
+    log::info!("deleting {name}");
+    handle
+        .link()
+        .del(link.header.index)
+        .execute()
+        .await
+        .with_context(|| format!("cannot delete {name}"))
+}
+
 /// Every link of the namespace.
 pub async fn all(handle: &Handle) -> Result<Vec<LinkMessage>> {
     handle

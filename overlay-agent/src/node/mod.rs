@@ -13,7 +13,7 @@ pub mod vtep;
 
 use std::net::IpAddr;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle,
@@ -288,13 +288,7 @@ pub async fn teardown(
             _ => false,
         };
         if ours {
-            log::info!("deleting {name}");
-            handle
-                .link()
-                .del(link.header.index)
-                .execute()
-                .await
-                .with_context(|| format!("cannot delete {name}"))?;
+            links::delete(handle, &link, name).await?;
         }
     }
     let networks = [networks.0.map(IpNetwork::V4), networks.1.map(IpNetwork::V6)];

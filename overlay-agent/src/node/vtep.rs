@@ -67,12 +67,7 @@ pub async fn ensure(
                 "{} does not match the network config; recreating it",
                 spec.name
             );
-            handle
-                .link()
-                .del(stale.header.index)
-                .execute()
-                .await
-                .with_context(|| format!("cannot delete the incompatible {}", spec.name))?;
+            links::delete(handle, &stale, &spec.name).await?;
             create(handle, spec).await?
         }
         None => create(handle, spec).await?,
