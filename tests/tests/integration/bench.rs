@@ -50,8 +50,10 @@ fn assert_spread(spread: &serde_json::Value, what: &str) {
 fn assert_interleaved(figure: &serde_json::Value, name: &str, rounds: u64) {
     let kept = figure["rounds_kept"].as_u64().unwrap_or(0);
     let dropped = figure["rounds_dropped"].as_u64().unwrap_or(0);
+    // A round the hypervisor stole too much of is left out by design (and counted); one kept
+    // round still gives every figure, a degenerate spread included.
     assert!(
-        kept >= 2 && kept + dropped == rounds,
+        kept >= 1 && kept + dropped == rounds,
         "{name}: {kept} round(s) kept, {dropped} dropped of {rounds}: {figure}"
     );
     let ebpf_only = name.starts_with("eBPF ");
