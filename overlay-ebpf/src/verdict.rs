@@ -21,12 +21,12 @@ use crate::maps;
 #[inline(always)]
 pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
     maps::count(outcome);
-    report_skb(ctx, outcome, wanted_report(outcome, Hook::Tc));
     let action = match outcome.verdict() {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Redirect => TC_ACT_REDIRECT,
     };
+    report_skb(ctx, opaque(outcome as u8));
     // SAFETY: the context's skb is valid for the whole program run.
     log_outcome(
         ctx,
@@ -43,11 +43,11 @@ pub fn tc_act(ctx: &TcContext, outcome: Counter) -> i32 {
 #[inline(always)]
 pub fn xdp_act(ctx: &XdpContext, outcome: Counter) -> u32 {
     maps::count(outcome);
-    report_xdp(ctx, outcome, wanted_report(outcome, Hook::Xdp));
     let action = match outcome.verdict() {
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Pass | Verdict::Redirect => xdp_action::XDP_PASS,
     };
+    report_xdp(ctx, opaque(outcome as u8));
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
     log_outcome(
         ctx,
@@ -133,8 +133,17 @@ fn opaque(value: u8) -> u8 {
     }
 }
 
+/// Reports the packet whose outcome is the counter of index `outcome` to a monitor that wants
+/// it. Like `log_outcome`, it takes the outcome through `opaque` and comes after the action
+/// is known: the trace's matching is then verified once per action, not once for every path
+/// that ends in a verdict (which took the container program's verification from 13 to 156
+/// ms).
 #[inline(always)]
-fn report_skb(ctx: &TcContext, outcome: Counter, report: Report) {
+fn report_skb(ctx: &TcContext, outcome: u8) {
+    let Some(outcome) = Counter::from_index(outcome.into()) else {
+        return;
+    };
+    let report = wanted_report(outcome, Hook::Tc);
     if matches!(report, Report::Nothing) {
         return;
     }
@@ -153,8 +162,13 @@ fn report_skb(ctx: &TcContext, outcome: Counter, report: Report) {
     });
 }
 
+/// As [`report_skb`], for the XDP hook.
 #[inline(always)]
-fn report_xdp(ctx: &XdpContext, outcome: Counter, report: Report) {
+fn report_xdp(ctx: &XdpContext, outcome: u8) {
+    let Some(outcome) = Counter::from_index(outcome.into()) else {
+        return;
+    };
+    let report = wanted_report(outcome, Hook::Xdp);
     if matches!(report, Report::Nothing) {
         return;
     }
