@@ -67,30 +67,30 @@ enum Hook {
 
 /// What a monitor wants of a packet with `outcome`.
 enum Report {
-    Nothing,
     /// A drop, while drops are monitored.
     Always,
     /// Any outcome, if the packet is to or from the traced prefix.
     IfTraced(Trace),
 }
 
-/// What a monitor wants reported: one array lookup (the trace) for a packet that is not
-/// dropped, two for a drop.
+/// The outcome of index `outcome` and what a monitor wants reported of it, `None` for
+/// nothing: one array lookup (the trace) for a packet that is not dropped, two for a drop.
 #[inline(always)]
-fn wanted_report(outcome: Counter, hook: Hook) -> Report {
-    match maps::trace() {
+fn wanted_report(outcome: u8, hook: Hook) -> Option<(Counter, Report)> {
+    let outcome = Counter::from_index(outcome.into())?;
+    let report = match maps::trace() {
         Some(trace) if hook == Hook::Tc || outcome.is_drop() => Report::IfTraced(*trace),
-        Some(_) => Report::Nothing,
+        Some(_) => return None,
         None if outcome.is_drop() && maps::monitoring() => Report::Always,
-        None => Report::Nothing,
-    }
+        None => return None,
+    };
+    Some((outcome, report))
 }
 
 /// Whether the packet whose first bytes are `head` is wanted, as `report` says.
 #[inline(always)]
 fn head_wanted(report: &Report, head: &[u8; DROP_HEAD_LEN]) -> bool {
     match report {
-        Report::Nothing => false,
         Report::Always => true,
         Report::IfTraced(trace) => {
             maps::config().is_some_and(|config| head_matches(head, trace, config.vxlan_port))
@@ -140,13 +140,9 @@ fn opaque(value: u8) -> u8 {
 /// ms).
 #[inline(always)]
 fn report_skb(ctx: &TcContext, outcome: u8) {
-    let Some(outcome) = Counter::from_index(outcome.into()) else {
+    let Some((outcome, report)) = wanted_report(outcome, Hook::Tc) else {
         return;
     };
-    let report = wanted_report(outcome, Hook::Tc);
-    if matches!(report, Report::Nothing) {
-        return;
-    }
     let len = ctx.len();
     // SAFETY: the context's skb is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -165,13 +161,9 @@ fn report_skb(ctx: &TcContext, outcome: u8) {
 /// As [`report_skb`], for the XDP hook.
 #[inline(always)]
 fn report_xdp(ctx: &XdpContext, outcome: u8) {
-    let Some(outcome) = Counter::from_index(outcome.into()) else {
+    let Some((outcome, report)) = wanted_report(outcome, Hook::Xdp) else {
         return;
     };
-    let report = wanted_report(outcome, Hook::Xdp);
-    if matches!(report, Report::Nothing) {
-        return;
-    }
     let len = (ctx.data_end() - ctx.data()) as u32;
     // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
