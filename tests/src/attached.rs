@@ -105,9 +105,15 @@ pub fn pinned_links(dir: &Path) -> Result<Vec<(String, u64)>> {
         if !name.starts_with("link_") {
             continue;
         }
-        let json = run(Command::new("bpftool")
+        let json = match run(Command::new("bpftool")
             .args(["-j", "link", "show", "pinned"])
-            .arg(&path))?;
+            .arg(&path))
+        {
+            Ok(json) => json,
+            // The agent unpinned it between the listing and the read: it is no longer pinned.
+            Err(_) if !path.exists() => continue,
+            Err(error) => return Err(error),
+        };
         let link: serde_json::Value = serde_json::from_str(&json)?;
         links.push((name, link["id"].as_u64().context("a link without id")?));
     }
