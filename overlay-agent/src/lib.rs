@@ -58,7 +58,7 @@ use crate::{
         etcd::EtcdRegistry,
         file::{previous_networks, previous_subnet},
         manager::{LeaseManager, LeaseRevoked, LeaseTiming},
-        registry::{ConfigReadError, Registry, own_subnets},
+        registry::{ConfigReadError, Registry, Release, own_subnets},
         watch::LeaseWatcher,
     },
 };
@@ -348,8 +348,14 @@ async fn release_own_lease(
             (subnets, owner)
         }
     };
-    registry.delete_if_owned(subnets, owner).await?;
-    log::info!("released lease {subnets} of {owner}");
+    match registry.release_if_owned(subnets, owner).await? {
+        Release::Deleted => log::info!("released lease {subnets} of {owner}"),
+        Release::NotOwned => log::warn!("{subnets} is not held by {owner}; leaving it"),
+        Release::Reserved => log::info!(
+            "{subnets} is reserved for {owner} (a record without etcd lease): kept; an operator \
+             deletes a reservation with etcdctl"
+        ),
+    }
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use etcd_client::{
 use super::{
     LeaseAttrs, LeaseSubnets, PublicAddresses, Record, fits_a_record,
     pages::{Entry, Page, PageError, RangeReader, Values, list_in_pages},
-    registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
+    registry::{ConfigReadError, Listing, RecordChange, Registry, Release, Watch, WatchUpdate},
     subnet_key, subnets_prefix,
 };
 use crate::config::NetworkConfig;
@@ -227,12 +227,18 @@ impl Registry for EtcdRegistry {
         Ok(Some(etcd_lease))
     }
 
-    async fn delete_if_owned(&self, subnets: LeaseSubnets, owner: PublicAddresses) -> Result<()> {
+    async fn release_if_owned(
+        &self,
+        subnets: LeaseSubnets,
+        owner: PublicAddresses,
+    ) -> Result<Release> {
         let key = subnet_key(&self.prefix, subnets);
-        let Some((_, mod_revision)) = self.owned_record(&key, owner).await? else {
-            log::warn!("{key} is not held by {owner}; leaving it");
-            return Ok(());
+        let Some((etcd_lease, mod_revision)) = self.owned_record(&key, owner).await? else {
+            return Ok(Release::NotOwned);
         };
+        if etcd_lease == 0 {
+            return Ok(Release::Reserved);
+        }
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.as_str(),
@@ -245,7 +251,7 @@ impl Registry for EtcdRegistry {
             .txn(txn)
             .await
             .with_context(|| format!("cannot delete {key}"))?;
-        Ok(())
+        Ok(Release::Deleted)
     }
 
     async fn delete(&self, subnets: LeaseSubnets) -> Result<()> {

@@ -363,7 +363,10 @@ mod tests {
     use ipnetwork::Ipv4Network;
 
     use super::*;
-    use crate::subnet::{memory::MemoryRegistry, registry::own_subnets};
+    use crate::subnet::{
+        memory::MemoryRegistry,
+        registry::{Release, own_subnets},
+    };
 
     const PREFIX: &str = "/docker-test/network";
     const HOST1: Ipv4Addr = Ipv4Addr::new(172, 20, 62, 104);
@@ -588,6 +591,27 @@ mod tests {
             record.value,
             Some(LeaseAttrs::ipv4_only(HOST1, 1, mac).to_json().into_bytes())
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn releasing_keeps_a_reservation_and_another_hosts_record() -> Result<()> {
+        let registry = registry();
+        let (leased, reserved, others) = (
+            subnet("10.2.41.0/24"),
+            subnet("10.2.42.0/24"),
+            subnet("10.2.54.0/24"),
+        );
+        registry.put(leased, r#"{"PublicIP":"172.20.62.104"}"#, 7);
+        registry.put(reserved, r#"{"PublicIP":"172.20.62.104"}"#, 0);
+        registry.put(others, r#"{"PublicIP":"172.20.62.105"}"#, 8);
+        let owner = manager(&registry, DAY).public;
+        let release = |subnets: Ipv4Network| registry.release_if_owned(subnets.into(), owner);
+        assert_eq!(release(reserved).await?, Release::Reserved);
+        assert_eq!(release(others).await?, Release::NotOwned);
+        assert_eq!(release(leased).await?, Release::Deleted);
+        assert!(registry.record(leased).is_none());
+        assert!(registry.record(reserved).is_some() && registry.record(others).is_some());
         Ok(())
     }
 

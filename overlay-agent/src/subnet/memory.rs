@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::{
     LeaseAttrs, LeaseSubnets, PublicAddresses, Record, fits_a_record,
-    registry::{ConfigReadError, Listing, RecordChange, Registry, Watch, WatchUpdate},
+    registry::{ConfigReadError, Listing, RecordChange, Registry, Release, Watch, WatchUpdate},
     subnet_key,
 };
 use crate::config::NetworkConfig;
@@ -179,11 +179,25 @@ impl Registry for MemoryRegistry {
         Ok(Some(etcd_lease))
     }
 
-    async fn delete_if_owned(&self, subnets: LeaseSubnets, owner: PublicAddresses) -> Result<()> {
-        if self.held_by(&subnet_key(&self.prefix, subnets), owner) {
-            self.remove(subnets);
+    async fn release_if_owned(
+        &self,
+        subnets: LeaseSubnets,
+        owner: PublicAddresses,
+    ) -> Result<Release> {
+        let key = subnet_key(&self.prefix, subnets);
+        if !self.held_by(&key, owner) {
+            return Ok(Release::NotOwned);
         }
-        Ok(())
+        let reserved = self
+            .state()
+            .records
+            .get(&key)
+            .is_some_and(|record| record.etcd_lease == 0);
+        if reserved {
+            return Ok(Release::Reserved);
+        }
+        self.remove(subnets);
+        Ok(Release::Deleted)
     }
 
     async fn delete(&self, subnets: LeaseSubnets) -> Result<()> {

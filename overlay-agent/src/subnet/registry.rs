@@ -14,6 +14,16 @@ pub struct Listing {
     pub revision: i64,
 }
 
+/// What [`Registry::release_if_owned`] did with a record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Release {
+    Deleted,
+    /// The record is gone or names another host: left alone.
+    NotOwned,
+    /// The record is a reservation, the operator's to delete: left alone.
+    Reserved,
+}
+
 /// The network config could not be read; callers wait and retry on `Missing`.
 #[derive(Debug)]
 pub enum ConfigReadError {
@@ -93,12 +103,13 @@ pub trait Registry: Clone + Send + Sync {
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<Option<i64>>> + Send;
 
-    /// Deletes the record of `subnet` if it still names `owner`; does nothing otherwise.
-    fn delete_if_owned(
+    /// Deletes the record of `subnets` if it still names `owner` and is a lease; a
+    /// reservation (a record without etcd lease, which an operator wrote) stays.
+    fn release_if_owned(
         &self,
         subnets: LeaseSubnets,
         owner: PublicAddresses,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<Release>> + Send;
 
     fn delete(&self, subnets: LeaseSubnets) -> impl Future<Output = Result<()>> + Send;
 

@@ -615,6 +615,50 @@ fn release_lease_without_the_subnet_file_deletes_the_record_naming_this_host() -
     Ok(())
 }
 
+/// A reservation (a record without etcd lease) is the operator's: the agent takes it as its
+/// lease, and `teardown --release-lease` keeps it and says so.
+#[test]
+fn release_lease_keeps_a_reservation() -> Result<()> {
+    let mut cluster = Cluster::new("release-reserved")?;
+    let reserved = cluster.subnet_key(SUBNET1);
+    cluster
+        .etcd
+        .put(&reserved, &format!(r#"{{"PublicIP":"{HOST1}"}}"#))?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut agent = Agent::start(&cluster, &host1, KERNEL)?;
+    assert_eq!(
+        agent.wait_ready()?,
+        SUBNET1,
+        "the agent takes its reservation"
+    );
+    agent.process.terminate(EVENT_TIMEOUT)?;
+
+    let release = [
+        "teardown".to_string(),
+        "--release-lease".to_string(),
+        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host1.subnet_file().display()),
+    ];
+    let mut released = Agent::start_with(&host1, &release, &[])?;
+    assert!(
+        released.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "teardown --release-lease of a reservation failed: {}",
+        released.log()
+    );
+    assert!(
+        cluster.etcd.get(&reserved)?.is_some(),
+        "teardown --release-lease deleted the reservation {SUBNET1}: {}",
+        released.log()
+    );
+    assert!(
+        released.log().contains("is reserved for"),
+        "teardown does not say why the record stays: {}",
+        released.log()
+    );
+    Ok(())
+}
+
 #[test]
 fn ip_blackhole_route_backs_the_subnet_when_the_bridge_route_is_gone() -> Result<()> {
     let seed = Seed::start("blackhole", &["--dataplane=kernel", "--ip-blackhole-route"])?;
