@@ -581,6 +581,24 @@ fn teardown_leaves_the_host_as_it_found_it() -> Result<()> {
     Ok(())
 }
 
+/// Runs `overlay-agent teardown --release-lease` on `host` to a successful end.
+fn release_lease(cluster: &Cluster, host: &Host) -> Result<Agent> {
+    let release = [
+        "teardown".to_string(),
+        "--release-lease".to_string(),
+        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
+        format!("--etcd-prefix={PREFIX}"),
+        format!("--subnet-file={}", host.subnet_file().display()),
+    ];
+    let mut released = Agent::start_with(host, &release, &[])?;
+    assert!(
+        released.process.wait_exit(EVENT_TIMEOUT)?.success(),
+        "teardown --release-lease failed: {}",
+        released.log()
+    );
+    Ok(released)
+}
+
 /// After a reboot /run/flannel/subnet.env is gone; `teardown --release-lease` still finds
 /// this host's record, the one naming its address, and leaves every other host's.
 #[test]
@@ -594,19 +612,7 @@ fn release_lease_without_the_subnet_file_deletes_the_record_naming_this_host() -
     agent.process.kill();
     std::fs::remove_file(host1.subnet_file()).context("cannot remove the subnet file")?;
 
-    let release = [
-        "teardown".to_string(),
-        "--release-lease".to_string(),
-        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
-        format!("--etcd-prefix={PREFIX}"),
-        format!("--subnet-file={}", host1.subnet_file().display()),
-    ];
-    let mut released = Agent::start_with(&host1, &release, &[])?;
-    assert!(
-        released.process.wait_exit(EVENT_TIMEOUT)?.success(),
-        "teardown --release-lease without the subnet file failed: {}",
-        released.log()
-    );
+    release_lease(&cluster, &host1)?;
     assert!(
         cluster.etcd.get(&own)?.is_none(),
         "the record naming host1 is released"
@@ -633,19 +639,7 @@ fn release_lease_keeps_a_reservation() -> Result<()> {
     );
     agent.process.terminate(EVENT_TIMEOUT)?;
 
-    let release = [
-        "teardown".to_string(),
-        "--release-lease".to_string(),
-        format!("--etcd-endpoints={}", cluster.etcd.endpoint()),
-        format!("--etcd-prefix={PREFIX}"),
-        format!("--subnet-file={}", host1.subnet_file().display()),
-    ];
-    let mut released = Agent::start_with(&host1, &release, &[])?;
-    assert!(
-        released.process.wait_exit(EVENT_TIMEOUT)?.success(),
-        "teardown --release-lease of a reservation failed: {}",
-        released.log()
-    );
+    let released = release_lease(&cluster, &host1)?;
     assert!(
         cluster.etcd.get(&reserved)?.is_some(),
         "teardown --release-lease deleted the reservation {SUBNET1}: {}",
