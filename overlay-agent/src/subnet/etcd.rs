@@ -44,6 +44,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// is configured otherwise. Listings come in pages that fit; a watch response that does not
 /// is replaced by a listing.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// How often `release_if_owned` reads and tries to delete a record that keeps changing.
+const RELEASE_ATTEMPTS: usize = 3;
 
 impl EtcdRegistry {
     pub async fn connect(options: &EtcdOptions) -> Result<Self> {
@@ -233,25 +235,37 @@ impl Registry for EtcdRegistry {
         owner: PublicAddresses,
     ) -> Result<Release> {
         let key = subnet_key(&self.prefix, subnets);
-        let Some((etcd_lease, mod_revision)) = self.owned_record(&key, owner).await? else {
-            return Ok(Release::NotOwned);
-        };
-        if etcd_lease == 0 {
-            return Ok(Release::Reserved);
+        // A running agent renewing the record between the read and the delete makes the
+        // delete's condition fail: read it again.
+        for _ in 0..RELEASE_ATTEMPTS {
+            let Some((etcd_lease, mod_revision)) = self.owned_record(&key, owner).await? else {
+                return Ok(Release::NotOwned);
+            };
+            if etcd_lease == 0 {
+                return Ok(Release::Reserved);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            let deleted = self
+                .client
+                .clone()
+                .txn(txn)
+                .await
+                .with_context(|| format!("cannot delete {key}"))?
+                .succeeded();
+            if deleted {
+                return Ok(Release::Deleted);
+            }
         }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        self.client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot delete {key}"))?;
-        Ok(Release::Deleted)
+        bail!(
+            "{key} changed under each of {RELEASE_ATTEMPTS} attempts to delete it: is an agent \
+             still renewing it?"
+        )
     }
 
     async fn delete(&self, subnets: LeaseSubnets) -> Result<()> {

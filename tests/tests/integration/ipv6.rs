@@ -653,7 +653,15 @@ fn teardown_removes_both_families_and_release_lease_deletes_the_dual_stack_recor
     cluster
         .etcd
         .put(&cluster.subnet_key6(Some(SUBNET2), SUBNET2_V6), &remote)?;
-    cluster.reserve_dual_stack(SUBNET1, SUBNET1_V6, HOST1)?;
+    // host1's earlier lease, which the agent takes again: a lease, not a reservation (which
+    // --release-lease keeps).
+    let earlier = cluster.etcd.grant(3600)?;
+    cluster.etcd.etcdctl(&[
+        "put",
+        &format!("--lease={earlier}"),
+        &cluster.subnet_key6(Some(SUBNET1), SUBNET1_V6),
+        &format!(r#"{{"PublicIP":"{HOST1}"}}"#),
+    ])?;
     let host1 = cluster.add_host("host1", HOST1)?;
     // Forwarding, which the agent turns on and teardown leaves on (as ip_forward), adds
     // the router's anycast addresses and multicast groups: on before the snapshot.
