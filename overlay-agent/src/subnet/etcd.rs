@@ -116,6 +116,17 @@ impl EtcdRegistry {
         Ok(response.id())
     }
 
+    /// Runs `txn`, which `action`s `key` under a condition; whether the condition held.
+    async fn commit(&self, txn: Txn, action: &str, key: &str) -> Result<bool> {
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .with_context(|| format!("cannot {action} {key}"))?;
+        Ok(response.succeeded())
+    }
+
     /// Best effort: an etcd lease nobody uses any more expires on its own anyway.
     async fn revoke(&self, etcd_lease: i64) {
         if let Err(error) = self.client.clone().lease_revoke(etcd_lease).await {
@@ -170,14 +181,7 @@ impl Registry for EtcdRegistry {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(etcd_lease)),
             )]);
-        let created = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot create {key}"))?
-            .succeeded();
-        if created {
+        if self.commit(txn, "create", &key).await? {
             return Ok(Some(etcd_lease));
         }
         self.revoke(etcd_lease).await;
@@ -210,14 +214,7 @@ impl Registry for EtcdRegistry {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(etcd_lease)),
             )]);
-        let updated = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot update {key}"))?
-            .succeeded();
-        if !updated {
+        if !self.commit(txn, "update", &key).await? {
             if etcd_lease != 0 {
                 self.revoke(etcd_lease).await;
             }
@@ -251,14 +248,7 @@ impl Registry for EtcdRegistry {
                     mod_revision,
                 )])
                 .and_then([TxnOp::delete(key.as_str(), None)]);
-            let deleted = self
-                .client
-                .clone()
-                .txn(txn)
-                .await
-                .with_context(|| format!("cannot delete {key}"))?
-                .succeeded();
-            if deleted {
+            if self.commit(txn, "delete", &key).await? {
                 return Ok(Release::Deleted);
             }
         }
