@@ -117,15 +117,29 @@ impl Drop for Process {
     }
 }
 
-/// An iperf3 server in `netns` (one test only with `once`), started and listening.
+/// The port iperf3 listens on unless told another.
+pub const IPERF3_PORT: u16 = 5201;
+
+/// An iperf3 server in `netns` on [`IPERF3_PORT`] (one test only with `once`), started and
+/// listening.
 pub fn iperf3_server(netns: &crate::netns::Netns, log: &Path, once: bool) -> Result<Process> {
-    let mut args = vec!["-s".to_string()];
+    iperf3_server_on(netns, log, once, IPERF3_PORT)
+}
+
+/// An iperf3 server in `netns` on `port`, as [`iperf3_server`].
+pub fn iperf3_server_on(
+    netns: &crate::netns::Netns,
+    log: &Path,
+    once: bool,
+    port: u16,
+) -> Result<Process> {
+    let mut args = vec!["-s".to_string(), "-p".to_string(), port.to_string()];
     if once {
         args.push("-1".to_string());
     }
     let server = Process::spawn(netns.name(), Path::new("iperf3"), &args, &[], log)?;
     wait_for("iperf3 to listen", Duration::from_secs(20), || {
-        Ok(netns.exec(&["ss", "-ltn"])?.contains(":5201"))
+        Ok(netns.exec(&["ss", "-ltn"])?.contains(&format!(":{port} ")))
     })?;
     Ok(server)
 }

@@ -8,10 +8,11 @@ use anyhow::{Context, Result};
 use overlay_tests::{require_root, scratch::ScratchDir};
 
 /// The throughput rows measured again over IPv6, in every mode.
-const IPV6_FIGURES: [&str; 7] = [
+const IPV6_FIGURES: [&str; 8] = [
     "TCP throughput, 1 stream, IPv6",
     "CPU cost, IPv6",
     "TCP throughput, 4 streams, IPv6",
+    "CPU cost, 4 streams, IPv6",
     "TCP throughput, 1 stream, pinned, IPv6",
     "TCP throughput, 4 streams, pinned, IPv6",
     "64-byte UDP received, IPv6",
@@ -90,7 +91,7 @@ fn the_quick_benchmark_produces_every_figure() -> Result<()> {
         "no dropped runs count"
     );
     let figures = report["figures"].as_array().context("no figures")?;
-    assert_eq!(figures.len(), 26, "{report:#}");
+    assert_eq!(figures.len(), 28, "{report:#}");
     for figure in figures {
         let name = figure["figure"].as_str().context("unnamed figure")?;
         if figure["row"] == "control-plane" {

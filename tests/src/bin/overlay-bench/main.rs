@@ -20,7 +20,7 @@ use overlay_tests::{
     cluster::Cluster,
     ipv6::{BBOX2_V6, IPV6_NETWORK},
     netns::Netns,
-    process::{Process, iperf3_server},
+    process::{IPERF3_PORT, Process, iperf3_server_on},
     random::Random,
     seed::{BBOX2, Seed},
 };
@@ -238,7 +238,7 @@ fn run(options: &Options) -> Result<()> {
 /// One mode's seed with bbox2's iperf3 and sockperf servers, up for every round.
 struct DataPath {
     /// Before `seed`: the servers stop before their namespace goes.
-    _servers: [Process; 3],
+    _servers: Vec<Process>,
     seed: Seed,
     mode: Mode,
 }
@@ -265,8 +265,7 @@ impl DataPath {
                 &scratch.join(log),
             )
         };
-        let servers = [
-            iperf3_server(server, &scratch.join("iperf3.log"), false)?,
+        let mut servers = vec![
             sockperf(&[], SOCKPERF_PORT, "sockperf.log")?,
             sockperf(
                 &["taskset", "-c", "0"],
@@ -274,6 +273,11 @@ impl DataPath {
                 "sockperf-pinned.log",
             )?,
         ];
+        for connection in 0..rows::MAX_TCP_STREAMS as u16 {
+            let log = scratch.join(format!("iperf3-{connection}.log"));
+            let port = IPERF3_PORT + connection;
+            servers.push(iperf3_server_on(server, &log, false, port)?);
+        }
         // Steady state: neighbours resolved and, in ebpf mode, the containers learned.
         seed.bbox1.ping(BBOX2, 5)?;
         seed.bbox1.ping6(BBOX2_V6, 5)?;

@@ -2,18 +2,16 @@
 //! did meanwhile (/proc/stat, the kernel's per-program run-time accounting).
 use std::{
     collections::{HashMap, HashSet},
-    process::Command,
+    process::{Child, Command, Output, Stdio},
 };
 
 use anyhow::{Context, Result};
 use overlay_agent::dataplane::{CONTAINER_PROGRAM, UPLINK_TC_PROGRAM};
-use overlay_tests::{netns::Netns, seed::BBOX2};
+use overlay_tests::{netns::Netns, process::IPERF3_PORT, seed::BBOX2};
 
 pub const SOCKPERF_PORT: &str = "11111";
 /// A second sockperf server, pinned to CPU 0 like its client.
 pub const SOCKPERF_PINNED_PORT: &str = "11112";
-/// `-A 0,1`: the iperf3 client on CPU 0, the server on CPU 1.
-const IPERF3_PINNED: [&str; 2] = ["-A", "0,1"];
 /// Seconds of each TCP run left out of its figures, so slow start is not measured. UDP has no
 /// slow start, and iperf3 3.12 miscounts UDP loss with `-O` (the omitted datagrams' sequence
 /// numbers count as lost), so UDP runs take none.
@@ -21,15 +19,56 @@ const TCP_OMIT_SECONDS: &str = "1";
 /// A run during which more of the machine's CPU time than this was stolen is dropped.
 pub const STEAL_LIMIT_PERCENT: f64 = 5.0;
 
+/// The JSON report of an iperf3 client in `client` for `server` with `args`.
 fn iperf3_json(client: &Netns, server: &str, args: &[&str]) -> Result<serde_json::Value> {
-    let mut full = vec!["iperf3", "-c", server, "-J"];
-    full.extend_from_slice(args);
-    let output = client.exec(&full)?;
-    serde_json::from_str(&output).context("iperf3 printed no JSON")
+    let mut reports = iperf3_side_by_side(client, server, &[args.to_vec()])?;
+    reports.pop().context("iperf3 gave no report")
 }
 
-/// iperf3 TCP with `streams` streams after a second left out: Gbit/s, and the CPU seconds the
-/// whole machine was busy per GB moved. `pinned`: client and server on fixed CPUs.
+/// The JSON reports of iperf3 clients in `client` for `server`, one per entry of `runs` (its
+/// arguments), all started before any is waited for.
+fn iperf3_side_by_side(
+    client: &Netns,
+    server: &str,
+    runs: &[Vec<&str>],
+) -> Result<Vec<serde_json::Value>> {
+    let started: Vec<Result<Child>> = runs
+        .iter()
+        .map(|args| {
+            let mut full = vec!["iperf3", "-c", server, "-J"];
+            full.extend_from_slice(args);
+            client
+                .command(&full)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("cannot start iperf3")
+        })
+        .collect();
+    // Every client is waited for, also when another failed to start.
+    let finished: Vec<Result<Output>> = started
+        .into_iter()
+        .map(|child| child?.wait_with_output().context("iperf3 did not finish"))
+        .collect();
+    finished
+        .into_iter()
+        .map(|output| {
+            let output = output?;
+            let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+                .with_context(|| format!("iperf3 printed no JSON ({})", output.status))?;
+            if !output.status.success() {
+                anyhow::bail!("iperf3 failed ({}): {}", output.status, report["error"]);
+            }
+            Ok(report)
+        })
+        .collect()
+}
+
+/// iperf3 TCP over `streams` connections after a second left out: Gbit/s, and the CPU seconds
+/// the whole machine was busy per GB moved. Each connection has a client and a server process
+/// of its own (on ports from [`IPERF3_PORT`] up): iperf3 3.12 serves all the streams of one
+/// process (`-P`) from one thread, so four of them would still share one CPU at each end.
+/// `pinned`: each client and its server on fixed CPUs, opposite ones.
 pub fn tcp(
     client: &Netns,
     server: &str,
@@ -37,18 +76,40 @@ pub fn tcp(
     streams: u32,
     pinned: bool,
 ) -> Result<(f64, f64)> {
-    let (seconds, streams) = (seconds.to_string(), streams.to_string());
-    let mut args = vec!["-t", &seconds, "-P", &streams, "-O", TCP_OMIT_SECONDS];
-    if pinned {
-        args.extend(IPERF3_PINNED);
-    }
+    let seconds = seconds.to_string();
+    let ports: Vec<String> = (0..streams)
+        .map(|stream| (IPERF3_PORT + stream as u16).to_string())
+        .collect();
+    let cpus: Vec<String> = (0..streams).map(pinned_cpus).collect();
+    let runs: Vec<Vec<&str>> = ports
+        .iter()
+        .zip(&cpus)
+        .map(|(port, cpus)| {
+            let mut args = vec!["-p", port, "-t", &seconds, "-O", TCP_OMIT_SECONDS];
+            if pinned {
+                args.extend(["-A", cpus]);
+            }
+            args
+        })
+        .collect();
     let before = CpuTimes::now()?;
-    let json = iperf3_json(client, server, &args)?;
+    let reports = iperf3_side_by_side(client, server, &runs)?;
     let busy = CpuTimes::now()?.busy_seconds_since(&before);
-    let bits = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("no TCP rate")?;
-    Ok((bits / 1e9, busy / (bytes_sent(&json)? / 1e9)))
+    let mut bits = 0.0;
+    let mut bytes = 0.0;
+    for report in &reports {
+        bits += report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("no TCP rate")?;
+        bytes += bytes_sent(report)?;
+    }
+    Ok((bits / 1e9, busy / (bytes / 1e9)))
+}
+
+/// `-A client,server` for connection `stream`: the first's client on CPU 0 and its server on
+/// CPU 1, the next the other way round, and so on.
+fn pinned_cpus(stream: u32) -> String {
+    format!("{},{}", stream % 2, (stream + 1) % 2)
 }
 
 /// The bytes a run sent, the left-out second's included, as the CPU time around it is.
@@ -65,7 +126,8 @@ fn bytes_sent(json: &serde_json::Value) -> Result<f64> {
         .sum()
 }
 
-/// 64-byte UDP datagrams from four unthrottled senders: (received, sent) in thousands per s.
+/// 64-byte UDP datagrams from four unthrottled sockets of one iperf3 client (one thread, the
+/// bound of this figure): (received, sent) in thousands per s.
 pub fn small_udp(client: &Netns, server: &str, seconds: u32) -> Result<(f64, f64)> {
     let json = iperf3_json(
         client,
