@@ -15,6 +15,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
+    task,
     time::{Instant, sleep, timeout},
 };
 
@@ -191,7 +192,7 @@ async fn accept_forever(listener: TcpListener, health: Health, metrics: Arc<Metr
                 };
                 let (health, metrics) = (health.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    answer(stream, &health, &metrics).await;
+                    answer(stream, health, metrics).await;
                     drop(slot);
                 });
             }
@@ -216,12 +217,17 @@ async fn accept_forever(listener: TcpListener, health: Health, metrics: Arc<Metr
 }
 
 /// Answers one request; a client that does not ask, or take the answer, within
-/// [`REQUEST_DEADLINE`] is dropped.
-async fn answer(mut stream: TcpStream, health: &Health, metrics: &Metrics) {
+/// [`REQUEST_DEADLINE`] is dropped. The answer is made on a blocking thread: a scrape may walk
+/// the maps (see `DataplaneCollector`), which must not hold up the workers that renew the
+/// lease.
+async fn answer(mut stream: TcpStream, health: Health, metrics: Arc<Metrics>) {
     let Ok(Ok(path)) = timeout(REQUEST_DEADLINE, request_path(&mut stream)).await else {
         return;
     };
-    let (status, content_type, body) = respond(&path, health, metrics);
+    let made = task::spawn_blocking(move || respond(&path, &health, &metrics)).await;
+    let Ok((status, content_type, body)) = made else {
+        return;
+    };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -75,9 +75,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let pin_dir = options.pin_dir()?;
     let _pin_lock = PinDirLock::take(&pin_dir)?;
     let ebpf_pins = (options.dataplane == DataplaneChoice::Ebpf).then(|| pin_dir.clone());
-    // Without a health port nobody reads the metrics: no collector, no occupancy reads.
-    let served_pins = ebpf_pins.clone().filter(|_| options.healthz_port != 0);
-    let metrics = Metrics::new(served_pins.map(DataplaneCollector::boxed));
+    let metrics = Metrics::new(ebpf_pins.clone().map(DataplaneCollector::boxed));
     serve_health(&options, &health, &metrics).await?;
     let registry = EtcdRegistry::connect(&options.etcd()).await?;
     let config = wait_for_network_config(&registry, &health).await?;

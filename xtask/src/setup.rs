@@ -80,6 +80,8 @@ const PREREQUISITES: &[Prerequisite] = &[
     apt("ethtool", Scope::Everything),
     apt("util-linux", Scope::Everything),
     apt("procps", Scope::Everything),
+    // The metrics tests count the agent's bpf syscalls with it.
+    apt("strace", Scope::Everything),
     // etcd-client's build script generates its gRPC code with protoc, from protos that import
     // the protobuf well-known types.
     apt("protobuf-compiler", Scope::Build),

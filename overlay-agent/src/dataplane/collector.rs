@@ -1,12 +1,12 @@
 //! The dataplane's part of `/metrics`: its counters, read from the pinned map at each scrape
-//! (one lookup), and its map occupancy and per-peer traffic, read on a thread of its own every
-//! [`OCCUPANCY_INTERVAL`]: counting a map's entries, or reading each lease's traffic, takes a
-//! syscall per entry, which no scrape may cost.
+//! (one lookup), and its map occupancy and per-peer traffic, read at a scrape too but at most
+//! once every [`MAP_READ_INTERVAL`]: counting a map's entries, or reading each lease's traffic,
+//! takes a syscall per entry, so scrapes in a loop must not repeat it, and an agent nobody
+//! scrapes reads nothing.
 use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    thread,
-    time::Duration,
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use overlay_common::{Counter as DataplaneCounter, PeerTraffic};
@@ -25,67 +25,65 @@ struct PacketLabels {
     verdict: &'static str,
 }
 
-/// How often the map occupancy `/metrics` serves is read.
-pub const OCCUPANCY_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest time between two reads of the map occupancy and per-peer traffic.
+pub const MAP_READ_INTERVAL: Duration = Duration::from_secs(5);
 
-/// What the thread last read of the maps; empty while no dataplane is pinned.
-#[derive(Clone, Debug, Default)]
+/// What a scrape last read of the maps, and when; empty while no dataplane is pinned.
+#[derive(Debug, Default)]
 struct MapSnapshot {
+    read_at: Option<Instant>,
     occupancy: Vec<MapOccupancy>,
     peers: Vec<PeerRecord>,
 }
 
-type SharedSnapshot = Arc<Mutex<MapSnapshot>>;
+impl MapSnapshot {
+    fn read(dir: &Path) -> Self {
+        let (occupancy, peers) = match PinnedDataplane::open(dir) {
+            Ok(pinned) => (
+                pinned.occupancy().unwrap_or_default(),
+                pinned.peer_traffic().unwrap_or_default(),
+            ),
+            Err(_) => Default::default(),
+        };
+        Self {
+            read_at: Some(Instant::now()),
+            occupancy,
+            peers,
+        }
+    }
 
-/// Reads the pinned counters at each scrape and serves the map snapshot last read; without a
-/// pinned dataplane (kernel mode, not loaded yet) it exports nothing.
+    fn is_recent(&self) -> bool {
+        self.read_at
+            .is_some_and(|read_at| read_at.elapsed() < MAP_READ_INTERVAL)
+    }
+}
+
+/// Reads the pinned counters at each scrape, and the map snapshot when the last is older
+/// than [`MAP_READ_INTERVAL`]; without a pinned dataplane (kernel mode, not loaded yet) it
+/// exports nothing.
 #[derive(Debug)]
 pub struct DataplaneCollector {
     dir: PathBuf,
-    snapshot: SharedSnapshot,
+    snapshot: Mutex<MapSnapshot>,
 }
 
 impl DataplaneCollector {
-    /// The collector of the dataplane pinned in `dir`, for `Metrics::new`; starts the thread
-    /// that reads the map snapshot.
+    /// The collector of the dataplane pinned in `dir`, for `Metrics::new`.
     pub fn boxed(dir: PathBuf) -> Box<dyn Collector> {
-        let snapshot = SharedSnapshot::default();
-        keep_snapshot_read(dir.clone(), Arc::clone(&snapshot));
-        Box::new(Self { dir, snapshot })
+        Box::new(Self {
+            dir,
+            snapshot: Mutex::default(),
+        })
     }
 
-    fn snapshot(&self) -> MapSnapshot {
-        self.snapshot.lock().map_or_else(
-            |poisoned| poisoned.into_inner().clone(),
-            |read| read.clone(),
-        )
-    }
-}
-
-/// Reads the occupancy and per-peer traffic of the dataplane pinned in `dir` into `shared`
-/// every [`OCCUPANCY_INTERVAL`], for as long as the agent runs.
-fn keep_snapshot_read(dir: PathBuf, shared: SharedSnapshot) {
-    let reader = move || {
-        loop {
-            let read = PinnedDataplane::open(&dir)
-                .map(|pinned| MapSnapshot {
-                    occupancy: pinned.occupancy().unwrap_or_default(),
-                    peers: pinned.peer_traffic().unwrap_or_default(),
-                })
-                .unwrap_or_default();
-            let mut snapshot = shared
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            *snapshot = read;
-            drop(snapshot);
-            thread::sleep(OCCUPANCY_INTERVAL);
+    /// The map snapshot, read again first if the last read is older than
+    /// [`MAP_READ_INTERVAL`]. Concurrent scrapes wait for one read.
+    fn recent_snapshot(&self) -> MutexGuard<'_, MapSnapshot> {
+        let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        if !snapshot.is_recent() {
+            *snapshot = MapSnapshot::read(&self.dir);
         }
-    };
-    if let Err(error) = thread::Builder::new()
-        .name("map-occupancy".to_string())
-        .spawn(reader)
-    {
-        log::warn!("cannot start the thread that reads the map occupancy for /metrics: {error}");
+        snapshot
     }
 }
 
@@ -109,23 +107,26 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(counters.get(counter)).encode(packets.encode_family(&labels)?)?;
             }
         }
-        let MapSnapshot { occupancy, peers } = self.snapshot();
+        let snapshot = self.recent_snapshot();
+        let MapSnapshot {
+            occupancy, peers, ..
+        } = &*snapshot;
         if !peers.is_empty() {
-            encode_peer_traffic(&mut encoder, &peers)?;
+            encode_peer_traffic(&mut encoder, peers)?;
         }
         if !occupancy.is_empty() {
             encode_per_map(
                 &mut encoder,
                 "map_entries",
                 "Entries in each lease and endpoint map",
-                &occupancy,
+                occupancy,
                 |map| map.entries as i64,
             )?;
             encode_per_map(
                 &mut encoder,
                 "map_capacity",
                 "Entries each lease and endpoint map can hold",
-                &occupancy,
+                occupancy,
                 |map| i64::from(map.capacity),
             )?;
         }
