@@ -231,6 +231,12 @@ impl Etcd {
         self.etcdctl(&["put", key, value]).map(drop)
     }
 
+    /// Writes `value` at `key` attached to the etcd lease `lease` (from [`Etcd::grant`]).
+    pub fn put_under_lease(&self, key: &str, value: &str, lease: &str) -> Result<()> {
+        self.etcdctl(&["put", &format!("--lease={lease}"), key, value])
+            .map(drop)
+    }
+
     /// Writes every record, many to a transaction, from a client of this process: etcdctl
     /// would take a process per record and an argument per value, which Linux caps at
     /// 128 KiB. Plain-HTTP etcd without authentication only.

@@ -63,10 +63,7 @@ const LEASE_TTL_SECONDS: u64 = 24 * 60 * 60;
 /// Writes a record as flanneld does: attached to a fresh etcd lease of 24 h.
 fn put_lease(cluster: &Cluster, key: &str, record: &str) -> Result<()> {
     let lease = cluster.etcd.grant(LEASE_TTL_SECONDS)?;
-    cluster
-        .etcd
-        .etcdctl(&["put", &format!("--lease={lease}"), key, record])
-        .map(drop)
+    cluster.etcd.put_under_lease(key, record, &lease)
 }
 
 /// flanneld's iptables rules on `host` for `network` and its /24 `subnet`, as its first start

@@ -278,15 +278,11 @@ fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
     let lease = cluster.etcd.grant(4)?;
     // The seed's record, as an older flannel wrote it: no VNI.
     let seed = r#"{"PublicIP":"172.20.62.105","BackendType":"vxlan","BackendData":{"VtepMAC":"1a:4b:d7:f7:16:89"}}"#;
-    cluster
-        .etcd
-        .etcdctl(&["put", &format!("--lease={lease}"), &key, seed])?;
+    cluster.etcd.put_under_lease(&key, seed, &lease)?;
     host1.wait_for_peer("10.2.54.0/24", "172.20.62.105", "1a:4b:d7:f7:16:89")?;
 
     let changed = r#"{"PublicIP":"172.20.62.105","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1a:4b:d7:f7:16:8a"}}"#;
-    cluster
-        .etcd
-        .etcdctl(&["put", &format!("--lease={lease}"), &key, changed])?;
+    cluster.etcd.put_under_lease(&key, changed, &lease)?;
     host1.wait_for_peer("10.2.54.0/24", "172.20.62.105", "1a:4b:d7:f7:16:8a")?;
 
     // The record's etcd lease expires.

@@ -656,12 +656,11 @@ fn teardown_removes_both_families_and_release_lease_deletes_the_dual_stack_recor
     // host1's earlier lease, which the agent takes again: a lease, not a reservation (which
     // --release-lease keeps).
     let earlier = cluster.etcd.grant(3600)?;
-    cluster.etcd.etcdctl(&[
-        "put",
-        &format!("--lease={earlier}"),
+    cluster.etcd.put_under_lease(
         &cluster.subnet_key6(Some(SUBNET1), SUBNET1_V6),
         &format!(r#"{{"PublicIP":"{HOST1}"}}"#),
-    ])?;
+        &earlier,
+    )?;
     let host1 = cluster.add_host("host1", HOST1)?;
     // Forwarding, which the agent turns on and teardown leaves on (as ip_forward), adds
     // the router's anycast addresses and multicast groups: on before the snapshot.
