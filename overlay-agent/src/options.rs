@@ -262,12 +262,12 @@ impl From<XdpModeChoice> for model::XdpModeChoice {
 /// How the tc programs attach, as `--tc-attach` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TcAttach {
-    /// On the host's devices tcx where the kernel has it (6.6 and later), netlink filters
-    /// before; on the container ports netlink filters, which attach without tcx's wait.
+    /// tcx where the kernel has it (6.6 and later), netlink filters before.
     Auto,
     /// tcx links, pinned.
     Tcx,
-    /// netlink filters in the clsact qdisc.
+    /// netlink filters in the clsact qdisc; adding the qdisc to a live container port drops
+    /// the packet it is handing its container at that instant.
     Netlink,
 }
 

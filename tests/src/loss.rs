@@ -34,12 +34,43 @@ const NSTAT_DROP_MARKERS: &[&str] = &["Discards", "Drop", "BufErrors"];
 
 /// A background `ping -i 0.01` (100 packets a second) from `from` to `to`, `count` packets.
 pub fn steady_ping(cluster: &Cluster, from: &Container, to: &str, count: u32) -> Result<Process> {
+    background_ping(
+        cluster,
+        &from.netns,
+        &from.address,
+        &["-i", "0.01"],
+        to,
+        count,
+    )
+}
+
+/// A background flood ping (`ping -f`: each packet as soon as the last one's reply is back)
+/// from the namespace `from` to `to`, `count` packets.
+pub fn flood_ping(cluster: &Cluster, from: &Netns, to: &str, count: u32) -> Result<Process> {
+    background_ping(cluster, from, from.name(), &["-f"], to, count)
+}
+
+/// `ping -n -q` with `pace` from `from` to `to`, logged under a name that tells `label`'s.
+fn background_ping(
+    cluster: &Cluster,
+    from: &Netns,
+    label: &str,
+    pace: &[&str],
+    to: &str,
+    count: u32,
+) -> Result<Process> {
     let log = cluster
         .scratch
         .path()
-        .join(format!("ping-{}-{to}.log", from.address));
-    let args = ["-n", "-q", "-i", "0.01", "-c", &count.to_string(), to].map(String::from);
-    Process::spawn(from.netns.name(), "ping".as_ref(), &args, &[], &log)
+        .join(format!("ping-{label}-{to}.log"));
+    let count = count.to_string();
+    let args: Vec<String> = ["-n", "-q"]
+        .iter()
+        .chain(pace)
+        .chain(&["-c", &count, to])
+        .map(|arg| arg.to_string())
+        .collect();
+    Process::spawn(from.name(), "ping".as_ref(), &args, &[], &log)
 }
 
 /// The drop counters of a set of namespaces and of the dataplanes pinned on some hosts, read

@@ -9,9 +9,12 @@
 //! one priority and handle of ours. A filter outlives the agent as a pinned link does, and a
 //! restarted agent swaps its program into the filter in place.
 //!
-//! The container ports take netlink filters on every kernel unless tcx is asked for: tcx
-//! waits out an RCU grace period under the RTNL lock at every attach (8-16 ms here, one
-//! container after another), a filter does not (50 ports: 800 ms with tcx, 9 ms as filters).
+//! The container ports take tcx links too where the kernel has them, although each tcx attach
+//! waits out an RCU grace period under the RTNL lock (8-16 ms here, one port after another): a
+//! filter needs a clsact qdisc, and adding a qdisc to a device that is up takes its transmit
+//! queues away for an instant, dropping (as `tx_dropped`) whatever the port is handing its
+//! container then. A port first met with traffic on it, a node taken over from flanneld say,
+//! would lose a packet.
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
@@ -39,8 +42,7 @@ use crate::model::{DecapHook, Device, Placement, RefusedPorts, XdpModeChoice};
 /// How the tc programs attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcAttach {
-    /// On the devices tcx where the kernel has it (6.6 and later), netlink filters before;
-    /// on the container ports netlink filters.
+    /// tcx where the kernel has it (6.6 and later), netlink filters before.
     Auto,
     /// tcx links, pinned.
     Tcx,
@@ -49,8 +51,8 @@ pub enum TcAttach {
 }
 
 impl TcAttach {
-    /// Whether the programs on the host's devices go in as netlink filters on this kernel.
-    fn devices_use_netlink(self) -> bool {
+    /// Whether the tc programs go in as netlink filters on this kernel.
+    fn uses_netlink(self) -> bool {
         match self {
             TcAttach::Tcx => false,
             TcAttach::Netlink => true,
@@ -59,20 +61,13 @@ impl TcAttach {
             }
         }
     }
-
-    /// Whether the programs on the container ports go in as netlink filters.
-    fn containers_use_netlink(self) -> bool {
-        self != TcAttach::Tcx
-    }
 }
 
 /// The interface index each program is attached to, once it is.
 #[derive(Debug, Default)]
 pub struct Attachments {
-    /// tc programs on the host's devices go in as netlink filters, not tcx links.
+    /// tc programs go in as netlink filters, not tcx links.
     netlink: bool,
-    /// So do those on the container ports.
-    containers_netlink: bool,
     uplink: Option<(u32, DecapHook)>,
     /// flannel.<VNI> and flannel-v6.<VNI>, those there are.
     vteps: Option<(Option<u32>, Option<u32>)>,
@@ -89,8 +84,7 @@ pub struct Attachments {
 impl Dataplane {
     /// Attaches the tc programs as `choice` says from now on.
     pub fn with_tc_attach(mut self, choice: TcAttach) -> Self {
-        self.attached.netlink = choice.devices_use_netlink();
-        self.attached.containers_netlink = choice.containers_use_netlink();
+        self.attached.netlink = choice.uses_netlink();
         if self.attached.netlink {
             log::info!("tc programs attach as netlink filters");
         }
@@ -244,12 +238,7 @@ impl Dataplane {
         ifindex: u32,
         direction: TcAttachType,
     ) -> Result<()> {
-        let netlink = if name == CONTAINER_PROGRAM {
-            self.attached.containers_netlink
-        } else {
-            self.attached.netlink
-        };
-        if netlink {
+        if self.attached.netlink {
             self.attach_filter(name, interface, ifindex, direction)
         } else {
             self.attach_tcx(name, interface, ifindex, direction)

@@ -16,7 +16,7 @@ use overlay_tests::{
     agent::Agent,
     attached::{tc_filters, tcx_programs},
     cluster::{Cluster, Host},
-    loss::{LossWindow, steady_ping},
+    loss::{LossWindow, flood_ping, steady_ping},
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2},
     stock_flannel::{self, Peer, add_flanneld_rules},
 };
@@ -27,6 +27,8 @@ const MAC2: &str = "1a:4b:d7:f7:16:89";
 /// 100 pings a second for 20 s: long enough for every swap of a test.
 const PINGS: u32 = 2000;
 const SETTLE: Duration = Duration::from_secs(1);
+/// About ten seconds of a flood ping on the host's own path to a container.
+const FLOOD_PINGS: u32 = 1_000_000;
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const EBPF: &[&str] = &["--ip-masq"];
 const KERNEL: &[&str] = &["--ip-masq", "--dataplane=kernel"];
@@ -310,6 +312,22 @@ fn a_flanneld_node_swapped_to_the_kernel_dataplane_and_back_loses_no_ping() -> R
 #[test]
 fn a_flanneld_node_on_iptables_legacy_swapped_and_back_loses_no_ping() -> Result<()> {
     swap_and_back("swap-legacy", Iptables::Legacy, &[EBPF, KERNEL])
+}
+
+/// host1 pings bbox1 in a flood, a packet on bbox1's port every few microseconds, while the
+/// agent takes the node over from flanneld: putting the checks on a live container port must
+/// not drop what the port is sending at that instant.
+#[test]
+fn taking_over_a_busy_container_port_drops_none_of_its_packets() -> Result<()> {
+    let pair = StockPair::start("swap-flood", Iptables::Nft)?;
+    let namespaces = [&pair.host1.netns, &pair.bbox1.netns];
+    let window = LossWindow::open(&namespaces, &[])?.excused_by_backlog_only();
+    let flood = flood_ping(&pair.cluster, &pair.host1.netns, BBOX1, FLOOD_PINGS)?;
+    thread::sleep(SETTLE);
+    let log = stop(take_over(&pair, EBPF)?)?;
+    window
+        .assert_no_loss(flood, FLOOD_PINGS, &[])
+        .with_context(|| format!("the agent's log:\n{log}"))
 }
 
 /// flannel.1's index and whether it learns, from `ip -d link show`.
