@@ -50,7 +50,8 @@ pub fn flood_ping(cluster: &Cluster, from: &Netns, to: &str, count: u32) -> Resu
     background_ping(cluster, from, from.name(), &["-f"], to, count)
 }
 
-/// `ping -n -q` with `pace` from `from` to `to`, logged under a name that tells `label`'s.
+/// `ping -n -q` at `pace` from the namespace `from` to `to`, `count` packets, logged to the
+/// cluster's scratch directory as `ping-<label>-<to>.log`.
 fn background_ping(
     cluster: &Cluster,
     from: &Netns,

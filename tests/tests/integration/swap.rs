@@ -4,7 +4,8 @@
 //! While a container on host2 pings one on host1 100 times a second, host1 is taken over by
 //! the agent and handed back to no agent at all, as an operator would before starting flanneld
 //! again. No ping is lost, the lease and flannel.1 (same device, same MAC) stay, flanneld's
-//! rules are never absent, and the node is left as flanneld left it.
+//! rules are never absent, and the node is left as flanneld left it. Under a flood ping from
+//! host1 to its container, the takeover loses none of a million.
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     thread,
