@@ -28,7 +28,7 @@ const MAC2: &str = "1a:4b:d7:f7:16:89";
 /// 100 pings a second for 20 s: long enough for every swap of a test.
 const PINGS: u32 = 2000;
 const SETTLE: Duration = Duration::from_secs(1);
-/// About ten seconds of a flood ping on the host's own path to a container.
+/// About five seconds of a flood ping on the host's own path to a container, here.
 const FLOOD_PINGS: u32 = 1_000_000;
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const EBPF: &[&str] = &["--ip-masq"];
@@ -323,9 +323,14 @@ fn taking_over_a_busy_container_port_drops_none_of_its_packets() -> Result<()> {
     let pair = StockPair::start("swap-flood", Iptables::Nft)?;
     let namespaces = [&pair.host1.netns, &pair.bbox1.netns];
     let window = LossWindow::open(&namespaces, &[])?.excused_by_backlog_only();
-    let flood = flood_ping(&pair.cluster, &pair.host1.netns, BBOX1, FLOOD_PINGS)?;
+    let mut flood = flood_ping(&pair.cluster, &pair.host1.netns, BBOX1, FLOOD_PINGS)?;
     thread::sleep(SETTLE);
     let log = stop(take_over(&pair, EBPF)?)?;
+    ensure!(
+        flood.try_exit_status()?.is_none(),
+        "the flood ended before the agent was done taking over: raise FLOOD_PINGS\n{}",
+        flood.log()
+    );
     window
         .assert_no_loss(flood, FLOOD_PINGS, &[])
         .with_context(|| format!("the agent's log:\n{log}"))
