@@ -1,8 +1,9 @@
-//! `cargo xtask bench [--quick] [--only ROWS] [--rounds N] [--seed N] | --micro`: setup, a
-//! release build of the agent, then the benchmark, which measures ebpf, kernel and host-gw in
-//! interleaved rounds (throughput over IPv4 and IPv6), or with `--micro` only each program's
-//! ns per packet; the reports go to `target/bench/`. The row names `--only` takes are the
-//! benchmark's own: an unknown one fails, naming them.
+//! `cargo xtask bench [--quick] [--only ROWS] [--rounds N] [--rebuild-every N] [--seed N] |
+//! --micro`: setup, a release build of the agent, then the benchmark, which measures ebpf,
+//! kernel and host-gw in interleaved rounds (throughput over IPv4 and IPv6) on clusters built
+//! afresh every few rounds, or with `--micro` only each program's ns per packet; the reports
+//! go to `target/bench/`. The row names `--only` takes are the benchmark's own: an unknown one
+//! fails, naming them.
 use std::path::Path;
 
 use anyhow::Result;
@@ -15,6 +16,7 @@ pub struct Options {
     pub micro: bool,
     pub only: Option<String>,
     pub rounds: Option<u32>,
+    pub rebuild_every: Option<u32>,
     pub seed: Option<u64>,
 }
 
@@ -28,6 +30,10 @@ impl Options {
         let valued = [
             ("--only", self.only.clone()),
             ("--rounds", self.rounds.map(|rounds| rounds.to_string())),
+            (
+                "--rebuild-every",
+                self.rebuild_every.map(|rounds| rounds.to_string()),
+            ),
             ("--seed", self.seed.map(|seed| seed.to_string())),
         ];
         for (flag, value) in valued {

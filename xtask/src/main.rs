@@ -65,6 +65,9 @@ enum Task {
         /// Rounds of interleaved runs (default 10, 2 with --quick).
         #[arg(long, conflicts_with = "micro")]
         rounds: Option<u32>,
+        /// Build the three clusters afresh every N rounds (default 2, 1 with --quick).
+        #[arg(long, value_name = "N", conflicts_with = "micro")]
+        rebuild_every: Option<u32>,
         /// The seed of each round's shuffled order of the modes, to repeat a run's order.
         #[arg(long, conflicts_with = "micro")]
         seed: Option<u64>,
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
             micro,
             only,
             rounds,
+            rebuild_every,
             seed,
         } => {
             let options = bench::Options {
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
                 micro,
                 only,
                 rounds,
+                rebuild_every,
                 seed,
             };
             succeeded(bench::run(&root, &options))

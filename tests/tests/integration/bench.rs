@@ -1,7 +1,8 @@
 //! `overlay-bench --quick` runs every row in two interleaved rounds and writes its report;
 //! this checks the report's shape (every figure for every mode it applies to, each ratio's
 //! median and interquartile range over at least two rounds), never how large a figure is.
-//! `--only` runs the rows it names and nothing else.
+//! `--only` runs the rows it names and nothing else; `--quick` builds the clusters afresh for
+//! each round.
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -85,6 +86,11 @@ fn the_quick_benchmark_produces_every_figure() -> Result<()> {
     let (report, markdown, out) = bench(&["--quick"])?;
     let rounds = report["rounds"].as_u64().context("no round count")?;
     assert!(rounds >= 2, "--quick ran {rounds} round(s)");
+    assert_eq!(
+        report["builds"].as_u64(),
+        Some(rounds),
+        "--quick builds the clusters afresh for every round: {report:#}"
+    );
     assert!(report["seed"].as_u64().is_some(), "no seed: {report:#}");
     assert!(
         report["runs_dropped"].as_u64().is_some(),
@@ -160,6 +166,16 @@ fn only_runs_the_rows_it_names() -> Result<()> {
             && error.contains("tcp4-pinned-v6")
             && error.contains("control-plane"),
         "the error names the rows: {error}"
+    );
+
+    let never = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(["--rebuild-every", "0"])
+        .output()?;
+    let error = String::from_utf8_lossy(&never.stderr);
+    assert!(!never.status.success(), "--rebuild-every 0 was taken");
+    assert!(
+        error.contains("--rebuild-every must be at least 1"),
+        "the error names the flag: {error}"
     );
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! family; IPv6 takes flannel-v6.1 in both vxlan modes. The runs are interleaved: round after
 //! round, each row runs once in every mode, the modes in a shuffled order, and each figure's
 //! ratio is the median (and interquartile range) of its per-round ratios, so a machine that
-//! slows down for a minute slows every mode alike. Writes a table to the terminal and
+//! slows down for a minute slows every mode alike. The three clusters are built afresh every
+//! few rounds, so that one build's luck is in the spread rather than in the run's whole
+//! result. Writes a table to the terminal and
 //! Markdown, JSON and an SVG chart to the output directory (default `target/bench`).
 //!
 //! Figures are reported, never judged.
@@ -42,11 +44,13 @@ const MODES: [Mode; 3] = [Mode::Ebpf, Mode::Kernel, Mode::HostGw];
 const ATTEMPTS: usize = 3;
 
 const USAGE: &str =
-    "usage: overlay-bench [--quick] [--only ROW,...] [--rounds N] [--seed N] [--out DIR]
+    "usage: overlay-bench [--quick] [--only ROW,...] [--rounds N] [--rebuild-every N] [--seed N] [--out DIR]
 
   --quick        2 rounds of 1-s runs and a small control plane: proves the benchmark works
   --only ROWS    only these rows (comma separated), e.g. --only tcp4,tcp4-v6
   --rounds N     rounds of interleaved runs (default 10, 2 with --quick)
+  --rebuild-every N
+                 build the three clusters afresh every N rounds (default 2, 1 with --quick)
   --seed N       the seed of the modes' shuffled order (default: from the clock)
   --out DIR      where the report goes (default target/bench)";
 
@@ -90,6 +94,9 @@ impl Mode {
 /// How long and how often to measure.
 pub struct Plan {
     rounds: usize,
+    /// Rounds run on one build of the clusters: a build's own luck (where its devices' memory
+    /// and queues landed) then shows in the spread instead of shifting a whole run.
+    rounds_per_build: usize,
     /// Length of each data-path run.
     seconds: u32,
     /// New leases timed from etcd to route, one at a time.
@@ -108,6 +115,7 @@ impl Plan {
         if quick {
             Self {
                 rounds: 2,
+                rounds_per_build: 1,
                 seconds: 1,
                 leases_added: 20,
                 lease_counts: vec![100],
@@ -118,6 +126,7 @@ impl Plan {
         } else {
             Self {
                 rounds: 10,
+                rounds_per_build: 2,
                 seconds: 2,
                 leases_added: 200,
                 lease_counts: vec![1_000, 10_000],
@@ -142,6 +151,7 @@ fn parse_options() -> Result<Option<Options>> {
     let mut quick = false;
     let mut selection = Selection::everything();
     let mut rounds = None;
+    let mut rounds_per_build = None;
     let mut seed = None;
     let mut out_dir = None;
     let mut args = std::env::args().skip(1);
@@ -151,6 +161,9 @@ fn parse_options() -> Result<Option<Options>> {
             "--quick" => quick = true,
             "--only" => selection = Selection::only(&value()?)?,
             "--rounds" => rounds = Some(number(&value()?, "--rounds")?),
+            "--rebuild-every" => {
+                rounds_per_build = Some(number(&value()?, "--rebuild-every")?);
+            }
             "--seed" => seed = Some(number(&value()?, "--seed")?),
             "--out" => out_dir = Some(PathBuf::from(value()?)),
             "--help" | "-h" => {
@@ -164,8 +177,15 @@ fn parse_options() -> Result<Option<Options>> {
     if let Some(rounds) = rounds {
         plan.rounds = usize::try_from(rounds).context("--rounds is too large")?;
     }
+    if let Some(rounds_per_build) = rounds_per_build {
+        plan.rounds_per_build =
+            usize::try_from(rounds_per_build).context("--rebuild-every is too large")?;
+    }
     if plan.rounds == 0 {
         bail!("--rounds must be at least 1");
+    }
+    if plan.rounds_per_build == 0 {
+        bail!("--rebuild-every must be at least 1");
     }
     let seed = match seed {
         Some(0) => bail!("--seed must not be 0"),
@@ -210,20 +230,26 @@ fn run(options: &Options) -> Result<()> {
     let mut figures = Figures::default();
     let mut summary = Summary {
         seed: options.seed,
+        builds: 0,
         runs: 0,
         runs_dropped: 0,
         max_steal_percent: 0.0,
     };
     if selection.needs_data_path() {
-        let paths = start_data_paths(selection)?;
         let mut random = Random(options.seed);
-        for round in 1..=plan.rounds {
-            println!("== round {round} of {}", plan.rounds);
-            for row in &selection.data_rows {
-                run_row(&mut figures, &mut summary, plan, &paths, row, &mut random)?;
-            }
-            if selection.bpf_stats {
-                run_program_cost(&mut figures, &mut summary, plan, &paths)?;
+        for first_round in (1..=plan.rounds).step_by(plan.rounds_per_build) {
+            // The namespaces' names are fixed: a build must be gone before the next starts.
+            let paths = start_data_paths(selection)?;
+            summary.builds += 1;
+            let last_round = (first_round + plan.rounds_per_build - 1).min(plan.rounds);
+            for round in first_round..=last_round {
+                println!("== round {round} of {}", plan.rounds);
+                for row in &selection.data_rows {
+                    run_row(&mut figures, &mut summary, plan, &paths, row, &mut random)?;
+                }
+                if selection.bpf_stats {
+                    run_program_cost(&mut figures, &mut summary, plan, &paths)?;
+                }
             }
         }
     }

@@ -13,6 +13,8 @@ use crate::{
 /// How the runs went, for the report's method paragraph.
 pub struct Summary {
     pub seed: u64,
+    /// Times the three clusters were built for the rounds.
+    pub builds: usize,
     pub runs: usize,
     pub runs_dropped: usize,
     pub max_steal_percent: f64,
@@ -83,7 +85,7 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
     let mut text = format!(
         "{} round(s): in each, every row runs once in every mode, the modes in an order shuffled \
          per round and row (seed {seed}; `--seed {seed}` with the same rows repeats the order), \
-         all three clusters up throughout. Runs of {} s, a TCP run's after one more second left \
+         all three clusters up throughout a round. Runs of {} s, a TCP run's after one more second left \
          out (`iperf3 -O 1`). A run during which more than {STEAL_LIMIT_PERCENT} % of the \
          machine's CPU time was stolen is dropped and run again, up to {} times, before its \
          round is left out: {} of {} runs dropped (most stolen: {:.1} %). The mode columns are \
@@ -97,6 +99,13 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
         summary.max_steal_percent,
         seed = summary.seed,
     );
+    if summary.builds > 0 {
+        text.push_str(&format!(
+            " The clusters were built afresh every {} round(s), {} times in all, so that the \
+             spread takes in how one build differs from the next.",
+            plan.rounds_per_build, summary.builds,
+        ));
+    }
     if figures.iter().any(|figure| !figure.interleaved) {
         text.push_str(&format!(
             " Control plane rows: one run per mode, one mode after the other, not interleaved; \
@@ -150,6 +159,8 @@ pub fn write(figures: &[Figure], plan: &Plan, summary: &Summary, out_dir: &Path)
         "machine": machine,
         "seed": summary.seed,
         "rounds": plan.rounds,
+        "rounds_per_build": plan.rounds_per_build,
+        "builds": summary.builds,
         "seconds": plan.seconds,
         "steal_limit_percent": STEAL_LIMIT_PERCENT,
         "runs": summary.runs,
