@@ -2,7 +2,7 @@
 //! this checks the report's shape (every figure for every mode it applies to, each ratio's
 //! median and interquartile range over at least two rounds), never how large a figure is.
 //! `--only` runs the rows it names and nothing else; `--quick` builds the clusters afresh for
-//! each round.
+//! each round, and `--rebuild-every 0` is refused.
 use std::process::Command;
 
 use anyhow::{Context, Result};

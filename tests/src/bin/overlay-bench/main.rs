@@ -6,8 +6,8 @@
 //! ratio is the median (and interquartile range) of its per-round ratios, so a machine that
 //! slows down for a minute slows every mode alike. The three clusters are built afresh every
 //! few rounds, so that one build's luck is in the spread rather than in the run's whole
-//! result. Writes a table to the terminal and
-//! Markdown, JSON and an SVG chart to the output directory (default `target/bench`).
+//! result. Writes a table to the terminal and Markdown, JSON and an SVG chart to the output
+//! directory (default `target/bench`).
 //!
 //! Figures are reported, never judged.
 use std::{
@@ -94,8 +94,8 @@ impl Mode {
 /// How long and how often to measure.
 pub struct Plan {
     rounds: usize,
-    /// Rounds run on one build of the clusters: a build's own luck (where its devices' memory
-    /// and queues landed) then shows in the spread instead of shifting a whole run.
+    /// Rounds run on one build of the clusters: whatever one build has of its own then shows
+    /// in the spread instead of shifting a whole run.
     rounds_per_build: usize,
     /// Length of each data-path run.
     seconds: u32,

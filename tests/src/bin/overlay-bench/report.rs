@@ -85,12 +85,12 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
     let mut text = format!(
         "{} round(s): in each, every row runs once in every mode, the modes in an order shuffled \
          per round and row (seed {seed}; `--seed {seed}` with the same rows repeats the order), \
-         all three clusters up throughout a round. Runs of {} s, a TCP run's after one more second left \
-         out (`iperf3 -O 1`). A run during which more than {STEAL_LIMIT_PERCENT} % of the \
-         machine's CPU time was stolen is dropped and run again, up to {} times, before its \
-         round is left out: {} of {} runs dropped (most stolen: {:.1} %). The mode columns are \
-         each mode's median over the kept rounds (for a figure of ebpf mode alone, with its \
-         IQR); the ratios are the median and interquartile range of the per-round ratios.",
+         all three clusters up throughout a round. Runs of {} s, a TCP run's after one more \
+         second left out (`iperf3 -O 1`). A run during which more than {STEAL_LIMIT_PERCENT} % \
+         of the machine's CPU time was stolen is dropped and run again, up to {} times, before \
+         its round is left out: {} of {} runs dropped (most stolen: {:.1} %). The mode columns \
+         are each mode's median over the kept rounds (for a figure of ebpf mode alone, with \
+         its IQR); the ratios are the median and interquartile range of the per-round ratios.",
         plan.rounds,
         plan.seconds,
         crate::ATTEMPTS,
