@@ -156,26 +156,26 @@ fn only_runs_the_rows_it_names() -> Result<()> {
         assert_interleaved(figure, name, 2);
     }
 
-    let unknown = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
-        .args(["--only", "tcp1,tcp5"])
-        .output()?;
-    let error = String::from_utf8_lossy(&unknown.stderr);
-    assert!(!unknown.status.success(), "--only tcp5 was taken");
+    let error = refusal(&["--only", "tcp1,tcp5"])?;
     assert!(
         error.contains(r#"unknown row "tcp5""#)
             && error.contains("tcp4-pinned-v6")
             && error.contains("control-plane"),
         "the error names the rows: {error}"
     );
-
-    let never = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
-        .args(["--rebuild-every", "0"])
-        .output()?;
-    let error = String::from_utf8_lossy(&never.stderr);
-    assert!(!never.status.success(), "--rebuild-every 0 was taken");
+    let error = refusal(&["--rebuild-every", "0"])?;
     assert!(
         error.contains("--rebuild-every must be at least 1"),
         "the error names the flag: {error}"
     );
     Ok(())
+}
+
+/// What overlay-bench says on stderr when it refuses `args`; panics if it takes them.
+fn refusal(args: &[&str]) -> Result<String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(args)
+        .output()?;
+    assert!(!output.status.success(), "overlay-bench took {args:?}");
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
 }
