@@ -457,14 +457,19 @@ fn measure_control_plane(figures: &mut Figures, plan: &Plan, mode: Mode) -> Resu
         )
     };
     record(
-        "Lease to route on another host, p50",
+        "Lease to route on another host after etcd's acknowledgement, p50",
         "ms",
         control.route_p50_ms,
     );
     record(
-        "Lease to route on another host, p99",
+        "Lease to route on another host after etcd's acknowledgement, p99",
         "ms",
         control.route_p99_ms,
+    );
+    record(
+        "etcd's acknowledgement of a lease, p99",
+        "ms",
+        control.put_p99_ms,
     );
     for scale in &control.scales {
         let leases = scale.leases;
