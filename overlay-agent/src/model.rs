@@ -278,8 +278,6 @@ pub struct Programs {
     pub endpoints: Endpoints,
     pub endpoints6: Endpoints6,
     pub live_ports: BTreeSet<u32>,
-    /// Live ports the node has taken down, for want of their program.
-    pub isolated: BTreeSet<u32>,
 }
 
 /// Container ports the fast-path program could not be attached to, by interface index, with
@@ -287,7 +285,8 @@ pub struct Programs {
 pub type RefusedPorts = BTreeMap<u32, String>;
 
 /// What the node changes so that no container port forwards unchecked: ports without their
-/// program go down (marked as ours), ports that have it again come back up.
+/// program go down (marked as ours), ports that have it again, or need none (kernel mode),
+/// come back up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortIsolation {
     pub isolate: RefusedPorts,

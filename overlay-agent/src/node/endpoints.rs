@@ -134,7 +134,7 @@ pub async fn isolate(handle: &Handle, change: &PortIsolation) -> Result<()> {
     }
     for &port in &change.restore {
         set_port_state(handle, port, LinkUnspec::new_with_index(port).up(), "").await?;
-        log::info!("container port {port} carries its program again: up");
+        log::info!("container port {port} no longer waits for a program: up");
     }
     Ok(())
 }

@@ -105,6 +105,9 @@ pub struct Desired {
     pub scope: Scope,
     /// The programs, where they sit and what they deliver to; none in kernel mode.
     pub programs: Option<Programs>,
+    /// Live container ports the node has taken down for want of their program. Kernel mode
+    /// wants no program on them, so there every one comes back up.
+    pub ports_down: BTreeSet<u32>,
     /// The remote leases' map and kernel entries; none in a round about containers alone.
     pub leases: Option<LeaseState>,
 }
@@ -165,8 +168,19 @@ pub fn compute(observed: &Observed, intent: &NodeIntent) -> Desired {
     Desired {
         scope: observed.scope,
         programs,
+        ports_down: ports_down(observed.containers),
         leases,
     }
+}
+
+/// The live container ports the node has taken down.
+fn ports_down(containers: &Containers) -> BTreeSet<u32> {
+    containers
+        .isolated
+        .iter()
+        .filter(|port| containers.ports.contains_key(port))
+        .copied()
+        .collect()
 }
 
 /// The public addresses of `lease` the node sends to: its PublicIP (not the 0.0.0.0 of an
@@ -477,12 +491,6 @@ fn programs(
         endpoints,
         endpoints6,
         live_ports: containers.ports.keys().copied().collect(),
-        isolated: containers
-            .isolated
-            .iter()
-            .filter(|port| containers.ports.contains_key(port))
-            .copied()
-            .collect(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Applying a [`Desired`] through the sinks, in the one order that keeps every packet on a
 //! path the programs know: the lease map entries in first (a program never meets a route, or
 //! maps an upgrade replaced, without them), then the programs and endpoints (a container port
-//! that refuses its program is taken down right after), then the kernel's routes, neighbours
+//! that refuses its program is taken down right after; in kernel mode, which places none, a
+//! port an ebpf run took down comes back up), then the kernel's routes, neighbours
 //! and FDB entries (none for a lease the maps left out), then the stale map entries out (only
 //! once no route leads to them). Room the stale entries made goes to the leases left out at
 //! once, in a second pass of the same order.
@@ -160,12 +161,12 @@ async fn run<N: NodeSink, D: DataplaneSink>(
                 progress.refused = dataplane.place_programs(programs)?;
             }
         }
-        (Step::IsolatePorts, _, Some(_)) => {
-            if let Some(programs) = &desired.programs {
-                let change = PortIsolation::between(&programs.isolated, &progress.refused);
-                if !change.is_empty() {
-                    node.isolate_ports(&change).await?;
-                }
+        // Kernel mode places no program, so no port refuses one: every port down for want of
+        // one comes back up.
+        (Step::IsolatePorts, _, _) => {
+            let change = PortIsolation::between(&desired.ports_down, &progress.refused);
+            if !change.is_empty() {
+                node.isolate_ports(&change).await?;
             }
         }
         (Step::ConvergePeers(_, family), Some(leases), _) => {
@@ -582,8 +583,9 @@ mod tests {
         assert_eq!(world.borrow().calls, ["place_programs"]);
     }
 
-    /// A round about the containers alone, with `ports` live and `isolated` of them down.
-    fn containers_round(ports: &[u32], isolated: &[u32]) -> Desired {
+    /// A round about the containers alone, with `ports` live and `isolated` of them down, on
+    /// a node set up as `intent` says.
+    fn containers_round(ports: &[u32], isolated: &[u32], intent: &NodeIntent) -> Desired {
         let containers = Containers {
             ports: ports
                 .iter()
@@ -602,7 +604,7 @@ mod tests {
             containers: &containers,
             reach: &Reach::default(),
         };
-        compute(&observed, &intent())
+        compute(&observed, intent)
     }
 
     #[tokio::test]
@@ -614,7 +616,7 @@ mod tests {
         let mut progress = Progress::default();
         // Ports 7 and 8 live, those of `isolated` down: one round about them.
         let mut round_with_down = async |isolated: &[u32]| {
-            let desired = containers_round(&[7, 8], isolated);
+            let desired = containers_round(&[7, 8], isolated, &intent());
             apply(&desired, &node, Some(&mut dataplane), &mut progress)
                 .await
                 .expect("round")
@@ -638,6 +640,26 @@ mod tests {
         world.borrow_mut().refusing.clear();
         let applied = round_with_down(&[7]).await;
         assert!(applied.refused.is_empty());
+        assert_eq!(world.borrow().down, BTreeSet::new());
+    }
+
+    #[tokio::test]
+    async fn kernel_mode_brings_back_up_the_ports_taken_down_for_want_of_a_program() {
+        let world = world(16);
+        world.borrow_mut().down = BTreeSet::from([7]);
+        let kernel_mode = NodeIntent {
+            programs: None,
+            ..intent()
+        };
+        let desired = containers_round(&[7, 8], &[7], &kernel_mode);
+        apply(
+            &desired,
+            &FakeNode(world.clone()),
+            None::<&mut FakeDataplane>,
+            &mut Progress::default(),
+        )
+        .await
+        .expect("round");
         assert_eq!(world.borrow().down, BTreeSet::new());
     }
 }

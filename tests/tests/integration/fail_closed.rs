@@ -1,13 +1,17 @@
 //! No container port forwards unchecked while the node's own steps fail: with host1's VXLAN
 //! device unmakeable (another VXLAN device, with other receive flags, holds UDP 8472), every
-//! round about the node fails, and a container started then must still get its checks.
+//! round about the node fails, and a container started then must still get its checks. A port
+//! that cannot take its program is down while it lacks it, and up again once the node runs in
+//! kernel mode, which wants none.
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use overlay_tests::{
+    agent::Agent,
     frames::{BBOX1_IP, ETH_P_ARP, ethernet, mac_text},
     inject::send_frame,
     seed::{BBOX1, BBOX2, Container, Seed},
+    wait::wait_for,
 };
 
 const EBPF: &[&str] = &["--dataplane=ebpf"];
@@ -15,6 +19,8 @@ const BBOX3: &str = "10.2.41.3";
 const BRIDGE_IP: [u8; 4] = [10, 2, 41, 1];
 /// How long the agent gets to place a new port's program before the attack.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
+const AGENT_STOP: Duration = Duration::from_secs(20);
+const RECONNECT_WAIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_container_started_while_the_node_steps_fail_still_gets_its_checks() -> Result<()> {
@@ -54,6 +60,62 @@ fn a_container_started_while_the_node_steps_fail_still_gets_its_checks() -> Resu
     // Checked, not cut off: bbox3 reaches its neighbour from its own address.
     bbox3.ping(BBOX1, 1)?;
     Ok(())
+}
+
+#[test]
+fn a_port_down_for_want_of_its_program_is_up_again_in_kernel_mode() -> Result<()> {
+    let mut seed = Seed::start("fc-back", EBPF)?;
+    seed.agent1.process.terminate(AGENT_STOP)?;
+    let bbox3 = Container::attach(&seed.host1, "bbox3", BBOX3)?;
+    // A directory where the agent pins bbox3's link: the pin fails, and so does the attach.
+    let port = seed.host1.netns.ifindex("veth-bbox3")?;
+    let blocker = seed
+        .host1
+        .pin_dir()
+        .join(format!("link_tc_container_ingress_{port}"));
+    std::fs::create_dir_all(&blocker)?;
+    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, EBPF)?;
+    seed.agent1.wait_ready()?;
+    let (up, alias) = link_state(&seed, "veth-bbox3")?;
+    ensure!(
+        !up && alias == "overlay-agent: down, no program",
+        "veth-bbox3 refused its program but is up {up}, alias {alias:?}\n{}",
+        seed.agent1.log()
+    );
+    ensure!(
+        bbox3.ping(BBOX1, 1).is_err(),
+        "bbox3 reached its neighbour through a port without its program"
+    );
+
+    seed.agent1.process.terminate(AGENT_STOP)?;
+    std::fs::remove_dir(&blocker)?;
+    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &["--dataplane=kernel"])?;
+    seed.agent1.wait_ready()?;
+    let (up, alias) = link_state(&seed, "veth-bbox3")?;
+    ensure!(
+        up && alias.is_empty(),
+        "in kernel mode veth-bbox3 is up {up}, alias {alias:?}\n{}",
+        seed.agent1.log()
+    );
+    // A port set up sends once the kernel's link watch has seen its carrier: up to a second.
+    wait_for("bbox3 to reach its neighbour", RECONNECT_WAIT, || {
+        Ok(bbox3.ping(BBOX1, 1).is_ok())
+    })?;
+    bbox3.ping(BBOX2, 1)?;
+    Ok(())
+}
+
+/// Whether host1's link `name` is set up, and its alias ("" without one).
+fn link_state(seed: &Seed, name: &str) -> Result<(bool, String)> {
+    let listing: serde_json::Value =
+        serde_json::from_str(&seed.host1.netns.ip(&["-j", "link", "show", "dev", name])?)?;
+    let link = &listing[0];
+    let flags = link["flags"]
+        .as_array()
+        .with_context(|| format!("ip printed no flags for {name}: {listing}"))?;
+    let up = flags.iter().any(|flag| flag == "UP");
+    let alias = link["ifalias"].as_str().unwrap_or_default().to_string();
+    Ok((up, alias))
 }
 
 /// Replaces host1's flannel.1 with a VXLAN device that holds its UDP port with GBP on, so the
