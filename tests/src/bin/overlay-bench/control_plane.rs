@@ -25,7 +25,7 @@ use rtnetlink::{
     sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
 };
 
-use crate::{Mode, Plan};
+use crate::{Mode, Plan, figures::quantile};
 
 /// RTMGRP_IPV4_ROUTE: the legacy group bit for IPv4 route notifications.
 const IPV4_ROUTE_GROUP: u32 = 0x40;
@@ -129,11 +129,11 @@ fn milliseconds(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
-/// The value `share` of the way up `values` (nearest rank); `values` must not be empty.
+/// The value `share` of the way up `values`, which must not be empty.
 fn percentile(values: &[f64], share: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() - 1) as f64 * share).round() as usize]
+    quantile(&sorted, share)
 }
 
 /// `count` containers on the host's bridge, at the start of its lease `subnet`.

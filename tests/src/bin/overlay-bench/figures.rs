@@ -20,21 +20,24 @@ impl Spread {
             return None;
         }
         values.sort_by(f64::total_cmp);
-        let quantile = |share: f64| {
-            let at = (values.len() - 1) as f64 * share;
-            let (low, high) = (at.floor() as usize, at.ceil() as usize);
-            values[low] + (values[high] - values[low]) * (at - low as f64)
-        };
         Some(Self {
-            median: quantile(0.5),
-            q1: quantile(0.25),
-            q3: quantile(0.75),
+            median: quantile(&values, 0.5),
+            q1: quantile(&values, 0.25),
+            q3: quantile(&values, 0.75),
         })
     }
 
     pub fn to_json(self) -> serde_json::Value {
         serde_json::json!({ "median": self.median, "q1": self.q1, "q3": self.q3 })
     }
+}
+
+/// The value `share` of the way up `sorted`, interpolated between neighbours; `sorted` must
+/// not be empty.
+pub fn quantile(sorted: &[f64], share: f64) -> f64 {
+    let at = (sorted.len() - 1) as f64 * share;
+    let (low, high) = (at.floor() as usize, at.ceil() as usize);
+    sorted[low] + (sorted[high] - sorted[low]) * (at - low as f64)
 }
 
 pub struct Figure {
