@@ -158,6 +158,21 @@ impl PeerEntries {
     }
 }
 
+/// The peer entries the last round that reached them wrote, each family's with its devices:
+/// what the notifications of the agent's own writes echo.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenPeers(pub Vec<(FamilyDevices, PeerEntries)>);
+
+impl WrittenPeers {
+    /// Records that `entries` are now what the agent owns on `devices`.
+    pub fn record(&mut self, devices: FamilyDevices, entries: PeerEntries) {
+        match self.0.iter_mut().find(|(written, _)| *written == devices) {
+            Some((_, written)) => *written = entries,
+            None => self.0.push((devices, entries)),
+        }
+    }
+}
+
 /// The devices one family's peer entries live on: that family's VXLAN device and the uplink,
 /// and the overlay network of that family, direct routes into which are ours too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::model::{
     Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, PortIsolation,
-    Programs, Reach, RefusedPorts, Unwritten,
+    Programs, Reach, RefusedPorts, Unwritten, WrittenPeers,
 };
 
 /// The host's devices and kernel entries: observed, and made to match.
@@ -43,11 +43,12 @@ pub trait NodeSink {
     fn isolate_ports(&self, change: &PortIsolation) -> impl Future<Output = Result<()>>;
 
     /// What `notification` says about the node: containers it tells about are taken into
-    /// `containers` at once.
+    /// `containers` at once; one that only echoes what the agent `written` says nothing.
     fn classify(
         &self,
         notification: &Self::Notification,
         devices: &Devices,
+        written: &WrittenPeers,
         containers: &mut Containers,
     ) -> Option<NodeChange>;
 }

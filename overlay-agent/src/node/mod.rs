@@ -24,6 +24,7 @@ use rtnetlink::{
 use crate::{
     model::{
         Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries, PortIsolation, Reach,
+        WrittenPeers,
     },
     sinks::NodeSink,
 };
@@ -211,6 +212,7 @@ impl NodeSink for NodeNetwork {
         &self,
         notification: &Notification,
         devices: &Devices,
+        written: &WrittenPeers,
         containers: &mut Containers,
     ) -> Option<NodeChange> {
         let message = match &notification.payload {
@@ -220,7 +222,7 @@ impl NodeSink for NodeNetwork {
         };
         if endpoints::observe(containers, message, devices.bridge.index) {
             Some(NodeChange::Containers)
-        } else if touches_devices(message, devices) {
+        } else if touches_devices(message, devices) && !peers::echoes(message, written) {
             Some(NodeChange::Devices)
         } else {
             None

@@ -14,7 +14,7 @@ use ipnetwork::IpNetwork;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
         neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
         },
@@ -26,7 +26,7 @@ use rtnetlink::{
 
 use crate::{
     mac::MacAddr,
-    model::{FamilyDevices, FdbEntry, PeerEntries, Route},
+    model::{FamilyDevices, FdbEntry, PeerEntries, Route, WrittenPeers},
 };
 
 impl FamilyDevices {
@@ -217,14 +217,15 @@ async fn owned_fdb(
         .await?
         .into_iter()
         .filter(|message| message.header.ifindex == devices.vtep_index)
-        .filter_map(|message| {
-            let entry = FdbEntry {
-                mac: neighbour_mac(&message)?,
-                destination: neighbour_destination(&message)?,
-            };
-            Some((entry, message))
-        })
+        .filter_map(|message| Some((fdb_entry(&message)?, message)))
         .collect())
+}
+
+fn fdb_entry(message: &NeighbourMessage) -> Option<FdbEntry> {
+    Some(FdbEntry {
+        mac: neighbour_mac(message)?,
+        destination: neighbour_destination(message)?,
+    })
 }
 
 /// Main-table routes of the family the agent owns: every non-kernel route via a gateway
@@ -236,12 +237,17 @@ async fn owned_routes(
     Ok(main_routes(handle, devices.family())
         .await?
         .into_iter()
-        .filter(|(route, _)| {
-            route.interface == devices.vtep_index
-                || (route.interface == devices.uplink_index
-                    && devices.network.contains(route.destination.network()))
-        })
+        .filter(|(route, _)| devices.owns(route))
         .collect())
+}
+
+impl FamilyDevices {
+    /// Whether `route` is of a kind the agent owns on these devices.
+    fn owns(&self, route: &Route) -> bool {
+        route.interface == self.vtep_index
+            || (route.interface == self.uplink_index
+                && self.network.contains(route.destination.network()))
+    }
 }
 
 /// Main-table routes of `family` via a gateway that the kernel did not add itself.
@@ -249,12 +255,74 @@ async fn main_routes(handle: &Handle, family: AddressFamily) -> Result<Vec<(Rout
     Ok(super::links::routes(handle, family)
         .await?
         .into_iter()
-        .filter(|message| {
-            message.header.table == RouteHeader::RT_TABLE_MAIN
-                && message.header.protocol != RouteProtocol::Kernel
-        })
-        .filter_map(|message| Some((route_of(&message)?, message)))
+        .filter_map(|message| Some((main_route(&message)?, message)))
         .collect())
+}
+
+/// The route `message` describes, if it is a main-table route via a gateway that the kernel
+/// did not add itself.
+fn main_route(message: &RouteMessage) -> Option<Route> {
+    let header = &message.header;
+    if header.table != RouteHeader::RT_TABLE_MAIN || header.protocol == RouteProtocol::Kernel {
+        return None;
+    }
+    route_of(message)
+}
+
+/// Whether `message` only tells that an entry of a kind the agent owns is as the last round
+/// left it: an entry it wrote, there; one it does not want, gone. That is the echo of the
+/// agent's own write, and the round it would start would find nothing to do. Anything else
+/// about those entries (one of ours deleted or changed by hand, a stranger added) is not.
+pub fn echoes(message: &RouteNetlinkMessage, written: &WrittenPeers) -> bool {
+    written.0.iter().any(|(devices, entries)| match message {
+        RouteNetlinkMessage::NewRoute(route) => {
+            owned_route(route, devices).is_some_and(|route| entries.routes.contains(&route))
+        }
+        RouteNetlinkMessage::DelRoute(route) => {
+            owned_route(route, devices).is_some_and(|route| !entries.routes.contains(&route))
+        }
+        RouteNetlinkMessage::NewNeighbour(neighbour)
+            if neighbour.header.ifindex == devices.vtep_index =>
+        {
+            is_as_written(entries, neighbour)
+        }
+        RouteNetlinkMessage::DelNeighbour(neighbour)
+            if neighbour.header.ifindex == devices.vtep_index =>
+        {
+            is_unwanted(entries, neighbour)
+        }
+        _ => false,
+    })
+}
+
+fn owned_route(message: &RouteMessage, devices: &FamilyDevices) -> Option<Route> {
+    main_route(message).filter(|route| devices.owns(route))
+}
+
+/// Whether the neighbour or FDB entry `neighbour` reports is as [`reconcile`] would leave it
+/// by `entries`.
+fn is_as_written(entries: &PeerEntries, neighbour: &NeighbourMessage) -> bool {
+    if neighbour.header.family == AddressFamily::Bridge {
+        return fdb_entry(neighbour).is_some_and(|entry| entries.fdb.contains(&entry));
+    }
+    // The agent keeps only permanent ones. A permanent entry deleted while still referenced
+    // comes back as a new one that has failed.
+    if neighbour.header.state != NeighbourState::Permanent {
+        return is_unwanted(entries, neighbour);
+    }
+    let wanted =
+        neighbour_destination(neighbour).and_then(|address| entries.neighbours.get(&address));
+    wanted.is_some() && wanted == neighbour_mac(neighbour).as_ref()
+}
+
+/// Whether `entries` want nothing where the neighbour or FDB entry `neighbour` reports gone
+/// was.
+fn is_unwanted(entries: &PeerEntries, neighbour: &NeighbourMessage) -> bool {
+    if neighbour.header.family == AddressFamily::Bridge {
+        return fdb_entry(neighbour).is_some_and(|entry| !entries.fdb.contains(&entry));
+    }
+    neighbour_destination(neighbour)
+        .is_some_and(|address| !entries.neighbours.contains_key(&address))
 }
 
 /// Deletes every non-kernel main-table route into `network` that goes via a gateway: the
@@ -427,4 +495,147 @@ async fn delete_neighbour(handle: &Handle, message: NeighbourMessage) -> Result<
         .execute()
         .await
         .context("cannot delete neighbour entry")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VTEP: u32 = 4;
+    const UPLINK: u32 = 2;
+    const MAC: MacAddr = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x89]);
+    const OTHER_MAC: MacAddr = MacAddr([0x1a, 0x4b, 0xd7, 0xf7, 0x16, 0x8a]);
+
+    fn address(text: &str) -> IpAddr {
+        text.parse().expect("a test address")
+    }
+
+    fn devices() -> FamilyDevices {
+        FamilyDevices {
+            vtep_index: VTEP,
+            uplink_index: UPLINK,
+            network: "10.2.0.0/16".parse().expect("a test network"),
+        }
+    }
+
+    /// What a round wrote for the seed's lease 10.2.54.0/24 of 172.20.62.105.
+    fn written() -> WrittenPeers {
+        let entries = PeerEntries {
+            neighbours: HashMap::from([(address("10.2.54.0"), MAC)]),
+            fdb: HashSet::from([FdbEntry {
+                mac: MAC,
+                destination: address("172.20.62.105"),
+            }]),
+            routes: HashSet::from([route("10.2.54.0/24", "10.2.54.0", VTEP)]),
+        };
+        WrittenPeers(vec![(devices(), entries)])
+    }
+
+    fn route(destination: &str, gateway: &str, interface: u32) -> Route {
+        Route {
+            destination: destination.parse().expect("a test subnet"),
+            gateway: address(gateway),
+            interface,
+        }
+    }
+
+    fn route_message(route: Route, protocol: RouteProtocol) -> RouteMessage {
+        RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(route.destination.network(), route.destination.prefix())
+            .and_then(|builder| builder.gateway(route.gateway))
+            .expect("a test route")
+            .output_interface(route.interface)
+            .protocol(protocol)
+            .build()
+    }
+
+    fn neighbour(address: &str, mac: MacAddr, state: NeighbourState) -> NeighbourMessage {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.ifindex = VTEP;
+        message.header.state = state;
+        message.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                address.parse().expect("a test address"),
+            )),
+            NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()),
+        ];
+        message
+    }
+
+    fn permanent(address: &str, mac: MacAddr) -> NeighbourMessage {
+        neighbour(address, mac, NeighbourState::Permanent)
+    }
+
+    /// An FDB entry as the kernel reports it: AF_BRIDGE, its destination as raw bytes.
+    fn fdb(mac: MacAddr, destination: [u8; 4]) -> NeighbourMessage {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = VTEP;
+        message.header.state = NeighbourState::Permanent;
+        message.attributes = vec![
+            NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(destination.to_vec())),
+        ];
+        message
+    }
+
+    #[test]
+    fn the_entries_a_round_wrote_or_removed_echo_back_as_nothing_to_do() {
+        let ours = route("10.2.54.0/24", "10.2.54.0", VTEP);
+        let gone = route("10.2.60.0/24", "10.2.60.0", VTEP);
+        let echoes_of_a_round = [
+            RouteNetlinkMessage::NewRoute(route_message(ours, RouteProtocol::Boot)),
+            RouteNetlinkMessage::DelRoute(route_message(gone, RouteProtocol::Boot)),
+            RouteNetlinkMessage::NewNeighbour(permanent("10.2.54.0", MAC)),
+            RouteNetlinkMessage::DelNeighbour(permanent("10.2.60.0", MAC)),
+            // A removed neighbour the kernel still holds a reference to.
+            RouteNetlinkMessage::NewNeighbour(neighbour("10.2.60.0", MAC, NeighbourState::Failed)),
+            RouteNetlinkMessage::NewNeighbour(fdb(MAC, [172, 20, 62, 105])),
+            RouteNetlinkMessage::DelNeighbour(fdb(OTHER_MAC, [172, 20, 62, 160])),
+        ];
+        for message in echoes_of_a_round {
+            assert!(echoes(&message, &written()), "{message:?}");
+        }
+    }
+
+    #[test]
+    fn an_entry_of_ours_changed_or_deleted_by_another_hand_calls_for_a_round() {
+        let ours = route("10.2.54.0/24", "10.2.54.0", VTEP);
+        let stranger = route("10.2.99.0/24", "10.2.99.0", VTEP);
+        let direct = route("10.2.54.0/24", "172.20.62.105", UPLINK);
+        let changes = [
+            RouteNetlinkMessage::DelRoute(route_message(ours, RouteProtocol::Boot)),
+            RouteNetlinkMessage::NewRoute(route_message(stranger, RouteProtocol::Static)),
+            RouteNetlinkMessage::NewRoute(route_message(direct, RouteProtocol::Boot)),
+            RouteNetlinkMessage::NewNeighbour(permanent("10.2.54.0", OTHER_MAC)),
+            RouteNetlinkMessage::NewNeighbour(neighbour("10.2.54.0", MAC, NeighbourState::Stale)),
+            RouteNetlinkMessage::NewNeighbour(permanent("10.2.99.0", MAC)),
+            RouteNetlinkMessage::DelNeighbour(permanent("10.2.54.0", MAC)),
+            RouteNetlinkMessage::NewNeighbour(fdb(OTHER_MAC, [172, 20, 62, 105])),
+            RouteNetlinkMessage::DelNeighbour(fdb(MAC, [172, 20, 62, 105])),
+        ];
+        for message in changes {
+            assert!(!echoes(&message, &written()), "{message:?}");
+        }
+    }
+
+    #[test]
+    fn what_no_round_wrote_about_is_never_an_echo() {
+        // The uplink's routes decide which peers share our segment; the kernel's own routes
+        // and the entries of other devices are not the agent's.
+        let uplink = route("172.20.63.0/24", "172.20.62.1", UPLINK);
+        let kernel = route("10.2.54.0/24", "10.2.54.0", VTEP);
+        let mut elsewhere = permanent("10.2.60.0", MAC);
+        elsewhere.header.ifindex = UPLINK;
+        let others = [
+            RouteNetlinkMessage::DelRoute(route_message(uplink, RouteProtocol::Boot)),
+            RouteNetlinkMessage::NewRoute(route_message(kernel, RouteProtocol::Kernel)),
+            RouteNetlinkMessage::DelNeighbour(elsewhere),
+        ];
+        for message in &others {
+            assert!(!echoes(message, &written()), "{message:?}");
+            assert!(!echoes(message, &WrittenPeers::default()), "{message:?}");
+        }
+    }
 }

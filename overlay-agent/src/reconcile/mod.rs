@@ -26,7 +26,9 @@ use tokio::{
 use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
-    model::{Containers, Devices, LeaseSubnets, NodeChange, Reach, RefusedPorts, Unwritten},
+    model::{
+        Containers, Devices, LeaseSubnets, NodeChange, Reach, RefusedPorts, Unwritten, WrittenPeers,
+    },
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
 };
@@ -57,6 +59,9 @@ pub struct Reconciler<N, D> {
     unreachable: BTreeMap<LeaseSubnets, String>,
     /// The container ports that refused their program at the last round, now down.
     refused: RefusedPorts,
+    /// The kernel entries the last round about the leases wrote: notifications that only
+    /// echo them call for no round.
+    written: WrittenPeers,
     metrics: ReconcileMetrics,
 }
 
@@ -81,6 +86,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             unwritten: Unwritten::default(),
             unreachable: BTreeMap::new(),
             refused: RefusedPorts::new(),
+            written: WrittenPeers::default(),
             metrics,
         };
         reconciler.apply_initial(leases);
@@ -186,6 +192,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         .await?;
         if desired.leases.is_some() {
             self.report_unwritten(applied.unwritten);
+            self.written = applied.written;
         }
         self.refused = applied.refused;
         Ok(())
@@ -305,7 +312,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         let devices = self.devices.as_ref()?;
         match self
             .node
-            .classify(notification, devices, &mut self.containers)?
+            .classify(notification, devices, &self.written, &mut self.containers)?
         {
             NodeChange::Containers => Some(Scope::Containers),
             NodeChange::Devices => Some(Scope::Node),

@@ -15,7 +15,7 @@ use anyhow::Result;
 
 use super::desired::Desired;
 use crate::{
-    model::{LeaseSubnets, PortIsolation, RefusedPorts, Unwritten},
+    model::{LeaseSubnets, PortIsolation, RefusedPorts, Unwritten, WrittenPeers},
     sinks::{DataplaneSink, NodeSink},
 };
 
@@ -46,6 +46,7 @@ pub struct Progress {
     finished: Vec<Step>,
     unwritten: Unwritten,
     refused: RefusedPorts,
+    written: WrittenPeers,
     freed: usize,
 }
 
@@ -56,6 +57,8 @@ pub struct Applied {
     pub unwritten: Unwritten,
     /// The container ports that refused their program, now down.
     pub refused: RefusedPorts,
+    /// The kernel entries each family now holds; none in a round about containers alone.
+    pub written: WrittenPeers,
 }
 
 impl Progress {
@@ -90,6 +93,7 @@ pub async fn apply<N: NodeSink, D: DataplaneSink>(
     let applied = Applied {
         unwritten: std::mem::take(&mut progress.unwritten),
         refused: std::mem::take(&mut progress.refused),
+        written: std::mem::take(&mut progress.written),
     };
     *progress = Progress::default();
     Ok(applied)
@@ -172,8 +176,9 @@ async fn run<N: NodeSink, D: DataplaneSink>(
         (Step::ConvergePeers(_, family), Some(leases), _) => {
             let unmapped: &BTreeSet<LeaseSubnets> = &progress.unwritten.leases;
             let peers = &leases.peers[family];
-            node.converge_peers(peers.devices, &peers.entries(unmapped))
-                .await?;
+            let entries = peers.entries(unmapped);
+            node.converge_peers(peers.devices, &entries).await?;
+            progress.written.record(peers.devices, entries);
         }
         (Step::RemoveStaleEntries, Some(leases), Some(dataplane)) => {
             progress.freed = dataplane.remove_stale_lease_entries(&leases.entries)?;
@@ -287,7 +292,13 @@ mod tests {
             Ok(())
         }
 
-        fn classify(&self, _: &(), _: &Devices, _: &mut Containers) -> Option<NodeChange> {
+        fn classify(
+            &self,
+            _: &(),
+            _: &Devices,
+            _: &WrittenPeers,
+            _: &mut Containers,
+        ) -> Option<NodeChange> {
             None
         }
     }
