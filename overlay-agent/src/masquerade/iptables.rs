@@ -46,6 +46,11 @@ impl Chain {
     fn jump(&self) -> String {
         format!("{} -j {}", self.comment(), self.name)
     }
+
+    /// The jump as `-S` lists it.
+    fn jump_line(&self) -> String {
+        format!("-A {} {}", self.hook, self.jump())
+    }
 }
 
 fn forward_rules(rules: &FamilyRules) -> Vec<String> {
@@ -103,17 +108,14 @@ pub fn in_place(rules: &FamilyRules) -> Result<bool> {
             .filter(|line| line.contains(chain.name))
             .collect();
         let expected: Vec<String> = match wanted {
-            Some(chain_rules) => [
-                format!("-N {}", chain.name),
-                format!("-A {} {}", chain.hook, chain.jump()),
-            ]
-            .into_iter()
-            .chain(
-                chain_rules
-                    .iter()
-                    .map(|rule| format!("-A {} {rule}", chain.name)),
-            )
-            .collect(),
+            Some(chain_rules) => [format!("-N {}", chain.name), chain.jump_line()]
+                .into_iter()
+                .chain(
+                    chain_rules
+                        .iter()
+                        .map(|rule| format!("-A {} {rule}", chain.name)),
+                )
+                .collect(),
             None => Vec::new(),
         };
         if !same_lines(ours, expected) {
@@ -397,28 +399,34 @@ fn chain_exists(iptables: &Iptables, chain: &Chain) -> Result<bool> {
         .any(|name| name == chain.name))
 }
 
-/// Writes the chain's whole content, and the jump into it where it is missing, in one
+/// Writes the chain's whole content, and exactly one jump into it, in one
 /// `iptables-restore --noflush` transaction: declaring the chain creates it or empties it, and
 /// the kernel swaps the old content for the new at once (as flanneld writes its rules), so no
 /// packet ever meets a node without them, as it would between a flush and the appends.
 fn install(iptables: &Iptables, chain: &Chain, rules: &[String]) -> Result<()> {
-    // Asked about a jump to a chain that does not exist, iptables fails rather than answer no.
-    let jump_missing = !chain_exists(iptables, chain)?
-        || !iptables.exists(chain.table, chain.hook, &chain.jump())?;
-    iptables.restore(&restore_input(chain, rules, jump_missing))
+    let jump = chain.jump_line();
+    let jumps = iptables
+        .list(chain.table, chain.hook)?
+        .iter()
+        .filter(|line| **line == jump)
+        .count();
+    iptables.restore(&restore_input(chain, rules, jumps))
 }
 
-/// `iptables-restore` input that fills `chain` with `rules` and, with `add_jump`, appends the
-/// jump into it to its built-in chain.
-fn restore_input(chain: &Chain, rules: &[String], add_jump: bool) -> String {
+/// `iptables-restore` input that fills `chain` with `rules` and leaves one jump into it in its
+/// built-in chain, which holds `jumps` now: appended where there is none, the others deleted
+/// where there are more (a copy left by hand or by another tool would otherwise never match
+/// what we expect, and be rewritten at every check).
+fn restore_input(chain: &Chain, rules: &[String], jumps: usize) -> String {
     let mut lines = vec![
         format!("*{}", chain.table),
         format!(":{} - [0:0]", chain.name),
     ];
     lines.extend(rules.iter().map(|rule| format!("-A {} {rule}", chain.name)));
-    if add_jump {
-        lines.push(format!("-A {} {}", chain.hook, chain.jump()));
+    if jumps == 0 {
+        lines.push(chain.jump_line());
     }
+    lines.extend((1..jumps).map(|_| format!("-D {} {}", chain.hook, chain.jump())));
     lines.push("COMMIT\n".to_string());
     lines.join("\n")
 }
@@ -505,14 +513,20 @@ mod tests {
     fn a_chain_is_written_in_one_restore_transaction() {
         let rules = forward_rules(&seed_family(Family::V4, true));
         assert_eq!(
-            restore_input(&FORWARD, &rules, true),
+            restore_input(&FORWARD, &rules, 0),
             format!(
                 "*filter\n:FLANNEL-FWD - [0:0]\n-A FLANNEL-FWD {}\n-A FLANNEL-FWD {}\n\
                  -A FORWARD {FORWARDED} -j FLANNEL-FWD\nCOMMIT\n",
                 rules[0], rules[1]
             )
         );
-        assert!(!restore_input(&FORWARD, &rules, false).contains("-A FORWARD"));
+        assert!(!restore_input(&FORWARD, &rules, 1).contains(" FORWARD "));
+        let extra = format!("-D FORWARD {FORWARDED} -j FLANNEL-FWD");
+        assert_eq!(
+            restore_input(&FORWARD, &rules, 3).matches(&extra).count(),
+            2,
+            "a jump listed three times is deleted twice"
+        );
     }
 
     #[test]

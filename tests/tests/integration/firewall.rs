@@ -243,6 +243,52 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
     Ok(())
 }
 
+/// A second jump into our masquerade chain, left by hand or by another tool, is deleted: one
+/// jump stays, and the rules are restored once, not at every check.
+#[test]
+fn a_duplicated_jump_into_our_chain_is_collapsed_to_one() -> Result<()> {
+    let (cluster, host) = lone_host("dupjump")?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host,
+        &["--dataplane=kernel", "--ip-masq", RESYNC_FLAG],
+    )?;
+    agent.wait_ready()?;
+    let jumps = || -> Result<usize> {
+        Ok(host
+            .iptables(&["-t", "nat", "-S", "POSTROUTING"])?
+            .lines()
+            .filter(|line| line.ends_with("-j FLANNEL-POSTRTG"))
+            .count())
+    };
+    wait_for("the jump into FLANNEL-POSTRTG", RESYNC_TIMEOUT, || {
+        Ok(jumps()? == 1)
+    })?;
+    let jump = [
+        "-m",
+        "comment",
+        "--comment",
+        "flanneld masq",
+        "-j",
+        "FLANNEL-POSTRTG",
+    ];
+    host.iptables(&[&["-t", "nat", "-A", "POSTROUTING"][..], &jump].concat())?;
+    assert_eq!(jumps()?, 2, "the copy is in place");
+
+    wait_for(
+        "one jump into FLANNEL-POSTRTG again",
+        RESYNC_TIMEOUT,
+        || Ok(jumps()? == 1),
+    )
+    .with_context(|| format!("agent log:\n{}", agent.log()))?;
+    let restorations = || agent.count_in_log("rules were changed or removed; restoring them");
+    let restored = restorations();
+    std::thread::sleep(TWO_RESYNCS + TWO_RESYNCS);
+    assert_eq!(restorations(), restored, "{}", agent.log());
+    assert_eq!(jumps()?, 1);
+    Ok(())
+}
+
 #[test]
 fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
     let seed = Seed::start(
