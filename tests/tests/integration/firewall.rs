@@ -157,23 +157,27 @@ fn assert_flannels_chains(
     Ok(())
 }
 
+/// flannel's jump from nat `POSTROUTING` into its masquerade chain, as iptables arguments.
+const MASQUERADE_JUMP: [&str; 6] = [
+    "-m",
+    "comment",
+    "--comment",
+    "flanneld masq",
+    "-j",
+    "FLANNEL-POSTRTG",
+];
+
 /// What someone else might do to our rules in `command`'s tables: flush the forward chain and
 /// remove the jump into the masquerade chain.
 fn damage_flannels_chains(host: &Host, command: &str) -> Result<()> {
     host.netns.exec(&[command, "-F", "FLANNEL-FWD"])?;
-    host.netns.exec(&[
-        command,
-        "-t",
-        "nat",
-        "-D",
-        "POSTROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "flanneld masq",
-        "-j",
-        "FLANNEL-POSTRTG",
-    ])?;
+    host.netns.exec(
+        &[
+            &[command, "-t", "nat", "-D", "POSTROUTING"][..],
+            &MASQUERADE_JUMP,
+        ]
+        .concat(),
+    )?;
     Ok(())
 }
 
@@ -264,15 +268,7 @@ fn a_duplicated_jump_into_our_chain_is_collapsed_to_one() -> Result<()> {
     wait_for("the jump into FLANNEL-POSTRTG", RESYNC_TIMEOUT, || {
         Ok(jumps()? == 1)
     })?;
-    let jump = [
-        "-m",
-        "comment",
-        "--comment",
-        "flanneld masq",
-        "-j",
-        "FLANNEL-POSTRTG",
-    ];
-    host.iptables(&[&["-t", "nat", "-A", "POSTROUTING"][..], &jump].concat())?;
+    host.iptables(&[&["-t", "nat", "-A", "POSTROUTING"][..], &MASQUERADE_JUMP].concat())?;
     assert_eq!(jumps()?, 2, "the copy is in place");
 
     wait_for(
