@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
-use crate::netns::Netns;
+use crate::{agent::HEALTH_PORT, netns::Netns, wait::wait_for};
 
 /// Debian's interpreter, whose packages include the parser; a python3 earlier on PATH (a
 /// pyenv one, say) would not see them.
@@ -87,4 +87,28 @@ pub fn value_of(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Opti
                     .all(|(key, value)| sample.labels.iter().any(|(k, v)| k == key && v == value))
         })
         .map(|sample| sample.value)
+}
+
+/// How long [`settled_node_rounds`] waits for the count to stop moving.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The rounds about the node (`overlay_reconcile_duration_seconds_count{scope="node"}`) the
+/// agent in `netns`, serving metrics on the tests' health port, has made, once two scrapes
+/// half a second apart agree: the count of a quiet agent.
+pub fn settled_node_rounds(netns: &Netns) -> Result<f64> {
+    let node = [("scope", "node")];
+    let rounds = || -> Result<f64> {
+        let samples = scrape(netns, HEALTH_PORT)?;
+        Ok(value_of(&samples, "overlay_reconcile_duration_seconds_count", &node).unwrap_or(0.0))
+    };
+    let mut last = rounds()?;
+    let mut settled = None;
+    wait_for("the agent's rounds to settle", SETTLE_TIMEOUT, || {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = rounds()?;
+        settled = (now == last).then_some(now);
+        last = now;
+        Ok(settled.is_some())
+    })?;
+    settled.context("the rounds never settled")
 }

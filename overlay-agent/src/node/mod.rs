@@ -232,8 +232,8 @@ impl NodeSink for NodeNetwork {
 
 /// Whether a notification concerns the node's own devices or the entries the agent owns on
 /// them: a link or address of the bridge, a VXLAN device or the uplink (by index, or by name
-/// for one made again), any route of a family the node carries, or a neighbour or FDB entry
-/// of a VXLAN device.
+/// for one made again), any route of a family the node carries but IPv6's link-scoped ones,
+/// or a neighbour or FDB entry of a VXLAN device.
 fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
     let ours: Vec<&Device> = [&devices.bridge, &devices.uplink]
         .into_iter()
@@ -259,7 +259,7 @@ fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
         RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route) => {
             match route.header.address_family {
                 AddressFamily::Inet => devices.vtep.is_some(),
-                AddressFamily::Inet6 => devices.vtep6.is_some(),
+                AddressFamily::Inet6 => devices.vtep6.is_some() && !peers::is_link_scoped6(route),
                 _ => false,
             }
         }

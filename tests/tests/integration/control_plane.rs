@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT, READY_TIMEOUT, subnet_from_file},
     cluster::{Cluster, Host, PREFIX},
-    metrics::{scrape, value_of},
+    metrics::settled_node_rounds,
     wait::wait_for,
 };
 
@@ -303,26 +303,6 @@ fn another_host_s_lease_added_changed_and_expired_are_reported() -> Result<()> {
     Ok(())
 }
 
-/// The `node` rounds the agent on `host` has made, once two scrapes half a second apart
-/// agree: the count of a quiet agent.
-fn settled_node_rounds(host: &Host) -> Result<f64> {
-    let node = [("scope", "node")];
-    let rounds = || -> Result<f64> {
-        let samples = scrape(&host.netns, HEALTH_PORT)?;
-        Ok(value_of(&samples, "overlay_reconcile_duration_seconds_count", &node).unwrap_or(0.0))
-    };
-    let mut last = rounds()?;
-    let mut settled = None;
-    wait_for("the agent's rounds to settle", EVENT_TIMEOUT, || {
-        sleep(Duration::from_millis(500));
-        let now = rounds()?;
-        settled = (now == last).then_some(now);
-        last = now;
-        Ok(settled.is_some())
-    })?;
-    settled.context("the rounds never settled")
-}
-
 /// The agent's own route, neighbour and FDB changes come back to it as netlink
 /// notifications. Those echo what the round just wrote and must not cost a round of their
 /// own: each lease added or removed, one at a time, is one `node` round, in either mode.
@@ -339,7 +319,7 @@ fn each_lease_added_or_removed_costs_one_reconcile_round() -> Result<()> {
             .map(|index| format!("10.2.{}.0/24", 100 + index))
             .collect();
 
-        let start = settled_node_rounds(&host1)?;
+        let start = settled_node_rounds(&host1.netns)?;
         for (index, subnet) in subnets.iter().enumerate() {
             let (address, mac) = (
                 format!("172.20.62.{}", 150 + index),
@@ -350,14 +330,14 @@ fn each_lease_added_or_removed_costs_one_reconcile_round() -> Result<()> {
                 .put(&cluster.subnet_key(subnet), &flannel_record(&address, &mac))?;
             host1.wait_for_peer(subnet, &address, &mac)?;
         }
-        let added = settled_node_rounds(&host1)?;
+        let added = settled_node_rounds(&host1.netns)?;
         for subnet in &subnets {
             cluster
                 .etcd
                 .etcdctl(&["del", &cluster.subnet_key(subnet)])?;
             host1.wait_for_no_peer(subnet)?;
         }
-        let removed = settled_node_rounds(&host1)?;
+        let removed = settled_node_rounds(&host1.netns)?;
 
         let leases = f64::from(LEASES);
         for (what, rounds) in [("added", added - start), ("removed", removed - added)] {

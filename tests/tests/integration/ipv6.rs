@@ -15,6 +15,7 @@ use overlay_tests::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
         IPV6_ONLY_NETWORK_CONFIG, SUBNET1_V6, SUBNET2_V6, address_in, bridge_gateway6,
     },
+    metrics::settled_node_rounds,
     process::iperf3_server,
     seed::{
         BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed, check_ipv6_path,
@@ -513,6 +514,37 @@ fn a_route_deleted_by_hand_on_flannel_v6_is_back_within_two_seconds() -> Result<
         )?;
         check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
     }
+    Ok(())
+}
+
+/// Longer than a port's duplicate address detection takes, with the kernel's defaults.
+const DAD_TIME: Duration = Duration::from_secs(3);
+
+/// A new container's port brings the kernel's own IPv6 routes for it: its link-local prefix,
+/// its addresses and multicast in the local table. None of them is the node's, nor can lead to
+/// a peer's PublicIPv6, so they cost no round about the node: the port takes its program in a
+/// round about containers alone.
+#[test]
+fn a_new_dual_stack_container_costs_no_round_about_the_node() -> Result<()> {
+    let seed = Seed::start_dual_stack("v6-rounds", [EBPF, EBPF])?;
+    check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+    let before = settled_node_rounds(&seed.host1.netns)?;
+    let bbox3 = Container::attach_dual_stack(
+        &seed.host1,
+        "bbox3",
+        "10.2.41.3",
+        &address_in(SUBNET1_V6, 3)?,
+    )?;
+    wait_for("bbox3 to reach bbox2 over IPv6", READY_TIMEOUT, || {
+        Ok(bbox3.ping6(BBOX2_V6, 1).is_ok())
+    })?;
+    bbox3.ping(BBOX2, 1)?;
+    // The port's duplicate address detection, one probe and a second's wait, ends meanwhile:
+    // its address and routes change once more.
+    std::thread::sleep(DAD_TIME);
+    let after = settled_node_rounds(&seed.host1.netns)?;
+    eprintln!("a new dual-stack container: {} node rounds", after - before);
+    assert_eq!(after, before, "{}", seed.agent1.log());
     Ok(())
 }
 
