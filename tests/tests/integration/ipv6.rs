@@ -499,11 +499,20 @@ test_matrix! { check_dual_stack_seed {
 /// inside the 30-s safety net.
 const REPAIR_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Runs `check` on a working dual-stack seed of each mode, named `prefix` and the mode.
+fn in_each_mode(prefix: &str, check: impl Fn(&str, &Seed) -> Result<()>) -> Result<()> {
+    for (name, mode) in [("kernel", KERNEL), ("ebpf", EBPF)] {
+        let tag = format!("{prefix}-{name}");
+        let seed = Seed::start_dual_stack(&tag, [mode, mode])?;
+        check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+        check(&tag, &seed)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn a_route_deleted_by_hand_on_flannel_v6_is_back_within_two_seconds() -> Result<()> {
-    for (tag, mode) in [("v6-repair-kernel", KERNEL), ("v6-repair-ebpf", EBPF)] {
-        let seed = Seed::start_dual_stack(tag, [mode, mode])?;
-        check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
+    in_each_mode("v6-repair", |tag, seed| {
         seed.host1
             .netns
             .ip(&["-6", "route", "del", SUBNET2_V6, "dev", "flannel-v6.1"])?;
@@ -512,9 +521,8 @@ fn a_route_deleted_by_hand_on_flannel_v6_is_back_within_two_seconds() -> Result<
             REPAIR_DEADLINE,
             || seed.host1.netns.has_route(SUBNET2_V6),
         )?;
-        check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
-    }
-    Ok(())
+        check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])
+    })
 }
 
 /// Longer than a port's duplicate address detection takes, with the kernel's defaults.
@@ -523,29 +531,69 @@ const DAD_TIME: Duration = Duration::from_secs(3);
 /// A new container's port brings the kernel's own IPv6 routes for it: its link-local prefix,
 /// its addresses and multicast in the local table. None of them is the node's, nor can lead to
 /// a peer's PublicIPv6, so they cost no round about the node: the port takes its program in a
-/// round about containers alone.
+/// round about containers alone. A dual-stack lease added or removed costs one round: the
+/// notifications of its two families' entries echo what that round wrote.
 #[test]
-fn a_new_dual_stack_container_costs_no_round_about_the_node() -> Result<()> {
-    let seed = Seed::start_dual_stack("v6-rounds", [EBPF, EBPF])?;
-    check_ipv6_both_ways(&seed.bbox1, &seed.bbox2, [SUBNET1_V6, SUBNET2_V6])?;
-    let before = settled_node_rounds(&seed.host1.netns)?;
-    let bbox3 = Container::attach_dual_stack(
-        &seed.host1,
-        "bbox3",
-        "10.2.41.3",
-        &address_in(SUBNET1_V6, 3)?,
-    )?;
-    wait_for("bbox3 to reach bbox2 over IPv6", READY_TIMEOUT, || {
-        Ok(bbox3.ping6(BBOX2_V6, 1).is_ok())
-    })?;
-    bbox3.ping(BBOX2, 1)?;
-    // The port's duplicate address detection, one probe and a second's wait, ends meanwhile:
-    // its address and routes change once more.
-    std::thread::sleep(DAD_TIME);
-    let after = settled_node_rounds(&seed.host1.netns)?;
-    eprintln!("a new dual-stack container: {} node rounds", after - before);
-    assert_eq!(after, before, "{}", seed.agent1.log());
-    Ok(())
+fn a_new_dual_stack_container_costs_no_round_about_the_node_and_a_lease_one() -> Result<()> {
+    in_each_mode("v6-rounds", |tag, seed| {
+        let before = settled_node_rounds(&seed.host1.netns)?;
+        let bbox3 = Container::attach_dual_stack(
+            &seed.host1,
+            "bbox3",
+            "10.2.41.3",
+            &address_in(SUBNET1_V6, 3)?,
+        )?;
+        wait_for("bbox3 to reach bbox2 over IPv6", READY_TIMEOUT, || {
+            Ok(bbox3.ping6(BBOX2_V6, 1).is_ok())
+        })?;
+        bbox3.ping(BBOX2, 1)?;
+        // The port's duplicate address detection, one probe and a second's wait, ends meanwhile:
+        // its address and routes change once more.
+        std::thread::sleep(DAD_TIME);
+        let after = settled_node_rounds(&seed.host1.netns)?;
+        eprintln!(
+            "{tag}: a new dual-stack container: {} node rounds",
+            after - before
+        );
+        assert_eq!(after, before, "{}", seed.agent1.log());
+
+        let (subnet, subnet6) = ("10.2.60.0/24", "fd00:2:0:60::/64");
+        let key = seed.cluster.subnet_key6(Some(subnet), subnet6);
+        let vteps = (
+            Vtep {
+                public_ip: "172.20.62.160",
+                mac: "1a:4b:d7:f7:16:60",
+            },
+            Vtep {
+                public_ip: "fd00:ff::160",
+                mac: "1a:4b:d7:f7:66:60",
+            },
+        );
+        seed.cluster
+            .etcd
+            .put(&key, &lease_value(Some(vteps.0), Some(vteps.1)))?;
+        wait_for("host1's routes to the new lease", READY_TIMEOUT, || {
+            Ok(seed.host1.netns.has_route(subnet)? && seed.host1.netns.has_route(subnet6)?)
+        })?;
+        let added = settled_node_rounds(&seed.host1.netns)?;
+        seed.cluster.etcd.etcdctl(&["del", &key])?;
+        wait_for("host1's routes to the lease to go", READY_TIMEOUT, || {
+            Ok(!seed.host1.netns.has_route(subnet)? && !seed.host1.netns.has_route(subnet6)?)
+        })?;
+        let removed = settled_node_rounds(&seed.host1.netns)?;
+        eprintln!(
+            "{tag}: a dual-stack lease: {} node rounds added, {} removed",
+            added - after,
+            removed - added
+        );
+        assert_eq!(
+            (added - after, removed - added),
+            (1.0, 1.0),
+            "{}",
+            seed.agent1.log()
+        );
+        Ok(())
+    })
 }
 
 #[test]
