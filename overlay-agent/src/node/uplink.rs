@@ -1,9 +1,9 @@
 //! Choosing the uplink: the interface other hosts reach this one through, found as flanneld
 //! finds it. With none of `--iface`, `--iface-regex` and `--iface-can-reach`: the interface
 //! holding `--public-ip`, else the default route's. Otherwise each `--iface` (name or address)
-//! in turn, then each `--iface-regex` (addresses first, then names), then the interface of the
-//! route to `--iface-can-reach`. An interface without an IPv4 address serves an IPv6-only
-//! network; without any `--iface*` flag it is then the IPv6 default route's.
+//! in turn, then each `--iface-regex` (IPv4 addresses, IPv6 addresses, then names), then the
+//! interface of the route to `--iface-can-reach`. An interface without an IPv4 address serves
+//! an IPv6-only network; without any `--iface*` flag it is then the IPv6 default route's.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
@@ -143,19 +143,28 @@ impl Interfaces {
         }
     }
 
-    /// `--iface-regex`: the first address that matches, else the first name.
+    /// `--iface-regex`: the first IPv4 address that matches, else the first IPv6 address
+    /// (which becomes the interface's IPv6 address, as an IPv6 `--iface` does), else the first
+    /// name.
     fn by_regex(&self, regex: &Regex) -> Option<Uplink> {
         let by_address = self
             .addresses
             .iter()
             .find(|(_, address)| regex.is_match(&address.to_string()))
             .and_then(|(index, address)| self.uplink(*index, Some(*address)));
-        by_address.or_else(|| {
+        let by_address6 = || {
+            self.addresses6
+                .iter()
+                .find(|(_, address)| regex.is_match(&address.to_string()))
+                .and_then(|(_, address)| self.holding6(*address))
+        };
+        let by_name = || {
             self.links
                 .iter()
                 .filter(|link| regex.is_match(&link.name))
                 .find_map(|link| self.uplink(link.index, None))
-        })
+        };
+        by_address.or_else(by_address6).or_else(by_name)
     }
 }
 

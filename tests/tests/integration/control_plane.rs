@@ -853,7 +853,11 @@ fn ipv6_addresses_choose_the_uplink_and_serve_health_as_in_flanneld() -> Result<
         agent.process.terminate(EVENT_TIMEOUT)?;
         Ok(devices)
     };
-    for flag in ["--iface=fd00:77::4", "--iface-can-reach=fd00:77::1"] {
+    for flag in [
+        "--iface=fd00:77::4",
+        "--iface-regex=^fd00:77::",
+        "--iface-can-reach=fd00:77::1",
+    ] {
         let (ipv4, ipv6) = devices_with(&[flag])?;
         anyhow::ensure!(
             ipv4.contains("local 192.168.77.4 dev eth1"),
