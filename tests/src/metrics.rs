@@ -1,5 +1,7 @@
 //! `/metrics` scraped as Prometheus would, and parsed by the official Prometheus client's
 //! OpenMetrics parser (Debian's python3-prometheus-client), not by anything of ours.
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
@@ -90,7 +92,7 @@ pub fn value_of(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Opti
 }
 
 /// How long [`settled_node_rounds`] waits for the count to stop moving.
-const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The rounds about the node (`overlay_reconcile_duration_seconds_count{scope="node"}`) the
 /// agent in `netns`, serving metrics on the tests' health port, has made, once two scrapes
@@ -104,7 +106,7 @@ pub fn settled_node_rounds(netns: &Netns) -> Result<f64> {
     let mut last = rounds()?;
     let mut settled = None;
     wait_for("the agent's rounds to settle", SETTLE_TIMEOUT, || {
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(500));
         let now = rounds()?;
         settled = (now == last).then_some(now);
         last = now;

@@ -18,7 +18,10 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle,
     packet_core::NetlinkPayload,
-    packet_route::{AddressFamily, RouteNetlinkMessage},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        route::{RouteAddress, RouteAttribute, RouteMessage},
+    },
 };
 
 use crate::{
@@ -259,7 +262,7 @@ fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
         RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route) => {
             match route.header.address_family {
                 AddressFamily::Inet => devices.vtep.is_some(),
-                AddressFamily::Inet6 => devices.vtep6.is_some() && !peers::is_link_scoped6(route),
+                AddressFamily::Inet6 => devices.vtep6.is_some() && !is_link_scoped6(route),
                 _ => false,
             }
         }
@@ -267,6 +270,20 @@ fn touches_devices(message: &RouteNetlinkMessage, devices: &Devices) -> bool {
         | RouteNetlinkMessage::DelNeighbour(neighbour) => is_vtep(neighbour.header.ifindex),
         _ => false,
     }
+}
+
+/// Whether `route` leads only into IPv6 link-local or multicast addresses, as the routes the
+/// kernel makes for every port that comes up do (its link-local prefix, and its addresses and
+/// multicast in the local table). No entry of ours and no peer's PublicIPv6 lies there.
+fn is_link_scoped6(route: &RouteMessage) -> bool {
+    let prefix_len = route.header.destination_prefix_length;
+    route.attributes.iter().any(|attribute| match attribute {
+        RouteAttribute::Destination(RouteAddress::Inet6(address)) => {
+            (address.is_unicast_link_local() && prefix_len >= 10)
+                || (address.is_multicast() && prefix_len >= 8)
+        }
+        _ => false,
+    })
 }
 
 /// Removes what the agent creates: the bridge `bridge`, every `flannel.<VNI>` and
@@ -299,4 +316,44 @@ pub async fn teardown(
         bridge::remove_blackhole_routes(handle, network).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::RouteMessageBuilder;
+
+    use super::*;
+
+    #[test]
+    fn only_ipv6_link_local_and_multicast_routes_are_link_scoped() {
+        let message = |destination: &str, prefix_len: u8| {
+            RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(destination.parse().expect("a test address"), prefix_len)
+                .expect("a test route")
+                .build()
+        };
+        for (destination, prefix_len) in [
+            ("fe80::", 64),
+            ("fe80::1c2a:3bff:fe4d:5e6f", 128),
+            ("ff00::", 8),
+        ] {
+            assert!(
+                is_link_scoped6(&message(destination, prefix_len)),
+                "{destination}/{prefix_len}"
+            );
+        }
+        let beyond = [
+            ("fe80::", 9),
+            ("fd00:ff::", 64),
+            ("fd00:2:0:54::", 64),
+            ("::", 0),
+            ("10.2.54.0", 24),
+        ];
+        for (destination, prefix_len) in beyond {
+            assert!(
+                !is_link_scoped6(&message(destination, prefix_len)),
+                "{destination}/{prefix_len}"
+            );
+        }
+    }
 }

@@ -269,20 +269,6 @@ fn main_route(message: &RouteMessage) -> Option<Route> {
     route_of(message)
 }
 
-/// Whether `route` leads only into IPv6 link-local or multicast addresses, as the routes the
-/// kernel makes for every port that comes up do (its link-local prefix, and its addresses and
-/// multicast in the local table). No entry of ours and no peer's PublicIPv6 lies there.
-pub fn is_link_scoped6(route: &RouteMessage) -> bool {
-    let prefix_len = route.header.destination_prefix_length;
-    route.attributes.iter().any(|attribute| match attribute {
-        RouteAttribute::Destination(RouteAddress::Inet6(address)) => {
-            (address.is_unicast_link_local() && prefix_len >= 10)
-                || (address.is_multicast() && prefix_len >= 8)
-        }
-        _ => false,
-    })
-}
-
 /// Whether `message` only tells that an entry of a kind the agent owns is as the last round
 /// left it: an entry it wrote, there; one it does not want, gone. That is the echo of the
 /// agent's own write, and the round it would start would find nothing to do. Anything else
@@ -631,39 +617,6 @@ mod tests {
         ];
         for message in changes {
             assert!(!echoes(&message, &written()), "{message:?}");
-        }
-    }
-
-    #[test]
-    fn only_ipv6_link_local_and_multicast_routes_are_link_scoped() {
-        let message = |destination: &str, prefix_len: u8| {
-            RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(address(destination), prefix_len)
-                .expect("a test route")
-                .build()
-        };
-        for (destination, prefix_len) in [
-            ("fe80::", 64),
-            ("fe80::1c2a:3bff:fe4d:5e6f", 128),
-            ("ff00::", 8),
-        ] {
-            assert!(
-                is_link_scoped6(&message(destination, prefix_len)),
-                "{destination}/{prefix_len}"
-            );
-        }
-        let beyond = [
-            ("fe80::", 9),
-            ("fd00:ff::", 64),
-            ("fd00:2:0:54::", 64),
-            ("::", 0),
-            ("10.2.54.0", 24),
-        ];
-        for (destination, prefix_len) in beyond {
-            assert!(
-                !is_link_scoped6(&message(destination, prefix_len)),
-                "{destination}/{prefix_len}"
-            );
         }
     }
 

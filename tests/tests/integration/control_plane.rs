@@ -342,8 +342,9 @@ fn each_lease_added_or_removed_costs_one_reconcile_round() -> Result<()> {
         let leases = f64::from(LEASES);
         for (what, rounds) in [("added", added - start), ("removed", removed - added)] {
             eprintln!("{dataplane}: {LEASES} leases {what}, {rounds} node rounds");
+            // At least one round each: a count that stays at nothing measured nothing.
             assert!(
-                rounds <= leases + SLACK,
+                (leases..=leases + SLACK).contains(&rounds),
                 "{dataplane}: {LEASES} leases {what} one at a time took {rounds} node rounds:\n{}",
                 agent.log()
             );
