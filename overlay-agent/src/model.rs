@@ -158,12 +158,43 @@ impl PeerEntries {
     }
 }
 
+/// What a sink compares the desired entries with before it writes the difference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Baseline<'a, T> {
+    /// What the kernel holds, listed (netlink dumps, map walks): whatever another hand
+    /// changed is put right.
+    Listed,
+    /// What the last round left, taken as still there without listing: a round about lease
+    /// events touches only the entries they change. Another hand's change to a kernel entry
+    /// comes as a notification, which calls for a listed round; one to a map entry is put
+    /// right by the next listed round (the 30-s safety net at the latest).
+    Written(&'a T),
+}
+
+impl<'a, T> Baseline<'a, T> {
+    /// What the last round wrote, when that is what counts.
+    pub fn written(self) -> Option<&'a T> {
+        match self {
+            Baseline::Listed => None,
+            Baseline::Written(written) => Some(written),
+        }
+    }
+}
+
 /// The peer entries the last round that reached them wrote, each family's with its devices:
 /// what the notifications of the agent's own writes echo.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WrittenPeers(pub Vec<(FamilyDevices, PeerEntries)>);
 
 impl WrittenPeers {
+    /// What the agent owns on `devices`, as last written there.
+    pub fn of(&self, devices: FamilyDevices) -> Option<&PeerEntries> {
+        self.0
+            .iter()
+            .find(|(written, _)| *written == devices)
+            .map(|(_, entries)| entries)
+    }
+
     /// Records that `entries` are now what the agent owns on `devices`.
     pub fn record(&mut self, devices: FamilyDevices, entries: PeerEntries) {
         match self.0.iter_mut().find(|(written, _)| *written == devices) {

@@ -7,8 +7,8 @@ use std::{future::Future, net::IpAddr};
 use anyhow::Result;
 
 use crate::model::{
-    Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries, PortIsolation,
-    Programs, Reach, RefusedPorts, Unwritten, WrittenPeers,
+    Baseline, Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries,
+    PortIsolation, Programs, Reach, RefusedPorts, Unwritten, WrittenPeers,
 };
 
 /// The host's devices and kernel entries: observed, and made to match.
@@ -31,11 +31,12 @@ pub trait NodeSink {
     fn reach(&self, addresses: Vec<IpAddr>) -> impl Future<Output = Result<Reach>>;
 
     /// Makes the neighbour, FDB and route entries the agent owns on one family's devices
-    /// exactly `entries`.
+    /// exactly `entries`, writing what differs from `baseline`.
     fn converge_peers(
         &self,
         devices: FamilyDevices,
         entries: &PeerEntries,
+        baseline: Baseline<'_, PeerEntries>,
     ) -> impl Future<Output = Result<()>>;
 
     /// Takes down the container ports `change` isolates, marked so that any later run knows
@@ -55,16 +56,25 @@ pub trait NodeSink {
 
 /// The eBPF programs and maps.
 pub trait DataplaneSink {
-    /// Writes the lease entries as far as the maps hold them; returns what was left out.
-    fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten>;
+    /// Writes the lease entries that differ from `baseline`, as far as the maps hold them;
+    /// returns what was left out.
+    fn write_lease_entries(
+        &mut self,
+        entries: &LeaseEntries,
+        baseline: Baseline<'_, LeaseEntries>,
+    ) -> Result<Unwritten>;
 
     /// Places the programs and writes the endpoints; frees the claims of ports that are gone.
     /// Returns the container ports that refused their program: the rest of the placement goes
     /// on without them.
     fn place_programs(&mut self, programs: &Programs) -> Result<RefusedPorts>;
 
-    /// Deletes the lease entries `entries` does not hold; returns how many.
-    fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize>;
+    /// Deletes the lease entries of `baseline` that `entries` does not hold; returns how many.
+    fn remove_stale_lease_entries(
+        &mut self,
+        entries: &LeaseEntries,
+        baseline: Baseline<'_, LeaseEntries>,
+    ) -> Result<usize>;
 }
 
 /// Where node notifications come from.

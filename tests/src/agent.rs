@@ -257,7 +257,30 @@ impl Agent {
     pub fn count_in_log(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
     }
+
+    /// `strace` of every thread's `calls` (strace's `trace=` list) into `trace`, attached.
+    /// It decodes netlink requests, so a dump shows as `NLM_F_DUMP`.
+    pub fn strace(&self, host: &Host, calls: &str, trace: &Path) -> Result<Process> {
+        let args = [
+            "-f".to_string(),
+            "-e".to_string(),
+            format!("trace={calls}"),
+            "-o".to_string(),
+            trace.display().to_string(),
+            "-p".to_string(),
+            self.process.id().to_string(),
+        ];
+        let log = host.dir.join("strace.log");
+        let strace = Process::spawn(host.netns.name(), Path::new("strace"), &args, &[], &log)?;
+        wait_for("strace to attach", STRACE_ATTACH_TIMEOUT, || {
+            Ok(strace.log().contains("attached"))
+        })?;
+        Ok(strace)
+    }
 }
+
+/// How long `strace` may take to attach to every thread of an agent.
+const STRACE_ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The health port an agent started with `args` and `envs` serves on, if any.
 fn health_port(args: &[String], envs: &[(&str, &str)]) -> Option<u16> {

@@ -11,6 +11,7 @@ use overlay_agent::{
         VTEP_INGRESS_PROGRAM, VTEP_PROGRAM,
     },
     mac::MacAddr,
+    model::Baseline,
     reconcile::desired::lease_entries,
     subnet::{Lease, LeaseAttrs, PublicAddresses, VtepMacs},
 };
@@ -139,8 +140,10 @@ pub fn dataplane_with(config: OverlayConfig, peers: &[&SeedHost]) -> Result<Data
 
 /// Writes the map entries of `leases`, every one of which must fit.
 pub fn write_leases(dataplane: &mut Dataplane, leases: &[Lease]) -> Result<()> {
-    let unwritten =
-        dataplane.write_lease_entries(&lease_entries(leases.iter(), &Default::default()))?;
+    let unwritten = dataplane.write_lease_entries(
+        &lease_entries(leases.iter(), &Default::default()),
+        Baseline::Listed,
+    )?;
     ensure!(unwritten.is_empty(), "leases left out: {unwritten:?}");
     Ok(())
 }

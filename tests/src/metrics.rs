@@ -91,23 +91,34 @@ pub fn value_of(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Opti
         .map(|sample| sample.value)
 }
 
-/// How long [`settled_node_rounds`] waits for the count to stop moving.
+/// How long [`settled_rounds`] waits for the count to stop moving.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The rounds about the node (`overlay_reconcile_duration_seconds_count{scope="node"}`) the
-/// agent in `netns`, serving metrics on the tests' health port, has made, once two scrapes
-/// half a second apart agree: the count of a quiet agent.
-pub fn settled_node_rounds(netns: &Netns) -> Result<f64> {
-    let node = [("scope", "node")];
-    let rounds = || -> Result<f64> {
-        let samples = scrape(netns, HEALTH_PORT)?;
-        Ok(value_of(&samples, "overlay_reconcile_duration_seconds_count", &node).unwrap_or(0.0))
-    };
-    let mut last = rounds()?;
+/// The rounds of `scopes` (`overlay_reconcile_duration_seconds_count{scope=...}`, summed) the
+/// agent in `netns`, serving metrics on the tests' health port, has made.
+pub fn rounds(netns: &Netns, scopes: &[&str]) -> Result<f64> {
+    let samples = scrape(netns, HEALTH_PORT)?;
+    Ok(scopes
+        .iter()
+        .filter_map(|scope| {
+            value_of(
+                &samples,
+                "overlay_reconcile_duration_seconds_count",
+                &[("scope", scope)],
+            )
+        })
+        .sum())
+}
+
+/// The rounds about the leases or the node (scopes `leases` and `node`) the agent in
+/// `netns` has made, once two scrapes half a second apart agree: the count of a quiet agent.
+pub fn settled_rounds(netns: &Netns) -> Result<f64> {
+    let about_leases_or_node = || rounds(netns, &["leases", "node"]);
+    let mut last = about_leases_or_node()?;
     let mut settled = None;
     wait_for("the agent's rounds to settle", SETTLE_TIMEOUT, || {
         std::thread::sleep(Duration::from_millis(500));
-        let now = rounds()?;
+        let now = about_leases_or_node()?;
         settled = (now == last).then_some(now);
         last = now;
         Ok(settled.is_some())

@@ -27,7 +27,7 @@ use overlay_common::{Counters, OverlayConfig};
 
 pub use crate::model::{DecapHook, XdpModeChoice};
 use crate::{
-    model::{LeaseEntries, Programs, RefusedPorts, Unwritten},
+    model::{Baseline, LeaseEntries, Programs, RefusedPorts, Unwritten},
     sinks::DataplaneSink,
 };
 pub use attach::TcAttach;
@@ -268,8 +268,12 @@ impl Dataplane {
 }
 
 impl DataplaneSink for Dataplane {
-    fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten> {
-        Dataplane::write_lease_entries(self, entries)
+    fn write_lease_entries(
+        &mut self,
+        entries: &LeaseEntries,
+        baseline: Baseline<'_, LeaseEntries>,
+    ) -> Result<Unwritten> {
+        Dataplane::write_lease_entries(self, entries, baseline)
     }
 
     fn place_programs(&mut self, programs: &Programs) -> Result<RefusedPorts> {
@@ -279,8 +283,12 @@ impl DataplaneSink for Dataplane {
         Ok(refused)
     }
 
-    fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize> {
-        Dataplane::remove_stale_lease_entries(self, entries)
+    fn remove_stale_lease_entries(
+        &mut self,
+        entries: &LeaseEntries,
+        baseline: Baseline<'_, LeaseEntries>,
+    ) -> Result<usize> {
+        Dataplane::remove_stale_lease_entries(self, entries, baseline)
     }
 }
 

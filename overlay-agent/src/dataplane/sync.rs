@@ -1,7 +1,8 @@
 //! Mirroring remote leases into the subnet and VTEP maps, and local containers into the
-//! endpoint map. Entries are written only when they differ, so a steady state costs lookups,
-//! not updates. The programs bind container addresses and MACs themselves; the agent frees
-//! the bindings of ports that are gone.
+//! endpoint map. Entries are written only when they differ: from what the maps hold, read
+//! entry by entry, or, in a round about lease events, from what the last round wrote, so that
+//! one event costs the syscalls of its own entries. The programs bind container addresses and
+//! MACs themselves; the agent frees the bindings of ports that are gone.
 use std::{
     collections::{BTreeSet, HashMap},
     hash::Hash,
@@ -21,9 +22,12 @@ use overlay_common::{
 use super::{
     BOUND_ADDRESSES_MAP, BOUND_ADDRESSES6_MAP, BOUND_MACS_MAP, CLAIM_CACHE_MAP,
     CLAIMS_PER_PORT_MAP, Dataplane, ENDPOINTS_MAP, ENDPOINTS6_MAP, PEER_TRAFFIC_MAP, SUBNETS_MAP,
-    SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut, peers,
+    SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP, map_mut,
+    peers::{self, Slot},
 };
-use crate::model::{Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten};
+use crate::model::{
+    Baseline, Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten,
+};
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
 type Subnet6Map<'a> = LpmTrie<&'a mut MapData, [u8; 16], RemoteVtep6>;
@@ -67,22 +71,31 @@ fn is_full(error: &MapError) -> bool {
 }
 
 impl Dataplane {
-    /// Writes the lease entries that are missing or differ, as many as the maps hold; returns
-    /// what was left out. Call it before the routes to these subnets are added, so no packet
-    /// reaches the programs ahead of its entry.
-    pub fn write_lease_entries(&mut self, desired: &LeaseEntries) -> Result<Unwritten> {
+    /// Writes the lease entries that differ from `baseline` (or hold a fresh slot), as many
+    /// as the maps hold; returns what was left out. Call it before the routes to these subnets
+    /// are added, so no packet reaches the programs ahead of its entry.
+    pub fn write_lease_entries(
+        &mut self,
+        desired: &LeaseEntries,
+        baseline: Baseline<'_, LeaseEntries>,
+    ) -> Result<Unwritten> {
         let capacity = self.lease_capacity.entries();
         let mut unwritten = Unwritten::default();
         self.adopt_pinned_peer_slots(desired)?;
         let slots = self.peer_slots_of(desired)?;
+        let written = baseline.written();
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        for (subnet, (remote, lease)) in &desired.subnets {
+        for (subnet, entry) in &desired.subnets {
+            let (remote, lease) = entry;
             let key = subnet_key(subnet);
+            let slot = slots.get(&IpNetwork::V4(*subnet));
             let remote = &RemoteVtep {
-                peer: slots.get(&IpNetwork::V4(*subnet)).copied().unwrap_or(0),
+                peer: slot.map_or(0, |slot| slot.index()),
                 ..*remote
             };
-            if subnets.get(&key, 0).ok().as_ref() != Some(remote)
+            let as_written = written
+                .map(|written| !is_fresh(slot) && written.subnets.get(subnet) == Some(entry));
+            if must_write(as_written, || subnets.get(&key, 0).ok(), remote)
                 && let Err(error) = subnets.insert(&key, remote, 0)
             {
                 // Kernels before 6.14 refuse even to replace an entry of a full trie: the old
@@ -95,7 +108,9 @@ impl Dataplane {
         let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
         let mut refused = Vec::new();
         for (public_ip, vtep_subnet) in &desired.vteps {
-            if vteps.get(public_ip, 0).ok().as_ref() != Some(vtep_subnet)
+            let as_written =
+                written.map(|written| written.vteps.get(public_ip) == Some(vtep_subnet));
+            if must_write(as_written, || vteps.get(public_ip, 0).ok(), vtep_subnet)
                 && let Err(error) = vteps.insert(public_ip, vtep_subnet, 0)
             {
                 refused.push((*public_ip, error));
@@ -109,21 +124,27 @@ impl Dataplane {
             }
         }
         let mut vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
-        for (public_ipv6, (vtep_subnet, leases)) in &desired.vteps6 {
-            if vteps6.get(public_ipv6, 0).ok().as_ref() != Some(vtep_subnet)
+        for (public_ipv6, entry) in &desired.vteps6 {
+            let (vtep_subnet, leases) = entry;
+            let as_written = written.map(|written| written.vteps6.get(public_ipv6) == Some(entry));
+            if must_write(as_written, || vteps6.get(public_ipv6, 0).ok(), vtep_subnet)
                 && let Err(error) = vteps6.insert(public_ipv6, vtep_subnet, 0)
             {
                 note_refusal(&mut unwritten, VTEPS6_MAP, capacity, leases, &error);
             }
         }
         let mut subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
-        for (subnet6, (remote6, lease)) in &desired.subnets6 {
+        for (subnet6, entry) in &desired.subnets6 {
+            let (remote6, lease) = entry;
             let key = subnet6_key(subnet6);
+            let slot = slots.get(&IpNetwork::V6(*subnet6));
             let remote6 = &RemoteVtep6 {
-                peer: slots.get(&IpNetwork::V6(*subnet6)).copied().unwrap_or(0),
+                peer: slot.map_or(0, |slot| slot.index()),
                 ..*remote6
             };
-            if subnets6.get(&key, 0).ok().as_ref() != Some(remote6)
+            let as_written = written
+                .map(|written| !is_fresh(slot) && written.subnets6.get(subnet6) == Some(entry));
+            if must_write(as_written, || subnets6.get(&key, 0).ok(), remote6)
                 && let Err(error) = subnets6.insert(&key, remote6, 0)
             {
                 // As for `subnets`: the old entry must not carry the lease's traffic on.
@@ -134,28 +155,54 @@ impl Dataplane {
         Ok(unwritten)
     }
 
-    /// Deletes the lease entries `desired` does not hold; returns how many. Call it after the
-    /// routes of removed leases are gone.
-    pub fn remove_stale_lease_entries(&mut self, desired: &LeaseEntries) -> Result<usize> {
-        let subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        let stale_subnets = remove_stale_subnets(subnets, SUBNETS_MAP, |key| {
-            Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
-                .is_ok_and(|subnet| desired.subnets.contains_key(&subnet))
-        })?;
-        let vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
-        let stale_vteps = remove_stale(vteps, &desired.vteps, VTEPS_MAP)?;
-        let vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
-        let stale_vteps6 = remove_stale(vteps6, &desired.vteps6, VTEPS6_MAP)?;
-        let subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
-        let stale_subnets6 = remove_stale_subnets(subnets6, SUBNETS6_MAP, |key| {
-            Ipv6Network::new(key.data().into(), key.prefix_len() as u8)
-                .is_ok_and(|subnet6| desired.subnets6.contains_key(&subnet6))
-        })?;
+    /// Deletes the lease entries `desired` does not hold, of those the maps hold (listed) or
+    /// of those the last round left (written); returns how many. Call it after the routes of
+    /// removed leases are gone.
+    pub fn remove_stale_lease_entries(
+        &mut self,
+        desired: &LeaseEntries,
+        baseline: Baseline<'_, LeaseEntries>,
+    ) -> Result<usize> {
+        let written = baseline.written();
+        let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
+        let stale = match written {
+            None => listed_stale_subnets(&subnets, |key| {
+                Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
+                    .is_ok_and(|subnet| desired.subnets.contains_key(&subnet))
+            }),
+            Some(written) => gone(&written.subnets, &desired.subnets)
+                .map(subnet_key)
+                .collect(),
+        };
+        let mut removed = remove_each(&stale, |key| subnets.remove(key), SUBNETS_MAP)?;
+        let mut vteps: VtepMap = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS_MAP)?)?;
+        let stale = match written {
+            None => listed_stale(&vteps, &desired.vteps),
+            Some(written) => gone(&written.vteps, &desired.vteps).copied().collect(),
+        };
+        removed += remove_each(&stale, |key| vteps.remove(key), VTEPS_MAP)?;
+        let mut vteps6: Vtep6Map = BpfHashMap::try_from(map_mut(&mut self.ebpf, VTEPS6_MAP)?)?;
+        let stale = match written {
+            None => listed_stale(&vteps6, &desired.vteps6),
+            Some(written) => gone(&written.vteps6, &desired.vteps6).copied().collect(),
+        };
+        removed += remove_each(&stale, |key| vteps6.remove(key), VTEPS6_MAP)?;
+        let mut subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
+        let stale = match written {
+            None => listed_stale_subnets(&subnets6, |key| {
+                Ipv6Network::new(key.data().into(), key.prefix_len() as u8)
+                    .is_ok_and(|subnet6| desired.subnets6.contains_key(&subnet6))
+            }),
+            Some(written) => gone(&written.subnets6, &desired.subnets6)
+                .map(subnet6_key)
+                .collect(),
+        };
+        removed += remove_each(&stale, |key| subnets6.remove(key), SUBNETS6_MAP)?;
         self.peer_slots.release_unless(|lease| match lease {
             IpNetwork::V4(subnet) => desired.subnets.contains_key(subnet),
             IpNetwork::V6(subnet6) => desired.subnets6.contains_key(subnet6),
         });
-        Ok(stale_subnets + stale_vteps + stale_vteps6 + stale_subnets6)
+        Ok(removed)
     }
 
     /// Lets each desired lease without a slot take the one its pinned entry names, left by
@@ -180,7 +227,7 @@ impl Dataplane {
 
     /// Every desired lease's `peer_traffic` slot, a fresh one zeroed first; a lease left
     /// without one (every slot taken) is not counted.
-    fn peer_slots_of(&mut self, desired: &LeaseEntries) -> Result<HashMap<IpNetwork, u32>> {
+    fn peer_slots_of(&mut self, desired: &LeaseEntries) -> Result<HashMap<IpNetwork, Slot>> {
         let leases = desired
             .subnets
             .keys()
@@ -198,10 +245,10 @@ impl Dataplane {
             let Some(slot) = self.peer_slots.slot_of(lease) else {
                 continue;
             };
-            if let peers::Slot::Fresh(fresh) = slot {
+            if let Slot::Fresh(fresh) = slot {
                 peers::zero(&mut traffic, fresh)?;
             }
-            slots.insert(lease, slot.index());
+            slots.insert(lease, slot);
         }
         Ok(slots)
     }
@@ -234,7 +281,7 @@ fn sync_endpoint_map<const N: usize>(
                 .with_context(|| format!("cannot write the {name} map"))?;
         }
     }
-    remove_stale(map, endpoints, name).map(drop)
+    remove_stale(map, endpoints, name)
 }
 
 /// Lets each of `leases` (with its key in `trie`) that holds no slot adopt the one its entry
@@ -254,40 +301,90 @@ fn adopt_pinned<const N: usize, V: aya::Pod>(
     }
 }
 
-/// Deletes the subnets of `trie` (named `name`) that are not `desired`; returns how many.
-fn remove_stale_subnets<const N: usize, V: aya::Pod>(
-    mut trie: LpmTrie<&mut MapData, [u8; N], V>,
-    name: &str,
-    desired: impl Fn(&Key<[u8; N]>) -> bool,
-) -> Result<usize> {
-    let stale: Vec<Key<[u8; N]>> = trie
-        .keys()
-        .filter_map(|key| key.ok())
-        .filter(|key| !desired(key))
-        .collect();
-    for key in &stale {
-        trie.remove(key)
-            .with_context(|| format!("cannot delete from the {name} map"))?;
+/// Whether an entry must be written. `as_written`: whether the last round wrote it as wanted,
+/// when that is what counts; otherwise, whether the map holds `wanted` (`listed` reads it).
+fn must_write<V: PartialEq>(
+    as_written: Option<bool>,
+    listed: impl FnOnce() -> Option<V>,
+    wanted: &V,
+) -> bool {
+    match as_written {
+        Some(as_written) => !as_written,
+        None => listed().as_ref() != Some(wanted),
     }
-    Ok(stale.len())
 }
 
-/// Deletes every entry of `map` whose key `desired` lacks; returns how many.
+/// Whether the lease's slot was given in this round: its entry must be written to name it.
+fn is_fresh(slot: Option<&Slot>) -> bool {
+    matches!(slot, Some(Slot::Fresh(_)))
+}
+
+/// The keys of `written` that `desired` no longer holds.
+fn gone<'a, K: Eq + Hash, V, W>(
+    written: &'a HashMap<K, V>,
+    desired: &'a HashMap<K, W>,
+) -> impl Iterator<Item = &'a K> {
+    written.keys().filter(|key| !desired.contains_key(key))
+}
+
+/// The subnets of `trie` that are not `desired`, read key by key.
+fn listed_stale_subnets<const N: usize, V: aya::Pod>(
+    trie: &LpmTrie<&mut MapData, [u8; N], V>,
+    desired: impl Fn(&Key<[u8; N]>) -> bool,
+) -> Vec<Key<[u8; N]>> {
+    trie.keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !desired(key))
+        .collect()
+}
+
+/// The keys of `map` that `desired` lacks, read key by key.
+fn listed_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
+    map: &BpfHashMap<&mut MapData, K, V>,
+    desired: &HashMap<K, W>,
+) -> Vec<K> {
+    map.keys()
+        .filter_map(|key| key.ok())
+        .filter(|key| !desired.contains_key(key))
+        .collect()
+}
+
+/// Deletes each of `keys` from the map `name` through `remove`; returns how many were there.
+fn remove_each<K>(
+    keys: &[K],
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+    name: &str,
+) -> Result<usize> {
+    let mut removed = 0;
+    for key in keys {
+        match remove(key) {
+            Ok(()) => removed += 1,
+            Err(error) if is_absent(&error) => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot delete from the {name} map"));
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether a delete found no entry: gone already, by another hand.
+fn is_absent(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(error) => error.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Deletes every entry of `map` whose key `desired` lacks.
 fn remove_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
     mut map: BpfHashMap<&mut MapData, K, V>,
     desired: &HashMap<K, W>,
     name: &str,
-) -> Result<usize> {
-    let stale: Vec<K> = map
-        .keys()
-        .filter_map(|key| key.ok())
-        .filter(|key| !desired.contains_key(key))
-        .collect();
-    for key in &stale {
-        map.remove(key)
-            .with_context(|| format!("cannot delete from the {name} map"))?;
-    }
-    Ok(stale.len())
+) -> Result<()> {
+    let stale = listed_stale(&map, desired);
+    remove_each(&stale, |key| map.remove(key), name).map(drop)
 }
 
 impl Dataplane {

@@ -26,8 +26,8 @@ use rtnetlink::{
 
 use crate::{
     model::{
-        Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries, PortIsolation, Reach,
-        WrittenPeers,
+        Baseline, Containers, Device, Devices, FamilyDevices, NodeChange, PeerEntries,
+        PortIsolation, Reach, WrittenPeers,
     },
     sinks::NodeSink,
 };
@@ -202,8 +202,13 @@ impl NodeSink for NodeNetwork {
         Ok(reach)
     }
 
-    async fn converge_peers(&self, devices: FamilyDevices, entries: &PeerEntries) -> Result<()> {
-        peers::reconcile(&self.handle, devices, entries).await
+    async fn converge_peers(
+        &self,
+        devices: FamilyDevices,
+        entries: &PeerEntries,
+        baseline: Baseline<'_, PeerEntries>,
+    ) -> Result<()> {
+        peers::reconcile(&self.handle, devices, entries, baseline).await
     }
 
     /// See [`endpoints::isolate`].

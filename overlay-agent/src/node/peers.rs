@@ -26,7 +26,7 @@ use rtnetlink::{
 
 use crate::{
     mac::MacAddr,
-    model::{FamilyDevices, FdbEntry, PeerEntries, Route, WrittenPeers},
+    model::{Baseline, FamilyDevices, FdbEntry, PeerEntries, Route, WrittenPeers},
 };
 
 impl FamilyDevices {
@@ -39,25 +39,35 @@ impl FamilyDevices {
 }
 
 /// Brings the neighbour, FDB and route entries the agent owns on one family's `devices` in
-/// line with `desired`.
+/// line with `desired`, from what the kernel holds (listed) or what the last round wrote.
 pub async fn reconcile(
     handle: &Handle,
     devices: FamilyDevices,
     desired: &PeerEntries,
+    baseline: Baseline<'_, PeerEntries>,
 ) -> Result<()> {
     let vtep_index = devices.vtep_index;
-    let neighbours = owned_neighbours(handle, devices).await?;
-    let fdb = owned_fdb(handle, devices).await?;
-    let routes = owned_routes(handle, devices).await?;
+    let Owned {
+        neighbours,
+        fdb,
+        routes,
+    } = match baseline {
+        Baseline::Listed => Owned::listed(handle, devices).await?,
+        Baseline::Written(written) => Owned::as_written(written),
+    };
 
     pipelined(
         "routes removed",
         routes
             .iter()
             .filter(|(route, _)| !desired.routes.contains(route))
-            .map(|(route, message)| {
+            .map(|(route, message)| async move {
                 log::debug!("removing route {} via {}", route.destination, route.gateway);
-                delete_route(handle, message.clone())
+                let message = match message {
+                    Some(listed) => listed.clone(),
+                    None => route_message(route, vtep_index)?,
+                };
+                delete_route(handle, message).await
             }),
     )
     .await?;
@@ -82,13 +92,12 @@ pub async fn reconcile(
     )
     .await?;
     let present_routes: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
-    // flannel's VXLAN routes go via a gateway no interface is on; direct routes need not.
     pipelined(
         "routes added",
         desired
             .routes
             .difference(&present_routes)
-            .map(|route| add_route(handle, route, route.interface == vtep_index)),
+            .map(|route| add_route(handle, route, vtep_index)),
     )
     .await?;
     pipelined(
@@ -97,6 +106,10 @@ pub async fn reconcile(
             .filter(|(entry, _)| !desired.fdb.contains(entry))
             .map(|(entry, message)| {
                 log::debug!("removing FDB entry {} dst {}", entry.mac, entry.destination);
+                let message = message.unwrap_or_else(|| {
+                    let bridge = AddressFamily::Bridge;
+                    neighbour_message(bridge, vtep_index, entry.destination, Some(entry.mac))
+                });
                 delete_neighbour(handle, message)
             }),
     )
@@ -108,10 +121,58 @@ pub async fn reconcile(
             .filter(|(address, _)| !desired.neighbours.contains_key(address))
             .map(|(address, (_, message))| {
                 log::debug!("removing neighbour {address}");
+                let message = message.unwrap_or_else(|| {
+                    neighbour_message(devices.family(), vtep_index, address, None)
+                });
                 delete_neighbour(handle, message)
             }),
     )
     .await
+}
+
+/// The entries of the kinds the agent owns on one family's devices, each with the message
+/// that deletes it as the kernel listed it: none for an entry as the last round wrote it,
+/// whose message is built from the entry if it must go.
+struct Owned {
+    neighbours: HashMap<IpAddr, (MacAddr, Option<NeighbourMessage>)>,
+    fdb: Vec<(FdbEntry, Option<NeighbourMessage>)>,
+    routes: Vec<(Route, Option<RouteMessage>)>,
+}
+
+impl Owned {
+    /// What the kernel holds, dumped.
+    async fn listed(handle: &Handle, devices: FamilyDevices) -> Result<Self> {
+        Ok(Self {
+            neighbours: owned_neighbours(handle, devices)
+                .await?
+                .into_iter()
+                .map(|(address, (mac, message))| (address, (mac, Some(message))))
+                .collect(),
+            fdb: with_listed_messages(owned_fdb(handle, devices).await?),
+            routes: with_listed_messages(owned_routes(handle, devices).await?),
+        })
+    }
+
+    /// `written`, as the last round left it.
+    fn as_written(written: &PeerEntries) -> Self {
+        Self {
+            neighbours: written
+                .neighbours
+                .iter()
+                .map(|(&address, &mac)| (address, (mac, None)))
+                .collect(),
+            fdb: written.fdb.iter().map(|&entry| (entry, None)).collect(),
+            routes: written.routes.iter().map(|&route| (route, None)).collect(),
+        }
+    }
+}
+
+/// `entries` with the messages the kernel listed them in.
+fn with_listed_messages<T, M>(entries: Vec<(T, M)>) -> Vec<(T, Option<M>)> {
+    entries
+        .into_iter()
+        .map(|(entry, message)| (entry, Some(message)))
+        .collect()
 }
 
 /// How many netlink requests are in flight at once. The kernel answers each in turn; one round
@@ -453,21 +514,11 @@ async fn add_fdb(handle: &Handle, vtep_index: u32, entry: FdbEntry) -> Result<()
         })
 }
 
-async fn add_route(handle: &Handle, route: &Route, onlink: bool) -> Result<()> {
+async fn add_route(handle: &Handle, route: &Route, vtep_index: u32) -> Result<()> {
     log::debug!("adding route {} via {}", route.destination, route.gateway);
-    let mut message = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(route.destination.network(), route.destination.prefix())
-        .and_then(|builder| builder.gateway(route.gateway))
-        .with_context(|| format!("route {} via {}", route.destination, route.gateway))?
-        .output_interface(route.interface)
-        .protocol(RouteProtocol::Boot)
-        .build();
-    if onlink {
-        message.header.flags |= RouteFlags::Onlink;
-    }
     handle
         .route()
-        .add(message)
+        .add(route_message(route, vtep_index)?)
         .replace()
         .execute()
         .await
@@ -479,22 +530,70 @@ async fn add_route(handle: &Handle, route: &Route, onlink: bool) -> Result<()> {
         })
 }
 
+/// The message of `route` as the agent adds it. flannel's VXLAN routes (through the VXLAN
+/// device `vtep_index`) go via a gateway no interface is on; direct routes need not.
+fn route_message(route: &Route, vtep_index: u32) -> Result<RouteMessage> {
+    let mut message = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(route.destination.network(), route.destination.prefix())
+        .and_then(|builder| builder.gateway(route.gateway))
+        .with_context(|| format!("route {} via {}", route.destination, route.gateway))?
+        .output_interface(route.interface)
+        .protocol(RouteProtocol::Boot)
+        .build();
+    if route.interface == vtep_index {
+        message.header.flags |= RouteFlags::Onlink;
+    }
+    Ok(message)
+}
+
+/// A permanent neighbour (`mac` none) or FDB entry (family bridge, `mac` its key) of the
+/// device `ifindex` for `destination`, as the agent writes it.
+fn neighbour_message(
+    family: AddressFamily,
+    ifindex: u32,
+    destination: IpAddr,
+    mac: Option<MacAddr>,
+) -> NeighbourMessage {
+    let mut message = NeighbourMessage::default();
+    message.header.family = family;
+    message.header.ifindex = ifindex;
+    message.header.state = NeighbourState::Permanent;
+    let destination = match destination {
+        IpAddr::V4(address) => NeighbourAddress::Inet(address),
+        IpAddr::V6(address) => NeighbourAddress::Inet6(address),
+    };
+    message
+        .attributes
+        .push(NeighbourAttribute::Destination(destination));
+    if let Some(mac) = mac {
+        message.header.flags = NeighbourFlags::Own;
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    }
+    message
+}
+
 async fn delete_route(handle: &Handle, message: RouteMessage) -> Result<()> {
-    handle
-        .route()
-        .del(message)
-        .execute()
-        .await
-        .context("cannot delete route")
+    let outcome = handle.route().del(message).execute().await;
+    already_gone_is_done(outcome).context("cannot delete route")
 }
 
 async fn delete_neighbour(handle: &Handle, message: NeighbourMessage) -> Result<()> {
-    handle
-        .neighbours()
-        .del(message)
-        .execute()
-        .await
-        .context("cannot delete neighbour entry")
+    let outcome = handle.neighbours().del(message).execute().await;
+    already_gone_is_done(outcome).context("cannot delete neighbour entry")
+}
+
+/// A delete that finds nothing (another hand was first) has done its work.
+fn already_gone_is_done(outcome: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match outcome {
+        Err(rtnetlink::Error::NetlinkError(message))
+            if [libc::ENOENT, libc::ESRCH].contains(&-message.raw_code()) =>
+        {
+            Ok(())
+        }
+        outcome => outcome,
+    }
 }
 
 #[cfg(test)]

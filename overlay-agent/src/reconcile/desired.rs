@@ -30,8 +30,11 @@ pub enum Scope {
     /// A container port or address changed: programs and endpoints, from what the
     /// notifications already told.
     Containers,
-    /// A lease, a device or an owned entry changed: the devices, the lease entries and the
-    /// kernel's entries too.
+    /// Leases came, changed or went: the lease entries and the kernel's entries too, written
+    /// where they differ from what the last round left, on the devices as it found them.
+    Leases,
+    /// A device or an owned entry changed: the devices, and every lease entry and kernel
+    /// entry listed and compared.
     Node,
     /// Start, the safety net, lost notifications: the containers re-listed as well.
     Everything,
@@ -41,6 +44,7 @@ impl Scope {
     pub fn name(self) -> &'static str {
         match self {
             Scope::Containers => "containers",
+            Scope::Leases => "leases",
             Scope::Node => "node",
             Scope::Everything => "everything",
         }

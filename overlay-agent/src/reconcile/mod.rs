@@ -4,6 +4,11 @@
 //! ([`desired::compute`], pure), and applies it through the two sinks in the order
 //! [`plan`] keeps. It knows the sinks only by their traits ([`NodeSink`], [`DataplaneSink`]).
 //!
+//! A round about lease events alone writes only what they change, from what the last round
+//! about the leases left: at thousands of leases, listing every route, neighbour, FDB entry
+//! and map entry again would cost each event tens of milliseconds. It lists everything as a
+//! round about the node does when that last round left something out or failed.
+//!
 //! Container programs never wait on the node: when a round about the node fails, a round about
 //! the containers alone follows at once, so a port that appeared meanwhile gets its checks (or
 //! is taken down) whatever keeps the node's own steps failing.
@@ -13,7 +18,8 @@ mod fixtures;
 pub mod plan;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
     time::Duration,
 };
 
@@ -27,14 +33,15 @@ use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
     model::{
-        Containers, Devices, LeaseSubnets, NodeChange, Reach, RefusedPorts, Unwritten, WrittenPeers,
+        Containers, Devices, LeaseEntries, LeaseSubnets, NodeChange, Reach, RefusedPorts,
+        Unwritten, WrittenPeers,
     },
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
 };
 pub use desired::{NodeIntent, ProgramSettings, Scope};
 use desired::{Observed, public_addresses};
-use plan::Progress;
+use plan::{LastWritten, Progress};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
 const SAFETY_NET_INTERVAL: Duration = Duration::from_secs(30);
@@ -54,6 +61,8 @@ pub struct Reconciler<N, D> {
     progress: Progress,
     /// What the lease maps left out at the last round, as last reported.
     unwritten: Unwritten,
+    /// How the node reaches the leases' public addresses, with DirectRouting.
+    reach: KnownReach,
     /// The leases left out for a public address no route leads to, with why, as last
     /// reported.
     unreachable: BTreeMap<LeaseSubnets, String>,
@@ -62,6 +71,10 @@ pub struct Reconciler<N, D> {
     /// The kernel entries the last round about the leases wrote: notifications that only
     /// echo them call for no round.
     written: WrittenPeers,
+    /// The map entries the last round about the leases wrote, kept when that round wrote
+    /// every lease's entries: a round about lease events then takes them, and `written`, as
+    /// what the node holds.
+    mapped: Option<LeaseEntries>,
     metrics: ReconcileMetrics,
 }
 
@@ -84,9 +97,11 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             devices: None,
             progress: Progress::default(),
             unwritten: Unwritten::default(),
+            reach: KnownReach::default(),
             unreachable: BTreeMap::new(),
             refused: RefusedPorts::new(),
             written: WrittenPeers::default(),
+            mapped: None,
             metrics,
         };
         reconciler.apply_initial(leases);
@@ -132,7 +147,12 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
     /// into the metrics.
     async fn reconcile(&mut self, scope: Scope) -> Result<()> {
         let started = Instant::now();
+        let scope = self.widened(scope);
         let outcome = self.converge(scope).await;
+        if outcome.is_err() && scope > Scope::Containers {
+            // Whatever the failed round wrote is unknown: the next one lists.
+            self.mapped = None;
+        }
         if outcome.is_err() && scope > Scope::Containers && self.devices.is_some() {
             // The failed round's progress waits for its retry.
             let failed_round = std::mem::take(&mut self.progress);
@@ -153,10 +173,20 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         outcome
     }
 
+    /// `scope`, or, for a round about lease events that cannot start from what the last round
+    /// wrote, a round about the node.
+    fn widened(&self, scope: Scope) -> Scope {
+        if scope == Scope::Leases && (self.mapped.is_none() || self.devices.is_none()) {
+            Scope::Node
+        } else {
+            scope
+        }
+    }
+
     /// Observes what `scope` looks at, computes the desired state and applies it.
     async fn converge(&mut self, scope: Scope) -> Result<()> {
         let devices = match (&self.devices, scope) {
-            (Some(devices), Scope::Containers) => devices.clone(),
+            (Some(devices), Scope::Containers | Scope::Leases) => devices.clone(),
             _ => self.node.ensure_devices().await?,
         };
         self.devices = Some(devices.clone());
@@ -166,13 +196,13 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                 .list_containers(devices.bridge.index, &self.containers)
                 .await?;
         }
-        let reach = self.peers_reach(scope).await?;
+        self.update_reach(scope).await?;
         let observed = Observed {
             scope,
             leases: &self.leases,
             devices: &devices,
             containers: &self.containers,
-            reach: &reach,
+            reach: &self.reach.reach,
         };
         let desired = desired::compute(&observed, &self.intent);
         if let Some(leases) = &desired.leases {
@@ -183,34 +213,52 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                 &self.metrics,
             );
         }
+        let last = match (scope, &self.mapped) {
+            (Scope::Leases, Some(entries)) => Some(LastWritten {
+                entries,
+                peers: &self.written,
+            }),
+            _ => None,
+        };
         let applied = plan::apply(
             &desired,
             &self.node,
             self.dataplane.as_mut(),
             &mut self.progress,
+            last,
         )
         .await?;
-        if desired.leases.is_some() {
+        if let Some(leases) = desired.leases {
             self.report_unwritten(applied.unwritten);
             self.written = applied.written;
+            self.mapped = self.unwritten.is_empty().then_some(leases.entries);
         }
         self.refused = applied.refused;
         Ok(())
     }
 
-    /// With DirectRouting, which of the leases' PublicIPs (and PublicIPv6s, with IPv6) are on
-    /// our segment and which have no route at all; nothing in a round about containers alone.
-    async fn peers_reach(&self, scope: Scope) -> Result<Reach> {
+    /// With DirectRouting, brings `self.reach` up to date for the leases' PublicIPs (and
+    /// PublicIPv6s, with IPv6): which are on our segment and which have no route at all. A
+    /// round about lease events asks the node about new addresses alone; a round about the
+    /// node asks about every one, since the uplink's routes that decide it may have changed.
+    /// Nothing in a round about containers alone.
+    async fn update_reach(&mut self, scope: Scope) -> Result<()> {
         if scope == Scope::Containers || !self.intent.rules.direct_routing {
-            return Ok(Reach::default());
+            return Ok(());
         }
         let with_ipv6 = self.intent.rules.ipv6_network.is_some();
-        let addresses = self
+        let addresses: HashSet<IpAddr> = self
             .leases
             .values()
             .flat_map(|lease| public_addresses(lease, with_ipv6))
             .collect();
-        self.node.reach(addresses).await
+        if scope != Scope::Leases {
+            self.reach = KnownReach::default();
+        }
+        let new = addresses.difference(&self.reach.asked).copied().collect();
+        let answers = self.node.reach(new).await?;
+        self.reach.take(answers, addresses);
+        Ok(())
     }
 
     /// Warns about leases the maps left out, and counts each full map, when that differs from
@@ -258,7 +306,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
                 event = leases.recv() => {
                     let Some(event) = event else { return };
                     self.apply(event);
-                    Some(Scope::Node)
+                    Some(Scope::Leases)
                 }
                 notification = notifications.recv() => self.classify(&notification),
                 _ = safety_net.tick() => Some(Scope::Everything),
@@ -267,7 +315,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             // Whatever else is queued goes into the same round: a burst costs one reconcile.
             while let Ok(event) = leases.try_recv() {
                 self.apply(event);
-                scope = scope.max(Some(Scope::Node));
+                scope = scope.max(Some(Scope::Leases));
             }
             while let Some(notification) = notifications.try_recv() {
                 scope = scope.max(self.classify(&notification));
@@ -324,6 +372,29 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
     }
 }
 
+/// How the node reached the public addresses it was asked about, and which those were.
+#[derive(Debug, Default)]
+struct KnownReach {
+    reach: Reach,
+    asked: HashSet<IpAddr>,
+}
+
+impl KnownReach {
+    /// Takes in the `answers` about new addresses, and keeps what it knows of `addresses`
+    /// alone: those of the leases there are now.
+    fn take(&mut self, answers: Reach, addresses: HashSet<IpAddr>) {
+        self.reach.on_link.extend(answers.on_link);
+        self.reach.unreachable.extend(answers.unreachable);
+        self.reach
+            .on_link
+            .retain(|address| addresses.contains(address));
+        self.reach
+            .unreachable
+            .retain(|address, _| addresses.contains(address));
+        self.asked = addresses;
+    }
+}
+
 /// Warns about each lease newly left out for its public address, once, says when one of
 /// `leases` has a route again, and counts them among the skipped records.
 fn report_unreachable(
@@ -367,4 +438,37 @@ fn describe(event: &LeaseEvent) -> String {
         .map(|(_, address, mac)| format!(" via {address} (VTEP {mac})"))
         .unwrap_or_default();
     format!("lease {what}: {}{vtep}{vtep6}", lease.subnets())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(text: &str) -> IpAddr {
+        text.parse().expect("a test address")
+    }
+
+    #[test]
+    fn known_reach_keeps_the_answers_about_the_leases_there_are() {
+        let (on_link, gone, new) = (
+            address("172.20.62.105"),
+            address("0.1.2.3"),
+            address("172.20.62.106"),
+        );
+        let mut known = KnownReach::default();
+        let first = Reach {
+            on_link: HashSet::from([on_link]),
+            unreachable: HashMap::from([(gone, "Network is unreachable".to_string())]),
+        };
+        known.take(first, HashSet::from([on_link, gone]));
+        // The lease of `gone` went and that of `new` came: only `new` was asked about.
+        let second = Reach {
+            on_link: HashSet::from([new]),
+            unreachable: HashMap::new(),
+        };
+        known.take(second, HashSet::from([on_link, new]));
+        assert_eq!(known.reach.on_link, HashSet::from([on_link, new]));
+        assert_eq!(known.reach.unreachable, HashMap::new());
+        assert_eq!(known.asked, HashSet::from([on_link, new]));
+    }
 }

@@ -7,6 +7,10 @@
 //! once no route leads to them). Room the stale entries made goes to the leases left out at
 //! once, in a second pass of the same order.
 //!
+//! A round about lease events is given what the last round about the leases left
+//! ([`LastWritten`]): its first pass writes and removes only the entries that differ from
+//! that, without listing the maps or the kernel's entries. A second pass lists them.
+//!
 //! A round that fails keeps its [`Progress`]: its retry, if the desired state is still the
 //! same, starts at the step that failed.
 use std::collections::BTreeSet;
@@ -15,7 +19,10 @@ use anyhow::Result;
 
 use super::desired::Desired;
 use crate::{
-    model::{LeaseSubnets, PortIsolation, RefusedPorts, Unwritten, WrittenPeers},
+    model::{
+        Baseline, FamilyDevices, LeaseEntries, LeaseSubnets, PeerEntries, PortIsolation,
+        RefusedPorts, Unwritten, WrittenPeers,
+    },
     sinks::{DataplaneSink, NodeSink},
 };
 
@@ -50,6 +57,34 @@ pub struct Progress {
     freed: usize,
 }
 
+/// What the last round about the leases left in the maps and the kernel, all of it written.
+#[derive(Clone, Copy, Debug)]
+pub struct LastWritten<'a> {
+    pub entries: &'a LeaseEntries,
+    pub peers: &'a WrittenPeers,
+}
+
+/// What the steps of `pass` compare with: in the first pass, what the last round left, if
+/// given; otherwise, and in the second pass, the listing.
+fn lease_baseline<'a>(pass: Pass, last: Option<LastWritten<'a>>) -> Baseline<'a, LeaseEntries> {
+    match (pass, last) {
+        (Pass::First, Some(last)) => Baseline::Written(last.entries),
+        _ => Baseline::Listed,
+    }
+}
+
+/// As [`lease_baseline`], for the kernel's entries on one family's `devices`.
+fn peer_baseline<'a>(
+    pass: Pass,
+    last: Option<LastWritten<'a>>,
+    devices: FamilyDevices,
+) -> Baseline<'a, PeerEntries> {
+    match (pass, last.and_then(|last| last.peers.of(devices))) {
+        (Pass::First, Some(written)) => Baseline::Written(written),
+        _ => Baseline::Listed,
+    }
+}
+
 /// What a round that succeeded leaves for the reconciler to report.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -75,17 +110,19 @@ impl Progress {
     }
 }
 
-/// Makes the host match `desired` through `node` and, in ebpf mode, `dataplane`; returns
-/// what the lease maps left out and which ports refused their program. Steps `progress` holds
-/// as finished for this same state are not done again; on success `progress` is cleared.
+/// Makes the host match `desired` through `node` and, in ebpf mode, `dataplane`, writing what
+/// differs from `last` if given; returns what the lease maps left out and which ports refused
+/// their program. Steps `progress` holds as finished for this same state are not done again;
+/// on success `progress` is cleared.
 pub async fn apply<N: NodeSink, D: DataplaneSink>(
     desired: &Desired,
     node: &N,
     dataplane: Option<&mut D>,
     progress: &mut Progress,
+    last: Option<LastWritten<'_>>,
 ) -> Result<Applied> {
     progress.begin(desired);
-    if let Err(error) = run_passes(desired, node, dataplane, progress).await {
+    if let Err(error) = run_passes(desired, node, dataplane, progress, last).await {
         // Kept for the retry only: a round that succeeds copies nothing.
         progress.failed = Some(desired.clone());
         return Err(error);
@@ -105,13 +142,19 @@ async fn run_passes<N: NodeSink, D: DataplaneSink>(
     node: &N,
     mut dataplane: Option<&mut D>,
     progress: &mut Progress,
+    last: Option<LastWritten<'_>>,
 ) -> Result<()> {
-    for step in first_pass(desired) {
-        run(step, desired, node, dataplane.as_deref_mut(), progress).await?;
-    }
-    if progress.freed > 0 && !progress.unwritten.is_empty() {
-        for step in second_pass(desired) {
-            run(step, desired, node, dataplane.as_deref_mut(), progress).await?;
+    for pass in [Pass::First, Pass::AfterStaleRemoval] {
+        let steps = match pass {
+            Pass::First => first_pass(desired),
+            Pass::AfterStaleRemoval if progress.freed > 0 && !progress.unwritten.is_empty() => {
+                second_pass(desired)
+            }
+            Pass::AfterStaleRemoval => break,
+        };
+        for step in steps {
+            let dataplane = dataplane.as_deref_mut();
+            run(step, desired, node, dataplane, progress, last).await?;
         }
     }
     Ok(())
@@ -152,13 +195,15 @@ async fn run<N: NodeSink, D: DataplaneSink>(
     node: &N,
     dataplane: Option<&mut D>,
     progress: &mut Progress,
+    last: Option<LastWritten<'_>>,
 ) -> Result<()> {
     if progress.is_finished(step) {
         return Ok(());
     }
     match (step, &desired.leases, dataplane) {
-        (Step::WriteLeaseEntries(_), Some(leases), Some(dataplane)) => {
-            progress.unwritten = dataplane.write_lease_entries(&leases.entries)?;
+        (Step::WriteLeaseEntries(pass), Some(leases), Some(dataplane)) => {
+            let baseline = lease_baseline(pass, last);
+            progress.unwritten = dataplane.write_lease_entries(&leases.entries, baseline)?;
         }
         (Step::PlacePrograms, _, Some(dataplane)) => {
             if let Some(programs) = &desired.programs {
@@ -173,15 +218,18 @@ async fn run<N: NodeSink, D: DataplaneSink>(
                 node.isolate_ports(&change).await?;
             }
         }
-        (Step::ConvergePeers(_, family), Some(leases), _) => {
+        (Step::ConvergePeers(pass, family), Some(leases), _) => {
             let unmapped: &BTreeSet<LeaseSubnets> = &progress.unwritten.leases;
             let peers = &leases.peers[family];
             let entries = peers.entries(unmapped);
-            node.converge_peers(peers.devices, &entries).await?;
+            let baseline = peer_baseline(pass, last, peers.devices);
+            node.converge_peers(peers.devices, &entries, baseline)
+                .await?;
             progress.written.record(peers.devices, entries);
         }
         (Step::RemoveStaleEntries, Some(leases), Some(dataplane)) => {
-            progress.freed = dataplane.remove_stale_lease_entries(&leases.entries)?;
+            let baseline = lease_baseline(Pass::First, last);
+            progress.freed = dataplane.remove_stale_lease_entries(&leases.entries, baseline)?;
         }
         // Kernel mode: no maps, no programs.
         _ => {}
@@ -232,6 +280,8 @@ mod tests {
         refusing: BTreeSet<u32>,
         /// Container ports the node has taken down.
         down: BTreeSet<u32>,
+        /// What each lease step compared with, in order: "listed" or "written".
+        baselines: Vec<&'static str>,
     }
 
     impl World {
@@ -241,6 +291,13 @@ mod tests {
                 bail!("{name} failed");
             }
             Ok(())
+        }
+    }
+
+    fn kind<T>(baseline: Baseline<'_, T>) -> &'static str {
+        match baseline {
+            Baseline::Listed => "listed",
+            Baseline::Written(_) => "written",
         }
     }
 
@@ -264,9 +321,15 @@ mod tests {
             Ok(Reach::default())
         }
 
-        async fn converge_peers(&self, _: FamilyDevices, entries: &PeerEntries) -> Result<()> {
+        async fn converge_peers(
+            &self,
+            _: FamilyDevices,
+            entries: &PeerEntries,
+            baseline: Baseline<'_, PeerEntries>,
+        ) -> Result<()> {
             let mut world = self.0.borrow_mut();
             world.call("converge_peers")?;
+            world.baselines.push(kind(baseline));
             let routes: BTreeSet<IpNetwork> = entries
                 .routes
                 .iter()
@@ -304,9 +367,14 @@ mod tests {
     }
 
     impl DataplaneSink for FakeDataplane {
-        fn write_lease_entries(&mut self, entries: &LeaseEntries) -> Result<Unwritten> {
+        fn write_lease_entries(
+            &mut self,
+            entries: &LeaseEntries,
+            baseline: Baseline<'_, LeaseEntries>,
+        ) -> Result<Unwritten> {
             let mut world = self.0.borrow_mut();
             world.call("write_lease_entries")?;
+            world.baselines.push(kind(baseline));
             let mut unwritten = Unwritten::default();
             let mut desired: Vec<_> = entries.subnets.iter().collect();
             desired.sort_by_key(|(subnet, _)| **subnet);
@@ -338,9 +406,14 @@ mod tests {
                 .collect())
         }
 
-        fn remove_stale_lease_entries(&mut self, entries: &LeaseEntries) -> Result<usize> {
+        fn remove_stale_lease_entries(
+            &mut self,
+            entries: &LeaseEntries,
+            baseline: Baseline<'_, LeaseEntries>,
+        ) -> Result<usize> {
             let mut world = self.0.borrow_mut();
             world.call("remove_stale_lease_entries")?;
+            world.baselines.push(kind(baseline));
             let stale: Vec<Ipv4Network> = world
                 .map
                 .iter()
@@ -428,7 +501,7 @@ mod tests {
     ) -> Result<Unwritten> {
         let node = FakeNode(world.clone());
         let mut dataplane = FakeDataplane(world.clone());
-        apply(desired, &node, Some(&mut dataplane), progress)
+        apply(desired, &node, Some(&mut dataplane), progress, None)
             .await
             .map(|applied| applied.unwritten)
     }
@@ -511,6 +584,56 @@ mod tests {
                 capacity: 1,
                 leases_left_out: 1
             }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_round_from_the_last_written_state_lists_only_in_its_second_pass() {
+        let world = world(1);
+        let first = [lease("10.2.54.0/24", 105)];
+        let first_desired = desired(&first);
+        let mut progress = Progress::default();
+        let node = FakeNode(world.clone());
+        let mut dataplane = FakeDataplane(world.clone());
+        let applied = apply(
+            &first_desired,
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+            None,
+        )
+        .await
+        .expect("first round");
+        assert_eq!(world.borrow().baselines, ["listed"; 3]);
+        let entries = &first_desired.leases.as_ref().expect("leases").entries;
+        let last = LastWritten {
+            entries,
+            peers: &applied.written,
+        };
+
+        // The same change as above: the stale entry makes room, and the second pass lists.
+        world.borrow_mut().baselines.clear();
+        let next = [lease("10.2.55.0/24", 106), lease("10.2.56.0/24", 107)];
+        let applied = apply(
+            &desired(&next),
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+            Some(last),
+        )
+        .await
+        .expect("second round");
+        let world = world.borrow();
+        assert_eq!(
+            world.baselines,
+            ["written", "written", "written", "listed", "listed"],
+            "first pass: write, converge, remove stale; second pass: write, converge"
+        );
+        assert_eq!(world.violations, Vec::<String>::new());
+        assert_eq!(world.routes, subnets(&["10.2.55.0/24"]));
+        assert_eq!(
+            applied.unwritten.leases,
+            BTreeSet::from([next[1].subnets()])
         );
     }
 
@@ -628,7 +751,7 @@ mod tests {
         // Ports 7 and 8 live, those of `isolated` down: one round about them.
         let mut round_with_down = async |isolated: &[u32]| {
             let desired = containers_round(&[7, 8], isolated, &intent());
-            apply(&desired, &node, Some(&mut dataplane), &mut progress)
+            apply(&desired, &node, Some(&mut dataplane), &mut progress, None)
                 .await
                 .expect("round")
         };
@@ -668,6 +791,7 @@ mod tests {
             &FakeNode(world.clone()),
             None::<&mut FakeDataplane>,
             &mut Progress::default(),
+            None,
         )
         .await
         .expect("round");

@@ -299,7 +299,7 @@ fn an_agent_nobody_scrapes_walks_no_map_and_a_scrape_reads_them_afresh() -> Resu
 /// into a trace file of its own for `window`.
 fn bpf_map_walk_calls(host: &Host, agent: &Agent, window: usize) -> Result<usize> {
     let trace = host.dir.join(format!("bpf-{window}.trace"));
-    let mut strace = trace_bpf_calls(host, agent, &trace)?;
+    let mut strace = agent.strace(host, "bpf", &trace)?;
     sleep(UNSCRAPED_FOR);
     strace.signal(libc::SIGINT)?;
     strace.wait_exit(VERDICT_TIMEOUT)?;
@@ -320,25 +320,6 @@ fn write_later_lease(cluster: &Cluster, own: &str) -> Result<&'static str> {
     );
     cluster.etcd.put(&cluster.subnet_key(later), &value)?;
     Ok(later)
-}
-
-/// `strace` of every thread of `agent`'s bpf syscalls into `trace`, attached.
-fn trace_bpf_calls(host: &Host, agent: &Agent, trace: &Path) -> Result<Process> {
-    let args = [
-        "-f".to_string(),
-        "-e".to_string(),
-        "trace=bpf".to_string(),
-        "-o".to_string(),
-        trace.display().to_string(),
-        "-p".to_string(),
-        agent.process.id().to_string(),
-    ];
-    let log = host.dir.join("strace.log");
-    let strace = Process::spawn(host.netns.name(), Path::new("strace"), &args, &[], &log)?;
-    wait_for("strace to attach", VERDICT_TIMEOUT, || {
-        Ok(strace.log().contains("attached"))
-    })?;
-    Ok(strace)
 }
 
 /// `/metrics` scraped from `host`'s namespace in a loop, one line in its log per scrape,
@@ -374,7 +355,7 @@ fn scrapes_in_a_loop_walk_no_map_and_hold_up_no_lease() -> Result<()> {
     let first_lease = cluster.etcd.lease_of(&key)?;
 
     let trace = host1.dir.join("bpf.trace");
-    let mut strace = trace_bpf_calls(&host1, &agent, &trace)?;
+    let mut strace = agent.strace(&host1, "bpf", &trace)?;
     let mut scrapes = scrape_in_a_loop(&host1)?;
     wait_for("the lease renewed", VERDICT_TIMEOUT, || {
         Ok(cluster.etcd.lease_of(&key)? != first_lease)

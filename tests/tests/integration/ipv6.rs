@@ -15,7 +15,7 @@ use overlay_tests::{
         BBOX1_V6, BBOX2_V6, DUAL_STACK_NETWORK_CONFIG, HOST1_V6, HOST2_V6, IPV6_NETWORK,
         IPV6_ONLY_NETWORK_CONFIG, SUBNET1_V6, SUBNET2_V6, address_in, bridge_gateway6,
     },
-    metrics::settled_node_rounds,
+    metrics::settled_rounds,
     process::iperf3_server,
     seed::{
         BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed, check_ipv6_path,
@@ -536,7 +536,7 @@ const DAD_TIME: Duration = Duration::from_secs(3);
 #[test]
 fn a_new_dual_stack_container_costs_no_round_about_the_node_and_a_lease_one() -> Result<()> {
     in_each_mode("v6-rounds", |tag, seed| {
-        let before = settled_node_rounds(&seed.host1.netns)?;
+        let before = settled_rounds(&seed.host1.netns)?;
         let bbox3 = Container::attach_dual_stack(
             &seed.host1,
             "bbox3",
@@ -550,9 +550,9 @@ fn a_new_dual_stack_container_costs_no_round_about_the_node_and_a_lease_one() ->
         // The port's duplicate address detection, one probe and a second's wait, ends meanwhile:
         // its address and routes change once more.
         std::thread::sleep(DAD_TIME);
-        let after = settled_node_rounds(&seed.host1.netns)?;
+        let after = settled_rounds(&seed.host1.netns)?;
         eprintln!(
-            "{tag}: a new dual-stack container: {} node rounds",
+            "{tag}: a new dual-stack container: {} rounds about the leases or the node",
             after - before
         );
         assert_eq!(after, before, "{}", seed.agent1.log());
@@ -575,14 +575,14 @@ fn a_new_dual_stack_container_costs_no_round_about_the_node_and_a_lease_one() ->
         wait_for("host1's routes to the new lease", READY_TIMEOUT, || {
             Ok(seed.host1.netns.has_route(subnet)? && seed.host1.netns.has_route(subnet6)?)
         })?;
-        let added = settled_node_rounds(&seed.host1.netns)?;
+        let added = settled_rounds(&seed.host1.netns)?;
         seed.cluster.etcd.etcdctl(&["del", &key])?;
         wait_for("host1's routes to the lease to go", READY_TIMEOUT, || {
             Ok(!seed.host1.netns.has_route(subnet)? && !seed.host1.netns.has_route(subnet6)?)
         })?;
-        let removed = settled_node_rounds(&seed.host1.netns)?;
+        let removed = settled_rounds(&seed.host1.netns)?;
         eprintln!(
-            "{tag}: a dual-stack lease: {} node rounds added, {} removed",
+            "{tag}: a dual-stack lease: {} rounds about the leases or the node added, {} removed",
             added - after,
             removed - added
         );

@@ -1,8 +1,9 @@
 //! The control plane at scale, in a /8 network with one agent: how fast a new lease becomes a
 //! route once etcd has acknowledged it (timed by a netlink listener on the host, not by
 //! polling), and how long etcd took to acknowledge it, then at each lease count how long the
-//! agent takes to be ready, how much memory it holds, and how much CPU it burns while nothing
-//! changes, with containers on its bridge.
+//! agent takes to be ready, how much memory it holds, how much CPU it burns while nothing
+//! changes, with containers on its bridge, and how fast a new lease becomes a route with that
+//! many already there.
 use std::{
     collections::HashMap,
     sync::{
@@ -15,7 +16,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use overlay_tests::{agent::Agent, cluster::Cluster, netns, seed::Container};
+use overlay_tests::{
+    agent::Agent,
+    cluster::{Cluster, Host},
+    netns,
+    seed::Container,
+};
 use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
@@ -51,6 +57,49 @@ pub struct Scale {
     pub resident_mib: f64,
     /// Percent of one core, averaged over the idle window.
     pub idle_cpu_percent: f64,
+    /// From etcd's acknowledgement of a new lease to its route, with this many already there.
+    pub route_p50_ms: f64,
+    pub route_p99_ms: f64,
+}
+
+/// The latencies of leases put one at a time.
+struct Timed {
+    /// From etcd's acknowledgement of each lease to its route on the host.
+    to_route: Vec<f64>,
+    /// From each put to etcd's acknowledgement.
+    to_acknowledgement: Vec<f64>,
+}
+
+/// Puts the leases `indexes` one at a time and times each one's route on `host`.
+fn time_new_leases(
+    cluster: &Cluster,
+    etcd: &EtcdWriter,
+    host: &Host,
+    indexes: std::ops::Range<usize>,
+) -> Result<Timed> {
+    let routes = RouteListener::start(host.netns.name())?;
+    let mut timed = Timed {
+        to_route: Vec::new(),
+        to_acknowledgement: Vec::new(),
+    };
+    for index in indexes {
+        let written = Instant::now();
+        etcd.put(
+            &cluster.subnet_key(&remote_subnet(index)),
+            &remote_record(index),
+        )?;
+        let acknowledged = Instant::now();
+        let routed = routes.wait_for(&remote_subnet(index), ROUTE_TIMEOUT)?;
+        // etcd tells watchers and the writer at about the same time: a route can come first.
+        timed
+            .to_route
+            .push(milliseconds(routed.saturating_duration_since(acknowledged)));
+        timed
+            .to_acknowledgement
+            .push(milliseconds(acknowledged - written));
+        sleep(LEASE_SPACING);
+    }
+    Ok(timed)
 }
 
 pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
@@ -62,25 +111,12 @@ pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
 
     let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
     let subnet = agent.wait_ready()?;
-    let routes = RouteListener::start(host.netns.name())?;
-    let mut to_route = Vec::new();
-    let mut to_acknowledgement = Vec::new();
-    for index in 0..plan.leases_added {
-        let written = Instant::now();
-        etcd.put(
-            &cluster.subnet_key(&remote_subnet(index)),
-            &remote_record(index),
-        )?;
-        let acknowledged = Instant::now();
-        let routed = routes.wait_for(&remote_subnet(index), ROUTE_TIMEOUT)?;
-        // etcd tells watchers and the writer at about the same time: a route can come first.
-        to_route.push(milliseconds(routed.saturating_duration_since(acknowledged)));
-        to_acknowledgement.push(milliseconds(acknowledged - written));
-        sleep(LEASE_SPACING);
-    }
-    drop(routes);
-    let (route_p50_ms, route_p99_ms) = (percentile(&to_route, 0.5), percentile(&to_route, 0.99));
-    let put_p99_ms = percentile(&to_acknowledgement, 0.99);
+    let timed = time_new_leases(&cluster, &etcd, &host, 0..plan.leases_added)?;
+    let (route_p50_ms, route_p99_ms) = (
+        percentile(&timed.to_route, 0.5),
+        percentile(&timed.to_route, 0.99),
+    );
+    let put_p99_ms = percentile(&timed.to_acknowledgement, 0.99);
     agent.process.terminate(Duration::from_secs(20))?;
 
     let containers = attach_containers(&host, &subnet, plan.containers)?;
@@ -96,7 +132,6 @@ pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
             })
             .collect();
         etcd.put_all(&records)?;
-        written = written.max(leases);
         let started = Instant::now();
         let mut agent = Agent::start(&cluster, &host, mode.agent_flags())?;
         agent.wait_ready()?;
@@ -108,11 +143,17 @@ pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
         }
         sleep(plan.settle);
         let idle_cpu_percent = cpu_percent(agent.process.id(), plan.idle)?;
+        let resident_mib = resident_mib(agent.process.id())?;
+        let added = leases..leases + plan.leases_added_at_scale;
+        written = added.end;
+        let timed = time_new_leases(&cluster, &etcd, &host, added)?;
         scales.push(Scale {
             leases,
             ready_ms,
-            resident_mib: resident_mib(agent.process.id())?,
+            resident_mib,
             idle_cpu_percent,
+            route_p50_ms: percentile(&timed.to_route, 0.5),
+            route_p99_ms: percentile(&timed.to_route, 0.99),
         });
         agent.process.terminate(Duration::from_secs(20))?;
     }
@@ -137,11 +178,7 @@ fn percentile(values: &[f64], share: f64) -> f64 {
 }
 
 /// `count` containers on the host's bridge, at the start of its lease `subnet`.
-fn attach_containers(
-    host: &overlay_tests::cluster::Host,
-    subnet: &str,
-    count: usize,
-) -> Result<Vec<Container>> {
+fn attach_containers(host: &Host, subnet: &str, count: usize) -> Result<Vec<Container>> {
     let network: ipnetwork::Ipv4Network = subnet.parse().context("the agent's subnet")?;
     (0..count)
         .map(|index| {

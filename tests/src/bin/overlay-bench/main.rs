@@ -103,6 +103,8 @@ pub struct Plan {
     leases_added: usize,
     /// Lease counts the agent is started against, in increasing order.
     lease_counts: Vec<usize>,
+    /// New leases timed from etcd to route at each of those counts.
+    leases_added_at_scale: usize,
     /// Containers on the agent's bridge during the idle window.
     containers: usize,
     /// Time for the agent to settle after start before the idle window.
@@ -119,6 +121,7 @@ impl Plan {
                 seconds: 1,
                 leases_added: 20,
                 lease_counts: vec![100],
+                leases_added_at_scale: 5,
                 containers: 3,
                 settle: Duration::from_secs(1),
                 idle: Duration::from_secs(1),
@@ -130,6 +133,7 @@ impl Plan {
                 seconds: 2,
                 leases_added: 200,
                 lease_counts: vec![1_000, 10_000],
+                leases_added_at_scale: 20,
                 containers: 50,
                 settle: Duration::from_secs(5),
                 idle: Duration::from_secs(60),
@@ -490,6 +494,16 @@ fn measure_control_plane(figures: &mut Figures, plan: &Plan, mode: Mode) -> Resu
             ),
             "% of a core",
             scale.idle_cpu_percent,
+        );
+        record(
+            &format!("Lease to route after etcd's acknowledgement at {leases} leases, p50"),
+            "ms",
+            scale.route_p50_ms,
+        );
+        record(
+            &format!("Lease to route after etcd's acknowledgement at {leases} leases, p99"),
+            "ms",
+            scale.route_p99_ms,
         );
     }
     Ok(())
