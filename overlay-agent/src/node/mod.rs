@@ -32,7 +32,6 @@ use crate::{
     sinks::NodeSink,
 };
 use notifications::Notification;
-use peers::PeerRoute;
 use uplink::Uplink;
 use vtep::VtepSpec;
 
@@ -186,20 +185,9 @@ impl NodeSink for NodeNetwork {
         endpoints::list(&self.handle, bridge_index, previous).await
     }
 
+    /// See [`peers::reach`].
     async fn reach(&self, addresses: Vec<IpAddr>) -> Result<Reach> {
-        let mut reach = Reach::default();
-        for address in addresses {
-            match peers::route_to(&self.handle, address).await? {
-                PeerRoute::OnLink => {
-                    reach.on_link.insert(address);
-                }
-                PeerRoute::ViaGateway => {}
-                PeerRoute::Unreachable(why) => {
-                    reach.unreachable.insert(address, why);
-                }
-            }
-        }
-        Ok(reach)
+        peers::reach(&self.handle, addresses).await
     }
 
     async fn converge_peers(

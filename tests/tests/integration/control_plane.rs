@@ -340,13 +340,11 @@ fn each_lease_added_or_removed_costs_one_reconcile_round() -> Result<()> {
 
         let leases = f64::from(LEASES);
         for (what, rounds) in [("added", added - start), ("removed", removed - added)] {
-            eprintln!(
-                "{dataplane}: {LEASES} leases {what}, {rounds} rounds about the leases or the node"
-            );
+            eprintln!("{dataplane}: {LEASES} leases {what}, {rounds} rounds");
             // At least one round each: a count that stays at nothing measured nothing.
             assert!(
                 (leases..=leases + SLACK).contains(&rounds),
-                "{dataplane}: {LEASES} leases {what} one at a time took {rounds} rounds about the leases or the node:\n{}",
+                "{dataplane}: {LEASES} leases {what} one at a time took {rounds} rounds:\n{}",
                 agent.log()
             );
         }
