@@ -109,9 +109,11 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
     if figures.iter().any(|figure| !figure.interleaved) {
         text.push_str(&format!(
             " Control plane rows: one run per mode, one mode after the other, not interleaved; \
-             lease to route over {} added leases, from etcd's acknowledgement of each to its \
-             route, timed by a netlink listener; idle CPU over {} s with {} containers.",
+             lease to route over {} added leases, and {} more at each lease count, from etcd's \
+             acknowledgement of each to its route, timed by a netlink listener; idle CPU over \
+             {} s with {} containers.",
             plan.leases_added,
+            plan.leases_added_at_scale,
             plan.idle.as_secs(),
             plan.containers,
         ));
