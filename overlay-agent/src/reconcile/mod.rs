@@ -152,14 +152,14 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         if outcome.is_err() && scope > Scope::Containers {
             // Whatever the failed round wrote is unknown: the next one lists.
             self.mapped = None;
-        }
-        if outcome.is_err() && scope > Scope::Containers && self.devices.is_some() {
-            // The failed round's progress waits for its retry.
-            let failed_round = std::mem::take(&mut self.progress);
-            if let Err(error) = self.converge(Scope::Containers).await {
-                log::warn!("cannot place the container programs either: {error:#}");
+            if self.devices.is_some() {
+                // The failed round's progress waits for its retry.
+                let failed_round = std::mem::take(&mut self.progress);
+                if let Err(error) = self.converge(Scope::Containers).await {
+                    log::warn!("cannot place the container programs either: {error:#}");
+                }
+                self.progress = failed_round;
             }
-            self.progress = failed_round;
         }
         self.metrics
             .duration

@@ -394,6 +394,17 @@ fn a_lease_event_lists_nothing_and_writes_only_its_own_entries() -> Result<()> {
 
         let calls = calls_of_one_lease_event(&cluster, &host1, &agent, tag)?;
         eprintln!("{tag}: one lease added and removed among {LISTED_LEASES}: {calls:?}");
+        // The lease's own writes must be in the trace, or its counts say nothing: strace
+        // traced the agent and decoded its netlink requests.
+        assert!(
+            calls.route_writes >= 2,
+            "{tag}: the trace holds {} route writes, not the lease's route added and deleted",
+            calls.route_writes
+        );
+        assert!(
+            dataplane == "kernel" || calls.map_calls > 0,
+            "{tag}: the trace holds no map syscall, not even the lease's own entries"
+        );
         assert_eq!(
             calls.dumps, 0,
             "{tag}: a lease event dumped the node's routes, neighbours or FDB"
@@ -444,6 +455,8 @@ struct Calls {
     map_calls: usize,
     /// Route lookups (`RTM_GETROUTE` without `NLM_F_DUMP`): how DirectRouting finds a peer.
     route_lookups: usize,
+    /// Routes added or deleted (`RTM_NEWROUTE`, `RTM_DELROUTE`).
+    route_writes: usize,
 }
 
 /// The [`Calls`] `agent` on `host` makes while one more lease is added and then removed, in
@@ -500,6 +513,7 @@ fn calls_of_one_lease_event(
             dumps: requests("RTM_GETROUTE", true) + requests("RTM_GETNEIGH", true),
             map_calls,
             route_lookups: requests("RTM_GETROUTE", false),
+            route_writes: requests("RTM_NEWROUTE", false) + requests("RTM_DELROUTE", false),
         });
     }
     bail!("a safety-net round fell in each of {WINDOWS} windows")
