@@ -51,6 +51,18 @@ impl Chain {
     fn jump_line(&self) -> String {
         format!("-A {} {}", self.hook, self.jump())
     }
+
+    /// Whether `line` of `-S` is ours: the chain, a rule in it, or our jump into it. A jump
+    /// of someone else's into it (with matches of its own) and a chain named after it are
+    /// theirs: counting them would make every check find our rules changed.
+    fn owns(&self, line: &str) -> bool {
+        line.strip_prefix("-N ") == Some(self.name)
+            || line
+                .strip_prefix("-A ")
+                .and_then(|rule| rule.strip_prefix(self.name))
+                .is_some_and(|rest| rest.starts_with(' '))
+            || line == self.jump_line()
+    }
 }
 
 fn forward_rules(rules: &FamilyRules) -> Vec<String> {
@@ -103,10 +115,7 @@ pub fn in_place(rules: &FamilyRules) -> Result<bool> {
         let listed = iptables
             .list_table(chain.table)
             .with_context(|| format!("cannot list the {command} {} table", chain.table))?;
-        let ours: Vec<String> = listed
-            .into_iter()
-            .filter(|line| line.contains(chain.name))
-            .collect();
+        let ours: Vec<String> = listed.into_iter().filter(|line| chain.owns(line)).collect();
         let expected: Vec<String> = match wanted {
             Some(chain_rules) => [format!("-N {}", chain.name), chain.jump_line()]
                 .into_iter()
@@ -527,6 +536,27 @@ mod tests {
             2,
             "a jump listed three times is deleted twice"
         );
+    }
+
+    #[test]
+    fn only_our_chain_its_rules_and_our_jump_are_ours() {
+        let jump = MASQUERADE.jump_line();
+        for line in [
+            "-N FLANNEL-POSTRTG",
+            "-A FLANNEL-POSTRTG -s 10.2.0.0/16 -j RETURN",
+            jump.as_str(),
+        ] {
+            assert!(MASQUERADE.owns(line), "{line}");
+        }
+        for line in [
+            "-A POSTROUTING -o eth0 -j FLANNEL-POSTRTG",
+            "-N FLANNEL-POSTRTG-LOCAL",
+            "-A FLANNEL-POSTRTG-LOCAL -j RETURN",
+            "-A POSTROUTING -j FLANNEL-POSTRTG-LOCAL",
+            "-P POSTROUTING ACCEPT",
+        ] {
+            assert!(!MASQUERADE.owns(line), "{line}");
+        }
     }
 
     #[test]

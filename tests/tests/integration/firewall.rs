@@ -285,6 +285,65 @@ fn a_duplicated_jump_into_our_chain_is_collapsed_to_one() -> Result<()> {
     Ok(())
 }
 
+/// What others write next to our chains is theirs: a jump into our masquerade chain with a
+/// match of its own, and a chain whose name begins with ours, jumped to from FORWARD. The
+/// agent leaves both alone, and sees no change in them: it restores nothing at its checks.
+#[test]
+fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
+    let (cluster, host) = lone_host("foreignjump")?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host,
+        &["--dataplane=kernel", "--ip-masq", RESYNC_FLAG],
+    )?;
+    agent.wait_ready()?;
+    wait_for("the jump into FLANNEL-POSTRTG", RESYNC_TIMEOUT, || {
+        Ok(host
+            .iptables(&["-t", "nat", "-S", "POSTROUTING"])?
+            .contains("-j FLANNEL-POSTRTG"))
+    })?;
+    let restorations = || agent.count_in_log("rules were changed or removed; restoring them");
+    let restored = restorations();
+    let foreign_jump = "-A POSTROUTING -o eth0 -j FLANNEL-POSTRTG";
+    let foreign_chain = "-A FLANNEL-FWD-LOCAL -s 192.0.2.0/24 -j ACCEPT";
+    host.iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-o",
+        "eth0",
+        "-j",
+        "FLANNEL-POSTRTG",
+    ])?;
+    host.iptables(&["-N", "FLANNEL-FWD-LOCAL"])?;
+    host.iptables(&[
+        "-A",
+        "FLANNEL-FWD-LOCAL",
+        "-s",
+        "192.0.2.0/24",
+        "-j",
+        "ACCEPT",
+    ])?;
+    host.iptables(&["-A", "FORWARD", "-j", "FLANNEL-FWD-LOCAL"])?;
+
+    std::thread::sleep(TWO_RESYNCS + TWO_RESYNCS);
+    assert_eq!(restorations(), restored, "{}", agent.log());
+    let nat = host.iptables(&["-t", "nat", "-S"])?;
+    assert!(nat.contains(foreign_jump), "{nat}");
+    assert!(
+        nat.contains("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG"),
+        "{nat}"
+    );
+    let filter = host.iptables(&["-S"])?;
+    assert!(filter.contains(foreign_chain), "{filter}");
+    assert!(
+        filter.contains("-A FORWARD -j FLANNEL-FWD-LOCAL"),
+        "{filter}"
+    );
+    Ok(())
+}
+
 #[test]
 fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
     let seed = Seed::start(
