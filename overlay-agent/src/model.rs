@@ -150,12 +150,31 @@ pub struct PeerEntries {
 }
 
 impl PeerEntries {
-    /// Adds `other`'s entries to these.
-    pub fn extend(&mut self, other: &PeerEntries) {
-        self.neighbours.extend(&other.neighbours);
-        self.fdb.extend(&other.fdb);
-        self.routes.extend(&other.routes);
+    /// Room for the entries of `leases` leases, so that gathering them never rehashes.
+    pub fn with_capacity(leases: usize) -> Self {
+        Self {
+            neighbours: HashMap::with_capacity(leases),
+            fdb: HashSet::with_capacity(leases),
+            routes: HashSet::with_capacity(leases),
+        }
     }
+
+    /// Adds one lease's `entries` to these.
+    pub fn insert(&mut self, entries: &LeaseKernelEntries) {
+        self.routes.insert(entries.route);
+        self.neighbours.extend(entries.neighbour);
+        self.fdb.extend(entries.fdb);
+    }
+}
+
+/// One lease's share of [`PeerEntries`]: its route, and for a route into the VXLAN device the
+/// neighbour entry of the gateway and (where the rules want them) the FDB entry of the VTEP.
+/// Held without a set of its own, as there are thousands of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseKernelEntries {
+    pub route: Route,
+    pub neighbour: Option<(IpAddr, MacAddr)>,
+    pub fdb: Option<FdbEntry>,
 }
 
 /// What a sink compares the desired entries with before it writes the difference.

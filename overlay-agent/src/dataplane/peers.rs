@@ -106,7 +106,12 @@ impl PeerSlots {
             .filter(|lease| !keep(lease))
             .copied()
             .collect();
-        for lease in gone {
+        self.release(gone);
+    }
+
+    /// Frees the slots of `leases`, those that hold one.
+    pub fn release(&mut self, leases: impl IntoIterator<Item = IpNetwork>) {
+        for lease in leases {
             if let Some(slot) = self.by_lease.remove(&lease) {
                 self.taken.remove(&slot);
                 self.freed.push(slot);
@@ -161,6 +166,9 @@ mod tests {
         slots.release_unless(|kept| *kept == b);
         assert_eq!(slots.slot_of(c), Some(Slot::Fresh(1)));
         assert_eq!(slots.slot_of(b), Some(Slot::Held(2)));
+        slots.release([b, lease("10.2.99.0/24")]);
+        assert_eq!(slots.slot_of(a), Some(Slot::Fresh(2)));
+        assert_eq!(slots.slot_of(c), Some(Slot::Held(1)));
     }
 
     #[test]

@@ -81,20 +81,42 @@ impl Dataplane {
     ) -> Result<Unwritten> {
         let capacity = self.lease_capacity.entries();
         let mut unwritten = Unwritten::default();
-        self.adopt_pinned_peer_slots(desired)?;
-        let slots = self.peer_slots_of(desired)?;
         let written = baseline.written();
+        // Written: the maps hold what the last round wrote, no entry an earlier run pinned.
+        if written.is_none() {
+            self.adopt_pinned_peer_slots(desired)?;
+        }
+        let holds_slot = |lease: IpNetwork| self.peer_slots.holds(&lease);
+        let subnets_due = due(
+            &desired.subnets,
+            written.map(|written| &written.subnets),
+            |subnet| holds_slot(IpNetwork::V4(*subnet)),
+        );
+        let subnets6_due = due(
+            &desired.subnets6,
+            written.map(|written| &written.subnets6),
+            |subnet6| holds_slot(IpNetwork::V6(*subnet6)),
+        );
+        let slots = self.peer_slots_of(
+            subnets_due
+                .iter()
+                .map(|(subnet, _)| IpNetwork::V4(**subnet))
+                .chain(
+                    subnets6_due
+                        .iter()
+                        .map(|(subnet6, _)| IpNetwork::V6(**subnet6)),
+                ),
+        )?;
+        // What is due from the last round's writes is written; otherwise what the map holds
+        // decides.
+        let as_written = written.map(|_| false);
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
-        for (subnet, entry) in &desired.subnets {
-            let (remote, lease) = entry;
+        for (subnet, (remote, lease)) in subnets_due {
             let key = subnet_key(subnet);
-            let slot = slots.get(&IpNetwork::V4(*subnet));
             let remote = &RemoteVtep {
-                peer: slot.map_or(0, |slot| slot.index()),
+                peer: slot_index(&slots, IpNetwork::V4(*subnet)),
                 ..*remote
             };
-            let as_written = written
-                .map(|written| !is_fresh(slot) && written.subnets.get(subnet) == Some(entry));
             if must_write(as_written, || subnets.get(&key, 0).ok(), remote)
                 && let Err(error) = subnets.insert(&key, remote, 0)
             {
@@ -134,16 +156,12 @@ impl Dataplane {
             }
         }
         let mut subnets6: Subnet6Map = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS6_MAP)?)?;
-        for (subnet6, entry) in &desired.subnets6 {
-            let (remote6, lease) = entry;
+        for (subnet6, (remote6, lease)) in subnets6_due {
             let key = subnet6_key(subnet6);
-            let slot = slots.get(&IpNetwork::V6(*subnet6));
             let remote6 = &RemoteVtep6 {
-                peer: slot.map_or(0, |slot| slot.index()),
+                peer: slot_index(&slots, IpNetwork::V6(*subnet6)),
                 ..*remote6
             };
-            let as_written = written
-                .map(|written| !is_fresh(slot) && written.subnets6.get(subnet6) == Some(entry));
             if must_write(as_written, || subnets6.get(&key, 0).ok(), remote6)
                 && let Err(error) = subnets6.insert(&key, remote6, 0)
             {
@@ -198,10 +216,21 @@ impl Dataplane {
                 .collect(),
         };
         removed += remove_each(&stale, |key| subnets6.remove(key), SUBNETS6_MAP)?;
-        self.peer_slots.release_unless(|lease| match lease {
-            IpNetwork::V4(subnet) => desired.subnets.contains_key(subnet),
-            IpNetwork::V6(subnet6) => desired.subnets6.contains_key(subnet6),
-        });
+        match written {
+            None => self.peer_slots.release_unless(|lease| match lease {
+                IpNetwork::V4(subnet) => desired.subnets.contains_key(subnet),
+                IpNetwork::V6(subnet6) => desired.subnets6.contains_key(subnet6),
+            }),
+            // Only leases the last round wrote (or this one gave a slot to) hold one.
+            Some(written) => self.peer_slots.release(
+                gone(&written.subnets, &desired.subnets)
+                    .map(|subnet| IpNetwork::V4(*subnet))
+                    .chain(
+                        gone(&written.subnets6, &desired.subnets6)
+                            .map(|subnet6| IpNetwork::V6(*subnet6)),
+                    ),
+            ),
+        }
         Ok(removed)
     }
 
@@ -225,19 +254,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every desired lease's `peer_traffic` slot, a fresh one zeroed first; a lease left
+    /// The `peer_traffic` slot of each of `leases`, a fresh one zeroed first; a lease left
     /// without one (every slot taken) is not counted.
-    fn peer_slots_of(&mut self, desired: &LeaseEntries) -> Result<HashMap<IpNetwork, Slot>> {
-        let leases = desired
-            .subnets
-            .keys()
-            .map(|subnet| IpNetwork::V4(*subnet))
-            .chain(
-                desired
-                    .subnets6
-                    .keys()
-                    .map(|subnet6| IpNetwork::V6(*subnet6)),
-            );
+    fn peer_slots_of(
+        &mut self,
+        leases: impl Iterator<Item = IpNetwork>,
+    ) -> Result<HashMap<IpNetwork, Slot>> {
         let mut traffic: PerCpuArray<&mut MapData, PeerTraffic> =
             PerCpuArray::try_from(map_mut(&mut self.ebpf, PEER_TRAFFIC_MAP)?)?;
         let mut slots = HashMap::new();
@@ -314,9 +336,25 @@ fn must_write<V: PartialEq>(
     }
 }
 
-/// Whether the lease's slot was given in this round: its entry must be written to name it.
-fn is_fresh(slot: Option<&Slot>) -> bool {
-    matches!(slot, Some(Slot::Fresh(_)))
+/// The entries of `desired` a round may have to write: with the maps listed, every one; from
+/// the last round's writes, those it did not write as wanted and those of leases without a
+/// slot (`holds_slot`), which get one now that their entries must name.
+fn due<'a, K: Eq + Hash, V: PartialEq>(
+    desired: &'a HashMap<K, V>,
+    written: Option<&HashMap<K, V>>,
+    holds_slot: impl Fn(&K) -> bool,
+) -> Vec<(&'a K, &'a V)> {
+    desired
+        .iter()
+        .filter(|(key, value)| {
+            written.is_none_or(|written| written.get(key) != Some(value) || !holds_slot(key))
+        })
+        .collect()
+}
+
+/// `lease`'s slot index in `slots`, 0 (uncounted) for a lease without one.
+fn slot_index(slots: &HashMap<IpNetwork, Slot>, lease: IpNetwork) -> u32 {
+    slots.get(&lease).map_or(0, |slot| slot.index())
 }
 
 /// The keys of `written` that `desired` no longer holds.

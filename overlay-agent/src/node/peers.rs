@@ -4,7 +4,8 @@
 //! [`reconcile`] compares the desired entries with what netlink reports and fixes the
 //! difference, so entries deleted by hand come back and entries no lease justifies go.
 use std::{
-    collections::{HashMap, HashSet},
+    borrow::Cow,
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -48,12 +49,13 @@ pub async fn reconcile(
 ) -> Result<()> {
     let vtep_index = devices.vtep_index;
     let Owned {
+        present,
         neighbours,
         fdb,
         routes,
     } = match baseline {
         Baseline::Listed => Owned::listed(handle, devices).await?,
-        Baseline::Written(written) => Owned::as_written(written),
+        Baseline::Written(written) => Owned::as_written(written, desired),
     };
 
     pipelined(
@@ -76,27 +78,23 @@ pub async fn reconcile(
         desired
             .neighbours
             .iter()
-            .filter(|(address, mac)| {
-                neighbours.get(*address).map(|(current, _)| current) != Some(*mac)
-            })
+            .filter(|(address, mac)| present.neighbours.get(*address) != Some(*mac))
             .map(|(&address, &mac)| add_neighbour(handle, vtep_index, address, mac)),
     )
     .await?;
-    let present_fdb: HashSet<FdbEntry> = fdb.iter().map(|(entry, _)| *entry).collect();
     pipelined(
         "FDB entries set",
         desired
             .fdb
-            .difference(&present_fdb)
+            .difference(&present.fdb)
             .map(|entry| add_fdb(handle, vtep_index, *entry)),
     )
     .await?;
-    let present_routes: HashSet<Route> = routes.iter().map(|(route, _)| *route).collect();
     pipelined(
         "routes added",
         desired
             .routes
-            .difference(&present_routes)
+            .difference(&present.routes)
             .map(|route| add_route(handle, route, vtep_index)),
     )
     .await?;
@@ -119,7 +117,7 @@ pub async fn reconcile(
         neighbours
             .into_iter()
             .filter(|(address, _)| !desired.neighbours.contains_key(address))
-            .map(|(address, (_, message))| {
+            .map(|(address, message)| {
                 log::debug!("removing neighbour {address}");
                 let message = message.unwrap_or_else(|| {
                     neighbour_message(devices.family(), vtep_index, address, None)
@@ -130,39 +128,65 @@ pub async fn reconcile(
     .await
 }
 
-/// The entries of the kinds the agent owns on one family's devices, each with the message
-/// that deletes it as the kernel listed it: none for an entry as the last round wrote it,
-/// whose message is built from the entry if it must go.
-struct Owned {
-    neighbours: HashMap<IpAddr, (MacAddr, Option<NeighbourMessage>)>,
+/// The entries of the kinds the agent owns on one family's devices: all of them, to compare
+/// the desired ones with, and those that may have to go, each with the message that deletes
+/// it as the kernel listed it. An entry as the last round wrote it has no message: one is
+/// built from the entry if it must go.
+struct Owned<'a> {
+    present: Cow<'a, PeerEntries>,
+    neighbours: Vec<(IpAddr, Option<NeighbourMessage>)>,
     fdb: Vec<(FdbEntry, Option<NeighbourMessage>)>,
     routes: Vec<(Route, Option<RouteMessage>)>,
 }
 
-impl Owned {
+impl Owned<'_> {
     /// What the kernel holds, dumped.
     async fn listed(handle: &Handle, devices: FamilyDevices) -> Result<Self> {
-        Ok(Self {
-            neighbours: owned_neighbours(handle, devices)
-                .await?
-                .into_iter()
-                .map(|(address, (mac, message))| (address, (mac, Some(message))))
+        let neighbours = owned_neighbours(handle, devices).await?;
+        let fdb = owned_fdb(handle, devices).await?;
+        let routes = owned_routes(handle, devices).await?;
+        let present = PeerEntries {
+            neighbours: neighbours
+                .iter()
+                .map(|(&address, (mac, _))| (address, *mac))
                 .collect(),
-            fdb: with_listed_messages(owned_fdb(handle, devices).await?),
-            routes: with_listed_messages(owned_routes(handle, devices).await?),
+            fdb: fdb.iter().map(|(entry, _)| *entry).collect(),
+            routes: routes.iter().map(|(route, _)| *route).collect(),
+        };
+        Ok(Self {
+            present: Cow::Owned(present),
+            neighbours: neighbours
+                .into_iter()
+                .map(|(address, (_, message))| (address, Some(message)))
+                .collect(),
+            fdb: with_listed_messages(fdb),
+            routes: with_listed_messages(routes),
         })
     }
+}
 
-    /// `written`, as the last round left it.
-    fn as_written(written: &PeerEntries) -> Self {
+impl<'a> Owned<'a> {
+    /// `written`, as the last round left it, of which only what `desired` lacks may have to
+    /// go: at thousands of leases, copying the rest would cost more than the event's writes.
+    fn as_written(written: &'a PeerEntries, desired: &PeerEntries) -> Self {
         Self {
+            present: Cow::Borrowed(written),
             neighbours: written
                 .neighbours
-                .iter()
-                .map(|(&address, &mac)| (address, (mac, None)))
+                .keys()
+                .filter(|address| !desired.neighbours.contains_key(address))
+                .map(|&address| (address, None))
                 .collect(),
-            fdb: written.fdb.iter().map(|&entry| (entry, None)).collect(),
-            routes: written.routes.iter().map(|&route| (route, None)).collect(),
+            fdb: written
+                .fdb
+                .difference(&desired.fdb)
+                .map(|&entry| (entry, None))
+                .collect(),
+            routes: written
+                .routes
+                .difference(&desired.routes)
+                .map(|&route| (route, None))
+                .collect(),
         }
     }
 }
@@ -626,6 +650,8 @@ fn already_gone_is_done(outcome: Result<(), rtnetlink::Error>) -> Result<(), rtn
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     const VTEP: u32 = 4;

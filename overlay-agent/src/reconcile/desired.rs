@@ -18,8 +18,8 @@ use crate::{
     mac::MacAddr,
     model::{
         Containers, DecapHook, Device, Devices, Endpoints, Endpoints6, FamilyDevices, FdbEntry,
-        LeaseEntries, LeaseSubnets, PeerEntries, Placement, Programs, Reach, Route, RoutingRules,
-        XdpModeChoice, gateway, ipv6_gateway,
+        LeaseEntries, LeaseKernelEntries, LeaseSubnets, PeerEntries, Placement, Programs, Reach,
+        Route, RoutingRules, XdpModeChoice, gateway, ipv6_gateway,
     },
     subnet::Lease,
 };
@@ -137,7 +137,7 @@ pub struct FamilyPeers {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeasePeer {
     pub lease: LeaseSubnets,
-    pub entries: PeerEntries,
+    pub entries: LeaseKernelEntries,
     pub needs_map_entries: bool,
 }
 
@@ -145,10 +145,10 @@ impl FamilyPeers {
     /// The entries of every lease but those `unmapped` (left out of the maps) that need them:
     /// a route to a lease whose map entries are missing would lead to a drop.
     pub fn entries(&self, unmapped: &BTreeSet<LeaseSubnets>) -> PeerEntries {
-        let mut entries = PeerEntries::default();
+        let mut entries = PeerEntries::with_capacity(self.leases.len());
         for peer in &self.leases {
             if !(peer.needs_map_entries && unmapped.contains(&peer.lease)) {
-                entries.extend(&peer.entries);
+                entries.insert(&peer.entries);
             }
         }
         entries
@@ -313,14 +313,15 @@ pub fn ipv6_peers<'a>(
 }
 
 /// A route to `subnet` via its host's `public` address on our segment, without VXLAN.
-fn direct_route(subnet: IpNetwork, public: IpAddr, uplink: &Device) -> PeerEntries {
-    PeerEntries {
-        routes: HashSet::from([Route {
+fn direct_route(subnet: IpNetwork, public: IpAddr, uplink: &Device) -> LeaseKernelEntries {
+    LeaseKernelEntries {
+        route: Route {
             destination: subnet,
             gateway: public,
             interface: uplink.index,
-        }]),
-        ..PeerEntries::default()
+        },
+        neighbour: None,
+        fdb: None,
     }
 }
 
@@ -333,20 +334,19 @@ fn vxlan_peer(
     public: IpAddr,
     vtep: &Device,
     install_fdb: bool,
-) -> PeerEntries {
+) -> LeaseKernelEntries {
     let gateway = subnet.network();
-    let fdb = install_fdb.then_some(FdbEntry {
-        mac,
-        destination: public,
-    });
-    PeerEntries {
-        neighbours: HashMap::from([(gateway, mac)]),
-        fdb: fdb.into_iter().collect(),
-        routes: HashSet::from([Route {
+    LeaseKernelEntries {
+        route: Route {
             destination: subnet,
             gateway,
             interface: vtep.index,
-        }]),
+        },
+        neighbour: Some((gateway, mac)),
+        fdb: install_fdb.then_some(FdbEntry {
+            mac,
+            destination: public,
+        }),
     }
 }
 
