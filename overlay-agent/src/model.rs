@@ -138,24 +138,32 @@ pub struct FdbEntry {
     pub destination: IpAddr,
 }
 
+/// The hasher of the tables of lease and kernel entries, which a round at thousands of leases
+/// looks up tens of thousands of times: foldhash is several times faster than the standard
+/// library's SipHash on keys this small. Its seed is random and its own for every table, so
+/// the keys, which etcd records choose, cannot be picked to collide in advance.
+pub type EntryHasher = foldhash::fast::RandomState;
+pub type EntryMap<K, V> = HashMap<K, V, EntryHasher>;
+pub type EntrySet<T> = HashSet<T, EntryHasher>;
+
 /// What every remote lease needs in the kernel, in flannel's form: a permanent neighbour
 /// entry for the remote gateway (`<subnet>.0` → VtepMAC), an FDB entry (VtepMAC → PublicIP),
 /// and the route `<subnet> via <subnet>.0 dev flannel.1 onlink`; the same over IPv6 on
 /// flannel-v6.<VNI> (`<v6 subnet>::` → the v6 VtepMAC → PublicIPv6).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerEntries {
-    pub neighbours: HashMap<IpAddr, MacAddr>,
-    pub fdb: HashSet<FdbEntry>,
-    pub routes: HashSet<Route>,
+    pub neighbours: EntryMap<IpAddr, MacAddr>,
+    pub fdb: EntrySet<FdbEntry>,
+    pub routes: EntrySet<Route>,
 }
 
 impl PeerEntries {
     /// Room for the entries of `leases` leases, so that gathering them never rehashes.
     pub fn with_capacity(leases: usize) -> Self {
         Self {
-            neighbours: HashMap::with_capacity(leases),
-            fdb: HashSet::with_capacity(leases),
-            routes: HashSet::with_capacity(leases),
+            neighbours: EntryMap::with_capacity_and_hasher(leases, EntryHasher::default()),
+            fdb: EntrySet::with_capacity_and_hasher(leases, EntryHasher::default()),
+            routes: EntrySet::with_capacity_and_hasher(leases, EntryHasher::default()),
         }
     }
 
@@ -237,15 +245,15 @@ pub struct FamilyDevices {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LeaseEntries {
     /// Remote subnet → where its host is (the encapsulators' lookup).
-    pub subnets: HashMap<Ipv4Network, (RemoteVtep, LeaseSubnets)>,
+    pub subnets: EntryMap<Ipv4Network, (RemoteVtep, LeaseSubnets)>,
     /// Remote PublicIP → the subnet it may send from (the decapsulators' check).
-    pub vteps: HashMap<[u8; 4], VtepSubnet>,
+    pub vteps: EntryMap<[u8; 4], VtepSubnet>,
     /// Remote PublicIPv6 → one of its IPv6 subnets, with every lease of that host: who may
     /// send VXLAN over IPv6 (the uplink's check; inner sources are checked against
     /// `subnets6`).
-    pub vteps6: HashMap<[u8; 16], (VtepSubnet6, Vec<LeaseSubnets>)>,
+    pub vteps6: EntryMap<[u8; 16], (VtepSubnet6, Vec<LeaseSubnets>)>,
     /// Remote IPv6 subnet → where its host is over IPv6 (the IPv6 fast path's lookup).
-    pub subnets6: HashMap<Ipv6Network, (RemoteVtep6, LeaseSubnets)>,
+    pub subnets6: EntryMap<Ipv6Network, (RemoteVtep6, LeaseSubnets)>,
 }
 
 impl LeaseEntries {
@@ -263,8 +271,8 @@ impl LeaseEntries {
 /// segment, and those no route leads to, each with the kernel's reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reach {
-    pub on_link: HashSet<IpAddr>,
-    pub unreachable: HashMap<IpAddr, String>,
+    pub on_link: EntrySet<IpAddr>,
+    pub unreachable: EntryMap<IpAddr, String>,
 }
 
 /// The lease entries a write left out. A lease missing from any lease map is dropped by the

@@ -2,7 +2,6 @@
 //! array `peer_traffic`, written into its `subnets` or `subnets6` entry, where the programs
 //! that look the entry up anyway count what they send to it and receive from it. A slot is
 //! freed when its lease goes and zeroed when it is given to another.
-use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
@@ -10,6 +9,7 @@ use ipnetwork::IpNetwork;
 use overlay_common::PeerTraffic;
 
 use super::LeaseCapacity;
+use crate::model::{EntryMap, EntrySet};
 
 /// The most slots `peer_traffic` is made with: 2 MiB per CPU at 32 bytes a slot. Leases beyond
 /// it are carried but not counted.
@@ -26,8 +26,8 @@ pub fn slots_for(capacity: LeaseCapacity) -> u32 {
 pub struct PeerSlots {
     /// Slots 1..end exist.
     end: u32,
-    by_lease: HashMap<IpNetwork, u32>,
-    taken: HashSet<u32>,
+    by_lease: EntryMap<IpNetwork, u32>,
+    taken: EntrySet<u32>,
     freed: Vec<u32>,
     /// No slot from here on was ever given.
     next: u32,
@@ -52,8 +52,8 @@ impl PeerSlots {
     pub fn new(slots: u32) -> Self {
         Self {
             end: slots,
-            by_lease: HashMap::new(),
-            taken: HashSet::new(),
+            by_lease: EntryMap::default(),
+            taken: EntrySet::default(),
             freed: Vec::new(),
             next: 1,
         }

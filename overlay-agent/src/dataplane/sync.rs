@@ -5,7 +5,7 @@
 //! MACs themselves; the agent frees the bindings of ports that are gone.
 use std::{
     collections::{BTreeSet, HashMap},
-    hash::Hash,
+    hash::{BuildHasher, Hash},
 };
 
 use anyhow::{Context, Result};
@@ -339,9 +339,9 @@ fn must_write<V: PartialEq>(
 /// The entries of `desired` a round may have to write: with the maps listed, every one; from
 /// the last round's writes, those it did not write as wanted and those of leases without a
 /// slot (`holds_slot`), which get one now that their entries must name.
-fn due<'a, K: Eq + Hash, V: PartialEq>(
-    desired: &'a HashMap<K, V>,
-    written: Option<&HashMap<K, V>>,
+fn due<'a, K: Eq + Hash, V: PartialEq, S: BuildHasher>(
+    desired: &'a HashMap<K, V, S>,
+    written: Option<&HashMap<K, V, S>>,
     holds_slot: impl Fn(&K) -> bool,
 ) -> Vec<(&'a K, &'a V)> {
     desired
@@ -358,9 +358,9 @@ fn slot_index(slots: &HashMap<IpNetwork, Slot>, lease: IpNetwork) -> u32 {
 }
 
 /// The keys of `written` that `desired` no longer holds.
-fn gone<'a, K: Eq + Hash, V, W>(
-    written: &'a HashMap<K, V>,
-    desired: &'a HashMap<K, W>,
+fn gone<'a, K: Eq + Hash, V, W, S: BuildHasher>(
+    written: &'a HashMap<K, V, S>,
+    desired: &'a HashMap<K, W, S>,
 ) -> impl Iterator<Item = &'a K> {
     written.keys().filter(|key| !desired.contains_key(key))
 }
@@ -377,9 +377,9 @@ fn listed_stale_subnets<const N: usize, V: aya::Pod>(
 }
 
 /// The keys of `map` that `desired` lacks, read key by key.
-fn listed_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W>(
+fn listed_stale<K: aya::Pod + Eq + Hash, V: aya::Pod, W, S: BuildHasher>(
     map: &BpfHashMap<&mut MapData, K, V>,
-    desired: &HashMap<K, W>,
+    desired: &HashMap<K, W, S>,
 ) -> Vec<K> {
     map.keys()
         .filter_map(|key| key.ok())

@@ -650,9 +650,8 @@ fn already_gone_is_done(outcome: Result<(), rtnetlink::Error>) -> Result<(), rtn
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use super::*;
+    use crate::model::{EntryMap, EntrySet};
 
     const VTEP: u32 = 4;
     const UPLINK: u32 = 2;
@@ -674,12 +673,12 @@ mod tests {
     /// What a round wrote for the seed's lease 10.2.54.0/24 of 172.20.62.105.
     fn written() -> WrittenPeers {
         let entries = PeerEntries {
-            neighbours: HashMap::from([(address("10.2.54.0"), MAC)]),
-            fdb: HashSet::from([FdbEntry {
+            neighbours: EntryMap::from_iter([(address("10.2.54.0"), MAC)]),
+            fdb: EntrySet::from_iter([FdbEntry {
                 mac: MAC,
                 destination: address("172.20.62.105"),
             }]),
-            routes: HashSet::from([route("10.2.54.0/24", "10.2.54.0", VTEP)]),
+            routes: EntrySet::from_iter([route("10.2.54.0/24", "10.2.54.0", VTEP)]),
         };
         WrittenPeers(vec![(devices(), entries)])
     }

@@ -3,7 +3,7 @@
 //! and what this node is set to do ([`NodeIntent`]) into a [`Desired`]. No netlink, no maps,
 //! so every rule here is tested without root; [`super::plan`] applies the value in order.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -17,9 +17,9 @@ use overlay_common::{
 use crate::{
     mac::MacAddr,
     model::{
-        Containers, DecapHook, Device, Devices, Endpoints, Endpoints6, FamilyDevices, FdbEntry,
-        LeaseEntries, LeaseKernelEntries, LeaseSubnets, PeerEntries, Placement, Programs, Reach,
-        Route, RoutingRules, XdpModeChoice, gateway, ipv6_gateway,
+        Containers, DecapHook, Device, Devices, Endpoints, Endpoints6, EntrySet, FamilyDevices,
+        FdbEntry, LeaseEntries, LeaseKernelEntries, LeaseSubnets, PeerEntries, Placement, Programs,
+        Reach, Route, RoutingRules, XdpModeChoice, gateway, ipv6_gateway,
     },
     subnet::Lease,
 };
@@ -245,7 +245,7 @@ pub fn ipv4_peers<'a>(
     vtep: &Device,
     uplink: &Device,
     rules: &RoutingRules,
-    on_link: &HashSet<IpAddr>,
+    on_link: &EntrySet<IpAddr>,
 ) -> FamilyPeers {
     let mut peers = Vec::new();
     for lease in leases {
@@ -284,7 +284,7 @@ pub fn ipv6_peers<'a>(
     vtep6: &Device,
     uplink: &Device,
     network: Ipv6Network,
-    on_link: &HashSet<IpAddr>,
+    on_link: &EntrySet<IpAddr>,
 ) -> FamilyPeers {
     let peers = leases
         .filter_map(|lease| {
@@ -355,7 +355,7 @@ fn vxlan_peer(
 /// PublicIP is `on_link` (DirectRouting only) are marked to be routed to without VXLAN.
 pub fn lease_entries<'a>(
     leases: impl Iterator<Item = &'a Lease>,
-    on_link: &HashSet<IpAddr>,
+    on_link: &EntrySet<IpAddr>,
 ) -> LeaseEntries {
     let mut entries = LeaseEntries::default();
     for lease in leases {
@@ -381,7 +381,7 @@ fn add_ipv4_entries(
     entries: &mut LeaseEntries,
     lease: &Lease,
     mac: MacAddr,
-    on_link: &HashSet<IpAddr>,
+    on_link: &EntrySet<IpAddr>,
 ) {
     let public_ip = lease.attrs.public_ip.octets();
     let remote = RemoteVtep {
@@ -579,6 +579,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::model::EntryMap;
     use crate::reconcile::fixtures::{VTEP_MAC, devices};
     use crate::subnet::LeaseAttrs;
 
@@ -609,7 +610,7 @@ mod tests {
         vtep: &Device,
         uplink: &Device,
         rules: &RoutingRules,
-        on_link: &HashSet<IpAddr>,
+        on_link: &EntrySet<IpAddr>,
         unmapped: &BTreeSet<LeaseSubnets>,
     ) -> PeerEntries {
         ipv4_peers(leases, vtep, uplink, rules, on_link).entries(unmapped)
@@ -619,7 +620,7 @@ mod tests {
         leases: impl Iterator<Item = &'a Lease>,
         vtep6: &Device,
         uplink: &Device,
-        on_link: &HashSet<IpAddr>,
+        on_link: &EntrySet<IpAddr>,
     ) -> PeerEntries {
         let network = "fd00:2::/48".parse().expect("test network");
         ipv6_peers(leases, vtep6, uplink, network, on_link).entries(&BTreeSet::new())
@@ -663,21 +664,24 @@ mod tests {
             &vtep(),
             &devices().uplink,
             &rules(true, false),
-            &HashSet::new(),
+            &EntrySet::default(),
             &BTreeSet::new(),
         );
         let gateway: IpAddr = "10.2.54.0".parse().expect("address");
-        assert_eq!(entries.neighbours, HashMap::from([(gateway, VTEP_MAC)]));
+        assert_eq!(
+            entries.neighbours,
+            EntryMap::from_iter([(gateway, VTEP_MAC)])
+        );
         assert_eq!(
             entries.fdb,
-            HashSet::from([FdbEntry {
+            EntrySet::from_iter([FdbEntry {
                 mac: VTEP_MAC,
                 destination: "172.20.62.105".parse().expect("address"),
             }])
         );
         assert_eq!(
             entries.routes,
-            HashSet::from([Route {
+            EntrySet::from_iter([Route {
                 destination: "10.2.54.0/24".parse().expect("subnet"),
                 gateway,
                 interface: 4,
@@ -701,30 +705,35 @@ mod tests {
             index: 5,
         };
         let leases = [dual, ipv4_only];
-        let entries = ipv6_peer_entries(leases.iter(), &vtep6, &devices().uplink, &HashSet::new());
+        let entries = ipv6_peer_entries(
+            leases.iter(),
+            &vtep6,
+            &devices().uplink,
+            &EntrySet::default(),
+        );
         let gateway: IpAddr = "fd00:2:0:54::".parse().expect("address");
-        assert_eq!(entries.neighbours, HashMap::from([(gateway, v6_mac)]));
+        assert_eq!(entries.neighbours, EntryMap::from_iter([(gateway, v6_mac)]));
         assert_eq!(
             entries.fdb,
-            HashSet::from([FdbEntry {
+            EntrySet::from_iter([FdbEntry {
                 mac: v6_mac,
                 destination: "fd00:ff::105".parse().expect("address"),
             }])
         );
         assert_eq!(
             entries.routes,
-            HashSet::from([Route {
+            EntrySet::from_iter([Route {
                 destination: "fd00:2:0:54::/64".parse().expect("subnet"),
                 gateway,
                 interface: 5,
             }])
         );
-        let on_link = HashSet::from(["fd00:ff::105".parse().expect("address")]);
+        let on_link = EntrySet::from_iter(["fd00:ff::105".parse().expect("address")]);
         let direct = ipv6_peer_entries(leases.iter(), &vtep6, &devices().uplink, &on_link);
         assert!(direct.neighbours.is_empty() && direct.fdb.is_empty());
         assert_eq!(
             direct.routes,
-            HashSet::from([Route {
+            EntrySet::from_iter([Route {
                 destination: "fd00:2:0:54::/64".parse().expect("subnet"),
                 gateway: "fd00:ff::105".parse().expect("address"),
                 interface: 2,
@@ -743,13 +752,15 @@ mod tests {
             &vtep(),
             &devices().uplink,
             &rules(false, false),
-            &HashSet::new(),
+            &EntrySet::default(),
             &BTreeSet::new(),
         );
         assert!(entries.fdb.is_empty());
         assert_eq!(entries.routes.len(), 1);
         assert_eq!(
-            lease_entries(leases.iter(), &HashSet::new()).subnets.len(),
+            lease_entries(leases.iter(), &EntrySet::default())
+                .subnets
+                .len(),
             1
         );
     }
@@ -760,7 +771,7 @@ mod tests {
             lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
             lease("10.2.77.0/24", "192.0.2.77", Some(VTEP_MAC)),
         ];
-        let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
+        let on_link = EntrySet::from_iter(["172.20.62.105".parse().expect("address")]);
         let entries = peer_entries(
             leases.iter(),
             &vtep(),
@@ -790,7 +801,7 @@ mod tests {
             lease("10.2.77.0/24", "192.0.2.77", Some(VTEP_MAC)),
             lease("10.2.78.0/24", "192.0.2.78", Some(VTEP_MAC)),
         ];
-        let on_link = HashSet::from(["172.20.62.105".parse().expect("address")]);
+        let on_link = EntrySet::from_iter(["172.20.62.105".parse().expect("address")]);
         let unmapped = BTreeSet::from([leases[0].subnets(), leases[1].subnets()]);
         let entries = peer_entries(
             leases.iter(),
@@ -815,11 +826,11 @@ mod tests {
     #[test]
     fn lease_entries_map_subnet_to_vtep_and_vtep_to_subnet() {
         let leases = [lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC))];
-        let entries = lease_entries(leases.iter(), &HashSet::new());
+        let entries = lease_entries(leases.iter(), &EntrySet::default());
         let subnet: Ipv4Network = "10.2.54.0/24".parse().expect("subnet");
         assert_eq!(
             entries.subnets,
-            HashMap::from([(
+            EntryMap::from_iter([(
                 subnet,
                 (
                     RemoteVtep {
@@ -832,7 +843,7 @@ mod tests {
                 )
             )])
         );
-        let on_link = HashSet::from([IpAddr::V4(Ipv4Addr::new(172, 20, 62, 105))]);
+        let on_link = EntrySet::from_iter([IpAddr::V4(Ipv4Addr::new(172, 20, 62, 105))]);
         let direct = lease_entries(leases.iter(), &on_link);
         assert!(
             direct
@@ -842,7 +853,7 @@ mod tests {
         );
         assert_eq!(
             entries.vteps,
-            HashMap::from([(
+            EntryMap::from_iter([(
                 [172, 20, 62, 105],
                 VtepSubnet {
                     subnet: [10, 2, 54, 0],
@@ -1014,7 +1025,7 @@ mod tests {
     #[test]
     fn an_ipv6_only_lease_gets_ipv6_entries_alone() {
         let only = ipv6_lease(None, "fd00:2:0:54::/64");
-        let entries = lease_entries([only.clone()].iter(), &HashSet::new());
+        let entries = lease_entries([only.clone()].iter(), &EntrySet::default());
         assert!(entries.subnets.is_empty() && entries.vteps.is_empty());
         let subnet6: Ipv6Network = "fd00:2:0:54::/64".parse().expect("subnet");
         assert_eq!(entries.subnets6[&subnet6].1, only.subnets());
@@ -1033,10 +1044,10 @@ mod tests {
             prefix_len: 64,
         };
         let first = dual("10.2.54.0/24", "fd00:2:0:54::/64");
-        let entries = lease_entries([first.clone()].iter(), &HashSet::new());
+        let entries = lease_entries([first.clone()].iter(), &EntrySet::default());
         assert_eq!(
             entries.vteps6,
-            HashMap::from([(
+            EntryMap::from_iter([(
                 public_ipv6,
                 (expected("fd00:2:0:54::"), vec![first.subnets()])
             )])
@@ -1047,13 +1058,13 @@ mod tests {
             [first.clone(), second.clone()],
             [second.clone(), first.clone()],
         ] {
-            let entries = lease_entries(leases.iter(), &HashSet::new());
+            let entries = lease_entries(leases.iter(), &EntrySet::default());
             assert_eq!(entries.vteps6[&public_ipv6].0, expected("fd00:2:0:55::"));
             assert_eq!(entries.vteps6[&public_ipv6].1.len(), 2);
         }
         let ipv4_only = lease("10.2.56.0/24", "172.20.62.106", Some(VTEP_MAC));
         assert!(
-            lease_entries([ipv4_only].iter(), &HashSet::new())
+            lease_entries([ipv4_only].iter(), &EntrySet::default())
                 .vteps6
                 .is_empty()
         );
@@ -1070,12 +1081,11 @@ mod tests {
         .map(|lease| (lease.subnets(), lease))
         .collect();
         let reach = Reach {
-            on_link: [IpAddr::V4(near)].into(),
-            unreachable: [(
+            on_link: EntrySet::from_iter([IpAddr::V4(near)]),
+            unreachable: EntryMap::from_iter([(
                 IpAddr::V4(nowhere),
                 "Network is unreachable (os error 101)".to_string(),
-            )]
-            .into(),
+            )]),
         };
         let (reachable, unreachable) = split_unreachable(&leases, &reach);
         let kept: Vec<_> = reachable.iter().map(|lease| lease.subnet).collect();

@@ -443,6 +443,7 @@ fn describe(event: &LeaseEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{EntryMap, EntrySet};
 
     fn address(text: &str) -> IpAddr {
         text.parse().expect("a test address")
@@ -457,18 +458,18 @@ mod tests {
         );
         let mut known = KnownReach::default();
         let first = Reach {
-            on_link: HashSet::from([on_link]),
-            unreachable: HashMap::from([(gone, "Network is unreachable".to_string())]),
+            on_link: EntrySet::from_iter([on_link]),
+            unreachable: EntryMap::from_iter([(gone, "Network is unreachable".to_string())]),
         };
         known.take(first, HashSet::from([on_link, gone]));
         // The lease of `gone` went and that of `new` came: only `new` was asked about.
         let second = Reach {
-            on_link: HashSet::from([new]),
-            unreachable: HashMap::new(),
+            on_link: EntrySet::from_iter([new]),
+            unreachable: EntryMap::default(),
         };
         known.take(second, HashSet::from([on_link, new]));
-        assert_eq!(known.reach.on_link, HashSet::from([on_link, new]));
-        assert_eq!(known.reach.unreachable, HashMap::new());
+        assert_eq!(known.reach.on_link, EntrySet::from_iter([on_link, new]));
+        assert_eq!(known.reach.unreachable, EntryMap::default());
         assert_eq!(known.asked, HashSet::from([on_link, new]));
     }
 }
