@@ -18,7 +18,7 @@ mod fixtures;
 pub mod plan;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     time::Duration,
 };
@@ -33,7 +33,7 @@ use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
     model::{
-        Containers, Devices, LeaseEntries, LeaseSubnets, NodeChange, Reach, RefusedPorts,
+        Containers, Devices, EntrySet, LeaseEntries, LeaseSubnets, NodeChange, Reach, RefusedPorts,
         Unwritten, WrittenPeers,
     },
     sinks::{DataplaneSink, NodeSink, NotificationSource},
@@ -247,7 +247,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             return Ok(());
         }
         let with_ipv6 = self.intent.rules.ipv6_network.is_some();
-        let addresses: HashSet<IpAddr> = self
+        let addresses: EntrySet<IpAddr> = self
             .leases
             .values()
             .flat_map(|lease| public_addresses(lease, with_ipv6))
@@ -376,13 +376,13 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
 #[derive(Debug, Default)]
 struct KnownReach {
     reach: Reach,
-    asked: HashSet<IpAddr>,
+    asked: EntrySet<IpAddr>,
 }
 
 impl KnownReach {
     /// Takes in the `answers` about new addresses, and keeps what it knows of `addresses`
     /// alone: those of the leases there are now.
-    fn take(&mut self, answers: Reach, addresses: HashSet<IpAddr>) {
+    fn take(&mut self, answers: Reach, addresses: EntrySet<IpAddr>) {
         self.reach.on_link.extend(answers.on_link);
         self.reach.unreachable.extend(answers.unreachable);
         self.reach
@@ -443,7 +443,7 @@ fn describe(event: &LeaseEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{EntryMap, EntrySet};
+    use crate::model::EntryMap;
 
     fn address(text: &str) -> IpAddr {
         text.parse().expect("a test address")
@@ -461,15 +461,15 @@ mod tests {
             on_link: EntrySet::from_iter([on_link]),
             unreachable: EntryMap::from_iter([(gone, "Network is unreachable".to_string())]),
         };
-        known.take(first, HashSet::from([on_link, gone]));
+        known.take(first, EntrySet::from_iter([on_link, gone]));
         // The lease of `gone` went and that of `new` came: only `new` was asked about.
         let second = Reach {
             on_link: EntrySet::from_iter([new]),
             unreachable: EntryMap::default(),
         };
-        known.take(second, HashSet::from([on_link, new]));
+        known.take(second, EntrySet::from_iter([on_link, new]));
         assert_eq!(known.reach.on_link, EntrySet::from_iter([on_link, new]));
         assert_eq!(known.reach.unreachable, EntryMap::default());
-        assert_eq!(known.asked, HashSet::from([on_link, new]));
+        assert_eq!(known.asked, EntrySet::from_iter([on_link, new]));
     }
 }

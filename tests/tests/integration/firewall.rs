@@ -251,13 +251,7 @@ fn flannels_iptables_chains_are_kept_and_restored() -> Result<()> {
 /// jump stays, and the rules are restored once, not at every check.
 #[test]
 fn a_duplicated_jump_into_our_chain_is_collapsed_to_one() -> Result<()> {
-    let (cluster, host) = lone_host("dupjump")?;
-    let mut agent = Agent::start(
-        &cluster,
-        &host,
-        &["--dataplane=kernel", "--ip-masq", RESYNC_FLAG],
-    )?;
-    agent.wait_ready()?;
+    let (_cluster, host, agent) = masquerading_host("dupjump")?;
     let jumps = || -> Result<usize> {
         Ok(host
             .iptables(&["-t", "nat", "-S", "POSTROUTING"])?
@@ -290,13 +284,7 @@ fn a_duplicated_jump_into_our_chain_is_collapsed_to_one() -> Result<()> {
 /// agent leaves both alone, and sees no change in them: it restores nothing at its checks.
 #[test]
 fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
-    let (cluster, host) = lone_host("foreignjump")?;
-    let mut agent = Agent::start(
-        &cluster,
-        &host,
-        &["--dataplane=kernel", "--ip-masq", RESYNC_FLAG],
-    )?;
-    agent.wait_ready()?;
+    let (_cluster, host, agent) = masquerading_host("foreignjump")?;
     wait_for("the jump into FLANNEL-POSTRTG", RESYNC_TIMEOUT, || {
         Ok(host
             .iptables(&["-t", "nat", "-S", "POSTROUTING"])?
@@ -429,6 +417,18 @@ fn lone_host(tag: &str) -> Result<(Cluster, Host)> {
     let mut cluster = Cluster::new(tag)?;
     let host = cluster.add_host("host1", "172.20.62.104")?;
     Ok((cluster, host))
+}
+
+/// A lone host whose kernel-mode agent masquerades and checks its rules every second, ready.
+fn masquerading_host(tag: &str) -> Result<(Cluster, Host, Agent)> {
+    let (cluster, host) = lone_host(tag)?;
+    let mut agent = Agent::start(
+        &cluster,
+        &host,
+        &["--dataplane=kernel", "--ip-masq", RESYNC_FLAG],
+    )?;
+    agent.wait_ready()?;
+    Ok((cluster, host, agent))
 }
 
 /// The module's `Masquerade` for `rules`, made inside `host`: it asks the host's iptables

@@ -38,6 +38,8 @@ const IPV4_ROUTE_GROUP: u32 = 0x40;
 /// Time between two new leases, so each one's latency is its own.
 const LEASE_SPACING: Duration = Duration::from_millis(20);
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent's CPU time is still read after the last new lease's route.
+const ROUND_TAIL: Duration = Duration::from_millis(200);
 
 pub struct ControlPlane {
     /// From etcd's acknowledgement of the lease to its route. The clock starts there because
@@ -60,6 +62,9 @@ pub struct Scale {
     /// From etcd's acknowledgement of a new lease to its route, with this many already there.
     pub route_p50_ms: f64,
     pub route_p99_ms: f64,
+    /// The agent's CPU time over those leases, per lease: its own work for one event, with
+    /// whatever it does meanwhile anyway (see `idle_cpu_percent`).
+    pub cpu_ms_per_lease: f64,
 }
 
 /// The latencies of leases put one at a time.
@@ -146,7 +151,11 @@ pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
         let resident_mib = resident_mib(agent.process.id())?;
         let added = leases..leases + plan.leases_added_at_scale;
         written = added.end;
+        let cpu_before = cpu_seconds(agent.process.id())?;
         let timed = time_new_leases(&cluster, &etcd, &host, added)?;
+        // The last lease's round ends a little after its route.
+        sleep(ROUND_TAIL);
+        let cpu_used = cpu_seconds(agent.process.id())? - cpu_before;
         scales.push(Scale {
             leases,
             ready_ms,
@@ -154,6 +163,7 @@ pub fn measure(mode: Mode, plan: &Plan) -> Result<ControlPlane> {
             idle_cpu_percent,
             route_p50_ms: percentile(&timed.to_route, 0.5),
             route_p99_ms: percentile(&timed.to_route, 0.99),
+            cpu_ms_per_lease: cpu_used * 1e3 / plan.leases_added_at_scale as f64,
         });
         agent.process.terminate(Duration::from_secs(20))?;
     }
@@ -216,15 +226,20 @@ fn resident_mib(pid: u32) -> Result<f64> {
 
 /// The CPU `pid` used over `window`, in percent of one core.
 fn cpu_percent(pid: u32, window: Duration) -> Result<f64> {
+    let before = cpu_seconds(pid)?;
+    sleep(window);
+    let used = cpu_seconds(pid)? - before;
+    Ok(used / window.as_secs_f64() * 100.0)
+}
+
+/// The CPU time `pid` has used, every thread's, in seconds (in steps of a clock tick).
+fn cpu_seconds(pid: u32) -> Result<f64> {
     let ticks_per_second: f64 =
         overlay_tests::netns::run(std::process::Command::new("getconf").arg("CLK_TCK"))?
             .trim()
             .parse()
             .context("getconf CLK_TCK printed no number")?;
-    let before = cpu_ticks(pid)?;
-    sleep(window);
-    let used = (cpu_ticks(pid)? - before) as f64 / ticks_per_second;
-    Ok(used / window.as_secs_f64() * 100.0)
+    Ok(cpu_ticks(pid)? as f64 / ticks_per_second)
 }
 
 /// utime + stime of `pid`, in clock ticks.

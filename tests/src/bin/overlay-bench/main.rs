@@ -505,6 +505,11 @@ fn measure_control_plane(figures: &mut Figures, plan: &Plan, mode: Mode) -> Resu
             "ms",
             scale.route_p99_ms,
         );
+        record(
+            &format!("Agent CPU per lease event at {leases} leases"),
+            "ms",
+            scale.cpu_ms_per_lease,
+        );
     }
     Ok(())
 }
