@@ -82,7 +82,8 @@ impl Dataplane {
         let capacity = self.lease_capacity.entries();
         let mut unwritten = Unwritten::default();
         let written = baseline.written();
-        // Written: the maps hold what the last round wrote, no entry an earlier run pinned.
+        // A round from the last one's writes adopts nothing: the listed round before it
+        // adopted what an earlier run pinned and removed the rest.
         if written.is_none() {
             self.adopt_pinned_peer_slots(desired)?;
         }

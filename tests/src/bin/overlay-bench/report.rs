@@ -110,9 +110,11 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
         text.push_str(&format!(
             " Control plane rows: one run per mode, one mode after the other, not interleaved; \
              lease to route over {} added leases, and {} more at each lease count, from etcd's \
-             acknowledgement of each to its route, timed by a netlink listener; idle CPU over \
-             {} s with {} containers.",
+             acknowledgement of each to its route, timed by a netlink listener; the agent's \
+             CPU per lease event over those {}, in /proc's clock ticks; idle CPU over {} s with \
+             {} containers.",
             plan.leases_added,
+            plan.leases_added_at_scale,
             plan.leases_added_at_scale,
             plan.idle.as_secs(),
             plan.containers,
