@@ -281,7 +281,8 @@ fn a_duplicated_jump_into_our_chain_is_collapsed_to_one() -> Result<()> {
 
 /// What others write next to our chains is theirs: a jump into our masquerade chain with a
 /// match of its own, and a chain whose name begins with ours, jumped to from FORWARD. The
-/// agent leaves both alone, and sees no change in them: it restores nothing at its checks.
+/// agent leaves both alone, and sees no change in them: it restores nothing at its checks,
+/// until our own jump goes.
 #[test]
 fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
     let (_cluster, host, agent) = masquerading_host("foreignjump")?;
@@ -292,6 +293,7 @@ fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
     })?;
     let restorations = || agent.count_in_log("rules were changed or removed; restoring them");
     let restored = restorations();
+    let our_jump = "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG";
     let foreign_jump = "-A POSTROUTING -o eth0 -j FLANNEL-POSTRTG";
     let foreign_chain = "-A FLANNEL-FWD-LOCAL -s 192.0.2.0/24 -j ACCEPT";
     host.iptables(&[
@@ -319,16 +321,23 @@ fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
     assert_eq!(restorations(), restored, "{}", agent.log());
     let nat = host.iptables(&["-t", "nat", "-S"])?;
     assert!(nat.contains(foreign_jump), "{nat}");
-    assert!(
-        nat.contains("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG"),
-        "{nat}"
-    );
+    assert!(nat.contains(our_jump), "{nat}");
     let filter = host.iptables(&["-S"])?;
     assert!(filter.contains(foreign_chain), "{filter}");
     assert!(
         filter.contains("-A FORWARD -j FLANNEL-FWD-LOCAL"),
         "{filter}"
     );
+
+    // The checks do run, and among the others' rules they still see one of ours go.
+    host.iptables(&[&["-t", "nat", "-D", "POSTROUTING"][..], &MASQUERADE_JUMP].concat())?;
+    wait_for("our jump restored", RESYNC_TIMEOUT, || {
+        Ok(host.iptables(&["-t", "nat", "-S"])?.contains(our_jump))
+    })
+    .with_context(|| format!("agent log:\n{}", agent.log()))?;
+    assert_eq!(restorations(), restored + 1, "{}", agent.log());
+    let nat = host.iptables(&["-t", "nat", "-S"])?;
+    assert!(nat.contains(foreign_jump), "{nat}");
     Ok(())
 }
 
