@@ -183,14 +183,29 @@ impl Dataplane {
         baseline: Baseline<'_, LeaseEntries>,
     ) -> Result<usize> {
         let written = baseline.written();
+        // From the last round's writes: the leases written then and not wanted now, whose
+        // entries and slots go.
+        let gone_leases: Vec<IpNetwork> = written.map_or_else(Vec::new, |written| {
+            gone(&written.subnets, &desired.subnets)
+                .map(|subnet| IpNetwork::V4(*subnet))
+                .chain(
+                    gone(&written.subnets6, &desired.subnets6)
+                        .map(|subnet6| IpNetwork::V6(*subnet6)),
+                )
+                .collect()
+        });
         let mut subnets: SubnetMap = LpmTrie::try_from(map_mut(&mut self.ebpf, SUBNETS_MAP)?)?;
         let stale = match written {
             None => listed_stale_subnets(&subnets, |key| {
                 Ipv4Network::new(key.data().into(), key.prefix_len() as u8)
                     .is_ok_and(|subnet| desired.subnets.contains_key(&subnet))
             }),
-            Some(written) => gone(&written.subnets, &desired.subnets)
-                .map(subnet_key)
+            Some(_) => gone_leases
+                .iter()
+                .filter_map(|lease| match lease {
+                    IpNetwork::V4(subnet) => Some(subnet_key(subnet)),
+                    IpNetwork::V6(_) => None,
+                })
                 .collect(),
         };
         let mut removed = remove_each(&stale, |key| subnets.remove(key), SUBNETS_MAP)?;
@@ -212,8 +227,12 @@ impl Dataplane {
                 Ipv6Network::new(key.data().into(), key.prefix_len() as u8)
                     .is_ok_and(|subnet6| desired.subnets6.contains_key(&subnet6))
             }),
-            Some(written) => gone(&written.subnets6, &desired.subnets6)
-                .map(subnet6_key)
+            Some(_) => gone_leases
+                .iter()
+                .filter_map(|lease| match lease {
+                    IpNetwork::V6(subnet6) => Some(subnet6_key(subnet6)),
+                    IpNetwork::V4(_) => None,
+                })
                 .collect(),
         };
         removed += remove_each(&stale, |key| subnets6.remove(key), SUBNETS6_MAP)?;
@@ -223,14 +242,7 @@ impl Dataplane {
                 IpNetwork::V6(subnet6) => desired.subnets6.contains_key(subnet6),
             }),
             // Only leases the last round wrote (or this one gave a slot to) hold one.
-            Some(written) => self.peer_slots.release(
-                gone(&written.subnets, &desired.subnets)
-                    .map(|subnet| IpNetwork::V4(*subnet))
-                    .chain(
-                        gone(&written.subnets6, &desired.subnets6)
-                            .map(|subnet6| IpNetwork::V6(*subnet6)),
-                    ),
-            ),
+            Some(_) => self.peer_slots.release(gone_leases),
         }
         Ok(removed)
     }
