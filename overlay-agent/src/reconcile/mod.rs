@@ -33,15 +33,15 @@ use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
     model::{
-        Containers, Devices, EntrySet, LeaseEntries, LeaseSubnets, NodeChange, Reach, RefusedPorts,
-        Unwritten, WrittenPeers,
+        Containers, Devices, EntrySet, LeaseEntries, LeaseSubnets, NodeChange, Programs, Reach,
+        RefusedPorts, Unwritten, WrittenPeers,
     },
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
 };
 pub use desired::{NodeIntent, ProgramSettings, Scope};
 use desired::{Observed, public_addresses};
-use plan::{LastWritten, Progress};
+use plan::{LastWritten, Placed, Progress};
 
 /// The safety net: a full re-list this often, whatever the notifications said.
 const SAFETY_NET_INTERVAL: Duration = Duration::from_secs(30);
@@ -68,6 +68,9 @@ pub struct Reconciler<N, D> {
     unreachable: BTreeMap<LeaseSubnets, String>,
     /// The container ports that refused their program at the last round, now down.
     refused: RefusedPorts,
+    /// The programs the last round placed, if it succeeded: a round about lease events that
+    /// wants the same ones takes them, and `refused`, as placed.
+    placed: Option<Programs>,
     /// The kernel entries the last round about the leases wrote: notifications that only
     /// echo them call for no round.
     written: WrittenPeers,
@@ -100,6 +103,7 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             reach: KnownReach::default(),
             unreachable: BTreeMap::new(),
             refused: RefusedPorts::new(),
+            placed: None,
             written: WrittenPeers::default(),
             mapped: None,
             metrics,
@@ -217,6 +221,10 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             (Scope::Leases, Some(entries)) => Some(LastWritten {
                 entries,
                 peers: &self.written,
+                placed: self.placed.as_ref().map(|programs| Placed {
+                    programs,
+                    refused: &self.refused,
+                }),
             }),
             _ => None,
         };
@@ -227,13 +235,17 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
             &mut self.progress,
             last,
         )
-        .await?;
+        .await;
+        // What a failed round placed is unknown: the next one places again.
+        self.placed = None;
+        let applied = applied?;
         if let Some(leases) = desired.leases {
             self.report_unwritten(applied.unwritten);
             self.written = applied.written;
             self.mapped = self.unwritten.is_empty().then_some(leases.entries);
         }
         self.refused = applied.refused;
+        self.placed = desired.programs;
         Ok(())
     }
 

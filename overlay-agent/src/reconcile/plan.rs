@@ -9,7 +9,9 @@
 //!
 //! A round about lease events is given what the last round about the leases left
 //! ([`LastWritten`]): its first pass writes and removes only the entries that differ from
-//! that, without listing the maps or the kernel's entries. A second pass lists them.
+//! that, without listing the maps or the kernel's entries. A second pass lists them. Its
+//! programs step places nothing when the last round placed the same programs, and takes the
+//! ports that refused theirs then as refused still.
 //!
 //! A round that fails keeps its [`Progress`]: its retry, if the desired state is still the
 //! same, starts at the step that failed.
@@ -20,7 +22,7 @@ use anyhow::Result;
 use super::desired::Desired;
 use crate::{
     model::{
-        Baseline, FamilyDevices, LeaseEntries, LeaseSubnets, PeerEntries, PortIsolation,
+        Baseline, FamilyDevices, LeaseEntries, LeaseSubnets, PeerEntries, PortIsolation, Programs,
         RefusedPorts, Unwritten, WrittenPeers,
     },
     sinks::{DataplaneSink, NodeSink},
@@ -57,11 +59,30 @@ pub struct Progress {
     freed: usize,
 }
 
-/// What the last round about the leases left in the maps and the kernel, all of it written.
+/// What the last round about the leases left in the maps and the kernel, all of it written,
+/// and the programs the last round of any scope placed, if it finished.
 #[derive(Clone, Copy, Debug)]
 pub struct LastWritten<'a> {
     pub entries: &'a LeaseEntries,
     pub peers: &'a WrittenPeers,
+    pub placed: Option<Placed<'a>>,
+}
+
+/// The programs a round placed, and the container ports that refused theirs.
+#[derive(Clone, Copy, Debug)]
+pub struct Placed<'a> {
+    pub programs: &'a Programs,
+    pub refused: &'a RefusedPorts,
+}
+
+/// The ports that refused `programs` when a round last placed them, if that is what `last`
+/// holds: a round about lease events then leaves the programs, endpoints and claims alone.
+fn already_placed<'a>(
+    programs: &Programs,
+    last: Option<LastWritten<'a>>,
+) -> Option<&'a RefusedPorts> {
+    let placed = last?.placed?;
+    (placed.programs == programs).then_some(placed.refused)
 }
 
 /// What the steps of `pass` compare with: in the first pass, what the last round left, if
@@ -207,7 +228,10 @@ async fn run<N: NodeSink, D: DataplaneSink>(
         }
         (Step::PlacePrograms, _, Some(dataplane)) => {
             if let Some(programs) = &desired.programs {
-                progress.refused = dataplane.place_programs(programs)?;
+                progress.refused = match already_placed(programs, last) {
+                    Some(refused) => refused.clone(),
+                    None => dataplane.place_programs(programs)?,
+                };
             }
         }
         // Kernel mode places no program, so no port refuses one: every port down for want of
@@ -609,6 +633,7 @@ mod tests {
         let last = LastWritten {
             entries,
             peers: &applied.written,
+            placed: None,
         };
 
         // The same change as above: the stale entry makes room, and the second pass lists.
@@ -775,6 +800,76 @@ mod tests {
         let applied = round_with_down(&[7]).await;
         assert!(applied.refused.is_empty());
         assert_eq!(world.borrow().down, BTreeSet::new());
+    }
+
+    #[tokio::test]
+    async fn a_round_about_leases_keeps_the_programs_the_last_round_placed() {
+        let world = world(16);
+        world.borrow_mut().refusing = BTreeSet::from([7]);
+        world.borrow_mut().down = BTreeSet::from([7]);
+        let node = FakeNode(world.clone());
+        let mut dataplane = FakeDataplane(world.clone());
+        let one = [lease("10.2.54.0/24", 105)];
+        // Ports 7 and 8 live, 7 down: what a round about them placed.
+        let placed = containers_round(&[7, 8], &[7], &intent());
+        let programs = placed.programs.clone().expect("ebpf mode places programs");
+        let refused = RefusedPorts::from([(7, "port 7 refused".to_string())]);
+        let about_leases = |ports: &[u32]| Desired {
+            scope: Scope::Leases,
+            leases: desired(&one).leases,
+            ..containers_round(ports, &[7], &intent())
+        };
+        let (entries, peers) = (LeaseEntries::default(), WrittenPeers::default());
+        let last = LastWritten {
+            entries: &entries,
+            peers: &peers,
+            placed: Some(Placed {
+                programs: &programs,
+                refused: &refused,
+            }),
+        };
+        let mut progress = Progress::default();
+
+        let applied = apply(
+            &about_leases(&[7, 8]),
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+            Some(last),
+        )
+        .await
+        .expect("round");
+        assert_eq!(
+            world.borrow().calls,
+            [
+                "write_lease_entries",
+                "converge_peers",
+                "remove_stale_lease_entries"
+            ],
+            "the same programs are not placed again, and port 7 stays down"
+        );
+        assert_eq!(applied.refused, refused);
+        assert_eq!(world.borrow().down, BTreeSet::from([7]));
+
+        // A port came with the lease event: the programs are placed.
+        world.borrow_mut().calls.clear();
+        let applied = apply(
+            &about_leases(&[7, 8, 9]),
+            &node,
+            Some(&mut dataplane),
+            &mut progress,
+            Some(last),
+        )
+        .await
+        .expect("round");
+        assert!(
+            world
+                .borrow()
+                .calls
+                .iter()
+                .any(|call| call == "place_programs")
+        );
+        assert_eq!(applied.refused.keys().copied().collect::<Vec<_>>(), [7]);
     }
 
     #[tokio::test]
