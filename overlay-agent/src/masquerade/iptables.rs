@@ -63,6 +63,21 @@ impl Chain {
                 .is_some_and(|rest| rest.starts_with(' '))
             || line == self.jump_line()
     }
+
+    /// The rules of others in `listed` (`-S` of the chain's table) that send packets to it.
+    /// While there are any, the kernel refuses to delete the chain.
+    fn jumps_of_others<'a>(&self, listed: &'a [String]) -> Vec<&'a str> {
+        listed
+            .iter()
+            .filter(|line| line.starts_with("-A ") && !self.owns(line))
+            .filter(|line| {
+                split_rule(line)
+                    .windows(2)
+                    .any(|words| matches!(words[0].as_str(), "-j" | "-g") && words[1] == self.name)
+            })
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 fn forward_rules(rules: &FamilyRules) -> Vec<String> {
@@ -115,7 +130,6 @@ pub fn in_place(rules: &FamilyRules) -> Result<bool> {
         let listed = iptables
             .list_table(chain.table)
             .with_context(|| format!("cannot list the {command} {} table", chain.table))?;
-        let ours: Vec<String> = listed.into_iter().filter(|line| chain.owns(line)).collect();
         let expected: Vec<String> = match wanted {
             Some(chain_rules) => [format!("-N {}", chain.name), chain.jump_line()]
                 .into_iter()
@@ -125,8 +139,13 @@ pub fn in_place(rules: &FamilyRules) -> Result<bool> {
                         .map(|rule| format!("-A {} {rule}", chain.name)),
                 )
                 .collect(),
+            // Left empty while others jump to it (`uninstall`).
+            None if !chain.jumps_of_others(&listed).is_empty() => {
+                vec![format!("-N {}", chain.name)]
+            }
             None => Vec::new(),
         };
+        let ours: Vec<String> = listed.into_iter().filter(|line| chain.owns(line)).collect();
         if !same_lines(ours, expected) {
             return Ok(false);
         }
@@ -299,28 +318,14 @@ impl Iptables {
             .map(drop)
     }
 
-    /// `-S`: the table's chains and rules, as `iptables-save` writes them.
+    /// `-S`: the table's chains and rules, as `iptables-save` writes them (`-L` would look
+    /// every address up in DNS: seconds per rule where no resolver answers).
     fn list_table(&self, table: &str) -> Result<Vec<String>> {
         Ok(lines(&self.checked(table, &["-S"])?))
     }
 
     fn list(&self, table: &str, chain: &str) -> Result<Vec<String>> {
         Ok(lines(&self.checked(table, &["-S", chain])?))
-    }
-
-    /// The chains of `table`, built-in ones included, from `-S`: listing them with `-L` would
-    /// look every address up in DNS (seconds per rule where no resolver answers).
-    fn list_chains(&self, table: &str) -> Result<Vec<String>> {
-        Ok(self
-            .list_table(table)?
-            .iter()
-            .filter_map(|line| {
-                line.strip_prefix("-N ")
-                    .or_else(|| line.strip_prefix("-P "))
-            })
-            .filter_map(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
-            .collect())
     }
 
     fn chain_command(&self, table: &str, option: &str, chain: &str) -> Result<()> {
@@ -400,14 +405,6 @@ fn split_rule(rule: &str) -> Vec<String> {
     words
 }
 
-/// Whether `chain` exists, from `iptables -S`.
-fn chain_exists(iptables: &Iptables, chain: &Chain) -> Result<bool> {
-    Ok(iptables
-        .list_chains(chain.table)?
-        .iter()
-        .any(|name| name == chain.name))
-}
-
 /// Writes the chain's whole content, and exactly one jump into it, in one
 /// `iptables-restore --noflush` transaction: declaring the chain creates it or empties it, and
 /// the kernel swaps the old content for the new at once (as flanneld writes its rules), so no
@@ -440,12 +437,29 @@ fn restore_input(chain: &Chain, rules: &[String], jumps: usize) -> String {
     lines.join("\n")
 }
 
+/// Removes our jumps into `chain`, its rules, and the chain itself, unless rules of others
+/// still jump to it: then it stays, empty, which sends their packets straight back.
 fn uninstall(iptables: &Iptables, chain: &Chain) -> Result<()> {
-    if !chain_exists(iptables, chain)? {
+    let listed = iptables.list_table(chain.table)?;
+    if !listed
+        .iter()
+        .any(|line| line.strip_prefix("-N ") == Some(chain.name))
+    {
         return Ok(());
     }
     iptables.delete_all(chain.table, chain.hook, &chain.jump())?;
     iptables.chain_command(chain.table, "-F", chain.name)?;
+    let others = chain.jumps_of_others(&listed);
+    if !others.is_empty() {
+        log::warn!(
+            "{} chain {} is no longer wanted, but rules we did not write jump to it ({}): \
+             left empty, and removed once they are gone",
+            iptables.program,
+            chain.name,
+            others.join("; ")
+        );
+        return Ok(());
+    }
     iptables.chain_command(chain.table, "-X", chain.name)
 }
 
@@ -557,6 +571,28 @@ mod tests {
         ] {
             assert!(!MASQUERADE.owns(line), "{line}");
         }
+    }
+
+    #[test]
+    fn others_jumping_to_our_chain_are_found_by_their_target() {
+        let listed: Vec<String> = [
+            "-N FLANNEL-POSTRTG",
+            "-A FLANNEL-POSTRTG -s 10.2.0.0/16 -j RETURN",
+            &MASQUERADE.jump_line(),
+            "-A POSTROUTING -o eth0 -j FLANNEL-POSTRTG",
+            "-A KUBE-POSTROUTING -m comment --comment \"-j FLANNEL-POSTRTG\" -g FLANNEL-POSTRTG",
+            "-A POSTROUTING -j FLANNEL-POSTRTG-LOCAL",
+            "-A POSTROUTING -m comment --comment \"-j FLANNEL-POSTRTG\" -j MASQUERADE",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        assert_eq!(
+            MASQUERADE.jumps_of_others(&listed),
+            [
+                "-A POSTROUTING -o eth0 -j FLANNEL-POSTRTG",
+                "-A KUBE-POSTROUTING -m comment --comment \"-j FLANNEL-POSTRTG\" -g FLANNEL-POSTRTG",
+            ]
+        );
     }
 
     #[test]

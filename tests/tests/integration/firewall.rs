@@ -341,6 +341,74 @@ fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
     Ok(())
 }
 
+/// A node that masqueraded before and no longer does (`--ip-masq` off), where someone else's
+/// rule jumps into the old masquerade chain: the agent starts, empties the chain it no longer
+/// wants and leaves their rule; the kernel keeps the chain while that rule is there, and the
+/// agent says so once, not at every check. Once their rule goes, so does the chain. With
+/// iptables-nft and with iptables-legacy.
+#[test]
+fn a_chain_no_longer_wanted_stays_empty_while_others_jump_to_it() -> Result<()> {
+    for legacy in [false, true] {
+        let tag = if legacy {
+            "unwanted-legacy"
+        } else {
+            "unwanted"
+        };
+        let (cluster, host) = lone_host(tag)?;
+        let path = host.legacy_iptables_path()?;
+        let (command, envs) = match legacy {
+            true => ("iptables-legacy", vec![("PATH", path.as_str())]),
+            false => ("iptables", Vec::new()),
+        };
+        let nat = |args: &[&str]| {
+            host.netns
+                .exec(&[&[command, "-t", "nat"][..], args].concat())
+        };
+        let foreign_jump = ["POSTROUTING", "-o", "eth0", "-j", "FLANNEL-POSTRTG"];
+        // What a masquerading run left, and someone else's jump into it.
+        nat(&["-N", "FLANNEL-POSTRTG"])?;
+        nat(&["-A", "FLANNEL-POSTRTG", "-s", "10.2.0.0/16", "-j", "RETURN"])?;
+        nat(&[&["-A", "POSTROUTING"][..], &MASQUERADE_JUMP].concat())?;
+        nat(&[&["-A"][..], &foreign_jump].concat())?;
+
+        let flags = Agent::flags(&cluster, &host, &["--dataplane=kernel", RESYNC_FLAG]);
+        let mut agent = Agent::start_with(&host, &flags, &envs)?;
+        agent
+            .wait_ready()
+            .with_context(|| format!("{command}: agent log:\n{}", agent.log()))?;
+        std::thread::sleep(TWO_RESYNCS + TWO_RESYNCS);
+        let listed = nat(&["-S"])?;
+        let ours: Vec<&str> = listed
+            .lines()
+            .filter(|line| line.contains("FLANNEL-POSTRTG") && !line.contains("-o eth0"))
+            .collect();
+        assert_eq!(ours, ["-N FLANNEL-POSTRTG"], "{command}:\n{listed}");
+        assert!(
+            listed.contains("-A POSTROUTING -o eth0 -j FLANNEL-POSTRTG"),
+            "{command}:\n{listed}"
+        );
+        assert_eq!(
+            agent.count_in_log("rules we did not write jump to it"),
+            1,
+            "{command}: {}",
+            agent.log()
+        );
+        assert_eq!(
+            agent.count_in_log("cannot"),
+            0,
+            "{command}: {}",
+            agent.log()
+        );
+
+        nat(&[&["-D"][..], &foreign_jump].concat())?;
+        wait_for("the chain no longer wanted removed", RESYNC_TIMEOUT, || {
+            Ok(!nat(&["-S"])?.contains("FLANNEL-POSTRTG"))
+        })
+        .with_context(|| format!("{command}: agent log:\n{}", agent.log()))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
     let seed = Seed::start(
