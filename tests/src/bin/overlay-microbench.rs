@@ -176,6 +176,11 @@ fn made_up_lease(index: usize) -> Result<Lease> {
     })
 }
 
+const USAGE: &str = "usage: overlay-microbench [--only TEXT] [--samples N]
+
+  --only TEXT    only the rows whose program or frame contains TEXT, e.g. --only ARP
+  --samples N    runs timed per row (default 20,000)";
+
 /// What the command line asks for.
 struct Options {
     only: Option<String>,
@@ -183,7 +188,8 @@ struct Options {
 }
 
 impl Options {
-    fn parse() -> Result<Self> {
+    /// The options, or None when `--help` asked for the usage alone.
+    fn parse() -> Result<Option<Self>> {
         let mut options = Options {
             only: None,
             samples: DEFAULT_SAMPLES,
@@ -195,11 +201,16 @@ impl Options {
                 "--only" => options.only = Some(value()?),
                 "--samples" => {
                     options.samples = value()?.parse().context("--samples takes a count")?;
+                    ensure!(options.samples > 0, "--samples must be at least 1");
                 }
-                other => anyhow::bail!("unknown argument {other:?} (--only TEXT, --samples N)"),
+                "--help" | "-h" => {
+                    println!("{USAGE}");
+                    return Ok(None);
+                }
+                other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
             }
         }
-        Ok(options)
+        Ok(Some(options))
     }
 
     fn wants(&self, row: &Row) -> bool {
@@ -260,8 +271,10 @@ fn middle_half_mean(sorted: &[u64]) -> f64 {
 }
 
 fn main() -> Result<()> {
+    let Some(options) = Options::parse()? else {
+        return Ok(());
+    };
     overlay_tests::require_root()?;
-    let options = Options::parse()?;
     let mut report = String::from(
         "| program | frame | leases | median ns | IQR ns | middle-half mean ns |\n\
          |---|---|---|---|---|---|\n",
