@@ -120,7 +120,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         result = watcher.run(events) => result.and(Err(anyhow!("the lease watch stopped"))),
         () = reconciler.run(received, notifications, &health) => Err(anyhow!("the lease event stream ended")),
         () = keep_restored(masquerade, resync) => Err(anyhow!("the masquerade check stopped")),
-        () = refusal_warnings(ebpf_pins) => Err(anyhow!("the refusal watch stopped")),
+        () = watch_pinned_dataplane(ebpf_pins) => Err(anyhow!("the dataplane watch stopped")),
         change = config_change::stop_on_change(&registry, &config) => Err(change),
         signal = shutdown_signal() => {
             log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
@@ -142,11 +142,16 @@ fn ending_cleanly_when_revoked(outcome: Result<()>) -> Result<()> {
     }
 }
 
-/// In ebpf mode, names the refusals of the dataplane pinned in `pin_dir` in the log for as
-/// long as it is polled; in kernel mode, nothing.
-async fn refusal_warnings(pin_dir: Option<PathBuf>) {
+/// In ebpf mode, names the refusals of the dataplane pinned in `pin_dir` in the log and turns
+/// off the reports a monitor left on, for as long as it is polled; in kernel mode, nothing.
+async fn watch_pinned_dataplane(pin_dir: Option<PathBuf>) {
     match pin_dir {
-        Some(pin_dir) => warn_about_refusals(pin_dir).await,
+        Some(pin_dir) => {
+            tokio::join!(
+                warn_about_refusals(pin_dir.clone()),
+                monitor::end_reports_of_gone_monitors(pin_dir)
+            );
+        }
         None => pending().await,
     }
 }

@@ -1,17 +1,23 @@
 //! `overlay-agent monitor`: one line per packet the programs drop, with the reason, the
 //! interface, and the outer and inner addresses, ports and protocols, as `cilium monitor
 //! --type drop` shows them; with `--trace`, one line per packet to or from a prefix, with
-//! the path it took. The programs report only while a monitor runs.
+//! the path it took. The programs report only while a monitor runs: one that ends without
+//! turning the reports off (SIGKILL) leaves its lock behind free, and the agent turns them off.
 use std::{
     collections::HashMap,
     io::Write as _,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use ipnetwork::IpNetwork;
 use overlay_common::{Counter, DROP_HEAD_LEN, DropEvent};
-use tokio::io::unix::AsyncFd;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{dataplane::pins::PinnedDataplane, node::links, options::AgentOptions};
 
@@ -25,6 +31,8 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const UDP_HEADER_LEN: usize = 8;
 const VXLAN_HEADER_LEN: usize = 8;
+/// How often the agent looks for reports left on by a monitor that is gone.
+const GONE_MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 
 pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()> {
     let pin_dir = options.pin_dir()?;
@@ -51,10 +59,17 @@ pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()>
     }
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
+    // A closed terminal or a dropped ssh session: SIGHUP would end the process without
+    // turning the reports off.
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     loop {
         tokio::select! {
             signal = &mut shutdown => {
                 log::info!("{}; no more reports", signal?);
+                return Ok(());
+            }
+            _ = hangup.recv() => {
+                log::info!("SIGHUP; no more reports");
                 return Ok(());
             }
             ready = events.readable_mut() => {
@@ -72,6 +87,25 @@ pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()>
                 out.flush()?;
                 ready.clear_ready();
             }
+        }
+    }
+}
+
+/// In the agent: turns off, every [`GONE_MONITOR_INTERVAL`], the reports of the dataplane
+/// pinned in `pin_dir` that a monitor left on when it ended, for as long as it is polled.
+pub async fn end_reports_of_gone_monitors(pin_dir: PathBuf) {
+    let mut ticks = tokio::time::interval(GONE_MONITOR_INTERVAL);
+    loop {
+        ticks.tick().await;
+        match PinnedDataplane::open(&pin_dir)
+            .and_then(|pinned| pinned.end_reports_without_monitor())
+        {
+            Ok(Some(pid)) => log::warn!(
+                "the monitor (pid {pid}) ended without turning the dataplane's reports off; \
+                 turned them off"
+            ),
+            Ok(None) => {}
+            Err(error) => log::warn!("cannot look for reports left on by a monitor: {error:#}"),
         }
     }
 }

@@ -400,8 +400,8 @@ pub const DROP_HEAD_LEN: usize = 128;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Trace {
-    /// The process of the monitor that set it (0: none): another monitor starts only once
-    /// that process is gone.
+    /// The process of the monitor that set it (0: none), for the log of the agent that finds
+    /// the reports on after that monitor ended without turning them off.
     pub monitor_pid: u32,
     /// `TRACE_IPV4` or `TRACE_IPV6`; 0 traces nothing.
     pub family: u8,

@@ -23,11 +23,21 @@ use super::{
     sum_per_cpu,
 };
 
+/// The directory under the pins that a monitor holds an advisory lock on while it runs. The
+/// lock goes with the process however it ends (SIGKILL, say, which leaves the reports on), so
+/// reports found on with the lock free have no reader, and the agent turns them off.
+const MONITOR_LOCK_DIR: &str = "monitor-lock";
+/// Tries at taking the monitor lock: the agent holds it for a moment while it looks.
+const MONITOR_LOCK_TRIES: usize = 5;
+const MONITOR_LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// While alive, the programs report to the `drop_events` ring buffer every drop, or with a
 /// trace every packet to or from the traced prefix.
 pub struct MonitorSwitch {
     drops: Array<MapData, u32>,
     trace: Array<MapData, Trace>,
+    /// Released after `drop` has turned the reports off.
+    _lock: std::fs::File,
 }
 
 impl Drop for MonitorSwitch {
@@ -206,20 +216,19 @@ impl PinnedDataplane {
 
     /// Turns the programs' drop reports on, or with `trace` the reports of every packet to or
     /// from that prefix, and returns the ring buffer they arrive in; the reports stop when the
-    /// returned switch is dropped. One monitor at a time: refused while the process that set
-    /// the `trace` entry lives.
+    /// returned switch is dropped. One monitor at a time: refused while another holds the
+    /// monitor lock.
     pub fn monitor(&self, trace: Option<IpNetwork>) -> Result<(RingBuf<MapData>, MonitorSwitch)> {
         let events = RingBuf::try_from(self.map(DROP_EVENTS_MAP)?)?;
-        let mut traced: Array<MapData, Trace> = Array::try_from(self.map(TRACE_MAP)?)?;
-        let current = traced.get(&0, 0).context("cannot read the trace map")?;
-        if current.monitor_pid != 0 && Path::new(&format!("/proc/{}", current.monitor_pid)).exists()
-        {
+        let lock = self.monitor_lock()?;
+        if !take_lock(&lock, MONITOR_LOCK_TRIES).context("cannot take the monitor lock")? {
             bail!(
-                "another monitor (pid {}) is reading the reports of {}; one monitor at a time",
-                current.monitor_pid,
+                "another monitor{} is reading the reports of {}; one monitor at a time",
+                lock_holder(&lock).map_or(String::new(), |pid| format!(" (pid {pid})")),
                 self.dir.display()
             );
         }
+        let mut traced: Array<MapData, Trace> = Array::try_from(self.map(TRACE_MAP)?)?;
         let drops: Array<MapData, u32> = Array::try_from(self.map(MONITOR_MAP)?)?;
         traced
             .set(0, trace_of(trace), 0)
@@ -227,6 +236,7 @@ impl PinnedDataplane {
         let mut switch = MonitorSwitch {
             drops,
             trace: traced,
+            _lock: lock,
         };
         if trace.is_none() {
             switch
@@ -235,6 +245,38 @@ impl PinnedDataplane {
                 .context("cannot turn the drop reports on")?;
         }
         Ok((events, switch))
+    }
+
+    /// Turns the programs' reports off if they are on while no monitor holds the lock: its
+    /// process ended without turning them off. Returns the pid the `trace` entry names if it
+    /// did. The lock is held meanwhile, so a monitor starting now waits for it.
+    pub fn end_reports_without_monitor(&self) -> Result<Option<u32>> {
+        let lock = self.monitor_lock()?;
+        if !take_lock(&lock, 1).context("cannot take the monitor lock")? {
+            return Ok(None);
+        }
+        let mut traced: Array<MapData, Trace> = Array::try_from(self.map(TRACE_MAP)?)?;
+        let mut drops: Array<MapData, u32> = Array::try_from(self.map(MONITOR_MAP)?)?;
+        let trace = traced.get(&0, 0).context("cannot read the trace map")?;
+        let reporting = drops.get(&0, 0).context("cannot read the monitor switch")?;
+        if trace == Trace::default() && reporting == 0 {
+            return Ok(None);
+        }
+        drops
+            .set(0, 0, 0)
+            .context("cannot turn the drop reports off")?;
+        traced
+            .set(0, Trace::default(), 0)
+            .context("cannot turn the trace off")?;
+        Ok(Some(trace.monitor_pid))
+    }
+
+    /// The monitor lock's directory, opened (and made, the first time).
+    fn monitor_lock(&self) -> Result<std::fs::File> {
+        let dir = self.dir.join(MONITOR_LOCK_DIR);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::File::open(&dir))
+            .with_context(|| format!("cannot open the monitor lock {}", dir.display()))
     }
 
     /// How full each lease, endpoint and flow map is.
@@ -449,20 +491,33 @@ impl PinDirLock {
         })?;
         let file = std::fs::File::open(dir)
             .with_context(|| format!("cannot open the pin directory {}", dir.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _directory: file }),
-            Err(std::fs::TryLockError::WouldBlock) => bail!(
+        if !take_lock(&file, 1).with_context(|| format!("cannot lock {}", dir.display()))? {
+            bail!(
                 "the pin directory {} is in use by another overlay-agent{}: run one agent per \
                  pin directory (in another network namespace, leave --bpf-pin-dir unset or \
                  give it a directory of its own)",
                 dir.display(),
                 lock_holder(&file).map_or(String::new(), |pid| format!(" (pid {pid})"))
-            ),
-            Err(std::fs::TryLockError::Error(error)) => {
-                Err(error).with_context(|| format!("cannot lock {}", dir.display()))
+            );
+        }
+        Ok(Self { _directory: file })
+    }
+}
+
+/// Locks `file` (for as long as it stays open); false if another holds its lock through
+/// `tries` tries.
+fn take_lock(file: &std::fs::File, tries: usize) -> std::io::Result<bool> {
+    for attempt in 1..=tries {
+        match file.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) if attempt < tries => {
+                std::thread::sleep(MONITOR_LOCK_RETRY);
             }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(error)) => return Err(error),
         }
     }
+    Ok(false)
 }
 
 /// The pid holding a lock on `file`'s inode, as /proc/locks lists it ("1: FLOCK  ADVISORY
@@ -488,6 +543,11 @@ pub fn remove(dir: &Path) -> Result<()> {
     }
     for map in MAPS {
         remove_map_pin(&dir.join(map))?;
+    }
+    let monitor_lock = dir.join(MONITOR_LOCK_DIR);
+    if monitor_lock.exists() {
+        std::fs::remove_dir(&monitor_lock)
+            .with_context(|| format!("cannot remove {}", monitor_lock.display()))?;
     }
     std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))
 }

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData};
-use overlay_common::Counter;
+use overlay_common::{Counter, Trace};
 use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host, PREFIX},
@@ -30,6 +30,15 @@ fn drop_reports_on(host: &Host) -> Result<bool> {
         MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let switch: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
     Ok(switch.get(&0, 0)? != 0)
+}
+
+/// Whether `host`'s programs report anything: drops, or a trace.
+fn reports_on(host: &Host) -> Result<bool> {
+    let path = host.pin_dir().join("trace");
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let trace: Array<MapData, Trace> = Array::try_from(Map::Array(data))?;
+    Ok(drop_reports_on(host)? || trace.get(&0, 0)?.family != 0)
 }
 
 fn flannel_record(address: &str, mac: &str) -> String {
@@ -227,6 +236,60 @@ fn bpf_log_names_each_packets_outcome_in_the_agent_log() -> Result<()> {
     ] {
         agent.wait_for_log(&outcome, 3, EVENT_TIMEOUT)?;
     }
+    Ok(())
+}
+
+/// The programs report only while a monitor runs. A monitor killed outright (SIGKILL) cannot
+/// turn its reports off: the agent does, within seconds. One whose terminal closed (SIGHUP)
+/// turns them off itself. Either way the next monitor starts, and one at a time still holds.
+#[test]
+fn reports_end_with_their_monitor_however_it_ends() -> Result<()> {
+    let mut cluster = Cluster::new("gone-monitor")?;
+    let host = cluster.add_host("host1", "172.20.62.104")?;
+    let mut agent = Agent::start(&cluster, &host, &[])?;
+    agent.wait_ready()?;
+    let monitor = |extra: &[&str]| {
+        let flags: Vec<String> = [
+            "monitor".to_string(),
+            format!("--bpf-pin-dir={}", host.pin_dir().display()),
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|flag| flag.to_string()))
+        .collect();
+        Agent::start_with(&host, &flags, &[])
+    };
+    for (signal, extra) in [
+        (libc::SIGKILL, &["--trace", "10.2.54.0/24"][..]),
+        (libc::SIGKILL, &[][..]),
+        (libc::SIGHUP, &["--trace", "10.2.54.0/24"][..]),
+    ] {
+        let mut running = monitor(extra)?;
+        wait_for("the monitor's reports on", EVENT_TIMEOUT, || {
+            reports_on(&host)
+        })
+        .with_context(|| format!("monitor log:\n{}", running.log()))?;
+        let mut second = monitor(&[])?;
+        assert!(!second.process.wait_exit(EVENT_TIMEOUT)?.success());
+        assert!(
+            second.log().contains("one monitor at a time"),
+            "{}",
+            second.log()
+        );
+
+        running.process.signal(signal)?;
+        let status = running.process.wait_exit(EVENT_TIMEOUT)?;
+        if signal == libc::SIGHUP {
+            assert!(status.success(), "{}", running.log());
+        }
+        wait_for("the reports off", EVENT_TIMEOUT, || Ok(!reports_on(&host)?))
+            .with_context(|| format!("agent log:\n{}", agent.log()))?;
+    }
+    assert_eq!(
+        agent.count_in_log("ended without turning the dataplane's reports off"),
+        2,
+        "{}",
+        agent.log()
+    );
     Ok(())
 }
 
