@@ -829,16 +829,20 @@ mod tests {
             }),
         };
         let mut progress = Progress::default();
+        // A round about lease events with `ports` live, after the one that placed `programs`.
+        let mut round_with_ports = async |ports: &[u32]| {
+            apply(
+                &about_leases(ports),
+                &node,
+                Some(&mut dataplane),
+                &mut progress,
+                Some(last),
+            )
+            .await
+            .expect("round")
+        };
 
-        let applied = apply(
-            &about_leases(&[7, 8]),
-            &node,
-            Some(&mut dataplane),
-            &mut progress,
-            Some(last),
-        )
-        .await
-        .expect("round");
+        let applied = round_with_ports(&[7, 8]).await;
         assert_eq!(
             world.borrow().calls,
             [
@@ -853,15 +857,7 @@ mod tests {
 
         // A port came with the lease event: the programs are placed.
         world.borrow_mut().calls.clear();
-        let applied = apply(
-            &about_leases(&[7, 8, 9]),
-            &node,
-            Some(&mut dataplane),
-            &mut progress,
-            Some(last),
-        )
-        .await
-        .expect("round");
+        let applied = round_with_ports(&[7, 8, 9]).await;
         assert!(
             world
                 .borrow()
