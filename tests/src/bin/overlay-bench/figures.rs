@@ -46,9 +46,6 @@ pub struct Figure {
     pub row: &'static str,
     pub unit: &'static str,
     pub higher_is_better: bool,
-    /// Whether its rounds ran interleaved with the other modes' (the control plane's rows
-    /// run once per mode, one mode after another).
-    pub interleaved: bool,
     /// Each kept round's value per mode.
     pub rounds: Vec<BTreeMap<&'static str, f64>>,
     /// Rounds left out because a run of theirs kept being stolen from.
@@ -101,26 +98,15 @@ impl Figures {
         row: &'static str,
         round: BTreeMap<&'static str, f64>,
     ) {
-        self.figure(spec, row, true).rounds.push(round);
+        self.figure(spec, row).rounds.push(round);
     }
 
     /// A round of `spec`'s figure left out.
     pub fn record_dropped(&mut self, spec: &FigureSpec, row: &'static str) {
-        self.figure(spec, row, true).dropped += 1;
+        self.figure(spec, row).dropped += 1;
     }
 
-    /// `spec`'s figure measured once in `mode`, not interleaved with the other modes.
-    pub fn record_once(&mut self, spec: &FigureSpec, row: &'static str, mode: Mode, value: f64) {
-        let figure = self.figure(spec, row, false);
-        match figure.rounds.first_mut() {
-            Some(round) => {
-                round.insert(mode.name(), value);
-            }
-            None => figure.rounds.push([(mode.name(), value)].into()),
-        }
-    }
-
-    fn figure(&mut self, spec: &FigureSpec, row: &'static str, interleaved: bool) -> &mut Figure {
+    fn figure(&mut self, spec: &FigureSpec, row: &'static str) -> &mut Figure {
         let index = match self.0.iter().position(|figure| figure.name == spec.name) {
             Some(index) => index,
             None => {
@@ -129,7 +115,6 @@ impl Figures {
                     row,
                     unit: spec.unit,
                     higher_is_better: spec.higher_is_better,
-                    interleaved,
                     rounds: Vec::new(),
                     dropped: 0,
                 });

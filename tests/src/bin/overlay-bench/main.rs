@@ -44,11 +44,13 @@ const MODES: [Mode; 3] = [Mode::Ebpf, Mode::Kernel, Mode::HostGw];
 const ATTEMPTS: usize = 3;
 
 const USAGE: &str =
-    "usage: overlay-bench [--quick] [--only ROW,...] [--rounds N] [--rebuild-every N] [--seed N] [--out DIR]
+    "usage: overlay-bench [--quick] [--only ROW,...] [--rounds N] [--control-rounds N] [--rebuild-every N] [--seed N] [--out DIR]
 
   --quick        2 rounds of 1-s runs and a small control plane: proves the benchmark works
   --only ROWS    only these rows (comma separated), e.g. --only tcp4,tcp4-v6
   --rounds N     rounds of interleaved runs (default 10, 2 with --quick)
+  --control-rounds N
+                 rounds of the control plane's runs (default 3, 2 with --quick)
   --rebuild-every N
                  build the three clusters afresh every N rounds (default 2, 1 with --quick)
   --seed N       the seed of the modes' shuffled order (default: from the clock)
@@ -94,6 +96,8 @@ impl Mode {
 /// How long and how often to measure.
 pub struct Plan {
     rounds: usize,
+    /// Rounds of the control plane's runs, each mode once per round in shuffled order.
+    control_rounds: usize,
     /// Rounds run on one build of the clusters: whatever one build has of its own then shows
     /// in the spread instead of shifting a whole run.
     rounds_per_build: usize,
@@ -117,6 +121,7 @@ impl Plan {
         if quick {
             Self {
                 rounds: 2,
+                control_rounds: 2,
                 rounds_per_build: 1,
                 seconds: 1,
                 leases_added: 20,
@@ -129,6 +134,7 @@ impl Plan {
         } else {
             Self {
                 rounds: 10,
+                control_rounds: 3,
                 rounds_per_build: 2,
                 seconds: 2,
                 leases_added: 200,
@@ -155,6 +161,7 @@ fn parse_options() -> Result<Option<Options>> {
     let mut quick = false;
     let mut selection = Selection::everything();
     let mut rounds = None;
+    let mut control_rounds = None;
     let mut rounds_per_build = None;
     let mut seed = None;
     let mut out_dir = None;
@@ -165,6 +172,9 @@ fn parse_options() -> Result<Option<Options>> {
             "--quick" => quick = true,
             "--only" => selection = Selection::only(&value()?)?,
             "--rounds" => rounds = Some(number(&value()?, "--rounds")?),
+            "--control-rounds" => {
+                control_rounds = Some(number(&value()?, "--control-rounds")?);
+            }
             "--rebuild-every" => {
                 rounds_per_build = Some(number(&value()?, "--rebuild-every")?);
             }
@@ -181,12 +191,19 @@ fn parse_options() -> Result<Option<Options>> {
     if let Some(rounds) = rounds {
         plan.rounds = usize::try_from(rounds).context("--rounds is too large")?;
     }
+    if let Some(control_rounds) = control_rounds {
+        plan.control_rounds =
+            usize::try_from(control_rounds).context("--control-rounds is too large")?;
+    }
     if let Some(rounds_per_build) = rounds_per_build {
         plan.rounds_per_build =
             usize::try_from(rounds_per_build).context("--rebuild-every is too large")?;
     }
     if plan.rounds == 0 {
         bail!("--rounds must be at least 1");
+    }
+    if plan.control_rounds == 0 {
+        bail!("--control-rounds must be at least 1");
     }
     if plan.rounds_per_build == 0 {
         bail!("--rebuild-every must be at least 1");
@@ -239,8 +256,8 @@ fn run(options: &Options) -> Result<()> {
         runs_dropped: 0,
         max_steal_percent: 0.0,
     };
+    let mut random = Random(options.seed);
     if selection.needs_data_path() {
-        let mut random = Random(options.seed);
         for first_round in (1..=plan.rounds).step_by(plan.rounds_per_build) {
             // The namespaces' names are fixed: a build must be gone before the next starts.
             let paths = start_data_paths(selection)?;
@@ -258,8 +275,9 @@ fn run(options: &Options) -> Result<()> {
         }
     }
     if selection.control_plane {
-        for mode in MODES {
-            measure_control_plane(&mut figures, plan, mode)?;
+        for round in 1..=plan.control_rounds {
+            println!("== control plane, round {round} of {}", plan.control_rounds);
+            run_control_plane_round(&mut figures, plan, &mut random)?;
         }
     }
     report::write(&figures.0, plan, &summary, &options.out_dir)
@@ -338,9 +356,9 @@ fn start_data_paths(selection: &Selection) -> Result<Vec<DataPath>> {
     Ok(paths)
 }
 
-/// `paths` in an order drawn from `random`.
-fn shuffled<'a>(paths: &'a [DataPath], random: &mut Random) -> Vec<&'a DataPath> {
-    let mut order: Vec<&DataPath> = paths.iter().collect();
+/// `items` in an order drawn from `random`.
+fn shuffled<'a, T>(items: &'a [T], random: &mut Random) -> Vec<&'a T> {
+    let mut order: Vec<&T> = items.iter().collect();
     for index in (1..order.len()).rev() {
         order.swap(index, random.below(index + 1));
     }
@@ -448,68 +466,86 @@ fn shown(specs: &[FigureSpec], values: &[f64]) -> String {
         .join(", ")
 }
 
-/// The control plane's figures in `mode`: one run, not interleaved (each takes minutes).
-fn measure_control_plane(figures: &mut Figures, plan: &Plan, mode: Mode) -> Result<()> {
-    println!("== {}: control plane", mode.name());
-    let control = control_plane::measure(mode, plan)?;
-    let mut record = |name: &str, unit, value| {
-        figures.record_once(
-            &FigureSpec::new(name, unit, false),
-            CONTROL_PLANE,
-            mode,
-            value,
-        )
+/// One round of the control plane: a run in every mode (each takes minutes, on a cluster of
+/// its own), in shuffled order.
+fn run_control_plane_round(figures: &mut Figures, plan: &Plan, random: &mut Random) -> Result<()> {
+    let mut runs = BTreeMap::new();
+    for mode in shuffled(&MODES, random) {
+        println!("== {}: control plane", mode.name());
+        runs.insert(mode.name(), control_plane_figures(plan, *mode)?);
+    }
+    // Every run yields the same figures, in the same order.
+    let Some(first) = runs.values().next() else {
+        return Ok(());
     };
-    record(
-        "Lease to route on another host after etcd's acknowledgement, p50",
-        "ms",
-        control.route_p50_ms,
-    );
-    record(
-        "Lease to route on another host after etcd's acknowledgement, p99",
-        "ms",
-        control.route_p99_ms,
-    );
-    record(
-        "etcd's acknowledgement of a lease, p99",
-        "ms",
-        control.put_p99_ms,
-    );
-    for scale in &control.scales {
-        let leases = scale.leases;
-        record(
-            &format!("Start to ready, {leases} leases"),
-            "ms",
-            scale.ready_ms,
-        );
-        record(
-            &format!("Agent resident memory, {leases} leases"),
-            "MiB",
-            scale.resident_mib,
-        );
-        record(
-            &format!(
-                "Idle agent CPU, {leases} leases and {} containers",
-                plan.containers
-            ),
-            "% of a core",
-            scale.idle_cpu_percent,
-        );
-        record(
-            &format!("Lease to route after etcd's acknowledgement at {leases} leases, p50"),
-            "ms",
-            scale.route_p50_ms,
-        );
-        record(
-            &format!("Lease to route after etcd's acknowledgement at {leases} leases, p99"),
-            "ms",
-            scale.route_p99_ms,
-        );
-        record(
-            &format!("Agent CPU per lease event at {leases} leases"),
-            "ms",
-            scale.cpu_ms_per_lease,
-        );
+    for (index, (spec, _)) in first.iter().enumerate() {
+        let round = runs
+            .iter()
+            .map(|(mode, run)| (*mode, run[index].1))
+            .collect();
+        figures.record_round(spec, CONTROL_PLANE, round);
     }
     Ok(())
+}
+
+/// The control plane's figures in `mode`, from one run.
+fn control_plane_figures(plan: &Plan, mode: Mode) -> Result<Vec<(FigureSpec, f64)>> {
+    let control = control_plane::measure(mode, plan)?;
+    let figure = |name: &str, unit, value| (FigureSpec::new(name, unit, false), value);
+    let mut figures = vec![
+        figure(
+            "Lease to route on another host after etcd's acknowledgement, p50",
+            "ms",
+            control.route_p50_ms,
+        ),
+        figure(
+            "Lease to route on another host after etcd's acknowledgement, p99",
+            "ms",
+            control.route_p99_ms,
+        ),
+        figure(
+            "etcd's acknowledgement of a lease, p99",
+            "ms",
+            control.put_p99_ms,
+        ),
+    ];
+    for scale in &control.scales {
+        let leases = scale.leases;
+        figures.extend([
+            figure(
+                &format!("Start to ready, {leases} leases"),
+                "ms",
+                scale.ready_ms,
+            ),
+            figure(
+                &format!("Agent resident memory, {leases} leases"),
+                "MiB",
+                scale.resident_mib,
+            ),
+            figure(
+                &format!(
+                    "Idle agent CPU, {leases} leases and {} containers",
+                    plan.containers
+                ),
+                "% of a core",
+                scale.idle_cpu_percent,
+            ),
+            figure(
+                &format!("Lease to route after etcd's acknowledgement at {leases} leases, p50"),
+                "ms",
+                scale.route_p50_ms,
+            ),
+            figure(
+                &format!("Lease to route after etcd's acknowledgement at {leases} leases, p99"),
+                "ms",
+                scale.route_p99_ms,
+            ),
+            figure(
+                &format!("Agent CPU per lease event at {leases} leases"),
+                "ms",
+                scale.cpu_ms_per_lease,
+            ),
+        ]);
+    }
+    Ok(figures)
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use crate::{
     Mode, Plan,
     figures::{Figure, Spread},
+    rows::CONTROL_PLANE,
     traffic::STEAL_LIMIT_PERCENT,
 };
 
@@ -30,12 +31,9 @@ fn range(spread: Spread) -> String {
     format!("{:.2}–{:.2}", spread.q1, spread.q3)
 }
 
-/// A ratio's interquartile range; none for a figure measured once per mode.
-fn ratio_range(figure: &Figure, ratio: Option<Spread>) -> String {
-    match ratio {
-        Some(ratio) if figure.interleaved => range(ratio),
-        _ => "—".to_string(),
-    }
+/// A ratio's interquartile range, if there is a ratio.
+fn ratio_range(ratio: Option<Spread>) -> String {
+    ratio.map_or_else(|| "—".to_string(), range)
 }
 
 /// A mode's median; for a figure of ebpf mode alone, which has no ratio, with its IQR.
@@ -43,7 +41,7 @@ fn mode_cell(figure: &Figure, mode: Mode) -> String {
     let Some(spread) = figure.spread(mode.name()) else {
         return "—".to_string();
     };
-    if figure.modes().count() == 1 && figure.interleaved {
+    if figure.modes().count() == 1 {
         format!("{:.2} (IQR {})", spread.median, range(spread))
     } else {
         format!("{:.2}", spread.median)
@@ -51,11 +49,7 @@ fn mode_cell(figure: &Figure, mode: Mode) -> String {
 }
 
 fn rounds(figure: &Figure) -> String {
-    if figure.interleaved {
-        format!("{}/{}", figure.rounds.len(), figure.dropped)
-    } else {
-        "1, in sequence".to_string()
-    }
+    format!("{}/{}", figure.rounds.len(), figure.dropped)
 }
 
 fn table(figures: &[Figure]) -> Result<String> {
@@ -72,9 +66,9 @@ fn table(figures: &[Figure]) -> Result<String> {
             mode_cell(figure, Mode::Kernel),
             mode_cell(figure, Mode::HostGw),
             cell(over_kernel.map(|ratio| ratio.median)),
-            ratio_range(figure, over_kernel),
+            ratio_range(over_kernel),
             cell(over_host_gw.map(|ratio| ratio.median)),
-            ratio_range(figure, over_host_gw),
+            ratio_range(over_host_gw),
             rounds(figure),
         )?;
     }
@@ -106,13 +100,15 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
             plan.rounds_per_build, summary.builds,
         ));
     }
-    if figures.iter().any(|figure| !figure.interleaved) {
+    if figures.iter().any(|figure| figure.row == CONTROL_PLANE) {
         text.push_str(&format!(
-            " Control plane rows: one run per mode, one mode after the other, not interleaved; \
-             lease to route over {} added leases, and {} more at each lease count, from etcd's \
-             acknowledgement of each to its route, timed by a netlink listener; the agent's \
-             CPU per lease event over those {}, in /proc's clock ticks; idle CPU over {} s with \
-             {} containers.",
+            " Control plane rows: {} round(s), in each a run in every mode, one after the \
+             other in a shuffled order (a run takes minutes, on a cluster of its own); the \
+             ratios are again those of each round; lease to route over {} added leases, and \
+             {} more at each lease count, from etcd's acknowledgement of each to its route, \
+             timed by a netlink listener; the agent's CPU per lease event over those {}, in \
+             /proc's clock ticks; idle CPU over {} s with {} containers.",
+            plan.control_rounds,
             plan.leases_added,
             plan.leases_added_at_scale,
             plan.leases_added_at_scale,
@@ -137,7 +133,6 @@ fn figure_json(figure: &Figure) -> serde_json::Value {
         "row": figure.row,
         "unit": figure.unit,
         "higher_is_better": figure.higher_is_better,
-        "interleaved": figure.interleaved,
         "values": medians,
         "spread": spreads,
         "ebpf_over_kernel": figure.ratio(Mode::Kernel).map(Spread::to_json),
@@ -163,6 +158,7 @@ pub fn write(figures: &[Figure], plan: &Plan, summary: &Summary, out_dir: &Path)
         "machine": machine,
         "seed": summary.seed,
         "rounds": plan.rounds,
+        "control_rounds": plan.control_rounds,
         "rounds_per_build": plan.rounds_per_build,
         "builds": summary.builds,
         "seconds": plan.seconds,

@@ -1,6 +1,6 @@
 //! The benchmark's rows: each is one kind of run with a short name for `--only`, giving one
 //! or two figures. The data-path rows run in every mode, round after round; `bpf-stats` in
-//! ebpf mode alone; `control-plane` once per mode at the end.
+//! ebpf mode alone; `control-plane` at the end, in rounds of its own.
 use anyhow::{Result, bail};
 use overlay_tests::{ipv6::BBOX2_V6, netns::Netns, seed::BBOX2};
 
