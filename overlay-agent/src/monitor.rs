@@ -95,18 +95,30 @@ pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()>
 /// pinned in `pin_dir` that a monitor left on when it ended, for as long as it is polled.
 pub async fn end_reports_of_gone_monitors(pin_dir: PathBuf) {
     let mut ticks = tokio::time::interval(GONE_MONITOR_INTERVAL);
+    // Warned once until it changes: the same failure every 2 s says nothing new.
+    let mut last_error = None;
     loop {
         ticks.tick().await;
         match PinnedDataplane::open(&pin_dir)
             .and_then(|pinned| pinned.end_reports_without_monitor())
         {
-            Ok(Some(pid)) => log::warn!(
-                "the monitor (pid {pid}) ended without turning the dataplane's reports off; \
-                 turned them off"
+            Ok(Some(monitor)) => log::warn!(
+                "{} ended without turning the dataplane's reports off; turned them off",
+                monitor.map_or("a monitor".to_string(), |pid| format!(
+                    "the monitor (pid {pid})"
+                ))
             ),
             Ok(None) => {}
-            Err(error) => log::warn!("cannot look for reports left on by a monitor: {error:#}"),
+            Err(error) => {
+                let error = format!("{error:#}");
+                if last_error.as_ref() != Some(&error) {
+                    log::warn!("cannot look for reports left on by a monitor: {error}");
+                }
+                last_error = Some(error);
+                continue;
+            }
         }
+        last_error = None;
     }
 }
 

@@ -248,9 +248,9 @@ impl PinnedDataplane {
     }
 
     /// Turns the programs' reports off if they are on while no monitor holds the lock: its
-    /// process ended without turning them off. Returns the pid the `trace` entry names if it
-    /// did. The lock is held meanwhile, so a monitor starting now waits for it.
-    pub fn end_reports_without_monitor(&self) -> Result<Option<u32>> {
+    /// process ended without turning them off. Returns, if it did, the pid the `trace` entry
+    /// names, if any. The lock is held meanwhile, so a monitor starting now waits for it.
+    pub fn end_reports_without_monitor(&self) -> Result<Option<Option<u32>>> {
         let lock = self.monitor_lock()?;
         if !take_lock(&lock, 1).context("cannot take the monitor lock")? {
             return Ok(None);
@@ -268,7 +268,7 @@ impl PinnedDataplane {
         traced
             .set(0, Trace::default(), 0)
             .context("cannot turn the trace off")?;
-        Ok(Some(trace.monitor_pid))
+        Ok(Some((trace.monitor_pid != 0).then_some(trace.monitor_pid)))
     }
 
     /// The monitor lock's directory, opened (and made, the first time).
