@@ -348,17 +348,15 @@ fn jumps_and_chains_of_others_next_to_ours_are_left_alone() -> Result<()> {
 /// iptables-nft and with iptables-legacy.
 #[test]
 fn a_chain_no_longer_wanted_stays_empty_while_others_jump_to_it() -> Result<()> {
-    for legacy in [false, true] {
-        let tag = if legacy {
-            "unwanted-legacy"
-        } else {
-            "unwanted"
-        };
+    for (tag, command) in [
+        ("unwanted", "iptables"),
+        ("unwanted-legacy", "iptables-legacy"),
+    ] {
         let (cluster, host) = lone_host(tag)?;
         let path = host.legacy_iptables_path()?;
-        let (command, envs) = match legacy {
-            true => ("iptables-legacy", vec![("PATH", path.as_str())]),
-            false => ("iptables", Vec::new()),
+        let envs = match command {
+            "iptables-legacy" => vec![("PATH", path.as_str())],
+            _ => Vec::new(),
         };
         let nat = |args: &[&str]| {
             host.netns
