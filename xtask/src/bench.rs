@@ -1,12 +1,16 @@
-//! `cargo xtask bench [--quick] [--only ROWS] [--rounds N] [--rebuild-every N] [--seed N] |
-//! --micro`: setup, a release build of the agent, then the benchmark, which measures ebpf,
-//! kernel and host-gw in interleaved rounds (throughput over IPv4 and IPv6) on clusters built
-//! afresh every few rounds, or with `--micro` only each program's ns per packet; the reports
-//! go to `target/bench/`. The row names `--only` takes are the benchmark's own: an unknown one
-//! fails, naming them.
-use std::path::Path;
+//! `cargo xtask bench [--quick] [--only ROWS] [--rounds N] [--control-rounds N]
+//! [--rebuild-every N] [--seed N] [--out DIR] | --micro [--only TEXT] [--samples N]`: setup, a
+//! release build of the agent, then the benchmark, which measures ebpf, kernel and host-gw in
+//! interleaved rounds (throughput over IPv4 and IPv6) on clusters built afresh every few
+//! rounds, or with `--micro` only each program's ns per packet; the reports go to
+//! `target/bench/`. Each flag is handed to the benchmark binary as given, so what it takes and
+//! refuses (an unknown row, a count of 0) is the binary's own.
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{build, cmd, setup};
 
@@ -16,32 +20,48 @@ pub struct Options {
     pub micro: bool,
     pub only: Option<String>,
     pub rounds: Option<u32>,
+    pub control_rounds: Option<u32>,
     pub rebuild_every: Option<u32>,
     pub seed: Option<u64>,
+    pub out: Option<PathBuf>,
+    pub samples: Option<u32>,
 }
 
 impl Options {
-    /// The benchmark's own arguments.
-    fn bench_args(&self) -> Vec<String> {
+    /// The benchmark's own arguments, `--out` made absolute: the benchmark runs in the
+    /// workspace's root, not where the user is.
+    fn bench_args(&self) -> Result<Vec<OsString>> {
         let mut args = Vec::new();
         if self.quick {
-            args.push("--quick".to_string());
+            args.push("--quick".into());
         }
-        let valued = [
-            ("--only", self.only.clone()),
-            ("--rounds", self.rounds.map(|rounds| rounds.to_string())),
-            (
-                "--rebuild-every",
-                self.rebuild_every.map(|rounds| rounds.to_string()),
+        let out = match &self.out {
+            Some(out) => Some(
+                std::path::absolute(out)
+                    .with_context(|| format!("--out {}", out.display()))?
+                    .into_os_string(),
             ),
-            ("--seed", self.seed.map(|seed| seed.to_string())),
+            None => None,
+        };
+        let number = |value: Option<u64>| value.map(|value| OsString::from(value.to_string()));
+        let valued = [
+            ("--only", self.only.clone().map(OsString::from)),
+            ("--rounds", number(self.rounds.map(u64::from))),
+            (
+                "--control-rounds",
+                number(self.control_rounds.map(u64::from)),
+            ),
+            ("--rebuild-every", number(self.rebuild_every.map(u64::from))),
+            ("--seed", number(self.seed)),
+            ("--out", out),
+            ("--samples", number(self.samples.map(u64::from))),
         ];
         for (flag, value) in valued {
             if let Some(value) = value {
-                args.extend([flag.to_string(), value]);
+                args.extend([flag.into(), value]);
             }
         }
-        args
+        Ok(args)
     }
 }
 
@@ -69,6 +89,46 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
             "OVERLAY_AGENT_BIN",
             root.join("target/release/overlay-agent"),
         );
-    bench.args(options.bench_args());
+    bench.args(options.bench_args()?);
     cmd::run(&mut bench)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_given_reaches_the_benchmark_and_out_is_made_absolute() {
+        let options = Options {
+            quick: true,
+            micro: false,
+            only: Some("tcp4,control-plane".into()),
+            rounds: Some(4),
+            control_rounds: Some(2),
+            rebuild_every: Some(1),
+            seed: Some(7),
+            out: Some("report".into()),
+            samples: Some(500),
+        };
+        let out = std::env::current_dir().unwrap().join("report");
+        let expected: Vec<OsString> = [
+            "--quick",
+            "--only",
+            "tcp4,control-plane",
+            "--rounds",
+            "4",
+            "--control-rounds",
+            "2",
+            "--rebuild-every",
+            "1",
+            "--seed",
+            "7",
+            "--out",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .chain([out.into_os_string(), "--samples".into(), "500".into()])
+        .collect();
+        assert_eq!(options.bench_args().unwrap(), expected);
+    }
 }

@@ -59,18 +59,27 @@ enum Task {
         micro: bool,
         /// Only these rows, comma separated: tcp1, tcp4, tcp1-pinned, tcp4-pinned, udp64, the
         /// same with -v6 (tcp1-v6, ..., udp64-v6), latency, latency-pinned, bpf-stats,
-        /// control-plane.
-        #[arg(long, value_name = "ROWS", conflicts_with = "micro")]
+        /// control-plane. With --micro: only the rows whose program or frame contains ROWS.
+        #[arg(long, value_name = "ROWS")]
         only: Option<String>,
         /// Rounds of interleaved runs (default 10, 2 with --quick).
         #[arg(long, conflicts_with = "micro")]
         rounds: Option<u32>,
+        /// Rounds of the control plane's runs (default 3, 2 with --quick).
+        #[arg(long, value_name = "N", conflicts_with = "micro")]
+        control_rounds: Option<u32>,
         /// Build the three clusters afresh every N rounds (default 2, 1 with --quick).
         #[arg(long, value_name = "N", conflicts_with = "micro")]
         rebuild_every: Option<u32>,
         /// The seed of each round's shuffled order of the modes, to repeat a run's order.
         #[arg(long, conflicts_with = "micro")]
         seed: Option<u64>,
+        /// Where the report goes instead of target/bench/.
+        #[arg(long, value_name = "DIR", conflicts_with = "micro")]
+        out: Option<PathBuf>,
+        /// With --micro: runs timed per row (default 20,000).
+        #[arg(long, value_name = "N", requires = "micro")]
+        samples: Option<u32>,
     },
     /// The seed document, live: two hosts, three containers, etcd, our dataplane.
     Demo {
@@ -98,16 +107,22 @@ fn main() -> ExitCode {
             micro,
             only,
             rounds,
+            control_rounds,
             rebuild_every,
             seed,
+            out,
+            samples,
         } => {
             let options = bench::Options {
                 quick,
                 micro,
                 only,
                 rounds,
+                control_rounds,
                 rebuild_every,
                 seed,
+                out,
+                samples,
             };
             succeeded(bench::run(&root, &options))
         }

@@ -1,6 +1,6 @@
 //! `cargo xtask run`, as a user runs it: the agent on a host (a test namespace, entered with
 //! nsenter), ready, and stopped by Ctrl-C's SIGINT with its lease kept; refused to a user who
-//! is not root.
+//! is not root. `cargo xtask bench` hands the benchmarks the flags the README gives them.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -63,6 +63,36 @@ fn cargo_xtask_run_refuses_a_user_who_is_not_root() -> Result<()> {
         output.status,
         String::from_utf8_lossy(&output.stdout)
     );
+    Ok(())
+}
+
+/// Each flag reaches the benchmark it is for: a value the benchmark refuses comes back as
+/// its own refusal, not as a flag `cargo xtask bench` does not know.
+#[test]
+fn cargo_xtask_bench_hands_its_flags_to_the_benchmarks() -> Result<()> {
+    let refused: [(&[&str], &str); 2] = [
+        (
+            &["--control-rounds", "0"],
+            "--control-rounds must be at least 1",
+        ),
+        (
+            &["--micro", "--only", "ARP", "--samples", "0"],
+            "--samples must be at least 1",
+        ),
+    ];
+    for (args, refusal) in refused {
+        let output = Command::new("cargo")
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .args(["xtask", "bench"])
+            .args(args)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            !output.status.success() && stderr.contains(refusal),
+            "cargo xtask bench {args:?} ({}) did not end in the refusal {refusal:?}:\n{stderr}",
+            output.status
+        );
+    }
     Ok(())
 }
 
