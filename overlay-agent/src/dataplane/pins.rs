@@ -99,8 +99,13 @@ pub struct PinnedDataplane {
 }
 
 impl PinnedDataplane {
+    /// Whether an agent in ebpf mode pinned its dataplane under `dir`.
+    pub fn is_pinned(dir: &Path) -> bool {
+        dir.join(COUNTERS_MAP).exists()
+    }
+
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.join(COUNTERS_MAP).exists() {
+        if !Self::is_pinned(dir) {
             anyhow::bail!("no dataplane is pinned under {}", dir.display());
         }
         Ok(Self {

@@ -142,8 +142,8 @@ struct Owned<'a> {
 impl Owned<'_> {
     /// What the kernel holds, dumped.
     async fn listed(handle: &Handle, devices: FamilyDevices) -> Result<Self> {
-        let neighbours = owned_neighbours(handle, devices).await?;
-        let fdb = owned_fdb(handle, devices).await?;
+        let neighbours = owned_neighbours(handle, devices.family(), devices.vtep_index).await?;
+        let fdb = owned_fdb(handle, devices.vtep_index).await?;
         let routes = owned_routes(handle, devices).await?;
         let present = PeerEntries {
             neighbours: neighbours
@@ -301,16 +301,49 @@ fn is_no_route(raw_code: i32) -> bool {
     .any(|errno| raw_code == -errno)
 }
 
-/// Permanent neighbours of the family on the VXLAN device: only the agent puts those there.
+/// What the kernel holds for the remote leases of `family`, whichever dataplane wrote it:
+/// the permanent neighbours and the FDB entries of the VXLAN device `vtep_index`, if there is
+/// one, and every main-table route via a gateway, on any device (DirectRouting's go through
+/// the uplink).
+pub async fn kernel_entries(
+    handle: &Handle,
+    family: AddressFamily,
+    vtep_index: Option<u32>,
+) -> Result<PeerEntries> {
+    let mut entries = PeerEntries {
+        routes: main_routes(handle, family)
+            .await?
+            .into_iter()
+            .map(|(route, _)| route)
+            .collect(),
+        ..PeerEntries::default()
+    };
+    if let Some(vtep_index) = vtep_index {
+        entries.neighbours = owned_neighbours(handle, family, vtep_index)
+            .await?
+            .into_iter()
+            .map(|(address, (mac, _))| (address, mac))
+            .collect();
+        entries.fdb = owned_fdb(handle, vtep_index)
+            .await?
+            .into_iter()
+            .map(|(entry, _)| entry)
+            .collect();
+    }
+    Ok(entries)
+}
+
+/// Permanent neighbours of `family` on the VXLAN device: only the agent puts those there.
 async fn owned_neighbours(
     handle: &Handle,
-    devices: FamilyDevices,
+    family: AddressFamily,
+    vtep_index: u32,
 ) -> Result<HashMap<IpAddr, (MacAddr, NeighbourMessage)>> {
-    Ok(super::links::neighbours(handle, devices.family())
+    Ok(super::links::neighbours(handle, family)
         .await?
         .into_iter()
         .filter(|message| {
-            message.header.ifindex == devices.vtep_index
+            message.header.ifindex == vtep_index
                 && message.header.state == NeighbourState::Permanent
         })
         .filter_map(|message| {
@@ -322,14 +355,11 @@ async fn owned_neighbours(
 }
 
 /// FDB entries of the VXLAN device that send a MAC to a remote VTEP.
-async fn owned_fdb(
-    handle: &Handle,
-    devices: FamilyDevices,
-) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
+async fn owned_fdb(handle: &Handle, vtep_index: u32) -> Result<Vec<(FdbEntry, NeighbourMessage)>> {
     Ok(super::links::neighbours(handle, AddressFamily::Bridge)
         .await?
         .into_iter()
-        .filter(|message| message.header.ifindex == devices.vtep_index)
+        .filter(|message| message.header.ifindex == vtep_index)
         .filter_map(|message| Some((fdb_entry(&message)?, message)))
         .collect())
 }

@@ -1,6 +1,7 @@
 //! What the overlay carries, as an operator sees it: each remote lease's packets and bytes in
 //! `overlay-agent status` and `/metrics`, and `overlay-agent monitor --trace`, one line per
-//! packet to or from an address with the path it took, on a dual-stack seed.
+//! packet to or from an address with the path it took, on a dual-stack seed; in kernel mode,
+//! `status` against flannel's own kernel entries.
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -11,11 +12,13 @@ use overlay_tests::{
     cluster::Host,
     ipv6::{BBOX1_V6, BBOX2_V6, HOST2_V6, SUBNET2_V6},
     metrics::{scrape, value_of},
-    seed::{BBOX1, BBOX2, HOST2, SUBNET2, Seed},
+    seed::{BBOX1, BBOX2, HOST2, SUBNET1, SUBNET2, Seed},
     wait::wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
+/// host2's lease's gateway on flannel.1: its subnet's network address.
+const GATEWAY2: &str = "10.2.54.0";
 const PINGS: u64 = 5;
 /// An IPv4 ping's packet: 56 bytes of data, the ICMP header and the IPv4 header.
 const PING_BYTES: u64 = 56 + 8 + 20;
@@ -303,5 +306,55 @@ fn peer_counts_survive_a_restart_and_go_with_the_lease() -> Result<()> {
         [0; 4],
         "a returning lease"
     );
+    Ok(())
+}
+
+/// In kernel mode nothing is pinned, and `status` holds each remote lease against flannel's
+/// own entries instead of the maps: the route into flannel.1 (flannel-v6.1), the gateway's
+/// neighbour and the VTEP's FDB entry, each named `MISSING` when it is not there.
+#[test]
+fn status_in_kernel_mode_holds_each_lease_against_flannels_kernel_entries() -> Result<()> {
+    let kernel = ["--dataplane=kernel"].as_slice();
+    let mut seed = Seed::start_dual_stack("status-kernel", [kernel, kernel])?;
+    let (mac2, mac2_v6) = (seed.host2.vtep_mac()?, seed.host2.vtep6_mac()?);
+    let gateway_v6 = SUBNET2_V6.trim_end_matches("/64");
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+    for line in [
+        format!("lease: {SUBNET1}"),
+        "dataplane: nothing pinned under".to_string(),
+        "remote leases (1):".to_string(),
+        format!(
+            "{SUBNET2} via {HOST2} (VTEP {mac2}): route via {GATEWAY2} dev flannel.1, neighbour, \
+             FDB entry; {SUBNET2_V6} via {HOST2_V6} (VTEP {mac2_v6}): route via {gateway_v6} dev \
+             flannel-v6.1, neighbour, FDB entry\n"
+        ),
+        "programs:".to_string(),
+    ] {
+        ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
+    }
+    ensure!(!report.contains("MISSING"), "{report}");
+
+    // Stopped (the entries stay), so that it does not put back what is taken away here.
+    seed.agent1.process.terminate(TIMEOUT)?;
+    let host1 = &seed.host1.netns;
+    host1.ip(&["neigh", "del", GATEWAY2, "dev", "flannel.1"])?;
+    host1.exec(&[
+        "bridge",
+        "fdb",
+        "del",
+        &mac2,
+        "dev",
+        "flannel.1",
+        "dst",
+        HOST2,
+    ])?;
+    host1.ip(&["-6", "route", "del", SUBNET2_V6])?;
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+    let line = format!(
+        "{SUBNET2} via {HOST2} (VTEP {mac2}): route via {GATEWAY2} dev flannel.1, neighbour \
+         MISSING from flannel.1, FDB entry MISSING from flannel.1; {SUBNET2_V6} via {HOST2_V6} \
+         (VTEP {mac2_v6}): route MISSING\n"
+    );
+    ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
     Ok(())
 }
