@@ -109,7 +109,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         // an ebpf run does without), an earlier ebpf run's programs carry the traffic.
         None => remove_ebpf_dataplane(&pin_dir, &netlink).await?,
     }
-    let masquerade = masquerade::start(settings.masquerade)?;
+    let masquerade = masquerade::start(settings.masquerade);
     settings.subnet_env.write_atomically(&options.subnet_file)?;
     announce_ready(&health, &lease, &options.subnet_file);
 

@@ -303,11 +303,19 @@ fn remove_family(family: Family) -> Result<()> {
     nftables::remove(family)
 }
 
-/// The rules `rules` asks for in `backend`, made now.
-pub fn start((rules, backend): (Rules, Backend)) -> Result<Masquerade> {
+/// The rules `rules` asks for in `backend`, tried once now. A failure (a held xtables lock, a
+/// hung command) is logged and left to [`keep_restored`]'s next check, as flanneld leaves it
+/// ("Failed to bootstrap IPTables"): these rules let traffic through and out, so a node
+/// without them yet lets nothing through that it should not.
+pub fn start((rules, backend): (Rules, Backend)) -> Masquerade {
     let mut masquerade = Masquerade::new(rules, backend);
-    masquerade.ensure()?;
-    Ok(masquerade)
+    if let Err(error) = masquerade.ensure() {
+        log::warn!(
+            "cannot write the forward and masquerade rules yet (the next check tries again): \
+             {error:#}"
+        );
+    }
+    masquerade
 }
 
 /// Restores `masquerade`'s rules every `interval` (`--iptables-resync`), for as long as it is

@@ -407,6 +407,83 @@ fn a_chain_no_longer_wanted_stays_empty_while_others_jump_to_it() -> Result<()> 
     Ok(())
 }
 
+/// An xtables lock held by someone else while the agent starts (iptables-legacy waits 5 s
+/// for it, then gives up) delays the rules, not the node: the agent becomes ready, says it
+/// cannot write them yet, and writes them at the first check after the lock is free, as
+/// flanneld does. The lock is one of the test's own (`XTABLES_LOCKFILE`), not the machine's.
+#[test]
+fn a_held_xtables_lock_at_start_delays_the_rules_not_the_node() -> Result<()> {
+    let (cluster, host) = lone_host("xtables-lock")?;
+    let lock_path = cluster.scratch.path().join("xtables.lock");
+    let lock = std::fs::File::create(&lock_path)?;
+    lock.lock()?;
+    let (path, lock_file) = (
+        host.legacy_iptables_path()?,
+        lock_path.display().to_string(),
+    );
+    let envs = [
+        ("PATH", path.as_str()),
+        ("XTABLES_LOCKFILE", lock_file.as_str()),
+    ];
+    let flags = Agent::flags(
+        &cluster,
+        &host,
+        &["--dataplane=kernel", "--ip-masq", RESYNC_FLAG],
+    );
+    let mut agent = Agent::start_with(&host, &flags, &envs)?;
+    agent
+        .wait_ready()
+        .with_context(|| format!("agent log:\n{}", agent.log()))?;
+    let log = agent.log();
+    assert!(
+        log.contains("cannot write the forward and masquerade rules yet")
+            && log.contains("holding the xtables lock"),
+        "{log}"
+    );
+
+    drop(lock);
+    let nat = || host.netns.exec(&["iptables-legacy", "-t", "nat", "-S"]);
+    wait_for(
+        "the rules written once the lock is free",
+        RESYNC_TIMEOUT,
+        || {
+            let listed = nat()?;
+            Ok(listed.contains("-N FLANNEL-POSTRTG") && listed.contains("-j FLANNEL-POSTRTG"))
+        },
+    )
+    .with_context(|| format!("agent log:\n{}", agent.log()))?;
+    Ok(())
+}
+
+/// `--iptables-forward-rules=false` on a node where an earlier run wrote FLANNEL-FWD: the
+/// chain goes, and the jump into it, as a chain no longer wanted does.
+#[test]
+fn forward_rules_turned_off_since_an_earlier_run_are_removed() -> Result<()> {
+    let (cluster, host) = lone_host("no-forward")?;
+    let forward_lines = || -> Result<Vec<String>> {
+        Ok(flannel_lines(&host, "iptables-save")?
+            .into_iter()
+            .filter(|line| line.contains("FLANNEL-FWD"))
+            .collect())
+    };
+    let mut agent = Agent::start(&cluster, &host, &["--dataplane=kernel"])?;
+    agent.wait_ready()?;
+    agent.process.terminate(EVENT_TIMEOUT)?;
+    let left = forward_lines()?;
+    assert!(
+        left.iter().any(|line| line.starts_with(":FLANNEL-FWD"))
+            && left.iter().any(|line| line.starts_with("-A FORWARD")),
+        "the first run left no FLANNEL-FWD and jump: {left:?}"
+    );
+
+    let flags = ["--dataplane=kernel", "--iptables-forward-rules=false"];
+    let mut agent = Agent::start(&cluster, &host, &flags)?;
+    agent.wait_ready()?;
+    let left = forward_lines()?;
+    assert!(left.is_empty(), "{left:?}\n{}", agent.log());
+    Ok(())
+}
+
 #[test]
 fn fully_random_masquerade_can_be_turned_off() -> Result<()> {
     let seed = Seed::start(
