@@ -270,10 +270,12 @@ impl<R: Registry> LeaseManager<R> {
         Ok(LeaseSubnets { ipv4, ipv6 })
     }
 
+    /// The lease `record` holds, if it can be used. Why not is said at debug level only: the
+    /// lease watch, which starts right after, warns about each such record once.
     fn parse_logged(&self, record: &Record) -> Option<Lease> {
         record
             .parse(self.registry.prefix())
-            .inspect_err(|error| log::warn!("skipping record {}: {error}", record.key))
+            .inspect_err(|error| log::debug!("skipping record {}: {error}", record.key))
             .ok()
     }
 

@@ -695,7 +695,7 @@ fn the_watch_survives_an_etcd_restart_and_a_compaction_while_disconnected() -> R
 }
 
 #[test]
-fn deleting_the_own_record_makes_the_agent_exit_0_with_lease_revoked() -> Result<()> {
+fn deleting_the_own_record_makes_the_agent_exit_0_and_a_restart_leases_afresh() -> Result<()> {
     let mut cluster = Cluster::new("revoked")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     let mut agent = Agent::start(&cluster, &host1, &[])?;
@@ -703,7 +703,7 @@ fn deleting_the_own_record_makes_the_agent_exit_0_with_lease_revoked() -> Result
     cluster
         .etcd
         .etcdctl(&["del", &cluster.subnet_key(&subnet)])?;
-    // As flanneld: status 0, so `Restart=on-failure` leaves it stopped.
+    // As flanneld: status 0, so `Restart=on-failure` would leave it stopped.
     let status = agent.process.wait_exit(READY_TIMEOUT)?;
     let log = agent.log();
     anyhow::ensure!(status.success(), "the agent exited with {status}:\n{log}");
@@ -716,6 +716,15 @@ fn deleting_the_own_record_makes_the_agent_exit_0_with_lease_revoked() -> Result
             "the agent did not say {said:?}:\n{log}"
         );
     }
+    // What the shipped unit's `Restart=always` does next: started again, the agent leases
+    // afresh, the subnet of its subnet file, which nobody took meanwhile.
+    let mut again = Agent::start(&cluster, &host1, &[])?;
+    let leased = again.wait_ready()?;
+    anyhow::ensure!(leased == subnet, "restarted into {leased}, not {subnet}");
+    anyhow::ensure!(
+        cluster.etcd.get(&cluster.subnet_key(&subnet))?.is_some(),
+        "no record of {subnet} after the restart"
+    );
     Ok(())
 }
 
@@ -965,16 +974,21 @@ fn the_agent_logs_in_to_an_etcd_with_authentication() -> Result<()> {
 fn flags_flanneld_does_not_know_or_overlay_does_not_support_are_refused_by_name() -> Result<()> {
     let mut cluster = Cluster::new("refused-flags")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
-    for (flag, complaint) in [
-        (
-            "-no-such-flag",
-            "flag provided but not defined: -no-such-flag",
-        ),
-        ("-kube-subnet-mgr", "flag -kube-subnet-mgr is not supported"),
-    ] {
-        let flags = Agent::flags(&cluster, &host1, &[flag]);
-        Agent::start_with(&host1, &flags, &[])?.expect_failure(complaint)?;
-    }
+    let flags = Agent::flags(&cluster, &host1, &["-no-such-flag"]);
+    let status = Agent::start_with(&host1, &flags, &[])?
+        .expect_failure("flag provided but not defined: -no-such-flag")?;
+    // flanneld's status for a flag it does not know (Go's flag package).
+    anyhow::ensure!(
+        status.code() == Some(2),
+        "an unknown flag ended in {status}"
+    );
+    let unsupported = "flag -kube-subnet-mgr is not supported";
+    let flags = Agent::flags(&cluster, &host1, &["-kube-subnet-mgr"]);
+    Agent::start_with(&host1, &flags, &[])?.expect_failure(unsupported)?;
+    let flags = Agent::flags(&cluster, &host1, &[]);
+    let from_env = [("FLANNELD_KUBE_SUBNET_MGR", "true")];
+    Agent::start_with(&host1, &flags, &from_env)?
+        .expect_failure("FLANNELD_KUBE_SUBNET_MGR (flag -kube-subnet-mgr) is not supported")?;
     Ok(())
 }
 
