@@ -2,6 +2,7 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    process::ExitStatus,
     time::Duration,
 };
 
@@ -228,8 +229,33 @@ impl Agent {
         crate::health::get(&self.netns, port, path)
     }
 
-    /// Waits for the agent to exit and asserts it failed, saying `message`.
-    pub fn expect_failure(&mut self, message: &str) -> Result<()> {
+    /// Waits up to `timeout` until `path` answers `status` with a body holding every one of
+    /// `phrases`; returns that answer.
+    pub fn wait_for_health(
+        &self,
+        path: &str,
+        status: u16,
+        phrases: &[&str],
+        timeout: Duration,
+    ) -> Result<Answer> {
+        let mut last = None;
+        wait_for(
+            &format!("{path} to answer {status} naming {phrases:?}"),
+            timeout,
+            || {
+                last = self.health(path)?;
+                Ok(last.as_ref().is_some_and(|answer| {
+                    answer.status == status
+                        && phrases.iter().all(|phrase| answer.body.contains(phrase))
+                }))
+            },
+        )
+        .with_context(|| format!("last answer: {last:?}\nagent log:\n{}", self.log()))?;
+        last.context("an answer")
+    }
+
+    /// Waits for the agent to exit and asserts it failed, saying `message`; returns how.
+    pub fn expect_failure(&mut self, message: &str) -> Result<ExitStatus> {
         let status = self.process.wait_exit(READY_TIMEOUT)?;
         ensure!(
             !status.success(),
@@ -241,7 +267,7 @@ impl Agent {
             "the agent did not say {message:?}:\n{}",
             self.log()
         );
-        Ok(())
+        Ok(status)
     }
 
     /// Waits until the agent's log contains `needle` at least `count` times.

@@ -4,8 +4,12 @@
 use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result};
+use aya::maps::{
+    Map, MapData,
+    lpm_trie::{Key, LpmTrie},
+};
 use overlay_agent::dataplane::pins::PinnedDataplane;
-use overlay_common::{Counter, Counters};
+use overlay_common::{Counter, Counters, RemoteVtep};
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
     attached::{ensure_links_adopted, link_exists, link_pin_name, pinned_links},
@@ -19,6 +23,8 @@ use overlay_tests::{
 };
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// host2's subnet's address, as the subnet map's key holds it.
+const SUBNET2_ADDRESS: [u8; 4] = [10, 2, 54, 0];
 
 fn counters(host: &Host) -> Result<Counters> {
     PinnedDataplane::open(&host.pin_dir())?.counters()
@@ -257,6 +263,48 @@ fn bpftool_and_status_show_the_maps_by_name() -> Result<()> {
     ] {
         assert!(report.contains(&line), "status lacks {line:?}:\n{report}");
     }
+    Ok(())
+}
+
+/// The agent's longest wait before it compares the maps with what it wants (its 30-s round),
+/// with room for a loaded machine.
+const FULL_ROUND_WITHIN: Duration = Duration::from_secs(40);
+
+/// A map entry changed or deleted by hand sends the agent no notification: `status` flags it
+/// at once (`DIFFERS`, `MISSING`), and the next round that compares, the 30-s one at the
+/// latest, puts it back.
+#[test]
+fn a_map_entry_changed_by_hand_is_flagged_and_put_back() -> Result<()> {
+    let seed = Seed::start("hand-edit", &[])?;
+    let path = seed.host1.pin_dir().join("subnets");
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut subnets: LpmTrie<MapData, [u8; 4], RemoteVtep> = LpmTrie::try_from(Map::LpmTrie(data))?;
+    let key = Key::new(24, SUBNET2_ADDRESS);
+    let wanted = subnets.get(&key, 0)?;
+    let mac2 = seed.host2.vtep_mac()?;
+    let head = format!("{SUBNET2} via {HOST2} (VTEP {mac2}): ");
+
+    let forged = RemoteVtep {
+        mac: [0x02, 0, 0, 0, 0, 0x66],
+        ..wanted
+    };
+    subnets.insert(&key, forged, 0)?;
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+    let line = format!("{head}map {HOST2} 02:00:00:00:00:66 DIFFERS\n");
+    anyhow::ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
+    wait_for("the changed entry put back", FULL_ROUND_WITHIN, || {
+        Ok(subnets.get(&key, 0).ok() == Some(wanted))
+    })?;
+
+    subnets.remove(&key)?;
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+    let line = format!("{head}MISSING from the map\n");
+    anyhow::ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
+    wait_for("the deleted entry put back", FULL_ROUND_WITHIN, || {
+        Ok(subnets.get(&key, 0).ok() == Some(wanted))
+    })?;
+    seed.bbox1.ping(BBOX2, 1)?;
     Ok(())
 }
 

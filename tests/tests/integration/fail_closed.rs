@@ -74,7 +74,8 @@ fn a_port_down_for_want_of_its_program_is_up_again_in_kernel_mode() -> Result<()
         .pin_dir()
         .join(format!("link_tc_container_ingress_{port}"));
     std::fs::create_dir_all(&blocker)?;
-    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, EBPF)?;
+    let short_grace = ["--dataplane=ebpf", "--healthz-grace=1s"];
+    seed.agent1 = Agent::start(&seed.cluster, &seed.host1, &short_grace)?;
     seed.agent1.wait_ready()?;
     let (up, alias) = link_state(&seed, "veth-bbox3")?;
     ensure!(
@@ -86,6 +87,13 @@ fn a_port_down_for_want_of_its_program_is_up_again_in_kernel_mode() -> Result<()
         bbox3.ping(BBOX1, 1).is_err(),
         "bbox3 reached its neighbour through a port without its program"
     );
+    // Shown where an operator looks: in `status`, and in /healthz once the grace is over.
+    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+    let line = "  none on veth-bbox3: refused its program, kept down\n";
+    ensure!(report.contains(line), "status lacks {line:?}:\n{report}");
+    let phrases = ["container ports down for", "veth-bbox3"];
+    seed.agent1
+        .wait_for_health("/healthz", 503, &phrases, RECONNECT_WAIT)?;
 
     seed.agent1.process.terminate(AGENT_STOP)?;
     std::fs::remove_dir(&blocker)?;
@@ -102,6 +110,8 @@ fn a_port_down_for_want_of_its_program_is_up_again_in_kernel_mode() -> Result<()
         Ok(bbox3.ping(BBOX1, 1).is_ok())
     })?;
     bbox3.ping(BBOX2, 1)?;
+    seed.agent1
+        .wait_for_health("/healthz", 200, &["ok"], RECONNECT_WAIT)?;
     Ok(())
 }
 

@@ -39,19 +39,7 @@ fn cluster_with_host(tag: &str) -> Result<(Cluster, Host)> {
 
 /// Waits until `path` answers `status` with a body holding every one of `phrases`; returns it.
 fn wait_for_answer(agent: &Agent, path: &str, status: u16, phrases: &[&str]) -> Result<Answer> {
-    let mut last = None;
-    wait_for(
-        &format!("{path} to answer {status} naming {phrases:?}"),
-        VERDICT_TIMEOUT,
-        || {
-            last = agent.health(path)?;
-            Ok(last.as_ref().is_some_and(|answer| {
-                answer.status == status && phrases.iter().all(|phrase| answer.body.contains(phrase))
-            }))
-        },
-    )
-    .with_context(|| format!("last answer: {last:?}\nagent log:\n{}", agent.log()))?;
-    last.context("an answer")
+    agent.wait_for_health(path, status, phrases, VERDICT_TIMEOUT)
 }
 
 #[test]
@@ -205,15 +193,17 @@ fn running_out_of_file_descriptors_does_not_make_the_health_port_spin() -> Resul
     // Let the accept errors start, then measure.
     sleep(Duration::from_millis(500));
     let used = cpu_time_over(pid, Duration::from_secs(3))?;
-    let complaints = agent.count_in_log("health listener");
-    eprintln!("{complaints} complaints about the listener in the log");
+    // One episode so far: the idle connections it took hold their descriptors until their
+    // 5-s deadline, after this window.
+    let warnings = agent.count_in_log("; retrying with backoff");
     ensure!(
         used < Duration::from_millis(300),
         "the agent spun on accept errors: {used:?} of CPU in 3 s"
     );
     ensure!(
-        complaints <= 5,
-        "the agent logged {complaints} accept errors"
+        warnings == 1,
+        "{warnings} warnings for one episode of accept errors:\n{}",
+        agent.log()
     );
 
     drop(connections);

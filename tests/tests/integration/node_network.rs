@@ -688,8 +688,10 @@ fn gbp_and_learning_reach_flannel_1_in_kernel_mode_and_are_refused_in_ebpf_mode(
     kernel.process.terminate(EVENT_TIMEOUT)?;
 
     let host2 = cluster.add_host("host2", HOST2)?;
-    Agent::start(&cluster, &host2, &["--dataplane=ebpf"])?
-        .expect_failure("Backend.GBP and Backend.Learning are not supported by the ebpf dataplane")
+    Agent::start(&cluster, &host2, &["--dataplane=ebpf"])?.expect_failure(
+        "Backend.GBP and Backend.Learning are not supported by the ebpf dataplane",
+    )?;
+    Ok(())
 }
 
 #[test]
@@ -749,5 +751,50 @@ fn a_network_config_changed_in_etcd_stops_the_agent_naming_the_change() -> Resul
     );
     // Until the supervisor starts it again, the node keeps forwarding.
     seed.bbox1.ping(BBOX2, 1)?;
+    Ok(())
+}
+
+/// `cat /sys/class/net/<device>/mtu` on `host`.
+fn mtu_of(host: &Host, device: &str) -> Result<u32> {
+    let mtu = host
+        .netns
+        .exec(&["cat", &format!("/sys/class/net/{device}/mtu")])?;
+    mtu.trim()
+        .parse()
+        .with_context(|| format!("{device}'s MTU {mtu:?}"))
+}
+
+/// flannel.1's MTU is the underlay's less 50, flannel-v6.1's less 70, and FLANNEL_MTU the
+/// former: on a jumbo-frame uplink as on any, and from the network config's `Backend.MTU`
+/// when it names one (flannel's "MTU" of the vxlan backend).
+#[test]
+fn the_vxlan_devices_take_their_mtu_from_the_uplink_or_the_backend() -> Result<()> {
+    for (backend, underlay) in [
+        (r#""Type":"vxlan""#, 9000),
+        (r#""Type":"vxlan","MTU":1400"#, 1400),
+    ] {
+        let config = format!(
+            r#"{{"Network":"10.2.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:2::/48","Backend":{{{backend}}}}}"#
+        );
+        let mut cluster = Cluster::with_ipv6("mtu", &config)?;
+        let host1 = cluster.add_host("host1", HOST1)?;
+        host1.netns.ip(&["link", "set", "eth0", "mtu", "9000"])?;
+        let mut agent = Agent::start(&cluster, &host1, &[])?;
+        agent.wait_ready()?;
+        let devices = [
+            ("flannel.1", underlay - 50),
+            ("flannel-v6.1", underlay - 70),
+        ];
+        for (device, expected) in devices {
+            let mtu = mtu_of(&host1, device)?;
+            anyhow::ensure!(
+                mtu == expected,
+                "{backend}: {device}'s MTU is {mtu}, not {expected}"
+            );
+        }
+        let file = std::fs::read_to_string(host1.subnet_file())?;
+        let line = format!("FLANNEL_MTU={}\n", underlay - 50);
+        anyhow::ensure!(file.contains(&line), "{backend}: no {line:?} in\n{file}");
+    }
     Ok(())
 }

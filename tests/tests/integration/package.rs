@@ -40,6 +40,24 @@ fn the_package_holds_the_agent_its_unit_and_its_env_file_and_no_maintainer_scrip
         .arg("conffiles"))?;
     assert_eq!(conffiles.lines().collect::<Vec<_>>(), [ENV_FILE]);
 
+    // What the agent runs (iptables) and the nftables mode's tool, which not every node uses.
+    let relations = run(Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(&deb)
+        .args(["Depends", "Suggests"]))?;
+    let field = |name: &str| {
+        relations
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+            .map(|packages| packages.split(", ").map(package_name).collect::<Vec<_>>())
+    };
+    let depends = field("Depends").unwrap_or_default();
+    assert!(
+        depends.contains(&"libc6") && depends.contains(&"iptables"),
+        "Depends: {relations}"
+    );
+    assert_eq!(field("Suggests"), Some(vec!["nftables"]), "{relations}");
+
     // No preinst, postinst, prerm or postrm: installing enables and starts nothing.
     let control = ScratchDir::new("deb-control")?;
     run(Command::new("dpkg-deb")
@@ -261,4 +279,9 @@ fn pairs(variables: &[(String, String)]) -> Vec<(&str, &str)> {
         .iter()
         .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect()
+}
+
+/// The package a relation names: `libc6 (>= 2.34)` is libc6.
+fn package_name(relation: &str) -> &str {
+    relation.split_whitespace().next().unwrap_or(relation)
 }

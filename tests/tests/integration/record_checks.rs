@@ -11,7 +11,7 @@ use overlay_agent::dataplane::pins::PinnedDataplane;
 use overlay_common::Counter;
 use overlay_tests::{
     agent::{Agent, HEALTH_PORT},
-    cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG, PREFIX},
+    cluster::{Cluster, Host, NFTABLES_NETWORK_CONFIG, PREFIX, UNDERLAY_GATEWAY},
     ipv6::{BBOX1_V6, BBOX2_V6, HOST2_V6},
     metrics,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
@@ -118,6 +118,37 @@ fn a_public_ip_without_a_route_stops_no_direct_routing_host() -> Result<()> {
             );
         }
     }
+
+    // A route to one of them appears: its lease comes back, through flannel.1 (the way there
+    // has a gateway, so it is no direct route).
+    let (subnet, public_ip, _) = UNREACHABLE[1];
+    host1
+        .netns
+        .ip(&["route", "del", "unreachable", "198.51.100.0/24"])?;
+    host1.netns.ip(&[
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "via",
+        UNDERLAY_GATEWAY,
+        "dev",
+        "eth0",
+    ])?;
+    wait_for(&format!("host1's route to {subnet}"), EVENT_TIMEOUT, || {
+        host1.netns.has_route(subnet)
+    })
+    .with_context(|| format!("agent log:\n{}", agent1.log()))?;
+    let routes = host1.netns.ip(&["route", "show", subnet])?;
+    ensure!(
+        routes.contains("dev flannel.1"),
+        "{subnet} via {public_ip}: {routes}"
+    );
+    wait_for_skipped(&host1, (UNREACHABLE.len() - 1) as f64)?;
+    agent1.wait_for_log(
+        &format!("lease {subnet}'s public address has a route again"),
+        1,
+        EVENT_TIMEOUT,
+    )?;
     Ok(())
 }
 
