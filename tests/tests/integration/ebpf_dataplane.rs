@@ -285,25 +285,29 @@ fn a_map_entry_changed_by_hand_is_flagged_and_put_back() -> Result<()> {
     let mac2 = seed.host2.vtep_mac()?;
     let head = format!("{SUBNET2} via {HOST2} (VTEP {mac2}): ");
 
+    // Each hand edit: what `status` says at once, then the entry as the agent wants it.
+    let check = |edit: &str, state: &str, subnets: &LpmTrie<MapData, [u8; 4], RemoteVtep>| {
+        let report = Agent::status_report(&seed.cluster, &seed.host1)?;
+        let line = format!("{head}{state}\n");
+        anyhow::ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
+        wait_for(
+            &format!("the {edit} entry put back"),
+            FULL_ROUND_WITHIN,
+            || Ok(subnets.get(&key, 0).ok() == Some(wanted)),
+        )
+    };
     let forged = RemoteVtep {
         mac: [0x02, 0, 0, 0, 0, 0x66],
         ..wanted
     };
     subnets.insert(&key, forged, 0)?;
-    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
-    let line = format!("{head}map {HOST2} 02:00:00:00:00:66 DIFFERS\n");
-    anyhow::ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
-    wait_for("the changed entry put back", FULL_ROUND_WITHIN, || {
-        Ok(subnets.get(&key, 0).ok() == Some(wanted))
-    })?;
-
+    check(
+        "changed",
+        &format!("map {HOST2} 02:00:00:00:00:66 DIFFERS"),
+        &subnets,
+    )?;
     subnets.remove(&key)?;
-    let report = Agent::status_report(&seed.cluster, &seed.host1)?;
-    let line = format!("{head}MISSING from the map\n");
-    anyhow::ensure!(report.contains(&line), "status lacks {line:?}:\n{report}");
-    wait_for("the deleted entry put back", FULL_ROUND_WITHIN, || {
-        Ok(subnets.get(&key, 0).ok() == Some(wanted))
-    })?;
+    check("deleted", "MISSING from the map", &subnets)?;
     seed.bbox1.ping(BBOX2, 1)?;
     Ok(())
 }
