@@ -402,7 +402,8 @@ struct KernelEntries {
 }
 
 /// One family's VXLAN device (`flannel.<VNI>` or `flannel-v6.<VNI>`), its neighbours and FDB
-/// entries, and the main table's routes via a gateway by destination.
+/// entries (`entries`, whose routes are moved to `routes`), and the main table's routes via a
+/// gateway by destination.
 struct FamilyKernelEntries {
     device: String,
     index: Option<u32>,
@@ -415,11 +416,10 @@ impl FamilyKernelEntries {
         let index = links::find(handle, &device)
             .await?
             .map(|link| link.header.index);
-        let entries = peers::kernel_entries(handle, family, index).await?;
-        let routes = entries
-            .routes
-            .iter()
-            .map(|route| (route.destination, *route))
+        let mut entries = peers::kernel_entries(handle, family, index).await?;
+        let routes = std::mem::take(&mut entries.routes)
+            .into_iter()
+            .map(|route| (route.destination, route))
             .collect();
         Ok(Self {
             device,

@@ -275,7 +275,7 @@ impl<R: Registry> LeaseManager<R> {
     fn parse_logged(&self, record: &Record) -> Option<Lease> {
         record
             .parse(self.registry.prefix())
-            .inspect_err(|error| log::debug!("skipping record {}: {error}", record.key))
+            .inspect_err(|error| log::debug!("taking a lease, {} is unusable: {error}", record.key))
             .ok()
     }
 
