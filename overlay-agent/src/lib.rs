@@ -82,7 +82,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     refuse_what_the_dataplane_lacks(&config, options.dataplane)?;
     // Loaded before the lease is taken: a node that cannot load its dataplane (a pinned map
     // it cannot replace, a kernel that refuses the programs) never advertises a subnet.
-    let dataplane = load_dataplane(&options, &config, &pin_dir)?;
+    let dataplane = load_dataplane(&options, &config, &pin_dir, &netlink, &uplink).await?;
     health.reached(Stage::DataplaneLoaded);
     let manager = lease_manager(&options, &config, &uplink, &registry, &metrics, &health)?;
     let lease = acquire_lease(&manager, &netlink, &options, &config).await?;
@@ -271,17 +271,24 @@ fn notify_systemd_ready() {
 /// In ebpf mode, the eBPF object loaded into the kernel with its maps pinned in `pin_dir`
 /// (adopting those an earlier run pinned), its programs not yet attached. In kernel mode,
 /// none: what an earlier ebpf run left attached is removed once the kernel's path is in place.
-fn load_dataplane(
+async fn load_dataplane(
     options: &AgentOptions,
     config: &NetworkConfig,
     pin_dir: &Path,
+    netlink: &Handle,
+    uplink: &Uplink,
 ) -> Result<Option<Dataplane>> {
     if options.dataplane != DataplaneChoice::Ebpf {
         return Ok(None);
     }
     let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
     let dataplane = Dataplane::load(Some(pin_dir), options.bpf_log, lease_capacity)?;
-    Ok(Some(dataplane.with_tc_attach(options.tc_attach.into())))
+    let xdp_attached = node::links::xdp_attach_mode(netlink, uplink.index).await?;
+    Ok(Some(
+        dataplane
+            .with_tc_attach(options.tc_attach.into())
+            .with_xdp_attached(uplink.index, xdp_attached, options.xdp_mode.into()),
+    ))
 }
 
 /// Unpins the dataplane pinned in `pin_dir` and detaches every program of ours in this

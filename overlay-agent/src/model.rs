@@ -325,6 +325,26 @@ pub enum XdpModeChoice {
     Generic,
 }
 
+impl XdpModeChoice {
+    /// Whether an XDP program running in `mode` is attached as this choice asks. A generic
+    /// attachment does not meet `Auto`: the driver may have gained native XDP since.
+    pub fn is_met_by(self, mode: XdpAttachMode) -> bool {
+        match self {
+            XdpModeChoice::Auto | XdpModeChoice::Native => mode == XdpAttachMode::Native,
+            XdpModeChoice::Generic => mode == XdpAttachMode::Generic,
+        }
+    }
+}
+
+/// How the XDP program on a device runs, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    Native,
+    Generic,
+    /// Offloaded to the hardware, or more than one program.
+    Other,
+}
+
 /// Which interface each program sits on, and the settings they read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {

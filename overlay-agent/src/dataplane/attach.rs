@@ -1,6 +1,7 @@
 //! Attaching the programs through bpf_links pinned under the pin directory, so they keep
 //! forwarding while the agent is stopped, restarted or upgraded. A restarted agent adopts a
 //! pinned link and swaps its program in atomically (bpf_link_update): no packet sees a gap.
+//! An XDP link in another mode than `--xdp-mode` asks is detached and made again instead.
 //!
 //! A link pin is named after the program and the interface index it is attached to, so a
 //! link of a device that was since recreated is recognised as stale and replaced.
@@ -36,8 +37,9 @@ use super::{
     VTEP_INGRESS_PROGRAM, VTEP_PROGRAM,
     filters::{FILTER_HANDLE, FILTER_PRIORITY},
     program_mut,
+    strays::detach_link,
 };
-use crate::model::{DecapHook, Device, Placement, RefusedPorts, XdpModeChoice};
+use crate::model::{DecapHook, Device, Placement, RefusedPorts, XdpAttachMode, XdpModeChoice};
 
 /// How the tc programs attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +81,9 @@ pub struct Attachments {
     /// Netlink filters made or adopted, by program and interface index: the interface's name
     /// and the direction.
     filters: HashMap<(&'static str, u32), (String, TcAttachType)>,
+    /// The interface whose XDP program an earlier run attached in another mode than the
+    /// flags ask for, and that mode: its pinned link is replaced, not adopted.
+    xdp_in_another_mode: Option<(u32, XdpAttachMode)>,
 }
 
 impl Dataplane {
@@ -88,6 +93,21 @@ impl Dataplane {
         if self.attached.netlink {
             log::info!("tc programs attach as netlink filters");
         }
+        self
+    }
+
+    /// Notes how the XDP program on the uplink (index `uplink`) runs, `attached`, so that a
+    /// link an earlier run pinned in another mode than `wanted` is attached again in that mode
+    /// rather than adopted.
+    pub fn with_xdp_attached(
+        mut self,
+        uplink: u32,
+        attached: Option<XdpAttachMode>,
+        wanted: XdpModeChoice,
+    ) -> Self {
+        self.attached.xdp_in_another_mode = attached
+            .filter(|&mode| !wanted.is_met_by(mode))
+            .map(|mode| (uplink, mode));
         self
     }
 
@@ -332,6 +352,20 @@ impl Dataplane {
 
     fn attach_xdp(&mut self, interface: &str, ifindex: u32, mode: XdpModeChoice) -> Result<()> {
         let pin = self.link_pin(UPLINK_XDP_PROGRAM, ifindex);
+        if let Some((index, attached)) = self.attached.xdp_in_another_mode.take()
+            && index == ifindex
+            && let Some(pin) = pin.as_deref().filter(|pin| pin.exists())
+        {
+            // tc_uplink_ingress checks everything itself meanwhile.
+            let [attached, mode] = [format!("{attached:?}"), format!("{mode:?}")];
+            log::info!(
+                "{UPLINK_XDP_PROGRAM} runs on {interface} in {} mode, not as --xdp-mode={} \
+                 asks: attaching it again",
+                attached.to_lowercase(),
+                mode.to_lowercase()
+            );
+            detach_pinned_link(pin)?;
+        }
         let program: &mut Xdp = program_mut(&mut self.ebpf, UPLINK_XDP_PROGRAM)?.try_into()?;
         let adopted = adopt(&pin, |link| {
             program.attach_to_link(XdpLink::try_from(link)?)?;
@@ -382,6 +416,16 @@ fn attach_xdp(
         },
     };
     result.with_context(|| format!("cannot attach {UPLINK_XDP_PROGRAM} to {interface}"))
+}
+
+/// Unpins the link pinned at `pin` and detaches it at once: XDP takes one mode at a time, and
+/// a link that is only unpinned goes when bpffs frees the pin, a grace period later.
+fn detach_pinned_link(pin: &Path) -> Result<()> {
+    let cannot = || format!("cannot detach the link pinned at {}", pin.display());
+    let link = PinnedLink::from_pin(pin).with_context(cannot)?;
+    let link = link.unpin().with_context(cannot)?;
+    let id = link.info().with_context(cannot)?.id();
+    detach_link(id).with_context(cannot)
 }
 
 /// Swaps our program into the link pinned at `pin`, if there is one. A link that cannot take

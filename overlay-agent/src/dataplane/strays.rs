@@ -183,7 +183,7 @@ fn remove_filter(interface: &str, direction: TcAttachType, program: &str) -> Res
 
 /// Detaches the link with kernel id `id` from its hook, wherever it is pinned; aya opens
 /// links only from a pin or its own attach.
-fn detach_link(id: u32) -> io::Result<()> {
+pub(super) fn detach_link(id: u32) -> io::Result<()> {
     // SAFETY: bpf_attr is plain old data; all zeroes is how the kernel wants unused fields.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;

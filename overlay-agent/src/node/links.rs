@@ -13,13 +13,19 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressMessage},
-        link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
+        link::{
+            InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp,
+            XdpAttached,
+        },
         neighbour::NeighbourMessage,
         route::RouteMessage,
     },
 };
 
-use crate::{mac::MacAddr, model::Interface};
+use crate::{
+    mac::MacAddr,
+    model::{Interface, XdpAttachMode},
+};
 
 /// A netlink handle for this namespace, its connection running on the tokio runtime.
 pub fn connect() -> Result<Handle> {
@@ -113,16 +119,42 @@ pub async fn interfaces(handle: &Handle) -> Result<Vec<Interface>> {
         .collect())
 }
 
-fn xdp_program(link: &LinkMessage) -> Option<u32> {
-    link.attributes
-        .iter()
-        .find_map(|attribute| match attribute {
-            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|entry| match entry {
-                LinkXdp::ProgId(id) => Some(*id),
-                _ => None,
-            }),
+/// How the XDP program on interface `index` runs; none without one.
+pub async fn xdp_attach_mode(handle: &Handle, index: u32) -> Result<Option<XdpAttachMode>> {
+    let link = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("cannot look up interface {index}"))?;
+    Ok(link.as_ref().and_then(|link| {
+        xdp_entries(link).find_map(|entry| match entry {
+            LinkXdp::Attached(XdpAttached::None) => None,
+            LinkXdp::Attached(XdpAttached::Driver) => Some(XdpAttachMode::Native),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some(XdpAttachMode::Generic),
+            LinkXdp::Attached(_) => Some(XdpAttachMode::Other),
             _ => None,
         })
+    }))
+}
+
+fn xdp_program(link: &LinkMessage) -> Option<u32> {
+    xdp_entries(link).find_map(|entry| match entry {
+        LinkXdp::ProgId(id) => Some(*id),
+        _ => None,
+    })
+}
+
+fn xdp_entries(link: &LinkMessage) -> impl Iterator<Item = &LinkXdp> {
+    link.attributes
+        .iter()
+        .filter_map(|attribute| match attribute {
+            LinkAttribute::Xdp(xdp) => Some(xdp.iter()),
+            _ => None,
+        })
+        .flatten()
 }
 
 pub fn name(link: &LinkMessage) -> Option<&str> {

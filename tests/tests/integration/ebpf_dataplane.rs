@@ -153,6 +153,45 @@ fn the_xdp_hook_checks_in_front_of_tc_which_decapsulates_the_seed() -> Result<()
 }
 
 #[test]
+fn a_restart_with_another_xdp_mode_moves_the_check_into_that_mode() -> Result<()> {
+    let mut seed = Seed::start("xdp-mode", &["--decap-hook=xdp", "--xdp-mode=generic"])?;
+    assert_eq!(xdp_attachment(&seed.host2)?, "xdpgeneric");
+    for (mode, shown, was) in [
+        ("native", "xdp", "generic"),
+        ("generic", "xdpgeneric", "native"),
+        // Native where the driver allows it, as a veth does.
+        ("auto", "xdp", "generic"),
+    ] {
+        seed.agent2.process.terminate(Duration::from_secs(20))?;
+        let flags = ["--decap-hook=xdp", &format!("--xdp-mode={mode}")];
+        seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &flags)?;
+        seed.agent2.wait_ready()?;
+        assert_eq!(
+            xdp_attachment(&seed.host2)?,
+            shown,
+            "after a restart with --xdp-mode={mode}"
+        );
+        let log = seed.agent2.log();
+        let why = format!("runs on eth0 in {was} mode, not as --xdp-mode={mode} asks");
+        assert!(log.contains(&why), "{log}");
+        let before = counters(&seed.host2)?;
+        let ping = seed.bbox1.ping(BBOX2, 3)?;
+        assert_eq!(ping.matches("ttl=62").count(), 3, "{ping}");
+        let after = counters(&seed.host2)?;
+        assert_eq!(delta(&before, &after, Counter::RxChecked), 3, "{mode}");
+    }
+    Ok(())
+}
+
+/// How XDP runs on `host`'s uplink, as `ip link` names it: `xdp` (native), `xdpgeneric`, or
+/// `none`.
+fn xdp_attachment(host: &Host) -> Result<String> {
+    let link = host.netns.ip(&["link", "show", "eth0"])?;
+    let mode = link.split_whitespace().find(|word| word.starts_with("xdp"));
+    Ok(mode.unwrap_or("none").to_string())
+}
+
+#[test]
 fn without_the_fast_path_every_packet_is_routed_through_the_stack() -> Result<()> {
     let seed = Seed::start("routed", &["--fast-path=false"])?;
     // Neighbours resolved before counting.
