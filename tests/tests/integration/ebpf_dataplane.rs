@@ -23,6 +23,9 @@ use overlay_tests::{
 };
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// What the README promises for a repair; they took 2-110 ms here, up to 300 ms with three
+/// busy loops on the two CPUs.
+const WITHIN_A_SECOND: Duration = Duration::from_secs(1);
 /// host2's subnet's address, as the subnet map's key holds it.
 const SUBNET2_ADDRESS: [u8; 4] = [10, 2, 54, 0];
 
@@ -648,11 +651,19 @@ fn metrics_show_counters_maps_leases_and_rounds_to_a_prometheus_parser() -> Resu
 }
 
 #[test]
-fn an_uplink_deleted_and_made_again_is_followed_within_five_seconds() -> Result<()> {
+fn an_uplink_deleted_and_made_again_is_followed_within_a_second() -> Result<()> {
     let mut seed = Seed::start("uplink-again", &[])?;
     seed.bbox1.ping(BBOX2, 1)?;
     let before = counters(&seed.host2)?;
     seed.cluster.recreate_uplink(&seed.host2)?;
+    // The uplink's program is linked to the new eth0, by its index, and flannel.1 (deleted
+    // with the old one) routes again.
+    let pin = link_pin_name(&seed.host2.netns, "tc_uplink_ingress", "eth0")?;
+    let followed = wait_for("the new eth0 to be followed", WITHIN_A_SECOND, || {
+        let links = pinned_links(&seed.host2.pin_dir())?;
+        Ok(links.iter().any(|(name, _)| *name == pin) && seed.host2.netns.has_route(SUBNET1)?)
+    });
+    followed.with_context(|| seed.agent2.log())?;
     wait_for("bbox1 to reach bbox2 again", Duration::from_secs(5), || {
         Ok(seed
             .bbox1
@@ -661,14 +672,6 @@ fn an_uplink_deleted_and_made_again_is_followed_within_five_seconds() -> Result<
             .status
             .success())
     })?;
-    // The uplink's program is linked to the new eth0, by its index.
-    let pin = link_pin_name(&seed.host2.netns, "tc_uplink_ingress", "eth0")?;
-    let links = pinned_links(&seed.host2.pin_dir())?;
-    assert!(
-        links.iter().any(|(name, _)| *name == pin),
-        "no {pin} in {links:?}:\n{}",
-        seed.agent2.log()
-    );
     // The programs sit on the new eth0 and flannel.1: host2 decapsulates again.
     let after = counters(&seed.host2)?;
     assert!(
