@@ -19,13 +19,10 @@ use overlay_tests::{
     process::iperf3_server,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
     stock_flannel::{self, Peer},
-    wait::wait_for,
+    wait::{WITHIN_A_SECOND, wait_for},
 };
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
-/// What the README promises for a repair; they took 2-110 ms here, up to 300 ms with three
-/// busy loops on the two CPUs.
-const WITHIN_A_SECOND: Duration = Duration::from_secs(1);
 /// host2's subnet's address, as the subnet map's key holds it.
 const SUBNET2_ADDRESS: [u8; 4] = [10, 2, 54, 0];
 

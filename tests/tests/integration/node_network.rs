@@ -11,14 +11,11 @@ use overlay_tests::{
     process::iperf3_server,
     seed::{BBOX1, BBOX2, Container, HOST1, HOST2, SUBNET1, SUBNET2, Seed},
     stock_flannel::{self, Peer},
-    wait::wait_for,
+    wait::{WITHIN_A_SECOND, wait_for},
 };
 
 const KERNEL: &[&str] = &["--dataplane=kernel"];
 const HEAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// What the README promises for a repair of something deleted by hand or lost in a flap; they
-/// took 2-110 ms here, up to 300 ms with three busy loops on the two CPUs.
-const WITHIN_A_SECOND: Duration = Duration::from_secs(1);
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn tx_packets(host: &Host, device: &str) -> Result<u64> {
