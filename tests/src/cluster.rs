@@ -19,7 +19,12 @@ use ipnetwork::Ipv4Network;
 use overlay_agent::dataplane::pins::PinnedDataplane;
 
 use crate::{
-    etcd::Etcd, frames::mac_text, netns::Netns, require_root, scratch::ScratchDir, tls,
+    etcd::{ETCD_PORT, Etcd},
+    frames::mac_text,
+    netns::Netns,
+    require_root,
+    scratch::ScratchDir,
+    tls,
     wait::wait_for,
 };
 
@@ -209,6 +214,26 @@ impl Host {
         ))
     }
 
+    /// Cuts this host off from etcd until the returned guard is dropped: the connections it
+    /// opens to etcd's client port are refused, and the open ones ended.
+    pub fn cut_off_from_etcd(&self) -> Result<EtcdCutOff<'_>> {
+        // Only connection attempts are refused: the reset `ss -K` sends still reaches etcd, which
+        // then ends its side, and its watches, too.
+        self.netns.exec(&[
+            "nft",
+            &format!(
+                "add table inet {CUT_OFF_TABLE}; \
+                 add chain inet {CUT_OFF_TABLE} out {{ type filter hook output priority 0; }}; \
+                 add rule inet {CUT_OFF_TABLE} out tcp dport {ETCD_PORT} \
+                 tcp flags & (syn | ack) == syn reject with tcp reset"
+            ),
+        ])?;
+        let cut_off = EtcdCutOff { netns: &self.netns };
+        let port = format!(":{ETCD_PORT}");
+        self.netns.exec(&["ss", "-K", "dport", "=", &port])?;
+        Ok(cut_off)
+    }
+
     /// `ip6tables args...` in the host's namespace; returns its output.
     pub fn ip6tables(&self, args: &[&str]) -> Result<String> {
         self.netns.exec(&[&["ip6tables"], args].concat())
@@ -238,6 +263,28 @@ impl Host {
             .with_context(|| format!("cannot stat {}", namespace.display()))?
             .ino();
         Ok(Path::new(BPFFS).join(format!("overlay-netns-{inode}")))
+    }
+}
+
+/// The nftables table of [`Host::cut_off_from_etcd`].
+const CUT_OFF_TABLE: &str = "etcd_cut_off";
+
+/// Keeps a host cut off from etcd ([`Host::cut_off_from_etcd`]) while it lives.
+pub struct EtcdCutOff<'a> {
+    netns: &'a Netns,
+}
+
+impl Drop for EtcdCutOff<'_> {
+    fn drop(&mut self) {
+        let restored = self
+            .netns
+            .exec(&["nft", "delete", "table", "inet", CUT_OFF_TABLE]);
+        if let Err(error) = restored {
+            eprintln!(
+                "warning: {} stays cut off from etcd: {error:#}",
+                self.netns.name()
+            );
+        }
     }
 }
 

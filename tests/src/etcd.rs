@@ -297,15 +297,21 @@ impl Etcd {
             .context("etcdctl lease grant printed no lease id")
     }
 
-    /// Compacts the history up to the current revision.
-    pub fn compact(&self) -> Result<()> {
+    /// The store's current revision: that of the latest write.
+    pub fn revision(&self) -> Result<i64> {
         let status = self.etcdctl(&["endpoint", "status", "-w", "fields"])?;
-        let revision = status
+        status
             .lines()
             .find_map(|line| line.strip_prefix("\"Revision\" : "))
             .context("etcdctl printed no Revision")?
             .trim()
-            .to_string();
+            .parse()
+            .context("etcdctl printed a Revision that is not a number")
+    }
+
+    /// Compacts the history up to the current revision.
+    pub fn compact(&self) -> Result<()> {
+        let revision = self.revision()?.to_string();
         self.etcdctl(&["compaction", &revision]).map(drop)
     }
 }

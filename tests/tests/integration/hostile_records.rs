@@ -1,8 +1,9 @@
 //! Records any member of the cluster can write under `subnets/` cannot stop, hijack or blind a
 //! node: with each of them in etcd before the agent starts and written again while it runs,
 //! the agent becomes ready, stays up, routes a lease added afterwards within 2 s, and becomes
-//! ready again after a restart. Nor can records above the size limit, however many, or more
-//! leases than the dataplane's maps hold.
+//! ready again after a restart. Nor can records above the size limit, however many (even
+//! more, written while the agent is cut off, than one etcd answer carries), or more leases
+//! than the dataplane's maps hold.
 use std::{
     collections::BTreeSet,
     time::{Duration, Instant},
@@ -97,9 +98,12 @@ const LARGE_LEASES: u8 = 15;
 /// The largest record value the agent reads, as the README states it.
 const RECORD_LIMIT: usize = 4096;
 
+/// (key, value, subnet, PublicIP, VtepMAC) of a lease whose record is padded.
+type PaddedLease = (String, String, String, String, String);
+
 /// A lease of 10.2.(100 + index).0/24 whose record is `value_bytes` long, padded after
-/// flannel's fields: (key, value, subnet, PublicIP, VtepMAC).
-fn padded_lease(index: u8, value_bytes: usize) -> (String, String, String, String, String) {
+/// flannel's fields.
+fn padded_lease(index: u8, value_bytes: usize) -> PaddedLease {
     let subnet = format!("10.2.{}.0/24", 100 + u32::from(index));
     let public_ip = format!("172.20.62.{}", 150 + u32::from(index));
     let mac = format!("1a:4b:d7:f7:17:{index:02x}");
@@ -112,7 +116,7 @@ fn padded_lease(index: u8, value_bytes: usize) -> (String, String, String, Strin
     (key, value, subnet, public_ip, mac)
 }
 
-fn key_and_value(lease: &(String, String, String, String, String)) -> (String, String) {
+fn key_and_value(lease: &PaddedLease) -> (String, String) {
     (lease.0.clone(), lease.1.clone())
 }
 
@@ -120,6 +124,28 @@ fn key_and_value(lease: &(String, String, String, String, String)) -> (String, S
 fn skipped_count(host: &Host) -> Result<Option<f64>> {
     let samples = metrics::scrape(&host.netns, HEALTH_PORT)?;
     Ok(metrics::value_of(&samples, "overlay_leases_skipped", &[]))
+}
+
+/// Waits until `host` counts as many skipped records as `skipped`, then fails unless `agent`
+/// warned once about each, whether the record was there when the agent took its lease or came
+/// after, and `host` routes none of them.
+fn ensure_skipped_once(agent: &Agent, host: &Host, skipped: &[&PaddedLease]) -> Result<()> {
+    let mut counted = None;
+    wait_for("every large record skipped", EVENT_TIMEOUT, || {
+        counted = skipped_count(host)?;
+        Ok(counted == Some(skipped.len() as f64))
+    })
+    .with_context(|| format!("overlay_leases_skipped was {counted:?}"))?;
+    for (key, _, subnet, ..) in skipped {
+        ensure!(host.holds_no_peer(subnet)?, "{} routes {subnet}", host.name);
+        let warnings = agent.count_in_log(&format!("skipping record {key}: "));
+        ensure!(
+            warnings == 1,
+            "{warnings} warnings name {key}:\n{}",
+            agent.log()
+        );
+    }
+    Ok(())
 }
 
 /// Issue 28: record values up to etcd's 1.5 MiB were all held for a listing and used. A value
@@ -156,23 +182,7 @@ fn records_above_the_size_limit_are_skipped_and_the_rest_routed() -> Result<()> 
     host1.wait_for_peer(subnet, public_ip, mac)?;
 
     let skipped: Vec<_> = large.iter().chain([&past_limit]).collect();
-    let mut counted = None;
-    wait_for("every large record skipped", EVENT_TIMEOUT, || {
-        counted = skipped_count(&host1)?;
-        Ok(counted == Some(skipped.len() as f64))
-    })
-    .with_context(|| format!("overlay_leases_skipped was {counted:?}"))?;
-    // One warning each, whether the record was there when the agent took its lease or came
-    // after.
-    for (key, _, subnet, ..) in &skipped {
-        ensure!(host1.holds_no_peer(subnet)?, "host1 routes {subnet}");
-        let warnings = agent.count_in_log(&format!("skipping record {key}: "));
-        ensure!(
-            warnings == 1,
-            "{warnings} warnings name {key}:\n{}",
-            agent.log()
-        );
-    }
+    ensure_skipped_once(&agent, &host1, &skipped)?;
     ensure!(
         agent.process.try_exit_status()?.is_none(),
         "the agent exited:\n{}",
@@ -183,6 +193,54 @@ fn records_above_the_size_limit_are_skipped_and_the_rest_routed() -> Result<()> 
     ensure!(
         report.contains(&format!("skipped records ({}):", skipped.len())),
         "{report}"
+    );
+    Ok(())
+}
+
+/// Short, so that a watch down shows on /healthz while the test runs.
+const SHORT_GRACE: &str = "--healthz-grace=1s";
+/// What the agent logs each time its watch breaks.
+const INTERRUPTED: &str = "lease watch interrupted";
+
+/// A watch resumed from an old revision gets every change since in one response (etcd's
+/// syncWatchers batches up to 1,000 revisions): with the large records, more than the 16 MiB
+/// the agent receives. The README: such a response is replaced by a listing, which skips the
+/// large records and routes the rest.
+#[test]
+fn changes_missed_beyond_one_etcd_response_are_listed_instead_and_the_watch_goes_on() -> Result<()>
+{
+    let mut cluster = Cluster::new("watch-too-large")?;
+    cluster.reserve(SUBNET1, HOST1)?;
+    let host1 = cluster.add_host("host1", HOST1)?;
+    let mut agent = Agent::start(&cluster, &host1, &[SHORT_GRACE])?;
+    ensure!(agent.wait_ready()? == SUBNET1, "host1 kept its reservation");
+    let resumes_from = cluster.etcd.revision()? + 1;
+
+    let large: Vec<_> = (0..LARGE_LEASES)
+        .map(|index| padded_lease(index, LARGE_VALUE_BYTES))
+        .collect();
+    let mut missed: Vec<_> = large.iter().map(key_and_value).collect();
+    missed.push((cluster.subnet_key(LATER_SUBNET), LATER_VALUE.to_string()));
+    let interruptions = agent.count_in_log(INTERRUPTED);
+    let cut_off = host1.cut_off_from_etcd()?;
+    agent.wait_for_log(INTERRUPTED, interruptions + 1, EVENT_TIMEOUT)?;
+    cluster.etcd.put_many(&missed)?;
+    agent.wait_for_health("/healthz", 503, &["lease watch down"], EVENT_TIMEOUT)?;
+    drop(cut_off);
+
+    let relisting = format!(
+        "the changes after revision {resumes_from} are more than one etcd response carries; \
+         re-listing"
+    );
+    agent.wait_for_log(&relisting, 1, EVENT_TIMEOUT)?;
+    let (public_ip, mac) = LATER_VTEP;
+    host1.wait_for_peer(LATER_SUBNET, public_ip, mac)?;
+    ensure_skipped_once(&agent, &host1, &large.iter().collect::<Vec<_>>())?;
+    agent.wait_for_health("/healthz", 200, &["ok"], EVENT_TIMEOUT)?;
+    ensure!(
+        agent.count_in_log("re-listing") == 1 && agent.process.try_exit_status()?.is_none(),
+        "the agent listed once and runs on:\n{}",
+        agent.log()
     );
     Ok(())
 }
