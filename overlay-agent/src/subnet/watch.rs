@@ -203,7 +203,7 @@ impl<R: Registry> LeaseWatcher<R> {
                 }
                 WatchUpdate::TooLarge => {
                     let why = format!(
-                        "the changes after revision {} are more than one etcd response carries",
+                        "the changes from revision {} on are more than one etcd response carries",
                         self.next_revision
                     );
                     return Ok(Some(Interruption::Relist(why)));

@@ -229,7 +229,7 @@ fn changes_missed_beyond_one_etcd_response_are_listed_instead_and_the_watch_goes
     drop(cut_off);
 
     let relisting = format!(
-        "the changes after revision {resumes_from} are more than one etcd response carries; \
+        "the changes from revision {resumes_from} on are more than one etcd response carries; \
          re-listing"
     );
     agent.wait_for_log(&relisting, 1, EVENT_TIMEOUT)?;
