@@ -36,6 +36,7 @@ mod ipv6_fast_path;
 mod ipv6_guards;
 mod isolation;
 mod kernel_frames;
+mod layout;
 mod lifecycle;
 mod node_network;
 mod observe;
