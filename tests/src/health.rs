@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::netns::run_in;
+use crate::{netns::run_in, process::cpu_time};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -90,33 +90,6 @@ pub fn cpu_time_over(pid: u32, window: Duration) -> Result<Duration> {
         started.elapsed()
     );
     Ok(used)
-}
-
-/// utime + stime of `pid`, from /proc/<pid>/stat.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("/proc/<pid>/stat has no command name")?
-        .1
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .map(|&index| {
-            fields
-                .get(index)
-                .and_then(|field| field.parse::<u64>().ok())
-                .context("/proc/<pid>/stat has no utime or stime")
-        })
-        .sum::<Result<u64>>()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let per_second = u64::try_from(per_second).context("no clock tick rate")?;
-    Ok(Duration::from_millis(ticks * 1000 / per_second))
 }
 
 /// How many file descriptors process `pid` has open.

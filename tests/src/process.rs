@@ -143,3 +143,28 @@ pub fn iperf3_server_on(
     })?;
     Ok(server)
 }
+
+/// The CPU time process `pid` has used, all its threads' (those gone included), to the
+/// nanosecond: the kernel's run-time accounting, where /proc/<pid>/stat rounds to 10-ms ticks.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let pid = libc::pid_t::try_from(pid).context("no such process id")?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for the clock id.
+    let error = unsafe { libc::clock_getcpuclockid(pid, &mut clock) };
+    if error != 0 {
+        return Err(std::io::Error::from_raw_os_error(error))
+            .with_context(|| format!("no CPU clock for process {pid}"));
+    }
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid timespec to write to.
+    if unsafe { libc::clock_gettime(clock, &mut time) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot read process {pid}'s CPU clock"));
+    }
+    let seconds = u64::try_from(time.tv_sec).context("a negative CPU time")?;
+    let nanoseconds = u32::try_from(time.tv_nsec).context("a CPU time's nanoseconds")?;
+    Ok(Duration::new(seconds, nanoseconds))
+}

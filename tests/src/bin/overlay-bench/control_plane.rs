@@ -20,6 +20,7 @@ use overlay_tests::{
     agent::Agent,
     cluster::{Cluster, Host},
     netns,
+    process::cpu_time,
     seed::Container,
 };
 use rtnetlink::{
@@ -232,35 +233,9 @@ fn cpu_percent(pid: u32, window: Duration) -> Result<f64> {
     Ok(used / window.as_secs_f64() * 100.0)
 }
 
-/// The CPU time `pid` has used, every thread's, in seconds (in steps of a clock tick).
+/// The CPU time `pid` has used, every thread's, in seconds.
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let ticks_per_second: f64 =
-        overlay_tests::netns::run(std::process::Command::new("getconf").arg("CLK_TCK"))?
-            .trim()
-            .parse()
-            .context("getconf CLK_TCK printed no number")?;
-    Ok(cpu_ticks(pid)? as f64 / ticks_per_second)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces; the fields after it are plain.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("bad /proc stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let field = |index: usize| -> Result<u64> {
-        fields
-            .get(index)
-            .context("short /proc stat")?
-            .parse()
-            .context("bad /proc stat field")
-    };
-    // utime and stime are fields 14 and 15 of stat(5); 12 and 13 after the command name.
-    Ok(field(11)? + field(12)?)
+    Ok(cpu_time(pid)?.as_secs_f64())
 }
 
 /// Writes records to etcd from this process (spawning etcdctl per record would take longer

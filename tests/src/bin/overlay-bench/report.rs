@@ -106,8 +106,8 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
              other in a shuffled order (a run takes minutes, on a cluster of its own); the \
              ratios are again those of each round; lease to route over {} added leases, and \
              {} more at each lease count, from etcd's acknowledgement of each to its route, \
-             timed by a netlink listener; the agent's CPU per lease event over those {}, in \
-             /proc's clock ticks; idle CPU over {} s with {} containers.",
+             timed by a netlink listener; the agent's CPU per lease event over those {}, by \
+             its process CPU clock; idle CPU over {} s with {} containers.",
             plan.control_rounds,
             plan.leases_added,
             plan.leases_added_at_scale,
