@@ -341,8 +341,6 @@ impl XdpModeChoice {
 pub enum XdpAttachMode {
     Native,
     Generic,
-    /// Offloaded to the hardware, or more than one program.
-    Other,
 }
 
 /// Which interface each program sits on, and the settings they read.

@@ -119,7 +119,8 @@ pub async fn interfaces(handle: &Handle) -> Result<Vec<Interface>> {
         .collect())
 }
 
-/// How the XDP program on interface `index` runs; none without one.
+/// How the XDP program on interface `index` runs; none without one, or for one offloaded to
+/// the hardware or beside another in the other mode, which the agent leaves as it is.
 pub async fn xdp_attach_mode(handle: &Handle, index: u32) -> Result<Option<XdpAttachMode>> {
     let link = handle
         .link()
@@ -131,10 +132,8 @@ pub async fn xdp_attach_mode(handle: &Handle, index: u32) -> Result<Option<XdpAt
         .with_context(|| format!("cannot look up interface {index}"))?;
     Ok(link.as_ref().and_then(|link| {
         xdp_entries(link).find_map(|entry| match entry {
-            LinkXdp::Attached(XdpAttached::None) => None,
             LinkXdp::Attached(XdpAttached::Driver) => Some(XdpAttachMode::Native),
             LinkXdp::Attached(XdpAttached::SocketBuffer) => Some(XdpAttachMode::Generic),
-            LinkXdp::Attached(_) => Some(XdpAttachMode::Other),
             _ => None,
         })
     }))
