@@ -11,7 +11,8 @@
 //! Every sample is checked to have taken the path the row names.
 //!
 //! `--only TEXT` keeps the rows whose program or frame contains TEXT; `--samples N` times N
-//! runs per row (20,000 by default), for a profile of one row, say.
+//! runs per row (20,000 by default), for a profile of one row, say; `--out DIR` puts
+//! `microbench.md` there instead of `target/bench`, beside the benchmark's own report.
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, ensure};
@@ -176,15 +177,17 @@ fn made_up_lease(index: usize) -> Result<Lease> {
     })
 }
 
-const USAGE: &str = "usage: overlay-microbench [--only TEXT] [--samples N]
+const USAGE: &str = "usage: overlay-microbench [--only TEXT] [--samples N] [--out DIR]
 
   --only TEXT    only the rows whose program or frame contains TEXT, e.g. --only ARP
-  --samples N    runs timed per row (default 20,000)";
+  --samples N    runs timed per row (default 20,000)
+  --out DIR      where microbench.md goes (default target/bench)";
 
 /// What the command line asks for.
 struct Options {
     only: Option<String>,
     samples: usize,
+    out: PathBuf,
 }
 
 impl Options {
@@ -193,6 +196,7 @@ impl Options {
         let mut options = Options {
             only: None,
             samples: DEFAULT_SAMPLES,
+            out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -203,6 +207,7 @@ impl Options {
                     options.samples = value()?.parse().context("--samples takes a count")?;
                     ensure!(options.samples > 0, "--samples must be at least 1");
                 }
+                "--out" => options.out = PathBuf::from(value()?),
                 "--help" | "-h" => {
                     println!("{USAGE}");
                     return Ok(None);
@@ -298,15 +303,10 @@ fn main() -> Result<()> {
             writeln!(report, "{line}")?;
         }
     }
-    let out = output_dir();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let out = &options.out;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("microbench.md");
     std::fs::write(&path, report).with_context(|| format!("cannot write {}", path.display()))?;
     println!("written to {}", path.display());
     Ok(())
-}
-
-/// `target/bench`, beside the benchmark's own report.
-fn output_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
 }

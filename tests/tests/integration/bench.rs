@@ -3,10 +3,12 @@
 //! this checks the report's shape (every figure for every mode it applies to, each ratio's
 //! median and interquartile range over at least two rounds), never how large a figure is.
 //! `--only` runs the rows it names and nothing else; `--quick` builds the clusters afresh for
-//! each round, and `--rebuild-every 0` is refused.
+//! each round, and `--rebuild-every 0` is refused. The microbench times every row at both
+//! lease counts, each run on its row's path (it fails otherwise), and `--only` keeps the rows
+//! it names.
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use overlay_tests::{require_root, scratch::ScratchDir};
 
 /// The throughput rows measured again over IPv6, in every mode.
@@ -56,8 +58,8 @@ fn assert_spread(spread: &serde_json::Value, what: &str) {
 #[derive(Clone, Copy)]
 enum Ratios {
     Always,
-    /// Not where the other mode measured 0 in every round (a quick run's idle CPU: 1 s has
-    /// no clock tick).
+    /// Not where the other mode measured 0 in every round (a quick run's idle CPU: an agent
+    /// may not run at all in 1 s).
     WhereDivisible,
 }
 
@@ -199,4 +201,56 @@ fn refusal(args: &[&str]) -> Result<String> {
         .output()?;
     assert!(!output.status.success(), "overlay-bench took {args:?}");
     Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// The rows of `overlay-microbench args...`'s table (its `microbench.md`): (program, frame,
+/// leases).
+fn microbench(args: &[&str]) -> Result<Vec<(String, String, String)>> {
+    let out = ScratchDir::new("microbench")?;
+    let status = Command::new(env!("CARGO_BIN_EXE_overlay-microbench"))
+        .args(args)
+        .arg("--out")
+        .arg(out.path())
+        .status()?;
+    ensure!(
+        status.success(),
+        "overlay-microbench {args:?} failed: {status}"
+    );
+    let table = std::fs::read_to_string(out.path().join("microbench.md"))?;
+    Ok(table
+        .lines()
+        .skip(2)
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let [_, program, frame, leases, ..] = cells.as_slice() else {
+                return None;
+            };
+            Some((program.to_string(), frame.to_string(), leases.to_string()))
+        })
+        .collect())
+}
+
+#[test]
+fn the_microbench_times_every_row_at_both_lease_counts_and_only_those_asked() -> Result<()> {
+    require_root()?;
+    let every = microbench(&["--samples", "20"])?;
+    let at = |leases: &str| -> Vec<(&str, &str)> {
+        every
+            .iter()
+            .filter(|row| row.2 == leases)
+            .map(|(program, frame, _)| (program.as_str(), frame.as_str()))
+            .collect()
+    };
+    let (two, many) = (at("2"), at("10,000"));
+    ensure!(
+        !two.is_empty() && two == many && two.len() * 2 == every.len(),
+        "every row once with 2 leases and once with 10,000: {every:?}"
+    );
+    let arp = microbench(&["--only", "ARP", "--samples", "20"])?;
+    let expected: Vec<_> = every.iter().filter(|row| row.1.contains("ARP")).collect();
+    ensure!(
+        !expected.is_empty() && arp.iter().collect::<Vec<_>>() == expected,
+        "--only ARP gave {arp:?}"
+    );
+    Ok(())
 }

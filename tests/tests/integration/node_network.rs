@@ -134,6 +134,48 @@ fn containers_on_one_host_talk_through_docker0_alone() -> Result<()> {
     Ok(())
 }
 
+/// Neighbour entries written in one burst on a device that is none of the overlay's: more
+/// notifications than the agent's netlink socket holds (ENOBUFS), yet nothing it must act on.
+const BURST_ENTRIES: u32 = 20_000;
+const LOST: &str = "netlink notifications were lost; re-listing";
+
+/// Notifications the kernel could not queue (ENOBUFS) are made up for by listing everything:
+/// a route deleted at the end of a burst that overflowed the agent's netlink socket comes back
+/// within a second, though its notification may be among the lost.
+#[test]
+fn notifications_lost_in_a_burst_are_made_up_for_by_a_listing() -> Result<()> {
+    let mut seed = Seed::start("overrun", KERNEL)?;
+    let host = &seed.host1;
+    host.netns.ip(&[
+        "link", "add", "burst0", "type", "veth", "peer", "name", "burst1",
+    ])?;
+    host.netns.ip(&["link", "set", "burst0", "up"])?;
+    let mut batch: String = (0..BURST_ENTRIES)
+        .map(|index| {
+            let [_, _, high, low] = index.to_be_bytes();
+            format!(
+                "neigh add 198.18.{high}.{low} lladdr 02:00:00:00:{high:02x}:{low:02x} dev \
+                 burst0 nud permanent\n"
+            )
+        })
+        .collect();
+    batch.push_str(&format!("route del {SUBNET2}\n"));
+    let path = host.dir.join("burst.batch");
+    std::fs::write(&path, batch)?;
+    let path = path.to_str().context("a scratch path that is not UTF-8")?;
+    host.netns.ip(&["-batch", path])?;
+    seed.agent1
+        .wait_for_log(LOST, 1, HEAL_TIMEOUT)
+        .context("the burst overflowed nothing, or the agent did not say so")?;
+    wait_for("the route deleted in the burst", WITHIN_A_SECOND, || {
+        host.netns.has_route(SUBNET2)
+    })?;
+    let exited = seed.agent1.process.try_exit_status()?;
+    anyhow::ensure!(exited.is_none(), "the agent exited: {exited:?}");
+    seed.bbox1.ping(BBOX2, 1)?;
+    Ok(())
+}
+
 #[test]
 fn deleted_devices_and_entries_come_back() -> Result<()> {
     let seed = Seed::start("self-heal", KERNEL)?;
