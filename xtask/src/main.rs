@@ -65,7 +65,7 @@ enum Task {
         /// Rounds of interleaved runs (default 10, 2 with --quick).
         #[arg(long, conflicts_with = "micro")]
         rounds: Option<u32>,
-        /// Rounds of the control plane's runs (default 3, 2 with --quick).
+        /// Rounds of the control plane's runs (default 4, 2 with --quick).
         #[arg(long, value_name = "N", conflicts_with = "micro")]
         control_rounds: Option<u32>,
         /// Build the three clusters afresh every N rounds (default 2, 1 with --quick).

@@ -50,7 +50,7 @@ const USAGE: &str =
   --only ROWS    only these rows (comma separated), e.g. --only tcp4,tcp4-v6
   --rounds N     rounds of interleaved runs (default 10, 2 with --quick)
   --control-rounds N
-                 rounds of the control plane's runs (default 3, 2 with --quick)
+                 rounds of the control plane's runs (default 4, 2 with --quick)
   --rebuild-every N
                  build the three clusters afresh every N rounds (default 2, 1 with --quick)
   --seed N       the seed of the modes' shuffled order (default: from the clock)
@@ -134,7 +134,7 @@ impl Plan {
         } else {
             Self {
                 rounds: 10,
-                control_rounds: 3,
+                control_rounds: 4,
                 rounds_per_build: 2,
                 seconds: 2,
                 leases_added: 200,
