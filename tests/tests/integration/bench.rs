@@ -30,16 +30,22 @@ const RATIOS: [(&str, &str); 2] = [
 
 /// overlay-bench with `args`, its report in a scratch directory: (report.json, report.md).
 fn bench(args: &[&str]) -> Result<(serde_json::Value, String, ScratchDir)> {
+    let out = run_writing_to_scratch(env!("CARGO_BIN_EXE_overlay-bench"), args)?;
+    let report = serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
+    let markdown = std::fs::read_to_string(out.path().join("report.md"))?;
+    Ok((report, markdown, out))
+}
+
+/// Runs `binary args... --out <a scratch directory>`, which must succeed; returns the directory.
+fn run_writing_to_scratch(binary: &str, args: &[&str]) -> Result<ScratchDir> {
     let out = ScratchDir::new("bench")?;
-    let status = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+    let status = Command::new(binary)
         .args(args)
         .arg("--out")
         .arg(out.path())
         .status()?;
-    assert!(status.success(), "overlay-bench {args:?} failed: {status}");
-    let report = serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
-    let markdown = std::fs::read_to_string(out.path().join("report.md"))?;
-    Ok((report, markdown, out))
+    ensure!(status.success(), "{binary} {args:?} failed: {status}");
+    Ok(out)
 }
 
 /// Asserts `spread` holds a finite median inside a finite interquartile range.
@@ -206,16 +212,7 @@ fn refusal(args: &[&str]) -> Result<String> {
 /// The rows of `overlay-microbench args...`'s table (its `microbench.md`): (program, frame,
 /// leases).
 fn microbench(args: &[&str]) -> Result<Vec<(String, String, String)>> {
-    let out = ScratchDir::new("microbench")?;
-    let status = Command::new(env!("CARGO_BIN_EXE_overlay-microbench"))
-        .args(args)
-        .arg("--out")
-        .arg(out.path())
-        .status()?;
-    ensure!(
-        status.success(),
-        "overlay-microbench {args:?} failed: {status}"
-    );
+    let out = run_writing_to_scratch(env!("CARGO_BIN_EXE_overlay-microbench"), args)?;
     let table = std::fs::read_to_string(out.path().join("microbench.md"))?;
     Ok(table
         .lines()
