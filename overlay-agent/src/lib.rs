@@ -283,7 +283,8 @@ async fn load_dataplane(
     }
     let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
     let dataplane = Dataplane::load(Some(pin_dir), options.bpf_log, lease_capacity)?;
-    let xdp_attached = node::links::xdp_attach_mode(netlink, uplink.index).await?;
+    let link = node::links::find(netlink, &uplink.name).await?;
+    let xdp_attached = link.as_ref().and_then(node::links::xdp_attach_mode);
     Ok(Some(
         dataplane
             .with_tc_attach(options.tc_attach.into())

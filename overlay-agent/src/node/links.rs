@@ -119,24 +119,14 @@ pub async fn interfaces(handle: &Handle) -> Result<Vec<Interface>> {
         .collect())
 }
 
-/// How the XDP program on interface `index` runs; none without one, or for one offloaded to
-/// the hardware or beside another in the other mode, which the agent leaves as it is.
-pub async fn xdp_attach_mode(handle: &Handle, index: u32) -> Result<Option<XdpAttachMode>> {
-    let link = handle
-        .link()
-        .get()
-        .match_index(index)
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("cannot look up interface {index}"))?;
-    Ok(link.as_ref().and_then(|link| {
-        xdp_entries(link).find_map(|entry| match entry {
-            LinkXdp::Attached(XdpAttached::Driver) => Some(XdpAttachMode::Native),
-            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some(XdpAttachMode::Generic),
-            _ => None,
-        })
-    }))
+/// How the XDP program on `link` runs; none without one, or for one offloaded to the hardware
+/// or beside another in the other mode, which the agent leaves as it is.
+pub fn xdp_attach_mode(link: &LinkMessage) -> Option<XdpAttachMode> {
+    xdp_entries(link).find_map(|entry| match entry {
+        LinkXdp::Attached(XdpAttached::Driver) => Some(XdpAttachMode::Native),
+        LinkXdp::Attached(XdpAttached::SocketBuffer) => Some(XdpAttachMode::Generic),
+        _ => None,
+    })
 }
 
 fn xdp_program(link: &LinkMessage) -> Option<u32> {
