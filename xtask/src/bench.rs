@@ -1,5 +1,5 @@
 //! `cargo xtask bench [--quick] [--only ROWS] [--rounds N] [--control-rounds N]
-//! [--rebuild-every N] [--seed N] [--out DIR] | --micro [--only TEXT] [--samples N]`: setup, a
+//! [--rebuild-every N] [--seed N] [--out DIR] | --micro [--only TEXT] [--samples N] [--out DIR]`: setup, a
 //! release build of the agent, then the benchmark, which measures ebpf, kernel and host-gw in
 //! interleaved rounds (throughput over IPv4 and IPv6) on clusters built afresh every few
 //! rounds, or with `--micro` only each program's ns per packet; the reports go to

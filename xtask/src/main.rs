@@ -74,8 +74,8 @@ enum Task {
         /// The seed of each round's shuffled order of the modes, to repeat a run's order.
         #[arg(long, conflicts_with = "micro")]
         seed: Option<u64>,
-        /// Where the report goes instead of target/bench/.
-        #[arg(long, value_name = "DIR", conflicts_with = "micro")]
+        /// Where the report goes instead of target/bench/ (with --micro too).
+        #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
         /// With --micro: runs timed per row (default 20,000).
         #[arg(long, value_name = "N", requires = "micro")]

@@ -3,7 +3,8 @@
 //! this checks the report's shape (every figure for every mode it applies to, each ratio's
 //! median and interquartile range over at least two rounds), never how large a figure is.
 //! `--only` runs the rows it names and nothing else; `--quick` builds the clusters afresh for
-//! each round, and `--rebuild-every 0` is refused. The microbench times every row at both
+//! each round, and `--rebuild-every 0` is refused. The modes run in a shuffled order that
+//! `--seed` repeats. The microbench times every row at both
 //! lease counts, each run on its row's path (it fails otherwise), and `--only` keeps the rows
 //! it names.
 use std::process::Command;
@@ -30,22 +31,29 @@ const RATIOS: [(&str, &str); 2] = [
 
 /// overlay-bench with `args`, its report in a scratch directory: (report.json, report.md).
 fn bench(args: &[&str]) -> Result<(serde_json::Value, String, ScratchDir)> {
-    let out = run_writing_to_scratch(env!("CARGO_BIN_EXE_overlay-bench"), args)?;
+    let (out, _) = run_writing_to_scratch(env!("CARGO_BIN_EXE_overlay-bench"), args)?;
     let report = serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json"))?)?;
     let markdown = std::fs::read_to_string(out.path().join("report.md"))?;
     Ok((report, markdown, out))
 }
 
-/// Runs `binary args... --out <a scratch directory>`, which must succeed; returns the directory.
-fn run_writing_to_scratch(binary: &str, args: &[&str]) -> Result<ScratchDir> {
+/// Runs `binary args... --out <a scratch directory>`, which must succeed; returns the
+/// directory and what the binary printed.
+fn run_writing_to_scratch(binary: &str, args: &[&str]) -> Result<(ScratchDir, String)> {
     let out = ScratchDir::new("bench")?;
-    let status = Command::new(binary)
+    let output = Command::new(binary)
         .args(args)
         .arg("--out")
         .arg(out.path())
-        .status()?;
-    ensure!(status.success(), "{binary} {args:?} failed: {status}");
-    Ok(out)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "{binary} {args:?} failed: {}\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((out, stdout))
 }
 
 /// Asserts `spread` holds a finite median inside a finite interquartile range.
@@ -200,6 +208,57 @@ fn only_runs_the_rows_it_names() -> Result<()> {
     Ok(())
 }
 
+/// The modes of `row` in the order a run with `seed` ran them, round after round, from its
+/// progress lines ("   latency-pinned ebpf: 8.68 µs, 10.38 µs").
+fn order_of_modes(row: &str, seed: &str) -> Result<Vec<Vec<String>>> {
+    const ROUNDS: usize = 4;
+    let (_out, stdout) = run_writing_to_scratch(
+        env!("CARGO_BIN_EXE_overlay-bench"),
+        &[
+            "--quick",
+            "--only",
+            row,
+            "--rounds",
+            &ROUNDS.to_string(),
+            "--rebuild-every",
+            &ROUNDS.to_string(),
+            "--seed",
+            seed,
+        ],
+    )?;
+    let modes: Vec<String> = stdout
+        .lines()
+        .filter_map(|line| line.strip_prefix(&format!("   {row} ")))
+        // A run dropped for stolen CPU time is run again in its place.
+        .filter(|rest| !rest.contains(": dropped,"))
+        .filter_map(|rest| rest.split_once(':').map(|(mode, _)| mode.to_string()))
+        .collect();
+    ensure!(
+        modes.len() == ROUNDS * 3,
+        "{ROUNDS} rounds of 3 modes each, no round left out:\n{stdout}"
+    );
+    Ok(modes.chunks(3).map(<[String]>::to_vec).collect())
+}
+
+/// The modes run in a shuffled order, round by round, and `--seed` repeats that order: two
+/// runs with one seed run the modes in the same order in every round.
+#[test]
+fn a_seed_repeats_the_shuffled_order_of_the_modes() -> Result<()> {
+    require_root()?;
+    let first = order_of_modes("latency-pinned", "7")?;
+    let again = order_of_modes("latency-pinned", "7")?;
+    ensure!(
+        first == again,
+        "--seed 7 ran the modes in {first:?}, then in {again:?}"
+    );
+    // Four rounds in one order by chance: 1 in 216.
+    ensure!(
+        first.iter().any(|round| round != &first[0]),
+        "the modes ran in one order in every round: {first:?}"
+    );
+    Ok(())
+}
+
 /// What overlay-bench says on stderr when it refuses `args`; panics if it takes them.
 fn refusal(args: &[&str]) -> Result<String> {
     let output = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
@@ -212,7 +271,7 @@ fn refusal(args: &[&str]) -> Result<String> {
 /// The rows of `overlay-microbench args...`'s table (its `microbench.md`): (program, frame,
 /// leases).
 fn microbench(args: &[&str]) -> Result<Vec<(String, String, String)>> {
-    let out = run_writing_to_scratch(env!("CARGO_BIN_EXE_overlay-microbench"), args)?;
+    let (out, _) = run_writing_to_scratch(env!("CARGO_BIN_EXE_overlay-microbench"), args)?;
     let table = std::fs::read_to_string(out.path().join("microbench.md"))?;
     Ok(table
         .lines()

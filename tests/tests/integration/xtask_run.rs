@@ -76,7 +76,15 @@ fn cargo_xtask_bench_hands_its_flags_to_the_benchmarks() -> Result<()> {
             "--control-rounds must be at least 1",
         ),
         (
-            &["--micro", "--only", "ARP", "--samples", "0"],
+            &[
+                "--micro",
+                "--only",
+                "ARP",
+                "--samples",
+                "0",
+                "--out",
+                "target/bench-refused",
+            ],
             "--samples must be at least 1",
         ),
     ];

@@ -95,7 +95,7 @@ fn method(figures: &[Figure], plan: &Plan, summary: &Summary) -> String {
     );
     if summary.builds > 0 {
         text.push_str(&format!(
-            " The clusters were built afresh every {} round(s), {} times in all, so that the \
+            " The clusters were built afresh every {} round(s), {} time(s) in all, so that the \
              spread takes in how one build differs from the next.",
             plan.rounds_per_build, summary.builds,
         ));

@@ -185,9 +185,9 @@ pub fn latency(client: &Netns, seconds: u32, pinned: bool) -> Result<(f64, f64)>
 /// The machine's CPU time since boot, summed over all CPUs, from the first line of
 /// /proc/stat, in USER_HZ ticks.
 pub struct CpuTimes {
-    total: f64,
-    idle: f64,
-    steal: f64,
+    pub total: f64,
+    pub idle: f64,
+    pub steal: f64,
 }
 
 impl CpuTimes {
@@ -308,8 +308,14 @@ fn program_runs(ids: &HashSet<u64>) -> Result<HashMap<String, (f64, f64)>> {
     let output = overlay_tests::netns::run(Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let programs: Vec<serde_json::Value> =
         serde_json::from_str(&output).context("bpftool printed no JSON")?;
+    Ok(runs_by_name(&programs, ids))
+}
+
+/// The run count and run time of those of `programs` (`bpftool -j prog show`) whose id is
+/// in `ids`, summed by name.
+fn runs_by_name(programs: &[serde_json::Value], ids: &HashSet<u64>) -> HashMap<String, (f64, f64)> {
     let mut runs: HashMap<String, (f64, f64)> = HashMap::new();
-    for program in &programs {
+    for program in programs {
         let ours = program["id"].as_u64().is_some_and(|id| ids.contains(&id));
         let Some(name) = program["name"].as_str().filter(|_| ours) else {
             continue;
@@ -318,5 +324,37 @@ fn program_runs(ids: &HashSet<u64>) -> Result<HashMap<String, (f64, f64)>> {
         entry.0 += program["run_cnt"].as_f64().unwrap_or(0.0);
         entry.1 += program["run_time_ns"].as_f64().unwrap_or(0.0);
     }
-    Ok(runs)
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_programs_of_the_given_ids_are_counted() {
+        // Two hosts' copies of each program, and a third agent's, as bpftool lists them.
+        let programs: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[
+                {"id": 11, "type": "sched_cls", "name": "tc_container_ingress", "run_time_ns": 300, "run_cnt": 2},
+                {"id": 12, "type": "sched_cls", "name": "tc_container_ingress", "run_time_ns": 500, "run_cnt": 1},
+                {"id": 13, "type": "sched_cls", "name": "tc_uplink_ingress", "run_time_ns": 70, "run_cnt": 1},
+                {"id": 90, "type": "sched_cls", "name": "tc_container_ingress", "run_time_ns": 9000, "run_cnt": 9},
+                {"id": 91, "type": "sched_cls", "name": "tc_vtep_egress", "run_time_ns": 9000, "run_cnt": 9},
+                {"id": 14, "type": "xdp", "name": "xdp_uplink"}
+            ]"#,
+        )
+        .unwrap();
+        let ours = HashSet::from([11, 12, 13, 14]);
+        let runs = runs_by_name(&programs, &ours);
+        assert_eq!(
+            runs,
+            HashMap::from([
+                ("tc_container_ingress".to_string(), (3.0, 800.0)),
+                ("tc_uplink_ingress".to_string(), (1.0, 70.0)),
+                // Without BPF_ENABLE_STATS bpftool prints no counts: none counted.
+                ("xdp_uplink".to_string(), (0.0, 0.0)),
+            ])
+        );
+    }
 }
