@@ -205,6 +205,15 @@ fn only_runs_the_rows_it_names() -> Result<()> {
         error.contains("--rebuild-every must be at least 1"),
         "the error names the flag: {error}"
     );
+    let error = refusal(&[
+        "--compare",
+        "/nonexistent/first.json",
+        "/nonexistent/second.json",
+    ])?;
+    assert!(
+        error.contains("cannot read the report /nonexistent/first.json"),
+        "the error names the report: {error}"
+    );
     Ok(())
 }
 

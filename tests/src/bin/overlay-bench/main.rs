@@ -27,6 +27,7 @@ use overlay_tests::{
     seed::{BBOX2, Seed},
 };
 
+mod compare;
 mod control_plane;
 mod figures;
 mod report;
@@ -45,6 +46,7 @@ const ATTEMPTS: usize = 3;
 
 const USAGE: &str =
     "usage: overlay-bench [--quick] [--only ROW,...] [--rounds N] [--control-rounds N] [--rebuild-every N] [--seed N] [--out DIR]
+       overlay-bench --compare FIRST SECOND
 
   --quick        2 rounds of 1-s runs and a small control plane: proves the benchmark works
   --only ROWS    only these rows (comma separated), e.g. --only tcp4,tcp4-v6
@@ -54,7 +56,11 @@ const USAGE: &str =
   --rebuild-every N
                  build the three clusters afresh every N rounds (default 2, 1 with --quick)
   --seed N       the seed of the modes' shuffled order (default: from the clock)
-  --out DIR      where the report goes (default target/bench)";
+  --out DIR      where the report goes (default target/bench)
+  --compare FIRST SECOND
+                 no run: the ratios of two reports (report.json) side by side, which ones'
+                 interquartile ranges lie apart, and how many would by chance between two
+                 runs of identical code with the same round counts";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -148,7 +154,13 @@ impl Plan {
     }
 }
 
-/// What the command line asked for.
+/// What the command line asked for: a run, or a comparison of two reports.
+enum Command {
+    Run(Options),
+    Compare(PathBuf, PathBuf),
+}
+
+/// How to run.
 struct Options {
     plan: Plan,
     selection: Selection,
@@ -156,8 +168,8 @@ struct Options {
     out_dir: PathBuf,
 }
 
-/// The options, or None when `--help` asked for the usage alone.
-fn parse_options() -> Result<Option<Options>> {
+/// What to do, or None when `--help` asked for the usage alone.
+fn parse_options() -> Result<Option<Command>> {
     let mut quick = false;
     let mut selection = Selection::everything();
     let mut rounds = None;
@@ -180,6 +192,10 @@ fn parse_options() -> Result<Option<Options>> {
             }
             "--seed" => seed = Some(number(&value()?, "--seed")?),
             "--out" => out_dir = Some(PathBuf::from(value()?)),
+            "--compare" => {
+                let first = PathBuf::from(value()?);
+                return Ok(Some(Command::Compare(first, PathBuf::from(value()?))));
+            }
             "--help" | "-h" => {
                 println!("{USAGE}\n\nrows: {}", rows::row_names());
                 return Ok(None);
@@ -213,13 +229,13 @@ fn parse_options() -> Result<Option<Options>> {
         Some(seed) => seed,
         None => clock_seed()?,
     };
-    Ok(Some(Options {
+    Ok(Some(Command::Run(Options {
         plan,
         selection,
         seed,
         out_dir: out_dir
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")),
-    }))
+    })))
 }
 
 fn number(text: &str, flag: &str) -> Result<u64> {
@@ -237,7 +253,12 @@ fn clock_seed() -> Result<u64> {
 }
 
 fn main() -> std::process::ExitCode {
-    match parse_options().and_then(|options| options.map_or(Ok(()), |options| run(&options))) {
+    let outcome = parse_options().and_then(|command| match command {
+        None => Ok(()),
+        Some(Command::Run(options)) => run(&options),
+        Some(Command::Compare(first, second)) => compare::run(&first, &second),
+    });
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
