@@ -58,8 +58,8 @@ enum Task {
         #[arg(long)]
         micro: bool,
         /// Only these rows, comma separated: tcp1, tcp4, tcp1-pinned, tcp4-pinned, udp64, the
-        /// same with -v6 (tcp1-v6, ..., udp64-v6), latency, latency-pinned, bpf-stats,
-        /// control-plane. With --micro: only the rows whose program or frame contains ROWS.
+        /// same with -v6 (tcp1-v6, ..., udp64-v6), tcp1-one-cpu, latency, latency-pinned,
+        /// bpf-stats, control-plane. With --micro: only the rows whose program or frame contains ROWS.
         #[arg(long, value_name = "ROWS")]
         only: Option<String>,
         /// Rounds of interleaved runs (default 10, 2 with --quick).

@@ -141,7 +141,7 @@ fn the_quick_benchmark_produces_every_figure() -> Result<()> {
         "--quick ran {control_rounds} control plane round(s)"
     );
     let figures = report["figures"].as_array().context("no figures")?;
-    assert_eq!(figures.len(), 32, "{report:#}");
+    assert_eq!(figures.len(), 33, "{report:#}");
     for figure in figures {
         let name = figure["figure"].as_str().context("unnamed figure")?;
         if figure["row"] == "control-plane" {

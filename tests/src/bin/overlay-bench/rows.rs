@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use overlay_tests::{ipv6::BBOX2_V6, netns::Netns, seed::BBOX2};
 
-use crate::traffic;
+use crate::traffic::{self, Pinning};
 
 pub const BPF_STATS: &str = "bpf-stats";
 pub const CONTROL_PLANE: &str = "control-plane";
@@ -36,9 +36,8 @@ impl Family {
 
 #[derive(Clone, Copy)]
 pub enum Workload {
-    /// iperf3 TCP, each stream a client and a server of its own; `pinned`: each client and its
-    /// server on fixed CPUs, opposite ones (`-A 0,1`, then `-A 1,0`).
-    Tcp { streams: u32, pinned: bool },
+    /// iperf3 TCP, each stream a client and a server of its own.
+    Tcp { streams: u32, pinning: Pinning },
     /// 64-byte UDP from four unthrottled sockets of one iperf3 client.
     SmallUdp,
     /// sockperf ping-pong, over IPv4; `pinned`: both ends on CPU 0.
@@ -76,24 +75,41 @@ const fn row(key: &'static str, family: Family, workload: Workload) -> Row {
     }
 }
 
-const fn tcp(streams: u32, pinned: bool) -> Workload {
-    Workload::Tcp { streams, pinned }
+const fn tcp(streams: u32, pinning: Pinning) -> Workload {
+    Workload::Tcp { streams, pinning }
 }
 
 /// The most TCP streams a row runs: bbox2 has an iperf3 server for each.
 pub const MAX_TCP_STREAMS: u32 = 4;
 
 /// In report order.
-pub const DATA_ROWS: [Row; 12] = [
-    row("tcp1", Family::Ipv4, tcp(1, false)),
-    row("tcp4", Family::Ipv4, tcp(MAX_TCP_STREAMS, false)),
-    row("tcp1-pinned", Family::Ipv4, tcp(1, true)),
-    row("tcp4-pinned", Family::Ipv4, tcp(MAX_TCP_STREAMS, true)),
+pub const DATA_ROWS: [Row; 13] = [
+    row("tcp1", Family::Ipv4, tcp(1, Pinning::Unpinned)),
+    row(
+        "tcp4",
+        Family::Ipv4,
+        tcp(MAX_TCP_STREAMS, Pinning::Unpinned),
+    ),
+    row("tcp1-pinned", Family::Ipv4, tcp(1, Pinning::Opposite)),
+    row(
+        "tcp4-pinned",
+        Family::Ipv4,
+        tcp(MAX_TCP_STREAMS, Pinning::Opposite),
+    ),
+    row("tcp1-one-cpu", Family::Ipv4, tcp(1, Pinning::OneCpu)),
     row("udp64", Family::Ipv4, Workload::SmallUdp),
-    row("tcp1-v6", Family::Ipv6, tcp(1, false)),
-    row("tcp4-v6", Family::Ipv6, tcp(MAX_TCP_STREAMS, false)),
-    row("tcp1-pinned-v6", Family::Ipv6, tcp(1, true)),
-    row("tcp4-pinned-v6", Family::Ipv6, tcp(MAX_TCP_STREAMS, true)),
+    row("tcp1-v6", Family::Ipv6, tcp(1, Pinning::Unpinned)),
+    row(
+        "tcp4-v6",
+        Family::Ipv6,
+        tcp(MAX_TCP_STREAMS, Pinning::Unpinned),
+    ),
+    row("tcp1-pinned-v6", Family::Ipv6, tcp(1, Pinning::Opposite)),
+    row(
+        "tcp4-pinned-v6",
+        Family::Ipv6,
+        tcp(MAX_TCP_STREAMS, Pinning::Opposite),
+    ),
     row("udp64-v6", Family::Ipv6, Workload::SmallUdp),
     row("latency", Family::Ipv4, Workload::Latency { pinned: false }),
     row(
@@ -110,19 +126,23 @@ impl Row {
             FigureSpec::new(self.family.figure(name), unit, higher_is_better)
         };
         match self.workload {
-            Workload::Tcp { streams, pinned } => {
+            Workload::Tcp { streams, pinning } => {
                 let counted = match streams {
                     1 => "1 stream".to_string(),
                     streams => format!("{streams} streams"),
                 };
-                let pin = if pinned { ", pinned" } else { "" };
+                let pin = match pinning {
+                    Pinning::Unpinned => "",
+                    Pinning::Opposite => ", pinned",
+                    Pinning::OneCpu => ", both ends on CPU 0",
+                };
                 let mut figures = vec![named(
                     &format!("TCP throughput, {counted}{pin}"),
                     "Gbit/s",
                     true,
                 )];
                 // Unpinned only; one stream's keeps the name of earlier reports.
-                if !pinned {
+                if pinning == Pinning::Unpinned {
                     let cost = match streams {
                         1 => "CPU cost".to_string(),
                         streams => format!("CPU cost, {streams} streams"),
@@ -151,8 +171,8 @@ impl Row {
     pub fn run(&self, client: &Netns, seconds: u32) -> Result<Vec<f64>> {
         let server = self.family.destination();
         let values = match self.workload {
-            Workload::Tcp { streams, pinned } => {
-                let (gbit, cpu) = traffic::tcp(client, server, seconds, streams, pinned)?;
+            Workload::Tcp { streams, pinning } => {
+                let (gbit, cpu) = traffic::tcp(client, server, seconds, streams, pinning)?;
                 vec![gbit, cpu]
             }
             Workload::SmallUdp => {

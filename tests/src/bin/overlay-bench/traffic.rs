@@ -64,29 +64,52 @@ fn iperf3_side_by_side(
         .collect()
 }
 
+/// Where a TCP run's clients and servers run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Pinning {
+    /// Wherever the scheduler puts them.
+    Unpinned,
+    /// Each client and its server on fixed, opposite CPUs: the first's client on CPU 0 and its
+    /// server on CPU 1 (`-A 0,1`), the next the other way round, and so on.
+    Opposite,
+    /// Every client and server on CPU 0 (`-A 0,0`): that CPU does all the work, with no
+    /// wake-up of another CPU to wait for.
+    OneCpu,
+}
+
+impl Pinning {
+    /// iperf3's `-A` for connection `stream`, or none.
+    fn cpus(self, stream: u32) -> Option<String> {
+        match self {
+            Pinning::Unpinned => None,
+            Pinning::Opposite => Some(format!("{},{}", stream % 2, (stream + 1) % 2)),
+            Pinning::OneCpu => Some("0,0".to_string()),
+        }
+    }
+}
+
 /// iperf3 TCP over `streams` connections after a second left out: Gbit/s, and the CPU seconds
 /// the whole machine was busy per GB moved. Each connection has a client and a server process
 /// of its own (on ports from [`IPERF3_PORT`] up): iperf3 3.12 serves all the streams of one
 /// process (`-P`) from one thread, so four of them would still share one CPU at each end.
-/// `pinned`: each client and its server on fixed CPUs, opposite ones.
 pub fn tcp(
     client: &Netns,
     server: &str,
     seconds: u32,
     streams: u32,
-    pinned: bool,
+    pinning: Pinning,
 ) -> Result<(f64, f64)> {
     let seconds = seconds.to_string();
     let ports: Vec<String> = (0..streams)
         .map(|stream| (IPERF3_PORT + stream as u16).to_string())
         .collect();
-    let cpus: Vec<String> = (0..streams).map(pinned_cpus).collect();
+    let cpus: Vec<Option<String>> = (0..streams).map(|stream| pinning.cpus(stream)).collect();
     let runs: Vec<Vec<&str>> = ports
         .iter()
         .zip(&cpus)
         .map(|(port, cpus)| {
             let mut args = vec!["-p", port, "-t", &seconds, "-O", TCP_OMIT_SECONDS];
-            if pinned {
+            if let Some(cpus) = cpus {
                 args.extend(["-A", cpus]);
             }
             args
@@ -104,12 +127,6 @@ pub fn tcp(
         bytes += bytes_sent(report)?;
     }
     Ok((bits / 1e9, busy / (bytes / 1e9)))
-}
-
-/// `-A client,server` for connection `stream`: the first's client on CPU 0 and its server on
-/// CPU 1, the next the other way round, and so on.
-fn pinned_cpus(stream: u32) -> String {
-    format!("{},{}", stream % 2, (stream + 1) % 2)
 }
 
 /// The bytes a run sent, the left-out second's included, as the CPU time around it is.
@@ -257,7 +274,7 @@ pub fn program_cost(client: &Netns, agents: &[u32], seconds: u32) -> Result<Prog
 
     let before = program_runs(&ours)?;
     let busy_before = CpuTimes::now()?;
-    tcp(client, BBOX2, seconds, 1, false)?;
+    tcp(client, BBOX2, seconds, 1, Pinning::Unpinned)?;
     let busy = CpuTimes::now()?.busy_seconds_since(&busy_before);
     let after = program_runs(&ours)?;
     let mut in_programs = 0.0;
