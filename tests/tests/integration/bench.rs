@@ -214,6 +214,11 @@ fn only_runs_the_rows_it_names() -> Result<()> {
         error.contains("cannot read the report /nonexistent/first.json"),
         "the error names the report: {error}"
     );
+    let error = refusal(&["--quick", "--compare", "first.json", "second.json"])?;
+    assert!(
+        error.contains("--compare takes two reports and nothing else"),
+        "a run's flags beside --compare are refused: {error}"
+    );
     Ok(())
 }
 

@@ -177,7 +177,14 @@ fn parse_options() -> Result<Option<Command>> {
     let mut rounds_per_build = None;
     let mut seed = None;
     let mut out_dir = None;
-    let mut args = std::env::args().skip(1);
+    let given: Vec<String> = std::env::args().skip(1).collect();
+    if given.first().is_some_and(|arg| arg == "--compare") {
+        let [_, first, second] = given.as_slice() else {
+            bail!("--compare takes two reports and nothing else\n{USAGE}");
+        };
+        return Ok(Some(Command::Compare(first.into(), second.into())));
+    }
+    let mut args = given.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} takes a value"));
         match arg.as_str() {
@@ -192,10 +199,7 @@ fn parse_options() -> Result<Option<Command>> {
             }
             "--seed" => seed = Some(number(&value()?, "--seed")?),
             "--out" => out_dir = Some(PathBuf::from(value()?)),
-            "--compare" => {
-                let first = PathBuf::from(value()?);
-                return Ok(Some(Command::Compare(first, PathBuf::from(value()?))));
-            }
+            "--compare" => bail!("--compare takes two reports and nothing else\n{USAGE}"),
             "--help" | "-h" => {
                 println!("{USAGE}\n\nrows: {}", rows::row_names());
                 return Ok(None);
