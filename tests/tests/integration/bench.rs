@@ -4,9 +4,8 @@
 //! median and interquartile range over at least two rounds), never how large a figure is.
 //! `--only` runs the rows it names and nothing else; `--quick` builds the clusters afresh for
 //! each round, and `--rebuild-every 0` is refused. The modes run in a shuffled order that
-//! `--seed` repeats. The microbench times every row at both
-//! lease counts, each run on its row's path (it fails otherwise), and `--only` keeps the rows
-//! it names.
+//! `--seed` repeats. The microbench times every row at both lease counts, each run on its
+//! row's path (it fails otherwise), and `--only` keeps the rows it names.
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};

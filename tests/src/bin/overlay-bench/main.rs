@@ -614,20 +614,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_run_stolen_from_every_time_is_tried_three_times_then_left_out() {
+    /// `unstolen` on a machine losing `stolen`, of a run that counts its tries: its value,
+    /// the tries and the summary.
+    fn retried(stolen: &'static [f64]) -> (Option<u32>, u32, Summary) {
         let mut summary = summary();
         let mut tries = 0;
-        let value = unstolen(
-            &mut summary,
-            "udp64 ebpf",
-            machine_losing(&[6.0; 3]),
-            || {
-                tries += 1;
-                Ok(tries)
-            },
-        )
+        let value = unstolen(&mut summary, "udp64 ebpf", machine_losing(stolen), || {
+            tries += 1;
+            Ok(tries)
+        })
         .unwrap();
+        (value, tries, summary)
+    }
+
+    #[test]
+    fn a_run_stolen_from_every_time_is_tried_three_times_then_left_out() {
+        let (value, tries, summary) = retried(&[6.0; 3]);
         assert_eq!(value, None);
         assert_eq!((tries, summary.runs, summary.runs_dropped), (3, 3, 3));
         assert_eq!(summary.max_steal_percent, 6.0);
@@ -635,20 +637,9 @@ mod tests {
 
     #[test]
     fn a_run_stolen_from_once_counts_its_second_try() {
-        let mut summary = summary();
-        let mut tries = 0;
-        let value = unstolen(
-            &mut summary,
-            "tcp1 kernel",
-            machine_losing(&[20.0, 5.0]),
-            || {
-                tries += 1;
-                Ok(tries)
-            },
-        )
-        .unwrap();
+        let (value, tries, summary) = retried(&[20.0, 5.0]);
         assert_eq!(value, Some(2), "the limit, 5 %, is still kept");
-        assert_eq!((summary.runs, summary.runs_dropped), (2, 1));
+        assert_eq!((tries, summary.runs, summary.runs_dropped), (2, 2, 1));
         assert_eq!(summary.max_steal_percent, 20.0);
     }
 }

@@ -79,37 +79,26 @@ const fn tcp(streams: u32, pinning: Pinning) -> Workload {
     Workload::Tcp { streams, pinning }
 }
 
+/// As many streams as bbox2 has servers.
+const fn tcp4(pinning: Pinning) -> Workload {
+    tcp(MAX_TCP_STREAMS, pinning)
+}
+
 /// The most TCP streams a row runs: bbox2 has an iperf3 server for each.
 pub const MAX_TCP_STREAMS: u32 = 4;
 
 /// In report order.
 pub const DATA_ROWS: [Row; 13] = [
     row("tcp1", Family::Ipv4, tcp(1, Pinning::Unpinned)),
-    row(
-        "tcp4",
-        Family::Ipv4,
-        tcp(MAX_TCP_STREAMS, Pinning::Unpinned),
-    ),
+    row("tcp4", Family::Ipv4, tcp4(Pinning::Unpinned)),
     row("tcp1-pinned", Family::Ipv4, tcp(1, Pinning::Opposite)),
-    row(
-        "tcp4-pinned",
-        Family::Ipv4,
-        tcp(MAX_TCP_STREAMS, Pinning::Opposite),
-    ),
+    row("tcp4-pinned", Family::Ipv4, tcp4(Pinning::Opposite)),
     row("tcp1-one-cpu", Family::Ipv4, tcp(1, Pinning::OneCpu)),
     row("udp64", Family::Ipv4, Workload::SmallUdp),
     row("tcp1-v6", Family::Ipv6, tcp(1, Pinning::Unpinned)),
-    row(
-        "tcp4-v6",
-        Family::Ipv6,
-        tcp(MAX_TCP_STREAMS, Pinning::Unpinned),
-    ),
+    row("tcp4-v6", Family::Ipv6, tcp4(Pinning::Unpinned)),
     row("tcp1-pinned-v6", Family::Ipv6, tcp(1, Pinning::Opposite)),
-    row(
-        "tcp4-pinned-v6",
-        Family::Ipv6,
-        tcp(MAX_TCP_STREAMS, Pinning::Opposite),
-    ),
+    row("tcp4-pinned-v6", Family::Ipv6, tcp4(Pinning::Opposite)),
     row("udp64-v6", Family::Ipv6, Workload::SmallUdp),
     row("latency", Family::Ipv4, Workload::Latency { pinned: false }),
     row(
