@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
+    hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -264,6 +265,80 @@ impl LeaseEntries {
             by_host.entry(remote.public_ip).or_default().push(*lease);
         }
         by_host
+    }
+
+    /// The entries of these that are keyed by one of `subnets` or `subnets6`, or by a public
+    /// address in `vteps` or `vteps6`.
+    fn restricted_to(
+        &self,
+        subnets: &EntrySet<Ipv4Network>,
+        subnets6: &EntrySet<Ipv6Network>,
+        vteps: &EntrySet<[u8; 4]>,
+        vteps6: &EntrySet<[u8; 16]>,
+    ) -> LeaseEntries {
+        fn picked<K: Copy + Eq + Hash, V: Clone>(
+            map: &EntryMap<K, V>,
+            keys: &EntrySet<K>,
+        ) -> EntryMap<K, V> {
+            keys.iter()
+                .filter_map(|key| Some((*key, map.get(key)?.clone())))
+                .collect()
+        }
+        LeaseEntries {
+            subnets: picked(&self.subnets, subnets),
+            vteps: picked(&self.vteps, vteps),
+            vteps6: picked(&self.vteps6, vteps6),
+            subnets6: picked(&self.subnets6, subnets6),
+        }
+    }
+}
+
+/// The map entries the last round about the leases wrote, every lease's, and the leases that
+/// lease events have added, changed or removed since.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenLeases {
+    pub entries: LeaseEntries,
+    pub changed: EntrySet<LeaseSubnets>,
+}
+
+impl WrittenLeases {
+    /// What a round about lease events compares: the entries of `desired` and those written
+    /// that belong to a changed lease or to one of `unslotted` (leases whose entries still
+    /// wait for a `peer_traffic` slot), under the PublicIPs they name now and named before.
+    /// Every other entry is as written: a lease's entries follow from that lease alone, and
+    /// from its PublicIP's reach, which a round about lease events asks about new addresses
+    /// only.
+    pub fn touched(
+        &self,
+        desired: &LeaseEntries,
+        unslotted: impl Iterator<Item = IpNetwork>,
+    ) -> (LeaseEntries, LeaseEntries) {
+        let mut subnets = EntrySet::default();
+        let mut subnets6 = EntrySet::default();
+        let leases = self.changed.iter().flat_map(|lease| {
+            let ipv6 = lease.ipv6.map(IpNetwork::V6);
+            std::iter::once(IpNetwork::V4(lease.ipv4)).chain(ipv6)
+        });
+        for lease in leases.chain(unslotted) {
+            match lease {
+                IpNetwork::V4(subnet) => subnets.insert(subnet),
+                IpNetwork::V6(subnet6) => subnets6.insert(subnet6),
+            };
+        }
+        let written = &self.entries;
+        let vteps: EntrySet<[u8; 4]> = [desired, written]
+            .iter()
+            .flat_map(|entries| subnets.iter().filter_map(|key| entries.subnets.get(key)))
+            .map(|(remote, _)| remote.public_ip)
+            .collect();
+        let vteps6: EntrySet<[u8; 16]> = [desired, written]
+            .iter()
+            .flat_map(|entries| subnets6.iter().filter_map(|key| entries.subnets6.get(key)))
+            .map(|(remote6, _)| remote6.public_ipv6)
+            .collect();
+        let touched =
+            |entries: &LeaseEntries| entries.restricted_to(&subnets, &subnets6, &vteps, &vteps6);
+        (touched(desired), touched(written))
     }
 }
 

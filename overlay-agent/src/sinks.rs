@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::model::{
     Baseline, Containers, Devices, FamilyDevices, LeaseEntries, NodeChange, PeerEntries,
-    PortIsolation, Programs, Reach, RefusedPorts, Unwritten, WrittenPeers,
+    PortIsolation, Programs, Reach, RefusedPorts, Unwritten, WrittenLeases, WrittenPeers,
 };
 
 /// The host's devices and kernel entries: observed, and made to match.
@@ -57,11 +57,12 @@ pub trait NodeSink {
 /// The eBPF programs and maps.
 pub trait DataplaneSink {
     /// Writes the lease entries that differ from `baseline`, as far as the maps hold them;
-    /// returns what was left out.
+    /// returns what was left out. From what the last round wrote, only the entries of the
+    /// leases changed since are compared.
     fn write_lease_entries(
         &mut self,
         entries: &LeaseEntries,
-        baseline: Baseline<'_, LeaseEntries>,
+        baseline: Baseline<'_, WrittenLeases>,
     ) -> Result<Unwritten>;
 
     /// Places the programs and writes the endpoints; frees the claims of ports that are gone.
@@ -73,7 +74,7 @@ pub trait DataplaneSink {
     fn remove_stale_lease_entries(
         &mut self,
         entries: &LeaseEntries,
-        baseline: Baseline<'_, LeaseEntries>,
+        baseline: Baseline<'_, WrittenLeases>,
     ) -> Result<usize>;
 }
 

@@ -27,7 +27,7 @@ use overlay_common::{Counters, OverlayConfig};
 
 pub use crate::model::{DecapHook, XdpModeChoice};
 use crate::{
-    model::{Baseline, LeaseEntries, Programs, RefusedPorts, Unwritten},
+    model::{Baseline, LeaseEntries, Programs, RefusedPorts, Unwritten, WrittenLeases},
     sinks::DataplaneSink,
 };
 pub use attach::TcAttach;
@@ -271,7 +271,7 @@ impl DataplaneSink for Dataplane {
     fn write_lease_entries(
         &mut self,
         entries: &LeaseEntries,
-        baseline: Baseline<'_, LeaseEntries>,
+        baseline: Baseline<'_, WrittenLeases>,
     ) -> Result<Unwritten> {
         Dataplane::write_lease_entries(self, entries, baseline)
     }
@@ -286,7 +286,7 @@ impl DataplaneSink for Dataplane {
     fn remove_stale_lease_entries(
         &mut self,
         entries: &LeaseEntries,
-        baseline: Baseline<'_, LeaseEntries>,
+        baseline: Baseline<'_, WrittenLeases>,
     ) -> Result<usize> {
         Dataplane::remove_stale_lease_entries(self, entries, baseline)
     }

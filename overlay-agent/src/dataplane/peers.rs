@@ -28,6 +28,8 @@ pub struct PeerSlots {
     end: u32,
     by_lease: EntryMap<IpNetwork, u32>,
     taken: EntrySet<u32>,
+    /// Leases that asked for a slot when every one was taken: they ask again each round.
+    unslotted: EntrySet<IpNetwork>,
     freed: Vec<u32>,
     /// No slot from here on was ever given.
     next: u32,
@@ -54,6 +56,7 @@ impl PeerSlots {
             end: slots,
             by_lease: EntryMap::default(),
             taken: EntrySet::default(),
+            unslotted: EntrySet::default(),
             freed: Vec::new(),
             next: 1,
         }
@@ -68,6 +71,7 @@ impl PeerSlots {
     /// unless another lease holds it or it does not exist.
     pub fn adopt(&mut self, lease: IpNetwork, pinned: u32) {
         if pinned != 0 && pinned < self.end && !self.holds(&lease) && self.taken.insert(pinned) {
+            self.unslotted.remove(&lease);
             self.by_lease.insert(lease, pinned);
         }
     }
@@ -77,9 +81,18 @@ impl PeerSlots {
         if let Some(&held) = self.by_lease.get(&lease) {
             return Some(Slot::Held(held));
         }
-        let free = self.take_free()?;
+        let Some(free) = self.take_free() else {
+            self.unslotted.insert(lease);
+            return None;
+        };
+        self.unslotted.remove(&lease);
         self.by_lease.insert(lease, free);
         Some(Slot::Fresh(free))
+    }
+
+    /// The leases that asked for a slot and got none, gone ones aside.
+    pub fn unslotted(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        self.unslotted.iter().copied()
     }
 
     fn take_free(&mut self) -> Option<u32> {
@@ -100,6 +113,7 @@ impl PeerSlots {
 
     /// Frees the slots of the leases `keep` refuses.
     pub fn release_unless(&mut self, keep: impl Fn(&IpNetwork) -> bool) {
+        self.unslotted.retain(|lease| keep(lease));
         let gone: Vec<IpNetwork> = self
             .by_lease
             .keys()
@@ -109,9 +123,10 @@ impl PeerSlots {
         self.release(gone);
     }
 
-    /// Frees the slots of `leases`, those that hold one.
+    /// Frees the slots of `leases`, those that hold one; those waiting for one wait no more.
     pub fn release(&mut self, leases: impl IntoIterator<Item = IpNetwork>) {
         for lease in leases {
+            self.unslotted.remove(&lease);
             if let Some(slot) = self.by_lease.remove(&lease) {
                 self.taken.remove(&slot);
                 self.freed.push(slot);
@@ -169,6 +184,29 @@ mod tests {
         slots.release([b, lease("10.2.99.0/24")]);
         assert_eq!(slots.slot_of(a), Some(Slot::Fresh(2)));
         assert_eq!(slots.slot_of(c), Some(Slot::Held(1)));
+    }
+
+    #[test]
+    fn a_lease_refused_a_slot_is_named_until_it_gets_one_or_goes() {
+        let mut slots = PeerSlots::new(2);
+        let (a, b, c) = (
+            lease("10.2.54.0/24"),
+            lease("10.2.55.0/24"),
+            lease("10.2.56.0/24"),
+        );
+        assert_eq!(slots.slot_of(a), Some(Slot::Fresh(1)));
+        assert_eq!(slots.slot_of(b), None);
+        assert_eq!(slots.slot_of(c), None);
+        let mut unslotted: Vec<IpNetwork> = slots.unslotted().collect();
+        unslotted.sort();
+        assert_eq!(unslotted, [b, c]);
+        slots.release([a, c]);
+        assert_eq!(slots.unslotted().collect::<Vec<_>>(), [b], "c went");
+        assert_eq!(slots.slot_of(b), Some(Slot::Fresh(1)));
+        assert_eq!(slots.unslotted().count(), 0, "b holds slot 1");
+        assert_eq!(slots.slot_of(c), None);
+        slots.release_unless(|kept| *kept == b);
+        assert_eq!(slots.unslotted().count(), 0, "c went in a listed round");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Mirroring remote leases into the subnet and VTEP maps, and local containers into the
 //! endpoint map. Entries are written only when they differ: from what the maps hold, read
-//! entry by entry, or, in a round about lease events, from what the last round wrote, so that
-//! one event costs the syscalls of its own entries. The programs bind container addresses and
-//! MACs themselves; the agent frees the bindings of ports that are gone.
+//! entry by entry, or, in a round about lease events, from what the last round wrote, looking
+//! only at the entries of the leases changed since, so that one event costs the syscalls and
+//! the lookups of its own entries, not a pass over every lease. The programs bind container
+//! addresses and MACs themselves; the agent frees the bindings of ports that are gone.
 use std::{
     collections::{BTreeSet, HashMap},
     hash::{BuildHasher, Hash},
@@ -26,7 +27,7 @@ use super::{
     peers::{self, Slot},
 };
 use crate::model::{
-    Baseline, Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten,
+    Baseline, Endpoints, Endpoints6, FullMap, LeaseEntries, LeaseSubnets, Unwritten, WrittenLeases,
 };
 
 type SubnetMap<'a> = LpmTrie<&'a mut MapData, [u8; 4], RemoteVtep>;
@@ -77,16 +78,34 @@ impl Dataplane {
     pub fn write_lease_entries(
         &mut self,
         desired: &LeaseEntries,
-        baseline: Baseline<'_, LeaseEntries>,
+        baseline: Baseline<'_, WrittenLeases>,
+    ) -> Result<Unwritten> {
+        match baseline.written() {
+            // A round from the last one's writes adopts nothing: the listed round before it
+            // adopted what an earlier run pinned and removed the rest.
+            None => {
+                self.adopt_pinned_peer_slots(desired)?;
+                self.write_differing(desired, None, desired)
+            }
+            Some(last) => {
+                let (wanted, written) = last.touched(desired, self.peer_slots.unslotted());
+                self.write_differing(&wanted, Some(&written), desired)
+            }
+        }
+    }
+
+    /// Writes the entries of `desired` that differ from `written`, or without it from what
+    /// the maps hold, and those of leases without a slot; returns what was left out. `all`:
+    /// every lease's entries, of which those of a host whose VTEP entry is refused are left
+    /// out.
+    fn write_differing(
+        &mut self,
+        desired: &LeaseEntries,
+        written: Option<&LeaseEntries>,
+        all: &LeaseEntries,
     ) -> Result<Unwritten> {
         let capacity = self.lease_capacity.entries();
         let mut unwritten = Unwritten::default();
-        let written = baseline.written();
-        // A round from the last one's writes adopts nothing: the listed round before it
-        // adopted what an earlier run pinned and removed the rest.
-        if written.is_none() {
-            self.adopt_pinned_peer_slots(desired)?;
-        }
         let holds_slot = |lease: IpNetwork| self.peer_slots.holds(&lease);
         let subnets_due = due(
             &desired.subnets,
@@ -140,7 +159,7 @@ impl Dataplane {
             }
         }
         if !refused.is_empty() {
-            let leases_by_host = desired.leases_by_host();
+            let leases_by_host = all.leases_by_host();
             for (public_ip, error) in &refused {
                 let leases = leases_by_host.get(public_ip).map_or(&[][..], Vec::as_slice);
                 note_refusal(&mut unwritten, VTEPS_MAP, capacity, leases, error);
@@ -180,9 +199,24 @@ impl Dataplane {
     pub fn remove_stale_lease_entries(
         &mut self,
         desired: &LeaseEntries,
-        baseline: Baseline<'_, LeaseEntries>,
+        baseline: Baseline<'_, WrittenLeases>,
     ) -> Result<usize> {
-        let written = baseline.written();
+        match baseline.written() {
+            None => self.remove_missing(desired, None),
+            Some(last) => {
+                let (wanted, written) = last.touched(desired, self.peer_slots.unslotted());
+                self.remove_missing(&wanted, Some(&written))
+            }
+        }
+    }
+
+    /// Deletes the entries `desired` lacks, of those `written` holds, or without it of those
+    /// the maps hold; returns how many.
+    fn remove_missing(
+        &mut self,
+        desired: &LeaseEntries,
+        written: Option<&LeaseEntries>,
+    ) -> Result<usize> {
         // From the last round's writes: the leases written then and not wanted now, whose
         // entries and slots go.
         let gone_leases: Vec<IpNetwork> = written.map_or_else(Vec::new, |written| {

@@ -398,13 +398,16 @@ fn add_ipv4_entries(
     entries
         .subnets
         .insert(lease.subnet, (remote, lease.subnets()));
-    entries.vteps.insert(
-        public_ip,
-        VtepSubnet {
-            subnet: lease.subnet.network().octets(),
-            prefix_len: u32::from(lease.subnet.prefix()),
-        },
-    );
+    let value = VtepSubnet {
+        subnet: lease.subnet.network().octets(),
+        prefix_len: u32::from(lease.subnet.prefix()),
+    };
+    // A host with several leases: the greatest subnet, the same one every round, whatever
+    // order the leases come in.
+    let entry = entries.vteps.entry(public_ip).or_insert(value);
+    if value.subnet > entry.subnet {
+        *entry = value;
+    }
 }
 
 /// The IPv6 VTEP entry of `lease` with `subnet6` at `public_ipv6`: that the host holds a
@@ -579,7 +582,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::model::EntryMap;
+    use crate::model::{EntryMap, WrittenLeases};
     use crate::reconcile::fixtures::{VTEP_MAC, devices};
     use crate::subnet::LeaseAttrs;
 
@@ -861,6 +864,97 @@ mod tests {
                 }
             )])
         );
+    }
+
+    #[test]
+    fn a_host_with_two_leases_gets_its_greatest_subnet_as_vtep_entry_in_any_order() {
+        let leases = [
+            lease("10.2.55.0/24", "172.20.62.105", Some(VTEP_MAC)),
+            lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
+        ];
+        let forward = lease_entries(leases.iter(), &EntrySet::default());
+        let backward = lease_entries(leases.iter().rev(), &EntrySet::default());
+        assert_eq!(forward, backward);
+        let vtep = forward
+            .vteps
+            .get(&[172, 20, 62, 105])
+            .expect("the host's entry");
+        assert_eq!(vtep.subnet, [10, 2, 55, 0]);
+    }
+
+    /// The keys of a map's entries, sorted.
+    fn keys<K: Copy + Ord, V>(map: &EntryMap<K, V>) -> Vec<K> {
+        let mut keys: Vec<K> = map.keys().copied().collect();
+        keys.sort();
+        keys
+    }
+
+    fn subnets(texts: &[&str]) -> Vec<Ipv4Network> {
+        texts
+            .iter()
+            .map(|text| text.parse().expect("test subnet"))
+            .collect()
+    }
+
+    #[test]
+    fn a_round_about_lease_events_compares_the_changed_leases_under_old_and_new_addresses() {
+        let written = [
+            lease("10.2.54.0/24", "172.20.62.105", Some(VTEP_MAC)),
+            lease("10.2.55.0/24", "172.20.62.106", Some(VTEP_MAC)),
+            lease("10.2.56.0/24", "172.20.62.107", Some(VTEP_MAC)),
+            lease("10.2.60.0/24", "172.20.62.120", Some(VTEP_MAC)),
+            lease("10.2.61.0/24", "172.20.62.120", Some(VTEP_MAC)),
+        ];
+        // Since: 54 moved to .108, 55 and 61 went, 57 came; 56 and 60 stayed as they were.
+        let desired = [
+            lease("10.2.54.0/24", "172.20.62.108", Some(VTEP_MAC)),
+            lease("10.2.56.0/24", "172.20.62.107", Some(VTEP_MAC)),
+            lease("10.2.57.0/24", "172.20.62.109", Some(VTEP_MAC)),
+            lease("10.2.60.0/24", "172.20.62.120", Some(VTEP_MAC)),
+        ];
+        let none = EntrySet::default();
+        let last = WrittenLeases {
+            entries: lease_entries(written.iter(), &none),
+            changed: [
+                "10.2.54.0/24",
+                "10.2.55.0/24",
+                "10.2.57.0/24",
+                "10.2.61.0/24",
+            ]
+            .iter()
+            .map(|subnet| LeaseSubnets::ipv4(subnet.parse().expect("test subnet")))
+            .collect(),
+        };
+        let desired = lease_entries(desired.iter(), &none);
+
+        let (wanted, was) = last.touched(&desired, std::iter::empty());
+        assert_eq!(
+            keys(&wanted.subnets),
+            subnets(&["10.2.54.0/24", "10.2.57.0/24"])
+        );
+        assert_eq!(
+            keys(&was.subnets),
+            subnets(&["10.2.54.0/24", "10.2.55.0/24", "10.2.61.0/24"])
+        );
+        let address = |last: u8| [172, 20, 62, last];
+        // 54's old address and 55's are compared, to be removed; 120 is still 60's, whose
+        // entry must stop naming 61.
+        assert_eq!(
+            keys(&wanted.vteps),
+            [address(108), address(109), address(120)]
+        );
+        assert_eq!(keys(&was.vteps), [address(105), address(106), address(120)]);
+        let subnet_of = |entries: &LeaseEntries| entries.vteps[&address(120)].subnet;
+        assert_eq!(subnet_of(&wanted), [10, 2, 60, 0]);
+        assert_eq!(subnet_of(&was), [10, 2, 61, 0]);
+
+        // A lease still waiting for a slot is compared too, unchanged as it is.
+        let waiting: IpNetwork = "10.2.56.0/24".parse().expect("test subnet");
+        let (wanted, was) = last.touched(&desired, std::iter::once(waiting));
+        for entries in [&wanted, &was] {
+            assert!(entries.subnets.contains_key(&subnets(&["10.2.56.0/24"])[0]));
+            assert!(entries.vteps.contains_key(&address(107)));
+        }
     }
 
     #[test]

@@ -33,8 +33,8 @@ use crate::{
     health::{Duty, Health},
     metrics::{MapLabels, ReconcileMetrics, RoundLabels},
     model::{
-        Containers, Devices, EntrySet, LeaseEntries, LeaseSubnets, NodeChange, Programs, Reach,
-        RefusedPorts, Unwritten, WrittenPeers,
+        Containers, Devices, EntrySet, LeaseSubnets, NodeChange, Programs, Reach, RefusedPorts,
+        Unwritten, WrittenLeases, WrittenPeers,
     },
     sinks::{DataplaneSink, NodeSink, NotificationSource},
     subnet::{Lease, LeaseEvent},
@@ -75,9 +75,9 @@ pub struct Reconciler<N, D> {
     /// echo them call for no round.
     written: WrittenPeers,
     /// The map entries the last round about the leases wrote, kept when that round wrote
-    /// every lease's entries: a round about lease events then takes them, and `written`, as
-    /// what the node holds.
-    mapped: Option<LeaseEntries>,
+    /// every lease's entries, and the leases events changed since: a round about lease events
+    /// then takes them, and `written`, as what the node holds.
+    mapped: Option<WrittenLeases>,
     metrics: ReconcileMetrics,
 }
 
@@ -135,14 +135,23 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         }
     }
 
+    /// Takes `event` into the leases, and notes its lease as changed since the last round
+    /// about the leases.
     fn remember(&mut self, event: LeaseEvent) {
-        match event {
+        let subnets = match event {
             LeaseEvent::Added(lease) | LeaseEvent::Changed(lease) => {
-                self.leases.insert(lease.subnets(), lease);
+                let subnets = lease.subnets();
+                self.leases.insert(subnets, lease);
+                subnets
             }
             LeaseEvent::Removed(lease) => {
-                self.leases.remove(&lease.subnets());
+                let subnets = lease.subnets();
+                self.leases.remove(&subnets);
+                subnets
             }
+        };
+        if let Some(mapped) = &mut self.mapped {
+            mapped.changed.insert(subnets);
         }
     }
 
@@ -242,7 +251,10 @@ impl<N: NodeSink, D: DataplaneSink> Reconciler<N, D> {
         if let Some(leases) = desired.leases {
             self.report_unwritten(applied.unwritten);
             self.written = applied.written;
-            self.mapped = self.unwritten.is_empty().then_some(leases.entries);
+            self.mapped = self.unwritten.is_empty().then(|| WrittenLeases {
+                entries: leases.entries,
+                changed: EntrySet::default(),
+            });
         }
         self.refused = applied.refused;
         self.placed = desired.programs;

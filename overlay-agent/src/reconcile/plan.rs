@@ -22,8 +22,8 @@ use anyhow::Result;
 use super::desired::Desired;
 use crate::{
     model::{
-        Baseline, FamilyDevices, LeaseEntries, LeaseSubnets, PeerEntries, PortIsolation, Programs,
-        RefusedPorts, Unwritten, WrittenPeers,
+        Baseline, FamilyDevices, LeaseSubnets, PeerEntries, PortIsolation, Programs, RefusedPorts,
+        Unwritten, WrittenLeases, WrittenPeers,
     },
     sinks::{DataplaneSink, NodeSink},
 };
@@ -63,7 +63,7 @@ pub struct Progress {
 /// and the programs the last round of any scope placed, if it finished.
 #[derive(Clone, Copy, Debug)]
 pub struct LastWritten<'a> {
-    pub entries: &'a LeaseEntries,
+    pub entries: &'a WrittenLeases,
     pub peers: &'a WrittenPeers,
     pub placed: Option<Placed<'a>>,
 }
@@ -87,7 +87,7 @@ fn already_placed<'a>(
 
 /// What the steps of `pass` compare with: in the first pass, what the last round left, if
 /// given; otherwise, and in the second pass, the listing.
-fn lease_baseline<'a>(pass: Pass, last: Option<LastWritten<'a>>) -> Baseline<'a, LeaseEntries> {
+fn lease_baseline<'a>(pass: Pass, last: Option<LastWritten<'a>>) -> Baseline<'a, WrittenLeases> {
     match (pass, last) {
         (Pass::First, Some(last)) => Baseline::Written(last.entries),
         _ => Baseline::Listed,
@@ -394,7 +394,7 @@ mod tests {
         fn write_lease_entries(
             &mut self,
             entries: &LeaseEntries,
-            baseline: Baseline<'_, LeaseEntries>,
+            baseline: Baseline<'_, WrittenLeases>,
         ) -> Result<Unwritten> {
             let mut world = self.0.borrow_mut();
             world.call("write_lease_entries")?;
@@ -433,7 +433,7 @@ mod tests {
         fn remove_stale_lease_entries(
             &mut self,
             entries: &LeaseEntries,
-            baseline: Baseline<'_, LeaseEntries>,
+            baseline: Baseline<'_, WrittenLeases>,
         ) -> Result<usize> {
             let mut world = self.0.borrow_mut();
             world.call("remove_stale_lease_entries")?;
@@ -629,9 +629,17 @@ mod tests {
         .await
         .expect("first round");
         assert_eq!(world.borrow().baselines, ["listed"; 3]);
-        let entries = &first_desired.leases.as_ref().expect("leases").entries;
+        let written = WrittenLeases {
+            entries: first_desired
+                .leases
+                .as_ref()
+                .expect("leases")
+                .entries
+                .clone(),
+            changed: Default::default(),
+        };
         let last = LastWritten {
-            entries,
+            entries: &written,
             peers: &applied.written,
             placed: None,
         };
@@ -819,9 +827,9 @@ mod tests {
             leases: desired(&one).leases,
             ..containers_round(ports, &[7], &intent())
         };
-        let (entries, peers) = (LeaseEntries::default(), WrittenPeers::default());
+        let (written, peers) = (WrittenLeases::default(), WrittenPeers::default());
         let last = LastWritten {
-            entries: &entries,
+            entries: &written,
             peers: &peers,
             placed: Some(Placed {
                 programs: &programs,
