@@ -6,7 +6,8 @@
 //!
 //! A round about lease events alone writes only what they change, from what the last round
 //! about the leases left: at thousands of leases, listing every route, neighbour, FDB entry
-//! and map entry again would cost each event tens of milliseconds. It lists everything as a
+//! and map entry again would cost each event tens of milliseconds. The map entries it
+//! compares are those of the leases the events named. It lists everything as a
 //! round about the node does when that last round left something out or failed.
 //!
 //! Container programs never wait on the node: when a round about the node fails, a round about

@@ -59,8 +59,9 @@ pub struct Progress {
     freed: usize,
 }
 
-/// What the last round about the leases left in the maps and the kernel, all of it written,
-/// and the programs the last round of any scope placed, if it finished.
+/// What the last round about the leases left in the maps (with the leases changed since) and
+/// the kernel, all of it written, and the programs the last round of any scope placed, if it
+/// finished.
 #[derive(Clone, Copy, Debug)]
 pub struct LastWritten<'a> {
     pub entries: &'a WrittenLeases,
