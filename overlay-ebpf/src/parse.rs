@@ -20,7 +20,7 @@ const IPPROTO_DCCP: u8 = 33;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
 /// IPv6's fragment extension header.
-const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_ICMPV6: u8 = 58;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;

@@ -52,13 +52,64 @@ pub fn send_ipv4(packet: &[u8], destination: Ipv4Addr) -> Result<()> {
 
 /// Sends the Ethernet `frame` as it is out of `interface`.
 pub fn send_frame(interface: &str, frame: &[u8]) -> Result<()> {
+    let (socket, address) = packet_socket(interface, frame)?;
+    if let Err(error) = send_and_close(socket, frame, &address) {
+        bail!("cannot send a frame out of {interface}: {error}");
+    }
+    Ok(())
+}
+
+/// `struct virtio_net_hdr`: flags, GSO type (none), header length, GSO size, checksum start
+/// and offset.
+const VIRTIO_NET_HDR_LEN: usize = 10;
+
+/// Sends the Ethernet `frame` out of `interface` as a socket buffer whose first `linear` bytes
+/// lie in its linear area and the rest in pages, as a NIC's scatter-gather receive or GRO
+/// leaves a packet: a program reads past `linear` only after pulling the bytes in. The kernel
+/// splits only a frame of at least a page; below that it keeps the frame linear.
+pub fn send_split_frame(interface: &str, frame: &[u8], linear: u16) -> Result<()> {
+    let (socket, address) = packet_socket(interface, frame)?;
+    let on: libc::c_int = 1;
+    // Each packet sent then starts with a `virtio_net_hdr`, whose header length sets the
+    // linear area's.
+    // SAFETY: `on` is a valid int for the length given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        let error = std::io::Error::last_os_error();
+        // SAFETY: the descriptor is ours and open.
+        unsafe { libc::close(socket) };
+        bail!("cannot ask for virtio-net headers on a packet socket: {error}");
+    }
+    // Only the header length is set, in the host's byte order (little-endian virtio).
+    let mut packet = vec![0u8; VIRTIO_NET_HDR_LEN];
+    packet[2..4].copy_from_slice(&linear.to_le_bytes());
+    packet.extend_from_slice(frame);
+    if let Err(error) = send_and_close(socket, &packet, &address) {
+        bail!("cannot send a split frame out of {interface}: {error}");
+    }
+    Ok(())
+}
+
+/// A raw packet socket and the address that sends the Ethernet `frame` out of `interface`.
+fn packet_socket(interface: &str, frame: &[u8]) -> Result<(i32, libc::sockaddr_ll)> {
+    let Some(destination) = frame.get(..6) else {
+        bail!("a frame of {} bytes has no Ethernet header", frame.len());
+    };
     let name = std::ffi::CString::new(interface)?;
     // SAFETY: `name` is a valid C string for the call.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if ifindex == 0 {
         bail!("no interface {interface}");
     }
-    // SAFETY: plain socket call; the descriptor is closed below.
+    // SAFETY: plain socket call; the caller closes the descriptor.
     let socket = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     if socket < 0 {
         bail!(
@@ -71,11 +122,8 @@ pub fn send_frame(interface: &str, frame: &[u8]) -> Result<()> {
     address.sll_family = libc::AF_PACKET as u16;
     address.sll_ifindex = ifindex as i32;
     address.sll_halen = 6;
-    address.sll_addr[..6].copy_from_slice(&frame[..6]);
-    if let Err(error) = send_and_close(socket, frame, &address) {
-        bail!("cannot send a frame out of {interface}: {error}");
-    }
-    Ok(())
+    address.sll_addr[..6].copy_from_slice(destination);
+    Ok((socket, address))
 }
 
 /// Sends `data` on the raw `socket` to `address` (a `sockaddr_*`), then closes the socket.

@@ -1,6 +1,7 @@
 //! The uplink's tc program in namespaces, on shapes of traffic only the kernel makes: TCP
 //! superpackets GRO merged beyond 64 KiB (BIG TCP, an IPv4 total length of 0) between the
-//! hosts themselves, and VXLAN whose checksums GRO verified before tc runs.
+//! hosts themselves, VXLAN whose checksums GRO verified before tc runs, and VXLAN whose
+//! headers run past the socket buffer's linear area.
 use std::{net::TcpListener, time::Duration};
 
 use anyhow::{Context, Result, ensure};
@@ -11,10 +12,10 @@ use overlay_tests::{
     capture::Sniffer,
     cluster::Host,
     frames::*,
-    inject::send_ipv4,
+    inject::{send_ipv4, send_split_frame},
     netns::Netns,
     process::iperf3_server,
-    seed::{HOST2, Seed},
+    seed::{BBOX2, HOST2, Seed},
     wait::wait_for,
 };
 
@@ -115,11 +116,16 @@ fn vxlan_syn(seed: &Seed, src_port: u16, port: u16, bad_checksum: bool) -> Resul
     if bad_checksum {
         syn[16] ^= 0x5a;
     }
+    from_host1(seed, &ipv4(BBOX1_IP, BBOX2_IP, IPPROTO_TCP, &[], &syn))
+}
+
+/// The IPv4 `packet` as host1 wraps it in VXLAN for host2: the outer IPv4 packet.
+fn from_host1(seed: &Seed, packet: &[u8]) -> Result<Vec<u8>> {
     let inner = ethernet(
         seed.host2.netns.mac("flannel.1")?,
         HOST1_VTEP_MAC,
         ETH_P_IPV4,
-        &ipv4(BBOX1_IP, BBOX2_IP, IPPROTO_TCP, &[], &syn),
+        packet,
     );
     Ok(ipv4(
         HOST1_IP,
@@ -180,6 +186,76 @@ fn a_bad_inner_tcp_checksum_gro_did_not_verify_is_refused_by_the_container() -> 
         tcp_counter(&seed.bbox2.netns, "InCsumErrors")? - csum_errors,
         1,
         "bbox2's TCP took the SYN with a bad checksum as verified"
+    );
+    Ok(())
+}
+
+/// An MTU that lets a frame of more than a page cross the underlay unsegmented.
+const JUMBO_MTU: &str = "9000";
+/// What of a split frame lies in the linear area: its outer headers and VXLAN's, and the
+/// inner Ethernet header's first two bytes.
+const SPLIT_AT: u16 = 52;
+
+/// host1 wrapping a UDP datagram of `payload_len` bytes from `inner_src` to bbox2 in VXLAN for
+/// host2, as the Ethernet frame host1's uplink sends.
+fn vxlan_frame(seed: &Seed, inner_src: [u8; 4], payload_len: usize) -> Result<Vec<u8>> {
+    let datagram = udp(40000, 9, &vec![0; payload_len]);
+    Ok(ethernet(
+        seed.host2.netns.mac("eth0")?,
+        seed.host1.netns.mac("eth0")?,
+        ETH_P_IPV4,
+        &from_host1(
+            seed,
+            &ipv4(inner_src, BBOX2_IP, IPPROTO_UDP, &[], &datagram),
+        )?,
+    ))
+}
+
+/// Raises the MTU of every device between host1's uplink and host2's.
+fn jumbo_underlay(seed: &Seed) -> Result<()> {
+    for device in interfaces(&seed.cluster.underlay)? {
+        if device != "lo" {
+            seed.cluster
+                .underlay
+                .ip(&["link", "set", &device, "mtu", JUMBO_MTU])?;
+        }
+    }
+    for host in [&seed.host1, &seed.host2] {
+        host.netns.ip(&["link", "set", "eth0", "mtu", JUMBO_MTU])?;
+    }
+    Ok(())
+}
+
+/// A NIC's scatter-gather receive or GRO can leave a frame's inner headers outside the linear
+/// area the program reads directly: such a frame must be checked as fully as a linear one.
+/// A frame from host1 whose inner source is bbox1 goes into bbox2; one whose inner source no
+/// lease holds is dropped as spoofed, not waved through or taken for malformed.
+#[test]
+fn vxlan_split_before_its_inner_headers_is_checked_in_full() -> Result<()> {
+    let seed = Seed::start("split", &[])?;
+    seed.bbox1.ping(BBOX2, 2)?;
+    jumbo_underlay(&seed)?;
+    let payload_len = 4200;
+    let frames = [
+        vxlan_frame(&seed, BBOX1_IP, payload_len)?,
+        vxlan_frame(&seed, [10, 2, 99, 5], payload_len)?,
+    ];
+    let before = counters(&seed.host2)?;
+    seed.host1.netns.run_inside(|| {
+        frames
+            .iter()
+            .try_for_each(|frame| send_split_frame("eth0", frame, SPLIT_AT))
+    })?;
+    wait_for("host2's uplink to count both frames", EVENT_TIMEOUT, || {
+        let after = counters(&seed.host2)?;
+        Ok(delta(&before, &after, Counter::RxDelivered) >= 1
+            && delta(&before, &after, Counter::RxSpoofedSource) >= 1)
+    })
+    .with_context(|| format!("{:?}", counters(&seed.host2)))?;
+    let after = counters(&seed.host2)?;
+    ensure!(
+        delta(&before, &after, Counter::RxMalformed) == 0,
+        "a split frame was taken for malformed: {after:?}"
     );
     Ok(())
 }
