@@ -381,33 +381,35 @@ fn a_lease_moved_to_another_public_ip_leaves_no_vtep_entry_at_the_old_one() -> R
         Ok((pinned.vtep_addresses()?, public_ip))
     };
     let mac = "1a:4b:d7:f7:16:89";
-    cluster
-        .etcd
-        .put(&key, &flannel_record("172.20.62.105", mac))?;
-    host1.wait_for_peer(subnet, "172.20.62.105", mac)?;
-    for (attempt, address) in ["172.20.62.106", "172.20.62.107", "172.20.62.108"]
-        .into_iter()
-        .enumerate()
-    {
+    let attempts = [
+        ("172.20.62.105", "172.20.62.106"),
+        ("172.20.62.107", "172.20.62.108"),
+        ("172.20.62.109", "172.20.62.110"),
+    ];
+    for (attempt, (first, moved_to)) in attempts.into_iter().enumerate() {
+        cluster.etcd.put(&key, &flannel_record(first, mac))?;
+        host1.wait_for_peer(subnet, first, mac)?;
         let full_rounds = rounds(&host1.netns, &["everything"])?;
-        cluster.etcd.put(&key, &flannel_record(address, mac))?;
-        host1.wait_for_peer(subnet, address, mac)?;
-        let moved: Ipv4Addr = address.parse()?;
+        cluster.etcd.put(&key, &flannel_record(moved_to, mac))?;
+        host1.wait_for_peer(subnet, moved_to, mac)?;
+        let moved: Ipv4Addr = moved_to.parse()?;
         let wanted = (HashSet::from([moved]), Some(moved));
-        let settled = wait_for("the moved lease's map entries", ROUND_END, || {
+        let moved_settled = wait_for("the moved lease's map entries", ROUND_END, || {
             Ok(entries()? == wanted)
-        });
+        })
+        .with_context(|| format!("the maps hold {:?}", entries()));
+        cluster.etcd.etcdctl(&["del", &key])?;
+        host1.wait_for_no_peer(subnet)?;
+        let removed_settled = wait_for("the removed lease's map entries gone", ROUND_END, || {
+            Ok(entries()? == (HashSet::new(), None))
+        })
+        .with_context(|| format!("the maps hold {:?}", entries()));
         if rounds(&host1.netns, &["everything"])? != full_rounds {
             eprintln!("attempt {attempt}: a safety-net round fell in the window");
             continue;
         }
-        settled.with_context(|| format!("the maps hold {:?}", entries()))?;
-        cluster.etcd.etcdctl(&["del", &key])?;
-        host1.wait_for_no_peer(subnet)?;
-        wait_for("the removed lease's map entries gone", ROUND_END, || {
-            Ok(entries()? == (HashSet::new(), None))
-        })
-        .with_context(|| format!("the maps hold {:?}", entries()))?;
+        moved_settled?;
+        removed_settled?;
         return Ok(());
     }
     bail!("a safety-net round fell in each window")
