@@ -80,6 +80,10 @@ enum Task {
         /// With --micro: runs timed per row (default 20,000).
         #[arg(long, value_name = "N", requires = "micro")]
         samples: Option<u32>,
+        /// Run it under `perf record` and attribute each program's samples to its source
+        /// lines and the kernel functions it calls (profile.md beside the report).
+        #[arg(long)]
+        profile: bool,
     },
     /// The seed document, live: two hosts, three containers, etcd, our dataplane.
     Demo {
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
             seed,
             out,
             samples,
+            profile,
         } => {
             let options = bench::Options {
                 quick,
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
                 seed,
                 out,
                 samples,
+                profile,
             };
             succeeded(bench::run(&root, &options))
         }

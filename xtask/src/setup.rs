@@ -82,6 +82,8 @@ const PREREQUISITES: &[Prerequisite] = &[
     apt("procps", Scope::Everything),
     // The metrics tests count the agent's bpf syscalls with it.
     apt("strace", Scope::Everything),
+    // `bench --profile` samples the programs with it.
+    apt("linux-perf", Scope::Everything),
     // etcd-client's build script generates its gRPC code with protoc, from protos that import
     // the protobuf well-known types.
     apt("protobuf-compiler", Scope::Build),

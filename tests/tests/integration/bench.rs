@@ -5,7 +5,9 @@
 //! `--only` runs the rows it names and nothing else; `--quick` builds the clusters afresh for
 //! each round, and `--rebuild-every 0` is refused. The modes run in a shuffled order that
 //! `--seed` repeats. The microbench times every row at both lease counts, each run on its
-//! row's path (it fails otherwise), and `--only` keeps the rows it names.
+//! row's path (it fails otherwise), and `--only` keeps the rows it names. The profiler, run
+//! over the microbench, attributes the program's samples to its source lines and the helpers
+//! it calls.
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
@@ -320,6 +322,49 @@ fn the_microbench_times_every_row_at_both_lease_counts_and_only_those_asked() ->
     ensure!(
         !expected.is_empty() && arp.iter().collect::<Vec<_>>() == expected,
         "--only ARP gave {arp:?}"
+    );
+    Ok(())
+}
+
+/// overlay-profile over one microbench row: the program that row runs gets a section, with
+/// samples of its own instructions on the eBPF crate's lines and samples in the helper that
+/// makes room for the outer headers, charged to the call in `encap`.
+#[test]
+fn the_profile_charges_a_program_s_samples_to_its_lines_and_the_helpers_it_calls() -> Result<()> {
+    require_root()?;
+    let out = ScratchDir::new("profile")?;
+    let output = Command::new(env!("CARGO_BIN_EXE_overlay-profile"))
+        .arg("--out")
+        .arg(out.path())
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_overlay-microbench"))
+        .args(["--only", "64-byte UDP, encapsulated", "--samples", "300000"])
+        .arg("--out")
+        .arg(out.path())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "overlay-profile failed: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let profile = std::fs::read_to_string(out.path().join("profile.md"))?;
+    let section = profile
+        .split("\n## ")
+        .find(|section| section.starts_with("tc_container_ingress: "))
+        .with_context(|| format!("no section for tc_container_ingress:\n{profile}"))?;
+    ensure!(
+        section.contains("| own instructions | overlay-ebpf/src/"),
+        "no own instruction on an eBPF source line:\n{section}"
+    );
+    // The call is inlined from aya's helper binding, after the line of ours that made it.
+    ensure!(
+        section
+            .lines()
+            .any(|row| row.contains("| calls `bpf_skb_adjust_room` |")
+                && row.contains(", after overlay-ebpf/src/encap/")),
+        "no sample in adjust_room charged to encap's call:\n{section}"
     );
     Ok(())
 }
