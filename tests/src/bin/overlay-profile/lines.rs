@@ -66,7 +66,7 @@ impl LineTable {
         let info = JitLines::of(fd)?;
         let Some(info) = info else { return Ok(()) };
         let strings = btf_strings(info.btf_id)?;
-        let mut functions = vec![Vec::new(); info.tags.len()];
+        let mut functions = vec![Vec::new(); info.starts.len()];
         for (record, &address) in info.records.iter().zip(&info.addresses) {
             let Some(index) = info.function_at(address) else {
                 continue;

@@ -130,7 +130,7 @@ impl Recorder {
         };
         // perf writes its file's header once its events are open.
         let started = Instant::now();
-        while !data.exists() {
+        while !std::fs::metadata(data).is_ok_and(|data| data.len() > 0) {
             if let Some(status) = recorder.perf.try_wait()? {
                 bail!(
                     "perf record ended at once: {status}\n{}",
@@ -177,17 +177,25 @@ impl Drop for Recorder {
     }
 }
 
-/// Runs `command` to its end, learning the lines of the programs loaded meanwhile.
+/// Runs `command` to its end, learning the lines of the programs loaded meanwhile. A
+/// failure to learn them stops the learning, not the command (a benchmark cut short would
+/// leave its namespaces behind), and is the outcome once the command has ended.
 fn run_learning_lines(command: &[String]) -> Result<(ExitStatus, LineTable)> {
     let mut child = Command::new(&command[0])
         .args(&command[1..])
         .spawn()
         .with_context(|| format!("cannot start {}", command[0]))?;
     let mut table = LineTable::default();
+    let mut failure = None;
     loop {
-        table.learn_loaded()?;
+        if failure.is_none() {
+            failure = table.learn_loaded().err();
+        }
         if let Some(status) = child.try_wait()? {
-            return Ok((status, table));
+            return match failure {
+                Some(failure) => Err(failure),
+                None => Ok((status, table)),
+            };
         }
         sleep(LOOK_EVERY);
     }
