@@ -38,9 +38,11 @@ type Function = Vec<(u64, Arc<SourceLine>)>;
 #[derive(Default)]
 pub struct LineTable {
     functions: HashMap<String, Function>,
-    /// The tags of the programs whose functions are in; a program of several functions has
-    /// a tag of its own besides theirs.
-    programs: HashSet<u64>,
+    /// The ids of the programs whose functions are in. Not their tags: a program loaded again
+    /// with maps of other sizes keeps its tag, but its other functions' change (seen with the
+    /// IPv6 encapsulation's, for 2 and for 10,000 leases; the tags of the functions are taken
+    /// after the verifier's rewrites, which write map sizes into inlined lookups).
+    programs: HashSet<u32>,
 }
 
 impl LineTable {
@@ -50,13 +52,13 @@ impl LineTable {
         for program in aya::programs::loaded_programs() {
             // A program unloaded between listing and opening is simply gone.
             let Ok(program) = program else { continue };
-            if self.programs.contains(&program.tag()) {
+            if self.programs.contains(&program.id()) {
                 continue;
             }
             let Ok(fd) = program.fd() else { continue };
             self.learn(fd.as_fd(), program.tag())
                 .with_context(|| format!("the line info of program {}", program.id()))?;
-            self.programs.insert(program.tag());
+            self.programs.insert(program.id());
         }
         Ok(())
     }
