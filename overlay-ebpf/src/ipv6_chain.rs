@@ -7,11 +7,10 @@ use core::mem::size_of;
 
 use overlay_common::Counter;
 
-use crate::parse::{EthIpv6Headers, Headers, Ipv6FragmentHdr, Ipv6Hdr};
+use crate::parse::{EthIpv6Headers, Headers, IPPROTO_FRAGMENT, Ipv6FragmentHdr, Ipv6Hdr};
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 /// Extension headers walked before giving up: what a host sends carries one or two.
