@@ -278,14 +278,17 @@ pub struct LocalEndpoint {
 }
 
 /// Value of the claim cache (a per-CPU array, slot = container port's ifindex modulo its
-/// size): the MAC and IPv4 source a port's last checked frame held, both bound to that port.
-/// A frame holding the same again needs no lookup in the binding maps.
+/// size): the source MAC of a port's last checked frame, and the IPv4 and IPv6 sources of its
+/// last frames of each family, each bound to that port (all zeros where no frame of the port
+/// set it). A frame holding the same again needs no lookup in the binding maps, which bind
+/// each claim to a port and no MAC to an address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedClaims {
     /// The container port; 0 (no interface) for an empty slot.
     pub port: u32,
     pub ipv4: [u8; 4],
+    pub ipv6: [u8; 16],
     pub mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved: u16,

@@ -16,7 +16,7 @@ use overlay_common::{Counter, OverlayConfig, ipv6_in_subnet};
 use crate::{
     ipv6_chain::{Fragmentation, UpperLayer, read_within, upper_layer},
     maps::{self, Fragment6},
-    parse::{ETH_HEADER_LEN, Headers, IPPROTO_ICMPV6, IPPROTO_UDP, Ipv6Hdr, UdpHdr},
+    parse::{IPPROTO_ICMPV6, IPPROTO_UDP, Ipv6Hdr, UdpHdr},
 };
 
 /// fe80::/10, in the first 16 bits of an address.
@@ -50,24 +50,19 @@ struct NdpOption {
     mac: [u8; 6],
 }
 
-/// Checks the IPv6 packet of a frame from `mac` on container `port`. Reads through the
-/// helper: the IPv6 header may lie beyond the bytes pulled in for IPv4, and pulling more for
-/// every IPv4 frame is not free.
+/// Checks the IPv6 packet `ip` heads, of a frame from `mac` on container `port` whose source
+/// is claimed already.
 #[inline(always)]
 pub fn check_ipv6(
     ctx: &TcContext,
+    ip: &Ipv6Hdr,
     mac: &[u8; 6],
     config: &OverlayConfig,
     port: u32,
 ) -> Result<(), Counter> {
-    // A truncated header the stack throws away itself.
-    let Some(ip) = ctx.read::<Ipv6Hdr>(ETH_HEADER_LEN) else {
-        return Ok(());
-    };
-    claim_address6(&ip.src, port, config)?;
-    let upper = upper_layer(ctx, &ip, ctx.len() as usize)?;
+    let upper = upper_layer(ctx, ip, ctx.len() as usize)?;
     match upper.fragmentation {
-        Fragmentation::Later(id) if maps::sent_first_fragment(&datagram(&ip, id), port) => {
+        Fragmentation::Later(id) if maps::sent_first_fragment(&datagram(ip, id), port) => {
             return Ok(());
         }
         Fragmentation::Later(_) => return Err(Counter::TxIpv6Unchecked),
@@ -79,7 +74,7 @@ pub fn check_ipv6(
         _ => {}
     }
     if let Fragmentation::First(id) = upper.fragmentation {
-        maps::note_first_fragment(&datagram(&ip, id), port);
+        maps::note_first_fragment(&datagram(ip, id), port);
     }
     Ok(())
 }
@@ -175,20 +170,29 @@ fn check_link_layer_options(
 }
 
 /// Binds `address`, an IPv6 source or advertised target, to `port`; the unspecified address
-/// binds nothing, and no port may bind a multicast address or the bridge's link-local one.
+/// binds nothing.
 #[inline(always)]
-fn claim_address6(address: &[u8; 16], port: u32, config: &OverlayConfig) -> Result<(), Counter> {
+pub fn claim_address6(
+    address: &[u8; 16],
+    port: u32,
+    config: &OverlayConfig,
+) -> Result<(), Counter> {
     if *address == [0; 16] {
         return Ok(());
     }
-    if address[0] == IPV6_MULTICAST
-        || *address == bridge_link_local(config)
-        || (config.ipv6() && !may_send_from(address, config))
-        || !maps::bind_address6(address, port)
-    {
+    if !may_claim_address6(address, config) || !maps::bind_address6(address, port) {
         return Err(Counter::TxIpv6SpoofedSource);
     }
     Ok(())
+}
+
+/// An IPv6 address a port may bind: no multicast address, not the bridge's link-local one,
+/// and in a network with IPv6 one a container may send from.
+#[inline(always)]
+pub fn may_claim_address6(address: &[u8; 16], config: &OverlayConfig) -> bool {
+    address[0] != IPV6_MULTICAST
+        && *address != bridge_link_local(config)
+        && (!config.ipv6() || may_send_from(address, config))
 }
 
 /// The bridge's link-local address as the kernel makes it by default (`addr_gen_mode`

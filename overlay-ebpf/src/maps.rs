@@ -236,28 +236,51 @@ pub fn bind_mac(mac: &[u8; 6], port: u32) -> bool {
 /// Whether `port`'s cached claims are `mac` and `ipv4`: both bound to it.
 #[inline(always)]
 pub fn claims_cached(port: u32, mac: &[u8; 6], ipv4: &[u8; 4]) -> bool {
-    // SAFETY: the pointer is to this CPU's copy of a live slot, read at once.
-    CLAIM_CACHE
-        .get_ptr(port % CLAIM_CACHE_SLOTS)
-        .is_some_and(|cached| unsafe {
-            (*cached).port == port && (*cached).mac == *mac && (*cached).ipv4 == *ipv4
-        })
+    cached_claims(port, mac).is_some_and(|cached| cached.ipv4 == *ipv4)
+}
+
+/// Whether `port`'s cached claims are `mac` and `ipv6`: both bound to it.
+#[inline(always)]
+pub fn claims_cached6(port: u32, mac: &[u8; 6], ipv6: &[u8; 16]) -> bool {
+    cached_claims(port, mac).is_some_and(|cached| cached.ipv6 == *ipv6)
+}
+
+/// `port`'s cached claims, if their MAC is `mac`.
+#[inline(always)]
+fn cached_claims(port: u32, mac: &[u8; 6]) -> Option<&'static CachedClaims> {
+    let cached = CLAIM_CACHE.get(port % CLAIM_CACHE_SLOTS)?;
+    (cached.port == port && cached.mac == *mac).then_some(cached)
 }
 
 /// Caches `mac` and `ipv4` as `port`'s claims, once both are bound to it.
 #[inline(always)]
 pub fn cache_claims(port: u32, mac: &[u8; 6], ipv4: &[u8; 4]) {
-    if let Some(cached) = CLAIM_CACHE.get_ptr_mut(port % CLAIM_CACHE_SLOTS) {
-        // SAFETY: this CPU's copy of a live slot, written at once.
-        unsafe {
-            *cached = CachedClaims {
-                port,
-                ipv4: *ipv4,
-                mac: *mac,
-                reserved: 0,
-            };
-        }
+    update_cached_claims(port, mac, |cached| cached.ipv4 = *ipv4);
+}
+
+/// Caches `mac` and `ipv6` as `port`'s claims, once both are bound to it.
+#[inline(always)]
+pub fn cache_claims6(port: u32, mac: &[u8; 6], ipv6: &[u8; 16]) {
+    update_cached_claims(port, mac, |cached| cached.ipv6 = *ipv6);
+}
+
+/// Sets `port`'s cached MAC and one of its cached addresses; the slot's other address stays
+/// if the slot is `port`'s already, as every claim a slot holds must be bound to its port.
+#[inline(always)]
+fn update_cached_claims(port: u32, mac: &[u8; 6], set: impl FnOnce(&mut CachedClaims)) {
+    let Some(cached) = CLAIM_CACHE.get_ptr_mut(port % CLAIM_CACHE_SLOTS) else {
+        return;
+    };
+    // SAFETY: this CPU's copy of a live slot, read and written at once.
+    let cached = unsafe { &mut *cached };
+    if cached.port != port {
+        *cached = CachedClaims {
+            port,
+            ..CachedClaims::default()
+        };
     }
+    cached.mac = *mac;
+    set(cached);
 }
 
 /// A full map, or a port at its quota, binds nothing more: the claim fails, so a flood of
