@@ -278,10 +278,10 @@ pub struct LocalEndpoint {
 }
 
 /// Value of the claim cache (a per-CPU array, slot = container port's ifindex modulo its
-/// size): the source MAC of a port's last checked frame, and the IPv4 and IPv6 sources of its
-/// last frames of each family, each bound to that port (all zeros where no frame of the port
-/// set it). A frame holding the same again needs no lookup in the binding maps, which bind
-/// each claim to a port and no MAC to an address.
+/// size): the source MAC of the last IPv4 or IPv6 frame whose claims a port made good, and
+/// the source of the last of each family, each bound to that port (all zeros where no frame
+/// of the port set it). A frame holding the same again needs no lookup in the binding maps,
+/// which bind each claim to a port and no MAC to an address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedClaims {
