@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use rtnetlink::Handle;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
     time::sleep,
 };
@@ -111,6 +111,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     let masquerade = masquerade::start(settings.masquerade);
     settings.subnet_env.write_atomically(&options.subnet_file)?;
+    let mut shutdown = ShutdownSignals::catch()?;
     announce_ready(&health, &lease, &options.subnet_file);
 
     let (events, received) = mpsc::channel(EVENT_QUEUE);
@@ -122,8 +123,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         () = keep_restored(masquerade, resync) => Err(anyhow!("the masquerade check stopped")),
         () = watch_pinned_dataplane(ebpf_pins) => Err(anyhow!("the dataplane watch stopped")),
         change = config_change::stop_on_change(&registry, &config) => Err(change),
-        signal = shutdown_signal() => {
-            log::info!("{}; shutting down and keeping lease {}", signal?, lease.subnets());
+        signal = shutdown.received() => {
+            log::info!("{signal}; shutting down and keeping lease {}", lease.subnets());
             Ok(())
         }
     };
@@ -408,12 +409,26 @@ async fn wait_for_network_config(
     }
 }
 
-/// Waits for SIGTERM or SIGINT; returns its name.
-pub(crate) async fn shutdown_signal() -> Result<&'static str> {
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, caught from the moment this is made: made inside the main loop, one
+/// that came between readiness and the loop's first poll would end the process uncleanly.
+pub(crate) struct ShutdownSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl ShutdownSignals {
+    pub(crate) fn catch() -> Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    /// Waits for either signal; returns its name.
+    pub(crate) async fn received(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }

@@ -47,6 +47,7 @@ pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()>
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(std::io::Error::from)
         .context("cannot poll the drop events")?;
+    let mut shutdown = crate::ShutdownSignals::catch()?;
     match trace {
         Some(prefix) => println!(
             "tracing {prefix} through the dataplane under {}; Ctrl-C stops",
@@ -57,15 +58,13 @@ pub async fn run(options: &AgentOptions, trace: Option<IpNetwork>) -> Result<()>
             pin_dir.display()
         ),
     }
-    let shutdown = crate::shutdown_signal();
-    tokio::pin!(shutdown);
     // A closed terminal or a dropped ssh session: SIGHUP would end the process without
     // turning the reports off.
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     loop {
         tokio::select! {
-            signal = &mut shutdown => {
-                log::info!("{}; no more reports", signal?);
+            signal = shutdown.received() => {
+                log::info!("{signal}; no more reports");
                 return Ok(());
             }
             _ = hangup.recv() => {
