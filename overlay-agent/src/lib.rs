@@ -110,8 +110,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         None => remove_ebpf_dataplane(&pin_dir, &netlink).await?,
     }
     let masquerade = masquerade::start(settings.masquerade);
-    settings.subnet_env.write_atomically(&options.subnet_file)?;
     let mut shutdown = ShutdownSignals::catch()?;
+    settings.subnet_env.write_atomically(&options.subnet_file)?;
     announce_ready(&health, &lease, &options.subnet_file);
 
     let (events, received) = mpsc::channel(EVENT_QUEUE);
