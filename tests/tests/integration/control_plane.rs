@@ -149,6 +149,43 @@ fn a_restarted_agent_keeps_its_subnet_by_public_ip_and_by_subnet_file() -> Resul
     Ok(())
 }
 
+/// Waits, spinning, until `path` exists: a supervisor that takes the subnet file for readiness
+/// may act within microseconds of its rename, and a sleeping poll would miss that window.
+fn spin_until_exists(path: &std::path::Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while !path.exists() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// A SIGTERM sent the instant the subnet file appears, as systemd or a swap script may send
+/// it, is a clean shutdown every time: the agent catches it from before it writes the file.
+#[test]
+fn a_sigterm_the_instant_the_subnet_file_appears_is_a_clean_shutdown() -> Result<()> {
+    const STARTS: usize = 30;
+    let mut cluster = Cluster::new("sigready")?;
+    let host1 = cluster.add_host("host1", "172.20.62.104")?;
+    for start in 1..=STARTS {
+        let _ = std::fs::remove_file(host1.subnet_file());
+        let mut agent = Agent::start(&cluster, &host1, &["--dataplane=kernel"])?;
+        spin_until_exists(&host1.subnet_file())?;
+        let status = agent.process.terminate(EXIT_TIMEOUT)?;
+        ensure!(
+            status.success(),
+            "start {start} of {STARTS}: SIGTERM right after the subnet file appeared ended the \
+             agent with {status}\n{}",
+            agent.log()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn a_reservation_is_honoured_and_stays_a_reservation() -> Result<()> {
     let mut cluster = Cluster::new("reservation")?;
