@@ -118,7 +118,7 @@ fn check_ipv6_frame(
     let Some(ip) = ctx.read::<Ipv6Hdr>(ETH_HEADER_LEN) else {
         return claim_mac(mac, port, config);
     };
-    claim_mac_and_address6(mac, &ip.src, port, config)?;
+    claim_mac_and_address(mac, &ip.src, port, config)?;
     check_ipv6(ctx, &ip, mac, config, port)
 }
 
@@ -169,56 +169,85 @@ fn claim_mac(mac: &[u8; 6], port: u32, config: &OverlayConfig) -> Result<(), Cou
     Ok(())
 }
 
-/// [`claim_mac`] and [`claim_address`] at once, as an IPv4 frame makes both claims: when the
+/// [`claim_mac`] and the source address's claim at once, as an IP frame makes both: when the
 /// port's cached claims are these, the binding maps need no lookup (the checks that need no
 /// map are made on every frame).
 #[inline(always)]
-fn claim_mac_and_address(
+fn claim_mac_and_address<A: SourceClaim>(
     mac: &[u8; 6],
-    address: &[u8; 4],
+    address: &A,
     port: u32,
     config: &OverlayConfig,
 ) -> Result<(), Counter> {
     if !may_claim_mac(mac, config) {
         return Err(Counter::TxSpoofedMac);
     }
-    let container_address = is_container_address(address, config);
-    if container_address && maps::claims_cached(port, mac, address) {
+    if address.may_be_claimed(config) && address.is_cached(port, mac) {
         return Ok(());
     }
     if !maps::bind_mac(mac, port) {
         return Err(Counter::TxSpoofedMac);
     }
-    if !container_address || !maps::bind_address(address, port) {
-        return Err(Counter::TxSpoofedSource);
-    }
-    maps::cache_claims(port, mac, address);
+    address.claim(port, config)?;
+    address.cache(port, mac);
     Ok(())
 }
 
-/// [`claim_mac`] and [`claim_address6`] at once, as an IPv6 frame makes both claims: when the
-/// port's cached claims are these, the binding maps need no lookup (the checks that need no
-/// map are made on every frame).
-#[inline(always)]
-fn claim_mac_and_address6(
-    mac: &[u8; 6],
-    address: &[u8; 16],
-    port: u32,
-    config: &OverlayConfig,
-) -> Result<(), Counter> {
-    if !may_claim_mac(mac, config) {
-        return Err(Counter::TxSpoofedMac);
+/// A source address an IP frame claims, of either family: each has its own checks, binding
+/// map and field in the port's cached claims.
+trait SourceClaim {
+    /// Whether a container may claim the address at all (the checks that need no map).
+    fn may_be_claimed(&self, config: &OverlayConfig) -> bool;
+    /// Whether `port`'s cached claims are `mac` and this address.
+    fn is_cached(&self, port: u32, mac: &[u8; 6]) -> bool;
+    /// Binds the address to `port`, or names why it may not.
+    fn claim(&self, port: u32, config: &OverlayConfig) -> Result<(), Counter>;
+    /// Caches `mac` and this address as `port`'s claims, once both are bound to it.
+    fn cache(&self, port: u32, mac: &[u8; 6]);
+}
+
+impl SourceClaim for [u8; 4] {
+    #[inline(always)]
+    fn may_be_claimed(&self, config: &OverlayConfig) -> bool {
+        is_container_address(self, config)
     }
-    let claimable = may_claim_address6(address, config);
-    if claimable && maps::claims_cached6(port, mac, address) {
-        return Ok(());
+
+    #[inline(always)]
+    fn is_cached(&self, port: u32, mac: &[u8; 6]) -> bool {
+        maps::cached_claims(port, mac).is_some_and(|cached| cached.ipv4 == *self)
     }
-    if !maps::bind_mac(mac, port) {
-        return Err(Counter::TxSpoofedMac);
+
+    #[inline(always)]
+    fn claim(&self, port: u32, config: &OverlayConfig) -> Result<(), Counter> {
+        claim_address(self, port, config)
     }
-    claim_address6(address, port, config)?;
-    maps::cache_claims6(port, mac, address);
-    Ok(())
+
+    #[inline(always)]
+    fn cache(&self, port: u32, mac: &[u8; 6]) {
+        maps::cache_claims(port, mac, |cached| cached.ipv4 = *self);
+    }
+}
+
+impl SourceClaim for [u8; 16] {
+    #[inline(always)]
+    fn may_be_claimed(&self, config: &OverlayConfig) -> bool {
+        may_claim_address6(self, config)
+    }
+
+    #[inline(always)]
+    fn is_cached(&self, port: u32, mac: &[u8; 6]) -> bool {
+        maps::cached_claims(port, mac).is_some_and(|cached| cached.ipv6 == *self)
+    }
+
+    #[inline(always)]
+    fn claim(&self, port: u32, config: &OverlayConfig) -> Result<(), Counter> {
+        claim_address6(self, port, config)
+    }
+
+    #[inline(always)]
+    fn cache(&self, port: u32, mac: &[u8; 6]) {
+        maps::cache_claims(port, mac, |cached| cached.ipv6 = *self);
+    }
 }
 
 /// A MAC a container may send from: not a group address, not the bridge's.

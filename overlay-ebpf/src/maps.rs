@@ -233,41 +233,18 @@ pub fn bind_mac(mac: &[u8; 6], port: u32) -> bool {
     bind(&BOUND_MACS, mac, port)
 }
 
-/// Whether `port`'s cached claims are `mac` and `ipv4`: both bound to it.
-#[inline(always)]
-pub fn claims_cached(port: u32, mac: &[u8; 6], ipv4: &[u8; 4]) -> bool {
-    cached_claims(port, mac).is_some_and(|cached| cached.ipv4 == *ipv4)
-}
-
-/// Whether `port`'s cached claims are `mac` and `ipv6`: both bound to it.
-#[inline(always)]
-pub fn claims_cached6(port: u32, mac: &[u8; 6], ipv6: &[u8; 16]) -> bool {
-    cached_claims(port, mac).is_some_and(|cached| cached.ipv6 == *ipv6)
-}
-
 /// `port`'s cached claims, if their MAC is `mac`.
 #[inline(always)]
-fn cached_claims(port: u32, mac: &[u8; 6]) -> Option<&'static CachedClaims> {
+pub fn cached_claims(port: u32, mac: &[u8; 6]) -> Option<&'static CachedClaims> {
     let cached = CLAIM_CACHE.get(port % CLAIM_CACHE_SLOTS)?;
     (cached.port == port && cached.mac == *mac).then_some(cached)
 }
 
-/// Caches `mac` and `ipv4` as `port`'s claims, once both are bound to it.
+/// Caches `mac` and one address (which `set` writes) as `port`'s claims, once both are bound
+/// to it; the slot's other address stays if the slot is `port`'s already, as every claim a
+/// slot holds must be bound to its port.
 #[inline(always)]
-pub fn cache_claims(port: u32, mac: &[u8; 6], ipv4: &[u8; 4]) {
-    update_cached_claims(port, mac, |cached| cached.ipv4 = *ipv4);
-}
-
-/// Caches `mac` and `ipv6` as `port`'s claims, once both are bound to it.
-#[inline(always)]
-pub fn cache_claims6(port: u32, mac: &[u8; 6], ipv6: &[u8; 16]) {
-    update_cached_claims(port, mac, |cached| cached.ipv6 = *ipv6);
-}
-
-/// Sets `port`'s cached MAC and one of its cached addresses; the slot's other address stays
-/// if the slot is `port`'s already, as every claim a slot holds must be bound to its port.
-#[inline(always)]
-fn update_cached_claims(port: u32, mac: &[u8; 6], set: impl FnOnce(&mut CachedClaims)) {
+pub fn cache_claims(port: u32, mac: &[u8; 6], set: impl FnOnce(&mut CachedClaims)) {
     let Some(cached) = CLAIM_CACHE.get_ptr_mut(port % CLAIM_CACHE_SLOTS) else {
         return;
     };
