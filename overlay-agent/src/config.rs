@@ -153,6 +153,15 @@ impl NetworkConfig {
         ipv4.into_iter().chain(ipv6).max().unwrap_or(0)
     }
 
+    /// How many addresses an IPv4 lease holds: 2^(32 − SubnetLen); none without IPv4.
+    pub fn lease_addresses(&self) -> u64 {
+        if self.enable_ipv4 {
+            1 << (32 - self.subnet_len.min(32))
+        } else {
+            0
+        }
+    }
+
     /// Every IPv4 subnet between SubnetMin and SubnetMax, in order; none without IPv4.
     pub fn subnets(&self) -> impl Iterator<Item = Ipv4Network> + '_ {
         let size = 1u64 << (32 - self.subnet_len.max(1));
@@ -579,6 +588,7 @@ mod tests {
         assert_eq!(config.backend, backend);
         assert_eq!(config.subnets().count(), 255);
         assert_eq!(config.subnet_count(), 255);
+        assert_eq!(config.lease_addresses(), 256);
         assert!(config.fits("10.2.41.0/24".parse().unwrap()));
         assert!(
             !config.fits("10.2.0.0/24".parse().unwrap()),
@@ -696,6 +706,7 @@ mod tests {
         assert_eq!(ipv6.subnet_count(), 4);
         assert_eq!(ipv6.subnets().count(), 4);
         assert_eq!(config.subnet_count(), 4);
+        assert_eq!(config.lease_addresses(), 0, "no IPv4 lease");
     }
 
     #[test]

@@ -282,7 +282,8 @@ async fn load_dataplane(
     if options.dataplane != DataplaneChoice::Ebpf {
         return Ok(None);
     }
-    let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count());
+    let lease_capacity = LeaseCapacity::for_subnets(config.subnet_count())
+        .with_lease_addresses(config.lease_addresses());
     let dataplane = Dataplane::load(Some(pin_dir), options.bpf_log, lease_capacity)?;
     let link = node::links::find(netlink, &uplink.name).await?;
     let xdp_attached = link.as_ref().and_then(node::links::xdp_attach_mode);

@@ -11,7 +11,7 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
+    EndpointSlot, LocalEndpoint, OverlayConfig, RemoteVtep, RemoteVtep6, VtepSubnet, VtepSubnet6,
 };
 
 use crate::mac::MacAddr;
@@ -377,9 +377,10 @@ pub struct FullMap {
     pub leases_left_out: usize,
 }
 
-/// Container address (network order) → its port and MAC: where the decapsulator delivers.
-pub type Endpoints = HashMap<[u8; 4], LocalEndpoint>;
-/// The same for IPv6 container addresses.
+/// `endpoints` slot (the container address's host part in our lease) → the address with its
+/// port and MAC: where the decapsulator delivers.
+pub type Endpoints = BTreeMap<u32, EndpointSlot>;
+/// Container IPv6 address (network order) → its port and MAC.
 pub type Endpoints6 = HashMap<[u8; 16], LocalEndpoint>;
 
 /// Where the uplink decapsulates.

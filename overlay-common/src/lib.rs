@@ -264,8 +264,9 @@ fn join_halves(high: u64, low: u64) -> [u8; 16] {
     [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
 }
 
-/// Value of the endpoint map (keyed by a local container's IPv4 address): where to deliver
-/// a decapsulated packet without routing it through docker0.
+/// Where to deliver a decapsulated packet for a local container without routing it through
+/// docker0: the value of `endpoints6` (keyed by the container's IPv6 address) and of each
+/// `endpoints` slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LocalEndpoint {
@@ -275,6 +276,23 @@ pub struct LocalEndpoint {
     pub mac: [u8; 6],
     /// Keeps the layout free of implicit padding.
     pub reserved: u16,
+}
+
+/// Value of the IPv4 endpoint map, an array indexed by [`endpoint_slot`]: the decapsulator
+/// finds a container by its address's host part, without hashing it. All zeros when empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSlot {
+    /// The container's address (network order): the slot is only this address's.
+    pub address: [u8; 4],
+    pub endpoint: LocalEndpoint,
+}
+
+/// The `endpoints` slot of a container `address` in this host's lease, whose netmask is
+/// `netmask` (both in network order): the address's host part.
+#[inline(always)]
+pub fn endpoint_slot(address: [u8; 4], netmask: [u8; 4]) -> u32 {
+    u32::from_be_bytes(address) & !u32::from_be_bytes(netmask)
 }
 
 /// Value of the claim cache (a per-CPU array, slot = container port's ifindex modulo its
@@ -691,6 +709,7 @@ mod pod {
     unsafe impl aya::Pod for super::VtepSubnet {}
     unsafe impl aya::Pod for super::VtepSubnet6 {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::EndpointSlot {}
     unsafe impl aya::Pod for super::CachedClaims {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::FlowKey {}

@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::{
-    CLAIM_CACHE_SLOTS, CachedClaims, Counter, Counters, DROP_HEAD_LEN, DropEvent, FlowKey,
-    FlowKey6, LocalEndpoint, OverlayConfig, PeerTraffic, RemoteVtep, RemoteVtep6, RoutedFlow,
-    Trace, VtepSubnet, VtepSubnet6,
+    CLAIM_CACHE_SLOTS, CachedClaims, Counter, Counters, DROP_HEAD_LEN, DropEvent, EndpointSlot,
+    FlowKey, FlowKey6, LocalEndpoint, OverlayConfig, PeerTraffic, RemoteVtep, RemoteVtep6,
+    RoutedFlow, Trace, VtepSubnet, VtepSubnet6, endpoint_slot,
 };
 
 /// The object's size for the lease maps; the agent sizes them at load time to the subnets
@@ -15,6 +15,9 @@ use overlay_common::{
 const MAX_REMOTE_HOSTS: usize = 65536;
 /// Room for every address of a /18 lease.
 const MAX_LOCAL_ENDPOINTS: usize = 16384;
+/// The object's size for `endpoints`: the addresses of a /24 lease. The agent sizes it at
+/// load time to its own lease (`LeaseCapacity`).
+const LEASE_ADDRESSES: usize = 256;
 /// Container ports that bind claims at once.
 const MAX_CLAIMING_PORTS: usize = 4096;
 /// Claims (addresses and MACs together) one container port may bind: a container with a few
@@ -64,10 +67,12 @@ static VTEPS: HashMap<[u8; 4], VtepSubnet, MAX_REMOTE_HOSTS> = HashMap::new();
 #[btf_map(name = "vteps6")]
 static VTEPS6: HashMap<[u8; 16], VtepSubnet6, MAX_REMOTE_HOSTS, NO_PREALLOC> = HashMap::new();
 
-/// Local container's IPv4 address (network order) → its veth and MAC, learned by the agent
-/// from docker0's neighbours and forwarding database.
+/// Local container's IPv4 address and its veth and MAC, in the slot of the address's host
+/// part (`endpoint_slot`), learned by the agent from docker0's neighbours and forwarding
+/// database. An array, whose lookup the verifier inlines, where a hash's took a helper call.
+/// The agent sizes it at load time to its lease's addresses.
 #[btf_map(name = "endpoints")]
-static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint, MAX_LOCAL_ENDPOINTS> = HashMap::new();
+static ENDPOINTS: Array<EndpointSlot, LEASE_ADDRESSES> = Array::new();
 
 /// Local container's IPv6 address (network order) → its veth and MAC, learned by the agent
 /// from docker0's IPv6 neighbours (NDP) and forwarding database.
@@ -178,9 +183,9 @@ pub fn holds_an_ipv6_lease(public_ipv6: &[u8; 16]) -> bool {
 
 /// The local container at `address`, if the agent knows where it is.
 #[inline(always)]
-pub fn local_endpoint(address: [u8; 4]) -> Option<LocalEndpoint> {
-    // SAFETY: the value is copied out at once, before any update could reuse the slot.
-    unsafe { ENDPOINTS.get(address) }.copied()
+pub fn local_endpoint(address: [u8; 4], config: &OverlayConfig) -> Option<LocalEndpoint> {
+    let slot = ENDPOINTS.get(endpoint_slot(address, config.local_netmask))?;
+    (slot.address == address && slot.endpoint.ifindex != 0).then_some(slot.endpoint)
 }
 
 /// The local container at the IPv6 `address`, if the agent knows where it is.

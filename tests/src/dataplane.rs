@@ -16,8 +16,8 @@ use overlay_agent::{
     subnet::{Lease, LeaseAttrs, PublicAddresses, VtepMacs},
 };
 use overlay_common::{
-    CONFIG_FAST_PATH, CONFIG_IPV6, Counter, Counters, DEFAULT_VXLAN_PORT, LocalEndpoint,
-    OverlayConfig,
+    CONFIG_FAST_PATH, CONFIG_IPV6, Counter, Counters, DEFAULT_VXLAN_PORT, EndpointSlot,
+    LocalEndpoint, OverlayConfig, endpoint_slot,
 };
 
 use crate::{frames::*, require_root};
@@ -163,7 +163,15 @@ pub fn with_bbox2(dataplane: &mut Dataplane) -> Result<()> {
         mac: BBOX2_MAC,
         reserved: 0,
     };
-    dataplane.sync_endpoints(&[(BBOX2_IP, bbox2)].into(), &[(BBOX2_IPV6, bbox2)].into())
+    let slot = EndpointSlot {
+        address: BBOX2_IP,
+        endpoint: bbox2,
+    };
+    let netmask = HOST2.config(1, DEFAULT_VXLAN_PORT).local_netmask;
+    dataplane.sync_endpoints(
+        &[(endpoint_slot(BBOX2_IP, netmask), slot)].into(),
+        &[(BBOX2_IPV6, bbox2)].into(),
+    )
 }
 
 /// What one program run gave.

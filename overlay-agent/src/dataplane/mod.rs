@@ -103,35 +103,60 @@ const MAPS: [&str; 22] = [
 /// The lease maps, sized at load time by [`LeaseCapacity`].
 const LEASE_MAPS: [&str; 4] = [SUBNETS_MAP, SUBNETS6_MAP, VTEPS_MAP, VTEPS6_MAP];
 
-/// How many entries each lease map (`subnets`, `subnets6`, `vteps`, `vteps6`) is created with:
-/// one per subnet the network config holds, within bounds.
+/// How many entries each lease map (`subnets`, `subnets6`, `vteps`, `vteps6`) is created with,
+/// one per subnet the network config holds, and how many slots `endpoints` has, one per
+/// address of this host's IPv4 lease; each within bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseCapacity(u32);
+pub struct LeaseCapacity {
+    leases: u32,
+    lease_addresses: u32,
+}
 
 impl LeaseCapacity {
     /// Room for records a narrow SubnetMin..SubnetMax leaves out (reservations, say), at a
-    /// cost of kilobytes.
-    pub const MIN: Self = Self(256);
+    /// cost of kilobytes; and for /24 leases.
+    pub const MIN: Self = Self {
+        leases: 256,
+        lease_addresses: 256,
+    };
     /// 2^20 slots: a /8 of /28 leases. `vteps` is a preallocated hash of 80 bytes a slot, 80
     /// MiB of kernel memory at this size (`vteps6` allocates per entry); larger networks get
     /// this many too.
-    pub const MAX: Self = Self(1 << 20);
+    const MAX_LEASES: u32 = 1 << 20;
+    /// A /16 lease's addresses, 1 MiB of `endpoints`: a container in a larger lease whose host
+    /// part lies beyond is reached through the stack.
+    const MAX_LEASE_ADDRESSES: u32 = 1 << 16;
 
-    /// Room for `subnets` leases, raised to [`Self::MIN`] or cut to [`Self::MAX`].
+    /// Room for `subnets` leases, raised to [`Self::MIN`]'s or cut to 2^20, of /24s.
     pub fn for_subnets(subnets: u64) -> Self {
-        let entries = subnets.clamp(u64::from(Self::MIN.0), u64::from(Self::MAX.0));
-        Self(u32::try_from(entries).unwrap_or(Self::MAX.0))
+        let leases = subnets.clamp(u64::from(Self::MIN.leases), u64::from(Self::MAX_LEASES));
+        Self {
+            leases: u32::try_from(leases).unwrap_or(Self::MAX_LEASES),
+            ..Self::MIN
+        }
     }
 
+    /// The same with leases of `addresses` IPv4 addresses, within 1..=2^16.
+    pub fn with_lease_addresses(self, addresses: u64) -> Self {
+        let addresses = addresses.clamp(1, u64::from(Self::MAX_LEASE_ADDRESSES));
+        Self {
+            lease_addresses: u32::try_from(addresses).unwrap_or(Self::MAX_LEASE_ADDRESSES),
+            ..self
+        }
+    }
+
+    /// Entries of each lease map.
     pub fn entries(self) -> u32 {
-        self.0
+        self.leases
     }
 
-    /// Each lease map's name with the entries it is created with, and `peer_traffic`'s.
-    fn sized_maps(self) -> [(&'static str, u32); 5] {
-        let [subnets, subnets6, vteps, vteps6] = LEASE_MAPS.map(|name| (name, self.0));
+    /// Each lease map's name with the entries it is created with, `peer_traffic`'s and
+    /// `endpoints`'.
+    fn sized_maps(self) -> [(&'static str, u32); 6] {
+        let [subnets, subnets6, vteps, vteps6] = LEASE_MAPS.map(|name| (name, self.leases));
         let peer_traffic = (PEER_TRAFFIC_MAP, peers::slots_for(self));
-        [subnets, subnets6, vteps, vteps6, peer_traffic]
+        let endpoints = (ENDPOINTS_MAP, self.lease_addresses);
+        [subnets, subnets6, vteps, vteps6, peer_traffic, endpoints]
     }
 }
 
@@ -350,7 +375,37 @@ mod tests {
             capacity_of(&format!(
                 r#"{{"Network": "10.0.0.0/8", "SubnetLen": 30, {vxlan}}}"#
             )),
-            LeaseCapacity::MAX.entries()
+            LeaseCapacity::MAX_LEASES
         );
+    }
+
+    #[test]
+    fn the_endpoint_map_has_a_slot_for_each_address_of_the_lease_within_bounds() {
+        let endpoint_slots = |config: &str| {
+            let config = NetworkConfig::parse(config).expect("a valid network config");
+            let capacity = LeaseCapacity::for_subnets(config.subnet_count())
+                .with_lease_addresses(config.lease_addresses());
+            capacity
+                .sized_maps()
+                .into_iter()
+                .find(|(name, _)| *name == ENDPOINTS_MAP)
+                .map(|(_, entries)| entries)
+        };
+        let vxlan = r#""Backend": {"Type": "vxlan"}"#;
+        for (network, slots) in [
+            (r#""Network": "10.2.0.0/16""#, 256),
+            (r#""Network": "10.0.0.0/8", "SubnetLen": 30"#, 4),
+            (r#""Network": "10.0.0.0/8", "SubnetLen": 12"#, 1 << 16),
+            (
+                r#""EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:2::/56""#,
+                1,
+            ),
+        ] {
+            assert_eq!(
+                endpoint_slots(&format!("{{{network}, {vxlan}}}")),
+                Some(slots),
+                "{network}"
+            );
+        }
     }
 }

@@ -13,7 +13,7 @@ use aya::maps::{
 };
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    Counters, FlowKey, LocalEndpoint, OverlayConfig, PeerTraffic, RemoteVtep, RemoteVtep6,
+    Counters, EndpointSlot, FlowKey, OverlayConfig, PeerTraffic, RemoteVtep, RemoteVtep6,
     RoutedFlow, TRACE_IPV4, TRACE_IPV6, Trace, VtepSubnet, VtepSubnet6,
 };
 
@@ -321,9 +321,12 @@ impl PinnedDataplane {
             ),
             (
                 ENDPOINTS_MAP,
-                BpfHashMap::<_, [u8; 4], LocalEndpoint>::try_from(&endpoints)?
-                    .keys()
-                    .count(),
+                Array::<_, EndpointSlot>::try_from(&endpoints)?
+                    .iter()
+                    .try_fold(0, |held, slot| {
+                        slot.map(|slot| held + usize::from(slot.endpoint.ifindex != 0))
+                    })
+                    .with_context(|| format!("cannot read the {ENDPOINTS_MAP} map"))?,
             ),
             (
                 ROUTED_FLOWS_MAP,

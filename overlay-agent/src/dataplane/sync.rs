@@ -11,13 +11,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{
-    HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
-    CLAIM_CACHE_SLOTS, CachedClaims, LocalEndpoint, PeerTraffic, RemoteVtep, RemoteVtep6,
-    VtepSubnet, VtepSubnet6,
+    CLAIM_CACHE_SLOTS, CachedClaims, EndpointSlot, LocalEndpoint, PeerTraffic, RemoteVtep,
+    RemoteVtep6, VtepSubnet, VtepSubnet6,
 };
 
 use super::{
@@ -325,32 +325,49 @@ impl Dataplane {
     /// Makes the endpoint maps hold exactly `endpoints` and `endpoints6` (container address →
     /// where it is).
     pub fn sync_endpoints(&mut self, endpoints: &Endpoints, endpoints6: &Endpoints6) -> Result<()> {
-        sync_endpoint_map(
-            map_mut(&mut self.ebpf, ENDPOINTS_MAP)?,
-            endpoints,
-            ENDPOINTS_MAP,
-        )?;
-        sync_endpoint_map(
-            map_mut(&mut self.ebpf, ENDPOINTS6_MAP)?,
-            endpoints6,
-            ENDPOINTS6_MAP,
-        )
+        sync_endpoint_slots(map_mut(&mut self.ebpf, ENDPOINTS_MAP)?, endpoints)?;
+        let map = map_mut(&mut self.ebpf, ENDPOINTS6_MAP)?;
+        let mut map: BpfHashMap<&mut MapData, [u8; 16], LocalEndpoint> = BpfHashMap::try_from(map)?;
+        for (address, endpoint) in endpoints6 {
+            if map.get(address, 0).ok().as_ref() != Some(endpoint) {
+                map.insert(address, endpoint, 0)
+                    .with_context(|| format!("cannot write the {ENDPOINTS6_MAP} map"))?;
+            }
+        }
+        remove_stale(map, endpoints6, ENDPOINTS6_MAP)
     }
 }
 
-fn sync_endpoint_map<const N: usize>(
-    map: &mut aya::maps::Map,
-    endpoints: &HashMap<[u8; N], LocalEndpoint>,
-    name: &str,
-) -> Result<()> {
-    let mut map: BpfHashMap<&mut MapData, [u8; N], LocalEndpoint> = BpfHashMap::try_from(map)?;
-    for (address, endpoint) in endpoints {
-        if map.get(address, 0).ok().as_ref() != Some(endpoint) {
-            map.insert(address, endpoint, 0)
-                .with_context(|| format!("cannot write the {name} map"))?;
+/// Makes each slot of the `endpoints` array hold what `endpoints` puts there, or nothing. A
+/// slot that goes from one container to another is emptied first: the kernel copies an array
+/// value in place, so a packet that read the slot while it was written could otherwise take
+/// one container's port with the other's address.
+fn sync_endpoint_slots(map: &mut aya::maps::Map, endpoints: &Endpoints) -> Result<()> {
+    let mut map: Array<&mut MapData, EndpointSlot> = Array::try_from(map)?;
+    let empty = EndpointSlot::default();
+    for slot in 0..map.len() {
+        let wanted = endpoints.get(&slot).copied().unwrap_or_default();
+        let held = map
+            .get(&slot, 0)
+            .with_context(|| format!("cannot read slot {slot} of the {ENDPOINTS_MAP} map"))?;
+        if held == wanted {
+            continue;
         }
+        if held != empty && wanted != empty {
+            map.set(slot, empty, 0)
+                .with_context(|| format!("cannot empty slot {slot} of the {ENDPOINTS_MAP} map"))?;
+        }
+        map.set(slot, wanted, 0)
+            .with_context(|| format!("cannot write slot {slot} of the {ENDPOINTS_MAP} map"))?;
     }
-    remove_stale(map, endpoints, name)
+    let beyond = endpoints.range(map.len()..).count();
+    if beyond > 0 {
+        log::debug!(
+            "{beyond} containers lie beyond the {} slots of {ENDPOINTS_MAP}: the stack delivers to them",
+            map.len()
+        );
+    }
+    Ok(())
 }
 
 /// Lets each of `leases` (with its key in `trie`) that holds no slot adopt the one its entry

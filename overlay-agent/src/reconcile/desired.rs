@@ -10,8 +10,8 @@ use std::{
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_common::{
     CONFIG_ACCEPT_NAT_PEERS, CONFIG_CONTAINER_VLANS, CONFIG_DIRECT_ROUTING, CONFIG_FAST_PATH,
-    CONFIG_IPV6, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep, RemoteVtep6,
-    VtepSubnet, VtepSubnet6,
+    CONFIG_IPV6, EndpointSlot, LocalEndpoint, OverlayConfig, REMOTE_ROUTE_DIRECTLY, RemoteVtep,
+    RemoteVtep6, VtepSubnet, VtepSubnet6, endpoint_slot,
 };
 
 use crate::{
@@ -436,10 +436,17 @@ fn add_ipv6_vtep(
 
 /// Every container address in our `subnet` whose MAC sits behind a known port.
 pub fn endpoints(containers: &Containers, subnet: Ipv4Network) -> Endpoints {
+    let netmask = subnet.mask().octets();
     endpoints_where(containers, |address| match address {
         IpAddr::V4(address) if subnet.contains(address) => Some(address.octets()),
         _ => None,
     })
+    .into_iter()
+    .map(|(address, endpoint)| {
+        let slot = endpoint_slot(address, netmask);
+        (slot, EndpointSlot { address, endpoint })
+    })
+    .collect()
 }
 
 /// Every container address in our IPv6 `subnet` whose MAC sits behind a known port.
@@ -985,9 +992,14 @@ mod tests {
             reserved: 0,
         };
         let subnet = "10.2.41.0/24".parse().expect("subnet");
+        let slot = EndpointSlot {
+            address: [10, 2, 41, 2],
+            endpoint: bbox1,
+        };
         assert_eq!(
             endpoints(&containers, subnet),
-            HashMap::from([([10, 2, 41, 2], bbox1)])
+            BTreeMap::from([(2, slot)]),
+            "the slot of 10.2.41.2 in 10.2.41.0/24 is its host part"
         );
         let subnet6: Ipv6Network = "fd00:2:0:41::/64".parse().expect("subnet");
         let address6: Ipv6Addr = "fd00:2:0:41::2".parse().expect("address");

@@ -90,7 +90,7 @@ pub fn decapsulate(
     if vxlan.outer_ecn == ECN_CE {
         propagate_congestion(&mut frame)?;
     }
-    match deliverable_to(&frame) {
+    match deliverable_to(&frame, config) {
         Ok(endpoint) => deliver(&mut frame, config, endpoint),
         Err(reason) => {
             mark_checked(ctx);
@@ -111,9 +111,9 @@ fn propagate_congestion(frame: &mut Frame) -> Result<(), Counter> {
 /// The local container a decapsulated packet can go straight into; `Err` names why the
 /// stack must route it instead.
 #[inline(always)]
-fn deliverable_to(frame: &Frame) -> Result<LocalEndpoint, Counter> {
+fn deliverable_to(frame: &Frame, config: &OverlayConfig) -> Result<LocalEndpoint, Counter> {
     let headers: &EthIpv4Headers = frame.header(0).ok_or(Counter::RxError)?;
-    let endpoint = maps::local_endpoint(headers.ip.dst).ok_or(Counter::RxDecapsulated)?;
+    let endpoint = maps::local_endpoint(headers.ip.dst, config).ok_or(Counter::RxDecapsulated)?;
     // The stack answers a packet whose TTL runs out here with ICMP time exceeded.
     if headers.ip.ttl <= 1 {
         return Err(Counter::RxDecapsulated);

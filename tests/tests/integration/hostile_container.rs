@@ -248,8 +248,8 @@ fn fdb_port(host: &Host, mac: &str) -> Result<String> {
     })
 }
 
-/// The interface the endpoint map `map` (`endpoints`, `endpoints6`) delivers `address` to, 0
-/// without an entry.
+/// The interface the endpoint map `map` delivers `address` to, 0 without an entry: `endpoints`
+/// is an array whose slots hold their address, `endpoints6` is keyed by the address.
 fn endpoint_ifindex(host: &Host, map: &str, address: &[u8]) -> Result<u64> {
     let dump = run(std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
@@ -257,12 +257,17 @@ fn endpoint_ifindex(host: &Host, map: &str, address: &[u8]) -> Result<u64> {
     let entries: Vec<serde_json::Value> = serde_json::from_str(&dump)
         .with_context(|| format!("bpftool's endpoint dump is not JSON: {dump}"))?;
     let wanted: Vec<serde_json::Value> = address.iter().map(|&byte| byte.into()).collect();
+    let wanted = serde_json::Value::Array(wanted);
     Ok(entries
         .iter()
         .filter_map(|entry| entry.get("formatted"))
-        .find(|formatted| formatted.get("key") == Some(&serde_json::Value::Array(wanted.clone())))
-        .and_then(|formatted| formatted.pointer("/value/ifindex"))
-        .and_then(serde_json::Value::as_u64)
+        .find_map(|formatted| {
+            let (held, endpoint) = match formatted.pointer("/value/address") {
+                Some(slot_address) => (slot_address, formatted.pointer("/value/endpoint")?),
+                None => (formatted.get("key")?, formatted.get("value")?),
+            };
+            (*held == wanted).then(|| endpoint.get("ifindex")?.as_u64())?
+        })
         .unwrap_or(0))
 }
 

@@ -218,6 +218,38 @@ fn a_lease_map_replaced_by_an_upgrade_under_traffic_loses_no_packet() -> Result<
     window.assert_no_loss(ping, 500, &[])
 }
 
+/// An older version kept `endpoints` as a hash keyed by address, where this one keeps an array
+/// of slots: upgraded under traffic, the agent replaces the map and fills the new one. No ping
+/// is lost, and bbox2 is in the new map, for the programs to deliver straight into it again.
+#[test]
+fn an_endpoint_hash_pinned_by_an_older_version_is_replaced_under_traffic_losing_no_packet()
+-> Result<()> {
+    let mut seed = Seed::start("upgrade-ep", &[])?;
+    let window = LossWindow::over_seed(&seed)?;
+    let ping = steady_ping(&seed.cluster, &seed.bbox1, BBOX2, 500)?;
+    seed.agent2.process.terminate(Duration::from_secs(20))?;
+    pin_map(
+        &seed.host2.pin_dir().join("endpoints"),
+        "endpoints",
+        "hash",
+        12,
+    )?;
+    seed.agent2 = Agent::start(&seed.cluster, &seed.host2, &[])?;
+    seed.agent2.wait_ready()?;
+    let pins = pins::PinnedDataplane::open(&seed.host2.pin_dir())?;
+    overlay_tests::wait::wait_for(
+        "bbox2 in the new endpoint map",
+        Duration::from_secs(20),
+        || {
+            let occupancy = pins.occupancy()?;
+            Ok(occupancy
+                .iter()
+                .any(|map| map.name == "endpoints" && map.entries == 1))
+        },
+    )?;
+    window.assert_no_loss(ping, 500, &[])
+}
+
 /// Creates the map `name` at `pin` as bpftool would: `kind`, 4-byte keys, `value`-byte values.
 fn pin_map(pin: &Path, name: &str, kind: &str, value: usize) -> Result<()> {
     std::fs::remove_file(pin)?;

@@ -82,6 +82,24 @@ fn tc_delivers_to_a_known_container_routed_as_docker0_would() -> Result<()> {
     Ok(())
 }
 
+/// The endpoint map finds a container by its address's host part; a packet for another
+/// address with bbox2's host part (10.2.99.2, outside host2's lease) is not bbox2's: the
+/// stack routes it as the kernel's decapsulation would have.
+#[test]
+fn a_packet_for_another_address_with_a_container_s_host_part_goes_to_the_stack() -> Result<()> {
+    let inner_ip = SEED_INNER + ETH_HEADER_LEN;
+    let frame = with_ipv4_byte(seed_vxlan_frame(1, 8472), inner_ip, 18, 99);
+    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
+    assert_eq!(outcome.verdict, UplinkHook::Tc.to_vtep());
+    assert_eq!(
+        outcome.frame,
+        UplinkHook::Tc.handed_to_vtep(&frame, SEED_INNER, HOST2_VTEP_MAC),
+        "decapsulated into flannel.1, not into bbox2"
+    );
+    outcome.assert_only(Counter::RxDecapsulated);
+    Ok(())
+}
+
 #[test]
 fn a_packet_whose_ttl_runs_out_here_goes_to_the_stack() -> Result<()> {
     let mut frame = seed_vxlan_frame(1, 8472);
