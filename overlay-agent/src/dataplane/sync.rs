@@ -339,9 +339,9 @@ impl Dataplane {
 }
 
 /// Makes each slot of the `endpoints` array hold what `endpoints` puts there, or nothing. A
-/// slot that goes from one container to another is emptied first: the kernel copies an array
-/// value in place, so a packet that read the slot while it was written could otherwise take
-/// one container's port with the other's address.
+/// slot that goes from one container to another (an address reused) is emptied first: the
+/// kernel copies an array value in place, so a packet that read the slot while it was written
+/// could otherwise take the old container's port with the new one's MAC.
 fn sync_endpoint_slots(map: &mut aya::maps::Map, endpoints: &Endpoints) -> Result<()> {
     let mut map: Array<&mut MapData, EndpointSlot> = Array::try_from(map)?;
     let empty = EndpointSlot::default();

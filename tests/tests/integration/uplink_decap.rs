@@ -40,6 +40,20 @@ fn assert_handed_to_the_vtep(frame: &[u8], inner_offset: usize) -> Result<()> {
     Ok(())
 }
 
+/// Asserts tc decapsulates `frame` into flannel.1, for the stack to route, on host2 with bbox2
+/// known (`why` says why it must not go into bbox2).
+fn assert_tc_hands_to_the_stack_beside_bbox2(frame: &[u8], why: &str) -> Result<()> {
+    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, frame)?;
+    assert_eq!(outcome.verdict, UplinkHook::Tc.to_vtep());
+    assert_eq!(
+        outcome.frame,
+        UplinkHook::Tc.handed_to_vtep(frame, SEED_INNER, HOST2_VTEP_MAC),
+        "{why}"
+    );
+    outcome.assert_only(Counter::RxDecapsulated);
+    Ok(())
+}
+
 /// Asserts both hooks pass `frame` on, checked but still encapsulated, for the stack to
 /// finish; tc marks it for flannel.1's socket.
 fn assert_checked_for_the_socket(frame: &[u8]) -> Result<()> {
@@ -89,15 +103,7 @@ fn tc_delivers_to_a_known_container_routed_as_docker0_would() -> Result<()> {
 fn a_packet_for_another_address_with_a_container_s_host_part_goes_to_the_stack() -> Result<()> {
     let inner_ip = SEED_INNER + ETH_HEADER_LEN;
     let frame = with_ipv4_byte(seed_vxlan_frame(1, 8472), inner_ip, 18, 99);
-    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
-    assert_eq!(outcome.verdict, UplinkHook::Tc.to_vtep());
-    assert_eq!(
-        outcome.frame,
-        UplinkHook::Tc.handed_to_vtep(&frame, SEED_INNER, HOST2_VTEP_MAC),
-        "decapsulated into flannel.1, not into bbox2"
-    );
-    outcome.assert_only(Counter::RxDecapsulated);
-    Ok(())
+    assert_tc_hands_to_the_stack_beside_bbox2(&frame, "decapsulated into flannel.1, not into bbox2")
 }
 
 #[test]
@@ -105,15 +111,10 @@ fn a_packet_whose_ttl_runs_out_here_goes_to_the_stack() -> Result<()> {
     let mut frame = seed_vxlan_frame(1, 8472);
     let ttl = SEED_INNER + ETH_HEADER_LEN + 8;
     frame[ttl] = 1;
-    let outcome = run_uplink(UplinkHook::Tc, &host2_with_bbox2()?, &frame)?;
-    assert_eq!(outcome.verdict, UplinkHook::Tc.to_vtep());
-    assert_eq!(
-        outcome.frame,
-        UplinkHook::Tc.handed_to_vtep(&frame, SEED_INNER, HOST2_VTEP_MAC),
-        "decapsulated into flannel.1, TTL untouched: the stack answers with time exceeded"
-    );
-    outcome.assert_only(Counter::RxDecapsulated);
-    Ok(())
+    assert_tc_hands_to_the_stack_beside_bbox2(
+        &frame,
+        "decapsulated into flannel.1, TTL untouched: the stack answers with time exceeded",
+    )
 }
 
 #[test]
