@@ -326,16 +326,20 @@ impl Dataplane {
     /// where it is).
     pub fn sync_endpoints(&mut self, endpoints: &Endpoints, endpoints6: &Endpoints6) -> Result<()> {
         sync_endpoint_slots(map_mut(&mut self.ebpf, ENDPOINTS_MAP)?, endpoints)?;
-        let map = map_mut(&mut self.ebpf, ENDPOINTS6_MAP)?;
-        let mut map: BpfHashMap<&mut MapData, [u8; 16], LocalEndpoint> = BpfHashMap::try_from(map)?;
-        for (address, endpoint) in endpoints6 {
-            if map.get(address, 0).ok().as_ref() != Some(endpoint) {
-                map.insert(address, endpoint, 0)
-                    .with_context(|| format!("cannot write the {ENDPOINTS6_MAP} map"))?;
-            }
-        }
-        remove_stale(map, endpoints6, ENDPOINTS6_MAP)
+        sync_ipv6_endpoints(map_mut(&mut self.ebpf, ENDPOINTS6_MAP)?, endpoints6)
     }
+}
+
+/// Makes the `endpoints6` hash hold exactly `endpoints6`.
+fn sync_ipv6_endpoints(map: &mut aya::maps::Map, endpoints6: &Endpoints6) -> Result<()> {
+    let mut map: BpfHashMap<&mut MapData, [u8; 16], LocalEndpoint> = BpfHashMap::try_from(map)?;
+    for (address, endpoint) in endpoints6 {
+        if map.get(address, 0).ok().as_ref() != Some(endpoint) {
+            map.insert(address, endpoint, 0)
+                .with_context(|| format!("cannot write the {ENDPOINTS6_MAP} map"))?;
+        }
+    }
+    remove_stale(map, endpoints6, ENDPOINTS6_MAP)
 }
 
 /// Makes each slot of the `endpoints` array hold what `endpoints` puts there, or nothing. A
