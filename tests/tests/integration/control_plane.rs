@@ -172,9 +172,12 @@ fn a_sigterm_the_instant_the_subnet_file_appears_is_a_clean_shutdown() -> Result
     let mut cluster = Cluster::new("sigready")?;
     let host1 = cluster.add_host("host1", "172.20.62.104")?;
     for start in 1..=STARTS {
-        let _ = std::fs::remove_file(host1.subnet_file());
+        match std::fs::remove_file(host1.subnet_file()) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error)?,
+            _ => {}
+        }
         let mut agent = Agent::start(&cluster, &host1, &["--dataplane=kernel"])?;
-        spin_until_exists(&host1.subnet_file())?;
+        spin_until_exists(&host1.subnet_file()).with_context(|| agent.log())?;
         let status = agent.process.terminate(EXIT_TIMEOUT)?;
         ensure!(
             status.success(),
