@@ -247,6 +247,13 @@ fn an_endpoint_hash_pinned_by_an_older_version_is_replaced_under_traffic_losing_
                 .any(|map| map.name == "endpoints" && map.entries == 1))
         },
     )?;
+    let delivered = || -> Result<u64> { Ok(pins.counters()?.get(Counter::RxDelivered)) };
+    let filled = delivered()?;
+    seed.bbox1.ping(BBOX2, 3)?;
+    assert!(
+        delivered()? >= filled + 3,
+        "three more pings, each delivered straight into bbox2"
+    );
     window.assert_no_loss(ping, 500, &[])
 }
 
